@@ -1,0 +1,162 @@
+"""A small, safe expression language evaluated column-wise on Arrow tables.
+
+Specs carry expressions such as ``arr_delay > 15`` or ``time_hour + minutes(minute)``. They are
+parsed with :mod:`ast` and only arithmetic, comparisons, boolean logic, column names, literals
+and the functions in ``FUNCTIONS`` are allowed, so a spec can never run arbitrary code.
+Evaluation is vectorised with ``pyarrow.compute``.
+"""
+
+from __future__ import annotations
+
+import ast
+from collections.abc import Callable
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+
+def _duration(unit_us: int) -> Callable[[Any], Any]:
+    def f(x: Any) -> Any:
+        return pc.cast(pc.multiply(pc.cast(x, pa.int64()), unit_us), pa.duration("us"))
+
+    return f
+
+
+def _local(ts: Any, tz: Any) -> Any:
+    tz = tz.as_py() if isinstance(tz, pa.Scalar) else tz
+    arr = ts if isinstance(ts, (pa.Array, pa.ChunkedArray)) else pa.array([ts])
+    if getattr(arr.type, "tz", None) is None:
+        raise ValueError("local() needs a time-zone-aware timestamp (declare it as timestamp[us, UTC])")
+    return arr.cast(pa.timestamp(arr.type.unit, tz=str(tz)))
+
+
+def _clip(x: Any, lo: Any, hi: Any) -> Any:
+    return pc.min_element_wise(pc.max_element_wise(x, lo), hi)
+
+
+FUNCTIONS: dict[str, Callable[..., Any]] = {
+    "seconds": _duration(1_000_000),
+    "minutes": _duration(60_000_000),
+    "hours": _duration(3_600_000_000),
+    "days": _duration(86_400_000_000),
+    "local": _local,
+    "year": pc.year,
+    "month": pc.month,
+    "day": pc.day,
+    "hour": pc.hour,
+    "minute": pc.minute,
+    "dayofweek": pc.day_of_week,  # Monday=0
+    "dayofyear": pc.day_of_year,
+    "log": pc.ln,
+    "log1p": pc.log1p,
+    "sqrt": pc.sqrt,
+    "abs": pc.abs,
+    "clip": _clip,
+    "coalesce": pc.coalesce,
+    "where": pc.if_else,
+    "is_null": pc.is_null,
+    "float": lambda x: pc.cast(x, pa.float64()),
+    "int": lambda x: pc.cast(x, pa.int64()),
+    "str": lambda x: pc.cast(x, pa.string()),
+}
+
+_BINOPS: dict[type, Callable[[Any, Any], Any]] = {
+    ast.Add: pc.add,
+    ast.Sub: pc.subtract,
+    ast.Mult: pc.multiply,
+    ast.Div: lambda a, b: pc.divide(pc.cast(a, pa.float64()), b),
+    ast.Pow: pc.power,
+}
+_CMPOPS: dict[type, Callable[[Any, Any], Any]] = {
+    ast.Gt: pc.greater,
+    ast.GtE: pc.greater_equal,
+    ast.Lt: pc.less,
+    ast.LtE: pc.less_equal,
+    ast.Eq: pc.equal,
+    ast.NotEq: pc.not_equal,
+}
+
+
+def _parse(expr: str) -> ast.expr:
+    try:
+        return ast.parse(expr.strip(), mode="eval").body
+    except SyntaxError as e:
+        raise ValueError(f"cannot parse expression {expr!r}: {e.msg}") from None
+
+
+def names_in(expr: str) -> set[str]:
+    """Column names an expression reads."""
+    return {
+        n.id for n in ast.walk(_parse(expr))
+        if isinstance(n, ast.Name) and n.id not in FUNCTIONS and n.id not in {"True", "False", "None"}
+    }
+
+
+def check_expression(expr: str, columns: set[str], where: str) -> None:
+    """Validate an expression's syntax, functions and column names; raise ValueError naming `where`."""
+    try:
+        tree = _parse(expr)
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Call):
+                if not isinstance(node.func, ast.Name) or node.func.id not in FUNCTIONS:
+                    fn = ast.unparse(node.func)
+                    raise ValueError(f"unknown function {fn!r}; allowed: {sorted(FUNCTIONS)}")
+                if node.keywords:
+                    raise ValueError("keyword arguments are not supported")
+            elif isinstance(node, (ast.Attribute, ast.Subscript, ast.Lambda, ast.ListComp, ast.Starred)):
+                raise ValueError(f"{type(node).__name__} is not allowed in expressions")
+        unknown = names_in(expr) - columns
+        if unknown:
+            raise ValueError(f"unknown column(s) {sorted(unknown)}")
+    except ValueError as e:
+        raise ValueError(f"{where}: {e} (in {expr!r})") from None
+
+
+def evaluate(expr: str, table: pa.Table) -> pa.ChunkedArray:
+    """Evaluate `expr` over `table`; scalars are broadcast to the table's length."""
+    out = _eval(_parse(expr), table)
+    if isinstance(out, pa.Scalar) or not isinstance(out, (pa.Array, pa.ChunkedArray)):
+        scalar = out if isinstance(out, pa.Scalar) else pa.scalar(out)
+        out = pa.repeat(scalar, table.num_rows)
+    if isinstance(out, pa.Array):
+        out = pa.chunked_array([out], type=out.type)
+    return out
+
+
+def _eval(node: ast.expr, t: pa.Table) -> Any:
+    if isinstance(node, ast.Name):
+        if node.id not in t.column_names:
+            raise KeyError(f"expression refers to missing column {node.id!r}")
+        return t.column(node.id)
+    if isinstance(node, ast.Constant):
+        return pa.scalar(node.value)
+    if isinstance(node, ast.BinOp) and type(node.op) in _BINOPS:
+        return _BINOPS[type(node.op)](_eval(node.left, t), _eval(node.right, t))
+    if isinstance(node, ast.UnaryOp):
+        v = _eval(node.operand, t)
+        if isinstance(node.op, ast.USub):
+            return pc.negate(v)
+        if isinstance(node.op, ast.Not):
+            return pc.invert(v)
+    if isinstance(node, ast.BoolOp):
+        fn = pc.and_kleene if isinstance(node.op, ast.And) else pc.or_kleene
+        vals = [_eval(v, t) for v in node.values]
+        out = vals[0]
+        for v in vals[1:]:
+            out = fn(out, v)
+        return out
+    if isinstance(node, ast.Compare):
+        left = _eval(node.left, t)
+        out = None
+        for op, comp in zip(node.ops, node.comparators):
+            if type(op) not in _CMPOPS:
+                raise ValueError(f"comparison {type(op).__name__} is not supported")
+            right = _eval(comp, t)
+            res = _CMPOPS[type(op)](left, right)
+            out = res if out is None else pc.and_kleene(out, res)
+            left = right
+        return out
+    if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in FUNCTIONS:
+        return FUNCTIONS[node.func.id](*[_eval(a, t) for a in node.args])
+    raise ValueError(f"unsupported expression: {ast.unparse(node)!r}")

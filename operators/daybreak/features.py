@@ -1,0 +1,285 @@
+"""Features: staged partitions -> a point-in-time correct feature partition, computed on Ray Data.
+
+For logical date D the step reads the base events of D and of the days its windows need before
+D, and writes one row per base event of D to ``features/<name>/v=<feature-version>/date=D/``.
+No feature of an event may depend on anything known at or after the event's time:
+
+* trailing windows count a row only if its ``known_at`` time lies in ``(t - window, t)``;
+* as-of joins take the latest dimension row with time ``<= t`` and ``>= t - tolerance``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+from datetime import date, timedelta
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from daybreak.compute import ensure_ray
+from daybreak.context import RunContext
+from daybreak.errors import MissingInputError
+from daybreak.expr import evaluate
+from daybreak.spec import FeatureSpec, Spec, parse_duration, window_feature_names
+
+log = logging.getLogger(__name__)
+
+EVENT_TIME = "event_time"
+_TARGET = "__target"
+_US = 1_000_000
+
+
+def feature_zone(spec: Spec) -> str:
+    return f"features/{spec.features.name}/v={spec.feature_version()}"
+
+
+# --- pure, per-batch transforms (run inside Ray tasks; also usable without Ray) ----------------
+
+def prepare_events(batch: pa.Table, f: FeatureSpec, day: str) -> pa.Table:
+    """Add the event time, the target flag and each window's value / known-at columns."""
+    et = evaluate(f.event_time, batch)
+    if not pa.types.is_timestamp(et.type):
+        raise TypeError(f"features.event_time must give a timestamp, got {et.type}")
+    batch = batch.append_column(EVENT_TIME, et.cast(pa.timestamp("us", tz="UTC")))
+    # The staged partition a row came from is in its path (".../date=YYYY-MM-DD/part-0.parquet").
+    row_day = pc.struct_field(pc.extract_regex(batch.column("path"), r"date=(?P<d>\d{4}-\d{2}-\d{2})"), "d")
+    batch = batch.append_column(_TARGET, pc.equal(row_day, pa.scalar(day)))
+    for i, w in enumerate(f.windows):
+        batch = batch.append_column(f"__wv{i}", pc.cast(evaluate(w.value, batch), pa.float64()))
+        known = evaluate(w.known_at, batch).cast(pa.timestamp("us", tz="UTC"))
+        batch = batch.append_column(f"__wk{i}", known)
+    return batch
+
+
+def _ts_us(col: pa.ChunkedArray | pa.Array) -> np.ndarray:
+    """Timestamps as int64 microseconds; nulls become the minimum int64 (callers mask them)."""
+    arr = pc.cast(col.cast(pa.timestamp("us", tz="UTC")), pa.int64())
+    return arr.fill_null(np.iinfo(np.int64).min).to_numpy()
+
+
+def window_aggregates(group: pa.Table, i: int, windows_us: list[int], aggs: list[str], names: list[str]) -> pa.Table:
+    """Trailing aggregates for one entity's rows, using only values known strictly before each row."""
+    v = group.column(f"__wv{i}").to_numpy(zero_copy_only=False).astype(np.float64)
+    k_col = group.column(f"__wk{i}")
+    k = _ts_us(k_col)
+    ok = ~np.isnan(v) & k_col.is_valid().to_numpy(zero_copy_only=False)
+    # Ties in time are ordered by value so the sums (and their float rounding) never depend on
+    # the order rows arrived in from the shuffle.
+    order = np.lexsort((v[ok], k[ok]))
+    ks, vs = k[ok][order], v[ok][order]
+    cs = np.concatenate([[0.0], np.cumsum(vs)])
+    cs2 = np.concatenate([[0.0], np.cumsum(vs * vs)])
+    t = _ts_us(group.column(EVENT_TIME))
+    hi = np.searchsorted(ks, t, side="left")  # known strictly before t
+    out: dict[str, np.ndarray] = {}
+    n = 0
+    for w in windows_us:
+        lo = np.searchsorted(ks, t - w, side="right")  # known strictly after t - w
+        count = (hi - lo).astype(np.float64)
+        s = cs[hi] - cs[lo]
+        with np.errstate(invalid="ignore", divide="ignore"):
+            mean = np.where(count > 0, s / count, np.nan)
+            var = np.where(count > 1, (cs2[hi] - cs2[lo] - count * mean * mean) / (count - 1), np.nan)
+        for agg in aggs:
+            out[names[n]] = {"count": count, "sum": s, "mean": mean, "std": np.sqrt(np.maximum(var, 0.0))}[agg]
+            n += 1
+    for name, values in out.items():
+        group = group.append_column(name, pa.array(values, pa.float64()))
+    return group
+
+
+def keep_targets(batch: pa.Table) -> pa.Table:
+    return batch.filter(batch.column(_TARGET))
+
+
+def asof_join(batch: pa.Table, right: pa.Table, by: list[str], time: str, tolerance_us: int, columns: dict[str, str]) -> pa.Table:
+    """Attach the latest `right` row per `by` with time in [event_time - tolerance, event_time]."""
+    left = batch.select(by + [EVENT_TIME]).to_pandas()
+    left["__pos"] = np.arange(len(left))
+    left = left.sort_values(EVENT_TIME, kind="stable")
+    rdf = right.select(by + [time] + sorted(set(columns.values()))).to_pandas()
+    rdf = rdf.dropna(subset=[time, *by]).rename(columns={time: "__rtime"}).sort_values("__rtime", kind="stable")
+    rdf = rdf.rename(columns={src: f"__r_{src}" for src in set(columns.values())})
+    if len(left) and left[EVENT_TIME].isna().any():
+        raise ValueError("features.event_time is null for some rows; as-of joins need a time for every event")
+    merged = pd.merge_asof(
+        left, rdf, left_on=EVENT_TIME, right_on="__rtime", by=by or None,
+        direction="backward", tolerance=pd.Timedelta(microseconds=tolerance_us), allow_exact_matches=True,
+    ).sort_values("__pos")
+    for out_name, src in columns.items():
+        batch = batch.append_column(out_name, pa.array(merged[f"__r_{src}"].to_numpy(), from_pandas=True))
+    return batch
+
+
+def lookup_join(batch: pa.Table, right: pa.Table, by: list[str], columns: dict[str, str]) -> pa.Table:
+    """Left join to a snapshot table; duplicate keys keep the last row so events are never multiplied."""
+    rdf = right.select(by + sorted(set(columns.values()))).to_pandas().drop_duplicates(subset=by, keep="last")
+    rdf = rdf.rename(columns={src: f"__r_{src}" for src in set(columns.values())})
+    left = batch.select(by).to_pandas()
+    merged = left.merge(rdf, on=by, how="left", sort=False)
+    for out_name, src in columns.items():
+        batch = batch.append_column(out_name, pa.array(merged[f"__r_{src}"].to_numpy(), from_pandas=True))
+    return batch
+
+
+def finalize(batch: pa.Table, f: FeatureSpec, task: str) -> pa.Table:
+    """Evaluate row-level features and the label; keep keys, event time, features and label."""
+    cols: dict[str, Any] = {k: batch.column(k) for k in f.keys}
+    cols[EVENT_TIME] = batch.column(EVENT_TIME)
+    for c in f.columns:
+        v = evaluate(c.expr, batch)
+        cols[c.name] = pc.cast(v, pa.string()) if c.categorical else pc.cast(v, pa.float64())
+    for name in f.feature_names():
+        if name not in cols:
+            cols[name] = pc.cast(batch.column(name), pa.float64())
+    label = evaluate(f.label.expr, batch)
+    cols[f.label.name] = pc.cast(label, pa.int64() if task == "classification" else pa.float64())
+    out = pa.table(cols)
+    return out.filter(pc.is_valid(out.column(f.label.name)))
+
+
+# --- the step ----------------------------------------------------------------------------
+
+def _staged_files(ctx: RunContext, source: str, days: list[date]) -> tuple[list[str], dict[str, str], list[str]]:
+    files, hashes, missing = [], {}, []
+    for d in days:
+        part = ctx.store.partition(f"staged/{source}", d)
+        if part is None:
+            missing.append(d.isoformat())
+            continue
+        files += part.files
+        hashes[d.isoformat()] = part.manifest["content_hash"]
+    return files, hashes, missing
+
+
+def _read_table(files: list[str]) -> pa.Table:
+    import pyarrow.parquet as pq
+
+    return pa.concat_tables([pq.read_table(p) for p in files])
+
+
+def build_features(spec: Spec, ctx: RunContext) -> dict[str, Any]:
+    """Compute the feature partition for ``ctx.logical_date`` on Ray Data."""
+    f = spec.features
+    day = ctx.logical_date
+    lookback_days = math.ceil(f.lookback() / timedelta(days=1))
+    history = [day - timedelta(days=k) for k in range(lookback_days, 0, -1)]
+    today_part = ctx.store.partition(f"staged/{f.base}", day)
+    if today_part is None:
+        raise MissingInputError(f"features: no staged partition of {f.base!r} for {day}; run the stage step first")
+    base_files, base_hashes, missing = _staged_files(ctx, f.base, [*history, day])
+    if missing:
+        log.warning("features %s: history days not staged %s; windows near them see fewer rows", day, missing)
+
+    dims: dict[str, tuple[list[str], dict[str, str]]] = {}
+    for j in f.asof:
+        tol_days = math.ceil(parse_duration(j.tolerance) / timedelta(days=1))
+        fl, hs, _ = _staged_files(ctx, j.source, [day - timedelta(days=k) for k in range(tol_days, -1, -1)])
+        dims[j.source] = (fl, hs)
+    for lk in f.lookups:
+        part = ctx.store.partition(f"staged/{lk.source}", day)
+        if part is None:
+            raise MissingInputError(f"features: no staged snapshot of {lk.source!r} for {day}")
+        dims[lk.source] = (part.files, {day.isoformat(): part.manifest["content_hash"]})
+
+    lineage = {
+        "feature_version": spec.feature_version(),
+        "date": day.isoformat(),
+        "inputs": {f.base: base_hashes, **{k: v[1] for k, v in dims.items()}},
+    }
+    lineage_key = hashlib.sha256(json.dumps(lineage, sort_keys=True).encode()).hexdigest()[:16]
+    zone = feature_zone(spec)
+    current = ctx.store.partition(zone, day)
+    if current is not None and current.manifest.get("lineage_key") == lineage_key:
+        log.info("features %s: inputs unchanged, keeping %s", day, current.path)
+        return _result(spec, current.path, current.manifest, skipped=True)
+
+    import ray
+
+    ensure_ray(ctx.ray_address)
+    rows_in = sum(ctx.store.partition(f"staged/{f.base}", date.fromisoformat(d)).manifest["rows"] for d in base_hashes)
+    # Shuffle partitions sized to the input (~250k rows each): Ray's default of 200 is for big data.
+    partitions = max(2, min(256, rows_in // 250_000 + 1))
+    ds = ray.data.read_parquet(base_files, include_paths=True)
+    ds = ds.map_batches(prepare_events, fn_kwargs={"f": f, "day": day.isoformat()}, batch_format="pyarrow",
+                        batch_size=None)
+    for i, w in enumerate(f.windows):
+        ds = ds.groupby(w.by, num_partitions=partitions).map_groups(
+            window_aggregates,
+            fn_kwargs={"i": i, "windows_us": [int(parse_duration(x).total_seconds() * _US) for x in w.windows],
+                       "aggs": list(w.aggs), "names": window_feature_names(w)},
+            batch_format="pyarrow",
+        )
+    ds = ds.map_batches(keep_targets, batch_format="pyarrow", batch_size=None)
+    for j in f.asof:
+        right = _read_table(dims[j.source][0]).select([*j.by, j.time, *sorted(set(j.columns.values()))])
+        ds = ds.map_batches(
+            asof_join, fn_args=(right,),
+            fn_kwargs={"by": j.by, "time": j.time, "tolerance_us": int(parse_duration(j.tolerance).total_seconds() * _US),
+                       "columns": j.columns},
+            batch_format="pyarrow", batch_size=None,
+        )
+    for lk in f.lookups:
+        right = _read_table(dims[lk.source][0]).select([*lk.by, *sorted(set(lk.columns.values()))])
+        ds = ds.map_batches(lookup_join, fn_args=(right,), fn_kwargs={"by": lk.by, "columns": lk.columns},
+                            batch_format="pyarrow", batch_size=None)
+    ds = ds.map_batches(finalize, fn_kwargs={"f": f, "task": spec.model.task}, batch_format="pyarrow",
+                        batch_size=None)
+    # A total order makes the published bytes (and so the lineage hashes) reproducible.
+    ds = ds.sort([EVENT_TIME, *f.keys])
+
+    def write(tmp: Path) -> dict[str, Any]:
+        import pyarrow.parquet as pq
+
+        ds.write_parquet(str(tmp), min_rows_per_file=1_000_000)
+        # Ray names files <write-uuid>_<task>_<block>...: rename in that (sorted) order so the
+        # published names, like the bytes, do not depend on the run.
+        for i, p in enumerate(sorted(tmp.glob("*.parquet"))):
+            p.rename(tmp / f"part-{i:05d}.parquet")
+
+        rows = sum(pq.ParquetFile(p).metadata.num_rows for p in tmp.glob("*.parquet"))
+        return {**lineage, "lineage_key": lineage_key, "rows": rows, "run_id": ctx.run_id,
+                "missing_history": missing, "features": f.feature_names(), "label": f.label.name,
+                "categorical": f.categorical_names()}
+
+    part = ctx.store.publish(zone, day, write)
+    log.info("features %s: %d rows -> %s", day, part.manifest["rows"], part.path)
+    return _result(spec, part.path, part.manifest, skipped=False)
+
+
+def _result(spec: Spec, path: Path, manifest: dict[str, Any], skipped: bool) -> dict[str, Any]:
+    return {
+        "step": "features",
+        "date": manifest["date"],
+        "uri": str(path),
+        "rows": manifest["rows"],
+        "feature_version": spec.feature_version(),
+        "content_hash": manifest["content_hash"][:16],
+        "lineage_key": manifest["lineage_key"],
+        "missing_history": manifest.get("missing_history", []),
+        "skipped": skipped,
+    }
+
+
+def read_features(spec: Spec, ctx: RunContext, days: list[date]) -> tuple[pa.Table | None, dict[str, str], list[str]]:
+    """Published feature rows for `days` (in order), their content hashes, and the days missing."""
+    zone = feature_zone(spec)
+    tables, hashes, missing = [], {}, []
+    for d in days:
+        part = ctx.store.partition(zone, d)
+        if part is None:
+            missing.append(d.isoformat())
+            continue
+        hashes[d.isoformat()] = part.manifest["content_hash"]
+        tables.append(_read_table(part.files))
+    if not tables:
+        return None, hashes, missing
+    return pa.concat_tables(tables, promote_options="default"), hashes, missing
+

@@ -1,0 +1,292 @@
+"""The pipeline spec: one YAML file, parsed into pydantic models and validated before any work.
+
+A bad spec must fail here, naming the field, rather than hours later inside a Ray task.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from datetime import timedelta
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from daybreak.errors import SpecError
+
+_DURATION = re.compile(r"^\s*(\d+)\s*(s|m|h|d|w)\s*$")
+_UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
+_TYPES = {
+    "bool", "int8", "int16", "int32", "int64", "float32", "float64", "string", "date32",
+}
+_TIMESTAMP = re.compile(r"^timestamp\[(s|ms|us|ns)(,\s*[A-Za-z_/+\-0-9]+)?\]$")
+
+
+def parse_duration(text: str) -> timedelta:
+    """'90m', '24h', '7d' -> timedelta."""
+    m = _DURATION.match(str(text))
+    if not m:
+        raise ValueError(f"invalid duration {text!r}: use a number and a unit s, m, h, d or w (e.g. '7d')")
+    return timedelta(**{_UNITS[m.group(2)]: int(m.group(1))})
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class SourceSpec(_Model):
+    """A landing-zone dataset: what files to read for a logical date and what they must look like."""
+
+    path: str = Field(description="Path relative to the store root (or a URI). '{date}' is the logical date, YYYY-MM-DD.")
+    format: Literal["csv", "parquet", "jsonl"] = "csv"
+    kind: Literal["events", "snapshot"] = "events"
+    columns: dict[str, str] = Field(description="Contract: column name -> Arrow type (int64, float64, string, timestamp[us, UTC], ...).")
+    null_values: list[str] = Field(default_factory=lambda: ["", "NA", "NULL", "null"])
+
+    @field_validator("columns")
+    @classmethod
+    def _types_known(cls, v: dict[str, str]) -> dict[str, str]:
+        if not v:
+            raise ValueError("a source needs at least one column in its contract")
+        for name, typ in v.items():
+            if typ not in _TYPES and not _TIMESTAMP.match(typ):
+                raise ValueError(
+                    f"column {name!r} has unknown type {typ!r}; use one of {sorted(_TYPES)} or 'timestamp[us, UTC]'"
+                )
+        return v
+
+    @model_validator(mode="after")
+    def _dated(self) -> SourceSpec:
+        if self.kind == "events" and "{date}" not in self.path:
+            raise ValueError("an 'events' source path must contain '{date}' so each logical date finds its own files")
+        return self
+
+
+class Column(_Model):
+    name: str
+    expr: str
+    categorical: bool = False
+
+
+class AsofJoin(_Model):
+    """Latest row of `source` at or before the event time (within `tolerance`), matched on `by`."""
+
+    source: str
+    time: str = Field(description="time column of the joined source")
+    by: list[str] = Field(default_factory=list)
+    tolerance: str = "1d"
+    columns: dict[str, str] = Field(description="output feature name -> column of the source")
+
+    @field_validator("tolerance")
+    @classmethod
+    def _dur(cls, v: str) -> str:
+        parse_duration(v)
+        return v
+
+
+class Lookup(_Model):
+    """Plain left join to a snapshot dimension table on a key."""
+
+    source: str
+    by: list[str]
+    columns: dict[str, str]
+
+
+class WindowAgg(_Model):
+    """Trailing-window aggregates per entity, over rows known strictly before each event."""
+
+    by: list[str]
+    value: str = Field(description="expression over the event source: the value aggregated")
+    known_at: str = Field(
+        default="event_time",
+        description="expression: when a row's value becomes known; rows count only if known strictly before the event",
+    )
+    aggs: list[Literal["count", "sum", "mean", "std"]] = Field(default_factory=lambda: ["count", "mean"])
+    windows: list[str] = Field(default_factory=lambda: ["7d"])
+    prefix: str
+
+    @field_validator("windows")
+    @classmethod
+    def _durs(cls, v: list[str]) -> list[str]:
+        for w in v:
+            parse_duration(w)
+        return v
+
+
+class Label(_Model):
+    name: str = "label"
+    expr: str
+
+
+class FeatureSpec(_Model):
+    name: str
+    base: str = Field(description="the events source whose rows are the examples")
+    event_time: str = Field(description="expression giving each example's event timestamp (UTC)")
+    label: Label
+    keys: list[str] = Field(default_factory=list, description="columns carried through to identify rows (not features)")
+    columns: list[Column] = Field(default_factory=list)
+    asof: list[AsofJoin] = Field(default_factory=list)
+    lookups: list[Lookup] = Field(default_factory=list)
+    windows: list[WindowAgg] = Field(default_factory=list)
+
+    def feature_names(self) -> list[str]:
+        names = [c.name for c in self.columns]
+        for j in self.asof:
+            names += list(j.columns)
+        for lk in self.lookups:
+            names += list(lk.columns)
+        for w in self.windows:
+            names += window_feature_names(w)
+        return names
+
+    def categorical_names(self) -> list[str]:
+        return [c.name for c in self.columns if c.categorical]
+
+    def lookback(self) -> timedelta:
+        """How far before the logical date the feature step must read."""
+        spans = [parse_duration(w) for agg in self.windows for w in agg.windows]
+        spans += [parse_duration(j.tolerance) for j in self.asof]
+        return max(spans, default=timedelta(0))
+
+
+def window_feature_names(w: WindowAgg) -> list[str]:
+    return [f"{w.prefix}{agg}_{win}" for win in w.windows for agg in w.aggs]
+
+
+class ModelSpec(_Model):
+    name: str = Field(description="registered model name in MLflow")
+    flavor: Literal["xgboost"] = "xgboost"
+    task: Literal["classification", "regression"] = "classification"
+    params: dict[str, Any] = Field(default_factory=dict)
+    num_boost_round: int = Field(200, ge=1)
+    early_stopping_rounds: int = Field(20, ge=1)
+    seed: int = 0
+
+
+class TrainingSpec(_Model):
+    window_days: int = Field(7, ge=1, description="days of features before the logical date used for training")
+    min_rows: int = Field(100, ge=1)
+    validation_fraction: float = Field(0.2, gt=0, lt=1)
+
+
+class GateSpec(_Model):
+    metric: Literal["roc_auc", "log_loss", "rmse", "mae"] = "roc_auc"
+    floor: float | None = Field(None, description="absolute bound the candidate must meet (a ceiling for lower-is-better metrics)")
+    min_improvement: float = Field(
+        0.0, description="candidate must beat the champion by this much (negative: non-inferiority margin)"
+    )
+    min_rows: int = Field(50, ge=1, description="holdout rows needed to decide")
+
+
+class PromotionSpec(_Model):
+    alias: str = "champion"
+    previous_alias: str = "previous"
+
+
+class ServingSpec(_Model):
+    host: str = "127.0.0.1"
+    port: int = Field(5055, ge=1, le=65535)
+    poll_seconds: float = Field(5.0, gt=0)
+
+
+class Spec(_Model):
+    name: str
+    sources: dict[str, SourceSpec]
+    features: FeatureSpec
+    model: ModelSpec
+    training: TrainingSpec = TrainingSpec()
+    gate: GateSpec = GateSpec()
+    promotion: PromotionSpec = PromotionSpec()
+    serving: ServingSpec = ServingSpec()
+
+    @model_validator(mode="after")
+    def _references(self) -> Spec:
+        f = self.features
+        base = self.sources.get(f.base)
+        if base is None:
+            raise ValueError(f"features.base: unknown source {f.base!r}; sources are {sorted(self.sources)}")
+        if base.kind != "events":
+            raise ValueError(f"features.base: source {f.base!r} must be of kind 'events'")
+        for i, j in enumerate(f.asof):
+            src = self.sources.get(j.source)
+            if src is None:
+                raise ValueError(f"features.asof[{i}].source: unknown source {j.source!r}")
+            for col in [j.time, *j.by, *j.columns.values()]:
+                if col not in src.columns:
+                    raise ValueError(f"features.asof[{i}]: column {col!r} is not in source {j.source!r}")
+            for col in j.by:
+                if col not in base.columns:
+                    raise ValueError(f"features.asof[{i}].by: column {col!r} is not in base source {f.base!r}")
+        for i, lk in enumerate(f.lookups):
+            src = self.sources.get(lk.source)
+            if src is None:
+                raise ValueError(f"features.lookups[{i}].source: unknown source {lk.source!r}")
+            for col in [*lk.by, *lk.columns.values()]:
+                if col not in src.columns:
+                    raise ValueError(f"features.lookups[{i}]: column {col!r} is not in source {lk.source!r}")
+        for i, w in enumerate(f.windows):
+            for col in w.by:
+                if col not in base.columns:
+                    raise ValueError(f"features.windows[{i}].by: column {col!r} is not in base source {f.base!r}")
+        for col in f.keys:
+            if col not in base.columns:
+                raise ValueError(f"features.keys: column {col!r} is not in base source {f.base!r}")
+        names = f.feature_names()
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"features: duplicate feature names {dupes}")
+        if not names:
+            raise ValueError("features: define at least one feature")
+        # Expressions are checked against the columns they may use, so typos fail now.
+        from daybreak.expr import check_expression
+
+        cols = set(base.columns) | {"event_time"}
+        check_expression(f.event_time, set(base.columns), where="features.event_time")
+        check_expression(f.label.expr, cols, where="features.label.expr")
+        for i, c in enumerate(f.columns):
+            check_expression(c.expr, cols, where=f"features.columns[{i}].expr")
+        for i, w in enumerate(f.windows):
+            check_expression(w.value, cols, where=f"features.windows[{i}].value")
+            check_expression(w.known_at, cols, where=f"features.windows[{i}].known_at")
+        return self
+
+    # --- identities -------------------------------------------------------------------------
+    def spec_hash(self) -> str:
+        return _hash(self.model_dump(mode="json"))
+
+    def feature_version(self) -> str:
+        """Identity of everything that shapes the feature table (sources + features), not the model."""
+        return _hash({"sources": {k: v.model_dump(mode="json") for k, v in self.sources.items()},
+                      "features": self.features.model_dump(mode="json")})
+
+
+def _hash(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def load_spec(path: str | Path) -> Spec:
+    p = Path(path)
+    if not p.is_file():
+        raise SpecError(f"spec file not found: {p}")
+    try:
+        raw = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as e:
+        raise SpecError(f"{p}: not valid YAML: {e}") from e
+    return parse_spec(raw, origin=str(p))
+
+
+def parse_spec(raw: Any, origin: str = "<spec>") -> Spec:
+    if not isinstance(raw, dict):
+        raise SpecError(f"{origin}: a spec must be a mapping at the top level")
+    try:
+        return Spec.model_validate(raw)
+    except ValidationError as e:
+        lines = []
+        for err in e.errors():
+            loc = ".".join(str(x) for x in err["loc"]) or "(top level)"
+            msg = err["msg"].removeprefix("Value error, ")
+            lines.append(f"  {loc}: {msg}")
+        raise SpecError(f"{origin}: invalid spec\n" + "\n".join(lines)) from None
