@@ -1,0 +1,195 @@
+"""The ``daybreak`` command line: the same steps as the Airflow operators and Prefect tasks."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from datetime import date
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+
+from daybreak.errors import DaybreakError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="daybreak: stage, build features, retrain, gate, promote and serve a model every day.")
+datasets_app = typer.Typer(no_args_is_help=True, help="Demo data sets.")
+app.add_typer(datasets_app, name="datasets")
+
+SpecOpt = typer.Option(..., "--spec", "-s", help="Pipeline spec (YAML).", exists=False)
+JsonOpt = typer.Option(False, "--json", help="Print machine-readable JSON on stdout.")
+StoreOpt = typer.Option(None, "--store", help="Store root (default: $DAYBREAK_STORE or $DAYBREAK_HOME/store).")
+TrackingOpt = typer.Option(None, "--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or sqlite in $DAYBREAK_HOME).")
+
+
+def setup_logging(verbose: bool = False) -> None:
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    for noisy in ("ray", "mlflow", "alembic", "urllib3", "httpx", "filelock", "git"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    os.environ.setdefault("RAY_DEDUP_LOGS", "1")
+
+
+def _emit(obj: Any, as_json: bool, human: str | None = None) -> None:
+    if as_json:
+        typer.echo(json.dumps(obj, indent=2, default=str))
+    elif human is not None:
+        typer.echo(human)
+
+
+def _load(spec: Path) -> Any:
+    from daybreak.spec import load_spec
+
+    return load_spec(spec)
+
+
+def _ctx(day: str | date, store: str | None, tracking_uri: str | None) -> Any:
+    from daybreak.context import RunContext
+
+    return RunContext.create(day, store=store, tracking_uri=tracking_uri)
+
+
+def _fmt(v: Any) -> str:
+    return "-" if v is None else (f"{v:.4f}" if isinstance(v, float) else str(v))
+
+
+def summary_line(s: dict[str, Any]) -> str:
+    return (f"{s['date']}  staged={_fmt(s['rows_staged']):>5}  candidate=v{_fmt(s['candidate_version'])} "
+            f"{_fmt(s['candidate_metric'])}  champion_metric={_fmt(s['champion_metric'])}  "
+            f"decision={_fmt(s['decision']):<8}  champion=v{_fmt(s['champion_version'])}")
+
+
+@app.command()
+def run(spec: Path = SpecOpt, day: str = typer.Option(..., "--date", "-d", help="Logical date, YYYY-MM-DD."),
+        store: Optional[str] = StoreOpt, tracking_uri: Optional[str] = TrackingOpt,
+        no_deploy: bool = typer.Option(False, "--no-deploy", help="Skip the deploy check."),
+        as_json: bool = JsonOpt) -> None:
+    """Run one full daily cycle (stage, features, train, gate, promote, deploy) in process."""
+    from daybreak.cycle import run_cycle
+
+    s = _load(spec)
+    result = run_cycle(s, _ctx(day, store, tracking_uri), deploy=not no_deploy)
+    _emit(result, as_json, summary_line(result["summary"]))
+
+
+@app.command()
+def backfill(spec: Path = SpecOpt, start: str = typer.Option(..., "--start", help="First date, YYYY-MM-DD."),
+             end: str = typer.Option(..., "--end", help="Last date (inclusive), YYYY-MM-DD."),
+             store: Optional[str] = StoreOpt, tracking_uri: Optional[str] = TrackingOpt,
+             as_json: bool = JsonOpt) -> None:
+    """Run the daily cycle for every date from --start to --end, in order."""
+    from daybreak.context import parse_date
+    from daybreak.cycle import date_range, run_cycle
+
+    s = _load(spec)
+    days = date_range(parse_date(start), parse_date(end))
+    results = []
+    for i, d in enumerate(days, 1):
+        r = run_cycle(s, _ctx(d, store, tracking_uri), deploy=False)
+        results.append(r["summary"])
+        if not as_json:
+            typer.echo(f"[{i}/{len(days)}] {summary_line(r['summary'])}")
+    _emit(results, as_json)
+
+
+@app.command()
+def history(spec: Path = SpecOpt, tracking_uri: Optional[str] = TrackingOpt, as_json: bool = JsonOpt) -> None:
+    """Every registered version with its lineage and gate decision, newest first."""
+    from daybreak.history import model_history
+
+    s = _load(spec)
+    rows = model_history(s, _ctx(date.today(), None, tracking_uri))
+    if as_json:
+        _emit(rows, True)
+        return
+    if not rows:
+        typer.echo(f"no versions of {s.model.name} yet")
+    for r in rows:
+        aliases = ",".join(r["aliases"]) or "-"
+        typer.echo(f"v{r['version']:<4} date={r['logical_date'] or '-'}  window={r['window'] or '-'}  "
+                   f"decision={r['decision'] or '-':<8} candidate={_fmt(r['candidate_metric'])} "
+                   f"vs champion v{r['gated_against'] or '-'} {_fmt(r['champion_metric'])}  aliases={aliases}")
+
+
+@app.command()
+def serve(spec: Path = SpecOpt, host: Optional[str] = typer.Option(None, help="Bind address (default from spec: 127.0.0.1)."),
+          port: Optional[int] = typer.Option(None, help="Port (default from spec)."),
+          tracking_uri: Optional[str] = TrackingOpt) -> None:
+    """Serve the champion over HTTP (MLflow scoring protocol); follows the champion alias.
+
+    Set DAYBREAK_SERVE_TOKEN to require 'Authorization: Bearer <token>' on /invocations.
+    """
+    from daybreak.serve import serve as _serve
+
+    s = _load(spec)
+    _serve(s, _ctx(date.today(), None, tracking_uri), host=host, port=port,
+           token=os.environ.get("DAYBREAK_SERVE_TOKEN") or None)
+
+
+@app.command()
+def report(spec: Path = SpecOpt, version: Optional[str] = typer.Option(None, help="Model version (default: champion)."),
+           tracking_uri: Optional[str] = TrackingOpt, as_json: bool = JsonOpt) -> None:
+    """Print the gate record and lineage of one model version."""
+    from daybreak.history import version_report
+
+    s = _load(spec)
+    rep = version_report(s, _ctx(date.today(), None, tracking_uri), version)
+    if as_json:
+        _emit(rep, True)
+        return
+    for k, v in rep.items():
+        typer.echo(f"{k:<28} {v}")
+
+
+@app.command()
+def validate(spec: Path = SpecOpt, as_json: bool = JsonOpt) -> None:
+    """Check a spec and print its hashes; exits 2 naming the bad field if invalid."""
+    s = _load(spec)
+    info = {"name": s.name, "spec_hash": s.spec_hash(), "feature_version": s.feature_version(),
+            "features": s.features.feature_names()}
+    _emit(info, as_json, f"{spec}: ok (spec {info['spec_hash']}, features v={info['feature_version']}, "
+                          f"{len(info['features'])} features)")
+
+
+@datasets_app.command("flights")
+def datasets_flights(out: Path = typer.Option(..., "--out", "-o", help="Landing folder to write."),
+                     start: Optional[str] = typer.Option(None, help="First day to write (default: all of 2013)."),
+                     end: Optional[str] = typer.Option(None, help="Last day to write."),
+                     as_json: bool = JsonOpt) -> None:
+    """Write the real 2013 NYC flights as daily landing drops plus dimension tables."""
+    from daybreak.context import parse_date
+    from daybreak.datasets import build_flights_landing
+
+    res = build_flights_landing(out, start=parse_date(start) if start else None, end=parse_date(end) if end else None)
+    _emit(res, as_json, f"wrote {res['flights']} flights in {res['flight_days']} daily files, "
+                        f"{res['weather_days']} weather files and {len(res['dims'])} dimension tables to {out}")
+
+
+def main() -> None:
+    setup_logging(verbose=os.environ.get("DAYBREAK_DEBUG") == "1")
+    try:
+        app(standalone_mode=False)
+    except DaybreakError as e:
+        typer.echo(f"error: {e}", err=True)
+        sys.exit(2)
+    except ValueError as e:  # bad dates and similar argument errors
+        typer.echo(f"error: {e}", err=True)
+        sys.exit(2)
+    except typer.Exit as e:
+        sys.exit(e.exit_code)
+    except typer.Abort:
+        sys.exit(130)
+    except Exception as e:  # click usage errors
+        import click
+
+        if isinstance(e, click.ClickException):
+            e.show()
+            sys.exit(e.exit_code)
+        raise
+
+
+if __name__ == "__main__":
+    main()

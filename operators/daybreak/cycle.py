@@ -1,0 +1,58 @@
+"""One daily cycle in process: stage -> features -> train -> gate -> promote -> deploy.
+
+This is what ``daybreak run`` and ``daybreak backfill`` execute; the Airflow DAG and the Prefect
+flow run the same steps as separate tasks.
+"""
+
+from __future__ import annotations
+
+import logging
+from datetime import date, timedelta
+from typing import Any
+
+from daybreak.context import RunContext
+from daybreak.deploy import deploy_model
+from daybreak.features import build_features
+from daybreak.gate import evaluate_gate
+from daybreak.promote import promote_model
+from daybreak.spec import Spec
+from daybreak.stage import stage
+from daybreak.train import train_model
+
+log = logging.getLogger(__name__)
+
+STEPS = ("stage", "features", "train", "gate", "promote", "deploy")
+
+
+def run_cycle(spec: Spec, ctx: RunContext, deploy: bool = True) -> dict[str, Any]:
+    out: dict[str, Any] = {"date": ctx.logical_date.isoformat(), "run_id": ctx.run_id}
+    out["stage"] = stage(spec, ctx)
+    out["features"] = build_features(spec, ctx)
+    out["train"] = train_model(spec, ctx)
+    out["gate"] = evaluate_gate(spec, ctx)
+    out["promote"] = promote_model(spec, ctx)
+    if deploy:
+        out["deploy"] = deploy_model(spec, ctx)
+    out["summary"] = summarize(out)
+    return out
+
+
+def summarize(result: dict[str, Any]) -> dict[str, Any]:
+    """The one line a person wants per day."""
+    gate = result.get("gate", {})
+    promote = result.get("promote", {})
+    return {
+        "date": result.get("date"),
+        "rows_staged": result.get("stage", {}).get("rows"),
+        "candidate_version": gate.get("candidate_version"),
+        "candidate_metric": gate.get("candidate_metric"),
+        "champion_metric": gate.get("champion_metric"),
+        "decision": gate.get("decision"),
+        "champion_version": promote.get("champion_version"),
+    }
+
+
+def date_range(start: date, end: date) -> list[date]:
+    if end < start:
+        raise ValueError(f"end {end} is before start {start}")
+    return [start + timedelta(days=k) for k in range((end - start).days + 1)]

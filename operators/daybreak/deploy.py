@@ -1,0 +1,82 @@
+"""Deploy: make sure the serving endpoint serves the champion, and serves it faithfully.
+
+``daybreak serve`` watches the champion alias and hot-swaps by itself; this step waits until the
+endpoint reports the champion's version, then sends a sample of the holdout and requires the
+served predictions to equal offline predictions of the same version.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from typing import Any
+
+import numpy as np
+
+from daybreak import registry
+from daybreak.context import RunContext
+from daybreak.errors import DaybreakError
+from daybreak.spec import Spec
+
+log = logging.getLogger(__name__)
+
+
+class DeployError(DaybreakError):
+    """The endpoint did not pick up the champion in time, or its predictions differ from offline ones."""
+
+
+def endpoint_url(spec: Spec, url: str | None = None) -> str:
+    return (url or os.environ.get("DAYBREAK_SERVE_URL") or f"http://{spec.serving.host}:{spec.serving.port}").rstrip("/")
+
+
+def deploy_model(spec: Spec, ctx: RunContext, url: str | None = None, timeout: float | None = None,
+                 require_endpoint: bool = False, sample_rows: int = 50) -> dict[str, Any]:
+    import httpx
+
+    name = spec.model.name
+    registry.setup_tracking(ctx, spec.name)
+    champ = registry.alias_version(registry.client(ctx), name, spec.promotion.alias)
+    base = url_base = endpoint_url(spec, url)
+    result: dict[str, Any] = {"step": "deploy", "date": ctx.logical_date.isoformat(), "url": url_base,
+                              "champion_version": str(champ.version) if champ else None}
+    if champ is None:
+        return result | {"deployed": False, "reason": "no champion yet"}
+    try:
+        httpx.get(f"{base}/ping", timeout=2.0)
+    except httpx.HTTPError:
+        if require_endpoint:
+            raise DeployError(f"no serving endpoint at {base}: start it with 'daybreak serve --spec ...'") from None
+        log.warning("deploy: no serving endpoint at %s; champion v%s will be served when one starts",
+                    base, str(champ.version))
+        return result | {"deployed": False, "reason": f"no serving endpoint at {base}"}
+
+    deadline = time.monotonic() + (timeout if timeout is not None else 3 * spec.serving.poll_seconds + 60)
+    served = None
+    while time.monotonic() < deadline:
+        try:
+            served = httpx.get(f"{base}/version", timeout=5.0).json().get("version")
+        except (httpx.HTTPError, ValueError):
+            served = None
+        if served == str(champ.version):
+            break
+        time.sleep(0.5)
+    else:
+        raise DeployError(f"endpoint {base} still serves v{served}, not champion v{str(champ.version)}")
+
+    from daybreak.gate import holdout
+
+    df = holdout(spec, ctx).head(sample_rows)
+    features = spec.features.feature_names()
+    payload = {"dataframe_split": {"columns": features,
+                                   "data": df[features].astype(object).where(df[features].notna(), None).values.tolist()}}
+    resp = httpx.post(f"{base}/invocations", json=payload, timeout=30.0)
+    if resp.status_code != 200:
+        raise DeployError(f"endpoint {base}/invocations answered {resp.status_code}: {resp.text[:300]}")
+    served_pred = np.asarray(resp.json()["predictions"], dtype=np.float64)
+    offline = np.asarray(registry.load_model(ctx, name, str(champ.version)).predict(df[features]), dtype=np.float64)
+    if served_pred.shape != offline.shape or not np.allclose(served_pred, offline, rtol=1e-6, atol=1e-7):
+        worst = float(np.max(np.abs(served_pred - offline))) if served_pred.shape == offline.shape else float("nan")
+        raise DeployError(f"parity check failed: served predictions differ from offline ones (max diff {worst})")
+    log.info("deploy: %s serves champion v%s; parity on %d rows ok", base, str(champ.version), len(df))
+    return result | {"deployed": True, "parity_rows": len(df)}

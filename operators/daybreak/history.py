@@ -1,0 +1,60 @@
+"""What the registry says happened: versions, their lineage and their gate decisions."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from daybreak import registry
+from daybreak.context import RunContext
+from daybreak.errors import DaybreakError
+from daybreak.gate import recorded_decision
+from daybreak.spec import Spec
+
+
+def _row(mv: Any) -> dict[str, Any]:
+    t = mv.tags
+    rec = recorded_decision(t)
+    start, end = t.get("daybreak.window_start"), t.get("daybreak.window_end")
+    return {
+        "version": str(mv.version),
+        "logical_date": t.get(registry.DATE_TAG),
+        "window": f"{start}..{end}" if start else None,
+        "decision": rec["decision"],
+        "candidate_metric": rec["candidate_metric"],
+        "champion_metric": rec["champion_metric"],
+        "gated_against": rec["champion_version"],
+        "promoted_at": t.get("daybreak.promoted_at"),
+        "aliases": sorted(getattr(mv, "aliases", []) or []),
+        "spec_hash": t.get(registry.SPEC_TAG),
+        "run_id": mv.run_id,
+    }
+
+
+def model_history(spec: Spec, ctx: RunContext) -> list[dict[str, Any]]:
+    registry.setup_tracking(ctx, spec.name)
+    cl = registry.client(ctx)
+    rows = []
+    for mv in registry.versions(cl, spec.model.name):
+        # search results do not carry aliases; fetch the full record
+        rows.append(_row(cl.get_model_version(spec.model.name, str(mv.version))))
+    return rows
+
+
+def version_report(spec: Spec, ctx: RunContext, version: str | None = None) -> dict[str, Any]:
+    registry.setup_tracking(ctx, spec.name)
+    cl = registry.client(ctx)
+    if version is None:
+        mv = registry.alias_version(cl, spec.model.name, spec.promotion.alias)
+        if mv is None:
+            raise DaybreakError(f"{spec.model.name} has no {spec.promotion.alias!r} yet; pass --version")
+    else:
+        mv = cl.get_model_version(spec.model.name, version)
+    row = _row(mv)
+    t = mv.tags
+    row["input_hashes"] = json.loads(t.get("daybreak.input_hashes", "{}"))
+    row["feature_version"] = t.get("daybreak.feature_version")
+    row["code_version"] = t.get("daybreak.code_version")
+    row["rules"] = recorded_decision(t)["rules"]
+    row["source"] = mv.source
+    return row

@@ -1,0 +1,152 @@
+"""MLflow: tracking set-up, the model registry, and lineage/decision tags on model versions.
+
+The registry is the source of truth between steps: the train step tags each version with the
+logical date and spec hash it was built for, the gate writes its decision onto the version, and
+promotion reads both back. Steps therefore agree even when their XComs are lost.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import logging
+import os
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+from daybreak.context import RunContext
+
+log = logging.getLogger(__name__)
+
+TAG = "daybreak."
+DATE_TAG = "daybreak.logical_date"
+SPEC_TAG = "daybreak.spec_hash"
+LINEAGE_TAG = "daybreak.lineage_key"
+DECISION_TAG = "daybreak.gate.decision"
+AGAINST_TAG = "daybreak.gate.champion_version"
+
+
+@contextmanager
+def _file_lock(path: Path) -> Iterator[None]:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def setup_tracking(ctx: RunContext, experiment: str) -> str:
+    """Point MLflow at the context's tracking URI and make sure the experiment exists.
+
+    A fresh SQLite store is created under a file lock: several processes migrating the same
+    new database at once corrupt it.
+    """
+    import mlflow
+
+    mlflow.set_tracking_uri(ctx.tracking_uri)
+    mlflow.set_registry_uri(ctx.tracking_uri)
+    lock = None
+    if ctx.tracking_uri.startswith("sqlite:///"):
+        db = Path(ctx.tracking_uri.removeprefix("sqlite:///"))
+        db.parent.mkdir(parents=True, exist_ok=True)
+        lock = db.with_name(db.name + ".lock")
+    with _file_lock(lock) if lock else _null():
+        client = mlflow.MlflowClient()
+        exp = client.get_experiment_by_name(experiment)
+        if exp is None:
+            exp_id = client.create_experiment(experiment, artifact_location=_artifact_location(ctx, experiment))
+        else:
+            exp_id = exp.experiment_id
+    mlflow.set_experiment(experiment_id=exp_id)
+    return exp_id
+
+
+@contextmanager
+def _null() -> Iterator[None]:
+    yield
+
+
+def _artifact_location(ctx: RunContext, experiment: str) -> str | None:
+    if ctx.artifact_root is None:
+        return None
+    return f"{ctx.artifact_root.rstrip('/')}/{experiment}"
+
+
+def client(ctx: RunContext) -> Any:
+    import mlflow
+
+    return mlflow.MlflowClient(tracking_uri=ctx.tracking_uri, registry_uri=ctx.tracking_uri)
+
+
+def alias_version(cl: Any, name: str, alias: str) -> Any | None:
+    """The model version behind an alias, or None if the model or alias does not exist."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return cl.get_model_version_by_alias(name, alias)
+    except MlflowException as e:
+        if e.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE", "NOT_FOUND"):
+            return None
+        raise
+
+
+def versions(cl: Any, name: str, filter_tags: dict[str, str] | None = None) -> list[Any]:
+    """Model versions of `name` (newest first), optionally those with all the given tag values."""
+    from mlflow.exceptions import MlflowException
+
+    parts = [f"name = '{name}'"]
+    for k, v in (filter_tags or {}).items():
+        parts.append(f"tags.`{k}` = '{v}'")
+    try:
+        found = cl.search_model_versions(" and ".join(parts), max_results=10_000)
+    except MlflowException as e:
+        if e.error_code == "RESOURCE_DOES_NOT_EXIST":
+            return []
+        raise
+    return sorted(found, key=lambda mv: int(mv.version), reverse=True)
+
+
+def candidate_for(cl: Any, name: str, day: str, spec_hash: str) -> Any | None:
+    """The newest version trained for `day` under this spec."""
+    found = versions(cl, name, {DATE_TAG: day, SPEC_TAG: spec_hash})
+    return found[0] if found else None
+
+
+def set_tags(cl: Any, name: str, version: str, tags: dict[str, Any]) -> None:
+    for k, v in tags.items():
+        cl.set_model_version_tag(name, version, k, v if isinstance(v, str) else json.dumps(v, default=str))
+
+
+def model_uri(name: str, version: str) -> str:
+    return f"models:/{name}/{version}"
+
+
+def load_model(ctx: RunContext, name: str, version: str) -> Any:
+    import mlflow
+
+    mlflow.set_tracking_uri(ctx.tracking_uri)
+    mlflow.set_registry_uri(ctx.tracking_uri)
+    return mlflow.pyfunc.load_model(model_uri(name, version))
+
+
+def code_version() -> str:
+    """Package version plus the git commit when running from a checkout."""
+    from daybreak import __version__
+
+    sha = os.environ.get("DAYBREAK_CODE_VERSION")
+    if sha:
+        return sha
+    try:
+        import subprocess
+
+        here = Path(__file__).resolve().parent
+        out = subprocess.run(["git", "-C", str(here), "rev-parse", "--short", "HEAD"],
+                             capture_output=True, text=True, timeout=5)
+        if out.returncode == 0 and out.stdout.strip():
+            return f"{__version__}+g{out.stdout.strip()}"
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return __version__
