@@ -56,3 +56,26 @@ def date_range(start: date, end: date) -> list[date]:
     if end < start:
         raise ValueError(f"end {end} is before start {start}")
     return [start + timedelta(days=k) for k in range((end - start).days + 1)]
+
+
+def day_summary(spec: Spec, ctx: RunContext) -> dict[str, Any]:
+    """The per-day line rebuilt from the store and the registry, whichever orchestrator ran the day."""
+    from daybreak import registry
+    from daybreak.gate import recorded_decision
+
+    day = ctx.logical_date.isoformat()
+    part = ctx.store.partition(f"staged/{spec.features.base}", ctx.logical_date)
+    registry.setup_tracking(ctx, spec.name)
+    cl = registry.client(ctx)
+    cand = registry.candidate_for(cl, spec.model.name, day, spec.spec_hash())
+    champ = registry.alias_version(cl, spec.model.name, spec.promotion.alias)
+    rec = recorded_decision(cand.tags) if cand is not None else {}
+    return {
+        "date": day,
+        "rows_staged": part.manifest["rows"] if part else None,
+        "candidate_version": str(cand.version) if cand is not None else None,
+        "candidate_metric": rec.get("candidate_metric"),
+        "champion_metric": rec.get("champion_metric"),
+        "decision": rec.get("decision") or ("SKIPPED" if cand is None else None),
+        "champion_version": str(champ.version) if champ is not None else None,
+    }

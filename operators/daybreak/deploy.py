@@ -25,6 +25,8 @@ log = logging.getLogger(__name__)
 class DeployError(DaybreakError):
     """The endpoint did not pick up the champion in time, or its predictions differ from offline ones."""
 
+    retryable = True
+
 
 def endpoint_url(spec: Spec, url: str | None = None) -> str:
     return (url or os.environ.get("DAYBREAK_SERVE_URL") or f"http://{spec.serving.host}:{spec.serving.port}").rstrip("/")

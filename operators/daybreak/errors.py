@@ -2,7 +2,26 @@
 
 
 class DaybreakError(Exception):
-    """Base class: the CLI prints these without a traceback."""
+    """Base class: the CLI prints these without a traceback.
+
+    Most are about the input or the state of the registry, so retrying cannot help; subclasses
+    for passing conditions set ``retryable``.
+    """
+
+    retryable: bool = False
+
+
+def is_retryable(exc: BaseException) -> bool:
+    """Whether an orchestrator should retry a step that raised `exc`.
+
+    daybreak's own errors say so themselves; anything else (network, a lost Ray worker, a
+    restarting MLflow server) may pass, and steps are idempotent, so a retry is safe.
+    """
+    if isinstance(exc, DaybreakError):
+        return exc.retryable
+    if isinstance(exc, (ValueError, TypeError, KeyError)):  # bad arguments or data: same again next time
+        return False
+    return isinstance(exc, Exception)
 
 
 class SpecError(DaybreakError):

@@ -1,0 +1,48 @@
+# daybreak — every target sets up its own .venv first.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml constraints.txt | cksum | cut -d' ' -f1)
+
+export DAYBREAK_HOME ?= $(CURDIR)/.daybreak
+export AIRFLOW_HOME ?= $(DAYBREAK_HOME)/airflow
+export AIRFLOW__CORE__DAGS_FOLDER ?= $(CURDIR)/dags
+export AIRFLOW__CORE__LOAD_EXAMPLES ?= False
+export PYTHONWARNINGS ?= ignore::DeprecationWarning
+
+.PHONY: install demo test up bench constraints clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml constraints.txt
+	@echo ">> setting up $(VENV) (first run downloads the dependencies)"
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --disable-pip-version-check uv
+	$(BIN)/uv pip install -q --python $(BIN)/python -c constraints.txt -e ".[all]" \
+	  || $(BIN)/python -m pip install -q -c constraints.txt -e ".[all]"
+	rm -f $(VENV)/.installed-*
+	touch $@
+
+demo: $(STAMP)
+	@mkdir -p $(AIRFLOW_HOME)
+	@$(BIN)/airflow db migrate > $(AIRFLOW_HOME)/db-migrate.log 2>&1 || (cat $(AIRFLOW_HOME)/db-migrate.log; exit 1)
+	$(BIN)/python scripts/demo.py
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+bench: $(STAMP)
+	$(BIN)/python -m pytest -q benchmarks
+
+up: $(STAMP)
+	@echo "MLflow UI on http://127.0.0.1:5000, serving on http://127.0.0.1:5055 (Ctrl-C stops both)"
+	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(DAYBREAK_HOME)/mlflow.db --host 127.0.0.1 --port 5000 & \
+	  $(BIN)/daybreak serve --spec specs/flights.yaml; kill %1
+
+constraints: $(STAMP)
+	$(BIN)/uv pip freeze --python $(BIN)/python --exclude-editable | grep -vi '^daybreak' > constraints.txt.new
+	(echo '# Versions that reproduce a working install (Python 3.11, Linux x86_64). Regenerate with `make constraints`.'; \
+	  cat constraints.txt.new) > constraints.txt && rm constraints.txt.new
+
+clean:
+	rm -rf $(VENV) .daybreak .pytest_cache

@@ -1,0 +1,25 @@
+"""Airflow operators for the daybreak steps (``airflow.sdk``; Airflow 3).
+
+Each operator maps its (templated) arguments and the task context onto one step call and returns
+the step's small JSON result as its XCom. Nothing heavy is imported until ``execute``.
+"""
+
+from daybreak.airflow.operators import (
+    BuildFeaturesOperator,
+    DaybreakStepOperator,
+    DeployModelOperator,
+    EvaluateGateOperator,
+    PromoteModelOperator,
+    StageDataOperator,
+    TrainModelOperator,
+)
+
+__all__ = [
+    "BuildFeaturesOperator",
+    "DaybreakStepOperator",
+    "DeployModelOperator",
+    "EvaluateGateOperator",
+    "PromoteModelOperator",
+    "StageDataOperator",
+    "TrainModelOperator",
+]

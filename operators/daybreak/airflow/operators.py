@@ -1,0 +1,101 @@
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, ClassVar
+
+from airflow.sdk import BaseOperator
+
+
+class DaybreakStepOperator(BaseOperator):
+    """Run one daybreak step for a logical date.
+
+    :param spec: path to the pipeline spec (templated).
+    :param logical_date: date to process, YYYY-MM-DD (templated). Empty: the run's logical date,
+        or its run-after date for runs without one (asset-triggered).
+    :param store: store root; default ``$DAYBREAK_STORE`` / ``$DAYBREAK_HOME/store``.
+    :param tracking_uri: MLflow tracking URI; default ``$MLFLOW_TRACKING_URI``.
+    :param ray_address: Ray cluster address; default ``$RAY_ADDRESS`` or a local Ray.
+    """
+
+    step: ClassVar[str] = ""
+    template_fields: Sequence[str] = ("spec", "logical_date", "store", "tracking_uri", "ray_address")
+    ui_color = "#fde9c4"
+
+    def __init__(self, *, spec: str, logical_date: str | None = None, store: str | None = None,
+                 tracking_uri: str | None = None, ray_address: str | None = None, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.spec = spec
+        self.logical_date = logical_date
+        self.store = store
+        self.tracking_uri = tracking_uri
+        self.ray_address = ray_address
+
+    def step_options(self, context: Any) -> dict[str, Any]:
+        return {}
+
+    def execute(self, context: Any) -> dict[str, Any]:
+        from airflow.sdk.exceptions import AirflowFailException
+
+        from daybreak.errors import is_retryable
+        from daybreak.steps import resolve_date, run_step
+
+        dag_run = context.get("dag_run")
+        try:
+            day = resolve_date(self.logical_date, context.get("logical_date"), getattr(dag_run, "run_after", None))
+            return run_step(self.step, self.spec, day, run_id=context.get("run_id"), store=self.store,
+                            tracking_uri=self.tracking_uri, ray_address=self.ray_address,
+                            **self.step_options(context))
+        except Exception as e:
+            if is_retryable(e):
+                raise
+            # A bad spec or bad data will not get better on retry: fail the task now.
+            raise AirflowFailException(f"{type(e).__name__}: {e}") from e
+
+
+class StageDataOperator(DaybreakStepOperator):
+    """Stage the day's landing files into validated Parquet partitions."""
+
+    step = "stage"
+
+
+class BuildFeaturesOperator(DaybreakStepOperator):
+    """Build the day's point-in-time feature partition on Ray."""
+
+    step = "features"
+
+
+class TrainModelOperator(DaybreakStepOperator):
+    """Train on the look-back window and register a model version with lineage."""
+
+    step = "train"
+
+
+class EvaluateGateOperator(DaybreakStepOperator):
+    """Score candidate and champion on the same holdout and record the decision."""
+
+    step = "gate"
+
+
+class PromoteModelOperator(DaybreakStepOperator):
+    """Move the champion alias to the gated version (compare-and-set)."""
+
+    step = "promote"
+
+
+class DeployModelOperator(DaybreakStepOperator):
+    """Wait for the serving endpoint to serve the champion and check parity.
+
+    :param serve_url: endpoint; default ``$DAYBREAK_SERVE_URL`` or the spec's serving host/port.
+    :param require_endpoint: fail when no endpoint answers (default: report and succeed).
+    """
+
+    step = "deploy"
+    template_fields: Sequence[str] = (*DaybreakStepOperator.template_fields, "serve_url")
+
+    def __init__(self, *, serve_url: str | None = None, require_endpoint: bool = False, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.serve_url = serve_url
+        self.require_endpoint = require_endpoint
+
+    def step_options(self, context: Any) -> dict[str, Any]:
+        return {"url": self.serve_url or None, "require_endpoint": self.require_endpoint}

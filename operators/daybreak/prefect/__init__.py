@@ -1,0 +1,15 @@
+"""Prefect tasks for the daybreak steps.
+
+Each task maps its arguments onto one step call and returns the step's small JSON result.
+"""
+
+from daybreak.prefect.tasks import (
+    build_features,
+    deploy_model,
+    evaluate_gate,
+    promote_model,
+    stage_data,
+    train_model,
+)
+
+__all__ = ["build_features", "deploy_model", "evaluate_gate", "promote_model", "stage_data", "train_model"]

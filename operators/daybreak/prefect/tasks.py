@@ -1,0 +1,56 @@
+from __future__ import annotations
+
+from typing import Any
+
+from prefect import task
+
+from daybreak.errors import is_retryable
+from daybreak.steps import run_step
+
+
+def _retry_if_transient(task: Any, task_run: Any, state: Any) -> bool:
+    return is_retryable(state.data) if isinstance(state.data, BaseException) else True
+
+
+# Steps are idempotent per logical date, so a retry after a crash is always safe; a bad spec or
+# bad data fails at once instead.
+_OPTS: dict[str, Any] = {"retries": 2, "retry_delay_seconds": [10, 60], "retry_condition_fn": _retry_if_transient,
+                         "log_prints": True}
+
+
+@task(name="stage_data", task_run_name="stage {date}", **_OPTS)
+def stage_data(spec: str, date: str, store: str | None = None) -> dict[str, Any]:
+    """Stage the day's landing files into validated Parquet partitions."""
+    return run_step("stage", spec, date, store=store)
+
+
+@task(name="build_features", task_run_name="features {date}", **_OPTS)
+def build_features(spec: str, date: str, store: str | None = None, ray_address: str | None = None) -> dict[str, Any]:
+    """Build the day's point-in-time feature partition on Ray."""
+    return run_step("features", spec, date, store=store, ray_address=ray_address)
+
+
+@task(name="train_model", task_run_name="train {date}", **_OPTS)
+def train_model(spec: str, date: str, store: str | None = None, tracking_uri: str | None = None) -> dict[str, Any]:
+    """Train on the look-back window and register a model version with lineage."""
+    return run_step("train", spec, date, store=store, tracking_uri=tracking_uri)
+
+
+@task(name="evaluate_gate", task_run_name="gate {date}", **_OPTS)
+def evaluate_gate(spec: str, date: str, store: str | None = None, tracking_uri: str | None = None) -> dict[str, Any]:
+    """Score candidate and champion on the same holdout and record the decision."""
+    return run_step("gate", spec, date, store=store, tracking_uri=tracking_uri)
+
+
+@task(name="promote_model", task_run_name="promote {date}", **_OPTS)
+def promote_model(spec: str, date: str, tracking_uri: str | None = None) -> dict[str, Any]:
+    """Move the champion alias to the gated version (compare-and-set)."""
+    return run_step("promote", spec, date, tracking_uri=tracking_uri)
+
+
+@task(name="deploy_model", task_run_name="deploy {date}", **_OPTS)
+def deploy_model(spec: str, date: str, store: str | None = None, tracking_uri: str | None = None,
+                 url: str | None = None, require_endpoint: bool = False) -> dict[str, Any]:
+    """Wait for the serving endpoint to serve the champion and check parity."""
+    return run_step("deploy", spec, date, store=store, tracking_uri=tracking_uri, url=url,
+                    require_endpoint=require_endpoint)
