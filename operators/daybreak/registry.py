@@ -27,6 +27,25 @@ DECISION_TAG = "daybreak.gate.decision"
 AGAINST_TAG = "daybreak.gate.champion_version"
 
 
+def use_uri(uri: str) -> None:
+    """Point MLflow's fluent API at `uri` for this process.
+
+    ``mlflow.set_tracking_uri`` also exports MLFLOW_TRACKING_URI (and the registry one) to the
+    environment, which would make every later RunContext in this process inherit the first
+    run's registry. The user's environment is restored right away.
+    """
+    import mlflow
+
+    saved = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
 @contextmanager
 def _file_lock(path: Path) -> Iterator[None]:
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -46,8 +65,7 @@ def setup_tracking(ctx: RunContext, experiment: str) -> str:
     """
     import mlflow
 
-    mlflow.set_tracking_uri(ctx.tracking_uri)
-    mlflow.set_registry_uri(ctx.tracking_uri)
+    use_uri(ctx.tracking_uri)
     lock = None
     if ctx.tracking_uri.startswith("sqlite:///"):
         db = Path(ctx.tracking_uri.removeprefix("sqlite:///"))
@@ -127,8 +145,7 @@ def model_uri(name: str, version: str) -> str:
 def load_model(ctx: RunContext, name: str, version: str) -> Any:
     import mlflow
 
-    mlflow.set_tracking_uri(ctx.tracking_uri)
-    mlflow.set_registry_uri(ctx.tracking_uri)
+    use_uri(ctx.tracking_uri)
     return mlflow.pyfunc.load_model(model_uri(name, version))
 
 

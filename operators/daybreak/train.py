@@ -131,7 +131,7 @@ def train_model(spec: Spec, ctx: RunContext) -> dict[str, Any]:
                                                                          feature_names=features, missing=np.nan)))
         info = mlflow.pyfunc.log_model(
             name="model", python_model=MODEL_CODE, artifacts={"model": str(model_path), "meta": str(meta_path)},
-            signature=signature, registered_model_name=spec.model.name,
+            signature=signature, input_example=example, registered_model_name=spec.model.name,
             pip_requirements=[f"xgboost=={xgb.__version__}", f"mlflow=={mlflow.__version__}",
                               f"pandas=={pd.__version__}", f"numpy=={np.__version__}"],
         )

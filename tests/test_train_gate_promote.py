@@ -1,0 +1,148 @@
+"""Train, gate and promote against a real (sqlite) MLflow registry."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import mlflow
+import pytest
+
+from conftest import make_home
+from daybreak import registry
+from daybreak.context import RunContext
+from daybreak.cycle import run_cycle
+from daybreak.errors import PromotionConflict
+from daybreak.features import build_features
+from daybreak.gate import PROMOTE, REJECT, SKIPPED, decide, evaluate_gate
+from daybreak.promote import promote_model
+from daybreak.stage import stage
+from daybreak.train import train_model
+
+
+def test_three_day_run_ends_with_a_gated_champion(use_cycled: dict, spec) -> None:
+    results = use_cycled["results"]
+    assert results[0]["gate"]["decision"] == SKIPPED  # 2013-01-01: nothing before it to train on
+    assert results[0]["train"]["status"] == "skipped"
+    ctx = RunContext.create("2013-01-04")
+    cl = registry.client(ctx)
+    versions = registry.versions(cl, spec.model.name)
+    assert len(versions) == 3
+    for mv in versions:
+        t = mv.tags
+        assert t[registry.DECISION_TAG] in (PROMOTE, REJECT)
+        for tag in ("daybreak.window_start", "daybreak.window_end", "daybreak.input_hashes", registry.SPEC_TAG,
+                    "daybreak.code_version", "daybreak.feature_version", registry.LINEAGE_TAG):
+            assert t.get(tag), f"v{mv.version} lacks lineage tag {tag}"
+    champ = registry.alias_version(cl, spec.model.name, "champion")
+    assert champ is not None and champ.tags[registry.DECISION_TAG] == PROMOTE
+    # the gate scored both models on the same day and recorded what it compared against
+    day4 = results[3]["gate"]
+    if day4["champion_version"] is not None:
+        assert day4["champion_metric"] is not None and day4["holdout_rows"] > 500
+    assert (day4["decision"] == PROMOTE) == (results[3]["promote"]["champion_version"] == day4["candidate_version"])
+
+
+def test_rerun_of_a_day_registers_and_promotes_nothing_new(use_cycled: dict, spec) -> None:
+    ctx = RunContext.create("2013-01-04")
+    cl = registry.client(ctx)
+    before = [(mv.version, dict(mv.tags)) for mv in registry.versions(cl, spec.model.name)]
+    champ_before = registry.alias_version(cl, spec.model.name, "champion").version
+    again = run_cycle(spec, ctx, deploy=False)
+    assert again["train"]["status"] == "exists"
+    assert again["promote"]["promoted"] is False
+    after = [(mv.version, dict(mv.tags)) for mv in registry.versions(cl, spec.model.name)]
+    assert after == before
+    assert registry.alias_version(cl, spec.model.name, "champion").version == champ_before
+
+
+@pytest.fixture(scope="module")
+def featured(tmp_path_factory, landing: Path, ray_local, spec) -> Path:
+    """A store with staged data and features for 2013-01-01 .. 2013-01-03 (no registry)."""
+    import os
+
+    h = make_home(tmp_path_factory.mktemp("featured"), landing)
+    old = os.environ.get("DAYBREAK_HOME")
+    os.environ["DAYBREAK_HOME"] = str(h)
+    try:
+        for d in ("2013-01-01", "2013-01-02", "2013-01-03"):
+            stage(spec, RunContext.create(d))
+            build_features(spec, RunContext.create(d))
+    finally:
+        os.environ["DAYBREAK_HOME"] = old or ""
+    return h
+
+
+@pytest.fixture
+def fresh(featured: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A private home: a copy of the featured store and an empty registry."""
+    h = tmp_path / "home"
+    shutil.copytree(featured / "store", h / "store", symlinks=True)
+    monkeypatch.setenv("DAYBREAK_HOME", str(h))
+    return h
+
+
+def _train_gate_promote(spec, day: str) -> dict:
+    ctx = RunContext.create(day)
+    return {"train": train_model(spec, ctx), "gate": evaluate_gate(spec, ctx), "promote": promote_model(spec, ctx)}
+
+
+def test_first_model_is_decided_by_the_floor_alone(fresh: Path, spec) -> None:
+    out = _train_gate_promote(spec, "2013-01-02")
+    assert out["gate"]["champion_version"] is None
+    assert [r["rule"] for r in out["gate"]["rules"]] == ["floor"]
+    assert out["gate"]["decision"] == PROMOTE and out["promote"]["promoted"] is True
+
+    strict = spec.model_copy(update={"gate": spec.gate.model_copy(update={"floor": 0.99})})
+    out = _train_gate_promote(strict, "2013-01-03")
+    assert out["gate"]["decision"] == REJECT
+    assert out["gate"]["rules"][0] == {"rule": "floor", "metric": "roc_auc", "value": out["gate"]["candidate_metric"],
+                                       "threshold": 0.99, "passed": False}
+    assert out["promote"]["promoted"] is False
+    cl = registry.client(RunContext.create("2013-01-03"))
+    assert str(registry.alias_version(cl, spec.model.name, "champion").version) == out["gate"]["champion_version"]
+    rejected = cl.get_model_version(spec.model.name, out["gate"]["candidate_version"])
+    assert rejected.tags[registry.DECISION_TAG] == REJECT
+    assert "champion" not in rejected.aliases
+
+
+def test_candidate_must_beat_the_champion_by_the_margin(fresh: Path, spec) -> None:
+    _train_gate_promote(spec, "2013-01-02")
+    picky = spec.model_copy(update={"gate": spec.gate.model_copy(update={"min_improvement": 0.5})})
+    out = _train_gate_promote(picky, "2013-01-03")
+    assert out["gate"]["decision"] == REJECT
+    rule = next(r for r in out["gate"]["rules"] if r["rule"] == "min_improvement")
+    assert rule["value"] == pytest.approx(out["gate"]["candidate_metric"] - out["gate"]["champion_metric"])
+    assert not rule["passed"]
+
+
+def test_promotion_is_compare_and_set(fresh: Path, spec) -> None:
+    _train_gate_promote(spec, "2013-01-02")
+    ctx = RunContext.create("2013-01-03")
+    lenient = spec.model_copy(update={"gate": spec.gate.model_copy(update={"min_improvement": -1.0, "floor": 0.0})})
+    train_model(lenient, ctx)
+    gate = evaluate_gate(lenient, ctx)
+    assert gate["decision"] == PROMOTE and gate["champion_version"] == "1"
+    # another run moves the champion after the gate looked at it
+    cl = registry.client(ctx)
+    cl.set_registered_model_alias(spec.model.name, "champion", gate["candidate_version"])
+    cl.set_registered_model_alias(spec.model.name, "champion", "1")
+    mlflow.set_tracking_uri(ctx.tracking_uri)
+    cl.delete_registered_model_alias(spec.model.name, "champion")
+    with pytest.raises(PromotionConflict, match="champion is now vNone but the gate evaluated v2 against v1"):
+        promote_model(lenient, ctx)
+    assert registry.alias_version(cl, spec.model.name, "champion") is None
+
+
+@pytest.mark.parametrize("metric, cand, champ, expected", [
+    ("roc_auc", 0.70, None, PROMOTE),
+    ("roc_auc", 0.55, None, REJECT),      # below the 0.60 floor
+    ("roc_auc", 0.70, 0.69, PROMOTE),
+    ("roc_auc", 0.70, 0.71, REJECT),
+    ("rmse", 0.70, 0.71, PROMOTE),        # lower is better
+    ("rmse", 0.72, 0.71, REJECT),
+])
+def test_decide(spec, metric: str, cand: float, champ: float | None, expected: str) -> None:
+    g = spec.gate.model_copy(update={"metric": metric, "floor": 0.60 if metric == "roc_auc" else None})
+    s = spec.model_copy(update={"gate": g})
+    assert decide(s, cand, champ)[0] == expected
