@@ -9,9 +9,14 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 import time
 from dataclasses import dataclass
 from typing import Any
+
+from fastapi import FastAPI, HTTPException, Request
+from fastapi.responses import JSONResponse
 
 from daybreak import registry
 from daybreak.context import RunContext
@@ -50,13 +55,10 @@ class ModelHolder:
             return True
 
     def _warm_up(self, model: Any) -> None:
-        import pandas as pd
-
-        schema = model.metadata.get_input_schema()
-        if schema is None:
-            return
-        row = {c.name: (None if str(c.type) == "string" else 0.0) for c in schema.inputs}
-        model.predict(pd.DataFrame([row]))
+        """One prediction on the logged input example before the model takes traffic."""
+        example = getattr(model, "input_example", None)
+        if example is not None:
+            model.predict(example)
 
     def watch(self) -> None:
         while not self._stop.wait(self.spec.serving.poll_seconds):
@@ -73,9 +75,6 @@ class ModelHolder:
 
 
 def create_app(spec: Spec, ctx: RunContext, token: str | None = None) -> Any:
-    from fastapi import FastAPI, HTTPException, Request
-    from fastapi.responses import JSONResponse
-
     holder = ModelHolder(spec, ctx)
     registry.setup_tracking(ctx, spec.name)
     try:
@@ -83,18 +82,15 @@ def create_app(spec: Spec, ctx: RunContext, token: str | None = None) -> Any:
     except Exception as e:
         holder.last_error = f"{type(e).__name__}: {e}"
         log.warning("no champion loaded yet: %s", holder.last_error)
-    thread = threading.Thread(target=holder.watch, name="champion-watch", daemon=True)
-
-    app = FastAPI(title="daybreak", version="1")
-    app.state.holder = holder
-
-    @app.on_event("startup")
-    def _start() -> None:
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        thread = threading.Thread(target=holder.watch, name="champion-watch", daemon=True)
         thread.start()
-
-    @app.on_event("shutdown")
-    def _stop() -> None:
+        yield
         holder.stop()
+
+    app = FastAPI(title="daybreak", version="1", lifespan=lifespan)
+    app.state.holder = holder
 
     def _auth(request: Request) -> None:
         if token and request.headers.get("authorization") != f"Bearer {token}":

@@ -124,11 +124,8 @@ def train_model(spec: Spec, ctx: RunContext) -> dict[str, Any]:
         mlflow.set_tags(tags)
         importance = booster.get_score(importance_type="gain")
         mlflow.log_dict({k: importance.get(k, 0.0) for k in features}, "feature_importance.json")
-        from mlflow.models import infer_signature
-
         example = fit[features].head(5)
-        signature = infer_signature(example, booster.predict(xgb.DMatrix(encode(example, features, categories),
-                                                                         feature_names=features, missing=np.nan)))
+        signature = _signature(features, set(f.categorical_names()))
         info = mlflow.pyfunc.log_model(
             name="model", python_model=MODEL_CODE, artifacts={"model": str(model_path), "meta": str(meta_path)},
             signature=signature, input_example=example, registered_model_name=spec.model.name,
@@ -141,6 +138,16 @@ def train_model(spec: Spec, ctx: RunContext) -> dict[str, Any]:
              version, metric_name, val_metric, len(fit))
     return base | {"status": "trained", "rows": rows, "model_version": version, "run_id": run.info.run_id,
                    "lineage_key": lineage_key, "val_metric": val_metric}
+
+
+def _signature(features: list[str], categorical: set[str]) -> Any:
+    """Every input optional: any feature may be missing for a row (no plane record, no recent
+    flights), and the model handles missing values itself."""
+    from mlflow.models import ModelSignature
+    from mlflow.types import ColSpec, Schema
+
+    inputs = Schema([ColSpec("string" if n in categorical else "double", n, required=False) for n in features])
+    return ModelSignature(inputs=inputs, outputs=Schema([ColSpec("double")]))
 
 
 def _float(v: str | None) -> float | None:

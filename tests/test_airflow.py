@@ -1,0 +1,70 @@
+"""The Airflow DAG and an embedded operator, run for real with dag.test() in a fresh AIRFLOW_HOME."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from conftest import BIN, ROOT, SPEC, make_home
+from daybreak import registry
+from daybreak.context import RunContext
+from daybreak.gate import PROMOTE
+
+
+@pytest.fixture(scope="module")
+def airflow_env(tmp_path_factory, landing: Path) -> dict:
+    base = tmp_path_factory.mktemp("airflow")
+    home = make_home(base, landing)
+    env = {**os.environ, "AIRFLOW_HOME": str(base / "airflow"), "AIRFLOW__CORE__DAGS_FOLDER": str(ROOT / "dags"),
+           "AIRFLOW__CORE__LOAD_EXAMPLES": "False", "DAYBREAK_HOME": str(home), "DAYBREAK_SPEC": str(SPEC),
+           "PYTHONWARNINGS": "ignore"}
+    subprocess.run([str(BIN / "airflow"), "db", "migrate"], env=env, check=True, capture_output=True, timeout=300)
+    return {"env": env, "home": home}
+
+
+def _check(env: dict, *args: str) -> dict:
+    proc = subprocess.run([str(BIN / "python"), str(ROOT / "tests" / "airflow_check.py"), *args], env=env,
+                          capture_output=True, text=True, timeout=600)
+    line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
+    assert line, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return json.loads(line[len("RESULT "):])
+
+
+def test_dagbag_parses_light(airflow_env: dict) -> None:
+    out = _check(airflow_env["env"])
+    assert out["import_errors"] == {}
+    assert out["dag_ids"] == ["daybreak_daily_retrain"]
+    assert out["heavy_modules_after_parse"] == []
+    assert out["tasks"] == ["stage", "features", "train", "gate", "promote", "deploy"]
+    assert out["params"] == ["date", "spec"]
+    assert out["schedule"] == "@daily"
+
+
+def test_operator_embedded_in_a_user_dag(airflow_env: dict) -> None:
+    env = {**airflow_env["env"], "AIRFLOW__CORE__DAGS_FOLDER": str(ROOT / "tests" / "airflow_user_dags")}
+    out = _check(env, "user")
+    assert out["user_dag_state"] == "success"
+    staged = out["user_xcom"]["stage_flights"]
+    staged = json.loads(staged) if isinstance(staged, str) else staged
+    assert staged["date"] == "2013-01-03" and staged["rows"] == 914
+    assert int(out["user_xcom"]["report"]) == 914
+
+
+def test_daily_dag_three_days_with_dag_test(airflow_env: dict, monkeypatch: pytest.MonkeyPatch, spec) -> None:
+    proc = subprocess.run([str(BIN / "python"), str(ROOT / "scripts" / "demo.py"), "--days", "3"],
+                          env=airflow_env["env"], capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("2013-")]
+    assert len(lines) == 3, proc.stdout
+    assert "decision=SKIPPED" in lines[0] and "decision=PROMOTE" in lines[1]
+    assert "mlflow ui" in proc.stdout and "daybreak serve" in proc.stdout
+    monkeypatch.setenv("DAYBREAK_HOME", str(airflow_env["home"]))
+    cl = registry.client(RunContext.create("2013-01-03"))
+    champ = registry.alias_version(cl, spec.model.name, "champion")
+    assert champ is not None and champ.tags[registry.DECISION_TAG] == PROMOTE
+    assert len(registry.versions(cl, spec.model.name)) == 2
+    assert (airflow_env["home"] / "demo.log").is_file()
