@@ -1,0 +1,60 @@
+"""The Prefect flow (ephemeral API, as a user runs it with no server) and its tasks."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from conftest import BIN, ROOT, SPEC
+from daybreak import registry
+from daybreak.context import RunContext
+from daybreak.gate import PROMOTE, SKIPPED
+
+SCRIPT = """
+import json, sys
+sys.path.insert(0, {flows!r})
+from daily_retrain import daily_retrain
+out = [daily_retrain(date=d, spec={spec!r}) for d in ("2013-01-01", "2013-01-02")]
+print("RESULT " + json.dumps([{{k: r[k] for k in ("date", "gate", "promote")}} for r in out], default=str))
+"""
+
+
+def test_daily_retrain_flow_two_days(home: Path, tmp_path: Path, spec) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    env.update(PREFECT_HOME=str(tmp_path / "prefect"), PREFECT_LOGGING_LEVEL="WARNING", PYTHONWARNINGS="ignore")
+    code = SCRIPT.format(flows=str(ROOT / "flows"), spec=str(SPEC))
+    proc = subprocess.run([str(BIN / "python"), "-c", code], env=env, capture_output=True, text=True, timeout=600)
+    line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
+    assert line, proc.stdout[-3000:] + proc.stderr[-3000:]
+    day1, day2 = json.loads(line[len("RESULT "):])
+    assert day1["gate"]["decision"] == SKIPPED
+    assert day2["gate"]["decision"] == PROMOTE and day2["promote"]["promoted"] is True
+    cl = registry.client(RunContext.create("2013-01-02"))
+    champ = registry.alias_version(cl, spec.model.name, "champion")
+    assert str(champ.version) == day2["gate"]["candidate_version"]
+
+
+def test_tasks_are_plain_step_calls(home: Path) -> None:
+    from daybreak.prefect import stage_data
+
+    out = stage_data.fn(str(SPEC), "2013-01-05")
+    assert out["step"] == "stage" and out["rows"] == 720
+    again = stage_data.fn(str(SPEC), "2013-01-05")
+    assert again["sources"]["flights"]["skipped"] is True
+
+
+def test_permanent_errors_are_not_retried() -> None:
+    from daybreak.errors import ContractError, is_retryable
+    from daybreak.prefect.tasks import _retry_if_transient
+
+    class State:
+        def __init__(self, data):
+            self.data = data
+
+    assert _retry_if_transient(None, None, State(ContractError("bad file"))) is False
+    assert _retry_if_transient(None, None, State(ConnectionError("mlflow restarting"))) is True
+    assert is_retryable(ValueError("bad date")) is False
