@@ -32,7 +32,7 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
 bench: $(STAMP)
-	$(BIN)/python -m pytest -q benchmarks
+	$(BIN)/python benchmarks/run.py
 
 up: $(STAMP)
 	@echo "MLflow UI on http://127.0.0.1:5000, serving on http://127.0.0.1:5055 (Ctrl-C stops both)"

@@ -1,0 +1,131 @@
+"""`make bench`: each daybreak stage against a plain baseline, in the same run, as ratios.
+
+Writes benchmarks/RESULTS.md and benchmarks/results.json. Figures are medians of --repeats runs;
+the machine (cores, memory) and versions are printed with them. Absolute seconds are noise on a
+shared machine; the ratio to the baseline measured alongside is the figure that matters.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import date, timedelta
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+
+
+def median_time(fn, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def bench_stage(repeats: int) -> dict:
+    """Staging a day (read CSV under the contract, validate, write Parquet, publish) vs
+    plain pyarrow read_csv + write_table of the same file."""
+    import pyarrow.csv as pacsv
+    import pyarrow.parquet as pq
+
+    from daybreak.context import RunContext
+    from daybreak.datasets import build_flights_landing
+    from daybreak.spec import load_spec
+    from daybreak.stage import stage
+
+    spec = load_spec(ROOT / "specs" / "flights.yaml")
+    days = [date(2013, 1, 1) + timedelta(days=k) for k in range(31)]
+    with tempfile.TemporaryDirectory() as tmp:
+        store = Path(tmp) / "store"
+        build_flights_landing(store / "landing", start=days[0], end=days[-1])
+        files = [store / "landing" / "flights" / f"{d}.csv" for d in days]
+
+        def baseline() -> None:
+            out = Path(tmp) / "plain"
+            out.mkdir(exist_ok=True)
+            for f in files:
+                pq.write_table(pacsv.read_csv(f), out / f"{f.stem}.parquet", compression="zstd")
+
+        def daybreak_stage() -> None:
+            import shutil
+
+            shutil.rmtree(store / "staged", ignore_errors=True)  # force real work, no idempotent skip
+            only_flights = spec.model_copy(update={"sources": {"flights": spec.sources["flights"]}})
+            for d in days:
+                stage(only_flights, RunContext.create(d, store=str(store), tracking_uri="sqlite:///unused.db"))
+
+        base = median_time(baseline, repeats)
+        ours = median_time(daybreak_stage, repeats)
+    rows = 27004  # flights in January 2013
+    return {"name": "stage 31 days of flights vs pyarrow read+write", "rows": rows, "baseline_s": base,
+            "daybreak_s": ours, "ratio": ours / base}
+
+
+def bench_dag_parse(repeats: int) -> dict:
+    """Parsing dags/daybreak_daily_retrain.py vs an empty DAG file, each in a fresh interpreter."""
+    empty = (
+        "from datetime import datetime\nfrom airflow.sdk import dag\n"
+        "@dag(dag_id='empty', schedule='@daily', start_date=datetime(2024, 1, 1))\ndef empty():\n    pass\nempty()\n"
+    )
+    with tempfile.TemporaryDirectory() as tmp:
+        empty_file = Path(tmp) / "empty_dag.py"
+        empty_file.write_text(empty)
+        env = {**os.environ, "AIRFLOW_HOME": tmp, "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
+               "PYTHONWARNINGS": "ignore"}
+
+        def parse(path: Path) -> float:
+            code = ("import time, runpy; import airflow.sdk; t=time.perf_counter(); "
+                    f"runpy.run_path({str(path)!r}); print(time.perf_counter()-t)")
+            out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+            return float(out.stdout.strip().splitlines()[-1])
+
+        base = statistics.median(parse(empty_file) for _ in range(repeats))
+        ours = statistics.median(parse(ROOT / "dags" / "daybreak_daily_retrain.py") for _ in range(repeats))
+    return {"name": "DAG file parse vs empty DAG (airflow.sdk already imported)", "baseline_s": base,
+            "daybreak_s": ours, "ratio": ours / base}
+
+
+def machine() -> dict:
+    import pyarrow
+
+    import daybreak
+
+    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    return {"cores": os.cpu_count(), "memory_gib": round(mem, 1), "python": platform.python_version(),
+            "pyarrow": pyarrow.__version__, "daybreak": daybreak.__version__}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--repeats", type=int, default=5)
+    args = ap.parse_args()
+    info = machine()
+    print(f"machine: {info}; median of {args.repeats} runs", flush=True)
+    results = []
+    for bench in (bench_stage, bench_dag_parse):
+        r = bench(args.repeats)
+        results.append(r)
+        print(f"{r['name']}: daybreak {r['daybreak_s']:.3f}s vs baseline {r['baseline_s']:.3f}s "
+              f"= {r['ratio']:.2f}x", flush=True)
+    (HERE / "results.json").write_text(json.dumps({"machine": info, "repeats": args.repeats, "results": results},
+                                                  indent=2))
+    lines = ["# Benchmark results", "", f"Machine: {info}. Median of {args.repeats} runs.", "",
+             "| benchmark | daybreak (s) | baseline (s) | ratio |", "| --- | --- | --- | --- |"]
+    lines += [f"| {r['name']} | {r['daybreak_s']:.3f} | {r['baseline_s']:.3f} | {r['ratio']:.2f}x |" for r in results]
+    (HERE / "RESULTS.md").write_text("\n".join(lines) + "\n")
+    print(f"wrote {HERE / 'RESULTS.md'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
