@@ -55,7 +55,8 @@ def main() -> int:
         os.dup2(log_file.fileno(), 2)
     print(f"running the Airflow DAG daybreak_daily_retrain in process (dag.test) for {args.days} days; "
           f"task logs: {log_path}", file=out)
-    print(f"{'date':<10}  {'rows':>5}  candidate (roc_auc)  champion_metric  decision  champion", file=out)
+    print(f"metric: {spec.gate.metric} on each day's flights (the holdout); gate: floor {spec.gate.floor}, "
+          f"candidate must beat the champion by {spec.gate.min_improvement}", file=out)
 
     dag = load_dag()
     from airflow.utils.state import DagRunState
