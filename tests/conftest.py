@@ -111,3 +111,11 @@ def use_cycled(cycled: dict, monkeypatch: pytest.MonkeyPatch) -> dict:
     monkeypatch.setenv("DAYBREAK_HOME", str(cycled["home"]))
     return cycled
 
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    from s3 import S3Server
+
+    with S3Server() as server:
+        yield server

@@ -15,7 +15,6 @@ import json
 import logging
 import math
 from datetime import date, timedelta
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -159,10 +158,10 @@ def _staged_files(ctx: RunContext, source: str, days: list[date]) -> tuple[list[
     return files, hashes, missing
 
 
-def _read_table(files: list[str]) -> pa.Table:
+def _read_table(files: list[str], fs: Any) -> pa.Table:
     import pyarrow.parquet as pq
 
-    return pa.concat_tables([pq.read_table(p) for p in files])
+    return pa.concat_tables([pq.read_table(p, filesystem=fs) for p in files])
 
 
 def build_features(spec: Spec, ctx: RunContext) -> dict[str, Any]:
@@ -199,7 +198,7 @@ def build_features(spec: Spec, ctx: RunContext) -> dict[str, Any]:
     current = ctx.store.partition(zone, day)
     if current is not None and current.manifest.get("lineage_key") == lineage_key:
         log.info("features %s: inputs unchanged, keeping %s", day, current.path)
-        return _result(spec, current.path, current.manifest, skipped=True)
+        return _result(spec, current.uri, current.manifest, skipped=True)
 
     import ray
 
@@ -207,7 +206,7 @@ def build_features(spec: Spec, ctx: RunContext) -> dict[str, Any]:
     rows_in = sum(ctx.store.partition(f"staged/{f.base}", date.fromisoformat(d)).manifest["rows"] for d in base_hashes)
     # Shuffle partitions sized to the input (~250k rows each): Ray's default of 200 is for big data.
     partitions = max(2, min(256, rows_in // 250_000 + 1))
-    ds = ray.data.read_parquet(base_files, include_paths=True)
+    ds = ray.data.read_parquet(base_files, include_paths=True, filesystem=ctx.store.fs)
     ds = ds.map_batches(prepare_events, fn_kwargs={"f": f, "day": day.isoformat()}, batch_format="pyarrow",
                         batch_size=None)
     for i, w in enumerate(f.windows):
@@ -219,7 +218,7 @@ def build_features(spec: Spec, ctx: RunContext) -> dict[str, Any]:
         )
     ds = ds.map_batches(keep_targets, batch_format="pyarrow", batch_size=None)
     for j in f.asof:
-        right = _read_table(dims[j.source][0]).select([*j.by, j.time, *sorted(set(j.columns.values()))])
+        right = _read_table(dims[j.source][0], ctx.store.fs).select([*j.by, j.time, *sorted(set(j.columns.values()))])
         ds = ds.map_batches(
             asof_join, fn_args=(right,),
             fn_kwargs={"by": j.by, "time": j.time, "tolerance_us": int(parse_duration(j.tolerance).total_seconds() * _US),
@@ -227,7 +226,7 @@ def build_features(spec: Spec, ctx: RunContext) -> dict[str, Any]:
             batch_format="pyarrow", batch_size=None,
         )
     for lk in f.lookups:
-        right = _read_table(dims[lk.source][0]).select([*lk.by, *sorted(set(lk.columns.values()))])
+        right = _read_table(dims[lk.source][0], ctx.store.fs).select([*lk.by, *sorted(set(lk.columns.values()))])
         ds = ds.map_batches(lookup_join, fn_args=(right,), fn_kwargs={"by": lk.by, "columns": lk.columns},
                             batch_format="pyarrow", batch_size=None)
     ds = ds.map_batches(finalize, fn_kwargs={"f": f, "task": spec.model.task}, batch_format="pyarrow",
@@ -235,26 +234,35 @@ def build_features(spec: Spec, ctx: RunContext) -> dict[str, Any]:
     # A total order makes the published bytes (and so the lineage hashes) reproducible.
     ds = ds.sort([EVENT_TIME, *f.keys])
 
-    def write(tmp: Path) -> dict[str, Any]:
+    def write(fs: Any, folder: str) -> dict[str, Any]:
+        import pyarrow.fs as pafs
         import pyarrow.parquet as pq
+        from ray.data import SaveMode
 
-        ds.write_parquet(str(tmp), min_rows_per_file=1_000_000)
-        # Ray names files <write-uuid>_<task>_<block>...: rename in that (sorted) order so the
-        # published names, like the bytes, do not depend on the run.
-        for i, p in enumerate(sorted(tmp.glob("*.parquet"))):
-            p.rename(tmp / f"part-{i:05d}.parquet")
-
-        rows = sum(pq.ParquetFile(p).metadata.num_rows for p in tmp.glob("*.parquet"))
+        # Names from the task and block index (not Ray's random write id), so the published
+        # names, like the bytes, do not depend on the run. The folder is new, so OVERWRITE is safe.
+        ds.write_parquet(folder, filesystem=fs, min_rows_per_file=1_000_000, filename_provider=_Names(),
+                         mode=SaveMode.OVERWRITE)
+        files = [i.path for i in fs.get_file_info(pafs.FileSelector(folder)) if i.path.endswith(".parquet")]
+        rows = sum(pq.ParquetFile(fs.open_input_file(p)).metadata.num_rows for p in files)
         return {**lineage, "lineage_key": lineage_key, "rows": rows, "run_id": ctx.run_id,
                 "missing_history": missing, "features": f.feature_names(), "label": f.label.name,
                 "categorical": f.categorical_names()}
 
-    part = ctx.store.publish(zone, day, write)
-    log.info("features %s: %d rows -> %s", day, part.manifest["rows"], part.path)
-    return _result(spec, part.path, part.manifest, skipped=False)
+    part = ctx.store.publish(zone, day, write, run=ctx.run_id)
+    log.info("features %s: %d rows -> %s", day, part.manifest["rows"], part.uri)
+    return _result(spec, part.uri, part.manifest, skipped=False)
 
 
-def _result(spec: Spec, path: Path, manifest: dict[str, Any], skipped: bool) -> dict[str, Any]:
+class _Names:
+    def get_filename_for_block(self, block: Any, write_uuid: str, task_index: int, block_index: int) -> str:
+        return f"part-{task_index:05d}-{block_index:05d}.parquet"
+
+    def get_filename_for_task(self, write_uuid: str, task_index: int) -> str:
+        return f"part-{task_index:05d}.parquet"
+
+
+def _result(spec: Spec, path: str, manifest: dict[str, Any], skipped: bool) -> dict[str, Any]:
     return {
         "step": "features",
         "date": manifest["date"],
@@ -278,7 +286,7 @@ def read_features(spec: Spec, ctx: RunContext, days: list[date]) -> tuple[pa.Tab
             missing.append(d.isoformat())
             continue
         hashes[d.isoformat()] = part.manifest["content_hash"]
-        tables.append(_read_table(part.files))
+        tables.append(_read_table(part.files, ctx.store.fs))
     if not tables:
         return None, hashes, missing
     return pa.concat_tables(tables, promote_options="default"), hashes, missing

@@ -37,32 +37,111 @@ class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+Severity = Literal["quarantine", "warn", "block"]
+ROW_RULES = ("type", "ragged", "not_null", "finite", "range", "allowed", "unique", "date")
+
+
+class ColumnSpec(_Model):
+    """One column of a contract. In YAML a bare type string is short for ``{type: ...}``."""
+
+    type: str
+    nullable: bool = True
+    min: float | None = None
+    max: float | None = None
+    allowed: list[str | int | float | bool] | None = None
+    max_null_fraction: float | None = Field(None, ge=0, le=1, description="block when more of the column is null")
+    allow_nonfinite: bool = Field(False, description="accept NaN and +/-inf in float columns")
+
+    @field_validator("type")
+    @classmethod
+    def _type_known(cls, v: str) -> str:
+        if v not in _TYPES and not _TIMESTAMP.match(v):
+            raise ValueError(f"unknown type {v!r}; use one of {sorted(_TYPES)} or 'timestamp[us, UTC]'")
+        return v
+
+
+class EventTime(_Model):
+    column: str
+    timezone: str | None = Field(None, description="zone of timestamps written without an offset (none: reject them)")
+    date_timezone: str | None = Field(None, description="zone in which rows must fall on the logical date "
+                                                        "(default: timezone, else UTC)")
+
+    @field_validator("timezone", "date_timezone")
+    @classmethod
+    def _tz(cls, v: str | None) -> str | None:
+        if v is not None:
+            from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+            try:
+                ZoneInfo(v)
+            except (ZoneInfoNotFoundError, ValueError):
+                raise ValueError(f"unknown time zone {v!r}") from None
+        return v
+
+
+class RowBounds(_Model):
+    min: int = Field(1, ge=0)
+    max: int | None = Field(None, ge=1)
+
+
+class QuarantinePolicy(_Model):
+    max_bad_row_fraction: float = Field(0.01, ge=0, le=1, description="fail when more rows than this are quarantined")
+    max_bad_files: int = Field(0, ge=0, description="fail when more files than this cannot be read")
+
+
 class SourceSpec(_Model):
     """A landing-zone dataset: what files to read for a logical date and what they must look like."""
 
-    path: str = Field(description="Path relative to the store root (or a URI). '{date}' is the logical date, YYYY-MM-DD.")
-    format: Literal["csv", "parquet", "jsonl"] = "csv"
+    path: str = Field(description="Path or pattern relative to the store root (or a URI); '{date}' is the logical date")
+    format: Literal["csv", "parquet", "jsonl", "files"] = "csv"
     kind: Literal["events", "snapshot"] = "events"
-    columns: dict[str, str] = Field(description="Contract: column name -> Arrow type (int64, float64, string, timestamp[us, UTC], ...).")
+    encoding: str = "utf-8"
+    columns: dict[str, ColumnSpec] = Field(default_factory=dict, description="the contract: name -> type or column spec")
     null_values: list[str] = Field(default_factory=lambda: ["", "NA", "NULL", "null"])
+    unique: list[str] = Field(default_factory=list, description="columns that together identify a row")
+    event_time: EventTime | None = None
+    rows: RowBounds = RowBounds()
+    extra_columns: Literal["warn", "block"] = "warn"
+    quarantine: QuarantinePolicy = QuarantinePolicy()
+    severity: dict[str, Severity] = Field(default_factory=dict, description="per rule: quarantine (default), warn or block")
 
-    @field_validator("columns")
+    @field_validator("columns", mode="before")
     @classmethod
-    def _types_known(cls, v: dict[str, str]) -> dict[str, str]:
-        if not v:
-            raise ValueError("a source needs at least one column in its contract")
-        for name, typ in v.items():
-            if typ not in _TYPES and not _TIMESTAMP.match(typ):
-                raise ValueError(
-                    f"column {name!r} has unknown type {typ!r}; use one of {sorted(_TYPES)} or 'timestamp[us, UTC]'"
-                )
+    def _short_form(cls, v: Any) -> Any:
+        if isinstance(v, dict):
+            return {k: ({"type": t} if isinstance(t, str) else t) for k, t in v.items()}
+        return v
+
+    @field_validator("severity")
+    @classmethod
+    def _rules_known(cls, v: dict[str, str]) -> dict[str, str]:
+        unknown = sorted(set(v) - set(ROW_RULES))
+        if unknown:
+            raise ValueError(f"unknown rule(s) {unknown}; rules are {list(ROW_RULES)}")
         return v
 
     @model_validator(mode="after")
-    def _dated(self) -> SourceSpec:
+    def _consistent(self) -> SourceSpec:
         if self.kind == "events" and "{date}" not in self.path:
             raise ValueError("an 'events' source path must contain '{date}' so each logical date finds its own files")
+        if self.format != "files" and not self.columns:
+            raise ValueError("a source needs at least one column in its contract")
+        for col in self.unique:
+            if col not in self.columns:
+                raise ValueError(f"unique: column {col!r} is not in the contract")
+        if self.event_time is not None:
+            et = self.columns.get(self.event_time.column)
+            if et is None:
+                raise ValueError(f"event_time.column: {self.event_time.column!r} is not in the contract")
+            if not et.type.startswith("timestamp"):
+                raise ValueError(f"event_time.column: {self.event_time.column!r} must be a timestamp, not {et.type}")
+        for name, c in self.columns.items():
+            if (c.min is not None or c.max is not None) and (c.type in ("string", "bool") or c.type.startswith("timestamp")):
+                raise ValueError(f"columns.{name}: min/max apply to numeric columns only")
         return self
+
+    def severity_of(self, rule: str) -> str:
+        return self.severity.get(rule, "quarantine")
 
 
 class Column(_Model):

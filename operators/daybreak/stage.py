@@ -1,121 +1,542 @@
-"""Stage: landing files for one logical date -> a validated, atomically published Parquet partition."""
+"""Stage: landing files for one logical date -> a validated, atomically published Parquet partition.
+
+Every source of the spec is read and checked before anything is published:
+
+* a file that cannot be read as its format, or lacks contract columns, is quarantined whole;
+* rows that break a rule (type, ragged line, not-null, NaN/inf, range, allowed values, unique
+  key, logical date) get a reason each and go to ``quarantine/`` unless the rule's severity is
+  ``warn`` (kept, reported) or ``block`` (the step fails);
+* column-level rules (null fraction) and row-count bounds block.
+
+The quarantine policy (``max_bad_row_fraction``, ``max_bad_files``) then decides whether the good
+rows are published or the step fails. A failed step publishes nothing; what it quarantined stays
+for inspection, and the error names it.
+"""
 
 from __future__ import annotations
 
-import glob
+import csv
 import hashlib
+import io
 import json
 import logging
-from pathlib import Path
+import posixpath
+import re
+from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.csv as pacsv
+import pyarrow.fs as pafs
 import pyarrow.json as pajson
 import pyarrow.parquet as pq
 
 from daybreak.context import RunContext
 from daybreak.errors import ContractError, MissingInputError
-from daybreak.spec import SourceSpec, Spec
-from daybreak.store import sha256_file
+from daybreak.spec import ColumnSpec, SourceSpec, Spec
 
 log = logging.getLogger(__name__)
+
+_OFFSET = re.compile(r"(Z|[+-]\d{2}:?\d{2})$")
+_FILE, _ROW, _RAW = "__file", "__row", "__raw__"
 
 
 def arrow_type(name: str) -> pa.DataType:
     if name.startswith("timestamp["):
         unit, _, tz = name[len("timestamp["):-1].partition(",")
         return pa.timestamp(unit.strip(), tz=tz.strip() or None)
-    return {"string": pa.string(), "date32": pa.date32()}.get(name) or pa.type_for_alias(name)
+    return {"string": pa.string(), "date32": pa.date32(), "bool": pa.bool_()}.get(name) or pa.type_for_alias(name)
 
 
 def contract_schema(src: SourceSpec) -> pa.Schema:
-    return pa.schema([(c, arrow_type(t)) for c, t in src.columns.items()])
+    return pa.schema([(c, arrow_type(spec.type)) for c, spec in src.columns.items()])
 
 
-def landing_files(spec_source: SourceSpec, ctx: RunContext) -> list[Path]:
-    pattern = str(ctx.store.resolve(spec_source.path.replace("{date}", ctx.logical_date.isoformat())))
-    return sorted(Path(p) for p in glob.glob(pattern))
+def schema_hash(src: SourceSpec) -> str:
+    return hashlib.sha256(str(contract_schema(src)).encode()).hexdigest()[:16]
 
 
-def read_source_file(path: Path, src: SourceSpec) -> pa.Table:
-    """Read one landing file and enforce the contract's columns and types."""
-    schema = contract_schema(src)
+class FileProblem(Exception):
+    """A file that cannot be staged at all (unreadable, empty, missing contract columns)."""
+
+
+@dataclass
+class FileRead:
+    name: str
+    path: str
+    digest: str
+    table: pa.Table | None = None  # typed contract columns + __file/__row
+    type_reasons: pa.ChunkedArray | None = None  # per row, or null
+    ragged: list[dict[str, Any]] = field(default_factory=list)
+    extra: list[str] = field(default_factory=list)
+    problem: str | None = None
+    data: bytes = b""
+
+
+# --- reading ---------------------------------------------------------------------------------
+
+def _csv_opts(src: SourceSpec, types: dict[str, pa.DataType], ragged: list[dict[str, Any]]):
+    def on_invalid(row: Any) -> str:
+        ragged.append({"line": row.number, "text": (row.text or "")[:2000],
+                       "reason": f"ragged: expected {row.expected_columns} fields, got {row.actual_columns}"})
+        return "skip"
+
+    return dict(
+        read_options=pacsv.ReadOptions(encoding=src.encoding),
+        parse_options=pacsv.ParseOptions(invalid_row_handler=on_invalid, newlines_in_values=False),
+        convert_options=pacsv.ConvertOptions(column_types=types, null_values=src.null_values,
+                                             strings_can_be_null=True, quoted_strings_can_be_null=True),
+    )
+
+
+def _read_csv(data: bytes, src: SourceSpec) -> tuple[pa.Table, list[dict[str, Any]]]:
+    """Typed read first (the fast path); if some value does not convert, read all columns as text
+    so the bad values can be found row by row."""
+    if not data.strip():
+        raise FileProblem("empty file")
+    ragged: list[dict[str, Any]] = []
     try:
-        if src.format == "csv":
-            table = pacsv.read_csv(
-                path,
-                convert_options=pacsv.ConvertOptions(
-                    column_types=schema, null_values=src.null_values, strings_can_be_null=True
-                ),
-            )
-        elif src.format == "jsonl":
-            table = pajson.read_json(path, parse_options=pajson.ParseOptions(explicit_schema=schema))
+        return pacsv.read_csv(io.BytesIO(data), **_csv_opts(src, dict(zip(contract_schema(src).names,
+                                                                          contract_schema(src).types)), ragged)), ragged
+    except pa.ArrowInvalid as e:
+        if "conversion error" not in str(e).lower():
+            raise FileProblem(_describe(e, src)) from None
+    ragged = []
+    try:
+        first = data.split(b"\n", 1)[0].decode(src.encoding).strip("\r")
+    except (UnicodeDecodeError, LookupError) as e:
+        raise FileProblem(f"not valid {src.encoding} text (set the source's 'encoding'): {e}") from None
+    names = next(csv.reader([first]))
+    try:
+        table = pacsv.read_csv(io.BytesIO(data), **_csv_opts(src, {n: pa.string() for n in names}, ragged))
+    except pa.ArrowInvalid as e:
+        raise FileProblem(_describe(e, src)) from None
+    return table, ragged
+
+
+def _describe(e: Exception, src: SourceSpec) -> str:
+    msg = str(e).strip().splitlines()[0]
+    if "utf8" in msg.lower() or "utf-8" in msg.lower():
+        return f"not valid {src.encoding} text (set the source's 'encoding'): {msg}"
+    if "empty" in msg.lower():
+        return "empty file"
+    return msg
+
+
+def _read_file(data: bytes, src: SourceSpec) -> tuple[pa.Table, list[dict[str, Any]]]:
+    if src.format == "csv":
+        return _read_csv(data, src)
+    if not data.strip():
+        raise FileProblem("empty file")
+    try:
+        if src.format == "parquet":
+            table = pq.read_table(pa.BufferReader(data))
         else:
-            table = pq.read_table(path)
+            table = pajson.read_json(io.BytesIO(data))
     except (pa.ArrowInvalid, pa.ArrowTypeError, OSError) as e:
-        raise ContractError(f"{path}: cannot be read as {src.format} under the contract: {e}") from None
+        raise FileProblem(f"cannot be read as {src.format}: {str(e).splitlines()[0]}") from None
+    return table, []
+
+
+# --- types -----------------------------------------------------------------------------------
+
+def _convert(col: pa.ChunkedArray, name: str, cs: ColumnSpec, tz: str | None) -> tuple[pa.Array, np.ndarray, str]:
+    """Cast a column to its contract type. Returns values, a mask of values that did not convert,
+    and the reason text for them."""
+    import pandas as pd
+
+    target = arrow_type(cs.type)
+    if col.type == target:
+        return col.combine_chunks(), np.zeros(len(col), bool), ""
+    try:
+        return pc.cast(col, target, safe=True).combine_chunks(), np.zeros(len(col), bool), ""
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError):
+        pass
+    text = pc.cast(col, pa.string()).to_pandas()
+    present = text.notna().to_numpy()
+    reason = f"type: {name} is not {cs.type}"
+    if pa.types.is_integer(target) or pa.types.is_floating(target):
+        num = pd.to_numeric(text, errors="coerce")
+        ok = num.notna().to_numpy() | ~present
+        if pa.types.is_integer(target):
+            integral = np.isfinite(num.to_numpy(dtype=float, na_value=np.nan)) & (num.fillna(0) % 1 == 0).to_numpy()
+            ok &= integral | ~present
+            values = pa.array(num.where(ok & present).astype("Int64"), type=target)
+        else:
+            values = pa.array(num.where(ok & present).astype(float), type=target, from_pandas=True)
+        return values, ~ok, reason
+    if pa.types.is_boolean(target):
+        mapping = {"true": True, "t": True, "1": True, "yes": True, "false": False, "f": False, "0": False, "no": False}
+        mapped = text.str.strip().str.lower().map(mapping)
+        ok = mapped.notna().to_numpy() | ~present
+        return pa.array(mapped.where(ok), type=target, from_pandas=True), ~ok, reason
+    if pa.types.is_timestamp(target):
+        stripped = text.str.strip()
+        has_offset = stripped.str.contains(_OFFSET, na=False).to_numpy()
+        parsed = pd.Series(pd.NaT, index=text.index, dtype="datetime64[ns, UTC]")
+        if has_offset.any():
+            parsed[has_offset] = pd.to_datetime(stripped[has_offset], utc=True, errors="coerce", format="ISO8601")
+        naive = present & ~has_offset
+        if naive.any() and target.tz is not None:
+            if tz is None:
+                bad = ~(parsed.notna().to_numpy() | ~present)
+                return (pa.array(parsed.dt.tz_convert(target.tz), type=target, from_pandas=True), bad,
+                        f"type: {name} has a timestamp without a time zone (declare event_time.timezone)")
+            local = pd.to_datetime(stripped[naive], errors="coerce", format="ISO8601")
+            parsed[naive] = local.dt.tz_localize(tz, ambiguous="NaT", nonexistent="NaT").dt.tz_convert("UTC")
+        elif naive.any():
+            parsed[naive] = pd.to_datetime(stripped[naive], errors="coerce", format="ISO8601").dt.tz_localize("UTC")
+        ok = parsed.notna().to_numpy() | ~present
+        out = parsed.dt.tz_convert(target.tz) if target.tz else parsed.dt.tz_localize(None)
+        return pa.array(out, type=target, from_pandas=True), ~ok, reason
+    if target == pa.date32():
+        parsed = pd.to_datetime(text, errors="coerce", format="ISO8601")
+        ok = parsed.notna().to_numpy() | ~present
+        return pa.array(parsed.dt.date, type=target, from_pandas=True), ~ok, reason
+    return pc.cast(col, pa.string()).combine_chunks(), np.zeros(len(col), bool), ""
+
+
+def _load(fr: FileRead, src: SourceSpec) -> None:
+    """Read one file into typed contract columns, recording per-row type failures."""
+    table, ragged = _read_file(fr.data, src)
+    fr.ragged = ragged
     missing = [c for c in src.columns if c not in table.column_names]
     if missing:
-        raise ContractError(f"{path}: missing column(s) required by the contract: {missing}")
-    try:
-        return table.select(list(src.columns)).cast(schema)
-    except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError) as e:
-        raise ContractError(f"{path}: a column does not match the contract's type: {e}") from None
+        raise FileProblem(f"missing column(s) required by the contract: {missing}")
+    fr.extra = [c for c in table.column_names if c not in src.columns]
+    if fr.extra and src.extra_columns == "block":
+        raise FileProblem(f"column(s) not in the contract: {fr.extra} (sources.*.extra_columns is 'block')")
+    tz = src.event_time.timezone if src.event_time else None
+    cols, reasons, raw = {}, [], {}
+    for name, cs in src.columns.items():
+        values, bad, reason = _convert(table.column(name), name, cs, tz)
+        cols[name] = values
+        if bad.any():
+            reasons.append(pa.array(np.where(bad, reason, None), pa.string()))
+            raw[f"{_RAW}{name}"] = pc.cast(table.column(name), pa.string())  # what the file said
+    n = table.num_rows
+    out = pa.table(cols, schema=contract_schema(src))
+    out = out.append_column(_FILE, pa.repeat(pa.scalar(fr.name), n)).append_column(_ROW, pa.array(np.arange(n)))
+    for k, v in raw.items():
+        out = out.append_column(k, v)
+    fr.table = out
+    if reasons:
+        fr.type_reasons = _join_reasons(reasons, n)
 
 
-def _prepare(name: str, src: SourceSpec, ctx: RunContext) -> dict[str, Any]:
-    """Read and check one source; returns either the kept partition's result or what to publish."""
-    files = landing_files(src, ctx)
-    if not files:
-        where = ctx.store.resolve(src.path.replace("{date}", ctx.logical_date.isoformat()))
+def _join_reasons(reasons: list[pa.Array | pa.ChunkedArray], n: int) -> pa.ChunkedArray:
+    """Per row, the non-null reasons joined with '; ' (null where there is none).
+
+    Done on object arrays: pyarrow 25's binary_join_element_wise with null_handling='skip'
+    drops rows that are null in every input instead of returning null for them.
+    """
+    import pandas as pd
+
+    out = np.full(n, None, dtype=object)
+    for r in reasons:
+        arr = (r.combine_chunks() if isinstance(r, pa.ChunkedArray) else r).to_numpy(zero_copy_only=False)
+        has_new = pd.notna(arr)
+        has_old = pd.notna(out)
+        both = has_new & has_old
+        if both.any():
+            out[both] = out[both] + "; " + arr[both]
+        only = has_new & ~has_old
+        out[only] = arr[only]
+    return pa.chunked_array([pa.array(out, pa.string())])
+
+
+# --- rules -----------------------------------------------------------------------------------
+
+def _rule_reasons(table: pa.Table, src: SourceSpec, day: Any) -> dict[str, pa.Array]:
+    """Per row rule -> reason (null where the row passes), for rules that hold row by row."""
+    out: dict[str, list[pa.Array]] = {}
+
+    def add(rule: str, mask: Any, text: Any) -> None:
+        mask = pc.fill_null(mask, False)
+        if pc.any(mask).as_py():
+            out.setdefault(rule, []).append(pc.if_else(mask, text, pa.scalar(None, pa.string())))
+
+    for name, cs in src.columns.items():
+        col = table.column(name)
+        if not cs.nullable:
+            add("not_null", pc.is_null(col), pa.scalar(f"not_null: {name} is null"))
+        if pa.types.is_floating(col.type) and not cs.allow_nonfinite:
+            add("finite", pc.or_(pc.is_nan(col), pc.is_inf(col)), pa.scalar(f"finite: {name} is NaN or infinite"))
+        if cs.min is not None or cs.max is not None:
+            as_text = pc.cast(col, pa.string())
+            if cs.min is not None:
+                add("range", pc.less(col, cs.min),
+                    pc.binary_join_element_wise(f"range: {name}=", as_text, f" < min {cs.min:g}", ""))
+            if cs.max is not None:
+                add("range", pc.greater(col, cs.max),
+                    pc.binary_join_element_wise(f"range: {name}=", as_text, f" > max {cs.max:g}", ""))
+        if cs.allowed is not None:
+            allowed = pa.array(cs.allowed).cast(col.type)
+            add("allowed", pc.invert(pc.is_in(col, value_set=allowed)),
+                pc.binary_join_element_wise(f"allowed: {name}=", pc.cast(col, pa.string()), " is not allowed", ""))
+    if src.unique:
+        keys = table.select(src.unique).to_pandas()
+        dup = keys.duplicated(keep="first").to_numpy() & keys.notna().all(axis=1).to_numpy()
+        add("unique", pa.array(dup), pa.scalar(f"unique: duplicate key {src.unique}"))
+    if src.event_time is not None:
+        et = src.event_time
+        zone = et.date_timezone or et.timezone or "UTC"
+        ts = table.column(et.column)
+        local_day = pc.cast(ts.cast(pa.timestamp(ts.type.unit, tz=zone)), pa.date32())
+        add("date", pc.not_equal(local_day, pa.scalar(day, pa.date32())),
+            pc.binary_join_element_wise(f"date: {et.column}=", pc.cast(ts, pa.string()),
+                                        f" is not on {day.isoformat()} ({zone})", ""))
+    return {rule: _join_reasons(parts, table.num_rows) for rule, parts in out.items()}
+
+
+# --- the step --------------------------------------------------------------------------------
+
+@dataclass
+class Prepared:
+    name: str
+    src: SourceSpec
+    result: dict[str, Any] | None = None  # set when the published partition is kept as is
+    good: pa.Table | None = None
+    manifest: dict[str, Any] = field(default_factory=dict)
+
+
+def _lineage(src: SourceSpec, digests: dict[str, str], day: Any) -> str:
+    blob = json.dumps({"contract": src.model_dump(mode="json"), "inputs": digests, "date": day.isoformat()},
+                      sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _find(name: str, src: SourceSpec, ctx: RunContext) -> tuple[pafs.FileSystem, list[pafs.FileInfo]]:
+    pattern = src.path.replace("{date}", ctx.logical_date.isoformat())
+    fs, infos = ctx.store.glob(pattern)
+    if not infos:
+        _, where = ctx.store.resolve(pattern)
         raise MissingInputError(f"source {name!r}: no landing file for {ctx.logical_date} at {where}")
-    input_hashes = {f.name: sha256_file(f) for f in files}
-    lineage_key = hashlib.sha256(
-        json.dumps(
-            {"contract": src.model_dump(mode="json"), "inputs": input_hashes, "date": ctx.logical_date.isoformat()},
-            sort_keys=True,
-        ).encode()
-    ).hexdigest()[:16]
+    return fs, infos
+
+
+def _prepare(name: str, src: SourceSpec, ctx: RunContext) -> Prepared:
+    day = ctx.logical_date
+    fs, infos = _find(name, src, ctx)
+    if src.format == "files":
+        return _prepare_files(name, src, ctx, fs, infos)
+    reads = []
+    for info in infos:
+        with fs.open_input_stream(info.path) as f:
+            data = f.read()
+        reads.append(FileRead(info.base_name, info.path, hashlib.sha256(data).hexdigest(), data=data))
+    digests = {r.name: r.digest for r in reads}
+    lineage_key = _lineage(src, digests, day)
+    current = ctx.store.partition(f"staged/{name}", day)
+    if current is not None and current.manifest.get("lineage_key") == lineage_key:
+        log.info("staged %s %s: unchanged inputs, keeping the published partition", name, day)
+        return Prepared(name, src, result=_result(current, skipped=True))
+
+    bad_files: list[dict[str, str]] = []
+    for r in reads:
+        try:
+            _load(r, src)
+        except FileProblem as e:
+            r.problem = str(e)
+            bad_files.append({"file": r.name, "reason": str(e)})
+        r.data = r.data if r.problem else b""
+    good_reads = [r for r in reads if r.table is not None]
+    schema = contract_schema(src).append(pa.field(_FILE, pa.string())).append(pa.field(_ROW, pa.int64()))
+    table = (pa.concat_tables([r.table for r in good_reads], promote_options="default") if good_reads
+             else schema.empty_table())
+    n = table.num_rows
+    type_reasons = pa.chunked_array(
+        [c for r in good_reads for c in (r.type_reasons.chunks if r.type_reasons is not None
+                                         else [pa.nulls(r.table.num_rows, pa.string())])], type=pa.string())
+    rule_reasons = _rule_reasons(table, src, day) if n else {}
+    if n and pc.any(pc.is_valid(type_reasons)).as_py():
+        rule_reasons = {"type": type_reasons, **rule_reasons}
+    ragged = [{**r, "file": f.name} for f in good_reads for r in f.ragged]
+
+    blocking, warnings, quarantine_parts = [], [], []
+    for rule, reasons in rule_reasons.items():
+        count = pc.sum(pc.is_valid(reasons)).as_py() or 0
+        sev = src.severity_of(rule)
+        example = pc.drop_null(reasons)[0].as_py()
+        if sev == "block":
+            blocking.append(f"{rule}: {count} row(s), e.g. {example!r}")
+        elif sev == "warn":
+            warnings.append(f"{rule}: {count} row(s) kept, e.g. {example!r}")
+        else:
+            quarantine_parts.append(reasons)
+    if ragged:
+        sev = src.severity_of("ragged")
+        if sev == "block":
+            blocking.append(f"ragged: {len(ragged)} line(s), e.g. {ragged[0]['reason']}")
+        elif sev == "warn":
+            warnings.append(f"ragged: {len(ragged)} line(s) dropped, e.g. {ragged[0]['reason']}")
+    for r in good_reads:
+        if r.extra:
+            warnings.append(f"{r.name}: column(s) not in the contract dropped: {r.extra}")
+
+    reasons = _join_reasons(quarantine_parts, n) if quarantine_parts else None
+    bad_mask = pc.is_valid(reasons) if reasons is not None else pa.chunked_array([pa.repeat(False, n)], pa.bool_())
+    n_bad = (pc.sum(bad_mask).as_py() or 0) + (len(ragged) if src.severity_of("ragged") == "quarantine" else 0)
+    rows_in = n + len(ragged)
+    good = table.filter(pc.invert(bad_mask))
+
+    for cname, cs in src.columns.items():
+        if cs.max_null_fraction is not None and good.num_rows:
+            frac = good.column(cname).null_count / good.num_rows
+            if frac > cs.max_null_fraction:
+                blocking.append(f"null_fraction: {cname} is null in {frac:.0%} of rows > max_null_fraction "
+                                f"{cs.max_null_fraction:.0%}")
+    if rows_in < src.rows.min:
+        blocking.append(f"row_count: {rows_in} rows < rows.min {src.rows.min}")
+    if src.rows.max is not None and rows_in > src.rows.max:
+        blocking.append(f"row_count: {rows_in} rows > rows.max {src.rows.max}")
+    if len(bad_files) > src.quarantine.max_bad_files:
+        blocking.append(f"{len(bad_files)} unreadable file(s) > quarantine.max_bad_files "
+                        f"{src.quarantine.max_bad_files}: " + "; ".join(f"{b['file']}: {b['reason']}" for b in bad_files))
+    frac = n_bad / rows_in if rows_in else 0.0
+    if frac > src.quarantine.max_bad_row_fraction:
+        blocking.append(f"{n_bad} of {rows_in} rows ({frac:.1%}) broke the contract > quarantine.max_bad_row_fraction "
+                        f"{src.quarantine.max_bad_row_fraction:.1%}")
+
+    q_uri = None
+    if n_bad or bad_files or blocking:
+        q_uri = _write_quarantine(name, ctx, table, reasons, ragged, [r for r in reads if r.problem],
+                                  {"blocking": blocking, "warnings": warnings, "bad_files": bad_files})
+    if blocking:
+        where = f"; quarantined to {q_uri}" if q_uri else ""
+        raise ContractError(f"source {name!r} {day}: nothing published: " + " | ".join(blocking) + where)
+
+    published = good.select(list(src.columns))
+    manifest = {
+        "source": name, "date": day.isoformat(), "rows": published.num_rows, "rows_in": rows_in,
+        "rows_quarantined": n_bad, "files_quarantined": len(bad_files), "inputs": digests,
+        "lineage_key": lineage_key, "run_id": ctx.run_id, "schema_hash": schema_hash(src),
+        "schema": {f.name: str(f.type) for f in published.schema}, "warnings": warnings,
+        "quarantine_uri": q_uri,
+    }
+    return Prepared(name, src, good=published, manifest=manifest)
+
+
+def _write_quarantine(name: str, ctx: RunContext, table: pa.Table, reasons: Any, ragged: list[dict[str, Any]],
+                      bad_files: list[FileRead], summary: dict[str, Any]) -> str:
+    store = ctx.store
+    base = store.path("quarantine", name, f"date={ctx.logical_date.isoformat()}", f"run={ctx.run_id}")
+    store.fs.create_dir(base, recursive=True)
+    rows = []
+    if reasons is not None:
+        bad = table.filter(pc.is_valid(reasons))
+
+        def text(c: str) -> Any:
+            typed = pc.cast(bad.column(c), pa.string())
+            return pc.coalesce(bad.column(_RAW + c), typed) if _RAW + c in bad.column_names else typed
+
+        rows.append(pa.table({
+            **{c: text(c) for c in bad.column_names if not c.startswith("__")},
+            "_file": bad.column(_FILE), "_row": bad.column(_ROW),
+            "_reason": pc.drop_null(reasons), "_raw": pa.nulls(bad.num_rows, pa.string()),
+        }))
+    if ragged:
+        n = len(ragged)
+        cols = {c: pa.nulls(n, pa.string()) for c in table.column_names if not c.startswith("__")}
+        rows.append(pa.table({**cols, "_file": [r["file"] for r in ragged],
+                              "_row": pa.array([r["line"] for r in ragged], pa.int64()),
+                              "_reason": [r["reason"] for r in ragged], "_raw": [r["text"] for r in ragged]}))
+    if rows:
+        pq.write_table(pa.concat_tables(rows), posixpath.join(base, "rows.parquet"), filesystem=store.fs)
+    for f in bad_files:
+        store.fs.create_dir(posixpath.join(base, "files"), recursive=True)
+        with store.fs.open_output_stream(posixpath.join(base, "files", f.name)) as out:
+            out.write(f.data)
+    counts = {}
+    if reasons is not None:
+        for r in pc.drop_null(reasons).to_pylist():
+            for part in r.split("; "):
+                key = part.split(":", 1)[0]
+                counts[key] = counts.get(key, 0) + 1
+    if ragged:
+        counts["ragged"] = len(ragged)
+    with store.fs.open_output_stream(posixpath.join(base, "_quarantine.json")) as out:
+        out.write(json.dumps({"source": name, "date": ctx.logical_date.isoformat(), "run_id": ctx.run_id,
+                              "rows_by_rule": counts, **summary}, indent=2, default=str).encode())
+    uri = store.uri(base)
+    log.warning("staged %s %s: quarantined %s", name, ctx.logical_date, uri)
+    return uri
+
+
+def _prepare_files(name: str, src: SourceSpec, ctx: RunContext, fs: pafs.FileSystem,
+                   infos: list[pafs.FileInfo]) -> Prepared:
+    """A manifest of the files themselves (for images and other unstructured data)."""
+    etags: dict[str, str] = {}
+    if isinstance(fs, pafs.S3FileSystem):
+        etags = _s3_etags(ctx, infos)
+    rows = []
+    for i in infos:
+        checksum = etags.get(i.path) or f"sha256:{_sha256(fs, i.path)}"
+        uri = f"s3://{i.path}" if isinstance(fs, pafs.S3FileSystem) else i.path
+        rows.append({"uri": uri, "name": i.base_name, "size": i.size, "last_modified": i.mtime, "checksum": checksum})
+    table = pa.Table.from_pylist(rows, schema=pa.schema([
+        ("uri", pa.string()), ("name", pa.string()), ("size", pa.int64()),
+        ("last_modified", pa.timestamp("ns", tz="UTC")), ("checksum", pa.string())]))
+    digests = {r["name"]: r["checksum"] for r in rows}
+    lineage_key = _lineage(src, digests, ctx.logical_date)
     current = ctx.store.partition(f"staged/{name}", ctx.logical_date)
     if current is not None and current.manifest.get("lineage_key") == lineage_key:
-        log.info("staged %s %s: unchanged inputs, keeping the published partition", name, ctx.logical_date)
-        return {"result": _result(current.path, current.manifest, skipped=True)}
-    tables = [read_source_file(f, src) for f in files]
-    table = pa.concat_tables(tables) if len(tables) > 1 else tables[0]
-    manifest = {
-        "source": name,
-        "date": ctx.logical_date.isoformat(),
-        "rows": table.num_rows,
-        "inputs": input_hashes,
-        "lineage_key": lineage_key,
-        "run_id": ctx.run_id,
-        "schema": {f.name: str(f.type) for f in table.schema},
-    }
-    return {"table": table, "manifest": manifest}
+        return Prepared(name, src, result=_result(current, skipped=True))
+    manifest = {"source": name, "date": ctx.logical_date.isoformat(), "rows": table.num_rows, "rows_in": table.num_rows,
+                "rows_quarantined": 0, "files_quarantined": 0, "inputs": digests, "lineage_key": lineage_key,
+                "run_id": ctx.run_id, "schema_hash": hashlib.sha256(str(table.schema).encode()).hexdigest()[:16],
+                "schema": {f.name: str(f.type) for f in table.schema}, "warnings": [], "quarantine_uri": None}
+    return Prepared(name, src, good=table, manifest=manifest)
 
 
-def _publish(name: str, prepared: dict[str, Any], ctx: RunContext) -> dict[str, Any]:
-    if "result" in prepared:
-        return prepared["result"]
-    table: pa.Table = prepared["table"]
-
-    def write(tmp: Path) -> dict[str, Any]:
-        pq.write_table(table, tmp / "part-0.parquet", compression="zstd")
-        return prepared["manifest"]
-
-    part = ctx.store.publish(f"staged/{name}", ctx.logical_date, write)
-    log.info("staged %s %s: %d rows -> %s", name, ctx.logical_date, table.num_rows, part.path)
-    return _result(part.path, part.manifest, skipped=False)
+def _sha256(fs: pafs.FileSystem, path: str) -> str:
+    h = hashlib.sha256()
+    with fs.open_input_stream(path) as f:
+        while block := f.read(1 << 20):
+            h.update(block)
+    return h.hexdigest()
 
 
-def _result(path: Path, manifest: dict[str, Any], skipped: bool) -> dict[str, Any]:
+def _s3_etags(ctx: RunContext, infos: list[pafs.FileInfo]) -> dict[str, str]:
+    client = ctx.store.options.boto3_client()
+    out = {}
+    for i in infos:
+        bucket, _, key = i.path.partition("/")
+        out[i.path] = "etag:" + client.head_object(Bucket=bucket, Key=key)["ETag"].strip('"')
+    return out
+
+
+def _publish(p: Prepared, ctx: RunContext) -> dict[str, Any]:
+    if p.result is not None:
+        return p.result
+    table = p.good
+
+    def write(fs: pafs.FileSystem, folder: str) -> dict[str, Any]:
+        pq.write_table(table, posixpath.join(folder, "part-0.parquet"), filesystem=fs, compression="zstd")
+        return p.manifest
+
+    part = ctx.store.publish(f"staged/{p.name}", ctx.logical_date, write, run=ctx.run_id)
+    log.info("staged %s %s: %d rows -> %s", p.name, ctx.logical_date, table.num_rows, part.uri)
+    return _result(part, skipped=False)
+
+
+def _result(part: Any, skipped: bool) -> dict[str, Any]:
+    m = part.manifest
     return {
-        "uri": path.as_uri(),
-        "rows": manifest["rows"],
-        "input_hash": hashlib.sha256(json.dumps(manifest["inputs"], sort_keys=True).encode()).hexdigest()[:16],
-        "content_hash": manifest["content_hash"][:16],
-        "lineage_key": manifest["lineage_key"],
+        "uri": part.uri,
+        "rows": m["rows"],
+        "rows_in": m.get("rows_in", m["rows"]),
+        "rows_published": m["rows"],
+        "rows_quarantined": m.get("rows_quarantined", 0),
+        "files_quarantined": m.get("files_quarantined", 0),
+        "quarantine_uri": m.get("quarantine_uri"),
+        "warnings": m.get("warnings", []),
+        "input_hash": hashlib.sha256(json.dumps(m["inputs"], sort_keys=True).encode()).hexdigest()[:16],
+        "content_hash": m["content_hash"][:16],
+        "schema_hash": m.get("schema_hash"),
+        "lineage_key": m["lineage_key"],
         "skipped": skipped,
     }
 
@@ -123,15 +544,17 @@ def _result(path: Path, manifest: dict[str, Any], skipped: bool) -> dict[str, An
 def stage(spec: Spec, ctx: RunContext) -> dict[str, Any]:
     """Stage every source of the spec for ``ctx.logical_date``.
 
-    Every source is read and checked before any is published, so a contract breach in one
-    file publishes nothing for that date.
+    All sources are read and checked before any is published, so a contract breach in one
+    source publishes nothing for that date.
     """
-    prepared = {name: _prepare(name, src, ctx) for name, src in spec.sources.items()}
-    results = {name: _publish(name, p, ctx) for name, p in prepared.items()}
-    base = spec.features.base
+    prepared = [_prepare(name, src, ctx) for name, src in spec.sources.items()]
+    results = {p.name: _publish(p, ctx) for p in prepared}
+    base = results[spec.features.base]
     return {
         "step": "stage",
         "date": ctx.logical_date.isoformat(),
-        "rows": results[base]["rows"],
+        "rows": base["rows"],
+        "rows_in": sum(r["rows_in"] for r in results.values()),
+        "rows_quarantined": sum(r["rows_quarantined"] for r in results.values()),
         "sources": results,
     }
