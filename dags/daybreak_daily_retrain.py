@@ -10,7 +10,7 @@ import os
 from datetime import datetime, timedelta
 from pathlib import Path
 
-from airflow.sdk import Param, dag
+from airflow.sdk import Asset, Param, dag
 
 from daybreak.airflow import (
     BuildFeaturesOperator,
@@ -21,6 +21,7 @@ from daybreak.airflow import (
     TrainModelOperator,
 )
 
+STAGED = Asset(name="daybreak_daily_retrain.staged", uri="x-daybreak://daybreak_daily_retrain/staged")
 DEFAULT_SPEC = os.environ.get("DAYBREAK_SPEC") or str(Path(__file__).resolve().parent.parent / "specs" / "flights.yaml")
 
 
@@ -43,7 +44,7 @@ DEFAULT_SPEC = os.environ.get("DAYBREAK_SPEC") or str(Path(__file__).resolve().p
 )
 def daybreak_daily_retrain() -> None:
     common = {"spec": "{{ params.spec }}", "logical_date": "{{ params.date or '' }}"}
-    stage = StageDataOperator(task_id="stage", **common)
+    stage = StageDataOperator(task_id="stage", outlets=[STAGED], **common)
     features = BuildFeaturesOperator(task_id="features", **common)
     train = TrainModelOperator(task_id="train", **common)
     gate = EvaluateGateOperator(task_id="gate", **common)

@@ -44,10 +44,23 @@ def test_dagbag_parses_light(airflow_env: dict) -> None:
     assert out["schedule"] == "@daily"
 
 
-def test_operator_embedded_in_a_user_dag(airflow_env: dict) -> None:
-    env = {**airflow_env["env"], "AIRFLOW__CORE__DAGS_FOLDER": str(ROOT / "tests" / "airflow_user_dags")}
+def test_operator_embedded_in_a_user_dag(airflow_env: dict, s3_server, landing: Path, tmp_path: Path) -> None:
+    from s3 import CREDS
+
+    bucket = "airflow-conn"
+    s3_server.client().create_bucket(Bucket=bucket)
+    s3_server.upload_dir(landing, bucket, "store/landing")
+    conn = {"conn_type": "aws", "login": CREDS["AWS_ACCESS_KEY_ID"], "password": CREDS["AWS_SECRET_ACCESS_KEY"],
+            "extra": {"endpoint_url": s3_server.endpoint, "region_name": "us-east-1"}}
+    env = {k: v for k, v in airflow_env["env"].items() if not k.startswith("AWS_") and "S3" not in k}
+    env.update({"AIRFLOW__CORE__DAGS_FOLDER": str(ROOT / "tests" / "airflow_user_dags"),
+                "AIRFLOW_CONN_DAYBREAK_S3": json.dumps(conn), "DAYBREAK_TEST_S3_STORE": f"s3://{bucket}/store"})
     out = _check(env, "user")
     assert out["user_dag_state"] == "success"
+    s3_result = out["user_xcom"]["stage_flights_s3"]
+    s3_result = json.loads(s3_result) if isinstance(s3_result, str) else s3_result
+    assert s3_result["rows"] == 914 and s3_result["sources"]["flights"]["uri"].startswith("s3://airflow-conn/")
+    assert CREDS["AWS_SECRET_ACCESS_KEY"] not in json.dumps(out)
     staged = out["user_xcom"]["stage_flights"]
     staged = json.loads(staged) if isinstance(staged, str) else staged
     assert staged["date"] == "2013-01-03" and staged["rows"] == 914

@@ -345,3 +345,31 @@ def test_a_bad_source_stops_every_source(stg: Stage, landing: Path, spec) -> Non
     with pytest.raises(ContractError, match="weather"):
         stg.run(both)
     assert stg.published() is None
+
+
+def test_file_references_with_presigned_urls(stg: Stage) -> None:
+    import httpx
+
+    from daybreak.spec import SourceSpec
+    from daybreak.stage import file_urls
+
+    images = {f"img-{i}.png": bytes([i]) * (100 + i) for i in range(3)}
+    for name, data in images.items():
+        stg.put(f"images/{DAY}/{name}", data)
+    src = SourceSpec(path="landing/images/{date}/*.png", format="files")
+    spec = stg.spec.model_copy(update={"sources": {"images": src}})
+    out = stg.run(spec)["sources"]["images"]
+    assert out["rows"] == 3
+    table = stg.published("images")
+    assert table.column_names == ["uri", "name", "size", "last_modified", "checksum"]
+    assert sorted(table.column("size").to_pylist()) == [100, 101, 102]
+    assert all(c.startswith("etag:" if stg.kind == "s3" else "sha256:") for c in table.column("checksum").to_pylist())
+    assert stg.run(spec)["sources"]["images"]["skipped"] is True
+    urls = file_urls(spec, stg.ctx(), "images", expires_in=60)
+    for u in urls:
+        if stg.kind == "s3":
+            assert "Signature" in u["url"] or "X-Amz-Signature" in u["url"]
+            r = httpx.get(u["url"], timeout=10)  # no credentials needed
+            assert r.status_code == 200 and r.content == images[u["name"]]
+        else:
+            assert Path(u["url"].removeprefix("file://")).read_bytes() == images[u["name"]]

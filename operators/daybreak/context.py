@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from datetime import date, datetime
 from pathlib import Path
 
-from daybreak.store import Store
+from daybreak.store import StorageOptions, Store
 
 
 def daybreak_home() -> Path:
@@ -50,6 +50,7 @@ class RunContext:
         tracking_uri: str | None = None,
         run_id: str | None = None,
         ray_address: str | None = None,
+        storage: StorageOptions | dict | None = None,
     ) -> RunContext:
         home = daybreak_home()
         store_root = store or os.environ.get("DAYBREAK_STORE") or str(home / "store")
@@ -59,7 +60,7 @@ class RunContext:
             artifacts = (home / "mlartifacts").as_uri()
         return cls(
             logical_date=parse_date(logical_date),
-            store=Store(store_root),
+            store=Store(store_root, StorageOptions(**storage) if isinstance(storage, dict) else storage),
             tracking_uri=uri,
             run_id=run_id or uuid.uuid4().hex[:12],
             ray_address=ray_address or os.environ.get("RAY_ADDRESS") or None,

@@ -549,12 +549,22 @@ def stage(spec: Spec, ctx: RunContext) -> dict[str, Any]:
     """
     prepared = [_prepare(name, src, ctx) for name, src in spec.sources.items()]
     results = {p.name: _publish(p, ctx) for p in prepared}
-    base = results[spec.features.base]
+    base = results.get(spec.features.base)
     return {
         "step": "stage",
         "date": ctx.logical_date.isoformat(),
-        "rows": base["rows"],
+        "rows": base["rows"] if base else sum(r["rows"] for r in results.values()),
         "rows_in": sum(r["rows_in"] for r in results.values()),
         "rows_quarantined": sum(r["rows_quarantined"] for r in results.values()),
         "sources": results,
     }
+
+
+def file_urls(spec: Spec, ctx: RunContext, source: str, expires_in: int = 3600) -> list[dict[str, Any]]:
+    """The staged file manifest of a ``format: files`` source, each file with a presigned URL
+    valid for `expires_in` seconds, so readers need no storage credentials."""
+    part = ctx.store.partition(f"staged/{source}", ctx.logical_date)
+    if part is None:
+        raise MissingInputError(f"no staged partition of {source!r} for {ctx.logical_date}")
+    rows = pa.concat_tables([pq.read_table(f, filesystem=ctx.store.fs) for f in part.files]).to_pylist()
+    return [{**r, "url": ctx.store.presigned_url(r["uri"], expires_in)} for r in rows]

@@ -51,10 +51,10 @@ def resolve_date(*candidates: Any) -> date:
 
 def run_step(step: str, spec: str | Spec, day: str | date | datetime, *, run_id: str | None = None,
              store: str | None = None, tracking_uri: str | None = None, ray_address: str | None = None,
-             **options: Any) -> dict[str, Any]:
+             storage: Any = None, **options: Any) -> dict[str, Any]:
     if step not in STEP_NAMES:
         raise ValueError(f"unknown step {step!r}; steps are {list(STEP_NAMES)}")
     s = spec if isinstance(spec, Spec) else load_spec(spec)
     ctx = RunContext.create(day, store=store or None, tracking_uri=tracking_uri or None, run_id=run_id,
-                            ray_address=ray_address or None)
+                            ray_address=ray_address or None, storage=storage)
     return _registry()[step](s, ctx, **options)

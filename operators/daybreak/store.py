@@ -255,6 +255,14 @@ class Store:
                     except OSError:
                         pass
 
+    def presigned_url(self, uri: str, expires_in: int = 3600) -> str:
+        """A URL a downstream reader can GET without storage credentials (S3), or a file:// URI."""
+        if uri.startswith("s3://"):
+            bucket, _, key = uri[len("s3://"):].partition("/")
+            return self.options.boto3_client().generate_presigned_url(
+                "get_object", Params={"Bucket": bucket, "Key": key}, ExpiresIn=int(expires_in))
+        return Path(uri).resolve().as_uri()
+
     # --- small documents --------------------------------------------------------------------
     def _read_json_path(self, path: str) -> Any | None:
         try:

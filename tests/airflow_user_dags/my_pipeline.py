@@ -21,5 +21,10 @@ def my_pipeline() -> None:
 
     report(staged.output)
 
+    if os.environ.get("DAYBREAK_TEST_S3_STORE"):
+        # the same operator against S3, credentials from the Airflow Connection 'daybreak_s3'
+        StageDataOperator(task_id="stage_flights_s3", spec=os.environ["DAYBREAK_SPEC"], logical_date="{{ ds }}",
+                          store=os.environ["DAYBREAK_TEST_S3_STORE"], aws_conn_id="daybreak_s3")
+
 
 my_pipeline()

@@ -6,6 +6,22 @@ from typing import Any, ClassVar
 from airflow.sdk import BaseOperator
 
 
+def storage_options(conn_id: str | None) -> Any:
+    """S3 settings from an Airflow Connection (type aws or generic); None: from the environment."""
+    if not conn_id:
+        return None
+    from airflow.sdk import BaseHook
+
+    from daybreak.store import StorageOptions
+
+    conn = BaseHook.get_connection(conn_id)
+    extra = conn.extra_dejson or {}
+    endpoint = extra.get("endpoint_url") or (f"{conn.schema or 'https'}://{conn.host}:{conn.port}" if conn.host else None)
+    return StorageOptions(endpoint_url=endpoint, region=extra.get("region_name") or extra.get("region"),
+                          access_key=conn.login or None, secret_key=conn.password or None,
+                          session_token=extra.get("aws_session_token"))
+
+
 class DaybreakStepOperator(BaseOperator):
     """Run one daybreak step for a logical date.
 
@@ -15,15 +31,19 @@ class DaybreakStepOperator(BaseOperator):
     :param store: store root; default ``$DAYBREAK_STORE`` / ``$DAYBREAK_HOME/store``.
     :param tracking_uri: MLflow tracking URI; default ``$MLFLOW_TRACKING_URI``.
     :param ray_address: Ray cluster address; default ``$RAY_ADDRESS`` or a local Ray.
+    :param aws_conn_id: Airflow Connection with S3 credentials (login = access key, password =
+        secret key, extra ``endpoint_url`` / ``region_name``); default: the environment.
     """
 
     step: ClassVar[str] = ""
-    template_fields: Sequence[str] = ("spec", "logical_date", "store", "tracking_uri", "ray_address")
+    template_fields: Sequence[str] = ("spec", "logical_date", "store", "tracking_uri", "ray_address", "aws_conn_id")
     ui_color = "#fde9c4"
 
     def __init__(self, *, spec: str, logical_date: str | None = None, store: str | None = None,
-                 tracking_uri: str | None = None, ray_address: str | None = None, **kwargs: Any) -> None:
+                 tracking_uri: str | None = None, ray_address: str | None = None, aws_conn_id: str | None = None,
+                 **kwargs: Any) -> None:
         super().__init__(**kwargs)
+        self.aws_conn_id = aws_conn_id
         self.spec = spec
         self.logical_date = logical_date
         self.store = store
@@ -42,14 +62,18 @@ class DaybreakStepOperator(BaseOperator):
         dag_run = context.get("dag_run")
         try:
             day = resolve_date(self.logical_date, context.get("logical_date"), getattr(dag_run, "run_after", None))
-            return run_step(self.step, self.spec, day, run_id=context.get("run_id"), store=self.store,
-                            tracking_uri=self.tracking_uri, ray_address=self.ray_address,
-                            **self.step_options(context))
+            result = run_step(self.step, self.spec, day, run_id=context.get("run_id"), store=self.store,
+                              tracking_uri=self.tracking_uri, ray_address=self.ray_address,
+                              storage=storage_options(self.aws_conn_id), **self.step_options(context))
         except Exception as e:
             if is_retryable(e):
                 raise
             # A bad spec or bad data will not get better on retry: fail the task now.
             raise AirflowFailException(f"{type(e).__name__}: {e}") from e
+        for outlet in self.outlets or []:  # which date and how much, on the asset event
+            context["outlet_events"][outlet].extra = {"date": result.get("date"), "step": self.step,
+                                                      "rows": result.get("rows")}
+        return result
 
 
 class StageDataOperator(DaybreakStepOperator):

@@ -8,6 +8,23 @@ from daybreak.errors import is_retryable
 from daybreak.steps import run_step
 
 
+def storage_options(secret_block: str | None) -> Any:
+    """S3 settings from a Prefect Secret block holding JSON: endpoint_url, region, access_key,
+    secret_key (all optional). None: from the environment."""
+    if not secret_block:
+        return None
+    import json
+
+    from prefect.blocks.system import Secret
+
+    value = Secret.load(secret_block).get()
+    data = json.loads(value) if isinstance(value, str) else dict(value)
+    from daybreak.store import StorageOptions
+
+    return StorageOptions(**{k: data.get(k) for k in ("endpoint_url", "region", "access_key", "secret_key",
+                                                      "session_token")})
+
+
 def _retry_if_transient(task: Any, task_run: Any, state: Any) -> bool:
     return is_retryable(state.data) if isinstance(state.data, BaseException) else True
 
@@ -19,9 +36,11 @@ _OPTS: dict[str, Any] = {"retries": 2, "retry_delay_seconds": [10, 60], "retry_c
 
 
 @task(name="stage_data", task_run_name="stage {date}", **_OPTS)
-def stage_data(spec: str, date: str, store: str | None = None) -> dict[str, Any]:
-    """Stage the day's landing files into validated Parquet partitions."""
-    return run_step("stage", spec, date, store=store)
+def stage_data(spec: str, date: str, store: str | None = None, storage_secret: str | None = None) -> dict[str, Any]:
+    """Stage the day's landing files into validated Parquet partitions.
+
+    `storage_secret` names a Secret block with the S3 settings (never printed)."""
+    return run_step("stage", spec, date, store=store, storage=storage_options(storage_secret))
 
 
 @task(name="build_features", task_run_name="features {date}", **_OPTS)
