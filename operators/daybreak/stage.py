@@ -23,6 +23,7 @@ import logging
 import posixpath
 import re
 from dataclasses import dataclass, field
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -94,7 +95,7 @@ def _csv_opts(src: SourceSpec, types: dict[str, pa.DataType], ragged: list[dict[
 def _read_csv(data: bytes, src: SourceSpec) -> tuple[pa.Table, list[dict[str, Any]]]:
     """Typed read first (the fast path); if some value does not convert, read all columns as text
     so the bad values can be found row by row."""
-    if not data.strip():
+    if _blank(data):
         raise FileProblem("empty file")
     ragged: list[dict[str, Any]] = []
     try:
@@ -116,6 +117,10 @@ def _read_csv(data: bytes, src: SourceSpec) -> tuple[pa.Table, list[dict[str, An
     return table, ragged
 
 
+def _blank(data: bytes) -> bool:
+    return not data[:4096].strip() and not data.strip()
+
+
 def _describe(e: Exception, src: SourceSpec) -> str:
     msg = str(e).strip().splitlines()[0]
     if "utf8" in msg.lower() or "utf-8" in msg.lower():
@@ -128,7 +133,7 @@ def _describe(e: Exception, src: SourceSpec) -> str:
 def _read_file(data: bytes, src: SourceSpec) -> tuple[pa.Table, list[dict[str, Any]]]:
     if src.format == "csv":
         return _read_csv(data, src)
-    if not data.strip():
+    if _blank(data):
         raise FileProblem("empty file")
     try:
         if src.format == "parquet":
@@ -253,41 +258,46 @@ def _rule_reasons(table: pa.Table, src: SourceSpec, day: Any) -> dict[str, pa.Ar
     """Per row rule -> reason (null where the row passes), for rules that hold row by row."""
     out: dict[str, list[pa.Array]] = {}
 
-    def add(rule: str, mask: Any, text: Any) -> None:
+    def add(rule: str, mask: Any, text: Callable[[], Any]) -> None:
+        # texts are built only for rules that some row breaks: the common case costs one mask
         mask = pc.fill_null(mask, False)
         if pc.any(mask).as_py():
-            out.setdefault(rule, []).append(pc.if_else(mask, text, pa.scalar(None, pa.string())))
+            out.setdefault(rule, []).append(pc.if_else(mask, text(), pa.scalar(None, pa.string())))
+
+    def joined(prefix: str, col: Any, suffix: str) -> Callable[[], Any]:
+        return lambda: pc.binary_join_element_wise(prefix, pc.cast(col, pa.string()), suffix, "")
 
     for name, cs in src.columns.items():
         col = table.column(name)
-        if not cs.nullable:
-            add("not_null", pc.is_null(col), pa.scalar(f"not_null: {name} is null"))
+        if not cs.nullable and col.null_count:
+            add("not_null", pc.is_null(col), lambda name=name: pa.scalar(f"not_null: {name} is null"))
         if pa.types.is_floating(col.type) and not cs.allow_nonfinite:
-            add("finite", pc.or_(pc.is_nan(col), pc.is_inf(col)), pa.scalar(f"finite: {name} is NaN or infinite"))
-        if cs.min is not None or cs.max is not None:
-            as_text = pc.cast(col, pa.string())
-            if cs.min is not None:
-                add("range", pc.less(col, cs.min),
-                    pc.binary_join_element_wise(f"range: {name}=", as_text, f" < min {cs.min:g}", ""))
-            if cs.max is not None:
-                add("range", pc.greater(col, cs.max),
-                    pc.binary_join_element_wise(f"range: {name}=", as_text, f" > max {cs.max:g}", ""))
+            add("finite", pc.or_(pc.is_nan(col), pc.is_inf(col)),
+                lambda name=name: pa.scalar(f"finite: {name} is NaN or infinite"))
+        if cs.min is not None:
+            add("range", pc.less(col, cs.min), joined(f"range: {name}=", col, f" < min {cs.min:g}"))
+        if cs.max is not None:
+            add("range", pc.greater(col, cs.max), joined(f"range: {name}=", col, f" > max {cs.max:g}"))
         if cs.allowed is not None:
             allowed = pa.array(cs.allowed).cast(col.type)
-            add("allowed", pc.invert(pc.is_in(col, value_set=allowed)),
-                pc.binary_join_element_wise(f"allowed: {name}=", pc.cast(col, pa.string()), " is not allowed", ""))
+            add("allowed", pc.invert(pc.is_in(col, value_set=allowed)), joined(f"allowed: {name}=", col, " is not allowed"))
     if src.unique:
-        keys = table.select(src.unique).to_pandas()
-        dup = keys.duplicated(keep="first").to_numpy() & keys.notna().all(axis=1).to_numpy()
-        add("unique", pa.array(dup), pa.scalar(f"unique: duplicate key {src.unique}"))
+        # the first row of each key is kept; every later one is a duplicate (rows with a null key part are not)
+        idx = pa.table({**{c: table.column(c) for c in src.unique}, "__i": pa.array(np.arange(table.num_rows))})
+        firsts = idx.group_by(src.unique).aggregate([("__i", "min")]).column("__i_min")
+        dup = pc.invert(pc.is_in(idx.column("__i"), value_set=firsts))
+        has_null = None
+        for c in src.unique:
+            nulls = pc.is_null(table.column(c))
+            has_null = nulls if has_null is None else pc.or_(has_null, nulls)
+        add("unique", pc.and_(dup, pc.invert(has_null)), lambda: pa.scalar(f"unique: duplicate key {src.unique}"))
     if src.event_time is not None:
         et = src.event_time
         zone = et.date_timezone or et.timezone or "UTC"
         ts = table.column(et.column)
         local_day = pc.cast(ts.cast(pa.timestamp(ts.type.unit, tz=zone)), pa.date32())
         add("date", pc.not_equal(local_day, pa.scalar(day, pa.date32())),
-            pc.binary_join_element_wise(f"date: {et.column}=", pc.cast(ts, pa.string()),
-                                        f" is not on {day.isoformat()} ({zone})", ""))
+            joined(f"date: {et.column}=", ts, f" is not on {day.isoformat()} ({zone})"))
     return {rule: _join_reasons(parts, table.num_rows) for rule, parts in out.items()}
 
 
