@@ -22,6 +22,7 @@ import json
 import logging
 import posixpath
 import re
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from collections.abc import Callable
 from typing import Any
@@ -283,14 +284,8 @@ def _rule_reasons(table: pa.Table, src: SourceSpec, day: Any) -> dict[str, pa.Ar
             add("allowed", pc.invert(pc.is_in(col, value_set=allowed)), joined(f"allowed: {name}=", col, " is not allowed"))
     if src.unique:
         # the first row of each key is kept; every later one is a duplicate (rows with a null key part are not)
-        idx = pa.table({**{c: table.column(c) for c in src.unique}, "__i": pa.array(np.arange(table.num_rows))})
-        firsts = idx.group_by(src.unique).aggregate([("__i", "min")]).column("__i_min")
-        dup = pc.invert(pc.is_in(idx.column("__i"), value_set=firsts))
-        has_null = None
-        for c in src.unique:
-            nulls = pc.is_null(table.column(c))
-            has_null = nulls if has_null is None else pc.or_(has_null, nulls)
-        add("unique", pc.and_(dup, pc.invert(has_null)), lambda: pa.scalar(f"unique: duplicate key {src.unique}"))
+        dup, has_null = _duplicates(table, src.unique)
+        add("unique", pa.array(dup & ~has_null), lambda: pa.scalar(f"unique: duplicate key {src.unique}"))
     if src.event_time is not None:
         et = src.event_time
         zone = et.date_timezone or et.timezone or "UTC"
@@ -299,6 +294,37 @@ def _rule_reasons(table: pa.Table, src: SourceSpec, day: Any) -> dict[str, pa.Ar
         add("date", pc.not_equal(local_day, pa.scalar(day, pa.date32())),
             joined(f"date: {et.column}=", ts, f" is not on {day.isoformat()} ({zone})"))
     return {rule: _join_reasons(parts, table.num_rows) for rule, parts in out.items()}
+
+
+def _duplicates(table: pa.Table, keys: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """Rows whose key already appeared earlier, and rows with a null key part.
+
+    Each key column is dictionary-encoded and the codes are packed into one int64 (hash-based
+    duplicate detection on one integer column is several times faster than grouping on many)."""
+    import pandas as pd
+
+    n = table.num_rows
+    packed = np.zeros(n, dtype=np.int64)
+    has_null = np.zeros(n, dtype=bool)
+    span = 1
+    for c in keys:
+        col = table.column(c)
+        lo_hi = pc.min_max(col).as_py() if pa.types.is_integer(col.type) else None
+        if lo_hi and lo_hi["min"] is not None and lo_hi["max"] - lo_hi["min"] < 1 << 24:
+            codes = pc.subtract(col, lo_hi["min"]).to_numpy()  # small integer ranges need no dictionary
+            card = lo_hi["max"] - lo_hi["min"] + 2
+        else:
+            enc = pc.dictionary_encode(col).combine_chunks()
+            codes = enc.indices.to_numpy(zero_copy_only=False)
+            card = len(enc.dictionary) + 1
+        nulls = pd.isna(codes)
+        has_null |= nulls
+        if span * card >= 2**62:  # too many combinations to pack: fall back to grouping
+            frame = table.select(keys).to_pandas()
+            return frame.duplicated(keep="first").to_numpy(), frame.isna().any(axis=1).to_numpy()
+        packed = packed * card + np.where(nulls, 0, codes + 1).astype(np.int64)
+        span *= card
+    return pd.Series(packed).duplicated(keep="first").to_numpy(), has_null
 
 
 # --- the step --------------------------------------------------------------------------------
@@ -310,6 +336,24 @@ class Prepared:
     result: dict[str, Any] | None = None  # set when the published partition is kept as is
     good: pa.Table | None = None
     manifest: dict[str, Any] = field(default_factory=dict)
+    pending: Any = None  # a run already written while the rules were checked
+    written: Any = None  # its future
+
+    def discard(self, ctx: RunContext) -> None:
+        if self.pending is not None:
+            try:
+                self.written.result()
+            except Exception:
+                pass
+            ctx.store.abort(self.pending)
+            self.pending = None
+
+
+def _write_parquet(table: pa.Table, fs: pafs.FileSystem, folder: str) -> None:
+    pq.write_table(table, posixpath.join(folder, "part-0.parquet"), filesystem=fs, compression="zstd")
+
+
+_WRITER = ThreadPoolExecutor(max_workers=2, thread_name_prefix="daybreak-stage")
 
 
 def _lineage(src: SourceSpec, digests: dict[str, str], day: Any) -> str:
@@ -357,10 +401,29 @@ def _prepare(name: str, src: SourceSpec, ctx: RunContext) -> Prepared:
     table = (pa.concat_tables([r.table for r in good_reads], promote_options="default") if good_reads
              else schema.empty_table())
     n = table.num_rows
+    # Most drops are clean: write them while the rules run (pyarrow releases the GIL) into a run
+    # nothing points at yet. The run is discarded if any row or rule says otherwise.
+    spec_run = None
+    if n and not bad_files and all(r.type_reasons is None and not r.ragged for r in good_reads):
+        spec_run = Prepared(name, src)
+        spec_run.pending = ctx.store.begin(f"staged/{name}", day, run=ctx.run_id)
+        spec_run.written = _WRITER.submit(_write_parquet, table.select(list(src.columns)), ctx.store.fs,
+                                          spec_run.pending.folder)
+    try:
+        return _decide(name, src, ctx, day, reads, good_reads, table, n, bad_files, digests, lineage_key, spec_run)
+    except BaseException:
+        if spec_run is not None:
+            spec_run.discard(ctx)
+        raise
+
+
+def _decide(name: str, src: SourceSpec, ctx: RunContext, day: Any, reads: list[FileRead], good_reads: list[FileRead],
+            table: pa.Table, n: int, bad_files: list[dict[str, str]], digests: dict[str, str], lineage_key: str,
+            spec_run: Prepared | None) -> Prepared:
+    rule_reasons = _rule_reasons(table, src, day) if n else {}
     type_reasons = pa.chunked_array(
         [c for r in good_reads for c in (r.type_reasons.chunks if r.type_reasons is not None
                                          else [pa.nulls(r.table.num_rows, pa.string())])], type=pa.string())
-    rule_reasons = _rule_reasons(table, src, day) if n else {}
     if n and pc.any(pc.is_valid(type_reasons)).as_py():
         rule_reasons = {"type": type_reasons, **rule_reasons}
     ragged = [{**r, "file": f.name} for f in good_reads for r in f.ragged]
@@ -390,7 +453,7 @@ def _prepare(name: str, src: SourceSpec, ctx: RunContext) -> Prepared:
     bad_mask = pc.is_valid(reasons) if reasons is not None else pa.chunked_array([pa.repeat(False, n)], pa.bool_())
     n_bad = (pc.sum(bad_mask).as_py() or 0) + (len(ragged) if src.severity_of("ragged") == "quarantine" else 0)
     rows_in = n + len(ragged)
-    good = table.filter(pc.invert(bad_mask))
+    good = table.filter(pc.invert(bad_mask)) if pc.any(bad_mask).as_py() else table
 
     for cname, cs in src.columns.items():
         if cs.max_null_fraction is not None and good.num_rows:
@@ -419,6 +482,9 @@ def _prepare(name: str, src: SourceSpec, ctx: RunContext) -> Prepared:
         raise ContractError(f"source {name!r} {day}: nothing published: " + " | ".join(blocking) + where)
 
     published = good.select(list(src.columns))
+    if spec_run is not None and good is not table:  # rows were quarantined: the speculative run is wrong
+        spec_run.discard(ctx)
+        spec_run = None
     manifest = {
         "source": name, "date": day.isoformat(), "rows": published.num_rows, "rows_in": rows_in,
         "rows_quarantined": n_bad, "files_quarantined": len(bad_files), "inputs": digests,
@@ -426,6 +492,9 @@ def _prepare(name: str, src: SourceSpec, ctx: RunContext) -> Prepared:
         "schema": {f.name: str(f.type) for f in published.schema}, "warnings": warnings,
         "quarantine_uri": q_uri,
     }
+    if spec_run is not None:
+        spec_run.good, spec_run.manifest = published, manifest
+        return spec_run
     return Prepared(name, src, good=published, manifest=manifest)
 
 
@@ -522,6 +591,15 @@ def _publish(p: Prepared, ctx: RunContext) -> dict[str, Any]:
     if p.result is not None:
         return p.result
     table = p.good
+    if p.pending is not None:
+        try:
+            p.written.result()
+        except BaseException:
+            ctx.store.abort(p.pending)
+            raise
+        part = ctx.store.commit(p.pending, p.manifest)
+        log.info("staged %s %s: %d rows -> %s", p.name, ctx.logical_date, table.num_rows, part.uri)
+        return _result(part, skipped=False)
 
     def write(fs: pafs.FileSystem, folder: str) -> dict[str, Any]:
         pq.write_table(table, posixpath.join(folder, "part-0.parquet"), filesystem=fs, compression="zstd")
@@ -557,7 +635,14 @@ def stage(spec: Spec, ctx: RunContext) -> dict[str, Any]:
     All sources are read and checked before any is published, so a contract breach in one
     source publishes nothing for that date.
     """
-    prepared = [_prepare(name, src, ctx) for name, src in spec.sources.items()]
+    prepared: list[Prepared] = []
+    try:
+        for name, src in spec.sources.items():
+            prepared.append(_prepare(name, src, ctx))
+    except BaseException:
+        for p in prepared:  # runs written ahead for sources that passed: nothing points at them
+            p.discard(ctx)
+        raise
     results = {p.name: _publish(p, ctx) for p in prepared}
     base = results.get(spec.features.base)
     return {

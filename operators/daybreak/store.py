@@ -21,6 +21,7 @@ import hashlib
 import json
 import os
 import posixpath
+import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -31,7 +32,7 @@ from typing import Any
 import pyarrow.fs as pafs
 
 MANIFEST = "_manifest.json"
-KEEP_RUNS = 2  # the current run and the one before it
+PENDING_GRACE_NS = 15 * 60 * 10**9  # runs younger than this may be another writer's, still in progress
 
 
 @dataclass(frozen=True)
@@ -115,6 +116,15 @@ class Partition:
         return self.dir
 
 
+@dataclass(frozen=True)
+class PendingRun:
+    zone: str
+    day: date
+    token: str
+    folder: str
+    rel_root: str
+
+
 class Store:
     """A local folder or an ``s3://bucket/prefix`` holding the zones."""
 
@@ -186,27 +196,30 @@ class Store:
                 out.append(date.fromisoformat(i.base_name[5:]))
         return sorted(out)
 
-    def publish(self, zone: str, day: date, write: Callable[[pafs.FileSystem, str], dict[str, Any]],
-                run: str | None = None) -> Partition:
-        """Run ``write(fs, folder)`` to write the data files of a new run, then make it the partition.
-
-        `write` returns the manifest fields; the list of files and their content hash are added
-        here. On any error the new run is removed and the published partition is untouched.
-        """
+    def begin(self, zone: str, day: date, run: str | None = None) -> PendingRun:
+        """Start a new, invisible run folder for a partition; write files into ``.folder``."""
         token = run or uuid.uuid4().hex[:12]
         if self.kind == "local":
-            runs = self.path(zone, ".runs", f"date={day.isoformat()}")
-            run_dir = posixpath.join(runs, token)
-            rel_root = run_dir
+            folder = self.path(zone, ".runs", f"date={day.isoformat()}", token)
+            rel_root = folder
         else:
-            run_dir = posixpath.join(self.partition_dir(zone, day), f"run={token}")
+            folder = posixpath.join(self.partition_dir(zone, day), f"run={token}")
             rel_root = self.partition_dir(zone, day)
-        self.fs.create_dir(run_dir, recursive=True)
+        self.fs.create_dir(folder, recursive=True)
+        return PendingRun(zone, day, token, folder, rel_root)
+
+    def commit(self, pending: PendingRun, fields: dict[str, Any]) -> Partition:
+        """Make a written run the partition: the one atomic step. On error the run is removed."""
+        zone, day, token, run_dir, rel_root = pending.zone, pending.day, pending.token, pending.folder, pending.rel_root
+        before = self.partition(zone, day)
+        previous = before.manifest.get("run") if before is not None else None
         try:
-            manifest = dict(write(self.fs, run_dir))
+            manifest = dict(fields)
             infos = self.fs.get_file_info(pafs.FileSelector(run_dir))
             files = sorted(i.path for i in infos if i.type == pafs.FileType.File
                            and not i.base_name.startswith((".", "_")))
+            if not files:
+                raise OSError(f"run {run_dir} has no data files (removed by another writer?); not publishing it")
             manifest["files"] = [posixpath.relpath(f, rel_root) for f in files]
             manifest["content_hash"] = sha256_files(files, self.fs)
             manifest["run"] = token
@@ -223,25 +236,54 @@ class Store:
                 self._write_json_path(posixpath.join(rel_root, MANIFEST), manifest)  # the pointer, last
                 part = Partition(rel_root, manifest, self.fs, self.uri(rel_root))
         except BaseException:
-            self.fs.delete_dir_contents(run_dir, missing_dir_ok=True)
-            _delete_dir(self.fs, run_dir)
+            self.abort(pending)
             raise
-        self._collect(zone, day, keep=token)
+        self._collect(zone, day, keep={token, previous})
         return part
 
-    def _collect(self, zone: str, day: date, keep: str) -> None:
-        """Remove runs older than the current and previous one (best effort)."""
+    def abort(self, pending: PendingRun) -> None:
+        """Remove a run that will not be published (nothing points at it)."""
+        try:
+            self.fs.delete_dir_contents(pending.folder, missing_dir_ok=True)
+        except OSError:
+            pass
+        _delete_dir(self.fs, pending.folder)
+
+    def publish(self, zone: str, day: date, write: Callable[[pafs.FileSystem, str], dict[str, Any]],
+                run: str | None = None) -> Partition:
+        """Run ``write(fs, folder)`` to write the data files of a new run, then make it the partition.
+
+        `write` returns the manifest fields; the list of files and their content hash are added
+        here. On any error the new run is removed and the published partition is untouched.
+        """
+        pending = self.begin(zone, day, run)
+        try:
+            fields = write(self.fs, pending.folder)
+        except BaseException:
+            self.abort(pending)
+            raise
+        return self.commit(pending, fields)
+
+    def _collect(self, zone: str, day: date, keep: set[str | None]) -> None:
+        """Remove runs other than the current one and the one it replaced (readers may still be
+        on that), including runs a crashed publish left behind (best effort)."""
         if self.kind == "local":
             parent = self.path(zone, ".runs", f"date={day.isoformat()}")
             prefix = ""
         else:
             parent = self.partition_dir(zone, day)
             prefix = "run="
-        infos = [i for i in self.fs.get_file_info(pafs.FileSelector(parent, allow_not_found=True))
-                 if i.type == pafs.FileType.Directory and i.base_name.startswith(prefix)]
-        infos.sort(key=lambda i: i.mtime_ns or 0, reverse=True)
-        stale = [i for i in infos if i.base_name != f"{prefix}{keep}"][KEEP_RUNS - 1:]
-        for i in stale:
+        for i in self.fs.get_file_info(pafs.FileSelector(parent, allow_not_found=True)):
+            if i.type != pafs.FileType.Directory or not i.base_name.startswith(prefix):
+                continue
+            if i.base_name[len(prefix):] in keep:
+                continue
+            mtime = i.mtime_ns
+            if mtime is None:  # S3 "folders" have no time: take their newest object's
+                inner = self.fs.get_file_info(pafs.FileSelector(i.path, allow_not_found=True))
+                mtime = max((x.mtime_ns or 0 for x in inner), default=0)
+            if time.time_ns() - mtime < PENDING_GRACE_NS:
+                continue  # possibly another writer's run in progress
             try:
                 self.fs.delete_dir(i.path)
             except OSError:
