@@ -58,3 +58,38 @@ def test_permanent_errors_are_not_retried() -> None:
     assert _retry_if_transient(None, None, State(ContractError("bad file"))) is False
     assert _retry_if_transient(None, None, State(ConnectionError("mlflow restarting"))) is True
     assert is_retryable(ValueError("bad date")) is False
+
+
+SECRET_SCRIPT = """
+import json
+from prefect import flow
+from prefect.blocks.system import Secret
+from daybreak.prefect import stage_data
+Secret(value=json.dumps({creds!r})).save("daybreak-s3", overwrite=True)
+
+@flow
+def stage_from_s3():
+    return stage_data({spec!r}, "2013-01-03", store={store!r}, storage_secret="daybreak-s3")
+
+print("RESULT " + json.dumps(stage_from_s3(), default=str))
+"""
+
+
+def test_s3_credentials_from_a_secret_block(s3_server, landing: Path, tmp_path: Path) -> None:
+    from s3 import CREDS
+
+    bucket = "prefect-secret"
+    s3_server.client().create_bucket(Bucket=bucket)
+    s3_server.upload_dir(landing, bucket, "store/landing")
+    creds = {"endpoint_url": s3_server.endpoint, "region": "us-east-1",
+             "access_key": CREDS["AWS_ACCESS_KEY_ID"], "secret_key": CREDS["AWS_SECRET_ACCESS_KEY"]}
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "AWS_", "DAYBREAK_S3"))}
+    env.update(PREFECT_HOME=str(tmp_path / "prefect"), PREFECT_LOGGING_LEVEL="INFO", PYTHONWARNINGS="ignore",
+               DAYBREAK_HOME=str(tmp_path / "home"))
+    code = SECRET_SCRIPT.format(creds=creds, spec=str(SPEC), store=f"s3://{bucket}/store")
+    proc = subprocess.run([str(BIN / "python"), "-c", code], env=env, capture_output=True, text=True, timeout=600)
+    line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
+    assert line, proc.stdout[-3000:] + proc.stderr[-3000:]
+    out = json.loads(line[len("RESULT "):])
+    assert out["rows"] == 914 and out["sources"]["flights"]["uri"].startswith(f"s3://{bucket}/")
+    assert CREDS["AWS_SECRET_ACCESS_KEY"] not in proc.stdout + proc.stderr
