@@ -76,7 +76,7 @@ def main() -> int:
     print("\nDone. Next:", file=out)
     print(f"  MLflow UI:    .venv/bin/mlflow ui --backend-store-uri sqlite:///{home}/mlflow.db --port 5000", file=out)
     print(f"  Serve model:  DAYBREAK_HOME={home} .venv/bin/daybreak serve --spec {args.spec}", file=out)
-    print(f"                then: curl -s localhost:5055/version", file=out)
+    print("                then: curl -s localhost:5055/version", file=out)
     print(f"  History:      DAYBREAK_HOME={home} .venv/bin/daybreak history --spec {args.spec}", file=out)
     return 0
 
