@@ -13,6 +13,11 @@ from daybreak import registry
 from daybreak.context import RunContext
 from daybreak.gate import PROMOTE, SKIPPED
 
+# The ephemeral API keeps its state in SQLite. On a busy 2-core machine its start-up writes can
+# wait on each other longer than the 5 s default, and the telemetry service adds one more writer.
+QUIET_PREFECT = {"PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_SERVER_DATABASE_CONNECTION_TIMEOUT": "60",
+                 "PREFECT_SERVER_DATABASE_TIMEOUT": "60"}
+
 SCRIPT = """
 import json, sys
 sys.path.insert(0, {flows!r})
@@ -24,7 +29,8 @@ print("RESULT " + json.dumps([{{k: r[k] for k in ("date", "gate", "promote")}} f
 
 def test_daily_retrain_flow_two_days(home: Path, tmp_path: Path, spec) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
-    env.update(PREFECT_HOME=str(tmp_path / "prefect"), PREFECT_LOGGING_LEVEL="WARNING", PYTHONWARNINGS="ignore")
+    env.update(PREFECT_HOME=str(tmp_path / "prefect"), PREFECT_LOGGING_LEVEL="WARNING", PYTHONWARNINGS="ignore",
+               **QUIET_PREFECT)
     code = SCRIPT.format(flows=str(ROOT / "flows"), spec=str(SPEC))
     proc = subprocess.run([str(BIN / "python"), "-c", code], env=env, capture_output=True, text=True, timeout=600)
     line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
@@ -84,7 +90,8 @@ def test_s3_credentials_from_a_secret_block(s3_server, landing: Path, tmp_path: 
              "access_key": CREDS["AWS_ACCESS_KEY_ID"], "secret_key": CREDS["AWS_SECRET_ACCESS_KEY"]}
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "AWS_", "DAYBREAK_S3"))}
     env.update(PREFECT_HOME=str(tmp_path / "prefect"), PREFECT_LOGGING_LEVEL="INFO", PYTHONWARNINGS="ignore",
-               DAYBREAK_HOME=str(tmp_path / "home"))
+               **QUIET_PREFECT)
+    env["DAYBREAK_HOME"] = str(tmp_path / "home")
     code = SECRET_SCRIPT.format(creds=creds, spec=str(SPEC), store=f"s3://{bucket}/store")
     proc = subprocess.run([str(BIN / "python"), "-c", code], env=env, capture_output=True, text=True, timeout=600)
     line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
