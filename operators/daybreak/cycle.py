@@ -21,9 +21,6 @@ from daybreak.train import train_model
 
 log = logging.getLogger(__name__)
 
-STEPS = ("stage", "features", "train", "gate", "promote", "deploy")
-
-
 def run_cycle(spec: Spec, ctx: RunContext, deploy: bool = True) -> dict[str, Any]:
     out: dict[str, Any] = {"date": ctx.logical_date.isoformat(), "run_id": ctx.run_id}
     out["stage"] = stage(spec, ctx)

@@ -39,8 +39,8 @@ def deploy_model(spec: Spec, ctx: RunContext, url: str | None = None, timeout: f
     name = spec.model.name
     registry.setup_tracking(ctx, spec.name)
     champ = registry.alias_version(registry.client(ctx), name, spec.promotion.alias)
-    base = url_base = endpoint_url(spec, url)
-    result: dict[str, Any] = {"step": "deploy", "date": ctx.logical_date.isoformat(), "url": url_base,
+    base = endpoint_url(spec, url)
+    result: dict[str, Any] = {"step": "deploy", "date": ctx.logical_date.isoformat(), "url": base,
                               "champion_version": str(champ.version) if champ else None}
     if champ is None:
         return result | {"deployed": False, "reason": "no champion yet"}

@@ -38,6 +38,7 @@ import pyarrow.parquet as pq
 from daybreak.context import RunContext
 from daybreak.errors import ContractError, MissingInputError
 from daybreak.spec import ColumnSpec, SourceSpec, Spec
+from daybreak.store import sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -552,7 +553,7 @@ def _prepare_files(name: str, src: SourceSpec, ctx: RunContext, fs: pafs.FileSys
         etags = _s3_etags(ctx, infos)
     rows = []
     for i in infos:
-        checksum = etags.get(i.path) or f"sha256:{_sha256(fs, i.path)}"
+        checksum = etags.get(i.path) or f"sha256:{sha256_file(i.path, fs)}"
         uri = f"s3://{i.path}" if isinstance(fs, pafs.S3FileSystem) else i.path
         rows.append({"uri": uri, "name": i.base_name, "size": i.size, "last_modified": i.mtime, "checksum": checksum})
     table = pa.Table.from_pylist(rows, schema=pa.schema([
@@ -568,14 +569,6 @@ def _prepare_files(name: str, src: SourceSpec, ctx: RunContext, fs: pafs.FileSys
                 "run_id": ctx.run_id, "schema_hash": hashlib.sha256(str(table.schema).encode()).hexdigest()[:16],
                 "schema": {f.name: str(f.type) for f in table.schema}, "warnings": [], "quarantine_uri": None}
     return Prepared(name, src, good=table, manifest=manifest)
-
-
-def _sha256(fs: pafs.FileSystem, path: str) -> str:
-    h = hashlib.sha256()
-    with fs.open_input_stream(path) as f:
-        while block := f.read(1 << 20):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _s3_etags(ctx: RunContext, infos: list[pafs.FileInfo]) -> dict[str, str]:

@@ -141,7 +141,6 @@ class Store:
             self.kind = "local"
             self.fs = pafs.LocalFileSystem()
             self.base = str(Path(root_s.removeprefix("file://")).expanduser().resolve())
-        self.root = self.base
 
     def __repr__(self) -> str:
         return f"Store({self.uri(self.base)!r})"
