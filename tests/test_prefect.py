@@ -14,9 +14,10 @@ from daybreak.context import RunContext
 from daybreak.gate import PROMOTE, SKIPPED
 
 # The ephemeral API keeps its state in SQLite. On a busy 2-core machine its start-up writes can
-# wait on each other longer than the 5 s default, and the telemetry service adds one more writer.
+# wait on each other longer than the 5 s default, and the telemetry service adds one more writer;
+# the server itself took over the 20 s start-up limit in one loaded CI-like run.
 QUIET_PREFECT = {"PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_SERVER_DATABASE_CONNECTION_TIMEOUT": "60",
-                 "PREFECT_SERVER_DATABASE_TIMEOUT": "60"}
+                 "PREFECT_SERVER_DATABASE_TIMEOUT": "60", "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "300"}
 
 SCRIPT = """
 import json, sys
