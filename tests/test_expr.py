@@ -51,3 +51,25 @@ def test_rejected_expressions_name_the_place(expr: str, msg: str) -> None:
 
 def test_names_in() -> None:
     assert names_in("coalesce(a, b) + minutes(c)") == {"a", "b", "c"}
+
+
+def test_bucketing_quantising_ratios_and_crosses() -> None:
+    t = pa.table({"x": [-1.0, 0.0, 4.99, 5.0, 12.0, None, float("nan")],
+                  "b": [1, 0, 2, None, 4, 1, 1],
+                  "s": ["a", "b", None, "c", "d", "e", "f"]})
+    assert evaluate("bucket(x, 0, 5, 10)", t).to_pylist() == [0, 1, 1, 2, 3, None, None]
+    assert evaluate("quantize(x, 5)", t).to_pylist()[:6] == [-5.0, 0.0, 0.0, 5.0, 10.0, None]
+    assert evaluate("ratio(x, b)", t).to_pylist()[:6] == [-1.0, None, 2.495, None, 3.0, None]
+    assert evaluate("cross(s, b)", t).to_pylist() == ["a|1", "b|0", None, None, "d|4", "e|1", "f|1"]
+    assert evaluate("round(clip(x, 0, 10) / 3)", t).to_pylist()[:5] == [0.0, 0.0, 2.0, 2.0, 3.0]
+    with pytest.raises(ValueError, match="increase strictly"):
+        evaluate("bucket(x, 5, 1)", t)
+    with pytest.raises(ValueError, match="numeric edges"):
+        evaluate("bucket(x)", t)
+
+
+def test_a_column_may_share_a_functions_name() -> None:
+    assert names_in("hour + hour(ts)") == {"hour", "ts"}
+    check_expression("hour * 2", {"hour"}, where="x")
+    with pytest.raises(ValueError, match=r"unknown column\(s\) \['hour'\]"):
+        check_expression("hour * 2", {"ts"}, where="x")

@@ -35,6 +35,50 @@ def _clip(x: Any, lo: Any, hi: Any) -> Any:
     return pc.min_element_wise(pc.max_element_wise(x, lo), hi)
 
 
+def _as_array(x: Any) -> pa.ChunkedArray:
+    if isinstance(x, pa.ChunkedArray):
+        return x
+    if isinstance(x, pa.Array):
+        return pa.chunked_array([x], type=x.type)
+    return pa.chunked_array([pa.array([x.as_py() if isinstance(x, pa.Scalar) else x])])
+
+
+def _bucket(x: Any, *edges: Any) -> Any:
+    """Index of the bucket x falls in: 0 below the first edge, i for edges[i-1] <= x < edges[i]."""
+    import numpy as np
+
+    bounds = [e.as_py() if isinstance(e, pa.Scalar) else e for e in edges]
+    if not bounds or any(not isinstance(b, (int, float)) or isinstance(b, bool) for b in bounds):
+        raise ValueError("bucket(x, e1, e2, ...) needs one or more numeric edges")
+    if any(b >= c for b, c in zip(bounds, bounds[1:])):
+        raise ValueError(f"bucket() edges must increase strictly, got {bounds}")
+    arr = _as_array(x).cast(pa.float64())
+    values = arr.to_numpy()
+    codes = np.searchsorted(np.asarray(bounds, dtype=np.float64), values, side="right")
+    mask = arr.is_null().to_numpy() | np.isnan(values)
+    return pa.array(codes, pa.int64(), mask=mask)
+
+
+def _quantize(x: Any, step: Any) -> Any:
+    """Round down to a multiple of `step` (e.g. quantize(amount, 10): 0, 10, 20, ...)."""
+    return pc.multiply(pc.floor(pc.divide(pc.cast(x, pa.float64()), pc.cast(step, pa.float64()))),
+                       pc.cast(step, pa.float64()))
+
+
+def _ratio(a: Any, b: Any) -> Any:
+    """a / b as a float; null where b is zero (rather than inf)."""
+    b = pc.cast(b, pa.float64())
+    return pc.if_else(pc.equal(b, 0.0), pa.scalar(None, pa.float64()), pc.divide(pc.cast(a, pa.float64()), b))
+
+
+def _cross(*parts: Any) -> Any:
+    """A categorical cross: the values joined with '|' ('JFK|LAX'); null if any part is null."""
+    if len(parts) < 2:
+        raise ValueError("cross() needs two or more arguments")
+    strings = [pc.cast(p, pa.string()) for p in parts]
+    return pc.binary_join_element_wise(*strings, "|", null_handling="emit_null")
+
+
 FUNCTIONS: dict[str, Callable[..., Any]] = {
     "seconds": _duration(1_000_000),
     "minutes": _duration(60_000_000),
@@ -53,6 +97,14 @@ FUNCTIONS: dict[str, Callable[..., Any]] = {
     "sqrt": pc.sqrt,
     "abs": pc.abs,
     "clip": _clip,
+    "floor": pc.floor,
+    "ceil": pc.ceil,
+    "round": pc.round,
+    "exp": pc.exp,
+    "ratio": _ratio,
+    "bucket": _bucket,
+    "quantize": _quantize,
+    "cross": _cross,
     "coalesce": pc.coalesce,
     "where": pc.if_else,
     "is_null": pc.is_null,
@@ -87,9 +139,12 @@ def _parse(expr: str) -> ast.expr:
 
 def names_in(expr: str) -> set[str]:
     """Column names an expression reads."""
+    tree = _parse(expr)
+    called = {id(n.func) for n in ast.walk(tree) if isinstance(n, ast.Call)}
+    # A column may share a function's name ('hour'); only a name being called is the function.
     return {
-        n.id for n in ast.walk(_parse(expr))
-        if isinstance(n, ast.Name) and n.id not in FUNCTIONS and n.id not in {"True", "False", "None"}
+        n.id for n in ast.walk(tree)
+        if isinstance(n, ast.Name) and id(n) not in called and n.id not in {"True", "False", "None"}
     }
 
 

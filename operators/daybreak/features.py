@@ -25,7 +25,7 @@ import pyarrow.compute as pc
 from daybreak.compute import ensure_ray
 from daybreak.context import RunContext
 from daybreak.errors import MissingInputError
-from daybreak.expr import evaluate
+from daybreak.expr import evaluate, names_in
 from daybreak.spec import FeatureSpec, Spec, parse_duration, window_feature_names
 
 log = logging.getLogger(__name__)
@@ -54,7 +54,23 @@ def prepare_events(batch: pa.Table, f: FeatureSpec, day: str) -> pa.Table:
         batch = batch.append_column(f"__wv{i}", pc.cast(evaluate(w.value, batch), pa.float64()))
         known = evaluate(w.known_at, batch).cast(pa.timestamp("us", tz="UTC"))
         batch = batch.append_column(f"__wk{i}", known)
-    return batch
+    # Only what later stages read travels through the shuffles.
+    keep = carried_columns(f)
+    return batch.select([c for c in batch.column_names if c in keep or c.startswith("__")])
+
+
+def carried_columns(f: FeatureSpec) -> set[str]:
+    """Base columns read after the window stage: keys, join and group keys, expression inputs."""
+    cols = {EVENT_TIME, *f.keys, *names_in(f.label.expr)}
+    for c in f.columns:
+        cols |= names_in(c.expr)
+    for j in f.asof:
+        cols |= set(j.by)
+    for lk in f.lookups:
+        cols |= set(lk.by)
+    for w in f.windows:
+        cols |= set(w.by)
+    return cols
 
 
 def _ts_us(col: pa.ChunkedArray | pa.Array) -> np.ndarray:
@@ -77,6 +93,8 @@ def window_aggregates(group: pa.Table, i: int, windows_us: list[int], aggs: list
     cs2 = np.concatenate([[0.0], np.cumsum(vs * vs)])
     t = _ts_us(group.column(EVENT_TIME))
     hi = np.searchsorted(ks, t, side="left")  # known strictly before t
+    mins = _RangeExtreme(vs, np.minimum) if "min" in aggs else None
+    maxs = _RangeExtreme(vs, np.maximum) if "max" in aggs else None
     out: dict[str, np.ndarray] = {}
     n = 0
     for w in windows_us:
@@ -87,11 +105,45 @@ def window_aggregates(group: pa.Table, i: int, windows_us: list[int], aggs: list
             mean = np.where(count > 0, s / count, np.nan)
             var = np.where(count > 1, (cs2[hi] - cs2[lo] - count * mean * mean) / (count - 1), np.nan)
         for agg in aggs:
-            out[names[n]] = {"count": count, "sum": s, "mean": mean, "std": np.sqrt(np.maximum(var, 0.0))}[agg]
+            if agg == "min":
+                out[names[n]] = mins.query(lo, hi)
+            elif agg == "max":
+                out[names[n]] = maxs.query(lo, hi)
+            else:
+                out[names[n]] = {"count": count, "sum": s, "mean": mean, "std": np.sqrt(np.maximum(var, 0.0))}[agg]
             n += 1
     for name, values in out.items():
         group = group.append_column(name, pa.array(values, pa.float64()))
     return group
+
+
+class _RangeExtreme:
+    """Min (or max) of ``values[lo:hi]`` for many ranges at once: a sparse table, O(n log n) to
+    build and O(1) per query, all in numpy (no Python loop over rows)."""
+
+    def __init__(self, values: np.ndarray, op: np.ufunc) -> None:
+        self.op = op
+        self.levels = [values]
+        width = 1
+        while 2 * width <= len(values):
+            prev = self.levels[-1]
+            self.levels.append(op(prev[:-width], prev[width:]))
+            width *= 2
+
+    def query(self, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
+        length = hi - lo
+        out = np.full(len(lo), np.nan)
+        ok = length > 0
+        if not ok.any():
+            return out
+        level = np.floor(np.log2(length[ok])).astype(np.int64)
+        a, b = lo[ok], hi[ok] - (1 << level)
+        res = np.empty(len(a))
+        for j in np.unique(level):
+            sel = level == j
+            res[sel] = self.op(self.levels[j][a[sel]], self.levels[j][b[sel]])
+        out[ok] = res
+        return out
 
 
 def keep_targets(batch: pa.Table) -> pa.Table:
@@ -250,8 +302,36 @@ def build_features(spec: Spec, ctx: RunContext) -> dict[str, Any]:
                 "categorical": f.categorical_names()}
 
     part = ctx.store.publish(zone, day, write, run=ctx.run_id)
-    log.info("features %s: %d rows -> %s", day, part.manifest["rows"], part.uri)
-    return _result(spec, part.uri, part.manifest, skipped=False)
+    nodes = nodes_used(ds)
+    log.info("features %s: %d rows -> %s (on %d Ray node(s))", day, part.manifest["rows"], part.uri, len(nodes))
+    return _result(spec, part.uri, part.manifest, skipped=False) | {"ray_nodes": nodes}
+
+
+def nodes_used(ds: Any) -> list[str]:
+    """Ids of the Ray nodes that ran the dataset's tasks, from Ray Data's own per-block stats
+    (empty when this Ray version does not expose them)."""
+    found: set[str] = set()
+    seen: set[int] = set()
+
+    def walk(stats: Any) -> None:
+        if stats is None or id(stats) in seen:
+            return
+        seen.add(id(stats))
+        for blocks in (getattr(stats, "metadata", None) or {}).values():
+            for b in blocks:
+                node = getattr(getattr(b, "exec_stats", None), "node_id", None)
+                if node:
+                    found.add(node)
+        for parent in getattr(stats, "parents", None) or []:
+            walk(parent)
+
+    for d in (getattr(ds, "_write_ds", None), ds):
+        try:
+            executor = getattr(d, "_current_executor", None)
+            walk(executor.get_stats() if executor else d._raw_stats())
+        except Exception:  # a developer API: never fail a published step over it
+            log.debug("no Ray Data stats for %r", d, exc_info=True)
+    return sorted(found)
 
 
 class _Names:
@@ -273,6 +353,7 @@ def _result(spec: Spec, path: str, manifest: dict[str, Any], skipped: bool) -> d
         "lineage_key": manifest["lineage_key"],
         "missing_history": manifest.get("missing_history", []),
         "skipped": skipped,
+        "ray_nodes": [],
     }
 
 

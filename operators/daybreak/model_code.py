@@ -8,6 +8,7 @@ and mlflow, never on daybreak itself: ``mlflow models serve`` can load it too. T
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 
 import mlflow
@@ -15,21 +16,80 @@ import numpy as np
 import pandas as pd
 
 
-def encode(frame: pd.DataFrame, features: list[str], categories: dict[str, list[str]]) -> np.ndarray:
-    """Feature frame -> float32 matrix. Categoricals become their index in the training categories;
-    unseen or missing values become NaN, which xgboost treats as missing."""
+_UNSAFE = re.compile(r"[\[\]<]")
+
+
+def encoded_names(features: list[str], encoders: dict[str, dict[str, Any]]) -> list[str]:
+    """The model's input columns: one per feature, except one-hot features (one per category)."""
+    names: list[str] = []
+    for name in features:
+        enc = encoders.get(name)
+        if enc is not None and enc["kind"] == "onehot":
+            # xgboost rejects '[', ']' and '<' in feature names.
+            names += [f"{name}={_UNSAFE.sub('_', str(c))}" for c in enc["categories"]]
+        else:
+            names.append(name)
+    seen: dict[str, int] = {}
+    for i, n in enumerate(names):  # categories that differ only in those characters
+        seen[n] = seen.get(n, 0) + 1
+        if seen[n] > 1:
+            names[i] = f"{n}#{seen[n]}"
+    return names
+
+
+def encode(frame: pd.DataFrame, features: list[str], encoders: dict[str, dict[str, Any]]) -> np.ndarray:
+    """Feature frame -> float32 matrix, applying the encoders fitted on the training window.
+
+    * ordinal: the index in the training categories; unseen or missing -> NaN (xgboost's missing);
+    * onehot: one 0/1 column per training category; unseen -> all 0, missing -> all NaN;
+    * frequency: the category's share of the training rows; unseen -> 0, missing -> NaN;
+    * quantile: the index of the training-quantile bin a number falls in; missing -> NaN.
+    """
     missing = [c for c in features if c not in frame.columns]
     if missing:
         raise ValueError(f"input is missing feature column(s) {missing}")
-    out = np.empty((len(frame), len(features)), dtype=np.float32)
-    for j, name in enumerate(features):
-        col = frame[name]
-        if name in categories:
-            codes = pd.Categorical(col.astype("object").where(col.notna(), None), categories=categories[name]).codes
-            out[:, j] = np.where(codes < 0, np.nan, codes)
+    out = np.empty((len(frame), len(encoded_names(features, encoders))), dtype=np.float32)
+    j = 0
+    for name in features:
+        col, enc = frame[name], encoders.get(name)
+        kind = None if enc is None else enc["kind"]
+        if kind in ("ordinal", "onehot", "frequency"):
+            cats = enc["categories"]
+            present = col.notna().to_numpy()
+            text = col.astype("object").where(col.notna(), None)
+            if not pd.api.types.is_string_dtype(col):
+                text = text.map(_text)
+            codes = pd.Categorical(text, categories=cats).codes
+            if kind == "ordinal":
+                out[:, j] = np.where(codes < 0, np.nan, codes)
+            elif kind == "frequency":
+                freq = np.append(np.asarray(enc["frequencies"], dtype=np.float64), 0.0)  # code -1: unseen
+                out[:, j] = np.where(present, freq[codes], np.nan)
+            else:
+                block = (codes[:, None] == np.arange(len(cats))[None, :]).astype(np.float32)
+                block[~present] = np.nan
+                out[:, j:j + len(cats)] = block
+                j += len(cats)
+                continue
         else:
-            out[:, j] = pd.to_numeric(col, errors="coerce").to_numpy(dtype=np.float64, na_value=np.nan)
+            values = pd.to_numeric(col, errors="coerce").to_numpy(dtype=np.float64, na_value=np.nan)
+            if kind == "quantile":
+                bins = np.searchsorted(np.asarray(enc["edges"], dtype=np.float64), values, side="right")
+                values = np.where(np.isnan(values), np.nan, bins)
+            out[:, j] = values
+        j += 1
     return out
+
+
+def _text(v: Any) -> Any:
+    return v if v is None or isinstance(v, str) else str(v)
+
+
+def legacy_encoders(meta: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Encoders of a model logged before encoders had kinds: ``categories`` were all ordinal."""
+    if "encoders" in meta:
+        return meta["encoders"]
+    return {n: {"kind": "ordinal", "categories": c} for n, c in meta.get("categories", {}).items()}
 
 
 class DaybreakXGBModel(mlflow.pyfunc.PythonModel):
@@ -39,7 +99,7 @@ class DaybreakXGBModel(mlflow.pyfunc.PythonModel):
         with open(context.artifacts["meta"]) as f:
             meta = json.load(f)
         self.features: list[str] = meta["features"]
-        self.categories: dict[str, list[str]] = meta["categories"]
+        self.encoders: dict[str, dict[str, Any]] = legacy_encoders(meta)
         self.task: str = meta["task"]
         self.booster = xgb.Booster()
         self.booster.load_model(context.artifacts["model"])
@@ -49,8 +109,9 @@ class DaybreakXGBModel(mlflow.pyfunc.PythonModel):
 
         if not isinstance(model_input, pd.DataFrame):
             model_input = pd.DataFrame(model_input)
-        X = encode(model_input, self.features, self.categories)
-        return self.booster.predict(xgb.DMatrix(X, missing=np.nan, feature_names=self.features))
+        X = encode(model_input, self.features, self.encoders)
+        names = encoded_names(self.features, self.encoders)
+        return self.booster.predict(xgb.DMatrix(X, missing=np.nan, feature_names=names))
 
 
 mlflow.models.set_model(DaybreakXGBModel())

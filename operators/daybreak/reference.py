@@ -77,6 +77,10 @@ def reference_features(spec: Spec, ctx: RunContext) -> pd.DataFrame:
                         row[name] = float(xs.mean()) if len(xs) else np.nan
                     elif agg == "std":
                         row[name] = float(xs.std(ddof=1)) if len(xs) > 1 else np.nan
+                    elif agg == "min":
+                        row[name] = float(xs.min()) if len(xs) else np.nan
+                    elif agg == "max":
+                        row[name] = float(xs.max()) if len(xs) else np.nan
         rows.append(row)
     out = history.loc[targets].reset_index(drop=True)
     out = pd.concat([out, pd.DataFrame(rows, index=out.index)], axis=1)

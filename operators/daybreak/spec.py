@@ -144,10 +144,48 @@ class SourceSpec(_Model):
         return self.severity.get(rule, "quarantine")
 
 
+Encoding = Literal["ordinal", "onehot", "frequency"]
+
+
 class Column(_Model):
+    """A row-level feature: an expression over the event row (and joined/window features).
+
+    Encodings are fitted on the training window only, when a model is trained, and stored with
+    the model; the feature table keeps the raw value (a string for categorical columns).
+    """
+
     name: str
     expr: str
-    categorical: bool = False
+    categorical: bool = Field(False, description="treat the value as a category (a string); implied by encoding")
+    encoding: Encoding | None = Field(None, description="categorical encoding; default ordinal")
+    max_categories: int | None = Field(None, ge=1, description="keep the N most frequent training categories; "
+                                                                "the rest are treated as unseen")
+    bins: int | None = Field(None, ge=2, le=1000, description="numeric: quantile bins fitted on the training window")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _encoding_implies_categorical(cls, v: Any) -> Any:
+        if isinstance(v, dict) and v.get("encoding") is not None and "categorical" not in v:
+            v = {**v, "categorical": True}
+        return v
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Column:
+        if self.bins is not None and self.categorical:
+            raise ValueError(f"column {self.name!r}: bins apply to numeric columns, not categorical ones")
+        if self.encoding is not None and not self.categorical:
+            raise ValueError(f"column {self.name!r}: an encoding needs a categorical column")
+        if self.max_categories is not None and self.encoding == "frequency":
+            raise ValueError(f"column {self.name!r}: max_categories applies to ordinal and onehot encodings")
+        return self
+
+    def encoder(self) -> dict[str, Any] | None:
+        """How the model turns this column into numbers (fitted later, on the training window)."""
+        if self.categorical:
+            return {"kind": self.encoding or "ordinal", "max_categories": self.max_categories}
+        if self.bins is not None:
+            return {"kind": "quantile", "bins": self.bins}
+        return None
 
 
 class AsofJoin(_Model):
@@ -183,7 +221,7 @@ class WindowAgg(_Model):
         default="event_time",
         description="expression: when a row's value becomes known; rows count only if known strictly before the event",
     )
-    aggs: list[Literal["count", "sum", "mean", "std"]] = Field(default_factory=lambda: ["count", "mean"])
+    aggs: list[Literal["count", "sum", "mean", "std", "min", "max"]] = Field(default_factory=lambda: ["count", "mean"])
     windows: list[str] = Field(default_factory=lambda: ["7d"])
     prefix: str
 
@@ -223,6 +261,10 @@ class FeatureSpec(_Model):
 
     def categorical_names(self) -> list[str]:
         return [c.name for c in self.columns if c.categorical]
+
+    def encoders(self) -> dict[str, dict[str, Any]]:
+        """Feature name -> unfitted encoder, for the columns the model must encode."""
+        return {c.name: e for c in self.columns if (e := c.encoder()) is not None}
 
     def lookback(self) -> timedelta:
         """How far before the logical date the feature step must read."""
@@ -338,8 +380,11 @@ class Spec(_Model):
 
     def feature_version(self) -> str:
         """Identity of everything that shapes the feature table (sources + features), not the model."""
+        # Encodings shape the model, not the table, so changing one does not rebuild features.
+        model_only = {"encoding", "max_categories", "bins"}
+        features = self.features.model_dump(mode="json", exclude={"columns": {"__all__": model_only}})
         return _hash({"sources": {k: v.model_dump(mode="json") for k, v in self.sources.items()},
-                      "features": self.features.model_dump(mode="json")})
+                      "features": features})
 
 
 def _hash(obj: Any) -> str:

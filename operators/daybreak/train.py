@@ -22,7 +22,7 @@ import pandas as pd
 from daybreak import registry
 from daybreak.context import RunContext
 from daybreak.features import EVENT_TIME, read_features
-from daybreak.model_code import encode
+from daybreak.model_code import encode, encoded_names
 from daybreak.spec import Spec
 
 log = logging.getLogger(__name__)
@@ -35,9 +35,27 @@ def training_days(spec: Spec, ctx: RunContext) -> list:
     return [d - timedelta(days=k) for k in range(spec.training.window_days, 0, -1)]
 
 
-def fit_categories(frame: pd.DataFrame, names: list[str]) -> dict[str, list[str]]:
-    """Categories seen in the training rows only, sorted, so encodings are reproducible."""
-    return {n: sorted(str(v) for v in frame[n].dropna().unique()) for n in names}
+def fit_encoders(frame: pd.DataFrame, spec: Spec) -> dict[str, dict[str, Any]]:
+    """Fit each column's encoder on the training rows only (never validation or holdout rows),
+    deterministically: categories sorted, ties in frequency broken by value."""
+    fitted: dict[str, dict[str, Any]] = {}
+    for name, enc in spec.features.encoders().items():
+        col = frame[name]
+        if enc["kind"] == "quantile":
+            values = pd.to_numeric(col, errors="coerce").dropna().to_numpy(dtype=np.float64)
+            qs = np.quantile(values, np.linspace(0, 1, enc["bins"] + 1)[1:-1]) if len(values) else np.array([])
+            fitted[name] = {"kind": "quantile", "edges": [float(x) for x in np.unique(qs)]}
+            continue
+        counts = col.dropna().astype(str).value_counts()
+        ranked = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))
+        if enc.get("max_categories"):
+            ranked = ranked[: enc["max_categories"]]
+        cats = sorted(k for k, _ in ranked)
+        fitted[name] = {"kind": enc["kind"], "categories": cats}
+        if enc["kind"] == "frequency":
+            total = max(1, int(col.notna().sum()))
+            fitted[name]["frequencies"] = [float(counts[c]) / total for c in cats]
+    return fitted
 
 
 def _xgb_params(spec: Spec) -> dict[str, Any]:
@@ -83,12 +101,13 @@ def train_model(spec: Spec, ctx: RunContext) -> dict[str, Any]:
     n_val = max(1, int(len(df) * spec.training.validation_fraction))
     fit, val = df.iloc[:-n_val], df.iloc[-n_val:]
     features = f.feature_names()
-    categories = fit_categories(fit, f.categorical_names())
+    encoders = fit_encoders(fit, spec)
     label = f.label.name
-    X_fit, X_val = encode(fit, features, categories), encode(val, features, categories)
+    X_fit, X_val = encode(fit, features, encoders), encode(val, features, encoders)
     y_fit, y_val = fit[label].to_numpy(np.float32), val[label].to_numpy(np.float32)
-    dfit = xgb.QuantileDMatrix(X_fit, y_fit, feature_names=features, missing=np.nan)
-    dval = xgb.QuantileDMatrix(X_val, y_val, feature_names=features, missing=np.nan, ref=dfit)
+    model_inputs = encoded_names(features, encoders)
+    dfit = xgb.QuantileDMatrix(X_fit, y_fit, feature_names=model_inputs, missing=np.nan)
+    dval = xgb.QuantileDMatrix(X_val, y_val, feature_names=model_inputs, missing=np.nan, ref=dfit)
     params = _xgb_params(spec)
     evals_result: dict[str, Any] = {}
     booster = xgb.train(params, dfit, num_boost_round=spec.model.num_boost_round, evals=[(dval, "val")],
@@ -115,7 +134,7 @@ def train_model(spec: Spec, ctx: RunContext) -> dict[str, Any]:
         model_path = Path(tmp) / "model.ubj"
         booster.save_model(model_path)
         meta_path = Path(tmp) / "meta.json"
-        meta_path.write_text(json.dumps({"features": features, "categories": categories, "task": spec.model.task,
+        meta_path.write_text(json.dumps({"features": features, "encoders": encoders, "task": spec.model.task,
                                          "label": label}, indent=2))
         mlflow.log_params({"window_days": spec.training.window_days, "rows_fit": len(fit), "rows_val": len(val),
                            "best_iteration": booster.num_boosted_rounds(),
@@ -123,7 +142,8 @@ def train_model(spec: Spec, ctx: RunContext) -> dict[str, Any]:
         mlflow.log_metric(f"val_{metric_name}", val_metric)
         mlflow.set_tags(tags)
         importance = booster.get_score(importance_type="gain")
-        mlflow.log_dict({k: importance.get(k, 0.0) for k in features}, "feature_importance.json")
+        mlflow.log_dict({k: importance.get(k, 0.0) for k in model_inputs}, "feature_importance.json")
+        mlflow.log_dict(encoders, "encoders.json")
         example = fit[features].head(5)
         signature = _signature(features, set(f.categorical_names()))
         info = mlflow.pyfunc.log_model(

@@ -22,6 +22,35 @@ def storage_options(conn_id: str | None) -> Any:
                           session_token=extra.get("aws_session_token"))
 
 
+def ray_cluster_address(conn_id: str | None) -> str | None:
+    """A Ray cluster address from an Airflow Connection; None: ``$RAY_ADDRESS`` or a local Ray.
+
+    The address is the Connection's extra ``address`` if set, else ``host:port`` (the GCS port,
+    default 6379), or ``ray://host:port`` for Ray Client when the host or schema says ``ray``.
+    A password is the cluster's auth token (clusters started with ``RAY_AUTH_MODE=token``).
+    """
+    if not conn_id:
+        return None
+    import os
+
+    from airflow.sdk import BaseHook
+
+    conn = BaseHook.get_connection(conn_id)
+    extra = conn.extra_dejson or {}
+    address = extra.get("address")
+    if not address:
+        if not conn.host:
+            raise ValueError(f"Airflow Connection {conn_id!r} has neither a host nor an extra 'address' for Ray")
+        if conn.host.startswith("ray://") or conn.schema == "ray":
+            address = f"ray://{conn.host.removeprefix('ray://')}:{conn.port or 10001}"
+        else:
+            address = f"{conn.host}:{conn.port or 6379}"
+    if conn.password:  # Ray reads its token from the environment of the process that connects
+        os.environ["RAY_AUTH_MODE"] = "token"
+        os.environ["RAY_AUTH_TOKEN"] = conn.password
+    return address
+
+
 class DaybreakStepOperator(BaseOperator):
     """Run one daybreak step for a logical date.
 
@@ -31,19 +60,23 @@ class DaybreakStepOperator(BaseOperator):
     :param store: store root; default ``$DAYBREAK_STORE`` / ``$DAYBREAK_HOME/store``.
     :param tracking_uri: MLflow tracking URI; default ``$MLFLOW_TRACKING_URI``.
     :param ray_address: Ray cluster address; default ``$RAY_ADDRESS`` or a local Ray.
+    :param ray_conn_id: Airflow Connection naming the Ray cluster (host and GCS port, or extra
+        ``address``; password = auth token); used when ``ray_address`` is not given.
     :param aws_conn_id: Airflow Connection with S3 credentials (login = access key, password =
         secret key, extra ``endpoint_url`` / ``region_name``); default: the environment.
     """
 
     step: ClassVar[str] = ""
-    template_fields: Sequence[str] = ("spec", "logical_date", "store", "tracking_uri", "ray_address", "aws_conn_id")
+    template_fields: Sequence[str] = ("spec", "logical_date", "store", "tracking_uri", "ray_address", "aws_conn_id",
+                                      "ray_conn_id")
     ui_color = "#fde9c4"
 
     def __init__(self, *, spec: str, logical_date: str | None = None, store: str | None = None,
                  tracking_uri: str | None = None, ray_address: str | None = None, aws_conn_id: str | None = None,
-                 **kwargs: Any) -> None:
+                 ray_conn_id: str | None = None, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.aws_conn_id = aws_conn_id
+        self.ray_conn_id = ray_conn_id
         self.spec = spec
         self.logical_date = logical_date
         self.store = store
@@ -63,7 +96,8 @@ class DaybreakStepOperator(BaseOperator):
         try:
             day = resolve_date(self.logical_date, context.get("logical_date"), getattr(dag_run, "run_after", None))
             result = run_step(self.step, self.spec, day, run_id=context.get("run_id"), store=self.store,
-                              tracking_uri=self.tracking_uri, ray_address=self.ray_address,
+                              tracking_uri=self.tracking_uri,
+                              ray_address=self.ray_address or ray_cluster_address(self.ray_conn_id),
                               storage=storage_options(self.aws_conn_id), **self.step_options(context))
         except Exception as e:
             if is_retryable(e):

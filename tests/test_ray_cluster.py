@@ -1,0 +1,140 @@
+"""A real 2-node Ray cluster on loopback (``ray start --head`` plus ``ray start --address``, with
+token auth), reached through an Airflow Connection: the flights features run on both nodes and
+equal, byte for byte, the features a local Ray computes."""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from datetime import timedelta
+from pathlib import Path
+
+import psutil
+import pytest
+
+from conftest import BIN, ROOT, SPEC, free_port, make_home
+from daybreak.context import RunContext
+from daybreak.features import build_features
+from daybreak.stage import stage
+
+DAY = "2013-01-09"
+
+
+def _start(args: list[str], env: dict, log: Path) -> subprocess.Popen:
+    # --block keeps `ray start` in the foreground as the parent of the node's processes, so the
+    # test can stop exactly this node (never `ray stop`, which kills every Ray on the host).
+    return subprocess.Popen([str(BIN / "ray"), "start", "--block", *args], env=env, stdout=log.open("w"),
+                            stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    try:
+        family = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return
+    for p in family:
+        try:
+            p.terminate()
+        except psutil.NoSuchProcess:
+            pass
+    _, alive = psutil.wait_procs(family, timeout=20)
+    for p in alive:
+        p.kill()
+
+
+def _alive_nodes(address: str, env: dict) -> int:
+    out = subprocess.run([str(BIN / "python"), "-c", (
+        "import ray; ray.init(address=%r, log_to_driver=False); "
+        "print('NODES', sum(n['Alive'] for n in ray.nodes()))") % address],
+        env=env, capture_output=True, text=True, timeout=120)
+    for line in out.stdout.splitlines():
+        if line.startswith("NODES "):
+            return int(line.split()[1])
+    raise RuntimeError(f"cannot reach the Ray cluster at {address}: {out.stderr[-2000:]}")
+
+
+@pytest.fixture(scope="module")
+def ray_cluster() -> Iterator[dict]:
+    token = secrets.token_hex(32)
+    # A short temp dir: Ray's socket paths must stay under the 107-byte limit.
+    tmp = Path(tempfile.mkdtemp(prefix="dbray", dir="/tmp"))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    env |= {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token, "RAY_USAGE_STATS_ENABLED": "0"}
+    port = free_port()
+    address = f"127.0.0.1:{port}"
+    common = ["--num-cpus=1", "--node-ip-address=127.0.0.1", "--object-store-memory=200000000",
+              "--disable-usage-stats"]
+    head = _start(["--head", f"--port={port}", f"--temp-dir={tmp}", "--include-dashboard=false", *common],
+                  env, tmp / "head.log")
+    procs = [head]
+    try:
+        deadline = time.monotonic() + 120
+        worker = None
+        while time.monotonic() < deadline:
+            if head.poll() is not None:
+                raise RuntimeError(f"ray head exited: {(tmp / 'head.log').read_text()[-2000:]}")
+            if worker is None:
+                try:
+                    if _alive_nodes(address, env) >= 1:
+                        worker = _start([f"--address={address}", *common], env, tmp / "worker.log")
+                        procs.append(worker)
+                except RuntimeError:
+                    pass
+            elif worker.poll() is not None:
+                raise RuntimeError(f"ray worker exited: {(tmp / 'worker.log').read_text()[-2000:]}")
+            elif _alive_nodes(address, env) == 2:
+                break
+            time.sleep(1)
+        else:
+            raise TimeoutError("the 2-node Ray cluster did not come up within 120 s")
+        yield {"address": address, "token": token, "port": port, "env": env}
+    finally:
+        for p in reversed(procs):
+            _stop(p)
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def test_features_run_on_both_nodes_of_a_cluster_named_by_an_airflow_connection(
+        ray_cluster: dict, tmp_path: Path, landing: Path, ray_local, spec) -> None:
+    home = make_home(tmp_path / "cluster", landing)
+    conn = {"conn_type": "generic", "host": "127.0.0.1", "port": ray_cluster["port"],
+            "password": ray_cluster["token"]}
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    env |= {"DAYBREAK_HOME": str(home), "AIRFLOW_HOME": str(tmp_path / "airflow"),
+            "AIRFLOW_CONN_RAY_CLUSTER": json.dumps(conn), "RAY_USAGE_STATS_ENABLED": "0"}
+    out = subprocess.run([str(BIN / "python"), str(ROOT / "tests" / "ray_cluster_driver.py"), str(SPEC), DAY],
+                         env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    lines = [ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")]
+    assert out.returncode == 0 and lines, out.stderr[-4000:]
+    got = json.loads(lines[-1].removeprefix("RESULT "))
+    # the cluster, not a local Ray (Ray reports loopback as the host's address)
+    assert got["address"].rsplit(":", 1)[1] == str(ray_cluster["port"])
+    assert len(got["cluster_nodes"]) == 2
+    assert set(got["result"]["ray_nodes"]) == set(got["cluster_nodes"]), "tasks did not run on both nodes"
+    assert got["result"]["rows"] > 800
+
+    # The same day on the suite's local Ray gives the same bytes.
+    local = make_home(tmp_path / "local", landing)
+    os.environ["DAYBREAK_HOME"] = str(local)
+    try:
+        day = RunContext.create(DAY).logical_date
+        for k in range(7, -1, -1):
+            stage(spec, RunContext.create(day - timedelta(days=k)))
+        mine = build_features(spec, RunContext.create(DAY))
+    finally:
+        os.environ.pop("DAYBREAK_HOME", None)
+    assert mine["content_hash"] == got["result"]["content_hash"]
+    assert mine["rows"] == got["result"]["rows"]
+
+
+def test_a_wrong_token_is_refused(ray_cluster: dict, tmp_path: Path) -> None:
+    env = {**ray_cluster["env"], "RAY_AUTH_TOKEN": "0" * 64}
+    with pytest.raises(RuntimeError):
+        _alive_nodes(ray_cluster["address"], env)
