@@ -156,6 +156,8 @@ def machine() -> dict:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--feature-rows", type=int, nargs="*", default=[1_000_000, 10_000_000],
+                    help="sizes for the feature-step benchmark (none: skip it)")
     args = ap.parse_args()
     info = machine()
     print(f"machine: {info}; median of {args.repeats} runs", flush=True)
@@ -167,11 +169,18 @@ def main() -> int:
         target = f", target <= {r['target_ratio']:.2f}x" if "target_ratio" in r else ""
         print(f"{r['name']}: daybreak {r['daybreak_s']:.3f}s vs baseline {r['baseline_s']:.3f}s "
               f"= {r['ratio']:.2f}x{rate}{target}", flush=True)
-    (HERE / "results.json").write_text(json.dumps({"machine": info, "repeats": args.repeats, "results": results},
-                                                  indent=2))
+    sys.path.insert(0, str(HERE))
+    from features import bench_features, feature_table
+
+    feats = bench_features(args.feature_rows) if args.feature_rows else {}
+    (HERE / "results.json").write_text(json.dumps({"machine": info, "repeats": args.repeats, "results": results,
+                                                   "features": feats}, indent=2))
     lines = ["# Benchmark results", "", f"Machine: {info}. Median of {args.repeats} runs.", "",
              "| benchmark | daybreak (s) | baseline (s) | ratio |", "| --- | --- | --- | --- |"]
     lines += [f"| {r['name']} | {r['daybreak_s']:.3f} | {r['baseline_s']:.3f} | {r['ratio']:.2f}x |" for r in results]
+    if feats:
+        lines += ["", "Feature step, one logical date over N staged rows (one run each, Ray already running):", "",
+                  *feature_table(feats)]
     (HERE / "RESULTS.md").write_text("\n".join(lines) + "\n")
     print(f"wrote {HERE / 'RESULTS.md'}")
     return 0

@@ -16,7 +16,7 @@ def main(spec: str, day: str) -> None:
 
     d = date.fromisoformat(day)
     s = load_spec(spec)
-    for k in range(7, -1, -1):
+    for k in range(8, -1, -1):
         stage(s, RunContext.create(d - timedelta(days=k)))
     op = BuildFeaturesOperator(task_id="features", spec=spec, logical_date=day, ray_conn_id="ray_cluster")
     result = op.execute({"run_id": "cluster-test"})

@@ -32,7 +32,7 @@ def _flights(landing: Path, days) -> pd.DataFrame:
 
 @pytest.fixture
 def built(home: Path, spec, ray_local) -> pd.DataFrame:
-    days = [DAY - timedelta(days=k) for k in range(7, -1, -1)]
+    days = [DAY - timedelta(days=k) for k in range(8, -1, -1)]
     _stage_days(spec, days)
     res = build_features(spec, RunContext.create(DAY))
     assert res["rows"] > 800 and not res["skipped"] and res["missing_history"] == []
@@ -41,7 +41,7 @@ def built(home: Path, spec, ray_local) -> pd.DataFrame:
 
 def test_features_match_an_independent_pandas_computation(built: pd.DataFrame, home: Path, spec) -> None:
     landing = home / "store" / "landing"
-    hist = _flights(landing, [DAY - timedelta(days=k) for k in range(7, -1, -1)])
+    hist = _flights(landing, [DAY - timedelta(days=k) for k in range(8, -1, -1)])
     hist = hist[hist["dep_delay"].notna()].copy()
     hist["known_at"] = hist["event_time"] + pd.to_timedelta(hist["dep_delay"].clip(0, 1440), unit="m")
     wx = pd.concat([pd.read_csv(landing / "weather" / f"{d}.csv") for d in (DAY - timedelta(days=1), DAY)])
@@ -96,7 +96,7 @@ def test_no_leakage_from_rows_at_or_after_the_event(built: pd.DataFrame, home: P
                     df.loc[late, "temp"] = rng.uniform(-40, 110, late.sum()).round(2).astype(str)
             df.to_csv(other / "store" / "landing" / sub / f.name, index=False)
     monkeypatch.setenv("DAYBREAK_HOME", str(other))
-    _stage_days(spec, [DAY - timedelta(days=k) for k in range(7, -1, -1)])
+    _stage_days(spec, [DAY - timedelta(days=k) for k in range(8, -1, -1)])
     res = build_features(spec, RunContext.create(DAY))
     scrambled = pq.read_table(res["uri"]).to_pandas()
     feats = spec.features.feature_names()

@@ -125,7 +125,7 @@ def test_features_run_on_both_nodes_of_a_cluster_named_by_an_airflow_connection(
     os.environ["DAYBREAK_HOME"] = str(local)
     try:
         day = RunContext.create(DAY).logical_date
-        for k in range(7, -1, -1):
+        for k in range(8, -1, -1):
             stage(spec, RunContext.create(day - timedelta(days=k)))
         mine = build_features(spec, RunContext.create(DAY))
     finally:

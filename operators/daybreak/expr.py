@@ -18,7 +18,9 @@ import pyarrow.compute as pc
 
 def _duration(unit_us: int) -> Callable[[Any], Any]:
     def f(x: Any) -> Any:
-        return pc.cast(pc.multiply(pc.cast(x, pa.int64()), unit_us), pa.duration("us"))
+        # Fractions are fine (minutes(1.5)): whole microseconds, rounded.
+        us = pc.round(pc.multiply(pc.cast(x, pa.float64()), float(unit_us)))
+        return pc.cast(pc.cast(us, pa.int64()), pa.duration("us"))
 
     return f
 

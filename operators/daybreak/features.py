@@ -41,22 +41,44 @@ def feature_zone(spec: Spec) -> str:
 
 # --- pure, per-batch transforms (run inside Ray tasks; also usable without Ray) ----------------
 
-def prepare_events(batch: pa.Table, f: FeatureSpec, day: str) -> pa.Table:
-    """Add the event time, the target flag and each window's value / known-at columns."""
+def read_events(items: pa.Table, f: FeatureSpec, fs: Any) -> pa.Table:
+    """Read the row groups named by `items` (one task each) and prepare them for the windows."""
+    import pyarrow.parquet as pq
+
+    tables = []
+    for item in items.to_pylist():
+        pf = pq.ParquetFile(fs.open_input_file(item["path"]))
+        tables.append(prepare_events(pf.read_row_groups(item["row_groups"]), f, item["target"]))
+    return pa.concat_tables(tables)
+
+
+def prepare_events(batch: pa.Table, f: FeatureSpec, target: bool) -> pa.Table:
+    """Add the event time, the target flag (rows of the logical date, not history) and each
+    window's value / known-at columns."""
     et = evaluate(f.event_time, batch)
     if not pa.types.is_timestamp(et.type):
         raise TypeError(f"features.event_time must give a timestamp, got {et.type}")
     batch = batch.append_column(EVENT_TIME, et.cast(pa.timestamp("us", tz="UTC")))
-    # The staged partition a row came from is in its path (".../date=YYYY-MM-DD/part-0.parquet").
-    row_day = pc.struct_field(pc.extract_regex(batch.column("path"), r"date=(?P<d>\d{4}-\d{2}-\d{2})"), "d")
-    batch = batch.append_column(_TARGET, pc.equal(row_day, pa.scalar(day)))
+    batch = batch.append_column(_TARGET, pa.repeat(pa.scalar(target), batch.num_rows))
     for i, w in enumerate(f.windows):
-        batch = batch.append_column(f"__wv{i}", pc.cast(evaluate(w.value, batch), pa.float64()))
+        value = pc.cast(evaluate(w.value, batch), pa.float64())
         known = evaluate(w.known_at, batch).cast(pa.timestamp("us", tz="UTC"))
+        # A row known later than max_delay after its event might lie beyond the history read
+        # for some events; leave it out for every event, so results never depend on what was read.
+        late = pc.fill_null(pc.greater(known, pc.add(batch.column(EVENT_TIME), _delay(w.max_delay))), False)
+        if pc.any(late).as_py():
+            log.warning("features.windows[%d]: %d row(s) known more than max_delay=%s after their event are "
+                        "left out", i, pc.sum(late).as_py(), w.max_delay)
+            value = pc.if_else(late, pa.scalar(None, pa.float64()), value)
+        batch = batch.append_column(f"__wv{i}", value)
         batch = batch.append_column(f"__wk{i}", known)
     # Only what later stages read travels through the shuffles.
     keep = carried_columns(f)
     return batch.select([c for c in batch.column_names if c in keep or c.startswith("__")])
+
+
+def _delay(text: str) -> pa.Scalar:
+    return pa.scalar(int(parse_duration(text).total_seconds() * _US), pa.duration("us"))
 
 
 def carried_columns(f: FeatureSpec) -> set[str]:
@@ -258,9 +280,12 @@ def build_features(spec: Spec, ctx: RunContext) -> dict[str, Any]:
     rows_in = sum(ctx.store.partition(f"staged/{f.base}", date.fromisoformat(d)).manifest["rows"] for d in base_hashes)
     # Shuffle partitions sized to the input (~250k rows each): Ray's default of 200 is for big data.
     partitions = max(2, min(256, rows_in // 250_000 + 1))
-    ds = ray.data.read_parquet(base_files, include_paths=True, filesystem=ctx.store.fs)
-    ds = ds.map_batches(prepare_events, fn_kwargs={"f": f, "day": day.isoformat()}, batch_format="pyarrow",
-                        batch_size=None)
+    # One read task per slice of ~_SLICE_ROWS rows (whole row groups): the number of blocks sets
+    # the parallelism of every later stage, shuffles included.
+    today = set(today_part.files)
+    items = [{"path": p, "row_groups": g, "target": p in today} for p, g in _slices(base_files, ctx.store.fs)]
+    ds = ray.data.from_items(items, override_num_blocks=len(items))
+    ds = ds.map_batches(read_events, fn_kwargs={"f": f, "fs": ctx.store.fs}, batch_size=1, batch_format="pyarrow")
     for i, w in enumerate(f.windows):
         ds = ds.groupby(w.by, num_partitions=partitions).map_groups(
             window_aggregates,
@@ -332,6 +357,29 @@ def nodes_used(ds: Any) -> list[str]:
         except Exception:  # a developer API: never fail a published step over it
             log.debug("no Ray Data stats for %r", d, exc_info=True)
     return sorted(found)
+
+
+_SLICE_ROWS = 250_000
+
+
+def _slices(files: list[str], fs: Any) -> list[tuple[str, list[int]]]:
+    """(file, row groups) slices of about _SLICE_ROWS rows, from the Parquet footers."""
+    import pyarrow.parquet as pq
+
+    out = []
+    for path in files:
+        meta = pq.ParquetFile(fs.open_input_file(path)).metadata
+        groups: list[int] = []
+        rows = 0
+        for g in range(meta.num_row_groups):
+            groups.append(g)
+            rows += meta.row_group(g).num_rows
+            if rows >= _SLICE_ROWS:
+                out.append((path, groups))
+                groups, rows = [], 0
+        if groups or meta.num_row_groups == 0:
+            out.append((path, groups))
+    return out
 
 
 class _Names:

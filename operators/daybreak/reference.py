@@ -48,8 +48,10 @@ def reference_features(spec: Spec, ctx: RunContext) -> pd.DataFrame:
     history = base.to_pandas()
     values = {}
     for i, w in enumerate(f.windows):
-        values[i] = (evaluate(w.value, base).to_pandas().astype(float),
-                     pd.to_datetime(evaluate(w.known_at, base).cast(pa.timestamp("us", tz="UTC")).to_pandas(), utc=True))
+        v = evaluate(w.value, base).to_pandas().astype(float)
+        known = pd.to_datetime(evaluate(w.known_at, base).cast(pa.timestamp("us", tz="UTC")).to_pandas(), utc=True)
+        late = (known > history["event_time"] + pd.Timedelta(parse_duration(w.max_delay))).fillna(False)
+        values[i] = (v.where(~late.to_numpy(), np.nan), known)
     targets = history.index[history["__day"] == day.isoformat()]
     rows = []
     for idx in targets:

@@ -221,6 +221,11 @@ class WindowAgg(_Model):
         default="event_time",
         description="expression: when a row's value becomes known; rows count only if known strictly before the event",
     )
+    max_delay: str = Field(
+        default="0s",
+        description="longest time from a row's event to its known_at; the step reads this much more history. "
+                    "Rows known later than that are left out of the windows (a warning counts them)",
+    )
     aggs: list[Literal["count", "sum", "mean", "std", "min", "max"]] = Field(default_factory=lambda: ["count", "mean"])
     windows: list[str] = Field(default_factory=lambda: ["7d"])
     prefix: str
@@ -230,6 +235,12 @@ class WindowAgg(_Model):
     def _durs(cls, v: list[str]) -> list[str]:
         for w in v:
             parse_duration(w)
+        return v
+
+    @field_validator("max_delay")
+    @classmethod
+    def _delay(cls, v: str) -> str:
+        parse_duration(v)
         return v
 
 
@@ -268,7 +279,7 @@ class FeatureSpec(_Model):
 
     def lookback(self) -> timedelta:
         """How far before the logical date the feature step must read."""
-        spans = [parse_duration(w) for agg in self.windows for w in agg.windows]
+        spans = [parse_duration(w) + parse_duration(agg.max_delay) for agg in self.windows for w in agg.windows]
         spans += [parse_duration(j.tolerance) for j in self.asof]
         return max(spans, default=timedelta(0))
 

@@ -282,7 +282,9 @@ def _rule_reasons(table: pa.Table, src: SourceSpec, day: Any) -> dict[str, pa.Ar
             add("range", pc.greater(col, cs.max), joined(f"range: {name}=", col, f" > max {cs.max:g}"))
         if cs.allowed is not None:
             allowed = pa.array(cs.allowed).cast(col.type)
-            add("allowed", pc.invert(pc.is_in(col, value_set=allowed)), joined(f"allowed: {name}=", col, " is not allowed"))
+            # a null is not a value outside the set: `nullable` decides about nulls
+            add("allowed", pc.and_(pc.invert(pc.is_in(col, value_set=allowed)), pc.is_valid(col)),
+                joined(f"allowed: {name}=", col, " is not allowed"))
     if src.unique:
         # the first row of each key is kept; every later one is a duplicate (rows with a null key part are not)
         dup, has_null = _duplicates(table, src.unique)
@@ -350,8 +352,13 @@ class Prepared:
             self.pending = None
 
 
+# Row groups of this size let readers (the feature step's Ray tasks) split a big day in parallel.
+ROW_GROUP_ROWS = 128 * 1024
+
+
 def _write_parquet(table: pa.Table, fs: pafs.FileSystem, folder: str) -> None:
-    pq.write_table(table, posixpath.join(folder, "part-0.parquet"), filesystem=fs, compression="zstd")
+    pq.write_table(table, posixpath.join(folder, "part-0.parquet"), filesystem=fs, compression="zstd",
+                   row_group_size=ROW_GROUP_ROWS)
 
 
 _WRITER = ThreadPoolExecutor(max_workers=2, thread_name_prefix="daybreak-stage")
@@ -432,6 +439,8 @@ def _decide(name: str, src: SourceSpec, ctx: RunContext, day: Any, reads: list[F
     blocking, warnings, quarantine_parts = [], [], []
     for rule, reasons in rule_reasons.items():
         count = pc.sum(pc.is_valid(reasons)).as_py() or 0
+        if not count:
+            continue
         sev = src.severity_of(rule)
         example = pc.drop_null(reasons)[0].as_py()
         if sev == "block":
@@ -595,7 +604,7 @@ def _publish(p: Prepared, ctx: RunContext) -> dict[str, Any]:
         return _result(part, skipped=False)
 
     def write(fs: pafs.FileSystem, folder: str) -> dict[str, Any]:
-        pq.write_table(table, posixpath.join(folder, "part-0.parquet"), filesystem=fs, compression="zstd")
+        _write_parquet(table, fs, folder)
         return p.manifest
 
     part = ctx.store.publish(f"staged/{p.name}", ctx.logical_date, write, run=ctx.run_id)
