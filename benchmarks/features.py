@@ -319,6 +319,10 @@ def same_features(a: str, b: str) -> str | None:
     x, y = pd.read_parquet(a), pd.read_parquet(b)
     if len(x) != len(y):
         return f"{len(x)} rows vs {len(y)}"
+    # Resampled rows repeat (event time, keys); order such ties by every column before comparing.
+    order = ["event_time", *KEYS, *[c for c in x.columns if c not in ("event_time", *KEYS)]]
+    x = x.sort_values(order, kind="stable", na_position="first").reset_index(drop=True)
+    y = y[list(x.columns)].sort_values(order, kind="stable", na_position="first").reset_index(drop=True)
     for col in x.columns:
         if col not in y.columns:
             return f"column {col} missing"
@@ -354,6 +358,9 @@ def bench_features(sizes: list[int]) -> dict:
             import pandas as pd
 
             ours_df = pd.concat([pd.read_parquet(p) for p in ours], ignore_index=True)
+            t = ours_df["event_time"].to_numpy()
+            if not (t[1:] >= t[:-1]).all():
+                raise AssertionError(f"daybreak's files, read in name order, are not sorted by event time ({rows:,})")
             ours_path = home / "daybreak.parquet"
             ours_df.to_parquet(ours_path, index=False)
             for base in ("pandas", "polars"):

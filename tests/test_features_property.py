@@ -4,6 +4,7 @@ implementation row for row — ties in time, missing values and empty windows in
 from __future__ import annotations
 
 import os
+import random
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
@@ -62,10 +63,8 @@ def _write(landing: Path, name: str, header: str, rows: list[str], day: datetime
     p.write_text(header + "\n" + "".join(r + "\n" for r in rows))
 
 
-@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(ev=events, rd=readings, label_on_day2=st.booleans())
-def test_ray_equals_reference(ev, rd, label_on_day2, tmp_path_factory, ray_local) -> None:
-    home = tmp_path_factory.mktemp("prop")
+def _build(home: Path, ev: list, rd: list, label_on_day2: bool) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Stage the two days under `home`; return the Ray step's features of day 2 and the reference's."""
     landing = home / "store" / "landing"
     os.environ["DAYBREAK_HOME"] = str(home)
     try:
@@ -86,8 +85,31 @@ def test_ray_equals_reference(ev, rd, label_on_day2, tmp_path_factory, ray_local
             stage(spec, RunContext.create(d))
         res = build_features(spec, RunContext.create(day2))
         got = pq.read_table(res["uri"]).to_pandas()
-        want = reference_features(spec, RunContext.create(day2))
-        assert list(got.columns) == list(want.columns)
-        pd.testing.assert_frame_equal(got, want, check_dtype=False, rtol=1e-9, atol=1e-9)
+        return got, reference_features(spec, RunContext.create(day2))
     finally:
         os.environ.pop("DAYBREAK_HOME", None)
+
+
+@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(ev=events, rd=readings, label_on_day2=st.booleans())
+def test_ray_equals_reference(ev, rd, label_on_day2, tmp_path_factory, ray_local) -> None:
+    got, want = _build(tmp_path_factory.mktemp("prop"), ev, rd, label_on_day2)
+    assert list(got.columns) == list(want.columns)
+    pd.testing.assert_frame_equal(got, want, check_dtype=False, rtol=1e-9, atol=1e-9)
+
+
+@settings(max_examples=4, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(ev=events, rd=readings, cut=st.integers(min_value=1440, max_value=2 * 1440 - 1), seed=st.integers(0, 2**16))
+def test_rows_at_or_after_an_event_never_change_its_features(ev, rd, cut, seed, tmp_path_factory, ray_local) -> None:
+    """Rewrite every event at or after `cut` (entity, value, kind) and every reading after it:
+    the features of every event before `cut` stay exactly the same."""
+    rng = random.Random(seed)
+    ev2 = [(e, m, v, k) if m < cut else (rng.choice("abc"), m, round(rng.uniform(-50, 50), 2), rng.choice(["hot", "cold"]))
+           for e, m, v, k in ev]
+    rd2 = [(e, m, lv) if m <= cut else (rng.choice("abcd"), m, round(rng.uniform(0, 10), 3)) for e, m, lv in rd]
+    before, _ = _build(tmp_path_factory.mktemp("leak"), ev, rd, True)
+    after, _ = _build(tmp_path_factory.mktemp("leak"), ev2, rd2, True)
+    t = pd.Timestamp(DAY0) + pd.Timedelta(minutes=cut)
+    a = before[before["event_time"] < t].reset_index(drop=True)
+    b = after[after["event_time"] < t].reset_index(drop=True)
+    pd.testing.assert_frame_equal(a, b)

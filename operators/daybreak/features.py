@@ -72,9 +72,16 @@ def prepare_events(batch: pa.Table, f: FeatureSpec, target: bool) -> pa.Table:
             value = pc.if_else(late, pa.scalar(None, pa.float64()), value)
         batch = batch.append_column(f"__wv{i}", value)
         batch = batch.append_column(f"__wk{i}", known)
-    # Only what later stages read travels through the shuffles.
+    # Only what later stages read travels through the shuffles; history rows carry only what
+    # the windows group by.
     keep = carried_columns(f)
-    return batch.select([c for c in batch.column_names if c in keep or c.startswith("__")])
+    batch = batch.select([c for c in batch.column_names if c in keep or c.startswith("__")])
+    if not target:
+        group_keys = {c for w in f.windows for c in w.by} | {EVENT_TIME}
+        for j, name in enumerate(batch.column_names):
+            if not name.startswith("__") and name not in group_keys:
+                batch = batch.set_column(j, name, pa.nulls(batch.num_rows, batch.column(name).type))
+    return batch
 
 
 def _delay(text: str) -> pa.Scalar:
@@ -113,7 +120,9 @@ def window_aggregates(group: pa.Table, i: int, windows_us: list[int], aggs: list
     ks, vs = k[ok][order], v[ok][order]
     cs = np.concatenate([[0.0], np.cumsum(vs)])
     cs2 = np.concatenate([[0.0], np.cumsum(vs * vs)])
-    t = _ts_us(group.column(EVENT_TIME))
+    # History rows (days before D) only feed the sums; features are computed for D's events.
+    target = group.column(_TARGET).to_numpy(zero_copy_only=False)
+    t = _ts_us(group.column(EVENT_TIME))[target]
     hi = np.searchsorted(ks, t, side="left")  # known strictly before t
     mins = _RangeExtreme(vs, np.minimum) if "min" in aggs else None
     maxs = _RangeExtreme(vs, np.maximum) if "max" in aggs else None
@@ -134,8 +143,11 @@ def window_aggregates(group: pa.Table, i: int, windows_us: list[int], aggs: list
             else:
                 out[names[n]] = {"count": count, "sum": s, "mean": mean, "std": np.sqrt(np.maximum(var, 0.0))}[agg]
             n += 1
+    group = group.drop_columns([f"__wv{i}", f"__wk{i}"])
     for name, values in out.items():
-        group = group.append_column(name, pa.array(values, pa.float64()))
+        full = np.full(len(target), np.nan)
+        full[target] = values
+        group = group.append_column(name, pa.array(full, pa.float64()))
     return group
 
 
@@ -278,16 +290,18 @@ def build_features(spec: Spec, ctx: RunContext) -> dict[str, Any]:
 
     ensure_ray(ctx.ray_address)
     rows_in = sum(ctx.store.partition(f"staged/{f.base}", date.fromisoformat(d)).manifest["rows"] for d in base_hashes)
-    # Shuffle partitions sized to the input (~250k rows each): Ray's default of 200 is for big data.
-    partitions = max(2, min(256, rows_in // 250_000 + 1))
-    # One read task per slice of ~_SLICE_ROWS rows (whole row groups): the number of blocks sets
-    # the parallelism of every later stage, shuffles included.
+    # One read task per slice of whole row groups. The number of blocks sets the parallelism of
+    # every later stage, shuffles included, and each shuffle moves blocks x blocks pieces: about
+    # four blocks per CPU balances the two.
+    cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
+    slice_rows = max(100_000, rows_in // (4 * cpus))
     today = set(today_part.files)
-    items = [{"path": p, "row_groups": g, "target": p in today} for p, g in _slices(base_files, ctx.store.fs)]
+    items = [{"path": p, "row_groups": g, "target": p in today}
+             for p, g in _slices(base_files, ctx.store.fs, slice_rows)]
     ds = ray.data.from_items(items, override_num_blocks=len(items))
     ds = ds.map_batches(read_events, fn_kwargs={"f": f, "fs": ctx.store.fs}, batch_size=1, batch_format="pyarrow")
     for i, w in enumerate(f.windows):
-        ds = ds.groupby(w.by, num_partitions=partitions).map_groups(
+        ds = ds.groupby(w.by, num_partitions=len(items)).map_groups(
             window_aggregates,
             fn_kwargs={"i": i, "windows_us": [int(parse_duration(x).total_seconds() * _US) for x in w.windows],
                        "aggs": list(w.aggs), "names": window_feature_names(w)},
@@ -312,16 +326,7 @@ def build_features(spec: Spec, ctx: RunContext) -> dict[str, Any]:
     ds = ds.sort([EVENT_TIME, *f.keys])
 
     def write(fs: Any, folder: str) -> dict[str, Any]:
-        import pyarrow.fs as pafs
-        import pyarrow.parquet as pq
-        from ray.data import SaveMode
-
-        # Names from the task and block index (not Ray's random write id), so the published
-        # names, like the bytes, do not depend on the run. The folder is new, so OVERWRITE is safe.
-        ds.write_parquet(folder, filesystem=fs, min_rows_per_file=1_000_000, filename_provider=_Names(),
-                         mode=SaveMode.OVERWRITE)
-        files = [i.path for i in fs.get_file_info(pafs.FileSelector(folder)) if i.path.endswith(".parquet")]
-        rows = sum(pq.ParquetFile(fs.open_input_file(p)).metadata.num_rows for p in files)
+        rows = write_sorted(ds, fs, folder)
         return {**lineage, "lineage_key": lineage_key, "rows": rows, "run_id": ctx.run_id,
                 "missing_history": missing, "features": f.feature_names(), "label": f.label.name,
                 "categorical": f.categorical_names()}
@@ -359,11 +364,8 @@ def nodes_used(ds: Any) -> list[str]:
     return sorted(found)
 
 
-_SLICE_ROWS = 250_000
-
-
-def _slices(files: list[str], fs: Any) -> list[tuple[str, list[int]]]:
-    """(file, row groups) slices of about _SLICE_ROWS rows, from the Parquet footers."""
+def _slices(files: list[str], fs: Any, slice_rows: int) -> list[tuple[str, list[int]]]:
+    """(file, row groups) slices of about `slice_rows` rows, from the Parquet footers."""
     import pyarrow.parquet as pq
 
     out = []
@@ -374,7 +376,7 @@ def _slices(files: list[str], fs: Any) -> list[tuple[str, list[int]]]:
         for g in range(meta.num_row_groups):
             groups.append(g)
             rows += meta.row_group(g).num_rows
-            if rows >= _SLICE_ROWS:
+            if rows >= slice_rows:
                 out.append((path, groups))
                 groups, rows = [], 0
         if groups or meta.num_row_groups == 0:
@@ -382,12 +384,42 @@ def _slices(files: list[str], fs: Any) -> list[tuple[str, list[int]]]:
     return out
 
 
-class _Names:
-    def get_filename_for_block(self, block: Any, write_uuid: str, task_index: int, block_index: int) -> str:
-        return f"part-{task_index:05d}-{block_index:05d}.parquet"
+ROW_GROUP_ROWS = 128 * 1024  # also what stage writes
+FILE_ROWS = 32 * ROW_GROUP_ROWS
 
-    def get_filename_for_task(self, write_uuid: str, task_index: int) -> str:
-        return f"part-{task_index:05d}.parquet"
+
+def write_sorted(ds: Any, fs: Any, folder: str) -> int:
+    """Stream the sorted dataset into part-00000.parquet, part-00001.parquet, ... in order.
+
+    Ray's own writer may concatenate blocks out of order within a file. Here batches of exactly
+    ROW_GROUP_ROWS rows arrive in dataset order (whatever the block boundaries), one row group
+    each, FILE_ROWS per file: the same rows always give the same bytes, on one node or many.
+    Memory is a few batches, not the partition.
+    """
+    import posixpath
+
+    import pyarrow.parquet as pq
+
+    writer, index, in_file, total = None, 0, 0, 0
+    try:
+        for batch in ds.iter_batches(batch_size=ROW_GROUP_ROWS, batch_format="pyarrow"):
+            if writer is None or in_file >= FILE_ROWS:
+                if writer is not None:
+                    writer.close()
+                path = posixpath.join(folder, f"part-{index:05d}.parquet")
+                writer = pq.ParquetWriter(path, batch.schema, filesystem=fs, compression="zstd")
+                index, in_file = index + 1, 0
+            writer.write_table(batch, row_group_size=ROW_GROUP_ROWS)
+            in_file += batch.num_rows
+            total += batch.num_rows
+    finally:
+        if writer is not None:
+            writer.close()
+    if writer is None:  # no rows: still one (empty) file, so readers find the schema
+        schema = ds.schema()
+        schema = getattr(schema, "base_schema", schema)
+        pq.write_table(schema.empty_table(), posixpath.join(folder, "part-00000.parquet"), filesystem=fs)
+    return total
 
 
 def _result(spec: Spec, path: str, manifest: dict[str, Any], skipped: bool) -> dict[str, Any]:
