@@ -122,3 +122,33 @@ def test_rebuild_is_byte_identical_and_rerun_is_skipped(built: pd.DataFrame, hom
 def test_missing_staged_day_is_a_clear_error(home: Path, spec, ray_local) -> None:
     with pytest.raises(MissingInputError, match="no staged partition of 'flights' for 2013-01-09; run the stage step"):
         build_features(spec, RunContext.create(DAY))
+
+
+def test_features_on_s3_equal_the_local_ones(built: pd.DataFrame, spec, s3_server, landing: Path,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """The same step against an S3 API: Ray tasks read the staged row groups and the driver writes
+    the partition through pyarrow's S3 filesystem."""
+    import uuid
+
+    import pyarrow as pa
+
+    from s3 import apply_env
+
+    apply_env(monkeypatch, s3_server.env())
+    bucket = f"f-{uuid.uuid4().hex[:10]}"
+    client = s3_server.client()
+    client.create_bucket(Bucket=bucket)
+    days = [DAY - timedelta(days=k) for k in range(8, -1, -1)]
+    for d in days:
+        for sub in ("flights", "weather"):
+            client.upload_file(str(landing / sub / f"{d}.csv"), bucket, f"store/landing/{sub}/{d}.csv")
+    for p in (landing / "dims").iterdir():
+        client.upload_file(str(p), bucket, f"store/landing/dims/{p.name}")
+    monkeypatch.setenv("DAYBREAK_STORE", f"s3://{bucket}/store")
+    _stage_days(spec, days)
+    ctx = RunContext.create(DAY)
+    res = build_features(spec, ctx)
+    assert res["uri"].startswith("s3://") and not res["skipped"]
+    part = ctx.store.partition(feature_zone(spec), DAY)
+    got = pa.concat_tables([pq.read_table(f, filesystem=ctx.store.fs) for f in part.files]).to_pandas()
+    pd.testing.assert_frame_equal(got, built)
