@@ -31,7 +31,6 @@ from daybreak.spec import FeatureSpec, Spec, parse_duration, window_feature_name
 log = logging.getLogger(__name__)
 
 EVENT_TIME = "event_time"
-_TARGET = "__target"
 _US = 1_000_000
 
 
@@ -42,45 +41,150 @@ def feature_zone(spec: Spec) -> str:
 # --- pure, per-batch transforms (run inside Ray tasks; also usable without Ray) ----------------
 
 def read_events(items: pa.Table, f: FeatureSpec, fs: Any) -> pa.Table:
-    """Read the row groups named by `items` (one task each) and prepare them for the windows."""
+    """Read the day's rows named by `items` (row groups of staged files, one task each)."""
     import pyarrow.parquet as pq
 
     tables = []
     for item in items.to_pylist():
         pf = pq.ParquetFile(fs.open_input_file(item["path"]))
-        tables.append(prepare_events(pf.read_row_groups(item["row_groups"]), f, item["target"]))
+        tables.append(prepare_events(pf.read_row_groups(item["row_groups"]), f))
     return pa.concat_tables(tables)
 
 
-def prepare_events(batch: pa.Table, f: FeatureSpec, target: bool) -> pa.Table:
-    """Add the event time, the target flag (rows of the logical date, not history) and each
-    window's value / known-at columns."""
+def prepare_events(batch: pa.Table, f: FeatureSpec) -> pa.Table:
+    """Add the event time; keep only the columns later stages read."""
+    batch = batch.append_column(EVENT_TIME, _event_time(batch, f))
+    keep = carried_columns(f)
+    return batch.select([c for c in batch.column_names if c in keep])
+
+
+def _event_time(batch: pa.Table, f: FeatureSpec) -> pa.ChunkedArray:
     et = evaluate(f.event_time, batch)
     if not pa.types.is_timestamp(et.type):
         raise TypeError(f"features.event_time must give a timestamp, got {et.type}")
-    batch = batch.append_column(EVENT_TIME, et.cast(pa.timestamp("us", tz="UTC")))
-    batch = batch.append_column(_TARGET, pa.repeat(pa.scalar(target), batch.num_rows))
+    return et.cast(pa.timestamp("us", tz="UTC"))
+
+
+# --- windows: a sorted index of each window's history, then lookups for the day's events ------
+
+def read_window_inputs(items: pa.Table, f: FeatureSpec, fs: Any, i: int) -> pa.Table:
+    """Window i's narrow history from the row groups named by `items`: only the columns it reads."""
+    import pyarrow.parquet as pq
+
+    w = f.windows[i]
+    wanted = names_in(f.event_time) | names_in(w.value) | names_in(w.known_at) | set(w.by)
+    tables = []
+    for item in items.to_pylist():
+        pf = pq.ParquetFile(fs.open_input_file(item["path"]))
+        cols = [c for c in pf.schema_arrow.names if c in wanted]
+        tables.append(window_inputs(pf.read_row_groups(item["row_groups"], columns=cols), f, i))
+    return pa.concat_tables(tables)
+
+
+def window_inputs(batch: pa.Table, f: FeatureSpec, i: int) -> pa.Table:
+    """Group keys, known-at time (int64 us) and value of the rows that can count in window i."""
+    w = f.windows[i]
+    et = _event_time(batch, f)
+    batch = batch.append_column(EVENT_TIME, et)
+    value = pc.cast(evaluate(w.value, batch), pa.float64())
+    known = evaluate(w.known_at, batch).cast(pa.timestamp("us", tz="UTC"))
+    # A row known later than max_delay after its event might lie beyond the history read for
+    # some events; leave it out for every event, so results never depend on what was read.
+    late = pc.fill_null(pc.greater(known, pc.add(et, _delay(w.max_delay))), False)
+    n_late = pc.sum(late).as_py() or 0
+    if n_late:
+        log.warning("features.windows[%d]: %d row(s) known more than max_delay=%s after their event are left out",
+                    i, n_late, w.max_delay)
+    keep = pc.and_kleene(pc.invert(late), pc.invert(pc.is_nan(value)))
+    keep = pc.and_kleene(keep, pc.is_valid(known))
+    for col in w.by:  # a null key groups with nothing
+        keep = pc.and_kleene(keep, pc.is_valid(batch.column(col)))
+    out = pa.table({**{c: batch.column(c) for c in w.by}, "__k": pc.cast(known, pa.int64()), "__v": value})
+    return out.filter(pc.fill_null(keep, False))
+
+
+def build_window_index(by: list[str], aggs: list[str], *tables: pa.Table) -> dict[str, Any]:
+    """Sort one window's whole history by (key, known-at) and take running sums.
+
+    Keys become integer codes (mixed radix over each key column's dictionary), and (code, time)
+    packs into one sorted int64 array, so every "rows of this key known in (a, b)" question is
+    two binary searches.
+    """
+    t = pa.concat_tables(tables) if tables else pa.table({"__k": pa.array([], pa.int64()),
+                                                          "__v": pa.array([], pa.float64())})
+    k = t.column("__k").to_numpy()
+    v = t.column("__v").to_numpy()
+    codes = np.zeros(len(k), dtype=np.int64)
+    dictionaries, radix = [], 1
+    for col in by:
+        enc = pc.dictionary_encode(t.column(col)).combine_chunks() if len(k) else None
+        d = enc.dictionary if enc is not None else pa.array([], t.schema.field(col).type if col in t.column_names
+                                                            else pa.string())
+        radix *= max(1, len(d))
+        if enc is not None:
+            codes = codes * len(d) + enc.indices.to_numpy(zero_copy_only=False).astype(np.int64)
+        dictionaries.append(d)
+    # (code, time) packs into one int64 as code * span + (time - first); past 2**62, times are
+    # replaced by their rank among the distinct times, which needs a sort more.
+    first = int(k.min()) if len(k) else 0
+    span = (int(k.max()) - first + 2) if len(k) else 2
+    distinct = None
+    if radix * span >= 2**62:
+        distinct = np.unique(k)
+        span = len(distinct) + 1
+        if radix * span >= 2**62:
+            raise ValueError(f"windows by {by}: too many distinct keys x times ({radix} x {span}) for one index")
+        comp = codes * span + np.searchsorted(distinct, k)
+    else:
+        comp = codes * span + (k - first)
+    # Stable: rows with the same key and time stay in file order, so the sums are the same on
+    # any number of nodes.
+    order = np.argsort(comp, kind="stable")
+    comp, vs = comp[order], v[order]
+    index: dict[str, Any] = {"dictionaries": dictionaries, "distinct": distinct, "first": first, "span": span,
+                             "comp": comp, "vs": vs,
+                             "cs": np.concatenate([[0.0], np.cumsum(vs)]),
+                             "cs2": np.concatenate([[0.0], np.cumsum(vs * vs)])}
+    if "min" in aggs:
+        index["min"] = _RangeExtreme(vs, np.minimum)
+    if "max" in aggs:
+        index["max"] = _RangeExtreme(vs, np.maximum)
+    return index
+
+
+def apply_windows(batch: pa.Table, f: FeatureSpec, indexes: list[Any]) -> pa.Table:
+    """Trailing aggregates for each event, over its key's rows known in (t - window, t)."""
+    import ray
+
+    t = _ts_us(batch.column(EVENT_TIME))
+    event_ok = batch.column(EVENT_TIME).is_valid().to_numpy(zero_copy_only=False)
     for i, w in enumerate(f.windows):
-        value = pc.cast(evaluate(w.value, batch), pa.float64())
-        known = evaluate(w.known_at, batch).cast(pa.timestamp("us", tz="UTC"))
-        # A row known later than max_delay after its event might lie beyond the history read
-        # for some events; leave it out for every event, so results never depend on what was read.
-        late = pc.fill_null(pc.greater(known, pc.add(batch.column(EVENT_TIME), _delay(w.max_delay))), False)
-        if pc.any(late).as_py():
-            log.warning("features.windows[%d]: %d row(s) known more than max_delay=%s after their event are "
-                        "left out", i, pc.sum(late).as_py(), w.max_delay)
-            value = pc.if_else(late, pa.scalar(None, pa.float64()), value)
-        batch = batch.append_column(f"__wv{i}", value)
-        batch = batch.append_column(f"__wk{i}", known)
-    # Only what later stages read travels through the shuffles; history rows carry only what
-    # the windows group by.
-    keep = carried_columns(f)
-    batch = batch.select([c for c in batch.column_names if c in keep or c.startswith("__")])
-    if not target:
-        group_keys = {c for w in f.windows for c in w.by} | {EVENT_TIME}
-        for j, name in enumerate(batch.column_names):
-            if not name.startswith("__") and name not in group_keys:
-                batch = batch.set_column(j, name, pa.nulls(batch.num_rows, batch.column(name).type))
+        idx = ray.get(indexes[i]) if isinstance(indexes[i], ray.ObjectRef) else indexes[i]
+        q = np.zeros(batch.num_rows, dtype=np.int64)
+        ok = event_ok.copy()
+        for col, d in zip(w.by, idx["dictionaries"]):
+            pos = pc.index_in(batch.column(col), value_set=d)  # null: a null key, or one never seen
+            ok &= pos.is_valid().to_numpy(zero_copy_only=False)
+            q = q * max(1, len(d)) + pos.fill_null(0).to_numpy(zero_copy_only=False).astype(np.int64)
+        comp, tt = idx["comp"], np.where(ok, t, 0)
+        # Needles in sorted order keep the binary searches in cache: several times faster.
+        hi = np.where(ok, _search(comp, _pack(idx, q, tt, strict=True)), 0)
+        names = iter(window_feature_names(w))
+        for span in w.windows:
+            lo_t = tt - int(parse_duration(span).total_seconds() * _US)
+            lo = np.where(ok, _search(comp, _pack(idx, q, lo_t, strict=False)), 0)
+            count = (hi - lo).astype(np.float64)
+            s = idx["cs"][hi] - idx["cs"][lo]
+            with np.errstate(invalid="ignore", divide="ignore"):
+                mean = np.where(count > 0, s / count, np.nan)
+                var = np.where(count > 1, (idx["cs2"][hi] - idx["cs2"][lo] - count * mean * mean) / (count - 1),
+                               np.nan)
+            for agg in w.aggs:
+                if agg in ("min", "max"):
+                    values = idx[agg].query(lo, hi)
+                else:
+                    values = {"count": count, "sum": s, "mean": mean, "std": np.sqrt(np.maximum(var, 0.0))}[agg]
+                batch = batch.append_column(next(names), pa.array(values, pa.float64()))
     return batch
 
 
@@ -108,47 +212,21 @@ def _ts_us(col: pa.ChunkedArray | pa.Array) -> np.ndarray:
     return arr.fill_null(np.iinfo(np.int64).min).to_numpy()
 
 
-def window_aggregates(group: pa.Table, i: int, windows_us: list[int], aggs: list[str], names: list[str]) -> pa.Table:
-    """Trailing aggregates for one entity's rows, using only values known strictly before each row."""
-    v = group.column(f"__wv{i}").to_numpy(zero_copy_only=False).astype(np.float64)
-    k_col = group.column(f"__wk{i}")
-    k = _ts_us(k_col)
-    ok = ~np.isnan(v) & k_col.is_valid().to_numpy(zero_copy_only=False)
-    # Ties in time are ordered by value so the sums (and their float rounding) never depend on
-    # the order rows arrived in from the shuffle.
-    order = np.lexsort((v[ok], k[ok]))
-    ks, vs = k[ok][order], v[ok][order]
-    cs = np.concatenate([[0.0], np.cumsum(vs)])
-    cs2 = np.concatenate([[0.0], np.cumsum(vs * vs)])
-    # History rows (days before D) only feed the sums; features are computed for D's events.
-    target = group.column(_TARGET).to_numpy(zero_copy_only=False)
-    t = _ts_us(group.column(EVENT_TIME))[target]
-    hi = np.searchsorted(ks, t, side="left")  # known strictly before t
-    mins = _RangeExtreme(vs, np.minimum) if "min" in aggs else None
-    maxs = _RangeExtreme(vs, np.maximum) if "max" in aggs else None
-    out: dict[str, np.ndarray] = {}
-    n = 0
-    for w in windows_us:
-        lo = np.searchsorted(ks, t - w, side="right")  # known strictly after t - w
-        count = (hi - lo).astype(np.float64)
-        s = cs[hi] - cs[lo]
-        with np.errstate(invalid="ignore", divide="ignore"):
-            mean = np.where(count > 0, s / count, np.nan)
-            var = np.where(count > 1, (cs2[hi] - cs2[lo] - count * mean * mean) / (count - 1), np.nan)
-        for agg in aggs:
-            if agg == "min":
-                out[names[n]] = mins.query(lo, hi)
-            elif agg == "max":
-                out[names[n]] = maxs.query(lo, hi)
-            else:
-                out[names[n]] = {"count": count, "sum": s, "mean": mean, "std": np.sqrt(np.maximum(var, 0.0))}[agg]
-            n += 1
-    group = group.drop_columns([f"__wv{i}", f"__wk{i}"])
-    for name, values in out.items():
-        full = np.full(len(target), np.nan)
-        full[target] = values
-        group = group.append_column(name, pa.array(full, pa.float64()))
-    return group
+def _pack(idx: dict[str, Any], q: np.ndarray, t: np.ndarray, strict: bool) -> np.ndarray:
+    """The packed value below which lie the key's rows known before t (strict) or at or before t."""
+    span = idx["span"]
+    if idx["distinct"] is None:
+        offset = np.clip(t - idx["first"] + (0 if strict else 1), 0, span - 1)
+    else:
+        offset = np.searchsorted(idx["distinct"], t, "left" if strict else "right")
+    return q * span + offset
+
+
+def _search(sorted_values: np.ndarray, needles: np.ndarray) -> np.ndarray:
+    order = np.argsort(needles, kind="stable")
+    out = np.empty(len(needles), dtype=np.int64)
+    out[order] = np.searchsorted(sorted_values, needles[order], "left")
+    return out
 
 
 class _RangeExtreme:
@@ -178,10 +256,6 @@ class _RangeExtreme:
             res[sel] = self.op(self.levels[j][a[sel]], self.levels[j][b[sel]])
         out[ok] = res
         return out
-
-
-def keep_targets(batch: pa.Table) -> pa.Table:
-    return batch.filter(batch.column(_TARGET))
 
 
 def asof_join(batch: pa.Table, right: pa.Table, by: list[str], time: str, tolerance_us: int, columns: dict[str, str]) -> pa.Table:
@@ -290,24 +364,29 @@ def build_features(spec: Spec, ctx: RunContext) -> dict[str, Any]:
 
     ensure_ray(ctx.ray_address)
     rows_in = sum(ctx.store.partition(f"staged/{f.base}", date.fromisoformat(d)).manifest["rows"] for d in base_hashes)
-    # One read task per slice of whole row groups. The number of blocks sets the parallelism of
-    # every later stage, shuffles included, and each shuffle moves blocks x blocks pieces: about
-    # four blocks per CPU balances the two.
+    # One read task per slice of whole row groups, about four per CPU.
     cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
     slice_rows = max(100_000, rows_in // (4 * cpus))
     today = set(today_part.files)
-    items = [{"path": p, "row_groups": g, "target": p in today}
-             for p, g in _slices(base_files, ctx.store.fs, slice_rows)]
-    ds = ray.data.from_items(items, override_num_blocks=len(items))
-    ds = ds.map_batches(read_events, fn_kwargs={"f": f, "fs": ctx.store.fs}, batch_size=1, batch_format="pyarrow")
+    slices = _slices(base_files, ctx.store.fs, slice_rows)
+    history = [{"path": p, "row_groups": g} for p, g in slices]
+    datasets = []
+    # Windows: each window's narrow history (keys, known-at, value: nothing else is read) goes
+    # to one task that sorts it into an index; no row of the look-back is shuffled. The index
+    # of window i is built while window i+1's history is read.
+    build = ray.remote(build_window_index)
+    indexes = []
     for i, w in enumerate(f.windows):
-        ds = ds.groupby(w.by, num_partitions=len(items)).map_groups(
-            window_aggregates,
-            fn_kwargs={"i": i, "windows_us": [int(parse_duration(x).total_seconds() * _US) for x in w.windows],
-                       "aggs": list(w.aggs), "names": window_feature_names(w)},
-            batch_format="pyarrow",
-        )
-    ds = ds.map_batches(keep_targets, batch_format="pyarrow", batch_size=None)
+        hist = ray.data.from_items(history, override_num_blocks=len(history)).map_batches(
+            read_window_inputs, fn_kwargs={"f": f, "fs": ctx.store.fs, "i": i}, batch_size=1, batch_format="pyarrow")
+        indexes.append(build.remote(w.by, list(w.aggs), *hist.to_arrow_refs()))
+        datasets.append(hist)
+    targets = [{"path": p, "row_groups": g} for p, g in slices if p in today]
+    ds = ray.data.from_items(targets, override_num_blocks=len(targets))
+    ds = ds.map_batches(read_events, fn_kwargs={"f": f, "fs": ctx.store.fs}, batch_size=1, batch_format="pyarrow")
+    if f.windows:
+        ds = ds.map_batches(apply_windows, fn_kwargs={"f": f, "indexes": indexes}, batch_format="pyarrow",
+                            batch_size=None)
     for j in f.asof:
         right = _read_table(dims[j.source][0], ctx.store.fs).select([*j.by, j.time, *sorted(set(j.columns.values()))])
         ds = ds.map_batches(
@@ -332,7 +411,7 @@ def build_features(spec: Spec, ctx: RunContext) -> dict[str, Any]:
                 "categorical": f.categorical_names()}
 
     part = ctx.store.publish(zone, day, write, run=ctx.run_id)
-    nodes = nodes_used(ds)
+    nodes = sorted({n for d in [*datasets, ds] for n in nodes_used(d)})
     log.info("features %s: %d rows -> %s (on %d Ray node(s))", day, part.manifest["rows"], part.uri, len(nodes))
     return _result(spec, part.uri, part.manifest, skipped=False) | {"ray_nodes": nodes}
 
