@@ -6,6 +6,10 @@ No feature of an event may depend on anything known at or after the event's time
 
 * trailing windows count a row only if its ``known_at`` time lies in ``(t - window, t)``;
 * as-of joins take the latest dimension row with time ``<= t`` and ``>= t - tolerance``.
+
+Windows need the whole look-back per key; rather than shuffle it by key, each window's history
+is read narrowly and sorted once into an index (``build_window_index``), and D's events look
+their windows up in it (``apply_windows``).
 """
 
 from __future__ import annotations
