@@ -59,6 +59,7 @@ def generate(home: Path, rows: int, seed: int = 0) -> dict:
     import numpy as np
     import pyarrow as pa
     import pyarrow.compute as pc
+    import pyarrow.csv as pacsv
     import pyarrow.parquet as pq
 
     from daybreak.context import RunContext
@@ -73,8 +74,6 @@ def generate(home: Path, rows: int, seed: int = 0) -> dict:
         (landing / sub).symlink_to(real / sub, target_is_directory=True)
     spec = scaled_spec()
     rng = np.random.default_rng(seed)
-    import pyarrow.csv as pacsv
-
     schema = pa.schema([(n, pa.timestamp("us", tz="UTC") if c.type.startswith("timestamp") else c.type)
                         for n, c in spec.sources["flights"].columns.items()])
     per_day = rows // len(DAYS)

@@ -29,6 +29,6 @@ def ensure_ray(address: str | None = None) -> None:
     # Task-based sort shuffle: for daily-sized inputs it is several times faster than the
     # actor-based hash shuffle, which pays to start its aggregators on every groupby.
     dctx.shuffle_strategy = os.environ.get("DAYBREAK_RAY_SHUFFLE", "sort_shuffle_pull_based")
-    # Blocks leave each stage in input order, so a sorted dataset is written to files in sorted
-    # order and a rebuild gives the same files, however the tasks happened to finish.
+    # Blocks leave each stage in input order, however the tasks happened to finish: the feature
+    # step's window history (and so its float sums) and its sorted output are the same each run.
     dctx.execution_options.preserve_order = True

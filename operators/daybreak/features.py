@@ -31,6 +31,7 @@ from daybreak.context import RunContext
 from daybreak.errors import MissingInputError
 from daybreak.expr import evaluate, names_in
 from daybreak.spec import FeatureSpec, Spec, parse_duration, window_feature_names
+from daybreak.store import ROW_GROUP_ROWS
 
 log = logging.getLogger(__name__)
 
@@ -46,13 +47,7 @@ def feature_zone(spec: Spec) -> str:
 
 def read_events(items: pa.Table, f: FeatureSpec, fs: Any) -> pa.Table:
     """Read the day's rows named by `items` (row groups of staged files, one task each)."""
-    import pyarrow.parquet as pq
-
-    tables = []
-    for item in items.to_pylist():
-        pf = pq.ParquetFile(fs.open_input_file(item["path"]))
-        tables.append(prepare_events(pf.read_row_groups(item["row_groups"]), f))
-    return pa.concat_tables(tables)
+    return pa.concat_tables([prepare_events(t, f) for t in _read_slices(items, fs)])
 
 
 def prepare_events(batch: pa.Table, f: FeatureSpec) -> pa.Table:
@@ -73,16 +68,21 @@ def _event_time(batch: pa.Table, f: FeatureSpec) -> pa.ChunkedArray:
 
 def read_window_inputs(items: pa.Table, f: FeatureSpec, fs: Any, i: int) -> pa.Table:
     """Window i's narrow history from the row groups named by `items`: only the columns it reads."""
-    import pyarrow.parquet as pq
-
     w = f.windows[i]
     wanted = names_in(f.event_time) | names_in(w.value) | names_in(w.known_at) | set(w.by)
-    tables = []
+    return pa.concat_tables([window_inputs(t, f, i) for t in _read_slices(items, fs, wanted)])
+
+
+def _read_slices(items: pa.Table, fs: Any, wanted: set[str] | None = None) -> list[pa.Table]:
+    """The row groups each item names, with only the `wanted` columns the file has (None: all)."""
+    import pyarrow.parquet as pq
+
+    out = []
     for item in items.to_pylist():
         pf = pq.ParquetFile(fs.open_input_file(item["path"]))
-        cols = [c for c in pf.schema_arrow.names if c in wanted]
-        tables.append(window_inputs(pf.read_row_groups(item["row_groups"], columns=cols), f, i))
-    return pa.concat_tables(tables)
+        cols = None if wanted is None else [c for c in pf.schema_arrow.names if c in wanted]
+        out.append(pf.read_row_groups(item["row_groups"], columns=cols))
+    return out
 
 
 def window_inputs(batch: pa.Table, f: FeatureSpec, i: int) -> pa.Table:
@@ -171,7 +171,7 @@ def apply_windows(batch: pa.Table, f: FeatureSpec, indexes: list[Any]) -> pa.Tab
             ok &= pos.is_valid().to_numpy(zero_copy_only=False)
             q = q * max(1, len(d)) + pos.fill_null(0).to_numpy(zero_copy_only=False).astype(np.int64)
         comp, tt = idx["comp"], np.where(ok, t, 0)
-        # Needles in sorted order keep the binary searches in cache: several times faster.
+        # Needles in sorted order keep the binary searches in cache.
         hi = np.where(ok, _search(comp, _pack(idx, q, tt, strict=True)), 0)
         names = iter(window_feature_names(w))
         for span in w.windows:
@@ -438,12 +438,11 @@ def nodes_used(ds: Any) -> list[str]:
         for parent in getattr(stats, "parents", None) or []:
             walk(parent)
 
-    for d in (getattr(ds, "_write_ds", None), ds):
-        try:
-            executor = getattr(d, "_current_executor", None)
-            walk(executor.get_stats() if executor else d._raw_stats())
-        except Exception:  # a developer API: never fail a published step over it
-            log.debug("no Ray Data stats for %r", d, exc_info=True)
+    try:
+        executor = getattr(ds, "_current_executor", None)
+        walk(executor.get_stats() if executor else ds._raw_stats())
+    except Exception:  # a developer API: never fail a published step over it
+        log.debug("no Ray Data stats for %r", ds, exc_info=True)
     return sorted(found)
 
 
@@ -467,7 +466,6 @@ def _slices(files: list[str], fs: Any, slice_rows: int) -> list[tuple[str, list[
     return out
 
 
-ROW_GROUP_ROWS = 128 * 1024  # also what stage writes
 FILE_ROWS = 32 * ROW_GROUP_ROWS
 
 

@@ -38,7 +38,7 @@ import pyarrow.parquet as pq
 from daybreak.context import RunContext
 from daybreak.errors import ContractError, MissingInputError
 from daybreak.spec import ColumnSpec, SourceSpec, Spec
-from daybreak.store import sha256_file
+from daybreak.store import ROW_GROUP_ROWS, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -350,10 +350,6 @@ class Prepared:
                 pass
             ctx.store.abort(self.pending)
             self.pending = None
-
-
-# Row groups of this size let readers (the feature step's Ray tasks) split a big day in parallel.
-ROW_GROUP_ROWS = 128 * 1024
 
 
 def _write_parquet(table: pa.Table, fs: pafs.FileSystem, folder: str) -> None:

@@ -32,6 +32,9 @@ from typing import Any
 import pyarrow.fs as pafs
 
 MANIFEST = "_manifest.json"
+# Parquet row groups written by daybreak: small enough that readers (the feature step's Ray
+# tasks) can split a big day in parallel.
+ROW_GROUP_ROWS = 128 * 1024
 PENDING_GRACE_NS = 15 * 60 * 10**9  # runs younger than this may be another writer's, still in progress
 
 
