@@ -152,3 +152,53 @@ def test_features_on_s3_equal_the_local_ones(built: pd.DataFrame, spec, s3_serve
     part = ctx.store.partition(feature_zone(spec), DAY)
     got = pa.concat_tables([pq.read_table(f, filesystem=ctx.store.fs) for f in part.files]).to_pandas()
     pd.testing.assert_frame_equal(got, built)
+
+
+@pytest.mark.parametrize("wide", [False, True])
+def test_window_index_matches_brute_force(wide: bool) -> None:
+    """The index on its own, without Ray: slices sorted separately and merged, two key columns, and
+    (wide) keys x times too many to pack, which takes the lexsort and time-rank paths."""
+    import pyarrow as pa
+
+    from daybreak.features import EVENT_TIME, apply_windows, build_window_index, window_inputs
+    from daybreak.spec import parse_spec
+
+    spec = parse_spec({
+        "name": "t", "sources": {"ev": {"path": "x/{date}.csv", "columns": {
+            "a": "string", "b": "int64", "ts": "timestamp[us, UTC]", "v": "float64"}}},
+        "features": {"name": "t", "base": "ev", "event_time": "ts", "keys": ["a", "b"],
+                     "label": {"name": "y", "expr": "v > 0"},
+                     "windows": [{"by": ["a", "b"], "value": "v", "aggs": ["count", "sum", "std", "min", "max"],
+                                  "windows": ["1h", "3000d"], "prefix": "w_"}]},
+        "model": {"name": "t"}})
+    f = spec.features
+    rng = np.random.default_rng(1)
+    n = 3000
+    keys_a = [f"k{i}" for i in range(400 if wide else 3)]
+    base = pd.Timestamp("2000-01-01", tz="UTC")
+    minutes = rng.integers(0, (5_000_000 if wide else 3000), n) // 7 * 7  # ties
+    if wide:  # a few rows centuries apart: times no longer pack beside 400 x 5 keys
+        minutes[:3] = [-60_000_000, 90_000_000, 100_000_000]
+    df = pd.DataFrame({"a": rng.choice(keys_a, n), "b": rng.integers(0, 5, n),
+                       "ts": base + pd.to_timedelta(minutes, unit="m"),
+                       "v": np.where(rng.random(n) < 0.1, np.nan, rng.normal(size=n).round(2))})
+    df.loc[rng.random(n) < 0.05, "a"] = None
+    table = pa.Table.from_pandas(df, preserve_index=False)
+    slices = [window_inputs(table.slice(o, 700), f, 0) for o in range(0, n, 700)]
+    index = build_window_index(["a", "b"], ["count", "sum", "std", "min", "max"], *slices)
+    events = table.append_column(EVENT_TIME, table.column("ts"))
+    got = apply_windows(events, f, [index]).to_pandas()
+    known = df[df["v"].notna() & df["a"].notna()]
+    for i in rng.choice(n, 150, replace=False):
+        ev = df.iloc[i]
+        for span in ("1h", "3000d"):
+            sel = known[(known["a"] == ev["a"]) & (known["b"] == ev["b"]) & (known["ts"] < ev["ts"])
+                        & (known["ts"] > ev["ts"] - pd.Timedelta(span))]["v"]
+            row = got.iloc[i]
+            assert row[f"w_count_{span}"] == (len(sel) if pd.notna(ev["a"]) else 0)
+            if pd.isna(ev["a"]) or sel.empty:
+                assert np.isnan(row[f"w_min_{span}"]) and np.isnan(row[f"w_max_{span}"])
+                continue
+            assert row[f"w_sum_{span}"] == pytest.approx(sel.sum(), abs=1e-9)
+            assert row[f"w_min_{span}"] == sel.min() and row[f"w_max_{span}"] == sel.max()
+            assert row[f"w_std_{span}"] == pytest.approx(sel.std(ddof=1), abs=1e-9, nan_ok=True)

@@ -103,31 +103,75 @@ def window_inputs(batch: pa.Table, f: FeatureSpec, i: int) -> pa.Table:
     keep = pc.and_kleene(keep, pc.is_valid(known))
     for col in w.by:  # a null key groups with nothing
         keep = pc.and_kleene(keep, pc.is_valid(batch.column(col)))
-    out = pa.table({**{c: batch.column(c) for c in w.by}, "__k": pc.cast(known, pa.int64()), "__v": value})
-    return out.filter(pc.fill_null(keep, False))
+    rows = np.flatnonzero(pc.fill_null(keep, False).to_numpy(zero_copy_only=False))
+    k = pc.cast(known, pa.int64()).to_numpy(zero_copy_only=False)[rows]
+    v = value.to_numpy(zero_copy_only=False)[rows]
+    # Sorted here, in parallel, in the index's order (key values, then time; stable), so that
+    # the index task only merges sorted runs. Keys leave as dictionary arrays (indices into the
+    # slice's sorted distinct values): no strings are copied.
+    ranks, dictionaries = zip(*[_sorted_codes(batch.column(c)) for c in w.by]) if w.by else ((), ())
+    ranks = [r[rows] for r in ranks]  # the dictionaries may keep a value no kept row has: harmless
+    codes = _mixed_radix(ranks, dictionaries, len(rows))
+    if len(rows):
+        span = int(k.max()) - int(k.min()) + 1
+        radix = math.prod(max(1, len(d)) for d in dictionaries)
+        order = (np.argsort(codes * span + (k - k.min()), kind="stable") if radix * span < 2**62
+                 else np.lexsort((k, codes)))
+    else:
+        order = np.arange(0)
+    return pa.table({**{c: pa.DictionaryArray.from_arrays(pa.array(r[order], pa.int32()), d)
+                        for c, r, d in zip(w.by, ranks, dictionaries)},
+                     "__k": pa.array(k[order], pa.int64()), "__v": pa.array(v[order], pa.float64())})
+
+
+def _sorted_codes(column: pa.ChunkedArray | pa.Array) -> tuple[np.ndarray, pa.Array]:
+    """(code of each row, sorted distinct values): codes order rows as their values do.
+
+    A dictionary-typed column (window_inputs' output, one dictionary per slice) is mapped onto
+    the sorted union of its chunks' dictionaries without touching the values again.
+    """
+    chunks = column.chunks if isinstance(column, pa.ChunkedArray) else [column]
+    if pa.types.is_dictionary(column.type):
+        d = pc.unique(pa.concat_arrays([c.dictionary for c in chunks] or [pa.array([], column.type.value_type)]))
+        d = d.take(pc.array_sort_indices(d))
+        parts = [pc.index_in(c.dictionary, value_set=d).to_numpy(zero_copy_only=False).astype(np.int64)[
+                 c.indices.to_numpy(zero_copy_only=False)] for c in chunks]
+        return (np.concatenate(parts) if parts else np.zeros(0, np.int64)), d
+    enc = pc.dictionary_encode(column)
+    enc = enc.combine_chunks() if isinstance(enc, pa.ChunkedArray) else enc
+    if not len(enc.dictionary):  # no rows, or only nulls
+        return np.zeros(len(enc), np.int64), enc.dictionary
+    order = pc.array_sort_indices(enc.dictionary).to_numpy()
+    rank = np.empty(len(order), dtype=np.int64)
+    rank[order] = np.arange(len(order))
+    # a null value gets code 0: callers have already dropped (or never had) rows with null keys
+    return rank[enc.indices.fill_null(0).to_numpy(zero_copy_only=False)], enc.dictionary.take(pa.array(order))
+
+
+def _mixed_radix(ranks: Any, dictionaries: Any, n: int) -> np.ndarray:
+    codes = np.zeros(n, dtype=np.int64)
+    for r, d in zip(ranks, dictionaries):
+        codes = codes * max(1, len(d)) + r
+    return codes
 
 
 def build_window_index(by: list[str], aggs: list[str], *tables: pa.Table) -> dict[str, Any]:
     """Sort one window's whole history by (key, known-at) and take running sums.
 
-    Keys become integer codes (mixed radix over each key column's dictionary), and (code, time)
-    packs into one sorted int64 array, so every "rows of this key known in (a, b)" question is
-    two binary searches.
+    Keys become integer codes (mixed radix over each key column's sorted dictionary), and
+    (code, time) packs into one sorted int64 array, so every "rows of this key known in (a, b)"
+    question is two binary searches. The tables come sorted in that same order
+    (``window_inputs``), so the sort here is a merge of runs.
     """
     t = pa.concat_tables(tables) if tables else pa.table({"__k": pa.array([], pa.int64()),
                                                           "__v": pa.array([], pa.float64())})
     k = t.column("__k").to_numpy()
-    v = t.column("__v").to_numpy()
-    codes = np.zeros(len(k), dtype=np.int64)
-    dictionaries, radix = [], 1
-    for col in by:
-        enc = pc.dictionary_encode(t.column(col)).combine_chunks() if len(k) else None
-        d = enc.dictionary if enc is not None else pa.array([], t.schema.field(col).type if col in t.column_names
-                                                            else pa.string())
-        radix *= max(1, len(d))
-        if enc is not None:
-            codes = codes * len(d) + enc.indices.to_numpy(zero_copy_only=False).astype(np.int64)
-        dictionaries.append(d)
+    ranks, dictionaries = zip(*[_sorted_codes(t.column(c)) if c in t.column_names
+                                else (np.zeros(0, np.int64), pa.array([], pa.string())) for c in by]) if by else ((), ())
+    codes = _mixed_radix(ranks, dictionaries, len(k))
+    del ranks
+    dictionaries = list(dictionaries)
+    radix = math.prod(max(1, len(d)) for d in dictionaries)
     # (code, time) packs into one int64 as code * span + (time - first); past 2**62, times are
     # replaced by their rank among the distinct times, which needs a sort more.
     first = int(k.min()) if len(k) else 0
@@ -141,19 +185,32 @@ def build_window_index(by: list[str], aggs: list[str], *tables: pa.Table) -> dic
         comp = codes * span + np.searchsorted(distinct, k)
     else:
         comp = codes * span + (k - first)
-    # Stable: rows with the same key and time stay in file order, so the sums are the same on
-    # any number of nodes.
+    del codes, k
+    # Stable (timsort: it merges the sorted runs): rows with the same key and time stay in file
+    # order, so the sums are the same on any number of nodes.
     order = np.argsort(comp, kind="stable")
-    comp, vs = comp[order], v[order]
+    comp = comp[order]
+    vs = t.column("__v").to_numpy()[order]
+    del order, t
     index: dict[str, Any] = {"dictionaries": dictionaries, "distinct": distinct, "first": first, "span": span,
-                             "comp": comp, "vs": vs,
-                             "cs": np.concatenate([[0.0], np.cumsum(vs)]),
-                             "cs2": np.concatenate([[0.0], np.cumsum(vs * vs)])}
+                             "comp": comp}
+    if {"sum", "mean", "std"} & set(aggs):
+        index["cs"] = _running_sum(vs)
+    if "std" in aggs:
+        index["cs2"] = _running_sum(vs * vs)
     if "min" in aggs:
         index["min"] = _RangeExtreme(vs, np.minimum)
     if "max" in aggs:
         index["max"] = _RangeExtreme(vs, np.maximum)
     return index
+
+
+def _running_sum(v: np.ndarray) -> np.ndarray:
+    """cs[i] = v[0] + ... + v[i-1], so the sum of v[lo:hi] is cs[hi] - cs[lo]."""
+    out = np.empty(len(v) + 1)
+    out[0] = 0.0
+    np.cumsum(v, out=out[1:])
+    return out
 
 
 def apply_windows(batch: pa.Table, f: FeatureSpec, indexes: list[Any]) -> pa.Table:
@@ -171,25 +228,41 @@ def apply_windows(batch: pa.Table, f: FeatureSpec, indexes: list[Any]) -> pa.Tab
             ok &= pos.is_valid().to_numpy(zero_copy_only=False)
             q = q * max(1, len(d)) + pos.fill_null(0).to_numpy(zero_copy_only=False).astype(np.int64)
         comp, tt = idx["comp"], np.where(ok, t, 0)
-        # Needles in sorted order keep the binary searches in cache.
-        hi = np.where(ok, _search(comp, _pack(idx, q, tt, strict=True)), 0)
+        # Needles in sorted order keep the binary searches in cache. Packed (key, time - span)
+        # orders like (key, time), so one order serves every span of the window.
+        needles = _pack(idx, q, tt, strict=True)
+        order = np.argsort(needles, kind="stable")
+        hi = np.where(ok, _search(comp, needles, order), 0)
         names = iter(window_feature_names(w))
         for span in w.windows:
             lo_t = tt - int(parse_duration(span).total_seconds() * _US)
-            lo = np.where(ok, _search(comp, _pack(idx, q, lo_t, strict=False)), 0)
-            count = (hi - lo).astype(np.float64)
-            s = idx["cs"][hi] - idx["cs"][lo]
-            with np.errstate(invalid="ignore", divide="ignore"):
-                mean = np.where(count > 0, s / count, np.nan)
-                var = np.where(count > 1, (idx["cs2"][hi] - idx["cs2"][lo] - count * mean * mean) / (count - 1),
-                               np.nan)
-            for agg in w.aggs:
-                if agg in ("min", "max"):
-                    values = idx[agg].query(lo, hi)
-                else:
-                    values = {"count": count, "sum": s, "mean": mean, "std": np.sqrt(np.maximum(var, 0.0))}[agg]
+            lo = np.where(ok, _search(comp, _pack(idx, q, lo_t, strict=False), order), 0)
+            for agg, values in _aggregates(idx, w.aggs, lo, hi):
                 batch = batch.append_column(next(names), pa.array(values, pa.float64()))
     return batch
+
+
+def _aggregates(idx: dict[str, Any], aggs: list[str], lo: np.ndarray, hi: np.ndarray) -> list[tuple[str, np.ndarray]]:
+    """Each aggregate over the index rows lo[i]:hi[i], in the order of `aggs`."""
+    count = (hi - lo).astype(np.float64)
+    out = []
+    with np.errstate(invalid="ignore", divide="ignore"):
+        s = idx["cs"][hi] - idx["cs"][lo] if "cs" in idx else None
+        mean = np.where(count > 0, s / count, np.nan) if s is not None else None
+        for agg in aggs:
+            if agg == "count":
+                values = count
+            elif agg == "sum":
+                values = s
+            elif agg == "mean":
+                values = mean
+            elif agg == "std":
+                var = (idx["cs2"][hi] - idx["cs2"][lo] - count * mean * mean) / (count - 1)
+                values = np.where(count > 1, np.sqrt(np.maximum(var, 0.0)), np.nan)
+            else:
+                values = idx[agg].query(lo, hi)
+            out.append((agg, values))
+    return out
 
 
 def _delay(text: str) -> pa.Scalar:
@@ -226,8 +299,8 @@ def _pack(idx: dict[str, Any], q: np.ndarray, t: np.ndarray, strict: bool) -> np
     return q * span + offset
 
 
-def _search(sorted_values: np.ndarray, needles: np.ndarray) -> np.ndarray:
-    order = np.argsort(needles, kind="stable")
+def _search(sorted_values: np.ndarray, needles: np.ndarray, order: np.ndarray) -> np.ndarray:
+    """np.searchsorted(sorted_values, needles), with `order` sorting the needles."""
     out = np.empty(len(needles), dtype=np.int64)
     out[order] = np.searchsorted(sorted_values, needles[order], "left")
     return out
@@ -332,7 +405,7 @@ def build_features(spec: Spec, ctx: RunContext) -> dict[str, Any]:
     """Compute the feature partition for ``ctx.logical_date`` on Ray Data."""
     f = spec.features
     day = ctx.logical_date
-    lookback_days = math.ceil(f.lookback() / timedelta(days=1))
+    lookback_days = f.lookback_days()
     history = [day - timedelta(days=k) for k in range(lookback_days, 0, -1)]
     today_part = ctx.store.partition(f"staged/{f.base}", day)
     if today_part is None:
@@ -371,21 +444,26 @@ def build_features(spec: Spec, ctx: RunContext) -> dict[str, Any]:
     # One read task per slice of whole row groups, about four per CPU.
     cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
     slice_rows = max(100_000, rows_in // (4 * cpus))
-    today = set(today_part.files)
     slices = _slices(base_files, ctx.store.fs, slice_rows)
-    history = [{"path": p, "row_groups": g} for p, g in slices]
-    datasets = []
+    nodes: set[str] = set()
     # Windows: each window's narrow history (keys, known-at, value: nothing else is read) goes
     # to one task that sorts it into an index; no row of the look-back is shuffled. The index
     # of window i is built while window i+1's history is read.
     build = ray.remote(build_window_index)
     indexes = []
     for i, w in enumerate(f.windows):
+        # Only the days this window needs (a 3h window reads 2 days even beside a 30d one).
+        wanted = set(_staged_files(ctx, f.base, [day - timedelta(days=k) for k in range(w.lookback_days(), -1, -1)])[0])
+        history = [{"path": p, "row_groups": g} for p, g in slices if p in wanted]
         hist = ray.data.from_items(history, override_num_blocks=len(history)).map_batches(
             read_window_inputs, fn_kwargs={"f": f, "fs": ctx.store.fs, "i": i}, batch_size=1, batch_format="pyarrow")
         indexes.append(build.remote(w.by, list(w.aggs), *hist.to_arrow_refs()))
-        datasets.append(hist)
-    targets = [{"path": p, "row_groups": g} for p, g in slices if p in today]
+        nodes.update(nodes_used(hist))
+        del hist  # it caches its blocks: let them go once the index task has them
+    # The day's events in slices of their own size (a history-sized slice could be the whole day).
+    today_rows = today_part.manifest["rows"]
+    targets = [{"path": p, "row_groups": g}
+               for p, g in _slices(today_part.files, ctx.store.fs, max(1, today_rows // (4 * cpus)))]
     ds = ray.data.from_items(targets, override_num_blocks=len(targets))
     ds = ds.map_batches(read_events, fn_kwargs={"f": f, "fs": ctx.store.fs}, batch_size=1, batch_format="pyarrow")
     if f.windows:
@@ -405,8 +483,10 @@ def build_features(spec: Spec, ctx: RunContext) -> dict[str, Any]:
                             batch_format="pyarrow", batch_size=None)
     ds = ds.map_batches(finalize, fn_kwargs={"f": f, "task": spec.model.task}, batch_format="pyarrow",
                         batch_size=None)
-    # A total order makes the published bytes (and so the lineage hashes) reproducible.
-    ds = ds.sort([EVENT_TIME, *f.keys])
+    # A total order makes the published bytes (and so the lineage hashes) reproducible. The
+    # day's rows are computed first: in one pipeline with the sort, Ray Data reserves CPUs for
+    # the sort and runs the map tasks one at a time.
+    ds = ds.materialize().sort([EVENT_TIME, *f.keys])
 
     def write(fs: Any, folder: str) -> dict[str, Any]:
         rows = write_sorted(ds, fs, folder)
@@ -414,8 +494,11 @@ def build_features(spec: Spec, ctx: RunContext) -> dict[str, Any]:
                 "missing_history": missing, "features": f.feature_names(), "label": f.label.name,
                 "categorical": f.categorical_names()}
 
+    if indexes:
+        # The day's tasks would otherwise start and block on the indexes, holding their CPUs.
+        ray.wait(indexes, num_returns=len(indexes), fetch_local=False)
     part = ctx.store.publish(zone, day, write, run=ctx.run_id)
-    nodes = sorted({n for d in [*datasets, ds] for n in nodes_used(d)})
+    nodes = sorted(nodes | set(nodes_used(ds)))
     log.info("features %s: %d rows -> %s (on %d Ray node(s))", day, part.manifest["rows"], part.uri, len(nodes))
     return _result(spec, part.uri, part.manifest, skipped=False) | {"ray_nodes": nodes}
 

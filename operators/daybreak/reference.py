@@ -38,7 +38,7 @@ def _staged(ctx: RunContext, source: str, days: list) -> list[pa.Table]:
 def reference_features(spec: Spec, ctx: RunContext) -> pd.DataFrame:
     f = spec.features
     day = ctx.logical_date
-    lookback = math.ceil(f.lookback() / timedelta(days=1))
+    lookback = f.lookback_days()
     days = [day - timedelta(days=k) for k in range(lookback, -1, -1)]
     tables = _staged(ctx, f.base, days)
     if not tables or ctx.store.partition(f"staged/{f.base}", day) is None:
@@ -51,7 +51,9 @@ def reference_features(spec: Spec, ctx: RunContext) -> pd.DataFrame:
         v = evaluate(w.value, base).to_pandas().astype(float)
         known = pd.to_datetime(evaluate(w.known_at, base).cast(pa.timestamp("us", tz="UTC")).to_pandas(), utc=True)
         late = (known > history["event_time"] + pd.Timedelta(parse_duration(w.max_delay))).fillna(False)
-        values[i] = (v.where(~late.to_numpy(), np.nan), known)
+        # each window reads only its own look-back days
+        unread = history["__day"] < (day - timedelta(days=w.lookback_days())).isoformat()
+        values[i] = (v.where(~(late | unread).to_numpy(), np.nan), known)
     targets = history.index[history["__day"] == day.isoformat()]
     rows = []
     for idx in targets:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import re
 from datetime import timedelta
 from pathlib import Path
@@ -243,6 +244,11 @@ class WindowAgg(_Model):
         parse_duration(v)
         return v
 
+    def lookback_days(self) -> int:
+        """Whole days before the logical date this window reads: its longest span plus max_delay.
+        Each window reads only its own days, so a window's values never depend on the others."""
+        return math.ceil((max(map(parse_duration, self.windows)) + parse_duration(self.max_delay)) / timedelta(days=1))
+
 
 class Label(_Model):
     name: str = "label"
@@ -277,11 +283,9 @@ class FeatureSpec(_Model):
         """Feature name -> unfitted encoder, for the columns the model must encode."""
         return {c.name: e for c in self.columns if (e := c.encoder()) is not None}
 
-    def lookback(self) -> timedelta:
-        """How far before the logical date the feature step must read."""
-        spans = [parse_duration(w) + parse_duration(agg.max_delay) for agg in self.windows for w in agg.windows]
-        spans += [parse_duration(j.tolerance) for j in self.asof]
-        return max(spans, default=timedelta(0))
+    def lookback_days(self) -> int:
+        """Whole days of base events before the logical date that the feature step reads."""
+        return max((w.lookback_days() for w in self.windows), default=0)
 
 
 def window_feature_names(w: WindowAgg) -> list[str]:
