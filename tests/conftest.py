@@ -119,3 +119,33 @@ def s3_server():
 
     with S3Server() as server:
         yield server
+
+
+@pytest.fixture(scope="session")
+def featured(tmp_path_factory, landing: Path, ray_local, spec) -> Path:
+    """A store with staged data and features for 2013-01-01 .. 2013-01-03 (no registry)."""
+    from daybreak.context import RunContext
+    from daybreak.features import build_features
+    from daybreak.stage import stage
+
+    h = make_home(tmp_path_factory.mktemp("featured"), landing)
+    old = os.environ.get("DAYBREAK_HOME")
+    os.environ["DAYBREAK_HOME"] = str(h)
+    try:
+        for d in ("2013-01-01", "2013-01-02", "2013-01-03"):
+            stage(spec, RunContext.create(d))
+            build_features(spec, RunContext.create(d))
+    finally:
+        os.environ["DAYBREAK_HOME"] = old or ""
+    return h
+
+
+@pytest.fixture
+def fresh(featured: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A private home: a copy of the featured store and an empty registry."""
+    import shutil
+
+    h = tmp_path / "home"
+    shutil.copytree(featured / "store", h / "store", symlinks=True)
+    monkeypatch.setenv("DAYBREAK_HOME", str(h))
+    return h

@@ -2,21 +2,17 @@
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import mlflow
 import pytest
 
-from conftest import make_home
 from daybreak import registry
 from daybreak.context import RunContext
 from daybreak.cycle import run_cycle
 from daybreak.errors import PromotionConflict
-from daybreak.features import build_features
 from daybreak.gate import PROMOTE, REJECT, SKIPPED, decide, evaluate_gate
 from daybreak.promote import promote_model
-from daybreak.stage import stage
 from daybreak.train import train_model
 
 
@@ -54,32 +50,6 @@ def test_rerun_of_a_day_registers_and_promotes_nothing_new(use_cycled: dict, spe
     after = [(mv.version, dict(mv.tags)) for mv in registry.versions(cl, spec.model.name)]
     assert after == before
     assert registry.alias_version(cl, spec.model.name, "champion").version == champ_before
-
-
-@pytest.fixture(scope="module")
-def featured(tmp_path_factory, landing: Path, ray_local, spec) -> Path:
-    """A store with staged data and features for 2013-01-01 .. 2013-01-03 (no registry)."""
-    import os
-
-    h = make_home(tmp_path_factory.mktemp("featured"), landing)
-    old = os.environ.get("DAYBREAK_HOME")
-    os.environ["DAYBREAK_HOME"] = str(h)
-    try:
-        for d in ("2013-01-01", "2013-01-02", "2013-01-03"):
-            stage(spec, RunContext.create(d))
-            build_features(spec, RunContext.create(d))
-    finally:
-        os.environ["DAYBREAK_HOME"] = old or ""
-    return h
-
-
-@pytest.fixture
-def fresh(featured: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """A private home: a copy of the featured store and an empty registry."""
-    h = tmp_path / "home"
-    shutil.copytree(featured / "store", h / "store", symlinks=True)
-    monkeypatch.setenv("DAYBREAK_HOME", str(h))
-    return h
 
 
 def _train_gate_promote(spec, day: str) -> dict:

@@ -43,9 +43,13 @@ def score(metric: str, y: np.ndarray, pred: np.ndarray) -> float:
 
 
 def holdout(spec: Spec, ctx: RunContext) -> Any:
-    table, _, _ = read_features(spec, ctx, [ctx.logical_date])
-    if table is None:
+    """The holdout rows: features of the spec's holdout days (the logical date and the
+    ``training.holdout_days - 1`` days before it), which training never reads."""
+    table, _, missing = read_features(spec, ctx, spec.training.holdout(ctx.logical_date))
+    if table is None or ctx.logical_date.isoformat() in missing:
         raise MissingInputError(f"gate: no feature partition for {ctx.logical_date}; run the features step first")
+    if missing:
+        log.warning("gate %s: holdout days without features %s", ctx.logical_date, missing)
     return table.to_pandas()
 
 

@@ -1,8 +1,10 @@
-"""The served model, logged to MLflow as code (no pickle): an xgboost booster plus its encoders.
+"""The served model, logged to MLflow as code (no pickle): an xgboost booster or a scikit-learn
+estimator saved with skops, plus its encoders.
 
-MLflow executes this file to rebuild the model, so it depends only on numpy, pandas, xgboost
-and mlflow, never on daybreak itself: ``mlflow models serve`` can load it too. Training imports
-``encode`` from here so that training and serving turn rows into numbers the same way.
+MLflow executes this file to rebuild the model, so it depends only on numpy, pandas, mlflow and
+xgboost (or scikit-learn and skops), never on daybreak itself: ``mlflow models serve`` can load
+it too. Training imports ``encode`` from here so that training and serving turn rows into
+numbers the same way.
 """
 
 from __future__ import annotations
@@ -92,26 +94,45 @@ def legacy_encoders(meta: dict[str, Any]) -> dict[str, dict[str, Any]]:
     return {n: {"kind": "ordinal", "categories": c} for n, c in meta.get("categories", {}).items()}
 
 
-class DaybreakXGBModel(mlflow.pyfunc.PythonModel):
-    def load_context(self, context: Any) -> None:
-        import xgboost as xgb
+class DaybreakModel(mlflow.pyfunc.PythonModel):
+    """An xgboost booster (UBJ) or a scikit-learn estimator (skops), behind the same encoders."""
 
+    def load_context(self, context: Any) -> None:
         with open(context.artifacts["meta"]) as f:
             meta = json.load(f)
         self.features: list[str] = meta["features"]
         self.encoders: dict[str, dict[str, Any]] = legacy_encoders(meta)
         self.task: str = meta["task"]
-        self.booster = xgb.Booster()
-        self.booster.load_model(context.artifacts["model"])
+        self.flavor: str = meta.get("flavor", "xgboost")
+        path = context.artifacts["model"]
+        if self.flavor == "xgboost":
+            import xgboost as xgb
+
+            self.model = xgb.Booster()
+            self.model.load_model(path)
+            return
+        import skops.io as sio
+
+        # Trust exactly the types recorded when the model was saved (in the registry, beside
+        # it); a file holding anything else is refused rather than loaded.
+        found = set(sio.get_untrusted_types(file=path))
+        unexpected = sorted(found - set(meta.get("trusted_types", [])))
+        if unexpected:
+            raise ValueError(f"model file holds types not recorded at training: {unexpected}")
+        self.model = sio.load(path, trusted=sorted(found))
 
     def predict(self, context: Any, model_input: pd.DataFrame, params: dict | None = None) -> np.ndarray:
-        import xgboost as xgb
-
         if not isinstance(model_input, pd.DataFrame):
             model_input = pd.DataFrame(model_input)
         X = encode(model_input, self.features, self.encoders)
-        names = encoded_names(self.features, self.encoders)
-        return self.booster.predict(xgb.DMatrix(X, missing=np.nan, feature_names=names))
+        if self.flavor == "xgboost":
+            import xgboost as xgb
+
+            names = encoded_names(self.features, self.encoders)
+            return self.model.predict(xgb.DMatrix(X, missing=np.nan, feature_names=names))
+        if self.task == "classification":
+            return self.model.predict_proba(X)[:, 1]
+        return np.asarray(self.model.predict(X), dtype=np.float64)
 
 
-mlflow.models.set_model(DaybreakXGBModel())
+mlflow.models.set_model(DaybreakModel())

@@ -9,7 +9,7 @@ import hashlib
 import json
 import math
 import re
-from datetime import timedelta
+from datetime import date, timedelta
 from pathlib import Path
 from typing import Any, Literal
 
@@ -292,20 +292,78 @@ def window_feature_names(w: WindowAgg) -> list[str]:
     return [f"{w.prefix}{agg}_{win}" for win in w.windows for agg in w.aggs]
 
 
+class SearchParam(_Model):
+    """One tuned parameter: a range (``low``/``high``, ``log`` for a log scale, whole
+    numbers with ``integer``) or a list of ``choices``."""
+    low: float | None = None
+    high: float | None = None
+    log: bool = False
+    integer: bool = False
+    choices: list[Any] | None = None
+
+    @model_validator(mode="after")
+    def _shape(self) -> SearchParam:
+        if self.choices is not None:
+            if not self.choices or self.low is not None or self.high is not None:
+                raise ValueError("give either a non-empty 'choices' list or 'low' and 'high'")
+        elif self.low is None or self.high is None or not self.low < self.high:
+            raise ValueError("a range needs low < high")
+        elif self.log and self.low <= 0:
+            raise ValueError("a log range needs low > 0")
+        return self
+
+
+class TuningSpec(_Model):
+    space: dict[str, SearchParam] = Field(description="parameter -> its range or choices")
+    trials: int = Field(8, ge=1, description="at most this many trials")
+    time_budget_s: float = Field(600, gt=0, description="stop starting trials after this many seconds")
+    parallel: int = Field(0, ge=0, description="trials at once on Ray (0: one per CPU)")
+
+
 class ModelSpec(_Model):
     name: str = Field(description="registered model name in MLflow")
-    flavor: Literal["xgboost"] = "xgboost"
+    flavor: Literal["xgboost", "sklearn"] = "xgboost"
+    estimator: str | None = Field(
+        None, description="sklearn flavor: import path of an estimator class or of a function returning one "
+                          "(a Pipeline), called with `params`")
     task: Literal["classification", "regression"] = "classification"
     params: dict[str, Any] = Field(default_factory=dict)
+    class_weight: Literal["balanced"] | None = Field(
+        None, description="classification: weight each class inversely to its frequency in the training rows")
     num_boost_round: int = Field(200, ge=1)
     early_stopping_rounds: int = Field(20, ge=1)
     seed: int = 0
+    tuning: TuningSpec | None = None
+
+    @model_validator(mode="after")
+    def _estimator(self) -> ModelSpec:
+        if self.flavor == "sklearn":
+            if not self.estimator or not re.fullmatch(r"[A-Za-z_][\w.]*\.[A-Za-z_]\w*", self.estimator):
+                raise ValueError("flavor 'sklearn' needs 'estimator': an import path such as "
+                                 "'sklearn.ensemble.HistGradientBoostingClassifier'")
+        elif self.estimator:
+            raise ValueError(f"'estimator' is for flavor 'sklearn'; this model's flavor is {self.flavor!r}")
+        if self.class_weight and self.task != "classification":
+            raise ValueError("class_weight is for classification")
+        return self
 
 
 class TrainingSpec(_Model):
-    window_days: int = Field(7, ge=1, description="days of features before the logical date used for training")
+    window_days: int = Field(7, ge=1, description="days of features used for training, ending the day before the holdout")
+    holdout_days: int = Field(
+        1, ge=1, description="days ending at the logical date held out for the gate; never trained on")
     min_rows: int = Field(100, ge=1)
     validation_fraction: float = Field(0.2, gt=0, lt=1)
+
+    def holdout(self, day: date) -> list[date]:
+        """The gate's holdout days for logical date `day`, oldest first."""
+        return [day - timedelta(days=k) for k in range(self.holdout_days - 1, -1, -1)]
+
+    def window(self, day: date) -> list[date]:
+        """The training days for logical date `day`: the `window_days` calendar days before the
+        holdout, oldest first (calendar days: a missing one is not replaced by an earlier one)."""
+        first_holdout = day - timedelta(days=self.holdout_days - 1)
+        return [first_holdout - timedelta(days=k) for k in range(self.window_days, 0, -1)]
 
 
 class GateSpec(_Model):

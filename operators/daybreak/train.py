@@ -1,9 +1,12 @@
 """Train: the look-back window of feature partitions -> an xgboost model version in the registry.
 
-For logical date D the training window is the ``training.window_days`` days before D; day D is
-held out for the gate. Rows are put in time order; the last ``validation_fraction`` of them is
-the early-stopping set. A rerun for the same lineage (spec, input hashes, date) returns the
-version already registered instead of registering a duplicate.
+For logical date D the holdout is the ``training.holdout_days`` days ending at D (the gate scores
+on them) and the training window the ``training.window_days`` calendar days before the holdout.
+Rows are put in time order; the last ``validation_fraction`` of them is the validation set
+(early stopping, tuning). The estimator is xgboost, or any scikit-learn estimator named by
+import path (saved with skops, never as a pickle). With ``model.tuning``, trials run in parallel
+on Ray and the best parameters are trained and registered. A rerun for the same lineage (spec,
+input hashes, date) returns the version already registered instead of registering a duplicate.
 """
 
 from __future__ import annotations
@@ -12,7 +15,7 @@ import hashlib
 import json
 import logging
 import tempfile
-from datetime import timedelta
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -31,8 +34,7 @@ MODEL_CODE = str(Path(__file__).with_name("model_code.py"))
 
 
 def training_days(spec: Spec, ctx: RunContext) -> list:
-    d = ctx.logical_date
-    return [d - timedelta(days=k) for k in range(spec.training.window_days, 0, -1)]
+    return spec.training.window(ctx.logical_date)
 
 
 def fit_encoders(frame: pd.DataFrame, spec: Spec) -> dict[str, dict[str, Any]]:
@@ -58,6 +60,13 @@ def fit_encoders(frame: pd.DataFrame, spec: Spec) -> dict[str, dict[str, Any]]:
     return fitted
 
 
+def split_window(table: Any, spec: Spec) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(fit rows, validation rows): in time order, the last ``validation_fraction`` validates."""
+    df = table.to_pandas().sort_values([EVENT_TIME, *spec.features.keys], kind="stable").reset_index(drop=True)
+    n_val = max(1, int(len(df) * spec.training.validation_fraction))
+    return df.iloc[:-n_val], df.iloc[-n_val:]
+
+
 def _xgb_params(spec: Spec) -> dict[str, Any]:
     m = spec.model
     defaults: dict[str, Any] = {"tree_method": "hist", "seed": m.seed}
@@ -68,9 +77,186 @@ def _xgb_params(spec: Spec) -> dict[str, Any]:
     return defaults | dict(m.params)
 
 
+@dataclass
+class Fitted:
+    """A trained estimator and what MLflow records about it."""
+    model: Any
+    metric_name: str
+    val_metric: float
+    params: dict[str, Any]
+    importance: dict[str, float]
+
+
+@dataclass
+class TrainData:
+    X_fit: np.ndarray
+    y_fit: np.ndarray
+    X_val: np.ndarray
+    y_val: np.ndarray
+    weight: np.ndarray | None
+    names: list[str]
+
+
+def sample_weight(spec: Spec, y: np.ndarray) -> np.ndarray | None:
+    """``class_weight: balanced``: each class weighs n / (classes * its count) on the fit rows."""
+    if spec.model.class_weight != "balanced":
+        return None
+    from sklearn.utils.class_weight import compute_sample_weight
+
+    return compute_sample_weight("balanced", y).astype(np.float32)
+
+
+def fit_model(spec: Spec, data: TrainData, overrides: dict[str, Any] | None = None) -> Fitted:
+    """Train the spec's estimator (with `overrides` on top of its params) and score it on the
+    validation rows. Deterministic: the same data, params and seed give the same model bytes."""
+    if spec.model.flavor == "xgboost":
+        return _fit_xgb(spec, data, overrides or {})
+    return _fit_sklearn(spec, data, overrides or {})
+
+
+def _fit_xgb(spec: Spec, data: TrainData, overrides: dict[str, Any]) -> Fitted:
+    import xgboost as xgb
+
+    dfit = xgb.QuantileDMatrix(data.X_fit, data.y_fit, weight=data.weight, feature_names=data.names, missing=np.nan)
+    dval = xgb.QuantileDMatrix(data.X_val, data.y_val, feature_names=data.names, missing=np.nan, ref=dfit)
+    params = _xgb_params(spec) | overrides
+    params.setdefault("nthread", 0)
+    rounds = int(params.pop("num_boost_round", spec.model.num_boost_round))
+    evals_result: dict[str, Any] = {}
+    booster = xgb.train(params, dfit, num_boost_round=rounds, evals=[(dval, "val")],
+                        early_stopping_rounds=spec.model.early_stopping_rounds, evals_result=evals_result,
+                        verbose_eval=False)
+    metric_name = params["eval_metric"]
+    val_metric = float(evals_result["val"][metric_name][booster.best_iteration])
+    booster = booster[: booster.best_iteration + 1]
+    importance = booster.get_score(importance_type="gain")
+    return Fitted(booster, metric_name, val_metric,
+                  {"best_iteration": booster.num_boosted_rounds(), **{f"xgb.{k}": v for k, v in params.items()}},
+                  {k: float(importance.get(k, 0.0)) for k in data.names})
+
+
+def build_estimator(spec: Spec, overrides: dict[str, Any] | None = None) -> Any:
+    """The sklearn estimator named by ``model.estimator`` (a class, or a function returning an
+    estimator or Pipeline), called with ``model.params`` and `overrides`."""
+    import importlib
+
+    from daybreak.errors import SpecError
+
+    path = spec.model.estimator or ""
+    module, _, attr = path.rpartition(".")
+    try:
+        factory = getattr(importlib.import_module(module), attr)
+    except (ImportError, AttributeError) as e:
+        raise SpecError(f"model.estimator: cannot import {path!r}: {e}") from None
+    params = dict(spec.model.params) | (overrides or {})
+    try:
+        est = factory(**params)
+    except TypeError as e:
+        raise SpecError(f"model.estimator: {path}(**model.params) failed: {e}") from None
+    if not hasattr(est, "fit") or not hasattr(est, "predict"):
+        raise SpecError(f"model.estimator: {path} gave {type(est).__name__}, which has no fit/predict")
+    if "random_state" in est.get_params() and est.get_params()["random_state"] is None:
+        est.set_params(random_state=spec.model.seed)  # deterministic unless the spec says otherwise
+    return est
+
+
+def _fit_sklearn(spec: Spec, data: TrainData, overrides: dict[str, Any]) -> Fitted:
+    from sklearn.pipeline import Pipeline
+
+    from daybreak.gate import score
+
+    est = build_estimator(spec, overrides)
+    fit_kw: dict[str, Any] = {}
+    if data.weight is not None:
+        key = f"{est.steps[-1][0]}__sample_weight" if isinstance(est, Pipeline) else "sample_weight"
+        fit_kw[key] = data.weight
+    est.fit(data.X_fit, data.y_fit, **fit_kw)
+    classification = spec.model.task == "classification"
+    pred = est.predict_proba(data.X_val)[:, 1] if classification else est.predict(data.X_val)
+    metric_name = "auc" if classification else "rmse"
+    val_metric = score("roc_auc" if classification else "rmse", data.y_val, pred)
+    final = est.steps[-1][1] if isinstance(est, Pipeline) else est
+    raw = getattr(final, "feature_importances_", None)
+    if raw is None and getattr(final, "coef_", None) is not None:
+        raw = np.abs(np.ravel(final.coef_))
+    if raw is None or len(raw) != len(data.names):
+        # no native importance (HistGradientBoosting, most Pipelines): permutation importance
+        # on (at most 5,000) validation rows
+        from sklearn.inspection import permutation_importance
+
+        n = min(len(data.y_val), 5000)
+        raw = permutation_importance(est, data.X_val[:n], data.y_val[:n], n_repeats=3, random_state=spec.model.seed,
+                                     scoring="roc_auc" if classification else "neg_root_mean_squared_error"
+                                     ).importances_mean
+    importance = {n: float(v) for n, v in zip(data.names, raw)}
+    params = {f"sklearn.{k}": v for k, v in est.get_params(deep=False).items() if not hasattr(v, "get_params")}
+    return Fitted(est, metric_name, val_metric, {"estimator": spec.model.estimator, **params}, importance)
+
+
+def save_model(fitted: Fitted, spec: Spec, folder: Path) -> tuple[Path, dict[str, Any]]:
+    """Write the model in a safe format; return its path and what meta.json must add."""
+    if spec.model.flavor == "xgboost":
+        path = folder / "model.ubj"
+        fitted.model.save_model(path)
+        return path, {"flavor": "xgboost"}
+    import skops.io as sio
+
+    path = folder / "model.skops"
+    path.write_bytes(_canonical_skops(sio.dumps(fitted.model)))
+    # The types the loader may trust: exactly those this file holds, recorded beside it in the
+    # registry, so a file swapped in later with other types is refused.
+    return path, {"flavor": "sklearn", "trusted_types": sorted(sio.get_untrusted_types(file=path))}
+
+
+def _canonical_skops(data: bytes) -> bytes:
+    """The same skops file with reproducible bytes: skops names arrays and references objects by
+    their memory address (``id()``) and stamps entries with the time; number them in order of
+    appearance instead, and stamp every entry 1980-01-01."""
+    import io
+    import re
+    import zipfile
+
+    src = zipfile.ZipFile(io.BytesIO(data))
+    schema = src.read("schema.json").decode()
+    ids = set(re.findall(r'"__id__": (\d+)', schema)) | set(re.findall(r'"file": "(\d+)\.npy"', schema))
+    order: dict[str, str] = {}
+    for m in re.finditer(r"\d+", schema):
+        if m.group() in ids and m.group() not in order:
+            order[m.group()] = str(len(order) + 1)
+    schema = re.sub(r"\d+", lambda m: order.get(m.group(), m.group()), schema)
+    out = io.BytesIO()
+    with zipfile.ZipFile(out, "w") as dst:
+        entries = {"schema.json": schema.encode()}
+        for info in src.infolist():
+            if info.filename != "schema.json":
+                stem, dot, ext = info.filename.partition(".")
+                entries[f"{order.get(stem, stem)}{dot}{ext}"] = src.read(info)
+        for name in sorted(entries):
+            dst.writestr(zipfile.ZipInfo(name, date_time=(1980, 1, 1, 0, 0, 0)), entries[name])
+    return out.getvalue()
+
+
+def _importance_plot(importance: dict[str, float], path: Path) -> bool:
+    if not importance:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    top = sorted(importance.items(), key=lambda kv: kv[1], reverse=True)[:20][::-1]
+    fig, ax = plt.subplots(figsize=(7, 0.3 * len(top) + 1.2))
+    ax.barh([k for k, _ in top], [v for _, v in top])
+    ax.set_xlabel("importance")
+    ax.set_title("feature importance (top 20)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return True
+
+
 def train_model(spec: Spec, ctx: RunContext) -> dict[str, Any]:
     import mlflow
-    import xgboost as xgb
 
     f = spec.features
     days = training_days(spec, ctx)
@@ -96,26 +282,21 @@ def train_model(spec: Spec, ctx: RunContext) -> dict[str, Any]:
         return base | {"status": "exists", "rows": rows, "model_version": str(mv.version), "run_id": mv.run_id,
                        "lineage_key": lineage_key, "val_metric": _float(mv.tags.get("daybreak.val_metric"))}
 
-    df = table.to_pandas()
-    df = df.sort_values([EVENT_TIME, *f.keys], kind="stable").reset_index(drop=True)
-    n_val = max(1, int(len(df) * spec.training.validation_fraction))
-    fit, val = df.iloc[:-n_val], df.iloc[-n_val:]
+    fit, val = split_window(table, spec)
     features = f.feature_names()
     encoders = fit_encoders(fit, spec)
     label = f.label.name
-    X_fit, X_val = encode(fit, features, encoders), encode(val, features, encoders)
-    y_fit, y_val = fit[label].to_numpy(np.float32), val[label].to_numpy(np.float32)
-    model_inputs = encoded_names(features, encoders)
-    dfit = xgb.QuantileDMatrix(X_fit, y_fit, feature_names=model_inputs, missing=np.nan)
-    dval = xgb.QuantileDMatrix(X_val, y_val, feature_names=model_inputs, missing=np.nan, ref=dfit)
-    params = _xgb_params(spec)
-    evals_result: dict[str, Any] = {}
-    booster = xgb.train(params, dfit, num_boost_round=spec.model.num_boost_round, evals=[(dval, "val")],
-                        early_stopping_rounds=spec.model.early_stopping_rounds, evals_result=evals_result,
-                        verbose_eval=False)
-    metric_name = params["eval_metric"]
-    val_metric = float(evals_result["val"][metric_name][booster.best_iteration])
-    booster = booster[: booster.best_iteration + 1]
+    y_fit = fit[label].to_numpy(np.float32)
+    data = TrainData(encode(fit, features, encoders), y_fit, encode(val, features, encoders),
+                     val[label].to_numpy(np.float32), sample_weight(spec, y_fit), encoded_names(features, encoders))
+    trials: list[dict[str, Any]] = []
+    overrides: dict[str, Any] = {}
+    if spec.model.tuning is not None:
+        from daybreak.tuning import tune
+
+        overrides, trials = tune(spec, data, ctx)
+    fitted = fit_model(spec, data, overrides)
+    metric_name, val_metric = fitted.metric_name, fitted.val_metric
 
     tags = {
         registry.DATE_TAG: ctx.logical_date.isoformat(),
@@ -123,41 +304,64 @@ def train_model(spec: Spec, ctx: RunContext) -> dict[str, Any]:
         registry.LINEAGE_TAG: lineage_key,
         "daybreak.window_start": days[0].isoformat(),
         "daybreak.window_end": days[-1].isoformat(),
+        "daybreak.holdout": json.dumps([d.isoformat() for d in spec.training.holdout(ctx.logical_date)]),
         "daybreak.input_hashes": json.dumps(hashes, sort_keys=True),
         "daybreak.feature_version": spec.feature_version(),
         "daybreak.code_version": registry.code_version(),
+        "daybreak.flavor": spec.model.flavor,
         "daybreak.train_rows": str(len(fit)),
         "daybreak.val_metric": repr(val_metric),
         "daybreak.run_context": ctx.run_id,
     }
     with tempfile.TemporaryDirectory() as tmp, mlflow.start_run(run_name=f"train-{ctx.logical_date}") as run:
-        model_path = Path(tmp) / "model.ubj"
-        booster.save_model(model_path)
+        for i, t in enumerate(trials):  # one child run per tuning trial
+            with mlflow.start_run(run_name=f"trial-{i}", nested=True):
+                mlflow.log_params(t["params"])
+                mlflow.set_tag("daybreak.trial_status", t["status"])
+                if t.get("val_metric") is not None:
+                    mlflow.log_metric(f"val_{metric_name}", t["val_metric"])
+        model_path, flavor_meta = save_model(fitted, spec, Path(tmp))
         meta_path = Path(tmp) / "meta.json"
         meta_path.write_text(json.dumps({"features": features, "encoders": encoders, "task": spec.model.task,
-                                         "label": label}, indent=2))
-        mlflow.log_params({"window_days": spec.training.window_days, "rows_fit": len(fit), "rows_val": len(val),
-                           "best_iteration": booster.num_boosted_rounds(),
-                           **{f"xgb.{k}": v for k, v in params.items()}})
+                                         "label": label, **flavor_meta}, indent=2))
+        mlflow.log_params({"window_days": spec.training.window_days, "holdout_days": spec.training.holdout_days,
+                           "rows_fit": len(fit), "rows_val": len(val), "class_weight": spec.model.class_weight,
+                           **({"tuning.trials": len(trials), **{f"tuned.{k}": v for k, v in overrides.items()}}
+                              if trials else {}),
+                           **fitted.params})
         mlflow.log_metric(f"val_{metric_name}", val_metric)
         mlflow.set_tags(tags)
-        importance = booster.get_score(importance_type="gain")
-        mlflow.log_dict({k: importance.get(k, 0.0) for k in model_inputs}, "feature_importance.json")
+        mlflow.log_dict({k: fitted.importance.get(k, 0.0) for k in data.names}, "feature_importance.json")
+        if _importance_plot(fitted.importance, Path(tmp) / "feature_importance.png"):
+            mlflow.log_artifact(str(Path(tmp) / "feature_importance.png"))
         mlflow.log_dict(encoders, "encoders.json")
         example = fit[features].head(5)
         signature = _signature(features, set(f.categorical_names()))
         info = mlflow.pyfunc.log_model(
             name="model", python_model=MODEL_CODE, artifacts={"model": str(model_path), "meta": str(meta_path)},
             signature=signature, input_example=example, registered_model_name=spec.model.name,
-            pip_requirements=[f"xgboost=={xgb.__version__}", f"mlflow=={mlflow.__version__}",
-                              f"pandas=={pd.__version__}", f"numpy=={np.__version__}"],
+            pip_requirements=_requirements(spec),
         )
         version = str(info.registered_model_version)
     registry.set_tags(cl, spec.model.name, version, tags)
     log.info("train %s: registered %s version %s (val %s=%.4f, %d rows)", ctx.logical_date, spec.model.name,
              version, metric_name, val_metric, len(fit))
     return base | {"status": "trained", "rows": rows, "model_version": version, "run_id": run.info.run_id,
-                   "lineage_key": lineage_key, "val_metric": val_metric}
+                   "lineage_key": lineage_key, "val_metric": val_metric, "trials": len(trials)}
+
+
+def _requirements(spec: Spec) -> list[str]:
+    import mlflow
+    import xgboost as xgb
+
+    reqs = [f"mlflow=={mlflow.__version__}", f"pandas=={pd.__version__}", f"numpy=={np.__version__}",
+            f"xgboost=={xgb.__version__}"]
+    if spec.model.flavor == "sklearn":
+        import sklearn
+        import skops
+
+        reqs += [f"scikit-learn=={sklearn.__version__}", f"skops=={skops.__version__}"]
+    return reqs
 
 
 def _signature(features: list[str], categorical: set[str]) -> Any:

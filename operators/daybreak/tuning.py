@@ -1,0 +1,90 @@
+"""Tuning: trials of the spec's search space run in parallel on Ray Tune, within a trial count and
+a time budget; the best parameters by validation metric come back to the train step, which
+trains and registers the final model with them. Every trial becomes an MLflow child run there.
+
+The search is random (Ray Tune's basic variant generator) with the model's seed, so the same
+spec samples the same trials.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from typing import TYPE_CHECKING, Any
+
+from daybreak.compute import ensure_ray
+from daybreak.context import RunContext
+from daybreak.spec import SearchParam, Spec
+
+if TYPE_CHECKING:
+    from daybreak.train import TrainData
+
+log = logging.getLogger(__name__)
+
+LOWER_IS_BETTER = {"rmse", "mae", "logloss"}
+
+
+def search_space(space: dict[str, SearchParam]) -> dict[str, Any]:
+    from ray import tune
+
+    out: dict[str, Any] = {}
+    for name, p in space.items():
+        if p.choices is not None:
+            out[name] = tune.choice(p.choices)
+        elif p.integer:
+            lo, hi = int(p.low), int(p.high) + 1  # the spec's high is inclusive
+            out[name] = tune.lograndint(lo, hi) if p.log else tune.randint(lo, hi)
+        else:
+            out[name] = tune.loguniform(p.low, p.high) if p.log else tune.uniform(p.low, p.high)
+    return out
+
+
+def _trial(config: dict[str, Any], spec: Spec, data: TrainData) -> dict[str, Any]:
+    from daybreak.train import fit_model
+
+    overrides = dict(config)
+    if spec.model.flavor == "xgboost":
+        overrides.setdefault("nthread", 1)  # one CPU per trial: trials are the parallelism
+    fitted = fit_model(spec, data, overrides)
+    return {"val_metric": fitted.val_metric}
+
+
+def tune(spec: Spec, data: TrainData, ctx: RunContext) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """(best parameter overrides, every trial's params, status and validation metric)."""
+    import ray
+    from ray import tune as rt
+    from ray.tune.search import BasicVariantGenerator
+
+    t = spec.model.tuning
+    assert t is not None
+    ensure_ray(ctx.ray_address)
+    metric = "auc" if spec.model.task == "classification" else "rmse"
+    if spec.model.flavor == "xgboost":
+        metric = str(spec.model.params.get("eval_metric", metric))
+    mode = "min" if metric in LOWER_IS_BETTER else "max"
+    parallel = t.parallel or max(1, int(ray.cluster_resources().get("CPU", 1)))
+    log.info("tuning %s: up to %d trials, %d at once, %.0f s budget", spec.model.name, t.trials, parallel,
+             t.time_budget_s)
+    with tempfile.TemporaryDirectory(prefix="daybreak-tune-") as storage:
+        tuner = rt.Tuner(
+            rt.with_parameters(_trial, spec=spec, data=data),
+            param_space=search_space(t.space),
+            tune_config=rt.TuneConfig(metric="val_metric", mode=mode, num_samples=t.trials,
+                                      max_concurrent_trials=parallel, time_budget_s=t.time_budget_s,
+                                      search_alg=BasicVariantGenerator(random_state=spec.model.seed)),
+            run_config=rt.RunConfig(storage_path=storage, name="trials", verbose=0),
+        )
+        grid = tuner.fit()
+    trials = []
+    for r in grid:
+        value = (r.metrics or {}).get("val_metric")
+        trials.append({"params": dict(r.config or {}), "status": "error" if r.error else "done",
+                       "val_metric": None if value is None else float(value)})
+    done = [x for x in trials if x["val_metric"] is not None]
+    if not done:
+        errors = [str(r.error) for r in grid if r.error][:1]
+        raise RuntimeError(f"tuning {spec.model.name}: no trial finished within the budget{': ' + errors[0] if errors else ''}")
+    best = (min if mode == "min" else max)(done, key=lambda x: x["val_metric"])
+    log.info("tuning %s: %d trial(s) finished; best val %s=%.4f with %s", spec.model.name, len(done), metric,
+             best["val_metric"], best["params"])
+    return best["params"], trials
