@@ -158,3 +158,57 @@ def test_skops_file_with_unrecorded_types_is_refused(spec, tmp_path: Path) -> No
     if meta["trusted_types"]:
         with pytest.raises(ValueError, match="types not recorded at training"):
             DaybreakModel().load_context(ctx)
+
+
+def test_many_models_route_each_row_with_a_fallback_for_unseen_keys(fresh: Path, spec, ray_local) -> None:
+    from daybreak.model_code import encode
+
+    s = _with(spec, model={"partition_by": ["origin_code"], "min_partition_rows": 100})
+    ctx = RunContext.create("2013-01-02")
+    out = train_model(s, ctx)
+    assert out["status"] == "trained" and 0.5 < out["val_metric"] <= 1
+    model = registry.load_model(ctx, s.model.name, out["model_version"])  # ONE version
+    inner = model.unwrap_python_model()
+    assert set(inner.models) == {"EWR", "JFK", "LGA"}
+    rows = holdout(s, ctx)[s.features.feature_names()]
+    pred = model.predict(rows)
+    X = encode(rows, inner.features, inner.encoders)
+    for key, m in inner.models.items():
+        sel = (rows["origin_code"] == key).to_numpy()
+        assert np.allclose(pred[sel], inner._predict(m, X[sel]))
+        assert not np.allclose(pred[sel], inner._predict(inner.model, X[sel]))  # not the fallback's
+    unseen = rows.head(25).assign(origin_code="SFO")
+    assert np.allclose(model.predict(unseen), inner._predict(inner.model, encode(unseen, inner.features, inner.encoders)))
+    assert evaluate_gate(s, ctx)["candidate_metric"] > 0.5
+
+
+def test_partition_by_must_name_a_feature(spec) -> None:
+    from daybreak.spec import parse_spec
+
+    raw = spec.model_dump(exclude_none=True)
+    raw["model"]["partition_by"] = ["origin"]
+    with pytest.raises(SpecError, match="model.partition_by: 'origin' is not a feature"):
+        parse_spec(raw)
+
+
+def test_out_of_core_training_streams_a_window_bigger_than_the_budget(fresh: Path, spec,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    import daybreak.outofcore as ooc
+
+    monkeypatch.setattr(ooc, "BATCH_ROWS", 256)  # many batches, pages and resets
+    day = RunContext.create("2013-01-03")
+    in_memory = train_model(spec, day)
+    assert in_memory["out_of_core"] is False
+    s = _with(spec, training={"memory_budget_mb": 0.05}, model={"class_weight": "balanced"})
+    assert ooc.estimated_bytes(s, in_memory["rows"]) > 5 * 0.05 * 2**20  # the data is over 5x the budget
+    out = train_model(s, day)
+    assert out["status"] == "trained" and out["out_of_core"] is True
+    assert out["val_metric"] == pytest.approx(in_memory["val_metric"], abs=0.05)
+    model = registry.load_model(day, s.model.name, out["model_version"])
+    pred = model.predict(holdout(s, day)[s.features.feature_names()])
+    assert ((pred > 0) & (pred < 1)).all()
+    # sklearn cannot stream: a clear error, nothing registered
+    sk = _with(s, model={"flavor": "sklearn", "estimator": "sklearn.ensemble.HistGradientBoostingClassifier",
+                         "params": {}})
+    with pytest.raises(SpecError, match="out-of-core training is for single xgboost models"):
+        train_model(sk, day)

@@ -601,8 +601,10 @@ def _result(spec: Spec, path: str, manifest: dict[str, Any], skipped: bool) -> d
     }
 
 
-def read_features(spec: Spec, ctx: RunContext, days: list[date]) -> tuple[pa.Table | None, dict[str, str], list[str]]:
-    """Published feature rows for `days` (in order), their content hashes, and the days missing."""
+def read_features(spec: Spec, ctx: RunContext, days: list[date],
+                  load: bool = True) -> tuple[pa.Table | None, dict[str, str], list[str]]:
+    """Published feature rows for `days` (in order; None without `load`), their content hashes,
+    and the days missing."""
     zone = feature_zone(spec)
     tables, hashes, missing = [], {}, []
     for d in days:
@@ -611,7 +613,8 @@ def read_features(spec: Spec, ctx: RunContext, days: list[date]) -> tuple[pa.Tab
             missing.append(d.isoformat())
             continue
         hashes[d.isoformat()] = part.manifest["content_hash"]
-        tables.append(_read_table(part.files, ctx.store.fs))
+        if load:
+            tables.append(_read_table(part.files, ctx.store.fs))
     if not tables:
         return None, hashes, missing
     return pa.concat_tables(tables, promote_options="default"), hashes, missing

@@ -83,6 +83,16 @@ def encode(frame: pd.DataFrame, features: list[str], encoders: dict[str, dict[st
     return out
 
 
+def partition_keys(frame: pd.DataFrame, columns: list[str]) -> np.ndarray:
+    """Each row's many-model key: its values of the partition columns as text, joined by '|'
+    (missing: '<NA>'). Training and serving route rows with this same function."""
+    parts = [frame[c].astype("object").where(frame[c].notna(), "<NA>").map(str) for c in columns]
+    key = parts[0]
+    for p in parts[1:]:
+        key = key + "|" + p
+    return key.to_numpy(dtype=object)
+
+
 def _text(v: Any) -> Any:
     return v if v is None or isinstance(v, str) else str(v)
 
@@ -95,44 +105,66 @@ def legacy_encoders(meta: dict[str, Any]) -> dict[str, dict[str, Any]]:
 
 
 class DaybreakModel(mlflow.pyfunc.PythonModel):
-    """An xgboost booster (UBJ) or a scikit-learn estimator (skops), behind the same encoders."""
+    """An xgboost booster (UBJ) or a scikit-learn estimator (skops), behind the same encoders.
+    A many-model version holds one model per partition key and a fallback for unseen keys."""
 
     def load_context(self, context: Any) -> None:
+        import os
+
         with open(context.artifacts["meta"]) as f:
             meta = json.load(f)
         self.features: list[str] = meta["features"]
         self.encoders: dict[str, dict[str, Any]] = legacy_encoders(meta)
         self.task: str = meta["task"]
         self.flavor: str = meta.get("flavor", "xgboost")
+        self.partition_by: list[str] = meta.get("partition_by", [])
+        trusted = set(meta.get("trusted_types", []))
         path = context.artifacts["model"]
+        if not self.partition_by:
+            self.model = self._load(path, trusted)
+            return
+        self.models = {k: self._load(os.path.join(path, name), trusted) for k, name in meta["partitions"].items()}
+        self.model = self._load(os.path.join(path, meta["fallback"]), trusted)
+
+    def _load(self, path: str, trusted: set[str]) -> Any:
         if self.flavor == "xgboost":
             import xgboost as xgb
 
-            self.model = xgb.Booster()
-            self.model.load_model(path)
-            return
+            booster = xgb.Booster()
+            booster.load_model(path)
+            return booster
         import skops.io as sio
 
         # Trust exactly the types recorded when the model was saved (in the registry, beside
         # it); a file holding anything else is refused rather than loaded.
         found = set(sio.get_untrusted_types(file=path))
-        unexpected = sorted(found - set(meta.get("trusted_types", [])))
+        unexpected = sorted(found - trusted)
         if unexpected:
             raise ValueError(f"model file holds types not recorded at training: {unexpected}")
-        self.model = sio.load(path, trusted=sorted(found))
+        return sio.load(path, trusted=sorted(found))
 
     def predict(self, context: Any, model_input: pd.DataFrame, params: dict | None = None) -> np.ndarray:
         if not isinstance(model_input, pd.DataFrame):
             model_input = pd.DataFrame(model_input)
         X = encode(model_input, self.features, self.encoders)
+        if not self.partition_by:
+            return self._predict(self.model, X)
+        keys = partition_keys(model_input, self.partition_by)
+        out = np.empty(len(X), dtype=np.float64)
+        for key in np.unique(keys):
+            rows = keys == key
+            out[rows] = self._predict(self.models.get(key, self.model), X[rows])
+        return out
+
+    def _predict(self, model: Any, X: np.ndarray) -> np.ndarray:
         if self.flavor == "xgboost":
             import xgboost as xgb
 
             names = encoded_names(self.features, self.encoders)
-            return self.model.predict(xgb.DMatrix(X, missing=np.nan, feature_names=names))
+            return model.predict(xgb.DMatrix(X, missing=np.nan, feature_names=names))
         if self.task == "classification":
-            return self.model.predict_proba(X)[:, 1]
-        return np.asarray(self.model.predict(X), dtype=np.float64)
+            return model.predict_proba(X)[:, 1]
+        return np.asarray(model.predict(X), dtype=np.float64)
 
 
 mlflow.models.set_model(DaybreakModel())

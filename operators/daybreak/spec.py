@@ -334,6 +334,10 @@ class ModelSpec(_Model):
     early_stopping_rounds: int = Field(20, ge=1)
     seed: int = 0
     tuning: TuningSpec | None = None
+    partition_by: list[str] = Field(
+        default_factory=list, description="features whose values each get their own model (many-model)")
+    min_partition_rows: int = Field(
+        200, ge=1, description="a partition with fewer training rows is served by the fallback model")
 
     @model_validator(mode="after")
     def _estimator(self) -> ModelSpec:
@@ -354,6 +358,9 @@ class TrainingSpec(_Model):
         1, ge=1, description="days ending at the logical date held out for the gate; never trained on")
     min_rows: int = Field(100, ge=1)
     validation_fraction: float = Field(0.2, gt=0, lt=1)
+    memory_budget_mb: float | None = Field(
+        None, gt=0, description="above this estimated size the window streams from Parquet into xgboost's "
+                                "external-memory matrix instead of being loaded")
 
     def holdout(self, day: date) -> list[date]:
         """The gate's holdout days for logical date `day`, oldest first."""
@@ -434,6 +441,9 @@ class Spec(_Model):
             raise ValueError(f"features: duplicate feature names {dupes}")
         if not names:
             raise ValueError("features: define at least one feature")
+        for col in self.model.partition_by:
+            if col not in names:
+                raise ValueError(f"model.partition_by: {col!r} is not a feature; features are {names}")
         # Expressions are checked against the columns they may use, so typos fail now.
         from daybreak.expr import check_expression
 

@@ -26,6 +26,7 @@ from daybreak import registry
 from daybreak.context import RunContext
 from daybreak.features import EVENT_TIME, read_features
 from daybreak.model_code import encode, encoded_names
+from daybreak.errors import SpecError
 from daybreak.spec import Spec
 
 log = logging.getLogger(__name__)
@@ -40,23 +41,40 @@ def training_days(spec: Spec, ctx: RunContext) -> list:
 def fit_encoders(frame: pd.DataFrame, spec: Spec) -> dict[str, dict[str, Any]]:
     """Fit each column's encoder on the training rows only (never validation or holdout rows),
     deterministically: categories sorted, ties in frequency broken by value."""
+    stats = {name: encoder_stats(frame[name], enc) for name, enc in spec.features.encoders().items()}
+    return encoders_from_stats(spec, stats)
+
+
+def encoder_stats(col: pd.Series, enc: dict[str, Any]) -> Any:
+    """What fitting an encoder needs from some rows: category counts, or the numbers to bin.
+    Stats of successive batches combine with ``merge_stats``."""
+    if enc["kind"] == "quantile":
+        return pd.to_numeric(col, errors="coerce").dropna().to_numpy(dtype=np.float64)
+    return col.dropna().astype(str).value_counts()
+
+
+def merge_stats(a: Any, b: Any) -> Any:
+    if isinstance(a, np.ndarray):
+        return np.concatenate([a, b])
+    return a.add(b, fill_value=0)
+
+
+def encoders_from_stats(spec: Spec, stats: dict[str, Any]) -> dict[str, dict[str, Any]]:
     fitted: dict[str, dict[str, Any]] = {}
     for name, enc in spec.features.encoders().items():
-        col = frame[name]
+        st = stats[name]
         if enc["kind"] == "quantile":
-            values = pd.to_numeric(col, errors="coerce").dropna().to_numpy(dtype=np.float64)
-            qs = np.quantile(values, np.linspace(0, 1, enc["bins"] + 1)[1:-1]) if len(values) else np.array([])
+            qs = np.quantile(st, np.linspace(0, 1, enc["bins"] + 1)[1:-1]) if len(st) else np.array([])
             fitted[name] = {"kind": "quantile", "edges": [float(x) for x in np.unique(qs)]}
             continue
-        counts = col.dropna().astype(str).value_counts()
-        ranked = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))
+        ranked = sorted(st.items(), key=lambda kv: (-kv[1], kv[0]))
         if enc.get("max_categories"):
             ranked = ranked[: enc["max_categories"]]
         cats = sorted(k for k, _ in ranked)
         fitted[name] = {"kind": enc["kind"], "categories": cats}
         if enc["kind"] == "frequency":
-            total = max(1, int(col.notna().sum()))
-            fitted[name]["frequencies"] = [float(counts[c]) / total for c in cats]
+            total = max(1.0, float(st.sum()))
+            fitted[name]["frequencies"] = [float(st[c]) / total for c in cats]
     return fitted
 
 
@@ -140,8 +158,6 @@ def build_estimator(spec: Spec, overrides: dict[str, Any] | None = None) -> Any:
     estimator or Pipeline), called with ``model.params`` and `overrides`."""
     import importlib
 
-    from daybreak.errors import SpecError
-
     path = spec.model.estimator or ""
     module, _, attr = path.rpartition(".")
     try:
@@ -193,16 +209,86 @@ def _fit_sklearn(spec: Spec, data: TrainData, overrides: dict[str, Any]) -> Fitt
     return Fitted(est, metric_name, val_metric, {"estimator": spec.model.estimator, **params}, importance)
 
 
-def save_model(fitted: Fitted, spec: Spec, folder: Path) -> tuple[Path, dict[str, Any]]:
-    """Write the model in a safe format; return its path and what meta.json must add."""
+_METRIC = {"auc": "roc_auc", "rmse": "rmse", "logloss": "log_loss", "mae": "mae"}
+
+
+def fit_many(spec: Spec, fit: pd.DataFrame, val: pd.DataFrame, data: TrainData, overrides: dict[str, Any],
+             ctx: RunContext) -> Fitted:
+    """One model per value of ``model.partition_by``, trained in parallel on Ray, plus a fallback
+    trained on every row for keys that are unseen or too small. The validation metric is that of
+    the routed predictions, as served."""
+    import ray
+
+    from daybreak.compute import ensure_ray
+    from daybreak.gate import score
+    from daybreak.model_code import partition_keys
+
+    by = spec.model.partition_by
+    k_fit, k_val = partition_keys(fit, by), partition_keys(val, by)
+    ensure_ray(ctx.ray_address)
+    remote = ray.remote(num_cpus=1)(fit_model)
+    per_task = overrides | ({"nthread": 1} if spec.model.flavor == "xgboost" else {})
+    jobs: dict[str, Any] = {}
+    for key in sorted(set(k_fit)):
+        fr, vr = k_fit == key, k_val == key
+        enough = fr.sum() >= spec.model.min_partition_rows and vr.sum() >= 2
+        if enough and spec.model.task == "classification":  # both classes, or no AUC/early stopping
+            enough = len(np.unique(data.y_fit[fr])) == 2 and len(np.unique(data.y_val[vr])) == 2
+        if enough:
+            part = TrainData(data.X_fit[fr], data.y_fit[fr], data.X_val[vr], data.y_val[vr],
+                             None if data.weight is None else data.weight[fr], data.names)
+            jobs[key] = remote.remote(spec, part, per_task)
+    fallback = fit_model(spec, data, overrides)
+    models = dict(zip(jobs, ray.get(list(jobs.values()))))
+    log.info("train: %d partition model(s) by %s and a fallback (%d key(s) use it)", len(models), by,
+             len(set(k_fit)) - len(models))
+    pred = np.empty(len(data.y_val))
+    for key in np.unique(k_val):
+        rows = k_val == key
+        pred[rows] = _predict(spec, models.get(key, fallback).model, data.X_val[rows], data.names)
+    val_metric = score(_METRIC[fallback.metric_name], data.y_val, pred)
+    return Fitted({"fallback": fallback, "partitions": models}, fallback.metric_name, val_metric,
+                  {**fallback.params, "partition_by": ",".join(by), "partitions": len(models)}, fallback.importance)
+
+
+def _predict(spec: Spec, model: Any, X: np.ndarray, names: list[str]) -> np.ndarray:
     if spec.model.flavor == "xgboost":
-        path = folder / "model.ubj"
-        fitted.model.save_model(path)
+        import xgboost as xgb
+
+        return model.predict(xgb.DMatrix(X, missing=np.nan, feature_names=names))
+    return model.predict_proba(X)[:, 1] if spec.model.task == "classification" else model.predict(X)
+
+
+def save_model(fitted: Fitted, spec: Spec, folder: Path) -> tuple[Path, dict[str, Any]]:
+    """Write the model in a safe format; return its path and what meta.json must add. A
+    many-model version is a folder: one file per partition and the fallback."""
+    if isinstance(fitted.model, dict):
+        root = folder / "models"
+        root.mkdir()
+        meta: dict[str, Any] = {"partition_by": spec.model.partition_by, "partitions": {}, "trusted_types": []}
+        items = [("fallback", fitted.model["fallback"]),
+                 *[(f"p{i}", f) for i, f in enumerate(fitted.model["partitions"].values())]]
+        for (stem, f), key in zip(items, [None, *fitted.model["partitions"]]):
+            path, m = _save_one(f.model, spec, root, stem)
+            if key is None:
+                meta["fallback"] = path.name
+            else:
+                meta["partitions"][key] = path.name
+            meta["trusted_types"] = sorted(set(meta["trusted_types"]) | set(m.get("trusted_types", [])))
+            meta["flavor"] = m["flavor"]
+        return root, meta
+    return _save_one(fitted.model, spec, folder, "model")
+
+
+def _save_one(model: Any, spec: Spec, folder: Path, stem: str) -> tuple[Path, dict[str, Any]]:
+    if spec.model.flavor == "xgboost":
+        path = folder / f"{stem}.ubj"
+        model.save_model(path)
         return path, {"flavor": "xgboost"}
     import skops.io as sio
 
-    path = folder / "model.skops"
-    path.write_bytes(_canonical_skops(sio.dumps(fitted.model)))
+    path = folder / f"{stem}.skops"
+    path.write_bytes(_canonical_skops(sio.dumps(model)))
     # The types the loader may trust: exactly those this file holds, recorded beside it in the
     # registry, so a file swapped in later with other types is refused.
     return path, {"flavor": "sklearn", "trusted_types": sorted(sio.get_untrusted_types(file=path))}
@@ -258,12 +344,20 @@ def _importance_plot(importance: dict[str, float], path: Path) -> bool:
 def train_model(spec: Spec, ctx: RunContext) -> dict[str, Any]:
     import mlflow
 
+    from daybreak.outofcore import estimated_bytes, window_files
+
     f = spec.features
     days = training_days(spec, ctx)
-    table, hashes, missing = read_features(spec, ctx, days)
+    files, rows = window_files(spec, ctx, days)
+    budget = spec.training.memory_budget_mb
+    out_of_core = budget is not None and estimated_bytes(spec, rows) > budget * 2**20
+    if out_of_core:
+        if spec.model.flavor != "xgboost" or spec.model.partition_by or spec.model.tuning:
+            raise SpecError(f"train {ctx.logical_date}: the window ({rows} rows) exceeds training.memory_budget_mb="
+                            f"{budget}, and out-of-core training is for single xgboost models without tuning")
+    table, hashes, missing = read_features(spec, ctx, days, load=not out_of_core)
     base = {"step": "train", "date": ctx.logical_date.isoformat(), "window": [days[0].isoformat(), days[-1].isoformat()],
-            "missing_days": missing}
-    rows = 0 if table is None else table.num_rows
+            "missing_days": missing, "out_of_core": out_of_core}
     if rows < spec.training.min_rows:
         log.warning("train %s: %d rows in the window (< training.min_rows=%d); no model trained",
                     ctx.logical_date, rows, spec.training.min_rows)
@@ -282,20 +376,37 @@ def train_model(spec: Spec, ctx: RunContext) -> dict[str, Any]:
         return base | {"status": "exists", "rows": rows, "model_version": str(mv.version), "run_id": mv.run_id,
                        "lineage_key": lineage_key, "val_metric": _float(mv.tags.get("daybreak.val_metric"))}
 
-    fit, val = split_window(table, spec)
     features = f.feature_names()
-    encoders = fit_encoders(fit, spec)
     label = f.label.name
-    y_fit = fit[label].to_numpy(np.float32)
-    data = TrainData(encode(fit, features, encoders), y_fit, encode(val, features, encoders),
-                     val[label].to_numpy(np.float32), sample_weight(spec, y_fit), encoded_names(features, encoders))
     trials: list[dict[str, Any]] = []
     overrides: dict[str, Any] = {}
-    if spec.model.tuning is not None:
-        from daybreak.tuning import tune
+    if out_of_core:
+        from daybreak.outofcore import fit_out_of_core, first_rows
 
-        overrides, trials = tune(spec, data, ctx)
-    fitted = fit_model(spec, data, overrides)
+        ooc = fit_out_of_core(spec, ctx, files, rows, overrides)
+        imp = ooc["booster"].get_score(importance_type="gain")
+        fitted = Fitted(ooc["booster"], ooc["metric"], ooc["val_metric"],
+                        {"best_iteration": ooc["booster"].num_boosted_rounds(), "out_of_core": True,
+                         **{f"xgb.{k}": v for k, v in ooc["params"].items()}},
+                        {k: float(imp.get(k, 0.0)) for k in ooc["names"]})
+        encoders, names, n_fit, n_val = ooc["encoders"], ooc["names"], ooc["n_fit"], ooc["n_val"]
+        example = first_rows(files, ctx.store.fs, features, 5)
+    else:
+        fit, val = split_window(table, spec)
+        del table
+        encoders = fit_encoders(fit, spec)
+        y_fit = fit[label].to_numpy(np.float32)
+        data = TrainData(encode(fit, features, encoders), y_fit, encode(val, features, encoders),
+                         val[label].to_numpy(np.float32), sample_weight(spec, y_fit), encoded_names(features, encoders))
+        if spec.model.tuning is not None:
+            from daybreak.tuning import tune
+
+            overrides, trials = tune(spec, data, ctx)
+        if spec.model.partition_by:
+            fitted = fit_many(spec, fit, val, data, overrides, ctx)
+        else:
+            fitted = fit_model(spec, data, overrides)
+        names, n_fit, n_val, example = data.names, len(fit), len(val), fit[features].head(5)
     metric_name, val_metric = fitted.metric_name, fitted.val_metric
 
     tags = {
@@ -309,7 +420,7 @@ def train_model(spec: Spec, ctx: RunContext) -> dict[str, Any]:
         "daybreak.feature_version": spec.feature_version(),
         "daybreak.code_version": registry.code_version(),
         "daybreak.flavor": spec.model.flavor,
-        "daybreak.train_rows": str(len(fit)),
+        "daybreak.train_rows": str(n_fit),
         "daybreak.val_metric": repr(val_metric),
         "daybreak.run_context": ctx.run_id,
     }
@@ -325,17 +436,16 @@ def train_model(spec: Spec, ctx: RunContext) -> dict[str, Any]:
         meta_path.write_text(json.dumps({"features": features, "encoders": encoders, "task": spec.model.task,
                                          "label": label, **flavor_meta}, indent=2))
         mlflow.log_params({"window_days": spec.training.window_days, "holdout_days": spec.training.holdout_days,
-                           "rows_fit": len(fit), "rows_val": len(val), "class_weight": spec.model.class_weight,
+                           "rows_fit": n_fit, "rows_val": n_val, "class_weight": spec.model.class_weight,
                            **({"tuning.trials": len(trials), **{f"tuned.{k}": v for k, v in overrides.items()}}
                               if trials else {}),
                            **fitted.params})
         mlflow.log_metric(f"val_{metric_name}", val_metric)
         mlflow.set_tags(tags)
-        mlflow.log_dict({k: fitted.importance.get(k, 0.0) for k in data.names}, "feature_importance.json")
+        mlflow.log_dict({k: fitted.importance.get(k, 0.0) for k in names}, "feature_importance.json")
         if _importance_plot(fitted.importance, Path(tmp) / "feature_importance.png"):
             mlflow.log_artifact(str(Path(tmp) / "feature_importance.png"))
         mlflow.log_dict(encoders, "encoders.json")
-        example = fit[features].head(5)
         signature = _signature(features, set(f.categorical_names()))
         info = mlflow.pyfunc.log_model(
             name="model", python_model=MODEL_CODE, artifacts={"model": str(model_path), "meta": str(meta_path)},
@@ -345,7 +455,7 @@ def train_model(spec: Spec, ctx: RunContext) -> dict[str, Any]:
         version = str(info.registered_model_version)
     registry.set_tags(cl, spec.model.name, version, tags)
     log.info("train %s: registered %s version %s (val %s=%.4f, %d rows)", ctx.logical_date, spec.model.name,
-             version, metric_name, val_metric, len(fit))
+             version, metric_name, val_metric, n_fit)
     return base | {"status": "trained", "rows": rows, "model_version": version, "run_id": run.info.run_id,
                    "lineage_key": lineage_key, "val_metric": val_metric, "trials": len(trials)}
 

@@ -1,0 +1,152 @@
+"""Out-of-core training: when a window's rows would not fit ``training.memory_budget_mb``, they
+stream from the feature Parquet files in batches into xgboost's ``ExtMemQuantileDMatrix``, which
+keeps its quantised pages on disk. Memory is a few batches and the pages being read, not the
+window.
+
+Rows keep the order of the feature partitions (day by day, each sorted by event time); the last
+``validation_fraction`` of them validate, as in memory. Encoders are fitted on the fit rows in a
+first streaming pass.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
+
+from daybreak.context import RunContext
+from daybreak.features import feature_zone
+from daybreak.model_code import encode, encoded_names
+from daybreak.spec import Spec
+
+log = logging.getLogger(__name__)
+
+BATCH_ROWS = 65_536
+
+
+def window_files(spec: Spec, ctx: RunContext, days: list) -> tuple[list[str], int]:
+    """The window's feature files in row order, and their row count."""
+    files, rows = [], 0
+    for d in days:
+        part = ctx.store.partition(feature_zone(spec), d)
+        if part is not None:
+            files += part.files
+            rows += int(part.manifest["rows"])
+    return files, rows
+
+
+def estimated_bytes(spec: Spec, rows: int) -> int:
+    """What the in-memory path holds at once: the window as a DataFrame (about 8 bytes a value)
+    plus its encoded float32 matrix."""
+    return rows * (8 * (len(spec.features.feature_names()) + 2) + 4 * len(spec.features.feature_names()))
+
+
+def _batches(files: list[str], fs: Any, columns: list[str], lo: int, hi: int):
+    """DataFrames of the rows at positions [lo, hi) of the files taken in order."""
+    pos = 0
+    for path in files:
+        pf = pq.ParquetFile(fs.open_input_file(path))
+        n = pf.metadata.num_rows
+        if pos + n <= lo or pos >= hi:
+            pos += n
+            continue
+        for batch in pf.iter_batches(batch_size=BATCH_ROWS, columns=columns):
+            a, b = max(lo - pos, 0), min(hi - pos, batch.num_rows)
+            if a < b:
+                yield batch.slice(a, b - a).to_pandas()
+            pos += batch.num_rows
+            if pos >= hi:
+                return
+
+
+def first_rows(files: list[str], fs: Any, columns: list[str], n: int) -> pd.DataFrame:
+    """The window's first n rows (the model's input example)."""
+    return next(_batches(files, fs, columns, 0, n), pd.DataFrame(columns=columns))
+
+
+class _Rows:
+    """An xgboost DataIter over row range [lo, hi) of the window, encoded batch by batch."""
+
+    def __init__(self, make: Callable[[], Any], to_xy: Callable[[pd.DataFrame], dict[str, Any]], cache: str) -> None:
+        import xgboost as xgb
+
+        class It(xgb.DataIter):
+            def __init__(self) -> None:
+                super().__init__(cache_prefix=cache)
+                self._it = None
+
+            def next(self, input_data: Callable) -> bool:
+                if self._it is None:
+                    self._it = make()
+                frame = next(self._it, None)
+                if frame is None:
+                    return False
+                input_data(**to_xy(frame))
+                return True
+
+            def reset(self) -> None:
+                self._it = None
+
+        self.it = It()
+
+
+def fit_out_of_core(spec: Spec, ctx: RunContext, files: list[str], rows: int, overrides: dict[str, Any]) -> dict[str, Any]:
+    """Train xgboost on the window without holding it: returns the booster, encoders, metric and
+    the row counts."""
+    import xgboost as xgb
+
+    from daybreak.train import _xgb_params, encoder_stats, encoders_from_stats, merge_stats
+
+    f = spec.features
+    features, label = f.feature_names(), f.label.name
+    n_val = max(1, int(rows * spec.training.validation_fraction))
+    n_fit = rows - n_val
+    fs = ctx.store.fs
+    cols = [*features, label]
+    # pass 1: encoder statistics and class counts of the fit rows
+    specs = f.encoders()
+    stats: dict[str, Any] = {}
+    classes: pd.Series = pd.Series(dtype=float)
+    for frame in _batches(files, fs, cols, 0, n_fit):
+        for name, enc in specs.items():
+            st = encoder_stats(frame[name], enc)
+            stats[name] = st if name not in stats else merge_stats(stats[name], st)
+        classes = classes.add(frame[label].value_counts(), fill_value=0)
+    for name, enc in specs.items():
+        stats.setdefault(name, encoder_stats(pd.Series([], dtype=object), enc))
+    encoders = encoders_from_stats(spec, stats)
+    weights = None
+    if spec.model.class_weight == "balanced":
+        weights = {k: n_fit / (len(classes) * v) for k, v in classes.items()}
+    names = encoded_names(features, encoders)
+
+    def to_xy(frame: pd.DataFrame, weighted: bool) -> dict[str, Any]:
+        y = frame[label].to_numpy(np.float32)
+        out = {"data": encode(frame, features, encoders), "label": y, "feature_names": names}
+        if weighted and weights is not None:
+            out["weight"] = np.vectorize(lambda v: weights.get(v, 1.0))(y).astype(np.float32)
+        return out
+
+    params = _xgb_params(spec) | overrides
+    rounds = int(params.pop("num_boost_round", spec.model.num_boost_round))
+    with tempfile.TemporaryDirectory(prefix="daybreak-extmem-") as tmp:
+        fit_it = _Rows(lambda: _batches(files, fs, cols, 0, n_fit), lambda fr: to_xy(fr, True), f"{tmp}/fit").it
+        val_it = _Rows(lambda: _batches(files, fs, cols, n_fit, rows), lambda fr: to_xy(fr, False), f"{tmp}/val").it
+        dfit = xgb.ExtMemQuantileDMatrix(fit_it, missing=np.nan, max_bin=params.get("max_bin"))
+        dval = xgb.ExtMemQuantileDMatrix(val_it, missing=np.nan, ref=dfit)
+        evals: dict[str, Any] = {}
+        booster = xgb.train(params, dfit, num_boost_round=rounds, evals=[(dval, "val")],
+                            early_stopping_rounds=spec.model.early_stopping_rounds, evals_result=evals,
+                            verbose_eval=False)
+    metric = params["eval_metric"]
+    val_metric = float(evals["val"][metric][booster.best_iteration])
+    booster = booster[: booster.best_iteration + 1]
+    log.info("train %s: out of core, %d fit and %d validation rows in batches of %d", ctx.logical_date, n_fit,
+             n_val, BATCH_ROWS)
+    return {"booster": booster, "encoders": encoders, "metric": metric, "names": names, "params": params,
+            "val_metric": val_metric, "n_fit": n_fit, "n_val": n_val}
