@@ -95,12 +95,13 @@ class _Rows:
         self.it = It()
 
 
-def fit_out_of_core(spec: Spec, ctx: RunContext, files: list[str], rows: int, overrides: dict[str, Any]) -> dict[str, Any]:
-    """Train xgboost on the window without holding it: returns the booster, encoders, metric and
-    the row counts."""
+def fit_out_of_core(spec: Spec, ctx: RunContext, files: list[str], rows: int,
+                    overrides: dict[str, Any]) -> tuple[Any, dict[str, Any], int, int]:
+    """Train xgboost on the window without holding it: (the fitted model, its encoders, fit rows,
+    validation rows)."""
     import xgboost as xgb
 
-    from daybreak.train import _xgb_params, encoder_stats, encoders_from_stats, merge_stats
+    from daybreak.train import encoder_stats, encoders_from_stats, merge_stats, train_booster
 
     f = spec.features
     features, label = f.feature_names(), f.label.name
@@ -132,21 +133,12 @@ def fit_out_of_core(spec: Spec, ctx: RunContext, files: list[str], rows: int, ov
             out["weight"] = np.vectorize(lambda v: weights.get(v, 1.0))(y).astype(np.float32)
         return out
 
-    params = _xgb_params(spec) | overrides
-    rounds = int(params.pop("num_boost_round", spec.model.num_boost_round))
     with tempfile.TemporaryDirectory(prefix="daybreak-extmem-") as tmp:
         fit_it = _Rows(lambda: _batches(files, fs, cols, 0, n_fit), lambda fr: to_xy(fr, True), f"{tmp}/fit").it
         val_it = _Rows(lambda: _batches(files, fs, cols, n_fit, rows), lambda fr: to_xy(fr, False), f"{tmp}/val").it
-        dfit = xgb.ExtMemQuantileDMatrix(fit_it, missing=np.nan, max_bin=params.get("max_bin"))
+        dfit = xgb.ExtMemQuantileDMatrix(fit_it, missing=np.nan, max_bin=spec.model.params.get("max_bin"))
         dval = xgb.ExtMemQuantileDMatrix(val_it, missing=np.nan, ref=dfit)
-        evals: dict[str, Any] = {}
-        booster = xgb.train(params, dfit, num_boost_round=rounds, evals=[(dval, "val")],
-                            early_stopping_rounds=spec.model.early_stopping_rounds, evals_result=evals,
-                            verbose_eval=False)
-    metric = params["eval_metric"]
-    val_metric = float(evals["val"][metric][booster.best_iteration])
-    booster = booster[: booster.best_iteration + 1]
+        fitted = train_booster(spec, dfit, dval, overrides, names, {"out_of_core": True})
     log.info("train %s: out of core, %d fit and %d validation rows in batches of %d", ctx.logical_date, n_fit,
              n_val, BATCH_ROWS)
-    return {"booster": booster, "encoders": encoders, "metric": metric, "names": names, "params": params,
-            "val_metric": val_metric, "n_fit": n_fit, "n_val": n_val}
+    return fitted, encoders, n_fit, n_val

@@ -137,6 +137,14 @@ def _fit_xgb(spec: Spec, data: TrainData, overrides: dict[str, Any]) -> Fitted:
 
     dfit = xgb.QuantileDMatrix(data.X_fit, data.y_fit, weight=data.weight, feature_names=data.names, missing=np.nan)
     dval = xgb.QuantileDMatrix(data.X_val, data.y_val, feature_names=data.names, missing=np.nan, ref=dfit)
+    return train_booster(spec, dfit, dval, overrides, data.names)
+
+
+def train_booster(spec: Spec, dfit: Any, dval: Any, overrides: dict[str, Any], names: list[str],
+                  extra: dict[str, Any] | None = None) -> Fitted:
+    """xgb.train with early stopping on `dval`, cut back to the best iteration."""
+    import xgboost as xgb
+
     params = _xgb_params(spec) | overrides
     params.setdefault("nthread", 0)
     rounds = int(params.pop("num_boost_round", spec.model.num_boost_round))
@@ -149,8 +157,9 @@ def _fit_xgb(spec: Spec, data: TrainData, overrides: dict[str, Any]) -> Fitted:
     booster = booster[: booster.best_iteration + 1]
     importance = booster.get_score(importance_type="gain")
     return Fitted(booster, metric_name, val_metric,
-                  {"best_iteration": booster.num_boosted_rounds(), **{f"xgb.{k}": v for k, v in params.items()}},
-                  {k: float(importance.get(k, 0.0)) for k in data.names})
+                  {"best_iteration": booster.num_boosted_rounds(), **(extra or {}),
+                   **{f"xgb.{k}": v for k, v in params.items()}},
+                  {k: float(importance.get(k, 0.0)) for k in names})
 
 
 def build_estimator(spec: Spec, overrides: dict[str, Any] | None = None) -> Any:
@@ -383,13 +392,8 @@ def train_model(spec: Spec, ctx: RunContext) -> dict[str, Any]:
     if out_of_core:
         from daybreak.outofcore import fit_out_of_core, first_rows
 
-        ooc = fit_out_of_core(spec, ctx, files, rows, overrides)
-        imp = ooc["booster"].get_score(importance_type="gain")
-        fitted = Fitted(ooc["booster"], ooc["metric"], ooc["val_metric"],
-                        {"best_iteration": ooc["booster"].num_boosted_rounds(), "out_of_core": True,
-                         **{f"xgb.{k}": v for k, v in ooc["params"].items()}},
-                        {k: float(imp.get(k, 0.0)) for k in ooc["names"]})
-        encoders, names, n_fit, n_val = ooc["encoders"], ooc["names"], ooc["n_fit"], ooc["n_val"]
+        fitted, encoders, n_fit, n_val = fit_out_of_core(spec, ctx, files, rows, overrides)
+        names = encoded_names(features, encoders)
         example = first_rows(files, ctx.store.fs, features, 5)
     else:
         fit, val = split_window(table, spec)
