@@ -158,6 +158,8 @@ def main() -> int:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--feature-rows", type=int, nargs="*", default=[1_000_000, 10_000_000],
                     help="sizes for the feature-step benchmark (none: skip it)")
+    ap.add_argument("--train-rows", type=int, default=1_000_000,
+                    help="rows for the training benchmark (0: skip it)")
     args = ap.parse_args()
     info = machine()
     print(f"machine: {info}; median of {args.repeats} runs", flush=True)
@@ -173,14 +175,19 @@ def main() -> int:
     from features import bench_features, feature_table
 
     feats = bench_features(args.feature_rows) if args.feature_rows else {}
+    from training import bench_training, training_lines
+
+    train = bench_training(args.train_rows) if args.train_rows else {}
     (HERE / "results.json").write_text(json.dumps({"machine": info, "repeats": args.repeats, "results": results,
-                                                   "features": feats}, indent=2))
+                                                   "features": feats, "training": train}, indent=2))
     lines = ["# Benchmark results", "", f"Machine: {info}. Median of {args.repeats} runs.", "",
              "| benchmark | daybreak (s) | baseline (s) | ratio |", "| --- | --- | --- | --- |"]
     lines += [f"| {r['name']} | {r['daybreak_s']:.3f} | {r['baseline_s']:.3f} | {r['ratio']:.2f}x |" for r in results]
     if feats:
         lines += ["", "Feature step, one logical date over N staged rows (one run each, Ray already running):", "",
                   *feature_table(feats)]
+    if train:
+        lines += ["", *training_lines(train)]
     (HERE / "RESULTS.md").write_text("\n".join(lines) + "\n")
     print(f"wrote {HERE / 'RESULTS.md'}")
     return 0
