@@ -54,7 +54,7 @@ def test_missing_days_and_no_overlap(fresh: Path, spec) -> None:
     assert list(json.loads(mv.tags["daybreak.input_hashes"])) == ["2013-01-01"]
 
     table, _, _ = read_features(s, ctx, s.training.window(ctx.logical_date))
-    fit, val = split_window(table, s)
+    fit, val = (t.to_pandas() for t in split_window(table, s))
     hold = holdout(s, ctx)
     ident = ["event_time", *s.features.keys]
     rows = [set(map(tuple, x[ident].astype(str).to_numpy())) for x in (fit, val, hold)]

@@ -39,21 +39,23 @@ def encoded_names(features: list[str], encoders: dict[str, dict[str, Any]]) -> l
     return names
 
 
-def encode(frame: pd.DataFrame, features: list[str], encoders: dict[str, dict[str, Any]]) -> np.ndarray:
-    """Feature frame -> float32 matrix, applying the encoders fitted on the training window.
+def encode(frame: Any, features: list[str], encoders: dict[str, dict[str, Any]]) -> np.ndarray:
+    """Feature rows (a DataFrame, or an Arrow table: its columns are converted one at a time,
+    never the whole table) -> float32 matrix, applying the encoders fitted on the training window.
 
     * ordinal: the index in the training categories; unseen or missing -> NaN (xgboost's missing);
     * onehot: one 0/1 column per training category; unseen -> all 0, missing -> all NaN;
     * frequency: the category's share of the training rows; unseen -> 0, missing -> NaN;
     * quantile: the index of the training-quantile bin a number falls in; missing -> NaN.
     """
-    missing = [c for c in features if c not in frame.columns]
+    arrow = hasattr(frame, "column_names")
+    missing = [c for c in features if c not in (frame.column_names if arrow else frame.columns)]
     if missing:
         raise ValueError(f"input is missing feature column(s) {missing}")
     out = np.empty((len(frame), len(encoded_names(features, encoders))), dtype=np.float32)
     j = 0
     for name in features:
-        col, enc = frame[name], encoders.get(name)
+        col, enc = (frame.column(name).to_pandas() if arrow else frame[name]), encoders.get(name)
         kind = None if enc is None else enc["kind"]
         if kind in ("ordinal", "onehot", "frequency"):
             cats = enc["categories"]

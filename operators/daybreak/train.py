@@ -38,10 +38,14 @@ def training_days(spec: Spec, ctx: RunContext) -> list:
     return spec.training.window(ctx.logical_date)
 
 
-def fit_encoders(frame: pd.DataFrame, spec: Spec) -> dict[str, dict[str, Any]]:
+def fit_encoders(frame: Any, spec: Spec) -> dict[str, dict[str, Any]]:
     """Fit each column's encoder on the training rows only (never validation or holdout rows),
-    deterministically: categories sorted, ties in frequency broken by value."""
-    stats = {name: encoder_stats(frame[name], enc) for name, enc in spec.features.encoders().items()}
+    deterministically: categories sorted, ties in frequency broken by value. `frame`: a DataFrame
+    or an Arrow table."""
+    def col(name: str) -> pd.Series:
+        return frame.column(name).to_pandas() if hasattr(frame, "column_names") else frame[name]
+
+    stats = {name: encoder_stats(col(name), enc) for name, enc in spec.features.encoders().items()}
     return encoders_from_stats(spec, stats)
 
 
@@ -78,11 +82,19 @@ def encoders_from_stats(spec: Spec, stats: dict[str, Any]) -> dict[str, dict[str
     return fitted
 
 
-def split_window(table: Any, spec: Spec) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """(fit rows, validation rows): in time order, the last ``validation_fraction`` validates."""
-    df = table.to_pandas().sort_values([EVENT_TIME, *spec.features.keys], kind="stable").reset_index(drop=True)
-    n_val = max(1, int(len(df) * spec.training.validation_fraction))
-    return df.iloc[:-n_val], df.iloc[-n_val:]
+def split_window(table: Any, spec: Spec) -> tuple[Any, Any]:
+    """(fit rows, validation rows) as Arrow tables: in time order, the last
+    ``validation_fraction`` validates. The window never becomes one DataFrame."""
+    table = table.sort_by([(c, "ascending") for c in [EVENT_TIME, *spec.features.keys]])
+    n_val = max(1, int(table.num_rows * spec.training.validation_fraction))
+    return table.slice(0, table.num_rows - n_val), table.slice(table.num_rows - n_val)
+
+
+def _label(table: Any, spec: Spec) -> np.ndarray:
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    return pc.cast(table.column(spec.features.label.name), pa.float32()).to_numpy(zero_copy_only=False)
 
 
 def _xgb_params(spec: Spec) -> dict[str, Any]:
@@ -221,7 +233,7 @@ def _fit_sklearn(spec: Spec, data: TrainData, overrides: dict[str, Any]) -> Fitt
 _METRIC = {"auc": "roc_auc", "rmse": "rmse", "logloss": "log_loss", "mae": "mae"}
 
 
-def fit_many(spec: Spec, fit: pd.DataFrame, val: pd.DataFrame, data: TrainData, overrides: dict[str, Any],
+def fit_many(spec: Spec, fit: Any, val: Any, data: TrainData, overrides: dict[str, Any],
              ctx: RunContext) -> Fitted:
     """One model per value of ``model.partition_by``, trained in parallel on Ray, plus a fallback
     trained on every row for keys that are unseen or too small. The validation metric is that of
@@ -233,7 +245,7 @@ def fit_many(spec: Spec, fit: pd.DataFrame, val: pd.DataFrame, data: TrainData, 
     from daybreak.model_code import partition_keys
 
     by = spec.model.partition_by
-    k_fit, k_val = partition_keys(fit, by), partition_keys(val, by)
+    k_fit, k_val = partition_keys(fit.select(by).to_pandas(), by), partition_keys(val.select(by).to_pandas(), by)
     ensure_ray(ctx.ray_address)
     remote = ray.remote(num_cpus=1)(fit_model)
     per_task = overrides | ({"nthread": 1} if spec.model.flavor == "xgboost" else {})
@@ -399,9 +411,9 @@ def train_model(spec: Spec, ctx: RunContext) -> dict[str, Any]:
         fit, val = split_window(table, spec)
         del table
         encoders = fit_encoders(fit, spec)
-        y_fit = fit[label].to_numpy(np.float32)
+        y_fit = _label(fit, spec)
         data = TrainData(encode(fit, features, encoders), y_fit, encode(val, features, encoders),
-                         val[label].to_numpy(np.float32), sample_weight(spec, y_fit), encoded_names(features, encoders))
+                         _label(val, spec), sample_weight(spec, y_fit), encoded_names(features, encoders))
         if spec.model.tuning is not None:
             from daybreak.tuning import tune
 
@@ -410,7 +422,8 @@ def train_model(spec: Spec, ctx: RunContext) -> dict[str, Any]:
             fitted = fit_many(spec, fit, val, data, overrides, ctx)
         else:
             fitted = fit_model(spec, data, overrides)
-        names, n_fit, n_val, example = data.names, len(fit), len(val), fit[features].head(5)
+        names, n_fit, n_val = data.names, fit.num_rows, val.num_rows
+        example = fit.slice(0, 5).select(features).to_pandas()
     metric_name, val_metric = fitted.metric_name, fitted.val_metric
 
     tags = {
