@@ -109,7 +109,8 @@ def _data(rng: np.random.Generator, n: int = 2000) -> TrainData:
 
 @pytest.mark.parametrize("model", [{"params": {"subsample": 0.8, "colsample_bytree": 0.8}},
                                    {"flavor": "sklearn", "estimator": "sklearn.ensemble.RandomForestClassifier",
-                                    "params": {"n_estimators": 20, "max_features": 2}}])
+                                    "params": {"n_estimators": 20, "max_features": 2}},
+                                   {"flavor": "sklearn", "estimator": "pipelines.imputed_forest", "params": {}}])
 def test_same_inputs_and_seed_give_the_same_model_bytes(spec, tmp_path: Path, model: dict) -> None:
     s = _with(spec, model=model)
     data = _data(np.random.default_rng(0))
@@ -155,9 +156,9 @@ def test_skops_file_with_unrecorded_types_is_refused(spec, tmp_path: Path) -> No
     m.load_context(ctx)  # the recorded types load
     meta_path.write_text(json.dumps({"features": ["a", "b", "c", "d"], "task": "classification",
                                      **meta, "trusted_types": []}))
-    if meta["trusted_types"]:
-        with pytest.raises(ValueError, match="types not recorded at training"):
-            DaybreakModel().load_context(ctx)
+    assert meta["trusted_types"]  # a Pipeline holds types beyond skops' defaults
+    with pytest.raises(ValueError, match="types not recorded at training"):
+        DaybreakModel().load_context(ctx)
 
 
 def test_many_models_route_each_row_with_a_fallback_for_unseen_keys(fresh: Path, spec, ray_local) -> None:

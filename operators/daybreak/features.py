@@ -486,6 +486,9 @@ def build_features(spec: Spec, ctx: RunContext) -> dict[str, Any]:
     # A total order makes the published bytes (and so the lineage hashes) reproducible. The
     # day's rows are computed first: in one pipeline with the sort, Ray Data reserves CPUs for
     # the sort and runs the map tasks one at a time.
+    if indexes:
+        # The day's tasks would otherwise start and block on the indexes, holding their CPUs.
+        ray.wait(indexes, num_returns=len(indexes), fetch_local=False)
     ds = ds.materialize().sort([EVENT_TIME, *f.keys])
 
     def write(fs: Any, folder: str) -> dict[str, Any]:
@@ -494,9 +497,6 @@ def build_features(spec: Spec, ctx: RunContext) -> dict[str, Any]:
                 "missing_history": missing, "features": f.feature_names(), "label": f.label.name,
                 "categorical": f.categorical_names()}
 
-    if indexes:
-        # The day's tasks would otherwise start and block on the indexes, holding their CPUs.
-        ray.wait(indexes, num_returns=len(indexes), fetch_local=False)
     part = ctx.store.publish(zone, day, write, run=ctx.run_id)
     nodes = sorted(nodes | set(nodes_used(ds)))
     log.info("features %s: %d rows -> %s (on %d Ray node(s))", day, part.manifest["rows"], part.uri, len(nodes))

@@ -165,7 +165,7 @@ class DaybreakModel(mlflow.pyfunc.PythonModel):
             names = encoded_names(self.features, self.encoders)
             return model.predict(xgb.DMatrix(X, missing=np.nan, feature_names=names))
         if self.task == "classification":
-            return model.predict_proba(X)[:, 1]
+            return model.predict_proba(X)[:, list(model.classes_).index(1)]
         return np.asarray(model.predict(X), dtype=np.float64)
 
 

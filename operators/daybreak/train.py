@@ -147,7 +147,9 @@ def fit_model(spec: Spec, data: TrainData, overrides: dict[str, Any] | None = No
 def _fit_xgb(spec: Spec, data: TrainData, overrides: dict[str, Any]) -> Fitted:
     import xgboost as xgb
 
-    dfit = xgb.QuantileDMatrix(data.X_fit, data.y_fit, weight=data.weight, feature_names=data.names, missing=np.nan)
+    max_bin = int((dict(spec.model.params) | overrides).get("max_bin", 256))  # the matrix and training must agree
+    dfit = xgb.QuantileDMatrix(data.X_fit, data.y_fit, weight=data.weight, feature_names=data.names, missing=np.nan,
+                               max_bin=max_bin)
     dval = xgb.QuantileDMatrix(data.X_val, data.y_val, feature_names=data.names, missing=np.nan, ref=dfit)
     return train_booster(spec, dfit, dval, overrides, data.names)
 
@@ -192,8 +194,11 @@ def build_estimator(spec: Spec, overrides: dict[str, Any] | None = None) -> Any:
         raise SpecError(f"model.estimator: {path}(**model.params) failed: {e}") from None
     if not hasattr(est, "fit") or not hasattr(est, "predict"):
         raise SpecError(f"model.estimator: {path} gave {type(est).__name__}, which has no fit/predict")
-    if "random_state" in est.get_params() and est.get_params()["random_state"] is None:
-        est.set_params(random_state=spec.model.seed)  # deterministic unless the spec says otherwise
+    # deterministic unless the spec says otherwise: every unset random_state, a Pipeline's steps' too
+    unset = {k: spec.model.seed for k, v in est.get_params(deep=True).items()
+             if (k == "random_state" or k.endswith("__random_state")) and v is None}
+    if unset:
+        est.set_params(**unset)
     return est
 
 
@@ -202,14 +207,19 @@ def _fit_sklearn(spec: Spec, data: TrainData, overrides: dict[str, Any]) -> Fitt
 
     from daybreak.gate import score
 
+    classification = spec.model.task == "classification"
+    if classification:
+        for rows, y in (("fit", data.y_fit), ("validation", data.y_val)):
+            if len(np.unique(y)) < 2:
+                raise ValueError(f"train: the {rows} rows hold one class only ({np.unique(y).tolist()}); "
+                                 "a classifier needs both")
     est = build_estimator(spec, overrides)
     fit_kw: dict[str, Any] = {}
     if data.weight is not None:
         key = f"{est.steps[-1][0]}__sample_weight" if isinstance(est, Pipeline) else "sample_weight"
         fit_kw[key] = data.weight
     est.fit(data.X_fit, data.y_fit, **fit_kw)
-    classification = spec.model.task == "classification"
-    pred = est.predict_proba(data.X_val)[:, 1] if classification else est.predict(data.X_val)
+    pred = _predict(spec, est, data.X_val, data.names)
     metric_name = "auc" if classification else "rmse"
     val_metric = score("roc_auc" if classification else "rmse", data.y_val, pred)
     final = est.steps[-1][1] if isinstance(est, Pipeline) else est
@@ -245,6 +255,10 @@ def fit_many(spec: Spec, fit: Any, val: Any, data: TrainData, overrides: dict[st
     from daybreak.model_code import partition_keys
 
     by = spec.model.partition_by
+    metric = _xgb_params(spec).get("eval_metric") if spec.model.flavor == "xgboost" else "auc"
+    if spec.model.flavor == "xgboost" and metric not in _METRIC:
+        raise SpecError(f"model.partition_by: the routed validation metric must be one of {sorted(_METRIC)}, "
+                        f"not eval_metric={metric!r}")
     k_fit, k_val = partition_keys(fit.select(by).to_pandas(), by), partition_keys(val.select(by).to_pandas(), by)
     ensure_ray(ctx.ray_address)
     remote = ray.remote(num_cpus=1)(fit_model)
@@ -257,7 +271,7 @@ def fit_many(spec: Spec, fit: Any, val: Any, data: TrainData, overrides: dict[st
             enough = len(np.unique(data.y_fit[fr])) == 2 and len(np.unique(data.y_val[vr])) == 2
         if enough:
             part = TrainData(data.X_fit[fr], data.y_fit[fr], data.X_val[vr], data.y_val[vr],
-                             None if data.weight is None else data.weight[fr], data.names)
+                             sample_weight(spec, data.y_fit[fr]), data.names)  # balanced within the partition
             jobs[key] = remote.remote(spec, part, per_task)
     fallback = fit_model(spec, data, overrides)
     models = dict(zip(jobs, ray.get(list(jobs.values()))))
@@ -277,7 +291,9 @@ def _predict(spec: Spec, model: Any, X: np.ndarray, names: list[str]) -> np.ndar
         import xgboost as xgb
 
         return model.predict(xgb.DMatrix(X, missing=np.nan, feature_names=names))
-    return model.predict_proba(X)[:, 1] if spec.model.task == "classification" else model.predict(X)
+    if spec.model.task == "classification":
+        return model.predict_proba(X)[:, list(model.classes_).index(1)]
+    return model.predict(X)
 
 
 def save_model(fitted: Fitted, spec: Spec, folder: Path) -> tuple[Path, dict[str, Any]]:

@@ -21,7 +21,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-LOWER_IS_BETTER = {"rmse", "mae", "logloss"}
+def _maximised(metric: str) -> bool:
+    """xgboost's ranking and AUC metrics grow with quality; its errors and losses shrink."""
+    return metric in ("auc", "aucpr") or metric.startswith(("map", "ndcg"))
 
 
 def search_space(space: dict[str, SearchParam]) -> dict[str, Any]:
@@ -61,7 +63,7 @@ def tune(spec: Spec, data: TrainData, ctx: RunContext) -> tuple[dict[str, Any], 
     metric = "auc" if spec.model.task == "classification" else "rmse"
     if spec.model.flavor == "xgboost":
         metric = str(spec.model.params.get("eval_metric", metric))
-    mode = "min" if metric in LOWER_IS_BETTER else "max"
+    mode = "max" if _maximised(metric) else "min"
     parallel = t.parallel or max(1, int(ray.cluster_resources().get("CPU", 1)))
     log.info("tuning %s: up to %d trials, %d at once, %.0f s budget", spec.model.name, t.trials, parallel,
              t.time_budget_s)
@@ -78,7 +80,8 @@ def tune(spec: Spec, data: TrainData, ctx: RunContext) -> tuple[dict[str, Any], 
     trials = []
     for r in grid:
         value = (r.metrics or {}).get("val_metric")
-        trials.append({"params": dict(r.config or {}), "status": "error" if r.error else "done",
+        status = "error" if r.error else ("done" if value is not None else "incomplete")  # cut by the budget
+        trials.append({"params": dict(r.config or {}), "status": status,
                        "val_metric": None if value is None else float(value)})
     done = [x for x in trials if x["val_metric"] is not None]
     if not done:
