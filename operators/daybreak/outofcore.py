@@ -27,6 +27,7 @@ from daybreak.spec import Spec
 log = logging.getLogger(__name__)
 
 BATCH_ROWS = 65_536
+QUANTILE_SAMPLE = 1_000_000  # values kept per binned column to place its quantile edges
 
 
 def window_files(spec: Spec, ctx: RunContext, days: list) -> tuple[list[str], int]:
@@ -50,18 +51,19 @@ def _batches(files: list[str], fs: Any, columns: list[str], lo: int, hi: int):
     """DataFrames of the rows at positions [lo, hi) of the files taken in order."""
     pos = 0
     for path in files:
-        pf = pq.ParquetFile(fs.open_input_file(path))
-        n = pf.metadata.num_rows
-        if pos + n <= lo or pos >= hi:
-            pos += n
-            continue
-        for batch in pf.iter_batches(batch_size=BATCH_ROWS, columns=columns):
-            a, b = max(lo - pos, 0), min(hi - pos, batch.num_rows)
-            if a < b:
-                yield batch.slice(a, b - a).to_pandas()
-            pos += batch.num_rows
-            if pos >= hi:
-                return
+        with fs.open_input_file(path) as fh:
+            pf = pq.ParquetFile(fh)
+            n = pf.metadata.num_rows
+            if pos + n <= lo or pos >= hi:
+                pos += n
+                continue
+            for batch in pf.iter_batches(batch_size=BATCH_ROWS, columns=columns):
+                a, b = max(lo - pos, 0), min(hi - pos, batch.num_rows)
+                if a < b:
+                    yield batch.slice(a, b - a).to_pandas()
+                pos += batch.num_rows
+                if pos >= hi:
+                    return
 
 
 def first_rows(files: list[str], fs: Any, columns: list[str], n: int) -> pd.DataFrame:
@@ -113,10 +115,15 @@ def fit_out_of_core(spec: Spec, ctx: RunContext, files: list[str], rows: int,
     specs = f.encoders()
     stats: dict[str, Any] = {}
     classes: pd.Series = pd.Series(dtype=float)
+    stride = dict.fromkeys(specs, 1)  # bins come from every stride-th value: a bounded sample
     for frame in _batches(files, fs, cols, 0, n_fit):
         for name, enc in specs.items():
             st = encoder_stats(frame[name], enc)
+            if isinstance(st, np.ndarray):
+                st = st[::stride[name]]
             stats[name] = st if name not in stats else merge_stats(stats[name], st)
+            if isinstance(st, np.ndarray) and len(stats[name]) > QUANTILE_SAMPLE:
+                stats[name], stride[name] = stats[name][::2], stride[name] * 2
         classes = classes.add(frame[label].value_counts(), fill_value=0)
     for name, enc in specs.items():
         stats.setdefault(name, encoder_stats(pd.Series([], dtype=object), enc))

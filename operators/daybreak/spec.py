@@ -310,6 +310,8 @@ class SearchParam(_Model):
             raise ValueError("a range needs low < high")
         elif self.log and self.low <= 0:
             raise ValueError("a log range needs low > 0")
+        elif self.integer and (self.low != int(self.low) or self.high != int(self.high) or (self.log and self.low < 1)):
+            raise ValueError("an integer range needs whole-number bounds (and low >= 1 on a log scale)")
         return self
 
 
