@@ -10,6 +10,7 @@ first streaming pass.
 
 from __future__ import annotations
 
+import gc
 import logging
 import tempfile
 from collections.abc import Callable
@@ -146,6 +147,8 @@ def fit_out_of_core(spec: Spec, ctx: RunContext, files: list[str], rows: int,
         dfit = xgb.ExtMemQuantileDMatrix(fit_it, missing=np.nan, max_bin=spec.model.params.get("max_bin"))
         dval = xgb.ExtMemQuantileDMatrix(val_it, missing=np.nan, ref=dfit)
         fitted = train_booster(spec, dfit, dval, overrides, names, {"out_of_core": True})
+        del dfit, dval, fit_it, val_it  # xgboost removes its cache pages itself, before the folder goes
+        gc.collect()
     log.info("train %s: out of core, %d fit and %d validation rows in batches of %d", ctx.logical_date, n_fit,
              n_val, BATCH_ROWS)
     return fitted, encoders, n_fit, n_val
