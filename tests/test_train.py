@@ -213,3 +213,18 @@ def test_out_of_core_training_streams_a_window_bigger_than_the_budget(fresh: Pat
                          "params": {}})
     with pytest.raises(SpecError, match="out-of-core training is for single xgboost models"):
         train_model(sk, day)
+
+
+def test_a_model_whose_files_changed_after_training_is_refused(fresh: Path, spec) -> None:
+    ctx = RunContext.create("2013-01-02")
+    out = train_model(spec, ctx)
+    mv = registry.client(ctx).get_model_version(spec.model.name, out["model_version"])
+    assert len(mv.tags[registry.ARTIFACTS_TAG]) == 64
+    registry.load_model(ctx, spec.model.name, out["model_version"])  # as trained: loads
+    metas = list(fresh.rglob("artifacts/artifacts/meta.json"))
+    assert len(metas) == 1
+    meta = json.loads(metas[0].read_text())
+    meta["trusted_types"] = ["builtins.eval"]  # what swapping in another model would need
+    metas[0].write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match="differ from what training recorded"):
+        registry.load_model(ctx, spec.model.name, out["model_version"])

@@ -25,6 +25,7 @@ SPEC_TAG = "daybreak.spec_hash"
 LINEAGE_TAG = "daybreak.lineage_key"
 DECISION_TAG = "daybreak.gate.decision"
 AGAINST_TAG = "daybreak.gate.champion_version"
+ARTIFACTS_TAG = "daybreak.artifacts_sha256"
 
 
 def use_uri(uri: str) -> None:
@@ -142,11 +143,40 @@ def model_uri(name: str, version: str) -> str:
     return f"models:/{name}/{version}"
 
 
+def artifacts_digest(files: dict[str, str | Path]) -> str:
+    """One sha256 over (name, content hash) of the files a model loads: its code and artifacts."""
+    import hashlib
+
+    from daybreak.store import sha256_file
+
+    h = hashlib.sha256()
+    for name in sorted(files):
+        h.update(f"{name}\0{sha256_file(str(files[name]))}\n".encode())
+    return h.hexdigest()
+
+
+def loaded_files(root: str | Path) -> dict[str, Path]:
+    """What loading a daybreak model executes or reads: model_code.py and artifacts/**."""
+    root = Path(root)
+    files = {"model_code.py": root / "model_code.py"}
+    files |= {p.relative_to(root).as_posix(): p for p in sorted((root / "artifacts").rglob("*")) if p.is_file()}
+    return files
+
+
 def load_model(ctx: RunContext, name: str, version: str) -> Any:
+    """The version's pyfunc model, after checking its code and artifacts are the bytes training
+    recorded in the registry (versions from before that record load unchecked)."""
     import mlflow
 
     use_uri(ctx.tracking_uri)
-    return mlflow.pyfunc.load_model(model_uri(name, version))
+    expected = client(ctx).get_model_version(name, version).tags.get(ARTIFACTS_TAG)
+    local = mlflow.artifacts.download_artifacts(artifact_uri=model_uri(name, version))
+    if expected is not None:
+        found = artifacts_digest(loaded_files(local))
+        if found != expected:
+            raise ValueError(f"model {name} version {version}: its code or artifacts differ from what training "
+                             f"recorded ({ARTIFACTS_TAG}={expected[:12]}..., found {found[:12]}...); refusing to load")
+    return mlflow.pyfunc.load_model(local)
 
 
 def code_version() -> str:

@@ -468,6 +468,11 @@ def train_model(spec: Spec, ctx: RunContext) -> dict[str, Any]:
         meta_path = Path(tmp) / "meta.json"
         meta_path.write_text(json.dumps({"features": features, "encoders": encoders, "task": spec.model.task,
                                          "label": label, **flavor_meta}, indent=2))
+        loaded = {"model_code.py": MODEL_CODE, "artifacts/meta.json": meta_path}
+        loaded |= ({f"artifacts/{model_path.name}": model_path} if model_path.is_file() else
+                   {f"artifacts/{p.relative_to(model_path.parent).as_posix()}": p
+                    for p in model_path.rglob("*") if p.is_file()})
+        tags[registry.ARTIFACTS_TAG] = registry.artifacts_digest(loaded)
         mlflow.log_params({"window_days": spec.training.window_days, "holdout_days": spec.training.holdout_days,
                            "rows_fit": n_fit, "rows_val": n_val, "class_weight": spec.model.class_weight,
                            **({"tuning.trials": len(trials), **{f"tuned.{k}": v for k, v in overrides.items()}}
