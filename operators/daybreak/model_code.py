@@ -39,6 +39,11 @@ def encoded_names(features: list[str], encoders: dict[str, dict[str, Any]]) -> l
     return names
 
 
+def column(frame: Any, name: str) -> pd.Series:
+    """A DataFrame's column, or an Arrow table's converted alone (never the whole table)."""
+    return frame.column(name).to_pandas() if hasattr(frame, "column_names") else frame[name]
+
+
 def encode(frame: Any, features: list[str], encoders: dict[str, dict[str, Any]]) -> np.ndarray:
     """Feature rows (a DataFrame, or an Arrow table: its columns are converted one at a time,
     never the whole table) -> float32 matrix, applying the encoders fitted on the training window.
@@ -55,7 +60,7 @@ def encode(frame: Any, features: list[str], encoders: dict[str, dict[str, Any]])
     out = np.empty((len(frame), len(encoded_names(features, encoders))), dtype=np.float32)
     j = 0
     for name in features:
-        col, enc = (frame.column(name).to_pandas() if arrow else frame[name]), encoders.get(name)
+        col, enc = column(frame, name), encoders.get(name)
         kind = None if enc is None else enc["kind"]
         if kind in ("ordinal", "onehot", "frequency"):
             cats = enc["categories"]
@@ -159,14 +164,19 @@ class DaybreakModel(mlflow.pyfunc.PythonModel):
         return out
 
     def _predict(self, model: Any, X: np.ndarray) -> np.ndarray:
-        if self.flavor == "xgboost":
-            import xgboost as xgb
+        return predict_matrix(model, X, self.flavor, self.task, encoded_names(self.features, self.encoders))
 
-            names = encoded_names(self.features, self.encoders)
-            return model.predict(xgb.DMatrix(X, missing=np.nan, feature_names=names))
-        if self.task == "classification":
-            return model.predict_proba(X)[:, list(model.classes_).index(1)]
-        return np.asarray(model.predict(X), dtype=np.float64)
+
+def predict_matrix(model: Any, X: np.ndarray, flavor: str, task: str, names: list[str]) -> np.ndarray:
+    """One model's predictions for encoded rows: the positive class's probability for
+    classifiers. Training scores its validation rows with this too."""
+    if flavor == "xgboost":
+        import xgboost as xgb
+
+        return model.predict(xgb.DMatrix(X, missing=np.nan, feature_names=names))
+    if task == "classification":
+        return model.predict_proba(X)[:, list(model.classes_).index(1)]
+    return np.asarray(model.predict(X), dtype=np.float64)
 
 
 mlflow.models.set_model(DaybreakModel())

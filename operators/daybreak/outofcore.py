@@ -72,30 +72,28 @@ def first_rows(files: list[str], fs: Any, columns: list[str], n: int) -> pd.Data
     return next(_batches(files, fs, columns, 0, n), pd.DataFrame(columns=columns))
 
 
-class _Rows:
-    """An xgboost DataIter over row range [lo, hi) of the window, encoded batch by batch."""
+def _data_iter(make: Callable[[], Any], to_xy: Callable[[pd.DataFrame], dict[str, Any]], cache: str) -> Any:
+    """An xgboost DataIter over the frames `make()` yields, each encoded with `to_xy`."""
+    import xgboost as xgb
 
-    def __init__(self, make: Callable[[], Any], to_xy: Callable[[pd.DataFrame], dict[str, Any]], cache: str) -> None:
-        import xgboost as xgb
+    class Rows(xgb.DataIter):
+        def __init__(self) -> None:
+            super().__init__(cache_prefix=cache)
+            self._it = None
 
-        class It(xgb.DataIter):
-            def __init__(self) -> None:
-                super().__init__(cache_prefix=cache)
-                self._it = None
+        def next(self, input_data: Callable) -> bool:
+            if self._it is None:
+                self._it = make()
+            frame = next(self._it, None)
+            if frame is None:
+                return False
+            input_data(**to_xy(frame))
+            return True
 
-            def next(self, input_data: Callable) -> bool:
-                if self._it is None:
-                    self._it = make()
-                frame = next(self._it, None)
-                if frame is None:
-                    return False
-                input_data(**to_xy(frame))
-                return True
+        def reset(self) -> None:
+            self._it = None
 
-            def reset(self) -> None:
-                self._it = None
-
-        self.it = It()
+    return Rows()
 
 
 def fit_out_of_core(spec: Spec, ctx: RunContext, files: list[str], rows: int,
@@ -142,8 +140,8 @@ def fit_out_of_core(spec: Spec, ctx: RunContext, files: list[str], rows: int,
         return out
 
     with tempfile.TemporaryDirectory(prefix="daybreak-extmem-") as tmp:
-        fit_it = _Rows(lambda: _batches(files, fs, cols, 0, n_fit), lambda fr: to_xy(fr, True), f"{tmp}/fit").it
-        val_it = _Rows(lambda: _batches(files, fs, cols, n_fit, rows), lambda fr: to_xy(fr, False), f"{tmp}/val").it
+        fit_it = _data_iter(lambda: _batches(files, fs, cols, 0, n_fit), lambda fr: to_xy(fr, True), f"{tmp}/fit")
+        val_it = _data_iter(lambda: _batches(files, fs, cols, n_fit, rows), lambda fr: to_xy(fr, False), f"{tmp}/val")
         dfit = xgb.ExtMemQuantileDMatrix(fit_it, missing=np.nan, max_bin=spec.model.params.get("max_bin"))
         dval = xgb.ExtMemQuantileDMatrix(val_it, missing=np.nan, ref=dfit)
         fitted = train_booster(spec, dfit, dval, overrides, names, {"out_of_core": True})

@@ -163,20 +163,35 @@ def loaded_files(root: str | Path) -> dict[str, Path]:
     return files
 
 
+def stored_digest(uri: str, scratch: str | Path) -> str:
+    """``artifacts_digest`` of a logged model's files as the store holds them."""
+    import tempfile
+
+    import mlflow
+
+    with tempfile.TemporaryDirectory(dir=scratch) as tmp:
+        return artifacts_digest(loaded_files(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=tmp)))
+
+
 def load_model(ctx: RunContext, name: str, version: str) -> Any:
     """The version's pyfunc model, after checking its code and artifacts are the bytes training
     recorded in the registry (versions from before that record load unchecked)."""
+    import tempfile
+
     import mlflow
 
     use_uri(ctx.tracking_uri)
     expected = client(ctx).get_model_version(name, version).tags.get(ARTIFACTS_TAG)
-    local = mlflow.artifacts.download_artifacts(artifact_uri=model_uri(name, version))
-    if expected is not None:
-        found = artifacts_digest(loaded_files(local))
-        if found != expected:
-            raise ValueError(f"model {name} version {version}: its code or artifacts differ from what training "
-                             f"recorded ({ARTIFACTS_TAG}={expected[:12]}..., found {found[:12]}...); refusing to load")
-    return mlflow.pyfunc.load_model(local)
+    # The model reads its files while loading (load_context), so the download can go after.
+    with tempfile.TemporaryDirectory(prefix="daybreak-model-") as tmp:
+        local = mlflow.artifacts.download_artifacts(artifact_uri=model_uri(name, version), dst_path=tmp)
+        if expected is not None:
+            found = artifacts_digest(loaded_files(local))
+            if found != expected:
+                raise ValueError(f"model {name} version {version}: its code or artifacts differ from what training "
+                                 f"recorded ({ARTIFACTS_TAG}={expected[:12]}..., found {found[:12]}...); "
+                                 "refusing to load")
+        return mlflow.pyfunc.load_model(local)
 
 
 def code_version() -> str:

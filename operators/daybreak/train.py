@@ -25,7 +25,7 @@ import pandas as pd
 from daybreak import registry
 from daybreak.context import RunContext
 from daybreak.features import EVENT_TIME, read_features
-from daybreak.model_code import encode, encoded_names
+from daybreak.model_code import column, encode, encoded_names, predict_matrix
 from daybreak.errors import SpecError
 from daybreak.spec import Spec
 
@@ -34,18 +34,11 @@ log = logging.getLogger(__name__)
 MODEL_CODE = str(Path(__file__).with_name("model_code.py"))
 
 
-def training_days(spec: Spec, ctx: RunContext) -> list:
-    return spec.training.window(ctx.logical_date)
-
-
 def fit_encoders(frame: Any, spec: Spec) -> dict[str, dict[str, Any]]:
     """Fit each column's encoder on the training rows only (never validation or holdout rows),
     deterministically: categories sorted, ties in frequency broken by value. `frame`: a DataFrame
     or an Arrow table."""
-    def col(name: str) -> pd.Series:
-        return frame.column(name).to_pandas() if hasattr(frame, "column_names") else frame[name]
-
-    stats = {name: encoder_stats(col(name), enc) for name, enc in spec.features.encoders().items()}
+    stats = {name: encoder_stats(column(frame, name), enc) for name, enc in spec.features.encoders().items()}
     return encoders_from_stats(spec, stats)
 
 
@@ -219,9 +212,9 @@ def _fit_sklearn(spec: Spec, data: TrainData, overrides: dict[str, Any]) -> Fitt
         key = f"{est.steps[-1][0]}__sample_weight" if isinstance(est, Pipeline) else "sample_weight"
         fit_kw[key] = data.weight
     est.fit(data.X_fit, data.y_fit, **fit_kw)
-    pred = _predict(spec, est, data.X_val, data.names)
+    pred = predict_matrix(est, data.X_val, spec.model.flavor, spec.model.task, data.names)
     metric_name = "auc" if classification else "rmse"
-    val_metric = score("roc_auc" if classification else "rmse", data.y_val, pred)
+    val_metric = score(_METRIC[metric_name], data.y_val, pred)
     final = est.steps[-1][1] if isinstance(est, Pipeline) else est
     raw = getattr(final, "feature_importances_", None)
     if raw is None and getattr(final, "coef_", None) is not None:
@@ -280,20 +273,11 @@ def fit_many(spec: Spec, fit: Any, val: Any, data: TrainData, overrides: dict[st
     pred = np.empty(len(data.y_val))
     for key in np.unique(k_val):
         rows = k_val == key
-        pred[rows] = _predict(spec, models.get(key, fallback).model, data.X_val[rows], data.names)
+        pred[rows] = predict_matrix(models.get(key, fallback).model, data.X_val[rows], spec.model.flavor,
+                                    spec.model.task, data.names)
     val_metric = score(_METRIC[fallback.metric_name], data.y_val, pred)
     return Fitted({"fallback": fallback, "partitions": models}, fallback.metric_name, val_metric,
                   {**fallback.params, "partition_by": ",".join(by), "partitions": len(models)}, fallback.importance)
-
-
-def _predict(spec: Spec, model: Any, X: np.ndarray, names: list[str]) -> np.ndarray:
-    if spec.model.flavor == "xgboost":
-        import xgboost as xgb
-
-        return model.predict(xgb.DMatrix(X, missing=np.nan, feature_names=names))
-    if spec.model.task == "classification":
-        return model.predict_proba(X)[:, list(model.classes_).index(1)]
-    return model.predict(X)
 
 
 def save_model(fitted: Fitted, spec: Spec, folder: Path) -> tuple[Path, dict[str, Any]]:
@@ -384,7 +368,7 @@ def train_model(spec: Spec, ctx: RunContext) -> dict[str, Any]:
     from daybreak.outofcore import estimated_bytes, window_files
 
     f = spec.features
-    days = training_days(spec, ctx)
+    days = spec.training.window(ctx.logical_date)
     files, rows = window_files(spec, ctx, days)
     budget = spec.training.memory_budget_mb
     out_of_core = budget is not None and estimated_bytes(spec, rows) > budget * 2**20
@@ -468,11 +452,6 @@ def train_model(spec: Spec, ctx: RunContext) -> dict[str, Any]:
         meta_path = Path(tmp) / "meta.json"
         meta_path.write_text(json.dumps({"features": features, "encoders": encoders, "task": spec.model.task,
                                          "label": label, **flavor_meta}, indent=2))
-        loaded = {"model_code.py": MODEL_CODE, "artifacts/meta.json": meta_path}
-        loaded |= ({f"artifacts/{model_path.name}": model_path} if model_path.is_file() else
-                   {f"artifacts/{p.relative_to(model_path.parent).as_posix()}": p
-                    for p in model_path.rglob("*") if p.is_file()})
-        tags[registry.ARTIFACTS_TAG] = registry.artifacts_digest(loaded)
         mlflow.log_params({"window_days": spec.training.window_days, "holdout_days": spec.training.holdout_days,
                            "rows_fit": n_fit, "rows_val": n_val, "class_weight": spec.model.class_weight,
                            **({"tuning.trials": len(trials), **{f"tuned.{k}": v for k, v in overrides.items()}}
@@ -491,6 +470,8 @@ def train_model(spec: Spec, ctx: RunContext) -> dict[str, Any]:
             pip_requirements=_requirements(spec),
         )
         version = str(info.registered_model_version)
+        # what loading will check: the code and artifacts as stored, hashed the way the loader does
+        tags[registry.ARTIFACTS_TAG] = registry.stored_digest(info.model_uri, tmp)
     registry.set_tags(cl, spec.model.name, version, tags)
     log.info("train %s: registered %s version %s (val %s=%.4f, %d rows)", ctx.logical_date, spec.model.name,
              version, metric_name, val_metric, n_fit)
