@@ -9,6 +9,7 @@ from typing import Any
 
 from prefect import flow
 
+from daybreak.gate import should_promote
 from daybreak.prefect import build_features, deploy_model, evaluate_gate, promote_model, stage_data, train_model
 
 DEFAULT_SPEC = os.environ.get("DAYBREAK_SPEC") or str(Path(__file__).resolve().parent.parent / "specs" / "flights.yaml")
@@ -22,6 +23,9 @@ def daily_retrain(date: str | None = None, spec: str = DEFAULT_SPEC) -> dict[str
     features = build_features(spec, day, wait_for=[staged])
     trained = train_model(spec, day, wait_for=[features])
     gate = evaluate_gate(spec, day, wait_for=[trained])
+    if not should_promote(gate):  # after a reject (or no candidate) promotion never runs
+        return {"date": day, "stage": staged, "features": features, "train": trained, "gate": gate,
+                "promote": {"promoted": False, "reason": f"gate decision is {gate['decision']}"}}
     promoted = promote_model(spec, day, wait_for=[gate])
     deployed = deploy_model(spec, day, wait_for=[promoted])
     return {"date": day, "stage": staged, "features": features, "train": trained, "gate": gate,

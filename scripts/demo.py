@@ -56,7 +56,8 @@ def main() -> int:
     print(f"running the Airflow DAG daybreak_daily_retrain in process (dag.test) for {args.days} days; "
           f"task logs: {log_path}", file=out)
     print(f"metric: {spec.gate.metric} on each day's flights (the holdout); gate: floor {spec.gate.floor}, "
-          f"candidate must beat the champion by {spec.gate.min_improvement}", file=out)
+          f"{spec.gate.compare.replace('_', ' ')} than the champion by {spec.gate.margin} at "
+          f"{spec.gate.bootstrap.level:.0%} confidence", file=out)
 
     dag = load_dag()
     from airflow.utils.state import DagRunState

@@ -130,18 +130,52 @@ def serve(spec: Path = SpecOpt, host: Optional[str] = typer.Option(None, help="B
 
 
 @app.command()
+def gate(spec: Path = SpecOpt, day: str = typer.Option(..., "--date", "-d", help="Logical date, YYYY-MM-DD."),
+         store: Optional[str] = StoreOpt, tracking_uri: Optional[str] = TrackingOpt,
+         force: bool = typer.Option(False, "--force", help="Decide again even if this version was gated."),
+         override: Optional[str] = typer.Option(None, "--override", help="promote or reject, replacing the computed decision."),
+         reason: Optional[str] = typer.Option(None, "--reason", help="Why (required with --override; recorded)."),
+         as_json: bool = JsonOpt) -> None:
+    """Gate the date's candidate against the champion (after the train step) and record the decision."""
+    from daybreak.gate import evaluate_gate
+
+    res = evaluate_gate(_load(spec), _ctx(day, store, tracking_uri), force=force, override=override, reason=reason)
+    lines = [f"{res['date']}  {res['decision']}  candidate=v{res.get('candidate_version') or '-'}  "
+             f"champion=v{res.get('champion_version') or '-'}"]
+    for r in res.get("rules", []):
+        lines.append(f"  {r['verdict']:<5} {r['rule']:<16} value={_fmt(r.get('value'))}  threshold={_fmt(r.get('threshold'))}"
+                     + (f"  {r['detail']}" if r.get("detail") else ""))
+    _emit(res, as_json, "\n".join(lines))
+
+
+@app.command()
 def report(spec: Path = SpecOpt, version: Optional[str] = typer.Option(None, help="Model version (default: champion)."),
+           html: Optional[str] = typer.Option(None, "--html", help="Write the gate's HTML report to this file ('-': stdout)."),
            tracking_uri: Optional[str] = TrackingOpt, as_json: bool = JsonOpt) -> None:
-    """Print the gate record and lineage of one model version."""
-    from daybreak.history import version_report
+    """Print the gate record and lineage of one model version, or save its HTML gate report."""
+    from daybreak.history import gate_report_html, version_report
 
     s = _load(spec)
-    rep = version_report(s, _ctx(date.today(), None, tracking_uri), version)
+    ctx = _ctx(date.today(), None, tracking_uri)
+    if html is not None:
+        page = gate_report_html(s, ctx, version)
+        if html == "-":
+            typer.echo(page)
+        else:
+            Path(html).write_text(page)
+            typer.echo(f"wrote {html}", err=True)
+        return
+    rep = version_report(s, ctx, version)
     if as_json:
         _emit(rep, True)
         return
     for k, v in rep.items():
+        if k == "rules":
+            continue
         typer.echo(f"{k:<28} {v}")
+    for r in rep["rules"]:
+        typer.echo(f"  {r.get('verdict', '-'):<5} {r['rule']:<16} value={_fmt(r.get('value'))}  "
+                   f"threshold={_fmt(r.get('threshold'))}" + (f"  {r['detail']}" if r.get("detail") else ""))
 
 
 @app.command()

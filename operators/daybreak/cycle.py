@@ -13,7 +13,7 @@ from typing import Any
 from daybreak.context import RunContext
 from daybreak.deploy import deploy_model
 from daybreak.features import build_features
-from daybreak.gate import evaluate_gate
+from daybreak.gate import evaluate_gate, should_promote
 from daybreak.promote import promote_model
 from daybreak.spec import Spec
 from daybreak.stage import stage
@@ -27,11 +27,25 @@ def run_cycle(spec: Spec, ctx: RunContext, deploy: bool = True) -> dict[str, Any
     out["features"] = build_features(spec, ctx)
     out["train"] = train_model(spec, ctx)
     out["gate"] = evaluate_gate(spec, ctx)
-    out["promote"] = promote_model(spec, ctx)
+    if should_promote(out["gate"]):
+        out["promote"] = promote_model(spec, ctx)
+    else:  # after a reject promotion never runs
+        out["promote"] = not_promoted(spec, ctx, out["gate"])
     if deploy:
         out["deploy"] = deploy_model(spec, ctx)
     out["summary"] = summarize(out)
     return out
+
+
+def not_promoted(spec: Spec, ctx: RunContext, gate: dict[str, Any]) -> dict[str, Any]:
+    """The promote step's result when the gate said no (the champion as it stands)."""
+    from daybreak import registry
+
+    cl = registry.client(ctx)
+    champ = registry.alias_version(cl, spec.model.name, spec.promotion.alias)
+    return {"step": "promote", "date": ctx.logical_date.isoformat(), "promoted": False,
+            "reason": f"gate decision is {gate.get('decision')}", "candidate_version": gate.get("candidate_version"),
+            "champion_version": None if champ is None else str(champ.version)}
 
 
 def summarize(result: dict[str, Any]) -> dict[str, Any]:

@@ -41,20 +41,44 @@ def model_history(spec: Spec, ctx: RunContext) -> list[dict[str, Any]]:
     return rows
 
 
-def version_report(spec: Spec, ctx: RunContext, version: str | None = None) -> dict[str, Any]:
+def _version(spec: Spec, ctx: RunContext, version: str | None) -> Any:
     registry.setup_tracking(ctx, spec.name)
     cl = registry.client(ctx)
     if version is None:
         mv = registry.alias_version(cl, spec.model.name, spec.promotion.alias)
         if mv is None:
             raise DaybreakError(f"{spec.model.name} has no {spec.promotion.alias!r} yet; pass --version")
-    else:
-        mv = cl.get_model_version(spec.model.name, version)
+        return mv
+    try:
+        return cl.get_model_version(spec.model.name, version)
+    except Exception as e:
+        raise DaybreakError(f"{spec.model.name} has no version {version!r}") from e
+
+
+def gate_report_html(spec: Spec, ctx: RunContext, version: str | None = None) -> str:
+    """The HTML report the gate logged for a version."""
+    import mlflow
+
+    from daybreak.gate import REPORT
+
+    mv = _version(spec, ctx, version)
+    run_id = mv.tags.get("daybreak.gate.run_id")
+    if not run_id:
+        raise DaybreakError(f"{spec.model.name} v{mv.version} has no gate report (not gated, or gated by an older daybreak)")
+    return mlflow.artifacts.load_text(f"runs:/{run_id}/{REPORT}")
+
+
+def version_report(spec: Spec, ctx: RunContext, version: str | None = None) -> dict[str, Any]:
+    mv = _version(spec, ctx, version)
     row = _row(mv)
     t = mv.tags
     row["input_hashes"] = json.loads(t.get("daybreak.input_hashes", "{}"))
     row["feature_version"] = t.get("daybreak.feature_version")
     row["code_version"] = t.get("daybreak.code_version")
-    row["rules"] = recorded_decision(t)["rules"]
+    rec = recorded_decision(t)
+    row["computed_decision"] = rec["computed_decision"]
+    row["override_reason"] = rec["override_reason"]
+    row["gate_run_id"] = rec["gate_run_id"]
+    row["rules"] = rec["rules"]
     row["source"] = mv.source
     return row

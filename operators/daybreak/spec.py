@@ -375,13 +375,87 @@ class TrainingSpec(_Model):
         return [first_holdout - timedelta(days=k) for k in range(self.window_days, 0, -1)]
 
 
+GateMetric = Literal["roc_auc", "pr_auc", "log_loss", "brier", "f1", "rmse", "mae", "r2", "mape"]
+CheckSeverity = Literal["warn", "block"]
+
+
+class BootstrapSpec(_Model):
+    """Paired bootstrap of the gain over the champion: the rule passes only if the lower end of
+    the interval clears the margin."""
+
+    resamples: int = Field(1000, ge=100, le=100_000)
+    level: float = Field(0.95, gt=0.5, lt=1.0, description="two-sided interval level")
+    seed: int = 0
+
+
+class SliceSpec(_Model):
+    columns: list[str] = Field(default_factory=list, description="holdout columns to slice by (features or keys)")
+    min_rows: int = Field(100, ge=1, description="slices with fewer rows are not judged")
+    tolerance: float = Field(0.02, ge=0, description="how much worse than the champion a slice may be")
+    metric: GateMetric | None = Field(None, description="default: the gate's metric")
+
+
+class RowCountCheck(_Model):
+    """The newest training day's rows against the median of the window's other days."""
+
+    min_ratio: float = Field(0.5, ge=0)
+    max_ratio: float = Field(2.0, gt=0)
+    severity: CheckSeverity = "block"
+
+
+class LabelShiftCheck(_Model):
+    """Label rate (classification; mean in champion standard deviations for regression) of the
+    candidate's training window against the champion's."""
+
+    max_shift: float = Field(0.1, gt=0)
+    severity: CheckSeverity = "warn"
+
+
+class DriftCheck(_Model):
+    """Population stability index of each feature, candidate window vs the champion's."""
+
+    max_psi: float = Field(0.25, gt=0)
+    bins: int = Field(10, ge=2, le=100)
+    sample_rows: int = Field(200_000, ge=1000, description="rows sampled from each window")
+    features: list[str] | None = Field(None, description="default: every feature")
+    severity: CheckSeverity = "warn"
+
+
+class DataChecksSpec(_Model):
+    row_count: RowCountCheck | None = RowCountCheck()
+    label_shift: LabelShiftCheck | None = LabelShiftCheck()
+    drift: DriftCheck | None = DriftCheck()
+
+
 class GateSpec(_Model):
-    metric: Literal["roc_auc", "log_loss", "rmse", "mae"] = "roc_auc"
-    floor: float | None = Field(None, description="absolute bound the candidate must meet (a ceiling for lower-is-better metrics)")
-    min_improvement: float = Field(
-        0.0, description="candidate must beat the champion by this much (negative: non-inferiority margin)"
-    )
+    metric: GateMetric = Field("roc_auc", description="the metric the relative and confidence rules use")
+    report_metrics: list[GateMetric] | None = Field(None, description="metrics scored and reported (default: all of the task's)")
+    threshold: float = Field(0.5, gt=0, lt=1, description="decision threshold for f1")
+    floor: float | None = Field(None, description="absolute bound on `metric` (a ceiling for lower-is-better metrics)")
+    floors: dict[GateMetric, float] = Field(default_factory=dict, description="absolute bounds on other metrics")
+    compare: Literal["improve", "no_worse"] = Field(
+        "improve", description="improve: beat the champion by more than `margin`; no_worse: lose by at most `margin`")
+    margin: float = Field(0.0, ge=0)
+    bootstrap: BootstrapSpec | None = BootstrapSpec()
+    slices: SliceSpec = SliceSpec()
+    data_checks: DataChecksSpec = DataChecksSpec()
     min_rows: int = Field(50, ge=1, description="holdout rows needed to decide")
+    on_reject: Literal["skip", "fail"] = Field("skip", description="Airflow: skip or fail the tasks after a rejected gate")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _legacy_min_improvement(cls, v: Any) -> Any:
+        # `min_improvement: m` (negative: a non-inferiority margin) predates compare/margin
+        if isinstance(v, dict) and "min_improvement" in v:
+            v = dict(v)
+            m = float(v.pop("min_improvement"))
+            v.setdefault("compare", "improve" if m >= 0 else "no_worse")
+            v.setdefault("margin", abs(m))
+        return v
+
+    def required_margin(self) -> float:
+        """The least gain over the champion that passes: +margin to improve, -margin for no worse."""
+        return self.margin if self.compare == "improve" else -self.margin
 
 
 class PromotionSpec(_Model):
@@ -446,6 +520,22 @@ class Spec(_Model):
         for col in self.model.partition_by:
             if col not in names:
                 raise ValueError(f"model.partition_by: {col!r} is not a feature; features are {names}")
+        g = self.gate
+        from daybreak.metrics import metrics_for
+
+        allowed = metrics_for(self.model.task)
+        for where, m in [("gate.metric", g.metric), *[(f"gate.floors.{k}", k) for k in g.floors],
+                         *[(f"gate.report_metrics[{i}]", k) for i, k in enumerate(g.report_metrics or [])],
+                         ("gate.slices.metric", g.slices.metric)]:
+            if m is not None and m not in allowed:
+                raise ValueError(f"{where}: {m!r} is not a {self.model.task} metric; use one of {list(allowed)}")
+        carried = set(names) | set(f.keys) | {f.label.name}
+        for i, col in enumerate(g.slices.columns):
+            if col not in carried:
+                raise ValueError(f"gate.slices.columns[{i}]: {col!r} is not a feature or key; features are {names}")
+        for i, col in enumerate((g.data_checks.drift.features if g.data_checks.drift else None) or []):
+            if col not in names:
+                raise ValueError(f"gate.data_checks.drift.features[{i}]: {col!r} is not a feature")
         # Expressions are checked against the columns they may use, so typos fail now.
         from daybreak.expr import check_expression
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any, ClassVar
 
-from airflow.sdk import BaseOperator
+from airflow.sdk import BaseOperator, SkipMixin
 
 
 def storage_options(conn_id: str | None) -> Any:
@@ -128,10 +128,55 @@ class TrainModelOperator(DaybreakStepOperator):
     step = "train"
 
 
-class EvaluateGateOperator(DaybreakStepOperator):
-    """Score candidate and champion on the same holdout and record the decision."""
+class EvaluateGateOperator(SkipMixin, DaybreakStepOperator):
+    """Score candidate and champion on the same holdout and record the decision.
+
+    After anything but PROMOTE the tasks downstream do not run: with ``on_reject="skip"`` they are
+    skipped (this task succeeds, its XCom holds the decision), with ``"fail"`` this task fails.
+    No candidate for the date (SKIPPED) always skips.
+
+    :param on_reject: ``skip`` or ``fail``; default: the spec's ``gate.on_reject``.
+    :param override: ``promote`` or ``reject`` to replace the computed decision (templated).
+    :param override_reason: required with ``override``; recorded with the decision (templated).
+    """
 
     step = "gate"
+    template_fields: Sequence[str] = (*DaybreakStepOperator.template_fields, "on_reject", "override",
+                                      "override_reason")
+
+    def __init__(self, *, on_reject: str | None = None, override: str | None = None,
+                 override_reason: str | None = None, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.on_reject = on_reject
+        self.override = override
+        self.override_reason = override_reason
+
+    def step_options(self, context: Any) -> dict[str, Any]:
+        return {"override": self.override or None, "reason": self.override_reason or None}
+
+    def execute(self, context: Any) -> dict[str, Any]:
+        from airflow.sdk.exceptions import AirflowFailException
+
+        from daybreak.gate import SKIPPED, should_promote
+        from daybreak.spec import load_spec
+
+        result = super().execute(context)
+        if should_promote(result):
+            return result
+        decision = result.get("decision")
+        policy = self.on_reject or load_spec(self.spec).gate.on_reject
+        if policy not in ("skip", "fail"):
+            raise AirflowFailException(f"on_reject must be 'skip' or 'fail', not {policy!r}")
+        failed = [f"{r['rule']}={r.get('value')} (threshold {r.get('threshold')})"
+                  for r in result.get("rules", []) if r.get("verdict") == "fail"]
+        message = f"gate {result.get('date')}: {decision} candidate v{result.get('candidate_version')}" + (
+            f"; failed: {', '.join(failed)}" if failed else f" ({result.get('reason', '')})")
+        if policy == "fail" and decision not in (SKIPPED,):
+            raise AirflowFailException(message)
+        self.log.info("%s; skipping the tasks downstream", message)
+        context["ti"].xcom_push(key="return_value", value=result)
+        self.skip(ti=context["ti"], tasks=context["task"].get_flat_relatives(upstream=False))
+        return result  # not reached when there are tasks to skip
 
 
 class PromoteModelOperator(DaybreakStepOperator):

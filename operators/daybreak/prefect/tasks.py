@@ -56,9 +56,12 @@ def train_model(spec: str, date: str, store: str | None = None, tracking_uri: st
 
 
 @task(name="evaluate_gate", task_run_name="gate {date}", **_OPTS)
-def evaluate_gate(spec: str, date: str, store: str | None = None, tracking_uri: str | None = None) -> dict[str, Any]:
-    """Score candidate and champion on the same holdout and record the decision."""
-    return run_step("gate", spec, date, store=store, tracking_uri=tracking_uri)
+def evaluate_gate(spec: str, date: str, store: str | None = None, tracking_uri: str | None = None,
+                  override: str | None = None, reason: str | None = None) -> dict[str, Any]:
+    """Score candidate and champion on the same holdout and record the decision (PROMOTE, REJECT,
+    BLOCKED_BY_DATA or SKIPPED); the flow promotes only after PROMOTE. `override` ('promote' or
+    'reject') needs a `reason`; both are recorded."""
+    return run_step("gate", spec, date, store=store, tracking_uri=tracking_uri, override=override, reason=reason)
 
 
 @task(name="promote_model", task_run_name="promote {date}", **_OPTS)

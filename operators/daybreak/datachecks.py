@@ -1,0 +1,188 @@
+"""Data checks on the candidate's training window, for the gate.
+
+* row count: the window's newest day against the median of its other days;
+* label shift: the window's label rate (classification) or mean (regression, in the champion's
+  standard deviations) against the champion's training window;
+* drift: the population stability index (PSI) of every feature, on a bounded seeded sample of each
+  window, with the champion's window as the expected distribution.
+
+The windows come from the versions' lineage tags, and the rows from the published feature
+partitions, read one day and only the needed columns at a time. Each check's verdict is pass,
+fail (severity block), warn (severity warn) or skip (not computable, e.g. no champion yet).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+from datetime import date, timedelta
+from typing import Any
+
+import numpy as np
+
+from daybreak.context import RunContext
+from daybreak.features import feature_zone
+from daybreak.spec import Spec
+
+log = logging.getLogger(__name__)
+_EPS = 1e-4
+
+
+def window_days(tags: dict[str, str]) -> list[date]:
+    start, end = tags.get("daybreak.window_start"), tags.get("daybreak.window_end")
+    if not start or not end:
+        return []
+    a, b = date.fromisoformat(start), date.fromisoformat(end)
+    return [a + timedelta(days=k) for k in range((b - a).days + 1)]
+
+
+def verdict(ok: bool | None, severity: str) -> str:
+    if ok is None:
+        return "skip"
+    return "pass" if ok else ("fail" if severity == "block" else "warn")
+
+
+def psi(expected: Any, actual: Any, bins: int = 10, categorical: bool = False) -> float:
+    """Population stability index of `actual` against `expected` (nulls are a bucket of their own)."""
+    import pandas as pd
+
+    e, a = pd.Series(expected), pd.Series(actual)
+    if categorical or not pd.api.types.is_numeric_dtype(e.dtype):
+        keys = e.astype("string").fillna("\x00null")
+        pe = keys.value_counts(normalize=True)
+        pa_ = a.astype("string").fillna("\x00null").value_counts(normalize=True)
+        cats = pe.index.union(pa_.index)
+        pe, pa_ = pe.reindex(cats, fill_value=0).to_numpy(), pa_.reindex(cats, fill_value=0).to_numpy()
+    else:
+        ev, av = e.to_numpy(np.float64, na_value=np.nan), a.to_numpy(np.float64, na_value=np.nan)
+        finite = ev[np.isfinite(ev)]
+        edges = np.unique(np.quantile(finite, np.linspace(0, 1, bins + 1)[1:-1])) if len(finite) else np.array([])
+
+        def shares(v: np.ndarray) -> np.ndarray:
+            idx = np.where(np.isfinite(v), np.searchsorted(edges, v, side="right"), len(edges) + 1)
+            return np.bincount(idx, minlength=len(edges) + 2) / max(len(v), 1)
+
+        pe, pa_ = shares(ev), shares(av)
+    pe, pa_ = np.clip(pe, _EPS, None), np.clip(pa_, _EPS, None)
+    return float(np.sum((pa_ - pe) * np.log(pa_ / pe)))
+
+
+class _Days:
+    """Per-day label sums and feature samples, each day read once for both windows."""
+
+    def __init__(self, spec: Spec, ctx: RunContext, columns: list[str], per_day: int, seed: int) -> None:
+        self.spec, self.ctx, self.columns, self.per_day, self.seed = spec, ctx, columns, per_day, seed
+        self.zone = feature_zone(spec)
+        self.cache: dict[date, dict[str, Any] | None] = {}
+
+    def rows(self, d: date) -> int | None:
+        part = self.ctx.store.partition(self.zone, d)
+        return None if part is None else int(part.manifest["rows"])
+
+    def day(self, d: date) -> dict[str, Any] | None:
+        if d not in self.cache:
+            self.cache[d] = self._read(d)
+        return self.cache[d]
+
+    def _read(self, d: date) -> dict[str, Any] | None:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        part = self.ctx.store.partition(self.zone, d)
+        if part is None:
+            return None
+        label = self.spec.features.label.name
+        t = pa.concat_tables([pq.read_table(f, columns=[label, *self.columns], filesystem=self.ctx.store.fs)
+                              for f in part.files])
+        y = t.column(label).to_numpy(zero_copy_only=False).astype(np.float64)
+        y = y[np.isfinite(y)]
+        n = t.num_rows
+        if n > self.per_day:
+            digest = hashlib.sha256(f"{self.seed}:{d.isoformat()}".encode()).digest()
+            rng = np.random.default_rng(int.from_bytes(digest[:8], "little"))
+            t = t.take(np.sort(rng.choice(n, self.per_day, replace=False)))
+        return {"n": len(y), "sum": float(y.sum()), "sq": float((y ** 2).sum()), "sample": t.select(self.columns)}
+
+    def window(self, days: list[date]) -> dict[str, Any] | None:
+        import pyarrow as pa
+
+        parts = [p for p in (self.day(d) for d in days) if p is not None]
+        if not parts:
+            return None
+        n = sum(p["n"] for p in parts)
+        s, sq = sum(p["sum"] for p in parts), sum(p["sq"] for p in parts)
+        mean = s / n if n else math.nan
+        var = sq / n - mean ** 2 if n else math.nan
+        return {"n": n, "mean": mean, "std": math.sqrt(max(var, 0.0)),
+                "sample": pa.concat_tables([p["sample"] for p in parts]).to_pandas()}
+
+
+def run_data_checks(spec: Spec, ctx: RunContext, candidate_tags: dict[str, str],
+                    champion_tags: dict[str, str] | None) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """The data rules, and the drift table (one row per feature) for the report."""
+    dc = spec.gate.data_checks
+    rules: list[dict[str, Any]] = []
+    drift_rows: list[dict[str, Any]] = []
+    cand_days = window_days(candidate_tags)
+    champ_days = window_days(champion_tags or {})
+    features = (dc.drift.features if dc.drift else None) or spec.features.feature_names()
+    per_day = max(100, (dc.drift.sample_rows if dc.drift else 1000) // max(len(cand_days), 1))
+    days = _Days(spec, ctx, features if dc.drift else [], per_day, spec.gate.bootstrap.seed if spec.gate.bootstrap else 0)
+
+    if dc.row_count:
+        c = dc.row_count
+        counts = {d: days.rows(d) for d in cand_days}
+        newest = cand_days[-1] if cand_days else None
+        others = [v for d, v in counts.items() if d != newest and v]
+        ok = ratio = None
+        detail = "fewer than 2 earlier days in the window"
+        if newest is not None and counts.get(newest) is not None and len(others) >= 2:
+            med = float(np.median(others))
+            ratio = counts[newest] / med if med else math.inf
+            ok = c.min_ratio <= ratio <= c.max_ratio
+            detail = f"{newest}: {counts[newest]} rows vs median {med:g} of {len(others)} earlier days"
+        rules.append({"rule": "row_count", "kind": "data", "metric": None, "value": ratio,
+                      "threshold": [c.min_ratio, c.max_ratio], "severity": c.severity,
+                      "verdict": verdict(ok, c.severity), "detail": detail})
+
+    cand = champ = None
+    if (dc.label_shift or dc.drift) and champ_days:
+        cand, champ = days.window(cand_days), days.window(champ_days)
+    no_champ = "no champion yet" if champion_tags is None else "no feature rows for a window"
+
+    if dc.label_shift:
+        c = dc.label_shift
+        ok = shift = None
+        detail = no_champ
+        if cand and champ and cand["n"] and champ["n"]:
+            if spec.model.task == "classification":
+                shift = abs(cand["mean"] - champ["mean"])
+                detail = f"label rate {cand['mean']:.4f} vs champion's window {champ['mean']:.4f}"
+            else:
+                shift = abs(cand["mean"] - champ["mean"]) / (champ["std"] or 1.0)
+                detail = f"label mean {cand['mean']:.4g} vs {champ['mean']:.4g} (champion std {champ['std']:.4g})"
+            ok = shift <= c.max_shift
+        rules.append({"rule": "label_shift", "kind": "data", "metric": None, "value": shift,
+                      "threshold": c.max_shift, "severity": c.severity, "verdict": verdict(ok, c.severity),
+                      "detail": detail})
+
+    if dc.drift:
+        c = dc.drift
+        ok = worst = None
+        detail = no_champ
+        if cand and champ and len(cand["sample"]) and len(champ["sample"]):
+            categorical = set(spec.features.categorical_names())
+            for name in features:
+                v = psi(champ["sample"][name], cand["sample"][name], c.bins, name in categorical)
+                drift_rows.append({"feature": name, "psi": v, "verdict": "pass" if v <= c.max_psi else
+                                   ("fail" if c.severity == "block" else "warn")})
+            drift_rows.sort(key=lambda r: -r["psi"])
+            worst = drift_rows[0]["psi"]
+            above = [r["feature"] for r in drift_rows if r["psi"] > c.max_psi]
+            ok = not above
+            detail = (f"highest: {drift_rows[0]['feature']}; {len(above)} of {len(features)} features above "
+                      f"{c.max_psi} ({len(cand['sample'])} vs {len(champ['sample'])} sampled rows)")
+        rules.append({"rule": "drift", "kind": "data", "metric": "psi", "value": worst, "threshold": c.max_psi,
+                      "severity": c.severity, "verdict": verdict(ok, c.severity), "detail": detail})
+    return rules, drift_rows
