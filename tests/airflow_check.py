@@ -43,5 +43,21 @@ def user_dag() -> None:
     print("RESULT " + json.dumps(out, default=str))
 
 
+def gate_dag() -> None:
+    """Run the gate_policy DAG once; print every task's state and the gates' XComs."""
+    from airflow.dag_processing.dagbag import DagBag
+    from airflow.models.xcom import XComModel
+    from airflow.utils.session import create_session
+
+    dag = DagBag(dag_folder=str(ROOT / "tests" / "airflow_user_dags")).get_dag("gate_policy")
+    dr = dag.test(logical_date=datetime(2013, 1, 2, tzinfo=timezone.utc))
+    out: dict = {"state": str(dr.state), "tasks": {ti.task_id: str(ti.state) for ti in dr.get_task_instances()}}
+    with create_session() as session:
+        rows = session.query(XComModel).filter(XComModel.dag_id == "gate_policy", XComModel.run_id == dr.run_id,
+                                               XComModel.key == "return_value").all()
+        out["xcom"] = {r.task_id: r.value for r in rows}
+    print("RESULT " + json.dumps(out, default=str))
+
+
 if __name__ == "__main__":
-    user_dag() if sys.argv[1:] == ["user"] else main()
+    {"user": user_dag, "gate": gate_dag}.get(sys.argv[1] if sys.argv[1:] else "", main)()

@@ -67,6 +67,23 @@ def test_operator_embedded_in_a_user_dag(airflow_env: dict, s3_server, landing: 
     assert int(out["user_xcom"]["report"]) == 914
 
 
+def test_gate_rejection_skips_or_fails_downstream(airflow_env: dict, landing: Path, tmp_path: Path, spec) -> None:
+    home = make_home(tmp_path, landing)
+    strict = spec.model_copy(update={"gate": spec.gate.model_copy(update={"floor": 0.99})})
+    spec_file = tmp_path / "strict.yaml"
+    spec_file.write_text(json.dumps(strict.model_dump(mode="json")))
+    env = {**airflow_env["env"], "AIRFLOW__CORE__DAGS_FOLDER": str(ROOT / "tests" / "airflow_user_dags"),
+           "DAYBREAK_HOME": str(home), "DAYBREAK_TEST_STRICT_SPEC": str(spec_file)}
+    out = _check(env, "gate")
+    t = out["tasks"]
+    assert t["train"] == "success" and t["gate_skip"] == "success", t
+    assert t["promote_after_skip"] == "skipped" and t["after_skip"] == "skipped", t
+    assert t["gate_fail"] == "failed" and t["promote_after_fail"] == "upstream_failed", t
+    decision = out["xcom"]["gate_skip"]
+    decision = json.loads(decision) if isinstance(decision, str) else decision
+    assert decision["decision"] == "REJECT" and decision["rules"][0]["rule"] == "floor"
+
+
 def test_daily_dag_three_days_with_dag_test(airflow_env: dict, monkeypatch: pytest.MonkeyPatch, spec) -> None:
     proc = subprocess.run([str(BIN / "python"), str(ROOT / "scripts" / "demo.py"), "--days", "3"],
                           env=airflow_env["env"], capture_output=True, text=True, timeout=900)

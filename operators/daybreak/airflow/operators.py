@@ -128,7 +128,7 @@ class TrainModelOperator(DaybreakStepOperator):
     step = "train"
 
 
-class EvaluateGateOperator(SkipMixin, DaybreakStepOperator):
+class EvaluateGateOperator(DaybreakStepOperator, SkipMixin):
     """Score candidate and champion on the same holdout and record the decision.
 
     After anything but PROMOTE the tasks downstream do not run: with ``on_reject="skip"`` they are
