@@ -160,6 +160,8 @@ def main() -> int:
                     help="sizes for the feature-step benchmark (none: skip it)")
     ap.add_argument("--train-rows", type=int, default=1_000_000,
                     help="rows for the training benchmark (0: skip it)")
+    ap.add_argument("--gate-rows", type=int, default=1_000_000,
+                    help="holdout rows for the gate's bootstrap benchmark (0: skip it)")
     args = ap.parse_args()
     info = machine()
     print(f"machine: {info}; median of {args.repeats} runs", flush=True)
@@ -178,8 +180,11 @@ def main() -> int:
     from training import bench_training, training_lines
 
     train = bench_training(args.train_rows) if args.train_rows else {}
+    from gate import bench_gate, gate_lines
+
+    gate = bench_gate(args.gate_rows) if args.gate_rows else {}
     (HERE / "results.json").write_text(json.dumps({"machine": info, "repeats": args.repeats, "results": results,
-                                                   "features": feats, "training": train}, indent=2))
+                                                   "features": feats, "training": train, "gate": gate}, indent=2))
     lines = ["# Benchmark results", "", f"Machine: {info}. Median of {args.repeats} runs.", "",
              "| benchmark | daybreak (s) | baseline (s) | ratio |", "| --- | --- | --- | --- |"]
     lines += [f"| {r['name']} | {r['daybreak_s']:.3f} | {r['baseline_s']:.3f} | {r['ratio']:.2f}x |" for r in results]
@@ -188,6 +193,8 @@ def main() -> int:
                   *feature_table(feats)]
     if train:
         lines += ["", *training_lines(train)]
+    if gate:
+        lines += ["", *gate_lines(gate)]
     (HERE / "RESULTS.md").write_text("\n".join(lines) + "\n")
     print(f"wrote {HERE / 'RESULTS.md'}")
     return 0
