@@ -55,9 +55,12 @@ def main() -> int:
         os.dup2(log_file.fileno(), 2)
     print(f"running the Airflow DAG daybreak_daily_retrain in process (dag.test) for {args.days} days; "
           f"task logs: {log_path}", file=out)
-    print(f"metric: {spec.gate.metric} on each day's flights (the holdout); gate: floor {spec.gate.floor}, "
-          f"{spec.gate.compare.replace('_', ' ')} than the champion by {spec.gate.margin} at "
-          f"{spec.gate.bootstrap.level:.0%} confidence", file=out)
+    g = spec.gate
+    rule = (f"beat the champion by more than {g.margin}" if g.compare == "improve"
+            else f"lose at most {g.margin} to the champion")
+    conf = f" at {g.bootstrap.level:.0%} confidence" if g.bootstrap else ""
+    print(f"metric: {g.metric} on each day's flights (the holdout); gate: floor {g.floor}, candidate must {rule}{conf}",
+          file=out)
 
     dag = load_dag()
     from airflow.utils.state import DagRunState

@@ -216,7 +216,8 @@ def test_gate_record_same_rows_report_and_override(fresh: Path, spec) -> None:
     assert out["champion_version"] == "1" and out["candidate_version"] == "2"
     kinds = {r["rule"]: r["kind"] for r in out["rules"]}
     assert kinds == {"floor": "absolute", "no_worse": "relative", "confidence": "confidence", "slice:origin": "slice",
-                     "row_count": "data", "label_shift": "data", "drift": "data"}
+                     "unseen_holdout": "data", "row_count": "data", "label_shift": "data", "drift": "data"}
+    assert next(r for r in out["rules"] if r["rule"] == "unseen_holdout")["verdict"] == "pass"
     assert json.loads(cand.tags["daybreak.gate.rules"])[0]["rule"] == "floor"
     run_id = cand.tags["daybreak.gate.run_id"]
     assert mlflow.get_run(run_id).data.tags[registry.DECISION_TAG] == PROMOTE
@@ -249,6 +250,11 @@ def test_gate_record_same_rows_report_and_override(fresh: Path, spec) -> None:
     assert "PROMOTE" in text and "confidence" in text and "http" not in text.replace("http-equiv", "")
     _check_report_in_chromium(page, {"ROC curve", "Precision-recall curve", "Calibration",
                                      "Bootstrap distribution of the gain", "Slices by origin"})
+
+    # gating an older date against a newer champion (as in a backfill): the champion saw the holdout
+    old = evaluate_gate(s, _ctx("2013-01-02"), force=True)
+    assert old["champion_version"] == "2"
+    assert next(r for r in old["rules"] if r["rule"] == "unseen_holdout")["verdict"] == "warn"
 
     # a manual override needs a reason, and is recorded next to the computed decision
     with pytest.raises(GateError, match="reason is required"):

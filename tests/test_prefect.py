@@ -11,7 +11,7 @@ from pathlib import Path
 from conftest import BIN, ROOT, SPEC
 from daybreak import registry
 from daybreak.context import RunContext
-from daybreak.gate import PROMOTE, SKIPPED
+from daybreak.gate import PROMOTE, REJECT, SKIPPED
 
 # The ephemeral API keeps its state in SQLite. On a busy 2-core machine its start-up writes can
 # wait on each other longer than the 5 s default, and the telemetry service adds one more writer;
@@ -24,21 +24,28 @@ import json, sys
 sys.path.insert(0, {flows!r})
 from daily_retrain import daily_retrain
 out = [daily_retrain(date=d, spec={spec!r}) for d in ("2013-01-01", "2013-01-02")]
-print("RESULT " + json.dumps([{{k: r[k] for k in ("date", "gate", "promote")}} for r in out], default=str))
+out.append(daily_retrain(date="2013-01-03", spec={strict!r}))  # a floor no model meets: rejected
+print("RESULT " + json.dumps([{{k: r.get(k) for k in ("date", "gate", "promote", "deploy")}} for r in out], default=str))
 """
 
 
-def test_daily_retrain_flow_two_days(home: Path, tmp_path: Path, spec) -> None:
+def test_daily_retrain_flow_promotes_only_after_the_gate_says_so(home: Path, tmp_path: Path, spec) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
     env.update(PREFECT_HOME=str(tmp_path / "prefect"), PREFECT_LOGGING_LEVEL="WARNING", PYTHONWARNINGS="ignore",
                **QUIET_PREFECT)
-    code = SCRIPT.format(flows=str(ROOT / "flows"), spec=str(SPEC))
+    strict = tmp_path / "strict.yaml"
+    strict.write_text(json.dumps(spec.model_copy(update={"gate": spec.gate.model_copy(update={"floor": 0.99})})
+                                 .model_dump(mode="json")))
+    code = SCRIPT.format(flows=str(ROOT / "flows"), spec=str(SPEC), strict=str(strict))
     proc = subprocess.run([str(BIN / "python"), "-c", code], env=env, capture_output=True, text=True, timeout=600)
     line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
     assert line, proc.stdout[-3000:] + proc.stderr[-3000:]
-    day1, day2 = json.loads(line[len("RESULT "):])
-    assert day1["gate"]["decision"] == SKIPPED
+    day1, day2, day3 = json.loads(line[len("RESULT "):])
+    assert day1["gate"]["decision"] == SKIPPED and day1["promote"]["promoted"] is False
     assert day2["gate"]["decision"] == PROMOTE and day2["promote"]["promoted"] is True
+    # rejected: the flow stops before promote and deploy
+    assert day3["gate"]["decision"] == REJECT and day3["gate"]["champion_version"] == day2["gate"]["candidate_version"]
+    assert day3["promote"] == {"promoted": False, "reason": "gate decision is REJECT"} and day3["deploy"] is None
     cl = registry.client(RunContext.create("2013-01-02"))
     champ = registry.alias_version(cl, spec.model.name, "champion")
     assert str(champ.version) == day2["gate"]["candidate_version"]

@@ -4,7 +4,10 @@
 * label shift: the window's label rate (classification) or mean (regression, in the champion's
   standard deviations) against the champion's training window;
 * drift: the population stability index (PSI) of every feature, on a bounded seeded sample of each
-  window, with the champion's window as the expected distribution.
+  window, with the champion's window as the expected distribution;
+* unseen holdout (always a warning): the champion's training window must end before the holdout,
+  or the comparison favours it (a backfill gating an old date against a newer champion; a spec
+  whose ``holdout_days`` grew).
 
 The windows come from the versions' lineage tags, and the rows from the published feature
 partitions, read one day and only the needed columns at a time. Each check's verdict is pass,
@@ -129,6 +132,15 @@ def run_data_checks(spec: Spec, ctx: RunContext, candidate_tags: dict[str, str],
     features = (dc.drift.features if dc.drift else None) or spec.features.feature_names()
     per_day = max(100, (dc.drift.sample_rows if dc.drift else 1000) // max(len(cand_days), 1))
     days = _Days(spec, ctx, features if dc.drift else [], per_day, spec.gate.bootstrap.seed if spec.gate.bootstrap else 0)
+
+    if champion_tags is not None:
+        first = spec.training.holdout(ctx.logical_date)[0]
+        seen = [d for d in champ_days if d >= first]
+        rules.append({"rule": "unseen_holdout", "kind": "data", "metric": None,
+                      "value": champ_days[-1].isoformat() if champ_days else None, "threshold": first.isoformat(),
+                      "severity": "warn", "verdict": "skip" if not champ_days else ("warn" if seen else "pass"),
+                      "detail": (f"the champion trained on {len(seen)} holdout day(s) ({seen[0]} ..): the comparison "
+                                 "favours it" if seen else "the champion's window ends before the holdout")})
 
     if dc.row_count:
         c = dc.row_count

@@ -47,7 +47,12 @@ REPORT = "gate_report.html"
 _TAG_LIMIT = 7000  # MLflow keeps tag values up to 8000 characters
 
 
-def holdout(spec: Spec, ctx: RunContext) -> tuple[Any, str]:
+def holdout(spec: Spec, ctx: RunContext) -> Any:
+    """The holdout rows as a DataFrame (see ``holdout_with_hash``)."""
+    return holdout_with_hash(spec, ctx)[0]
+
+
+def holdout_with_hash(spec: Spec, ctx: RunContext) -> tuple[Any, str]:
     """The holdout rows (features of the spec's holdout days: the logical date and the
     ``training.holdout_days - 1`` days before it, which training never reads) and a hash of the
     partitions they came from."""
@@ -186,7 +191,7 @@ def evaluate_gate(spec: Spec, ctx: RunContext, force: bool = False, override: st
     if champ is not None and str(champ.version) == str(cand.version):
         log.info("gate %s: version %s is already the champion; keeping its record", day, cand.version)
         return base | recorded_decision(cand.tags) | {"candidate_version": str(cand.version), "recorded": True}
-    df, holdout_hash = holdout(spec, ctx)
+    df, holdout_hash = holdout_with_hash(spec, ctx)
     if len(df) < spec.gate.min_rows:
         raise GateError(f"gate {day}: holdout has {len(df)} rows < gate.min_rows={spec.gate.min_rows}")
     label = spec.features.label.name

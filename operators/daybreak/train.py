@@ -198,7 +198,7 @@ def build_estimator(spec: Spec, overrides: dict[str, Any] | None = None) -> Any:
 def _fit_sklearn(spec: Spec, data: TrainData, overrides: dict[str, Any]) -> Fitted:
     from sklearn.pipeline import Pipeline
 
-    from daybreak.gate import score
+    from daybreak.metrics import evaluate
 
     classification = spec.model.task == "classification"
     if classification:
@@ -214,7 +214,7 @@ def _fit_sklearn(spec: Spec, data: TrainData, overrides: dict[str, Any]) -> Fitt
     est.fit(data.X_fit, data.y_fit, **fit_kw)
     pred = predict_matrix(est, data.X_val, spec.model.flavor, spec.model.task, data.names)
     metric_name = "auc" if classification else "rmse"
-    val_metric = score(_METRIC[metric_name], data.y_val, pred)
+    val_metric = evaluate(_METRIC[metric_name], data.y_val, pred)
     final = est.steps[-1][1] if isinstance(est, Pipeline) else est
     raw = getattr(final, "feature_importances_", None)
     if raw is None and getattr(final, "coef_", None) is not None:
@@ -244,7 +244,7 @@ def fit_many(spec: Spec, fit: Any, val: Any, data: TrainData, overrides: dict[st
     import ray
 
     from daybreak.compute import ensure_ray
-    from daybreak.gate import score
+    from daybreak.metrics import evaluate
     from daybreak.model_code import partition_keys
 
     by = spec.model.partition_by
@@ -275,7 +275,7 @@ def fit_many(spec: Spec, fit: Any, val: Any, data: TrainData, overrides: dict[st
         rows = k_val == key
         pred[rows] = predict_matrix(models.get(key, fallback).model, data.X_val[rows], spec.model.flavor,
                                     spec.model.task, data.names)
-    val_metric = score(_METRIC[fallback.metric_name], data.y_val, pred)
+    val_metric = evaluate(_METRIC[fallback.metric_name], data.y_val, pred)
     return Fitted({"fallback": fallback, "partitions": models}, fallback.metric_name, val_metric,
                   {**fallback.params, "partition_by": ",".join(by), "partitions": len(models)}, fallback.importance)
 
