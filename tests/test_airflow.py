@@ -81,7 +81,8 @@ def test_gate_rejection_skips_or_fails_downstream(airflow_env: dict, landing: Pa
     assert t["gate_fail"] == "failed" and t["promote_after_fail"] == "upstream_failed", t
     decision = out["xcom"]["gate_skip"]
     decision = json.loads(decision) if isinstance(decision, str) else decision
-    assert decision["decision"] == "REJECT" and decision["rules"][0]["rule"] == "floor"
+    assert decision["decision"] == "REJECT"
+    assert [r["verdict"] for r in decision["rules"] if r["rule"] == "floor"] == ["fail"]
 
 
 def test_daily_dag_three_days_with_dag_test(airflow_env: dict, monkeypatch: pytest.MonkeyPatch, spec) -> None:

@@ -215,10 +215,10 @@ def test_gate_record_same_rows_report_and_override(fresh: Path, spec) -> None:
     cand = cl.get_model_version(s.model.name, out["candidate_version"])
     assert out["champion_version"] == "1" and out["candidate_version"] == "2"
     kinds = {r["rule"]: r["kind"] for r in out["rules"]}
-    assert kinds == {"floor": "absolute", "no_worse": "relative", "confidence": "confidence", "slice:origin": "slice",
+    assert kinds == {"finite_predictions": "absolute", "floor": "absolute", "no_worse": "relative", "confidence": "confidence", "slice:origin": "slice",
                      "unseen_holdout": "data", "row_count": "data", "label_shift": "data", "drift": "data"}
     assert next(r for r in out["rules"] if r["rule"] == "unseen_holdout")["verdict"] == "pass"
-    assert json.loads(cand.tags["daybreak.gate.rules"])[0]["rule"] == "floor"
+    assert [r["rule"] for r in json.loads(cand.tags["daybreak.gate.rules"])] == list(kinds)
     run_id = cand.tags["daybreak.gate.run_id"]
     assert mlflow.get_run(run_id).data.tags[registry.DECISION_TAG] == PROMOTE
 
@@ -266,6 +266,24 @@ def test_gate_record_same_rows_report_and_override(fresh: Path, spec) -> None:
     assert tags["daybreak.gate.override_reason"] == "holiday traffic: wait a day"
     assert tags["daybreak.gate.computed_decision"] == PROMOTE and tags[registry.DECISION_TAG] == REJECT
     assert promote_model(s, ctx)["promoted"] is False
+    again = evaluate_gate(s, ctx, force=True)  # decided afresh: the earlier override is not carried over
+    tags = cl.get_model_version(s.model.name, "2").tags
+    assert again["decision"] == PROMOTE and tags["daybreak.gate.override_reason"] == "none"
+    with pytest.raises(GateError, match="reason is required"):
+        evaluate_gate(s, ctx, override="promote", reason="  ")
+
+
+def test_legacy_min_improvement_keeps_its_meaning(spec) -> None:
+    from daybreak.errors import SpecError
+    from daybreak.spec import parse_spec
+
+    raw = spec.model_dump(mode="json")
+    for m, compare, margin in [(0.0, "no_worse", 0.0), (-0.01, "no_worse", 0.01), (0.02, "improve", 0.02)]:
+        g = {k: v for k, v in raw["gate"].items() if k not in ("compare", "margin")} | {"min_improvement": m}
+        s = parse_spec({**raw, "gate": g})
+        assert (s.gate.compare, s.gate.margin) == (compare, margin)
+    with pytest.raises(SpecError, match="gate: .*min_improvement"):
+        parse_spec({**raw, "gate": {**raw["gate"], "min_improvement": 0.0}})
 
 
 def test_blocking_data_check_stops_promotion(fresh: Path, spec) -> None:
@@ -309,3 +327,15 @@ def _check_report_in_chromium(page: Path, titles: set[str]) -> None:
             browser.close()
     assert titles <= {alt for alt, ok in images if ok}, images
     assert rules >= 5 and shot.stat().st_size > 10_000
+
+
+def test_nan_predictions_are_rejected(spec) -> None:
+    rng = np.random.default_rng(0)
+    y = (rng.random(2000) < 0.3).astype(float)
+    good = rng.random(2000) + 0.5 * y
+    broken = good.copy()
+    broken[::50] = np.nan  # ranks would still give a finite AUC
+    out = judge(_gate(spec, floor=0.5), y, broken, None)
+    rules = {r["rule"]: r for r in out["rules"]}
+    assert rules["finite_predictions"]["verdict"] == "fail" and rules["finite_predictions"]["value"] == 40
+    assert decide(out["rules"]) == REJECT

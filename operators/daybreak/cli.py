@@ -56,6 +56,11 @@ def _fmt(v: Any) -> str:
     return "-" if v is None else (f"{v:.4f}" if isinstance(v, float) else str(v))
 
 
+def _rule_line(r: dict[str, Any]) -> str:
+    return (f"  {r.get('verdict', '-'):<5} {r['rule']:<16} value={_fmt(r.get('value'))}  "
+            f"threshold={_fmt(r.get('threshold'))}" + (f"  {r['detail']}" if r.get("detail") else ""))
+
+
 def summary_line(s: dict[str, Any]) -> str:
     return (f"{s['date']}  staged={_fmt(s['rows_staged']):>5}  candidate=v{_fmt(s['candidate_version'])} "
             f"{_fmt(s['candidate_metric'])}  champion_metric={_fmt(s['champion_metric'])}  "
@@ -141,10 +146,7 @@ def gate(spec: Path = SpecOpt, day: str = typer.Option(..., "--date", "-d", help
 
     res = evaluate_gate(_load(spec), _ctx(day, store, tracking_uri), force=force, override=override, reason=reason)
     lines = [f"{res['date']}  {res['decision']}  candidate=v{res.get('candidate_version') or '-'}  "
-             f"champion=v{res.get('champion_version') or '-'}"]
-    for r in res.get("rules", []):
-        lines.append(f"  {r['verdict']:<5} {r['rule']:<16} value={_fmt(r.get('value'))}  threshold={_fmt(r.get('threshold'))}"
-                     + (f"  {r['detail']}" if r.get("detail") else ""))
+             f"champion=v{res.get('champion_version') or '-'}", *map(_rule_line, res.get("rules", []))]
     _emit(res, as_json, "\n".join(lines))
 
 
@@ -174,8 +176,7 @@ def report(spec: Path = SpecOpt, version: Optional[str] = typer.Option(None, hel
             continue
         typer.echo(f"{k:<28} {v}")
     for r in rep["rules"]:
-        typer.echo(f"  {r.get('verdict', '-'):<5} {r['rule']:<16} value={_fmt(r.get('value'))}  "
-                   f"threshold={_fmt(r.get('threshold'))}" + (f"  {r['detail']}" if r.get("detail") else ""))
+        typer.echo(_rule_line(r))
 
 
 @app.command()

@@ -29,10 +29,10 @@ def run_cycle(spec: Spec, ctx: RunContext, deploy: bool = True) -> dict[str, Any
     out["gate"] = evaluate_gate(spec, ctx)
     if should_promote(out["gate"]):
         out["promote"] = promote_model(spec, ctx)
-    else:  # after a reject promotion never runs
+        if deploy:
+            out["deploy"] = deploy_model(spec, ctx)
+    else:  # after a reject promotion (and so deployment) never runs, as in the DAG and the flow
         out["promote"] = not_promoted(spec, ctx, out["gate"])
-    if deploy:
-        out["deploy"] = deploy_model(spec, ctx)
     out["summary"] = summarize(out)
     return out
 

@@ -96,8 +96,12 @@ class _Days:
         if part is None:
             return None
         label = self.spec.features.label.name
-        t = pa.concat_tables([pq.read_table(f, columns=[label, *self.columns], filesystem=self.ctx.store.fs)
-                              for f in part.files])
+        try:
+            t = pa.concat_tables([pq.read_table(f, columns=[label, *self.columns], filesystem=self.ctx.store.fs)
+                                  for f in part.files])
+        except (pa.ArrowInvalid, KeyError) as e:  # a partition without a column: the checks skip this day
+            log.warning("data checks: cannot read %s features for %s: %s", self.zone, d, e)
+            return None
         y = t.column(label).to_numpy(zero_copy_only=False).astype(np.float64)
         y = y[np.isfinite(y)]
         n = t.num_rows
@@ -161,7 +165,8 @@ def run_data_checks(spec: Spec, ctx: RunContext, candidate_tags: dict[str, str],
     cand = champ = None
     if (dc.label_shift or dc.drift) and champ_days:
         cand, champ = days.window(cand_days), days.window(champ_days)
-    no_champ = "no champion yet" if champion_tags is None else "no feature rows for a window"
+    no_champ = ("no champion yet" if champion_tags is None else
+                "the champion has no training window tags" if not champ_days else "no feature rows for a window")
 
     if dc.label_shift:
         c = dc.label_shift

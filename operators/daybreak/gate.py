@@ -82,7 +82,10 @@ def judge(spec: Spec, y: np.ndarray, candidate: np.ndarray, champion: np.ndarray
     names = list(dict.fromkeys([g.metric, *(g.report_metrics or metrics.metrics_for(spec.model.task)), *g.floors]))
     cand = {m: metrics.evaluate(m, y, candidate, g.threshold) for m in names}
     champ = None if champion is None else {m: metrics.evaluate(m, y, champion, g.threshold) for m in names}
-    rules: list[dict[str, Any]] = []
+    bad = int((~np.isfinite(candidate)).sum())
+    rules: list[dict[str, Any]] = [{
+        "rule": "finite_predictions", "kind": "absolute", "metric": None, "value": bad, "threshold": 0,
+        "verdict": "fail" if bad else "pass", "detail": f"{bad} of {len(candidate)} candidate predictions are NaN or infinite"}]
     bounds = {**g.floors, **({g.metric: g.floor} if g.floor is not None else {})}
     rules += [_bound_rule(m, cand[m], t) for m, t in bounds.items()]
     boot = None
@@ -99,11 +102,14 @@ def judge(spec: Spec, y: np.ndarray, candidate: np.ndarray, champion: np.ndarray
             b = g.bootstrap
             boot = metrics.paired_bootstrap(g.metric, y, candidate, champion, resamples=b.resamples, level=b.level,
                                             seed=b.seed, threshold=g.threshold)
-            ok = math.isfinite(boot["low"]) and (boot["low"] > need if g.compare == "improve" else boot["low"] >= need)
+            # resamples where the metric is undefined (e.g. no positive drawn) must be rare
+            ok = (math.isfinite(boot["low"]) and boot["undefined"] <= 0.01 * b.resamples
+                  and (boot["low"] > need if g.compare == "improve" else boot["low"] >= need))
             rules.append({"rule": "confidence", "kind": "confidence", "metric": g.metric, "value": boot["low"],
                           "threshold": need, "verdict": "pass" if ok else "fail",
                           "detail": f"{b.level:.0%} interval of the gain [{boot['low']:.4g}, {boot['high']:.4g}] "
-                                    f"over {b.resamples} paired resamples (seed {b.seed})"})
+                                    f"over {b.resamples} paired resamples (seed {b.seed})"
+                                    + (f"; {boot['undefined']} resamples undefined" if boot["undefined"] else "")})
         if frame is not None and g.slices.columns:
             rules_s, slices = _slices(spec, y, candidate, champion, frame)
             rules += rules_s
@@ -189,6 +195,8 @@ def evaluate_gate(spec: Spec, ctx: RunContext, force: bool = False, override: st
         return base | recorded_decision(cand.tags) | {"candidate_version": str(cand.version), "recorded": True}
     champ = registry.alias_version(cl, name, spec.promotion.alias)
     if champ is not None and str(champ.version) == str(cand.version):
+        if forced:
+            raise GateError(f"gate {day}: v{cand.version} is already the champion; roll back instead of overriding")
         log.info("gate %s: version %s is already the champion; keeping its record", day, cand.version)
         return base | recorded_decision(cand.tags) | {"candidate_version": str(cand.version), "recorded": True}
     df, holdout_hash = holdout_with_hash(spec, ctx)
@@ -225,9 +233,10 @@ def evaluate_gate(spec: Spec, ctx: RunContext, force: bool = False, override: st
         "daybreak.gate.rules": _compact(rules),
         "daybreak.gate.decided_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
-    if forced:
-        record |= {"daybreak.gate.override": decision, "daybreak.gate.override_reason": str(reason)[:1000],
-                   "daybreak.gate.override_by": _who()}
+    # written every time, so a later decision never shows an earlier override's reason
+    record |= {"daybreak.gate.override": decision if forced else "none",
+               "daybreak.gate.override_reason": str(reason)[:1000] if forced else "none",
+               "daybreak.gate.override_by": _who() if forced else "none"}
     boot = judged["bootstrap"]
     full = {"date": day, "decision": decision, "computed_decision": computed, "candidate_version": str(cand.version),
             "champion_version": champ_version, "metric": m, "metrics": judged["metrics"], "rules": rules,
@@ -246,13 +255,19 @@ def evaluate_gate(spec: Spec, ctx: RunContext, force: bool = False, override: st
             folder = Path(tmp)
             (folder / "decision.json").write_text(json.dumps(full, indent=2, default=_json))
             _scores(df, spec, y, cand_pred, champ_pred).to_parquet(folder / "scores.parquet", index=False)
-            from daybreak.report import gate_report
+            try:
+                from daybreak.report import gate_report
 
-            (folder / REPORT).write_text(gate_report(spec, full, y, cand_pred, champ_pred,
-                                                     None if boot is None else boot["gains"]))
+                (folder / REPORT).write_text(gate_report(spec, full, y, cand_pred, champ_pred,
+                                                         None if boot is None else boot["gains"]))
+            except Exception:  # the decision stands without its plots
+                log.exception("gate %s: the HTML report failed; the decision is recorded without it", day)
             mlflow.log_artifacts(str(folder))
         record["daybreak.gate.run_id"] = run.info.run_id
+    # the decision tag goes last: promotion reads it, and it must never stand without the rest
+    decision_tag = {registry.DECISION_TAG: record.pop(registry.DECISION_TAG)}
     registry.set_tags(cl, name, str(cand.version), record)
+    registry.set_tags(cl, name, str(cand.version), decision_tag)
     log.info("gate %s: %s candidate v%s %s=%.4f vs champion %s %s%s", day, decision, str(cand.version), m, cand_metric,
              f"v{champ_version}" if champ_version else "(none)", "" if champ_metric is None else f"{champ_metric:.4f}",
              f" (override of {computed}: {reason})" if forced else "")
@@ -277,11 +292,15 @@ def _scores(df: Any, spec: Spec, y: np.ndarray, cand: np.ndarray, champ: np.ndar
 
 
 def _compact(rules: list[dict[str, Any]]) -> str:
+    """The rules as JSON within the tag limit: details dropped first, then whole rules (passing
+    ones before failing ones); the full list is in the gate run's decision.json."""
     text = json.dumps(rules, default=_json)
     if len(text) <= _TAG_LIMIT:
         return text
-    slim = [{k: v for k, v in r.items() if k != "detail"} for r in rules]
-    return json.dumps(slim, default=_json)[:_TAG_LIMIT]
+    slim = sorted(({k: v for k, v in r.items() if k != "detail"} for r in rules), key=lambda r: r["verdict"] == "pass")
+    while slim and len(text := json.dumps(slim, default=_json)) > _TAG_LIMIT:
+        slim.pop()
+    return text
 
 
 def _json(v: Any) -> Any:

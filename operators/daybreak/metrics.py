@@ -93,8 +93,11 @@ class Scorer:
             self.terms = (p - y) ** 2
         elif metric == "mae":
             self.terms = np.abs(p - y)
-        elif metric in ("rmse", "r2"):
+        elif metric == "rmse":
             self.terms = (p - y) ** 2
+        elif metric == "r2":
+            self.terms = (p - y) ** 2
+            self.centred = y - y.mean()  # the variance from centred labels: no cancellation at large means
         elif metric == "mape":
             self.terms = np.abs(p - y) / np.maximum(np.abs(y), _EPS)
         elif metric == "f1":
@@ -132,8 +135,8 @@ class Scorer:
             if m == "rmse":
                 return np.sqrt(mean)
             if m == "r2":
-                my = (wf @ self.y) / total
-                var = (wf @ (self.y ** 2)) / total - my ** 2
+                shift = (wf @ self.centred) / total
+                var = (wf @ (self.centred ** 2)) / total - shift ** 2
                 return 1 - mean / var
             return mean
 

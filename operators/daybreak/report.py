@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from daybreak.metrics import DIRECTION
 from daybreak.spec import Spec
 
 _COLORS = {"PROMOTE": "#1a7f37", "REJECT": "#cf222e", "BLOCKED_BY_DATA": "#9a6700"}
@@ -165,7 +166,7 @@ def gate_report(spec: Spec, record: dict[str, Any], y: np.ndarray, candidate: np
             figures.append(_slice_plot(record["slices"], col, metric))
     m = record["metrics"]
     metric_rows = [{"metric": k, "candidate": v, "champion": None if m["champion"] is None else m["champion"][k],
-                    "higher is better": "yes" if _higher(k) else "no"} for k, v in m["candidate"].items()]
+                    "higher is better": "yes" if DIRECTION[k] else "no"} for k, v in m["candidate"].items()]
     override = record.get("override")
     parts = [
         "<!doctype html><html><head><meta charset='utf-8'>",
@@ -199,9 +200,3 @@ def gate_report(spec: Spec, record: dict[str, Any], y: np.ndarray, candidate: np
               else "<p>not computed (no champion, or drift check off)</p>",
               "</body></html>"]
     return "\n".join(parts)
-
-
-def _higher(metric: str) -> bool:
-    from daybreak.metrics import DIRECTION
-
-    return DIRECTION[metric]

@@ -445,12 +445,14 @@ class GateSpec(_Model):
     @model_validator(mode="before")
     @classmethod
     def _legacy_min_improvement(cls, v: Any) -> Any:
-        # `min_improvement: m` (negative: a non-inferiority margin) predates compare/margin
+        # `min_improvement: m` predates compare/margin: the gain had to be >= m (m < 0: a
+        # non-inferiority margin), so m <= 0 is no_worse by -m and m > 0 is improve by m.
         if isinstance(v, dict) and "min_improvement" in v:
+            if "compare" in v or "margin" in v:
+                raise ValueError("min_improvement: use compare and margin instead (not both)")
             v = dict(v)
             m = float(v.pop("min_improvement"))
-            v.setdefault("compare", "improve" if m >= 0 else "no_worse")
-            v.setdefault("margin", abs(m))
+            v["compare"], v["margin"] = ("improve", m) if m > 0 else ("no_worse", -m)
         return v
 
     def required_margin(self) -> float:

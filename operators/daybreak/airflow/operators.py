@@ -131,8 +131,9 @@ class TrainModelOperator(DaybreakStepOperator):
 class EvaluateGateOperator(DaybreakStepOperator, SkipMixin):
     """Score candidate and champion on the same holdout and record the decision.
 
-    After anything but PROMOTE the tasks downstream do not run: with ``on_reject="skip"`` they are
-    skipped (this task succeeds, its XCom holds the decision), with ``"fail"`` this task fails.
+    After anything but PROMOTE the tasks downstream do not run: with ``on_reject="skip"`` the tasks
+    right after it are skipped and the skip spreads by trigger rule (this task succeeds, its XCom
+    holds the decision), with ``"fail"`` this task fails.
     No candidate for the date (SKIPPED) always skips.
 
     :param on_reject: ``skip`` or ``fail``; default: the spec's ``gate.on_reject``.
@@ -171,11 +172,13 @@ class EvaluateGateOperator(DaybreakStepOperator, SkipMixin):
                   for r in result.get("rules", []) if r.get("verdict") == "fail"]
         message = f"gate {result.get('date')}: {decision} candidate v{result.get('candidate_version')}" + (
             f"; failed: {', '.join(failed)}" if failed else f" ({result.get('reason', '')})")
-        if policy == "fail" and decision not in (SKIPPED,):
+        if policy == "fail" and decision != SKIPPED:
             raise AirflowFailException(message)
         self.log.info("%s; skipping the tasks downstream", message)
         context["ti"].xcom_push(key="return_value", value=result)
-        self.skip(ti=context["ti"], tasks=context["task"].get_flat_relatives(upstream=False))
+        # the direct downstream tasks; the scheduler carries the skip on by each task's trigger rule
+        # (an all_done alert or cleanup task still runs)
+        self.skip(ti=context["ti"], tasks=context["task"].downstream_list)
         return result  # not reached when there are tasks to skip
 
 
