@@ -381,6 +381,28 @@ def finalize(batch: pa.Table, f: FeatureSpec, task: str) -> pa.Table:
     return out.filter(pc.is_valid(out.column(f.label.name)))
 
 
+def day_rows(items: pa.Table | list[dict[str, Any]], f: FeatureSpec, fs: Any, task: str,
+             joins: list[tuple[str, dict[str, Any]]], *tables_and_indexes: Any) -> pa.Table:
+    """The feature rows of one slice of the day's events: windows, joins, row-level features.
+
+    `tables_and_indexes` holds the join tables (in the order of `joins`), then one index per window.
+    """
+    rights, indexes = tables_and_indexes[:len(joins)], list(tables_and_indexes[len(joins):])
+    batch = read_events(items if isinstance(items, pa.Table) else pa.Table.from_pylist(items), f, fs)
+    if f.windows:
+        batch = apply_windows(batch, f, indexes)
+    for (kind, kw), right in zip(joins, rights):
+        batch = asof_join(batch, right, **kw) if kind == "asof" else lookup_join(batch, right, **kw)
+    return finalize(batch, f, task)
+
+
+def _on_node(fn: Any, items: list[dict[str, Any]], *args: Any) -> tuple[Any, str]:
+    """Run a per-slice function in a Ray task; also say which node ran it."""
+    import ray
+
+    return fn(pa.Table.from_pylist(items), *args), ray.get_runtime_context().get_node_id()
+
+
 # --- the step ----------------------------------------------------------------------------
 
 def _staged_files(ctx: RunContext, source: str, days: list[date]) -> tuple[list[str], dict[str, str], list[str]]:
@@ -445,51 +467,44 @@ def build_features(spec: Spec, ctx: RunContext) -> dict[str, Any]:
     cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
     slice_rows = max(100_000, rows_in // (4 * cpus))
     slices = _slices(base_files, ctx.store.fs, slice_rows)
-    nodes: set[str] = set()
-    # Windows: each window's narrow history (keys, known-at, value: nothing else is read) goes
-    # to one task that sorts it into an index; no row of the look-back is shuffled. The index
-    # of window i is built while window i+1's history is read.
+    # A dataflow of plain tasks, submitted at once with no barrier in the driver: Ray starts each
+    # task when its inputs exist, so reads, index builds and the day's rows overlap.
+    # * windows: each window's narrow history (keys, known-at, value: nothing else is read) goes
+    #   to one task that sorts it into an index; no row of the look-back is shuffled;
+    # * the day's events, in slices of their own size (a history-sized slice could be the whole
+    #   day): each task reads its slice and, once the indexes exist, computes its rows (an index
+    #   passed as an argument is resolved before the task takes a CPU).
+    spread = {"scheduling_strategy": "SPREAD", "num_returns": 2}
+    read = ray.remote(_on_node).options(**spread)
+    rows = ray.remote(_on_node).options(**spread)
     build = ray.remote(build_window_index)
-    indexes = []
+    f_ref, fs_ref = ray.put(f), ray.put(ctx.store.fs)
+    indexes, node_refs = [], []
     for i, w in enumerate(f.windows):
         # Only the days this window needs (a 3h window reads 2 days even beside a 30d one).
         wanted = set(_staged_files(ctx, f.base, [day - timedelta(days=k) for k in range(w.lookback_days(), -1, -1)])[0])
-        history = [{"path": p, "row_groups": g} for p, g in slices if p in wanted]
-        hist = ray.data.from_items(history, override_num_blocks=len(history)).map_batches(
-            read_window_inputs, fn_kwargs={"f": f, "fs": ctx.store.fs, "i": i}, batch_size=1, batch_format="pyarrow")
-        indexes.append(build.remote(w.by, list(w.aggs), *hist.to_arrow_refs()))
-        nodes.update(nodes_used(hist))
-        del hist  # it caches its blocks: let them go once the index task has them
-    # The day's events in slices of their own size (a history-sized slice could be the whole day).
-    today_rows = today_part.manifest["rows"]
-    targets = [{"path": p, "row_groups": g}
-               for p, g in _slices(today_part.files, ctx.store.fs, max(1, today_rows // (4 * cpus)))]
-    ds = ray.data.from_items(targets, override_num_blocks=len(targets))
-    ds = ds.map_batches(read_events, fn_kwargs={"f": f, "fs": ctx.store.fs}, batch_size=1, batch_format="pyarrow")
-    if f.windows:
-        ds = ds.map_batches(apply_windows, fn_kwargs={"f": f, "indexes": indexes}, batch_format="pyarrow",
-                            batch_size=None)
+        parts = [read.remote(read_window_inputs, [{"path": p, "row_groups": g}], f_ref, fs_ref, i)
+                 for p, g in slices if p in wanted]
+        node_refs += [n for _, n in parts]
+        indexes.append(build.remote(w.by, list(w.aggs), *[t for t, _ in parts]))
+    joins = []
     for j in f.asof:
         right = _read_table(dims[j.source][0], ctx.store.fs).select([*j.by, j.time, *sorted(set(j.columns.values()))])
-        ds = ds.map_batches(
-            asof_join, fn_args=(right,),
-            fn_kwargs={"by": j.by, "time": j.time, "tolerance_us": int(parse_duration(j.tolerance).total_seconds() * _US),
-                       "columns": j.columns},
-            batch_format="pyarrow", batch_size=None,
-        )
+        joins.append(("asof", ray.put(right), {"by": j.by, "time": j.time, "columns": j.columns,
+                                              "tolerance_us": int(parse_duration(j.tolerance).total_seconds() * _US)}))
     for lk in f.lookups:
         right = _read_table(dims[lk.source][0], ctx.store.fs).select([*lk.by, *sorted(set(lk.columns.values()))])
-        ds = ds.map_batches(lookup_join, fn_args=(right,), fn_kwargs={"by": lk.by, "columns": lk.columns},
-                            batch_format="pyarrow", batch_size=None)
-    ds = ds.map_batches(finalize, fn_kwargs={"f": f, "task": spec.model.task}, batch_format="pyarrow",
-                        batch_size=None)
-    # A total order makes the published bytes (and so the lineage hashes) reproducible. The
-    # day's rows are computed first: in one pipeline with the sort, Ray Data reserves CPUs for
-    # the sort and runs the map tasks one at a time.
-    if indexes:
-        # The day's tasks would otherwise start and block on the indexes, holding their CPUs.
-        ray.wait(indexes, num_returns=len(indexes), fetch_local=False)
-    ds = ds.materialize().sort([EVENT_TIME, *f.keys])
+        joins.append(("lookup", ray.put(right), {"by": lk.by, "columns": lk.columns}))
+    today_rows = today_part.manifest["rows"]
+    outputs = []
+    for p, g in _slices(today_part.files, ctx.store.fs, max(1, today_rows // (4 * cpus))):
+        out, node = rows.remote(day_rows, [{"path": p, "row_groups": g}], f_ref, fs_ref, spec.model.task,
+                                [(kind, kw) for kind, _, kw in joins], *[r for _, r, _ in joins], *indexes)
+        outputs.append(out)
+        node_refs.append(node)
+    # A total order makes the published bytes (and so the lineage hashes) reproducible.
+    ds = ray.data.from_arrow_refs(outputs).sort([EVENT_TIME, *f.keys])
+    nodes = set(ray.get(node_refs))
 
     def write(fs: Any, folder: str) -> dict[str, Any]:
         rows = write_sorted(ds, fs, folder)
@@ -499,6 +514,7 @@ def build_features(spec: Spec, ctx: RunContext) -> dict[str, Any]:
 
     part = ctx.store.publish(zone, day, write, run=ctx.run_id)
     nodes = sorted(nodes | set(nodes_used(ds)))
+    del outputs, indexes
     log.info("features %s: %d rows -> %s (on %d Ray node(s))", day, part.manifest["rows"], part.uri, len(nodes))
     return _result(spec, part.uri, part.manifest, skipped=False) | {"ray_nodes": nodes}
 
