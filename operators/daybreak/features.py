@@ -487,6 +487,7 @@ def build_features(spec: Spec, ctx: RunContext) -> dict[str, Any]:
                  for p, g in slices if p in wanted]
         node_refs += [n for _, n in parts]
         indexes.append(build.remote(w.by, list(w.aggs), *[t for t, _ in parts]))
+        del parts  # the index task holds the slices while it needs them; then they go
     joins = []
     for j in f.asof:
         right = _read_table(dims[j.source][0], ctx.store.fs).select([*j.by, j.time, *sorted(set(j.columns.values()))])
@@ -505,6 +506,7 @@ def build_features(spec: Spec, ctx: RunContext) -> dict[str, Any]:
     # A total order makes the published bytes (and so the lineage hashes) reproducible.
     ds = ray.data.from_arrow_refs(outputs).sort([EVENT_TIME, *f.keys])
     nodes = set(ray.get(node_refs))
+    del outputs, indexes, joins  # the dataset and the pending tasks hold what they still need
 
     def write(fs: Any, folder: str) -> dict[str, Any]:
         rows = write_sorted(ds, fs, folder)
@@ -514,7 +516,6 @@ def build_features(spec: Spec, ctx: RunContext) -> dict[str, Any]:
 
     part = ctx.store.publish(zone, day, write, run=ctx.run_id)
     nodes = sorted(nodes | set(nodes_used(ds)))
-    del outputs, indexes
     log.info("features %s: %d rows -> %s (on %d Ray node(s))", day, part.manifest["rows"], part.uri, len(nodes))
     return _result(spec, part.uri, part.manifest, skipped=False) | {"ray_nodes": nodes}
 
