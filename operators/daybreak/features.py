@@ -1,4 +1,4 @@
-"""Features: staged partitions -> a point-in-time correct feature partition, computed on Ray Data.
+"""Features: staged partitions -> a point-in-time correct feature partition, computed on Ray.
 
 For logical date D the step reads the base events of D and of the days its windows need before
 D, and writes one row per base event of D to ``features/<name>/v=<feature-version>/date=D/``.
@@ -10,6 +10,9 @@ No feature of an event may depend on anything known at or after the event's time
 Windows need the whole look-back per key; rather than shuffle it by key, each window's history
 is read narrowly and sorted once into an index (``build_window_index``), and D's events look
 their windows up in it (``apply_windows``).
+
+The reads, index builds and the day's rows are plain Ray tasks (one dataflow, no barrier in the
+driver); Ray Data sorts the day's rows and streams them to the writer.
 """
 
 from __future__ import annotations
