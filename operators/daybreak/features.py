@@ -384,14 +384,14 @@ def finalize(batch: pa.Table, f: FeatureSpec, task: str) -> pa.Table:
     return out.filter(pc.is_valid(out.column(f.label.name)))
 
 
-def day_rows(items: pa.Table | list[dict[str, Any]], f: FeatureSpec, fs: Any, task: str,
-             joins: list[tuple[str, dict[str, Any]]], *tables_and_indexes: Any) -> pa.Table:
+def day_rows(items: pa.Table, f: FeatureSpec, fs: Any, task: str, joins: list[tuple[str, dict[str, Any]]],
+             *tables_and_indexes: Any) -> pa.Table:
     """The feature rows of one slice of the day's events: windows, joins, row-level features.
 
     `tables_and_indexes` holds the join tables (in the order of `joins`), then one index per window.
     """
     rights, indexes = tables_and_indexes[:len(joins)], list(tables_and_indexes[len(joins):])
-    batch = read_events(items if isinstance(items, pa.Table) else pa.Table.from_pylist(items), f, fs)
+    batch = read_events(items, f, fs)
     if f.windows:
         batch = apply_windows(batch, f, indexes)
     for (kind, kw), right in zip(joins, rights):
@@ -477,16 +477,14 @@ def build_features(spec: Spec, ctx: RunContext) -> dict[str, Any]:
     # * the day's events, in slices of their own size (a history-sized slice could be the whole
     #   day): each task reads its slice and, once the indexes exist, computes its rows (an index
     #   passed as an argument is resolved before the task takes a CPU).
-    spread = {"scheduling_strategy": "SPREAD", "num_returns": 2}
-    read = ray.remote(_on_node).options(**spread)
-    rows = ray.remote(_on_node).options(**spread)
+    on_node = ray.remote(_on_node).options(scheduling_strategy="SPREAD", num_returns=2)
     build = ray.remote(build_window_index)
     f_ref, fs_ref = ray.put(f), ray.put(ctx.store.fs)
     indexes, node_refs = [], []
     for i, w in enumerate(f.windows):
         # Only the days this window needs (a 3h window reads 2 days even beside a 30d one).
         wanted = set(_staged_files(ctx, f.base, [day - timedelta(days=k) for k in range(w.lookback_days(), -1, -1)])[0])
-        parts = [read.remote(read_window_inputs, [{"path": p, "row_groups": g}], f_ref, fs_ref, i)
+        parts = [on_node.remote(read_window_inputs, [{"path": p, "row_groups": g}], f_ref, fs_ref, i)
                  for p, g in slices if p in wanted]
         node_refs += [n for _, n in parts]
         indexes.append(build.remote(w.by, list(w.aggs), *[t for t, _ in parts]))
@@ -502,7 +500,7 @@ def build_features(spec: Spec, ctx: RunContext) -> dict[str, Any]:
     today_rows = today_part.manifest["rows"]
     outputs = []
     for p, g in _slices(today_part.files, ctx.store.fs, max(1, today_rows // (4 * cpus))):
-        out, node = rows.remote(day_rows, [{"path": p, "row_groups": g}], f_ref, fs_ref, spec.model.task,
+        out, node = on_node.remote(day_rows, [{"path": p, "row_groups": g}], f_ref, fs_ref, spec.model.task,
                                 [(kind, kw) for kind, _, kw in joins], *[r for _, r, _ in joins], *indexes)
         outputs.append(out)
         node_refs.append(node)
