@@ -21,12 +21,12 @@ def daybreak(*args: str, home: Path | None = None, check: bool = True) -> subpro
     return proc
 
 
-@pytest.mark.parametrize("cmd", [[], ["run"], ["backfill"], ["history"], ["serve"], ["report"], ["validate"],
-                                 ["datasets", "flights"]])
+@pytest.mark.parametrize("cmd", [[], ["run"], ["backfill"], ["history"], ["versions"], ["rollback"], ["gate"],
+                                 ["serve"], ["report"], ["validate"], ["datasets", "flights"]])
 def test_every_command_has_help(cmd: list[str]) -> None:
     out = daybreak(*cmd, "--help").stdout
     assert "Usage:" in out
-    if cmd and cmd[0] in ("run", "backfill", "history", "report", "validate"):
+    if cmd and cmd[0] in ("run", "backfill", "history", "versions", "rollback", "gate", "report", "validate"):
         assert "--json" in out and "--spec" in out
 
 
@@ -60,11 +60,13 @@ def test_backfill_history_report_json(home: Path) -> None:
                               home=home).stdout)
     assert one["train"]["status"] == "exists" and one["summary"]["candidate_version"] == days[2]["candidate_version"]
 
-    hist = json.loads(daybreak("history", "--spec", str(SPEC), "--json", home=home).stdout)
+    hist = json.loads(daybreak("versions", "--spec", str(SPEC), "--json", home=home).stdout)
     assert [h["version"] for h in hist] == ["2", "1"]
     assert sum("champion" in h["aliases"] for h in hist) == 1
-    human = daybreak("history", "--spec", str(SPEC), home=home).stdout
+    human = daybreak("versions", "--spec", str(SPEC), home=home).stdout
     assert "v1" in human and "decision=PROMOTE" in human
+    events = json.loads(daybreak("history", "--spec", str(SPEC), "--json", home=home).stdout)
+    assert events[-1]["event"] == "promote" and events[-1]["version"] == "1" and events[-1]["from_version"] is None
 
     rep = json.loads(daybreak("report", "--spec", str(SPEC), "--json", home=home).stdout)
     assert rep["decision"] == "PROMOTE" and rep["input_hashes"] and rep["code_version"]

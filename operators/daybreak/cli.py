@@ -102,6 +102,23 @@ def backfill(spec: Path = SpecOpt, start: str = typer.Option(..., "--start", hel
 
 @app.command()
 def history(spec: Path = SpecOpt, tracking_uri: Optional[str] = TrackingOpt, as_json: bool = JsonOpt) -> None:
+    """The audit history: every promotion, rejection, override and rollback, newest first."""
+    from daybreak.history import audit_events
+
+    s = _load(spec)
+    rows = audit_events(s, _ctx(date.today(), None, tracking_uri))
+    if as_json:
+        _emit(rows, True)
+        return
+    if not rows:
+        typer.echo(f"no promotions, rejections or rollbacks of {s.model.name} yet")
+    for r in rows:
+        typer.echo(f"{r['at']}  {r['event']:<15} v{r['version'] or '-':<4} (champion was v{r['from_version'] or '-'})  "
+                   f"date={r['logical_date']}  by={r['by']}  run={r['run_context']}  {r['reason']}")
+
+
+@app.command()
+def versions(spec: Path = SpecOpt, tracking_uri: Optional[str] = TrackingOpt, as_json: bool = JsonOpt) -> None:
     """Every registered version with its lineage and gate decision, newest first."""
     from daybreak.history import model_history
 
@@ -117,6 +134,16 @@ def history(spec: Path = SpecOpt, tracking_uri: Optional[str] = TrackingOpt, as_
         typer.echo(f"v{r['version']:<4} date={r['logical_date'] or '-'}  window={r['window'] or '-'}  "
                    f"decision={r['decision'] or '-':<8} candidate={_fmt(r['candidate_metric'])} "
                    f"vs champion v{r['gated_against'] or '-'} {_fmt(r['champion_metric'])}  aliases={aliases}")
+
+
+@app.command()
+def rollback(spec: Path = SpecOpt, reason: str = typer.Option(..., "--reason", help="Why (recorded in the history)."),
+             tracking_uri: Optional[str] = TrackingOpt, as_json: bool = JsonOpt) -> None:
+    """Put the previous champion back in service (the current one is never promoted again)."""
+    from daybreak.promote import rollback_model
+
+    res = rollback_model(_load(spec), _ctx(date.today(), None, tracking_uri), reason)
+    _emit(res, as_json, f"champion: v{res['rolled_back_version']} -> v{res['champion_version']}  ({reason})")
 
 
 @app.command()

@@ -268,6 +268,12 @@ def evaluate_gate(spec: Spec, ctx: RunContext, force: bool = False, override: st
     decision_tag = {registry.DECISION_TAG: record.pop(registry.DECISION_TAG)}
     registry.set_tags(cl, name, str(cand.version), record)
     registry.set_tags(cl, name, str(cand.version), decision_tag)
+    if decision != PROMOTE or forced:  # promotions are recorded when they happen
+        from daybreak.history import record_event
+
+        failed = ", ".join(r["rule"] for r in rules if r["verdict"] == "fail")
+        record_event(spec, ctx, "override" if forced else decision.lower(), str(cand.version), from_version=champ_version,
+                     reason=(f"override {computed} -> {decision}: {reason}" if forced else f"failed: {failed}"))
     log.info("gate %s: %s candidate v%s %s=%.4f vs champion %s %s%s", day, decision, str(cand.version), m, cand_metric,
              f"v{champ_version}" if champ_version else "(none)", "" if champ_metric is None else f"{champ_metric:.4f}",
              f" (override of {computed}: {reason})" if forced else "")

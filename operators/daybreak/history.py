@@ -1,4 +1,10 @@
-"""What the registry says happened: versions, their lineage and their gate decisions."""
+"""What the registry says happened: versions, their lineage and their gate decisions, and the
+audit history of promotions, rejections and rollbacks.
+
+The audit history is an MLflow experiment ``<spec name>-audit``: one run per event, tagged with
+what happened, to which version, why, and which run (DAG run, flow run) did it. Runs are never
+edited, so the history only grows; it lives with the registry, wherever that is.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +16,59 @@ from daybreak.context import RunContext
 from daybreak.errors import DaybreakError
 from daybreak.gate import recorded_decision
 from daybreak.spec import Spec
+
+
+EVENT_TAGS = ("event", "model", "version", "from_version", "reason", "run_context", "logical_date", "by")
+
+
+def record_event(spec: Spec, ctx: RunContext, event: str, version: str | None, *, from_version: str | None = None,
+                 reason: str = "") -> None:
+    """Append one event (promote, reject, blocked, rollback, override) to the audit history."""
+    import getpass
+    from datetime import datetime, timezone
+
+    cl = registry.client(ctx)
+    name = f"{spec.name}-audit"
+    exp = cl.get_experiment_by_name(name)
+    exp_id = exp.experiment_id if exp is not None else _create_experiment(cl, name)
+    try:
+        who = getpass.getuser()
+    except (KeyError, OSError):
+        who = "unknown"
+    tags = {"event": event, "model": spec.model.name, "version": version or "none", "from_version": from_version or "none",
+            "reason": reason[:4000] or "-", "run_context": ctx.run_id, "logical_date": ctx.logical_date.isoformat(),
+            "by": who, "at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+    run = cl.create_run(exp_id, run_name=f"{event}-v{version or 'none'}",
+                        tags={f"daybreak.audit.{k}": v for k, v in tags.items()})
+    cl.set_terminated(run.info.run_id)
+
+
+def _create_experiment(cl: Any, name: str) -> str:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return cl.create_experiment(name)
+    except MlflowException as e:  # created by another process in between
+        if e.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise
+        return cl.get_experiment_by_name(name).experiment_id
+
+
+def audit_events(spec: Spec, ctx: RunContext, limit: int = 1000) -> list[dict[str, Any]]:
+    """The audit history, newest first."""
+    registry.use_uri(ctx.tracking_uri)
+    cl = registry.client(ctx)
+    exp = cl.get_experiment_by_name(f"{spec.name}-audit")
+    if exp is None:
+        return []
+    runs = cl.search_runs([exp.experiment_id], max_results=limit, order_by=["attributes.start_time DESC"])
+    out = []
+    for r in runs:
+        t = r.data.tags
+        row = {k: t.get(f"daybreak.audit.{k}") for k in (*EVENT_TAGS, "at")}
+        row["audit_run_id"] = r.info.run_id
+        out.append({k: (None if v == "none" else v) for k, v in row.items()})
+    return out
 
 
 def _row(mv: Any) -> dict[str, Any]:

@@ -1,8 +1,9 @@
-"""Promote: move the champion alias to the version the gate passed, and only that.
+"""Promote: move the champion alias to the version the gate passed, and only that; roll back.
 
-The move is a compare-and-set: the champion must still be the version the gate compared
-against. If another run moved it in between, promotion stops with PromotionConflict instead of
-overwriting a decision it never saw.
+The move is a compare-and-set: under the model's lock (``registry.model_lock``), the champion
+must still be the version the gate compared against. If another run moved it in between,
+promotion stops with PromotionConflict instead of overwriting a decision it never saw. Every
+promotion and rollback is appended to the audit history (``history.record_event``).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from daybreak import registry
 from daybreak.context import RunContext
 from daybreak.errors import PromotionConflict
 from daybreak.gate import PROMOTE
+from daybreak.history import record_event
 from daybreak.spec import Spec
 
 log = logging.getLogger(__name__)
@@ -44,19 +46,55 @@ def promote_model(spec: Spec, ctx: RunContext) -> dict[str, Any]:
         return base | {"promoted": False, "reason": reason, "champion_version": current,
                        "candidate_version": str(cand.version)}
     against = cand.tags.get(registry.AGAINST_TAG, "none")
-    if (current or "none") != against:
-        raise PromotionConflict(
-            f"promote {day}: champion is now v{current} but the gate evaluated v{str(cand.version)} against "
-            f"{'v' + against if against != 'none' else 'no champion'}; re-run the gate"
-        )
-    if current is not None:
-        cl.set_registered_model_alias(name, spec.promotion.previous_alias, current)
-    cl.set_registered_model_alias(name, spec.promotion.alias, str(cand.version))
-    registry.set_tags(cl, name, str(cand.version), {
-        "daybreak.promoted_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "daybreak.promoted_by_run": ctx.run_id,
-        "daybreak.replaced_version": current or "none",
-    })
+    with registry.model_lock(cl, name, owner=ctx.run_id):
+        champ = registry.alias_version(cl, name, spec.promotion.alias)  # again, under the lock
+        current = str(champ.version) if champ else None
+        if (current or "none") != against:
+            raise PromotionConflict(
+                f"promote {day}: champion is now v{current} but the gate evaluated v{str(cand.version)} against "
+                f"{'v' + against if against != 'none' else 'no champion'}; another promotion won; re-run the gate"
+            )
+        if current is not None:
+            cl.set_registered_model_alias(name, spec.promotion.previous_alias, current)
+        cl.set_registered_model_alias(name, spec.promotion.alias, str(cand.version))
+        registry.set_tags(cl, name, str(cand.version), {
+            "daybreak.promoted_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "daybreak.promoted_by_run": ctx.run_id,
+            "daybreak.replaced_version": current or "none",
+        })
+    record_event(spec, ctx, "promote", str(cand.version), from_version=current,
+                 reason=f"gate {decision} on {day}" + (f" (override: {cand.tags['daybreak.gate.override_reason']})"
+                                                       if cand.tags.get("daybreak.gate.override", "none") != "none" else ""))
     log.info("promote %s: %s -> v%s (was %s)", day, spec.promotion.alias, str(cand.version), current)
     return base | {"promoted": True, "champion_version": str(cand.version), "previous_version": current,
                    "candidate_version": str(cand.version)}
+
+
+def rollback_model(spec: Spec, ctx: RunContext, reason: str) -> dict[str, Any]:
+    """Put the previous champion back in service, and record why.
+
+    The rolled-back version is tagged and never promoted again; ``previous`` moves to the version
+    the restored champion had replaced (or goes, if none).
+    """
+    if not reason or not reason.strip():
+        raise PromotionConflict("rollback: a reason is required (it is recorded in the history)")
+    name, alias, prev_alias = spec.model.name, spec.promotion.alias, spec.promotion.previous_alias
+    registry.setup_tracking(ctx, spec.name)
+    cl = registry.client(ctx)
+    with registry.model_lock(cl, name, owner=ctx.run_id):
+        champ, prev = registry.alias_version(cl, name, alias), registry.alias_version(cl, name, prev_alias)
+        if champ is None or prev is None:
+            raise PromotionConflict(f"rollback: {name} has no {alias!r} and {prev_alias!r} to swap; nothing to roll back to")
+        bad, good = str(champ.version), str(prev.version)
+        cl.set_registered_model_alias(name, alias, good)
+        before = prev.tags.get("daybreak.replaced_version", "none")
+        if before not in ("none", bad):
+            cl.set_registered_model_alias(name, prev_alias, before)
+        else:
+            cl.delete_registered_model_alias(name, prev_alias)
+        registry.set_tags(cl, name, bad, {"daybreak.rolled_back_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                                          "daybreak.rolled_back_reason": reason[:1000]})
+    record_event(spec, ctx, "rollback", good, from_version=bad, reason=reason)
+    log.warning("rollback: %s v%s -> v%s (%s)", alias, bad, good, reason)
+    return {"step": "rollback", "champion_version": good, "rolled_back_version": bad,
+            "previous_version": None if before in ("none", bad) else before, "reason": reason}

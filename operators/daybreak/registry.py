@@ -212,3 +212,52 @@ def code_version() -> str:
     except (OSError, subprocess.SubprocessError):
         pass
     return __version__
+
+
+@contextmanager
+def model_lock(cl: Any, name: str, owner: str, lease_s: float = 300.0, wait_s: float = 120.0) -> Iterator[None]:
+    """Hold the lock on `name`'s aliases (promotion, rollback) across processes and machines.
+
+    MLflow has no compare-and-set on aliases, but creating a registered model is atomic and
+    unique by name, so the lock is a registered model ``<name>.daybreak-lock`` that exists while
+    held. It carries a lease: a holder that died leaves a lock that others remove once it expires.
+    """
+    import time
+
+    from mlflow.exceptions import MlflowException
+
+    from daybreak.errors import PromotionConflict
+
+    lock = f"{name}.daybreak-lock"
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            cl.create_registered_model(lock, tags={"daybreak.lock_owner": owner,
+                                                   "daybreak.lock_expires": str(time.time() + lease_s)},
+                                       description=f"daybreak: promotion lock of {name} (transient)")
+            break
+        except MlflowException as e:
+            if e.error_code != "RESOURCE_ALREADY_EXISTS":
+                raise
+        try:
+            held = cl.get_registered_model(lock)
+            expires, holder = float(held.tags.get("daybreak.lock_expires", 0)), held.tags.get("daybreak.lock_owner")
+        except MlflowException:
+            continue  # released in between
+        if expires < time.time():
+            log.warning("registry: removing %s's expired lock on %s", holder, name)
+            try:
+                cl.delete_registered_model(lock)
+            except MlflowException:
+                pass
+            continue
+        if time.monotonic() > deadline:
+            raise PromotionConflict(f"{name}: aliases locked by {holder} for over {wait_s:.0f} s; try again later")
+        time.sleep(0.2)
+    try:
+        yield
+    finally:
+        try:
+            cl.delete_registered_model(lock)
+        except MlflowException:
+            log.warning("registry: could not release the lock on %s (it expires by itself)", name, exc_info=True)

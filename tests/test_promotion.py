@@ -1,0 +1,133 @@
+"""Promotion under concurrency, the audit history and rollback, against a real (sqlite) registry."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import BIN
+from daybreak import registry
+from daybreak.context import RunContext
+from daybreak.errors import PromotionConflict
+from daybreak.gate import PROMOTE, evaluate_gate
+from daybreak.history import audit_events
+from daybreak.promote import promote_model, rollback_model
+from daybreak.train import train_model
+
+RACER = """
+import json, sys, time
+from daybreak.spec import parse_spec
+from daybreak.context import RunContext
+from daybreak.errors import PromotionConflict
+from daybreak.promote import promote_model
+spec = parse_spec(json.loads(open(sys.argv[1]).read()))
+start = float(sys.argv[3])
+while time.time() < start:
+    time.sleep(0.001)
+try:
+    out = promote_model(spec, RunContext.create(sys.argv[2], run_id="racer-" + sys.argv[2]))
+    print("RESULT " + json.dumps({"won": out["promoted"], "version": out.get("champion_version"), "out": out}))
+except PromotionConflict as e:
+    print("RESULT " + json.dumps({"won": False, "lost": str(e)}))
+"""
+
+
+def _lenient(spec):
+    return spec.model_copy(update={"gate": spec.gate.model_copy(update={"compare": "no_worse", "margin": 1.0,
+                                                                        "floor": 0.0})})
+
+
+def _ctx(day: str) -> RunContext:
+    return RunContext.create(day)
+
+
+def test_two_promoters_at_once_exactly_one_wins(fresh: Path, spec, tmp_path: Path) -> None:
+    s = _lenient(spec)
+    train_model(s, _ctx("2013-01-02"))
+    evaluate_gate(s, _ctx("2013-01-02"))
+    promote_model(s, _ctx("2013-01-02"))
+    # two candidates for 2013-01-03 (two specs: another seed), both gated against v1
+    other = s.model_copy(update={"model": s.model.model_copy(update={"seed": 7})})
+    files = []
+    for i, sp in enumerate((s, other)):
+        train_model(sp, _ctx("2013-01-03"))
+        assert evaluate_gate(sp, _ctx("2013-01-03"))["champion_version"] == "1"
+        files.append(tmp_path / f"spec{i}.json")
+        files[-1].write_text(json.dumps(sp.model_dump(mode="json")))
+    import time
+
+    start = str(time.time() + 4)  # both start promoting at the same moment
+    procs = [subprocess.Popen([str(BIN / "python"), "-c", RACER, str(f), "2013-01-03", start], env=dict(os.environ),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for f in files]
+    results = []
+    for p in procs:
+        out, err = p.communicate(timeout=180)
+        line = next((ln for ln in out.splitlines() if ln.startswith("RESULT ")), None)
+        assert line, out[-2000:] + err[-3000:]
+        results.append(json.loads(line[len("RESULT "):]))
+    winners = [r for r in results if r["won"]]
+    losers = [r for r in results if not r["won"]]
+    assert len(winners) == 1 and len(losers) == 1, results
+    assert "another promotion won" in losers[0]["lost"] and "re-run the gate" in losers[0]["lost"]
+    cl = registry.client(_ctx("2013-01-03"))
+    assert str(registry.alias_version(cl, s.model.name, "champion").version) == winners[0]["version"]
+    assert str(registry.alias_version(cl, s.model.name, "previous").version) == "1"
+    promotes = [e for e in audit_events(s, _ctx("2013-01-03")) if e["event"] == "promote"]
+    assert [(e["version"], e["from_version"]) for e in promotes] == [(winners[0]["version"], "1"), ("1", None)]
+    assert "daybreak-lock" not in " ".join(m.name for m in cl.search_registered_models())
+
+
+def test_rollback_restores_previous_and_is_recorded(fresh: Path, spec) -> None:
+    s = _lenient(spec)
+    for day in ("2013-01-02", "2013-01-03"):
+        train_model(s, _ctx(day))
+        assert evaluate_gate(s, _ctx(day))["decision"] == PROMOTE
+        assert promote_model(s, _ctx(day))["promoted"]
+    ctx = _ctx("2013-01-03")
+    with pytest.raises(PromotionConflict, match="reason is required"):
+        rollback_model(s, ctx, " ")
+    out = rollback_model(s, ctx, "v2 mis-scores JFK departures")
+    assert out["champion_version"] == "1" and out["rolled_back_version"] == "2" and out["previous_version"] is None
+    cl = registry.client(ctx)
+    assert str(registry.alias_version(cl, s.model.name, "champion").version) == "1"
+    assert registry.alias_version(cl, s.model.name, "previous") is None
+    assert cl.get_model_version(s.model.name, "2").tags["daybreak.rolled_back_reason"] == "v2 mis-scores JFK departures"
+    # nothing to roll back to now, and a rerun of day 3 never reinstates the rolled-back version
+    with pytest.raises(PromotionConflict, match="nothing to roll back to"):
+        rollback_model(s, ctx, "again")
+    assert promote_model(s, ctx)["promoted"] is False
+    events = audit_events(s, ctx)
+    assert [(e["event"], e["version"], e["from_version"]) for e in events] == [
+        ("rollback", "1", "2"), ("promote", "2", "1"), ("promote", "1", None)]
+    assert events[0]["reason"] == "v2 mis-scores JFK departures" and events[0]["by"]
+
+    # the CLI prints the same history
+    env = {**os.environ}
+    proc = subprocess.run([sys.executable, "-m", "daybreak.cli", "history", "--spec", _spec_file(s, fresh)],
+                          capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "rollback" in proc.stdout.splitlines()[0] and "mis-scores" in proc.stdout
+
+
+def test_rejections_are_in_the_history(fresh: Path, spec) -> None:
+    s = _lenient(spec)
+    train_model(s, _ctx("2013-01-02"))
+    evaluate_gate(s, _ctx("2013-01-02"))
+    promote_model(s, _ctx("2013-01-02"))
+    strict = spec.model_copy(update={"gate": spec.gate.model_copy(update={"floor": 0.99})})
+    train_model(strict, _ctx("2013-01-03"))
+    assert evaluate_gate(strict, _ctx("2013-01-03"))["decision"] == "REJECT"
+    last = audit_events(s, _ctx("2013-01-03"))[0]
+    assert last["event"] == "reject" and last["version"] == "2" and last["from_version"] == "1"
+    assert "floor" in last["reason"]
+
+
+def _spec_file(s, home: Path) -> str:
+    p = home / "spec.json"
+    p.write_text(json.dumps(s.model_dump(mode="json")))
+    return str(p)
