@@ -20,20 +20,35 @@ from daybreak.promote import promote_model, rollback_model
 from daybreak.train import train_model
 
 RACER = """
-import json, sys, time
-from daybreak.spec import parse_spec
+import json, os, sys, time
+from daybreak import registry
 from daybreak.context import RunContext
 from daybreak.errors import PromotionConflict
 from daybreak.promote import promote_model
+from daybreak.spec import parse_spec
+
+# Line the racers up: each stops after its first read of the champion until both got there, and
+# every read takes a second, so both read the champion before either moves it (without the lock
+# both would win).
+real = registry.alias_version
+reads = []
+def slow(*a, **k):
+    v = real(*a, **k)
+    if not reads:
+        open(sys.argv[1] + ".ready", "w").close()
+        while not os.path.exists(sys.argv[3]):
+            time.sleep(0.001)
+    reads.append(v and v.version)
+    time.sleep(1.0)
+    return v
+registry.alias_version = slow
 spec = parse_spec(json.loads(open(sys.argv[1]).read()))
-start = float(sys.argv[3])
-while time.time() < start:
-    time.sleep(0.001)
+ctx = RunContext.create(sys.argv[2], run_id="racer-" + sys.argv[1][-6:])
 try:
-    out = promote_model(spec, RunContext.create(sys.argv[2], run_id="racer-" + sys.argv[2]))
-    print("RESULT " + json.dumps({"won": out["promoted"], "version": out.get("champion_version"), "out": out}))
+    out = promote_model(spec, ctx)
+    print("RESULT " + json.dumps({"won": out["promoted"], "version": out.get("champion_version"), "reads": reads}))
 except PromotionConflict as e:
-    print("RESULT " + json.dumps({"won": False, "lost": str(e)}))
+    print("RESULT " + json.dumps({"won": False, "lost": str(e), "reads": reads}))
 """
 
 
@@ -61,9 +76,13 @@ def test_two_promoters_at_once_exactly_one_wins(fresh: Path, spec, tmp_path: Pat
         files[-1].write_text(json.dumps(sp.model_dump(mode="json")))
     import time
 
-    start = str(time.time() + 4)  # both start promoting at the same moment
-    procs = [subprocess.Popen([str(BIN / "python"), "-c", RACER, str(f), "2013-01-03", start], env=dict(os.environ),
+    go = tmp_path / "go"
+    procs = [subprocess.Popen([str(BIN / "python"), "-c", RACER, str(f), "2013-01-03", str(go)], env=dict(os.environ),
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for f in files]
+    deadline = time.monotonic() + 120
+    while not all(Path(f"{f}.ready").exists() for f in files) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    go.touch()
     results = []
     for p in procs:
         out, err = p.communicate(timeout=180)
@@ -73,6 +92,7 @@ def test_two_promoters_at_once_exactly_one_wins(fresh: Path, spec, tmp_path: Pat
     winners = [r for r in results if r["won"]]
     losers = [r for r in results if not r["won"]]
     assert len(winners) == 1 and len(losers) == 1, results
+    assert all(str(r["reads"][0]) == "1" for r in results)  # both saw v1 as champion when they started
     assert "another promotion won" in losers[0]["lost"] and "re-run the gate" in losers[0]["lost"]
     cl = registry.client(_ctx("2013-01-03"))
     assert str(registry.alias_version(cl, s.model.name, "champion").version) == winners[0]["version"]
