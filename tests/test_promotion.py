@@ -151,3 +151,28 @@ def _spec_file(s, home: Path) -> str:
     p = home / "spec.json"
     p.write_text(json.dumps(s.model_dump(mode="json")))
     return str(p)
+
+
+def test_retention_deletes_old_versions_out_of_service_only(fresh: Path, spec) -> None:
+    from datetime import datetime, timedelta, timezone
+
+    from daybreak.promote import apply_retention
+
+    s = _lenient(spec)
+    for day in ("2013-01-02", "2013-01-03"):
+        train_model(s, _ctx(day))
+        evaluate_gate(s, _ctx(day))
+        promote_model(s, _ctx(day))  # v1 then v2: champion v2, previous v1
+    strict = spec.model_copy(update={"gate": spec.gate.model_copy(update={"floor": 0.99}),
+                                     "promotion": spec.promotion.model_copy(update={"retention_days": 30})})
+    train_model(strict, _ctx("2013-01-03"))
+    assert evaluate_gate(strict, _ctx("2013-01-03"))["decision"] == "REJECT"  # v3, in service nowhere
+    ctx = _ctx("2013-01-04")
+    assert apply_retention(strict, ctx) == []  # all younger than 30 days
+    later = datetime.now(timezone.utc) + timedelta(days=31)
+    assert apply_retention(strict, _ctx("2013-01-03"), now=later) == []  # the date's own candidate stays
+    assert apply_retention(strict, ctx, now=later) == ["3"]
+    cl = registry.client(ctx)
+    assert [str(mv.version) for mv in registry.versions(cl, s.model.name)] == ["2", "1"]
+    assert str(registry.alias_version(cl, s.model.name, "champion").version) == "2"
+    assert audit_events(s, ctx)[0]["event"] == "retire" and audit_events(s, ctx)[0]["version"] == "3"

@@ -66,8 +66,34 @@ def promote_model(spec: Spec, ctx: RunContext) -> dict[str, Any]:
                  reason=f"gate {decision} on {day}" + (f" (override: {cand.tags['daybreak.gate.override_reason']})"
                                                        if cand.tags.get("daybreak.gate.override", "none") != "none" else ""))
     log.info("promote %s: %s -> v%s (was %s)", day, spec.promotion.alias, str(cand.version), current)
+    retired = apply_retention(spec, ctx)
     return base | {"promoted": True, "champion_version": str(cand.version), "previous_version": current,
-                   "candidate_version": str(cand.version)}
+                   "candidate_version": str(cand.version), "retired_versions": retired}
+
+
+def apply_retention(spec: Spec, ctx: RunContext, now: datetime | None = None) -> list[str]:
+    """Delete the registry versions older than ``promotion.retention_days`` that no alias points
+    at (never the champion or previous, nor the date's own candidate). Their runs, artifacts and
+    lineage stay in the tracking store; each deletion is recorded in the audit history."""
+    days = spec.promotion.retention_days
+    if days is None:
+        return []
+    name = spec.model.name
+    cl = registry.client(ctx)
+    cutoff = (now or datetime.now(timezone.utc)).timestamp() * 1000 - days * 86_400_000
+    gone = []
+    with registry.model_lock(cl, name, owner=ctx.run_id):
+        for mv in registry.versions(cl, name):
+            full = cl.get_model_version(name, str(mv.version))  # search results carry no aliases
+            if full.aliases or full.creation_timestamp >= cutoff or full.tags.get(registry.DATE_TAG) == ctx.logical_date.isoformat():
+                continue
+            cl.delete_model_version(name, str(mv.version))
+            gone.append(str(mv.version))
+    for v in gone:
+        record_event(spec, ctx, "retire", v, reason=f"older than promotion.retention_days={days} and not in service")
+    if gone:
+        log.info("retention: deleted versions %s of %s (older than %d days, no alias)", gone, name, days)
+    return gone
 
 
 def rollback_model(spec: Spec, ctx: RunContext, reason: str) -> dict[str, Any]:

@@ -463,6 +463,8 @@ class GateSpec(_Model):
 class PromotionSpec(_Model):
     alias: str = "champion"
     previous_alias: str = "previous"
+    retention_days: int | None = Field(
+        90, ge=0, description="delete registry versions older than this that no alias points at (null: keep all)")
 
 
 class ServingSpec(_Model):
