@@ -178,6 +178,17 @@ def gate(spec: Path = SpecOpt, day: str = typer.Option(..., "--date", "-d", help
 
 
 @app.command()
+def score(spec: Path = SpecOpt, day: str = typer.Option(..., "--date", "-d", help="Logical date, YYYY-MM-DD."),
+          store: Optional[str] = StoreOpt, tracking_uri: Optional[str] = TrackingOpt, as_json: bool = JsonOpt) -> None:
+    """Score the date's feature partition with the champion on Ray (predictions/<model>/date=D/)."""
+    from daybreak.score import batch_score
+
+    res = batch_score(_load(spec), _ctx(day, store, tracking_uri))
+    _emit(res, as_json, f"{res['date']}: {res['rows']} rows scored by v{res['model_version']} -> {res['uri']}"
+                        + (" (unchanged)" if res["skipped"] else ""))
+
+
+@app.command()
 def report(spec: Path = SpecOpt, version: Optional[str] = typer.Option(None, help="Model version (default: champion)."),
            html: Optional[str] = typer.Option(None, "--html", help="Write the gate's HTML report to this file ('-': stdout)."),
            tracking_uri: Optional[str] = TrackingOpt, as_json: bool = JsonOpt) -> None:

@@ -5,6 +5,7 @@ the step's small JSON result as its XCom. Nothing heavy is imported until ``exec
 """
 
 from daybreak.airflow.operators import (
+    BatchScoreOperator,
     BuildFeaturesOperator,
     DaybreakStepOperator,
     DeployModelOperator,
@@ -15,6 +16,7 @@ from daybreak.airflow.operators import (
 )
 
 __all__ = [
+    "BatchScoreOperator",
     "BuildFeaturesOperator",
     "DaybreakStepOperator",
     "DeployModelOperator",

@@ -205,3 +205,9 @@ class DeployModelOperator(DaybreakStepOperator):
 
     def step_options(self, context: Any) -> dict[str, Any]:
         return {"url": self.serve_url or None, "require_endpoint": self.require_endpoint}
+
+
+class BatchScoreOperator(DaybreakStepOperator):
+    """Score the date's feature partition with the champion on Ray; publish the predictions."""
+
+    step = "batch_score"

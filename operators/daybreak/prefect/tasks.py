@@ -76,3 +76,10 @@ def deploy_model(spec: str, date: str, store: str | None = None, tracking_uri: s
     """Wait for the serving endpoint to serve the champion and check parity."""
     return run_step("deploy", spec, date, store=store, tracking_uri=tracking_uri, url=url,
                     require_endpoint=require_endpoint)
+
+
+@task(name="batch_score", task_run_name="batch_score {date}", **_OPTS)
+def batch_score(spec: str, date: str, store: str | None = None, tracking_uri: str | None = None,
+                ray_address: str | None = None) -> dict[str, Any]:
+    """Score the date's feature partition with the champion on Ray; publish the predictions."""
+    return run_step("batch_score", spec, date, store=store, tracking_uri=tracking_uri, ray_address=ray_address)
