@@ -45,9 +45,14 @@ def promote_model(spec: Spec, ctx: RunContext) -> dict[str, Any]:
         log.info("promote %s: version %s stays out of service (%s)", day, str(cand.version), reason)
         return base | {"promoted": False, "reason": reason, "champion_version": current,
                        "candidate_version": str(cand.version)}
-    against = cand.tags.get(registry.AGAINST_TAG, "none")
     with registry.model_lock(cl, name, owner=ctx.run_id):
-        champ = registry.alias_version(cl, name, spec.promotion.alias)  # again, under the lock
+        # everything again, under the lock: an override or a rollback may have landed meanwhile
+        cand = cl.get_model_version(name, str(cand.version))
+        decision, against = cand.tags.get(registry.DECISION_TAG), cand.tags.get(registry.AGAINST_TAG, "none")
+        if decision != PROMOTE or "daybreak.promoted_at" in cand.tags or "daybreak.rolled_back_at" in cand.tags:
+            raise PromotionConflict(f"promote {day}: v{cand.version} changed while waiting for the lock "
+                                    f"(decision {decision}); nothing promoted")
+        champ = registry.alias_version(cl, name, spec.promotion.alias)
         current = str(champ.version) if champ else None
         if (current or "none") != against:
             raise PromotionConflict(
@@ -62,19 +67,25 @@ def promote_model(spec: Spec, ctx: RunContext) -> dict[str, Any]:
             "daybreak.promoted_by_run": ctx.run_id,
             "daybreak.replaced_version": current or "none",
         })
-    record_event(spec, ctx, "promote", str(cand.version), from_version=current,
-                 reason=f"gate {decision} on {day}" + (f" (override: {cand.tags['daybreak.gate.override_reason']})"
-                                                       if cand.tags.get("daybreak.gate.override", "none") != "none" else ""))
+        override = cand.tags.get("daybreak.gate.override", "none") != "none"
+        record_event(spec, ctx, "promote", str(cand.version), from_version=current,  # in the lock: in order
+                     reason=f"gate {decision} on {day}"
+                     + (f" (override: {cand.tags['daybreak.gate.override_reason']})" if override else ""))
     log.info("promote %s: %s -> v%s (was %s)", day, spec.promotion.alias, str(cand.version), current)
-    retired = apply_retention(spec, ctx)
+    try:
+        retired = apply_retention(spec, ctx)
+    except Exception:  # the promotion stands; retention runs again after the next one
+        log.exception("promote %s: retention failed; the promotion stands", day)
+        retired = []
     return base | {"promoted": True, "champion_version": str(cand.version), "previous_version": current,
                    "candidate_version": str(cand.version), "retired_versions": retired}
 
 
 def apply_retention(spec: Spec, ctx: RunContext, now: datetime | None = None) -> list[str]:
-    """Delete the registry versions older than ``promotion.retention_days`` that no alias points
-    at (never the champion or previous, nor the date's own candidate). Their runs, artifacts and
-    lineage stay in the tracking store; each deletion is recorded in the audit history."""
+    """Delete the registry versions older than ``promotion.retention_days`` that are out of service:
+    never one an alias points at or that a rollback could walk back to (the ``replaced_version``
+    chain), one gated PROMOTE and not yet promoted, or the date's own candidate. Their runs,
+    artifacts and lineage stay in the tracking store; each deletion is an audit event."""
     days = spec.promotion.retention_days
     if days is None:
         return []
@@ -83,12 +94,21 @@ def apply_retention(spec: Spec, ctx: RunContext, now: datetime | None = None) ->
     cutoff = (now or datetime.now(timezone.utc)).timestamp() * 1000 - days * 86_400_000
     gone = []
     with registry.model_lock(cl, name, owner=ctx.run_id):
-        for mv in registry.versions(cl, name):
-            full = cl.get_model_version(name, str(mv.version))  # search results carry no aliases
-            if full.aliases or full.creation_timestamp >= cutoff or full.tags.get(registry.DATE_TAG) == ctx.logical_date.isoformat():
+        found = {str(mv.version): cl.get_model_version(name, str(mv.version)) for mv in registry.versions(cl, name)}
+        keep = set()
+        for mv in found.values():  # in service, and the chain a rollback walks back along
+            if mv.aliases:
+                v = str(mv.version)
+                while v in found and v not in keep:
+                    keep.add(v)
+                    v = found[v].tags.get("daybreak.replaced_version", "none")
+        for v, mv in found.items():
+            pending = mv.tags.get(registry.DECISION_TAG) == PROMOTE and "daybreak.promoted_at" not in mv.tags
+            if (v in keep or pending or mv.creation_timestamp >= cutoff
+                    or mv.tags.get(registry.DATE_TAG) == ctx.logical_date.isoformat()):
                 continue
-            cl.delete_model_version(name, str(mv.version))
-            gone.append(str(mv.version))
+            cl.delete_model_version(name, v)
+            gone.append(v)
     for v in gone:
         record_event(spec, ctx, "retire", v, reason=f"older than promotion.retention_days={days} and not in service")
     if gone:
@@ -112,15 +132,20 @@ def rollback_model(spec: Spec, ctx: RunContext, reason: str) -> dict[str, Any]:
         if champ is None or prev is None:
             raise PromotionConflict(f"rollback: {name} has no {alias!r} and {prev_alias!r} to swap; nothing to roll back to")
         bad, good = str(champ.version), str(prev.version)
-        cl.set_registered_model_alias(name, alias, good)
         before = prev.tags.get("daybreak.replaced_version", "none")
+        if before not in ("none", bad):
+            try:
+                cl.get_model_version(name, before)
+            except Exception:  # deleted since: previous goes
+                before = "none"
+        cl.set_registered_model_alias(name, alias, good)
         if before not in ("none", bad):
             cl.set_registered_model_alias(name, prev_alias, before)
         else:
             cl.delete_registered_model_alias(name, prev_alias)
         registry.set_tags(cl, name, bad, {"daybreak.rolled_back_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                                           "daybreak.rolled_back_reason": reason[:1000]})
-    record_event(spec, ctx, "rollback", good, from_version=bad, reason=reason)
+        record_event(spec, ctx, "rollback", good, from_version=bad, reason=reason)
     log.warning("rollback: %s v%s -> v%s (%s)", alias, bad, good, reason)
     return {"step": "rollback", "champion_version": good, "rolled_back_version": bad,
             "previous_version": None if before in ("none", bad) else before, "reason": reason}

@@ -221,36 +221,38 @@ def model_lock(cl: Any, name: str, owner: str, lease_s: float = 300.0, wait_s: f
     MLflow has no compare-and-set on aliases, but creating a registered model is atomic and
     unique by name, so the lock is a registered model ``<name>.daybreak-lock`` that exists while
     held. It carries a lease: a holder that died leaves a lock that others remove once it expires.
+    Each holder has a token of its own, and releases the lock only if it still holds that token.
     """
     import time
+    import uuid
 
     from mlflow.exceptions import MlflowException
 
     from daybreak.errors import PromotionConflict
 
     lock = f"{name}.daybreak-lock"
+    token = f"{owner}/{uuid.uuid4().hex[:12]}"
     deadline = time.monotonic() + wait_s
     while True:
         try:
-            cl.create_registered_model(lock, tags={"daybreak.lock_owner": owner,
+            cl.create_registered_model(lock, tags={"daybreak.lock_owner": token,
                                                    "daybreak.lock_expires": str(time.time() + lease_s)},
                                        description=f"daybreak: promotion lock of {name} (transient)")
             break
         except MlflowException as e:
-            if e.error_code != "RESOURCE_ALREADY_EXISTS":
+            # RESOURCE_DOES_NOT_EXIST: the holder released it while the store looked it up
+            if e.error_code not in ("RESOURCE_ALREADY_EXISTS", "RESOURCE_DOES_NOT_EXIST"):
                 raise
+        holder = "another run"
         try:
             held = cl.get_registered_model(lock)
             expires, holder = float(held.tags.get("daybreak.lock_expires", 0)), held.tags.get("daybreak.lock_owner")
-        except MlflowException:
-            continue  # released in between
-        if expires < time.time():
-            log.warning("registry: removing %s's expired lock on %s", holder, name)
-            try:
+            if expires < time.time():
+                log.warning("registry: removing %s's expired lock on %s", holder, name)
                 cl.delete_registered_model(lock)
-            except MlflowException:
-                pass
-            continue
+                continue
+        except MlflowException:
+            pass  # released in between: try again after the pause
         if time.monotonic() > deadline:
             raise PromotionConflict(f"{name}: aliases locked by {holder} for over {wait_s:.0f} s; try again later")
         time.sleep(0.2)
@@ -258,6 +260,9 @@ def model_lock(cl: Any, name: str, owner: str, lease_s: float = 300.0, wait_s: f
         yield
     finally:
         try:
-            cl.delete_registered_model(lock)
+            if cl.get_registered_model(lock).tags.get("daybreak.lock_owner") == token:
+                cl.delete_registered_model(lock)
+            else:
+                log.warning("registry: the lock on %s expired while held and was taken over", name)
         except MlflowException:
             log.warning("registry: could not release the lock on %s (it expires by itself)", name, exc_info=True)

@@ -49,7 +49,8 @@ class SliceScorer:
         t = pa.concat_tables([pq.ParquetFile(self.fs.open_input_file(i["path"])).read_row_groups(i["row_groups"])
                               for i in items.to_pylist()])
         f = self.spec.features
-        pred = np.asarray(self.model.predict(t.select(f.feature_names()).to_pandas()), np.float64)
+        pred = (np.asarray(self.model.predict(t.select(f.feature_names()).to_pandas()), np.float64) if t.num_rows
+                else np.zeros(0))
         conf = np.maximum(pred, 1 - pred) if self.spec.model.task == "classification" else np.full(len(pred), np.nan)
         ids = [c for c in [*f.keys, EVENT_TIME] if c in t.column_names]
         n = len(pred)

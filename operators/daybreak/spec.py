@@ -464,7 +464,7 @@ class PromotionSpec(_Model):
     alias: str = "champion"
     previous_alias: str = "previous"
     retention_days: int | None = Field(
-        90, ge=0, description="delete registry versions older than this that no alias points at (null: keep all)")
+        90, ge=1, description="delete registry versions older than this that no alias points at (null: keep all)")
 
 
 class ServingSpec(_Model):
