@@ -56,6 +56,13 @@ def _fmt(v: Any) -> str:
     return "-" if v is None else (f"{v:.4f}" if isinstance(v, float) else str(v))
 
 
+def _listing(rows: list[dict[str, Any]], as_json: bool, empty: str, line: Any) -> None:
+    if as_json:
+        _emit(rows, True)
+        return
+    typer.echo("\n".join(map(line, rows)) if rows else empty)
+
+
 def _rule_line(r: dict[str, Any]) -> str:
     return (f"  {r.get('verdict', '-'):<5} {r['rule']:<16} value={_fmt(r.get('value'))}  "
             f"threshold={_fmt(r.get('threshold'))}" + (f"  {r['detail']}" if r.get("detail") else ""))
@@ -106,15 +113,10 @@ def history(spec: Path = SpecOpt, tracking_uri: Optional[str] = TrackingOpt, as_
     from daybreak.history import audit_events
 
     s = _load(spec)
-    rows = audit_events(s, _ctx(date.today(), None, tracking_uri))
-    if as_json:
-        _emit(rows, True)
-        return
-    if not rows:
-        typer.echo(f"no promotions, rejections or rollbacks of {s.model.name} yet")
-    for r in rows:
-        typer.echo(f"{r['at']}  {r['event']:<15} v{r['version'] or '-':<4} (champion was v{r['from_version'] or '-'})  "
-                   f"date={r['logical_date']}  by={r['by']}  run={r['run_context']}  {r['reason']}")
+    _listing(audit_events(s, _ctx(date.today(), None, tracking_uri)), as_json,
+             f"no promotions, rejections or rollbacks of {s.model.name} yet",
+             lambda r: f"{r['at']}  {r['event']:<15} v{r['version'] or '-':<4} (champion was v{r['from_version'] or '-'})  "
+                       f"date={r['logical_date']}  by={r['by']}  run={r['run_context']}  {r['reason']}")
 
 
 @app.command()
@@ -123,17 +125,11 @@ def versions(spec: Path = SpecOpt, tracking_uri: Optional[str] = TrackingOpt, as
     from daybreak.history import model_history
 
     s = _load(spec)
-    rows = model_history(s, _ctx(date.today(), None, tracking_uri))
-    if as_json:
-        _emit(rows, True)
-        return
-    if not rows:
-        typer.echo(f"no versions of {s.model.name} yet")
-    for r in rows:
-        aliases = ",".join(r["aliases"]) or "-"
-        typer.echo(f"v{r['version']:<4} date={r['logical_date'] or '-'}  window={r['window'] or '-'}  "
-                   f"decision={r['decision'] or '-':<8} candidate={_fmt(r['candidate_metric'])} "
-                   f"vs champion v{r['gated_against'] or '-'} {_fmt(r['champion_metric'])}  aliases={aliases}")
+    _listing(model_history(s, _ctx(date.today(), None, tracking_uri)), as_json, f"no versions of {s.model.name} yet",
+             lambda r: f"v{r['version']:<4} date={r['logical_date'] or '-'}  window={r['window'] or '-'}  "
+                       f"decision={r['decision'] or '-':<8} candidate={_fmt(r['candidate_metric'])} "
+                       f"vs champion v{r['gated_against'] or '-'} {_fmt(r['champion_metric'])}  "
+                       f"aliases={','.join(r['aliases']) or '-'}")
 
 
 @app.command()
