@@ -15,7 +15,7 @@ from daybreak import registry
 from daybreak.context import RunContext
 from daybreak.errors import PromotionConflict
 from daybreak.gate import PROMOTE, evaluate_gate
-from daybreak.history import audit_events
+from daybreak.history import audit_events, model_history
 from daybreak.promote import promote_model, rollback_model
 from daybreak.train import train_model
 
@@ -176,3 +176,143 @@ def test_retention_deletes_old_versions_out_of_service_only(fresh: Path, spec) -
     assert [str(mv.version) for mv in registry.versions(cl, s.model.name)] == ["2", "1"]
     assert str(registry.alias_version(cl, s.model.name, "champion").version) == "2"
     assert audit_events(s, ctx)[0]["event"] == "retire" and audit_events(s, ctx)[0]["version"] == "3"
+
+
+# --- manual approval -----------------------------------------------------------------------------
+
+def _manual(spec):
+    s = _lenient(spec)
+    return s.model_copy(update={"promotion": s.promotion.model_copy(update={"approval": "manual"})})
+
+
+def _aliases(ctx: RunContext, name: str) -> tuple[str | None, str | None]:
+    cl = registry.client(ctx)
+    return tuple(None if (mv := registry.alias_version(cl, name, a)) is None else str(mv.version)
+                 for a in ("champion", "previous"))
+
+
+def _cli(*args: str):
+    """The daybreak command in process (a subprocess costs seconds of imports per call)."""
+    from typer.testing import CliRunner
+
+    from daybreak.cli import app
+
+    return CliRunner().invoke(app, list(args), catch_exceptions=False)
+
+
+def test_manual_approval_tags_pending_then_approve_promotes(fresh: Path, spec) -> None:
+    from daybreak.errors import ApprovalError
+    from daybreak.promote import approve_model, should_deploy
+
+    auto, manual = _lenient(spec), _manual(spec)
+    assert manual.spec_hash() == auto.spec_hash()  # who approves does not change the model's identity
+    train_model(auto, _ctx("2013-01-02"))
+    evaluate_gate(auto, _ctx("2013-01-02"))
+    assert promote_model(auto, _ctx("2013-01-02"))["promoted"]  # v1, champion
+    ctx = _ctx("2013-01-03")
+    train_model(manual, ctx)
+    assert evaluate_gate(manual, ctx)["decision"] == PROMOTE
+
+    out = promote_model(manual, ctx)
+    assert out["promoted"] is False and out["approval"] == "pending" and out["candidate_version"] == "2"
+    assert out["champion_version"] == "1" and out["gated_against"] == "1" and "approve" in out["reason"]
+    assert not should_deploy(out)
+    assert _aliases(ctx, manual.model.name) == ("1", None)
+    tags = registry.client(ctx).get_model_version(manual.model.name, "2").tags
+    assert tags["daybreak.approval"] == "pending" and tags["daybreak.approval.gated_against"] == "1"
+    assert "daybreak.promoted_at" not in tags
+    assert promote_model(manual, ctx)["approval"] == "pending"  # a rerun: still pending, recorded once
+    events = audit_events(manual, ctx)
+    assert [(e["event"], e["version"], e["from_version"]) for e in events] == [
+        ("pending_approval", "2", "1"), ("promote", "1", None)]
+
+    with pytest.raises(ApprovalError, match="reason is required"):
+        approve_model(manual, ctx, "2", "  ")
+    assert model_history(manual, ctx)[0]["approval"] == "pending"
+
+    spec_file = _spec_file(manual, fresh)
+    proc = _cli("approve", "--spec", spec_file, "--version", "2", "--reason", "checked the JFK slice by hand", "--json")
+    assert proc.exit_code == 0, proc.output
+    res = json.loads(proc.stdout)
+    assert res["approval"] == "approved" and res["promoted"] is True
+    assert res["champion_version"] == "2" and res["previous_version"] == "1" and res["by"]
+    assert _aliases(ctx, manual.model.name) == ("2", "1")
+    tags = registry.client(ctx).get_model_version(manual.model.name, "2").tags
+    assert tags["daybreak.approval"] == "approved" and tags["daybreak.approval.reason"] == "checked the JFK slice by hand"
+    assert tags["daybreak.replaced_version"] == "1" and "daybreak.promoted_at" in tags
+    events = audit_events(manual, ctx)
+    newest = {(e["event"], e["version"], e["from_version"]) for e in events[:2]}  # recorded in one lock hold
+    assert newest == {("approved", "2", "1"), ("promote", "2", "1")}
+    assert [e["event"] for e in events[2:]] == ["pending_approval", "promote"]
+    approved = next(e for e in events if e["event"] == "approved")
+    assert approved["reason"] == "checked the JFK slice by hand" and approved["by"] == res["by"]
+    assert approved["logical_date"] == "2013-01-03"  # the version's date, not the day it was approved
+
+    # approving twice, or the rerun of the date, changes nothing
+    with pytest.raises(ApprovalError, match="v2: already promoted .* \\(approved by "):
+        approve_model(manual, ctx, "2", "again")
+    assert promote_model(manual, ctx)["reason"] == "already champion"
+    proc = _cli("versions", "--spec", spec_file)
+    assert proc.exit_code == 0, proc.output
+    assert f"approval=approved by {res['by']}" in proc.stdout.splitlines()[0], proc.stdout
+
+
+def test_approval_refused_when_champion_moved_and_reject(fresh: Path, spec) -> None:
+    from datetime import datetime, timedelta, timezone
+
+    from daybreak.errors import ApprovalError
+    from daybreak.promote import apply_retention, approve_model
+
+    auto, manual = _lenient(spec), _manual(spec)
+    train_model(auto, _ctx("2013-01-02"))
+    evaluate_gate(auto, _ctx("2013-01-02"))
+    promote_model(auto, _ctx("2013-01-02"))  # v1 champion
+    other = manual.model_copy(update={"model": manual.model.model_copy(update={"seed": 7})})
+    ctx = _ctx("2013-01-03")
+    for sp in (manual, other):  # v2 and v3, both gated against v1, both pending
+        train_model(sp, ctx)
+        assert evaluate_gate(sp, ctx)["champion_version"] == "1"
+        if sp is other:  # gated, but the promote step has not asked for approval yet
+            with pytest.raises(ApprovalError, match=r"v3: not pending approval \(gate decision PROMOTE\)"):
+                approve_model(manual, ctx, "3", "too early")
+        assert promote_model(sp, ctx)["approval"] == "pending"
+    assert approve_model(manual, ctx, 2, "better on every slice")["champion_version"] == "2"
+    before = audit_events(manual, ctx)
+
+    with pytest.raises(PromotionConflict, match=r"champion is now v2 but the gate evaluated v3 against v1.*re-gated"):
+        approve_model(manual, ctx, "3", "also good")
+    assert _aliases(ctx, manual.model.name) == ("2", "1")
+    cl = registry.client(ctx)
+    assert cl.get_model_version(manual.model.name, "3").tags["daybreak.approval"] == "pending"
+    assert len(audit_events(manual, ctx)) == len(before)  # nothing recorded
+
+    # retention keeps a pending version however old
+    keep_30 = manual.model_copy(update={"promotion": manual.promotion.model_copy(update={"retention_days": 30})})
+    later = datetime.now(timezone.utc) + timedelta(days=31)
+    assert apply_retention(keep_30, _ctx("2013-01-05"), now=later) == []
+
+    with pytest.raises(ApprovalError, match="reason is required"):
+        approve_model(manual, ctx, "3", "", decision="reject")
+    out = approve_model(manual, ctx, "v3", "superseded by v2", decision="reject")
+    assert out["approval"] == "rejected" and out["promoted"] is False and out["champion_version"] == "2"
+    assert _aliases(ctx, manual.model.name) == ("2", "1")
+    last = audit_events(manual, ctx)[0]
+    assert (last["event"], last["version"], last["reason"]) == ("approval_rejected", "3", "superseded by v2")
+    with pytest.raises(ApprovalError, match="rejected by .*superseded by v2.*never promoted"):
+        approve_model(manual, ctx, "3", "changed my mind")
+    res = promote_model(other, ctx)  # the date's rerun leaves a rejected version alone
+    assert res["promoted"] is False and res["approval"] == "rejected"
+
+    # not pending: promoted already (without approval), bad input
+    with pytest.raises(ApprovalError, match="v1: already promoted"):
+        approve_model(manual, ctx, "1", "why not")
+    with pytest.raises(ApprovalError, match="'maybe' is not 'approve' or 'reject'"):
+        approve_model(manual, ctx, "2", "x", decision="maybe")
+    with pytest.raises(ApprovalError, match="'two' is not a model version number"):
+        approve_model(manual, ctx, "two", "x")
+
+    # a rejected approval is out of service: retention may delete it; then it is gone for good
+    assert apply_retention(keep_30, _ctx("2013-01-05"), now=later) == ["3"]
+    with pytest.raises(ApprovalError, match="has no version 3 .*deleted by retention"):
+        approve_model(manual, ctx, "3", "x")
+    assert "daybreak-lock" not in " ".join(m.name for m in cl.search_registered_models())

@@ -71,7 +71,8 @@ def _rule_line(r: dict[str, Any]) -> str:
 def summary_line(s: dict[str, Any]) -> str:
     return (f"{s['date']}  staged={_fmt(s['rows_staged']):>5}  candidate=v{_fmt(s['candidate_version'])} "
             f"{_fmt(s['candidate_metric'])}  champion_metric={_fmt(s['champion_metric'])}  "
-            f"decision={_fmt(s['decision']):<8}  champion=v{_fmt(s['champion_version'])}")
+            f"decision={_fmt(s['decision']):<8}  champion=v{_fmt(s['champion_version'])}"
+            + (f"  approval={s['approval']}" if s.get("approval") else ""))
 
 
 @app.command()
@@ -109,13 +110,13 @@ def backfill(spec: Path = SpecOpt, start: str = typer.Option(..., "--start", hel
 
 @app.command()
 def history(spec: Path = SpecOpt, tracking_uri: Optional[str] = TrackingOpt, as_json: bool = JsonOpt) -> None:
-    """The audit history: every promotion, rejection, override and rollback, newest first."""
+    """The audit history: every promotion, rejection, override, approval and rollback, newest first."""
     from daybreak.history import audit_events
 
     s = _load(spec)
     _listing(audit_events(s, _ctx(date.today(), None, tracking_uri)), as_json,
              f"no promotions, rejections or rollbacks of {s.model.name} yet",
-             lambda r: f"{r['at']}  {r['event']:<15} v{r['version'] or '-':<4} (champion was v{r['from_version'] or '-'})  "
+             lambda r: f"{r['at']}  {r['event']:<17} v{r['version'] or '-':<4} (champion was v{r['from_version'] or '-'})  "
                        f"date={r['logical_date']}  by={r['by']}  run={r['run_context']}  {r['reason']}")
 
 
@@ -129,7 +130,9 @@ def versions(spec: Path = SpecOpt, tracking_uri: Optional[str] = TrackingOpt, as
              lambda r: f"v{r['version']:<4} date={r['logical_date'] or '-'}  window={r['window'] or '-'}  "
                        f"decision={r['decision'] or '-':<8} candidate={_fmt(r['candidate_metric'])} "
                        f"vs champion v{r['gated_against'] or '-'} {_fmt(r['champion_metric'])}  "
-                       f"aliases={','.join(r['aliases']) or '-'}")
+                       f"aliases={','.join(r['aliases']) or '-'}"
+                       + (f"  approval={r['approval']}" + (f" by {r['approval_by']}" if r["approval_by"] else "")
+                          if r["approval"] else ""))
 
 
 @app.command()
@@ -140,6 +143,27 @@ def rollback(spec: Path = SpecOpt, reason: str = typer.Option(..., "--reason", h
 
     res = rollback_model(_load(spec), _ctx(date.today(), None, tracking_uri), reason)
     _emit(res, as_json, f"champion: v{res['rolled_back_version']} -> v{res['champion_version']}  ({reason})")
+
+
+@app.command()
+def approve(spec: Path = SpecOpt,
+            version: str = typer.Option(..., "--version", help="The model version waiting for approval."),
+            reason: str = typer.Option(..., "--reason", help="Why (required; recorded in the history)."),
+            reject: bool = typer.Option(False, "--reject", help="Decline it instead: it is never promoted."),
+            tracking_uri: Optional[str] = TrackingOpt, as_json: bool = JsonOpt) -> None:
+    """Approve (or --reject) a version the gate passed under promotion.approval: manual.
+
+    Approving promotes it if the champion is still the version it was gated against; otherwise
+    nothing changes and it must be re-gated.
+    """
+    from daybreak.promote import approve_model
+
+    res = approve_model(_load(spec), _ctx(date.today(), None, tracking_uri), version, reason,
+                        decision="reject" if reject else "approve")
+    human = (f"rejected v{res['version']}; champion stays v{_fmt(res['champion_version'])}  ({reason})" if reject else
+             f"approved v{res['version']}: champion v{_fmt(res['previous_version'])} -> v{res['champion_version']}  "
+             f"({reason})")
+    _emit(res, as_json, human)
 
 
 @app.command()

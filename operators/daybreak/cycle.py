@@ -14,7 +14,7 @@ from daybreak.context import RunContext
 from daybreak.deploy import deploy_model
 from daybreak.features import build_features
 from daybreak.gate import evaluate_gate, should_promote
-from daybreak.promote import promote_model
+from daybreak.promote import promote_model, should_deploy
 from daybreak.spec import Spec
 from daybreak.stage import stage
 from daybreak.train import train_model
@@ -29,7 +29,7 @@ def run_cycle(spec: Spec, ctx: RunContext, deploy: bool = True) -> dict[str, Any
     out["gate"] = evaluate_gate(spec, ctx)
     if should_promote(out["gate"]):
         out["promote"] = promote_model(spec, ctx)
-        if deploy:
+        if deploy and should_deploy(out["promote"]):  # not while the version waits for approval
             out["deploy"] = deploy_model(spec, ctx)
     else:  # after a reject promotion (and so deployment) never runs, as in the DAG and the flow
         out["promote"] = not_promoted(spec, ctx, out["gate"])
@@ -60,6 +60,7 @@ def summarize(result: dict[str, Any]) -> dict[str, Any]:
         "champion_metric": gate.get("champion_metric"),
         "decision": gate.get("decision"),
         "champion_version": promote.get("champion_version"),
+        "approval": promote.get("approval"),
     }
 
 
@@ -73,6 +74,7 @@ def day_summary(spec: Spec, ctx: RunContext) -> dict[str, Any]:
     """The per-day line rebuilt from the store and the registry, whichever orchestrator ran the day."""
     from daybreak import registry
     from daybreak.gate import recorded_decision
+    from daybreak.promote import APPROVAL_TAG
 
     day = ctx.logical_date.isoformat()
     part = ctx.store.partition(f"staged/{spec.features.base}", ctx.logical_date)
@@ -89,4 +91,5 @@ def day_summary(spec: Spec, ctx: RunContext) -> dict[str, Any]:
         "champion_metric": rec.get("champion_metric"),
         "decision": rec.get("decision") or ("SKIPPED" if cand is None else None),
         "champion_version": str(champ.version) if champ is not None else None,
+        "approval": cand.tags.get(APPROVAL_TAG) if cand is not None else None,
     }

@@ -42,3 +42,7 @@ class GateError(DaybreakError):
 
 class PromotionConflict(DaybreakError):
     """The champion moved since the gate evaluated against it."""
+
+
+class ApprovalError(DaybreakError):
+    """A version cannot be approved or rejected in the state it is in (not pending, deleted, ...)."""

@@ -21,23 +21,29 @@ from daybreak.spec import Spec
 EVENT_TAGS = ("event", "model", "version", "from_version", "reason", "run_context", "logical_date", "by")
 
 
-def record_event(spec: Spec, ctx: RunContext, event: str, version: str | None, *, from_version: str | None = None,
-                 reason: str = "") -> None:
-    """Append one event (promote, reject, blocked, rollback, override) to the audit history."""
+def who() -> str:
+    """The OS user running this process: recorded with overrides, rollbacks and approvals."""
     import getpass
+
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):
+        return "unknown"
+
+
+def record_event(spec: Spec, ctx: RunContext, event: str, version: str | None, *, from_version: str | None = None,
+                 reason: str = "", by: str | None = None) -> None:
+    """Append one event (promote, reject, blocked, rollback, override, pending_approval, approved,
+    approval_rejected, retire) to the audit history. `by` defaults to the OS user."""
     from datetime import datetime, timezone
 
     cl = registry.client(ctx)
     name = f"{spec.name}-audit"
     exp = cl.get_experiment_by_name(name)
     exp_id = exp.experiment_id if exp is not None else _create_experiment(cl, name)
-    try:
-        who = getpass.getuser()
-    except (KeyError, OSError):
-        who = "unknown"
     tags = {"event": event, "model": spec.model.name, "version": version or "none", "from_version": from_version or "none",
             "reason": reason[:4000] or "-", "run_context": ctx.run_id, "logical_date": ctx.logical_date.isoformat(),
-            "by": who, "at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+            "by": by or who(), "at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
     run = cl.create_run(exp_id, run_name=f"{event}-v{version or 'none'}",
                         tags={f"daybreak.audit.{k}": v for k, v in tags.items()})
     cl.set_terminated(run.info.run_id)
@@ -84,6 +90,9 @@ def _row(mv: Any) -> dict[str, Any]:
         "champion_metric": rec["champion_metric"],
         "gated_against": rec["champion_version"],
         "promoted_at": t.get("daybreak.promoted_at"),
+        "approval": t.get("daybreak.approval"),  # manual approval: pending | approved | rejected
+        "approval_by": t.get("daybreak.approval.by"),
+        "approval_reason": t.get("daybreak.approval.reason"),
         "aliases": sorted(getattr(mv, "aliases", []) or []),
         "spec_hash": t.get(registry.SPEC_TAG),
         "run_id": mv.run_id,

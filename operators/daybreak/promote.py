@@ -1,14 +1,19 @@
-"""Promote: move the champion alias to the version the gate passed, and only that; roll back.
+"""Promote: move the champion alias to the version the gate passed, and only that; approve; roll back.
 
 The move is a compare-and-set: under the model's lock (``registry.model_lock``), the champion
 must still be the version the gate compared against. If another run moved it in between,
 promotion stops with PromotionConflict instead of overwriting a decision it never saw. Every
 promotion and rollback is appended to the audit history (``history.record_event``).
+
+With ``promotion.approval: manual`` the promote step tags a passing version pending
+(``daybreak.approval``) and moves nothing; ``approve_model`` is the person's answer, and an
+approval moves the champion through the same compare-and-set, against the champion the gate saw.
 """
 
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 from datetime import datetime, timezone
 from typing import Any
 
@@ -22,7 +27,13 @@ from daybreak.spec import Spec
 log = logging.getLogger(__name__)
 
 
+PENDING, APPROVED, REJECTED = "pending", "approved", "rejected"
+APPROVAL_TAG = "daybreak.approval"
+
+
 def promote_model(spec: Spec, ctx: RunContext) -> dict[str, Any]:
+    """Move the champion to the date's candidate if the gate passed it; with
+    ``promotion.approval: manual`` tag it pending instead, for ``approve_model`` to promote."""
     name, day = spec.model.name, ctx.logical_date.isoformat()
     registry.setup_tracking(ctx, spec.name)
     cl = registry.client(ctx)
@@ -45,40 +56,181 @@ def promote_model(spec: Spec, ctx: RunContext) -> dict[str, Any]:
         log.info("promote %s: version %s stays out of service (%s)", day, str(cand.version), reason)
         return base | {"promoted": False, "reason": reason, "champion_version": current,
                        "candidate_version": str(cand.version)}
+    if cand.tags.get(APPROVAL_TAG) in (PENDING, REJECTED):  # once a person is asked, only they decide
+        return base | _approval_state(cand, current)
+    manual = spec.promotion.approval == "manual"
     with registry.model_lock(cl, name, owner=ctx.run_id):
         # everything again, under the lock: an override or a rollback may have landed meanwhile
         cand = cl.get_model_version(name, str(cand.version))
-        decision, against = cand.tags.get(registry.DECISION_TAG), cand.tags.get(registry.AGAINST_TAG, "none")
-        if decision != PROMOTE or "daybreak.promoted_at" in cand.tags or "daybreak.rolled_back_at" in cand.tags:
+        decision = cand.tags.get(registry.DECISION_TAG)
+        if (decision != PROMOTE or "daybreak.promoted_at" in cand.tags or "daybreak.rolled_back_at" in cand.tags
+                or cand.tags.get(APPROVAL_TAG) in (PENDING, REJECTED)):
             raise PromotionConflict(f"promote {day}: v{cand.version} changed while waiting for the lock "
-                                    f"(decision {decision}); nothing promoted")
-        champ = registry.alias_version(cl, name, spec.promotion.alias)
-        current = str(champ.version) if champ else None
-        if (current or "none") != against:
-            raise PromotionConflict(
-                f"promote {day}: champion is now v{current} but the gate evaluated v{str(cand.version)} against "
-                f"{'v' + against if against != 'none' else 'no champion'}; another promotion won; re-run the gate"
-            )
-        if current is not None:
-            cl.set_registered_model_alias(name, spec.promotion.previous_alias, current)
-        cl.set_registered_model_alias(name, spec.promotion.alias, str(cand.version))
-        registry.set_tags(cl, name, str(cand.version), {
-            "daybreak.promoted_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "daybreak.promoted_by_run": ctx.run_id,
-            "daybreak.replaced_version": current or "none",
-        })
-        override = cand.tags.get("daybreak.gate.override", "none") != "none"
-        record_event(spec, ctx, "promote", str(cand.version), from_version=current,  # in the lock: in order
-                     reason=f"gate {decision} on {day}"
-                     + (f" (override: {cand.tags['daybreak.gate.override_reason']})" if override else ""))
+                                    f"(decision {decision}, approval {cand.tags.get(APPROVAL_TAG, 'none')}); "
+                                    "nothing promoted")
+        current = _unmoved_champion(cl, spec, cand, f"promote {day}", "another promotion won; re-run the gate")
+        if manual:
+            registry.set_tags(cl, name, str(cand.version), {
+                APPROVAL_TAG: PENDING, "daybreak.approval.gated_against": current or "none",
+                "daybreak.approval.requested_at": _now(), "daybreak.approval.requested_by_run": ctx.run_id})
+            record_event(spec, ctx, "pending_approval", str(cand.version), from_version=current,
+                         reason=f"gate {decision} on {day}; promotion.approval is manual")
+        else:
+            override = cand.tags.get("daybreak.gate.override", "none") != "none"
+            _move_champion(cl, spec, ctx, cand, current, f"gate {decision} on {day}" + (
+                f" (override: {cand.tags['daybreak.gate.override_reason']})" if override else ""))
+    if manual:
+        cand = cl.get_model_version(name, str(cand.version))
+        log.warning("promote %s: v%s passed the gate and waits for approval (champion stays %s)", day,
+                    str(cand.version), current)
+        return base | _approval_state(cand, current)
     log.info("promote %s: %s -> v%s (was %s)", day, spec.promotion.alias, str(cand.version), current)
-    try:
-        retired = apply_retention(spec, ctx)
-    except Exception:  # the promotion stands; retention runs again after the next one
-        log.exception("promote %s: retention failed; the promotion stands", day)
-        retired = []
     return base | {"promoted": True, "champion_version": str(cand.version), "previous_version": current,
-                   "candidate_version": str(cand.version), "retired_versions": retired}
+                   "candidate_version": str(cand.version), "retired_versions": _retain(spec, ctx)}
+
+
+def should_deploy(result: dict[str, Any]) -> bool:
+    """What the orchestrators ask after promote: never deploy for a version waiting for approval
+    (or refused it); the champion did not move."""
+    return result.get("approval") not in (PENDING, REJECTED)
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def _approval_state(cand: Any, champion: str | None) -> dict[str, Any]:
+    """The promote step's result for a version that a person has to approve (or refused)."""
+    v, t = str(cand.version), cand.tags
+    state = t.get(APPROVAL_TAG)
+    if state == PENDING:
+        reason = (f"v{v} passed the gate and waits for approval: daybreak approve --spec <spec> --version {v} "
+                  "--reason ... (or the daybreak_approve DAG)")
+    else:
+        reason = f"approval of v{v} was rejected by {t.get('daybreak.approval.by')}: {t.get('daybreak.approval.reason')}"
+    return {"promoted": False, "approval": state, "reason": reason, "champion_version": champion,
+            "candidate_version": v, "gated_against": t.get("daybreak.approval.gated_against")}
+
+
+def _unmoved_champion(cl: Any, spec: Spec, cand: Any, what: str, hint: str) -> str | None:
+    """The champion, if it is still the version the gate compared `cand` against (call under the
+    lock); else PromotionConflict with `hint` (``{champion}`` in it: the champion now)."""
+    against = cand.tags.get(registry.AGAINST_TAG, "none")
+    champ = registry.alias_version(cl, spec.model.name, spec.promotion.alias)
+    current = str(champ.version) if champ else None
+    if (current or "none") != against:
+        raise PromotionConflict(f"{what}: champion is now {_v(current)} but the gate evaluated v{cand.version} "
+                                f"against {_v(against)}; " + hint.format(champion=_v(current)))
+    return current
+
+
+def _v(version: str | None) -> str:
+    return "no champion" if version in (None, "none") else f"v{version}"
+
+
+def _move_champion(cl: Any, spec: Spec, ctx: RunContext, cand: Any, current: str | None, reason: str) -> None:
+    """Champion -> `cand`, previous -> the old champion, and the promote event (call under the lock,
+    so events are recorded in the order the aliases moved)."""
+    name = spec.model.name
+    if current is not None:
+        cl.set_registered_model_alias(name, spec.promotion.previous_alias, current)
+    cl.set_registered_model_alias(name, spec.promotion.alias, str(cand.version))
+    registry.set_tags(cl, name, str(cand.version), {"daybreak.promoted_at": _now(),
+                                                    "daybreak.promoted_by_run": ctx.run_id,
+                                                    "daybreak.replaced_version": current or "none"})
+    record_event(spec, ctx, "promote", str(cand.version), from_version=current, reason=reason)
+
+
+def _retain(spec: Spec, ctx: RunContext) -> list[str]:
+    try:
+        return apply_retention(spec, ctx)
+    except Exception:  # the promotion stands; retention runs again after the next one
+        log.exception("promote: retention failed; the promotion stands")
+        return []
+
+
+def approve_model(spec: Spec, ctx: RunContext, version: str | int, reason: str, decision: str = "approve",
+                  by: str | None = None) -> dict[str, Any]:
+    """A person's answer to a version waiting for approval (``promotion.approval: manual``).
+
+    ``approve`` promotes it through the same compare-and-set as the promote step: under the lock,
+    the champion must still be the version the gate compared it against, or nothing changes and
+    the version must be re-gated. ``reject`` keeps it out of service for good. Both are recorded
+    with `reason` and `by` (default: the OS user).
+    """
+    from daybreak.context import parse_date
+    from daybreak.errors import ApprovalError
+    from daybreak.history import who
+
+    choice = str(decision or "").strip().lower()
+    if choice not in ("approve", "reject"):
+        raise ApprovalError(f"approval decision {decision!r} is not 'approve' or 'reject'")
+    if not reason or not str(reason).strip():
+        raise ApprovalError(f"{choice} v{version}: a reason is required (it is recorded in the history)")
+    v = str(version).strip().removeprefix("v")
+    if not v.isdigit():
+        raise ApprovalError(f"{choice}: {version!r} is not a model version number")
+    name, by = spec.model.name, by or who()
+    registry.setup_tracking(ctx, spec.name)
+    cl = registry.client(ctx)
+    with registry.model_lock(cl, name, owner=ctx.run_id):
+        mv = _pending_version(cl, name, v, choice)
+        t = mv.tags
+        day = t.get(registry.DATE_TAG)
+        ev_ctx = replace(ctx, logical_date=parse_date(day)) if day else ctx
+        stamp = {"daybreak.approval.by": by, "daybreak.approval.reason": str(reason)[:1000],
+                 "daybreak.approval.at": _now()}
+        if choice == "reject":
+            registry.set_tags(cl, name, v, {**stamp, APPROVAL_TAG: REJECTED})
+            record_event(spec, ev_ctx, "approval_rejected", v, from_version=t.get(registry.AGAINST_TAG, "none"),
+                         reason=reason, by=by)
+            champ = registry.alias_version(cl, name, spec.promotion.alias)
+            result = {"approval": REJECTED, "promoted": False,
+                      "champion_version": str(champ.version) if champ else None}
+        else:
+            current = _unmoved_champion(
+                cl, spec, mv, f"approve v{v}",
+                f"the champion moved since v{v} was gated, so it must be re-gated against {{champion}} "
+                f"(daybreak gate --spec <spec> --date {day} --force) and approved again; nothing changed")
+            registry.set_tags(cl, name, v, {**stamp, APPROVAL_TAG: APPROVED})
+            record_event(spec, ev_ctx, "approved", v, from_version=current, reason=reason, by=by)
+            _move_champion(cl, spec, ev_ctx, mv, current, f"gate PROMOTE on {day}, approved by {by}: {reason}")
+            result = {"approval": APPROVED, "promoted": True, "champion_version": v, "previous_version": current}
+    log.info("%s v%s of %s by %s: %s", "approved" if choice == "approve" else "rejected", v, name, by, reason)
+    if result["promoted"]:
+        result["retired_versions"] = _retain(spec, ctx)
+    return {"step": "approve", "version": v, "date": day, "decision": choice, "reason": reason, "by": by} | result
+
+
+def _pending_version(cl: Any, name: str, v: str, choice: str) -> Any:
+    """Version `v` if it is waiting for approval; otherwise an error saying what it is instead."""
+    from mlflow.exceptions import MlflowException
+
+    from daybreak.errors import ApprovalError
+
+    try:
+        mv = cl.get_model_version(name, v)
+    except MlflowException as e:
+        raise ApprovalError(f"{choice} v{v}: {name} has no version {v} (never registered, or deleted by "
+                            "retention)") from e
+    t = mv.tags
+    state, decision = t.get(APPROVAL_TAG), t.get(registry.DECISION_TAG)
+    if state == APPROVED or "daybreak.promoted_at" in t:
+        raise ApprovalError(f"{choice} v{v}: already promoted at {t.get('daybreak.promoted_at')}"
+                            + (f" (approved by {t.get('daybreak.approval.by')})" if state == APPROVED else "")
+                            + (f", rolled back at {t['daybreak.rolled_back_at']}" if "daybreak.rolled_back_at" in t
+                               else ""))
+    if state == REJECTED:
+        raise ApprovalError(f"{choice} v{v}: its approval was rejected by {t.get('daybreak.approval.by')} at "
+                            f"{t.get('daybreak.approval.at')} ({t.get('daybreak.approval.reason')}); a rejected "
+                            "version is never promoted")
+    if state != PENDING:
+        raise ApprovalError(f"{choice} v{v}: not pending approval (gate decision {decision or 'none: not gated'}); "
+                            "only a version gated PROMOTE under promotion.approval: manual waits for approval")
+    if decision != PROMOTE and choice == "approve":  # rejecting it is still an answer
+        raise ApprovalError(f"{choice} v{v}: it was re-gated {decision} since it was tagged pending; only a version "
+                            "gated PROMOTE can be approved")
+    return mv
 
 
 def apply_retention(spec: Spec, ctx: RunContext, now: datetime | None = None) -> list[str]:
@@ -103,7 +255,9 @@ def apply_retention(spec: Spec, ctx: RunContext, now: datetime | None = None) ->
                     keep.add(v)
                     v = found[v].tags.get("daybreak.replaced_version", "none")
         for v, mv in found.items():
-            pending = mv.tags.get(registry.DECISION_TAG) == PROMOTE and "daybreak.promoted_at" not in mv.tags
+            # passed the gate, not promoted yet (waiting for approval, or for the promote step)
+            pending = (mv.tags.get(registry.DECISION_TAG) == PROMOTE and "daybreak.promoted_at" not in mv.tags
+                       and mv.tags.get(APPROVAL_TAG) != REJECTED)
             if (v in keep or pending or mv.creation_timestamp >= cutoff
                     or mv.tags.get(registry.DATE_TAG) == ctx.logical_date.isoformat()):
                 continue
@@ -143,8 +297,7 @@ def rollback_model(spec: Spec, ctx: RunContext, reason: str) -> dict[str, Any]:
             cl.set_registered_model_alias(name, prev_alias, before)
         else:
             cl.delete_registered_model_alias(name, prev_alias)
-        registry.set_tags(cl, name, bad, {"daybreak.rolled_back_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                                          "daybreak.rolled_back_reason": reason[:1000]})
+        registry.set_tags(cl, name, bad, {"daybreak.rolled_back_at": _now(), "daybreak.rolled_back_reason": reason[:1000]})
         record_event(spec, ctx, "rollback", good, from_version=bad, reason=reason)
     log.warning("rollback: %s v%s -> v%s (%s)", alias, bad, good, reason)
     return {"step": "rollback", "champion_version": good, "rolled_back_version": bad,

@@ -465,6 +465,8 @@ class PromotionSpec(_Model):
     previous_alias: str = "previous"
     retention_days: int | None = Field(
         90, ge=1, description="delete registry versions older than this that no alias points at (null: keep all)")
+    approval: Literal["auto", "manual"] = Field(
+        "auto", description="auto: promote what the gate passes; manual: tag it pending until a person approves it")
 
 
 class ServingSpec(_Model):
@@ -555,7 +557,9 @@ class Spec(_Model):
 
     # --- identities -------------------------------------------------------------------------
     def spec_hash(self) -> str:
-        return _hash(self.model_dump(mode="json"))
+        # Who approves a promotion does not shape the model: switching to manual approval keeps
+        # the date's candidate (and every spec hash written before the field existed).
+        return _hash(self.model_dump(mode="json", exclude={"promotion": {"approval"}}))
 
     def feature_version(self) -> str:
         """Identity of everything that shapes the feature table (sources + features), not the model."""

@@ -18,7 +18,7 @@ def _registry() -> dict[str, Callable[..., dict[str, Any]]]:
     from daybreak.deploy import deploy_model
     from daybreak.features import build_features
     from daybreak.gate import evaluate_gate
-    from daybreak.promote import promote_model
+    from daybreak.promote import approve_model, promote_model
     from daybreak.score import batch_score
     from daybreak.stage import stage
     from daybreak.train import train_model
@@ -29,12 +29,13 @@ def _registry() -> dict[str, Callable[..., dict[str, Any]]]:
         "train": train_model,
         "gate": evaluate_gate,
         "promote": promote_model,
+        "approve": approve_model,
         "deploy": deploy_model,
         "batch_score": batch_score,
     }
 
 
-STEP_NAMES = ("stage", "features", "train", "gate", "promote", "deploy", "batch_score")
+STEP_NAMES = ("stage", "features", "train", "gate", "promote", "approve", "deploy", "batch_score")
 
 
 def resolve_date(*candidates: Any) -> date:
