@@ -121,6 +121,122 @@ def test_hot_swap_without_failed_requests(server: dict, use_cycled: dict, spec) 
         r.headers["x-model-version"] == other else None
 
 
+def _mlflow_answer(model, body: dict) -> tuple[int, np.ndarray | None]:
+    """What MLflow's own parser and the model make of a body: (200, predictions) or (400, None)."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.pyfunc.scoring_server import infer_and_parse_data
+
+    try:
+        frame = infer_and_parse_data(body, model.metadata.get_input_schema())
+        return 200, np.asarray(model.predict(frame), dtype=np.float64)
+    except (MlflowException, ValueError, KeyError, TypeError):
+        return 400, None
+
+
+def test_bodies_answer_as_mlflow_parses_them(server: dict, use_cycled: dict, spec) -> None:
+    """The fast path (columns built directly, requests batched) answers exactly what MLflow's parser
+    and the model answer, and every other body goes to MLflow's parser: same predictions, same 400s."""
+    from daybreak.serve import fast_columns, fast_fields
+
+    url = server["url"]
+    ctx = RunContext.create("2013-01-04")
+    champ = str(registry.alias_version(registry.client(ctx), spec.model.name, "champion").version)
+    model = registry.load_model(ctx, spec.model.name, champ)
+    X = _rows(spec, 6)
+    cols, rows = list(X.columns), _jsonable(X)
+    records = [dict(zip(cols, r)) for r in rows]
+    num = cols.index("distance")
+
+    def split(data, columns=cols, **extra):
+        return {"dataframe_split": {"columns": columns, "data": data, **extra}}
+
+    def with_value(value, at=num):
+        return [r[:at] + [value] + r[at + 1:] for r in rows]
+
+    fast = {
+        "split": split(rows),
+        "split, columns in another order": split([r[::-1] for r in rows], cols[::-1]),
+        "split, whole numbers in a double column": split(with_value(700)),
+        "split, None in a double column": split(with_value(None)),
+        "split, None in a string column": split(with_value(None, cols.index("carrier_code"))),
+        "records": {"dataframe_records": records},
+        "inputs as records": {"inputs": records},
+        "inputs as columns": {"inputs": {c: [r[i] for r in rows] for i, c in enumerate(cols)}},
+    }
+    other = {
+        "split, a boolean in a double column": split(with_value(True)),
+        "split, numbers as text": split(with_value("700")),
+        "split, text in a double column": split(with_value("far")),
+        "split, a number in a string column": split(with_value(7, cols.index("carrier_code"))),
+        "split, an extra column": split([r + [1.0] for r in rows], cols + ["extra"]),
+        "split, a column missing": split([r[1:] for r in rows], cols[1:]),
+        "split, a short row": split([rows[0][:-1]] + rows[1:]),
+        "split, with an index": split(rows, index=list(range(len(rows)))),
+        "split, no rows": split([]),
+        "records, a key missing": {"dataframe_records": [records[0], {k: v for k, v in records[1].items() if k != "distance"}]},
+        "with params": {**split(rows), "params": {"x": 1}},
+        "no format key": {"rows": rows},
+        "two format keys": {**split(rows), "dataframe_records": records},
+    }
+    fields = fast_fields(model)
+    assert fields is not None
+    assert all(fast_columns(b, fields) is not None for b in fast.values())
+    assert all(fast_columns(b, fields) is None for b in other.values())
+    statuses = set()
+    for name, body in {**fast, **other}.items():
+        status, expected = _mlflow_answer(model, body)
+        r = httpx.post(f"{url}/invocations", json=body, timeout=30)
+        assert r.status_code == status, (name, r.text)
+        statuses.add(status)
+        if status == 200:
+            assert r.headers["x-model-version"] == champ
+            np.testing.assert_array_equal(np.asarray(r.json()["predictions"], dtype=np.float64), expected, err_msg=name)
+        else:
+            assert "detail" in r.json()
+    assert statuses == {200, 400}
+    assert httpx.post(f"{url}/invocations", content=b"{not json", timeout=10).status_code == 400
+    assert httpx.post(f"{url}/invocations", json=[1, 2], timeout=10).status_code == 400
+
+
+def test_concurrent_requests_each_get_their_own_rows(server: dict, use_cycled: dict, spec) -> None:
+    """Requests batched together are answered with their own slice of the batch's predictions."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    url = server["url"]
+    ctx = RunContext.create("2013-01-04")
+    champ = str(registry.alias_version(registry.client(ctx), spec.model.name, "champion").version)
+    X = holdout(spec, ctx)[spec.features.feature_names()]
+    slices = [X.iloc[k * 7:k * 7 + 1 + k % 5] for k in range(48)]
+    expected = _offline(spec, champ, X)
+
+    def ask(k: int) -> list[float]:
+        body = {"dataframe_split": {"columns": list(X.columns), "data": _jsonable(slices[k])}}
+        r = httpx.post(f"{url}/invocations", json=body, timeout=60)
+        assert r.status_code == 200, r.text
+        return r.json()["predictions"]
+
+    with ThreadPoolExecutor(16) as pool:
+        answers = list(pool.map(ask, range(len(slices))))
+    for k, got in enumerate(answers):
+        np.testing.assert_array_equal(np.asarray(got, dtype=np.float64),
+                                      np.asarray(expected[k * 7:k * 7 + 1 + k % 5], dtype=np.float64))
+
+
+def test_bearer_token(use_cycled: dict, spec) -> None:
+    from fastapi.testclient import TestClient
+
+    from daybreak.serve import create_app
+
+    X = _rows(spec, 2)
+    body = {"dataframe_split": {"columns": list(X.columns), "data": _jsonable(X)}}
+    with TestClient(create_app(spec, RunContext.create("2013-01-04"), token="s3cret")) as c:
+        assert c.post("/invocations", json=body).status_code == 401
+        assert c.post("/invocations", json=body, headers={"Authorization": "Bearer wrong"}).status_code == 401
+        ok = c.post("/invocations", json=body, headers={"Authorization": "Bearer s3cret"})
+        assert ok.status_code == 200 and len(ok.json()["predictions"]) == 2
+        assert c.get("/ping").status_code == 200  # health checks need no token
+
+
 def test_deploy_without_endpoint(use_cycled: dict, spec) -> None:
     url = f"http://127.0.0.1:{free_port()}"
     out = deploy_model(spec, RunContext.create("2013-01-04"), url=url)

@@ -133,8 +133,8 @@ def batch_frame(parts: list[dict[str, list]], fields: Fields) -> Any:
 
 
 class ModelHolder:
-    def __init__(self, spec: Spec, ctx: RunContext):
-        self.spec, self.ctx = spec, ctx
+    def __init__(self, spec: Spec, ctx: RunContext, freeze_gc: bool = False):
+        self.spec, self.ctx, self.freeze_gc = spec, ctx, freeze_gc
         self.current: Loaded | None = None
         self.last_error: str | None = None
         self._stop = threading.Event()
@@ -156,7 +156,8 @@ class ModelHolder:
             model = registry.load_model(self.ctx, self.spec.model.name, version)
             self._warm_up(model)
             self.current = Loaded(version, model, time.time(), fast_fields(model))
-            gc.freeze()  # the model is long-lived: keep it out of the collector's full passes
+            if self.freeze_gc:
+                gc.freeze()  # the model is long-lived: keep it out of the collector's full passes
             log.info("serving %s v%s", self.spec.model.name, version)
             return True
 
@@ -334,8 +335,11 @@ def _parse_body(raw: bytes) -> Any:
         return json.loads(raw)
 
 
-def create_app(spec: Spec, ctx: RunContext, token: str | None = None) -> Any:
-    holder = ModelHolder(spec, ctx)
+def create_app(spec: Spec, ctx: RunContext, token: str | None = None, freeze_gc: bool = False) -> Any:
+    """The app. `freeze_gc` is for a process that only serves (``serve``): a full collection
+    walks every object of mlflow, pandas and the model (about 0.5 s with every thread stopped);
+    frozen after start-up and after each load, they are never walked again."""
+    holder = ModelHolder(spec, ctx, freeze_gc)
     registry.setup_tracking(ctx, spec.name)
     try:
         holder.refresh()
@@ -345,10 +349,9 @@ def create_app(spec: Spec, ctx: RunContext, token: str | None = None) -> Any:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        # A full collection walks every object of mlflow, pandas and the model (about 0.5 s, with
-        # all threads stopped); frozen, they are never walked again and requests see no such pause.
-        gc.collect()
-        gc.freeze()
+        if freeze_gc:
+            gc.collect()
+            gc.freeze()
         batcher = Batcher(holder)
         app.state.batcher = batcher
         task = asyncio.create_task(batcher.run(), name="predict-batches")
@@ -415,6 +418,6 @@ def serve(spec: Spec, ctx: RunContext, host: str | None = None, port: int | None
     The access log is off: at thousands of requests a second it would cost more than serving."""
     import uvicorn
 
-    app = create_app(spec, ctx, token=token)
+    app = create_app(spec, ctx, token=token, freeze_gc=True)
     uvicorn.run(app, host=host or spec.serving.host, port=port or spec.serving.port, log_level="info",
                 access_log=False)
