@@ -19,10 +19,51 @@ def main() -> None:
     out["dag_ids"] = sorted(bag.dag_ids)
     heavy = [m for m in ("pyarrow", "pandas", "mlflow", "ray", "xgboost", "sklearn") if m in sys.modules]
     out["heavy_modules_after_parse"] = heavy
-    dag = bag.get_dag("daybreak_daily_retrain")
-    out["tasks"] = [t.task_id for t in dag.topological_sort()] if hasattr(dag, "topological_sort") else sorted(dag.task_ids)
-    out["params"] = sorted(dag.params.keys())
-    out["schedule"] = str(getattr(dag, "schedule", None))
+    for dag_id in out["dag_ids"]:
+        dag = bag.get_dag(dag_id)
+        out[dag_id] = {"tasks": [t.task_id for t in dag.topological_sort()], "params": sorted(dag.params.keys()),
+                       "schedule": str(getattr(dag, "schedule", None))}
+    print("RESULT " + json.dumps(out, default=str))
+
+
+def _run(dag, **kwargs) -> dict:
+    """dag.test() once: the run's state, every task's state and the XComs."""
+    from airflow.models.xcom import XComModel
+    from airflow.utils.session import create_session
+
+    dr = dag.test(**kwargs)
+    out: dict = {"state": str(dr.state), "tasks": {ti.task_id: str(ti.state) for ti in dr.get_task_instances()}}
+    with create_session() as session:
+        rows = session.query(XComModel).filter(XComModel.dag_id == dag.dag_id, XComModel.run_id == dr.run_id,
+                                               XComModel.key == "return_value").all()
+        out["xcom"] = {r.task_id: r.value for r in rows}
+    return out
+
+
+def approval() -> None:
+    """Manual approval through Airflow: the daily DAG for 2013-01-03 under a manual spec (promote
+    tags the version pending, deploy is skipped), then the daybreak_approve DAG with the conf its
+    Params form would send: invalid forms refused, an approval, the same approval again."""
+    import os
+
+    from airflow.dag_processing.dagbag import DagBag
+
+    spec = os.environ["DAYBREAK_TEST_MANUAL_SPEC"]
+    bag = DagBag(dag_folder=str(ROOT / "dags"))
+    out: dict = {"daily": _run(bag.get_dag("daybreak_daily_retrain"),
+                               logical_date=datetime(2013, 1, 3, tzinfo=timezone.utc), run_conf={"spec": spec})}
+    approve = bag.get_dag("daybreak_approve")
+    conf = {"spec": spec, "version": int(os.environ["DAYBREAK_TEST_VERSION"]), "decision": "approve",
+            "reason": "looked at the gate report"}
+    out["invalid"] = []
+    for bad in ({**conf, "decision": "maybe"}, {k: v for k, v in conf.items() if k != "reason"}):
+        try:
+            approve.test(run_conf=bad)
+            out["invalid"].append("accepted")
+        except Exception as e:  # the Params validation the form applies
+            out["invalid"].append(f"{type(e).__name__}: {e}")
+    out["approve"] = _run(approve, run_conf=conf)
+    out["again"] = _run(approve, run_conf=conf)
     print("RESULT " + json.dumps(out, default=str))
 
 
@@ -30,34 +71,18 @@ def user_dag() -> None:
     """The user's DAG folder (AIRFLOW__CORE__DAGS_FOLDER) holds my_pipeline.py."""
     from airflow.dag_processing.dagbag import DagBag
 
-    out: dict = {}
     user = DagBag(dag_folder=str(ROOT / "tests" / "airflow_user_dags")).get_dag("my_pipeline")
-    dr = user.test(logical_date=datetime(2013, 1, 3, tzinfo=timezone.utc))
-    out["user_dag_state"] = str(dr.state)
-    from airflow.models.xcom import XComModel
-    from airflow.utils.session import create_session
-
-    with create_session() as session:
-        rows = session.query(XComModel).filter(XComModel.dag_id == "my_pipeline", XComModel.run_id == dr.run_id).all()
-        out["user_xcom"] = {r.task_id: r.value for r in rows}
-    print("RESULT " + json.dumps(out, default=str))
+    run = _run(user, logical_date=datetime(2013, 1, 3, tzinfo=timezone.utc))
+    print("RESULT " + json.dumps({"user_dag_state": run["state"], "user_xcom": run["xcom"]}, default=str))
 
 
 def gate_dag() -> None:
     """Run the gate_policy DAG once; print every task's state and the gates' XComs."""
     from airflow.dag_processing.dagbag import DagBag
-    from airflow.models.xcom import XComModel
-    from airflow.utils.session import create_session
 
     dag = DagBag(dag_folder=str(ROOT / "tests" / "airflow_user_dags")).get_dag("gate_policy")
-    dr = dag.test(logical_date=datetime(2013, 1, 2, tzinfo=timezone.utc))
-    out: dict = {"state": str(dr.state), "tasks": {ti.task_id: str(ti.state) for ti in dr.get_task_instances()}}
-    with create_session() as session:
-        rows = session.query(XComModel).filter(XComModel.dag_id == "gate_policy", XComModel.run_id == dr.run_id,
-                                               XComModel.key == "return_value").all()
-        out["xcom"] = {r.task_id: r.value for r in rows}
-    print("RESULT " + json.dumps(out, default=str))
+    print("RESULT " + json.dumps(_run(dag, logical_date=datetime(2013, 1, 2, tzinfo=timezone.utc)), default=str))
 
 
 if __name__ == "__main__":
-    {"user": user_dag, "gate": gate_dag}.get(sys.argv[1] if sys.argv[1:] else "", main)()
+    {"user": user_dag, "gate": gate_dag, "approval": approval}.get(sys.argv[1] if sys.argv[1:] else "", main)()

@@ -37,11 +37,13 @@ def _check(env: dict, *args: str) -> dict:
 def test_dagbag_parses_light(airflow_env: dict) -> None:
     out = _check(airflow_env["env"])
     assert out["import_errors"] == {}
-    assert out["dag_ids"] == ["daybreak_daily_retrain"]
+    assert out["dag_ids"] == ["daybreak_approve", "daybreak_daily_retrain"]
     assert out["heavy_modules_after_parse"] == []
-    assert out["tasks"] == ["stage", "features", "train", "gate", "promote", "deploy"]
-    assert out["params"] == ["date", "spec"]
-    assert out["schedule"] == "@daily"
+    daily, approve = out["daybreak_daily_retrain"], out["daybreak_approve"]
+    assert daily["tasks"] == ["stage", "features", "train", "gate", "promote", "deploy"]
+    assert daily["params"] == ["date", "spec"]
+    assert daily["schedule"] == "@daily"
+    assert approve == {"tasks": ["approve"], "params": ["decision", "reason", "spec", "version"], "schedule": "None"}
 
 
 def test_operator_embedded_in_a_user_dag(airflow_env: dict, s3_server, landing: Path, tmp_path: Path) -> None:
@@ -99,3 +101,52 @@ def test_daily_dag_three_days_with_dag_test(airflow_env: dict, monkeypatch: pyte
     assert champ is not None and champ.tags[registry.DECISION_TAG] == PROMOTE
     assert len(registry.versions(cl, spec.model.name)) == 2
     assert (airflow_env["home"] / "demo.log").is_file()
+
+
+def test_manual_approval_through_the_dags(airflow_env: dict, fresh: Path, spec) -> None:
+    """Under promotion.approval: manual the daily DAG leaves the version pending and skips deploy;
+    the daybreak_approve DAG, triggered with the conf of its Params form, promotes it."""
+    from daybreak.gate import evaluate_gate
+    from daybreak.history import audit_events
+    from daybreak.promote import promote_model
+    from daybreak.train import train_model
+
+    lenient = spec.model_copy(update={"gate": spec.gate.model_copy(update={"compare": "no_worse", "margin": 1.0,
+                                                                           "floor": 0.0})})
+    ctx = RunContext.create("2013-01-02")
+    train_model(lenient, ctx)
+    evaluate_gate(lenient, ctx)
+    assert promote_model(lenient, ctx)["promoted"]  # v1: the champion the DAG's candidate is gated against
+    manual = lenient.model_copy(update={"promotion": lenient.promotion.model_copy(update={"approval": "manual"})})
+    # v2 trained and gated here (warm) saves the DAG run's process about half a minute; its train
+    # and gate tasks find them (idempotent), its promote task does the work under test
+    train_model(manual, RunContext.create("2013-01-03"))
+    assert evaluate_gate(manual, RunContext.create("2013-01-03"))["decision"] == PROMOTE
+    spec_file = fresh / "manual.yaml"
+    spec_file.write_text(json.dumps(manual.model_dump(mode="json")))
+    env = {**airflow_env["env"], "DAYBREAK_HOME": str(fresh), "DAYBREAK_TEST_MANUAL_SPEC": str(spec_file),
+           "DAYBREAK_TEST_VERSION": "2"}
+    out = _check(env, "approval")
+
+    daily = out["daily"]
+    assert daily["state"] == "success", daily
+    assert daily["tasks"]["promote"] == "success" and daily["tasks"]["deploy"] == "skipped", daily["tasks"]
+    pending = daily["xcom"]["promote"]
+    pending = json.loads(pending) if isinstance(pending, str) else pending
+    assert pending["approval"] == "pending" and pending["candidate_version"] == "2" and pending["champion_version"] == "1"
+
+    bad_decision, no_reason = out["invalid"]
+    assert "ParamValidationError" in bad_decision and "maybe" in bad_decision, bad_decision
+    assert "ParamValidationError" in no_reason and "reason" in no_reason, no_reason
+    assert out["approve"]["state"] == "success" and out["approve"]["tasks"] == {"approve": "success"}, out["approve"]
+    approved = out["approve"]["xcom"]["approve"]
+    approved = json.loads(approved) if isinstance(approved, str) else approved
+    assert approved["approval"] == "approved" and approved["champion_version"] == "2" and approved["by"] == "dag_test"
+    assert out["again"]["tasks"] == {"approve": "failed"}, out["again"]  # already promoted: nothing changes
+
+    cl = registry.client(ctx)
+    assert str(registry.alias_version(cl, spec.model.name, "champion").version) == "2"
+    assert str(registry.alias_version(cl, spec.model.name, "previous").version) == "1"
+    events = audit_events(manual, ctx)
+    assert {e["event"] for e in events[:2]} == {"approved", "promote"} and events[2]["event"] == "pending_approval"
+    assert next(e for e in events if e["event"] == "approved")["reason"] == "looked at the gate report"

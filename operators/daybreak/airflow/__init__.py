@@ -5,6 +5,7 @@ the step's small JSON result as its XCom. Nothing heavy is imported until ``exec
 """
 
 from daybreak.airflow.operators import (
+    ApproveModelOperator,
     BatchScoreOperator,
     BuildFeaturesOperator,
     DaybreakStepOperator,
@@ -16,6 +17,7 @@ from daybreak.airflow.operators import (
 )
 
 __all__ = [
+    "ApproveModelOperator",
     "BatchScoreOperator",
     "BuildFeaturesOperator",
     "DaybreakStepOperator",

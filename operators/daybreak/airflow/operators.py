@@ -174,18 +174,62 @@ class EvaluateGateOperator(DaybreakStepOperator, SkipMixin):
             f"; failed: {', '.join(failed)}" if failed else f" ({result.get('reason', '')})")
         if policy == "fail" and decision != SKIPPED:
             raise AirflowFailException(message)
-        self.log.info("%s; skipping the tasks downstream", message)
-        context["ti"].xcom_push(key="return_value", value=result)
-        # the direct downstream tasks; the scheduler carries the skip on by each task's trigger rule
-        # (an all_done alert or cleanup task still runs)
-        self.skip(ti=context["ti"], tasks=context["task"].downstream_list)
-        return result  # not reached when there are tasks to skip
+        return skip_downstream(self, context, result, message)
 
 
-class PromoteModelOperator(DaybreakStepOperator):
-    """Move the champion alias to the gated version (compare-and-set)."""
+def skip_downstream(op: Any, context: Any, result: dict[str, Any], message: str) -> dict[str, Any]:
+    """Skip the direct downstream tasks of `op` (a SkipMixin); the scheduler carries the skip on
+    by each task's trigger rule (an all_done alert or cleanup task still runs). The task succeeds
+    and its XCom holds `result`."""
+    op.log.info("%s; skipping the tasks downstream", message)
+    context["ti"].xcom_push(key="return_value", value=result)
+    op.skip(ti=context["ti"], tasks=context["task"].downstream_list)
+    return result  # not reached when there are tasks to skip
+
+
+class PromoteModelOperator(DaybreakStepOperator, SkipMixin):
+    """Move the champion alias to the gated version (compare-and-set).
+
+    Under ``promotion.approval: manual`` the version is tagged pending instead and the tasks
+    downstream (deploy) are skipped: nothing moved. Approve it with the ``daybreak_approve`` DAG
+    (``ApproveModelOperator``) or ``daybreak approve``.
+    """
 
     step = "promote"
+
+    def execute(self, context: Any) -> dict[str, Any]:
+        from daybreak.promote import should_deploy
+
+        result = super().execute(context)
+        if should_deploy(result):
+            return result
+        return skip_downstream(self, context, result, f"promote {result.get('date')}: {result.get('reason')}")
+
+
+class ApproveModelOperator(DaybreakStepOperator):
+    """Approve (promote) or reject a version waiting for approval (``promotion.approval: manual``).
+
+    Approving moves the champion only if it is still the version the gate compared against;
+    otherwise the task fails saying the version must be re-gated, and nothing changes. Recorded in
+    the audit history with the reason and the user who triggered the DAG run.
+
+    :param version: the model version (templated).
+    :param reason: why; required (templated).
+    :param decision: ``approve`` or ``reject`` (templated).
+    """
+
+    step = "approve"
+    template_fields: Sequence[str] = (*DaybreakStepOperator.template_fields, "version", "reason", "decision")
+
+    def __init__(self, *, version: str | int, reason: str, decision: str = "approve", **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.version = version
+        self.reason = reason
+        self.decision = decision
+
+    def step_options(self, context: Any) -> dict[str, Any]:
+        user = getattr(context.get("dag_run"), "triggering_user_name", None)
+        return {"version": self.version, "reason": self.reason, "decision": self.decision, "by": user or None}
 
 
 class DeployModelOperator(DaybreakStepOperator):
