@@ -10,6 +10,7 @@ from typing import Any
 from prefect import flow
 
 from daybreak.gate import should_promote
+from daybreak.promote import should_deploy
 from daybreak.prefect import build_features, deploy_model, evaluate_gate, promote_model, stage_data, train_model
 
 DEFAULT_SPEC = os.environ.get("DAYBREAK_SPEC") or str(Path(__file__).resolve().parent.parent / "specs" / "flights.yaml")
@@ -27,6 +28,9 @@ def daily_retrain(date: str | None = None, spec: str = DEFAULT_SPEC) -> dict[str
         return {"date": day, "stage": staged, "features": features, "train": trained, "gate": gate,
                 "promote": {"promoted": False, "reason": f"gate decision is {gate['decision']}"}}
     promoted = promote_model(spec, day, wait_for=[gate])
+    if not should_deploy(promoted):  # promotion.approval: manual: pending, nothing moved (flows/approve.py)
+        return {"date": day, "stage": staged, "features": features, "train": trained, "gate": gate,
+                "promote": promoted, "deploy": None}
     deployed = deploy_model(spec, day, wait_for=[promoted])
     return {"date": day, "stage": staged, "features": features, "train": trained, "gate": gate,
             "promote": promoted, "deploy": deployed}

@@ -22,10 +22,14 @@ QUIET_PREFECT = {"PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_SERVER_DA
 SCRIPT = """
 import json, sys
 sys.path.insert(0, {flows!r})
+from approve import approve
 from daily_retrain import daily_retrain
 out = [daily_retrain(date=d, spec={spec!r}) for d in ("2013-01-01", "2013-01-02")]
 out.append(daily_retrain(date="2013-01-03", spec={strict!r}))  # a floor no model meets: rejected
-print("RESULT " + json.dumps([{{k: r.get(k) for k in ("date", "gate", "promote", "deploy")}} for r in out], default=str))
+out.append(daily_retrain(date="2013-01-03", spec={manual!r}))  # passes, and waits for approval
+out = [{{k: r.get(k) for k in ("date", "gate", "promote", "deploy")}} for r in out]
+out.append(approve(version=int(out[-1]["gate"]["candidate_version"]), reason="read the report", spec={manual!r}))
+print("RESULT " + json.dumps(out, default=str))
 """
 
 
@@ -36,19 +40,29 @@ def test_daily_retrain_flow_promotes_only_after_the_gate_says_so(home: Path, tmp
     strict = tmp_path / "strict.yaml"
     strict.write_text(json.dumps(spec.model_copy(update={"gate": spec.gate.model_copy(update={"floor": 0.99})})
                                  .model_dump(mode="json")))
-    code = SCRIPT.format(flows=str(ROOT / "flows"), spec=str(SPEC), strict=str(strict))
+    manual = tmp_path / "manual.yaml"
+    manual.write_text(json.dumps(spec.model_copy(update={
+        "gate": spec.gate.model_copy(update={"compare": "no_worse", "margin": 1.0, "floor": 0.0}),
+        "promotion": spec.promotion.model_copy(update={"approval": "manual"})}).model_dump(mode="json")))
+    code = SCRIPT.format(flows=str(ROOT / "flows"), spec=str(SPEC), strict=str(strict), manual=str(manual))
     proc = subprocess.run([str(BIN / "python"), "-c", code], env=env, capture_output=True, text=True, timeout=600)
     line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
     assert line, proc.stdout[-3000:] + proc.stderr[-3000:]
-    day1, day2, day3 = json.loads(line[len("RESULT "):])
+    day1, day2, day3, manual_day3, approved = json.loads(line[len("RESULT "):])
     assert day1["gate"]["decision"] == SKIPPED and day1["promote"]["promoted"] is False
     assert day2["gate"]["decision"] == PROMOTE and day2["promote"]["promoted"] is True
     # rejected: the flow stops before promote and deploy
     assert day3["gate"]["decision"] == REJECT and day3["gate"]["champion_version"] == day2["gate"]["candidate_version"]
     assert day3["promote"] == {"promoted": False, "reason": "gate decision is REJECT"} and day3["deploy"] is None
+    # promotion.approval: manual: the version waits, nothing is deployed; the approve flow promotes it
+    pending = manual_day3["promote"]
+    assert manual_day3["gate"]["decision"] == PROMOTE and pending["approval"] == "pending", manual_day3
+    assert pending["champion_version"] == day2["gate"]["candidate_version"] and manual_day3["deploy"] is None
+    assert approved["approval"] == "approved" and approved["champion_version"] == pending["candidate_version"]
+    assert approved["previous_version"] == day2["gate"]["candidate_version"] and approved["reason"] == "read the report"
     cl = registry.client(RunContext.create("2013-01-02"))
     champ = registry.alias_version(cl, spec.model.name, "champion")
-    assert str(champ.version) == day2["gate"]["candidate_version"]
+    assert str(champ.version) == pending["candidate_version"]
 
 
 def test_tasks_are_plain_step_calls(home: Path) -> None:

@@ -4,6 +4,7 @@ Each task maps its arguments onto one step call and returns the step's small JSO
 """
 
 from daybreak.prefect.tasks import (
+    approve_model,
     batch_score,
     build_features,
     deploy_model,
@@ -13,4 +14,4 @@ from daybreak.prefect.tasks import (
     train_model,
 )
 
-__all__ = ["batch_score", "build_features", "deploy_model", "evaluate_gate", "promote_model", "stage_data", "train_model"]
+__all__ = ["approve_model", "batch_score", "build_features", "deploy_model", "evaluate_gate", "promote_model", "stage_data", "train_model"]

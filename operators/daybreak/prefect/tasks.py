@@ -66,8 +66,21 @@ def evaluate_gate(spec: str, date: str, store: str | None = None, tracking_uri: 
 
 @task(name="promote_model", task_run_name="promote {date}", **_OPTS)
 def promote_model(spec: str, date: str, tracking_uri: str | None = None) -> dict[str, Any]:
-    """Move the champion alias to the gated version (compare-and-set)."""
+    """Move the champion alias to the gated version (compare-and-set); under
+    ``promotion.approval: manual``, tag it pending (result ``approval: pending``) instead."""
     return run_step("promote", spec, date, tracking_uri=tracking_uri)
+
+
+@task(name="approve_model", task_run_name="{decision} v{version}", **(_OPTS | {"retries": 0}))
+def approve_model(spec: str, version: str | int, reason: str, decision: str = "approve", by: str | None = None,
+                  tracking_uri: str | None = None) -> dict[str, Any]:
+    """Approve (promote, compare-and-set against the champion the gate saw) or reject a version
+    waiting for approval (``promotion.approval: manual``); `reason` is required and recorded with
+    `by` (default: the OS user). Not retried: a person is waiting for the answer."""
+    from datetime import date
+
+    return run_step("approve", spec, date.today(), tracking_uri=tracking_uri, version=version, reason=reason,
+                    decision=decision, by=by)
 
 
 @task(name="deploy_model", task_run_name="deploy {date}", **_OPTS)
