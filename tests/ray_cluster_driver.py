@@ -18,9 +18,23 @@ def main(spec: str, day: str) -> None:
     s = load_spec(spec)
     for k in range(8, -1, -1):
         stage(s, RunContext.create(d - timedelta(days=k)))
+    from daybreak.airflow.operators import ray_cluster_address
+    from daybreak.compute import ensure_ray
+
+    # A cluster that has been up a while has worker processes on every node; a fresh one has
+    # none, and tasks this small would all finish on the head before the other node starts one.
+    ensure_ray(ray_cluster_address("ray_cluster"))  # (the token must be set before Ray is imported)
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    @ray.remote
+    def warm() -> None:
+        import daybreak.features  # noqa: F401
+
+    ray.get([warm.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)).remote()
+             for n in ray.nodes() if n["Alive"]])
     op = BuildFeaturesOperator(task_id="features", spec=spec, logical_date=day, ray_conn_id="ray_cluster")
     result = op.execute({"run_id": "cluster-test"})
-    import ray
 
     nodes = sorted(n["NodeID"] for n in ray.nodes() if n["Alive"])
     print("RESULT " + json.dumps({"result": result, "cluster_nodes": nodes, "address": ray.get_runtime_context().gcs_address}))

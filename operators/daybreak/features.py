@@ -12,7 +12,9 @@ is read narrowly and sorted once into an index (``build_window_index``), and D's
 their windows up in it (``apply_windows``).
 
 The reads, index builds and the day's rows are plain Ray tasks (one dataflow, no barrier in the
-driver); Ray Data sorts the day's rows and streams them to the writer.
+driver). Each task of the day's rows writes its rows, sorted, as a run; the runs are merged into
+the published files. Every task holds a bounded slice, and the history each window keeps is
+folded per (key, time), so memory stays flat as the input grows.
 """
 
 from __future__ import annotations
@@ -49,8 +51,9 @@ def feature_zone(spec: Spec) -> str:
 # --- pure, per-batch transforms (run inside Ray tasks; also usable without Ray) ----------------
 
 def read_events(items: pa.Table, f: FeatureSpec, fs: Any) -> pa.Table:
-    """Read the day's rows named by `items` (row groups of staged files, one task each)."""
-    return pa.concat_tables([prepare_events(t, f) for t in _read_slices(items, fs)])
+    """Read the day's rows named by `items` (row groups of staged files): only the columns read later."""
+    wanted = names_in(f.event_time) | carried_columns(f)
+    return pa.concat_tables([prepare_events(t, f) for t in _read_slices(items, fs, wanted)])
 
 
 def prepare_events(batch: pa.Table, f: FeatureSpec) -> pa.Table:
@@ -109,8 +112,10 @@ def window_inputs(batch: pa.Table, f: FeatureSpec, i: int) -> pa.Table:
     rows = np.flatnonzero(pc.fill_null(keep, False).to_numpy(zero_copy_only=False))
     k = pc.cast(known, pa.int64()).to_numpy(zero_copy_only=False)[rows]
     v = value.to_numpy(zero_copy_only=False)[rows]
-    # Sorted here, in parallel, in the index's order (key values, then time; stable), so that
-    # the index task only merges sorted runs. Keys leave as dictionary arrays (indices into the
+    # Sorted here, in parallel, in the index's order (key values, then time; stable), and rows
+    # with the same key and time folded into one (count, sum, sum of squares, min, max): the
+    # index task then only merges sorted runs, and what it holds is bounded by the distinct
+    # (key, time) pairs, not by the rows. Keys leave as dictionary arrays (indices into the
     # slice's sorted distinct values): no strings are copied.
     ranks, dictionaries = zip(*[_sorted_codes(batch.column(c)) for c in w.by]) if w.by else ((), ())
     ranks = [r[rows] for r in ranks]  # the dictionaries may keep a value no kept row has: harmless
@@ -122,9 +127,42 @@ def window_inputs(batch: pa.Table, f: FeatureSpec, i: int) -> pa.Table:
                  else np.lexsort((k, codes)))
     else:
         order = np.arange(0)
-    return pa.table({**{c: pa.DictionaryArray.from_arrays(pa.array(r[order], pa.int32()), d)
+    codes, k = codes[order], k[order]
+    starts = _run_starts(codes, k)
+    return pa.table({**{c: pa.DictionaryArray.from_arrays(pa.array(r[order][starts], pa.int32()), d)
                         for c, r, d in zip(w.by, ranks, dictionaries)},
-                     "__k": pa.array(k[order], pa.int64()), "__v": pa.array(v[order], pa.float64())})
+                     "__k": pa.array(k[starts], pa.int64()),
+                     **_fold(starts, np.ones(len(k), np.int64), v[order], w.aggs)})
+
+
+def _run_starts(*columns: np.ndarray) -> np.ndarray:
+    """Where each run of equal rows begins, in columns sorted together (lexicographically)."""
+    n = len(columns[0])
+    new = np.zeros(n, bool)
+    new[:1] = True
+    for c in columns:
+        new[1:] |= c[1:] != c[:-1]
+    return np.flatnonzero(new)
+
+
+def _fold(starts: np.ndarray, n: np.ndarray, v: np.ndarray, aggs: Any,
+          s: np.ndarray | None = None, s2: np.ndarray | None = None,
+          lo: np.ndarray | None = None, hi: np.ndarray | None = None) -> dict[str, pa.Array]:
+    """Per run: row count, and what `aggs` need (sum, sum of squares, min, max). `v` gives the
+    values of single rows; partial results of earlier folds (s, s2, lo, hi) take their place."""
+    def red(op: np.ufunc, x: np.ndarray) -> pa.Array:
+        return pa.array(op.reduceat(x, starts) if len(starts) else x[:0])
+
+    out = {"__n": red(np.add, n)}
+    if {"sum", "mean", "std"} & set(aggs):
+        out["__s"] = red(np.add, v if s is None else s)
+    if "std" in aggs:
+        out["__s2"] = red(np.add, v * v if s2 is None else s2)
+    if "min" in aggs:
+        out["__min"] = red(np.minimum, v if lo is None else lo)
+    if "max" in aggs:
+        out["__max"] = red(np.maximum, v if hi is None else hi)
+    return out
 
 
 def _sorted_codes(column: pa.ChunkedArray | pa.Array) -> tuple[np.ndarray, pa.Array]:
@@ -163,11 +201,12 @@ def build_window_index(by: list[str], aggs: list[str], *tables: pa.Table) -> dic
 
     Keys become integer codes (mixed radix over each key column's sorted dictionary), and
     (code, time) packs into one sorted int64 array, so every "rows of this key known in (a, b)"
-    question is two binary searches. The tables come sorted in that same order
-    (``window_inputs``), so the sort here is a merge of runs.
+    question is two binary searches. The tables come sorted in that same order, already folded
+    per (key, time) (``window_inputs``), so the sort here is a merge of runs, and the index
+    holds one entry per distinct (key, time).
     """
     t = pa.concat_tables(tables) if tables else pa.table({"__k": pa.array([], pa.int64()),
-                                                          "__v": pa.array([], pa.float64())})
+                                                          "__n": pa.array([], pa.int64())})
     k = t.column("__k").to_numpy()
     ranks, dictionaries = zip(*[_sorted_codes(t.column(c)) if c in t.column_names
                                 else (np.zeros(0, np.int64), pa.array([], pa.string())) for c in by]) if by else ((), ())
@@ -189,29 +228,31 @@ def build_window_index(by: list[str], aggs: list[str], *tables: pa.Table) -> dic
     else:
         comp = codes * span + (k - first)
     del codes, k
-    # Stable (timsort: it merges the sorted runs): rows with the same key and time stay in file
-    # order, so the sums are the same on any number of nodes.
+    # Stable (timsort: it merges the sorted runs): parts with the same key and time fold in
+    # slice order, so the sums are the same on any number of nodes.
     order = np.argsort(comp, kind="stable")
     comp = comp[order]
-    vs = t.column("__v").to_numpy()[order]
+    starts = _run_starts(comp)
+    col = {c: t.column(c).to_numpy()[order] for c in ("__n", "__s", "__s2", "__min", "__max") if c in t.column_names}
     del order, t
+    folded = _fold(starts, col["__n"], np.zeros(0), aggs, col.get("__s"), col.get("__s2"),
+                   col.get("__min"), col.get("__max"))
     index: dict[str, Any] = {"dictionaries": dictionaries, "distinct": distinct, "first": first, "span": span,
-                             "comp": comp}
-    if {"sum", "mean", "std"} & set(aggs):
-        index["cs"] = _running_sum(vs)
-    if "std" in aggs:
-        index["cs2"] = _running_sum(vs * vs)
-    if "min" in aggs:
-        index["min"] = _RangeExtreme(vs, np.minimum)
-    if "max" in aggs:
-        index["max"] = _RangeExtreme(vs, np.maximum)
+                             "comp": comp[starts], "cn": _running_sum(folded["__n"].to_numpy())}
+    if "__s" in folded:
+        index["cs"] = _running_sum(folded["__s"].to_numpy())
+    if "__s2" in folded:
+        index["cs2"] = _running_sum(folded["__s2"].to_numpy())
+    if "__min" in folded:
+        index["min"] = _RangeExtreme(folded["__min"].to_numpy(), np.minimum)
+    if "__max" in folded:
+        index["max"] = _RangeExtreme(folded["__max"].to_numpy(), np.maximum)
     return index
 
 
 def _running_sum(v: np.ndarray) -> np.ndarray:
     """cs[i] = v[0] + ... + v[i-1], so the sum of v[lo:hi] is cs[hi] - cs[lo]."""
-    out = np.empty(len(v) + 1)
-    out[0] = 0.0
+    out = np.zeros(len(v) + 1, dtype=v.dtype)
     np.cumsum(v, out=out[1:])
     return out
 
@@ -247,7 +288,7 @@ def apply_windows(batch: pa.Table, f: FeatureSpec, indexes: list[Any]) -> pa.Tab
 
 def _aggregates(idx: dict[str, Any], aggs: list[str], lo: np.ndarray, hi: np.ndarray) -> list[tuple[str, np.ndarray]]:
     """Each aggregate over the index rows lo[i]:hi[i], in the order of `aggs`."""
-    count = (hi - lo).astype(np.float64)
+    count = (idx["cn"][hi] - idx["cn"][lo]).astype(np.float64)
     out = []
     with np.errstate(invalid="ignore", divide="ignore"):
         s = idx["cs"][hi] - idx["cs"][lo] if "cs" in idx else None
@@ -399,6 +440,19 @@ def day_rows(items: pa.Table, f: FeatureSpec, fs: Any, task: str, joins: list[tu
     return finalize(batch, f, task)
 
 
+def day_run(items: pa.Table, f: FeatureSpec, fs: Any, task: str, joins: list[tuple[str, dict[str, Any]]],
+            path: str, *tables_and_indexes: Any) -> dict[str, Any]:
+    """Compute one slice's rows (``day_rows``), sort them, and write them to `path`: a sorted run
+    for ``merge_runs``. Only a summary travels back: the rows never enter the object store."""
+    import pyarrow.parquet as pq
+
+    t = day_rows(items, f, fs, task, joins, *tables_and_indexes)
+    t = t.sort_by([(c, "ascending") for c in [EVENT_TIME, *f.keys]])
+    pq.write_table(t, path, filesystem=fs, row_group_size=MERGE_ROWS, compression="lz4")
+    return {"path": path, "rows": t.num_rows, "schema": t.schema,
+            "keys": {k: pc.unique(t.column(k)).drop_null() for k in f.keys}}
+
+
 def _on_node(fn: Any, items: list[dict[str, Any]], *args: Any) -> tuple[Any, str]:
     """Run a per-slice function in a Ray task; also say which node ran it."""
     import ray
@@ -427,7 +481,7 @@ def _read_table(files: list[str], fs: Any) -> pa.Table:
 
 
 def build_features(spec: Spec, ctx: RunContext) -> dict[str, Any]:
-    """Compute the feature partition for ``ctx.logical_date`` on Ray Data."""
+    """Compute the feature partition for ``ctx.logical_date`` on Ray."""
     f = spec.features
     day = ctx.logical_date
     lookback_days = f.lookback_days()
@@ -466,9 +520,10 @@ def build_features(spec: Spec, ctx: RunContext) -> dict[str, Any]:
 
     ensure_ray(ctx.ray_address)
     rows_in = sum(ctx.store.partition(f"staged/{f.base}", date.fromisoformat(d)).manifest["rows"] for d in base_hashes)
-    # One read task per slice of whole row groups, about four per CPU.
+    # One read task per slice of whole row groups: about four per CPU, at most HISTORY_SLICE_ROWS
+    # rows each (what a task holds is bounded, whatever the look-back's size).
     cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
-    slice_rows = max(100_000, rows_in // (4 * cpus))
+    slice_rows = min(HISTORY_SLICE_ROWS, max(100_000, rows_in // (4 * cpus)))
     slices = _slices(base_files, ctx.store.fs, slice_rows)
     # A dataflow of plain tasks, submitted at once with no barrier in the driver: Ray starts each
     # task when its inputs exist, so reads, index builds and the day's rows overlap.
@@ -497,54 +552,33 @@ def build_features(spec: Spec, ctx: RunContext) -> dict[str, Any]:
     for lk in f.lookups:
         right = _read_table(dims[lk.source][0], ctx.store.fs).select([*lk.by, *sorted(set(lk.columns.values()))])
         joins.append(("lookup", ray.put(right), {"by": lk.by, "columns": lk.columns}))
-    today_rows = today_part.manifest["rows"]
-    outputs = []
-    for p, g in _slices(today_part.files, ctx.store.fs, max(1, today_rows // (4 * cpus))):
-        out, node = on_node.remote(day_rows, [{"path": p, "row_groups": g}], f_ref, fs_ref, spec.model.task,
-                                [(kind, kw) for kind, _, kw in joins], *[r for _, r, _ in joins], *indexes)
-        outputs.append(out)
-        node_refs.append(node)
-    # A total order makes the published bytes (and so the lineage hashes) reproducible.
-    ds = ray.data.from_arrow_refs(outputs).sort([EVENT_TIME, *f.keys])
-    nodes = set(ray.get(node_refs))
-    del outputs, indexes, joins  # the dataset and the pending tasks hold what they still need
-
-    def write(fs: Any, folder: str) -> dict[str, Any]:
-        rows = write_sorted(ds, fs, folder)
-        return {**lineage, "lineage_key": lineage_key, "rows": rows, "run_id": ctx.run_id,
-                "missing_history": missing, "features": f.feature_names(), "label": f.label.name,
-                "categorical": f.categorical_names()}
-
-    part = ctx.store.publish(zone, day, write, run=ctx.run_id)
-    nodes = sorted(nodes | set(nodes_used(ds)))
-    log.info("features %s: %d rows -> %s (on %d Ray node(s))", day, part.manifest["rows"], part.uri, len(nodes))
-    return _result(spec, part.uri, part.manifest, skipped=False) | {"ray_nodes": nodes}
-
-
-def nodes_used(ds: Any) -> list[str]:
-    """Ids of the Ray nodes that ran the dataset's tasks, from Ray Data's own per-block stats
-    (empty when this Ray version does not expose them)."""
-    found: set[str] = set()
-    seen: set[int] = set()
-
-    def walk(stats: Any) -> None:
-        if stats is None or id(stats) in seen:
-            return
-        seen.add(id(stats))
-        for blocks in (getattr(stats, "metadata", None) or {}).values():
-            for b in blocks:
-                node = getattr(getattr(b, "exec_stats", None), "node_id", None)
-                if node:
-                    found.add(node)
-        for parent in getattr(stats, "parents", None) or []:
-            walk(parent)
-
+    # The day's rows: each slice's task writes its rows, sorted, as a run in the new partition's
+    # folder; the runs are then merged in order into the published files. Slices have a fixed
+    # size (never the cluster's), so the same inputs give the same runs and the same bytes.
+    pending = ctx.store.begin(zone, day, run=ctx.run_id)
     try:
-        executor = getattr(ds, "_current_executor", None)
-        walk(executor.get_stats() if executor else ds._raw_stats())
-    except Exception:  # a developer API: never fail a published step over it
-        log.debug("no Ray Data stats for %r", ds, exc_info=True)
-    return sorted(found)
+        runs_dir = f"{pending.folder}/_runs"
+        ctx.store.fs.create_dir(runs_dir)
+        runs, run_nodes = [], []
+        for i, (p, g) in enumerate(_slices(today_part.files, ctx.store.fs, DAY_SLICE_ROWS)):
+            run, node = on_node.remote(day_run, [{"path": p, "row_groups": g}], f_ref, fs_ref, spec.model.task,
+                                       [(kind, kw) for kind, _, kw in joins], f"{runs_dir}/run-{i:05d}.parquet",
+                                       *[r for _, r, _ in joins], *indexes)
+            runs.append(run)
+            run_nodes.append(node)
+        del indexes, joins  # the pending tasks hold what they still need
+        runs = ray.get(runs)
+        nodes = set(ray.get(node_refs + run_nodes))
+        rows = merge_runs(runs, f.keys, ctx.store.fs, pending.folder)
+        ctx.store.fs.delete_dir(runs_dir)
+        part = ctx.store.commit(pending, {
+            **lineage, "lineage_key": lineage_key, "rows": rows, "run_id": ctx.run_id, "missing_history": missing,
+            "features": f.feature_names(), "label": f.label.name, "categorical": f.categorical_names()})
+    except BaseException:
+        ctx.store.abort(pending)
+        raise
+    log.info("features %s: %d rows -> %s (on %d Ray node(s))", day, part.manifest["rows"], part.uri, len(nodes))
+    return _result(spec, part.uri, part.manifest, skipped=False) | {"ray_nodes": sorted(nodes)}
 
 
 def _slices(files: list[str], fs: Any, slice_rows: int) -> list[tuple[str, list[int]]]:
@@ -568,40 +602,151 @@ def _slices(files: list[str], fs: Any, slice_rows: int) -> list[tuple[str, list[
 
 
 FILE_ROWS = 32 * ROW_GROUP_ROWS
+DAY_SLICE_ROWS = ROW_GROUP_ROWS  # the day's rows per task (whole row groups)
+HISTORY_SLICE_ROWS = ROW_GROUP_ROWS  # at most, per window read task (whole row groups)
+MERGE_ROWS = 16_384  # row group size of the runs
+MERGE_POOL_ROWS = ROW_GROUP_ROWS  # rows read ahead from all the runs together while merging
+
+
+class PartWriter:
+    """Write tables, in order, as part-00000.parquet, part-00001.parquet, ...: row groups of
+    exactly ROW_GROUP_ROWS rows (whatever sizes arrive), FILE_ROWS per file, so the same rows
+    always give the same bytes. Memory is one row group."""
+
+    def __init__(self, fs: Any, folder: str) -> None:
+        self.fs, self.folder = fs, folder
+        self.writer, self.files, self.in_file, self.rows = None, 0, 0, 0
+        self.buffer: list[pa.Table] = []
+        self.buffered = 0
+        self.schema: pa.Schema | None = None
+
+    def add(self, table: pa.Table) -> None:
+        self.schema = self.schema or table.schema
+        self.buffer.append(table)
+        self.buffered += table.num_rows
+        while self.buffered >= ROW_GROUP_ROWS:
+            whole = pa.concat_tables(self.buffer)
+            self._write(whole.slice(0, ROW_GROUP_ROWS))
+            rest = whole.slice(ROW_GROUP_ROWS)
+            self.buffer, self.buffered = [rest], rest.num_rows
+
+    def _write(self, table: pa.Table) -> None:
+        import posixpath
+
+        import pyarrow.parquet as pq
+
+        if self.writer is None or self.in_file >= FILE_ROWS:
+            if self.writer is not None:
+                self.writer.close()
+            path = posixpath.join(self.folder, f"part-{self.files:05d}.parquet")
+            self.writer = pq.ParquetWriter(path, table.schema, filesystem=self.fs, compression="zstd")
+            self.files, self.in_file = self.files + 1, 0
+        self.writer.write_table(table, row_group_size=ROW_GROUP_ROWS)
+        self.in_file += table.num_rows
+        self.rows += table.num_rows
+
+    def close(self, schema: pa.Schema | None = None) -> int:
+        """Flush; with no rows at all, still one (empty) file, so readers find the schema."""
+        if self.buffered:
+            self._write(pa.concat_tables(self.buffer).combine_chunks())
+        if self.writer is not None:
+            self.writer.close()
+        elif self.schema or schema:
+            self._write((self.schema or schema).empty_table())
+            self.writer.close()
+        return self.rows
 
 
 def write_sorted(ds: Any, fs: Any, folder: str) -> int:
-    """Stream the sorted dataset into part-00000.parquet, part-00001.parquet, ... in order.
+    """Stream a sorted Ray dataset into part files (``PartWriter``), in dataset order.
 
-    Ray's own writer may concatenate blocks out of order within a file. Here batches of exactly
-    ROW_GROUP_ROWS rows arrive in dataset order (whatever the block boundaries), one row group
-    each, FILE_ROWS per file: the same rows always give the same bytes, on one node or many.
-    Memory is a few batches, not the partition.
+    Ray's own writer may concatenate blocks out of order within a file. Memory is a few
+    batches, not the partition.
     """
-    import posixpath
-
-    import pyarrow.parquet as pq
-
-    writer, index, in_file, total = None, 0, 0, 0
+    out = PartWriter(fs, folder)
     try:
         for batch in ds.iter_batches(batch_size=ROW_GROUP_ROWS, batch_format="pyarrow"):
-            if writer is None or in_file >= FILE_ROWS:
-                if writer is not None:
-                    writer.close()
-                path = posixpath.join(folder, f"part-{index:05d}.parquet")
-                writer = pq.ParquetWriter(path, batch.schema, filesystem=fs, compression="zstd")
-                index, in_file = index + 1, 0
-            writer.write_table(batch, row_group_size=ROW_GROUP_ROWS)
-            in_file += batch.num_rows
-            total += batch.num_rows
-    finally:
-        if writer is not None:
-            writer.close()
-    if writer is None:  # no rows: still one (empty) file, so readers find the schema
-        schema = ds.schema()
-        schema = getattr(schema, "base_schema", schema)
-        pq.write_table(schema.empty_table(), posixpath.join(folder, "part-00000.parquet"), filesystem=fs)
-    return total
+            out.add(batch)
+    except BaseException:
+        out.close()
+        raise
+    schema = ds.schema()
+    return out.close(getattr(schema, "base_schema", schema))
+
+
+def _rows_upto(kc: np.ndarray, bound: tuple[int, ...]) -> int:
+    """How many columns of `kc` (sorted tuples, one per column) are <= `bound`."""
+    below, equal = np.zeros(kc.shape[1], bool), np.ones(kc.shape[1], bool)
+    for col, v in zip(kc, bound):
+        below |= equal & (col < v)
+        equal &= col == v
+    return int((below | equal).sum())
+
+
+def merge_runs(runs: list[dict[str, Any]], keys: list[str], fs: Any, folder: str) -> int:
+    """Merge sorted runs (``day_run``) into one sorted sequence of part files, by (event time, keys).
+
+    Each key column is coded as ranks in the sorted union of the runs' distinct values (nulls
+    last, as Arrow sorts them), so rows compare as tuples of int64s. Runs are read a batch at a
+    time (MERGE_POOL_ROWS over all runs): the rows of every run that sort at or before the smallest "last row read" of any
+    run are final; they are sorted together and written, and the runs whose rows read are all
+    written are read further. Memory is bounded by MERGE_POOL_ROWS and a row group.
+    """
+    import pyarrow.parquet as pq
+
+    dicts = {}
+    for k in keys:
+        d = pc.unique(pa.concat_arrays([r["keys"][k] for r in runs])) if runs else pa.array([])
+        dicts[k] = d.take(pc.array_sort_indices(d))
+
+    def coded(t: pa.Table) -> np.ndarray:
+        cols = [_ts_us(t.column(EVENT_TIME))]
+        cols[0] = np.where(cols[0] == np.iinfo(np.int64).min, np.iinfo(np.int64).max, cols[0])  # nulls last
+        for k in keys:
+            pos = pc.index_in(t.column(k), value_set=dicts[k]).fill_null(len(dicts[k]))
+            cols.append(pos.to_numpy(zero_copy_only=False).astype(np.int64))
+        return np.stack(cols) if cols else np.zeros((0, t.num_rows), np.int64)
+
+    per_run = max(1024, MERGE_POOL_ROWS // max(1, len(runs)))
+    batches = [pq.ParquetFile(fs.open_input_file(r["path"])).iter_batches(per_run) for r in runs]
+    buffers: dict[int, tuple[pa.Table, np.ndarray]] = {}  # run -> its rows read, not yet written
+    frontier: dict[int, tuple[int, ...]] = {}  # run -> key of the last row read from it
+
+    def read(i: int) -> None:
+        b = next(batches[i], None)
+        while b is not None and b.num_rows == 0:
+            b = next(batches[i], None)
+        if b is None:
+            frontier.pop(i, None)
+            return
+        t, kc = pa.Table.from_batches([b]), coded(b)
+        if i in buffers:
+            t, kc = pa.concat_tables([buffers[i][0], t]), np.concatenate([buffers[i][1], kc], axis=1)
+        buffers[i], frontier[i] = (t, kc), tuple(kc[:, -1])
+
+    out = PartWriter(fs, folder)
+    try:
+        for i in range(len(runs)):
+            read(i)
+        while buffers:
+            bound = min(frontier.values()) if frontier else None
+            tables, codes = [], []
+            for i, (t, kc) in list(buffers.items()):
+                n = kc.shape[1] if bound is None else _rows_upto(kc, bound)  # a prefix: runs are sorted
+                tables.append(t.slice(0, n))
+                codes.append(kc[:, :n])
+                if n == kc.shape[1]:
+                    del buffers[i]
+                else:
+                    buffers[i] = (t.slice(n), kc[:, n:])
+            order = np.lexsort(np.concatenate(codes, axis=1)[::-1])  # stable: ties keep run order
+            out.add(pa.concat_tables(tables).take(order))
+            for i in [i for i, v in frontier.items() if v == bound]:  # all their rows read are written
+                read(i)
+    except BaseException:
+        out.close()
+        raise
+    return out.close(runs[0]["schema"] if runs else None)
 
 
 def _result(spec: Spec, path: str, manifest: dict[str, Any], skipped: bool) -> dict[str, Any]:
