@@ -220,6 +220,11 @@ def test_concurrent_requests_each_get_their_own_rows(server: dict, use_cycled: d
     for k, got in enumerate(answers):
         np.testing.assert_array_equal(np.asarray(got, dtype=np.float64),
                                       np.asarray(expected[k * 7:k * 7 + 1 + k % 5], dtype=np.float64))
+    # a body bigger than one read (uvicorn hands it over in parts)
+    big = {"dataframe_split": {"columns": list(X.columns), "data": _jsonable(X)}}
+    r = httpx.post(f"{url}/invocations", json=big, timeout=60)
+    assert r.status_code == 200 and len(r.content) > 0 and len(httpx.Request("POST", url, json=big).content) > 65536
+    np.testing.assert_array_equal(np.asarray(r.json()["predictions"], dtype=np.float64), np.asarray(expected, np.float64))
 
 
 def test_bearer_token(use_cycled: dict, spec) -> None:
