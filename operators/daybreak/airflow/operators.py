@@ -7,48 +7,26 @@ from airflow.sdk import BaseOperator, SkipMixin
 
 
 def storage_options(conn_id: str | None) -> Any:
-    """S3 settings from an Airflow Connection (type aws or generic); None: from the environment."""
-    if not conn_id:
-        return None
-    from airflow.sdk import BaseHook
+    """S3 settings from an Airflow Connection; None: from the environment (see ``daybreak.airflow.hooks``)."""
+    from daybreak.airflow.hooks import storage_options as from_connection
 
-    from daybreak.store import StorageOptions
-
-    conn = BaseHook.get_connection(conn_id)
-    extra = conn.extra_dejson or {}
-    endpoint = extra.get("endpoint_url") or (f"{conn.schema or 'https'}://{conn.host}:{conn.port}" if conn.host else None)
-    return StorageOptions(endpoint_url=endpoint, region=extra.get("region_name") or extra.get("region"),
-                          access_key=conn.login or None, secret_key=conn.password or None,
-                          session_token=extra.get("aws_session_token"))
+    return from_connection(conn_id)
 
 
 def ray_cluster_address(conn_id: str | None) -> str | None:
-    """A Ray cluster address from an Airflow Connection; None: ``$RAY_ADDRESS`` or a local Ray.
+    """A Ray cluster address from an Airflow Connection; None: ``$RAY_ADDRESS`` or a local Ray
+    (see ``daybreak.airflow.hooks.RayHook``)."""
+    from daybreak.airflow.hooks import ray_cluster_address as from_connection
 
-    The address is the Connection's extra ``address`` if set, else ``host:port`` (the GCS port,
-    default 6379), or ``ray://host:port`` for Ray Client when the host or schema says ``ray``.
-    A password is the cluster's auth token (clusters started with ``RAY_AUTH_MODE=token``).
-    """
-    if not conn_id:
-        return None
-    import os
+    return from_connection(conn_id)
 
-    from airflow.sdk import BaseHook
 
-    conn = BaseHook.get_connection(conn_id)
-    extra = conn.extra_dejson or {}
-    address = extra.get("address")
-    if not address:
-        if not conn.host:
-            raise ValueError(f"Airflow Connection {conn_id!r} has neither a host nor an extra 'address' for Ray")
-        if conn.host.startswith("ray://") or conn.schema == "ray":
-            address = f"ray://{conn.host.removeprefix('ray://')}:{conn.port or 10001}"
-        else:
-            address = f"{conn.host}:{conn.port or 6379}"
-    if conn.password:  # Ray reads its token from the environment of the process that connects
-        os.environ["RAY_AUTH_MODE"] = "token"
-        os.environ["RAY_AUTH_TOKEN"] = conn.password
-    return address
+def mlflow_tracking_uri(conn_id: str | None) -> str | None:
+    """The tracking URI of an MLflow Connection, its credentials exported for this process;
+    None: ``$MLFLOW_TRACKING_URI`` or the embedded SQLite (see ``daybreak.airflow.hooks.MlflowHook``)."""
+    from daybreak.airflow.hooks import mlflow_tracking_uri as from_connection
+
+    return from_connection(conn_id)
 
 
 class DaybreakStepOperator(BaseOperator):
@@ -62,19 +40,22 @@ class DaybreakStepOperator(BaseOperator):
     :param ray_address: Ray cluster address; default ``$RAY_ADDRESS`` or a local Ray.
     :param ray_conn_id: Airflow Connection naming the Ray cluster (host and GCS port, or extra
         ``address``; password = auth token); used when ``ray_address`` is not given.
+    :param mlflow_conn_id: Airflow Connection (type ``mlflow``) naming the tracking server (host =
+        tracking URI, password = token); used when ``tracking_uri`` is not given.
     :param aws_conn_id: Airflow Connection with S3 credentials (login = access key, password =
         secret key, extra ``endpoint_url`` / ``region_name``); default: the environment.
     """
 
     step: ClassVar[str] = ""
     template_fields: Sequence[str] = ("spec", "logical_date", "store", "tracking_uri", "ray_address", "aws_conn_id",
-                                      "ray_conn_id")
+                                      "ray_conn_id", "mlflow_conn_id")
     ui_color = "#fde9c4"
 
     def __init__(self, *, spec: str, logical_date: str | None = None, store: str | None = None,
                  tracking_uri: str | None = None, ray_address: str | None = None, aws_conn_id: str | None = None,
-                 ray_conn_id: str | None = None, **kwargs: Any) -> None:
+                 ray_conn_id: str | None = None, mlflow_conn_id: str | None = None, **kwargs: Any) -> None:
         super().__init__(**kwargs)
+        self.mlflow_conn_id = mlflow_conn_id
         self.aws_conn_id = aws_conn_id
         self.ray_conn_id = ray_conn_id
         self.spec = spec
@@ -96,7 +77,7 @@ class DaybreakStepOperator(BaseOperator):
         try:
             day = resolve_date(self.logical_date, context.get("logical_date"), getattr(dag_run, "run_after", None))
             result = run_step(self.step, self.spec, day, run_id=context.get("run_id"), store=self.store,
-                              tracking_uri=self.tracking_uri,
+                              tracking_uri=self.tracking_uri or mlflow_tracking_uri(self.mlflow_conn_id),
                               ray_address=self.ray_address or ray_cluster_address(self.ray_conn_id),
                               storage=storage_options(self.aws_conn_id), **self.step_options(context))
         except Exception as e:
