@@ -162,6 +162,8 @@ def main() -> int:
                     help="rows for the training benchmark (0: skip it)")
     ap.add_argument("--gate-rows", type=int, default=1_000_000,
                     help="holdout rows for the gate's bootstrap benchmark (0: skip it)")
+    ap.add_argument("--serve-seconds", type=float, default=10.0,
+                    help="measured seconds per server and request size in the serving benchmark (0: skip it)")
     args = ap.parse_args()
     info = machine()
     print(f"machine: {info}; median of {args.repeats} runs", flush=True)
@@ -183,8 +185,12 @@ def main() -> int:
     from gate import bench_gate, gate_lines
 
     gate = bench_gate(args.gate_rows) if args.gate_rows else {}
+    from serving import bench_serving, serving_lines
+
+    serving = bench_serving(seconds=args.serve_seconds) if args.serve_seconds else {}
     (HERE / "results.json").write_text(json.dumps({"machine": info, "repeats": args.repeats, "results": results,
-                                                   "features": feats, "training": train, "gate": gate}, indent=2))
+                                                   "features": feats, "training": train, "gate": gate,
+                                                   "serving": serving}, indent=2))
     lines = ["# Benchmark results", "", f"Machine: {info}. Median of {args.repeats} runs.", "",
              "| benchmark | daybreak (s) | baseline (s) | ratio |", "| --- | --- | --- | --- |"]
     lines += [f"| {r['name']} | {r['daybreak_s']:.3f} | {r['baseline_s']:.3f} | {r['ratio']:.2f}x |" for r in results]
@@ -195,6 +201,8 @@ def main() -> int:
         lines += ["", *training_lines(train)]
     if gate:
         lines += ["", *gate_lines(gate)]
+    if serving:
+        lines += ["", *serving_lines(serving)]
     (HERE / "RESULTS.md").write_text("\n".join(lines) + "\n")
     print(f"wrote {HERE / 'RESULTS.md'}")
     return 0

@@ -1,0 +1,276 @@
+"""`daybreak serve` against `mlflow models serve --env-manager local`: same model, same client.
+
+    python benchmarks/serving.py [--seconds 10] [--concurrency 32] [--rows 1 100]
+
+The champion of the flights demo (the daily cycle run for 2013-01-01 .. 2013-01-02) is served by
+both servers at once, on loopback, each as its own process with its defaults (mlflow: one
+uvicorn worker; daybreak: one process, see the README). Both must return the same predictions
+for the request bodies before anything is timed.
+
+The client is the same for both: an asyncio HTTP/1.1 client holding `concurrency` keep-alive
+connections, each sending its next request as soon as the last one is answered (a closed loop),
+for `seconds` after `warmup` seconds that are not counted. Bodies are `dataframe_split` JSON of
+holdout rows, 1 row and 100 rows, prepared before the clock starts. It reports requests/s, p50
+and p99 latency and failed requests (any status but 200), and the ratios daybreak / mlflow. The
+client shares the machine with the servers, so it is kept lean (raw sockets, no HTTP library).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import date
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+BIN = Path(sys.executable).parent
+
+
+def prepare(home: Path) -> dict:
+    """A home whose registry has a champion (made unless `home` has one), and the holdout rows."""
+    os.environ["DAYBREAK_HOME"] = str(home)
+    from daybreak import registry
+    from daybreak.context import RunContext
+    from daybreak.gate import holdout
+    from daybreak.spec import load_spec
+
+    spec = load_spec(ROOT / "specs" / "flights.yaml")
+    ctx = RunContext.create("2013-01-02")
+    if not (home / "mlflow.db").exists() or registry.alias_version(
+            registry.client(ctx), spec.model.name, spec.promotion.alias) is None:
+        import ray
+
+        from daybreak.compute import ensure_ray
+        from daybreak.cycle import run_cycle
+        from daybreak.datasets import build_flights_landing
+
+        build_flights_landing(home / "store" / "landing", start=date(2013, 1, 1), end=date(2013, 1, 2))
+        ensure_ray("local")
+        for d in ("2013-01-01", "2013-01-02"):
+            run_cycle(spec, RunContext.create(d), deploy=False)
+        ray.shutdown()
+    X = holdout(spec, ctx)[spec.features.feature_names()]
+    return {"spec": spec, "columns": list(X.columns),
+            "rows": X.astype(object).where(X.notna(), None).values.tolist(),
+            "tracking_uri": f"sqlite:///{home / 'mlflow.db'}"}
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait(url: str, proc: subprocess.Popen, timeout: float = 180) -> None:
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode} before {url} answered")
+        try:
+            if httpx.get(url, timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.3)
+    raise TimeoutError(f"{url} did not answer within {timeout}s")
+
+
+def start_servers(home: Path, prep: dict, logs: Path) -> dict[str, tuple[subprocess.Popen, int]]:
+    import yaml
+
+    # mlflow starts `uvicorn` from PATH, as in an activated virtualenv
+    env = {**os.environ, "DAYBREAK_HOME": str(home), "MLFLOW_TRACKING_URI": prep["tracking_uri"],
+           "PYTHONWARNINGS": "ignore", "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
+    spec_file = home / "spec.yaml"
+    spec_file.write_text(yaml.safe_dump(prep["spec"].model_dump(mode="json")))
+    name, alias = prep["spec"].model.name, prep["spec"].promotion.alias
+    ports = {"mlflow": _free_port(), "daybreak": _free_port()}
+    cmds = {
+        "mlflow": [str(BIN / "mlflow"), "models", "serve", "-m", f"models:/{name}@{alias}", "--env-manager", "local",
+                   "-h", "127.0.0.1", "-p", str(ports["mlflow"])],
+        "daybreak": [str(BIN / "daybreak"), "serve", "--spec", str(spec_file), "--port", str(ports["daybreak"])],
+    }
+    procs = {}
+    try:
+        for which, cmd in cmds.items():
+            with open(logs / f"{which}.log", "w") as out:
+                procs[which] = (subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, cwd=home),
+                                ports[which])
+        for which, (proc, port) in procs.items():
+            _wait(f"http://127.0.0.1:{port}/ping", proc)
+    except BaseException:
+        stop_servers(procs)
+        raise
+    return procs
+
+
+def stop_servers(procs: dict[str, tuple[subprocess.Popen, int]]) -> None:
+    for proc, _ in procs.values():
+        proc.terminate()
+    for proc, _ in procs.values():
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def bodies(prep: dict, rows: int, count: int = 16) -> list[bytes]:
+    """`count` different dataframe_split bodies of `rows` consecutive holdout rows each."""
+    data = prep["rows"]
+    out = []
+    for k in range(count):
+        start = (k * rows) % max(1, len(data) - rows)
+        out.append(json.dumps({"dataframe_split": {"columns": prep["columns"],
+                                                   "data": data[start:start + rows]}}).encode())
+    return out
+
+
+def check_same_predictions(ports: dict[str, int], payloads: list[bytes]) -> None:
+    import httpx
+    import numpy as np
+
+    for body in payloads[:4]:
+        got = {}
+        for which, port in ports.items():
+            r = httpx.post(f"http://127.0.0.1:{port}/invocations", content=body,
+                           headers={"Content-Type": "application/json"}, timeout=60)
+            if r.status_code != 200:
+                raise RuntimeError(f"{which} answered {r.status_code}: {r.text[:300]}")
+            got[which] = np.asarray(r.json()["predictions"], dtype=np.float64)
+        if not np.array_equal(got["mlflow"], got["daybreak"]):
+            raise RuntimeError(f"the servers' predictions differ: {got}")
+
+
+async def _connection(port: int, payloads: list[bytes], offset: int, warm_until: float, stop_at: float,
+                      latencies: list[float], failures: list[int]) -> None:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    requests = [b"POST /invocations HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                b"Content-Length: %d\r\n\r\n%s" % (len(p), p) for p in payloads]
+    k = offset
+    try:
+        while True:
+            t0 = time.perf_counter()
+            if t0 >= stop_at:
+                return
+            writer.write(requests[k % len(requests)])
+            k += 1
+            head = await reader.readuntil(b"\r\n\r\n")
+            lower = head.lower()
+            at = lower.find(b"\r\ncontent-length:")
+            if at < 0:
+                raise RuntimeError(f"response without Content-Length: {head[:200]!r}")
+            length = int(lower[at + 17:lower.index(b"\r\n", at + 2)])
+            await reader.readexactly(length)
+            t1 = time.perf_counter()
+            if t0 >= warm_until:
+                latencies.append(t1 - t0)
+                if head[9:12] != b"200":
+                    failures.append(int(head[9:12]))
+    finally:
+        writer.close()
+
+
+async def _load(port: int, payloads: list[bytes], concurrency: int, seconds: float, warmup: float) -> dict:
+    latencies: list[float] = []
+    failures: list[int] = []
+    start = time.perf_counter()
+    warm_until, stop_at = start + warmup, start + warmup + seconds
+    await asyncio.gather(*(_connection(port, payloads, i, warm_until, stop_at, latencies, failures)
+                           for i in range(concurrency)))
+    latencies.sort()
+    n = len(latencies)
+    return {"requests": n, "failed": len(failures), "rps": n / seconds,
+            "p50_ms": 1000 * latencies[n // 2], "p99_ms": 1000 * latencies[min(n - 1, int(n * 0.99))]}
+
+
+def load(port: int, payloads: list[bytes], concurrency: int, seconds: float, warmup: float) -> dict:
+    try:
+        import uvloop
+
+        runner = uvloop.run
+    except ImportError:
+        runner = asyncio.run
+    return runner(_load(port, payloads, concurrency, seconds, warmup))
+
+
+def bench_serving(sizes: list[int] = (1, 100), seconds: float = 10.0, concurrency: int = 32,
+                  warmup: float = 2.0, home: Path | None = None) -> dict:
+    out = {"concurrency": concurrency, "seconds": seconds, "warmup": warmup, "sizes": {}}
+    saved_home = os.environ.get("DAYBREAK_HOME")
+    with tempfile.TemporaryDirectory(prefix="dbserve") as tmp:
+        home = Path(home or tmp)
+        home.mkdir(parents=True, exist_ok=True)
+        t0 = time.perf_counter()
+        prep = prepare(home)
+        print(f"serving: champion ready in {time.perf_counter() - t0:.0f}s; starting both servers", flush=True)
+        procs = start_servers(home, prep, home)
+        ports = {which: port for which, (_, port) in procs.items()}
+        try:
+            for rows in sizes:
+                payloads = bodies(prep, rows)
+                check_same_predictions(ports, payloads)
+                res = {}
+                for which in ("mlflow", "daybreak"):
+                    res[which] = load(ports[which], payloads, concurrency, seconds, warmup)
+                    r = res[which]
+                    print(f"serving {rows:>3}-row requests, {which:>8}: {r['rps']:8.1f} req/s, p50 {r['p50_ms']:7.1f} ms, "
+                          f"p99 {r['p99_ms']:7.1f} ms, failed {r['failed']} of {r['requests']}", flush=True)
+                res["throughput_ratio"] = res["daybreak"]["rps"] / res["mlflow"]["rps"]
+                res["p99_ratio"] = res["daybreak"]["p99_ms"] / res["mlflow"]["p99_ms"]
+                res["p50_ratio"] = res["daybreak"]["p50_ms"] / res["mlflow"]["p50_ms"]
+                out["sizes"][str(rows)] = res
+        finally:
+            stop_servers(procs)
+            if saved_home is None:
+                os.environ.pop("DAYBREAK_HOME", None)
+            else:
+                os.environ["DAYBREAK_HOME"] = saved_home
+    return out
+
+
+def serving_lines(r: dict) -> list[str]:
+    lines = [f"Serving, `daybreak serve` (one process, micro-batching) vs `mlflow models serve --env-manager local` "
+             f"(one worker), same model and client, {r['concurrency']} connections, {r['seconds']:.0f} s each after "
+             f"{r['warmup']:.0f} s of warm-up (goal: at least 5x the throughput, p99 at most 1/5):", "",
+             "| rows per request | server | requests/s | p50 (ms) | p99 (ms) | failed |",
+             "| ---: | --- | ---: | ---: | ---: | ---: |"]
+    for rows, res in r["sizes"].items():
+        for which in ("mlflow", "daybreak"):
+            s = res[which]
+            lines.append(f"| {rows} | {which} | {s['rps']:.1f} | {s['p50_ms']:.1f} | {s['p99_ms']:.1f} | "
+                         f"{s['failed']} of {s['requests']} |")
+    lines.append("")
+    for rows, res in r["sizes"].items():
+        lines.append(f"- {rows} row(s): daybreak {res['throughput_ratio']:.1f}x the throughput, p50 "
+                     f"{res['p50_ratio']:.3f}x, p99 {res['p99_ratio']:.3f}x mlflow's.")
+    return lines
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rows", type=int, nargs="+", default=[1, 100], help="rows per request")
+    ap.add_argument("--seconds", type=float, default=10.0, help="measured seconds per server and size")
+    ap.add_argument("--warmup", type=float, default=2.0, help="seconds of load not counted, before each measurement")
+    ap.add_argument("--concurrency", type=int, default=32, help="connections, each with one request in flight")
+    ap.add_argument("--home", type=Path, help="keep the prepared home (registry, store, server logs) here; "
+                                              "reused on the next run")
+    args = ap.parse_args()
+    r = bench_serving(args.rows, args.seconds, args.concurrency, args.warmup, args.home)
+    print(json.dumps(r, indent=2))
+    print("\n".join(serving_lines(r)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
