@@ -156,11 +156,12 @@ def test_features_on_s3_equal_the_local_ones(built: pd.DataFrame, spec, s3_serve
 
 @pytest.mark.parametrize("wide", [False, True])
 def test_window_index_matches_brute_force(wide: bool) -> None:
-    """The index on its own, without Ray: slices sorted separately and merged, two key columns, and
-    (wide) keys x times too many to pack, which takes the lexsort and time-rank paths."""
+    """The index on its own, without Ray: slices sorted and folded separately, some folded
+    together first (as the step does past FOLD_FANIN slices), then merged; two key columns, and
+    (wide) keys x times too many to pack, which takes the time-rank path."""
     import pyarrow as pa
 
-    from daybreak.features import EVENT_TIME, apply_windows, build_window_index, window_inputs
+    from daybreak.features import EVENT_TIME, apply_windows, build_window_index, fold_tables, window_inputs
     from daybreak.spec import parse_spec
 
     spec = parse_spec({
@@ -185,7 +186,9 @@ def test_window_index_matches_brute_force(wide: bool) -> None:
     df.loc[rng.random(n) < 0.05, "a"] = None
     table = pa.Table.from_pandas(df, preserve_index=False)
     slices = [window_inputs(table.slice(o, 700), f, 0) for o in range(0, n, 700)]
-    index = build_window_index(["a", "b"], ["count", "sum", "std", "min", "max"], *slices)
+    aggs = ["count", "sum", "std", "min", "max"]
+    index = build_window_index(["a", "b"], aggs, fold_tables(["a", "b"], aggs, *slices[:3]), *slices[3:])
+    assert len(index["comp"]) == len(np.unique(index["comp"])) < sum(s.num_rows for s in slices) + 1
     events = table.append_column(EVENT_TIME, table.column("ts"))
     got = apply_windows(events, f, [index]).to_pandas()
     known = df[df["v"].notna() & df["a"].notna()]

@@ -196,26 +196,48 @@ def _mixed_radix(ranks: Any, dictionaries: Any, n: int) -> np.ndarray:
     return codes
 
 
-def build_window_index(by: list[str], aggs: list[str], *tables: pa.Table) -> dict[str, Any]:
-    """Sort one window's whole history by (key, known-at) and take running sums.
+_PARTIALS = ("__n", "__s", "__s2", "__min", "__max")
 
-    Keys become integer codes (mixed radix over each key column's sorted dictionary), and
-    (code, time) packs into one sorted int64 array, so every "rows of this key known in (a, b)"
-    question is two binary searches. The tables come sorted in that same order, already folded
-    per (key, time) (``window_inputs``), so the sort here is a merge of runs, and the index
-    holds one entry per distinct (key, time).
+
+def fold_tables(by: list[str], aggs: list[str], *tables: pa.Table) -> pa.Table:
+    """Merge folded window histories (``window_inputs``' output, or this function's) into one,
+    sorted by (key, known-at) and folded again per (key, time).
+
+    Keys become integer codes (mixed radix over each key column's sorted dictionary). Tables
+    with the same key and time fold in argument order (a stable sort), so sums are the same on
+    any number of nodes.
     """
     t = pa.concat_tables(tables) if tables else pa.table({"__k": pa.array([], pa.int64()),
                                                           "__n": pa.array([], pa.int64())})
     k = t.column("__k").to_numpy()
     ranks, dictionaries = zip(*[_sorted_codes(t.column(c)) if c in t.column_names
                                 else (np.zeros(0, np.int64), pa.array([], pa.string())) for c in by]) if by else ((), ())
+    order = np.lexsort((k, _mixed_radix(ranks, dictionaries, len(k))))
+    k = k[order]
+    ranks = [r[order] for r in ranks]
+    starts = _run_starts(k, *ranks)
+    col = {c: t.column(c).to_numpy()[order] for c in _PARTIALS if c in t.column_names}
+    return pa.table({**{c: pa.DictionaryArray.from_arrays(pa.array(r[starts], pa.int32()), d)
+                        for c, r, d in zip(by, ranks, dictionaries)},
+                     "__k": pa.array(k[starts], pa.int64()),
+                     **_fold(starts, col["__n"], np.zeros(0), aggs, col.get("__s"), col.get("__s2"),
+                             col.get("__min"), col.get("__max"))})
+
+
+def build_window_index(by: list[str], aggs: list[str], *tables: pa.Table) -> dict[str, Any]:
+    """One window's whole history, folded (``fold_tables``), as an index with running sums.
+
+    (key code, time) packs into one sorted int64 array, so every "rows of this key known in
+    (a, b)" question is two binary searches; the index holds one entry per distinct (key, time).
+    """
+    t = fold_tables(by, aggs, *tables)
+    k = t.column("__k").to_numpy()
+    ranks, dictionaries = zip(*[_sorted_codes(t.column(c)) for c in by]) if by else ((), ())
     codes = _mixed_radix(ranks, dictionaries, len(k))
-    del ranks
     dictionaries = list(dictionaries)
     radix = math.prod(max(1, len(d)) for d in dictionaries)
     # (code, time) packs into one int64 as code * span + (time - first); past 2**62, times are
-    # replaced by their rank among the distinct times, which needs a sort more.
+    # replaced by their rank among the distinct times. Either way the packing keeps the order.
     first = int(k.min()) if len(k) else 0
     span = (int(k.max()) - first + 2) if len(k) else 2
     distinct = None
@@ -227,26 +249,16 @@ def build_window_index(by: list[str], aggs: list[str], *tables: pa.Table) -> dic
         comp = codes * span + np.searchsorted(distinct, k)
     else:
         comp = codes * span + (k - first)
-    del codes, k
-    # Stable (timsort: it merges the sorted runs): parts with the same key and time fold in
-    # slice order, so the sums are the same on any number of nodes.
-    order = np.argsort(comp, kind="stable")
-    comp = comp[order]
-    starts = _run_starts(comp)
-    col = {c: t.column(c).to_numpy()[order] for c in ("__n", "__s", "__s2", "__min", "__max") if c in t.column_names}
-    del order, t
-    folded = _fold(starts, col["__n"], np.zeros(0), aggs, col.get("__s"), col.get("__s2"),
-                   col.get("__min"), col.get("__max"))
     index: dict[str, Any] = {"dictionaries": dictionaries, "distinct": distinct, "first": first, "span": span,
-                             "comp": comp[starts], "cn": _running_sum(folded["__n"].to_numpy())}
-    if "__s" in folded:
-        index["cs"] = _running_sum(folded["__s"].to_numpy())
-    if "__s2" in folded:
-        index["cs2"] = _running_sum(folded["__s2"].to_numpy())
-    if "__min" in folded:
-        index["min"] = _RangeExtreme(folded["__min"].to_numpy(), np.minimum)
-    if "__max" in folded:
-        index["max"] = _RangeExtreme(folded["__max"].to_numpy(), np.maximum)
+                             "comp": comp, "cn": _running_sum(t.column("__n").to_numpy())}
+    if "__s" in t.column_names:
+        index["cs"] = _running_sum(t.column("__s").to_numpy())
+    if "__s2" in t.column_names:
+        index["cs2"] = _running_sum(t.column("__s2").to_numpy())
+    if "__min" in t.column_names:
+        index["min"] = _RangeExtreme(t.column("__min").to_numpy(), np.minimum)
+    if "__max" in t.column_names:
+        index["max"] = _RangeExtreme(t.column("__max").to_numpy(), np.maximum)
     return index
 
 
@@ -534,6 +546,7 @@ def build_features(spec: Spec, ctx: RunContext) -> dict[str, Any]:
     #   passed as an argument is resolved before the task takes a CPU).
     on_node = ray.remote(_on_node).options(scheduling_strategy="SPREAD", num_returns=2)
     build = ray.remote(build_window_index)
+    fold = ray.remote(fold_tables)
     f_ref, fs_ref = ray.put(f), ray.put(ctx.store.fs)
     indexes, node_refs = [], []
     for i, w in enumerate(f.windows):
@@ -542,8 +555,14 @@ def build_features(spec: Spec, ctx: RunContext) -> dict[str, Any]:
         parts = [on_node.remote(read_window_inputs, [{"path": p, "row_groups": g}], f_ref, fs_ref, i)
                  for p, g in slices if p in wanted]
         node_refs += [n for _, n in parts]
-        indexes.append(build.remote(w.by, list(w.aggs), *[t for t, _ in parts]))
-        del parts  # the index task holds the slices while it needs them; then they go
+        # Folded a few slices at a time, so the slices read are not all held until the index
+        # task starts: what waits is about a folded slice per FOLD_FANIN read.
+        tables = [t for t, _ in parts]
+        while len(tables) > FOLD_FANIN:
+            tables = [fold.remote(w.by, list(w.aggs), *tables[j:j + FOLD_FANIN])
+                      for j in range(0, len(tables), FOLD_FANIN)]
+        indexes.append(build.remote(w.by, list(w.aggs), *tables))
+        del parts, tables  # the tasks hold the slices while they need them; then they go
     joins = []
     for j in f.asof:
         right = _read_table(dims[j.source][0], ctx.store.fs).select([*j.by, j.time, *sorted(set(j.columns.values()))])
@@ -605,6 +624,7 @@ FILE_ROWS = 32 * ROW_GROUP_ROWS
 DAY_SLICE_ROWS = ROW_GROUP_ROWS  # the day's rows per task (whole row groups)
 HISTORY_SLICE_ROWS = ROW_GROUP_ROWS  # at most, per window read task (whole row groups)
 MERGE_ROWS = 16_384  # row group size of the runs
+FOLD_FANIN = 8  # folded window slices merged per task on the way to the index
 MERGE_POOL_ROWS = ROW_GROUP_ROWS  # rows read ahead from all the runs together while merging
 
 
