@@ -43,10 +43,10 @@ test: $(STAMP) browser
 bench: $(STAMP)
 	$(BIN)/python benchmarks/run.py
 
+# Airflow standalone (repo dags/ and plugins/), the MLflow server and daybreak serve, logs in
+# $(DAYBREAK_HOME)/logs; ports from AIRFLOW_PORT, MLFLOW_PORT, SERVE_PORT. Ctrl-C stops all three.
 up: $(STAMP)
-	@echo "MLflow UI on http://127.0.0.1:5000, serving on http://127.0.0.1:5055 (Ctrl-C stops both)"
-	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(DAYBREAK_HOME)/mlflow.db --host 127.0.0.1 --port 5000 & \
-	  $(BIN)/daybreak serve --spec specs/flights.yaml; kill %1
+	@$(BIN)/python scripts/up.py
 
 constraints: $(STAMP)
 	$(BIN)/uv pip freeze --python $(BIN)/python --exclude-editable | grep -vi '^daybreak' > constraints.txt.new
