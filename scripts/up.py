@@ -165,13 +165,20 @@ class Stack:
 
         for svc in reversed(started):
             signal_group(svc.proc.pid, svc.stop_signal)
-        t0, termed = time.monotonic(), False
+        t0, termed, orphaned = time.monotonic(), False, {}
         while any(alive(s) for s in started) and time.monotonic() - t0 < grace:
-            if not termed and time.monotonic() - t0 > grace / 3:
+            now = time.monotonic()
+            if not termed and now - t0 > grace / 3:
                 for svc in started:
                     if alive(svc) and svc.stop_signal != signal.SIGTERM:
                         signal_group(svc.proc.pid, signal.SIGTERM)
                 termed = True
+            for svc in started:
+                # The service itself has exited but left children (the LocalExecutor's idle workers
+                # ignore SIGINT and SIGTERM): once it is gone, what remains of its group is debris.
+                if svc.proc.poll() is not None and group_alive(svc.proc.pid):
+                    if now - orphaned.setdefault(svc.key, now) > 3:
+                        signal_group(svc.proc.pid, signal.SIGKILL)
             time.sleep(0.1)
         for svc in started:
             if alive(svc):
