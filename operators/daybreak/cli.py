@@ -79,12 +79,14 @@ def summary_line(s: dict[str, Any]) -> str:
 def run(spec: Path = SpecOpt, day: str = typer.Option(..., "--date", "-d", help="Logical date, YYYY-MM-DD."),
         store: Optional[str] = StoreOpt, tracking_uri: Optional[str] = TrackingOpt,
         no_deploy: bool = typer.Option(False, "--no-deploy", help="Skip the deploy check."),
+        force: bool = typer.Option(False, "--force", help="Retrain even if the date already has a candidate."),
+        dry_run: bool = typer.Option(False, "--dry-run", help="Stop after the gate: report, never promote or deploy."),
         as_json: bool = JsonOpt) -> None:
     """Run one full daily cycle (stage, features, train, gate, promote, deploy) in process."""
     from daybreak.cycle import run_cycle
 
     s = _load(spec)
-    result = run_cycle(s, _ctx(day, store, tracking_uri), deploy=not no_deploy)
+    result = run_cycle(s, _ctx(day, store, tracking_uri), deploy=not no_deploy, force=force, dry_run=dry_run)
     _emit(result, as_json, summary_line(result["summary"]))
 
 

@@ -21,14 +21,17 @@ from daybreak.train import train_model
 
 log = logging.getLogger(__name__)
 
-def run_cycle(spec: Spec, ctx: RunContext, deploy: bool = True) -> dict[str, Any]:
+def run_cycle(spec: Spec, ctx: RunContext, deploy: bool = True, force: bool = False,
+              dry_run: bool = False) -> dict[str, Any]:
+    """``force`` retrains even if the date's lineage has a version; ``dry_run`` stops after the
+    gate: promote says what it would do, nothing is promoted or deployed."""
     out: dict[str, Any] = {"date": ctx.logical_date.isoformat(), "run_id": ctx.run_id}
     out["stage"] = stage(spec, ctx)
     out["features"] = build_features(spec, ctx)
-    out["train"] = train_model(spec, ctx)
+    out["train"] = train_model(spec, ctx, force=force)
     out["gate"] = evaluate_gate(spec, ctx)
     if should_promote(out["gate"]):
-        out["promote"] = promote_model(spec, ctx)
+        out["promote"] = promote_model(spec, ctx, dry_run=dry_run)
         if deploy and should_deploy(out["promote"]):  # not while the version waits for approval
             out["deploy"] = deploy_model(spec, ctx)
     else:  # after a reject promotion (and so deployment) never runs, as in the DAG and the flow

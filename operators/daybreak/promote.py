@@ -31,16 +31,19 @@ PENDING, APPROVED, REJECTED = "pending", "approved", "rejected"
 APPROVAL_TAG = "daybreak.approval"
 
 
-def promote_model(spec: Spec, ctx: RunContext) -> dict[str, Any]:
+def promote_model(spec: Spec, ctx: RunContext, dry_run: bool = False) -> dict[str, Any]:
     """Move the champion to the date's candidate if the gate passed it; with
-    ``promotion.approval: manual`` tag it pending instead, for ``approve_model`` to promote."""
+    ``promotion.approval: manual`` tag it pending instead, for ``approve_model`` to promote.
+
+    ``dry_run`` checks everything up to the move and says what it would do (``would``), changing
+    nothing: no alias, tag or event."""
     name, day = spec.model.name, ctx.logical_date.isoformat()
     registry.setup_tracking(ctx, spec.name)
     cl = registry.client(ctx)
     cand = registry.candidate_for(cl, name, day, spec.spec_hash())
     champ = registry.alias_version(cl, name, spec.promotion.alias)
     current = str(champ.version) if champ else None
-    base = {"step": "promote", "date": day, "alias": spec.promotion.alias}
+    base = {"step": "promote", "date": day, "alias": spec.promotion.alias} | ({"dry_run": True} if dry_run else {})
     if cand is None:
         return base | {"promoted": False, "reason": "no candidate for this date", "champion_version": current}
     decision = cand.tags.get(registry.DECISION_TAG)
@@ -59,6 +62,12 @@ def promote_model(spec: Spec, ctx: RunContext) -> dict[str, Any]:
     if cand.tags.get(APPROVAL_TAG) in (PENDING, REJECTED):  # once a person is asked, only they decide
         return base | _approval_state(cand, current)
     manual = spec.promotion.approval == "manual"
+    if dry_run:
+        would = (f"tag v{cand.version} pending approval (champion stays {_v(current)})" if manual
+                 else f"move {spec.promotion.alias} to v{cand.version} (from {_v(current)})")
+        log.info("promote %s: dry run; would %s", day, would)
+        return base | {"promoted": False, "would": would, "reason": f"dry run: would {would}",
+                       "champion_version": current, "candidate_version": str(cand.version)}
     with registry.model_lock(cl, name, owner=ctx.run_id):
         # everything again, under the lock: an override or a rollback may have landed meanwhile
         cand = cl.get_model_version(name, str(cand.version))
@@ -91,8 +100,8 @@ def promote_model(spec: Spec, ctx: RunContext) -> dict[str, Any]:
 
 def should_deploy(result: dict[str, Any]) -> bool:
     """What the orchestrators ask after promote: never deploy for a version waiting for approval
-    (or refused it); the champion did not move."""
-    return result.get("approval") not in (PENDING, REJECTED)
+    (or refused it), nor in a dry run; the champion did not move."""
+    return result.get("approval") not in (PENDING, REJECTED) and not result.get("dry_run")
 
 
 def _now() -> str:

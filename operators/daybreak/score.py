@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+from dataclasses import replace
 from datetime import datetime, timezone
 from typing import Any
 
@@ -60,21 +61,27 @@ class SliceScorer:
                          "scored_at": pa.array([self.scored_at] * n, pa.string()).cast(pa.timestamp("s", tz="UTC"))})
 
 
-def batch_score(spec: Spec, ctx: RunContext) -> dict[str, Any]:
-    """Score the logical date's features with the champion; publish the predictions."""
+def batch_score(spec: Spec, ctx: RunContext, champion_date: bool = False) -> dict[str, Any]:
+    """Score the logical date's features with the champion; publish the predictions.
+
+    ``champion_date``: score the date the champion was trained for instead (a run that has no date
+    of its own, e.g. one triggered by a promotion)."""
     import ray
 
+    from daybreak.context import parse_date
     from daybreak.features import _slices, write_sorted
 
-    day = ctx.logical_date
-    part = ctx.store.partition(feature_zone(spec), day)
-    if part is None:
-        raise MissingInputError(f"batch_score: no feature partition for {day}; run the features step first")
     registry.setup_tracking(ctx, spec.name)
     cl = registry.client(ctx)
     champ = registry.alias_version(cl, spec.model.name, spec.promotion.alias)
     if champ is None:
         raise MissingInputError(f"batch_score: {spec.model.name} has no {spec.promotion.alias!r} to score with yet")
+    if champion_date and champ.tags.get(registry.DATE_TAG):
+        ctx = replace(ctx, logical_date=parse_date(champ.tags[registry.DATE_TAG]))
+    day = ctx.logical_date
+    part = ctx.store.partition(feature_zone(spec), day)
+    if part is None:
+        raise MissingInputError(f"batch_score: no feature partition for {day}; run the features step first")
     version = str(champ.version)
     lineage = {"model": spec.model.name, "version": version, "features": part.manifest["content_hash"], "date": day.isoformat()}
     key = hashlib.sha256(json.dumps(lineage, sort_keys=True).encode()).hexdigest()[:16]

@@ -362,7 +362,12 @@ def _importance_plot(importance: dict[str, float], path: Path) -> bool:
     return True
 
 
-def train_model(spec: Spec, ctx: RunContext) -> dict[str, Any]:
+def train_model(spec: Spec, ctx: RunContext, force: bool = False) -> dict[str, Any]:
+    """Train the date's candidate; with the same lineage already registered, return that version.
+
+    ``force`` trains and registers a new version even then (the newest is the date's candidate the
+    gate sees); a person asked for it, e.g. after changing something the lineage does not cover.
+    """
     import mlflow
 
     from daybreak.outofcore import estimated_bytes, window_files
@@ -391,8 +396,11 @@ def train_model(spec: Spec, ctx: RunContext) -> dict[str, Any]:
     registry.setup_tracking(ctx, spec.name)
     cl = registry.client(ctx)
     existing = registry.versions(cl, spec.model.name, {registry.LINEAGE_TAG: lineage_key})
-    if existing:
-        mv = existing[-1]
+    if existing and force:
+        log.warning("train %s: retraining although version %s has this lineage (force)", ctx.logical_date,
+                    str(existing[0].version))
+    elif existing:
+        mv = existing[0]  # newest: after a forced retrain, the one candidate_for picks
         log.info("train %s: version %s already registered for this lineage", ctx.logical_date, str(mv.version))
         return base | {"status": "exists", "rows": rows, "model_version": str(mv.version), "run_id": mv.run_id,
                        "lineage_key": lineage_key, "val_metric": _float(mv.tags.get("daybreak.val_metric"))}
@@ -440,6 +448,7 @@ def train_model(spec: Spec, ctx: RunContext) -> dict[str, Any]:
         "daybreak.train_rows": str(n_fit),
         "daybreak.val_metric": repr(val_metric),
         "daybreak.run_context": ctx.run_id,
+        **({"daybreak.forced_retrain": "true"} if force else {}),
     }
     with tempfile.TemporaryDirectory() as tmp, mlflow.start_run(run_name=f"train-{ctx.logical_date}") as run:
         for i, t in enumerate(trials):  # one child run per tuning trial
@@ -476,7 +485,7 @@ def train_model(spec: Spec, ctx: RunContext) -> dict[str, Any]:
     log.info("train %s: registered %s version %s (val %s=%.4f, %d rows)", ctx.logical_date, spec.model.name,
              version, metric_name, val_metric, n_fit)
     return base | {"status": "trained", "rows": rows, "model_version": version, "run_id": run.info.run_id,
-                   "lineage_key": lineage_key, "val_metric": val_metric, "trials": len(trials)}
+                   "lineage_key": lineage_key, "val_metric": val_metric, "trials": len(trials), "forced": force}
 
 
 def _requirements(spec: Spec) -> list[str]:
