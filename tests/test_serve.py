@@ -109,16 +109,19 @@ def test_hot_swap_without_failed_requests(server: dict, use_cycled: dict, spec) 
             assert time.monotonic() < deadline, "server never picked up the new champion"
             time.sleep(0.1)
         time.sleep(0.5)
+        r = httpx.post(f"{url}/invocations", json=body, timeout=30)
+        assert r.headers["x-model-version"] == other
+        np.testing.assert_allclose(r.json()["predictions"], _offline(spec, other, X), rtol=1e-6)
     finally:
         stop.set()
         for t in threads:
             t.join()
         cl.set_registered_model_alias(spec.model.name, "champion", champ)
+        deadline = time.monotonic() + 30  # the next tests expect the champion served again
+        while httpx.get(f"{url}/version").json()["version"] != champ and time.monotonic() < deadline:
+            time.sleep(0.1)
     assert failures == []
     assert seen == {champ, other}
-    r = httpx.post(f"{url}/invocations", json=body, timeout=30)
-    np.testing.assert_allclose(r.json()["predictions"], _offline(spec, other, X), rtol=1e-6) if \
-        r.headers["x-model-version"] == other else None
 
 
 def _mlflow_answer(model, body: dict) -> tuple[int, np.ndarray | None]:
