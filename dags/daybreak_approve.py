@@ -16,6 +16,7 @@ from pathlib import Path
 from airflow.sdk import Param, dag
 
 from daybreak.airflow import ApproveModelOperator
+from daybreak.airflow.assets import CHAMPION
 
 DEFAULT_SPEC = os.environ.get("DAYBREAK_SPEC") or str(Path(__file__).resolve().parent.parent / "specs" / "flights.yaml")
 
@@ -42,7 +43,8 @@ DEFAULT_SPEC = os.environ.get("DAYBREAK_SPEC") or str(Path(__file__).resolve().p
 )
 def daybreak_approve() -> None:
     ApproveModelOperator(task_id="approve", spec="{{ params.spec }}", version="{{ params.version }}",
-                         reason="{{ params.reason }}", decision="{{ params.decision }}")
+                         reason="{{ params.reason }}", decision="{{ params.decision }}",
+                         champion_asset=CHAMPION)
 
 
 daybreak_approve()

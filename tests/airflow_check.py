@@ -67,6 +67,30 @@ def approval() -> None:
     print("RESULT " + json.dumps(out, default=str))
 
 
+def flags() -> None:
+    """The daily DAG's form flags for 2013-01-02 under DAYBREAK_TEST_LENIENT_SPEC: a dry run (gate
+    runs, promote says what it would do and is skipped, deploy too), a normal run (promotes v1), a
+    forced retrain (v2, promoted); then daybreak_batch_score with no logical date and no asset event
+    (scores the champion's date)."""
+    import os
+
+    from airflow.dag_processing.dagbag import DagBag
+
+    spec = os.environ["DAYBREAK_TEST_LENIENT_SPEC"]
+    bag = DagBag(dag_folder=str(ROOT / "dags"))
+    daily = bag.get_dag("daybreak_daily_retrain")
+    # dag.test reuses the run (and its conf) of a logical date, and a conf value stays in the DAG
+    # object's params for the next dag.test: one logical date per run, every flag given (the form
+    # sends them all too), and the date override makes them all process 2013-01-02
+    conf = {"spec": spec, "date": "2013-01-02", "dry_run": False, "force": False, "approve": False}
+    out: dict = {"dry_run": _run(daily, logical_date=datetime(2013, 2, 1, tzinfo=timezone.utc),
+                                 run_conf={**conf, "dry_run": True})}
+    out["normal"] = _run(daily, logical_date=datetime(2013, 2, 2, tzinfo=timezone.utc), run_conf=conf)
+    out["force"] = _run(daily, logical_date=datetime(2013, 2, 3, tzinfo=timezone.utc), run_conf={**conf, "force": True})
+    out["batch"] = _run(bag.get_dag("daybreak_batch_score"), logical_date=None, run_conf={"spec": spec})
+    print("RESULT " + json.dumps(out, default=str))
+
+
 def user_dag() -> None:
     """The user's DAG folder (AIRFLOW__CORE__DAGS_FOLDER) holds my_pipeline.py."""
     from airflow.dag_processing.dagbag import DagBag
@@ -85,4 +109,4 @@ def gate_dag() -> None:
 
 
 if __name__ == "__main__":
-    {"user": user_dag, "gate": gate_dag, "approval": approval}.get(sys.argv[1] if sys.argv[1:] else "", main)()
+    {"user": user_dag, "gate": gate_dag, "approval": approval, "flags": flags}.get(sys.argv[1] if sys.argv[1:] else "", main)()

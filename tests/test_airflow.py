@@ -37,13 +37,61 @@ def _check(env: dict, *args: str) -> dict:
 def test_dagbag_parses_light(airflow_env: dict) -> None:
     out = _check(airflow_env["env"])
     assert out["import_errors"] == {}
-    assert out["dag_ids"] == ["daybreak_approve", "daybreak_daily_retrain"]
+    assert out["dag_ids"] == ["daybreak_approve", "daybreak_batch_score", "daybreak_daily_retrain"]
     assert out["heavy_modules_after_parse"] == []
-    daily, approve = out["daybreak_daily_retrain"], out["daybreak_approve"]
+    daily, approve, batch = out["daybreak_daily_retrain"], out["daybreak_approve"], out["daybreak_batch_score"]
     assert daily["tasks"] == ["stage", "features", "train", "gate", "promote", "deploy"]
-    assert daily["params"] == ["date", "spec"]
+    assert daily["params"] == ["approve", "date", "dry_run", "force", "spec"]
     assert daily["schedule"] == "@daily"
     assert approve == {"tasks": ["approve"], "params": ["decision", "reason", "spec", "version"], "schedule": "None"}
+    assert batch["tasks"] == ["score"] and batch["params"] == ["date", "spec"]
+    assert "x-daybreak://champion" in batch["schedule"]
+
+
+def lenient_spec(spec, folder: Path) -> Path:
+    """The spec with a gate every trained day passes (written as JSON, which YAML reads)."""
+    gate = {"compare": "no_worse", "margin": 1.0, "floor": 0.0,
+            "slices": spec.gate.slices.model_copy(update={"columns": []})}
+    lenient = spec.model_copy(update={"gate": spec.gate.model_copy(update=gate)})
+    path = folder / "lenient.yaml"
+    path.write_text(json.dumps(lenient.model_dump(mode="json")))
+    return path
+
+
+def _x(value):
+    return json.loads(value) if isinstance(value, str) else value
+
+
+def test_dry_run_force_and_batch_score_with_dag_test(airflow_env: dict, fresh: Path, spec) -> None:
+    """The form's flags through dag.test for 2013-01-02: dry run (nothing promoted), a normal run,
+    a forced retrain; then the asset-scheduled batch DAG run without a logical date or event."""
+    env = {**airflow_env["env"], "DAYBREAK_HOME": str(fresh), "DAYBREAK_TEST_LENIENT_SPEC": str(lenient_spec(spec, fresh))}
+    out = _check(env, "flags")
+
+    dry = out["dry_run"]
+    assert dry["state"] == "success", dry
+    assert dry["tasks"]["gate"] == "success", dry["tasks"]
+    assert dry["tasks"]["promote"] == "skipped" and dry["tasks"]["deploy"] == "skipped", dry["tasks"]
+    would = _x(dry["xcom"]["promote"])
+    assert would["dry_run"] is True and would["promoted"] is False, would
+    assert would["would"] == "move champion to v1 (from no champion)", would
+
+    normal = out["normal"]
+    assert _x(normal["xcom"]["train"])["status"] == "exists", normal  # the dry run's candidate
+    assert _x(normal["xcom"]["promote"])["champion_version"] == "1", normal
+    assert normal["tasks"]["deploy"] == "success", normal
+
+    forced = out["force"]
+    train = _x(forced["xcom"]["train"])
+    assert train["status"] == "trained" and train["forced"] is True and train["model_version"] == "2", train
+    assert _x(forced["xcom"]["promote"])["champion_version"] == "2", forced
+
+    batch = out["batch"]
+    assert batch["state"] == "success", batch
+    scored = _x(batch["xcom"]["score"])
+    assert scored["date"] == "2013-01-02" and scored["model_version"] == "2" and scored["rows"] > 0, scored
+    cl = registry.client(RunContext.create("2013-01-02"))
+    assert str(registry.alias_version(cl, spec.model.name, "champion").version) == "2"
 
 
 def test_operator_embedded_in_a_user_dag(airflow_env: dict, s3_server, landing: Path, tmp_path: Path) -> None:

@@ -67,7 +67,16 @@ class DaybreakStepOperator(BaseOperator):
     def step_options(self, context: Any) -> dict[str, Any]:
         return {}
 
+    def fallback_dates(self, context: Any) -> list[Any]:
+        """Dates to try after the explicit one and the run's logical date, before its run-after."""
+        return []
+
     def execute(self, context: Any) -> dict[str, Any]:
+        result = self.call_step(context, self.step, **self.step_options(context))
+        self.emit_asset_events(context, result)
+        return result
+
+    def call_step(self, context: Any, step: str, **options: Any) -> dict[str, Any]:
         from airflow.sdk.exceptions import AirflowFailException
 
         from daybreak.errors import is_retryable
@@ -75,20 +84,33 @@ class DaybreakStepOperator(BaseOperator):
 
         dag_run = context.get("dag_run")
         try:
-            day = resolve_date(self.logical_date, context.get("logical_date"), getattr(dag_run, "run_after", None))
-            result = run_step(self.step, self.spec, day, run_id=context.get("run_id"), store=self.store,
+            day = resolve_date(self.logical_date, context.get("logical_date"), *self.fallback_dates(context),
+                               getattr(dag_run, "run_after", None))
+            return run_step(step, self.spec, day, run_id=context.get("run_id"), store=self.store,
                               tracking_uri=self.tracking_uri or mlflow_tracking_uri(self.mlflow_conn_id),
                               ray_address=self.ray_address or ray_cluster_address(self.ray_conn_id),
-                              storage=storage_options(self.aws_conn_id), **self.step_options(context))
+                              storage=storage_options(self.aws_conn_id), **options)
         except Exception as e:
             if is_retryable(e):
                 raise
             # A bad spec or bad data will not get better on retry: fail the task now.
             raise AirflowFailException(f"{type(e).__name__}: {e}") from e
-        for outlet in self.outlets or []:  # which date and how much, on the asset event
-            context["outlet_events"][outlet].extra = {"date": result.get("date"), "step": self.step,
-                                                      "rows": result.get("rows")}
-        return result
+
+    def emit_asset_events(self, context: Any, result: dict[str, Any]) -> None:
+        """Which date and how much on each outlet Asset's event; through an AssetAlias outlet
+        (promote, approve) a ``champion_asset`` event only when the champion moved."""
+        from airflow.sdk import AssetAlias
+
+        for outlet in self.outlets or []:
+            if isinstance(outlet, AssetAlias):
+                champion = getattr(self, "champion_asset", None)
+                if champion is not None and result.get("promoted"):
+                    context["outlet_events"][outlet].add(champion, extra={
+                        "version": result.get("champion_version"), "previous_version": result.get("previous_version"),
+                        "date": result.get("date"), "step": self.step})
+            else:
+                context["outlet_events"][outlet].extra = {"date": result.get("date"), "step": self.step,
+                                                          "rows": result.get("rows")}
 
 
 class StageDataOperator(DaybreakStepOperator):
@@ -103,10 +125,41 @@ class BuildFeaturesOperator(DaybreakStepOperator):
     step = "features"
 
 
+def flag(value: Any) -> bool:
+    """A templated boolean: templates render ``True``/``False`` as strings."""
+    if isinstance(value, str):
+        v = value.strip().lower()
+        if v not in ("true", "false", "1", "0", "", "none", "yes", "no"):
+            raise ValueError(f"{value!r} is not a boolean (true or false)")
+        return v in ("true", "1", "yes")
+    return bool(value)
+
+
+def _with_champion_alias(outlets: Any, champion_asset: Any) -> list[Any]:
+    from daybreak.airflow.assets import CHAMPION_CHANGES
+
+    outlets = list(outlets or [])
+    if champion_asset is not None and CHAMPION_CHANGES not in outlets:
+        outlets.append(CHAMPION_CHANGES)
+    return outlets
+
+
 class TrainModelOperator(DaybreakStepOperator):
-    """Train on the look-back window and register a model version with lineage."""
+    """Train on the look-back window and register a model version with lineage.
+
+    :param force: retrain and register a new version even if this date's lineage has one
+        (templated; ``"True"``/``"False"`` accepted).
+    """
 
     step = "train"
+    template_fields: Sequence[str] = (*DaybreakStepOperator.template_fields, "force")
+
+    def __init__(self, *, force: bool | str = False, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.force = force
+
+    def step_options(self, context: Any) -> dict[str, Any]:
+        return {"force": flag(self.force)}
 
 
 class EvaluateGateOperator(DaybreakStepOperator, SkipMixin):
@@ -173,15 +226,47 @@ class PromoteModelOperator(DaybreakStepOperator, SkipMixin):
 
     Under ``promotion.approval: manual`` the version is tagged pending instead and the tasks
     downstream (deploy) are skipped: nothing moved. Approve it with the ``daybreak_approve`` DAG
-    (``ApproveModelOperator``) or ``daybreak approve``.
+    (``ApproveModelOperator``) or ``daybreak approve``, or here with ``approve_pending``.
+
+    :param dry_run: check everything and say what would happen (XCom ``would``), move nothing;
+        the task is skipped, and so are the tasks after it (templated).
+    :param approve_pending: approve the version this task tags pending, as the user who triggered
+        the run (templated).
+    :param champion_asset: an Asset that gets an event (extra: version, previous_version, date)
+        each time the champion moves, through the ``daybreak.champion.changes`` alias outlet.
     """
 
     step = "promote"
+    template_fields: Sequence[str] = (*DaybreakStepOperator.template_fields, "dry_run", "approve_pending")
+
+    def __init__(self, *, dry_run: bool | str = False, approve_pending: bool | str = False,
+                 champion_asset: Any = None, **kwargs: Any) -> None:
+        kwargs["outlets"] = _with_champion_alias(kwargs.get("outlets"), champion_asset)
+        super().__init__(**kwargs)
+        self.dry_run = dry_run
+        self.approve_pending = approve_pending
+        self.champion_asset = champion_asset
+
+    def step_options(self, context: Any) -> dict[str, Any]:
+        return {"dry_run": flag(self.dry_run)}
 
     def execute(self, context: Any) -> dict[str, Any]:
-        from daybreak.promote import should_deploy
+        from airflow.sdk.exceptions import AirflowSkipException
 
-        result = super().execute(context)
+        from daybreak.promote import PENDING, should_deploy
+
+        result = self.call_step(context, self.step, **self.step_options(context))
+        if result.get("dry_run"):
+            context["ti"].xcom_push(key="return_value", value=result)
+            raise AirflowSkipException(f"promote {result.get('date')}: {result.get('reason')}")
+        if result.get("approval") == PENDING and flag(self.approve_pending):
+            user = getattr(context.get("dag_run"), "triggering_user_name", None)
+            approved = self.call_step(context, "approve", version=result["candidate_version"], decision="approve",
+                                      reason=f"approve_pending set when run {context.get('run_id')} was triggered",
+                                      by=user or None)
+            result = result | {k: approved.get(k) for k in ("approval", "promoted", "champion_version",
+                                                            "previous_version", "by", "reason")}
+        self.emit_asset_events(context, result)
         if should_deploy(result):
             return result
         return skip_downstream(self, context, result, f"promote {result.get('date')}: {result.get('reason')}")
@@ -197,16 +282,20 @@ class ApproveModelOperator(DaybreakStepOperator):
     :param version: the model version (templated).
     :param reason: why; required (templated).
     :param decision: ``approve`` or ``reject`` (templated).
+    :param champion_asset: an Asset that gets an event when the approval moves the champion.
     """
 
     step = "approve"
     template_fields: Sequence[str] = (*DaybreakStepOperator.template_fields, "version", "reason", "decision")
 
-    def __init__(self, *, version: str | int, reason: str, decision: str = "approve", **kwargs: Any) -> None:
+    def __init__(self, *, version: str | int, reason: str, decision: str = "approve", champion_asset: Any = None,
+                 **kwargs: Any) -> None:
+        kwargs["outlets"] = _with_champion_alias(kwargs.get("outlets"), champion_asset)
         super().__init__(**kwargs)
         self.version = version
         self.reason = reason
         self.decision = decision
+        self.champion_asset = champion_asset
 
     def step_options(self, context: Any) -> dict[str, Any]:
         user = getattr(context.get("dag_run"), "triggering_user_name", None)
@@ -221,18 +310,48 @@ class DeployModelOperator(DaybreakStepOperator):
     """
 
     step = "deploy"
-    template_fields: Sequence[str] = (*DaybreakStepOperator.template_fields, "serve_url")
+    template_fields: Sequence[str] = (*DaybreakStepOperator.template_fields, "serve_url", "dry_run")
 
-    def __init__(self, *, serve_url: str | None = None, require_endpoint: bool = False, **kwargs: Any) -> None:
+    def __init__(self, *, serve_url: str | None = None, require_endpoint: bool = False, dry_run: bool | str = False,
+                 **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.serve_url = serve_url
         self.require_endpoint = require_endpoint
+        self.dry_run = dry_run
 
     def step_options(self, context: Any) -> dict[str, Any]:
         return {"url": self.serve_url or None, "require_endpoint": self.require_endpoint}
 
+    def execute(self, context: Any) -> dict[str, Any]:
+        from airflow.sdk.exceptions import AirflowSkipException
+
+        if flag(self.dry_run):
+            raise AirflowSkipException(f"dry run: would wait for {self.serve_url or 'the endpoint'} to serve the "
+                                       "champion and check parity")
+        return super().execute(context)
+
 
 class BatchScoreOperator(DaybreakStepOperator):
-    """Score the date's feature partition with the champion on Ray; publish the predictions."""
+    """Score the date's feature partition with the champion on Ray; publish the predictions.
+
+    Without ``logical_date``, in a run that has none (asset-triggered), the date is the ``date``
+    in the extra of the newest triggering asset event (a ``champion_asset`` event carries the date
+    the promoting run processed), else the date the champion was trained for.
+    """
 
     step = "batch_score"
+
+    def fallback_dates(self, context: Any) -> list[Any]:
+        events = [e for evs in (context.get("triggering_asset_events") or {}).values() for e in evs
+                  if (getattr(e, "extra", None) or {}).get("date")]
+        events.sort(key=lambda e: str(getattr(e, "timestamp", "")))
+        return [events[-1].extra["date"]] if events else []
+
+    def step_options(self, context: Any) -> dict[str, Any]:
+        from daybreak.steps import resolve_date
+
+        try:
+            resolve_date(self.logical_date, context.get("logical_date"), *self.fallback_dates(context))
+            return {}
+        except ValueError:  # no date anywhere: the run-after date is a placeholder, the champion's date wins
+            return {"champion_date": True}
