@@ -1,7 +1,7 @@
 """Online serving of the champion with the MLflow scoring protocol, hot-swapping on alias moves.
 
-A background thread polls the champion alias (the registry query itself runs on the predict
-thread, between batches). When the alias moves, the new version is loaded and warmed up off the
+A background thread polls the champion alias (with one client, failing fast when the registry
+does not answer). When the alias moves, the new version is loaded and warmed up off the
 request path, then swapped in with one reference assignment.
 
 Requests are micro-batched. The event loop parses each body; one predict thread takes the
@@ -50,6 +50,10 @@ log = logging.getLogger(__name__)
 
 # A bigger request runs alone; smaller ones are grouped up to this many rows per predict call.
 MAX_BATCH_ROWS = 2000
+# Backpressure: past this many rows waiting, new requests get 503 with Retry-After rather than
+# a queue (and latency, and memory) that only grows; bodies over MAX_BODY_BYTES get 413.
+MAX_PENDING_ROWS = 50 * MAX_BATCH_ROWS
+MAX_BODY_BYTES = 64 * 2**20
 # Input column types the fast path builds itself, and the JSON values it accepts for them.
 FAST_TYPES: dict[str, tuple[type, ...]] = {"double": (float, int), "string": (str,)}
 FORMATS = ("dataframe_split", "dataframe_records", "inputs")
@@ -141,25 +145,28 @@ class ModelHolder:
         self.last_error: str | None = None
         self._stop = threading.Event()
         self._lock = threading.Lock()
+        self._client: Any = None
 
     def champion_version(self) -> str | None:
-        mv = registry.alias_version(registry.client(self.ctx), self.spec.model.name, self.spec.promotion.alias)
+        self._client = self._client or registry.client(self.ctx)  # one client (and HTTP session) for every poll
+        mv = registry.alias_version(self._client, self.spec.model.name, self.spec.promotion.alias)
         return None if mv is None else str(mv.version)
 
-    def refresh(self, check: Callable[[], str | None] | None = None) -> bool:
-        """Load the champion if it changed. Returns True when a new version went live.
-
-        `check` returns the champion's version (default: ``champion_version`` on this thread).
-        """
+    def refresh(self) -> bool:
+        """Load the champion if it changed. Returns True when a new version went live."""
         with self._lock:
-            version = (check or self.champion_version)()
+            version = self.champion_version()
             if version is None or (self.current and self.current.version == version):
                 return False
             model = registry.load_model(self.ctx, self.spec.model.name, version)
             self._warm_up(model)
             self.current = Loaded(version, model, time.time(), fast_fields(model))
             if self.freeze_gc:
-                gc.freeze()  # the model is long-lived: keep it out of the collector's full passes
+                # The model is long-lived: keep it out of the collector's full passes. Unfreeze
+                # first, so the cycles of the model it replaced can be collected once.
+                gc.unfreeze()
+                gc.collect()
+                gc.freeze()
             log.info("serving %s v%s", self.spec.model.name, version)
             return True
 
@@ -169,10 +176,10 @@ class ModelHolder:
         if example is not None:
             model.predict(example)
 
-    def watch(self, check: Callable[[], str | None] | None = None) -> None:
+    def watch(self) -> None:
         while not self._stop.wait(self.spec.serving.poll_seconds):
             try:
-                self.refresh(check)
+                self.refresh()
                 self.last_error = None
             except Exception as e:  # keep serving the current model whatever the registry does
                 self.last_error = f"{type(e).__name__}: {e}"
@@ -316,12 +323,9 @@ class Batcher:
             return 400, _json({"detail": e.message})
         except (ValueError, KeyError, TypeError) as e:
             return 400, _json({"detail": str(e)})
-
-    def between_batches(self, fn: Callable[[], Any]) -> Any:
-        """Run `fn` on the predict thread, between two batches, and wait for its result. The
-        champion poll runs here: as a third thread, its many short registry queries would each
-        wait for the interpreter lock and stall the other two for far longer than they take."""
-        return self._pool.submit(fn).result()
+        except Exception as e:  # only this request fails, never the others of its batch
+            log.exception("prediction failed")
+            return 500, _json({"detail": f"prediction failed: {type(e).__name__}: {e}"})
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
@@ -334,7 +338,10 @@ def _parse_body(raw: bytes) -> Any:
     try:
         return orjson.loads(raw)
     except orjson.JSONDecodeError:
-        return json.loads(raw)
+        try:
+            return json.loads(raw)
+        except RecursionError:
+            raise ValueError("body is nested too deeply") from None
 
 
 def create_app(spec: Spec, ctx: RunContext, token: str | None = None, freeze_gc: bool = False) -> Any:
@@ -357,8 +364,9 @@ def create_app(spec: Spec, ctx: RunContext, token: str | None = None, freeze_gc:
         batcher = Batcher(holder)
         app.state.batcher = batcher
         task = asyncio.create_task(batcher.run(), name="predict-batches")
-        thread = threading.Thread(target=holder.watch, args=(lambda: batcher.between_batches(holder.champion_version),),
-                                  name="champion-watch", daemon=True)
+        # The poll runs on its own thread, never the predict thread: a registry that hangs (MLflow
+        # retries for minutes by default; ``serve`` shortens that) must not stop predictions.
+        thread = threading.Thread(target=holder.watch, name="champion-watch", daemon=True)
         thread.start()
         yield
         holder.stop()
@@ -398,10 +406,15 @@ def create_app(spec: Spec, ctx: RunContext, token: str | None = None, freeze_gc:
             return 401, _json({"detail": "missing or wrong bearer token"}), None
         if holder.current is None:
             return 503, _json({"detail": "no champion model loaded yet"}), None
-        chunks, more = [], True
+        if api.state.batcher.pending_rows > MAX_PENDING_ROWS:
+            return 503, _json({"detail": "overloaded: too many rows waiting; retry shortly"}), None
+        chunks, more, size = [], True, 0
         while more:
             message = await receive()
             chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            if size > MAX_BODY_BYTES:
+                return 413, _json({"detail": f"body over {MAX_BODY_BYTES // 2**20} MiB; send fewer rows per request"}), None
             more = message.get("more_body", False)
         try:
             body = _parse_body(b"".join(chunks))
@@ -419,6 +432,8 @@ def create_app(spec: Spec, ctx: RunContext, token: str | None = None, freeze_gc:
             return await api(scope, receive, send)
         status, payload, served = await answer(scope, receive)
         headers = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(payload))]
+        if status == 503:
+            headers.append((b"retry-after", b"1"))
         if served is not None:
             headers.append((b"x-model-version", served.encode()))
         await send({"type": "http.response.start", "status": status, "headers": headers})
@@ -431,8 +446,14 @@ def serve(spec: Spec, ctx: RunContext, host: str | None = None, port: int | None
           token: str | None = None) -> None:
     """One process: an event loop for HTTP and JSON, one predict thread (see the module docstring).
     The access log is off: at thousands of requests a second it would cost more than serving."""
+    import os
+
     import uvicorn
 
+    # The champion poll must fail fast when the registry is down or hangs (MLflow's defaults
+    # retry for minutes); the next poll tries again, and the current model keeps serving.
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
     app = create_app(spec, ctx, token=token, freeze_gc=True)
     uvicorn.run(app, host=host or spec.serving.host, port=port or spec.serving.port, log_level="info",
                 access_log=False)
