@@ -21,9 +21,10 @@ DEFAULT_SPEC = os.environ.get("DAYBREAK_SPEC") or str(Path(__file__).resolve().p
 
 @flow(name="approve", flow_run_name="{decision} v{version}")
 def approve(version: int, reason: str, decision: Literal["approve", "reject"] = "approve",
-            spec: str = DEFAULT_SPEC) -> dict[str, Any]:
-    """Approve (promote) or reject the model version, with a reason."""
-    return approve_model(spec, version, reason, decision=decision)
+            spec: str = DEFAULT_SPEC, by: str | None = None) -> dict[str, Any]:
+    """Approve (promote) or reject the model version, with a reason. `by` names who answers in
+    the history (fill it in the run form: the worker's OS user is recorded otherwise)."""
+    return approve_model(spec, version, reason, decision=decision, by=by)
 
 
 if __name__ == "__main__":

@@ -201,9 +201,11 @@ def approve_model(spec: Spec, ctx: RunContext, version: str | int, reason: str, 
                 cl, spec, mv, f"approve v{v}",
                 f"the champion moved since v{v} was gated, so it must be re-gated against {{champion}} "
                 f"(daybreak gate --spec <spec> --date {day} --force) and approved again; nothing changed")
+            # The alias first: if a later write fails, the version is not left marked approved
+            # but out of service (and a retry finds it promoted, not "approved at None").
+            _move_champion(cl, spec, ev_ctx, mv, current, f"gate PROMOTE on {day}, approved by {by}: {reason}")
             registry.set_tags(cl, name, v, {**stamp, APPROVAL_TAG: APPROVED})
             record_event(spec, ev_ctx, "approved", v, from_version=current, reason=reason, by=by)
-            _move_champion(cl, spec, ev_ctx, mv, current, f"gate PROMOTE on {day}, approved by {by}: {reason}")
             result = {"approval": APPROVED, "promoted": True, "champion_version": v, "previous_version": current}
     log.info("%s v%s of %s by %s: %s", "approved" if choice == "approve" else "rejected", v, name, by, reason)
     if result["promoted"]:
