@@ -12,7 +12,6 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -120,27 +119,14 @@ def bench_stage_big(repeats: int) -> dict:
 
 
 def bench_dag_parse(repeats: int) -> dict:
-    """Parsing dags/daybreak_daily_retrain.py vs an empty DAG file, each in a fresh interpreter."""
-    empty = (
-        "from datetime import datetime\nfrom airflow.sdk import dag\n"
-        "@dag(dag_id='empty', schedule='@daily', start_date=datetime(2024, 1, 1))\ndef empty():\n    pass\nempty()\n"
-    )
-    with tempfile.TemporaryDirectory() as tmp:
-        empty_file = Path(tmp) / "empty_dag.py"
-        empty_file.write_text(empty)
-        env = {**os.environ, "AIRFLOW_HOME": tmp, "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
-               "PYTHONWARNINGS": "ignore"}
+    """Parsing dags/daybreak_daily_retrain.py vs an empty DAG file (``airflow_parse.py``)."""
+    sys.path.insert(0, str(HERE))
+    from airflow_parse import bench_parse
 
-        def parse(path: Path) -> float:
-            code = ("import time, runpy; import airflow.sdk; t=time.perf_counter(); "
-                    f"runpy.run_path({str(path)!r}); print(time.perf_counter()-t)")
-            out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
-            return float(out.stdout.strip().splitlines()[-1])
-
-        base = statistics.median(parse(empty_file) for _ in range(repeats))
-        ours = statistics.median(parse(ROOT / "dags" / "daybreak_daily_retrain.py") for _ in range(repeats))
-    return {"name": "DAG file parse vs empty DAG (airflow.sdk already imported)", "baseline_s": base,
-            "daybreak_s": ours, "ratio": ours / base}
+    r = bench_parse(repeats)
+    daily = r["files"]["daybreak_daily_retrain.py"]
+    return {"name": "DAG file parse vs empty DAG (DagBag, airflow already imported)", "baseline_s": r["empty_median_s"],
+            "daybreak_s": daily["median_s"], "ratio": daily["median_ratio_to_empty"]}
 
 
 def machine() -> dict:
