@@ -104,6 +104,6 @@ def test_promotion_is_compare_and_set(fresh: Path, spec) -> None:
     cl.set_registered_model_alias(spec.model.name, "champion", "1")
     mlflow.set_tracking_uri(ctx.tracking_uri)
     cl.delete_registered_model_alias(spec.model.name, "champion")
-    with pytest.raises(PromotionConflict, match="champion is now vNone but the gate evaluated v2 against v1"):
+    with pytest.raises(PromotionConflict, match="champion is now no champion but the gate evaluated v2 against v1"):
         promote_model(lenient, ctx)
     assert registry.alias_version(cl, spec.model.name, "champion") is None
