@@ -211,6 +211,12 @@ def test_backfill_three_days_through_the_scheduler(airflow: Airflow) -> None:
     """What `airflow backfill create --dag-id daybreak_daily_retrain --from-date 2013-01-01
     --to-date 2013-01-03 --max-active-runs 1` does, through the REST API."""
     assert airflow.api("PATCH", f"/dags/{DAILY}", json={"is_paused": False}).status_code == 200
+    # Unpausing makes the scheduler create today's scheduled run (catchup is off). Creating the
+    # backfill while it does so races on SQLite: the scheduler once died of a StaleDataError on
+    # dag_run (airflow standalone does not restart it). Let that settle first.
+    airflow.wait("the scheduler's own run after unpausing",
+                 lambda: [d for d in airflow.runs(DAILY) if d["run_type"] == "scheduled"], 120)
+    time.sleep(3)
     body = {"dag_id": DAILY, "from_date": "2013-01-01T00:00:00Z", "to_date": "2013-01-03T00:00:00Z",
             "max_active_runs": 1, "run_backwards": False, "dag_run_conf": {}, "reprocess_behavior": "none"}
 
