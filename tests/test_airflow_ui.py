@@ -210,13 +210,10 @@ def test_trigger_refuses_invalid_params(airflow: Airflow) -> None:
 def test_backfill_three_days_through_the_scheduler(airflow: Airflow) -> None:
     """What `airflow backfill create --dag-id daybreak_daily_retrain --from-date 2013-01-01
     --to-date 2013-01-03 --max-active-runs 1` does, through the REST API."""
-    assert airflow.api("PATCH", f"/dags/{DAILY}", json={"is_paused": False}).status_code == 200
-    # Unpausing makes the scheduler create today's scheduled run (catchup is off). Creating the
-    # backfill while it does so races on SQLite: the scheduler once died of a StaleDataError on
-    # dag_run (airflow standalone does not restart it). Let that settle first.
-    airflow.wait("the scheduler's own run after unpausing",
-                 lambda: [d for d in airflow.runs(DAILY) if d["run_type"] == "scheduled"], 120)
-    time.sleep(3)
+    # The backfill is created while the DAG is still paused, then the DAG is unpaused. Created
+    # while the scheduler works on the DAG's runs, it races on SQLite: the scheduler died of a
+    # StaleDataError on dag_run (airflow standalone does not restart it), twice.
+    assert airflow.api("PATCH", f"/dags/{DAILY}", json={"is_paused": True}).status_code == 200
     body = {"dag_id": DAILY, "from_date": "2013-01-01T00:00:00Z", "to_date": "2013-01-03T00:00:00Z",
             "max_active_runs": 1, "run_backwards": False, "dag_run_conf": {}, "reprocess_behavior": "none"}
 
@@ -234,6 +231,7 @@ def test_backfill_three_days_through_the_scheduler(airflow: Airflow) -> None:
         return ids if len(ids) == 3 else []
 
     run_ids = airflow.wait("3 backfill runs created", created, 60)
+    assert airflow.api("PATCH", f"/dags/{DAILY}", json={"is_paused": False}).status_code == 200
     airflow.wait_runs_done(DAILY, run_ids, 420)
     by_date = {airflow.xcom(DAILY, rid, "stage")["date"]: rid for rid in run_ids}
     assert sorted(by_date) == ["2013-01-01", "2013-01-02", "2013-01-03"]
