@@ -110,7 +110,7 @@ def model_history(spec: Spec, ctx: RunContext) -> list[dict[str, Any]]:
 
 
 def _version(spec: Spec, ctx: RunContext, version: str | None) -> Any:
-    registry.setup_tracking(ctx, spec.name)
+    """The version (default: the champion). Reads only: no experiment is created."""
     cl = registry.client(ctx)
     if version is None:
         mv = registry.alias_version(cl, spec.model.name, spec.promotion.alias)
@@ -133,7 +133,13 @@ def gate_report_html(spec: Spec, ctx: RunContext, version: str | None = None) ->
     run_id = mv.tags.get("daybreak.gate.run_id")
     if not run_id:
         raise DaybreakError(f"{spec.model.name} v{mv.version} has no gate report (not gated, or gated by an older daybreak)")
-    return mlflow.artifacts.load_text(f"runs:/{run_id}/{REPORT}")
+    import tempfile
+    from pathlib import Path
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=REPORT, dst_path=tmp,
+                                                   tracking_uri=ctx.tracking_uri)
+        return Path(path).read_text()
 
 
 def version_report(spec: Spec, ctx: RunContext, version: str | None = None) -> dict[str, Any]:

@@ -178,32 +178,20 @@ def _safe_uri(uri: str) -> str:
 
 
 def report_html(spec: Any, version: str) -> str:
-    import tempfile
-
-    import mlflow
-
-    from daybreak import registry
-    from daybreak.gate import REPORT
+    """The gate report of a version (``history.gate_report_html``, which only reads), or a 404."""
+    from daybreak.errors import DaybreakError
+    from daybreak.history import gate_report_html
 
     ctx = _context()
     if _no_registry(ctx.tracking_uri):
         raise HTTPException(status_code=404, detail=f"{spec.model.name} has no registry yet")
-    cl = registry.client(ctx)
     try:
-        mv = cl.get_model_version(spec.model.name, version)
-    except Exception:
-        raise HTTPException(status_code=404, detail=f"{spec.model.name} has no version {version!r}") from None
-    run_id = mv.tags.get("daybreak.gate.run_id")
-    if not run_id:
-        raise HTTPException(status_code=404, detail=f"{spec.model.name} v{version} has no gate report (not gated)")
-    with tempfile.TemporaryDirectory() as tmp:
-        try:
-            path = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=REPORT, dst_path=tmp,
-                                                       tracking_uri=ctx.tracking_uri)
-        except Exception as e:
-            raise HTTPException(status_code=404, detail=f"{spec.model.name} v{version}: the gate report is missing "
-                                                        f"({type(e).__name__})") from None
-        return Path(path).read_text()
+        return gate_report_html(spec, ctx, version)
+    except DaybreakError as e:
+        raise HTTPException(status_code=404, detail=str(e)) from None
+    except Exception as e:
+        raise HTTPException(status_code=404, detail=f"{spec.model.name} v{version}: the gate report is missing "
+                                                    f"({type(e).__name__})") from None
 
 
 # --- rendering --------------------------------------------------------------------------------
