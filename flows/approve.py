@@ -1,31 +1,23 @@
-"""Prefect flow: a person's answer to a model version waiting for approval.
+"""Prefect flow `approve`: a person's answer to a model version waiting for approval.
 
 With ``promotion.approval: manual`` the daily_retrain flow tags a version that passed the gate
 pending and does not deploy. Run this flow (from a deployment, Prefect's UI shows its parameters
 as a form) to approve it, which promotes it if the champion is still the version the gate compared
 against, or to reject it. Both are recorded in the audit history.
+
+    python flows/approve.py 7 "read the gate report" approve
 """
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Literal
 
-from prefect import flow
+os.environ.setdefault("DAYBREAK_SPEC", str(Path(__file__).resolve().parent.parent / "specs" / "flights.yaml"))
 
-from daybreak.prefect import approve_model
+from daybreak.prefect.flows import approve  # noqa: E402
 
-DEFAULT_SPEC = os.environ.get("DAYBREAK_SPEC") or str(Path(__file__).resolve().parent.parent / "specs" / "flights.yaml")
-
-
-@flow(name="approve", flow_run_name="{decision} v{version}")
-def approve(version: int, reason: str, decision: Literal["approve", "reject"] = "approve",
-            spec: str = DEFAULT_SPEC, by: str | None = None) -> dict[str, Any]:
-    """Approve (promote) or reject the model version, with a reason. `by` names who answers in
-    the history (fill it in the run form: the worker's OS user is recorded otherwise)."""
-    return approve_model(spec, version, reason, decision=decision, by=by)
-
+__all__ = ["approve"]
 
 if __name__ == "__main__":
     import sys

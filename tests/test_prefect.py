@@ -53,7 +53,8 @@ def test_daily_retrain_flow_promotes_only_after_the_gate_says_so(home: Path, tmp
     assert day2["gate"]["decision"] == PROMOTE and day2["promote"]["promoted"] is True
     # rejected: the flow stops before promote and deploy
     assert day3["gate"]["decision"] == REJECT and day3["gate"]["champion_version"] == day2["gate"]["candidate_version"]
-    assert day3["promote"] == {"promoted": False, "reason": "gate decision is REJECT"} and day3["deploy"] is None
+    assert day3["promote"]["promoted"] is False and day3["promote"]["reason"] == "gate decision is REJECT"
+    assert day3["deploy"] is None and day3["promote"]["champion_version"] == day2["gate"]["candidate_version"]
     # promotion.approval: manual: the version waits, nothing is deployed; the approve flow promotes it
     pending = manual_day3["promote"]
     assert manual_day3["gate"]["decision"] == PROMOTE and pending["approval"] == "pending", manual_day3

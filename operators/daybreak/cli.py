@@ -18,6 +18,8 @@ app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="daybreak: stage, build features, retrain, gate, promote and serve a model every day.")
 datasets_app = typer.Typer(no_args_is_help=True, help="Demo data sets.")
 app.add_typer(datasets_app, name="datasets")
+prefect_app = typer.Typer(no_args_is_help=True, help="Prefect deployments of the daybreak flows.")
+app.add_typer(prefect_app, name="prefect")
 
 SpecOpt = typer.Option(..., "--spec", "-s", help="Pipeline spec (YAML).", exists=False)
 JsonOpt = typer.Option(False, "--json", help="Print machine-readable JSON on stdout.")
@@ -261,6 +263,30 @@ def datasets_flights(out: Path = typer.Option(..., "--out", "-o", help="Landing 
     res = build_flights_landing(out, start=parse_date(start) if start else None, end=parse_date(end) if end else None)
     _emit(res, as_json, f"wrote {res['flights']} flights in {res['flight_days']} daily files, "
                         f"{res['weather_days']} weather files and {len(res['dims'])} dimension tables to {out}")
+
+
+@prefect_app.command("deploy")
+def prefect_deploy(spec: Path = SpecOpt,
+                   cron: str = typer.Option("0 3 * * *", "--cron", help="When the daily cycle runs (cron, 5 fields)."),
+                   timezone: str = typer.Option("UTC", "--timezone", help="Time zone of the cron schedule (IANA)."),
+                   name: Optional[str] = typer.Option(None, "--name", help="Deployment name (default: daybreak-<spec name>)."),
+                   store: Optional[str] = StoreOpt, tracking_uri: Optional[str] = TrackingOpt,
+                   ray_address: Optional[str] = typer.Option(None, "--ray-address", help="Ray cluster to run on."),
+                   serve_url: Optional[str] = typer.Option(None, "--serve-url", help="Endpoint the deploy step checks."),
+                   storage_secret: Optional[str] = typer.Option(None, "--storage-secret",
+                                                                help="Secret block with the S3 settings (JSON)."),
+                   mlflow_secret: Optional[str] = typer.Option(None, "--mlflow-secret",
+                                                               help="Secret block with the MLflow token or login."),
+                   limit: Optional[int] = typer.Option(None, "--limit", help="At most this many runs at once.")) -> None:
+    """Serve the daily_retrain (on the cron schedule), backfill and approve flows as deployments
+    against the Prefect API in PREFECT_API_URL, until Ctrl-C. Settings given here become the
+    deployments' parameter defaults; unset ones come from the Prefect Variable 'daybreak' or the
+    environment at run time."""
+    from daybreak.prefect.deploy import serve as serve_flows
+
+    serve_flows(str(spec), cron, timezone=timezone, name=name, limit=limit,
+                settings={"store": store, "tracking_uri": tracking_uri, "ray_address": ray_address,
+                          "serve_url": serve_url, "storage_secret": storage_secret, "mlflow_secret": mlflow_secret})
 
 
 def main() -> None:

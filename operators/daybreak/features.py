@@ -23,6 +23,7 @@ import hashlib
 import json
 import logging
 import math
+from dataclasses import dataclass
 from datetime import date, timedelta
 from typing import Any
 
@@ -492,8 +493,19 @@ def _read_table(files: list[str], fs: Any) -> pa.Table:
     return pa.concat_tables([pq.read_table(p, filesystem=fs) for p in files])
 
 
-def build_features(spec: Spec, ctx: RunContext) -> dict[str, Any]:
-    """Compute the feature partition for ``ctx.logical_date`` on Ray."""
+@dataclass
+class _Inputs:
+    base_files: list[str]
+    base_hashes: dict[str, str]
+    missing: list[str]
+    dims: dict[str, tuple[list[str], dict[str, str]]]
+    lineage: dict[str, Any]
+    lineage_key: str
+    today_files: list[str]
+
+
+def _inputs(spec: Spec, ctx: RunContext) -> _Inputs:
+    """The staged partitions the date's features are made from, and their lineage."""
     f = spec.features
     day = ctx.logical_date
     lookback_days = f.lookback_days()
@@ -502,9 +514,6 @@ def build_features(spec: Spec, ctx: RunContext) -> dict[str, Any]:
     if today_part is None:
         raise MissingInputError(f"features: no staged partition of {f.base!r} for {day}; run the stage step first")
     base_files, base_hashes, missing = _staged_files(ctx, f.base, [*history, day])
-    if missing:
-        log.warning("features %s: history days not staged %s; windows near them see fewer rows", day, missing)
-
     dims: dict[str, tuple[list[str], dict[str, str]]] = {}
     for j in f.asof:
         tol_days = math.ceil(parse_duration(j.tolerance) / timedelta(days=1))
@@ -522,6 +531,28 @@ def build_features(spec: Spec, ctx: RunContext) -> dict[str, Any]:
         "inputs": {f.base: base_hashes, **{k: v[1] for k, v in dims.items()}},
     }
     lineage_key = hashlib.sha256(json.dumps(lineage, sort_keys=True).encode()).hexdigest()[:16]
+    return _Inputs(base_files, base_hashes, missing, dims, lineage, lineage_key, today_part.files)
+
+
+def recorded_lineage(spec: Spec, ctx: RunContext) -> str | None:
+    """The lineage key of the published feature partition for the date, when it was made from the
+    staged partitions as they are now; None otherwise."""
+    current = ctx.store.partition(feature_zone(spec), ctx.logical_date)
+    if current is None:
+        return None
+    key = _inputs(spec, ctx).lineage_key
+    return key if current.manifest.get("lineage_key") == key else None
+
+
+def build_features(spec: Spec, ctx: RunContext) -> dict[str, Any]:
+    """Compute the feature partition for ``ctx.logical_date`` on Ray."""
+    f = spec.features
+    day = ctx.logical_date
+    inp = _inputs(spec, ctx)
+    base_files, base_hashes, missing, dims, lineage, lineage_key = (
+        inp.base_files, inp.base_hashes, inp.missing, inp.dims, inp.lineage, inp.lineage_key)
+    if missing:
+        log.warning("features %s: history days not staged %s; windows near them see fewer rows", day, missing)
     zone = feature_zone(spec)
     current = ctx.store.partition(zone, day)
     if current is not None and current.manifest.get("lineage_key") == lineage_key:
@@ -579,7 +610,7 @@ def build_features(spec: Spec, ctx: RunContext) -> dict[str, Any]:
         runs_dir = f"{pending.folder}/_runs"
         ctx.store.fs.create_dir(runs_dir)
         runs, run_nodes = [], []
-        for i, (p, g) in enumerate(_slices(today_part.files, ctx.store.fs, DAY_SLICE_ROWS)):
+        for i, (p, g) in enumerate(_slices(inp.today_files, ctx.store.fs, DAY_SLICE_ROWS)):
             run, node = on_node.remote(day_run, [{"path": p, "row_groups": g}], f_ref, fs_ref, spec.model.task,
                                        [(kind, kw) for kind, _, kw in joins], f"{runs_dir}/run-{i:05d}.parquet",
                                        *[r for _, r, _ in joins], *indexes)

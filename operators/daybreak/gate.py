@@ -324,6 +324,17 @@ def _who() -> str:
         return "unknown"
 
 
+def recorded_gate(spec: Spec, ctx: RunContext) -> tuple[str, str, str] | None:
+    """(candidate version, decision, champion version it was compared with or 'none') of the
+    date's candidate once gated; None before."""
+    cl = registry.client(ctx)
+    cand = registry.candidate_for(cl, spec.model.name, ctx.logical_date.isoformat(), spec.spec_hash())
+    if cand is None or registry.DECISION_TAG not in cand.tags:
+        return None
+    rec = recorded_decision(cand.tags)
+    return str(cand.version), rec["decision"], rec["champion_version"] or "none"
+
+
 def recorded_decision(tags: dict[str, str]) -> dict[str, Any]:
     """A version's gate record, read back from its tags."""
     against = tags.get(registry.AGAINST_TAG)

@@ -112,6 +112,21 @@ def alias_version(cl: Any, name: str, alias: str) -> Any | None:
         raise
 
 
+def credential_env(token: str | None = None, username: str | None = None, password: str | None = None,
+                   insecure_tls: Any = False) -> dict[str, str]:
+    """The environment variables the MLflow client reads its credentials from: a bearer token, or
+    basic auth with a username; ``insecure_tls`` true skips TLS verification."""
+    env: dict[str, str] = {}
+    if password and username:
+        env["MLFLOW_TRACKING_USERNAME"] = str(username)
+        env["MLFLOW_TRACKING_PASSWORD"] = str(password)
+    elif token or password:
+        env["MLFLOW_TRACKING_TOKEN"] = str(token or password)
+    if str(insecure_tls).lower() in ("1", "true", "yes"):
+        env["MLFLOW_TRACKING_INSECURE_TLS"] = "true"
+    return env
+
+
 def versions(cl: Any, name: str, filter_tags: dict[str, str] | None = None) -> list[Any]:
     """Model versions of `name` (newest first), optionally those with all the given tag values."""
     from mlflow.exceptions import MlflowException

@@ -61,6 +61,24 @@ class SliceScorer:
                          "scored_at": pa.array([self.scored_at] * n, pa.string()).cast(pa.timestamp("s", tz="UTC"))})
 
 
+def _lineage(spec: Spec, version: str, features: Any, day: Any) -> tuple[dict[str, Any], str]:
+    lineage = {"model": spec.model.name, "version": version, "features": features.manifest["content_hash"],
+               "date": day.isoformat()}
+    return lineage, hashlib.sha256(json.dumps(lineage, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def recorded_lineage(spec: Spec, ctx: RunContext) -> str | None:
+    """The lineage key of the date's published predictions, when the champion as it stands scored
+    the feature partition as it is now; None otherwise."""
+    champ = registry.alias_version(registry.client(ctx), spec.model.name, spec.promotion.alias)
+    part = ctx.store.partition(feature_zone(spec), ctx.logical_date)
+    current = ctx.store.partition(prediction_zone(spec), ctx.logical_date)
+    if champ is None or part is None or current is None:
+        return None
+    _, key = _lineage(spec, str(champ.version), part, ctx.logical_date)
+    return key if current.manifest.get("lineage_key") == key else None
+
+
 def batch_score(spec: Spec, ctx: RunContext, champion_date: bool = False) -> dict[str, Any]:
     """Score the logical date's features with the champion; publish the predictions.
 
@@ -83,11 +101,10 @@ def batch_score(spec: Spec, ctx: RunContext, champion_date: bool = False) -> dic
     if part is None:
         raise MissingInputError(f"batch_score: no feature partition for {day}; run the features step first")
     version = str(champ.version)
-    lineage = {"model": spec.model.name, "version": version, "features": part.manifest["content_hash"], "date": day.isoformat()}
-    key = hashlib.sha256(json.dumps(lineage, sort_keys=True).encode()).hexdigest()[:16]
+    lineage, key = _lineage(spec, version, part, day)
     zone = prediction_zone(spec)
     current = ctx.store.partition(zone, day)
-    base = {"step": "batch_score", "date": day.isoformat(), "model_version": version}
+    base = {"step": "batch_score", "date": day.isoformat(), "model_version": version, "lineage_key": key}
     if current is not None and current.manifest.get("lineage_key") == key:
         log.info("batch_score %s: v%s already scored these features; keeping %s", day, version, current.uri)
         return base | {"uri": current.uri, "rows": current.manifest["rows"], "skipped": True}

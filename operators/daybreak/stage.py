@@ -553,12 +553,10 @@ def _write_quarantine(name: str, ctx: RunContext, table: pa.Table, reasons: Any,
 def _prepare_files(name: str, src: SourceSpec, ctx: RunContext, fs: pafs.FileSystem,
                    infos: list[pafs.FileInfo]) -> Prepared:
     """A manifest of the files themselves (for images and other unstructured data)."""
-    etags: dict[str, str] = {}
-    if isinstance(fs, pafs.S3FileSystem):
-        etags = _s3_etags(ctx, infos)
+    checksums = _file_checksums(ctx, fs, infos)
     rows = []
     for i in infos:
-        checksum = etags.get(i.path) or f"sha256:{sha256_file(i.path, fs)}"
+        checksum = checksums[i.path]
         uri = f"s3://{i.path}" if isinstance(fs, pafs.S3FileSystem) else i.path
         rows.append({"uri": uri, "name": i.base_name, "size": i.size, "last_modified": i.mtime, "checksum": checksum})
     table = pa.Table.from_pylist(rows, schema=pa.schema([
@@ -574,6 +572,12 @@ def _prepare_files(name: str, src: SourceSpec, ctx: RunContext, fs: pafs.FileSys
                 "run_id": ctx.run_id, "schema_hash": hashlib.sha256(str(table.schema).encode()).hexdigest()[:16],
                 "schema": {f.name: str(f.type) for f in table.schema}, "warnings": [], "quarantine_uri": None}
     return Prepared(name, src, good=table, manifest=manifest)
+
+
+def _file_checksums(ctx: RunContext, fs: pafs.FileSystem, infos: list[pafs.FileInfo]) -> dict[str, str]:
+    """A ``format: files`` source's checksums: S3 ETags (no download), else SHA-256."""
+    etags = _s3_etags(ctx, infos) if isinstance(fs, pafs.S3FileSystem) else {}
+    return {i.path: etags.get(i.path) or f"sha256:{sha256_file(i.path, fs)}" for i in infos}
 
 
 def _s3_etags(ctx: RunContext, infos: list[pafs.FileInfo]) -> dict[str, str]:
@@ -661,3 +665,26 @@ def file_urls(spec: Spec, ctx: RunContext, source: str, expires_in: int = 3600) 
         raise MissingInputError(f"no staged partition of {source!r} for {ctx.logical_date}")
     rows = pa.concat_tables([pq.read_table(f, filesystem=ctx.store.fs) for f in part.files]).to_pylist()
     return [{**r, "url": ctx.store.presigned_url(r["uri"], expires_in)} for r in rows]
+
+
+def recorded_lineage(spec: Spec, ctx: RunContext) -> dict[str, str] | None:
+    """Each source's lineage key, when every source's published partition for the date was made
+    from the landing files as they are now; None otherwise (the step has work to do). Reads only
+    the checksums of the landing files, and nothing at all when a partition is missing."""
+    day = ctx.logical_date
+    parts = {name: ctx.store.partition(f"staged/{name}", day) for name in spec.sources}
+    if any(p is None for p in parts.values()):
+        return None
+    keys = {}
+    for name, src in spec.sources.items():
+        fs, infos = _find(name, src, ctx)
+        if src.format == "files":
+            checksums = _file_checksums(ctx, fs, infos)
+            digests = {i.base_name: checksums[i.path] for i in infos}
+        else:
+            digests = {i.base_name: sha256_file(i.path, fs) for i in infos}
+        key = _lineage(src, digests, day)
+        if parts[name].manifest.get("lineage_key") != key:
+            return None
+        keys[name] = key
+    return keys

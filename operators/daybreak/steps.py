@@ -6,11 +6,14 @@ run context and calls the step, so the adapters stay a few lines of argument map
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections.abc import Callable
 from datetime import date, datetime
 from typing import Any
 
 from daybreak.context import RunContext, parse_date
+from daybreak.errors import MissingInputError
 from daybreak.spec import Spec, load_spec
 
 
@@ -61,3 +64,60 @@ def run_step(step: str, spec: str | Spec, day: str | date | datetime, *, run_id:
     ctx = RunContext.create(day, store=store or None, tracking_uri=tracking_uri or None, run_id=run_id,
                             ray_address=ray_address or None, storage=storage)
     return _registry()[step](s, ctx, **options)
+
+
+# Steps whose output is a pure function of their recorded inputs. promote, approve and deploy act
+# on the registry and the endpoint as they stand, so they always run.
+CACHEABLE = ("stage", "features", "train", "gate", "batch_score")
+
+
+def _recorded(step: str, spec: Spec, ctx: RunContext) -> Any:
+    if step == "stage":
+        from daybreak.stage import recorded_lineage
+    elif step == "features":
+        from daybreak.features import recorded_lineage
+    elif step == "train":
+        from daybreak.train import recorded_lineage
+    elif step == "gate":
+        from daybreak.gate import recorded_gate as recorded_lineage
+    else:
+        from daybreak.score import recorded_lineage
+    return recorded_lineage(spec, ctx)
+
+
+def _from_result(step: str, r: dict[str, Any]) -> Any:
+    if step == "stage":
+        return {name: s["lineage_key"] for name, s in r["sources"].items()}
+    if step == "train":
+        return [r["lineage_key"], r["model_version"]] if r.get("model_version") else None
+    if step == "gate":
+        if not r.get("candidate_version") or not r.get("decision"):
+            return None
+        return [str(r["candidate_version"]), r["decision"], str(r.get("champion_version") or "none")]
+    return r.get("lineage_key")
+
+
+def cache_key(step: str, spec: str | Spec, day: str | date | datetime, *, result: dict[str, Any] | None = None,
+              store: str | None = None, tracking_uri: str | None = None, storage: Any = None) -> str | None:
+    """A key for what `step` recorded for the date, for an orchestrator's result cache (Prefect's).
+
+    Without `result` it is read from the store and the registry: the lineage of the step's recorded
+    output, when that output exists and was made from the inputs as they are now. None means the
+    step has work to do (or acts on live state: promote, approve, deploy), so it must run. With
+    `result`, what the step returned, the same key is read from it: a result cached under it is
+    found by the next run of the date, and missed once an input changes or the output is gone.
+    The key names the spec, the step and the date, and depends on the store and registry used.
+    """
+    if step not in CACHEABLE:
+        return None
+    s = spec if isinstance(spec, Spec) else load_spec(spec)
+    ctx = RunContext.create(day, store=store or None, tracking_uri=tracking_uri or None, storage=storage)
+    try:
+        ident = _recorded(step, s, ctx) if result is None else _from_result(step, result)
+    except MissingInputError:  # the step will say what is missing
+        return None
+    if ident is None:
+        return None
+    where = [ctx.store.uri(""), ctx.tracking_uri if step in ("train", "gate", "batch_score") else None]
+    blob = json.dumps({"spec": s.spec_hash(), "step": step, "where": where, "recorded": ident}, sort_keys=True)
+    return f"daybreak-{s.name}-{step}-{ctx.logical_date.isoformat()}-{hashlib.sha256(blob.encode()).hexdigest()[:16]}"

@@ -362,6 +362,27 @@ def _importance_plot(importance: dict[str, float], path: Path) -> bool:
     return True
 
 
+def _lineage_key(spec: Spec, ctx: RunContext, hashes: dict[str, str]) -> str:
+    lineage = {"spec_hash": spec.spec_hash(), "feature_version": spec.feature_version(), "inputs": hashes,
+               "date": ctx.logical_date.isoformat()}
+    return hashlib.sha256(json.dumps(lineage, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def recorded_lineage(spec: Spec, ctx: RunContext) -> tuple[str, str] | None:
+    """(lineage key, version) of the date's registered candidate for the feature partitions as they
+    are now (the newest, as ``train_model`` picks); None when there is none."""
+    from daybreak.outofcore import window_files
+
+    days = spec.training.window(ctx.logical_date)
+    _, rows = window_files(spec, ctx, days)
+    if rows < spec.training.min_rows:
+        return None
+    _, hashes, _ = read_features(spec, ctx, days, load=False)
+    key = _lineage_key(spec, ctx, hashes)
+    existing = registry.versions(registry.client(ctx), spec.model.name, {registry.LINEAGE_TAG: key})
+    return (key, str(existing[0].version)) if existing else None
+
+
 def train_model(spec: Spec, ctx: RunContext, force: bool = False) -> dict[str, Any]:
     """Train the date's candidate; with the same lineage already registered, return that version.
 
@@ -390,9 +411,7 @@ def train_model(spec: Spec, ctx: RunContext, force: bool = False) -> dict[str, A
         return base | {"status": "skipped", "reason": f"{rows} training rows < training.min_rows={spec.training.min_rows}",
                        "rows": rows, "model_version": None}
 
-    lineage = {"spec_hash": spec.spec_hash(), "feature_version": spec.feature_version(), "inputs": hashes,
-               "date": ctx.logical_date.isoformat()}
-    lineage_key = hashlib.sha256(json.dumps(lineage, sort_keys=True).encode()).hexdigest()[:16]
+    lineage_key = _lineage_key(spec, ctx, hashes)
     registry.setup_tracking(ctx, spec.name)
     cl = registry.client(ctx)
     existing = registry.versions(cl, spec.model.name, {registry.LINEAGE_TAG: lineage_key})

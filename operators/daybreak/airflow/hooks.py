@@ -83,16 +83,11 @@ class MlflowHook(BaseHook):
 
     def credentials(self) -> dict[str, str]:
         """The environment variables the MLflow client reads for this Connection's credentials."""
+        from daybreak.registry import credential_env
+
         conn = self.get_connection(self.mlflow_conn_id)
-        env: dict[str, str] = {}
-        if conn.password and conn.login:
-            env["MLFLOW_TRACKING_USERNAME"] = conn.login
-            env["MLFLOW_TRACKING_PASSWORD"] = conn.password
-        elif conn.password:
-            env["MLFLOW_TRACKING_TOKEN"] = conn.password
-        if str(_extra(conn, self.conn_type, "insecure_tls")).lower() in ("1", "true", "yes"):
-            env["MLFLOW_TRACKING_INSECURE_TLS"] = "true"
-        return env
+        return credential_env(username=conn.login, password=conn.password,
+                              insecure_tls=_extra(conn, self.conn_type, "insecure_tls"))
 
     def configure(self) -> str:
         """Export the credentials to this process (the MLflow client reads them from the

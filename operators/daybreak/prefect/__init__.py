@@ -1,4 +1,4 @@
-"""Prefect tasks for the daybreak steps.
+"""Prefect tasks for the daybreak steps (and, in ``daybreak.prefect.flows``, the flows built from them).
 
 Each task maps its arguments onto one step call and returns the step's small JSON result.
 """

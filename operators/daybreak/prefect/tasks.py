@@ -1,98 +1,216 @@
+"""Prefect tasks: each maps its arguments onto one daybreak step and returns the step's small dict.
+
+- **Retries.** Transient failures (network, a registry restarting) retry twice, after 10 s and
+  60 s; a bad spec or bad data fails at once. Steps are idempotent per date, so a retry after a
+  crash is always safe.
+- **Cache.** ``stage_data``, ``build_features``, ``train_model``, ``evaluate_gate`` and
+  ``batch_score`` are cached by daybreak's lineage key (:func:`daybreak.steps.cache_key`): a
+  rerun of a date whose outputs are recorded and whose inputs are unchanged is ``Cached`` and
+  returns the persisted result without calling the step. A changed input, a deleted partition or
+  model version, or ``force`` misses the cache. ``promote_model``, ``approve_model`` and
+  ``deploy_model`` act on the registry as it stands and always run.
+- **Results** are persisted as JSON where Prefect's settings say (``PREFECT_LOCAL_STORAGE_PATH``, or a
+  storage block in ``PREFECT_RESULTS_DEFAULT_STORAGE_BLOCK``); share it between workers for the
+  cache to be shared.
+- **Credentials** come from Prefect Secret blocks named by ``storage_secret`` (S3) and
+  ``mlflow_secret`` (MLflow); only the block names are task parameters, so values never reach
+  Prefect's run records, logs or results.
+"""
+
 from __future__ import annotations
 
+import json
+import logging
+import os
+from dataclasses import dataclass
+from datetime import date as Date
+from datetime import datetime, timedelta, timezone
 from typing import Any
 
 from prefect import task
+from prefect.cache_policies import NO_CACHE, CachePolicy
 
 from daybreak.errors import is_retryable
-from daybreak.steps import run_step
+from daybreak.steps import cache_key, run_step
+
+log = logging.getLogger(__name__)
+
+CACHE_FOR = timedelta(days=30)  # a cached result older than this is recomputed (the step's own skip then applies)
+
+
+def _secret(name: str) -> Any:
+    from prefect.blocks.system import Secret
+
+    value = Secret.load(name).get()
+    if isinstance(value, str):
+        try:
+            return json.loads(value)
+        except json.JSONDecodeError:
+            return value  # a bare token
+    return value
 
 
 def storage_options(secret_block: str | None) -> Any:
     """S3 settings from a Prefect Secret block holding JSON: endpoint_url, region, access_key,
-    secret_key (all optional). None: from the environment."""
+    secret_key, session_token (all optional). None: from the environment."""
     if not secret_block:
         return None
-    import json
-
-    from prefect.blocks.system import Secret
-
-    value = Secret.load(secret_block).get()
-    data = json.loads(value) if isinstance(value, str) else dict(value)
     from daybreak.store import StorageOptions
 
+    data = _secret(secret_block)
+    if not isinstance(data, dict):
+        raise ValueError(f"Secret block {secret_block!r} must hold a JSON object with endpoint_url, region, "
+                         "access_key, secret_key (S3 settings)")
     return StorageOptions(**{k: data.get(k) for k in ("endpoint_url", "region", "access_key", "secret_key",
                                                       "session_token")})
+
+
+def use_mlflow_secret(secret_block: str | None) -> None:
+    """Export the MLflow credentials in a Secret block to this process's environment, which the
+    MLflow client reads: a bare token, or JSON with ``token``, or ``username`` and ``password``
+    (and optionally ``insecure_tls``)."""
+    if not secret_block:
+        return
+    from daybreak.registry import credential_env
+
+    data = _secret(secret_block)
+    creds = {"token": data} if isinstance(data, str) else data
+    if not isinstance(creds, dict) or not (creds.get("token") or creds.get("password")):
+        raise ValueError(f"Secret block {secret_block!r} must hold an MLflow token, or JSON with 'token', or "
+                         "'username' and 'password'")
+    os.environ.update(credential_env(**{k: creds.get(k) for k in ("token", "username", "password", "insecure_tls")}))
+
+
+def _context(inputs: dict[str, Any]) -> dict[str, Any]:
+    use_mlflow_secret(inputs.get("mlflow_secret"))
+    return {"store": inputs.get("store"), "tracking_uri": inputs.get("tracking_uri"),
+            "storage": storage_options(inputs.get("storage_secret"))}
+
+
+@dataclass
+class Lineage(CachePolicy):
+    """Prefect cache policy keyed by daybreak's lineage of what `step` recorded for the date."""
+
+    step: str = ""
+
+    def compute_key(self, task_ctx: Any, inputs: dict[str, Any], flow_parameters: dict[str, Any],
+                    **kwargs: Any) -> str | None:
+        if inputs.get("force") or inputs.get("override"):
+            return None
+        try:
+            return cache_key(self.step, inputs["spec"], inputs["date"], **_context(inputs))
+        except Exception as e:  # the step will run and report the problem properly
+            log.warning("%s: no cache key (%s: %s); the step runs", self.step, type(e).__name__, e)
+            return None
+
+
+def _run(step: str, spec: str, date: str | Date, *, store: str | None = None, tracking_uri: str | None = None,
+         storage_secret: str | None = None, mlflow_secret: str | None = None, **options: Any) -> dict[str, Any]:
+    ctx = _context({"store": store, "tracking_uri": tracking_uri, "storage_secret": storage_secret,
+                    "mlflow_secret": mlflow_secret})
+    result = run_step(step, spec, date, store=store, tracking_uri=tracking_uri, storage=ctx["storage"], **options)
+    _remember(step, spec, date, result, ctx)
+    return result
+
+
+def _remember(step: str, spec: str, date: str | Date, result: dict[str, Any], ctx: dict[str, Any]) -> None:
+    """Persist the result under the key the next run of the date will compute (before this run
+    the output did not exist, so this run's own key was none), so that run finds it."""
+    from prefect.context import TaskRunContext
+
+    run = TaskRunContext.get()
+    if run is None or not getattr(run.task, "cache_policy", None) or not isinstance(run.task.cache_policy, Lineage):
+        return  # called as a plain function (task.fn) or with caching turned off
+    try:
+        key = cache_key(step, spec, date, result=result, **ctx)
+        if key:
+            run.result_store.write(result, key=key, expiration=datetime.now(timezone.utc) + CACHE_FOR)
+    except Exception as e:  # a cache is an optimisation: the step's result stands
+        log.warning("%s: result not cached (%s: %s)", step, type(e).__name__, e)
 
 
 def _retry_if_transient(task: Any, task_run: Any, state: Any) -> bool:
     return is_retryable(state.data) if isinstance(state.data, BaseException) else True
 
 
-# Steps are idempotent per logical date, so a retry after a crash is always safe; a bad spec or
-# bad data fails at once instead.
-_OPTS: dict[str, Any] = {"retries": 2, "retry_delay_seconds": [10, 60], "retry_condition_fn": _retry_if_transient,
-                         "log_prints": True}
+def _opts(step: str | None) -> dict[str, Any]:
+    opts: dict[str, Any] = {"retries": 2, "retry_delay_seconds": [10, 60], "retry_condition_fn": _retry_if_transient,
+                            "log_prints": True, "persist_result": True, "result_serializer": "json"}
+    if step:
+        opts |= {"cache_policy": Lineage(step=step), "cache_expiration": CACHE_FOR}
+    else:
+        opts["cache_policy"] = NO_CACHE
+    return opts
 
 
-@task(name="stage_data", task_run_name="stage {date}", **_OPTS)
+@task(name="stage_data", task_run_name="stage {date}", **_opts("stage"))
 def stage_data(spec: str, date: str, store: str | None = None, storage_secret: str | None = None) -> dict[str, Any]:
     """Stage the day's landing files into validated Parquet partitions.
 
     `storage_secret` names a Secret block with the S3 settings (never printed)."""
-    return run_step("stage", spec, date, store=store, storage=storage_options(storage_secret))
+    return _run("stage", spec, date, store=store, storage_secret=storage_secret)
 
 
-@task(name="build_features", task_run_name="features {date}", **_OPTS)
-def build_features(spec: str, date: str, store: str | None = None, ray_address: str | None = None) -> dict[str, Any]:
+@task(name="build_features", task_run_name="features {date}", **_opts("features"))
+def build_features(spec: str, date: str, store: str | None = None, ray_address: str | None = None,
+                   storage_secret: str | None = None) -> dict[str, Any]:
     """Build the day's point-in-time feature partition on Ray."""
-    return run_step("features", spec, date, store=store, ray_address=ray_address)
+    return _run("features", spec, date, store=store, ray_address=ray_address, storage_secret=storage_secret)
 
 
-@task(name="train_model", task_run_name="train {date}", **_OPTS)
-def train_model(spec: str, date: str, store: str | None = None, tracking_uri: str | None = None) -> dict[str, Any]:
-    """Train on the look-back window and register a model version with lineage."""
-    return run_step("train", spec, date, store=store, tracking_uri=tracking_uri)
+@task(name="train_model", task_run_name="train {date}", **_opts("train"))
+def train_model(spec: str, date: str, store: str | None = None, tracking_uri: str | None = None,
+                force: bool = False, storage_secret: str | None = None,
+                mlflow_secret: str | None = None) -> dict[str, Any]:
+    """Train on the look-back window and register a model version with lineage; `force` trains a
+    new version even if this lineage has one (and bypasses the cache)."""
+    return _run("train", spec, date, store=store, tracking_uri=tracking_uri, storage_secret=storage_secret,
+                mlflow_secret=mlflow_secret, force=force)
 
 
-@task(name="evaluate_gate", task_run_name="gate {date}", **_OPTS)
+@task(name="evaluate_gate", task_run_name="gate {date}", **_opts("gate"))
 def evaluate_gate(spec: str, date: str, store: str | None = None, tracking_uri: str | None = None,
-                  override: str | None = None, reason: str | None = None) -> dict[str, Any]:
+                  override: str | None = None, reason: str | None = None, storage_secret: str | None = None,
+                  mlflow_secret: str | None = None) -> dict[str, Any]:
     """Score candidate and champion on the same holdout and record the decision (PROMOTE, REJECT,
     BLOCKED_BY_DATA or SKIPPED); the flow promotes only after PROMOTE. `override` ('promote' or
     'reject') needs a `reason`; both are recorded."""
-    return run_step("gate", spec, date, store=store, tracking_uri=tracking_uri, override=override, reason=reason)
+    return _run("gate", spec, date, store=store, tracking_uri=tracking_uri, storage_secret=storage_secret,
+                mlflow_secret=mlflow_secret, override=override, reason=reason)
 
 
-@task(name="promote_model", task_run_name="promote {date}", **_OPTS)
-def promote_model(spec: str, date: str, tracking_uri: str | None = None) -> dict[str, Any]:
+@task(name="promote_model", task_run_name="promote {date}", **_opts(None))
+def promote_model(spec: str, date: str, tracking_uri: str | None = None, dry_run: bool = False,
+                  mlflow_secret: str | None = None) -> dict[str, Any]:
     """Move the champion alias to the gated version (compare-and-set); under
-    ``promotion.approval: manual``, tag it pending (result ``approval: pending``) instead."""
-    return run_step("promote", spec, date, tracking_uri=tracking_uri)
+    ``promotion.approval: manual``, tag it pending (result ``approval: pending``) instead.
+    `dry_run` runs every check and says what it would do."""
+    return _run("promote", spec, date, tracking_uri=tracking_uri, mlflow_secret=mlflow_secret, dry_run=dry_run)
 
 
-@task(name="approve_model", task_run_name="{decision} v{version}", **(_OPTS | {"retries": 0}))
+@task(name="approve_model", task_run_name="{decision} v{version}", **(_opts(None) | {"retries": 0}))
 def approve_model(spec: str, version: str | int, reason: str, decision: str = "approve", by: str | None = None,
-                  tracking_uri: str | None = None) -> dict[str, Any]:
+                  tracking_uri: str | None = None, mlflow_secret: str | None = None) -> dict[str, Any]:
     """Approve (promote, compare-and-set against the champion the gate saw) or reject a version
     waiting for approval (``promotion.approval: manual``); `reason` is required and recorded with
     `by` (default: the OS user). Not retried: a person is waiting for the answer."""
-    from datetime import date
-
-    return run_step("approve", spec, date.today(), tracking_uri=tracking_uri, version=version, reason=reason,
-                    decision=decision, by=by)
+    return _run("approve", spec, Date.today(), tracking_uri=tracking_uri, mlflow_secret=mlflow_secret,
+                version=version, reason=reason, decision=decision, by=by)
 
 
-@task(name="deploy_model", task_run_name="deploy {date}", **_OPTS)
+@task(name="deploy_model", task_run_name="deploy {date}", **_opts(None))
 def deploy_model(spec: str, date: str, store: str | None = None, tracking_uri: str | None = None,
-                 url: str | None = None, require_endpoint: bool = False) -> dict[str, Any]:
+                 url: str | None = None, require_endpoint: bool = False, storage_secret: str | None = None,
+                 mlflow_secret: str | None = None) -> dict[str, Any]:
     """Wait for the serving endpoint to serve the champion and check parity."""
-    return run_step("deploy", spec, date, store=store, tracking_uri=tracking_uri, url=url,
-                    require_endpoint=require_endpoint)
+    return _run("deploy", spec, date, store=store, tracking_uri=tracking_uri, storage_secret=storage_secret,
+                mlflow_secret=mlflow_secret, url=url, require_endpoint=require_endpoint)
 
 
-@task(name="batch_score", task_run_name="batch_score {date}", **_OPTS)
+@task(name="batch_score", task_run_name="batch_score {date}", **_opts("batch_score"))
 def batch_score(spec: str, date: str, store: str | None = None, tracking_uri: str | None = None,
-                ray_address: str | None = None) -> dict[str, Any]:
+                ray_address: str | None = None, storage_secret: str | None = None,
+                mlflow_secret: str | None = None) -> dict[str, Any]:
     """Score the date's feature partition with the champion on Ray; publish the predictions."""
-    return run_step("batch_score", spec, date, store=store, tracking_uri=tracking_uri, ray_address=ray_address)
+    return _run("batch_score", spec, date, store=store, tracking_uri=tracking_uri, ray_address=ray_address,
+                storage_secret=storage_secret, mlflow_secret=mlflow_secret)

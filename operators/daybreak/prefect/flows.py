@@ -1,0 +1,145 @@
+"""Prefect flows: the daily cycle, a backfill of a date range, and a person's approval.
+
+Where things live is a flow parameter, else a key of the Prefect Variable ``daybreak`` (a JSON
+object), else the environment (``DAYBREAK_SPEC``, ``DAYBREAK_STORE``, ``MLFLOW_TRACKING_URI``,
+``RAY_ADDRESS``, ``DAYBREAK_SERVE_URL``) and daybreak's embedded defaults. Keys: spec, store,
+tracking_uri, ray_address, serve_url, and the names of the Secret blocks holding credentials,
+storage_secret (S3) and mlflow_secret (MLflow).
+
+The `flows/` folder of the repository re-exports these flows as deployment entry points.
+"""
+
+from __future__ import annotations
+
+import os
+from datetime import timezone
+from typing import Any, Literal
+
+from prefect import flow, get_run_logger
+
+from daybreak.context import parse_date
+from daybreak.cycle import date_range, summarize
+from daybreak.gate import should_promote
+from daybreak.promote import should_deploy
+from daybreak.prefect.tasks import (
+    approve_model,
+    build_features,
+    deploy_model,
+    evaluate_gate,
+    promote_model,
+    stage_data,
+    train_model,
+)
+
+SETTINGS = ("spec", "store", "tracking_uri", "ray_address", "serve_url", "storage_secret", "mlflow_secret")
+VARIABLE = "daybreak"
+
+
+def settings(**given: Any) -> dict[str, Any]:
+    """Each setting from the flow's parameters, else the ``daybreak`` Variable, else None (the
+    steps then read the environment); the spec is checked here, before any task runs."""
+    from prefect.variables import Variable
+
+    from daybreak.spec import load_spec
+
+    var = Variable.get(VARIABLE, default=None) or {}
+    if not isinstance(var, dict):
+        raise ValueError(f"Prefect Variable {VARIABLE!r} must be a JSON object with keys among {list(SETTINGS)}")
+    unknown = sorted(set(var) - set(SETTINGS))
+    if unknown:
+        raise ValueError(f"Prefect Variable {VARIABLE!r} has unknown keys {unknown}; known: {list(SETTINGS)}")
+    out = {k: given[k] if given.get(k) not in (None, "") else var.get(k) for k in SETTINGS}
+    out["spec"] = out["spec"] or os.environ.get("DAYBREAK_SPEC")
+    if not out["spec"]:
+        raise ValueError(f"no spec: pass spec=, or set 'spec' in the Prefect Variable {VARIABLE!r} or DAYBREAK_SPEC")
+    load_spec(out["spec"])  # a bad spec fails here, naming the field
+    return out
+
+
+def run_date(date: str | None) -> str:
+    """The date to process: the given one, else the run's scheduled date (UTC; a run started by
+    hand is scheduled now)."""
+    if date not in (None, ""):
+        return parse_date(date).isoformat()
+    from prefect.runtime import flow_run
+
+    return flow_run.scheduled_start_time.astimezone(timezone.utc).date().isoformat()
+
+
+def _report(key: str, title: str, rows: list[dict[str, Any]]) -> None:
+    """The per-day lines as a table artifact on the run's page."""
+    import re
+
+    from prefect.artifacts import create_table_artifact
+
+    create_table_artifact(key=re.sub(r"[^a-z0-9-]+", "-", key.lower())[:100], table=rows, description=title)
+
+
+# Results persisted as JSON (readable, no pickle), where Prefect's result storage settings say.
+_PERSIST = {"persist_result": True, "result_serializer": "json"}
+
+
+@flow(name="daily_retrain", flow_run_name="daily_retrain {date}", log_prints=True, **_PERSIST)
+def daily_retrain(date: str | None = None, spec: str | None = None, force: bool = False, dry_run: bool = False,
+                  deploy: bool = True, store: str | None = None, tracking_uri: str | None = None,
+                  ray_address: str | None = None, serve_url: str | None = None, storage_secret: str | None = None,
+                  mlflow_secret: str | None = None) -> dict[str, Any]:
+    """Stage, build features, train, gate, promote and deploy for one date (default: the run's
+    scheduled date). The gate's decision decides: promote runs only after PROMOTE, deploy only
+    when the champion moved. `force` retrains although the date's lineage has a version; `dry_run`
+    stops at promote, which says what it would do."""
+    cfg = settings(spec=spec, store=store, tracking_uri=tracking_uri, ray_address=ray_address, serve_url=serve_url,
+                   storage_secret=storage_secret, mlflow_secret=mlflow_secret)
+    s, day = cfg["spec"], run_date(date)
+    io = {"store": cfg["store"], "storage_secret": cfg["storage_secret"]}
+    ml = {"tracking_uri": cfg["tracking_uri"], "mlflow_secret": cfg["mlflow_secret"]}
+    out: dict[str, Any] = {"date": day, "deploy": None}
+    out["stage"] = stage_data(s, day, **io)
+    out["features"] = build_features(s, day, ray_address=cfg["ray_address"], **io)
+    out["train"] = train_model(s, day, force=force, **io, **ml)
+    gate = out["gate"] = evaluate_gate(s, day, **io, **ml)
+    if should_promote(gate):
+        out["promote"] = promote_model(s, day, dry_run=dry_run, **ml)
+        if deploy and should_deploy(out["promote"]):  # not while the version waits for approval
+            out["deploy"] = deploy_model(s, day, url=cfg["serve_url"], **io, **ml)
+    else:  # after a reject, promotion (and so deployment) never runs
+        out["promote"] = {"promoted": False, "reason": f"gate decision is {gate['decision']}",
+                          "candidate_version": gate.get("candidate_version"),
+                          "champion_version": gate.get("champion_version")}
+    out["summary"] = summarize(out)
+    get_run_logger().info("daily_retrain %s: %s", day, out["summary"])
+    _report(f"daybreak-{day}", f"daybreak daily cycle {day}", [out["summary"]])
+    return out
+
+
+@flow(name="backfill", flow_run_name="backfill {start}..{end}", log_prints=True, **_PERSIST)
+def backfill(start: str, end: str, spec: str | None = None, force: bool = False, store: str | None = None,
+             tracking_uri: str | None = None, ray_address: str | None = None, storage_secret: str | None = None,
+             mlflow_secret: str | None = None) -> list[dict[str, Any]]:
+    """Run the daily cycle for every date from `start` to `end` (inclusive), in order, each as a
+    `daily_retrain` subflow (no deploy; each day trains on the days before it). A failed day stops
+    the backfill: a rerun starts again and the days already done are served from the cache."""
+    days = date_range(parse_date(start), parse_date(end))
+    cfg = settings(spec=spec, store=store, tracking_uri=tracking_uri, ray_address=ray_address,
+                   storage_secret=storage_secret, mlflow_secret=mlflow_secret)
+    cfg.pop("serve_url")
+    logger = get_run_logger()
+    lines = []
+    for i, d in enumerate(days, 1):
+        r = daily_retrain(date=d.isoformat(), force=force, deploy=False, **cfg)
+        lines.append(r["summary"])
+        logger.info("[%d/%d] %s: decision %s, champion v%s", i, len(days), d, r["summary"]["decision"],
+                    r["summary"]["champion_version"])
+    _report(f"daybreak-backfill-{days[0]}-{days[-1]}", f"daybreak backfill {days[0]}..{days[-1]}", lines)
+    return lines
+
+
+@flow(name="approve", flow_run_name="{decision} v{version}", **_PERSIST)
+def approve(version: int, reason: str, decision: Literal["approve", "reject"] = "approve", spec: str | None = None,
+            by: str | None = None, tracking_uri: str | None = None, mlflow_secret: str | None = None) -> dict[str, Any]:
+    """Approve (promote) or reject a model version waiting for approval, with a reason. `by` names
+    who answers in the history (fill it in the run form: the worker's OS user is recorded
+    otherwise)."""
+    cfg = settings(spec=spec, tracking_uri=tracking_uri, mlflow_secret=mlflow_secret)
+    return approve_model(cfg["spec"], version, reason, decision=decision, by=by, tracking_uri=cfg["tracking_uri"],
+                         mlflow_secret=cfg["mlflow_secret"])
