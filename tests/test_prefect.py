@@ -23,19 +23,22 @@ SCRIPT = """
 import json, sys
 sys.path.insert(0, {flows!r})
 from approve import approve
+from backfill import backfill
 from daily_retrain import daily_retrain
-out = [daily_retrain(date=d, spec={spec!r}) for d in ("2013-01-01", "2013-01-02")]
+lines = backfill("2013-01-01", "2013-01-02", spec={spec!r})
+out = [daily_retrain(date=d, spec={spec!r}) for d in ("2013-01-01", "2013-01-02")]  # reruns: from the cache
 out.append(daily_retrain(date="2013-01-03", spec={strict!r}))  # a floor no model meets: rejected
 out.append(daily_retrain(date="2013-01-03", spec={manual!r}))  # passes, and waits for approval
 out = [{{k: r.get(k) for k in ("date", "gate", "promote", "deploy")}} for r in out]
 out.append(approve(version=int(out[-1]["gate"]["candidate_version"]), reason="read the report", spec={manual!r}))
-print("RESULT " + json.dumps(out, default=str))
+print("RESULT " + json.dumps([lines] + out, default=str))
 """
 
 
 def test_daily_retrain_flow_promotes_only_after_the_gate_says_so(home: Path, tmp_path: Path, spec) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
-    env.update(PREFECT_HOME=str(tmp_path / "prefect"), PREFECT_LOGGING_LEVEL="WARNING", PYTHONWARNINGS="ignore",
+    env.update(PREFECT_HOME=str(tmp_path / "prefect"), PREFECT_LOCAL_STORAGE_PATH=str(tmp_path / "results"),
+               PREFECT_LOGGING_LEVEL="WARNING", PYTHONWARNINGS="ignore",
                **QUIET_PREFECT)
     strict = tmp_path / "strict.yaml"
     strict.write_text(json.dumps(spec.model_copy(update={"gate": spec.gate.model_copy(update={"floor": 0.99})})
@@ -48,9 +51,12 @@ def test_daily_retrain_flow_promotes_only_after_the_gate_says_so(home: Path, tmp
     proc = subprocess.run([str(BIN / "python"), "-c", code], env=env, capture_output=True, text=True, timeout=600)
     line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
     assert line, proc.stdout[-3000:] + proc.stderr[-3000:]
-    day1, day2, day3, manual_day3, approved = json.loads(line[len("RESULT "):])
+    lines, day1, day2, day3, manual_day3, approved = json.loads(line[len("RESULT "):])
+    # the backfill ran both days in order; the reruns give the same answers
+    assert [ln["decision"] for ln in lines] == [SKIPPED, PROMOTE] and lines[1]["champion_version"] == "1", lines
     assert day1["gate"]["decision"] == SKIPPED and day1["promote"]["promoted"] is False
-    assert day2["gate"]["decision"] == PROMOTE and day2["promote"]["promoted"] is True
+    # a rerun of a promoted day: the gate's answer from the cache, the champion already in place
+    assert day2["gate"]["decision"] == PROMOTE and day2["promote"]["champion_version"] == "1"
     # rejected: the flow stops before promote and deploy
     assert day3["gate"]["decision"] == REJECT and day3["gate"]["champion_version"] == day2["gate"]["candidate_version"]
     assert day3["promote"]["promoted"] is False and day3["promote"]["reason"] == "gate decision is REJECT"
@@ -112,7 +118,8 @@ def test_s3_credentials_from_a_secret_block(s3_server, landing: Path, tmp_path: 
     creds = {"endpoint_url": s3_server.endpoint, "region": "us-east-1",
              "access_key": CREDS["AWS_ACCESS_KEY_ID"], "secret_key": CREDS["AWS_SECRET_ACCESS_KEY"]}
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "AWS_", "DAYBREAK_S3"))}
-    env.update(PREFECT_HOME=str(tmp_path / "prefect"), PREFECT_LOGGING_LEVEL="INFO", PYTHONWARNINGS="ignore",
+    env.update(PREFECT_HOME=str(tmp_path / "prefect"), PREFECT_LOCAL_STORAGE_PATH=str(tmp_path / "results"),
+               PREFECT_LOGGING_LEVEL="INFO", PYTHONWARNINGS="ignore",
                **QUIET_PREFECT)
     env["DAYBREAK_HOME"] = str(tmp_path / "home")
     code = SECRET_SCRIPT.format(creds=creds, spec=str(SPEC), store=f"s3://{bucket}/store")
