@@ -129,3 +129,22 @@ def test_s3_credentials_from_a_secret_block(s3_server, landing: Path, tmp_path: 
     out = json.loads(line[len("RESULT "):])
     assert out["rows"] == 914 and out["sources"]["flights"]["uri"].startswith(f"s3://{bucket}/")
     assert CREDS["AWS_SECRET_ACCESS_KEY"] not in proc.stdout + proc.stderr
+
+
+def test_lineage_cache_policy_keys_recorded_outputs_only(use_cycled: dict) -> None:
+    from daybreak.prefect.tasks import Lineage, stage_data, train_model
+    from daybreak.steps import cache_key
+
+    day = "2013-01-03"
+    inputs = {"spec": str(SPEC), "date": day, "store": None, "storage_secret": None}
+    assert Lineage(step="stage").compute_key(None, inputs, {}) == cache_key("stage", SPEC, day) is not None
+    assert Lineage(step="stage").compute_key(None, inputs | {"date": "2013-01-09"}, {}) is None  # not staged yet
+    assert Lineage(step="train").compute_key(None, inputs | {"force": True}, {}) is None  # force always trains
+    assert Lineage(step="gate").compute_key(None, inputs | {"override": "promote"}, {}) is None
+    # a spec that cannot load: no key (the step then reports the error), never an exception
+    assert Lineage(step="stage").compute_key(None, inputs | {"spec": "/nonexistent.yaml"}, {}) is None
+    # the tasks carry the policy; promote and deploy never cache
+    assert isinstance(stage_data.cache_policy, Lineage) and isinstance(train_model.cache_policy, Lineage)
+    from daybreak.prefect.tasks import deploy_model, promote_model
+
+    assert not isinstance(promote_model.cache_policy, Lineage) and not isinstance(deploy_model.cache_policy, Lineage)
