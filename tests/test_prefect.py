@@ -137,12 +137,19 @@ def test_lineage_cache_policy_keys_recorded_outputs_only(use_cycled: dict) -> No
 
     day = "2013-01-03"
     inputs = {"spec": str(SPEC), "date": day, "store": None, "storage_secret": None}
-    assert Lineage(step="stage").compute_key(None, inputs, {}) == cache_key("stage", SPEC, day) is not None
-    assert Lineage(step="stage").compute_key(None, inputs | {"date": "2013-01-09"}, {}) is None  # not staged yet
-    assert Lineage(step="train").compute_key(None, inputs | {"force": True}, {}) is None  # force always trains
-    assert Lineage(step="gate").compute_key(None, inputs | {"override": "promote"}, {}) is None
+    assert Lineage(step="stage").lineage_key(inputs) == cache_key("stage", SPEC, day) is not None
+    assert Lineage(step="stage").lineage_key(inputs | {"date": "2013-01-09"}) is None  # not staged yet
+    assert Lineage(step="train").lineage_key(inputs | {"force": True}) is None  # force always trains
+    assert Lineage(step="gate").lineage_key(inputs | {"override": "promote"}) is None
     # a spec that cannot load: no key (the step then reports the error), never an exception
-    assert Lineage(step="stage").compute_key(None, inputs | {"spec": "/nonexistent.yaml"}, {}) is None
+    assert Lineage(step="stage").lineage_key(inputs | {"spec": "/nonexistent.yaml"}) is None
+
+    class Ctx:  # with no lineage key, the task run's own key: its result is persisted, never reused
+        class task_run:
+            id = "0f1e"
+
+    assert Lineage(step="stage").compute_key(Ctx, inputs | {"date": "2013-01-09"}, {}) == "daybreak-task-run-0f1e"
+    assert Lineage(step="stage").compute_key(Ctx, inputs, {}) == cache_key("stage", SPEC, day)
     # the tasks carry the policy; promote and deploy never cache
     assert isinstance(stage_data.cache_policy, Lineage) and isinstance(train_model.cache_policy, Lineage)
     from daybreak.prefect.tasks import deploy_model, promote_model

@@ -254,6 +254,33 @@ def test_served_deployment_on_a_prefect_server_retrains_promotes_and_caches(
         assert str(client.get_model_version_by_alias(spec.model.name, spec.promotion.alias).version) == candidate
         result_files = [p for p in results.rglob("*") if p.is_file()]
         assert len(result_files) >= len(CACHED_TASKS), result_files
+        # every task's result is persisted and reads back, cached or not (promote and deploy too)
+        for r in runs:
+            unread = [(t["name"], t["result_error"]) for t in r["task_runs"] if not isinstance(t["result"], dict)]
+            assert unread == [], unread
+
+        # -- the work-pool recipe of the README: prefect.yaml deployed, a process worker runs a backfill
+        pool_env = {**client_env, "DAYBREAK_HOME": str(home), "DAYBREAK_SPEC": str(SPEC)}
+        subprocess.run([str(BIN / "prefect"), "work-pool", "create", "daybreak", "--type", "process"], env=pool_env,
+                       cwd=ROOT, check=True, capture_output=True, timeout=120)
+        deployed = subprocess.run([str(BIN / "prefect"), "--no-prompt", "deploy", "--all"], env=pool_env, cwd=ROOT,
+                                  capture_output=True, text=True, timeout=300)
+        assert deployed.returncode == 0 and "backfill/daybreak" in deployed.stdout, deployed.stdout + deployed.stderr
+        triggered = subprocess.run([str(BIN / "prefect"), "deployment", "run", "backfill/daybreak", "--param",
+                                    "start=2013-01-01", "--param", "end=2013-01-02"], env=pool_env, cwd=ROOT,
+                                   capture_output=True, text=True, timeout=120)
+        assert triggered.returncode == 0, triggered.stdout + triggered.stderr
+        worker = subprocess.run([str(BIN / "prefect"), "worker", "start", "--pool", "daybreak", "--run-once"],
+                                env=pool_env, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+        out = worker.stdout + worker.stderr
+        assert worker.returncode == 0 and "backfill 2013-01-01..2013-01-02' - Finished in state Completed" in out, \
+            out[-4000:]
+        assert "[2/2] 2013-01-02: decision PROMOTE, champion v" + candidate in out, out[-4000:]
+        # from the cache: 2013-01-02's four steps, and 2013-01-01's stage and features (that day trained no
+        # model, so train and gate recorded nothing to cache)
+        assert out.count("Finished in state Cached") == len(CACHED_TASKS) + 2, out[-4000:]
+        assert password not in out
+        timings["work pool backfill"] = time.monotonic() - t0
 
         # -- the password is nowhere in MLflow: run params and tags, model tags
         experiments = client.search_experiments()

@@ -28,7 +28,7 @@ from datetime import datetime, timedelta, timezone
 from typing import Any
 
 from prefect import task
-from prefect.cache_policies import NO_CACHE, CachePolicy
+from prefect.cache_policies import CachePolicy
 
 from daybreak.errors import is_retryable
 from daybreak.steps import cache_key, run_step
@@ -87,14 +87,35 @@ def _context(inputs: dict[str, Any]) -> dict[str, Any]:
             "storage": storage_options(inputs.get("storage_secret"))}
 
 
+def _own_key(task_ctx: Any) -> str | None:
+    """A key no other task run computes: Prefect persists a result only under a key known before
+    the run, so this keeps every result readable (in the UI, by ``state.result()``) without
+    making anything cacheable."""
+    run = getattr(task_ctx, "task_run", None)
+    return None if run is None else f"daybreak-task-run-{run.id}"
+
+
+@dataclass
+class ThisRun(CachePolicy):
+    """Prefect cache policy that never reuses a result but persists each one."""
+
+    def compute_key(self, task_ctx: Any, inputs: dict[str, Any], flow_parameters: dict[str, Any],
+                    **kwargs: Any) -> str | None:
+        return _own_key(task_ctx)
+
+
 @dataclass
 class Lineage(CachePolicy):
-    """Prefect cache policy keyed by daybreak's lineage of what `step` recorded for the date."""
+    """Prefect cache policy keyed by daybreak's lineage of what `step` recorded for the date
+    (:func:`daybreak.steps.cache_key`); with nothing recorded yet, the run's own key."""
 
     step: str = ""
 
     def compute_key(self, task_ctx: Any, inputs: dict[str, Any], flow_parameters: dict[str, Any],
                     **kwargs: Any) -> str | None:
+        return self.lineage_key(inputs) or _own_key(task_ctx)
+
+    def lineage_key(self, inputs: dict[str, Any]) -> str | None:
         if inputs.get("force") or inputs.get("override"):
             return None
         try:
@@ -115,7 +136,7 @@ def _run(step: str, spec: str, date: str | Date, *, store: str | None = None, tr
 
 def _remember(step: str, spec: str, date: str | Date, result: dict[str, Any], ctx: dict[str, Any]) -> None:
     """Persist the result under the key the next run of the date will compute (before this run
-    the output did not exist, so this run's own key was none), so that run finds it."""
+    the output did not exist, so this run had its own key), so that run finds it."""
     from prefect.context import TaskRunContext
 
     run = TaskRunContext.get()
@@ -139,7 +160,7 @@ def _opts(step: str | None) -> dict[str, Any]:
     if step:
         opts |= {"cache_policy": Lineage(step=step), "cache_expiration": CACHE_FOR}
     else:
-        opts["cache_policy"] = NO_CACHE
+        opts["cache_policy"] = ThisRun()
     return opts
 
 
