@@ -10,7 +10,7 @@ export AIRFLOW__CORE__DAGS_FOLDER ?= $(CURDIR)/dags
 export AIRFLOW__CORE__LOAD_EXAMPLES ?= False
 export PYTHONWARNINGS ?= ignore::DeprecationWarning
 
-.PHONY: install browser demo test up bench constraints clean
+.PHONY: install browser demo test reliability up bench constraints clean
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 install: $(STAMP)
@@ -39,6 +39,10 @@ browser:
 
 test: $(STAMP) browser
 	$(BIN)/python -m pytest -q
+
+# The reliability suite with full trial counts (make test runs it with fewer); prints its table.
+reliability: $(STAMP)
+	DAYBREAK_RELIABILITY=full $(BIN)/python -m pytest -q tests/reliability
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/run.py

@@ -149,3 +149,14 @@ def fresh(featured: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Pa
     shutil.copytree(featured / "store", h / "store", symlinks=True)
     monkeypatch.setenv("DAYBREAK_HOME", str(h))
     return h
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:
+    """The reliability suite's table (tests/reliability/tally.py), when any of it ran."""
+    tally = sys.modules.get("tally")
+    if tally is None or not getattr(tally, "TALLIES", None):
+        return
+    path = tally.write_report(ROOT / ".daybreak")
+    terminalreporter.write_sep("=", "reliability")
+    terminalreporter.write_line(tally.table())
+    terminalreporter.write_line(f"(also in {path} and .json)")
