@@ -5,6 +5,7 @@ A bad spec must fail here, naming the field, rather than hours later inside a Ra
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -26,12 +27,30 @@ _TYPES = {
 _TIMESTAMP = re.compile(r"^timestamp\[(s|ms|us|ns)(,\s*[A-Za-z_/+\-0-9]+)?\]$")
 
 
+# The longest window, delay or training window a spec may ask for: ten years of daily partitions.
+MAX_DAYS = 3660
+
+
 def parse_duration(text: str) -> timedelta:
     """'90m', '24h', '7d' -> timedelta."""
     m = _DURATION.match(str(text))
     if not m:
         raise ValueError(f"invalid duration {text!r}: use a number and a unit s, m, h, d or w (e.g. '7d')")
-    return timedelta(**{_UNITS[m.group(2)]: int(m.group(1))})
+    try:
+        return timedelta(**{_UNITS[m.group(2)]: int(m.group(1))})
+    except OverflowError:
+        raise ValueError(f"invalid duration {text!r}: longer than {MAX_DAYS} days") from None
+
+
+def _span(text: str, what: str, zero_ok: bool = False) -> str:
+    """Check a duration a window reads history for: more than zero (unless `zero_ok`), at most
+    MAX_DAYS."""
+    d = parse_duration(text)
+    if d <= timedelta(0) and not zero_ok:
+        raise ValueError(f"{what} {text!r} is empty: it must be longer than 0")
+    if d > timedelta(days=MAX_DAYS):
+        raise ValueError(f"{what} {text!r} is longer than {MAX_DAYS} days")
+    return text
 
 
 class _Model(BaseModel):
@@ -56,8 +75,17 @@ class ColumnSpec(_Model):
     @field_validator("type")
     @classmethod
     def _type_known(cls, v: str) -> str:
-        if v not in _TYPES and not _TIMESTAMP.match(v):
+        m = _TIMESTAMP.match(v)
+        if v not in _TYPES and not m:
             raise ValueError(f"unknown type {v!r}; use one of {sorted(_TYPES)} or 'timestamp[us, UTC]'")
+        zone = (m.group(2) or "").lstrip(", ").strip() if m else ""
+        if zone and not re.fullmatch(r"[+-]\d{4}", zone):
+            from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+            try:
+                ZoneInfo(zone)
+            except (ZoneInfoNotFoundError, ValueError):
+                raise ValueError(f"unknown time zone {zone!r} in type {v!r}") from None
         return v
 
 
@@ -83,6 +111,12 @@ class EventTime(_Model):
 class RowBounds(_Model):
     min: int = Field(1, ge=0)
     max: int | None = Field(None, ge=1)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> RowBounds:
+        if self.max is not None and self.max < self.min:
+            raise ValueError(f"max {self.max} is below min {self.min}: every file would be refused")
+        return self
 
 
 class QuarantinePolicy(_Model):
@@ -111,6 +145,17 @@ class SourceSpec(_Model):
     def _short_form(cls, v: Any) -> Any:
         if isinstance(v, dict):
             return {k: ({"type": t} if isinstance(t, str) else t) for k, t in v.items()}
+        return v
+
+    @field_validator("encoding")
+    @classmethod
+    def _encoding_known(cls, v: str) -> str:
+        import codecs
+
+        try:
+            codecs.lookup(v)
+        except LookupError:
+            raise ValueError(f"unknown text encoding {v!r}") from None
         return v
 
     @field_validator("severity")
@@ -227,22 +272,22 @@ class WindowAgg(_Model):
         description="longest time from a row's event to its known_at; the step reads this much more history. "
                     "Rows known later than that are left out of the windows (a warning counts them)",
     )
-    aggs: list[Literal["count", "sum", "mean", "std", "min", "max"]] = Field(default_factory=lambda: ["count", "mean"])
-    windows: list[str] = Field(default_factory=lambda: ["7d"])
+    aggs: list[Literal["count", "sum", "mean", "std", "min", "max"]] = Field(
+        default_factory=lambda: ["count", "mean"], min_length=1)
+    windows: list[str] = Field(default_factory=lambda: ["7d"], min_length=1)
     prefix: str
 
     @field_validator("windows")
     @classmethod
     def _durs(cls, v: list[str]) -> list[str]:
-        for w in v:
-            parse_duration(w)
+        for i, w in enumerate(v):
+            _span(w, f"window [{i}]")
         return v
 
     @field_validator("max_delay")
     @classmethod
     def _delay(cls, v: str) -> str:
-        parse_duration(v)
-        return v
+        return _span(v, "max_delay", zero_ok=True)
 
     def lookback_days(self) -> int:
         """Whole days before the logical date this window reads: its longest span plus max_delay.
@@ -355,9 +400,10 @@ class ModelSpec(_Model):
 
 
 class TrainingSpec(_Model):
-    window_days: int = Field(7, ge=1, description="days of features used for training, ending the day before the holdout")
+    window_days: int = Field(7, ge=1, le=MAX_DAYS,
+                             description="days of features used for training, ending the day before the holdout")
     holdout_days: int = Field(
-        1, ge=1, description="days ending at the logical date held out for the gate; never trained on")
+        1, ge=1, le=MAX_DAYS, description="days ending at the logical date held out for the gate; never trained on")
     min_rows: int = Field(100, ge=1)
     validation_fraction: float = Field(0.2, gt=0, lt=1)
     memory_budget_mb: float | None = Field(
@@ -468,6 +514,21 @@ class PromotionSpec(_Model):
     approval: Literal["auto", "manual"] = Field(
         "auto", description="auto: promote what the gate passes; manual: tag it pending until a person approves it")
 
+    @field_validator("alias", "previous_alias")
+    @classmethod
+    def _alias(cls, v: str) -> str:
+        # MLflow's rules for alias names, checked now rather than at the first promotion
+        if not re.fullmatch(r"[\w\-]{1,255}", v) or v.lower() == "latest" or re.fullmatch(r"[vV]\d+", v):
+            raise ValueError(f"{v!r} cannot be a registry alias: use letters, digits, '_' and '-' (not 'latest' "
+                             "or a version name like 'v3')")
+        return v
+
+    @model_validator(mode="after")
+    def _distinct(self) -> PromotionSpec:
+        if self.alias == self.previous_alias:
+            raise ValueError(f"alias and previous_alias are both {self.alias!r}; a rollback needs two aliases")
+        return self
+
 
 class ServingSpec(_Model):
     host: str = "127.0.0.1"
@@ -510,6 +571,19 @@ class Spec(_Model):
             for col in [*lk.by, *lk.columns.values()]:
                 if col not in src.columns:
                     raise ValueError(f"features.lookups[{i}]: column {col!r} is not in source {lk.source!r}")
+            for col in lk.by:
+                if col not in base.columns:
+                    raise ValueError(f"features.lookups[{i}].by: column {col!r} is not in base source {f.base!r}")
+        for where, join in [*((f"features.asof[{i}]", j) for i, j in enumerate(f.asof)),
+                            *((f"features.lookups[{i}]", lk) for i, lk in enumerate(f.lookups))]:
+            src = self.sources[join.source]
+            for col in join.by:  # the join compares these values: the types must agree
+                if src.columns[col].type != base.columns[col].type:
+                    raise ValueError(f"{where}.by: column {col!r} is {base.columns[col].type} in {f.base!r} but "
+                                     f"{src.columns[col].type} in {join.source!r}")
+            if isinstance(join, AsofJoin) and not src.columns[join.time].type.startswith("timestamp"):
+                raise ValueError(f"{where}.time: column {join.time!r} of {join.source!r} is "
+                                 f"{src.columns[join.time].type}, not a timestamp")
         for i, w in enumerate(f.windows):
             for col in w.by:
                 if col not in base.columns:
@@ -521,6 +595,13 @@ class Spec(_Model):
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
             raise ValueError(f"features: duplicate feature names {dupes}")
+        # the feature table holds keys, event_time, features and the label side by side
+        for where, name in [("features.label.name", f.label.name), *((f"features.keys[{i}]", k) for i, k in enumerate(f.keys))]:
+            if name in names or name == "event_time":
+                raise ValueError(f"{where}: {name!r} is also the name of a feature (or event_time); "
+                                 "the feature table cannot hold both")
+        if f.label.name in f.keys:
+            raise ValueError(f"features.label.name: {f.label.name!r} is also a key")
         if not names:
             raise ValueError("features: define at least one feature")
         for col in self.model.partition_by:
@@ -553,6 +634,7 @@ class Spec(_Model):
         for i, w in enumerate(f.windows):
             check_expression(w.value, cols, where=f"features.windows[{i}].value")
             check_expression(w.known_at, cols, where=f"features.windows[{i}].known_at")
+        _check_types(self)
         return self
 
     # --- identities -------------------------------------------------------------------------
@@ -568,6 +650,140 @@ class Spec(_Model):
         features = self.features.model_dump(mode="json", exclude={"columns": {"__all__": model_only}})
         return _hash({"sources": {k: v.model_dump(mode="json") for k, v in self.sources.items()},
                       "features": features})
+
+
+def _check_types(spec: Spec) -> None:
+    """Compute every expression over the base rows on an empty table of the contract's types: a
+    type mismatch (text compared with a number, a window over text, an event time that is not a
+    time) fails now, naming the field, instead of on the first rows the feature step reads."""
+    import pyarrow as pa
+
+    from daybreak.expr import evaluate
+    from daybreak.stage import arrow_type
+
+    f = spec.features
+    base = spec.sources[f.base]
+    table = pa.table({c: pa.array([], type=arrow_type(col.type)) for c, col in base.columns.items()})
+
+    def typed(expr: str, where: str, want: str | None = None) -> pa.DataType:
+        try:
+            t = evaluate(expr, table).type
+        except (pa.ArrowException, TypeError, ValueError, KeyError) as e:
+            raise ValueError(f"{where}: {expr!r} cannot be computed with the contract's column types: "
+                             f"{str(e).splitlines()[0]}") from None
+        ok = {"timestamp": pa.types.is_timestamp,
+              "number": lambda x: pa.types.is_integer(x) or pa.types.is_floating(x) or pa.types.is_boolean(x)
+              or pa.types.is_decimal(x)}
+        if want is not None and not ok[want](t):
+            raise ValueError(f"{where}: {expr!r} gives {t} values, not a {want}")
+        return t
+
+    typed(f.event_time, "features.event_time", "timestamp")
+    table = table.append_column("event_time", pa.array([], type=pa.timestamp("us", tz="UTC")))
+    typed(f.label.expr, "features.label.expr", "number")
+    for i, c in enumerate(f.columns):
+        t = typed(c.expr, f"features.columns[{i}].expr")
+        if not c.categorical and not (pa.types.is_integer(t) or pa.types.is_floating(t) or pa.types.is_boolean(t)
+                                      or pa.types.is_decimal(t)):
+            raise ValueError(f"features.columns[{i}].expr: {c.expr!r} gives {t} values; a feature that is not "
+                             "categorical must be a number (or set categorical: true)")
+    for i, w in enumerate(f.windows):
+        typed(w.value, f"features.windows[{i}].value", "number")
+        typed(w.known_at, f"features.windows[{i}].known_at", "timestamp")
+
+
+def xgb_params(m: ModelSpec) -> dict[str, Any]:
+    """The xgboost parameters training uses: the task's objective and metric, then ``model.params``."""
+    defaults: dict[str, Any] = {"tree_method": "hist", "seed": m.seed}
+    if m.task == "classification":
+        defaults |= {"objective": "binary:logistic", "eval_metric": "auc"}
+    else:
+        defaults |= {"objective": "reg:squarederror", "eval_metric": "rmse"}
+    return defaults | dict(m.params)
+
+
+def build_estimator(spec: Spec, overrides: dict[str, Any] | None = None) -> Any:
+    """The sklearn estimator named by ``model.estimator`` (a class, or a function returning an
+    estimator or Pipeline), called with ``model.params`` and `overrides`."""
+    import importlib
+
+    path = spec.model.estimator or ""
+    module, _, attr = path.rpartition(".")
+    try:
+        factory = getattr(importlib.import_module(module), attr)
+    except (ImportError, AttributeError) as e:
+        raise SpecError(f"model.estimator: cannot import {path!r}: {e}") from None
+    params = dict(spec.model.params) | (overrides or {})
+    try:
+        est = factory(**params)
+    except TypeError as e:
+        raise SpecError(f"model.params: {path}(**model.params) failed: {e}") from None
+    if not hasattr(est, "fit") or not hasattr(est, "predict"):
+        raise SpecError(f"model.estimator: {path} gave {type(est).__name__}, which has no fit/predict")
+    # deterministic unless the spec says otherwise: every unset random_state, a Pipeline's steps' too
+    unset = {k: spec.model.seed for k, v in est.get_params(deep=True).items()
+             if (k == "random_state" or k.endswith("__random_state")) and v is None}
+    if unset:
+        est.set_params(**unset)
+    return est
+
+
+def check_model(spec: Spec) -> None:
+    """Try the model's settings before any work starts: an estimator that cannot be imported or
+    built, a parameter (or tuning range) of the wrong type or out of range, an unknown objective or
+    metric fails here, naming the field, instead of after staging and features. xgboost trains one
+    round on eight made-up rows; a scikit-learn estimator is built and its parameters checked."""
+    m = spec.model
+    tries: list[tuple[str, dict[str, Any]]] = [("model.params", {})]
+    for k, p in (m.tuning.space.items() if m.tuning else []):
+        values = p.choices if p.choices is not None else [p.low, p.high]
+        tries += [(f"model.tuning.space.{k}", {k: int(v) if p.integer else v}) for v in values]
+    if m.flavor == "xgboost":
+        for where, extra in tries:
+            _check_xgb(json.dumps(m.model_dump(mode="json"), sort_keys=True), where,
+                       json.dumps(extra, sort_keys=True, default=str))
+        return
+    for where, extra in tries:
+        est = build_estimator(spec, extra)
+        validate = getattr(est, "_validate_params", None)  # scikit-learn >= 1.2: the fit-time checks
+        if validate is None:
+            continue
+        try:
+            validate()
+        except (TypeError, ValueError) as e:
+            name = re.match(r"The '(\w+)' parameter", str(e))
+            raise SpecError(f"{where}{'.' + name.group(1) if name and where == 'model.params' else ''}: {e}") from None
+
+
+@functools.lru_cache(maxsize=64)
+def _check_xgb(model_json: str, where: str, extra_json: str) -> None:
+    """(Cached: parsing the same spec again costs nothing.)"""
+    import numpy as np
+    import xgboost as xgb
+
+    m = ModelSpec.model_validate(json.loads(model_json))
+
+    def fails(params: dict[str, Any]) -> str | None:
+        params = params | {"nthread": 1}
+        params.pop("num_boost_round", None)  # daybreak's, not xgboost's
+        try:
+            X = np.arange(16, dtype=np.float32).reshape(8, 2)
+            d = xgb.DMatrix(X, np.array([0, 1] * 4, dtype=np.float32))
+            xgb.train(params, d, num_boost_round=1, evals=[(d, "val")], verbose_eval=False)
+        except (xgb.core.XGBoostError, TypeError, ValueError) as e:
+            return re.sub(r"^\[[\d:]+\] \S+:\d+: ", "", str(e).splitlines()[0])
+        return None
+
+    extra = json.loads(extra_json)
+    params = xgb_params(m) | extra
+    err = fails(params)
+    if err is None:
+        return
+    culprit = ""  # the parameter that fails on its own, to name it
+    if where == "model.params":
+        base = xgb_params(m.model_copy(update={"params": {}}))
+        culprit = next((f".{k}" for k in m.params if fails(base | {k: m.params[k]})), "")
+    raise SpecError(f"{where}{culprit}: xgboost refuses it: {err}")
 
 
 def _hash(obj: Any) -> str:
@@ -589,7 +805,7 @@ def parse_spec(raw: Any, origin: str = "<spec>") -> Spec:
     if not isinstance(raw, dict):
         raise SpecError(f"{origin}: a spec must be a mapping at the top level")
     try:
-        return Spec.model_validate(raw)
+        spec = Spec.model_validate(raw)
     except ValidationError as e:
         lines = []
         for err in e.errors():
@@ -597,3 +813,8 @@ def parse_spec(raw: Any, origin: str = "<spec>") -> Spec:
             msg = err["msg"].removeprefix("Value error, ")
             lines.append(f"  {loc}: {msg}")
         raise SpecError(f"{origin}: invalid spec\n" + "\n".join(lines)) from None
+    try:
+        check_model(spec)
+    except SpecError as e:
+        raise SpecError(f"{origin}: invalid spec\n  {e}") from None
+    return spec

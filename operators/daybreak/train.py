@@ -6,7 +6,9 @@ Rows are put in time order; the last ``validation_fraction`` of them is the vali
 (early stopping, tuning). The estimator is xgboost, or any scikit-learn estimator named by
 import path (saved with skops, never as a pickle). With ``model.tuning``, trials run in parallel
 on Ray and the best parameters are trained and registered. A rerun for the same lineage (spec,
-input hashes, date) returns the version already registered instead of registering a duplicate.
+input hashes, date) returns the version already registered instead of registering a duplicate;
+two runs that train the same lineage at once register one version (the check and the registration
+happen under the model's registry lock).
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from daybreak.context import RunContext
 from daybreak.features import EVENT_TIME, read_features
 from daybreak.model_code import column, encode, encoded_names, predict_matrix
 from daybreak.errors import SpecError
-from daybreak.spec import Spec
+from daybreak.spec import Spec, build_estimator, xgb_params
 
 log = logging.getLogger(__name__)
 
@@ -91,13 +93,7 @@ def _label(table: Any, spec: Spec) -> np.ndarray:
 
 
 def _xgb_params(spec: Spec) -> dict[str, Any]:
-    m = spec.model
-    defaults: dict[str, Any] = {"tree_method": "hist", "seed": m.seed}
-    if m.task == "classification":
-        defaults |= {"objective": "binary:logistic", "eval_metric": "auc"}
-    else:
-        defaults |= {"objective": "reg:squarederror", "eval_metric": "rmse"}
-    return defaults | dict(m.params)
+    return xgb_params(spec.model)
 
 
 @dataclass
@@ -167,32 +163,6 @@ def train_booster(spec: Spec, dfit: Any, dval: Any, overrides: dict[str, Any], n
                   {"best_iteration": booster.num_boosted_rounds(), **(extra or {}),
                    **{f"xgb.{k}": v for k, v in params.items()}},
                   {k: float(importance.get(k, 0.0)) for k in names})
-
-
-def build_estimator(spec: Spec, overrides: dict[str, Any] | None = None) -> Any:
-    """The sklearn estimator named by ``model.estimator`` (a class, or a function returning an
-    estimator or Pipeline), called with ``model.params`` and `overrides`."""
-    import importlib
-
-    path = spec.model.estimator or ""
-    module, _, attr = path.rpartition(".")
-    try:
-        factory = getattr(importlib.import_module(module), attr)
-    except (ImportError, AttributeError) as e:
-        raise SpecError(f"model.estimator: cannot import {path!r}: {e}") from None
-    params = dict(spec.model.params) | (overrides or {})
-    try:
-        est = factory(**params)
-    except TypeError as e:
-        raise SpecError(f"model.estimator: {path}(**model.params) failed: {e}") from None
-    if not hasattr(est, "fit") or not hasattr(est, "predict"):
-        raise SpecError(f"model.estimator: {path} gave {type(est).__name__}, which has no fit/predict")
-    # deterministic unless the spec says otherwise: every unset random_state, a Pipeline's steps' too
-    unset = {k: spec.model.seed for k, v in est.get_params(deep=True).items()
-             if (k == "random_state" or k.endswith("__random_state")) and v is None}
-    if unset:
-        est.set_params(**unset)
-    return est
 
 
 def _fit_sklearn(spec: Spec, data: TrainData, overrides: dict[str, Any]) -> Fitted:
@@ -494,17 +464,40 @@ def train_model(spec: Spec, ctx: RunContext, force: bool = False) -> dict[str, A
         signature = _signature(features, set(f.categorical_names()))
         info = mlflow.pyfunc.log_model(
             name="model", python_model=MODEL_CODE, artifacts={"model": str(model_path), "meta": str(meta_path)},
-            signature=signature, input_example=example, registered_model_name=spec.model.name,
-            pip_requirements=_requirements(spec),
+            signature=signature, input_example=example, pip_requirements=_requirements(spec),
         )
-        version = str(info.registered_model_version)
         # what loading will check: the code and artifacts as stored, hashed the way the loader does
         tags[registry.ARTIFACTS_TAG] = registry.stored_digest(info.model_uri, tmp)
-    registry.set_tags(cl, spec.model.name, version, tags)
+        mv, registered = _register(spec, ctx, cl, info.model_uri, lineage_key, tags, force)
+        version = str(mv.version)
+        if not registered:
+            mlflow.set_tag("daybreak.discarded_duplicate_of", version)
+    if not registered:
+        log.warning("train %s: another run registered version %s for this lineage while this one trained; "
+                    "keeping it (this run %s is a discarded duplicate)", ctx.logical_date, version, run.info.run_id)
+        return base | {"status": "exists", "rows": rows, "model_version": version, "run_id": mv.run_id,
+                       "lineage_key": lineage_key, "val_metric": _float(mv.tags.get("daybreak.val_metric")),
+                       "discarded_run_id": run.info.run_id}
     log.info("train %s: registered %s version %s (val %s=%.4f, %d rows)", ctx.logical_date, spec.model.name,
              version, metric_name, val_metric, n_fit)
     return base | {"status": "trained", "rows": rows, "model_version": version, "run_id": run.info.run_id,
                    "lineage_key": lineage_key, "val_metric": val_metric, "trials": len(trials), "forced": force}
+
+
+def _register(spec: Spec, ctx: RunContext, cl: Any, model_uri: str, lineage_key: str, tags: dict[str, str],
+              force: bool) -> tuple[Any, bool]:
+    """(version, whether this run registered it). The check for the lineage and the registration,
+    with every lineage tag at once, happen under the model's lock: two runs of one date at once
+    (a retry overlapping the run, two schedulers) train twice but register one version; the later
+    one gets the version the other registered. A forced retrain registers regardless."""
+    import mlflow
+
+    with registry.model_lock(cl, spec.model.name, owner=ctx.run_id):
+        if not force:
+            existing = registry.versions(cl, spec.model.name, {registry.LINEAGE_TAG: lineage_key})
+            if existing:
+                return existing[0], False
+        return mlflow.register_model(model_uri, spec.model.name, tags=tags), True
 
 
 def _requirements(spec: Spec) -> list[str]:
