@@ -1,17 +1,26 @@
 """One daily cycle in process: stage -> features -> train -> gate -> promote -> deploy.
 
 This is what ``daybreak run`` and ``daybreak backfill`` execute; the Airflow DAG and the Prefect
-flow run the same steps as separate tasks.
+flow run the same steps as separate tasks (and retry them with their own settings).
+
+A step that fails with a passing error (S3 or MLflow unreachable for a while, a lost Ray node) is
+run again after an exponentially growing wait; steps are idempotent per date, so a retry redoes
+only what did not finish. Errors that retrying cannot fix (``errors.is_retryable``) fail at once.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import date, timedelta
 from typing import Any
 
 from daybreak.context import RunContext
 from daybreak.deploy import deploy_model
+from daybreak.errors import is_retryable
 from daybreak.features import build_features
 from daybreak.gate import evaluate_gate, should_promote
 from daybreak.promote import promote_model, should_deploy
@@ -21,21 +30,61 @@ from daybreak.train import train_model
 
 log = logging.getLogger(__name__)
 
+
+@dataclass(frozen=True)
+class Retry:
+    """How often a step is tried and how long to wait in between: ``backoff_s``, then twice
+    that, ... at most ``max_wait_s``. Defaults ride out an outage of about half a minute;
+    ``DAYBREAK_STEP_ATTEMPTS`` and ``DAYBREAK_STEP_BACKOFF_S`` change them."""
+
+    attempts: int = 4
+    backoff_s: float = 5.0
+    max_wait_s: float = 60.0
+
+    @classmethod
+    def from_env(cls) -> Retry:
+        env = os.environ.get
+        return cls(attempts=max(1, int(env("DAYBREAK_STEP_ATTEMPTS") or cls.attempts)),
+                   backoff_s=float(env("DAYBREAK_STEP_BACKOFF_S") or cls.backoff_s))
+
+    def wait(self, attempt: int) -> float:
+        return min(self.max_wait_s, self.backoff_s * 2 ** (attempt - 1))
+
+
+def with_retry(name: str, fn: Callable[..., dict[str, Any]], spec: Spec, ctx: RunContext, retry: Retry,
+               **options: Any) -> dict[str, Any]:
+    """``fn(spec, ctx, **options)``, tried again after a passing error."""
+    attempt = 1
+    while True:
+        try:
+            return fn(spec, ctx, **options)
+        except Exception as e:
+            if attempt >= retry.attempts or not is_retryable(e):
+                raise
+            wait = retry.wait(attempt)
+            log.warning("%s %s: attempt %d of %d failed (%s: %s); retrying in %.1f s", name, ctx.logical_date,
+                        attempt, retry.attempts, type(e).__name__, str(e)[:300], wait)
+            time.sleep(wait)
+            attempt += 1
+
+
 def run_cycle(spec: Spec, ctx: RunContext, deploy: bool = True, force: bool = False,
-              dry_run: bool = False) -> dict[str, Any]:
+              dry_run: bool = False, retry: Retry | None = None) -> dict[str, Any]:
     """``force`` retrains even if the date's lineage has a version; ``dry_run`` stops after the
-    gate: promote says what it would do, nothing is promoted or deployed."""
+    gate: promote says what it would do, nothing is promoted or deployed. ``retry`` (default
+    ``Retry.from_env()``) says how each step is retried after a passing error."""
+    r = retry or Retry.from_env()
     out: dict[str, Any] = {"date": ctx.logical_date.isoformat(), "run_id": ctx.run_id}
-    out["stage"] = stage(spec, ctx)
-    out["features"] = build_features(spec, ctx)
-    out["train"] = train_model(spec, ctx, force=force)
-    out["gate"] = evaluate_gate(spec, ctx)
+    out["stage"] = with_retry("stage", stage, spec, ctx, r)
+    out["features"] = with_retry("features", build_features, spec, ctx, r)
+    out["train"] = with_retry("train", train_model, spec, ctx, r, force=force)
+    out["gate"] = with_retry("gate", evaluate_gate, spec, ctx, r)
     if should_promote(out["gate"]):
-        out["promote"] = promote_model(spec, ctx, dry_run=dry_run)
+        out["promote"] = with_retry("promote", promote_model, spec, ctx, r, dry_run=dry_run)
         if deploy and should_deploy(out["promote"]):  # not while the version waits for approval
-            out["deploy"] = deploy_model(spec, ctx)
+            out["deploy"] = with_retry("deploy", deploy_model, spec, ctx, r)
     else:  # after a reject promotion (and so deployment) never runs, as in the DAG and the flow
-        out["promote"] = not_promoted(spec, ctx, out["gate"])
+        out["promote"] = with_retry("promote", lambda s, c: not_promoted(s, c, out["gate"]), spec, ctx, r)
     out["summary"] = summarize(out)
     return out
 
