@@ -316,3 +316,71 @@ def test_approval_refused_when_champion_moved_and_reject(fresh: Path, spec) -> N
     with pytest.raises(ApprovalError, match="has no version 3 .*deleted by retention"):
         approve_model(manual, ctx, "3", "x")
     assert "daybreak-lock" not in " ".join(m.name for m in cl.search_registered_models())
+
+
+DIES_HOLDING = """
+import os, signal, sys
+from daybreak import registry
+from daybreak.context import RunContext
+cl = registry.client(RunContext.create("2013-01-02"))
+with registry.model_lock(cl, sys.argv[1], owner="doomed"):
+    print("HELD", flush=True)
+    os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+def test_a_lock_whose_holder_died_is_taken_over_at_once(fresh: Path, spec) -> None:
+    import time
+
+    cl = registry.client(_ctx("2013-01-02"))
+    proc = subprocess.run([str(BIN / "python"), "-c", DIES_HOLDING, spec.model.name], capture_output=True, text=True,
+                          timeout=120, env=os.environ.copy())
+    assert proc.returncode == -9 and "HELD" in proc.stdout, proc.stdout + proc.stderr
+    held = cl.get_registered_model(f"{spec.model.name}.daybreak-lock")  # left behind, lease still running
+    assert float(held.tags["daybreak.lock_expires"]) > time.time() + 10
+    t0 = time.monotonic()
+    with registry.model_lock(cl, spec.model.name, owner="next", wait_s=10):
+        pass
+    assert time.monotonic() - t0 < 5  # not the lease's minute: the holder's process is gone
+
+
+def test_a_live_holders_lease_is_renewed(fresh: Path, spec) -> None:
+    import threading
+    import time
+
+    cl = registry.client(_ctx("2013-01-02"))
+    got = threading.Event()
+    with registry.model_lock(cl, spec.model.name, owner="slow", lease_s=1.5):
+        def contender() -> None:
+            try:
+                with registry.model_lock(cl, spec.model.name, owner="eager", lease_s=1.5, wait_s=3):
+                    got.set()
+            except PromotionConflict:
+                pass
+        t = threading.Thread(target=contender)
+        t.start()
+        time.sleep(4)  # well past one lease: without renewal the contender would take over
+        assert not got.is_set()
+    t.join()
+
+
+def test_a_promotion_interrupted_before_its_record_is_completed_by_the_rerun(fresh: Path, spec) -> None:
+    lenient = _lenient(spec)
+    for day in ("2013-01-02", "2013-01-03"):
+        train_model(lenient, _ctx(day))
+        evaluate_gate(lenient, _ctx(day))
+    assert promote_model(lenient, _ctx("2013-01-02"))["promoted"] is True
+    cl = registry.client(_ctx("2013-01-03"))
+    cand = registry.candidate_for(cl, spec.model.name, "2013-01-03", lenient.spec_hash())
+    assert cand.tags[registry.DECISION_TAG] == PROMOTE
+    # what a SIGKILL right after the alias moved leaves: champion moved, no event, no mark
+    cl.set_registered_model_alias(spec.model.name, spec.promotion.previous_alias, "1")
+    cl.set_registered_model_alias(spec.model.name, spec.promotion.alias, str(cand.version))
+    out = promote_model(lenient, _ctx("2013-01-03"))
+    assert out["promoted"] is False and out["reason"] == "already champion"
+    promotes = [e for e in audit_events(lenient, _ctx("2013-01-03")) if e["event"] == "promote"]
+    assert [e["version"] for e in promotes] == [str(cand.version), "1"], promotes
+    assert promotes[0]["from_version"] == "1" and "rerun" in promotes[0]["reason"]
+    assert "daybreak.promoted_at" in cl.get_model_version(spec.model.name, str(cand.version)).tags
+    promote_model(lenient, _ctx("2013-01-03"))  # and only once
+    assert len([e for e in audit_events(lenient, _ctx("2013-01-03")) if e["event"] == "promote"]) == 2

@@ -60,6 +60,17 @@ def _create_experiment(cl: Any, name: str) -> str:
         return cl.get_experiment_by_name(name).experiment_id
 
 
+def has_event(spec: Spec, ctx: RunContext, event: str, version: str) -> bool:
+    """Whether the audit history holds `event` for `version`."""
+    cl = registry.client(ctx)
+    exp = cl.get_experiment_by_name(f"{spec.name}-audit")
+    if exp is None:
+        return False
+    found = cl.search_runs([exp.experiment_id], max_results=1, filter_string=(
+        f"tags.`daybreak.audit.event` = '{event}' and tags.`daybreak.audit.version` = '{version}'"))
+    return bool(found)
+
+
 def audit_events(spec: Spec, ctx: RunContext, limit: int = 1000) -> list[dict[str, Any]]:
     """The audit history, newest first."""
     registry.use_uri(ctx.tracking_uri)

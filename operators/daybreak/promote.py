@@ -48,6 +48,8 @@ def promote_model(spec: Spec, ctx: RunContext, dry_run: bool = False) -> dict[st
         return base | {"promoted": False, "reason": "no candidate for this date", "champion_version": current}
     decision = cand.tags.get(registry.DECISION_TAG)
     if current == str(cand.version):
+        if "daybreak.promoted_at" not in cand.tags and decision == PROMOTE and not dry_run:
+            _finish_record(cl, spec, ctx, str(cand.version))
         return base | {"promoted": False, "reason": "already champion", "champion_version": current,
                        "candidate_version": str(cand.version)}
     if "daybreak.promoted_at" in cand.tags:
@@ -144,10 +146,32 @@ def _move_champion(cl: Any, spec: Spec, ctx: RunContext, cand: Any, current: str
     if current is not None:
         cl.set_registered_model_alias(name, spec.promotion.previous_alias, current)
     cl.set_registered_model_alias(name, spec.promotion.alias, str(cand.version))
+    record_event(spec, ctx, "promote", str(cand.version), from_version=current, reason=reason)
+    # last: the mark that the promotion and its record are complete (see _finish_record)
     registry.set_tags(cl, name, str(cand.version), {"daybreak.promoted_at": _now(),
                                                     "daybreak.promoted_by_run": ctx.run_id,
                                                     "daybreak.replaced_version": current or "none"})
-    record_event(spec, ctx, "promote", str(cand.version), from_version=current, reason=reason)
+
+
+def _finish_record(cl: Any, spec: Spec, ctx: RunContext, version: str) -> None:
+    """A champion without ``promoted_at``: the run that moved the alias stopped (a crash) before
+    it finished recording. Record the promote event if it is missing, then the mark."""
+    from daybreak.history import has_event
+
+    name = spec.model.name
+    with registry.model_lock(cl, name, owner=ctx.run_id):
+        champ = registry.alias_version(cl, name, spec.promotion.alias)
+        if champ is None or str(champ.version) != version or "daybreak.promoted_at" in champ.tags:
+            return
+        prev = registry.alias_version(cl, name, spec.promotion.previous_alias)
+        previous = str(prev.version) if prev is not None and str(prev.version) != version else None
+        if not has_event(spec, ctx, "promote", version):
+            log.warning("promote %s: v%s is champion but its promotion was not recorded (the run that moved it "
+                        "stopped); recording it now", ctx.logical_date, version)
+            record_event(spec, ctx, "promote", version, from_version=previous,
+                         reason="recorded by a rerun: the run that moved the alias stopped before recording it")
+        registry.set_tags(cl, name, version, {"daybreak.promoted_at": _now(), "daybreak.promoted_by_run": ctx.run_id,
+                                              "daybreak.replaced_version": previous or "none"})
 
 
 def _retain(spec: Spec, ctx: RunContext) -> list[str]:
