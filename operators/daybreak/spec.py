@@ -755,23 +755,35 @@ def check_model(spec: Spec) -> None:
             raise SpecError(f"{where}{'.' + name.group(1) if name and where == 'model.params' else ''}: {e}") from None
 
 
+_XGB_PARAM_ERROR = re.compile(r"Invalid Parameter|Invalid Input|Unknown|valid values|should be (greater|less)|"
+                              r"exceed bound|expect (int|float|bool)", re.IGNORECASE)
+
+
 @functools.lru_cache(maxsize=64)
 def _check_xgb(model_json: str, where: str, extra_json: str) -> None:
     """(Cached: parsing the same spec again costs nothing.)"""
+    import warnings
+
     import numpy as np
     import xgboost as xgb
 
     m = ModelSpec.model_validate(json.loads(model_json))
+    # labels most objectives accept (0/1 to classify; in (0, 1) and positive to regress)
+    y = [0.0, 1.0] if m.task == "classification" else [0.25, 0.75]
 
     def fails(params: dict[str, Any]) -> str | None:
         params = params | {"nthread": 1}
         params.pop("num_boost_round", None)  # daybreak's, not xgboost's
         try:
-            X = np.arange(16, dtype=np.float32).reshape(8, 2)
-            d = xgb.DMatrix(X, np.array([0, 1] * 4, dtype=np.float32))
-            xgb.train(params, d, num_boost_round=1, evals=[(d, "val")], verbose_eval=False)
+            d = xgb.DMatrix(np.arange(16, dtype=np.float32).reshape(8, 2), np.array(y * 4, dtype=np.float32))
+            with warnings.catch_warnings():  # training says it again, on real rows
+                warnings.simplefilter("ignore")
+                xgb.train(params, d, num_boost_round=1, evals=[(d, "val")], verbose_eval=False)
         except (xgb.core.XGBoostError, TypeError, ValueError) as e:
-            return re.sub(r"^\[[\d:]+\] \S+:\d+: ", "", str(e).splitlines()[0])
+            msg = re.sub(r"^\[[\d:]+\] \S+:\d+: ", "", str(e).splitlines()[0])
+            # only what is wrong with a parameter: eight made-up rows may not suit an objective
+            # (ranking groups, survival bounds), which real training data will
+            return msg if _XGB_PARAM_ERROR.search(msg) else None
         return None
 
     extra = json.loads(extra_json)
