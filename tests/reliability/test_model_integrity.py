@@ -17,8 +17,8 @@ store, as someone with write access to the bucket would, one kind per trial:
 
 Then: the gate, re-run with ``force``, must refuse to load it; promote moves the alias (it reads
 the registry's record, not the files); the server must keep serving v1 with zero failed requests
-and say why on ``/health`` and in its log; batch scoring must refuse it and publish nothing (every
-trial under ``make reliability``, the first under ``make test``); the marker must never appear (no
+and say why on ``/health`` and in its log; batch scoring must refuse it and publish nothing (under
+``make reliability``: a Ray job costs 20-50 s on a busy machine); the marker must never appear (no
 tampered code ran anywhere); the store and registry invariants hold. The alias then goes back to
 v1. ``make test`` runs each kind once, ``make reliability`` twice.
 
@@ -171,9 +171,9 @@ def test_tampered_versions_are_refused(served: dict, spec, tmp_path: Path) -> No
         if f"version {v}: its code or artifacts differ" not in served["log"].read_text(errors="replace"):
             problems.append(f"the server log does not say why v{v} was refused")
 
-        # batch scoring (a Ray job: 20-50 s on a busy machine, so in the first trial only under
-        # make test) must refuse it, and publish nothing scored by it
-        if FULL or i == 0:
+        # batch scoring must refuse it, and publish nothing scored by it (a Ray job: 20-50 s on a
+        # busy 2-core machine, so under make reliability only)
+        if FULL:
             try:
                 out = batch_score(s, day3)
                 problems.append(f"batch scoring used tampered v{v}: {out}")
