@@ -26,8 +26,17 @@ name and model-version tag in clear; the artifacts: models, gate_report.html, de
 log, plus the params, tags and run names of every MLflow run and the tags, description and
 source of every model version, read through the API. A hit is the secret itself or the basic
 auth header's base64 of ``admin:<password>``. Positive controls keep the scan honest: the
-connection's host is found in Airflow's DB in clear, XCom values are found there, MLflow refuses
-requests without the password.
+connection's host is found in Airflow's DB in clear, XCom values are found there, the Ray sessions
+left logs, MLflow refuses requests without the password.
+
+Found in the DB in clear, as expected: the connections' ids, hosts and logins (the S3 access key
+id); their passwords and extras are Fernet-encrypted (``airflow db migrate`` writes a generated
+``fernet_key`` to airflow.cfg, as a production install does). Under ``dag.test`` the task logs go
+to the driver's output, which is scanned; AIRFLOW_HOME holds no log files. moto does not check
+S3 signatures, so the S3 secret is in use (every request is signed with it) but not verified.
+The MLflow app runs with its credential cache on (``auth_cache_ttl_seconds``), a documented
+production setting; without it each request pays a PBKDF2 check (over a second on a busy
+2-core machine).
 """
 
 from __future__ import annotations
@@ -219,8 +228,7 @@ def test_no_secret_anywhere(s3_server, landing: Path, spec, tmp_path: Path, ray_
         d.mkdir()
     spec_file = lenient_spec(spec, tmp_path)
     (dags / "daybreak_secrets.py").write_text(DAG)
-    # the basic-auth app's settings as in production, with its credential cache on (off, every
-    # request pays a PBKDF2 check: over a second each on a busy 2-core machine)
+    # the basic-auth app's settings, with its credential cache on (see the module docstring)
     (mlflow_dir / "auth.ini").write_text(AUTH_INI)
     # Ray's session folders (logs of every worker) in short private paths (unix sockets live there)
     ray_dirs = {k: Path(tempfile.mkdtemp(prefix=f"dbs{k[0]}", dir="/tmp")) for k in ("cli", "airflow")}
