@@ -289,16 +289,26 @@ def prefect_deploy(spec: Path = SpecOpt,
                           "serve_url": serve_url, "storage_secret": storage_secret, "mlflow_secret": mlflow_secret})
 
 
-def main() -> None:
+def _leave(code: int, hard: bool) -> None:
+    """Exit after an error; `hard`: without the interpreter's shutdown, where native thread pools
+    (xgboost's OpenMP, pyarrow's) were seen to abort it under load (SIGABRT) after the message was
+    out, turning exit 2 into -6."""
+    if not hard:
+        sys.exit(code)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    logging.shutdown()
+    os._exit(code)
+
+
+def main(hard_exit: bool = True) -> None:
+    """The console script. ``hard_exit=False`` raises SystemExit instead (for callers in process)."""
     setup_logging(verbose=os.environ.get("DAYBREAK_DEBUG") == "1")
     try:
         app(standalone_mode=False)
-    except DaybreakError as e:
+    except (DaybreakError, ValueError) as e:  # ValueError: bad dates and similar argument errors
         typer.echo(f"error: {e}", err=True)
-        sys.exit(2)
-    except ValueError as e:  # bad dates and similar argument errors
-        typer.echo(f"error: {e}", err=True)
-        sys.exit(2)
+        _leave(2, hard_exit)
     except typer.Exit as e:
         sys.exit(e.exit_code)
     except typer.Abort:

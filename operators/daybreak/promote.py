@@ -74,6 +74,10 @@ def promote_model(spec: Spec, ctx: RunContext, dry_run: bool = False) -> dict[st
         # everything again, under the lock: an override or a rollback may have landed meanwhile
         cand = cl.get_model_version(name, str(cand.version))
         decision = cand.tags.get(registry.DECISION_TAG)
+        now = registry.alias_version(cl, name, spec.promotion.alias)
+        if now is not None and str(now.version) == str(cand.version):  # a run of the same date got here first
+            return base | {"promoted": False, "reason": "already champion", "champion_version": str(now.version),
+                           "candidate_version": str(cand.version)}
         if (decision != PROMOTE or "daybreak.promoted_at" in cand.tags or "daybreak.rolled_back_at" in cand.tags
                 or cand.tags.get(APPROVAL_TAG) in (PENDING, REJECTED)):
             raise PromotionConflict(f"promote {day}: v{cand.version} changed while waiting for the lock "

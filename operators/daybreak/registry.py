@@ -188,6 +188,20 @@ def stored_digest(uri: str, scratch: str | Path) -> str:
         return artifacts_digest(loaded_files(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=tmp)))
 
 
+def _check_entry(local: str | Path, name: str, version: str) -> None:
+    """The digest covers model_code.py and artifacts/: MLmodel must load exactly those (no other
+    code file, no extra code paths), or a changed MLmodel would run code nobody hashed."""
+    import yaml
+
+    pf = (yaml.safe_load((Path(local) / "MLmodel").read_text()).get("flavors") or {}).get("python_function") or {}
+    code = pf.get("model_code_path")
+    if (pf.get("loader_module") != "mlflow.pyfunc.loaders.code_model" or code is None
+            or Path(str(code)).name != "model_code.py" or pf.get("code")):
+        raise ValueError(f"model {name} version {version}: its MLmodel loads code other than the model_code.py "
+                         f"training recorded (loader {pf.get('loader_module')!r}, model_code_path {code!r}, "
+                         f"code {pf.get('code')!r}); refusing to load")
+
+
 def load_model(ctx: RunContext, name: str, version: str) -> Any:
     """The version's pyfunc model, after checking its code and artifacts are the bytes training
     recorded in the registry (versions from before that record load unchecked)."""
@@ -201,6 +215,7 @@ def load_model(ctx: RunContext, name: str, version: str) -> Any:
     with tempfile.TemporaryDirectory(prefix="daybreak-model-") as tmp:
         local = mlflow.artifacts.download_artifacts(artifact_uri=model_uri(name, version), dst_path=tmp)
         if expected is not None:
+            _check_entry(local, name, version)
             found = artifacts_digest(loaded_files(local))
             if found != expected:
                 raise ValueError(f"model {name} version {version}: its code or artifacts differ from what training "

@@ -82,7 +82,12 @@ class FileRead:
 
 def _csv_opts(src: SourceSpec, types: dict[str, pa.DataType], ragged: list[dict[str, Any]]):
     def on_invalid(row: Any) -> str:
-        ragged.append({"line": row.number, "text": (row.text or "")[:2000],
+        # pyarrow decodes the row's text for us; bytes not in the encoding must not raise in here
+        try:
+            text = (row.text or "")[:2000]
+        except UnicodeDecodeError:
+            text = f"(not {src.encoding} text)"
+        ragged.append({"line": row.number, "text": text,
                        "reason": f"ragged: expected {row.expected_columns} fields, got {row.actual_columns}"})
         return "skip"
 
@@ -207,6 +212,11 @@ def _convert(col: pa.ChunkedArray, name: str, cs: ColumnSpec, tz: str | None) ->
 
 def _load(fr: FileRead, src: SourceSpec) -> None:
     """Read one file into typed contract columns, recording per-row type failures."""
+    if src.format in ("csv", "jsonl") and not fr.data.isascii():
+        try:  # before pyarrow parses it: its row handlers cannot report bytes outside the encoding
+            fr.data.decode(src.encoding)
+        except (UnicodeDecodeError, LookupError) as e:
+            raise FileProblem(f"not valid {src.encoding} text: {e}") from None
     table, ragged = _read_file(fr.data, src)
     fr.ragged = ragged
     missing = [c for c in src.columns if c not in table.column_names]
@@ -432,7 +442,7 @@ def _decide(name: str, src: SourceSpec, ctx: RunContext, day: Any, reads: list[F
         rule_reasons = {"type": type_reasons, **rule_reasons}
     ragged = [{**r, "file": f.name} for f in good_reads for r in f.ragged]
 
-    blocking, warnings, quarantine_parts = [], [], []
+    blocking, warnings, quarantine_parts, quarantined = [], [], [], []
     for rule, reasons in rule_reasons.items():
         count = pc.sum(pc.is_valid(reasons)).as_py() or 0
         if not count:
@@ -445,6 +455,7 @@ def _decide(name: str, src: SourceSpec, ctx: RunContext, day: Any, reads: list[F
             warnings.append(f"{rule}: {count} row(s) kept, e.g. {example!r}")
         else:
             quarantine_parts.append(reasons)
+            quarantined.append((count, f"{rule}: {count} row(s), e.g. {example!r}"))
     if ragged:
         sev = src.severity_of("ragged")
         if sev == "block":
@@ -476,8 +487,11 @@ def _decide(name: str, src: SourceSpec, ctx: RunContext, day: Any, reads: list[F
                         f"{src.quarantine.max_bad_files}: " + "; ".join(f"{b['file']}: {b['reason']}" for b in bad_files))
     frac = n_bad / rows_in if rows_in else 0.0
     if frac > src.quarantine.max_bad_row_fraction:
+        why = [text for _, text in sorted(quarantined, key=lambda c: -c[0])[:3]]
+        if ragged and src.severity_of("ragged") == "quarantine":
+            why.append(f"ragged: {len(ragged)} line(s), e.g. {ragged[0]['reason']}")
         blocking.append(f"{n_bad} of {rows_in} rows ({frac:.1%}) broke the contract > quarantine.max_bad_row_fraction "
-                        f"{src.quarantine.max_bad_row_fraction:.1%}")
+                        f"{src.quarantine.max_bad_row_fraction:.1%}" + (f" ({'; '.join(why)})" if why else ""))
 
     q_uri = None
     if n_bad or bad_files or blocking:

@@ -244,7 +244,15 @@ class Store:
         return part
 
     def abort(self, pending: PendingRun) -> None:
-        """Remove a run that will not be published (nothing points at it)."""
+        """Remove a run that will not be published (nothing points at it). A run the manifest
+        names is kept: on S3 a manifest PUT can land although its reply was lost, and then this run
+        is the partition. So is one whose manifest cannot be read now (nothing is deleted blind)."""
+        try:
+            current = self._read_json_path(posixpath.join(pending.rel_root, MANIFEST))
+        except OSError:
+            return
+        if current is not None and current.get("run") == pending.token:
+            return
         try:
             self.fs.delete_dir_contents(pending.folder, missing_dir_ok=True)
         except OSError:

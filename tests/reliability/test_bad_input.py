@@ -39,7 +39,7 @@ def run_cli(argv):
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         sys.argv = ["daybreak", *argv]
         try:
-            daybreak.cli.main()
+            daybreak.cli.main(hard_exit=False)
             code = 0
         except SystemExit as e:
             code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
