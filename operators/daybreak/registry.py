@@ -197,9 +197,10 @@ def _check_entry(local: str | Path, name: str, version: str) -> None:
     code = pf.get("model_code_path")
     if (pf.get("loader_module") != "mlflow.pyfunc.loaders.code_model" or code is None
             or Path(str(code)).name != "model_code.py" or pf.get("code")):
-        raise ValueError(f"model {name} version {version}: its MLmodel loads code other than the model_code.py "
-                         f"training recorded (loader {pf.get('loader_module')!r}, model_code_path {code!r}, "
-                         f"code {pf.get('code')!r}); refusing to load")
+        raise ValueError(f"model {name} version {version}: its code or artifacts differ from what training "
+                         f"recorded: its MLmodel loads code other than model_code.py (loader "
+                         f"{pf.get('loader_module')!r}, model_code_path {code!r}, code {pf.get('code')!r}); "
+                         "refusing to load")
 
 
 def load_model(ctx: RunContext, name: str, version: str) -> Any:
