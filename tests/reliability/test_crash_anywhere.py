@@ -388,6 +388,9 @@ def crash_rig(tmp_path: Path, landing: Path, monkeypatch: pytest.MonkeyPatch):
     home = make_home(tmp_path, landing)
     monkeypatch.setenv("DAYBREAK_HOME", str(home))
     spec_path = spec_file(tmp_path)
+    # The registry's SQLite store is created (and migrated) here, once, under daybreak's file lock,
+    # so the first forked child and this process's readers never race to create it.
+    registry.setup_tracking(RunContext.create(FIRST_DAY), load_spec(spec_path).name)
     ray_tmp = Path(tempfile.mkdtemp(prefix="dbcrash", dir="/tmp"))  # Ray's socket paths must stay short
     env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "MLFLOW_"))}
     env |= {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32), "RAY_USAGE_STATS_ENABLED": "0",
