@@ -95,9 +95,14 @@ def _artifact_location(ctx: RunContext, experiment: str) -> str | None:
 
 
 def client(ctx: RunContext) -> Any:
+    return client_at(ctx.tracking_uri)
+
+
+def client_at(uri: str) -> Any:
+    """An MlflowClient for one tracking server, which is also its model registry."""
     import mlflow
 
-    return mlflow.MlflowClient(tracking_uri=ctx.tracking_uri, registry_uri=ctx.tracking_uri)
+    return mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri)
 
 
 def alias_version(cl: Any, name: str, alias: str) -> Any | None:

@@ -101,10 +101,9 @@ class MlflowHook(BaseHook):
 
     def get_conn(self) -> Any:
         """An ``mlflow.MlflowClient`` for the tracking server, credentials configured."""
-        import mlflow
+        from daybreak.registry import client_at
 
-        uri = self.configure()
-        return mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri)
+        return client_at(self.configure())
 
     def test_connection(self) -> tuple[bool, str]:
         try:
