@@ -309,11 +309,12 @@ def apply_retention(spec: Spec, ctx: RunContext, now: datetime | None = None) ->
     return gone
 
 
-def rollback_model(spec: Spec, ctx: RunContext, reason: str) -> dict[str, Any]:
+def rollback_model(spec: Spec, ctx: RunContext, reason: str, expect: str | None = None) -> dict[str, Any]:
     """Put the previous champion back in service, and record why.
 
     The rolled-back version is tagged and never promoted again; ``previous`` moves to the version
-    the restored champion had replaced (or goes, if none).
+    the restored champion had replaced (or goes, if none). With `expect` (the monitor's), nothing
+    changes unless the champion is still that version.
     """
     if not reason or not reason.strip():
         raise PromotionConflict("rollback: a reason is required (it is recorded in the history)")
@@ -325,6 +326,8 @@ def rollback_model(spec: Spec, ctx: RunContext, reason: str) -> dict[str, Any]:
         if champ is None or prev is None:
             raise PromotionConflict(f"rollback: {name} has no {alias!r} and {prev_alias!r} to swap; nothing to roll back to")
         bad, good = str(champ.version), str(prev.version)
+        if expect is not None and bad != str(expect):
+            raise PromotionConflict(f"rollback: the champion is v{bad} now, not v{expect} as judged; nothing changed")
         before = prev.tags.get("daybreak.replaced_version", "none")
         if before not in ("none", bad):
             try:

@@ -29,6 +29,7 @@ import json
 import logging
 import threading
 import time
+import uuid
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -44,6 +45,7 @@ from fastapi.responses import JSONResponse
 
 from daybreak import registry
 from daybreak.context import RunContext
+from daybreak.predlog import PredictionLog
 from daybreak.spec import Spec
 
 log = logging.getLogger(__name__)
@@ -83,36 +85,46 @@ def fast_fields(model: Any) -> Fields | None:
     return tuple(out)
 
 
-def fast_columns(body: dict, fields: Fields) -> dict[str, Sequence] | None:
-    """The body's rows as one sequence per input column, or None to leave the body to MLflow's parser.
+def _columns_ok(given: Any, names: set[str], ids: frozenset[str]) -> bool:
+    """The signature's columns, plus any of the identity columns (logged, not given to the model)."""
+    return names <= given and (len(given) == len(names) or given - names <= ids)
+
+
+def fast_columns(body: dict, fields: Fields, ids: frozenset[str] = frozenset()) -> dict[str, Sequence] | None:
+    """The body's rows as one sequence per column, or None to leave the body to MLflow's parser.
 
     Only bodies whose frame MLflow would build to the same values are taken: one format key and
-    nothing else, exactly the signature's columns (any order), at least one row, and values of
-    the column's JSON type (None only in optional columns). The checks run as C loops (``map``,
-    ``set``): a 100-row body is about 2,000 values.
+    nothing else, exactly the signature's columns (any order) plus any of the identity columns
+    `ids`, at least one row, and values of the column's JSON type (None only in optional columns).
+    The checks run as C loops (``map``, ``set``): a 100-row body is about 2,000 values.
     """
     if len(body) != 1:
         return None
     ((fmt, data),) = body.items()
     names = [f[0] for f in fields]
+    wanted = set(names)
     try:
         if fmt == "dataframe_split":
             if type(data) is not dict or data.keys() != {"columns", "data"}:
                 return None
             columns, rows = data["columns"], data["data"]
-            if (type(columns) is not list or len(columns) != len(names) or set(columns) != set(names)
+            if (type(columns) is not list or len(set(columns)) != len(columns)
+                    or not _columns_ok(set(columns), wanted, ids)
                     or type(rows) is not list or not rows
-                    or set(map(type, rows)) != {list} or set(map(len, rows)) != {len(names)}):
+                    or set(map(type, rows)) != {list} or set(map(len, rows)) != {len(columns)}):
                 return None
             cols = dict(zip(columns, zip(*rows)))
         elif fmt == "dataframe_records" or (fmt == "inputs" and type(data) is list):
-            if (type(data) is not list or not data or set(map(type, data)) != {dict}
-                    or not all(map(eq, map(dict.keys, data), repeat(set(names))))):
+            if type(data) is not list or not data or set(map(type, data)) != {dict}:
                 return None
-            cols = dict(zip(names, zip(*map(itemgetter(*names), data)))) if len(names) > 1 else \
-                {names[0]: [r[names[0]] for r in data]}
+            given = data[0].keys()
+            if not _columns_ok(set(given), wanted, ids) or not all(map(eq, map(dict.keys, data), repeat(given))):
+                return None
+            keys = list(given)
+            cols = dict(zip(keys, zip(*map(itemgetter(*keys), data)))) if len(keys) > 1 else \
+                {keys[0]: [r[keys[0]] for r in data]}
         elif fmt == "inputs" and type(data) is dict:
-            if (data.keys() != set(names) or set(map(type, data.values())) != {list}
+            if (not _columns_ok(set(data.keys()), wanted, ids) or set(map(type, data.values())) != {list}
                     or len(set(map(len, data.values()))) != 1 or not data[names[0]]):
                 return None
             cols = data
@@ -199,6 +211,8 @@ class Job:
     columns: dict[str, Sequence] | None  # None: MLflow's parser
     rows: int
     future: asyncio.Future = field(repr=False)
+    request_id: str = ""
+    logged: bool = False  # sampled for the prediction log
 
 
 Answer = tuple[int, bytes]  # HTTP status and JSON body
@@ -229,19 +243,21 @@ class Batcher:
     """Feeds the predict thread: each free moment it takes the waiting jobs (up to
     MAX_BATCH_ROWS rows) and the current model, and answers them all from one predict call."""
 
-    def __init__(self, holder: ModelHolder):
-        self.holder = holder
+    def __init__(self, holder: ModelHolder, plog: PredictionLog | None = None):
+        self.holder, self.plog = holder, plog
+        self.ids = frozenset(holder.spec.id_columns()) if plog is not None else frozenset()
         self.pending: deque[Job] = deque()
         self.pending_rows = 0
         self._wake = asyncio.Event()
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="predict", initializer=_one_thread)
 
-    async def submit(self, body: dict) -> tuple[Answer, str]:
+    async def submit(self, body: dict, request_id: str = "") -> tuple[Answer, str]:
         """Queue a request; returns its answer and the version that answered it."""
         cur = self.holder.current
-        cols = fast_columns(body, cur.fields) if cur is not None and cur.fields else None
+        cols = fast_columns(body, cur.fields, self.ids) if cur is not None and cur.fields else None
         rows = len(next(iter(cols.values()))) if cols else 1
-        job = Job(body, cur.fields if cur else None, cols, rows, asyncio.get_running_loop().create_future())
+        job = Job(body, cur.fields if cur else None, cols, rows, asyncio.get_running_loop().create_future(),
+                  request_id, self.plog is not None and self.plog.sampled())
         self.pending.append(job)
         self.pending_rows += rows
         self._wake.set()
@@ -300,25 +316,39 @@ class Batcher:
         fast = [i for i, j in enumerate(jobs) if j.columns is not None and j.fields == cur.fields]
         if fast:
             try:
-                preds = np.asarray(cur.model.predict(batch_frame([jobs[i].columns for i in fast], cur.fields)))
+                frame = batch_frame([jobs[i].columns for i in fast], cur.fields)
+                preds = np.asarray(cur.model.predict(frame))
                 start = 0
                 for i in fast:
                     answers[i] = _predictions(preds[start:start + jobs[i].rows])
                     start += jobs[i].rows
+                self._log(cur, frame, preds, [jobs[i] for i in fast])
             except Exception:  # one request at a time, so a failure is only that request's
                 log.warning("batched predict failed; answering its %d requests one by one", len(fast), exc_info=True)
                 answers.clear()
-        return [answers[i] if i in answers else self._one(cur, job.body) for i, job in enumerate(jobs)]
+        return [answers[i] if i in answers else self._one(cur, job) for i, job in enumerate(jobs)]
 
-    @staticmethod
-    def _one(cur: Loaded, body: dict) -> Answer:
+    def _log(self, cur: Loaded, frame: Any, preds: np.ndarray, jobs: list[Job]) -> None:
+        """Hand the sampled requests of a batch to the prediction log (a queue append)."""
+        if self.plog is None or not any(j.logged for j in jobs):
+            return
+        if not all(j.logged for j in jobs):
+            keep = np.concatenate([np.full(j.rows, j.logged) for j in jobs])
+            frame, preds, jobs = frame[keep].reset_index(drop=True), preds[keep], [j for j in jobs if j.logged]
+        ids = [{k: j.columns[k] for k in self.ids if k in j.columns} or None if j.columns else None for j in jobs]
+        self.plog.record(cur.version, frame, preds, [(j.request_id, j.rows, c) for j, c in zip(jobs, ids)])
+
+    def _one(self, cur: Loaded, job: Job) -> Answer:
         """A request through MLflow's parser, with its errors as 400s."""
         from mlflow.exceptions import MlflowException
         from mlflow.pyfunc.scoring_server import infer_and_parse_data
 
         try:
-            frame = infer_and_parse_data(body, cur.model.metadata.get_input_schema())
-            return _predictions(cur.model.predict(frame))
+            frame = infer_and_parse_data(job.body, cur.model.metadata.get_input_schema())
+            preds = np.asarray(cur.model.predict(frame))
+            if self.plog is not None and job.logged:
+                self._log_parsed(cur, frame, preds, job)
+            return _predictions(preds)
         except MlflowException as e:
             return 400, _json({"detail": e.message})
         except (ValueError, KeyError, TypeError) as e:
@@ -327,8 +357,28 @@ class Batcher:
             log.exception("prediction failed")
             return 500, _json({"detail": f"prediction failed: {type(e).__name__}: {e}"})
 
+    def _log_parsed(self, cur: Loaded, frame: Any, preds: np.ndarray, job: Job) -> None:
+        """Log a request MLflow's parser read (its frame may carry the identity columns)."""
+        names = [n for n in cur.model.metadata.get_input_schema().input_names() if n in frame.columns]
+        if len(preds) != len(frame) or not names:
+            return
+        ids = {k: frame[k].tolist() for k in self.ids if k in frame.columns} or None
+        self.plog.record(cur.version, frame[names].reset_index(drop=True), preds.reshape(len(frame), -1)[:, 0],
+                         [(job.request_id, len(frame), ids)])
+
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _request_id(scope: dict) -> str:
+    """The client's X-Request-Id (printable, at most 128 characters), else a new one."""
+    for k, v in scope["headers"]:
+        if k == b"x-request-id":
+            rid = v.decode("latin-1")
+            if 0 < len(rid) <= 128 and rid.isprintable():
+                return rid
+            break
+    return uuid.uuid4().hex
 
 
 def _parse_body(raw: bytes) -> Any:
@@ -349,6 +399,7 @@ def create_app(spec: Spec, ctx: RunContext, token: str | None = None, freeze_gc:
     walks every object of mlflow, pandas and the model (about 0.5 s with every thread stopped);
     frozen after start-up and after each load, they are never walked again."""
     holder = ModelHolder(spec, ctx, freeze_gc)
+    plog = PredictionLog(spec, ctx.store) if spec.monitoring.log.sample_rate > 0 else None
     registry.setup_tracking(ctx, spec.name)
     try:
         holder.refresh()
@@ -361,7 +412,7 @@ def create_app(spec: Spec, ctx: RunContext, token: str | None = None, freeze_gc:
         if freeze_gc:
             gc.collect()
             gc.freeze()
-        batcher = Batcher(holder)
+        batcher = Batcher(holder, plog)
         app.state.batcher = batcher
         task = asyncio.create_task(batcher.run(), name="predict-batches")
         # The poll runs on its own thread, never the predict thread: a registry that hangs (MLflow
@@ -372,9 +423,12 @@ def create_app(spec: Spec, ctx: RunContext, token: str | None = None, freeze_gc:
         holder.stop()
         task.cancel()
         batcher.close()
+        if plog is not None:
+            plog.close()  # what waits for the writer is written before the process ends
 
     api = FastAPI(title="daybreak", version="1", lifespan=lifespan)
     api.state.holder = holder
+    api.state.plog = plog
     expected = f"Bearer {token}".encode() if token else None
 
     @api.get("/ping")
@@ -393,6 +447,7 @@ def create_app(spec: Spec, ctx: RunContext, token: str | None = None, freeze_gc:
             "version": cur.version if cur else None,
             "loaded_at": cur.loaded_at if cur else None,
             "last_error": holder.last_error,
+            "prediction_log": plog.stats() if plog is not None else None,
         }, status_code=200 if cur else 503)
 
     @api.get("/version")
@@ -400,7 +455,7 @@ def create_app(spec: Spec, ctx: RunContext, token: str | None = None, freeze_gc:
         cur = holder.current
         return {"model": spec.model.name, "alias": spec.promotion.alias, "version": cur.version if cur else None}
 
-    async def answer(scope: dict, receive: Callable) -> tuple[int, bytes, str | None]:
+    async def answer(scope: dict, receive: Callable, request_id: str) -> tuple[int, bytes, str | None]:
         """Status, JSON body and serving version of one POST /invocations."""
         if expected and not hmac.compare_digest(dict(scope["headers"]).get(b"authorization", b""), expected):
             return 401, _json({"detail": "missing or wrong bearer token"}), None
@@ -422,7 +477,7 @@ def create_app(spec: Spec, ctx: RunContext, token: str | None = None, freeze_gc:
             return 400, _json({"detail": "body is not valid JSON"}), None
         if not isinstance(body, dict):
             return 400, _json({"detail": f"body must be an object with one of {', '.join(FORMATS)}"}), None
-        (status, payload), served = await api.state.batcher.submit(body)
+        (status, payload), served = await api.state.batcher.submit(body, request_id)
         return status, payload, served if status == 200 else None
 
     async def app(scope: dict, receive: Callable, send: Callable) -> None:
@@ -430,8 +485,10 @@ def create_app(spec: Spec, ctx: RunContext, token: str | None = None, freeze_gc:
         request machinery costs about as much per request as a one-row body's share of a batch."""
         if scope["type"] != "http" or scope["path"] != "/invocations" or scope["method"] != "POST":
             return await api(scope, receive, send)
-        status, payload, served = await answer(scope, receive)
-        headers = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(payload))]
+        request_id = _request_id(scope)
+        status, payload, served = await answer(scope, receive, request_id)
+        headers = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(payload)),
+                   (b"x-request-id", request_id.encode())]
         if status == 503:
             headers.append((b"retry-after", b"1"))
         if served is not None:

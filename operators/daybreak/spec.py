@@ -536,6 +536,76 @@ class ServingSpec(_Model):
     poll_seconds: float = Field(5.0, gt=0)
 
 
+class PredictionLogSpec(_Model):
+    """What ``daybreak serve`` records of the requests it answers (``predlog/<model>/date=D/``)."""
+
+    sample_rate: float = Field(1.0, ge=0, le=1, description="share of requests logged, whole requests; 0: no log")
+    id_columns: list[str] | None = Field(
+        None, description="row identity a request may carry next to the features, logged (not given to the "
+                          "model) so labels can be joined later; default: features.keys and event_time")
+    flush_seconds: float = Field(5.0, gt=0, le=3600, description="the writer thread writes at least this often")
+    flush_rows: int = Field(100_000, ge=1, description="... or as soon as this many rows wait")
+    max_pending_rows: int = Field(2_000_000, ge=1000, description="past this, predictions are dropped from the "
+                                  "log (counted in /health), never slowing requests")
+    retention_days: int | None = Field(30, ge=1, description="monitoring deletes log partitions older than this")
+
+
+class LiveRollbackSpec(_Model):
+    """When the monitor moves the champion back to ``previous``."""
+
+    enabled: bool = True
+    floor: float | None = Field(None, description="live bound on the monitoring metric (default: gate.floor)")
+    margin: float = Field(0.0, ge=0, description="roll back when the champion is worse than previous by more "
+                                                "than this with confidence (the upper end of the interval)")
+    level: float = Field(0.95, gt=0.5, lt=1.0)
+    resamples: int = Field(1000, ge=100, le=100_000)
+    seed: int = 0
+    min_rows: int = Field(200, ge=1, description="labelled live rows of the champion needed to act")
+
+
+class LiveDriftSpec(_Model):
+    """Population stability index of each served feature against the champion's training data."""
+
+    warn_psi: float = Field(0.25, gt=0)
+    block_psi: float | None = Field(None, gt=0, description="above this the monitor stops the day's run")
+    bins: int = Field(10, ge=2, le=100)
+    sample_rows: int = Field(100_000, ge=1000, description="rows sampled from each side")
+    features: list[str] | None = Field(None, description="default: every feature")
+    window_days: int | None = Field(None, ge=1, le=366, description="days of served inputs ending on the date, "
+                                    "compared with the training window (default: training.window_days; a single "
+                                    "day differs from a week in day-level features such as the weekday)")
+
+    @model_validator(mode="after")
+    def _ordered(self) -> LiveDriftSpec:
+        if self.block_psi is not None and self.block_psi < self.warn_psi:
+            raise ValueError(f"block_psi {self.block_psi} is below warn_psi {self.warn_psi}")
+        return self
+
+
+class NotifySpec(_Model):
+    """Where the monitor reports a rollback, a blocking drift or a champion below its floor."""
+
+    webhook: str | None = Field(None, description="URL to POST a JSON event to")
+    webhook_env: str | None = Field(None, description="environment variable holding the URL (keeps tokens in "
+                                                      "URLs out of the spec)")
+
+    @field_validator("webhook")
+    @classmethod
+    def _url(cls, v: str | None) -> str | None:
+        if v is not None and not re.match(r"https?://[^/\s]+", v):
+            raise ValueError(f"{v!r} is not an http(s) URL")
+        return v
+
+
+class MonitoringSpec(_Model):
+    log: PredictionLogSpec = PredictionLogSpec()
+    metric: GateMetric | None = Field(None, description="the live metric rollback judges (default: gate.metric)")
+    slices: list[str] | None = Field(None, description="columns to report live quality by (default: gate.slices)")
+    rollback: LiveRollbackSpec = LiveRollbackSpec()
+    drift: LiveDriftSpec | None = LiveDriftSpec()
+    notify: NotifySpec = NotifySpec()
+
+
 class Spec(_Model):
     name: str
     sources: dict[str, SourceSpec]
@@ -545,6 +615,7 @@ class Spec(_Model):
     gate: GateSpec = GateSpec()
     promotion: PromotionSpec = PromotionSpec()
     serving: ServingSpec = ServingSpec()
+    monitoring: MonitoringSpec = MonitoringSpec()
 
     @model_validator(mode="after")
     def _references(self) -> Spec:
@@ -623,6 +694,20 @@ class Spec(_Model):
         for i, col in enumerate((g.data_checks.drift.features if g.data_checks.drift else None) or []):
             if col not in names:
                 raise ValueError(f"gate.data_checks.drift.features[{i}]: {col!r} is not a feature")
+        mon = self.monitoring
+        if mon.metric is not None and mon.metric not in allowed:
+            raise ValueError(f"monitoring.metric: {mon.metric!r} is not a {self.model.task} metric; use one of "
+                             f"{list(allowed)}")
+        for i, col in enumerate(mon.slices or []):
+            if col not in carried:
+                raise ValueError(f"monitoring.slices[{i}]: {col!r} is not a feature or key; features are {names}")
+        for i, col in enumerate((mon.drift.features if mon.drift else None) or []):
+            if col not in names:
+                raise ValueError(f"monitoring.drift.features[{i}]: {col!r} is not a feature")
+        for i, col in enumerate(mon.log.id_columns or []):
+            if col not in [*f.keys, "event_time"]:
+                raise ValueError(f"monitoring.log.id_columns[{i}]: {col!r} is not a key or event_time; labels are "
+                                 f"joined on those (keys are {f.keys})")
         # Expressions are checked against the columns they may use, so typos fail now.
         from daybreak.expr import check_expression
 
@@ -641,7 +726,20 @@ class Spec(_Model):
     def spec_hash(self) -> str:
         # Who approves a promotion does not shape the model: switching to manual approval keeps
         # the date's candidate (and every spec hash written before the field existed).
-        return _hash(self.model_dump(mode="json", exclude={"promotion": {"approval"}}))
+        # Monitoring does not shape the model either.
+        return _hash(self.model_dump(mode="json", exclude={"promotion": {"approval"}, "monitoring": True}))
+
+    def id_columns(self) -> list[str]:
+        """The row identity a served request may carry (logged, for joining labels later)."""
+        ids = self.monitoring.log.id_columns
+        return list(ids) if ids is not None else [*self.features.keys, "event_time"]
+
+    def live_metric(self) -> str:
+        return self.monitoring.metric or self.gate.metric
+
+    def live_floor(self) -> float | None:
+        r = self.monitoring.rollback
+        return r.floor if r.floor is not None else self.gate.floor
 
     def feature_version(self) -> str:
         """Identity of everything that shapes the feature table (sources + features), not the model."""

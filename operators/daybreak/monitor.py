@@ -1,0 +1,435 @@
+"""Monitor: the model in service, judged on what it actually served, once the labels are in.
+
+For a logical date D (run after D's data was staged and its features built, before retraining):
+
+1. **Live quality.** The prediction log's rows for D (``predlog.py``; partitions D-1..D+1, so a
+   client's clock or time zone cannot hide a row) and the date's batch predictions (``score.py``) are
+   joined with D's labels, which arrived with D's staged data (the feature partition holds them),
+   on the row identity (``monitoring.log.id_columns``). The gate's metrics are computed per
+   source (online, batch) and model version, and per slice.
+2. **Drift.** The population stability index of every feature, served inputs (the log's days
+   ``monitoring.drift.window_days`` up to D, default the training window's length) against the
+   champion's training window, on seeded samples of at most
+   ``monitoring.drift.sample_rows`` rows a side (the PSI of 10 bins is stable far below that).
+   Above ``warn_psi``: a warning; above ``block_psi``: the step fails after recording, so nothing
+   is trained or promoted on inputs the model never saw until a person looks.
+3. **Automatic rollback.** On the champion's labelled rows, ``previous`` scores the very inputs the
+   champion was given, and a paired bootstrap (the gate's machinery) gives the interval of the
+   champion's gain over it. The champion is rolled back when its live metric is below the floor
+   (``monitoring.rollback.floor``, default ``gate.floor``) and ``previous`` does not share the
+   problem on those rows, or when the whole interval lies below ``-margin`` (clearly worse).
+   The rollback is the ordinary one (lock, audit event, the server follows the alias), and only
+   if the champion is still the version judged.
+
+Everything is recorded: an MLflow run per monitoring (experiment ``<spec>-monitor``: metrics per
+version and slice, drift, ``monitor.json``), an audit event (``monitor``; ``rollback`` when it
+acted), and a notification (``monitoring.notify``) for a rollback, a champion below its floor that
+could not be rolled back, or a blocking drift.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import re
+import tempfile
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from daybreak import metrics, registry
+from daybreak.context import RunContext
+from daybreak.errors import DaybreakError, MissingInputError
+from daybreak.spec import Spec
+
+log = logging.getLogger(__name__)
+
+BATCH = "batch"
+MAX_BOOTSTRAP_ROWS = 200_000  # a seeded subsample beyond this: the interval only widens (more cautious)
+
+
+class DriftBlocked(DaybreakError):
+    """Served inputs drifted past ``monitoring.drift.block_psi``; recorded, nothing else runs."""
+
+
+def monitor_experiment(spec: Spec) -> str:
+    return f"{spec.name}-monitor"
+
+
+# --- reading and joining ------------------------------------------------------------------------
+
+def _canonical(s: Any, like: Any) -> Any:
+    """Values of an identity column in one comparable form: numbers as float, times as UTC
+    nanoseconds, everything else as text (the log keeps what the client sent, as text)."""
+    import pandas as pd
+
+    if isinstance(like.dtype, pd.DatetimeTZDtype) or pd.api.types.is_datetime64_any_dtype(like.dtype):
+        if pd.api.types.is_datetime64_any_dtype(s.dtype):
+            out = pd.to_datetime(s, utc=True)
+        else:
+            out = pd.to_datetime(s.astype("string"), utc=True, errors="coerce", format="ISO8601")
+        return out.astype("datetime64[ns, UTC]")
+    if pd.api.types.is_numeric_dtype(like.dtype):
+        return pd.to_numeric(s, errors="coerce").astype("float64")
+    return s.astype("string")
+
+
+def _labelled(spec: Spec, ctx: RunContext) -> Any:
+    """D's feature rows: identity, label, features (the labels arrived with D's staged data)."""
+    from daybreak.features import read_features
+
+    t, _, missing = read_features(spec, ctx, [ctx.logical_date])
+    if t is None:
+        raise MissingInputError(f"monitor: no feature partition for {ctx.logical_date} (it holds the labels); "
+                                "run the stage and features steps first")
+    return t.to_pandas()
+
+
+def _online(spec: Spec, ctx: RunContext) -> tuple[Any, Any]:
+    """The log's rows around D (for the join), and the served inputs of the drift window ending on D."""
+    from daybreak.predlog import read_log
+
+    d = ctx.logical_date
+    near = read_log(spec, ctx.store, [d - timedelta(days=1), d, d + timedelta(days=1)])
+    c = spec.monitoring.drift
+    served = None
+    if c is not None:
+        n = c.window_days or spec.training.window_days
+        names = c.features or spec.features.feature_names()
+        served = read_log(spec, ctx.store, [d - timedelta(days=k) for k in range(n - 1, -1, -1)], columns=names)
+    return (None if near is None else near.to_pandas()), (None if served is None else served.to_pandas())
+
+
+def _batch(spec: Spec, ctx: RunContext) -> Any:
+    from daybreak.score import prediction_zone
+
+    part = ctx.store.partition(prediction_zone(spec), ctx.logical_date)
+    if part is None:
+        return None
+    import pyarrow.parquet as pq
+
+    import pyarrow as pa
+
+    t = pa.concat_tables([pq.read_table(f, filesystem=ctx.store.fs) for f in part.files])
+    return t.to_pandas()
+
+
+def joined_rows(spec: Spec, ctx: RunContext, labelled: Any, online: Any, batch: Any) -> Any:
+    """Every logged prediction of D that has its label: identity, label, source, model_version,
+    prediction, the features the model was given, and the slice columns."""
+    import pandas as pd
+
+    f = spec.features
+    label, names = f.label.name, f.feature_names()
+    ids = [c for c in spec.id_columns() if c in labelled.columns]
+    slices = [c for c in _slice_columns(spec) if c in labelled.columns]
+    frames = []
+    if online is not None and ids and all(c in online.columns for c in ids):
+        left = online.copy()
+        right = labelled[list(dict.fromkeys([*ids, label, *[c for c in slices if c not in online.columns]]))].copy()
+        for c in ids:
+            left[c], right[c] = _canonical(left[c], labelled[c]), _canonical(right[c], labelled[c])
+        m = left.dropna(subset=ids).merge(right, on=ids, how="inner")
+        m["source"] = m["source"].fillna("online")
+        frames.append(m)
+    elif online is not None:
+        log.warning("monitor %s: the logged requests carry no %s; labels cannot be joined (drift only)",
+                    ctx.logical_date, ids or spec.id_columns())
+    if batch is not None:
+        keys = [c for c in [*f.keys, "event_time"] if c in batch.columns and c in labelled.columns]
+        right = labelled[list(dict.fromkeys([*keys, label, *names, *slices]))]
+        m = batch[[*keys, "prediction", "model_version"]].merge(right, on=keys, how="inner")
+        m["source"] = BATCH
+        frames.append(m)
+    if not frames:
+        return None
+    out = pd.concat(frames, ignore_index=True)
+    key = [c for c in ids if c in out.columns] or [c for c in f.keys if c in out.columns]
+    # a request sent twice (a client's retry) counts once per version and source
+    return out.drop_duplicates(subset=[*key, "source", "model_version"], keep="last").reset_index(drop=True)
+
+
+def _slice_columns(spec: Spec) -> list[str]:
+    return list(spec.monitoring.slices if spec.monitoring.slices is not None else spec.gate.slices.columns)
+
+
+# --- live quality ---------------------------------------------------------------------------
+
+def _scores(spec: Spec, y: np.ndarray, pred: np.ndarray) -> dict[str, float]:
+    return {m: metrics.evaluate(m, y, pred, spec.gate.threshold) for m in metrics.metrics_for(spec.model.task)}
+
+
+def live_quality(spec: Spec, rows: Any) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Metrics per (source, version), and per slice of each."""
+    label = spec.features.label.name
+    min_rows = spec.gate.slices.min_rows
+    per_version, per_slice = [], []
+    for (source, version), g in rows.groupby(["source", "model_version"], sort=True):
+        y, p = g[label].to_numpy(np.float64), g["prediction"].to_numpy(np.float64)
+        per_version.append({"source": source, "version": str(version), "rows": len(g),
+                            "label_mean": float(y.mean()) if len(y) else math.nan, "metrics": _scores(spec, y, p)})
+        for col in _slice_columns(spec):
+            if col not in g.columns:
+                continue
+            for value, s in g.groupby(g[col].astype("string").fillna("(null)"), sort=True):
+                if len(s) < min_rows:
+                    continue
+                per_slice.append({"source": source, "version": str(version), "column": col, "value": str(value),
+                                  "rows": len(s), "metrics": _scores(spec, s[label].to_numpy(np.float64),
+                                                                     s["prediction"].to_numpy(np.float64))})
+    return per_version, per_slice
+
+
+# --- drift ------------------------------------------------------------------------------------
+
+def served_drift(spec: Spec, ctx: RunContext, served: Any, champion_tags: dict[str, str]) -> tuple[str, list[dict[str, Any]]]:
+    """PSI per feature, served inputs vs the champion's training window; ('pass'|'warn'|'block'|'skip', rows)."""
+    from daybreak.datachecks import _Days, psi, window_days
+
+    c = spec.monitoring.drift
+    if c is None or served is None or not len(served):
+        return "skip", []
+    days = window_days(champion_tags)
+    names = [n for n in (c.features or spec.features.feature_names()) if n in served.columns]
+    if not days or not names:
+        return "skip", []
+    expected = _Days(spec, ctx, names, max(100, c.sample_rows // len(days)), c.bins).window(days)
+    if expected is None or not len(expected["sample"]):
+        return "skip", []
+    if len(served) > c.sample_rows:
+        served = served.sample(n=c.sample_rows, random_state=0)
+    categorical = set(spec.features.categorical_names())
+    out = []
+    for n in names:
+        v = psi(expected["sample"][n], served[n], c.bins, n in categorical)
+        out.append({"feature": n, "psi": v, "verdict": "block" if c.block_psi is not None and v > c.block_psi
+                    else "warn" if v > c.warn_psi else "pass"})
+    out.sort(key=lambda r: -r["psi"])
+    worst = "block" if any(r["verdict"] == "block" for r in out) else "warn" if any(
+        r["verdict"] == "warn" for r in out) else "pass"
+    return worst, out
+
+
+# --- rollback -------------------------------------------------------------------------------
+
+def judge_champion(spec: Spec, ctx: RunContext, rows: Any, champion: str, previous: str | None) -> dict[str, Any]:
+    """Whether the champion's live rows call for a rollback to `previous` (see the module docstring)."""
+    r = spec.monitoring.rollback
+    metric, floor = spec.live_metric(), spec.live_floor()
+    hib = metrics.DIRECTION[metric]
+    mine = rows[rows["model_version"].astype(str) == champion]
+    out: dict[str, Any] = {"metric": metric, "champion_version": champion, "previous_version": previous,
+                           "rows": len(mine), "floor": floor, "rollback": False, "reasons": [], "alerts": []}
+    if len(mine) < r.min_rows:
+        out["reasons"].append(f"{len(mine)} labelled live rows of v{champion} < monitoring.rollback.min_rows="
+                              f"{r.min_rows}: not judged")
+        return out
+    if len(mine) > MAX_BOOTSTRAP_ROWS:
+        mine = mine.sample(n=MAX_BOOTSTRAP_ROWS, random_state=r.seed)
+    y = mine[spec.features.label.name].to_numpy(np.float64)
+    served = mine["prediction"].to_numpy(np.float64)
+    value = metrics.evaluate(metric, y, served, spec.gate.threshold)
+    out["champion_metric"] = value
+    below = floor is not None and math.isfinite(value) and (value < floor if hib else value > floor)
+    prev_value = None
+    if previous is not None:
+        model = registry.load_model(ctx, spec.model.name, previous)
+        theirs = np.asarray(model.predict(mine[spec.features.feature_names()].reset_index(drop=True)), np.float64)
+        prev_value = metrics.evaluate(metric, y, theirs, spec.gate.threshold)
+        boot = metrics.paired_bootstrap(metric, y, served, theirs, resamples=r.resamples, level=r.level,
+                                        seed=r.seed, threshold=spec.gate.threshold)
+        out["previous_metric"] = prev_value
+        out["bootstrap"] = {k: v for k, v in boot.items() if k != "gains"}
+        clearly_worse = math.isfinite(boot["high"]) and boot["high"] < -r.margin
+        if clearly_worse:
+            out["reasons"].append(
+                f"live {metric} of v{champion} {value:.4f} vs {prev_value:.4f} for v{previous} on the same "
+                f"{len(mine)} rows: the {r.level:.0%} interval of the gain [{boot['low']:.4f}, {boot['high']:.4f}] "
+                f"lies below -{r.margin:g}")
+        prev_below = floor is not None and math.isfinite(prev_value) and (
+            prev_value < floor if hib else prev_value > floor)
+        if below and not prev_below:
+            out["reasons"].append(f"live {metric} of v{champion} {value:.4f} is {'below' if hib else 'above'} "
+                                  f"the floor {floor:g} ({len(mine)} rows); v{previous} has {prev_value:.4f}")
+        elif below:
+            out["alerts"].append(f"live {metric} of v{champion} {value:.4f} is past the floor {floor:g}, and so is "
+                                 f"v{previous} on the same rows ({prev_value:.4f}): the inputs, not the model, look "
+                                 "at fault; not rolled back")
+        out["rollback"] = bool(r.enabled and (clearly_worse or (below and not prev_below)))
+        if (clearly_worse or (below and not prev_below)) and not r.enabled:
+            out["alerts"].append("monitoring.rollback.enabled is false: not rolled back")
+    elif below:
+        out["alerts"].append(f"live {metric} of v{champion} {value:.4f} is past the floor {floor:g}; there is no "
+                             f"{spec.promotion.previous_alias!r} version to roll back to")
+    return out
+
+
+# --- recording and notifying ---------------------------------------------------------------
+
+def _key(*parts: str) -> str:
+    """An MLflow metric key (letters, digits, _ - . / space and : only)."""
+    return "/".join(re.sub(r"[^\w\-. :]", "_", str(p)) for p in parts)
+
+
+def _record_run(spec: Spec, ctx: RunContext, result: dict[str, Any]) -> str:
+    import mlflow
+
+    registry.setup_tracking(ctx, monitor_experiment(spec))
+    day = ctx.logical_date.isoformat()
+    values: dict[str, float] = {}
+    for v in result["versions"]:
+        values[_key("live", v["source"], f"v{v['version']}", "rows")] = v["rows"]
+        for m, x in v["metrics"].items():
+            values[_key("live", v["source"], f"v{v['version']}", m)] = x
+    for s in result["slices"]:
+        for m, x in s["metrics"].items():
+            values[_key("slice", s["source"], f"v{s['version']}", s["column"], s["value"], m)] = x
+    for d in result["drift"]:
+        values[_key("drift", "psi", d["feature"])] = d["psi"]
+    with mlflow.start_run(run_name=f"monitor-{day}") as run:
+        mlflow.set_tags({"daybreak.monitor.date": day, "daybreak.monitor.action": result["action"],
+                         "daybreak.monitor.champion_version": result["champion_version"] or "none",
+                         "daybreak.monitor.drift": result["drift_verdict"],
+                         "daybreak.monitor.reasons": "; ".join(result["reasons"] + result["alerts"])[:4000] or "-",
+                         "daybreak.run_context": ctx.run_id})
+        finite = {k: float(x) for k, x in values.items() if x is not None and math.isfinite(x)}
+        for i in range(0, len(finite), 500):
+            mlflow.log_metrics(dict(list(finite.items())[i:i + 500]))
+        with tempfile.TemporaryDirectory() as tmp:
+            p = Path(tmp) / "monitor.json"
+            p.write_text(json.dumps(result, indent=2, default=str))
+            mlflow.log_artifact(str(p))
+        return run.info.run_id
+
+
+def notify(spec: Spec, event: dict[str, Any]) -> bool:
+    """POST `event` as JSON to the spec's webhook; True if it answered 2xx. Never raises: a
+    notification that fails is logged, and what it reports is recorded anyway."""
+    import urllib.request
+
+    n = spec.monitoring.notify
+    url = n.webhook or (os.environ.get(n.webhook_env) if n.webhook_env else None)
+    if not url:
+        return False
+    req = urllib.request.Request(url, data=json.dumps(event, default=str).encode(), method="POST",
+                                 headers={"Content-Type": "application/json", "User-Agent": "daybreak"})
+    try:
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            ok = 200 <= resp.status < 300
+    except Exception as e:  # the URL may hold a token: name only the host
+        from urllib.parse import urlsplit
+
+        log.warning("monitor: notification to %s failed: %s", urlsplit(url).hostname, type(e).__name__)
+        return False
+    return ok
+
+
+# --- the step -------------------------------------------------------------------------------
+
+def monitor_model(spec: Spec, ctx: RunContext) -> dict[str, Any]:
+    """Live quality, drift and (when called for) an automatic rollback for the logical date."""
+    from daybreak.history import record_event
+    from daybreak.predlog import prune
+    from daybreak.promote import rollback_model
+
+    name, day = spec.model.name, ctx.logical_date.isoformat()
+    base: dict[str, Any] = {"step": "monitor", "date": day, "model": name}
+    registry.setup_tracking(ctx, spec.name)
+    cl = registry.client(ctx)
+    champ = registry.alias_version(cl, name, spec.promotion.alias)
+    prev = registry.alias_version(cl, name, spec.promotion.previous_alias)
+    champion, previous = (None if champ is None else str(champ.version)), (None if prev is None else str(prev.version))
+    pruned = prune(spec, ctx.store, ctx.logical_date)
+    online, served = _online(spec, ctx)
+    batch = _batch(spec, ctx)
+    if online is None and batch is None:
+        log.info("monitor %s: no predictions logged or batch-scored for this date; nothing to judge", day)
+        return base | {"action": "none", "champion_version": champion, "rows_logged": 0, "rows_labelled": 0,
+                       "reason": "no predictions logged or batch-scored for this date", "pruned": pruned}
+    labelled = _labelled(spec, ctx)
+    rows = joined_rows(spec, ctx, labelled, online, batch)
+    versions, slices = live_quality(spec, rows) if rows is not None and len(rows) else ([], [])
+    drift_verdict, drift = ("skip", []) if champ is None else served_drift(spec, ctx, served, dict(champ.tags))
+    verdict: dict[str, Any] = {"rollback": False, "reasons": [], "alerts": []}
+    if champion is not None and rows is not None and len(rows):
+        verdict = judge_champion(spec, ctx, rows, champion, previous)
+    result = base | {
+        "champion_version": champion, "previous_version": previous, "metric": spec.live_metric(),
+        "rows_logged": 0 if online is None else len(online), "rows_batch": 0 if batch is None else len(batch),
+        "rows_labelled": 0 if rows is None else len(rows), "versions": versions, "slices": slices,
+        "drift_verdict": drift_verdict, "drift": drift, "judgement": {k: v for k, v in verdict.items()},
+        "reasons": list(verdict["reasons"]), "alerts": list(verdict["alerts"]), "warnings": [], "pruned": pruned,
+        "action": "none", "rollback": None}
+    if drift_verdict in ("warn", "block"):
+        bad = [f"{d['feature']} {d['psi']:.3f}" for d in drift if d["verdict"] in ("warn", "block")]
+        msg = f"served inputs drifted from v{champion}'s training data ({drift_verdict}): PSI {', '.join(bad[:10])}"
+        if drift_verdict == "block":
+            result["alerts"].append(msg)
+        else:
+            result["warnings"].append(msg)
+            log.warning("monitor %s: %s", day, msg)
+    if verdict["rollback"]:
+        reason = "automatic, live quality on " + day + ": " + "; ".join(verdict["reasons"])
+        try:
+            result["rollback"] = rollback_model(spec, ctx, reason, expect=champion)
+            result["action"] = "rollback"
+        except DaybreakError as e:  # moved meanwhile (a promotion, a person's rollback): theirs stands
+            result["alerts"].append(f"not rolled back: {e}")
+            log.warning("monitor %s: %s", day, e)
+    elif result["alerts"]:
+        result["action"] = "alert"
+    for v in versions:
+        log.info("monitor %s: %s v%s on %d labelled rows: %s", day, v["source"], v["version"], v["rows"],
+                 ", ".join(f"{m}={x:.4f}" for m, x in v["metrics"].items() if math.isfinite(x)))
+    result["run_id"] = _record_run(spec, ctx, result)
+    summary = "; ".join(f"{v['source']} v{v['version']} {spec.live_metric()}="
+                        f"{v['metrics'].get(spec.live_metric(), math.nan):.4f} ({v['rows']} rows)" for v in versions)
+    record_event(spec, ctx, "monitor", champion, reason=(summary or "no labelled live rows") + (
+        f"; action: {result['action']}" + (": " + "; ".join(result["alerts"]) if result["alerts"] else "")))
+    if result["action"] != "none" or drift_verdict == "block":
+        event = {"event": f"daybreak.model.{ {'rollback': 'rolled_back'}.get(result['action'], 'alert') }",
+                 "model": name, "date": day, "champion_version": champion,
+                 "rolled_back_version": champion if result["action"] == "rollback" else None,
+                 "now_serving": (result["rollback"] or {}).get("champion_version", champion),
+                 "reasons": result["reasons"], "alerts": result["alerts"], "drift": drift_verdict,
+                 "monitor_run_id": result["run_id"]}
+        result["notification"] = event
+        result["notified"] = notify(spec, event)
+    if drift_verdict == "block":
+        raise DriftBlocked(f"monitor {day}: " + "; ".join(a for a in result["alerts"] if "drifted" in a)
+                           + f" (above monitoring.drift.block_psi={spec.monitoring.drift.block_psi}); recorded in "
+                           f"run {result['run_id']}. Nothing after monitoring runs today.")
+    log.log(logging.WARNING if result["action"] != "none" else logging.INFO, "monitor %s: action %s%s", day,
+            result["action"], (": " + "; ".join(result["reasons"] + result["alerts"])) if result["action"] != "none" else "")
+    return result
+
+
+def live_history(spec: Spec, ctx: RunContext, limit: int = 365) -> list[dict[str, Any]]:
+    """Live quality over time: one row per (date, source, version) from the latest monitoring of
+    each date, oldest first (the Models page's chart and ``daybreak live``)."""
+    registry.use_uri(ctx.tracking_uri)
+    cl = registry.client(ctx)
+    exp = cl.get_experiment_by_name(monitor_experiment(spec))
+    if exp is None:
+        return []
+    runs = cl.search_runs([exp.experiment_id], max_results=limit * 3, order_by=["attributes.start_time DESC"])
+    seen, out = set(), []
+    metric = spec.live_metric()
+    for r in runs:
+        day = r.data.tags.get("daybreak.monitor.date")
+        if not day or day in seen:
+            continue
+        seen.add(day)
+        for k, v in r.data.metrics.items():
+            parts = k.split("/")
+            if len(parts) == 4 and parts[0] == "live" and parts[3] == metric:
+                rows = r.data.metrics.get("/".join([*parts[:3], "rows"]))
+                out.append({"date": day, "source": parts[1], "version": parts[2].removeprefix("v"), "metric": metric,
+                            "value": v, "rows": None if rows is None else int(rows),
+                            "action": r.data.tags.get("daybreak.monitor.action"),
+                            "champion": r.data.tags.get("daybreak.monitor.champion_version")})
+    return sorted(out, key=lambda x: (x["date"], x["source"], int(x["version"]) if x["version"].isdigit() else 0))

@@ -1,0 +1,256 @@
+"""The prediction log: what the server answered, as date-partitioned Parquet in the store.
+
+``daybreak serve`` hands every answered batch to a ``PredictionLog`` (an append to a queue on the
+predict thread: nothing is converted or written on the request path). A writer thread turns what
+waits into one Arrow table every ``monitoring.log.flush_seconds`` (or once ``flush_rows`` rows
+wait) and writes one Parquet file per date it holds:
+
+    predlog/<model>/date=D/<time>-<host>-<pid>-<n>.parquet
+
+Each row: ``request_id``, ``served_at`` (UTC), ``model_version``, ``source`` (``online``),
+``prediction``, the row identity the request carried next to the features (``monitoring.log.
+id_columns``, default the feature keys and ``event_time``; kept as the text the client sent), and
+the features as the model saw them. D is the date of the row's ``event_time`` when the request
+sent one, else of when it was served, in the base source's ``date_timezone`` (as staging counts
+days; UTC if none): the monitor for a date reads the partitions around it and joins the labels
+on the row identity.
+
+Files appear whole (written under a ``_`` name, then renamed; on S3 one PUT). A crash loses at
+most what waited for the writer (``flush_seconds``). When the writer cannot keep up (or the store
+is down) the queue is bounded by ``max_pending_rows``: past it predictions are dropped from the
+log and counted, and requests are never slowed. Logging whole requests at ``sample_rate`` keeps
+the log small on busy servers. Retention is the monitor's job (``prune``): it runs daily.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import posixpath
+import random
+import socket
+import threading
+import time
+import uuid
+from collections import deque
+from collections.abc import Sequence
+from datetime import date, datetime, timedelta, timezone
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+from daybreak.spec import Spec
+from daybreak.store import Store
+
+log = logging.getLogger(__name__)
+
+ONLINE = "online"
+META = ("request_id", "served_at", "model_version", "source", "prediction")
+
+
+def log_zone(spec: Spec) -> str:
+    return f"predlog/{spec.model.name}"
+
+
+class Entry:
+    """One answered batch, as the predict thread handed it over (converted later, by the writer)."""
+
+    __slots__ = ("served_at", "version", "features", "predictions", "requests")
+
+    def __init__(self, version: str, features: Any, predictions: np.ndarray,
+                 requests: list[tuple[str, int, dict[str, Sequence] | None]]) -> None:
+        self.served_at = time.time()
+        self.version, self.features, self.predictions, self.requests = version, features, predictions, requests
+
+
+def _text(values: Sequence) -> pa.Array:
+    """Identity values as text, whatever JSON type the client used (1545 and "1545" agree)."""
+    try:
+        return pa.array(values).cast(pa.string())
+    except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError, TypeError):
+        return pa.array([None if v is None else str(v) for v in values], pa.string())
+
+
+class PredictionLog:
+    def __init__(self, spec: Spec, store: Store, source: str = ONLINE) -> None:
+        self.cfg = spec.monitoring.log
+        self.store, self.zone, self.source = store, log_zone(spec), source
+        self.ids = spec.id_columns()
+        et = spec.sources[spec.features.base].event_time
+        self.tz = (et.date_timezone or et.timezone if et is not None else None) or "UTC"  # as staging counts days
+        self.pending: deque[Entry] = deque()
+        self.pending_rows = self.written_rows = self.dropped_rows = self.files = 0
+        self.last_error: str | None = None
+        self._count = threading.Lock()
+        self._flushing = threading.Lock()
+        self._wake, self._stop = threading.Event(), threading.Event()
+        self._stem = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+        self._seq = 0
+        self._thread = threading.Thread(target=self._run, name="prediction-log", daemon=True)
+        self._thread.start()
+
+    # --- the predict thread's side: cheap --------------------------------------------------
+    def sampled(self) -> bool:
+        """Whether to log the next request (whole requests are sampled)."""
+        rate = self.cfg.sample_rate
+        return rate >= 1.0 or (rate > 0.0 and random.random() < rate)
+
+    def record(self, version: str, features: Any, predictions: np.ndarray,
+               requests: list[tuple[str, int, dict[str, Sequence] | None]]) -> None:
+        """Queue one batch: its feature frame (pandas, the model's input), predictions, and per
+        request (in row order) its id, row count and the identity columns it carried."""
+        n = len(predictions)
+        with self._count:
+            if self.pending_rows + n > self.cfg.max_pending_rows:
+                self.dropped_rows += n
+                return
+            self.pending_rows += n
+        self.pending.append(Entry(version, features, predictions, requests))
+        if self.pending_rows >= self.cfg.flush_rows:
+            self._wake.set()
+
+    def stats(self) -> dict[str, Any]:
+        return {"sample_rate": self.cfg.sample_rate, "written_rows": self.written_rows, "files": self.files,
+                "pending_rows": self.pending_rows, "dropped_rows": self.dropped_rows, "last_error": self.last_error}
+
+    # --- the writer thread --------------------------------------------------------------------
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self._wake.wait(self.cfg.flush_seconds)
+            self._wake.clear()
+            self.flush()
+
+    def flush(self) -> int:
+        """Write what waits; returns the rows written. Safe from any thread."""
+        with self._flushing:
+            entries = []
+            while self.pending:
+                entries.append(self.pending.popleft())
+            if not entries:
+                return 0
+            rows = sum(len(e.predictions) for e in entries)
+            with self._count:
+                self.pending_rows -= rows
+            try:
+                written = self._write(self.table(entries))
+            except Exception as e:  # the store is down, say: the server goes on, the rows are counted
+                self.last_error = f"{type(e).__name__}: {e}"
+                self.dropped_rows += rows
+                log.warning("prediction log: %d rows not written: %s", rows, self.last_error)
+                return 0
+            self.last_error = None
+            self.written_rows += written
+            return written
+
+    def close(self) -> None:
+        self._stop.set()
+        self._wake.set()
+        self._thread.join(timeout=30)
+        self.flush()
+
+    def table(self, entries: list[Entry]) -> pa.Table:
+        parts = []
+        for e in entries:
+            n = len(e.predictions)
+            rids = np.repeat(np.array([r[0] for r in e.requests], dtype=object), [r[1] for r in e.requests])
+            cols: dict[str, Any] = {
+                "request_id": pa.array(rids, pa.string()),
+                "served_at": pa.array(np.full(n, int(e.served_at * 1000), np.int64)).cast(pa.timestamp("ms", tz="UTC")),
+                "model_version": pa.array(np.full(n, e.version, dtype=object), pa.string()),
+                "source": pa.array(np.full(n, self.source, dtype=object), pa.string()),
+                "prediction": pa.array(np.asarray(e.predictions, np.float64)),
+            }
+            for name in self.ids:
+                values: list[Any] = []
+                for _, k, carried in e.requests:
+                    col = None if carried is None else carried.get(name)
+                    values.extend(col if col is not None else [None] * k)
+                cols[name] = _text(values)
+            feats = pa.Table.from_pandas(e.features, preserve_index=False)
+            for name in feats.column_names:
+                if name not in cols:
+                    cols[name] = feats.column(name)
+            parts.append(pa.table(cols))
+        return pa.concat_tables(parts, promote_options="permissive")
+
+    def _dates(self, t: pa.Table) -> np.ndarray:
+        """Each row's partition date: its event time's UTC date when sent, else when it was served."""
+        import pandas as pd
+
+        served = pd.to_datetime(t.column("served_at").to_numpy(), utc=True)
+        when = served
+        if "event_time" in t.column_names:
+            sent = pd.to_datetime(pd.Series(t.column("event_time").to_pylist(), dtype="string"),
+                                  utc=True, errors="coerce", format="ISO8601")
+            when = pd.DatetimeIndex(sent.where(sent.notna(), pd.Series(served)))
+        return np.asarray(when.tz_convert(self.tz).strftime("%Y-%m-%d"))
+
+    def _write(self, t: pa.Table) -> int:
+        days = self._dates(t)
+        for day in np.unique(days):
+            part = t.filter(pa.array(days == day))
+            folder = self.store.path(self.zone, f"date={day}")
+            self._seq += 1
+            name = f"{datetime.now(timezone.utc):%Y%m%dT%H%M%S}-{self._stem}-{self._seq:06d}.parquet"
+            self.store.fs.create_dir(folder, recursive=True)
+            if self.store.kind == "local":
+                tmp = posixpath.join(folder, f"_{name}")
+                pq.write_table(part, tmp, compression="zstd")
+                os.replace(tmp, posixpath.join(folder, name))
+            else:  # one PUT: the object appears whole
+                pq.write_table(part, posixpath.join(folder, name), filesystem=self.store.fs, compression="zstd")
+            self.files += 1
+        return t.num_rows
+
+
+def log_files(store: Store, zone: str, day: date) -> list[str]:
+    folder = store.path(zone, f"date={day.isoformat()}")
+    infos = store.fs.get_file_info(pafs.FileSelector(folder, allow_not_found=True))
+    return sorted(i.path for i in infos if i.type == pafs.FileType.File and i.base_name.endswith(".parquet")
+                  and not i.base_name.startswith(("_", ".")))
+
+
+def read_log(spec: Spec, store: Store, days: list[date], columns: list[str] | None = None) -> pa.Table | None:
+    """The logged rows of these partition dates (None if there are none). A file that cannot be
+    read is skipped with a warning: one bad file must not hide a day's log."""
+    tables = []
+    for day in days:
+        for path in log_files(store, log_zone(spec), day):
+            try:
+                t = pq.read_table(path, filesystem=store.fs)
+            except (OSError, pa.ArrowInvalid) as e:
+                log.warning("prediction log: skipping unreadable %s: %s", path, e)
+                continue
+            if columns is not None:
+                t = t.select([c for c in columns if c in t.column_names])
+            tables.append(t)
+    if not tables:
+        return None
+    return pa.concat_tables(tables, promote_options="permissive")
+
+
+def prune(spec: Spec, store: Store, today: date) -> list[str]:
+    """Delete log partitions older than ``monitoring.log.retention_days`` before `today`."""
+    days = spec.monitoring.log.retention_days
+    if days is None:
+        return []
+    cutoff = today - timedelta(days=days)
+    root = store.path(log_zone(spec))
+    gone = []
+    for info in store.fs.get_file_info(pafs.FileSelector(root, allow_not_found=True)):
+        name = info.base_name
+        if info.type != pafs.FileType.Directory or not name.startswith("date="):
+            continue
+        try:
+            d = date.fromisoformat(name[5:])
+        except ValueError:
+            continue
+        if d < cutoff:
+            store.fs.delete_dir(info.path)
+            gone.append(d.isoformat())
+    if gone:
+        log.info("prediction log: deleted %d partitions older than %s (retention_days=%d)", len(gone), cutoff, days)
+    return sorted(gone)
