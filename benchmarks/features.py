@@ -1,6 +1,6 @@
 """The feature step on flights scaled to 1M-10M rows, against pandas and polars, in one run.
 
-    python benchmarks/features.py --rows 1000000 10000000
+    python benchmarks/features.py [--rows 1000000 3000000 10000000] [--repeats 3] [--plot curves.png]
 
 For each size it generates flights with the real schema and distributions (rows resampled from
 the real nycflights13 day they belong to, with the departure minute and delays jittered), stages
@@ -130,7 +130,7 @@ def run_daybreak(home: Path, out: Path, ready) -> None:
     ray.data.range(64, override_num_blocks=8).map_batches(warm).groupby("id").count().materialize()
     ready()
     res = build_features(scaled_spec(), RunContext.create(DAY, run_id=f"bench-{time.time_ns()}"))
-    out.write_text(json.dumps({"uri": res["uri"], "rows": res["rows"]}))
+    out.write_text(json.dumps({"uri": res["uri"], "rows": res["rows"], "skipped": res.get("skipped", False)}))
 
 
 def run_pandas(home: Path, out: Path, ready) -> None:
@@ -159,7 +159,7 @@ def run_pandas(home: Path, out: Path, ready) -> None:
         hi = pd.merge_asof(target[["event_time", by]], hist, left_on="event_time", right_on="known_at", by=by,
                            allow_exact_matches=False)
         for span, aggs in spans.items():
-            lo_t = target[[by]].assign(t0=target["event_time"] - pd.Timedelta(span), __i=np.arange(len(target)))
+            lo_t = target[[by]].assign(t0=target["event_time"] - pd.Timedelta(**_unit(span)), __i=np.arange(len(target)))
             lo = pd.merge_asof(lo_t.sort_values("t0"), hist, left_on="t0", right_on="known_at", by=by)
             lo = lo.sort_values("__i")
             n = hi["__n"].fillna(0).to_numpy() - lo["__n"].fillna(0).to_numpy()
@@ -181,7 +181,7 @@ def run_pandas(home: Path, out: Path, ready) -> None:
     planes = planes[["tailnum", "year", "seats"]].rename(columns={"year": "plane_year", "seats": "plane_seats"})
     target = target.merge(planes, on="tailnum", how="left")
     target["sched_hour"] = target["hour"].astype(float)
-    target["day_of_week"] = target["event_time"].dt.tz_convert("America/New_York").dt.dayofweek.astype(float)
+    target["day_of_week"] = target["event_time"].dt.tz_convert("America/New_York").dt.day_of_week.astype(float)
     target["carrier_code"], target["origin_code"], target["dest_code"] = target["carrier"], target["origin"], target["dest"]
     target = target[target["arr_delay"].notna()]
     target["delayed"] = (target["arr_delay"] > 15).astype("int64")
@@ -190,7 +190,12 @@ def run_pandas(home: Path, out: Path, ready) -> None:
 
 
 def run_polars(home: Path, out: Path, ready) -> None:
+    import warnings
+
     import polars as pl
+
+    # join_asof cannot check sortedness within `by` groups; every frame here is sorted on its time
+    warnings.filterwarnings("ignore", message="Sortedness of columns cannot be checked")
 
     inputs = staged_inputs(home)
     ready()
@@ -336,7 +341,15 @@ def same_features(a: str, b: str) -> str | None:
     return None
 
 
-def bench_features(sizes: list[int]) -> dict:
+def bench_features(sizes: list[int], repeats: int = 3) -> dict:
+    """For each size: `repeats` rounds of polars, pandas, daybreak (each a fresh process); the
+    figures are each implementation's median time and median peak memory over the rounds."""
+    import shutil
+    import statistics
+    from glob import glob
+
+    import pandas as pd
+
     results = {}
     for rows in sizes:
         with tempfile.TemporaryDirectory(prefix="dbbench") as tmp:
@@ -345,17 +358,19 @@ def bench_features(sizes: list[int]) -> dict:
             info = generate(home, rows)
             print(f"features: {info['rows']:,} rows generated and staged in {time.perf_counter() - t0:.0f}s",
                   flush=True)
-            runs = {}
-            for which in ("polars", "pandas", "daybreak"):
-                runs[which] = measure(which, home, home / f"{which}.json")
-                r = runs[which]
-                print(f"  {which:8s} {r['seconds']:7.1f}s  peak {r['peak_mb']:7.0f} MB "
-                      f"({r['peak_above_idle_mb']:.0f} MB above idle)", flush=True)
-            from glob import glob
-
-            ours = sorted(glob(os.path.join(runs["daybreak"]["uri"], "*.parquet")))
-            import pandas as pd
-
+            samples: dict[str, list[dict]] = {k: [] for k in ("polars", "pandas", "daybreak")}
+            for k in range(repeats):
+                # the published partition would make the next run a no-op (same lineage): drop it
+                shutil.rmtree(home / "store" / "features", ignore_errors=True)
+                for which in samples:
+                    r = measure(which, home, home / f"{which}.json")
+                    samples[which].append(r)
+                    print(f"  [{k + 1}/{repeats}] {which:8s} {r['seconds']:7.1f}s  peak {r['peak_mb']:7.0f} MB "
+                          f"({r['peak_above_idle_mb']:.0f} MB above idle)", flush=True)
+            last = {k: v[-1] for k, v in samples.items()}
+            if last["daybreak"].get("skipped"):
+                raise AssertionError("the daybreak run reused a published partition instead of computing it")
+            ours = sorted(glob(os.path.join(last["daybreak"]["uri"], "*.parquet")))
             ours_df = pd.concat([pd.read_parquet(p) for p in ours], ignore_index=True)
             t = ours_df["event_time"].to_numpy()
             if not (t[1:] >= t[:-1]).all():
@@ -363,13 +378,17 @@ def bench_features(sizes: list[int]) -> dict:
             ours_path = home / "daybreak.parquet"
             ours_df.to_parquet(ours_path, index=False)
             for base in ("pandas", "polars"):
-                diff = same_features(str(ours_path), runs[base]["uri"])
+                diff = same_features(str(ours_path), last[base]["uri"])
                 if diff:
                     raise AssertionError(f"daybreak and {base} disagree at {rows:,} rows: {diff}")
+            runs = {k: {m: statistics.median(s[m] for s in v) for m in ("seconds", "peak_mb", "peak_above_idle_mb")}
+                    for k, v in samples.items()}
             d, p, q = runs["daybreak"], runs["pandas"], runs["polars"]
             results[str(info["rows"])] = {
-                "rows": info["rows"], "output_rows": d["rows"],
+                "rows": info["rows"], "output_rows": last["daybreak"]["rows"], "repeats": repeats,
                 **{f"{k}_{m}": round(v[m], 2) for k, v in runs.items() for m in ("seconds", "peak_mb", "peak_above_idle_mb")},
+                "samples": {k: [{m: round(s[m], 2) for m in ("seconds", "peak_mb", "peak_above_idle_mb")} for s in v]
+                            for k, v in samples.items()},
                 "speedup_vs_pandas": round(p["seconds"] / d["seconds"], 2),
                 "time_vs_polars": round(d["seconds"] / q["seconds"], 2),
                 "memory_vs_pandas": round(d["peak_mb"] / p["peak_mb"], 2),
@@ -381,14 +400,39 @@ def bench_features(sizes: list[int]) -> dict:
     return results
 
 
+IMPL_NAMES = ("daybreak", "pandas", "polars")
+
+
+def growth(results: dict) -> dict:
+    """Per implementation, time and peak memory at each size relative to the smallest size, and
+    the fitted exponent b of time ~ rows^b and memory ~ rows^b (log-log least squares)."""
+    import numpy as np
+
+    sizes = list(results.values())
+    lo = sizes[0]
+    out = {}
+    for k in IMPL_NAMES:
+        rows = np.array([r["rows"] for r in sizes], float)
+        secs = np.array([r[f"{k}_seconds"] for r in sizes], float)
+        mem = np.array([r[f"{k}_peak_mb"] for r in sizes], float)
+        added = np.array([max(r[f"{k}_peak_above_idle_mb"], 1.0) for r in sizes], float)
+        fit = (lambda y: float(np.polyfit(np.log(rows), np.log(y), 1)[0])) if len(sizes) > 1 else (lambda y: None)
+        out[k] = {"time_x": [round(r[f"{k}_seconds"] / lo[f"{k}_seconds"], 2) for r in sizes],
+                  "memory_x": [round(r[f"{k}_peak_mb"] / lo[f"{k}_peak_mb"], 2) for r in sizes],
+                  "above_idle_x": [round(max(r[f"{k}_peak_above_idle_mb"], 1) / max(lo[f"{k}_peak_above_idle_mb"], 1), 2)
+                                   for r in sizes],
+                  "time_exponent": fit(secs), "memory_exponent": fit(mem), "above_idle_exponent": fit(added)}
+    return out
+
+
 def feature_table(results: dict) -> list[str]:
     """Markdown rows: time and peak memory of each implementation, daybreak's ratios, and the
-    growth from the smallest size to the largest."""
+    growth of each from the smallest size to every larger one."""
     def mb(r: dict, k: str) -> str:
         return f"{r[f'{k}_peak_mb']:.0f} ({r[f'{k}_peak_above_idle_mb']:.0f})"
 
     lines = ["| input rows | daybreak s | pandas s | polars s | speed-up vs pandas | time vs polars | "
-             "daybreak MB (above idle) | pandas MB | polars MB | memory vs pandas, polars | "
+             "daybreak MB (above idle) | pandas MB (above idle) | polars MB (above idle) | memory vs pandas, polars | "
              "above idle vs pandas, polars |",
              "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for r in results.values():
@@ -399,26 +443,76 @@ def feature_table(results: dict) -> list[str]:
                      f"{r['added_memory_vs_pandas']:.2f}x, {r['added_memory_vs_polars']:.2f}x |")
     sizes = list(results.values())
     if len(sizes) > 1:
-        lo, hi = sizes[0], sizes[-1]
-        growth = ", ".join(f"{k} {hi[f'{k}_seconds'] / lo[f'{k}_seconds']:.1f}x time, "
-                           f"{hi[f'{k}_peak_mb'] / lo[f'{k}_peak_mb']:.1f}x memory "
-                           f"({hi[f'{k}_peak_above_idle_mb'] / max(lo[f'{k}_peak_above_idle_mb'], 1):.1f}x above idle)"
-                           for k in ("daybreak", "pandas", "polars"))
-        lines.append(f"\nGrowth from {lo['rows']:,} to {hi['rows']:,} rows: {growth}.")
+        g = growth(results)
+        lo = sizes[0]["rows"]
+        lines += ["", f"Growth relative to {lo:,} rows (time, peak memory, peak above idle), and the exponent b of "
+                  "a fit value ~ rows^b (1 = linear, 0 = flat):", "",
+                  "| implementation | " + " | ".join(f"{r['rows']:,} rows" for r in sizes[1:]) + " | b (time, memory, above idle) |",
+                  "| --- | " + " | ".join("---:" for _ in sizes[1:]) + " | ---: |"]
+        for k in IMPL_NAMES:
+            v = g[k]
+            cells = " | ".join(f"{v['time_x'][i]:.1f}x, {v['memory_x'][i]:.2f}x, {v['above_idle_x'][i]:.2f}x"
+                               for i in range(1, len(sizes)))
+            lines.append(f"| {k} | {cells} | {v['time_exponent']:.2f}, {v['memory_exponent']:.2f}, "
+                         f"{v['above_idle_exponent']:.2f} |")
     return lines
+
+
+def plot(results: dict, path: Path, title: str = "") -> Path:
+    """Time and peak memory against rows for the three implementations, log-log, as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sizes = list(results.values())
+    rows = [r["rows"] for r in sizes]
+    style = {"daybreak": ("tab:blue", "o"), "pandas": ("tab:orange", "s"), "polars": ("tab:green", "^")}
+    fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(11, 4.5))
+    for k, (color, marker) in style.items():
+        ax_t.plot(rows, [r[f"{k}_seconds"] for r in sizes], marker=marker, color=color, label=k)
+        ax_m.plot(rows, [r[f"{k}_peak_mb"] / 1024 for r in sizes], marker=marker, color=color, label=f"{k} peak")
+        ax_m.plot(rows, [r[f"{k}_peak_above_idle_mb"] / 1024 for r in sizes], marker=marker, color=color,
+                  linestyle="--", alpha=0.6, label=f"{k} above idle")
+    for ax, ylabel in ((ax_t, "wall time (s)"), (ax_m, "peak memory, PSS of the process tree (GB)")):
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xticks(rows, [f"{n / 1e6:g}M" for n in rows])
+        ax.minorticks_off()
+        ax.set_xlabel("input rows (flights, 9 days read)")
+        ax.set_ylabel(ylabel)
+        ax.grid(True, which="major", alpha=0.3)
+    ax_t.set_title("feature step: time vs rows")
+    ax_m.set_title("feature step: peak memory vs rows")
+    ax_t.legend()
+    ax_m.legend(fontsize=7, ncol=2)
+    if title:
+        fig.suptitle(title, fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--rows", type=int, nargs="+", default=[1_000_000, 10_000_000])
+    ap.add_argument("--rows", type=int, nargs="+", default=[1_000_000, 3_000_000, 10_000_000])
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--plot", type=Path, help="also draw the scale curves into this PNG")
     ap.add_argument("--child", nargs=3, metavar=("IMPL", "HOME", "OUT"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
         child(*args.child)
         return 0
-    results = bench_features(args.rows)
+    sys.path.insert(0, str(HERE))
+    from common import print_header
+
+    print_header("feature step vs pandas and polars", args.repeats)
+    results = bench_features(args.rows, args.repeats)
     print(json.dumps(results, indent=2))
     print("\n".join(feature_table(results)))
+    if args.plot:
+        print(f"wrote {plot(results, args.plot)}")
     return 0
 
 

@@ -10,8 +10,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
-import statistics
 import sys
 import tempfile
 import time
@@ -20,15 +18,13 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
+sys.path.insert(0, str(HERE))
+
+from common import machine, median_of, print_header  # noqa: E402
 
 
 def median_time(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    return median_of(fn, repeats)[0]
 
 
 def bench_stage(repeats: int) -> dict:
@@ -120,78 +116,157 @@ def bench_stage_big(repeats: int) -> dict:
 
 def bench_dag_parse(repeats: int) -> dict:
     """Parsing dags/daybreak_daily_retrain.py vs an empty DAG file (``airflow_parse.py``)."""
-    sys.path.insert(0, str(HERE))
     from airflow_parse import bench_parse
 
     r = bench_parse(repeats)
     daily = r["files"]["daybreak_daily_retrain.py"]
-    return {"name": "DAG file parse vs empty DAG (DagBag, airflow already imported)", "baseline_s": r["empty_median_s"],
-            "daybreak_s": daily["median_s"], "ratio": daily["median_ratio_to_empty"]}
+    return {"name": "DAG file parse vs empty DAG (DagBag in a fresh process, airflow already imported)",
+            "baseline_s": r["empty_median_s"], "daybreak_s": daily["median_s"],
+            "ratio": daily["median_ratio_to_empty"], "repeats": repeats,
+            "other_files": {f: v for f, v in r["files"].items() if f != "daybreak_daily_retrain.py"},
+            "heavy_modules_imported": daily["heavy_modules_imported"]}
 
 
-def machine() -> dict:
-    import pyarrow
+def section(title: str, repeats: int | str, fn, *args, **kwargs) -> tuple[dict | None, dict]:
+    """Run one benchmark: its header first, then its figures; a failure is recorded (and makes
+    the exit status non-zero) but the other benchmarks still run."""
+    print_header(title, repeats)
+    t0 = time.perf_counter()
+    try:
+        out, err = fn(*args, **kwargs), None
+    except Exception as e:  # noqa: BLE001  reported in RESULTS.md and the exit status
+        import traceback
 
-    import daybreak
-
-    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    return {"cores": os.cpu_count(), "memory_gib": round(mem, 1), "python": platform.python_version(),
-            "pyarrow": pyarrow.__version__, "daybreak": daybreak.__version__}
+        traceback.print_exc()
+        out, err = None, f"{type(e).__name__}: {e}"
+    took = time.perf_counter() - t0
+    print(f"== {title}: {took:.0f}s{'; FAILED: ' + err if err else ''}", flush=True)
+    return out, {"title": title, "seconds": round(took), "load_after": round(os.getloadavg()[0], 2), "error": err}
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--feature-rows", type=int, nargs="*", default=[1_000_000, 10_000_000],
+    ap.add_argument("--repeats", type=int, default=5, help="repeats of the staging and DAG-parse benchmarks")
+    ap.add_argument("--parse-repeats", type=int, default=15, help="samples per DAG file (forked children)")
+    ap.add_argument("--feature-rows", type=int, nargs="*", default=[1_000_000, 3_000_000, 10_000_000],
                     help="sizes for the feature-step benchmark (none: skip it)")
+    ap.add_argument("--feature-repeats", type=int, default=3)
     ap.add_argument("--train-rows", type=int, default=1_000_000,
                     help="rows for the training benchmark (0: skip it)")
+    ap.add_argument("--train-repeats", type=int, default=3)
     ap.add_argument("--gate-rows", type=int, default=1_000_000,
                     help="holdout rows for the gate's bootstrap benchmark (0: skip it)")
-    ap.add_argument("--serve-seconds", type=float, default=10.0,
-                    help="measured seconds per server and request size in the serving benchmark (0: skip it)")
+    ap.add_argument("--gate-repeats", type=int, default=3)
+    ap.add_argument("--serve-seconds", type=float, default=5.0,
+                    help="measured seconds per server, request size and round in the serving benchmark (0: skip it)")
+    ap.add_argument("--serve-repeats", type=int, default=3)
+    ap.add_argument("--e2e-days", type=int, default=5, help="timed days of the end-to-end cycle (0: skip it)")
+    ap.add_argument("--out", type=Path, default=HERE, help="where RESULTS.md, results.json and the PNG go")
     args = ap.parse_args()
+    from e2e import bench_e2e
+    from features import bench_features, growth, plot
+    from gate import bench_gate
+    from serving import bench_serving
+    from training import bench_training
+
+    started = time.perf_counter()
     info = machine()
-    print(f"machine: {info}; median of {args.repeats} runs", flush=True)
-    results = []
-    for bench in (bench_stage, bench_stage_big, bench_dag_parse):
-        r = bench(args.repeats)
-        results.append(r)
-        rate = f" ({r['daybreak_rows_per_s']:,.0f} vs {r['baseline_rows_per_s']:,.0f} rows/s)" if "rows" in r else ""
-        target = f", target <= {r['target_ratio']:.2f}x" if "target_ratio" in r else ""
-        print(f"{r['name']}: daybreak {r['daybreak_s']:.3f}s vs baseline {r['baseline_s']:.3f}s "
-              f"= {r['ratio']:.2f}x{rate}{target}", flush=True)
-    sys.path.insert(0, str(HERE))
-    from features import bench_features, feature_table
+    print(f"machine: {info}", flush=True)
+    sections, results = [], []
+    for title, fn in (("staging, 31 small daily files", bench_stage), ("staging, one large drop", bench_stage_big),
+                      ("DAG parse", bench_dag_parse)):
+        n = args.parse_repeats if fn is bench_dag_parse else args.repeats
+        r, meta = section(title, n, fn, n)
+        sections.append(meta)
+        if r:
+            r["repeats"] = n
+            results.append(r)
+            rate = f" ({r['daybreak_rows_per_s']:,.0f} vs {r['baseline_rows_per_s']:,.0f} rows/s)" if "rows" in r else ""
+            target = f", target <= {r['target_ratio']:.2f}x" if "target_ratio" in r else ""
+            print(f"{r['name']}: daybreak {r['daybreak_s']:.3f}s vs baseline {r['baseline_s']:.3f}s "
+                  f"= {r['ratio']:.2f}x{rate}{target}", flush=True)
+    out: dict = {"machine": info, "repeats": args.repeats, "results": results}
+    plan = [
+        ("features", "feature step vs pandas and polars", args.feature_repeats, args.feature_rows,
+         lambda: bench_features(args.feature_rows, args.feature_repeats)),
+        ("training", "train step vs raw xgb.train; out-of-core memory", args.train_repeats, args.train_rows,
+         lambda: bench_training(args.train_rows, args.train_repeats)),
+        ("gate", "gate bootstrap vs one evaluation", args.gate_repeats, args.gate_rows,
+         lambda: bench_gate(args.gate_rows, repeats=args.gate_repeats)),
+        ("serving", "serving vs mlflow models serve", args.serve_repeats, args.serve_seconds,
+         lambda: bench_serving(seconds=args.serve_seconds, repeats=args.serve_repeats)),
+        ("e2e", "end-to-end daily cycle, real flights", args.e2e_days, args.e2e_days,
+         lambda: bench_e2e(args.e2e_days)),
+    ]
+    for key, title, repeats, enabled, fn in plan:
+        if not enabled:
+            out[key] = {}
+            continue
+        out[key], meta = section(title, repeats, fn)
+        out[key] = out[key] or {}
+        sections.append(meta)
+        print(json.dumps(out[key], indent=1, default=str)[:4000], flush=True)
+    png = None
+    if len(out["features"]) > 1:
+        out["features_growth"] = growth(out["features"])
+        png = plot(out["features"], args.out / "scale_curves.png",
+                   title=f"{info['cores']} cores, {info['memory_gib']} GiB; median of {args.feature_repeats} runs "
+                         f"per point; daybreak on a running local Ray")
+        print(f"wrote {png}", flush=True)
+    total = time.perf_counter() - started
+    out["sections"] = sections
+    out["total_s"] = round(total)
+    (args.out / "results.json").write_text(json.dumps(out, indent=2, default=str))
+    (args.out / "RESULTS.md").write_text("\n".join(report(out, args, png)) + "\n")
+    print(f"wrote {args.out / 'RESULTS.md'}; {total / 60:.1f} min in all", flush=True)
+    return 1 if any(m["error"] for m in sections) else 0
 
-    feats = bench_features(args.feature_rows) if args.feature_rows else {}
-    from training import bench_training, training_lines
 
-    train = bench_training(args.train_rows) if args.train_rows else {}
-    from gate import bench_gate, gate_lines
+def report(out: dict, args, png: Path | None) -> list[str]:
+    from e2e import e2e_lines
+    from features import feature_table
+    from gate import gate_lines
+    from serving import serving_lines
+    from training import training_lines
 
-    gate = bench_gate(args.gate_rows) if args.gate_rows else {}
-    from serving import bench_serving, serving_lines
-
-    serving = bench_serving(seconds=args.serve_seconds) if args.serve_seconds else {}
-    (HERE / "results.json").write_text(json.dumps({"machine": info, "repeats": args.repeats, "results": results,
-                                                   "features": feats, "training": train, "gate": gate,
-                                                   "serving": serving}, indent=2))
-    lines = ["# Benchmark results", "", f"Machine: {info}. Median of {args.repeats} runs.", "",
+    info = out["machine"]
+    vers = ", ".join(f"{k} {v}" for k, v in info["versions"].items() if v)
+    lines = ["# Benchmark results", "",
+             f"Written by `make bench` (`benchmarks/run.py`) in {out['total_s'] / 60:.1f} min. Machine: "
+             f"{info['cores']} cores ({info['cpu']}), {info['memory_gib']} GiB, {info['platform']}, load average "
+             f"{info['load_average_1m']} at the start (shared with other work). Python {info['python']}; {vers}.",
+             "", "Every figure is a median of the repeats given with it; every baseline was measured in the same run. "
+             "Absolute seconds vary with the machine's load; the ratios are the figures to quote.", "",
+             f"## Staging (median of {args.repeats}) and DAG parsing (median of {args.parse_repeats})", "",
              "| benchmark | daybreak (s) | baseline (s) | ratio |", "| --- | --- | --- | --- |"]
-    lines += [f"| {r['name']} | {r['daybreak_s']:.3f} | {r['baseline_s']:.3f} | {r['ratio']:.2f}x |" for r in results]
-    if feats:
-        lines += ["", "Feature step, one logical date over N staged rows (one run each, Ray already running):", "",
-                  *feature_table(feats)]
-    if train:
-        lines += ["", *training_lines(train)]
-    if gate:
-        lines += ["", *gate_lines(gate)]
-    if serving:
-        lines += ["", *serving_lines(serving)]
-    (HERE / "RESULTS.md").write_text("\n".join(lines) + "\n")
-    print(f"wrote {HERE / 'RESULTS.md'}")
-    return 0
+    lines += [f"| {r['name']} | {r['daybreak_s']:.3f} | {r['baseline_s']:.3f} | {r['ratio']:.2f}x |" for r in out["results"]]
+    parse = next((r for r in out["results"] if "other_files" in r), None)
+    if parse:
+        others = ", ".join(f"{f} {v['median_ratio_to_empty']:.2f}x" for f, v in parse["other_files"].items())
+        lines += ["", f"Other DAG files vs the empty DAG: {others}. Heavy modules imported by the daily DAG's parse: "
+                      f"{', '.join(parse['heavy_modules_imported']) or 'none'}."]
+    if out["features"]:
+        lines += ["", f"## Feature step (median of {args.feature_repeats} per size)", "",
+                  "Flights resampled to N rows over the 9 days the longest window reads; the features of the last "
+                  "day computed by daybreak on a running local Ray, by straightforward pandas and by polars, each in "
+                  "its own process, outputs checked equal. Peak memory: summed PSS of the process tree sampled every "
+                  "0.2 s; in parentheses, above what the tree held before the step (for Ray, the idle cluster).", "",
+                  *feature_table(out["features"])]
+        if png:
+            lines += ["", f"![feature step: time and peak memory vs rows]({png.name})"]
+    if out["training"]:
+        lines += ["", f"## Train step (median of {args.train_repeats}; out-of-core runs once each)", "",
+                  *training_lines(out["training"])]
+    if out["gate"]:
+        lines += ["", "## Gate", "", *gate_lines(out["gate"])]
+    if out["serving"]:
+        lines += ["", "## Serving", "", *serving_lines(out["serving"])]
+    if out["e2e"]:
+        lines += ["", "## End-to-end daily cycle", "", *e2e_lines(out["e2e"])]
+    lines += ["", "## Run", "", "| benchmark | wall time (s) | load average after | result |", "| --- | ---: | ---: | --- |"]
+    lines += [f"| {m['title']} | {m['seconds']} | {m['load_after']} | {('FAILED: ' + m['error']) if m['error'] else 'ok'} |"
+              for m in out["sections"]]
+    return lines
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """`daybreak serve` against `mlflow models serve --env-manager local`: same model, same client.
 
-    python benchmarks/serving.py [--seconds 10] [--concurrency 32] [--rows 1 100]
+    python benchmarks/serving.py [--seconds 5] [--repeats 3] [--concurrency 32] [--rows 1 100]
 
 The champion of the flights demo (the daily cycle run for 2013-01-01 .. 2013-01-02) is served by
 both servers at once, on loopback, each as its own process with its defaults (mlflow: one
@@ -9,7 +9,10 @@ for the request bodies before anything is timed.
 
 The client is the same for both: an asyncio HTTP/1.1 client holding `concurrency` keep-alive
 connections, each sending its next request as soon as the last one is answered (a closed loop),
-for `seconds` after `warmup` seconds that are not counted. Bodies are `dataframe_split` JSON of
+for `seconds` after `warmup` seconds that are not counted; the servers take turns, `repeats`
+rounds, and the figures are medians over the rounds. Once the spec has the prediction log's
+``monitoring.log.sample_rate`` (issue 11), a third server, ``daybreak serve`` with the log off,
+takes its turn too, and the log's cost is the throughput ratio on / off. Bodies are `dataframe_split` JSON of
 holdout rows, 1 row and 100 rows, prepared before the clock starts. It reports requests/s, p50
 and p99 latency and failed requests (any status but 200), and the ratios daybreak / mlflow. The
 client shares the machine with the servers, so it is kept lean (raw sockets, no HTTP library).
@@ -86,21 +89,62 @@ def _wait(url: str, proc: subprocess.Popen, timeout: float = 180) -> None:
     raise TimeoutError(f"{url} did not answer within {timeout}s")
 
 
-def start_servers(home: Path, prep: dict, logs: Path) -> dict[str, tuple[subprocess.Popen, int]]:
+def log_setting_supported() -> bool:
+    """True once the spec takes ``monitoring.log.sample_rate`` and ``daybreak serve`` reads it
+    (issue 11, the prediction log)."""
+    import inspect
+
+    import yaml
+
+    from daybreak import serve
+    from daybreak.spec import parse_spec
+
+    if "sample_rate" not in inspect.getsource(serve):
+        return False
+    raw = yaml.safe_load((ROOT / "specs" / "flights.yaml").read_text())
+    raw.setdefault("monitoring", {}).setdefault("log", {})["sample_rate"] = 0
+    try:
+        parse_spec(raw)
+    except Exception:  # noqa: BLE001  the setting is not there (yet)
+        return False
+    return True
+
+
+def with_log_rate(spec, rate: float):
+    """The spec with ``monitoring.log.sample_rate`` set to `rate`."""
+    from daybreak.spec import parse_spec
+
+    raw = spec.model_dump(mode="json")
+    mon = raw.get("monitoring") or {}
+    mon["log"] = {**(mon.get("log") or {}), "sample_rate": rate}
+    raw["monitoring"] = mon
+    return parse_spec(raw)
+
+
+def start_servers(home: Path, prep: dict, logs: Path, log_compare: bool = False) -> dict[str, tuple[subprocess.Popen, int]]:
+    """mlflow and daybreak serve (its defaults, so the prediction log as the spec has it: on);
+    with `log_compare`, also daybreak serve with the log off (sample_rate 0), and the log on
+    explicitly (sample_rate 1.0) for "daybreak"; each daybreak server with its own store, so
+    what each logged can be counted."""
     import yaml
 
     # mlflow starts `uvicorn` from PATH, as in an activated virtualenv
     env = {**os.environ, "DAYBREAK_HOME": str(home), "MLFLOW_TRACKING_URI": prep["tracking_uri"],
            "PYTHONWARNINGS": "ignore", "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
-    spec_file = home / "spec.yaml"
-    spec_file.write_text(yaml.safe_dump(prep["spec"].model_dump(mode="json")))
     name, alias = prep["spec"].model.name, prep["spec"].promotion.alias
-    ports = {"mlflow": _free_port(), "daybreak": _free_port()}
-    cmds = {
-        "mlflow": [str(BIN / "mlflow"), "models", "serve", "-m", f"models:/{name}@{alias}", "--env-manager", "local",
-                   "-h", "127.0.0.1", "-p", str(ports["mlflow"])],
-        "daybreak": [str(BIN / "daybreak"), "serve", "--spec", str(spec_file), "--port", str(ports["daybreak"])],
-    }
+    specs = {"daybreak": prep["spec"]}
+    if log_compare:
+        specs = {"daybreak": with_log_rate(prep["spec"], 1.0), "daybreak_log_off": with_log_rate(prep["spec"], 0)}
+    ports = {"mlflow": _free_port(), **{k: _free_port() for k in specs}}
+    cmds = {"mlflow": [str(BIN / "mlflow"), "models", "serve", "-m", f"models:/{name}@{alias}", "--env-manager",
+                       "local", "-h", "127.0.0.1", "-p", str(ports["mlflow"])]}
+    for which, spec in specs.items():
+        spec_file = home / f"spec_{which}.yaml"
+        spec_file.write_text(yaml.safe_dump(spec.model_dump(mode="json")))
+        cmds[which] = [str(BIN / "daybreak"), "serve", "--spec", str(spec_file), "--port", str(ports[which])]
+        if log_compare:
+            (home / f"store_{which}").mkdir(exist_ok=True)
+            cmds[which] += ["--store", str(home / f"store_{which}")]
     procs = {}
     try:
         for which, cmd in cmds.items():
@@ -113,6 +157,11 @@ def start_servers(home: Path, prep: dict, logs: Path) -> dict[str, tuple[subproc
         stop_servers(procs)
         raise
     return procs
+
+
+def logged_files(home: Path, which: str) -> int:
+    """Parquet files under a daybreak server's own store (what its prediction log wrote)."""
+    return sum(1 for _ in (home / f"store_{which}").rglob("*.parquet"))
 
 
 def stop_servers(procs: dict[str, tuple[subprocess.Popen, int]]) -> None:
@@ -204,31 +253,54 @@ def load(port: int, payloads: list[bytes], concurrency: int, seconds: float, war
     return runner(_load(port, payloads, concurrency, seconds, warmup))
 
 
-def bench_serving(sizes: list[int] = (1, 100), seconds: float = 10.0, concurrency: int = 32,
-                  warmup: float = 2.0, home: Path | None = None) -> dict:
-    out = {"concurrency": concurrency, "seconds": seconds, "warmup": warmup, "sizes": {}}
+def bench_serving(sizes: list[int] = (1, 100), seconds: float = 5.0, concurrency: int = 32,
+                  warmup: float = 1.5, home: Path | None = None, repeats: int = 3,
+                  log_compare: bool | None = None) -> dict:
+    """`repeats` rounds per request size; in each round every server gets `seconds` of load in
+    turn (after `warmup`), so load on the machine hits them alike. Figures are the medians over
+    the rounds; the log's cost is the median of the per-round throughput ratios (on / off)."""
+    import statistics
+
+    if log_compare is None:
+        log_compare = log_setting_supported()
+    out = {"concurrency": concurrency, "seconds": seconds, "warmup": warmup, "repeats": repeats,
+           "log_compare": log_compare, "sizes": {}}
+    if not log_compare:
+        print("serving: the prediction log's sample_rate is not in daybreak's spec/serve yet: "
+              "log on vs off is not measured", flush=True)
     saved_home = os.environ.get("DAYBREAK_HOME")
     with tempfile.TemporaryDirectory(prefix="dbserve") as tmp:
         home = Path(home or tmp)
         home.mkdir(parents=True, exist_ok=True)
         t0 = time.perf_counter()
         prep = prepare(home)
-        print(f"serving: champion ready in {time.perf_counter() - t0:.0f}s; starting both servers", flush=True)
-        procs = start_servers(home, prep, home)
+        print(f"serving: champion ready in {time.perf_counter() - t0:.0f}s; starting the servers", flush=True)
+        procs = start_servers(home, prep, home, log_compare)
         ports = {which: port for which, (_, port) in procs.items()}
         try:
             for rows in sizes:
                 payloads = bodies(prep, rows)
                 check_same_predictions(ports, payloads)
-                res = {}
-                for which in ("mlflow", "daybreak"):
-                    res[which] = load(ports[which], payloads, concurrency, seconds, warmup)
-                    r = res[which]
-                    print(f"serving {rows:>3}-row requests, {which:>8}: {r['rps']:8.1f} req/s, p50 {r['p50_ms']:7.1f} ms, "
-                          f"p99 {r['p99_ms']:7.1f} ms, failed {r['failed']} of {r['requests']}", flush=True)
+                rounds: dict[str, list[dict]] = {which: [] for which in ports}
+                for k in range(repeats):
+                    for which in ports:
+                        r = load(ports[which], payloads, concurrency, seconds, warmup)
+                        rounds[which].append(r)
+                        print(f"serving {rows:>3}-row requests [{k + 1}/{repeats}] {which:>16}: {r['rps']:8.1f} req/s, "
+                              f"p50 {r['p50_ms']:7.1f} ms, p99 {r['p99_ms']:7.1f} ms, failed {r['failed']} of "
+                              f"{r['requests']}", flush=True)
+                res = {which: {**{m: statistics.median(x[m] for x in v) for m in ("rps", "p50_ms", "p99_ms")},
+                               "failed": sum(x["failed"] for x in v), "requests": sum(x["requests"] for x in v),
+                               "rounds": v}
+                       for which, v in rounds.items()}
                 res["throughput_ratio"] = res["daybreak"]["rps"] / res["mlflow"]["rps"]
                 res["p99_ratio"] = res["daybreak"]["p99_ms"] / res["mlflow"]["p99_ms"]
                 res["p50_ratio"] = res["daybreak"]["p50_ms"] / res["mlflow"]["p50_ms"]
+                if log_compare:
+                    per_round = [on["rps"] / off["rps"] for on, off in zip(rounds["daybreak"], rounds["daybreak_log_off"])]
+                    res["log_on_vs_off_throughput"] = statistics.median(per_round)
+                    res["log_on_vs_off_rounds"] = per_round
+                    res["log_on_vs_off_p99"] = res["daybreak"]["p99_ms"] / res["daybreak_log_off"]["p99_ms"]
                 out["sizes"][str(rows)] = res
         finally:
             stop_servers(procs)
@@ -236,37 +308,62 @@ def bench_serving(sizes: list[int] = (1, 100), seconds: float = 10.0, concurrenc
                 os.environ.pop("DAYBREAK_HOME", None)
             else:
                 os.environ["DAYBREAK_HOME"] = saved_home
+        if log_compare:  # after a clean stop, so what was buffered is written
+            out["logged_files"] = {"on": logged_files(home, "daybreak"), "off": logged_files(home, "daybreak_log_off")}
+            if out["logged_files"]["on"] == 0 or out["logged_files"]["off"] != 0:
+                raise AssertionError(f"the prediction log did not behave as set (Parquet files written with it on, "
+                                     f"off): {out['logged_files']}; see {home}/daybreak*.log")
     return out
 
 
 def serving_lines(r: dict) -> list[str]:
+    servers = ["mlflow", "daybreak"] + (["daybreak_log_off"] if r.get("log_compare") else [])
     lines = [f"Serving, `daybreak serve` (one process, micro-batching) vs `mlflow models serve --env-manager local` "
-             f"(one worker), same model and client, {r['concurrency']} connections, {r['seconds']:.0f} s each after "
-             f"{r['warmup']:.0f} s of warm-up (goal: at least 5x the throughput, p99 at most 1/5):", "",
+             f"(one worker), same model and client, {r['concurrency']} connections, {r['seconds']:g} s each after "
+             f"{r['warmup']:g} s of warm-up, servers taking turns, median of {r.get('repeats', 1)} rounds "
+             f"(goal: at least 5x the throughput, p99 at most 1/5):", "",
              "| rows per request | server | requests/s | p50 (ms) | p99 (ms) | failed |",
              "| ---: | --- | ---: | ---: | ---: | ---: |"]
+    label = {"mlflow": "mlflow models serve", "daybreak": "daybreak serve" + (" (log on)" if r.get("log_compare") else ""),
+             "daybreak_log_off": "daybreak serve (log off)"}
     for rows, res in r["sizes"].items():
-        for which in ("mlflow", "daybreak"):
+        for which in servers:
             s = res[which]
-            lines.append(f"| {rows} | {which} | {s['rps']:.1f} | {s['p50_ms']:.1f} | {s['p99_ms']:.1f} | "
+            lines.append(f"| {rows} | {label[which]} | {s['rps']:.1f} | {s['p50_ms']:.1f} | {s['p99_ms']:.1f} | "
                          f"{s['failed']} of {s['requests']} |")
     lines.append("")
     for rows, res in r["sizes"].items():
         lines.append(f"- {rows} row(s): daybreak {res['throughput_ratio']:.1f}x the throughput, p50 "
                      f"{res['p50_ratio']:.3f}x, p99 {res['p99_ratio']:.3f}x mlflow's.")
+    if r.get("log_compare"):
+        lines += ["", f"Prediction log (issue 11), `monitoring.log.sample_rate` 1.0 vs 0, same run "
+                      f"(goal: costs at most 10% throughput; Parquet files it wrote on/off: "
+                      f"{r['logged_files']['on']}/{r['logged_files']['off']}):", ""]
+        for rows, res in r["sizes"].items():
+            each = ", ".join(f"{x:.2f}" for x in res["log_on_vs_off_rounds"])
+            lines.append(f"- {rows} row(s): log on = {res['log_on_vs_off_throughput']:.2f}x the throughput with it off "
+                         f"({1 - res['log_on_vs_off_throughput']:+.1%} cost; rounds {each}), p99 "
+                         f"{res['log_on_vs_off_p99']:.2f}x.")
+    else:
+        lines += ["", "Prediction log on vs off: not measured (the spec has no `monitoring.log.sample_rate` yet)."]
     return lines
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rows", type=int, nargs="+", default=[1, 100], help="rows per request")
-    ap.add_argument("--seconds", type=float, default=10.0, help="measured seconds per server and size")
-    ap.add_argument("--warmup", type=float, default=2.0, help="seconds of load not counted, before each measurement")
+    ap.add_argument("--seconds", type=float, default=5.0, help="measured seconds per server, size and round")
+    ap.add_argument("--warmup", type=float, default=1.5, help="seconds of load not counted, before each measurement")
+    ap.add_argument("--repeats", type=int, default=3, help="rounds (servers take turns in each)")
     ap.add_argument("--concurrency", type=int, default=32, help="connections, each with one request in flight")
     ap.add_argument("--home", type=Path, help="keep the prepared home (registry, store, server logs) here; "
                                               "reused on the next run")
     args = ap.parse_args()
-    r = bench_serving(args.rows, args.seconds, args.concurrency, args.warmup, args.home)
+    sys.path.insert(0, str(HERE))
+    from common import print_header
+
+    print_header("serving vs mlflow models serve", args.repeats)
+    r = bench_serving(args.rows, args.seconds, args.concurrency, args.warmup, args.home, args.repeats)
     print(json.dumps(r, indent=2))
     print("\n".join(serving_lines(r)))
     return 0

@@ -182,7 +182,7 @@ def bench_training(rows: int, repeats: int = 3) -> dict:
 def training_lines(r: dict) -> list[str]:
     return [f"Train step on {r['rows']:,} rows (median of {r['repeats']}): {r['step_s']:.1f} s vs raw xgb.train "
             f"script {r['raw_s']:.1f} s "
-            f"({r['overhead']:+.1%} overhead; target at most +10%).",
+            f"({r['overhead']:+.1%} overhead; target at most +10%); {r['rounds']} boosting rounds each.",
             f"Out of core with a {r['budget_mb']} MB budget for a window of about {r['estimated_window_mb']} MB: "
             f"peak {r['out_of_core_peak_mb']} MB above start vs {r['in_memory_peak_mb']} MB in memory, "
             f"{r['out_of_core_s']:.1f} s, validation AUC {r['val_auc_out_of_core']} vs {r['val_auc_in_memory']}; "
@@ -199,6 +199,10 @@ def main() -> int:
     if args.child:
         child(*args.child)
         return 0
+    sys.path.insert(0, str(HERE))
+    from common import print_header
+
+    print_header("train step vs raw xgb.train; out-of-core memory", args.repeats)
     r = bench_training(args.rows, args.repeats)
     print(json.dumps(r, indent=2))
     print("\n".join(training_lines(r)))

