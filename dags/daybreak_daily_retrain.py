@@ -1,4 +1,9 @@
-"""daybreak daily retrain: stage -> features -> train -> gate -> promote -> deploy.
+"""daybreak daily retrain: stage -> features -> monitor -> train -> gate -> promote -> deploy.
+
+`monitor` judges the model in service on the day's logged predictions, now that the day's labels
+are staged, before anything is retrained: live metrics per version, drift, and an automatic
+rollback when the champion fell below its floor or clearly below `previous` (the gate then
+compares the new candidate with the restored champion).
 
 Runs `@daily`; catchup is off, so a new deployment does not replay history by itself. Backfill a
 range with the scheduler instead (runs one date at a time, in order):
@@ -34,6 +39,7 @@ from daybreak.airflow import (
     BuildFeaturesOperator,
     DeployModelOperator,
     EvaluateGateOperator,
+    MonitorModelOperator,
     PromoteModelOperator,
     StageDataOperator,
     TrainModelOperator,
@@ -73,6 +79,7 @@ def daybreak_daily_retrain() -> None:
     common = {"spec": "{{ params.spec }}", "logical_date": "{{ params.date or '' }}"}
     stage = StageDataOperator(task_id="stage", outlets=[STAGED], execution_timeout=timedelta(minutes=30), **common)
     features = BuildFeaturesOperator(task_id="features", outlets=[FEATURES], **common)
+    monitor = MonitorModelOperator(task_id="monitor", execution_timeout=timedelta(minutes=30), **common)
     train = TrainModelOperator(task_id="train", force="{{ params.force }}", **common)
     gate = EvaluateGateOperator(task_id="gate", execution_timeout=timedelta(minutes=30), **common)
     promote = PromoteModelOperator(task_id="promote", dry_run="{{ params.dry_run }}",
@@ -80,7 +87,7 @@ def daybreak_daily_retrain() -> None:
                                    execution_timeout=timedelta(minutes=10), **common)
     deploy = DeployModelOperator(task_id="deploy", dry_run="{{ params.dry_run }}",
                                  execution_timeout=timedelta(minutes=15), **common)
-    stage >> features >> train >> gate >> promote >> deploy
+    stage >> features >> monitor >> train >> gate >> promote >> deploy
 
 
 daybreak_daily_retrain()

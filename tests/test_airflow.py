@@ -40,7 +40,7 @@ def test_dagbag_parses_light(airflow_env: dict) -> None:
     assert out["dag_ids"] == ["daybreak_approve", "daybreak_batch_score", "daybreak_daily_retrain"]
     assert out["heavy_modules_after_parse"] == []
     daily, approve, batch = out["daybreak_daily_retrain"], out["daybreak_approve"], out["daybreak_batch_score"]
-    assert daily["tasks"] == ["stage", "features", "train", "gate", "promote", "deploy"]
+    assert daily["tasks"] == ["stage", "features", "monitor", "train", "gate", "promote", "deploy"]
     assert daily["params"] == ["approve", "date", "dry_run", "force", "spec"]
     assert daily["schedule"] == "@daily"
     assert approve == {"tasks": ["approve"], "params": ["decision", "reason", "spec", "version"], "schedule": "None"}

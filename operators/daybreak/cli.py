@@ -213,6 +213,36 @@ def score(spec: Path = SpecOpt, day: str = typer.Option(..., "--date", "-d", hel
 
 
 @app.command()
+def monitor(spec: Path = SpecOpt, day: str = typer.Option(..., "--date", "-d", help="Logical date, YYYY-MM-DD."),
+            store: Optional[str] = StoreOpt, tracking_uri: Optional[str] = TrackingOpt, as_json: bool = JsonOpt) -> None:
+    """Judge the model in service on the date's logged predictions and labels; roll back if it must."""
+    from daybreak.monitor import monitor_model
+
+    res = monitor_model(_load(spec), _ctx(day, store, tracking_uri))
+    lines = [f"{res['date']}: action {res['action']}  champion=v{_fmt(res.get('champion_version'))}  "
+             f"logged={res.get('rows_logged', 0)}  labelled={res.get('rows_labelled', 0)}"]
+    lines += [f"  {v['source']:<6} v{v['version']:<4} rows={v['rows']:<6} "
+              + "  ".join(f"{m}={_fmt(x)}" for m, x in v["metrics"].items()) for v in res.get("versions", [])]
+    lines += [f"  drift {res.get('drift_verdict')}: " + ", ".join(f"{d['feature']}={d['psi']:.3f}"
+                                                             for d in res.get("drift", [])[:5])] if res.get("drift") else []
+    lines += [f"  {w}" for w in (res.get("reasons") or []) + (res.get("alerts") or []) + (res.get("warnings") or [])]
+    if res.get("rollback"):
+        lines.append(f"  rolled back: v{res['rollback']['rolled_back_version']} -> v{res['rollback']['champion_version']}")
+    _emit(res, as_json, "\n".join(lines))
+
+
+@app.command()
+def live(spec: Path = SpecOpt, tracking_uri: Optional[str] = TrackingOpt, as_json: bool = JsonOpt) -> None:
+    """Live quality over time: the monitoring metric per date, source and version."""
+    from daybreak.monitor import live_history
+
+    s = _load(spec)
+    _listing(live_history(s, _ctx(date.today(), None, tracking_uri)), as_json, f"no monitoring of {s.model.name} yet",
+             lambda r: f"{r['date']}  {r['source']:<6} v{r['version']:<4} {r['metric']}={_fmt(r['value'])}  "
+                       f"rows={r['rows']}  action={r['action']}")
+
+
+@app.command()
 def report(spec: Path = SpecOpt, version: Optional[str] = typer.Option(None, help="Model version (default: champion)."),
            html: Optional[str] = typer.Option(None, "--html", help="Write the gate's HTML report to this file ('-': stdout)."),
            tracking_uri: Optional[str] = TrackingOpt, as_json: bool = JsonOpt) -> None:

@@ -1,4 +1,8 @@
-"""One daily cycle in process: stage -> features -> train -> gate -> promote -> deploy.
+"""One daily cycle in process: stage -> features -> monitor -> train -> gate -> promote -> deploy.
+
+Monitoring runs before retraining: the date's labels have just arrived with its staged data, so
+the model in service is judged on what it served (and rolled back if it must be) before the new
+candidate is gated against it.
 
 This is what ``daybreak run`` and ``daybreak backfill`` execute; the Airflow DAG and the Prefect
 flow run the same steps as separate tasks (and retry them with their own settings).
@@ -23,6 +27,7 @@ from daybreak.deploy import deploy_model
 from daybreak.errors import is_retryable
 from daybreak.features import build_features
 from daybreak.gate import evaluate_gate, should_promote
+from daybreak.monitor import monitor_model
 from daybreak.promote import promote_model, should_deploy
 from daybreak.spec import Spec
 from daybreak.stage import stage
@@ -77,6 +82,7 @@ def run_cycle(spec: Spec, ctx: RunContext, deploy: bool = True, force: bool = Fa
     out: dict[str, Any] = {"date": ctx.logical_date.isoformat(), "run_id": ctx.run_id}
     out["stage"] = with_retry("stage", stage, spec, ctx, r)
     out["features"] = with_retry("features", build_features, spec, ctx, r)
+    out["monitor"] = with_retry("monitor", monitor_model, spec, ctx, r)
     out["train"] = with_retry("train", train_model, spec, ctx, r, force=force)
     out["gate"] = with_retry("gate", evaluate_gate, spec, ctx, r)
     if should_promote(out["gate"]):
@@ -113,6 +119,7 @@ def summarize(result: dict[str, Any]) -> dict[str, Any]:
         "decision": gate.get("decision"),
         "champion_version": promote.get("champion_version"),
         "approval": promote.get("approval"),
+        "monitor": result.get("monitor", {}).get("action"),
     }
 
 

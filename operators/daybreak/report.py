@@ -200,3 +200,34 @@ def gate_report(spec: Spec, record: dict[str, Any], y: np.ndarray, candidate: np
               else "<p>not computed (no champion, or drift check off)</p>",
               "</body></html>"]
     return "\n".join(parts)
+
+
+def live_chart(rows: list[dict[str, Any]], metric: str, floor: float | None = None) -> str:
+    """Live quality over time (``monitor.live_history`` rows) as an inlined PNG figure: one line per
+    version and source, the floor dashed, and a cross where monitoring rolled the champion back."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.dates as mdates
+    import matplotlib.pyplot as plt
+    from datetime import date
+
+    fig, ax = plt.subplots(figsize=(7.5, 3.2))
+    series: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for r in rows:
+        series.setdefault((r["version"], r["source"]), []).append(r)
+    for (version, source), pts in sorted(series.items(), key=lambda kv: (int(kv[0][0]) if kv[0][0].isdigit() else 0,
+                                                                          kv[0][1])):
+        xs = [date.fromisoformat(p["date"]) for p in pts]
+        ax.plot(xs, [p["value"] for p in pts], marker="o", markersize=3.5,
+                linestyle="-" if source == "online" else ":", label=f"v{version} {source}")
+        for p, x in zip(pts, xs):
+            if p.get("action") == "rollback" and p.get("champion") == version:
+                ax.plot([x], [p["value"]], marker="x", markersize=10, color="#cf222e")
+    if floor is not None:
+        ax.axhline(floor, color="#cf222e", linestyle="--", linewidth=1, label=f"floor {floor:g}")
+    ax.xaxis.set_major_formatter(mdates.DateFormatter("%Y-%m-%d"))
+    fig.autofmt_xdate()
+    ax.set(ylabel=f"live {metric}", title=f"Live {metric} by version (labelled predictions per day)")
+    ax.legend(fontsize=7, ncol=2)
+    return _figure(f"Live {metric} over time", fig)

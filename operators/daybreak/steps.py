@@ -21,6 +21,7 @@ def _registry() -> dict[str, Callable[..., dict[str, Any]]]:
     from daybreak.deploy import deploy_model
     from daybreak.features import build_features
     from daybreak.gate import evaluate_gate
+    from daybreak.monitor import monitor_model
     from daybreak.promote import approve_model, promote_model
     from daybreak.score import batch_score
     from daybreak.stage import stage
@@ -29,6 +30,7 @@ def _registry() -> dict[str, Callable[..., dict[str, Any]]]:
     return {
         "stage": stage,
         "features": build_features,
+        "monitor": monitor_model,
         "train": train_model,
         "gate": evaluate_gate,
         "promote": promote_model,
@@ -38,7 +40,7 @@ def _registry() -> dict[str, Callable[..., dict[str, Any]]]:
     }
 
 
-STEP_NAMES = ("stage", "features", "train", "gate", "promote", "approve", "deploy", "batch_score")
+STEP_NAMES = ("stage", "features", "monitor", "train", "gate", "promote", "approve", "deploy", "batch_score")
 
 
 def resolve_date(*candidates: Any) -> date:
@@ -66,8 +68,8 @@ def run_step(step: str, spec: str | Spec, day: str | date | datetime, *, run_id:
     return _registry()[step](s, ctx, **options)
 
 
-# Steps whose output is a pure function of their recorded inputs. promote, approve and deploy act
-# on the registry and the endpoint as they stand, so they always run.
+# Steps whose output is a pure function of their recorded inputs. monitor, promote, approve and
+# deploy act on the registry, the log and the endpoint as they stand, so they always run.
 CACHEABLE = ("stage", "features", "train", "gate", "batch_score")
 
 

@@ -3,7 +3,8 @@
 A FastAPI app that the daybreak Airflow plugin mounts on the API server under ``/daybreak``:
 
 - ``GET /daybreak/models[?spec=NAME]``: the champion, the recent versions with their gate
-  decisions and metrics, and the promotion history (HTML);
+  decisions and metrics, live quality over time (a chart and the recent days, from monitoring),
+  and the promotion history (HTML);
 - ``GET /daybreak/models/data[?spec=NAME]``: the same as JSON;
 - ``GET /daybreak/models/report/{version}[?spec=NAME]``: the HTML report the gate logged.
 
@@ -147,7 +148,7 @@ def model_data(spec: Any, recent: int = RECENT, history: int = HISTORY) -> dict[
     ctx = _context()
     out: dict[str, Any] = {"spec": spec.name, "model": spec.model.name, "metric": spec.gate.metric,
                            "alias": spec.promotion.alias, "tracking_uri": _safe_uri(ctx.tracking_uri),
-                           "champion": None, "versions": [], "history": []}
+                           "champion": None, "versions": [], "history": [], "live": []}
     if _no_registry(ctx.tracking_uri):
         return out
     cl = registry.client(ctx)
@@ -163,6 +164,10 @@ def model_data(spec: Any, recent: int = RECENT, history: int = HISTORY) -> dict[
         row["has_report"] = bool(full.tags.get("daybreak.gate.run_id"))
         out["versions"].append(row)
     out["history"] = audit_events(spec, ctx, limit=history)
+    from daybreak.monitor import live_history
+
+    out["live"] = live_history(spec, ctx)
+    out["live_metric"], out["live_floor"] = spec.live_metric(), spec.live_floor()
     return out
 
 
@@ -222,7 +227,8 @@ h1{font-size:1.4rem;margin:0 0 .25rem} h2{font-size:1.1rem;margin-top:1.75rem}
 table{border-collapse:collapse;width:100%;font-size:.875rem} th,td{border-bottom:1px solid #e5e7eb;
 padding:.35rem .5rem;text-align:left;vertical-align:top} th{background:#f9fafb}
 .muted{color:#6b7280} .champion{font-size:1.1rem;margin:.75rem 0}
-.PROMOTE,.pass{color:#047857} .REJECT,.fail,.BLOCKED{color:#b91c1c} .SKIPPED{color:#6b7280}
+.PROMOTE,.pass{color:#047857} .REJECT,.fail,.BLOCKED,.rollback{color:#b91c1c} .SKIPPED{color:#6b7280}
+.alert{color:#9a6700} figure{margin:.5rem 0} figcaption{font-size:.8rem;color:#6b7280}
 ul.rules{margin:0;padding-left:1rem} nav a{margin-right:.75rem}
 """
 
@@ -251,6 +257,20 @@ def render_page(data: dict[str, Any], names: list[str]) -> str:
         f"<td>v{_e(h.get('version'))}</td><td>v{_e(h.get('from_version'))}</td><td>{_e(h.get('logical_date'))}</td>"
         f"<td>{_e(h.get('by'))}</td><td>{_e(h.get('run_context'))}</td><td>{_e(h.get('reason'))}</td></tr>"
         for h in data["history"]]
+    live = data.get("live") or []
+    if live:
+        from daybreak.report import live_chart
+
+        recent = [f"<tr><td>{_e(r['date'])}</td><td>{_e(r['source'])}</td><td>v{_e(r['version'])}</td>"
+                  f"<td>{_e(r['value'])}</td><td>{_e(r['rows'])}</td><td class='{_e(r['action'])}'>{_e(r['action'])}</td></tr>"
+                  for r in reversed(live[-30:])]
+        live_html = (f"<div id='live-chart'>{live_chart(live, data['live_metric'], data.get('live_floor'))}</div>"
+                     f"<table id='live'><thead><tr><th>date</th><th>source</th><th>version</th>"
+                     f"<th>live {_e(data['live_metric'])}</th><th>labelled rows</th><th>action</th></tr></thead>"
+                     f"<tbody>{''.join(recent)}</tbody></table>")
+    else:
+        live_html = ("<p class='muted' id='live'>No monitoring yet: serve the champion (daybreak serve logs its "
+                     "predictions), then run the monitor step once the labels are staged.</p>")
     champion = (f"<p class='champion'>Champion ({_e(data['alias'])}): <strong id='champion'>v{_e(champ)}</strong></p>"
                 if champ else f"<p class='champion'>No {_e(data['alias'])} yet.</p>")
     return f"""<!doctype html>
@@ -265,6 +285,8 @@ def render_page(data: dict[str, Any], names: list[str]) -> str:
 <th>candidate {_e(data['metric'])}</th><th>champion {_e(data['metric'])}</th><th>rules</th><th>aliases</th>
 <th>approval</th><th>gate report</th></tr></thead>
 <tbody>{''.join(rows) or "<tr><td colspan='10' class='muted'>no versions yet</td></tr>"}</tbody></table>
+<h2>Live quality</h2>
+{live_html}
 <h2>Promotion history</h2>
 <table><thead><tr><th>at</th><th>event</th><th>version</th><th>champion was</th><th>date</th><th>by</th>
 <th>run</th><th>reason</th></tr></thead>

@@ -125,6 +125,35 @@ class BuildFeaturesOperator(DaybreakStepOperator):
     step = "features"
 
 
+class MonitorModelOperator(DaybreakStepOperator):
+    """Judge the model in service on the day's logged predictions once its labels are staged:
+    live metrics per version and slice, drift against its training data, and an automatic
+    rollback to ``previous`` when it is below the floor or clearly worse (see ``daybreak.monitor``).
+
+    :param on_rollback: called as ``on_rollback(context, result)`` after an automatic rollback
+        (an Airflow-side notification: Slack, email, a page), like a task callback.
+    :param on_alert: called as ``on_alert(context, result)`` when monitoring raised an alert it did
+        not act on (the champion below its floor with nothing better to roll back to).
+
+    A blocking drift fails the task (``monitoring.drift.block_psi``), so the day's training and
+    promotion do not run; everything is recorded first.
+    """
+
+    step = "monitor"
+    ui_color = "#d4e6f9"
+
+    def __init__(self, *, on_rollback: Any = None, on_alert: Any = None, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.on_rollback, self.on_alert = on_rollback, on_alert
+
+    def execute(self, context: Any) -> dict[str, Any]:
+        result = super().execute(context)
+        hook = {"rollback": self.on_rollback, "alert": self.on_alert}.get(result.get("action"))
+        if hook is not None:
+            hook(context, result)
+        return result
+
+
 def flag(value: Any) -> bool:
     """A templated boolean: templates render ``True``/``False`` as strings."""
     if isinstance(value, str):

@@ -9,9 +9,11 @@ from daybreak.prefect.tasks import (
     build_features,
     deploy_model,
     evaluate_gate,
+    monitor_model,
     promote_model,
     stage_data,
     train_model,
 )
 
-__all__ = ["approve_model", "batch_score", "build_features", "deploy_model", "evaluate_gate", "promote_model", "stage_data", "train_model"]
+__all__ = ["approve_model", "batch_score", "build_features", "deploy_model", "evaluate_gate", "monitor_model",
+           "promote_model", "stage_data", "train_model"]

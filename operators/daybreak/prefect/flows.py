@@ -26,6 +26,7 @@ from daybreak.prefect.tasks import (
     build_features,
     deploy_model,
     evaluate_gate,
+    monitor_model,
     promote_model,
     stage_data,
     train_model,
@@ -84,8 +85,8 @@ def daily_retrain(date: str | None = None, spec: str | None = None, force: bool 
                   deploy: bool = True, store: str | None = None, tracking_uri: str | None = None,
                   ray_address: str | None = None, serve_url: str | None = None, storage_secret: str | None = None,
                   mlflow_secret: str | None = None) -> dict[str, Any]:
-    """Stage, build features, train, gate, promote and deploy for one date (default: the run's
-    scheduled date). The gate's decision decides: promote runs only after PROMOTE, deploy only
+    """Stage, build features, monitor the model in service (rolling it back if it must), train,
+    gate, promote and deploy for one date (default: the run's scheduled date). The gate's decision decides: promote runs only after PROMOTE, deploy only
     when the champion moved. `force` retrains although the date's lineage has a version; `dry_run`
     stops at promote, which says what it would do."""
     cfg = settings(spec=spec, store=store, tracking_uri=tracking_uri, ray_address=ray_address, serve_url=serve_url,
@@ -96,6 +97,7 @@ def daily_retrain(date: str | None = None, spec: str | None = None, force: bool 
     out: dict[str, Any] = {"date": day, "deploy": None}
     out["stage"] = stage_data(s, day, **io)
     out["features"] = build_features(s, day, ray_address=cfg["ray_address"], **io)
+    out["monitor"] = monitor_model(s, day, **io, **ml)  # the model in service, judged before retraining
     out["train"] = train_model(s, day, force=force, **io, **ml)
     gate = out["gate"] = evaluate_gate(s, day, **io, **ml)
     if should_promote(gate):

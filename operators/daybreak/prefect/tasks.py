@@ -7,8 +7,8 @@
   ``batch_score`` are cached by daybreak's lineage key (:func:`daybreak.steps.cache_key`): a
   rerun of a date whose outputs are recorded and whose inputs are unchanged is ``Cached`` and
   returns the persisted result without calling the step. A changed input, a deleted partition or
-  model version, or ``force`` misses the cache. ``promote_model``, ``approve_model`` and
-  ``deploy_model`` act on the registry as it stands and always run.
+  model version, or ``force`` misses the cache. ``monitor_model``, ``promote_model``,
+  ``approve_model`` and ``deploy_model`` act on the registry (and the log) as it stands and always run.
 - **Results** are persisted as JSON where Prefect's settings say (``PREFECT_LOCAL_STORAGE_PATH``, or a
   storage block in ``PREFECT_RESULTS_DEFAULT_STORAGE_BLOCK``); share it between workers for the
   cache to be shared.
@@ -177,6 +177,25 @@ def build_features(spec: str, date: str, store: str | None = None, ray_address: 
                    storage_secret: str | None = None) -> dict[str, Any]:
     """Build the day's point-in-time feature partition on Ray."""
     return _run("features", spec, date, store=store, ray_address=ray_address, storage_secret=storage_secret)
+
+
+@task(name="monitor_model", task_run_name="monitor {date}", **_opts(None))
+def monitor_model(spec: str, date: str, store: str | None = None, tracking_uri: str | None = None,
+                  storage_secret: str | None = None, mlflow_secret: str | None = None) -> dict[str, Any]:
+    """Judge the model in service on the day's logged predictions and labels; roll it back when it
+    must (see ``daybreak.monitor``). A rollback or an alert is also a Prefect event,
+    ``daybreak.model.rolled_back`` / ``daybreak.model.alert`` on resource ``daybreak.model.<name>``,
+    for an Automation to act on (notify, page, pause a deployment)."""
+    result = _run("monitor", spec, date, store=store, tracking_uri=tracking_uri, storage_secret=storage_secret,
+                  mlflow_secret=mlflow_secret)
+    if result.get("notification"):
+        from prefect.events import emit_event
+
+        n = result["notification"]
+        emit_event(event=n["event"], resource={"prefect.resource.id": f"daybreak.model.{result['model']}",
+                                               "prefect.resource.name": result["model"]},
+                   payload={k: v for k, v in n.items() if k != "event"})
+    return result
 
 
 @task(name="train_model", task_run_name="train {date}", **_opts("train"))
