@@ -157,9 +157,9 @@ def main() -> int:
     ap.add_argument("--gate-rows", type=int, default=1_000_000,
                     help="holdout rows for the gate's bootstrap benchmark (0: skip it)")
     ap.add_argument("--gate-repeats", type=int, default=3)
-    ap.add_argument("--serve-seconds", type=float, default=5.0,
+    ap.add_argument("--serve-seconds", type=float, default=4.0,
                     help="measured seconds per server, request size and round in the serving benchmark (0: skip it)")
-    ap.add_argument("--serve-repeats", type=int, default=3)
+    ap.add_argument("--serve-repeats", type=int, default=5)
     ap.add_argument("--e2e-days", type=int, default=5, help="timed days of the end-to-end cycle (0: skip it)")
     ap.add_argument("--out", type=Path, default=HERE, help="where RESULTS.md, results.json and the PNG go")
     args = ap.parse_args()

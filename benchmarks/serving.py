@@ -1,6 +1,6 @@
 """`daybreak serve` against `mlflow models serve --env-manager local`: same model, same client.
 
-    python benchmarks/serving.py [--seconds 5] [--repeats 3] [--concurrency 32] [--rows 1 100]
+    python benchmarks/serving.py [--seconds 4] [--repeats 5] [--concurrency 32] [--rows 1 100]
 
 The champion of the flights demo (the daily cycle run for 2013-01-01 .. 2013-01-02) is served by
 both servers at once, on loopback, each as its own process with its defaults (mlflow: one
@@ -144,12 +144,14 @@ def start_servers(home: Path, prep: dict, logs: Path, log_compare: bool = False)
         cmds[which] = [str(BIN / "daybreak"), "serve", "--spec", str(spec_file), "--port", str(ports[which])]
         if log_compare:
             (home / f"store_{which}").mkdir(exist_ok=True)
-            cmds[which] += ["--store", str(home / f"store_{which}")]
     procs = {}
     try:
         for which, cmd in cmds.items():
+            own = dict(env)
+            if log_compare and which in specs:  # `daybreak serve` logs under $DAYBREAK_STORE
+                own["DAYBREAK_STORE"] = str(home / f"store_{which}")
             with open(logs / f"{which}.log", "w") as out:
-                procs[which] = (subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, cwd=home),
+                procs[which] = (subprocess.Popen(cmd, env=own, stdout=out, stderr=subprocess.STDOUT, cwd=home),
                                 ports[which])
         for which, (proc, port) in procs.items():
             _wait(f"http://127.0.0.1:{port}/ping", proc)
@@ -253,8 +255,8 @@ def load(port: int, payloads: list[bytes], concurrency: int, seconds: float, war
     return runner(_load(port, payloads, concurrency, seconds, warmup))
 
 
-def bench_serving(sizes: list[int] = (1, 100), seconds: float = 5.0, concurrency: int = 32,
-                  warmup: float = 1.5, home: Path | None = None, repeats: int = 3,
+def bench_serving(sizes: list[int] = (1, 100), seconds: float = 4.0, concurrency: int = 32,
+                  warmup: float = 1.5, home: Path | None = None, repeats: int = 5,
                   log_compare: bool | None = None) -> dict:
     """`repeats` rounds per request size; in each round every server gets `seconds` of load in
     turn (after `warmup`), so load on the machine hits them alike. Figures are the medians over
@@ -282,8 +284,9 @@ def bench_serving(sizes: list[int] = (1, 100), seconds: float = 5.0, concurrency
                 payloads = bodies(prep, rows)
                 check_same_predictions(ports, payloads)
                 rounds: dict[str, list[dict]] = {which: [] for which in ports}
+                order = list(ports)
                 for k in range(repeats):
-                    for which in ports:
+                    for which in order[k % len(order):] + order[:k % len(order)]:  # each server leads in turn
                         r = load(ports[which], payloads, concurrency, seconds, warmup)
                         rounds[which].append(r)
                         print(f"serving {rows:>3}-row requests [{k + 1}/{repeats}] {which:>16}: {r['rps']:8.1f} req/s, "
@@ -341,9 +344,10 @@ def serving_lines(r: dict) -> list[str]:
                       f"{r['logged_files']['on']}/{r['logged_files']['off']}):", ""]
         for rows, res in r["sizes"].items():
             each = ", ".join(f"{x:.2f}" for x in res["log_on_vs_off_rounds"])
-            lines.append(f"- {rows} row(s): log on = {res['log_on_vs_off_throughput']:.2f}x the throughput with it off "
-                         f"({1 - res['log_on_vs_off_throughput']:+.1%} cost; rounds {each}), p99 "
-                         f"{res['log_on_vs_off_p99']:.2f}x.")
+            cost = 1 - res["log_on_vs_off_throughput"]
+            said = f"costs {cost:.1%} of the throughput" if cost > 0 else "no measurable cost"
+            lines.append(f"- {rows} row(s): throughput with the log on / off = {res['log_on_vs_off_throughput']:.2f} "
+                         f"({said}; per round {each}); p99 on / off {res['log_on_vs_off_p99']:.2f}.")
     else:
         lines += ["", "Prediction log on vs off: not measured (the spec has no `monitoring.log.sample_rate` yet)."]
     return lines
@@ -352,9 +356,9 @@ def serving_lines(r: dict) -> list[str]:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rows", type=int, nargs="+", default=[1, 100], help="rows per request")
-    ap.add_argument("--seconds", type=float, default=5.0, help="measured seconds per server, size and round")
+    ap.add_argument("--seconds", type=float, default=4.0, help="measured seconds per server, size and round")
     ap.add_argument("--warmup", type=float, default=1.5, help="seconds of load not counted, before each measurement")
-    ap.add_argument("--repeats", type=int, default=3, help="rounds (servers take turns in each)")
+    ap.add_argument("--repeats", type=int, default=5, help="rounds (servers take turns in each)")
     ap.add_argument("--concurrency", type=int, default=32, help="connections, each with one request in flight")
     ap.add_argument("--home", type=Path, help="keep the prepared home (registry, store, server logs) here; "
                                               "reused on the next run")

@@ -169,6 +169,9 @@ def bench_training(rows: int, repeats: int = 3) -> dict:
     with tempfile.TemporaryDirectory(prefix="dbtrain") as tmp:  # twice the rows, the same budget
         prepare(Path(tmp), 2 * rows)
         ooc2 = run(f"ooc={budget}", Path(tmp))
+    import ray
+
+    ray.shutdown()  # prepare's local Ray: not left idle under the benchmarks that follow
     out = {"rows": rows, "repeats": repeats, "raw_s": round(raw["seconds"], 2), "step_s": round(step["seconds"], 2),
            "overhead": round(step["seconds"] / raw["seconds"] - 1, 3), "rounds": raw["rounds"],
            "estimated_window_mb": round(data_mb), "budget_mb": budget,
