@@ -120,7 +120,7 @@ def bench_dag_parse(repeats: int) -> dict:
 
     r = bench_parse(repeats)
     daily = r["files"]["daybreak_daily_retrain.py"]
-    return {"name": "DAG file parse vs empty DAG (DagBag in a fresh process, airflow already imported)",
+    return {"name": "DAG file parse vs empty DAG (DagBag in a forked child, airflow already imported)",
             "baseline_s": r["empty_median_s"], "daybreak_s": daily["median_s"],
             "ratio": daily["median_ratio_to_empty"], "repeats": repeats,
             "other_files": {f: v for f, v in r["files"].items() if f != "daybreak_daily_retrain.py"},
