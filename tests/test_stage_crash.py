@@ -1,5 +1,8 @@
 """SIGKILL the stage step at random moments of publishing: readers never see a partial partition,
-and a rerun completes. Local disk and S3."""
+and a rerun completes. Local disk and S3.
+
+The stage loops run in children forked from one worker process per test (stage_crash_worker.py),
+so a trial pays no interpreter start-up and imports (several seconds each on a busy machine)."""
 
 from __future__ import annotations
 
@@ -13,6 +16,7 @@ import uuid
 from datetime import date
 from pathlib import Path
 
+import psutil
 import pyarrow.parquet as pq
 import pytest
 
@@ -79,29 +83,54 @@ def test_kill_during_publish(kind: str, tmp_path: Path, landing: Path, monkeypat
         while not stop.is_set():
             r = check(ctx)
             seen[r] = seen.get(r, 0) + 1
+            # a short breath: a reader spinning flat out holds this process's GIL against the
+            # rerun and takes a whole core from the worker on a 2-core machine (it still reads
+            # the partition hundreds of times per trial)
+            stop.wait(0.002)
 
     t = threading.Thread(target=reader)
     t.start()
     rng = random.Random(7)
     publishes = []
+    errors = tmp_path / "worker.err"
+    with open(errors, "w") as err:
+        worker = subprocess.Popen([str(BIN / "python"), str(ROOT / "tests" / "stage_crash_worker.py"), str(SPEC), DAY],
+                                  env=dict(os.environ), stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err,
+                                  text=True, bufsize=1)
     try:
-        for _ in range(TRIALS):
-            proc = subprocess.Popen([str(BIN / "python"), str(ROOT / "tests" / "stage_crash_worker.py"), str(SPEC), DAY],
-                                    env=dict(os.environ), stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-            # Wait for its first publish (imports take a second or more on a busy machine), so that the
-            # kill lands somewhere inside the publish loop rather than during start-up.
-            first = proc.stdout.readline()
-            assert first.strip() == "1", f"the worker died before publishing once: {first!r}"
+        ready = worker.stdout.readline()
+        assert ready.startswith("READY"), f"stage_crash_worker did not start: {ready!r} {errors.read_text()[-2000:]}"
+        for k in range(TRIALS):
+            counts = tmp_path / f"publishes-{k}.txt"
+            worker.stdin.write(f"{counts}\n")
+            worker.stdin.flush()
+            pid = int(worker.stdout.readline().split()[1])
+            # Wait for its first publish, so that the kill lands somewhere inside the publish loop
+            # rather than before it.
+            deadline = time.monotonic() + 120
+            while not (counts.exists() and counts.read_text().startswith("1\n")):
+                assert time.monotonic() < deadline and psutil.pid_exists(pid), \
+                    f"the worker died before publishing once: {errors.read_text()[-2000:]}"
+                time.sleep(0.005)
             time.sleep(rng.random() * 1.5)
-            proc.send_signal(signal.SIGKILL)
-            out, _ = proc.communicate()
-            publishes.append(1 + len(out.split()))  # kills land in publish number 2, 3, ...
+            os.kill(pid, signal.SIGKILL)
+            exit_line = worker.stdout.readline()
+            assert exit_line.split() == ["EXIT", str(-signal.SIGKILL)], \
+                f"{exit_line!r} (not killed: the loop ended) {errors.read_text()[-2000:]}"
+            publishes.append(1 + len(counts.read_text().split()))  # the kill landed in publish number 2, 3, ...
             # a rerun after the crash completes and leaves a whole partition
             stage(spec, RunContext.create(DAY))
             assert check(RunContext.create(DAY)) == "ok"
     finally:
         stop.set()
         t.join()
+        worker.stdin.close()
+        try:
+            worker.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            worker.kill()
+            worker.wait()
+    print(f"\n{kind}: kills landed in publish number {publishes}; reads: {seen}")
     bad = {k: v for k, v in seen.items() if k not in ("ok", "stale")}
     assert bad == {}, f"readers saw {bad} (all: {seen}; kills landed in publish number {publishes})"
     assert seen.get("ok", 0) > 50
