@@ -13,11 +13,14 @@ For a logical date D (run after D's data was staged and its features built, befo
    ``monitoring.drift.sample_rows`` rows a side (the PSI of 10 bins is stable far below that).
    Above ``warn_psi``: a warning; above ``block_psi``: the step fails after recording, so nothing
    is trained or promoted on inputs the model never saw until a person looks.
-3. **Automatic rollback.** On the champion's labelled rows, ``previous`` scores the very inputs the
-   champion was given, and a paired bootstrap (the gate's machinery) gives the interval of the
-   champion's gain over it. The champion is rolled back when its live metric is below the floor
-   (``monitoring.rollback.floor``, default ``gate.floor``) and ``previous`` does not share the
-   problem on those rows, or when the whole interval lies below ``-margin`` (clearly worse).
+3. **Automatic rollback.** On the champion's labelled rows of the last
+   ``monitoring.rollback.window_days`` days (rows of one day share its weather and traffic, so one
+   day alone overstates the confidence), ``previous`` scores the very inputs the champion was
+   given, and a paired bootstrap (the gate's machinery) gives the intervals. The champion is
+   rolled back when its whole interval is past the floor (``monitoring.rollback.floor``, default
+   ``gate.floor``) and ``previous`` does not share the problem on those rows (if it does, the
+   inputs are at fault: an alert), or when the interval of its gain over ``previous`` lies below
+   ``-margin`` (clearly worse).
    The rollback is the ordinary one (lock, audit event, the server follows the alias), and only
    if the champion is still the version judged.
 
@@ -89,7 +92,7 @@ def _labelled(spec: Spec, ctx: RunContext) -> Any:
     return t.to_pandas()
 
 
-def _online(spec: Spec, ctx: RunContext) -> tuple[Any, Any]:
+def _online(spec: Spec, ctx: RunContext, drift: bool = True) -> tuple[Any, Any]:
     """The log's rows around D (for the join), and the served inputs of the drift window ending on D."""
     from daybreak.predlog import read_log
 
@@ -97,7 +100,7 @@ def _online(spec: Spec, ctx: RunContext) -> tuple[Any, Any]:
     near = read_log(spec, ctx.store, [d - timedelta(days=1), d, d + timedelta(days=1)])
     c = spec.monitoring.drift
     served = None
-    if c is not None:
+    if c is not None and drift:
         n = c.window_days or spec.training.window_days
         names = c.features or spec.features.feature_names()
         served = read_log(spec, ctx.store, [d - timedelta(days=k) for k in range(n - 1, -1, -1)], columns=names)
@@ -155,6 +158,30 @@ def joined_rows(spec: Spec, ctx: RunContext, labelled: Any, online: Any, batch: 
 
 def _slice_columns(spec: Spec) -> list[str]:
     return list(spec.monitoring.slices if spec.monitoring.slices is not None else spec.gate.slices.columns)
+
+
+def _window_rows(spec: Spec, ctx: RunContext, today: Any, champion: str) -> Any:
+    """The champion's labelled rows of the rollback window: today's, and those of the days before
+    it (``monitoring.rollback.window_days``) whose labels are in."""
+    import pandas as pd
+    from dataclasses import replace
+
+    parts = [today[today["model_version"].astype(str) == champion]]
+    for k in range(1, spec.monitoring.rollback.window_days):
+        day = replace(ctx, logical_date=ctx.logical_date - timedelta(days=k))
+        online, _ = _online(spec, day, drift=False)
+        batch = _batch(spec, day)
+        if online is None and batch is None:
+            continue
+        try:
+            labelled = _labelled(spec, day)
+        except MissingInputError:
+            continue
+        rows = joined_rows(spec, day, labelled, online, batch)
+        if rows is not None and len(rows):
+            rows = rows[rows["model_version"].astype(str) == champion]
+            parts.append(rows.assign(monitor_date=day.logical_date.isoformat()))
+    return pd.concat(parts, ignore_index=True) if len(parts) > 1 else parts[0]
 
 
 # --- live quality ---------------------------------------------------------------------------
@@ -216,14 +243,27 @@ def served_drift(spec: Spec, ctx: RunContext, served: Any, champion_tags: dict[s
 
 # --- rollback -------------------------------------------------------------------------------
 
+def _past(metric: str, value: float, bound: float) -> bool:
+    """Whether `value` is on the wrong side of `bound` (below a floor, above a ceiling)."""
+    return math.isfinite(value) and (value < bound if metrics.DIRECTION[metric] else value > bound)
+
+
 def judge_champion(spec: Spec, ctx: RunContext, rows: Any, champion: str, previous: str | None) -> dict[str, Any]:
-    """Whether the champion's live rows call for a rollback to `previous` (see the module docstring)."""
+    """Whether the champion's labelled live rows (of the rollback window) call for a rollback to
+    `previous` (see the module docstring).
+
+    * floor: the champion's whole interval (bootstrap, ``rollback.level``) is past the floor, and
+      ``previous`` is not past it on the same rows; if it is, the inputs are at fault: an alert;
+    * clearly worse: the interval of the champion's gain over ``previous`` on the same rows lies
+      below ``-rollback.margin``.
+    """
     r = spec.monitoring.rollback
     metric, floor = spec.live_metric(), spec.live_floor()
-    hib = metrics.DIRECTION[metric]
     mine = rows[rows["model_version"].astype(str) == champion]
+    days = sorted({str(d) for d in mine["monitor_date"]}) if "monitor_date" in mine.columns else []
     out: dict[str, Any] = {"metric": metric, "champion_version": champion, "previous_version": previous,
-                           "rows": len(mine), "floor": floor, "rollback": False, "reasons": [], "alerts": []}
+                           "rows": len(mine), "days": days, "floor": floor, "rollback": False, "reasons": [],
+                           "alerts": []}
     if len(mine) < r.min_rows:
         out["reasons"].append(f"{len(mine)} labelled live rows of v{champion} < monitoring.rollback.min_rows="
                               f"{r.min_rows}: not judged")
@@ -232,39 +272,42 @@ def judge_champion(spec: Spec, ctx: RunContext, rows: Any, champion: str, previo
         mine = mine.sample(n=MAX_BOOTSTRAP_ROWS, random_state=r.seed)
     y = mine[spec.features.label.name].to_numpy(np.float64)
     served = mine["prediction"].to_numpy(np.float64)
-    value = metrics.evaluate(metric, y, served, spec.gate.threshold)
-    out["champion_metric"] = value
-    below = floor is not None and math.isfinite(value) and (value < floor if hib else value > floor)
-    prev_value = None
+    theirs = None
     if previous is not None:
         model = registry.load_model(ctx, spec.model.name, previous)
         theirs = np.asarray(model.predict(mine[spec.features.feature_names()].reset_index(drop=True)), np.float64)
-        prev_value = metrics.evaluate(metric, y, theirs, spec.gate.threshold)
-        boot = metrics.paired_bootstrap(metric, y, served, theirs, resamples=r.resamples, level=r.level,
-                                        seed=r.seed, threshold=spec.gate.threshold)
-        out["previous_metric"] = prev_value
-        out["bootstrap"] = {k: v for k, v in boot.items() if k != "gains"}
-        clearly_worse = math.isfinite(boot["high"]) and boot["high"] < -r.margin
-        if clearly_worse:
-            out["reasons"].append(
-                f"live {metric} of v{champion} {value:.4f} vs {prev_value:.4f} for v{previous} on the same "
-                f"{len(mine)} rows: the {r.level:.0%} interval of the gain [{boot['low']:.4f}, {boot['high']:.4f}] "
-                f"lies below -{r.margin:g}")
-        prev_below = floor is not None and math.isfinite(prev_value) and (
-            prev_value < floor if hib else prev_value > floor)
-        if below and not prev_below:
-            out["reasons"].append(f"live {metric} of v{champion} {value:.4f} is {'below' if hib else 'above'} "
-                                  f"the floor {floor:g} ({len(mine)} rows); v{previous} has {prev_value:.4f}")
-        elif below:
-            out["alerts"].append(f"live {metric} of v{champion} {value:.4f} is past the floor {floor:g}, and so is "
-                                 f"v{previous} on the same rows ({prev_value:.4f}): the inputs, not the model, look "
-                                 "at fault; not rolled back")
-        out["rollback"] = bool(r.enabled and (clearly_worse or (below and not prev_below)))
-        if (clearly_worse or (below and not prev_below)) and not r.enabled:
-            out["alerts"].append("monitoring.rollback.enabled is false: not rolled back")
+    boot = metrics.paired_bootstrap(metric, y, served, served if theirs is None else theirs, resamples=r.resamples,
+                                    level=r.level, seed=r.seed, threshold=spec.gate.threshold)
+    value = metrics.evaluate(metric, y, served, spec.gate.threshold)
+    low, high = boot["candidate_interval"]
+    out |= {"champion_metric": value, "champion_interval": [low, high]}
+    span = f"{len(mine)} rows of {len(days) or 1} day(s)"
+    below = floor is not None and _past(metric, high if metrics.DIRECTION[metric] else low, floor)
+    if theirs is None:
+        if below:
+            out["alerts"].append(f"live {metric} of v{champion} {value:.4f} (interval [{low:.4f}, {high:.4f}], {span}) "
+                                 f"is past the floor {floor:g}; there is no {spec.promotion.previous_alias!r} "
+                                 "version to roll back to")
+        return out
+    prev_value = metrics.evaluate(metric, y, theirs, spec.gate.threshold)
+    out |= {"previous_metric": prev_value, "bootstrap": {k: v for k, v in boot.items() if k != "gains"}}
+    clearly_worse = math.isfinite(boot["high"]) and boot["high"] < -r.margin
+    prev_below = floor is not None and _past(metric, prev_value, floor)
+    if clearly_worse:
+        out["reasons"].append(
+            f"live {metric} of v{champion} {value:.4f} vs {prev_value:.4f} for v{previous} on the same {span}: "
+            f"the {r.level:.0%} interval of the gain [{boot['low']:.4f}, {boot['high']:.4f}] lies below -{r.margin:g}")
+    if below and not prev_below:
+        out["reasons"].append(f"live {metric} of v{champion} {value:.4f} (interval [{low:.4f}, {high:.4f}], {span}) "
+                              f"is past the floor {floor:g}; v{previous} has {prev_value:.4f}")
     elif below:
-        out["alerts"].append(f"live {metric} of v{champion} {value:.4f} is past the floor {floor:g}; there is no "
-                             f"{spec.promotion.previous_alias!r} version to roll back to")
+        out["alerts"].append(f"live {metric} of v{champion} {value:.4f} is past the floor {floor:g}, and so is "
+                             f"v{previous} on the same {span} ({prev_value:.4f}): the inputs, not the model, look "
+                             "at fault; not rolled back")
+    act = clearly_worse or (below and not prev_below)
+    out["rollback"] = bool(r.enabled and act)
+    if act and not r.enabled:
+        out["alerts"].append("monitoring.rollback.enabled is false: not rolled back")
     return out
 
 
@@ -352,11 +395,14 @@ def monitor_model(spec: Spec, ctx: RunContext) -> dict[str, Any]:
                        "reason": "no predictions logged or batch-scored for this date", "pruned": pruned}
     labelled = _labelled(spec, ctx)
     rows = joined_rows(spec, ctx, labelled, online, batch)
+    if rows is not None:
+        rows["monitor_date"] = day
     versions, slices = live_quality(spec, rows) if rows is not None and len(rows) else ([], [])
     drift_verdict, drift = ("skip", []) if champ is None else served_drift(spec, ctx, served, dict(champ.tags))
     verdict: dict[str, Any] = {"rollback": False, "reasons": [], "alerts": []}
     if champion is not None and rows is not None and len(rows):
-        verdict = judge_champion(spec, ctx, rows, champion, previous)
+        window = _window_rows(spec, ctx, rows, champion)
+        verdict = judge_champion(spec, ctx, window, champion, previous)
     result = base | {
         "champion_version": champion, "previous_version": previous, "metric": spec.live_metric(),
         "rows_logged": 0 if online is None else len(online), "rows_batch": 0 if batch is None else len(batch),

@@ -554,9 +554,13 @@ class LiveRollbackSpec(_Model):
     """When the monitor moves the champion back to ``previous``."""
 
     enabled: bool = True
-    floor: float | None = Field(None, description="live bound on the monitoring metric (default: gate.floor)")
-    margin: float = Field(0.0, ge=0, description="roll back when the champion is worse than previous by more "
-                                                "than this with confidence (the upper end of the interval)")
+    floor: float | None = Field(None, description="live bound on the monitoring metric (default: gate.floor); "
+                                                  "crossed when the champion's whole interval is past it")
+    margin: float = Field(0.03, ge=0, description="roll back when the champion is worse than previous by more "
+                                                 "than this with confidence (the upper end of the interval)")
+    window_days: int = Field(3, ge=1, le=31, description="judge on the champion's labelled rows of the last days "
+                                                         "(rows of one day are alike: one day alone overstates "
+                                                         "the confidence)")
     level: float = Field(0.95, gt=0.5, lt=1.0)
     resamples: int = Field(1000, ge=100, le=100_000)
     seed: int = 0
