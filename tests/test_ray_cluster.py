@@ -33,7 +33,10 @@ def _start(args: list[str], env: dict, log: Path) -> subprocess.Popen:
                             stderr=subprocess.STDOUT, start_new_session=True)
 
 
-def _stop(proc: subprocess.Popen) -> None:
+def _stop(proc: subprocess.Popen, grace: float = 5.0) -> None:
+    """SIGTERM a node (`ray start --block`) and every process under it; SIGKILL what is left
+    after `grace` seconds. (Some of a throwaway node's processes outlast a SIGTERM by 20 s or
+    more; nothing of it is kept.)"""
     try:
         family = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
     except psutil.NoSuchProcess:
@@ -43,9 +46,20 @@ def _stop(proc: subprocess.Popen) -> None:
             p.terminate()
         except psutil.NoSuchProcess:
             pass
-    _, alive = psutil.wait_procs(family, timeout=20)
+    _, alive = psutil.wait_procs(family, timeout=grace)
     for p in alive:
         p.kill()
+
+
+def _wait_started(node: subprocess.Popen, log: Path, timeout: float = 120) -> None:
+    """Until `ray start` says the node runs ("Ray runtime started")."""
+    deadline = time.monotonic() + timeout
+    while "Ray runtime started" not in log.read_text(errors="replace"):
+        if node.poll() is not None:
+            raise RuntimeError(f"ray start exited with {node.returncode}: {log.read_text()[-2000:]}")
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"no Ray node within {timeout} s: {log.read_text()[-2000:]}")
+        time.sleep(0.2)
 
 
 def _alive_nodes(address: str, env: dict) -> int:
@@ -74,25 +88,17 @@ def ray_cluster() -> Iterator[dict]:
                   env, tmp / "head.log")
     procs = [head]
     try:
-        deadline = time.monotonic() + 120
-        worker = None
-        while time.monotonic() < deadline:
-            if head.poll() is not None:
-                raise RuntimeError(f"ray head exited: {(tmp / 'head.log').read_text()[-2000:]}")
-            if worker is None:
-                try:
-                    if _alive_nodes(address, env) >= 1:
-                        worker = _start([f"--address={address}", *common], env, tmp / "worker.log")
-                        procs.append(worker)
-                except RuntimeError:
-                    pass
-            elif worker.poll() is not None:
-                raise RuntimeError(f"ray worker exited: {(tmp / 'worker.log').read_text()[-2000:]}")
-            elif _alive_nodes(address, env) == 2:
-                break
+        # Each node says so in its log once it runs (a worker node once it has joined the head's
+        # GCS); then one driver confirms that both are alive. (Asking a driver every second
+        # costs an interpreter and a Ray import each time.)
+        _wait_started(head, tmp / "head.log")
+        worker = _start([f"--address={address}", *common], env, tmp / "worker.log")
+        procs.append(worker)
+        _wait_started(worker, tmp / "worker.log")
+        deadline = time.monotonic() + 60
+        while (alive := _alive_nodes(address, env)) < 2:
+            assert time.monotonic() < deadline, f"{alive} of 2 Ray nodes alive after 60 s"
             time.sleep(1)
-        else:
-            raise TimeoutError("the 2-node Ray cluster did not come up within 120 s")
         yield {"address": address, "token": token, "port": port, "env": env}
     finally:
         for p in reversed(procs):
@@ -134,6 +140,7 @@ def test_features_run_on_both_nodes_of_a_cluster_named_by_an_airflow_connection(
 
 
 def test_a_wrong_token_is_refused(ray_cluster: dict, tmp_path: Path) -> None:
-    env = {**ray_cluster["env"], "RAY_AUTH_TOKEN": "0" * 64}
-    with pytest.raises(RuntimeError):
+    # (a refused driver tries again for about 20 s by default; two tries are enough to be refused)
+    env = {**ray_cluster["env"], "RAY_AUTH_TOKEN": "0" * 64, "RAY_gcs_server_port_wait_time_s": "2"}
+    with pytest.raises(RuntimeError, match="InvalidAuthToken"):
         _alive_nodes(ray_cluster["address"], env)

@@ -45,6 +45,7 @@ import yaml
 import invariants
 from conftest import BIN, SPEC, free_port, make_home
 from test_ray_cluster import _stop as stop_family  # terminate a process and its children, by PID
+from test_ray_cluster import _wait_started
 from daybreak import registry
 from daybreak.context import RunContext
 from daybreak.gate import PROMOTE
@@ -165,17 +166,6 @@ def _ray_head(tmp: Path, env: dict[str, str]) -> tuple[subprocess.Popen, str]:
                              "--object-store-memory=200000000", "--disable-usage-stats"],
                             env=env, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
     return head, f"127.0.0.1:{port}"
-
-
-def _wait_head(head: subprocess.Popen, log: Path, timeout: float = 120) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if head.poll() is not None:
-            raise RuntimeError(f"ray head exited: {log.read_text()[-2000:]}")
-        if "Ray runtime started" in log.read_text():
-            return
-        time.sleep(0.2)
-    raise TimeoutError(f"the Ray head did not start within {timeout} s: {log.read_text()[-2000:]}")
 
 
 # --- what readers see ----------------------------------------------------------------------------
@@ -402,7 +392,7 @@ def crash_rig(tmp_path: Path, landing: Path, monkeypatch: pytest.MonkeyPatch):
     worker = None
     try:
         worker = Worker(spec_path, env | {"RAY_ADDRESS": address}, runs)  # imports while Ray starts
-        _wait_head(head, ray_tmp / "head.log")
+        _wait_started(head, ray_tmp / "head.log")
         imports = worker.ready()
         yield {"spec": load_spec(spec_path), "home": home, "worker": worker, "runs": runs,
                "setup_s": time.monotonic() - t0, "imports_s": imports}
