@@ -197,9 +197,16 @@ def test_live_metrics_are_recorded_per_version(home: Path, spec, tmp_path: Path)
             *spec.features.feature_names()} <= set(logged.columns)
     assert logged["request_id"].str.startswith("req-").all()
 
+    # batch scoring's predictions of the day are judged too (by the champion now: `second`)
+    from daybreak.score import batch_score
+
+    scored = batch_score(spec, ctx)
     result = monitor_model(spec, ctx)
     online = {v["version"]: v for v in result["versions"] if v["source"] == "online"}
     assert set(online) == {first, second}, result["versions"]
+    batch = [v for v in result["versions"] if v["source"] == "batch"]
+    assert [(v["version"], v["rows"]) for v in batch] == [(second, scored["rows"])]
+    assert batch[0]["metrics"]["roc_auc"] > 0.5
     assert online[first]["rows"] + online[second]["rows"] == len(rows)  # every served row found its label
     for v in online.values():
         assert 0.5 < v["metrics"]["roc_auc"] < 1.0 and set(v["metrics"]) >= {"roc_auc", "log_loss", "brier"}
@@ -230,6 +237,16 @@ def test_live_metrics_are_recorded_per_version(home: Path, spec, tmp_path: Path)
                          capture_output=True, text=True, env={**os.environ, "DAYBREAK_HOME": str(home)}, timeout=120)
     events = json.loads(out.stdout)
     assert events[0]["event"] == "monitor" and f"v{first}" in events[0]["reason"], events[0]
+
+    # a drift past block_psi stops the day (exit 2 naming the features), after recording it
+    strict = _spec_file(spec, tmp_path, 2, drift={"block_psi": 0.5})
+    out = subprocess.run([str(BIN / "daybreak"), "monitor", "--spec", str(strict), "--date", day.isoformat()],
+                         capture_output=True, text=True, env={**os.environ, "DAYBREAK_HOME": str(home)}, timeout=300)
+    assert out.returncode == 2, out.stdout + out.stderr
+    message = out.stderr.strip().splitlines()[-1]
+    assert "block_psi=0.5" in message and "drifted" in message and "PSI " in message, message
+    assert "Traceback" not in out.stderr
+    assert live_history(spec, ctx)[-1]["action"] == "alert"
 
 
 def test_degraded_champion_is_rolled_back_and_served(home: Path, spec, tmp_path: Path) -> None:

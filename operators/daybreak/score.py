@@ -2,7 +2,9 @@
 
 Writes ``predictions/<model>/date=D/`` with one row per feature row: the row's keys and event
 time, the prediction, a confidence (classification: the probability of the predicted class;
-regression: null), the model version and when it was scored. The partition is published
+regression: null), the model version, the scoring run's id (``request_id``) and when it was
+scored. This partition is batch scoring's prediction log: the monitor step joins it with the
+date's labels like the online log (the features are the feature partition it scored). The partition is published
 atomically and idempotently: a rerun with the same champion and features keeps it, and a rerun
 after the champion moved replaces it whole.
 """
@@ -37,12 +39,12 @@ class SliceScorer:
     """A Ray Data actor: loads the model once (checking its artifacts' hash), then scores the
     feature row groups it is given. A pyfunc model logged as code cannot be pickled to workers."""
 
-    def __init__(self, spec: Spec, tracking_uri: str, version: str, fs: Any, scored_at: str) -> None:
+    def __init__(self, spec: Spec, tracking_uri: str, version: str, fs: Any, scored_at: str, run_id: str = "") -> None:
         from daybreak.context import RunContext
 
         ctx = RunContext.create(datetime.now(timezone.utc).date(), tracking_uri=tracking_uri)
         self.model = registry.load_model(ctx, spec.model.name, version)
-        self.spec, self.version, self.fs, self.scored_at = spec, version, fs, scored_at
+        self.spec, self.version, self.fs, self.scored_at, self.run_id = spec, version, fs, scored_at, run_id
 
     def __call__(self, items: pa.Table) -> pa.Table:
         import pyarrow.parquet as pq
@@ -58,6 +60,7 @@ class SliceScorer:
         return pa.table({**{c: t.column(c) for c in ids}, "prediction": pa.array(pred),
                          "confidence": pa.array(conf, from_pandas=True),
                          "model_version": pa.array([self.version] * n, pa.string()),
+                         "request_id": pa.array([self.run_id] * n, pa.string()),  # the scoring run
                          "scored_at": pa.array([self.scored_at] * n, pa.string()).cast(pa.timestamp("s", tz="UTC"))})
 
 
@@ -115,7 +118,7 @@ def batch_score(spec: Spec, ctx: RunContext, champion_date: bool = False) -> dic
     ds = ray.data.from_items([{"path": p, "row_groups": g} for p, g in slices], override_num_blocks=len(slices))
     ds = ds.map_batches(SliceScorer, fn_constructor_kwargs={"spec": spec, "tracking_uri": ctx.tracking_uri,
                                                             "version": version, "fs": ctx.store.fs,
-                                                            "scored_at": scored_at},
+                                                            "scored_at": scored_at, "run_id": ctx.run_id},
                         concurrency=(1, min(cpus, len(slices))), batch_size=1, batch_format="pyarrow")
     ds = ds.sort([EVENT_TIME, *spec.features.keys])  # the features' own order: same rows, same file
 
