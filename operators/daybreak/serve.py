@@ -14,6 +14,10 @@ back. A batch takes the current model once, so every request in it is answered b
 version (the ``X-Model-Version`` header); batches run one after another, so the version a client
 sees never goes back unless the alias itself is moved back (a rollback).
 
+Every answered batch is handed to the prediction log (``predlog.py``): a queue append on the
+predict thread; a writer thread converts and writes. Requests may carry the spec's row identity
+columns next to the features (logged for the label join, not given to the model).
+
 Bodies of the usual shapes (``dataframe_split``, ``dataframe_records`` or ``inputs`` holding
 exactly the signature's columns, numbers in double columns, text in string ones) become columns
 directly; anything else goes through MLflow's own parser, one request at a time, so errors and
