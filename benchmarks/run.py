@@ -150,10 +150,10 @@ def main() -> int:
     ap.add_argument("--parse-repeats", type=int, default=15, help="samples per DAG file (forked children)")
     ap.add_argument("--feature-rows", type=int, nargs="*", default=[1_000_000, 3_000_000, 10_000_000],
                     help="sizes for the feature-step benchmark (none: skip it)")
-    ap.add_argument("--feature-repeats", type=int, default=3)
+    ap.add_argument("--feature-repeats", type=int, default=2)
     ap.add_argument("--train-rows", type=int, default=1_000_000,
                     help="rows for the training benchmark (0: skip it)")
-    ap.add_argument("--train-repeats", type=int, default=3)
+    ap.add_argument("--train-repeats", type=int, default=2)
     ap.add_argument("--gate-rows", type=int, default=1_000_000,
                     help="holdout rows for the gate's bootstrap benchmark (0: skip it)")
     ap.add_argument("--gate-repeats", type=int, default=3)
