@@ -26,6 +26,7 @@ import argparse
 import json
 import os
 import resource
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -161,8 +162,8 @@ def bench_training(rows: int, repeats: int = 3) -> dict:
         print(f"training: {rows:,} rows of features prepared in {time.perf_counter() - t0:.0f}s", flush=True)
         # alternated, median of `repeats`: these machines are shared and noisy
         pairs = [(run("raw", home), run(f"step{i}", home)) for i in range(repeats)]
-        raw = sorted((p[0] for p in pairs), key=lambda r: r["seconds"])[repeats // 2]
-        step = sorted((p[1] for p in pairs), key=lambda r: r["seconds"])[repeats // 2]
+        raw, step = ({k: statistics.median(p[i][k] for p in pairs) if isinstance(pairs[0][i][k], float) else pairs[0][i][k]
+                      for k in pairs[0][i]} for i in (0, 1))
         data_mb = estimated_bytes(_spec(), rows) / 2**20
         budget = round(data_mb / 6, 1)
         ooc = run(f"ooc={budget}", home)
@@ -178,7 +179,8 @@ def bench_training(rows: int, repeats: int = 3) -> dict:
            "in_memory_peak_mb": round(step["peak_above_start_mb"]), "out_of_core_peak_mb": round(ooc["peak_above_start_mb"]),
            "out_of_core_s": round(ooc["seconds"], 2), "val_auc_in_memory": round(step["val_metric"], 4),
            "val_auc_out_of_core": round(ooc["val_metric"], 4), "out_of_core_used": ooc["out_of_core"],
-           "out_of_core_peak_mb_2x_rows": round(ooc2["peak_above_start_mb"]), "out_of_core_s_2x_rows": round(ooc2["seconds"], 2)}
+           "out_of_core_peak_mb_2x_rows": round(ooc2["peak_above_start_mb"]), "out_of_core_s_2x_rows": round(ooc2["seconds"], 2),
+           "pairs": pairs}
     return out
 
 
