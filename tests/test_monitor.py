@@ -287,7 +287,14 @@ def test_degraded_champion_is_rolled_back_and_served(home: Path, spec, tmp_path:
         answered, versions = _send(server, cols, rows)
         assert versions == {str(bad)}
         server.wait_logged(answered)
-        result = monitor_model(watched, ctx)
+        # through the Airflow operator, as the daily DAG runs it: its on_rollback callback fires
+        from daybreak.airflow import MonitorModelOperator
+
+        called = []
+        op = MonitorModelOperator(task_id="monitor", spec=str(spec_file), logical_date=day.isoformat(),
+                                  on_rollback=lambda context, result: called.append((context["run_id"], result)))
+        result = op.execute({"run_id": "manual__monitor-test", "logical_date": None, "dag_run": None})
+        assert [c[0] for c in called] == ["manual__monitor-test"] and called[0][1] is result
         assert result["action"] == "rollback", result["reasons"] + result["alerts"]
         assert result["rollback"]["rolled_back_version"] == str(bad)
         assert result["rollback"]["champion_version"] == good
