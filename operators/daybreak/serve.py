@@ -326,7 +326,10 @@ class Batcher:
                 for i in fast:
                     answers[i] = _predictions(preds[start:start + jobs[i].rows])
                     start += jobs[i].rows
-                self._log(cur, frame, preds, [jobs[i] for i in fast])
+                try:
+                    self._log(cur, frame, preds, [jobs[i] for i in fast])
+                except Exception:  # the log never fails a request
+                    log.warning("prediction log: a batch was not logged", exc_info=True)
             except Exception:  # one request at a time, so a failure is only that request's
                 log.warning("batched predict failed; answering its %d requests one by one", len(fast), exc_info=True)
                 answers.clear()
@@ -350,8 +353,11 @@ class Batcher:
         try:
             frame = infer_and_parse_data(job.body, cur.model.metadata.get_input_schema())
             preds = np.asarray(cur.model.predict(frame))
-            if self.plog is not None and job.logged:
-                self._log_parsed(cur, frame, preds, job)
+            if self.plog is not None and job.logged and len(frame):
+                try:
+                    self._log_parsed(cur, frame, preds, job)
+                except Exception:  # the log never fails a request
+                    log.warning("prediction log: a parsed request was not logged", exc_info=True)
             return _predictions(preds)
         except MlflowException as e:
             return 400, _json({"detail": e.message})
