@@ -556,7 +556,7 @@ class LiveRollbackSpec(_Model):
     enabled: bool = True
     floor: float | None = Field(None, description="live bound on the monitoring metric (default: gate.floor); "
                                                   "crossed when the champion's whole interval is past it")
-    margin: float = Field(0.03, ge=0, description="roll back when the champion is worse than previous by more "
+    margin: float = Field(0.05, ge=0, description="roll back when the champion is worse than previous by more "
                                                  "than this with confidence (the upper end of the interval)")
     window_days: int = Field(3, ge=1, le=31, description="judge on the champion's labelled rows of the last days "
                                                          "(rows of one day are alike: one day alone overstates "
