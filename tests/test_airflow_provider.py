@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 import httpx
+import numpy as np
 import pytest
 import yaml
 
@@ -99,6 +100,7 @@ def airflow_site(airflow_started: dict, spec, request: pytest.FixtureRequest):
     shutil.copy(cycled["home"] / "mlflow.db", home / "mlflow.db")
     ctx = RunContext.create("2013-01-04", tracking_uri=f"sqlite:///{home / 'mlflow.db'}")
     champion = str(registry.alias_version(registry.client(ctx), spec.model.name, spec.promotion.alias).version)
+    _monitored(spec, home, cycled["home"], ctx.tracking_uri, champion)
     record_event(spec, ctx, "rollback", champion, from_version=champion, reason=NASTY, by="<b>mallory</b>")
     url = airflow_started["url"]
     try:
@@ -106,6 +108,40 @@ def airflow_site(airflow_started: dict, spec, request: pytest.FixtureRequest):
     except (RuntimeError, TimeoutError) as e:
         raise AssertionError(f"{e}\n{airflow_started['log'].read_text()[-3000:]}") from None
     return {**airflow_started, "champion": champion, "spec": spec, "ctx": ctx}
+
+
+LIVE_DAYS = ("2013-01-03", "2013-01-04")
+
+
+def _monitored(spec, home: Path, cycled_home: Path, tracking_uri: str, champion: str) -> None:
+    """Two days of live quality: the champion's answers to those days' flights go through the
+    prediction log's writer (as the server hands them over), then the monitor step judges them."""
+    from daybreak.features import read_features
+    from daybreak.monitor import monitor_model
+    from daybreak.predlog import PredictionLog
+
+    store = home / "store"
+    shutil.copytree(cycled_home / "store", store, symlinks=True, dirs_exist_ok=True)
+    old = os.environ.get("DAYBREAK_HOME")
+    os.environ["DAYBREAK_HOME"] = str(home)  # the monitor runs' artifacts go here
+    try:
+        ctxs = [RunContext.create(d, tracking_uri=tracking_uri, store=str(store)) for d in LIVE_DAYS]
+        model = registry.load_model(ctxs[0], spec.model.name, champion)
+        plog = PredictionLog(spec, ctxs[0].store)
+        for c in ctxs:
+            df = read_features(spec, c, [c.logical_date])[0].to_pandas()
+            X = df[spec.features.feature_names()]
+            ids = {k: df[k].tolist() for k in spec.features.keys} | {
+                "event_time": [t.isoformat() for t in df["event_time"]]}
+            plog.record(champion, X, np.asarray(model.predict(X)), [(f"ui-{c.logical_date}", len(df), ids)])
+        plog.close()
+        for c in ctxs:
+            assert monitor_model(spec, c)["rows_labelled"] > 0
+    finally:
+        if old is None:
+            os.environ.pop("DAYBREAK_HOME", None)
+        else:
+            os.environ["DAYBREAK_HOME"] = old
 
 
 def _token(site: dict, user: str = "admin") -> str:
@@ -251,6 +287,12 @@ def test_models_page_shows_champion_versions_history_and_reports(airflow_site: d
     assert {"promote", "reject"} & {h["event"] for h in data["history"]}
     champ_row = next(v for v in data["versions"] if v["version"] == site["champion"])
     assert champ_row["decision"] == "PROMOTE" and champ_row["rules"] and "champion" in champ_row["aliases"]
+
+    # live quality over time: the chart and the days monitoring recorded
+    assert "<h2>Live quality</h2>" in html and "<div id='live-chart'><figure><img" in html
+    assert [(r["date"], r["version"], r["source"]) for r in data["live"]] == [(d, site["champion"], "online")
+                                                                               for d in LIVE_DAYS]
+    assert all(0.5 < r["value"] < 1 and r["rows"] > 100 for r in data["live"])
 
     # the report link on the page works, through the UI's cookie too
     link = f"/daybreak/models/report/{site['champion']}?spec={spec.name}"
