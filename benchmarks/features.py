@@ -477,7 +477,7 @@ def plot(results: dict, path: Path, title: str = "") -> Path:
     for ax, ylabel in ((ax_t, "wall time (s)"), (ax_m, "peak memory, PSS of the process tree (GB)")):
         ax.set_xscale("log")
         ax.set_yscale("log")
-        ax.set_xticks(rows, [f"{n / 1e6:g}M" for n in rows])
+        ax.set_xticks(rows, [f"{n / 1e6:.2g}M" for n in rows])
         ax.minorticks_off()
         ax.set_xlabel("input rows (flights, 9 days read)")
         ax.set_ylabel(ylabel)
