@@ -100,8 +100,11 @@ class PredictionLog:
 
     def record(self, version: str, features: Any, predictions: np.ndarray,
                requests: list[tuple[str, int, dict[str, Sequence] | None]]) -> None:
-        """Queue one batch: its feature frame (pandas, the model's input), predictions, and per
-        request (in row order) its id, row count and the identity columns it carried."""
+        """Queue one batch: its features (the model's input: a dict of numpy columns, or a pandas
+        frame), predictions, and per request (in row order) its id, row count and the identity
+        columns it carried."""
+        if hasattr(features, "columns"):  # pandas: columns now, so the writer never touches pandas
+            features = {str(c): features[c].to_numpy() for c in features.columns}
         n = len(predictions)
         with self._count:
             if self.pending_rows + n > self.cfg.max_pending_rows:
@@ -152,46 +155,61 @@ class PredictionLog:
         self.flush()
 
     def table(self, entries: list[Entry]) -> pa.Table:
-        parts = []
-        for e in entries:
-            n = len(e.predictions)
-            rids = np.repeat(np.array([r[0] for r in e.requests], dtype=object), [r[1] for r in e.requests])
-            cols: dict[str, Any] = {
-                "request_id": pa.array(rids, pa.string()),
-                "served_at": pa.array(np.full(n, int(e.served_at * 1000), np.int64)).cast(pa.timestamp("ms", tz="UTC")),
-                "model_version": pa.array(np.full(n, e.version, dtype=object), pa.string()),
-                "source": pa.array(np.full(n, self.source, dtype=object), pa.string()),
-                "prediction": pa.array(np.asarray(e.predictions, np.float64)),
-            }
-            for name in self.ids:
-                values: list[Any] = []
-                for _, k, carried in e.requests:
-                    col = None if carried is None else carried.get(name)
-                    values.extend(col if col is not None else [None] * k)
-                cols[name] = _text(values)
-            feats = pa.Table.from_pandas(e.features, preserve_index=False)
-            for name in feats.column_names:
-                if name not in cols:
-                    cols[name] = feats.column(name)
-            parts.append(pa.table(cols))
-        return pa.concat_tables(parts, promote_options="permissive")
+        """All entries as one table, built column by column (one Arrow conversion per column, not
+        per batch: at a few thousand batches a flush, per-batch conversions cost more than serving)."""
+        groups: dict[tuple[str, ...], list[Entry]] = {}
+        for e in entries:  # a new version may take other features: one table per set of columns
+            groups.setdefault(tuple(e.features), []).append(e)
+        return pa.concat_tables([self._columns(g) for g in groups.values()], promote_options="permissive")
 
-    def _dates(self, t: pa.Table) -> np.ndarray:
-        """Each row's partition date: its event time's UTC date when sent, else when it was served."""
+    def _columns(self, entries: list[Entry]) -> pa.Table:
+        counts = np.array([len(e.predictions) for e in entries])
+        n = int(counts.sum())
+        requests = [r for e in entries for r in e.requests]
+
+        def per_entry(values: list[Any], kind: pa.DataType) -> pa.Array:
+            return pa.array(np.repeat(np.array(values, dtype=object), counts), kind)
+
+        served = np.repeat(np.array([int(e.served_at * 1000) for e in entries], np.int64), counts)
+        cols: dict[str, Any] = {
+            "request_id": pa.array(np.repeat(np.array([r[0] for r in requests], dtype=object),
+                                             [r[1] for r in requests]), pa.string()),
+            "served_at": pa.array(served).cast(pa.timestamp("ms", tz="UTC")),
+            "model_version": per_entry([e.version for e in entries], pa.string()),
+            "source": per_entry([self.source] * len(entries), pa.string()),
+            "prediction": pa.array(np.concatenate([np.asarray(e.predictions, np.float64).ravel() for e in entries])),
+        }
+        for name in self.ids:
+            if not any(c is not None and name in c for _, _, c in requests):
+                cols[name] = pa.nulls(n, pa.string())
+                continue
+            values: list[Any] = []
+            for _, k, carried in requests:
+                col = None if carried is None else carried.get(name)
+                values.extend(col if col is not None else [None] * k)
+            cols[name] = _text(values)
+        for name in entries[0].features:
+            if name not in cols:
+                cols[name] = pa.array(np.concatenate([e.features[name] for e in entries]), from_pandas=True)
+        return pa.table(cols)
+
+    def _days(self, t: pa.Table) -> np.ndarray:
+        """Each row's partition date (datetime64[D]): its event time's date when sent, else the
+        date it was served, both in the base source's zone."""
         import pandas as pd
 
-        served = pd.to_datetime(t.column("served_at").to_numpy(), utc=True)
-        when = served
-        if "event_time" in t.column_names:
-            sent = pd.to_datetime(pd.Series(t.column("event_time").to_pylist(), dtype="string"),
-                                  utc=True, errors="coerce", format="ISO8601")
-            when = pd.DatetimeIndex(sent.where(sent.notna(), pd.Series(served)))
-        return np.asarray(when.tz_convert(self.tz).strftime("%Y-%m-%d"))
+        served = pd.DatetimeIndex(pd.to_datetime(t.column("served_at").to_numpy(), utc=True))
+        days = served.tz_convert(self.tz).tz_localize(None).to_numpy().astype("datetime64[D]")
+        if "event_time" in t.column_names and t.column("event_time").null_count < t.num_rows:
+            sent = pd.to_datetime(t.column("event_time").to_pandas(), utc=True, errors="coerce", format="ISO8601")
+            local = pd.DatetimeIndex(sent).tz_convert(self.tz).tz_localize(None).to_numpy().astype("datetime64[D]")
+            days = np.where(np.isnat(local), days, local)
+        return days
 
     def _write(self, t: pa.Table) -> int:
-        days = self._dates(t)
+        days = self._days(t)
         for day in np.unique(days):
-            part = t.filter(pa.array(days == day))
+            part = t if len(days) and (days == day).all() else t.filter(pa.array(days == day))
             folder = self.store.path(self.zone, f"date={day}")
             self._seq += 1
             name = f"{datetime.now(timezone.utc):%Y%m%dT%H%M%S}-{self._stem}-{self._seq:06d}.parquet"

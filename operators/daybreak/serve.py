@@ -44,6 +44,7 @@ from operator import eq, itemgetter
 from typing import Any
 
 import numpy as np
+import pandas as pd
 from fastapi import FastAPI
 from fastapi.responses import JSONResponse
 
@@ -143,15 +144,13 @@ def fast_columns(body: dict, fields: Fields, ids: frozenset[str] = frozenset()) 
     return cols
 
 
-def batch_frame(parts: list[dict[str, Sequence]], fields: Fields) -> Any:
-    """One frame of every part's rows, with the dtypes MLflow's parser gives the signature's types."""
-    import pandas as pd
-
+def batch_columns(parts: list[dict[str, Sequence]], fields: Fields) -> dict[str, np.ndarray]:
+    """Every part's rows as numpy columns, with the dtypes MLflow's parser gives the signature's types."""
     data = {}
     for name, kind, _ in fields:
         values = list(chain.from_iterable(p[name] for p in parts))
         data[name] = np.array(values, dtype=np.float64 if kind == "double" else object)  # None -> NaN
-    return pd.DataFrame(data)
+    return data
 
 
 class ModelHolder:
@@ -320,14 +319,14 @@ class Batcher:
         fast = [i for i, j in enumerate(jobs) if j.columns is not None and j.fields == cur.fields]
         if fast:
             try:
-                frame = batch_frame([jobs[i].columns for i in fast], cur.fields)
-                preds = np.asarray(cur.model.predict(frame))
+                data = batch_columns([jobs[i].columns for i in fast], cur.fields)
+                preds = np.asarray(cur.model.predict(pd.DataFrame(data)))
                 start = 0
                 for i in fast:
                     answers[i] = _predictions(preds[start:start + jobs[i].rows])
                     start += jobs[i].rows
                 try:
-                    self._log(cur, frame, preds, [jobs[i] for i in fast])
+                    self._log(cur, data, preds, [jobs[i] for i in fast])
                 except Exception:  # the log never fails a request
                     log.warning("prediction log: a batch was not logged", exc_info=True)
             except Exception:  # one request at a time, so a failure is only that request's
@@ -335,15 +334,15 @@ class Batcher:
                 answers.clear()
         return [answers[i] if i in answers else self._one(cur, job) for i, job in enumerate(jobs)]
 
-    def _log(self, cur: Loaded, frame: Any, preds: np.ndarray, jobs: list[Job]) -> None:
+    def _log(self, cur: Loaded, data: dict[str, np.ndarray], preds: np.ndarray, jobs: list[Job]) -> None:
         """Hand the sampled requests of a batch to the prediction log (a queue append)."""
         if self.plog is None or not any(j.logged for j in jobs):
             return
         if not all(j.logged for j in jobs):
             keep = np.concatenate([np.full(j.rows, j.logged) for j in jobs])
-            frame, preds, jobs = frame[keep].reset_index(drop=True), preds[keep], [j for j in jobs if j.logged]
+            data, preds, jobs = {k: v[keep] for k, v in data.items()}, preds[keep], [j for j in jobs if j.logged]
         ids = [{k: j.columns[k] for k in self.ids if k in j.columns} or None if j.columns else None for j in jobs]
-        self.plog.record(cur.version, frame, preds, [(j.request_id, j.rows, c) for j, c in zip(jobs, ids)])
+        self.plog.record(cur.version, data, preds, [(j.request_id, j.rows, c) for j, c in zip(jobs, ids)])
 
     def _one(self, cur: Loaded, job: Job) -> Answer:
         """A request through MLflow's parser, with its errors as 400s."""
