@@ -80,6 +80,13 @@ def bench_e2e(days: int = 5) -> dict:
         from daybreak.spec import load_spec
 
         spec = load_spec(ROOT / "specs" / "flights.yaml")
+        # A gate that passes every candidate (same work: both models scored, 1000 resamples,
+        # slices, data checks), so promote and deploy run and are timed every day; the demo's
+        # gate rejects most of these days.
+        g = spec.gate
+        spec = spec.model_copy(update={"gate": g.model_copy(update={
+            "compare": "no_worse", "margin": 1.0, "floor": None,
+            "slices": g.slices.model_copy(update={"tolerance": 1.0})})})
         timed_days = [FIRST + timedelta(days=WARM_DAYS + k) for k in range(days)]
         build_flights_landing(home / "store" / "landing", start=FIRST, end=timed_days[-1])
         t0 = time.perf_counter()
@@ -152,7 +159,7 @@ def e2e_lines(r: dict) -> list[str]:
     lines = [f"End-to-end daily cycle (`run_cycle`, as `daybreak run`) on the real flights data, "
              f"{r['window_days']}-day training window, Ray already up (its start: {r['ray_start_s']:.1f} s), "
              f"a real `daybreak serve` to deploy to; median over {r['repeats']} days ({', '.join(r['days'])}), "
-             f"about {r['median_rows_staged']:,.0f} flights a day; promote and deploy run only on days the gate passes:", "",
+             f"about {r['median_rows_staged']:,.0f} flights a day; the gate passes every candidate (its work unchanged) so promote and deploy run every day:", "",
              "| step | median wall time (s) | share of the day | per day (s) |", "| --- | ---: | ---: | --- |"]
     for step, s in r["median_steps_s"].items():
         each = ", ".join(f"{d['steps_s'][step]:.2f}" if step in d["steps_s"] else "-" for d in r["per_day"])
