@@ -47,6 +47,7 @@ import numpy as np
 from daybreak import metrics, registry
 from daybreak.context import RunContext
 from daybreak.errors import DaybreakError, MissingInputError
+from daybreak.predlog import ONLINE
 from daybreak.spec import Spec
 
 log = logging.getLogger(__name__)
@@ -137,7 +138,7 @@ def joined_rows(spec: Spec, ctx: RunContext, labelled: Any, online: Any, batch: 
         for c in ids:
             left[c], right[c] = _canonical(left[c], labelled[c]), _canonical(right[c], labelled[c])
         m = left.dropna(subset=ids).merge(right, on=ids, how="inner")
-        m["source"] = m["source"].fillna("online")
+        m["source"] = m["source"].fillna(ONLINE)
         frames.append(m)
     elif online is not None:
         log.warning("monitor %s: the logged requests carry no %s; labels cannot be joined (drift only)",
@@ -407,7 +408,7 @@ def monitor_model(spec: Spec, ctx: RunContext) -> dict[str, Any]:
         "champion_version": champion, "previous_version": previous, "metric": spec.live_metric(),
         "rows_logged": 0 if online is None else len(online), "rows_batch": 0 if batch is None else len(batch),
         "rows_labelled": 0 if rows is None else len(rows), "versions": versions, "slices": slices,
-        "drift_verdict": drift_verdict, "drift": drift, "judgement": {k: v for k, v in verdict.items()},
+        "drift_verdict": drift_verdict, "drift": drift, "judgement": dict(verdict),
         "reasons": list(verdict["reasons"]), "alerts": list(verdict["alerts"]), "warnings": [], "pruned": pruned,
         "action": "none", "rollback": None}
     if drift_verdict in ("warn", "block"):

@@ -48,7 +48,6 @@ from daybreak.store import Store
 log = logging.getLogger(__name__)
 
 ONLINE = "online"
-META = ("request_id", "served_at", "model_version", "source", "prediction")
 
 
 def log_zone(spec: Spec) -> str:
