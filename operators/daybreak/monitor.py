@@ -93,7 +93,7 @@ def _labelled(spec: Spec, ctx: RunContext) -> Any:
     return t.to_pandas()
 
 
-def _online(spec: Spec, ctx: RunContext, drift: bool = True) -> tuple[Any, Any]:
+def _online(spec: Spec, ctx: RunContext) -> tuple[Any, Any]:
     """The log's rows around D (for the join), and the served inputs of the drift window ending on D."""
     from daybreak.predlog import read_log
 
@@ -101,7 +101,7 @@ def _online(spec: Spec, ctx: RunContext, drift: bool = True) -> tuple[Any, Any]:
     near = read_log(spec, ctx.store, [d - timedelta(days=1), d, d + timedelta(days=1)])
     c = spec.monitoring.drift
     served = None
-    if c is not None and drift:
+    if c is not None:
         n = c.window_days or spec.training.window_days
         names = c.features or spec.features.feature_names()
         served = read_log(spec, ctx.store, [d - timedelta(days=k) for k in range(n - 1, -1, -1)], columns=names)
@@ -167,10 +167,16 @@ def _window_rows(spec: Spec, ctx: RunContext, today: Any, champion: str) -> Any:
     import pandas as pd
     from dataclasses import replace
 
+    from daybreak.predlog import read_log
+
     parts = [today[today["model_version"].astype(str) == champion]]
-    for k in range(1, spec.monitoring.rollback.window_days):
+    n = spec.monitoring.rollback.window_days
+    # the log of the whole window read once: the identity (event time) ties each row to its day
+    logged = read_log(spec, ctx.store, [ctx.logical_date - timedelta(days=k) for k in range(n, -1, -1)]) \
+        if n > 1 else None
+    online = None if logged is None else logged.to_pandas()
+    for k in range(1, n):
         day = replace(ctx, logical_date=ctx.logical_date - timedelta(days=k))
-        online, _ = _online(spec, day, drift=False)
         batch = _batch(spec, day)
         if online is None and batch is None:
             continue
