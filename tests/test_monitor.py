@@ -352,3 +352,76 @@ def test_healthy_champion_is_never_rolled_back_over_20_days(home: Path, spec, tm
     assert str(registry.alias_version(cl, spec.model.name, "champion").version) == champion
     assert not [e for e in audit_events(spec, ctx) if e["event"] == "rollback"]
     assert len({r["date"] for r in live_history(spec, ctx)}) == len(SERVED)
+
+
+PREFECT_MONITOR = """
+import json, sys, time
+from prefect import flow
+from prefect.client.orchestration import get_client
+from prefect.events.filters import EventFilter, EventNameFilter
+from daybreak.prefect import monitor_model
+
+@flow
+def watch(spec: str, day: str) -> dict:
+    return monitor_model(spec, day)
+
+result = watch({spec!r}, {day!r})
+events, deadline = [], time.monotonic() + 120
+with get_client(sync_client=True) as client:  # the API the flow ran against (ephemeral here)
+    while not events and time.monotonic() < deadline:
+        page = client.read_events(EventFilter(event=EventNameFilter(prefix=["daybreak.model."])), limit=50)
+        events = [e.model_dump(mode="json") for e in page.events]
+        time.sleep(0.5)
+print("RESULT " + json.dumps({{"action": result["action"], "events": events}}))
+"""
+
+
+def test_alert_reaches_airflow_prefect_and_the_webhook_in_an_env_var(home: Path, spec, tmp_path: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """A floor no version meets on the day's batch predictions: champion and previous both below
+    it, so the inputs are at fault: an alert, no rollback. It reaches the Airflow operator's
+    on_alert, the webhook named by `webhook_env`, and Prefect's event stream (for an Automation)."""
+    from daybreak.airflow import MonitorModelOperator
+    from daybreak.score import batch_score
+
+    day = SERVED[0]
+    ctx = RunContext.create(day)
+    cl = registry.client(ctx)
+    champion = str(registry.alias_version(cl, spec.model.name, "champion").version)
+    assert batch_score(spec, ctx)["rows"] > 200  # the day's batch predictions are live rows to judge
+    hooks = Hooks()
+    monkeypatch.setenv("DAYBREAK_TEST_HOOK", hooks.url)
+    spec_file = _spec_file(spec, tmp_path, 3, rollback={"floor": 0.99}, notify={"webhook_env": "DAYBREAK_TEST_HOOK"})
+    try:
+        called = []
+        op = MonitorModelOperator(task_id="monitor", spec=str(spec_file), logical_date=day.isoformat(),
+                                  on_alert=lambda context, result: called.append(result),
+                                  on_rollback=lambda context, result: pytest.fail("rolled back on bad inputs"))
+        result = op.execute({"run_id": "manual__alert", "logical_date": None, "dag_run": None})
+        assert result["action"] == "alert" and result["rollback"] is None, result["reasons"] + result["alerts"]
+        assert called == [result]
+        assert any("0.99" in a for a in result["alerts"]), result["alerts"]
+        assert [e["event"] for e in hooks.events] == ["daybreak.model.alert"]
+        assert hooks.events[0]["champion_version"] == champion and hooks.events[0]["now_serving"] == champion
+    finally:
+        hooks.close()
+    assert str(registry.alias_version(cl, spec.model.name, "champion").version) == champion
+
+    # the Prefect task: the same alert, also a Prefect event on the model's resource
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    env.update(PREFECT_HOME=str(tmp_path / "prefect"), PREFECT_LOCAL_STORAGE_PATH=str(tmp_path / "results"),
+               PREFECT_LOGGING_LEVEL="WARNING", PYTHONWARNINGS="ignore", PREFECT_SERVER_ANALYTICS_ENABLED="false",
+               PREFECT_SERVER_SERVICES_EVENT_PERSISTER_FLUSH_INTERVAL="0.5",
+               PREFECT_SERVER_DATABASE_CONNECTION_TIMEOUT="60", PREFECT_SERVER_DATABASE_TIMEOUT="60",
+               PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="300")
+    env.pop("DAYBREAK_TEST_HOOK")  # the webhook is gone: the Prefect event alone reports it
+    code = PREFECT_MONITOR.format(spec=str(spec_file), day=day.isoformat())
+    proc = subprocess.run([str(BIN / "python"), "-c", code], env=env, capture_output=True, text=True, timeout=600)
+    line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
+    assert line, proc.stdout[-3000:] + proc.stderr[-3000:]
+    out = json.loads(line[len("RESULT "):])
+    assert out["action"] == "alert"
+    assert [e["event"] for e in out["events"]] == ["daybreak.model.alert"], out["events"]
+    event = out["events"][0]
+    assert event["resource"]["prefect.resource.id"] == f"daybreak.model.{spec.model.name}"
+    assert event["payload"]["champion_version"] == champion and event["payload"]["alerts"]
