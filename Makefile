@@ -37,8 +37,11 @@ browser:
 	  { echo ">> installing Chromium (apt)"; $(SUDO) apt-get update -qq && \
 	    DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq chromium >/dev/null; }
 
+# Two pytest-xdist workers, a test file at a time each (module fixtures start once), the longest
+# files first (tests/conftest.py); TEST_WORKERS=0 runs the suite in one process.
+TEST_WORKERS ?= 2
 test: $(STAMP) browser
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder)
 
 # The reliability suite with full trial counts (make test runs it with fewer); prints its table.
 reliability: $(STAMP)

@@ -6,13 +6,16 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 import time
+from dataclasses import asdict
 from datetime import date
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
+_DEFAULT_HOME = pytest.StashKey[Path]()
 SPEC = ROOT / "specs" / "flights.yaml"
 BIN = Path(sys.executable).parent
 
@@ -151,6 +154,39 @@ def fresh(featured: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Pa
     return h
 
 
+# The files that take longest (minutes: real Airflow, Prefect and MLflow servers, a served model),
+# longest first. They are collected first, so under `make test` (pytest-xdist, one file per worker
+# at a time, in collection order) the two workers start on them and the many short files even out
+# the end, instead of one long file starting last while the other worker idles.
+LONGEST_FIRST = ["test_airflow_ui.py", "test_airflow.py", "test_prefect_server.py", "test_monitor.py",
+                 "test_outages.py", "test_prefect.py", "test_stack.py", "test_cli.py", "test_secrets.py",
+                 "test_serve_load.py", "test_serving_soak.py", "test_crash_anywhere.py"]
+
+
+def pytest_collection_modifyitems(config, items: list[pytest.Item]) -> None:
+    rank = {name: k for k, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the rest keep their order
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    """On a pytest-xdist worker: hand the reliability tallies to the controller, which prints them."""
+    tally = sys.modules.get("tally")
+    output = getattr(session.config, "workeroutput", None)
+    if output is not None and tally is not None and tally.TALLIES:
+        output["tallies"] = [asdict(t) for t in tally.TALLIES]
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node, error) -> None:
+    """On the pytest-xdist controller: gather what each worker tallied."""
+    rows = getattr(node, "workeroutput", {}).get("tallies")
+    if rows:
+        sys.path.insert(0, str(ROOT / "tests" / "reliability"))
+        import tally
+
+        tally.TALLIES += [tally.Tally(**row) for row in rows]
+
+
 def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:
     """The reliability suite's table (tests/reliability/tally.py), when any of it ran."""
     tally = sys.modules.get("tally")
@@ -160,3 +196,21 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:
     terminalreporter.write_sep("=", "reliability")
     terminalreporter.write_line(tally.table())
     terminalreporter.write_line(f"(also in {path} and .json)")
+
+
+def pytest_configure(config) -> None:
+    """A test that sets no home of its own gets one of this pytest process, never the repo's
+    .daybreak: under pytest-xdist two workers run at once, and a shared default home would be a
+    shared registry. (Here, not at import: helper processes import test modules, and conftest with
+    them, with a DAYBREAK_HOME of their own.)"""
+    home = Path(tempfile.mkdtemp(prefix="daybreak-test-home-"))
+    config.stash[_DEFAULT_HOME] = home
+    os.environ["DAYBREAK_HOME"] = str(home)
+    os.environ["AIRFLOW_HOME"] = str(home / "airflow")
+
+
+def pytest_unconfigure(config) -> None:
+    import shutil
+
+    if _DEFAULT_HOME in config.stash:
+        shutil.rmtree(config.stash[_DEFAULT_HOME], ignore_errors=True)
