@@ -175,3 +175,35 @@ def test_flights_spec_loads_with_defaults() -> None:
     s = load_spec(Path(__file__).resolve().parent.parent / "specs" / "flights.yaml")
     assert s.id_columns() == ["carrier", "flight", "origin", "dest", "event_time"]
     assert s.live_metric() == "roc_auc" and s.live_floor() == 0.55
+
+
+def test_log_on_an_s3_store(spec, s3_server, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The same log on S3 (moto's server on loopback): one object per flush and date, no temporary
+    keys left behind, read back and pruned like a local one."""
+    import uuid
+
+    from s3 import apply_env
+
+    from daybreak.context import RunContext
+
+    apply_env(monkeypatch, s3_server.env())
+    bucket = f"log-{uuid.uuid4().hex[:10]}"
+    client = s3_server.client()
+    client.create_bucket(Bucket=bucket)
+    monkeypatch.setenv("DAYBREAK_STORE", f"s3://{bucket}/store")
+    store = RunContext.create("2013-01-20").store
+    plog = _log(spec, store)
+    frame, preds = _batch(3)
+    for d in ("2013-01-01", "2013-01-20"):
+        plog.record("4", frame, preds, [(f"r-{d}", 3, {"event_time": [f"{d}T15:00:00Z"] * 3})])
+    assert plog.flush() == 6 and plog.stats()["dropped_rows"] == 0
+    plog.close()
+    keys = [o["Key"] for o in client.list_objects_v2(Bucket=bucket)["Contents"]]
+    assert len(keys) == 2 and all(k.endswith(".parquet") for k in keys), keys
+    assert not [k for k in keys if k.rsplit("/", 1)[-1].startswith("_")]
+    got = read_log(spec, store, [date(2013, 1, 20)]).to_pandas()
+    assert got["request_id"].tolist() == ["r-2013-01-20"] * 3 and got["distance"].tolist() == [0.0, 1.0, 2.0]
+    assert (got["model_version"] == "4").all() and got["prediction"].tolist() == pytest.approx([0.0, 0.5, 1.0])
+    assert prune(spec, store, date(2013, 2, 10)) == ["2013-01-01"]
+    assert read_log(spec, store, [date(2013, 1, 1)]) is None
+    assert read_log(spec, store, [date(2013, 1, 20)]).num_rows == 3

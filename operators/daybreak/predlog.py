@@ -212,8 +212,8 @@ class PredictionLog:
             folder = self.store.path(self.zone, f"date={day}")
             self._seq += 1
             name = f"{datetime.now(timezone.utc):%Y%m%dT%H%M%S}-{self._stem}-{self._seq:06d}.parquet"
-            self.store.fs.create_dir(folder, recursive=True)
             if self.store.kind == "local":
+                self.store.fs.create_dir(folder, recursive=True)  # (on S3 it would PUT a marker per level)
                 tmp = posixpath.join(folder, f"_{name}")
                 pq.write_table(part, tmp, compression="zstd")
                 os.replace(tmp, posixpath.join(folder, name))
