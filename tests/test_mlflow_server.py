@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 from pathlib import Path
@@ -9,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import BIN, free_port, wait_http
+from conftest import BIN, SPEC, free_port, wait_http
 from daybreak import registry
 from daybreak.context import RunContext
 from daybreak.cycle import run_cycle
@@ -50,3 +51,11 @@ def test_cycle_against_mlflow_server(mlflow_server: str, home: Path, ray_local, 
     X = holdout(spec, ctx)[spec.features.feature_names()].head(20)
     preds = registry.load_model(ctx, spec.model.name, str(champ.version)).predict(X)
     assert np.all((np.asarray(preds) >= 0) & (np.asarray(preds) <= 1))
+    # the CLI against the server: MLflow prints "View run ... at: URL" for a tracking server, to
+    # stdout; with --json stdout carries the JSON alone and that line goes to stderr
+    out = subprocess.run([str(BIN / "daybreak"), "run", "--spec", str(SPEC), "--date", "2013-01-04", "--no-deploy",
+                          "--json", "--tracking-uri", mlflow_server], capture_output=True, text=True, timeout=600,
+                         env={**os.environ, "DAYBREAK_HOME": str(home)})
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert json.loads(out.stdout)["summary"]["date"] == "2013-01-04"
+    assert "View run" in out.stderr

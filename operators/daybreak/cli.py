@@ -35,9 +35,14 @@ def setup_logging(verbose: bool = False) -> None:
     os.environ.setdefault("RAY_DEDUP_LOGS", "1")
 
 
+# With --json, stdout carries the JSON alone: main() points sys.stdout at stderr for the run (MLflow
+# prints "View run ... at: URL" to stdout for a tracking server) and the JSON goes here.
+_JSON_OUT: Any = None
+
+
 def _emit(obj: Any, as_json: bool, human: str | None = None) -> None:
     if as_json:
-        typer.echo(json.dumps(obj, indent=2, default=str))
+        typer.echo(json.dumps(obj, indent=2, default=str), file=_JSON_OUT or sys.stdout)
     elif human is not None:
         typer.echo(human)
 
@@ -325,7 +330,9 @@ def _leave(code: int, hard: bool) -> None:
     out, turning exit 2 into -6."""
     if not hard:
         sys.exit(code)
-    sys.stdout.flush()
+    for out in (_JSON_OUT, sys.stdout):
+        if out is not None:
+            out.flush()
     sys.stderr.flush()
     logging.shutdown()
     os._exit(code)
@@ -333,7 +340,18 @@ def _leave(code: int, hard: bool) -> None:
 
 def main(hard_exit: bool = True) -> None:
     """The console script. ``hard_exit=False`` raises SystemExit instead (for callers in process)."""
+    global _JSON_OUT
     setup_logging(verbose=os.environ.get("DAYBREAK_DEBUG") == "1")
+    if "--json" in sys.argv[1:]:
+        _JSON_OUT, sys.stdout = sys.stdout, sys.stderr
+    try:
+        _main(hard_exit)
+    finally:
+        if _JSON_OUT is not None:
+            sys.stdout, _JSON_OUT = _JSON_OUT, None
+
+
+def _main(hard_exit: bool) -> None:
     try:
         app(standalone_mode=False)
     except (DaybreakError, ValueError) as e:  # ValueError: bad dates and similar argument errors
