@@ -12,7 +12,7 @@ from typing import Any, Optional
 
 import typer
 
-from daybreak.errors import DaybreakError
+from daybreak.errors import DaybreakError, credentials_refused
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="daybreak: stage, build features, retrain, gate, promote and serve a model every day.")
@@ -367,6 +367,12 @@ def _main(hard_exit: bool) -> None:
         if isinstance(e, click.ClickException):
             e.show()
             sys.exit(e.exit_code)
+        refused = credentials_refused(e)
+        if refused:
+            typer.echo(f"error: the MLflow tracking server refused the credentials ({refused}): "
+                       f"{str(e).splitlines()[0][:300]}\nSet MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD "
+                       "(or MLFLOW_TRACKING_TOKEN) for it.", err=True)
+            _leave(2, hard_exit)
         raise
 
 

@@ -19,9 +19,20 @@ def is_retryable(exc: BaseException) -> bool:
     """
     if isinstance(exc, DaybreakError):
         return exc.retryable
+    if credentials_refused(exc):  # the same credentials are refused again
+        return False
     if isinstance(exc, (ValueError, TypeError, KeyError)):  # bad arguments or data: same again next time
         return False
     return isinstance(exc, Exception)
+
+
+def credentials_refused(exc: BaseException) -> str | None:
+    """MLflow's error code when `exc` is a tracking server refusing the credentials (HTTP 401 or
+    403), else None."""
+    code = getattr(exc, "error_code", None)
+    if type(exc).__module__.startswith("mlflow") and code in ("UNAUTHENTICATED", "PERMISSION_DENIED"):
+        return code
+    return None
 
 
 class SpecError(DaybreakError):
