@@ -92,6 +92,13 @@ def test_permanent_errors_are_not_retried() -> None:
     assert _retry_if_transient(None, None, State(ContractError("bad file"))) is False
     assert _retry_if_transient(None, None, State(ConnectionError("mlflow restarting"))) is True
     assert is_retryable(ValueError("bad date")) is False
+    # a tracking server that refuses the credentials refuses them again; one that is down may come back
+    from mlflow.exceptions import MlflowException
+    from mlflow.protos.databricks_pb2 import PERMISSION_DENIED, TEMPORARILY_UNAVAILABLE, UNAUTHENTICATED
+
+    assert _retry_if_transient(None, None, State(MlflowException("401", error_code=UNAUTHENTICATED))) is False
+    assert is_retryable(MlflowException("403", error_code=PERMISSION_DENIED)) is False
+    assert is_retryable(MlflowException("503", error_code=TEMPORARILY_UNAVAILABLE)) is True
 
 
 SECRET_SCRIPT = """
