@@ -43,7 +43,8 @@ def _run(dag, **kwargs) -> dict:
 def approval() -> None:
     """Manual approval through Airflow: the daily DAG for 2013-01-03 under a manual spec (promote
     tags the version pending, deploy is skipped), then the daybreak_approve DAG with the conf its
-    Params form would send: invalid forms refused, an approval, the same approval again."""
+    Params form would send: invalid forms refused, an approval, the same approval again; then a
+    forced daily run with the form's approve flag set."""
     import os
 
     from airflow.dag_processing.dagbag import DagBag
@@ -64,6 +65,13 @@ def approval() -> None:
             out["invalid"].append(f"{type(e).__name__}: {e}")
     out["approve"] = _run(approve, run_conf=conf)
     out["again"] = _run(approve, run_conf=conf)
+    # the daily form's "Approve pending version": a forced retrain of 2013-01-03 (gated against the
+    # version just approved, on the same holdout) is approved by the run that tags it pending, and
+    # deployed. Every flag given: dag.test keeps a conf value in the DAG; a logical date of its own.
+    out["approve_pending"] = _run(bag.get_dag("daybreak_daily_retrain"),
+                                  logical_date=datetime(2013, 2, 3, tzinfo=timezone.utc),
+                                  run_conf={"spec": spec, "date": "2013-01-03", "dry_run": False, "force": True,
+                                            "approve": True})
     print("RESULT " + json.dumps(out, default=str))
 
 

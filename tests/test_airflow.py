@@ -192,9 +192,21 @@ def test_manual_approval_through_the_dags(airflow_env: dict, fresh: Path, spec) 
     assert approved["approval"] == "approved" and approved["champion_version"] == "2" and approved["by"] == "dag_test"
     assert out["again"]["tasks"] == {"approve": "failed"}, out["again"]  # already promoted: nothing changes
 
-    cl = registry.client(ctx)
-    assert str(registry.alias_version(cl, spec.model.name, "champion").version) == "2"
-    assert str(registry.alias_version(cl, spec.model.name, "previous").version) == "1"
     events = audit_events(manual, ctx)
-    assert {e["event"] for e in events[:2]} == {"approved", "promote"} and events[2]["event"] == "pending_approval"
-    assert next(e for e in events if e["event"] == "approved")["reason"] == "looked at the gate report"
+    v2 = [e for e in events if e["version"] == "2"]
+    assert {e["event"] for e in v2[:2]} == {"approved", "promote"} and v2[2]["event"] == "pending_approval"
+    assert next(e for e in v2 if e["event"] == "approved")["reason"] == "looked at the gate report"
+
+    # approve=True on the daily form: the run approves the version it tags pending, then deploys
+    run = out["approve_pending"]
+    assert run["state"] == "success" and run["tasks"]["promote"] == "success", (run["tasks"], run["xcom"].get("gate"))
+    promoted = run["xcom"]["promote"]
+    promoted = json.loads(promoted) if isinstance(promoted, str) else promoted
+    assert run["tasks"]["deploy"] == "success", (run["tasks"], promoted)
+    assert promoted["approval"] == "approved" and promoted["champion_version"] == "3", promoted
+    assert promoted["previous_version"] == "2" and "approve_pending" in promoted["reason"], promoted
+    cl = registry.client(ctx)
+    assert str(registry.alias_version(cl, spec.model.name, "champion").version) == "3"
+    assert str(registry.alias_version(cl, spec.model.name, "previous").version) == "2"
+    v3 = [e["event"] for e in audit_events(manual, ctx) if e["version"] == "3"]
+    assert "pending_approval" in v3 and "approved" in v3, v3
