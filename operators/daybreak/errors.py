@@ -55,5 +55,9 @@ class PromotionConflict(DaybreakError):
     """The champion moved since the gate evaluated against it."""
 
 
+class IntegrityError(DaybreakError, ValueError):
+    """A model version's stored code or artifacts are not the bytes training recorded."""
+
+
 class ApprovalError(DaybreakError):
     """A version cannot be approved or rejected in the state it is in (not pending, deleted, ...)."""

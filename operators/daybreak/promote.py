@@ -63,6 +63,9 @@ def promote_model(spec: Spec, ctx: RunContext, dry_run: bool = False) -> dict[st
                        "candidate_version": str(cand.version)}
     if cand.tags.get(APPROVAL_TAG) in (PENDING, REJECTED):  # once a person is asked, only they decide
         return base | _approval_state(cand, current)
+    # the stored files must still be the ones training recorded (and the gate loaded): a version
+    # every server would refuse to load never becomes champion, nor waits for approval
+    registry.verify_model(ctx, name, str(cand.version))
     manual = spec.promotion.approval == "manual"
     if dry_run:
         would = (f"tag v{cand.version} pending approval (champion stays {_v(current)})" if manual
@@ -225,6 +228,7 @@ def approve_model(spec: Spec, ctx: RunContext, version: str | int, reason: str, 
             result = {"approval": REJECTED, "promoted": False,
                       "champion_version": str(champ.version) if champ else None}
         else:
+            registry.verify_model(ctx, name, v)  # the files a person approves are the ones the gate saw
             current = _unmoved_champion(
                 cl, spec, mv, f"approve v{v}",
                 f"the champion moved since v{v} was gated, so it must be re-gated against {{champion}} "

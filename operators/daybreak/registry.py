@@ -198,36 +198,57 @@ def _check_entry(local: str | Path, name: str, version: str) -> None:
     code file, no extra code paths), or a changed MLmodel would run code nobody hashed."""
     import yaml
 
+    from daybreak.errors import IntegrityError
+
     pf = (yaml.safe_load((Path(local) / "MLmodel").read_text()).get("flavors") or {}).get("python_function") or {}
     code = pf.get("model_code_path")
     if (pf.get("loader_module") != "mlflow.pyfunc.loaders.code_model" or code is None
             or Path(str(code)).name != "model_code.py" or pf.get("code")):
-        raise ValueError(f"model {name} version {version}: its code or artifacts differ from what training "
-                         f"recorded: its MLmodel loads code other than model_code.py (loader "
-                         f"{pf.get('loader_module')!r}, model_code_path {code!r}, code {pf.get('code')!r}); "
-                         "refusing to load")
+        raise IntegrityError(f"model {name} version {version}: its code or artifacts differ from what training "
+                             f"recorded: its MLmodel loads code other than model_code.py (loader "
+                             f"{pf.get('loader_module')!r}, model_code_path {code!r}, code {pf.get('code')!r}); "
+                             "refusing to load")
+
+
+def _verified(ctx: RunContext, name: str, version: str, dst: str) -> str:
+    """Download the version into `dst` and check its code and artifacts are the bytes training
+    recorded in the registry (versions from before that record pass unchecked). Returns the path."""
+    import mlflow
+
+    from daybreak.errors import IntegrityError
+
+    expected = client(ctx).get_model_version(name, version).tags.get(ARTIFACTS_TAG)
+    local = mlflow.artifacts.download_artifacts(artifact_uri=model_uri(name, version), dst_path=dst)
+    if expected is not None:
+        _check_entry(local, name, version)
+        found = artifacts_digest(loaded_files(local))
+        if found != expected:
+            raise IntegrityError(f"model {name} version {version}: its code or artifacts differ from what training "
+                                 f"recorded ({ARTIFACTS_TAG}={expected[:12]}..., found {found[:12]}...); "
+                                 "refusing to load")
+    return local
+
+
+def verify_model(ctx: RunContext, name: str, version: str) -> None:
+    """Raise IntegrityError if the version's stored files changed since training (the promote
+    step asks before the champion moves: a version every server would refuse never becomes it)."""
+    import tempfile
+
+    use_uri(ctx.tracking_uri)
+    with tempfile.TemporaryDirectory(prefix="daybreak-verify-") as tmp:
+        _verified(ctx, name, version, tmp)
 
 
 def load_model(ctx: RunContext, name: str, version: str) -> Any:
-    """The version's pyfunc model, after checking its code and artifacts are the bytes training
-    recorded in the registry (versions from before that record load unchecked)."""
+    """The version's pyfunc model, after ``_verified`` checked its files."""
     import tempfile
 
     import mlflow
 
     use_uri(ctx.tracking_uri)
-    expected = client(ctx).get_model_version(name, version).tags.get(ARTIFACTS_TAG)
     # The model reads its files while loading (load_context), so the download can go after.
     with tempfile.TemporaryDirectory(prefix="daybreak-model-") as tmp:
-        local = mlflow.artifacts.download_artifacts(artifact_uri=model_uri(name, version), dst_path=tmp)
-        if expected is not None:
-            _check_entry(local, name, version)
-            found = artifacts_digest(loaded_files(local))
-            if found != expected:
-                raise ValueError(f"model {name} version {version}: its code or artifacts differ from what training "
-                                 f"recorded ({ARTIFACTS_TAG}={expected[:12]}..., found {found[:12]}...); "
-                                 "refusing to load")
-        return mlflow.pyfunc.load_model(local)
+        return mlflow.pyfunc.load_model(_verified(ctx, name, version, tmp))
 
 
 def code_version() -> str:

@@ -15,16 +15,19 @@ store, as someone with write access to the bucket would, one kind per trial:
   ``model_code.py`` (the same code plus the marker line); ``model_code.py`` and ``artifacts/``
   stay untouched.
 
-Then: the gate, re-run with ``force``, must refuse to load it; promote moves the alias (it reads
-the registry's record, not the files); the server must keep serving v1 with zero failed requests
-and say why on ``/health`` and in its log; batch scoring must refuse it and publish nothing (under
-``make reliability``: a Ray job costs 20-50 s on a busy machine); the marker must never appear (no
-tampered code ran anywhere); the store and registry invariants hold. The alias then goes back to
-v1. ``make test`` runs each kind once, ``make reliability`` twice.
+Then: the gate, re-run with ``force``, must refuse to load it; promote must refuse it and leave
+the champion alone; with the alias moved to it by hand (someone with write access to the
+registry), the server must keep serving v1 with zero failed requests and say why on ``/health``
+and in its log; batch scoring must refuse it and publish nothing (under ``make reliability``: a
+Ray job costs 20-50 s on a busy machine); the marker must never appear (no tampered code ran
+anywhere); the store and registry invariants hold. The alias then goes back to v1. ``make test``
+runs each kind once, ``make reliability`` twice. One more trial: a version waiting for approval
+(``promotion.approval: manual``) whose files change before a person approves it; the approval
+must be refused and the champion stay v1.
 
-The third kind fails today: the digest covers ``model_code.py`` and ``artifacts/`` only, while
-MLflow loads whatever MLmodel names, so the gate, the server and batch scoring all run the
-planted code (registry.loaded_files).
+The third kind is caught because MLmodel must load ``model_code.py`` and nothing else
+(``registry._check_entry``): the digest covers ``model_code.py`` and ``artifacts/`` only, while
+MLflow loads whatever MLmodel names.
 """
 
 from __future__ import annotations
@@ -41,8 +44,9 @@ import yaml
 import invariants
 from daybreak import registry
 from daybreak.context import RunContext
+from daybreak.errors import IntegrityError
 from daybreak.gate import PROMOTE, evaluate_gate
-from daybreak.promote import promote_model
+from daybreak.promote import approve_model, promote_model
 from daybreak.score import batch_score, prediction_zone
 from daybreak.train import train_model
 from tally import FULL, tally, trials
@@ -145,11 +149,19 @@ def test_tampered_versions_are_refused(served: dict, spec, tmp_path: Path) -> No
             problems.append(f"the refused gate changed v{v}'s recorded decision")
 
 
-        # promote reads the registry's record, not the files: the alias moves
-        promoted = promote_model(s, day3)
-        if not promoted.get("promoted"):  # a promote step that checks the files too: move the alias by hand
-            print(f"trial {i + 1}: promote refused v{v}: {promoted.get('reason')}")
-            cl.set_registered_model_alias(name, spec.promotion.alias, v)
+        # promote checks the files before the alias moves: refused, nothing moves
+        try:
+            promoted = promote_model(s, day3)
+            problems.append(f"promote accepted tampered v{v}: {promoted}")
+        except IntegrityError as e:
+            if REFUSAL not in str(e) or f"version {v}" not in str(e):
+                problems.append(f"promote refused tampered v{v}, but not with the integrity refusal: {e}")
+        champ = registry.alias_version(cl, name, spec.promotion.alias)
+        if champ is None or str(champ.version) != v1:
+            problems.append(f"after the refused promotion the champion is {champ and champ.version}, not v{v1}")
+        # the alias moved by hand, as someone with write access to the registry could: the server
+        # must still refuse the files
+        cl.set_registered_model_alias(name, spec.promotion.alias, v)
 
         # the server must refuse it, keep serving v1 and say why
         def health() -> dict | None:
@@ -210,5 +222,25 @@ def test_tampered_versions_are_refused(served: dict, spec, tmp_path: Path) -> No
         print(f"trial {i + 1} ({kind}: {done}; {time.monotonic() - t0:.0f}s): "
               f"{problems or 'refused everywhere, v1 served throughout'}")
         t.record(problems, data_lost=after["data_lost"], wrong_promotions=after["wrong_promotions"])
+    # one more trial: a version waiting for approval whose files change before a person approves it
+    manual = _lenient(spec, 40)
+    manual = manual.model_copy(update={"promotion": manual.promotion.model_copy(update={"approval": "manual"})})
+    v = train_model(manual, day3)["model_version"]
+    assert evaluate_gate(manual, day3)["decision"] == PROMOTE
+    assert promote_model(manual, day3)["approval"] == "pending"
+    done = tamper("artifact bytes", model_dir(name, v), model_dir(name, v1), marker)
+    problems = []
+    try:
+        problems.append(f"tampered v{v} ({done}) was approved: {approve_model(manual, day3, v, 'looks fine')}")
+    except IntegrityError as e:
+        if REFUSAL not in str(e) or f"version {v}" not in str(e):
+            problems.append(f"the approval of tampered v{v} failed, but not with the integrity refusal: {e}")
+    champ = registry.alias_version(cl, name, spec.promotion.alias)
+    if champ is None or str(champ.version) != v1:
+        problems.append(f"after the refused approval the champion is {champ and champ.version}, not v{v1}")
+    if cl.get_model_version(name, v).tags.get("daybreak.approval") != "pending":
+        problems.append(f"the refused approval changed v{v}'s approval state")
+    print(f"approval trial ({done}): {problems or 'refused, v1 stays champion'}")
+    t.record(problems)
     print(f"answers per client: {[len(c.answers) for c in clients]}")
     t.check()
