@@ -89,6 +89,20 @@ def tamper(kind: str, folder: Path, champion_folder: Path, marker: Path) -> str:
     raise ValueError(kind)
 
 
+def refused(what: str, step, cl, spec, v: str, v1: str) -> list[str]:
+    """Problems unless `step` raises the integrity refusal for tampered `v` and v1 stays champion."""
+    problems = []
+    try:
+        problems.append(f"{what} accepted tampered v{v}: {step()}")
+    except IntegrityError as e:
+        if REFUSAL not in str(e) or f"version {v}" not in str(e):
+            problems.append(f"{what} refused tampered v{v}, but not with the integrity refusal: {e}")
+    champ = registry.alias_version(cl, spec.model.name, spec.promotion.alias)
+    if champ is None or str(champ.version) != v1:
+        problems.append(f"after the refused {what} the champion is {champ and champ.version}, not v{v1}")
+    return problems
+
+
 @pytest.fixture
 def served(fresh: Path, spec, tmp_path: Path, ray_local: None) -> Iterator[dict]:
     """Champion v1 (2013-01-02) served by `daybreak serve` on loopback, two clients sending
@@ -150,15 +164,7 @@ def test_tampered_versions_are_refused(served: dict, spec, tmp_path: Path) -> No
 
 
         # promote checks the files before the alias moves: refused, nothing moves
-        try:
-            promoted = promote_model(s, day3)
-            problems.append(f"promote accepted tampered v{v}: {promoted}")
-        except IntegrityError as e:
-            if REFUSAL not in str(e) or f"version {v}" not in str(e):
-                problems.append(f"promote refused tampered v{v}, but not with the integrity refusal: {e}")
-        champ = registry.alias_version(cl, name, spec.promotion.alias)
-        if champ is None or str(champ.version) != v1:
-            problems.append(f"after the refused promotion the champion is {champ and champ.version}, not v{v1}")
+        problems += refused("promote", lambda: promote_model(s, day3), cl, spec, v, v1)
         # the alias moved by hand, as someone with write access to the registry could: the server
         # must still refuse the files
         cl.set_registered_model_alias(name, spec.promotion.alias, v)
@@ -229,15 +235,7 @@ def test_tampered_versions_are_refused(served: dict, spec, tmp_path: Path) -> No
     assert evaluate_gate(manual, day3)["decision"] == PROMOTE
     assert promote_model(manual, day3)["approval"] == "pending"
     done = tamper("artifact bytes", model_dir(name, v), model_dir(name, v1), marker)
-    problems = []
-    try:
-        problems.append(f"tampered v{v} ({done}) was approved: {approve_model(manual, day3, v, 'looks fine')}")
-    except IntegrityError as e:
-        if REFUSAL not in str(e) or f"version {v}" not in str(e):
-            problems.append(f"the approval of tampered v{v} failed, but not with the integrity refusal: {e}")
-    champ = registry.alias_version(cl, name, spec.promotion.alias)
-    if champ is None or str(champ.version) != v1:
-        problems.append(f"after the refused approval the champion is {champ and champ.version}, not v{v1}")
+    problems = refused("approve", lambda: approve_model(manual, day3, v, "looks fine"), cl, spec, v, v1)
     if cl.get_model_version(name, v).tags.get("daybreak.approval") != "pending":
         problems.append(f"the refused approval changed v{v}'s approval state")
     print(f"approval trial ({done}): {problems or 'refused, v1 stays champion'}")
