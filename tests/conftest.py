@@ -181,7 +181,8 @@ def pytest_testnodedown(node, error) -> None:
     """On the pytest-xdist controller: gather what each worker tallied."""
     rows = getattr(node, "workeroutput", {}).get("tallies")
     if rows:
-        sys.path.insert(0, str(ROOT / "tests" / "reliability"))
+        if str(ROOT / "tests" / "reliability") not in sys.path:
+            sys.path.insert(0, str(ROOT / "tests" / "reliability"))
         import tally
 
         tally.TALLIES += [tally.Tally(**row) for row in rows]

@@ -25,6 +25,7 @@ from conftest import BIN, free_port, wait_http
 from daybreak import registry
 from daybreak.context import RunContext
 from daybreak.features import read_features
+from test_prefect import QUIET_PREFECT
 
 FIRST, TRAINED_TO = date(2013, 1, 1), date(2013, 1, 5)  # cycles (train, gate, promote) on these days
 SERVED = [TRAINED_TO + timedelta(days=k) for k in range(1, 21)]  # 20 days served and monitored afterwards
@@ -410,10 +411,8 @@ def test_alert_reaches_airflow_prefect_and_the_webhook_in_an_env_var(home: Path,
     # the Prefect task: the same alert, also a Prefect event on the model's resource
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
     env.update(PREFECT_HOME=str(tmp_path / "prefect"), PREFECT_LOCAL_STORAGE_PATH=str(tmp_path / "results"),
-               PREFECT_LOGGING_LEVEL="WARNING", PYTHONWARNINGS="ignore", PREFECT_SERVER_ANALYTICS_ENABLED="false",
-               PREFECT_SERVER_SERVICES_EVENT_PERSISTER_FLUSH_INTERVAL="0.5",
-               PREFECT_SERVER_DATABASE_CONNECTION_TIMEOUT="60", PREFECT_SERVER_DATABASE_TIMEOUT="60",
-               PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="300")
+               PREFECT_LOGGING_LEVEL="WARNING", PYTHONWARNINGS="ignore", **QUIET_PREFECT,
+               PREFECT_SERVER_SERVICES_EVENT_PERSISTER_FLUSH_INTERVAL="0.5")
     env.pop("DAYBREAK_TEST_HOOK")  # the webhook is gone: the Prefect event alone reports it
     code = PREFECT_MONITOR.format(spec=str(spec_file), day=day.isoformat())
     proc = subprocess.run([str(BIN / "python"), "-c", code], env=env, capture_output=True, text=True, timeout=600)

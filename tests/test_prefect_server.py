@@ -23,6 +23,7 @@ import psutil
 import pytest
 
 from conftest import BIN, ROOT, SPEC, free_port, make_home, wait_http
+from test_prefect import QUIET_PREFECT  # SQLite writers wait on each other on a busy 2-core machine
 
 DRIVER = ROOT / "tests" / "prefect_driver.py"
 NAME = "daybreak-test"
@@ -30,9 +31,6 @@ CRON = "0 3 * * *"
 DAYS = ("2013-01-01", "2013-01-02", "2013-01-02")
 CACHED_TASKS = ("stage_data", "build_features", "train_model", "evaluate_gate")
 NEVER_CACHED = ("monitor_model", "promote_model", "deploy_model")
-# as in tests/test_prefect.py: SQLite writers wait on each other on a busy 2-core machine
-QUIET_PREFECT = {"PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_SERVER_DATABASE_CONNECTION_TIMEOUT": "60",
-                 "PREFECT_SERVER_DATABASE_TIMEOUT": "60", "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "300"}
 # every process this test starts carries this variable (and passes it on to its children)
 TAG_VAR = "DAYBREAK_TEST_PREFECT_SERVER"
 
