@@ -1,5 +1,7 @@
 """Errors a user can act on. Each names what is wrong and where."""
 
+import re
+
 
 class DaybreakError(Exception):
     """Base class: the CLI prints these without a traceback.
@@ -61,3 +63,13 @@ class IntegrityError(DaybreakError, ValueError):
 
 class ApprovalError(DaybreakError):
     """A version cannot be approved or rejected in the state it is in (not pending, deleted, ...)."""
+
+
+_USERINFO = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)(?P<userinfo>[^/?#@\s'\"]+)@")
+
+
+def redact(text: object) -> str:
+    """`text` with the user:password part of every URI in it replaced by ``***``
+    (``https://bob:secret@mlflow:5000`` -> ``https://***@mlflow:5000``): credentials never reach a
+    message, a log line or ``/health``."""
+    return _USERINFO.sub(r"\g<scheme>***@", str(text))
