@@ -124,6 +124,11 @@ class QuarantinePolicy(_Model):
     max_bad_files: int = Field(0, ge=0, description="fail when more files than this cannot be read")
 
 
+# Source fields that limit how a file is read, not what is published from it: outside both hashes,
+# so changing one (or adding one) rebuilds nothing.
+OPERATIONAL = {"max_file_bytes"}
+
+
 class SourceSpec(_Model):
     """A landing-zone dataset: what files to read for a logical date and what they must look like."""
 
@@ -139,6 +144,9 @@ class SourceSpec(_Model):
     extra_columns: Literal["warn", "block"] = "warn"
     quarantine: QuarantinePolicy = QuarantinePolicy()
     severity: dict[str, Severity] = Field(default_factory=dict, description="per rule: quarantine (default), warn or block")
+    max_file_bytes: int = Field(
+        2 * 2**30, ge=1, description="a landing file larger than this is quarantined unread (read in a stream, "
+                                     "never whole); an operational limit, so not part of the spec or feature hash")
 
     @field_validator("columns", mode="before")
     @classmethod
@@ -731,7 +739,8 @@ class Spec(_Model):
         # Who approves a promotion does not shape the model: switching to manual approval keeps
         # the date's candidate (and every spec hash written before the field existed).
         # Monitoring does not shape the model either.
-        return _hash(self.model_dump(mode="json", exclude={"promotion": {"approval"}, "monitoring": True}))
+        return _hash(self.model_dump(mode="json", exclude={"promotion": {"approval"}, "monitoring": True,
+                                                           "sources": {"__all__": OPERATIONAL}}))
 
     def id_columns(self) -> list[str]:
         """The row identity a served request may carry (logged, for joining labels later)."""
@@ -750,7 +759,7 @@ class Spec(_Model):
         # Encodings shape the model, not the table, so changing one does not rebuild features.
         model_only = {"encoding", "max_categories", "bins"}
         features = self.features.model_dump(mode="json", exclude={"columns": {"__all__": model_only}})
-        return _hash({"sources": {k: v.model_dump(mode="json") for k, v in self.sources.items()},
+        return _hash({"sources": {k: v.model_dump(mode="json", exclude=OPERATIONAL) for k, v in self.sources.items()},
                       "features": features})
 
 
