@@ -11,21 +11,40 @@ Every source of the spec is read and checked before anything is published:
 The quarantine policy (``max_bad_row_fraction``, ``max_bad_files``) then decides whether the good
 rows are published or the step fails. A failed step publishes nothing; what it quarantined stays
 for inspection, and the error names it.
+
+Landing files are not trusted (whoever drops them may be an attacker):
+
+* a file whose real path (links resolved, the landing root resolved first) is outside the landing
+  root is refused unread: a link out of it, or a file in a linked folder out of it. The root is
+  the store zone the source's path starts in (``landing/``), or for an absolute path the folder it
+  names before the first part that varies. S3 has no links;
+* files are streamed, never held whole: hashed in one pass (the lineage key needs every digest
+  before anything is parsed), then parsed from a second stream that is hashed again, so what was
+  parsed is what was hashed. A file over the source's ``max_file_bytes`` is refused unread (its
+  size is checked before reading and the stream is cut off at the limit);
+* anything wrong with one file (duplicate column names, a ``MemoryError`` or ``OSError`` while
+  reading it) is that file's problem: quarantined with a reason, never a traceback;
+* the quarantine is private on a local store: folders 0700, files 0600. Refused files are not
+  copied into it.
 """
 
 from __future__ import annotations
 
+import codecs
 import csv
 import hashlib
 import io
 import json
 import logging
+import os
 import posixpath
 import re
+import stat
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any, BinaryIO
 
 import numpy as np
 import pyarrow as pa
@@ -37,8 +56,8 @@ import pyarrow.parquet as pq
 
 from daybreak.context import RunContext
 from daybreak.errors import ContractError, MissingInputError
-from daybreak.spec import ColumnSpec, SourceSpec, Spec
-from daybreak.store import ROW_GROUP_ROWS, sha256_file
+from daybreak.spec import OPERATIONAL, ColumnSpec, SourceSpec, Spec
+from daybreak.store import ROW_GROUP_ROWS, Store
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +84,11 @@ class FileProblem(Exception):
     """A file that cannot be staged at all (unreadable, empty, missing contract columns)."""
 
 
+class Refused(FileProblem):
+    """A file staging will not read at all (a link out of the landing root, too large): its bytes
+    are never parsed nor copied into the quarantine."""
+
+
 @dataclass
 class FileRead:
     name: str
@@ -75,7 +99,219 @@ class FileRead:
     ragged: list[dict[str, Any]] = field(default_factory=list)
     extra: list[str] = field(default_factory=list)
     problem: str | None = None
-    data: bytes = b""
+    source: Landing | None = None  # where to read it again (None: refused, never read again)
+    size: int = 0
+    mtime_ns: int | None = None
+    blank: bool = False  # nothing but whitespace
+    text_error: str | None = None  # not text in the source's encoding
+
+
+# --- landing files: confined, streamed, bounded ------------------------------------------------
+
+_CHUNK = 1 << 20
+_VARIES = re.compile(r"[{}*?\[]")
+
+
+def landing_root(store: Store, spec_path: str) -> str | None:
+    """The resolved folder a source's landing files must really be in; None where there are no
+    links (S3).
+
+    A path relative to the store is confined to the zone it starts in (``landing/...`` ->
+    ``<store>/landing``), whatever links the zone or the store root themselves are; an absolute
+    path to the folder it names before the first part that varies (``{date}`` or a wildcard).
+    """
+    fs, full = store.resolve(spec_path)
+    if not isinstance(fs, pafs.LocalFileSystem):
+        return None
+    if os.path.isabs(os.path.expanduser(spec_path)):
+        parts = full.split("/")[:-1]
+        static: list[str] = []
+        for part in parts:
+            if _VARIES.search(part):
+                break
+            static.append(part)
+        folder = "/".join(static) or "/"
+    else:
+        rel = spec_path.split("/")
+        zone = rel[0] if len(rel) > 1 and not _VARIES.search(rel[0]) else ""
+        folder = store.path(zone) if zone else store.base
+    return os.path.realpath(folder)
+
+
+def _inside(real: str, root: str) -> bool:
+    return real == root or real.startswith(root.rstrip("/") + "/")
+
+
+def _too_large(size: int, limit: int) -> Refused:
+    return Refused(f"{size} bytes > the source's max_file_bytes {limit}: refused, not read")
+
+
+@dataclass(frozen=True)
+class Landing:
+    """One landing file and how it may be opened."""
+
+    fs: pafs.FileSystem
+    path: str
+    root: str | None  # the resolved landing root (local), None on S3
+    limit: int
+    size_hint: int | None = None  # from the listing (S3)
+
+    def open(self) -> tuple[BinaryIO, os.stat_result | None]:
+        """Open for reading, refusing what is out of the root, not a regular file or too large.
+
+        Locally the real path is checked before opening, and the file actually opened (by its
+        descriptor) after: a link swapped in between is caught too."""
+        if self.root is None:
+            if self.size_hint is not None and self.size_hint > self.limit:
+                raise _too_large(self.size_hint, self.limit)
+            return self.fs.open_input_stream(self.path), None
+        out_of_root = Refused(f"a link resolving outside the landing root {self.root}: refused, not read")
+        real = os.path.realpath(self.path)
+        if not _inside(real, self.root):
+            raise out_of_root
+        fd = os.open(real, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                raise Refused("not a regular file: refused, not read")
+            try:
+                opened = os.readlink(f"/proc/self/fd/{fd}")
+            except OSError:  # no /proc: the check before opening stands
+                opened = real
+            if not _inside(opened, self.root):
+                raise out_of_root
+            if st.st_size > self.limit:
+                raise _too_large(st.st_size, self.limit)
+            return os.fdopen(fd, "rb", buffering=0), st
+        except BaseException:
+            os.close(fd)
+            raise
+
+    @contextmanager
+    def stream(self) -> Iterator[_Bounded]:
+        raw, _ = self.open()
+        try:
+            yield _Bounded(raw, self.limit)
+        finally:
+            raw.close()
+
+
+class _Bounded(io.RawIOBase):
+    """A landing file read front to back: hashes every byte that passes and stops the read once
+    more than `limit` bytes came (the file grew, or its size was not known)."""
+
+    def __init__(self, raw: Any, limit: int) -> None:
+        super().__init__()
+        self.raw, self.limit, self.count, self.sha = raw, limit, 0, hashlib.sha256()
+
+    def readable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self.count
+
+    def read(self, size: int | None = -1) -> bytes:
+        if size is None or size < 0:
+            parts = []
+            while chunk := self.read(_CHUNK):
+                parts.append(chunk)
+            return b"".join(parts)
+        data = self.raw.read(min(size, self.limit + 1 - self.count))
+        data = bytes(data) if not isinstance(data, bytes) else data
+        self.count += len(data)
+        if self.count > self.limit:
+            raise Refused(f"more than the source's max_file_bytes {self.limit} bytes (it grew while being "
+                          "read): refused")
+        self.sha.update(data)
+        return data
+
+    def readinto(self, buf: Any) -> int:
+        data = self.read(len(buf))
+        buf[:len(data)] = data
+        return len(data)
+
+    def drain(self) -> str:
+        """Read what the parser left and return the digest of the whole stream."""
+        while self.read(_CHUNK):
+            pass
+        return self.sha.hexdigest()
+
+
+def _unread(name: str, path: str, e: BaseException) -> FileRead:
+    """A file that could not be read (or was refused): its digest stands for the reason, so the
+    lineage key changes when the file (or the limit) does."""
+    reason = str(e) if isinstance(e, FileProblem) else f"could not be read ({type(e).__name__}: {e})"
+    fr = FileRead(name, path, f"unread: {reason}", problem=reason)
+    log.warning("landing file %s: %s", path, reason)
+    return fr
+
+
+def _scan(fs: pafs.FileSystem, info: pafs.FileInfo, root: str | None, src: SourceSpec,
+          check_text: bool = True) -> FileRead:
+    """The first pass over one landing file: its SHA-256 (of exactly the bytes a later read
+    parses), size, whether it is blank and, for text formats, whether it decodes."""
+    landing = Landing(fs, info.path, root, src.max_file_bytes, info.size if root is None else None)
+    try:
+        raw, st = landing.open()
+        try:
+            reader = _Bounded(raw, src.max_file_bytes)
+            decoder = (codecs.getincrementaldecoder(src.encoding)("strict")
+                       if check_text and src.format in ("csv", "jsonl") else None)
+            blank, ascii_only, text_error, fed = True, True, None, 0
+            while chunk := reader.read(_CHUNK):
+                if blank and chunk.strip():
+                    blank = False
+                if decoder is not None:
+                    ascii_only = ascii_only and chunk.isascii()
+                    if text_error is None:
+                        text_error = _decode(decoder, chunk, fed, src.encoding)
+                    fed += len(chunk)
+            if decoder is not None and text_error is None:
+                text_error = _decode(decoder, b"", fed, src.encoding, final=True)
+        finally:
+            raw.close()
+    except (FileProblem, OSError, MemoryError) as e:
+        return _unread(info.base_name, info.path, e)
+    return FileRead(info.base_name, info.path, reader.sha.hexdigest(), source=landing, size=reader.count,
+                    mtime_ns=st.st_mtime_ns if st is not None else None, blank=blank,
+                    text_error=None if ascii_only else text_error)
+
+
+def _decode(decoder: Any, chunk: bytes, fed: int, encoding: str, final: bool = False) -> str | None:
+    """Feed one chunk to an incremental decoder; the error as the whole file's decode says it."""
+    pending = len(decoder.getstate()[0])
+    try:
+        decoder.decode(chunk, final)
+        return None
+    except UnicodeDecodeError as e:
+        start = fed - pending + e.start
+        if e.end - e.start == 1 and e.start < len(e.object):
+            what = f"byte 0x{e.object[e.start]:02x} in position {start}"
+        else:
+            what = f"bytes in position {start}-{start + e.end - e.start - 1}"
+        return f"not valid {encoding} text: '{e.encoding}' codec can't decode {what}: {e.reason}"
+
+
+@contextmanager
+def _parsing(fr: FileRead) -> Iterator[_Bounded]:
+    """The second pass: a fresh stream for the parser, checked against the first pass's digest
+    once the parser is done (a file rewritten in between is not staged under the old digest)."""
+    assert fr.source is not None
+    with fr.source.stream() as reader:
+        yield reader
+        if reader.drain() != fr.digest:
+            raise FileProblem("changed while being staged (its bytes differ from when it was hashed); stage again")
+
+
+def _duplicated(names: list[str]) -> list[str]:
+    seen: set[str] = set()
+    return sorted({n for n in names if n in seen or seen.add(n)})
+
+
+def _check_unique_names(names: list[str]) -> None:
+    dups = _duplicated(names)
+    if dups:
+        raise FileProblem(f"duplicate column name(s): {dups} (which one is meant is ambiguous)")
 
 
 # --- reading ---------------------------------------------------------------------------------
@@ -99,33 +335,36 @@ def _csv_opts(src: SourceSpec, types: dict[str, pa.DataType], ragged: list[dict[
     )
 
 
-def _read_csv(data: bytes, src: SourceSpec) -> tuple[pa.Table, list[dict[str, Any]]]:
+def _read_csv(fr: FileRead, src: SourceSpec) -> tuple[pa.Table, list[dict[str, Any]]]:
     """Typed read first (the fast path); if some value does not convert, read all columns as text
     so the bad values can be found row by row."""
-    if _blank(data):
-        raise FileProblem("empty file")
     ragged: list[dict[str, Any]] = []
     try:
-        return pacsv.read_csv(io.BytesIO(data), **_csv_opts(src, dict(zip(contract_schema(src).names,
-                                                                          contract_schema(src).types)), ragged)), ragged
+        with _parsing(fr) as reader:
+            table = pacsv.read_csv(reader, **_csv_opts(src, dict(zip(contract_schema(src).names,
+                                                                     contract_schema(src).types)), ragged))
+        return table, ragged
     except pa.ArrowInvalid as e:
         if "conversion error" not in str(e).lower():
             raise FileProblem(_describe(e, src)) from None
     ragged = []
+    assert fr.source is not None
+    with fr.source.stream() as reader:
+        head = b""
+        while b"\n" not in head and len(head) < 16 * _CHUNK and (chunk := reader.read(64 * 1024)):
+            head += chunk
     try:
-        first = data.split(b"\n", 1)[0].decode(src.encoding).strip("\r")
+        first = head.split(b"\n", 1)[0].decode(src.encoding).strip("\r")
     except (UnicodeDecodeError, LookupError) as e:
         raise FileProblem(f"not valid {src.encoding} text (set the source's 'encoding'): {e}") from None
     names = next(csv.reader([first]))
+    _check_unique_names(names)
     try:
-        table = pacsv.read_csv(io.BytesIO(data), **_csv_opts(src, {n: pa.string() for n in names}, ragged))
+        with _parsing(fr) as reader:
+            table = pacsv.read_csv(reader, **_csv_opts(src, {n: pa.string() for n in names}, ragged))
     except pa.ArrowInvalid as e:
         raise FileProblem(_describe(e, src)) from None
     return table, ragged
-
-
-def _blank(data: bytes) -> bool:
-    return not data[:4096].strip() and not data.strip()
 
 
 def _describe(e: Exception, src: SourceSpec) -> str:
@@ -137,19 +376,58 @@ def _describe(e: Exception, src: SourceSpec) -> str:
     return msg
 
 
-def _read_file(data: bytes, src: SourceSpec) -> tuple[pa.Table, list[dict[str, Any]]]:
-    if src.format == "csv":
-        return _read_csv(data, src)
-    if _blank(data):
+_JSON_TWICE = re.compile(r"Column\(/(.*)\) was specified twice in row (\d+)")
+
+
+def _read_file(fr: FileRead, src: SourceSpec) -> tuple[pa.Table, list[dict[str, Any]]]:
+    if fr.blank:
         raise FileProblem("empty file")
+    if src.format == "csv":
+        return _read_csv(fr, src)
     try:
         if src.format == "parquet":
-            table = pq.read_table(pa.BufferReader(data))
+            table = _read_parquet(fr)
         else:
-            table = pajson.read_json(io.BytesIO(data))
-    except (pa.ArrowInvalid, pa.ArrowTypeError, OSError) as e:
+            with _parsing(fr) as reader:
+                table = pajson.read_json(reader)
+    except (pa.ArrowInvalid, pa.ArrowTypeError) as e:
+        twice = _JSON_TWICE.search(str(e))
+        if twice:
+            raise FileProblem(f"duplicate column name(s): {[twice.group(1)]} (a key given twice in row "
+                              f"{twice.group(2)}; which one is meant is ambiguous)") from None
         raise FileProblem(f"cannot be read as {src.format}: {str(e).splitlines()[0]}") from None
     return table, []
+
+
+def _read_parquet(fr: FileRead) -> pa.Table:
+    """Parquet needs random access (its footer comes last), so it is not read as a stream: the
+    file is opened with the same checks, its size bounded as before, and it must be the file the
+    first pass hashed (same size and modification time)."""
+    land = fr.source
+    assert land is not None
+    if land.root is None:
+        raw, st = land.fs.open_input_file(land.path), None
+        size = raw.size()
+    else:
+        raw, st = land.open()
+        size = st.st_size
+    try:
+        if size > land.limit:
+            raise _too_large(size, land.limit)
+        if size != fr.size or (st is not None and st.st_mtime_ns != fr.mtime_ns):
+            raise FileProblem("changed while being staged (not the file that was hashed); stage again")
+        try:
+            names = pq.ParquetFile(raw).schema_arrow.names
+        except OSError as e:  # pyarrow says a bad footer with an OSError
+            raise FileProblem(f"cannot be read as parquet: {str(e).splitlines()[0]}") from None
+        _check_unique_names(names)
+        raw.seek(0)
+        try:
+            return pq.read_table(raw)
+        except OSError as e:
+            raise FileProblem(f"cannot be read as parquet: {str(e).splitlines()[0]}") from None
+    finally:
+        raw.close()
 
 
 # --- types -----------------------------------------------------------------------------------
@@ -212,12 +490,10 @@ def _convert(col: pa.ChunkedArray, name: str, cs: ColumnSpec, tz: str | None) ->
 
 def _load(fr: FileRead, src: SourceSpec) -> None:
     """Read one file into typed contract columns, recording per-row type failures."""
-    if src.format in ("csv", "jsonl") and not fr.data.isascii():
-        try:  # before pyarrow parses it: its row handlers cannot report bytes outside the encoding
-            fr.data.decode(src.encoding)
-        except (UnicodeDecodeError, LookupError) as e:
-            raise FileProblem(f"not valid {src.encoding} text: {e}") from None
-    table, ragged = _read_file(fr.data, src)
+    if fr.text_error:  # found by the first pass: pyarrow's row handlers cannot report bytes outside the encoding
+        raise FileProblem(fr.text_error)
+    table, ragged = _read_file(fr, src)
+    _check_unique_names(table.column_names)
     fr.ragged = ragged
     missing = [c for c in src.columns if c not in table.column_names]
     if missing:
@@ -371,7 +647,10 @@ _WRITER = ThreadPoolExecutor(max_workers=2, thread_name_prefix="daybreak-stage")
 
 
 def _lineage(src: SourceSpec, digests: dict[str, str], day: Any) -> str:
-    blob = json.dumps({"contract": src.model_dump(mode="json"), "inputs": digests, "date": day.isoformat()},
+    # operational fields (the read limit) change how files are read, not what they hold: a file
+    # the limit refuses has a digest saying so, so the key still changes when the outcome does
+    blob = json.dumps({"contract": src.model_dump(mode="json", exclude=OPERATIONAL), "inputs": digests,
+                       "date": day.isoformat()},
                       sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
@@ -390,11 +669,8 @@ def _prepare(name: str, src: SourceSpec, ctx: RunContext) -> Prepared:
     fs, infos = _find(name, src, ctx)
     if src.format == "files":
         return _prepare_files(name, src, ctx, fs, infos)
-    reads = []
-    for info in infos:
-        with fs.open_input_stream(info.path) as f:
-            data = f.read()
-        reads.append(FileRead(info.base_name, info.path, hashlib.sha256(data).hexdigest(), data=data))
+    root = landing_root(ctx.store, src.path)
+    reads = [_scan(fs, info, root, src) for info in infos]
     digests = {r.name: r.digest for r in reads}
     lineage_key = _lineage(src, digests, day)
     current = ctx.store.partition(f"staged/{name}", day)
@@ -404,12 +680,19 @@ def _prepare(name: str, src: SourceSpec, ctx: RunContext) -> Prepared:
 
     bad_files: list[dict[str, str]] = []
     for r in reads:
-        try:
-            _load(r, src)
-        except FileProblem as e:
-            r.problem = str(e)
-            bad_files.append({"file": r.name, "reason": str(e)})
-        r.data = r.data if r.problem else b""
+        if r.problem is None:
+            try:
+                _load(r, src)
+            except FileProblem as e:
+                r.problem = str(e)
+                if isinstance(e, Refused):
+                    r.source = None
+            except (MemoryError, OSError) as e:  # this file's problem, not the step's
+                r.table = r.type_reasons = None
+                r.problem = f"could not be read ({type(e).__name__}: {e})"
+                log.warning("landing file %s: %s", r.path, r.problem)
+        if r.problem is not None:
+            bad_files.append({"file": r.name, "reason": r.problem})
     good_reads = [r for r in reads if r.table is not None]
     schema = contract_schema(src).append(pa.field(_FILE, pa.string())).append(pa.field(_ROW, pa.int64()))
     table = (pa.concat_tables([r.table for r in good_reads], promote_options="default") if good_reads
@@ -522,7 +805,7 @@ def _write_quarantine(name: str, ctx: RunContext, table: pa.Table, reasons: Any,
                       bad_files: list[FileRead], summary: dict[str, Any]) -> str:
     store = ctx.store
     base = store.path("quarantine", name, f"date={ctx.logical_date.isoformat()}", f"run={ctx.run_id}")
-    store.fs.create_dir(base, recursive=True)
+    _make_dirs(store, base)
     rows = []
     if reasons is not None:
         bad = table.filter(pc.is_valid(reasons))
@@ -543,11 +826,18 @@ def _write_quarantine(name: str, ctx: RunContext, table: pa.Table, reasons: Any,
                               "_row": pa.array([r["line"] for r in ragged], pa.int64()),
                               "_reason": [r["reason"] for r in ragged], "_raw": [r["text"] for r in ragged]}))
     if rows:
-        pq.write_table(pa.concat_tables(rows), posixpath.join(base, "rows.parquet"), filesystem=store.fs)
+        with _create(store, posixpath.join(base, "rows.parquet")) as out:
+            pq.write_table(pa.concat_tables(rows), out)
     for f in bad_files:
-        store.fs.create_dir(posixpath.join(base, "files"), recursive=True)
-        with store.fs.open_output_stream(posixpath.join(base, "files", f.name)) as out:
-            out.write(f.data)
+        if f.source is None:  # refused or unreadable: nothing of it is read, so nothing is copied
+            continue
+        _make_dirs(store, posixpath.join(base, "files"))
+        try:
+            with f.source.stream() as src_file, _create(store, posixpath.join(base, "files", f.name)) as out:
+                while chunk := src_file.read(_CHUNK):
+                    out.write(chunk)
+        except (FileProblem, OSError, MemoryError) as e:
+            log.warning("quarantine: could not copy %s (%s); its reason is recorded", f.path, e)
     counts = {}
     if reasons is not None:
         for r in pc.drop_null(reasons).to_pylist():
@@ -556,7 +846,7 @@ def _write_quarantine(name: str, ctx: RunContext, table: pa.Table, reasons: Any,
                 counts[key] = counts.get(key, 0) + 1
     if ragged:
         counts["ragged"] = len(ragged)
-    with store.fs.open_output_stream(posixpath.join(base, "_quarantine.json")) as out:
+    with _create(store, posixpath.join(base, "_quarantine.json")) as out:
         out.write(json.dumps({"source": name, "date": ctx.logical_date.isoformat(), "run_id": ctx.run_id,
                               "rows_by_rule": counts, **summary}, indent=2, default=str).encode())
     uri = store.uri(base)
@@ -564,34 +854,98 @@ def _write_quarantine(name: str, ctx: RunContext, table: pa.Table, reasons: Any,
     return uri
 
 
+def _make_dirs(store: Store, folder: str) -> None:
+    """Create a quarantine folder; on a local store every level from ``quarantine/`` down is
+    private (0700), also when an older version made it readable."""
+    if store.kind != "local":
+        store.fs.create_dir(folder, recursive=True)
+        return
+    top = store.path("quarantine")
+    path = top
+    for part in [""] + posixpath.relpath(folder, top).split("/"):
+        path = posixpath.join(path, part) if part else path
+        try:
+            os.mkdir(path, 0o700)
+        except FileExistsError:
+            pass
+        try:
+            os.chmod(path, 0o700)
+        except PermissionError:  # not ours: leave it as it is
+            pass
+
+
+@contextmanager
+def _create(store: Store, path: str) -> Iterator[Any]:
+    """A new quarantine file: 0600 from its creation on a local store."""
+    if store.kind != "local":
+        with store.fs.open_output_stream(path) as out:
+            yield out
+        return
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    os.fchmod(fd, 0o600)
+    with os.fdopen(fd, "wb") as out:
+        yield out
+
+
 def _prepare_files(name: str, src: SourceSpec, ctx: RunContext, fs: pafs.FileSystem,
                    infos: list[pafs.FileInfo]) -> Prepared:
-    """A manifest of the files themselves (for images and other unstructured data)."""
-    checksums = _file_checksums(ctx, fs, infos)
-    rows = []
+    """A manifest of the files themselves (for images and other unstructured data). A file the
+    landing rules refuse (a link out of the root, over the size limit) is left out of it and
+    counts as an unreadable file."""
+    checksums = _file_checksums(ctx, fs, infos, src)
+    rows, bad_files = [], []
     for i in infos:
         checksum = checksums[i.path]
+        if checksum.startswith("unread: "):
+            bad_files.append({"file": i.base_name, "reason": checksum[len("unread: "):]})
+            continue
         uri = f"s3://{i.path}" if isinstance(fs, pafs.S3FileSystem) else i.path
         rows.append({"uri": uri, "name": i.base_name, "size": i.size, "last_modified": i.mtime, "checksum": checksum})
     table = pa.Table.from_pylist(rows, schema=pa.schema([
         ("uri", pa.string()), ("name", pa.string()), ("size", pa.int64()),
         ("last_modified", pa.timestamp("ns", tz="UTC")), ("checksum", pa.string())]))
-    digests = {r["name"]: r["checksum"] for r in rows}
+    digests = {i.base_name: checksums[i.path] for i in infos}
     lineage_key = _lineage(src, digests, ctx.logical_date)
     current = ctx.store.partition(f"staged/{name}", ctx.logical_date)
     if current is not None and current.manifest.get("lineage_key") == lineage_key:
         return Prepared(name, src, result=_result(current, skipped=True))
-    manifest = {"source": name, "date": ctx.logical_date.isoformat(), "rows": table.num_rows, "rows_in": table.num_rows,
-                "rows_quarantined": 0, "files_quarantined": 0, "inputs": digests, "lineage_key": lineage_key,
-                "run_id": ctx.run_id, "schema_hash": hashlib.sha256(str(table.schema).encode()).hexdigest()[:16],
-                "schema": {f.name: str(f.type) for f in table.schema}, "warnings": [], "quarantine_uri": None}
+    q_uri, warnings = None, [f"{b['file']}: {b['reason']}" for b in bad_files]
+    if bad_files:
+        blocking = []
+        if len(bad_files) > src.quarantine.max_bad_files:
+            blocking.append(f"{len(bad_files)} unreadable file(s) > quarantine.max_bad_files "
+                            f"{src.quarantine.max_bad_files}: " + "; ".join(warnings))
+        q_uri = _write_quarantine(name, ctx, table, None, [], [],
+                                  {"blocking": blocking, "warnings": warnings, "bad_files": bad_files})
+        if blocking:
+            raise ContractError(f"source {name!r} {ctx.logical_date}: nothing published: {blocking[0]}; "
+                                f"quarantined to {q_uri}")
+    manifest = {"source": name, "date": ctx.logical_date.isoformat(), "rows": table.num_rows, "rows_in": len(infos),
+                "rows_quarantined": 0, "files_quarantined": len(bad_files), "inputs": digests,
+                "lineage_key": lineage_key, "run_id": ctx.run_id,
+                "schema_hash": hashlib.sha256(str(table.schema).encode()).hexdigest()[:16],
+                "schema": {f.name: str(f.type) for f in table.schema}, "warnings": warnings, "quarantine_uri": q_uri}
     return Prepared(name, src, good=table, manifest=manifest)
 
 
-def _file_checksums(ctx: RunContext, fs: pafs.FileSystem, infos: list[pafs.FileInfo]) -> dict[str, str]:
-    """A ``format: files`` source's checksums: S3 ETags (no download), else SHA-256."""
-    etags = _s3_etags(ctx, infos) if isinstance(fs, pafs.S3FileSystem) else {}
-    return {i.path: etags.get(i.path) or f"sha256:{sha256_file(i.path, fs)}" for i in infos}
+def _file_checksums(ctx: RunContext, fs: pafs.FileSystem, infos: list[pafs.FileInfo],
+                    src: SourceSpec) -> dict[str, str]:
+    """A ``format: files`` source's checksums: S3 ETags (no download), else SHA-256 (streamed,
+    under the landing rules); ``unread: <reason>`` for a file those rules refuse."""
+    if isinstance(fs, pafs.S3FileSystem):
+        out = {}
+        big = {i.path for i in infos if i.size is not None and i.size > src.max_file_bytes}
+        etags = _s3_etags(ctx, [i for i in infos if i.path not in big])
+        for i in infos:
+            out[i.path] = (f"unread: {_too_large(i.size, src.max_file_bytes)}" if i.path in big
+                           else etags.get(i.path) or f"sha256:{_scan(fs, i, None, src, check_text=False).digest}")
+        return out
+    root = landing_root(ctx.store, src.path)
+    out = {}
+    for i in infos:
+        fr = _scan(fs, i, root, src, check_text=False)
+        out[i.path] = fr.digest if fr.problem else f"sha256:{fr.digest}"
+    return out
 
 
 def _s3_etags(ctx: RunContext, infos: list[pafs.FileInfo]) -> dict[str, str]:
@@ -693,10 +1047,11 @@ def recorded_lineage(spec: Spec, ctx: RunContext) -> dict[str, str] | None:
     for name, src in spec.sources.items():
         fs, infos = _find(name, src, ctx)
         if src.format == "files":
-            checksums = _file_checksums(ctx, fs, infos)
+            checksums = _file_checksums(ctx, fs, infos, src)
             digests = {i.base_name: checksums[i.path] for i in infos}
         else:
-            digests = {i.base_name: sha256_file(i.path, fs) for i in infos}
+            root = landing_root(ctx.store, src.path)
+            digests = {i.base_name: _scan(fs, i, root, src, check_text=False).digest for i in infos}
         key = _lineage(src, digests, day)
         if parts[name].manifest.get("lineage_key") != key:
             return None
