@@ -19,6 +19,11 @@ _DEFAULT_HOME = pytest.StashKey[Path]()
 SPEC = ROOT / "specs" / "flights.yaml"
 BIN = Path(sys.executable).parent
 
+# tests/security reuses helpers of tests/reliability (invariants, the integrity test's folders)
+# as top-level modules, as pytest's rootdir import gives them when the whole suite is collected.
+if str(ROOT / "tests" / "reliability") not in sys.path:
+    sys.path.append(str(ROOT / "tests" / "reliability"))
+
 # Nothing in the suite may reach a Ray cluster, MLflow server or home folder it did not start.
 for var in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI", "DAYBREAK_STORE", "DAYBREAK_SERVE_URL", "DAYBREAK_SPEC"):
     os.environ.pop(var, None)

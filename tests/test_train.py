@@ -150,13 +150,20 @@ def test_skops_file_with_unrecorded_types_is_refused(spec, tmp_path: Path) -> No
     s = _with(spec, model={"flavor": "sklearn", "estimator": "pipelines.scaled_logistic", "params": {}})
     path, meta = save_model(fit_model(s, _data(np.random.default_rng(1))), s, tmp_path)
     meta_path = tmp_path / "meta.json"
-    ctx = SimpleNamespace(artifacts={"model": str(path), "meta": str(meta_path)})
+    ctx = SimpleNamespace(artifacts={"model": str(path), "meta": str(meta_path)}, model_config=None)
     meta_path.write_text(json.dumps({"features": ["a", "b", "c", "d"], "task": "classification", **meta}))
     m = DaybreakModel()
     m.load_context(ctx)  # the recorded types load
     meta_path.write_text(json.dumps({"features": ["a", "b", "c", "d"], "task": "classification",
                                      **meta, "trusted_types": []}))
     assert meta["trusted_types"]  # a Pipeline holds types beyond skops' defaults
+    with pytest.raises(ValueError, match="types not recorded at training"):
+        DaybreakModel().load_context(ctx)
+    # the loader's configuration (daybreak passes the registry's record) wins over meta.json
+    ctx.model_config = {"flavor": "sklearn", "trusted_types": meta["trusted_types"]}
+    DaybreakModel().load_context(ctx)
+    ctx.model_config = {"flavor": "sklearn", "trusted_types": []}
+    meta_path.write_text(json.dumps({"features": ["a", "b", "c", "d"], "task": "classification", **meta}))
     with pytest.raises(ValueError, match="types not recorded at training"):
         DaybreakModel().load_context(ctx)
 
@@ -219,7 +226,7 @@ def test_a_model_whose_files_changed_after_training_is_refused(fresh: Path, spec
     ctx = RunContext.create("2013-01-02")
     out = train_model(spec, ctx)
     mv = registry.client(ctx).get_model_version(spec.model.name, out["model_version"])
-    assert len(mv.tags[registry.ARTIFACTS_TAG]) == 64
+    assert len(mv.tags[registry.MODEL_DIGEST_TAG]) == 64
     registry.load_model(ctx, spec.model.name, out["model_version"])  # as trained: loads
     metas = list(fresh.rglob("artifacts/artifacts/meta.json"))
     assert len(metas) == 1

@@ -123,9 +123,14 @@ class DaybreakModel(mlflow.pyfunc.PythonModel):
         self.features: list[str] = meta["features"]
         self.encoders: dict[str, dict[str, Any]] = legacy_encoders(meta)
         self.task: str = meta["task"]
-        self.flavor: str = meta.get("flavor", "xgboost")
+        # daybreak's loader passes the flavor and the types skops may build from the registry,
+        # which the artifact store cannot change; meta.json's copies serve tools that load the
+        # folder as it is (``mlflow models serve``).
+        config = context.model_config or {}
+        self.flavor: str = config.get("flavor") or meta.get("flavor", "xgboost")
         self.partition_by: list[str] = meta.get("partition_by", [])
-        trusted = set(meta.get("trusted_types", []))
+        listed = config.get("trusted_types")
+        trusted = set(meta.get("trusted_types", []) if listed is None else listed)
         path = context.artifacts["model"]
         if not self.partition_by:
             self.model = self._load(path, trusted)
@@ -142,8 +147,8 @@ class DaybreakModel(mlflow.pyfunc.PythonModel):
             return booster
         import skops.io as sio
 
-        # Trust exactly the types recorded when the model was saved (in the registry, beside
-        # it); a file holding anything else is refused rather than loaded.
+        # Trust exactly the types recorded when the model was saved; a file holding anything else
+        # is refused rather than loaded.
         found = set(sio.get_untrusted_types(file=path))
         unexpected = sorted(found - trusted)
         if unexpected:

@@ -163,8 +163,44 @@ def model_uri(name: str, version: str) -> str:
     return f"models:/{name}/{version}"
 
 
+# What training records in the registry, which the artifact store cannot change, and what loading
+# checks against it before anything in the folder is parsed, imported or deserialized.
+MODEL_DIGEST_TAG = "daybreak.model_sha256"  # every file of the stored model folder
+TRUSTED_TYPES_TAG = "daybreak.skops_trusted_types"  # what skops may build from a scikit-learn model
+FLAVOR_TAG = "daybreak.flavor"
+# Written by the MLflow client after a ``models:/`` download (name and version), never by the store.
+CLIENT_WRITTEN = frozenset({"registered_model_meta"})
+# The escape hatch for versions registered before MODEL_DIGEST_TAG existed: set by an operator out
+# of band, never by a spec.
+TRUST_UNSEALED_ENV = "DAYBREAK_TRUST_UNSEALED_MODELS"
+# The artifacts ``train`` logs: MLmodel must point at exactly these.
+MODEL_ARTIFACTS = {"meta": {"artifacts/meta.json"},
+                   "model": {"artifacts/model.ubj", "artifacts/model.skops", "artifacts/models"}}
+
+
+def model_files(root: str | Path) -> dict[str, Path]:
+    """Every file of a stored model folder by its path in the folder, except CLIENT_WRITTEN at the
+    top. A link or anything but a regular file is refused: its target could change after the check."""
+    from daybreak.errors import IntegrityError
+
+    root = Path(root)
+    files: dict[str, Path] = {}
+    for p in sorted(root.rglob("*")):
+        rel = p.relative_to(root).as_posix()
+        if p.is_symlink() or not (p.is_file() or p.is_dir()):
+            raise IntegrityError(f"model folder holds {rel!r}, which is not a regular file or folder")
+        if p.is_file() and rel not in CLIENT_WRITTEN:
+            files[rel] = p
+    return files
+
+
+def folder_digest(root: str | Path) -> str:
+    """One sha256 over (path, content hash) of every file of a model folder (``model_files``)."""
+    return artifacts_digest(model_files(root))
+
+
 def artifacts_digest(files: dict[str, str | Path]) -> str:
-    """One sha256 over (name, content hash) of the files a model loads: its code and artifacts."""
+    """One sha256 over (name, content hash) of `files`."""
     import hashlib
 
     from daybreak.store import sha256_file
@@ -176,7 +212,7 @@ def artifacts_digest(files: dict[str, str | Path]) -> str:
 
 
 def loaded_files(root: str | Path) -> dict[str, Path]:
-    """What loading a daybreak model executes or reads: model_code.py and artifacts/**."""
+    """The files the first record (ARTIFACTS_TAG) covered: model_code.py and artifacts/**."""
     root = Path(root)
     files = {"model_code.py": root / "model_code.py"}
     files |= {p.relative_to(root).as_posix(): p for p in sorted((root / "artifacts").rglob("*")) if p.is_file()}
@@ -184,49 +220,79 @@ def loaded_files(root: str | Path) -> dict[str, Path]:
 
 
 def stored_digest(uri: str, scratch: str | Path) -> str:
-    """``artifacts_digest`` of a logged model's files as the store holds them."""
+    """``folder_digest`` of a logged model's folder as the store holds it."""
     import tempfile
 
     import mlflow
 
     with tempfile.TemporaryDirectory(dir=scratch) as tmp:
-        return artifacts_digest(loaded_files(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=tmp)))
+        return folder_digest(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=tmp))
+
+
+def _refuse(name: str, version: str, why: str) -> Exception:
+    from daybreak.errors import IntegrityError
+
+    return IntegrityError(f"model {name} version {version}: its code or artifacts differ from what training "
+                          f"recorded: {why}; refusing to load")
 
 
 def _check_entry(local: str | Path, name: str, version: str) -> None:
-    """The digest covers model_code.py and artifacts/: MLmodel must load exactly those (no other
-    code file, no extra code paths), or a changed MLmodel would run code nobody hashed."""
+    """MLmodel loads model_code.py through MLflow's code-model loader, with no other code path and
+    exactly the artifacts training logged. (Already covered by the digest; this names what is
+    wrong, and holds for versions trusted without one.)"""
     import yaml
-
-    from daybreak.errors import IntegrityError
 
     pf = (yaml.safe_load((Path(local) / "MLmodel").read_text()).get("flavors") or {}).get("python_function") or {}
     code = pf.get("model_code_path")
     if (pf.get("loader_module") != "mlflow.pyfunc.loaders.code_model" or code is None
             or Path(str(code)).name != "model_code.py" or pf.get("code")):
-        raise IntegrityError(f"model {name} version {version}: its code or artifacts differ from what training "
-                             f"recorded: its MLmodel loads code other than model_code.py (loader "
-                             f"{pf.get('loader_module')!r}, model_code_path {code!r}, code {pf.get('code')!r}); "
-                             "refusing to load")
+        raise _refuse(name, version, f"its MLmodel loads code other than model_code.py (loader "
+                                     f"{pf.get('loader_module')!r}, model_code_path {code!r}, code {pf.get('code')!r})")
+    artifacts = pf.get("artifacts") or {}
+    paths = {k: (v or {}).get("path") if isinstance(v, dict) else v for k, v in artifacts.items()}
+    if set(paths) != set(MODEL_ARTIFACTS) or any(paths[k] not in MODEL_ARTIFACTS[k] for k in paths):
+        raise _refuse(name, version, f"its MLmodel points at artifacts {paths}, not the ones training logged")
 
 
-def _verified(ctx: RunContext, name: str, version: str, dst: str) -> str:
-    """Download the version into `dst` and check its code and artifacts are the bytes training
-    recorded in the registry (versions from before that record pass unchecked). Returns the path."""
+def _verified(ctx: RunContext, name: str, version: str, dst: str) -> tuple[str, dict[str, Any] | None]:
+    """Download the version into `dst` and check every file is the bytes training recorded in the
+    registry, before anything in it is parsed. Returns the path and the loader's configuration
+    from the registry (flavor, skops' trusted types), None for a version without that record."""
     import mlflow
+    from mlflow.exceptions import MlflowException
 
-    from daybreak.errors import IntegrityError
+    tags = client(ctx).get_model_version(name, version).tags
+    expected = tags.get(MODEL_DIGEST_TAG)
+    if expected is None and os.environ.get(TRUST_UNSEALED_ENV, "").lower() not in ("1", "true", "yes"):
+        from daybreak.errors import IntegrityError
 
-    expected = client(ctx).get_model_version(name, version).tags.get(ARTIFACTS_TAG)
-    local = mlflow.artifacts.download_artifacts(artifact_uri=model_uri(name, version), dst_path=dst)
+        raise IntegrityError(f"model {name} version {version}: the registry holds no digest of its files "
+                             f"({MODEL_DIGEST_TAG}: registered before daybreak recorded one, or not by daybreak "
+                             f"train); refusing to load. Retrain it, or set {TRUST_UNSEALED_ENV}=1 where it "
+                             "is loaded to accept such versions on a weaker check")
+    try:
+        local = mlflow.artifacts.download_artifacts(artifact_uri=model_uri(name, version), dst_path=dst)
+    except MlflowException as e:
+        if "outside the artifact directory" in str(e):  # a link planted in the store
+            raise _refuse(name, version, "the artifact store holds a link out of the model's folder") from None
+        raise
     if expected is not None:
-        _check_entry(local, name, version)
-        found = artifacts_digest(loaded_files(local))
+        found = folder_digest(local)
         if found != expected:
-            raise IntegrityError(f"model {name} version {version}: its code or artifacts differ from what training "
-                                 f"recorded ({ARTIFACTS_TAG}={expected[:12]}..., found {found[:12]}...); "
-                                 "refusing to load")
-    return local
+            raise _refuse(name, version, f"{MODEL_DIGEST_TAG}={expected[:12]}..., found {found[:12]}...")
+    else:
+        legacy = tags.get(ARTIFACTS_TAG)
+        if legacy is not None and artifacts_digest(loaded_files(local)) != legacy:
+            raise _refuse(name, version, f"{ARTIFACTS_TAG} does not match")
+    _check_entry(local, name, version)
+    if FLAVOR_TAG not in tags:
+        return local, None
+    config: dict[str, Any] = {"flavor": tags[FLAVOR_TAG]}
+    if TRUSTED_TYPES_TAG in tags:
+        config["trusted_types"] = json.loads(tags[TRUSTED_TYPES_TAG])
+    elif tags[FLAVOR_TAG] != "xgboost":
+        config["trusted_types"] = None  # meta.json's list: only reachable for a version trusted unsealed
+    return local, config
 
 
 def verify_model(ctx: RunContext, name: str, version: str) -> None:
@@ -240,7 +306,8 @@ def verify_model(ctx: RunContext, name: str, version: str) -> None:
 
 
 def load_model(ctx: RunContext, name: str, version: str) -> Any:
-    """The version's pyfunc model, after ``_verified`` checked its files."""
+    """The version's pyfunc model, after ``_verified`` checked its files; the loader takes the
+    flavor and the types skops may build from the registry, not from the files."""
     import tempfile
 
     import mlflow
@@ -248,7 +315,8 @@ def load_model(ctx: RunContext, name: str, version: str) -> Any:
     use_uri(ctx.tracking_uri)
     # The model reads its files while loading (load_context), so the download can go after.
     with tempfile.TemporaryDirectory(prefix="daybreak-model-") as tmp:
-        return mlflow.pyfunc.load_model(_verified(ctx, name, version, tmp))
+        local, config = _verified(ctx, name, version, tmp)
+        return mlflow.pyfunc.load_model(local, model_config=config)
 
 
 def code_version() -> str:

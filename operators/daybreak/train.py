@@ -433,7 +433,7 @@ def train_model(spec: Spec, ctx: RunContext, force: bool = False) -> dict[str, A
         "daybreak.input_hashes": json.dumps(hashes, sort_keys=True),
         "daybreak.feature_version": spec.feature_version(),
         "daybreak.code_version": registry.code_version(),
-        "daybreak.flavor": spec.model.flavor,
+        registry.FLAVOR_TAG: spec.model.flavor,
         "daybreak.train_rows": str(n_fit),
         "daybreak.val_metric": repr(val_metric),
         "daybreak.run_context": ctx.run_id,
@@ -462,12 +462,17 @@ def train_model(spec: Spec, ctx: RunContext, force: bool = False) -> dict[str, A
             mlflow.log_artifact(str(Path(tmp) / "feature_importance.png"))
         mlflow.log_dict(encoders, "encoders.json")
         signature = _signature(features, set(f.categorical_names()))
+        # The loader's configuration, logged so that the registry's copy can replace it at load
+        # (MLflow only overrides keys the logged model_config has).
+        loader = {"flavor": spec.model.flavor, "trusted_types": flavor_meta.get("trusted_types", [])}
         info = mlflow.pyfunc.log_model(
             name="model", python_model=MODEL_CODE, artifacts={"model": str(model_path), "meta": str(meta_path)},
-            signature=signature, input_example=example, pip_requirements=_requirements(spec),
+            signature=signature, input_example=example, pip_requirements=_requirements(spec), model_config=loader,
         )
-        # what loading will check: the code and artifacts as stored, hashed the way the loader does
-        tags[registry.ARTIFACTS_TAG] = registry.stored_digest(info.model_uri, tmp)
+        # What loading will check, in the registry where the artifact store cannot change it: every
+        # file as stored, and the types skops may build.
+        tags[registry.MODEL_DIGEST_TAG] = registry.stored_digest(info.model_uri, tmp)
+        tags[registry.TRUSTED_TYPES_TAG] = json.dumps(loader["trusted_types"])
         mv, registered = _register(spec, ctx, cl, info.model_uri, lineage_key, tags, force)
         version = str(mv.version)
         if not registered:

@@ -1,7 +1,7 @@
 """Model integrity: a version whose stored files changed after training is never loaded.
 
-Training records ``daybreak.artifacts_sha256`` on each version; ``registry.load_model`` checks the
-files it downloads against it. Here with the real parts: a sqlite registry whose artifact store is
+Training records ``daybreak.model_sha256`` (every file of the stored model) on each version;
+``registry.load_model`` checks the files it downloads against it. Here with the real parts: a sqlite registry whose artifact store is
 a folder, `daybreak serve` as its own process serving champion v1 to client threads the whole
 time, and real train / gate / promote / batch-score steps.
 
@@ -25,9 +25,9 @@ runs each kind once, ``make reliability`` twice. One more trial: a version waiti
 (``promotion.approval: manual``) whose files change before a person approves it; the approval
 must be refused and the champion stay v1.
 
-The third kind is caught because MLmodel must load ``model_code.py`` and nothing else
-(``registry._check_entry``): the digest covers ``model_code.py`` and ``artifacts/`` only, while
-MLflow loads whatever MLmodel names.
+The third kind was caught, when the digest covered ``model_code.py`` and ``artifacts/`` only,
+because MLmodel must load ``model_code.py`` and nothing else (``registry._check_entry``); the
+digest now covers MLmodel and every other file too (tests/security/test_sec_model.py).
 """
 
 from __future__ import annotations
