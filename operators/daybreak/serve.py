@@ -4,15 +4,18 @@ A background thread polls the champion alias (with one client, failing fast when
 does not answer). When the alias moves, the new version is loaded and warmed up off the
 request path, then swapped in with one reference assignment.
 
-Requests are micro-batched. The event loop parses each body; one predict thread takes the
-requests waiting when it becomes free, runs one ``model.predict`` over all their rows and hands
-each request its slice. A predict costs milliseconds whatever the number of rows (the model's
-pandas encoding, MLflow's schema checks, the DMatrix), so under load that cost is paid once per
-batch instead of once per request. An idle server answers a lone request at once; under load, a
-batch much smaller than the last one waits at most one predict's time for the others to come
-back. A batch takes the current model once, so every request in it is answered by exactly one
-version (the ``X-Model-Version`` header); batches run one after another, so the version a client
-sees never goes back unless the alias itself is moved back (a rollback).
+Requests are micro-batched. One predict thread takes the requests waiting when it becomes free,
+runs one ``model.predict`` over all their rows and hands each request its slice. A predict costs
+milliseconds whatever the number of rows (the model's pandas encoding, MLflow's schema checks,
+the DMatrix), so under load that cost is paid once per batch instead of once per request. An
+idle server answers a lone request at once; under load, a batch much smaller than the last one
+waits at most one predict's time for the others to come back. A batch takes the current model
+once, so every request in it is answered by exactly one version (the ``X-Model-Version``
+header); batches run one after another, so the version a client sees never goes back unless the
+alias itself is moved back (a rollback). A request of more than ``MAX_BATCH_ROWS`` rows is
+predicted in slices of that size, each batch taking the small requests waiting first and then
+the next slice, so one big request never holds the others back for its whole predict; its
+slices all use the version its first one used, and so do the batches it shares.
 
 Every answered batch is handed to the prediction log (``predlog.py``): a queue append on the
 predict thread; a writer thread converts and writes. Requests may carry the spec's row identity
@@ -20,8 +23,61 @@ columns next to the features (logged for the label join, not given to the model)
 
 Bodies of the usual shapes (``dataframe_split``, ``dataframe_records`` or ``inputs`` holding
 exactly the signature's columns, numbers in double columns, text in string ones) become columns
-directly; anything else goes through MLflow's own parser, one request at a time, so errors and
-odd inputs behave exactly as they did before.
+directly; anything else (and ``text/csv`` or Parquet bodies) goes through MLflow's own parser and
+schema check, one request at a time, so errors and odd inputs behave as MLflow's server's do.
+
+Clients are not trusted (DESIGN.md, "Trust model"). Every limit below is a module constant, and
+can be set by a keyword argument of ``serve``/``create_app`` or by the environment variable named
+with it (keyword, then environment, then the constant):
+
+- ``max_body_bytes`` (``DAYBREAK_SERVE_MAX_BODY_BYTES``, 16 MiB): a declared ``Content-Length``
+  over it gets 413 before anything is read; a chunked body is cut off at it (413). About 90,000
+  rows of the flights model's 20 columns (about 175 bytes a row).
+- ``max_rows`` (``DAYBREAK_SERVE_MAX_ROWS``, 100,000): rows per request, 413 naming the limit.
+- ``max_inflight_bytes`` (``DAYBREAK_SERVE_MAX_INFLIGHT_BYTES``, 64 MiB): body bytes being read
+  or parsed at once, all requests together (declared lengths are reserved up front); past it,
+  503 with ``Retry-After``. With the row limit and the pending-row limit (``MAX_PENDING_ROWS``)
+  this bounds what abusive clients can make the server hold.
+- ``header_timeout`` (``DAYBREAK_SERVE_HEADER_TIMEOUT``, 10 s): from a connection's start, or a
+  request's first byte, until its headers are complete; then 408 and the connection is closed.
+  uvicorn has no such timeout (only keep-alive between requests): ``TimedHttpToolsProtocol``.
+- ``body_timeout`` (``DAYBREAK_SERVE_BODY_TIMEOUT``, 30 s): the whole body must arrive within it
+  (16 MiB at about 0.5 MB/s); then 408 and the connection is closed.
+- ``max_connections`` (``DAYBREAK_SERVE_MAX_CONNECTIONS``, 256): uvicorn's
+  ``limit_concurrency``; requests on connections past it get 503.
+- ``parse_processes`` (``DAYBREAK_SERVE_PARSE_PROCESSES``, 1): see below; 0 parses big bodies on
+  a thread instead.
+
+Parsing. A body of at most ``INLINE_BYTES`` (64 KiB, a few hundred rows) in the usual shape is
+parsed with orjson on the event loop: under a millisecond, less than handing it to a thread would
+cost. Anything else is parsed and checked off the loop before it is queued: small bodies on a
+thread, bigger ones in a worker process. orjson (and the standard parser) hold the GIL for the
+whole parse, so a thread would not keep the loop answering: measured on the flights rows,
+orjson takes 20 ms for 1.8 MiB, 350 ms for 18 MiB and 3.9 s for 81 MiB, and turning the rows
+into columns as long again; in a process, the loop only unpickles the columns (numpy arrays).
+A worker that dies (say, out of memory) is replaced; its request gets a 500.
+
+Each request's cells are checked before it joins a batch: orjson refuses ``NaN``/``Infinity``
+and out-of-range numbers, so a body it parses has finite numbers; a body only the standard
+parser reads has its double columns converted and checked here (``NaN`` stays a missing value,
+as MLflow's parser makes it; ``Infinity``, ``-Infinity`` and numbers beyond a double are refused
+with a 400 naming the column). Bodies for MLflow's parser get its schema check too. So a bad
+request fails alone, before it can fail a batch; if a batch still fails, its requests are
+answered one by one and their errors carry no native trace.
+
+Errors use MLflow's body, ``{"error_code": ..., "message": ...}``, without tracebacks or file
+paths; 5xx bodies say only what happened and the request id. ``Content-Type`` must be what
+MLflow's scoring server reads (``application/json``, ``text/csv``,
+``application/vnd.apache.parquet``, parameter ``charset=utf-8`` only): anything else, a missing
+one included, gets 415, so a browser cannot post cross-site without a CORS preflight (a
+``fetch`` with a bare body sends none). There are no API docs routes.
+
+With ``DAYBREAK_SERVE_TOKEN`` set, ``/invocations`` needs ``Authorization: Bearer <token>`` and
+``/health`` shows its details (version, loaded_at, last_error, prediction log) only with it;
+``/ping`` and ``/version`` need none. Identity columns decide which labels the monitor joins to a
+prediction, so a request carrying them is refused (403) when no token is configured: an
+anonymous client could otherwise log predictions under real flights' identities and drive a
+rollback. ``last_error`` has credentials stripped from URIs (``errors.redact``).
 """
 
 from __future__ import annotations
@@ -31,14 +87,19 @@ import gc
 import hmac
 import json
 import logging
+import multiprocessing
+import os
+import re
 import threading
 import time
 import uuid
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Executor, ThreadPoolExecutor
+from concurrent.futures.process import BrokenProcessPool, ProcessPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from functools import lru_cache
 from itertools import chain, repeat
 from operator import eq, itemgetter
 from typing import Any
@@ -47,25 +108,73 @@ import numpy as np
 import pandas as pd
 from fastapi import FastAPI
 from fastapi.responses import JSONResponse
+from starlette.requests import Request
 
 from daybreak import registry
 from daybreak.context import RunContext
+from daybreak.errors import redact
 from daybreak.predlog import PredictionLog
 from daybreak.spec import Spec
 
 log = logging.getLogger(__name__)
 
-# A bigger request runs alone; smaller ones are grouped up to this many rows per predict call.
+# A bigger request is predicted in slices of this many rows; smaller ones are grouped up to it.
 MAX_BATCH_ROWS = 2000
 # Backpressure: past this many rows waiting, new requests get 503 with Retry-After rather than
-# a queue (and latency, and memory) that only grows; bodies over MAX_BODY_BYTES get 413.
+# a queue (and latency, and memory) that only grows.
 MAX_PENDING_ROWS = 50 * MAX_BATCH_ROWS
-MAX_BODY_BYTES = 64 * 2**20
+# Limits on what clients send (see the module docstring; each can be set by keyword or environment).
+MAX_BODY_BYTES = 16 * 2**20
+MAX_ROWS = 100_000
+MAX_INFLIGHT_BYTES = 64 * 2**20
+HEADER_TIMEOUT = 10.0
+BODY_TIMEOUT = 30.0
+MAX_CONNECTIONS = 256
+PARSE_PROCESSES = 1
+INLINE_BYTES = 64 * 2**10
 # Input column types the fast path builds itself, and the JSON values it accepts for them.
 FAST_TYPES: dict[str, tuple[type, ...]] = {"double": (float, int), "string": (str,)}
 FORMATS = ("dataframe_split", "dataframe_records", "inputs")
+JSON_TYPE, CSV_TYPE, PARQUET_TYPE = "application/json", "text/csv", "application/vnd.apache.parquet"
+CONTENT_TYPES = (JSON_TYPE, CSV_TYPE, PARQUET_TYPE)
+# MLflow's error codes (mlflow.protos.databricks_pb2) for the statuses this server answers.
+ERROR_CODES = {400: "BAD_REQUEST", 401: "UNAUTHENTICATED", 403: "PERMISSION_DENIED", 404: "ENDPOINT_NOT_FOUND",
+               405: "BAD_REQUEST", 408: "DEADLINE_EXCEEDED", 413: "RESOURCE_LIMIT_EXCEEDED", 415: "BAD_REQUEST",
+               422: "BAD_REQUEST", 500: "INTERNAL_ERROR", 503: "TEMPORARILY_UNAVAILABLE"}
 
 Fields = tuple[tuple[str, str, bool], ...]  # (name, type, optional) of each input column
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_body_bytes: int = MAX_BODY_BYTES
+    max_rows: int = MAX_ROWS
+    max_inflight_bytes: int = MAX_INFLIGHT_BYTES
+    header_timeout: float = HEADER_TIMEOUT
+    body_timeout: float = BODY_TIMEOUT
+    max_connections: int = MAX_CONNECTIONS
+    parse_processes: int = PARSE_PROCESSES
+
+    @classmethod
+    def resolve(cls, **given: Any) -> Limits:
+        """Keyword arguments, else ``DAYBREAK_SERVE_<NAME>``, else the module constant."""
+        out = {}
+        for name, f in cls.__dataclass_fields__.items():
+            kind = float if isinstance(f.default, float) else int
+            if given.get(name) is not None:
+                out[name] = kind(given[name])
+            elif os.environ.get(f"DAYBREAK_SERVE_{name.upper()}"):
+                raw = os.environ[f"DAYBREAK_SERVE_{name.upper()}"]
+                try:
+                    out[name] = kind(raw)
+                except ValueError:
+                    raise ValueError(f"DAYBREAK_SERVE_{name.upper()}={raw!r} is not a number") from None
+            if name in out and out[name] < 0:
+                raise ValueError(f"{name} must not be negative")
+        unknown = set(given) - set(cls.__dataclass_fields__)
+        if unknown:
+            raise TypeError(f"unknown serving limits: {', '.join(sorted(unknown))}")
+        return cls(**out)
 
 
 @dataclass(frozen=True)
@@ -145,12 +254,207 @@ def fast_columns(body: dict, fields: Fields, ids: frozenset[str] = frozenset()) 
 
 
 def batch_columns(parts: list[dict[str, Sequence]], fields: Fields) -> dict[str, np.ndarray]:
-    """Every part's rows as numpy columns, with the dtypes MLflow's parser gives the signature's types."""
+    """Every part's rows as numpy columns, with the dtypes MLflow's parser gives the signature's types.
+    Parts are tuples (parsed on the loop) or numpy arrays (checked or parsed off it)."""
     data = {}
     for name, kind, _ in fields:
-        values = list(chain.from_iterable(p[name] for p in parts))
-        data[name] = np.array(values, dtype=np.float64 if kind == "double" else object)  # None -> NaN
+        dtype = np.float64 if kind == "double" else object
+        cols = [p[name] for p in parts]
+        if any(isinstance(c, np.ndarray) for c in cols):
+            data[name] = np.concatenate([np.asarray(c, dtype=dtype) for c in cols])
+        else:
+            data[name] = np.array(list(chain.from_iterable(cols)), dtype=dtype)  # None -> NaN
     return data
+
+
+class Refused(Exception):
+    """A request answered with an error before it reaches the predict thread."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(status, message)  # both in args: it is pickled back from a parse worker
+        self.status, self.message = status, message
+
+
+@dataclass
+class Parsed:
+    """A request's rows, checked: columns (the fast path) or a frame (MLflow's parser)."""
+
+    rows: int
+    columns: dict[str, Sequence] | None = None
+    frame: Any = None
+    ids: bool = False  # carries identity columns
+
+
+_PATH = re.compile(r"(?<![:/\w])(?:[A-Za-z]:)?(?:[/\\][\w.\-+@~]+){2,}[/\\]?")
+
+
+def clean(message: object, limit: int = 2000) -> str:
+    """A message for a client: no credentials in URIs, no file paths, no traceback, bounded."""
+    text = redact(message)
+    text = text.split("\nTraceback", 1)[0].split("Stack trace:", 1)[0]
+    text = _PATH.sub("<path>", text)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def _parse_json(raw: bytes) -> tuple[Any, bool]:
+    """The body, and whether orjson read it (then every number is finite and fits a double)."""
+    import orjson
+
+    try:
+        return orjson.loads(raw), True
+    except orjson.JSONDecodeError:
+        try:
+            return json.loads(raw), False
+        except RecursionError:
+            raise Refused(400, "body is nested too deeply") from None
+        except (ValueError, UnicodeDecodeError):
+            raise Refused(400, "body is not valid JSON") from None
+
+
+@lru_cache(maxsize=4)
+def _schema(schema_json: str) -> Any:
+    from mlflow.types import Schema
+
+    return Schema.from_json(schema_json)
+
+
+def _rows_limit(rows: int, max_rows: int) -> None:
+    if rows > max_rows:
+        raise Refused(413, f"{rows:,} rows in one request; at most {max_rows:,} (DAYBREAK_SERVE_MAX_ROWS): "
+                           f"send fewer rows per request")
+
+
+def _finite_doubles(cols: dict[str, Sequence], fields: Fields) -> None:
+    """Double columns as float64 arrays; refuses infinities and numbers beyond a double (NaN is a
+    missing value, as MLflow's parser makes it)."""
+    for name, kind, _ in fields:
+        if kind != "double":
+            continue
+        try:
+            arr = np.array(cols[name], dtype=np.float64)
+        except OverflowError:
+            raise Refused(400, f"column {name!r}: a number is too large for a double") from None
+        if np.isinf(arr).any():
+            raise Refused(400, f"column {name!r}: Infinity is not a valid value (NaN or null for missing)")
+        cols[name] = arr
+
+
+def _finite_frame(frame: Any) -> None:
+    for name in frame.columns:
+        col = frame[name]
+        if col.dtype.kind == "f" and np.isinf(col.to_numpy()).any():
+            raise Refused(400, f"column {name!r}: Infinity is not a valid value (NaN or null for missing)")
+
+
+def parse_fast(raw: bytes, fields: Fields | None, ids: frozenset[str], max_rows: int) -> Parsed | None:
+    """On the event loop, for small JSON bodies: orjson and the fast path, or None (then
+    `parse_request` decides off the loop)."""
+    import orjson
+
+    if not fields:
+        return None
+    try:
+        body = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return None
+    cols = fast_columns(body, fields, ids) if type(body) is dict else None
+    if cols is None:
+        return None
+    rows = len(next(iter(cols.values())))
+    _rows_limit(rows, max_rows)
+    return Parsed(rows, columns=cols, ids=not ids.isdisjoint(cols))
+
+
+def parse_request(raw: bytes, mime: str, fields: Fields | None, ids: frozenset[str], schema_json: str | None,
+                  max_rows: int, arrays: bool = False) -> Parsed:
+    """A body read and checked, off the event loop (a thread, or a worker process with `arrays`:
+    then the columns come back as numpy arrays, quick to pickle). Raises Refused."""
+    try:
+        return _parse_request(raw, mime, fields, ids, schema_json, max_rows, arrays)
+    except Refused:
+        raise
+    except RecursionError:
+        raise Refused(400, "body is nested too deeply") from None
+    except Exception as e:  # MLflow's parser and schema check, pandas, pyarrow: the input is wrong
+        from mlflow.exceptions import MlflowException
+
+        if isinstance(e, MlflowException):
+            raise Refused(400, clean(e.message)) from None
+        if isinstance(e, (ValueError, TypeError, KeyError, IndexError, OverflowError, UnicodeDecodeError)) or \
+                type(e).__module__.startswith(("pyarrow", "pandas")):
+            raise Refused(400, f"could not read the body: {clean(e, 500)}") from None
+        raise
+
+
+def _parse_request(raw: bytes, mime: str, fields: Fields | None, ids: frozenset[str], schema_json: str | None,
+                   max_rows: int, arrays: bool) -> Parsed:
+    schema = _schema(schema_json) if schema_json else None
+    if mime == JSON_TYPE:
+        body, exact = _parse_json(raw)
+        if not isinstance(body, dict):
+            raise Refused(400, f"body must be an object with one of {', '.join(FORMATS)}")
+        cols = fast_columns(body, fields, ids) if fields else None
+        if cols is not None:
+            rows = len(next(iter(cols.values())))
+            _rows_limit(rows, max_rows)
+            cols = dict(cols)
+            if not exact or arrays:
+                _finite_doubles(cols, fields)
+            if arrays:
+                cols = {k: v if isinstance(v, np.ndarray) else np.array(v, dtype=object) for k, v in cols.items()}
+            return Parsed(rows, columns=cols, ids=not ids.isdisjoint(cols))
+        from mlflow.pyfunc.scoring_server import infer_and_parse_data
+
+        _rows_limit(_json_rows(body), max_rows)  # before pandas builds anything
+        frame = infer_and_parse_data(body, schema)
+    elif mime == CSV_TYPE:
+        from io import StringIO
+
+        from mlflow.pyfunc.scoring_server import parse_csv_input
+
+        text = raw.decode("utf-8")
+        _rows_limit(text.count("\n") - 1, max_rows)  # at least the rows (quoted newlines count too)
+        frame = parse_csv_input(StringIO(text), schema)
+    else:
+        import io
+
+        import pyarrow.parquet as pq
+
+        f = pq.ParquetFile(io.BytesIO(raw))
+        _rows_limit(f.metadata.num_rows, max_rows)
+        unpacked = sum(f.metadata.row_group(k).total_byte_size for k in range(f.metadata.num_row_groups))
+        if unpacked > 16 * len(raw) + 2**20:
+            raise Refused(413, "the Parquet body unpacks to far more than it weighs; send it less compressed")
+        frame = f.read().to_pandas()
+    if not isinstance(frame, pd.DataFrame):
+        frame = pd.DataFrame(frame)
+    _rows_limit(len(frame), max_rows)
+    _finite_frame(frame)
+    if schema is not None:
+        from mlflow.models.utils import _enforce_schema
+
+        _finite_frame(_enforce_schema(frame, schema))  # what the model would be given
+    return Parsed(len(frame), frame=frame, ids=not ids.isdisjoint(frame.columns))
+
+
+def _json_rows(body: dict) -> int:
+    """The rows a JSON body holds, as far as they can be counted before parsing (0 if unknown)."""
+    for key in FORMATS + ("instances",):
+        data = body.get(key)
+        if isinstance(data, list):
+            return len(data)
+        if isinstance(data, dict):
+            inner = data.get("data")
+            if isinstance(inner, list):
+                return len(inner)
+            return max((len(v) for v in data.values() if isinstance(v, list)), default=0)
+    return 0
+
+
+def _warm() -> None:
+    """Imports a parse worker needs, before the first big body."""
+    import orjson  # noqa: F401
+    import pandas  # noqa: F401
 
 
 class ModelHolder:
@@ -197,7 +501,7 @@ class ModelHolder:
                 self.refresh()
                 self.last_error = None
             except Exception as e:  # keep serving the current model whatever the registry does
-                self.last_error = f"{type(e).__name__}: {e}"
+                self.last_error = redact(f"{type(e).__name__}: {e}")
                 log.warning("champion refresh failed, still serving %s: %s",
                             self.current.version if self.current else None, self.last_error)
 
@@ -209,22 +513,35 @@ class ModelHolder:
 class Job:
     """One request waiting for the predict thread."""
 
-    body: dict
     fields: Fields | None  # what `columns` was checked against (a new version may differ)
-    columns: dict[str, Sequence] | None  # None: MLflow's parser
+    columns: dict[str, Sequence] | None  # None: `frame`, from MLflow's parser
+    frame: Any
     rows: int
     future: asyncio.Future = field(repr=False)
     request_id: str = ""
     logged: bool = False  # sampled for the prediction log
+    done: int = 0  # rows handed to batches (a request bigger than a batch goes in slices)
+    parts: list = field(default_factory=list, repr=False)  # predictions of its slices so far
+    pinned: Loaded | None = None  # the version its slices use
 
 
 Answer = tuple[int, bytes]  # HTTP status and JSON body
+Slice = tuple[Job, int, int]  # a job and the rows [start, stop) of it in a batch
 
 
 def _json(obj: Any) -> bytes:
     import orjson
 
     return orjson.dumps(obj, option=orjson.OPT_SERIALIZE_NUMPY)
+
+
+def error(status: int, message: str) -> Answer:
+    """MLflow's error body."""
+    return status, _json({"error_code": ERROR_CODES.get(status, "BAD_REQUEST"), "message": message})
+
+
+def _internal(request_id: str) -> Answer:
+    return error(500, f"internal error while predicting; the server log has the details (request id {request_id})")
 
 
 def _predictions(preds: Any) -> Answer:
@@ -242,27 +559,32 @@ def _one_thread() -> None:
         pass
 
 
+def _cut(job: Job, start: int, stop: int) -> dict[str, Sequence]:
+    if start == 0 and stop == job.rows:
+        return job.columns
+    return {k: v[start:stop] for k, v in job.columns.items()}
+
+
 class Batcher:
     """Feeds the predict thread: each free moment it takes the waiting jobs (up to
-    MAX_BATCH_ROWS rows) and the current model, and answers them all from one predict call."""
+    MAX_BATCH_ROWS rows, a big job a slice at a time) and one model, and answers them all from
+    one predict call."""
 
     def __init__(self, holder: ModelHolder, plog: PredictionLog | None = None):
         self.holder, self.plog = holder, plog
         self.ids = frozenset(holder.spec.id_columns()) if plog is not None else frozenset()
         self.pending: deque[Job] = deque()
         self.pending_rows = 0
+        self.big: Job | None = None  # the job being predicted in slices
         self._wake = asyncio.Event()
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="predict", initializer=_one_thread)
 
-    async def submit(self, body: dict, request_id: str = "") -> tuple[Answer, str]:
-        """Queue a request; returns its answer and the version that answered it."""
-        cur = self.holder.current
-        cols = fast_columns(body, cur.fields, self.ids) if cur is not None and cur.fields else None
-        rows = len(next(iter(cols.values()))) if cols else 1
-        job = Job(body, cur.fields if cur else None, cols, rows, asyncio.get_running_loop().create_future(),
+    async def submit(self, parsed: Parsed, fields: Fields | None, request_id: str = "") -> tuple[Answer, str]:
+        """Queue a checked request; returns its answer and the version that answered it."""
+        job = Job(fields, parsed.columns, parsed.frame, parsed.rows, asyncio.get_running_loop().create_future(),
                   request_id, self.plog is not None and self.plog.sampled())
         self.pending.append(job)
-        self.pending_rows += rows
+        self.pending_rows += job.rows
         self._wake.set()
         return await job.future
 
@@ -282,14 +604,43 @@ class Batcher:
                 except TimeoutError:
                     return
 
-    def _take(self) -> list[Job]:
-        jobs = [self.pending.popleft()]
-        rows = jobs[0].rows
-        while self.pending and rows + self.pending[0].rows <= MAX_BATCH_ROWS:
-            jobs.append(self.pending.popleft())
-            rows += jobs[-1].rows
+    def _take(self) -> tuple[Loaded | None, list[Slice]]:
+        """The model and the slices of the next batch. While a big job is in slices, each batch
+        takes the small jobs waiting (up to half a batch) and then its next slice, with its model."""
+        if self.big is None and self.pending[0].columns is not None and self.pending[0].rows > MAX_BATCH_ROWS:
+            self.big = self.pending.popleft()
+            self.big.pinned = self.holder.current
+        big = self.big
+        cur = big.pinned if big is not None else self.holder.current
+        budget = MAX_BATCH_ROWS // 2 if big is not None else MAX_BATCH_ROWS
+        slices: list[Slice] = []
+        rows = 0
+        while self.pending:
+            job = self.pending[0]
+            if job.columns is not None and job.rows > MAX_BATCH_ROWS:
+                break  # a big job starts at the head of the queue, after the one in slices
+            if slices and rows + job.rows > budget:
+                break
+            self.pending.popleft()
+            slices.append((job, 0, job.rows))
+            job.done = job.rows
+            rows += job.rows
+        if big is not None:
+            n = min(big.rows - big.done, max(MAX_BATCH_ROWS - rows, MAX_BATCH_ROWS // 2))
+            slices.append((big, big.done, big.done + n))
+            big.done += n
+            rows += n
+            if big.done >= big.rows:
+                self.big = None
         self.pending_rows -= rows
-        return jobs
+        return cur, slices
+
+    def _drop_big(self, job: Job) -> None:
+        """A big job answered with an error before its last slice: its other slices are not run."""
+        if self.big is job:
+            self.pending_rows -= job.rows - job.done
+            job.done = job.rows
+            self.big = None
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
@@ -299,72 +650,101 @@ class Batcher:
             # Under load the clients of the last batch are sending their next requests: give them
             # up to one predict's time to come back (while the loop writes the answers and reads
             # them), rather than paying a whole predict for the one or two that came first.
-            await self._until_rows(min(last_rows // 2, MAX_BATCH_ROWS), last_seconds)
-            jobs = self._take()
-            cur = self.holder.current  # taken once: the whole batch is answered by this version
+            if self.big is None:
+                await self._until_rows(min(last_rows // 2, MAX_BATCH_ROWS), last_seconds)
+            cur, slices = self._take()  # one model for the whole batch
+            if not slices:
+                continue
             started = loop.time()
-            try:
-                answers = await loop.run_in_executor(self._pool, self._predict, cur, jobs)
-            except Exception as e:  # a bug here must not stop the loop that serves everyone
-                log.exception("prediction batch failed")
-                answers = [(500, _json({"detail": f"prediction failed: {type(e).__name__}: {e}"}))] * len(jobs)
-            last_rows, last_seconds = sum(j.rows for j in jobs), loop.time() - started
-            for job, answer in zip(jobs, answers):
+            if cur is None:
+                answers = [error(503, "no champion model loaded yet")] * len(slices)
+            else:
+                try:
+                    answers = await loop.run_in_executor(self._pool, self._predict, cur, slices)
+                except Exception:  # a bug here must not stop the loop that serves everyone
+                    log.exception("prediction batch failed")
+                    answers = [_internal(j.request_id) for j, _, _ in slices]
+            last_rows, last_seconds = sum(b - a for _, a, b in slices), loop.time() - started
+            for (job, _, _), answer in zip(slices, answers):
+                if answer is None:  # a slice of a big job, more to come
+                    continue
+                if answer[0] != 200:
+                    self._drop_big(job)
                 if not job.future.done():  # the client may have gone
-                    job.future.set_result((answer, cur.version))
+                    job.future.set_result((answer, cur.version if cur else ""))
 
-    def _predict(self, cur: Loaded, jobs: list[Job]) -> list[Answer]:
-        """In the predict thread: one predict over the fast-path jobs, the others one by one."""
-        answers: dict[int, Answer] = {}
-        fast = [i for i, j in enumerate(jobs) if j.columns is not None and j.fields == cur.fields]
+    def _predict(self, cur: Loaded, slices: list[Slice]) -> list[Answer | None]:
+        """In the predict thread: one predict over the fast-path slices, the others one by one.
+        None for a slice of a big job that is not its last."""
+        answers: dict[int, Answer | None] = {}
+        fast = [i for i, (j, _, _) in enumerate(slices) if j.columns is not None and j.fields == cur.fields]
         if fast:
             try:
-                data = batch_columns([jobs[i].columns for i in fast], cur.fields)
+                data = batch_columns([_cut(*slices[i]) for i in fast], cur.fields)
                 preds = np.asarray(cur.model.predict(pd.DataFrame(data)))
                 start = 0
                 for i in fast:
-                    answers[i] = _predictions(preds[start:start + jobs[i].rows])
-                    start += jobs[i].rows
+                    job, a, b = slices[i]
+                    answers[i] = self._slice_answer(job, a, b, preds[start:start + b - a])
+                    start += b - a
                 try:
-                    self._log(cur, data, preds, [jobs[i] for i in fast])
+                    self._log(cur, data, preds, [slices[i] for i in fast])
                 except Exception:  # the log never fails a request
                     log.warning("prediction log: a batch was not logged", exc_info=True)
             except Exception:  # one request at a time, so a failure is only that request's
                 log.warning("batched predict failed; answering its %d requests one by one", len(fast), exc_info=True)
                 answers.clear()
-        return [answers[i] if i in answers else self._one(cur, job) for i, job in enumerate(jobs)]
+        return [answers[i] if i in answers else self._one(cur, *s) for i, s in enumerate(slices)]
 
-    def _log(self, cur: Loaded, data: dict[str, np.ndarray], preds: np.ndarray, jobs: list[Job]) -> None:
+    @staticmethod
+    def _slice_answer(job: Job, start: int, stop: int, preds: np.ndarray) -> Answer | None:
+        if start == 0 and stop == job.rows:
+            return _predictions(preds)
+        job.parts.append(preds)
+        return _predictions(np.concatenate(job.parts)) if stop == job.rows else None
+
+    def _log(self, cur: Loaded, data: dict[str, np.ndarray], preds: np.ndarray, slices: list[Slice]) -> None:
         """Hand the sampled requests of a batch to the prediction log (a queue append)."""
-        if self.plog is None or not any(j.logged for j in jobs):
+        if self.plog is None or not any(j.logged for j, _, _ in slices):
             return
-        if not all(j.logged for j in jobs):
-            keep = np.concatenate([np.full(j.rows, j.logged) for j in jobs])
-            data, preds, jobs = {k: v[keep] for k, v in data.items()}, preds[keep], [j for j in jobs if j.logged]
-        ids = [{k: j.columns[k] for k in self.ids if k in j.columns} or None if j.columns else None for j in jobs]
-        self.plog.record(cur.version, data, preds, [(j.request_id, j.rows, c) for j, c in zip(jobs, ids)])
+        if not all(j.logged for j, _, _ in slices):
+            keep = np.concatenate([np.full(b - a, j.logged) for j, a, b in slices])
+            data, preds = {k: v[keep] for k, v in data.items()}, preds[keep]
+            slices = [s for s in slices if s[0].logged]
+        parts = []
+        for j, a, b in slices:
+            ids = {k: list(j.columns[k][a:b]) for k in self.ids if k in j.columns} or None
+            parts.append((j.request_id, b - a, ids))
+        self.plog.record(cur.version, data, preds, parts)
 
-    def _one(self, cur: Loaded, job: Job) -> Answer:
-        """A request through MLflow's parser, with its errors as 400s."""
+    def _one(self, cur: Loaded, job: Job, start: int, stop: int) -> Answer | None:
+        """A request on its own (MLflow's parser made its frame, or its columns no longer match
+        the model's), with its errors as 400s without internals."""
         from mlflow.exceptions import MlflowException
-        from mlflow.pyfunc.scoring_server import infer_and_parse_data
 
         try:
-            frame = infer_and_parse_data(job.body, cur.model.metadata.get_input_schema())
+            if job.frame is not None:
+                frame = job.frame
+            else:
+                frame = pd.DataFrame({k: list(v) for k, v in _cut(job, start, stop).items()})
             preds = np.asarray(cur.model.predict(frame))
-            if self.plog is not None and job.logged and len(frame):
+            if job.frame is not None and self.plog is not None and job.logged and len(frame):
                 try:
                     self._log_parsed(cur, frame, preds, job)
                 except Exception:  # the log never fails a request
                     log.warning("prediction log: a parsed request was not logged", exc_info=True)
-            return _predictions(preds)
+            if job.frame is not None:
+                return _predictions(preds)
+            return self._slice_answer(job, start, stop, preds)
         except MlflowException as e:
-            return 400, _json({"detail": e.message})
+            log.warning("request %s refused by the model: %s", job.request_id, e.message[:2000])
+            return error(400, clean(e.message))
         except (ValueError, KeyError, TypeError) as e:
-            return 400, _json({"detail": str(e)})
-        except Exception as e:  # only this request fails, never the others of its batch
-            log.exception("prediction failed")
-            return 500, _json({"detail": f"prediction failed: {type(e).__name__}: {e}"})
+            log.warning("request %s refused by the model: %s: %s", job.request_id, type(e).__name__, str(e)[:2000])
+            return error(400, f"the model could not use these rows: {type(e).__name__}: {clean(e, 500)}")
+        except Exception:  # only this request fails, never the others of its batch
+            log.exception("prediction failed (request id %s)", job.request_id)
+            return _internal(job.request_id)
 
     def _log_parsed(self, cur: Loaded, frame: Any, preds: np.ndarray, job: Job) -> None:
         """Log a request MLflow's parser read (its frame may carry the identity columns)."""
@@ -390,30 +770,73 @@ def _request_id(scope: dict) -> str:
     return uuid.uuid4().hex
 
 
-def _parse_body(raw: bytes) -> Any:
-    """orjson, or the standard parser for what only it accepts (NaN, Infinity, huge numbers)."""
-    import orjson
+def content_type(value: bytes | None) -> str | None:
+    """The media type if MLflow's scoring server reads it (parameter ``charset=utf-8`` only),
+    else None. Names are compared without case, as HTTP says."""
+    if not value:
+        return None
+    mime, *params = (p.strip() for p in value.decode("latin-1").split(";"))
+    mime = mime.lower()
+    for p in params:
+        key, _, val = p.partition("=")
+        if key.strip().lower() != "charset" or val.strip().strip('"').lower() != "utf-8":
+            return None
+    return mime if mime in CONTENT_TYPES else None
 
-    try:
-        return orjson.loads(raw)
-    except orjson.JSONDecodeError:
-        try:
-            return json.loads(raw)
-        except RecursionError:
-            raise ValueError("body is nested too deeply") from None
+
+class ParseWorkers:
+    """Where bodies are parsed off the event loop: a thread for small ones, worker processes for
+    big ones (a thread would hold the GIL, and so the loop, for the whole parse). A worker that
+    dies is replaced."""
+
+    def __init__(self, processes: int):
+        self.processes = processes
+        self.thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="parse")
+        self._procs: Executor | None = None
+
+    def procs(self) -> Executor:
+        if self._procs is None:
+            self._procs = ProcessPoolExecutor(max_workers=self.processes, mp_context=multiprocessing.get_context("spawn"))
+        return self._procs
+
+    def warm(self) -> None:
+        if self.processes:
+            self.procs().submit(_warm)
+
+    async def parse(self, size: int, *args: Any) -> Parsed:
+        loop = asyncio.get_running_loop()
+        if self.processes and size > INLINE_BYTES:
+            pool = self.procs()
+            try:
+                return await loop.run_in_executor(pool, parse_request, *args, True)
+            except BrokenProcessPool:
+                log.error("a parse worker died (a %d-byte body); starting another", size)
+                if self._procs is pool:
+                    self._procs = None
+                    pool.shutdown(wait=False, cancel_futures=True)
+                raise
+        return await loop.run_in_executor(self.thread, parse_request, *args)
+
+    def close(self) -> None:
+        self.thread.shutdown(wait=False, cancel_futures=True)
+        if self._procs is not None:
+            self._procs.shutdown(wait=False, cancel_futures=True)
 
 
-def create_app(spec: Spec, ctx: RunContext, token: str | None = None, freeze_gc: bool = False) -> Any:
+def create_app(spec: Spec, ctx: RunContext, token: str | None = None, freeze_gc: bool = False,
+               **limits: Any) -> Any:
     """The app. `freeze_gc` is for a process that only serves (``serve``): a full collection
     walks every object of mlflow, pandas and the model (about 0.5 s with every thread stopped);
-    frozen after start-up and after each load, they are never walked again."""
+    frozen after start-up and after each load, they are never walked again. `limits`: the
+    fields of `Limits` (see the module docstring)."""
+    lim = Limits.resolve(**limits)
     holder = ModelHolder(spec, ctx, freeze_gc)
     plog = PredictionLog(spec, ctx.store) if spec.monitoring.log.sample_rate > 0 else None
-    registry.setup_tracking(ctx, spec.name)
-    try:
+    try:  # a registry that does not answer yet: serve nothing (503), say why on /health, keep polling
+        registry.setup_tracking(ctx, spec.name)
         holder.refresh()
     except Exception as e:
-        holder.last_error = f"{type(e).__name__}: {e}"
+        holder.last_error = redact(f"{type(e).__name__}: {e}")
         log.warning("no champion loaded yet: %s", holder.last_error)
 
     @asynccontextmanager
@@ -424,6 +847,7 @@ def create_app(spec: Spec, ctx: RunContext, token: str | None = None, freeze_gc:
         batcher = Batcher(holder, plog)
         app.state.batcher = batcher
         task = asyncio.create_task(batcher.run(), name="predict-batches")
+        workers.warm()
         # The poll runs on its own thread, never the predict thread: a registry that hangs (MLflow
         # retries for minutes by default; ``serve`` shortens that) must not stop predictions.
         thread = threading.Thread(target=holder.watch, name="champion-watch", daemon=True)
@@ -432,13 +856,33 @@ def create_app(spec: Spec, ctx: RunContext, token: str | None = None, freeze_gc:
         holder.stop()
         task.cancel()
         batcher.close()
+        workers.close()
         if plog is not None:
             plog.close()  # what waits for the writer is written before the process ends
 
-    api = FastAPI(title="daybreak", version="1", lifespan=lifespan)
+    api = FastAPI(title="daybreak", version="1", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     api.state.holder = holder
     api.state.plog = plog
+    api.state.limits = lim
+    workers = ParseWorkers(lim.parse_processes)
     expected = f"Bearer {token}".encode() if token else None
+    inflight = [0]  # body bytes being read or parsed, all requests together
+
+    from fastapi.exceptions import RequestValidationError
+    from starlette.exceptions import HTTPException
+
+    @api.exception_handler(HTTPException)
+    async def http_error(request: Any, exc: HTTPException) -> Any:
+        status, body = error(exc.status_code, "no such endpoint" if exc.status_code == 404 else clean(exc.detail))
+        return JSONResponse(json.loads(body), status_code=status, headers=getattr(exc, "headers", None))
+
+    @api.exception_handler(RequestValidationError)
+    async def validation_error(request: Any, exc: RequestValidationError) -> Any:
+        status, body = error(400, "invalid request")
+        return JSONResponse(json.loads(body), status_code=status)
+
+    def authorized(headers: list[tuple[bytes, bytes]]) -> bool:
+        return expected is not None and hmac.compare_digest(dict(headers).get(b"authorization", b""), expected)
 
     @api.get("/ping")
     def ping() -> Any:
@@ -447,59 +891,125 @@ def create_app(spec: Spec, ctx: RunContext, token: str | None = None, freeze_gc:
         return {"status": "ok"}
 
     @api.get("/health")
-    def health() -> Any:
+    def health(request: Request) -> Any:
         cur = holder.current
+        status = 200 if cur else 503
+        if expected is not None and not authorized(request.scope["headers"]):
+            return JSONResponse({"status": "ok" if cur else "no model"}, status_code=status)
         return JSONResponse({
             "status": "ok" if cur else "no model",
             "model": spec.model.name,
             "alias": spec.promotion.alias,
             "version": cur.version if cur else None,
             "loaded_at": cur.loaded_at if cur else None,
-            "last_error": holder.last_error,
+            "last_error": redact(holder.last_error) if holder.last_error else None,
             "prediction_log": plog.stats() if plog is not None else None,
-        }, status_code=200 if cur else 503)
+        }, status_code=status)
 
     @api.get("/version")
     def version() -> Any:
         cur = holder.current
         return {"model": spec.model.name, "alias": spec.promotion.alias, "version": cur.version if cur else None}
 
-    async def answer(scope: dict, receive: Callable, request_id: str) -> tuple[int, bytes, str | None]:
-        """Status, JSON body and serving version of one POST /invocations."""
-        if expected and not hmac.compare_digest(dict(scope["headers"]).get(b"authorization", b""), expected):
-            return 401, _json({"detail": "missing or wrong bearer token"}), None
-        if holder.current is None:
-            return 503, _json({"detail": "no champion model loaded yet"}), None
-        if api.state.batcher.pending_rows > MAX_PENDING_ROWS:
-            return 503, _json({"detail": "overloaded: too many rows waiting; retry shortly"}), None
+    async def read_body(receive: Callable, declared: int | None) -> bytes:
+        """The body within `body_timeout` and `max_body_bytes`, its bytes counted in flight
+        (the caller releases them). Raises Refused."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + lim.body_timeout
         chunks, more, size = [], True, 0
         while more:
-            message = await receive()
-            chunks.append(message.get("body", b""))
-            size += len(chunks[-1])
-            if size > MAX_BODY_BYTES:
-                return 413, _json({"detail": f"body over {MAX_BODY_BYTES // 2**20} MiB; send fewer rows per request"}), None
+            try:
+                message = await asyncio.wait_for(receive(), max(deadline - loop.time(), 0.001))
+            except TimeoutError:
+                raise Refused(408, f"the body did not arrive within {lim.body_timeout:g} s "
+                                   f"(DAYBREAK_SERVE_BODY_TIMEOUT)") from None
+            if message["type"] == "http.disconnect":
+                raise Refused(400, "the client went away")
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > lim.max_body_bytes:
+                raise Refused(413, _too_big(lim.max_body_bytes))
+            if declared is None:  # chunked: counted as it comes
+                if inflight[0] + len(chunk) > lim.max_inflight_bytes:
+                    raise Refused(503, "overloaded: too many body bytes in flight; retry shortly")
+                inflight[0] += len(chunk)
+            chunks.append(chunk)
             more = message.get("more_body", False)
+        return b"".join(chunks)
+
+    async def answer(scope: dict, receive: Callable, request_id: str) -> tuple[int, bytes, str | None]:
+        """Status, JSON body and serving version of one POST /invocations."""
+        headers = dict(scope["headers"])
+        if expected and not authorized(scope["headers"]):
+            return *error(401, "missing or wrong bearer token"), None
+        mime = content_type(headers.get(b"content-type"))
+        if mime is None:
+            got = headers.get(b"content-type", b"").decode("latin-1")[:100] or "none"
+            return *error(415, f"Content-Type must be one of {', '.join(CONTENT_TYPES)} (parameter charset=utf-8 "
+                               f"only); got {got}"), None
+        cur = holder.current
+        if cur is None:
+            return *error(503, "no champion model loaded yet"), None
         try:
-            body = _parse_body(b"".join(chunks))
+            declared = int(headers[b"content-length"]) if b"content-length" in headers else None
         except ValueError:
-            return 400, _json({"detail": "body is not valid JSON"}), None
-        if not isinstance(body, dict):
-            return 400, _json({"detail": f"body must be an object with one of {', '.join(FORMATS)}"}), None
-        (status, payload), served = await api.state.batcher.submit(body, request_id)
+            return *error(400, "invalid Content-Length"), None
+        if declared is not None and declared > lim.max_body_bytes:
+            return *error(413, _too_big(lim.max_body_bytes)), None
+        batcher = api.state.batcher
+        if batcher.pending_rows > MAX_PENDING_ROWS:
+            return *error(503, "overloaded: too many rows waiting; retry shortly"), None
+        if declared is not None and inflight[0] + declared > lim.max_inflight_bytes:
+            return *error(503, "overloaded: too many body bytes in flight; retry shortly"), None
+        held = declared or 0
+        inflight[0] += held
+        try:
+            raw = await read_body(receive, declared)
+            held = declared if declared is not None else len(raw)
+            ids = batcher.ids
+            fields = cur.fields
+            parsed = None
+            if mime == JSON_TYPE and len(raw) <= INLINE_BYTES:
+                parsed = parse_fast(raw, fields, ids, lim.max_rows)
+            if parsed is None:
+                schema = cur.model.metadata.get_input_schema()
+                parsed = await workers.parse(len(raw), raw, mime, fields, ids,
+                                             schema.to_json() if schema is not None else None, lim.max_rows)
+        except Refused as e:
+            return *error(e.status, e.message), None
+        except BrokenProcessPool:
+            return *_internal(request_id), None
+        except Exception:
+            log.exception("reading request %s failed", request_id)
+            return *_internal(request_id), None
+        finally:
+            inflight[0] -= held
+        if parsed.ids and expected is None:
+            return *error(403, f"this request carries identity columns ({', '.join(sorted(ids))}), which the "
+                               f"prediction log keeps for the label join: they are accepted only from a caller "
+                               f"with the bearer token; set DAYBREAK_SERVE_TOKEN on the server and send "
+                               f"'Authorization: Bearer <token>', or leave them out"), None
+        (status, payload), served = await batcher.submit(parsed, fields, request_id)
         return status, payload, served if status == 200 else None
 
     async def app(scope: dict, receive: Callable, send: Callable) -> None:
         """POST /invocations in plain ASGI, everything else through FastAPI: FastAPI's routing and
         request machinery costs about as much per request as a one-row body's share of a batch."""
-        if scope["type"] != "http" or scope["path"] != "/invocations" or scope["method"] != "POST":
+        if scope["type"] != "http" or scope["path"] != "/invocations":
             return await api(scope, receive, send)
         request_id = _request_id(scope)
-        status, payload, served = await answer(scope, receive, request_id)
+        if scope["method"] != "POST":
+            status, payload, served = *error(405, "use POST"), None
+        else:
+            status, payload, served = await answer(scope, receive, request_id)
         headers = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(payload)),
                    (b"x-request-id", request_id.encode())]
         if status == 503:
             headers.append((b"retry-after", b"1"))
+        if status in (400, 403, 408, 413, 415, 503) or (status != 200 and scope["method"] != "POST"):
+            headers.append((b"connection", b"close"))  # its body may be unread: never parse it as a request
+        if status == 405:
+            headers.append((b"allow", b"POST"))
         if served is not None:
             headers.append((b"x-model-version", served.encode()))
         await send({"type": "http.response.start", "status": status, "headers": headers})
@@ -508,18 +1018,78 @@ def create_app(spec: Spec, ctx: RunContext, token: str | None = None, freeze_gc:
     return app
 
 
-def serve(spec: Spec, ctx: RunContext, host: str | None = None, port: int | None = None,
-          token: str | None = None) -> None:
-    """One process: an event loop for HTTP and JSON, one predict thread (see the module docstring).
-    The access log is off: at thousands of requests a second it would cost more than serving."""
-    import os
+def _too_big(limit: int) -> str:
+    return (f"body over {limit / 2**20:g} MiB (DAYBREAK_SERVE_MAX_BODY_BYTES); send fewer rows per request")
 
+
+def _protocol(header_timeout: float) -> type | str:
+    """uvicorn's httptools protocol with a header timeout: from the connection's start (or a
+    request's first byte) until its headers are complete. Past it: 408 and the connection closes.
+    (uvicorn only times keep-alive idleness between requests.)"""
+    try:
+        from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+    except ImportError:  # no httptools: uvicorn's h11, without a header timeout
+        log.warning("httptools is not installed: no header read timeout")
+        return "h11"
+    _, payload = error(408, f"the request headers did not arrive within {header_timeout:g} s "
+                            f"(DAYBREAK_SERVE_HEADER_TIMEOUT)")
+    timed_out = (b"HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\ncontent-length: %d\r\n"
+                 b"connection: close\r\n\r\n%s" % (len(payload), payload))
+
+    class TimedHttpToolsProtocol(HttpToolsProtocol):
+        _header_timer: asyncio.TimerHandle | None = None
+
+        def _arm(self) -> None:
+            if self._header_timer is None:
+                self._header_timer = self.loop.call_later(header_timeout, self._headers_late)
+
+        def _disarm(self) -> None:
+            if self._header_timer is not None:
+                self._header_timer.cancel()
+                self._header_timer = None
+
+        def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+            super().connection_made(transport)
+            self._arm()
+
+        def on_message_begin(self) -> None:
+            super().on_message_begin()
+            self._arm()
+
+        def on_headers_complete(self) -> None:
+            self._disarm()
+            super().on_headers_complete()
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            self._disarm()
+            super().connection_lost(exc)
+
+        def _headers_late(self) -> None:
+            self._header_timer = None
+            if self.transport.is_closing():
+                return
+            if self.cycle is not None and not self.cycle.response_complete:
+                self._arm()  # a request is being answered (the next one waits, pipelined): not idle
+                return
+            self.transport.write(timed_out)
+            self.transport.close()
+
+    return TimedHttpToolsProtocol
+
+
+def serve(spec: Spec, ctx: RunContext, host: str | None = None, port: int | None = None,
+          token: str | None = None, **limits: Any) -> None:
+    """One process: an event loop for HTTP and JSON, one predict thread, a parse worker (see the
+    module docstring). The access log is off: at thousands of requests a second it would cost
+    more than serving."""
     import uvicorn
 
     # The champion poll must fail fast when the registry is down or hangs (MLflow's defaults
     # retry for minutes); the next poll tries again, and the current model keeps serving.
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
-    app = create_app(spec, ctx, token=token, freeze_gc=True)
+    lim = Limits.resolve(**limits)
+    app = create_app(spec, ctx, token=token, freeze_gc=True, **{k: getattr(lim, k) for k in lim.__dataclass_fields__})
     uvicorn.run(app, host=host or spec.serving.host, port=port or spec.serving.port, log_level="info",
-                access_log=False)
+                access_log=False, http=_protocol(lim.header_timeout), limit_concurrency=lim.max_connections or None,
+                timeout_keep_alive=5)
