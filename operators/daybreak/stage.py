@@ -432,14 +432,15 @@ def _read_parquet(fr: FileRead) -> pa.Table:
 
 # --- types -----------------------------------------------------------------------------------
 
-def _convert(col: pa.ChunkedArray, name: str, cs: ColumnSpec, tz: str | None) -> tuple[pa.Array, np.ndarray, str]:
+def _convert(col: pa.ChunkedArray, name: str, cs: ColumnSpec,
+             tz: str | None) -> tuple[pa.Array | pa.ChunkedArray, np.ndarray, str]:
     """Cast a column to its contract type. Returns values, a mask of values that did not convert,
     and the reason text for them."""
     import pandas as pd
 
     target = arrow_type(cs.type)
     if col.type == target:
-        return col.combine_chunks(), np.zeros(len(col), bool), ""
+        return col, np.zeros(len(col), bool), ""  # no copy: the table takes the chunks as they are
     try:
         return pc.cast(col, target, safe=True).combine_chunks(), np.zeros(len(col), bool), ""
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError):

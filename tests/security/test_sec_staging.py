@@ -241,6 +241,7 @@ def test_sparse_file_over_the_limit_is_quarantined_unread(h: Home) -> None:
     assert code == 2, err[-3000:]
     _no_traceback(err)
     assert f"{DAY}.csv" in err and str(big) in err and "max_file_bytes 1048576" in err, err[-3000:]
+    print(f"peak RSS: {rss} KiB staging the {big}-byte sparse file, {baseline} KiB staging a normal one")
     assert rss - baseline < 64 * 1024, f"peak RSS {rss} KiB vs {baseline} KiB staging a normal file"
     assert not list(h.store.glob("quarantine/**/files/*"))  # not copied either
 
