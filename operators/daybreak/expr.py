@@ -1,9 +1,18 @@
 """A small, safe expression language evaluated column-wise on Arrow tables.
 
 Specs carry expressions such as ``arr_delay > 15`` or ``time_hour + minutes(minute)``. They are
-parsed with :mod:`ast` and only arithmetic, comparisons, boolean logic, column names, literals
-and the functions in ``FUNCTIONS`` are allowed, so a spec can never run arbitrary code.
-Evaluation is vectorised with ``pyarrow.compute``.
+parsed with :mod:`ast` and never compiled or executed as Python: the evaluator walks the tree and
+knows only arithmetic, comparisons, boolean logic, column names, literals and the functions in
+``FUNCTIONS`` (each a ``pyarrow.compute`` kernel or a small wrapper of them); anything else
+(attributes, subscripts, lambdas, other calls) is refused. So an *expression* can only compute
+over the table's columns. (That a whole spec never runs code also rests on spec.py, which takes
+``model.estimator`` only from allowed modules and never calls it while validating.)
+
+Expressions are bounded: at most ``MAX_LENGTH`` characters and ``MAX_DEPTH`` levels of nesting,
+checked before the parser recurses, so a hostile spec gets an error naming its field rather than
+a RecursionError or MemoryError. Integer arithmetic is checked (``*_checked`` kernels): an int64
+overflow raises an error naming the expression instead of wrapping around silently. Evaluation is
+vectorised with ``pyarrow.compute``.
 """
 
 from __future__ import annotations
@@ -14,6 +23,27 @@ from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
+
+MAX_LENGTH = 10_000
+"""Longest expression accepted, in characters."""
+MAX_DEPTH = 100
+"""Deepest nesting accepted: expression nodes from the root to the deepest leaf (``a + b + c`` is
+3 levels, a chain of n additions n + 1)."""
+# The cheap scan before parsing over-counts (every operator character at a bracket level counts
+# as a level), so it refuses only far beyond MAX_DEPTH, well before the parser (fine to about
+# 1,000 levels) could run out of stack; the exact check is on the parsed tree.
+_SCAN_LIMIT = 4 * MAX_DEPTH
+_INT64 = (-(2**63), 2**63 - 1)
+
+
+class ExpressionError(ValueError):
+    """An expression that cannot be accepted or computed: too long, too deep, an integer
+    overflow. A ValueError, so validation reports it naming the field."""
+
+
+def _short(expr: str, n: int = 80) -> str:
+    """The expression quoted for a message, cut to `n` characters (a hostile one may be huge)."""
+    return repr(expr if len(expr) <= n else expr[:n] + "...")
 
 
 def _duration(unit_us: int) -> Callable[[Any], Any]:
@@ -97,7 +127,7 @@ FUNCTIONS: dict[str, Callable[..., Any]] = {
     "log": pc.ln,
     "log1p": pc.log1p,
     "sqrt": pc.sqrt,
-    "abs": pc.abs,
+    "abs": pc.abs_checked,
     "clip": _clip,
     "floor": pc.floor,
     "ceil": pc.ceil,
@@ -115,12 +145,14 @@ FUNCTIONS: dict[str, Callable[..., Any]] = {
     "str": lambda x: pc.cast(x, pa.string()),
 }
 
+# Checked kernels: an integer result outside its type raises instead of wrapping around (floats
+# keep IEEE semantics: inf). Division is always in float64.
 _BINOPS: dict[type, Callable[[Any, Any], Any]] = {
-    ast.Add: pc.add,
-    ast.Sub: pc.subtract,
-    ast.Mult: pc.multiply,
+    ast.Add: pc.add_checked,
+    ast.Sub: pc.subtract_checked,
+    ast.Mult: pc.multiply_checked,
     ast.Div: lambda a, b: pc.divide(pc.cast(a, pa.float64()), b),
-    ast.Pow: pc.power,
+    ast.Pow: pc.power_checked,
 }
 _CMPOPS: dict[type, Callable[[Any, Any], Any]] = {
     ast.Gt: pc.greater,
@@ -132,11 +164,86 @@ _CMPOPS: dict[type, Callable[[Any, Any], Any]] = {
 }
 
 
+def _scan_nesting(text: str) -> int:
+    """A cheap upper estimate of how deep `text` nests, before parsing: open brackets plus the
+    operators seen at each open bracket level (a chain ``a + b + c`` nests one level per
+    operator; commas start a new argument). Comparisons, ``and`` and ``or`` are flat in the tree
+    and not counted. Stops counting past the scan limit."""
+    levels = [0]
+    total = 0  # sum(levels): operators on the path to here
+    quote = None
+    i, n = 0, len(text)
+    while i < n:
+        c = text[i]
+        if quote is not None:
+            if c == "\\":
+                i += 1
+            elif c == quote:
+                quote = None
+        elif c in "'\"":
+            quote = c
+        elif c in "([{":
+            levels.append(0)
+        elif c in ")]}":
+            if len(levels) > 1:
+                total -= levels.pop()
+        elif c == ",":
+            total -= levels[-1]
+            levels[-1] = 0
+        elif c in "+-*/%~&|^@" or (c == "." and i + 1 < n and (text[i + 1].isalpha() or text[i + 1] == "_")):
+            levels[-1] += 1
+            total += 1
+        elif c.isalpha() or c == "_":
+            j = i
+            while j < n and (text[j].isalnum() or text[j] == "_"):
+                j += 1
+            if text[i:j] in ("not", "lambda", "if"):
+                levels[-1] += 1
+                total += 1
+            i = j
+            continue
+        if len(levels) + total > _SCAN_LIMIT:
+            return len(levels) + total
+        i += 1
+    return len(levels) + total
+
+
+def _tree_depth(tree: ast.AST) -> int:
+    """Expression nodes on the longest path from the root (without recursion), stopping early
+    past MAX_DEPTH."""
+    worst = 0
+    stack: list[tuple[ast.AST, int]] = [(tree, 1)]
+    while stack:
+        node, d = stack.pop()
+        worst = max(worst, d)
+        if worst > MAX_DEPTH:
+            break
+        stack.extend((c, d + isinstance(c, ast.expr)) for c in ast.iter_child_nodes(node))
+    return worst
+
+
 def _parse(expr: str) -> ast.expr:
+    """Parse one expression, bounded: its length and nesting are checked before the parser
+    recurses into it, and the parsed tree's depth after."""
+    if not isinstance(expr, str):
+        raise ExpressionError(f"an expression must be text, not {type(expr).__name__}")
+    text = expr.strip()
+    if len(text) > MAX_LENGTH:
+        raise ExpressionError(f"expression is longer than {MAX_LENGTH} characters ({len(text)})")
+    too_deep = ExpressionError(f"expression nests deeper than {MAX_DEPTH} levels")
+    if _scan_nesting(text) > _SCAN_LIMIT:
+        raise too_deep
     try:
-        return ast.parse(expr.strip(), mode="eval").body
+        tree = ast.parse(text, mode="eval").body
     except SyntaxError as e:
-        raise ValueError(f"cannot parse expression {expr!r}: {e.msg}") from None
+        if "too many nested" in str(e.msg):
+            raise too_deep from None
+        raise ExpressionError(f"cannot parse expression {_short(expr)}: {e.msg}") from None
+    except (RecursionError, MemoryError):  # the scan should have caught it; never a traceback
+        raise too_deep from None
+    if _tree_depth(tree) > MAX_DEPTH:
+        raise too_deep
+    return tree
 
 
 def names_in(expr: str) -> set[str]:
@@ -167,12 +274,21 @@ def check_expression(expr: str, columns: set[str], where: str) -> None:
         if unknown:
             raise ValueError(f"unknown column(s) {sorted(unknown)}")
     except ValueError as e:
-        raise ValueError(f"{where}: {e} (in {expr!r})") from None
+        raise type(e)(f"{where}: {e} (in {_short(expr)})") from None
 
 
 def evaluate(expr: str, table: pa.Table) -> pa.ChunkedArray:
-    """Evaluate `expr` over `table`; scalars are broadcast to the table's length."""
-    out = _eval(_parse(expr), table)
+    """Evaluate `expr` over `table`; scalars are broadcast to the table's length.
+
+    Raises:
+        ExpressionError: the expression is too long or too deep, or integer arithmetic in it
+            overflows (naming the part that does and the whole expression).
+    """
+    tree = _parse(expr)
+    try:
+        out = _eval(tree, table)
+    except ExpressionError as e:
+        raise ExpressionError(f"{e} (in {_short(expr)})") from None
     if isinstance(out, pa.Scalar) or not isinstance(out, (pa.Array, pa.ChunkedArray)):
         scalar = out if isinstance(out, pa.Scalar) else pa.scalar(out)
         out = pa.repeat(scalar, table.num_rows)
@@ -187,13 +303,17 @@ def _eval(node: ast.expr, t: pa.Table) -> Any:
             raise KeyError(f"expression refers to missing column {node.id!r}")
         return t.column(node.id)
     if isinstance(node, ast.Constant):
-        return pa.scalar(node.value)
+        v = node.value
+        if isinstance(v, int) and not isinstance(v, bool) and not _INT64[0] <= v <= _INT64[1]:
+            raise ExpressionError(f"integer {_short(str(v), 30)} is out of range for int64 "
+                                  "(write it as a float, e.g. 1e20)")
+        return pa.scalar(v)
     if isinstance(node, ast.BinOp) and type(node.op) in _BINOPS:
-        return _BINOPS[type(node.op)](_eval(node.left, t), _eval(node.right, t))
+        return _checked(node, _BINOPS[type(node.op)], _eval(node.left, t), _eval(node.right, t))
     if isinstance(node, ast.UnaryOp):
         v = _eval(node.operand, t)
         if isinstance(node.op, ast.USub):
-            return pc.negate(v)
+            return _checked(node, pc.negate_checked, v)
         if isinstance(node.op, ast.Not):
             return pc.invert(v)
     if isinstance(node, ast.BoolOp):
@@ -215,5 +335,23 @@ def _eval(node: ast.expr, t: pa.Table) -> Any:
             left = right
         return out
     if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in FUNCTIONS:
-        return FUNCTIONS[node.func.id](*[_eval(a, t) for a in node.args])
-    raise ValueError(f"unsupported expression: {ast.unparse(node)!r}")
+        return _checked(node, FUNCTIONS[node.func.id], *[_eval(a, t) for a in node.args])
+    raise ValueError(f"unsupported expression: {_short(ast.unparse(node))}")
+
+
+def _checked(node: ast.expr, fn: Callable[..., Any], *args: Any) -> Any:
+    """fn(*args), with an integer overflow from a checked kernel named after the sub-expression."""
+    try:
+        return fn(*args)
+    except pa.ArrowInvalid as e:
+        if "overflow" not in str(e).lower():
+            raise
+        raise ExpressionError(f"integer overflow in {_short(ast.unparse(node))}: the result does not fit in "
+                              f"{_int_type(args)} (cast to float(...) first for larger values)") from None
+
+
+def _int_type(args: tuple[Any, ...]) -> str:
+    for a in args:
+        if pa.types.is_integer(getattr(a, "type", pa.null())):
+            return str(a.type)
+    return "its integer type"

@@ -1,14 +1,28 @@
 """The pipeline spec: one YAML file, parsed into pydantic models and validated before any work.
 
 A bad spec must fail here, naming the field, rather than hours later inside a Ray task.
+
+Spec authors are trusted to describe data, not to run code (DESIGN.md, "Trust model"):
+
+- the YAML is read with a bounded loader: no anchors or aliases, at most MAX_SPEC_BYTES, a
+  bounded nesting depth and node count (:func:`load_yaml`);
+- expressions are a bounded, safe language (:mod:`daybreak.expr`);
+- ``model.estimator`` comes only from allowed modules: scikit-learn and xgboost, plus module
+  prefixes an operator lists in the environment variable ``DAYBREAK_ALLOWED_ESTIMATOR_MODULES``
+  (never the spec). The import path is checked before anything is imported; validation imports
+  and inspects, and calls nothing but scikit-learn/xgboost estimator classes' constructors and
+  parameter checks (a user factory's parameters are bound to its signature, not passed to it).
 """
 
 from __future__ import annotations
 
 import functools
 import hashlib
+import importlib
+import inspect
 import json
 import math
+import os
 import re
 from datetime import date, timedelta
 from pathlib import Path
@@ -24,6 +38,7 @@ _UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days", "w": "weeks
 _TYPES = {
     "bool", "int8", "int16", "int32", "int64", "float32", "float64", "string", "date32",
 }
+_IMPORT_PATH = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)+")  # module.name, as model.estimator gives it
 _TIMESTAMP = re.compile(r"^timestamp\[(s|ms|us|ns)(,\s*[A-Za-z_/+\-0-9]+)?\]$")
 
 
@@ -397,7 +412,7 @@ class ModelSpec(_Model):
     @model_validator(mode="after")
     def _estimator(self) -> ModelSpec:
         if self.flavor == "sklearn":
-            if not self.estimator or not re.fullmatch(r"[A-Za-z_][\w.]*\.[A-Za-z_]\w*", self.estimator):
+            if not self.estimator or not _IMPORT_PATH.fullmatch(self.estimator):
                 raise ValueError("flavor 'sklearn' needs 'estimator': an import path such as "
                                  "'sklearn.ensemble.HistGradientBoostingClassifier'")
         elif self.estimator:
@@ -769,7 +784,7 @@ def _check_types(spec: Spec) -> None:
     time) fails now, naming the field, instead of on the first rows the feature step reads."""
     import pyarrow as pa
 
-    from daybreak.expr import evaluate
+    from daybreak.expr import ExpressionError, _short, evaluate
     from daybreak.stage import arrow_type
 
     f = spec.features
@@ -777,16 +792,19 @@ def _check_types(spec: Spec) -> None:
     table = pa.table({c: pa.array([], type=arrow_type(col.type)) for c, col in base.columns.items()})
 
     def typed(expr: str, where: str, want: str | None = None) -> pa.DataType:
+        # Constant parts are computed even on no rows, so an overflow such as 2**64 fails here.
         try:
             t = evaluate(expr, table).type
+        except ExpressionError as e:
+            raise ValueError(f"{where}: {e}") from None
         except (pa.ArrowException, TypeError, ValueError, KeyError) as e:
-            raise ValueError(f"{where}: {expr!r} cannot be computed with the contract's column types: "
+            raise ValueError(f"{where}: {_short(expr)} cannot be computed with the contract's column types: "
                              f"{str(e).splitlines()[0]}") from None
         ok = {"timestamp": pa.types.is_timestamp,
               "number": lambda x: pa.types.is_integer(x) or pa.types.is_floating(x) or pa.types.is_boolean(x)
               or pa.types.is_decimal(x)}
         if want is not None and not ok[want](t):
-            raise ValueError(f"{where}: {expr!r} gives {t} values, not a {want}")
+            raise ValueError(f"{where}: {_short(expr)} gives {t} values, not a {want}")
         return t
 
     typed(f.event_time, "features.event_time", "timestamp")
@@ -796,7 +814,7 @@ def _check_types(spec: Spec) -> None:
         t = typed(c.expr, f"features.columns[{i}].expr")
         if not c.categorical and not (pa.types.is_integer(t) or pa.types.is_floating(t) or pa.types.is_boolean(t)
                                       or pa.types.is_decimal(t)):
-            raise ValueError(f"features.columns[{i}].expr: {c.expr!r} gives {t} values; a feature that is not "
+            raise ValueError(f"features.columns[{i}].expr: {_short(c.expr)} gives {t} values; a feature that is not "
                              "categorical must be a number (or set categorical: true)")
     for i, w in enumerate(f.windows):
         typed(w.value, f"features.windows[{i}].value", "number")
@@ -813,17 +831,117 @@ def xgb_params(m: ModelSpec) -> dict[str, Any]:
     return defaults | dict(m.params)
 
 
-def build_estimator(spec: Spec, overrides: dict[str, Any] | None = None) -> Any:
-    """The sklearn estimator named by ``model.estimator`` (a class, or a function returning an
-    estimator or Pipeline), called with ``model.params`` and `overrides`."""
-    import importlib
+# --- estimators: allowed modules only ------------------------------------------------------------
 
-    path = spec.model.estimator or ""
+ALLOW_ENV = "DAYBREAK_ALLOWED_ESTIMATOR_MODULES"
+"""Environment variable: comma-separated module prefixes (``acme.models, acme.pipelines``) whose
+estimator classes and factory functions a spec may name, besides scikit-learn and xgboost. Set by
+an operator where specs are loaded and models trained (the Airflow/Prefect worker's environment,
+Ray workers' too when tuning); a spec can never extend it."""
+DEFAULT_ESTIMATOR_MODULES = ("sklearn", "xgboost")
+_MODULE_NAME = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*")
+
+
+def allowed_estimator_modules() -> tuple[str, ...]:
+    """The module prefixes ``model.estimator`` may come from: scikit-learn, xgboost and those in
+    ``$DAYBREAK_ALLOWED_ESTIMATOR_MODULES``.
+
+    Raises:
+        SpecError: the variable holds something that is not a module name.
+    """
+    extra = []
+    for part in os.environ.get(ALLOW_ENV, "").split(","):
+        part = part.strip()
+        if not part:
+            continue
+        if not _MODULE_NAME.fullmatch(part):
+            raise SpecError(f"{ALLOW_ENV}: {part!r} is not a module name (use dotted names such as "
+                            "'acme.models', separated by commas)")
+        extra.append(part)
+    return (*DEFAULT_ESTIMATOR_MODULES, *extra)
+
+
+def _within(module: str, prefixes: tuple[str, ...]) -> bool:
+    """Whether `module` is one of `prefixes` or inside one (``sklearn.ensemble`` is inside
+    ``sklearn``; ``sklearnx`` is not)."""
+    return any(module == p or module.startswith(p + ".") for p in prefixes)
+
+
+def _how_to_allow(allowed: tuple[str, ...]) -> str:
+    return (f"allowed: {', '.join(allowed)}. Estimators come from scikit-learn and xgboost; to allow your own "
+            f"module, an operator sets {ALLOW_ENV} (comma-separated module prefixes, e.g. "
+            f"{ALLOW_ENV}=acme.models) in the environment of the workers that load specs and train; "
+            "a spec cannot allow a module")
+
+
+def resolve_estimator(path: str) -> tuple[Any, bool]:
+    """Import and inspect ``model.estimator``, calling nothing.
+
+    The import path must lie in an allowed module, checked *before* anything is imported. The
+    object found must be defined in an allowed module too (a name re-exported from elsewhere does
+    not count). From scikit-learn and xgboost only estimator classes are accepted (a
+    ``BaseEstimator`` subclass with fit and predict): their functions can run code. From an
+    operator-allowed module: an estimator class, or a function returning an estimator or a Pipeline.
+
+    Args:
+        path: the import path, ``module.name``.
+
+    Returns:
+        The class or function, and whether it is a factory function (a user's) rather than a class.
+
+    Raises:
+        SpecError: naming ``model.estimator``, why, and the allow-list.
+    """
+    allowed = allowed_estimator_modules()
+    if not isinstance(path, str) or not _IMPORT_PATH.fullmatch(path):
+        raise SpecError(f"model.estimator: {path!r} is not an import path such as "
+                        "'sklearn.ensemble.HistGradientBoostingClassifier'")
     module, _, attr = path.rpartition(".")
+    if not _within(module, allowed):
+        raise SpecError(f"model.estimator: {path!r} is not in an allowed module; {_how_to_allow(allowed)}")
+    parts = module.split(".")
+    if any(p in ("tests", "testing", "conftest") or p.startswith("test_") for p in parts):
+        raise SpecError(f"model.estimator: {path!r} is in a test module; name an estimator from the library")
     try:
-        factory = getattr(importlib.import_module(module), attr)
+        obj = getattr(importlib.import_module(module), attr)
     except (ImportError, AttributeError) as e:
         raise SpecError(f"model.estimator: cannot import {path!r}: {e}") from None
+    own = getattr(obj, "__module__", None)
+    kind = "a class" if isinstance(obj, type) else "a function" if callable(obj) else "a value"
+    if not isinstance(own, str) or not _within(own, allowed):
+        raise SpecError(f"model.estimator: {path!r} is {kind} defined in {own!r}, not in an allowed module "
+                        f"(a name imported into an allowed module does not count); {_how_to_allow(allowed)}")
+    if _within(own, DEFAULT_ESTIMATOR_MODULES):
+        if not isinstance(obj, type):
+            raise SpecError(f"model.estimator: {path!r} is {kind}, not an estimator class: from scikit-learn and "
+                            "xgboost only estimator classes are allowed. A function that builds an estimator "
+                            f"belongs in your own module, allowed by an operator in {ALLOW_ENV}")
+        from sklearn.base import BaseEstimator
+
+        if not issubclass(obj, BaseEstimator):
+            raise SpecError(f"model.estimator: {path!r} is not a scikit-learn estimator (a BaseEstimator "
+                            "subclass with fit and predict)")
+    elif not isinstance(obj, type) and not inspect.isfunction(obj):
+        raise SpecError(f"model.estimator: {path!r} is {kind} ({type(obj).__name__}); name an estimator class "
+                        "or a function that returns one")
+    if isinstance(obj, type):
+        missing = [m for m in ("fit", "predict") if not callable(getattr(obj, m, None))]
+        if missing:
+            raise SpecError(f"model.estimator: {path!r} has no {'/'.join(missing)}: name an estimator that "
+                            "predicts (a classifier or regressor)")
+        return obj, False
+    return obj, True
+
+
+def build_estimator(spec: Spec, overrides: dict[str, Any] | None = None) -> Any:
+    """The sklearn estimator named by ``model.estimator`` (a class, or a function returning an
+    estimator or Pipeline), called with ``model.params`` and `overrides`.
+
+    Only from allowed modules (:func:`resolve_estimator`), checked again here: training may get a
+    spec that was never validated.
+    """
+    path = spec.model.estimator or ""
+    factory, _ = resolve_estimator(path)
     params = dict(spec.model.params) | (overrides or {})
     try:
         est = factory(**params)
@@ -854,13 +972,28 @@ def check_model(spec: Spec) -> None:
             _check_xgb(json.dumps(m.model_dump(mode="json"), sort_keys=True), where,
                        json.dumps(extra, sort_keys=True, default=str))
         return
+    path = m.estimator or ""
+    obj, factory = resolve_estimator(path)
+    trusted = not factory and _within(obj.__module__, DEFAULT_ESTIMATOR_MODULES)
     for where, extra in tries:
-        est = build_estimator(spec, extra)
-        validate = getattr(est, "_validate_params", None)  # scikit-learn >= 1.2: the fit-time checks
-        if validate is None:
+        params = dict(m.params) | extra
+        if not trusted:
+            # an operator's own code: inspected, never called while validating
+            try:
+                inspect.signature(obj).bind(**params)
+            except TypeError as e:
+                raise SpecError(f"{where}: {path}(**model.params) does not accept these parameters: {e}") from None
+            except ValueError:  # no signature to inspect: training will tell
+                pass
             continue
-        try:
-            validate()
+        try:  # scikit-learn and xgboost estimator classes: their constructors only store the parameters
+            est = obj(**params)
+        except TypeError as e:
+            raise SpecError(f"model.params: {path}(**model.params) failed: {e}") from None
+        if not hasattr(type(est), "_parameter_constraints"):  # xgboost's: checked when it trains
+            continue
+        try:  # scikit-learn >= 1.2: the fit-time checks
+            est._validate_params()
         except (TypeError, ValueError) as e:
             name = re.match(r"The '(\w+)' parameter", str(e))
             raise SpecError(f"{where}{'.' + name.group(1) if name and where == 'model.params' else ''}: {e}") from None
@@ -913,15 +1046,96 @@ def _hash(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:12]
 
 
-def load_spec(path: str | Path) -> Spec:
+# --- YAML: bounded ------------------------------------------------------------------------------
+
+MAX_SPEC_BYTES = 2**20
+"""Largest spec file read (1 MiB; a real spec is a few KB)."""
+MAX_YAML_DEPTH = 64
+"""Deepest nesting of mappings and lists accepted (a real spec nests about 6 deep)."""
+MAX_YAML_NODES = 100_000
+"""Most YAML nodes (scalars, lists, mappings) in one document."""
+
+
+class _BoundedLoader(yaml.SafeLoader):
+    """PyYAML's safe loader without anchors or aliases (a handful of nested aliases expand to
+    billions of values once dumped: "billion laughs"), with bounded nesting and node count."""
+
+    def __init__(self, stream: str) -> None:
+        super().__init__(stream)
+        self._depth = 0
+        self._nodes = 0
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        event = self.peek_event()
+        where = f"line {event.start_mark.line + 1}, column {event.start_mark.column + 1}"
+        if isinstance(event, yaml.AliasEvent):
+            raise SpecError(f"{where}: YAML alias '*{event.anchor}' is not allowed in a spec (aliases can expand "
+                            "without bound); write the values out")
+        if getattr(event, "anchor", None) is not None:
+            raise SpecError(f"{where}: YAML anchor '&{event.anchor}' is not allowed in a spec (no anchors or "
+                            "aliases); write the values out")
+        self._nodes += 1
+        if self._nodes > MAX_YAML_NODES:
+            raise SpecError(f"{where}: more than {MAX_YAML_NODES} YAML values; a spec is much smaller")
+        self._depth += 1
+        try:
+            if self._depth > MAX_YAML_DEPTH:
+                raise SpecError(f"{where}: YAML nests deeper than {MAX_YAML_DEPTH} levels")
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+
+def load_yaml(text: str | bytes, origin: str = "<spec>", max_bytes: int = MAX_SPEC_BYTES) -> Any:
+    """Parse one YAML document from an untrusted or semi-trusted source, bounded: at most
+    `max_bytes`, no anchors or aliases, at most MAX_YAML_DEPTH levels and MAX_YAML_NODES values,
+    and only plain data (PyYAML's safe types).
+
+    Use this, not ``yaml.safe_load``, for anything a spec author or the artifact store can write.
+
+    Raises:
+        SpecError: naming `origin` and the line, for anything refused or not valid YAML.
+    """
+    size = len(text.encode() if isinstance(text, str) else text)
+    if size > max_bytes:
+        raise SpecError(f"{origin}: {size} bytes, larger than the {max_bytes} a spec may have")
+    if isinstance(text, bytes):
+        try:
+            text = text.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise SpecError(f"{origin}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    loader = _BoundedLoader(text)
+    try:
+        return loader.get_single_data()
+    except SpecError as e:
+        raise SpecError(f"{origin}: {e}") from None
+    except yaml.YAMLError as e:
+        raise SpecError(f"{origin}: not valid YAML: {e}") from None
+    except (ValueError, RecursionError, MemoryError) as e:  # e.g. an integer of 5,000 digits
+        raise SpecError(f"{origin}: cannot read the YAML: {type(e).__name__}: {str(e)[:200]}") from None
+    finally:
+        loader.dispose()
+
+
+def read_yaml_file(path: str | Path, max_bytes: int = MAX_SPEC_BYTES) -> Any:
+    """:func:`load_yaml` on a file, never reading more than `max_bytes` + 1 bytes of it."""
     p = Path(path)
     if not p.is_file():
         raise SpecError(f"spec file not found: {p}")
     try:
-        raw = yaml.safe_load(p.read_text())
-    except yaml.YAMLError as e:
-        raise SpecError(f"{p}: not valid YAML: {e}") from e
-    return parse_spec(raw, origin=str(p))
+        with p.open("rb") as f:
+            data = f.read(max_bytes + 1)
+    except OSError as e:
+        raise SpecError(f"{p}: cannot read: {e.strerror or e}") from None
+    if len(data) > max_bytes:
+        raise SpecError(f"{p}: larger than the {max_bytes} bytes a spec may have")
+    return load_yaml(data, origin=str(p), max_bytes=max_bytes)
+
+
+def load_spec(path: str | Path) -> Spec:
+    """Read, parse and validate the spec at `path` (bounded YAML; see :func:`load_yaml`)."""
+    p = Path(path)
+    return parse_spec(read_yaml_file(p), origin=str(p))
 
 
 def parse_spec(raw: Any, origin: str = "<spec>") -> Spec:
