@@ -105,12 +105,17 @@ def _spec_file(spec, folder: Path, port: int, **monitoring) -> Path:
     return path
 
 
+# Identity columns (the label join's keys) are accepted only from a caller with the server's token.
+SERVE_TOKEN = "monitor-test-token"
+AUTH = {"Authorization": f"Bearer {SERVE_TOKEN}"}
+
+
 class Server:
     def __init__(self, spec_file: Path, home: Path, port: int) -> None:
         self.url = f"http://127.0.0.1:{port}"
         self.log_path = home / f"serve-{port}.log"
         self._log = open(self.log_path, "w")
-        env = {**os.environ, "DAYBREAK_HOME": str(home)}
+        env = {**os.environ, "DAYBREAK_HOME": str(home), "DAYBREAK_SERVE_TOKEN": SERVE_TOKEN}
         self.proc = subprocess.Popen([str(BIN / "daybreak"), "serve", "--spec", str(spec_file)], env=env,
                                      stdout=self._log, stderr=subprocess.STDOUT)
         wait_http(f"{self.url}/ping", timeout=120, proc=self.proc)
@@ -122,7 +127,7 @@ class Server:
         """Until the log has written `rows` rows in all (the writer flushes every 0.2 s)."""
         deadline = time.monotonic() + timeout
         while True:
-            stats = httpx.get(f"{self.url}/health", timeout=10).json()["prediction_log"]
+            stats = httpx.get(f"{self.url}/health", headers=AUTH, timeout=10).json()["prediction_log"]
             if stats["written_rows"] >= rows or time.monotonic() > deadline:
                 return stats
             time.sleep(0.1)
@@ -154,7 +159,7 @@ def _send(server: Server, cols: list, rows: list, per_request: int = 50) -> tupl
         for i in range(0, len(rows), per_request):
             r = client.post(f"{server.url}/invocations", json={"dataframe_split": {"columns": cols,
                                                                                    "data": rows[i:i + per_request]}},
-                            headers={"X-Request-Id": f"req-{i}"})
+                            headers={"X-Request-Id": f"req-{i}", **AUTH})
             assert r.status_code == 200, r.text
             assert r.headers["x-request-id"] == f"req-{i}"
             answered += len(r.json()["predictions"])
@@ -306,7 +311,8 @@ def test_degraded_champion_is_rolled_back_and_served(home: Path, spec, tmp_path:
         while server.version() != good and time.monotonic() < deadline:
             time.sleep(0.1)
         assert server.version() == good
-        again = httpx.post(f"{server.url}/invocations", json={"dataframe_split": {"columns": cols, "data": rows[:5]}})
+        again = httpx.post(f"{server.url}/invocations", json={"dataframe_split": {"columns": cols, "data": rows[:5]}},
+                           headers=AUTH)
         assert again.status_code == 200 and again.headers["x-model-version"] == good
     finally:
         server.stop()
