@@ -73,7 +73,7 @@ def promote_model(spec: Spec, ctx: RunContext, dry_run: bool = False) -> dict[st
         log.info("promote %s: dry run; would %s", day, would)
         return base | {"promoted": False, "would": would, "reason": f"dry run: would {would}",
                        "champion_version": current, "candidate_version": str(cand.version)}
-    with registry.model_lock(cl, name, owner=ctx.run_id):
+    with registry.model_lock(cl, name, owner=ctx.run_id) as held:
         # everything again, under the lock: an override or a rollback may have landed meanwhile
         cand = cl.get_model_version(name, str(cand.version))
         decision = cand.tags.get(registry.DECISION_TAG)
@@ -95,7 +95,7 @@ def promote_model(spec: Spec, ctx: RunContext, dry_run: bool = False) -> dict[st
                          reason=f"gate {decision} on {day}; promotion.approval is manual")
         else:
             override = cand.tags.get("daybreak.gate.override", "none") != "none"
-            _move_champion(cl, spec, ctx, cand, current, f"gate {decision} on {day}" + (
+            _move_champion(held, spec, ctx, cand, current, f"gate {decision} on {day}" + (
                 f" (override: {cand.tags['daybreak.gate.override_reason']})" if override else ""))
     if manual:
         cand = cl.get_model_version(name, str(cand.version))
@@ -146,16 +146,17 @@ def _v(version: str | None) -> str:
     return "no champion" if version in (None, "none") else f"v{version}"
 
 
-def _move_champion(cl: Any, spec: Spec, ctx: RunContext, cand: Any, current: str | None, reason: str) -> None:
-    """Champion -> `cand`, previous -> the old champion, and the promote event (call under the lock,
-    so events are recorded in the order the aliases moved)."""
+def _move_champion(held: registry.Held, spec: Spec, ctx: RunContext, cand: Any, current: str | None,
+                   reason: str) -> None:
+    """Champion -> `cand`, previous -> the old champion, and the promote event (under the lock
+    `held`, which fences each alias write, so events are recorded in the order the aliases moved)."""
     name = spec.model.name
     if current is not None:
-        cl.set_registered_model_alias(name, spec.promotion.previous_alias, current)
-    cl.set_registered_model_alias(name, spec.promotion.alias, str(cand.version))
+        held.set_alias(spec.promotion.previous_alias, current)
+    held.set_alias(spec.promotion.alias, str(cand.version))
     record_event(spec, ctx, "promote", str(cand.version), from_version=current, reason=reason)
     # last: the mark that the promotion and its record are complete (see _finish_record)
-    registry.set_tags(cl, name, str(cand.version), {"daybreak.promoted_at": _now(),
+    registry.set_tags(held.cl, name, str(cand.version), {"daybreak.promoted_at": _now(),
                                                     "daybreak.promoted_by_run": ctx.run_id,
                                                     "daybreak.replaced_version": current or "none"})
 
@@ -213,7 +214,7 @@ def approve_model(spec: Spec, ctx: RunContext, version: str | int, reason: str, 
     name, by = spec.model.name, by or who()
     registry.setup_tracking(ctx, spec.name)
     cl = registry.client(ctx)
-    with registry.model_lock(cl, name, owner=ctx.run_id):
+    with registry.model_lock(cl, name, owner=ctx.run_id) as held:
         mv = _pending_version(cl, name, v, choice)
         t = mv.tags
         day = t.get(registry.DATE_TAG)
@@ -235,7 +236,7 @@ def approve_model(spec: Spec, ctx: RunContext, version: str | int, reason: str, 
                 f"(daybreak gate --spec <spec> --date {day} --force) and approved again; nothing changed")
             # The alias first: if a later write fails, the version is not left marked approved
             # but out of service (and a retry finds it promoted, not "approved at None").
-            _move_champion(cl, spec, ev_ctx, mv, current, f"gate PROMOTE on {day}, approved by {by}: {reason}")
+            _move_champion(held, spec, ev_ctx, mv, current, f"gate PROMOTE on {day}, approved by {by}: {reason}")
             registry.set_tags(cl, name, v, {**stamp, APPROVAL_TAG: APPROVED})
             record_event(spec, ev_ctx, "approved", v, from_version=current, reason=reason, by=by)
             result = {"approval": APPROVED, "promoted": True, "champion_version": v, "previous_version": current}
@@ -325,7 +326,7 @@ def rollback_model(spec: Spec, ctx: RunContext, reason: str, expect: str | None 
     name, alias, prev_alias = spec.model.name, spec.promotion.alias, spec.promotion.previous_alias
     registry.setup_tracking(ctx, spec.name)
     cl = registry.client(ctx)
-    with registry.model_lock(cl, name, owner=ctx.run_id):
+    with registry.model_lock(cl, name, owner=ctx.run_id) as held:
         champ, prev = registry.alias_version(cl, name, alias), registry.alias_version(cl, name, prev_alias)
         if champ is None or prev is None:
             raise PromotionConflict(f"rollback: {name} has no {alias!r} and {prev_alias!r} to swap; nothing to roll back to")
@@ -338,11 +339,11 @@ def rollback_model(spec: Spec, ctx: RunContext, reason: str, expect: str | None 
                 cl.get_model_version(name, before)
             except Exception:  # deleted since: previous goes
                 before = "none"
-        cl.set_registered_model_alias(name, alias, good)
+        held.set_alias(alias, good)
         if before not in ("none", bad):
-            cl.set_registered_model_alias(name, prev_alias, before)
+            held.set_alias(prev_alias, before)
         else:
-            cl.delete_registered_model_alias(name, prev_alias)
+            held.delete_alias(prev_alias)
         registry.set_tags(cl, name, bad, {"daybreak.rolled_back_at": _now(), "daybreak.rolled_back_reason": reason[:1000]})
         record_event(spec, ctx, "rollback", good, from_version=bad, reason=reason)
     log.warning("rollback: %s v%s -> v%s (%s)", alias, bad, good, reason)

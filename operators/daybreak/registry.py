@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from daybreak.context import RunContext
+from daybreak.lock import Held as Held, model_lock as model_lock  # the steps reach them here
 
 log = logging.getLogger(__name__)
 
@@ -337,102 +338,3 @@ def code_version() -> str:
     except (OSError, subprocess.SubprocessError):
         pass
     return __version__
-
-
-def _holder_dead(tags: dict[str, str]) -> bool:
-    """Whether a lock's holder was a process on this host that no longer exists."""
-    import socket
-
-    try:
-        pid = int(tags.get("daybreak.lock_pid", ""))
-    except ValueError:
-        return False
-    if tags.get("daybreak.lock_host") != socket.gethostname() or pid == os.getpid():
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return True
-    except PermissionError:  # alive, someone else's
-        return False
-    return False
-
-
-@contextmanager
-def model_lock(cl: Any, name: str, owner: str, lease_s: float = 60.0, wait_s: float = 120.0) -> Iterator[None]:
-    """Hold the lock on `name`'s aliases (promotion, rollback, registration) across processes and
-    machines.
-
-    MLflow has no compare-and-set on aliases, but creating a registered model is atomic and
-    unique by name, so the lock is a registered model ``<name>.daybreak-lock`` that exists while
-    held. It carries a lease, renewed every third of it while held: a holder that died leaves a
-    lock that others remove once the lease runs out, or at once when the holder was a process on
-    their own host that is gone (a crash, a SIGKILL). Each holder has a token of its own, and
-    releases the lock only if it still holds that token.
-    """
-    import socket
-    import threading
-    import time
-    import uuid
-
-    from mlflow.exceptions import MlflowException
-
-    from daybreak.errors import PromotionConflict
-
-    lock = f"{name}.daybreak-lock"
-    token = f"{owner}/{uuid.uuid4().hex[:12]}"
-    deadline = time.monotonic() + wait_s
-    while True:
-        try:
-            cl.create_registered_model(lock, tags={"daybreak.lock_owner": token,
-                                                   "daybreak.lock_expires": str(time.time() + lease_s),
-                                                   "daybreak.lock_host": socket.gethostname(),
-                                                   "daybreak.lock_pid": str(os.getpid())},
-                                       description=f"daybreak: promotion lock of {name} (transient)")
-            break
-        except MlflowException as e:
-            # RESOURCE_DOES_NOT_EXIST: the holder released it while the store looked it up
-            if e.error_code not in ("RESOURCE_ALREADY_EXISTS", "RESOURCE_DOES_NOT_EXIST"):
-                raise
-        holder = "another run"
-        try:
-            held = cl.get_registered_model(lock)
-            expires, holder = float(held.tags.get("daybreak.lock_expires", 0)), held.tags.get("daybreak.lock_owner")
-            dead = _holder_dead(held.tags)
-            if dead or expires < time.time():
-                # read again just before removing: only the lock judged stale goes
-                if cl.get_registered_model(lock).tags.get("daybreak.lock_owner") == holder:
-                    log.warning("registry: removing the lock on %s of %s (%s)", name, holder,
-                                "its process is gone" if dead else "its lease ran out")
-                    cl.delete_registered_model(lock)
-                continue
-        except MlflowException:
-            pass  # released in between: try again after the pause
-        if time.monotonic() > deadline:
-            raise PromotionConflict(f"{name}: aliases locked by {holder} for over {wait_s:.0f} s; try again later")
-        time.sleep(0.2)
-    stop = threading.Event()
-
-    def renew() -> None:
-        while not stop.wait(lease_s / 3):
-            try:
-                if cl.get_registered_model(lock).tags.get("daybreak.lock_owner") != token:
-                    return
-                cl.set_registered_model_tag(lock, "daybreak.lock_expires", str(time.time() + lease_s))
-            except Exception:  # the next renewal tries again; the lease covers a missed one
-                log.warning("registry: could not renew the lock on %s", name, exc_info=True)
-
-    renewer = threading.Thread(target=renew, name=f"daybreak-lock-{name}", daemon=True)
-    renewer.start()
-    try:
-        yield
-    finally:
-        stop.set()
-        renewer.join(timeout=5)
-        try:
-            if cl.get_registered_model(lock).tags.get("daybreak.lock_owner") == token:
-                cl.delete_registered_model(lock)
-            else:
-                log.warning("registry: the lock on %s expired while held and was taken over", name)
-        except MlflowException:
-            log.warning("registry: could not release the lock on %s (it expires by itself)", name, exc_info=True)

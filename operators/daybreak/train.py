@@ -497,11 +497,12 @@ def _register(spec: Spec, ctx: RunContext, cl: Any, model_uri: str, lineage_key:
     one gets the version the other registered. A forced retrain registers regardless."""
     import mlflow
 
-    with registry.model_lock(cl, spec.model.name, owner=ctx.run_id):
+    with registry.model_lock(cl, spec.model.name, owner=ctx.run_id) as held:
         if not force:
             existing = registry.versions(cl, spec.model.name, {registry.LINEAGE_TAG: lineage_key})
             if existing:
                 return existing[0], False
+        held.check()
         return mlflow.register_model(model_uri, spec.model.name, tags=tags), True
 
 
