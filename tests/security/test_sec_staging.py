@@ -11,8 +11,11 @@ first and each file judged against it.
 On the code before the fix: the file link and the directory link were followed (the outside
 file's bytes were copied into ``quarantine/.../files/`` with mode 0644, the outside directory's
 CSV was published: exit 0); the quarantine was 0644/0755; the oversized sparse file was read
-whole (no reason naming the size, RSS grew by the file's size); the duplicated header exited 1 with
-a ``KeyError`` traceback; a ``MemoryError`` or ``OSError`` while reading one file crashed the step.
+whole ("empty file", peak RSS 857 MB against 257 MB now, and a 301 MB copy in the quarantine); the
+duplicated header exited 1 with a ``KeyError`` traceback (also on S3), Parquet and JSON lines gave
+no reason naming a duplicate; a ``MemoryError`` or ``OSError`` while reading one file crashed the
+step. The two regression guards (links inside the root, identical results for normal files) pass
+on both.
 """
 
 from __future__ import annotations
@@ -364,3 +367,33 @@ def test_read_error_is_the_files_problem(h: Home, error: type[BaseException], mo
     with pytest.raises(ContractError) as e:  # and with no bad file allowed, a clear error naming it
         _stage(_spec(path="landing/two/{date}-*.csv", unique=[], rows={"min": 1, "max": 10**6}))
     assert f"{DAY}-a.csv" in str(e.value) and error.__name__ in str(e.value)
+
+
+def test_on_s3_size_limit_and_duplicate_header(s3_server, landing: Path, tmp_path: Path,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """S3 has no links; the size limit (from the listing, then the stream) and the duplicate header hold there too."""
+    from s3 import apply_env
+
+    apply_env(monkeypatch, s3_server.env())
+    bucket = f"b-{uuid.uuid4().hex[:10]}"
+    client = s3_server.client()
+    client.create_bucket(Bucket=bucket)
+    monkeypatch.setenv("DAYBREAK_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("DAYBREAK_STORE", f"s3://{bucket}/store")
+    csv = (landing / "flights" / f"{DAY}.csv").read_bytes()
+    put = lambda key, body: client.put_object(Bucket=bucket, Key=f"store/landing/s3/{key}", Body=body)  # noqa: E731
+    put(f"{DAY}-a.csv", csv)
+    lines = csv.decode().splitlines(keepends=True)
+    dup = "".join(ln.rstrip("\n") + (",dep_delay\n" if i == 0 else ",0\n") for i, ln in enumerate(lines)).encode()
+    limit = len(dup) + 100
+    put(f"{DAY}-b.csv", dup)
+    put(f"{DAY}-c.csv", csv + b"#" * limit)
+    spec = _spec(path="landing/s3/{date}-*.csv", max_file_bytes=limit, unique=[],
+                 quarantine={"max_bad_files": 2, "max_bad_row_fraction": 0.0})
+    out = _stage(spec)
+    assert out["uri"].startswith("s3://") and out["rows"] == 943 and out["files_quarantined"] == 2, out
+    ctx = RunContext.create(DAY)
+    with ctx.store.fs.open_input_stream(out["quarantine_uri"][len("s3://"):] + "/_quarantine.json") as f:
+        bad = {b["file"]: b["reason"] for b in json.loads(f.read())["bad_files"]}
+    assert "duplicate column" in bad[f"{DAY}-b.csv"] and "dep_delay" in bad[f"{DAY}-b.csv"], bad
+    assert f"max_file_bytes {limit}" in bad[f"{DAY}-c.csv"], bad
