@@ -12,7 +12,7 @@ from typing import Any, Optional
 
 import typer
 
-from daybreak.errors import DaybreakError, credentials_refused
+from daybreak.errors import DaybreakError, RedactFilter, credentials_refused, redact
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="daybreak: stage, build features, retrain, gate, promote and serve a model every day.")
@@ -30,6 +30,9 @@ TrackingOpt = typer.Option(None, "--tracking-uri", help="MLflow tracking URI (de
 def setup_logging(verbose: bool = False) -> None:
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    for handler in logging.getLogger().handlers:  # no URI's user:password in any line
+        if not any(isinstance(f, RedactFilter) for f in handler.filters):
+            handler.addFilter(RedactFilter())
     for noisy in ("ray", "mlflow", "alembic", "urllib3", "httpx", "filelock", "git"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     os.environ.setdefault("RAY_DEDUP_LOGS", "1")
@@ -355,7 +358,7 @@ def _main(hard_exit: bool) -> None:
     try:
         app(standalone_mode=False)
     except (DaybreakError, ValueError) as e:  # ValueError: bad dates and similar argument errors
-        typer.echo(f"error: {e}", err=True)
+        typer.echo(f"error: {redact(e)}", err=True)
         _leave(2, hard_exit)
     except typer.Exit as e:
         sys.exit(e.exit_code)
@@ -370,10 +373,17 @@ def _main(hard_exit: bool) -> None:
         refused = credentials_refused(e)
         if refused:
             typer.echo(f"error: the MLflow tracking server refused the credentials ({refused}): "
-                       f"{str(e).splitlines()[0][:300]}\nSet MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD "
-                       "(or MLFLOW_TRACKING_TOKEN) for it.", err=True)
+                       f"{redact(str(e).splitlines()[0][:300])}\nSet MLFLOW_TRACKING_USERNAME and "
+                       "MLFLOW_TRACKING_PASSWORD (or MLFLOW_TRACKING_TOKEN) for it.", err=True)
             _leave(2, hard_exit)
-        raise
+        # Anything else: one redacted line (a redacted traceback with DAYBREAK_DEBUG=1), never the
+        # interpreter's or rich's traceback, which would print URIs with their passwords (and locals).
+        if os.environ.get("DAYBREAK_DEBUG") == "1":
+            import traceback
+
+            typer.echo(redact("".join(traceback.format_exception(e))), err=True)
+        typer.echo(f"error: {type(e).__name__}: {redact(e)}", err=True)
+        _leave(1, hard_exit)
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
 """Errors a user can act on. Each names what is wrong and where."""
 
+import logging
 import re
 
 
@@ -73,3 +74,20 @@ def redact(text: object) -> str:
     (``https://bob:secret@mlflow:5000`` -> ``https://***@mlflow:5000``): credentials never reach a
     message, a log line or ``/health``."""
     return _USERINFO.sub(r"\g<scheme>***@", str(text))
+
+
+class RedactFilter(logging.Filter):
+    """A handler filter that passes every record through ``redact`` (message, arguments and any
+    traceback): set on the CLI's and the server's log handlers, it covers MLflow's and Ray's
+    records as well as daybreak's."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        clean = redact(message)
+        if clean != message:
+            record.msg, record.args = clean, None
+        if record.exc_info and not record.exc_text:
+            record.exc_text = redact(logging.Formatter().formatException(record.exc_info))
+        elif record.exc_text:
+            record.exc_text = redact(record.exc_text)
+        return True

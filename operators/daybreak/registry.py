@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from daybreak.context import RunContext
+from daybreak.errors import redact
 from daybreak.lock import Held as Held, model_lock as model_lock  # the steps reach them here
 
 log = logging.getLogger(__name__)
@@ -39,6 +40,8 @@ def use_uri(uri: str) -> None:
     import mlflow
 
     saved = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
+    if redact(uri) != uri:  # MLflow prints "View run ... at: <uri>" when a run ends
+        os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = "true"
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
     for k, v in saved.items():
