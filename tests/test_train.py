@@ -21,6 +21,13 @@ from daybreak.spec import TrainingSpec
 from daybreak.train import TrainData, fit_model, save_model, split_window, train_model
 
 
+@pytest.fixture
+def allow_pipelines(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The factories in tests/pipelines.py are user code: an operator allows their module out of
+    band (the environment, inherited by any subprocess), never the spec."""
+    monkeypatch.setenv("DAYBREAK_ALLOWED_ESTIMATOR_MODULES", "pipelines")
+
+
 def _with(spec, model: dict | None = None, training: dict | None = None):
     """The spec with some model and training fields replaced (and validated)."""
     return spec.model_copy(update={
@@ -64,7 +71,7 @@ def test_missing_days_and_no_overlap(fresh: Path, spec) -> None:
     assert len(hold) > 1000  # two days of flights
 
 
-def test_sklearn_estimators_train_register_and_gate(fresh: Path, spec) -> None:
+def test_sklearn_estimators_train_register_and_gate(fresh: Path, spec, allow_pipelines) -> None:
     hgb = _with(spec, model={"flavor": "sklearn", "estimator": "sklearn.ensemble.HistGradientBoostingClassifier",
                              "params": {"max_iter": 30}, "class_weight": "balanced"})
     ctx = RunContext.create("2013-01-02")
@@ -111,7 +118,8 @@ def _data(rng: np.random.Generator, n: int = 2000) -> TrainData:
                                    {"flavor": "sklearn", "estimator": "sklearn.ensemble.RandomForestClassifier",
                                     "params": {"n_estimators": 20, "max_features": 2}},
                                    {"flavor": "sklearn", "estimator": "pipelines.imputed_forest", "params": {}}])
-def test_same_inputs_and_seed_give_the_same_model_bytes(spec, tmp_path: Path, model: dict) -> None:
+def test_same_inputs_and_seed_give_the_same_model_bytes(spec, tmp_path: Path, model: dict,
+                                                        allow_pipelines) -> None:
     s = _with(spec, model=model)
     data = _data(np.random.default_rng(0))
     paths = []
@@ -142,7 +150,7 @@ def test_tuning_runs_trials_on_ray_as_child_runs(fresh: Path, spec, ray_local) -
     assert parent.data.params["tuned.max_depth"] in depths
 
 
-def test_skops_file_with_unrecorded_types_is_refused(spec, tmp_path: Path) -> None:
+def test_skops_file_with_unrecorded_types_is_refused(spec, tmp_path: Path, allow_pipelines) -> None:
     from types import SimpleNamespace
 
     from daybreak.model_code import DaybreakModel

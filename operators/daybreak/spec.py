@@ -394,8 +394,9 @@ class ModelSpec(_Model):
     name: str = Field(description="registered model name in MLflow")
     flavor: Literal["xgboost", "sklearn"] = "xgboost"
     estimator: str | None = Field(
-        None, description="sklearn flavor: import path of an estimator class or of a function returning one "
-                          "(a Pipeline), called with `params`")
+        None, description="sklearn flavor: import path of a scikit-learn or xgboost estimator class, or of a "
+                          "class or function returning an estimator (a Pipeline) in a module an operator allows in "
+                          "DAYBREAK_ALLOWED_ESTIMATOR_MODULES; built with `params` when training")
     task: Literal["classification", "regression"] = "classification"
     params: dict[str, Any] = Field(default_factory=dict)
     class_weight: Literal["balanced"] | None = Field(
@@ -927,8 +928,8 @@ def resolve_estimator(path: str) -> tuple[Any, bool]:
     if isinstance(obj, type):
         missing = [m for m in ("fit", "predict") if not callable(getattr(obj, m, None))]
         if missing:
-            raise SpecError(f"model.estimator: {path!r} has no {'/'.join(missing)}: name an estimator that "
-                            "predicts (a classifier or regressor)")
+            raise SpecError(f"model.estimator: {path!r} has no fit/predict ({' and '.join(missing)} missing): name "
+                            "an estimator that predicts (a classifier or regressor)")
         return obj, False
     return obj, True
 
@@ -1052,8 +1053,9 @@ MAX_SPEC_BYTES = 2**20
 """Largest spec file read (1 MiB; a real spec is a few KB)."""
 MAX_YAML_DEPTH = 64
 """Deepest nesting of mappings and lists accepted (a real spec nests about 6 deep)."""
-MAX_YAML_NODES = 100_000
-"""Most YAML nodes (scalars, lists, mappings) in one document."""
+MAX_YAML_NODES = 20_000
+"""Most YAML nodes (scalars, lists, mappings) in one document (a real spec has a few hundred; at
+this cap the pure-Python parser stops within about a second)."""
 
 
 class _BoundedLoader(yaml.SafeLoader):
@@ -1076,7 +1078,7 @@ class _BoundedLoader(yaml.SafeLoader):
                             "aliases); write the values out")
         self._nodes += 1
         if self._nodes > MAX_YAML_NODES:
-            raise SpecError(f"{where}: more than {MAX_YAML_NODES} YAML values; a spec is much smaller")
+            raise SpecError(f"{where}: more than {MAX_YAML_NODES} YAML values")
         self._depth += 1
         try:
             if self._depth > MAX_YAML_DEPTH:
@@ -1086,19 +1088,30 @@ class _BoundedLoader(yaml.SafeLoader):
             self._depth -= 1
 
 
-def load_yaml(text: str | bytes, origin: str = "<spec>", max_bytes: int = MAX_SPEC_BYTES) -> Any:
+def load_yaml(text: str | bytes, origin: str = "<spec>", max_bytes: int = MAX_SPEC_BYTES,
+              error: type[Exception] = SpecError) -> Any:
     """Parse one YAML document from an untrusted or semi-trusted source, bounded: at most
     `max_bytes`, no anchors or aliases, at most MAX_YAML_DEPTH levels and MAX_YAML_NODES values,
     and only plain data (PyYAML's safe types).
 
-    Use this, not ``yaml.safe_load``, for anything a spec author or the artifact store can write.
+    Use this, not ``yaml.safe_load``, for anything a spec author or the artifact store can write
+    (an MLmodel file, say, with ``error=`` the caller's own exception type).
 
     Raises:
-        SpecError: naming `origin` and the line, for anything refused or not valid YAML.
+        SpecError: (or `error`) naming `origin` and the line, for anything refused or not valid YAML.
     """
+    try:
+        return _load_yaml(text, origin, max_bytes)
+    except SpecError as e:
+        if error is SpecError:
+            raise
+        raise error(str(e)) from None
+
+
+def _load_yaml(text: str | bytes, origin: str, max_bytes: int) -> Any:
     size = len(text.encode() if isinstance(text, str) else text)
     if size > max_bytes:
-        raise SpecError(f"{origin}: {size} bytes, larger than the {max_bytes} a spec may have")
+        raise SpecError(f"{origin}: {size} bytes, larger than the {max_bytes}-byte limit")
     if isinstance(text, bytes):
         try:
             text = text.decode("utf-8")
@@ -1128,7 +1141,7 @@ def read_yaml_file(path: str | Path, max_bytes: int = MAX_SPEC_BYTES) -> Any:
     except OSError as e:
         raise SpecError(f"{p}: cannot read: {e.strerror or e}") from None
     if len(data) > max_bytes:
-        raise SpecError(f"{p}: larger than the {max_bytes} bytes a spec may have")
+        raise SpecError(f"{p}: larger than the {max_bytes}-byte limit for a spec")
     return load_yaml(data, origin=str(p), max_bytes=max_bytes)
 
 

@@ -206,7 +206,11 @@ SPECS: dict[str, tuple[str, Callable[[dict], None], list[str]]] = {
         flavor="sklearn", estimator="catboost_not_here.CatBoostClassifier", params={})),
         ["model.estimator", "catboost_not_here"]),
     "not an estimator": ("unknown estimator", _do(lambda r: r["model"].update(
-        flavor="sklearn", estimator="collections.OrderedDict", params={})), ["model.estimator", "no fit/predict"]),
+        flavor="sklearn", estimator="sklearn.preprocessing.StandardScaler", params={})),
+        ["model.estimator", "no fit/predict"]),
+    "estimator outside the allowed modules": ("unknown estimator", _do(lambda r: r["model"].update(
+        flavor="sklearn", estimator="collections.OrderedDict", params={})),
+        ["model.estimator", "not in an allowed module", "DAYBREAK_ALLOWED_ESTIMATOR_MODULES"]),
     "estimator param that does not exist": ("unknown estimator", _do(lambda r: r["model"].update(
         flavor="sklearn", estimator="sklearn.ensemble.RandomForestClassifier", params={"n_estimatorz": 10})),
         ["model.params", "n_estimatorz"]),

@@ -124,7 +124,7 @@ def test_popen_estimator_is_refused_before_anything_runs(tmp_path: Path) -> None
     ("sklearn.utils._testing.check_output", "defined in 'subprocess'"),
     ("sklearn.utils._testing.TimeoutExpired", "defined in 'subprocess'"),
     # a scikit-learn class that is not an estimator with fit and predict
-    ("sklearn.preprocessing.StandardScaler", "no predict"),
+    ("sklearn.preprocessing.StandardScaler", "no fit/predict (predict missing)"),
     ("sklearn.utils.Bunch", "not a scikit-learn estimator"),
     ("sklearn.ensemble.NoSuchForest", "cannot import"),
 ])
@@ -276,8 +276,10 @@ def test_billion_laughs_is_refused_quickly(tmp_path: Path) -> None:
     ("name: a\nx: &anchor 1\ny: *anchor\n", r"line 2.*anchor"),
     ("name: a\nbase: &b {k: 1}\nother:\n  <<: *b\n", r"line 2.*anchor"),
     ("name: a\nx: " + "[" * 5000 + "]" * 5000 + "\n", "nests deeper"),
+    ("name: a\nx: [" + "1, " * 150_000 + "1]\n", "more than 20000 YAML values"),
+    ("name: a\nx: " + "9" * 5000 + "\n", "cannot read the YAML"),  # Python refuses the conversion
 ])
-def test_yaml_anchors_aliases_and_deep_nesting_are_refused(tmp_path: Path, text: str, msg: str) -> None:
+def test_yaml_anchors_aliases_deep_nesting_and_huge_documents_are_refused(tmp_path: Path, text: str, msg: str) -> None:
     with pytest.raises(SpecError, match=msg):
         load_spec(_write(tmp_path, text))
 
