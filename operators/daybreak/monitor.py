@@ -132,11 +132,18 @@ def joined_rows(spec: Spec, ctx: RunContext, labelled: Any, online: Any, batch: 
     ids = [c for c in spec.id_columns() if c in labelled.columns]
     slices = [c for c in _slice_columns(spec) if c in labelled.columns]
     frames = []
+    conflicting = 0
     if online is not None and ids and all(c in online.columns for c in ids):
         left = online.copy()
         right = labelled[list(dict.fromkeys([*ids, label, *[c for c in slices if c not in online.columns]]))].copy()
         for c in ids:
             left[c], right[c] = _canonical(left[c], labelled[c]), _canonical(right[c], labelled[c])
+        # on the canonical identity: the same row spelled another way is the same identity
+        left, conflicting = _without_conflicts(left, ids, names)
+        if conflicting:
+            log.warning("monitor %s: %d row identities were logged more than once with different inputs or "
+                        "predictions (forged or mixed-up identities); none of their rows is judged",
+                        ctx.logical_date, conflicting)
         m = left.dropna(subset=ids).merge(right, on=ids, how="inner")
         m["source"] = m["source"].fillna(ONLINE)
         frames.append(m)
@@ -153,8 +160,24 @@ def joined_rows(spec: Spec, ctx: RunContext, labelled: Any, online: Any, batch: 
         return None
     out = pd.concat(frames, ignore_index=True)
     key = [c for c in ids if c in out.columns] or [c for c in f.keys if c in out.columns]
-    # a request sent twice (a client's retry) counts once per version and source
-    return out.drop_duplicates(subset=[*key, "source", "model_version"], keep="last").reset_index(drop=True)
+    # a request sent twice (a client's retry: same inputs, same answer) counts once per version and source
+    out = out.drop_duplicates(subset=[*key, "source", "model_version"], keep="last").reset_index(drop=True)
+    out.attrs["conflicting_identities"] = conflicting
+    return out
+
+
+def _without_conflicts(online: Any, ids: list[str], features: list[str]) -> tuple[Any, int]:
+    """The log's rows less every identity logged with more than one set of inputs or predictions
+    for one version, and how many such identities there were. A retry repeats its row exactly;
+    two different rows under one identity are a forgery or a client's mix-up, and neither may be
+    judged against the label (keeping the last one let forged rows drive a rollback)."""
+    key = [*ids, "model_version"]
+    content = [c for c in [*features, "prediction"] if c in online.columns]
+    counts = online.drop_duplicates(subset=[*key, *content]).groupby(key, dropna=False, sort=False).size()
+    bad = counts[counts > 1]
+    if bad.empty:
+        return online, 0
+    return online[~online.set_index(key).index.isin(bad.index)], len(bad)
 
 
 def _slice_columns(spec: Spec) -> list[str]:
@@ -402,6 +425,7 @@ def monitor_model(spec: Spec, ctx: RunContext) -> dict[str, Any]:
                        "reason": "no predictions logged or batch-scored for this date", "pruned": pruned}
     labelled = _labelled(spec, ctx)
     rows = joined_rows(spec, ctx, labelled, online, batch)
+    conflicting = 0 if rows is None else rows.attrs.get("conflicting_identities", 0)
     if rows is not None:
         rows["monitor_date"] = day
     versions, slices = live_quality(spec, rows) if rows is not None and len(rows) else ([], [])
@@ -416,7 +440,10 @@ def monitor_model(spec: Spec, ctx: RunContext) -> dict[str, Any]:
         "rows_labelled": 0 if rows is None else len(rows), "versions": versions, "slices": slices,
         "drift_verdict": drift_verdict, "drift": drift, "judgement": dict(verdict),
         "reasons": list(verdict["reasons"]), "alerts": list(verdict["alerts"]), "warnings": [], "pruned": pruned,
-        "action": "none", "rollback": None}
+        "action": "none", "rollback": None, "conflicting_identities": conflicting}
+    if conflicting:
+        result["warnings"].append(f"{conflicting} row identities were logged more than once with different inputs "
+                                  "or predictions; their rows were left out (forged or mixed-up identities)")
     if drift_verdict in ("warn", "block"):
         bad = [f"{d['feature']} {d['psi']:.3f}" for d in drift if d["verdict"] in ("warn", "block")]
         msg = f"served inputs drifted from v{champion}'s training data ({drift_verdict}): PSI {', '.join(bad[:10])}"
