@@ -15,6 +15,7 @@ import copy
 import io
 import json
 import os
+import shutil
 import subprocess
 from pathlib import Path
 from typing import Any, Callable
@@ -249,8 +250,8 @@ def _home(base: Path, landing: Path, files: dict[str, bytes] | None = None) -> P
     """A daybreak home whose landing zone is the real one, plus `files` under landing/CASE."""
     home = base / "home"
     (home / "store" / "landing").mkdir(parents=True)
-    for d in landing.iterdir():
-        (home / "store" / "landing" / d.name).symlink_to(d, target_is_directory=True)
+    for d in landing.iterdir():  # hard links: staging refuses symbolic links out of the landing root
+        shutil.copytree(d, home / "store" / "landing" / d.name, copy_function=os.link)
     for rel, data in (files or {}).items():
         p = home / "store" / "landing" / "CASE" / rel.replace("/D.", f"/{DAY}.")
         p.parent.mkdir(parents=True, exist_ok=True)
