@@ -237,6 +237,12 @@ class _Bounded(io.RawIOBase):
         return self.sha.hexdigest()
 
 
+def _transient(e: BaseException, root: str | None) -> bool:
+    """An I/O error from an object store (``root`` None) is the network's or the service's, not
+    the file's: the step fails and is retried, rather than publishing the day without the file."""
+    return root is None and isinstance(e, OSError)
+
+
 def _unread(name: str, path: str, e: BaseException) -> FileRead:
     """A file that could not be read (or was refused): its digest stands for the reason, so the
     lineage key changes when the file (or the limit) does."""
@@ -271,6 +277,8 @@ def _scan(fs: pafs.FileSystem, info: pafs.FileInfo, root: str | None, src: Sourc
         finally:
             raw.close()
     except (FileProblem, OSError, MemoryError) as e:
+        if _transient(e, root):
+            raise
         return _unread(info.base_name, info.path, e)
     return FileRead(info.base_name, info.path, reader.sha.hexdigest(), source=landing, size=reader.count,
                     mtime_ns=st.st_mtime_ns if st is not None else None, blank=blank,
@@ -689,6 +697,8 @@ def _prepare(name: str, src: SourceSpec, ctx: RunContext) -> Prepared:
                 if isinstance(e, Refused):
                     r.source = None
             except (MemoryError, OSError) as e:  # this file's problem, not the step's
+                if _transient(e, r.source.root if r.source is not None else None):
+                    raise
                 r.table = r.type_reasons = None
                 r.problem = f"could not be read ({type(e).__name__}: {e})"
                 log.warning("landing file %s: %s", r.path, r.problem)
