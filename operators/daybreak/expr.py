@@ -288,7 +288,8 @@ def evaluate(expr: str, table: pa.Table) -> pa.ChunkedArray:
     try:
         out = _eval(tree, table)
     except ExpressionError as e:
-        raise ExpressionError(f"{e} (in {_short(expr)})") from None
+        whole = ast.unparse(tree)
+        raise ExpressionError(str(e) if f"in {_short(whole)}:" in str(e) else f"{e} (in {_short(expr)})") from None
     if isinstance(out, pa.Scalar) or not isinstance(out, (pa.Array, pa.ChunkedArray)):
         scalar = out if isinstance(out, pa.Scalar) else pa.scalar(out)
         out = pa.repeat(scalar, table.num_rows)
@@ -347,7 +348,8 @@ def _checked(node: ast.expr, fn: Callable[..., Any], *args: Any) -> Any:
         if "overflow" not in str(e).lower():
             raise
         raise ExpressionError(f"integer overflow in {_short(ast.unparse(node))}: the result does not fit in "
-                              f"{_int_type(args)} (cast to float(...) first for larger values)") from None
+                              f"{_int_type(args)} (widen first: int(...) for int64, float(...) for larger "
+                              "values)") from None
 
 
 def _int_type(args: tuple[Any, ...]) -> str:

@@ -360,3 +360,8 @@ def test_overflow_in_data_is_named_at_run_time_and_in_range_values_are_exact() -
     assert evaluate("f ** 2000", t).to_pylist()[1] == float("inf")  # floats keep IEEE semantics
     with pytest.raises(ValueError, match=r"integer overflow in 'x \* 4'"):
         evaluate("x * 4 + 1", t)
+    # narrow contract types used to wrap too (100 + 100 = -56 in int8); now an error, or widen
+    small = pa.table({"a": pa.array([100, 1], pa.int8()), "b": pa.array([100, 1], pa.int8())})
+    with pytest.raises(ValueError, match=r"integer overflow in 'a \+ b': the result does not fit in int8"):
+        evaluate("a + b", small)
+    assert evaluate("int(a) + b", small).to_pylist() == [200, 2]
