@@ -160,9 +160,13 @@ def main() -> int:
     ap.add_argument("--serve-seconds", type=float, default=4.0,
                     help="measured seconds per server, request size and round in the serving benchmark (0: skip it)")
     ap.add_argument("--serve-repeats", type=int, default=5)
+    ap.add_argument("--abuse-seconds", type=float, default=4.0,
+                    help="measured seconds per phase and round of the abusive-clients benchmark (0: skip it)")
+    ap.add_argument("--abuse-repeats", type=int, default=3)
     ap.add_argument("--e2e-days", type=int, default=5, help="timed days of the end-to-end cycle (0: skip it)")
     ap.add_argument("--out", type=Path, default=HERE, help="where RESULTS.md, results.json and the PNG go")
     args = ap.parse_args()
+    from abuse import bench_abuse
     from e2e import bench_e2e
     from features import bench_features, growth, plot
     from gate import bench_gate
@@ -195,6 +199,8 @@ def main() -> int:
          lambda: bench_gate(args.gate_rows, repeats=args.gate_repeats)),
         ("serving", "serving vs mlflow models serve", args.serve_repeats, args.serve_seconds,
          lambda: bench_serving(seconds=args.serve_seconds, repeats=args.serve_repeats)),
+        ("abuse", "normal clients under abusive ones", args.abuse_repeats, args.abuse_seconds,
+         lambda: bench_abuse(seconds=args.abuse_seconds, repeats=args.abuse_repeats)),
         ("e2e", "end-to-end daily cycle, real flights", args.e2e_days, args.e2e_days,
          lambda: bench_e2e(args.e2e_days)),
     ]
@@ -223,6 +229,7 @@ def main() -> int:
 
 
 def report(out: dict, args, png: Path | None) -> list[str]:
+    from abuse import abuse_lines
     from e2e import e2e_lines
     from features import feature_table
     from gate import gate_lines
@@ -261,6 +268,8 @@ def report(out: dict, args, png: Path | None) -> list[str]:
         lines += ["", "## Gate", "", *gate_lines(out["gate"])]
     if out["serving"]:
         lines += ["", "## Serving", "", *serving_lines(out["serving"])]
+    if out.get("abuse"):
+        lines += ["", "## Abusive clients", "", *abuse_lines(out["abuse"])]
     if out["e2e"]:
         lines += ["", "## End-to-end daily cycle", "", *e2e_lines(out["e2e"])]
     lines += ["", "## Run", "", "| benchmark | wall time (s) | load average after | result |", "| --- | ---: | ---: | --- |"]

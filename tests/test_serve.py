@@ -239,6 +239,39 @@ def test_concurrent_requests_each_get_their_own_rows(server: dict, use_cycled: d
     np.testing.assert_array_equal(np.asarray(r.json()["predictions"], dtype=np.float64), np.asarray(expected, np.float64))
 
 
+def test_a_big_request_is_predicted_in_slices_between_small_ones(server: dict, use_cycled: dict, spec) -> None:
+    """A request of many batches' rows is predicted a slice at a time, small requests answered
+    between its slices: every answer is still exactly the model's, from one version."""
+    from daybreak.serve import MAX_BATCH_ROWS
+
+    url = server["url"]
+    X = _rows(spec, 200)
+    cols, data = list(X.columns), _jsonable(X)
+    picks = [k % len(X) for k in range(3 * MAX_BATCH_ROWS + 17)]
+    big = [data[k] for k in picks]
+    version = httpx.get(f"{url}/version", timeout=10).json()["version"]
+    expected = np.asarray(_offline(spec, version, X.iloc[picks]), dtype=np.float64)
+    small: list[httpx.Response] = []
+
+    def _split_body(columns: list, rows: list) -> dict:
+        return {"dataframe_split": {"columns": columns, "data": rows}}
+
+    def smalls() -> None:
+        with httpx.Client(timeout=60) as c:
+            for k in range(30):
+                small.append(c.post(f"{url}/invocations", json=_split_body(cols, data[k:k + 3])))
+
+    t = threading.Thread(target=smalls)
+    t.start()
+    r = httpx.post(f"{url}/invocations", json=_split_body(cols, big), timeout=120)
+    t.join(timeout=120)
+    assert r.status_code == 200 and r.headers["x-model-version"] == version, r.text[:300]
+    np.testing.assert_array_equal(np.asarray(r.json()["predictions"], dtype=np.float64), expected)
+    assert [s.status_code for s in small] == [200] * 30
+    for k, s in enumerate(small):
+        np.testing.assert_array_equal(np.asarray(s.json()["predictions"], dtype=np.float64), expected[k:k + 3])
+
+
 def test_bearer_token(use_cycled: dict, spec) -> None:
     from fastapi.testclient import TestClient
 

@@ -413,7 +413,7 @@ def _parse_request(raw: bytes, mime: str, fields: Fields | None, ids: frozenset[
         from mlflow.pyfunc.scoring_server import parse_csv_input
 
         text = raw.decode("utf-8")
-        _rows_limit(text.count("\n") - 1, max_rows)  # at least the rows (quoted newlines count too)
+        _rows_limit(text.rstrip("\n").count("\n") - text.count('"') // 2, max_rows)  # before pandas builds anything
         frame = parse_csv_input(StringIO(text), schema)
     else:
         import io
@@ -434,7 +434,8 @@ def _parse_request(raw: bytes, mime: str, fields: Fields | None, ids: frozenset[
         from mlflow.models.utils import _enforce_schema
 
         _finite_frame(_enforce_schema(frame, schema))  # what the model would be given
-    return Parsed(len(frame), frame=frame, ids=not ids.isdisjoint(frame.columns))
+    # (an empty frame counts as a row: the batcher waits for rows, and MLflow's model answers it)
+    return Parsed(max(len(frame), 1), frame=frame, ids=not ids.isdisjoint(frame.columns))
 
 
 def _json_rows(body: dict) -> int:
@@ -998,16 +999,23 @@ def create_app(spec: Spec, ctx: RunContext, token: str | None = None, freeze_gc:
         if scope["type"] != "http" or scope["path"] != "/invocations":
             return await api(scope, receive, send)
         request_id = _request_id(scope)
+        read = [False]  # the whole body was read
+
+        async def receive_tracked() -> dict:
+            message = await receive()
+            read[0] = message["type"] != "http.request" or not message.get("more_body", False)
+            return message
+
         if scope["method"] != "POST":
             status, payload, served = *error(405, "use POST"), None
         else:
-            status, payload, served = await answer(scope, receive, request_id)
+            status, payload, served = await answer(scope, receive_tracked, request_id)
         headers = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(payload)),
                    (b"x-request-id", request_id.encode())]
         if status == 503:
             headers.append((b"retry-after", b"1"))
-        if status in (400, 403, 408, 413, 415, 503) or (status != 200 and scope["method"] != "POST"):
-            headers.append((b"connection", b"close"))  # its body may be unread: never parse it as a request
+        if not read[0]:
+            headers.append((b"connection", b"close"))  # refused before its body was read: never parse that as a request
         if status == 405:
             headers.append((b"allow", b"POST"))
         if served is not None:

@@ -449,3 +449,4 @@ def test_health_details_need_the_token_and_hide_credentials(token_server: Served
         assert "pw-s3cret" not in json.dumps(h) and "127.0.0.1" in h["last_error"], h
     finally:
         s.stop()
+
