@@ -244,9 +244,13 @@ def _check_entry(local: str | Path, name: str, version: str) -> None:
     """MLmodel loads model_code.py through MLflow's code-model loader, with no other code path and
     exactly the artifacts training logged. (Already covered by the digest; this names what is
     wrong, and holds for versions trusted without one.)"""
-    import yaml
+    from daybreak.errors import IntegrityError
+    from daybreak.spec import load_yaml
 
-    pf = (yaml.safe_load((Path(local) / "MLmodel").read_text()).get("flavors") or {}).get("python_function") or {}
+    mlmodel = load_yaml((Path(local) / "MLmodel").read_bytes(), origin=f"model {name} version {version} MLmodel",
+                        error=IntegrityError)
+    flavors = mlmodel.get("flavors") if isinstance(mlmodel, dict) else None
+    pf = (flavors or {}).get("python_function") or {}
     code = pf.get("model_code_path")
     if (pf.get("loader_module") != "mlflow.pyfunc.loaders.code_model" or code is None
             or Path(str(code)).name != "model_code.py" or pf.get("code")):
