@@ -452,6 +452,15 @@ def _json_rows(body: dict) -> int:
     return 0
 
 
+def _parse_worker() -> None:
+    """A parse worker yields the CPU to the serving process: on a machine with few cores, the
+    event loop and the predict thread answering everyone come before one client's big body."""
+    try:
+        os.nice(10)
+    except OSError:
+        pass
+
+
 def _warm() -> None:
     """Imports a parse worker needs, before the first big body."""
     import orjson  # noqa: F401
@@ -797,7 +806,8 @@ class ParseWorkers:
 
     def procs(self) -> Executor:
         if self._procs is None:
-            self._procs = ProcessPoolExecutor(max_workers=self.processes, mp_context=multiprocessing.get_context("spawn"))
+            self._procs = ProcessPoolExecutor(max_workers=self.processes, mp_context=multiprocessing.get_context("spawn"),
+                                              initializer=_parse_worker)
         return self._procs
 
     def warm(self) -> None:
@@ -912,9 +922,9 @@ def create_app(spec: Spec, ctx: RunContext, token: str | None = None, freeze_gc:
         cur = holder.current
         return {"model": spec.model.name, "alias": spec.promotion.alias, "version": cur.version if cur else None}
 
-    async def read_body(receive: Callable, declared: int | None) -> bytes:
-        """The body within `body_timeout` and `max_body_bytes`, its bytes counted in flight
-        (the caller releases them). Raises Refused."""
+    async def read_body(receive: Callable, declared: int | None, counted: list[int]) -> bytes:
+        """The body within `body_timeout` and `max_body_bytes`. A chunked body's bytes are counted
+        in flight as they come, and in `counted` (the caller releases them). Raises Refused."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + lim.body_timeout
         chunks, more, size = [], True, 0
@@ -934,6 +944,7 @@ def create_app(spec: Spec, ctx: RunContext, token: str | None = None, freeze_gc:
                 if inflight[0] + len(chunk) > lim.max_inflight_bytes:
                     raise Refused(503, "overloaded: too many body bytes in flight; retry shortly")
                 inflight[0] += len(chunk)
+                counted[0] += len(chunk)
             chunks.append(chunk)
             more = message.get("more_body", False)
         return b"".join(chunks)
@@ -962,11 +973,10 @@ def create_app(spec: Spec, ctx: RunContext, token: str | None = None, freeze_gc:
             return *error(503, "overloaded: too many rows waiting; retry shortly"), None
         if declared is not None and inflight[0] + declared > lim.max_inflight_bytes:
             return *error(503, "overloaded: too many body bytes in flight; retry shortly"), None
-        held = declared or 0
+        held, counted = declared or 0, [0]  # declared: reserved up front; chunked: as read
         inflight[0] += held
         try:
-            raw = await read_body(receive, declared)
-            held = declared if declared is not None else len(raw)
+            raw = await read_body(receive, declared, counted)
             ids = batcher.ids
             fields = cur.fields
             parsed = None
@@ -984,7 +994,7 @@ def create_app(spec: Spec, ctx: RunContext, token: str | None = None, freeze_gc:
             log.exception("reading request %s failed", request_id)
             return *_internal(request_id), None
         finally:
-            inflight[0] -= held
+            inflight[0] -= held + counted[0]
         if parsed.ids and expected is None:
             return *error(403, f"this request carries identity columns ({', '.join(sorted(ids))}), which the "
                                f"prediction log keeps for the label join: they are accepted only from a caller "
