@@ -103,6 +103,68 @@ def abuser(port: int, body: bytes, chunked: bool, stop, counts) -> None:
         counts[key] = counts.get(key, 0) + 1
 
 
+async def _client(port: int, payloads: list[bytes], offset: int, warm_until: float, stop_at: float,
+                  latencies: list[float], failures: list[int]) -> None:
+    """``serving.py``'s closed-loop connection, but one the server closes (a 503 says
+    ``Connection: close``) is opened again; the request counts as failed."""
+    import asyncio
+
+    requests = [b"POST /invocations HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                b"Content-Length: %d\r\n\r\n%s" % (len(p), p) for p in payloads]
+    k, writer = offset, None
+    try:
+        while True:
+            t0 = time.perf_counter()
+            if t0 >= stop_at:
+                return
+            if writer is None:
+                reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(requests[k % len(requests)])
+            k += 1
+            try:
+                head = await reader.readuntil(b"\r\n\r\n")
+                lower = head.lower()
+                at = lower.find(b"\r\ncontent-length:")
+                await reader.readexactly(int(lower[at + 17:lower.index(b"\r\n", at + 2)]))
+                status = int(head[9:12])
+                if b"\r\nconnection: close" in lower:
+                    writer.close()
+                    writer = None
+            except (ConnectionError, asyncio.IncompleteReadError):
+                writer.close()
+                writer, status = None, 0
+            t1 = time.perf_counter()
+            if t0 >= warm_until:
+                latencies.append(t1 - t0)
+                if status != 200:
+                    failures.append(status)
+    finally:
+        if writer is not None:
+            writer.close()
+
+
+def load(port: int, payloads: list[bytes], concurrency: int, seconds: float, warmup: float) -> dict:
+    import asyncio
+
+    async def run() -> dict:
+        latencies: list[float] = []
+        failures: list[int] = []
+        start = time.perf_counter()
+        await asyncio.gather(*(_client(port, payloads, i, start + warmup, start + warmup + seconds, latencies, failures)
+                               for i in range(concurrency)))
+        latencies.sort()
+        n = len(latencies)
+        return {"requests": n, "failed": len(failures), "rps": n / seconds, "failures": sorted(set(failures)),
+                "p50_ms": 1000 * latencies[n // 2], "p99_ms": 1000 * latencies[min(n - 1, int(n * 0.99))]}
+
+    try:
+        import uvloop
+
+        return uvloop.run(run())
+    except ImportError:
+        return asyncio.run(run())
+
+
 class RssPeak(threading.Thread):
     def __init__(self, pid: int):
         super().__init__(daemon=True)
@@ -127,7 +189,7 @@ class RssPeak(threading.Thread):
 
 def bench_abuse(seconds: float = 4.0, repeats: int = 3, concurrency: int = 8, rows: int = 10,
                 home: Path | None = None) -> dict:
-    from serving import _free_port, _wait, bodies, load, prepare
+    from serving import _free_port, _wait, bodies, prepare
 
     from daybreak.serve import MAX_BODY_BYTES
 

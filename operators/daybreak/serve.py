@@ -585,6 +585,7 @@ class Batcher:
         self.ids = frozenset(holder.spec.id_columns()) if plog is not None else frozenset()
         self.pending: deque[Job] = deque()
         self.pending_rows = 0
+        self.big_rows = 0  # of pending_rows, those of requests bigger than a batch (admitted apart)
         self.big: Job | None = None  # the job being predicted in slices
         self._wake = asyncio.Event()
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="predict", initializer=_one_thread)
@@ -595,6 +596,8 @@ class Batcher:
                   request_id, self.plog is not None and self.plog.sampled())
         self.pending.append(job)
         self.pending_rows += job.rows
+        if job.rows > MAX_BATCH_ROWS:
+            self.big_rows += job.rows
         self._wake.set()
         return await job.future
 
@@ -624,22 +627,27 @@ class Batcher:
         cur = big.pinned if big is not None else self.holder.current
         budget = MAX_BATCH_ROWS // 2 if big is not None else MAX_BATCH_ROWS
         slices: list[Slice] = []
-        rows = 0
+        rows, waiting = 0, []
         while self.pending:
             job = self.pending[0]
             if job.columns is not None and job.rows > MAX_BATCH_ROWS:
-                break  # a big job starts at the head of the queue, after the one in slices
+                waiting.append(self.pending.popleft())  # after the big job in slices; smaller ones pass it
+                continue
             if slices and rows + job.rows > budget:
                 break
             self.pending.popleft()
             slices.append((job, 0, job.rows))
             job.done = job.rows
             rows += job.rows
+            if job.rows > MAX_BATCH_ROWS:  # MLflow's parser made it: predicted whole
+                self.big_rows -= job.rows
+        self.pending.extendleft(reversed(waiting))
         if big is not None:
             n = min(big.rows - big.done, max(MAX_BATCH_ROWS - rows, MAX_BATCH_ROWS // 2))
             slices.append((big, big.done, big.done + n))
             big.done += n
             rows += n
+            self.big_rows -= n
             if big.done >= big.rows:
                 self.big = None
         self.pending_rows -= rows
@@ -649,6 +657,7 @@ class Batcher:
         """A big job answered with an error before its last slice: its other slices are not run."""
         if self.big is job:
             self.pending_rows -= job.rows - job.done
+            self.big_rows -= job.rows - job.done
             job.done = job.rows
             self.big = None
 
@@ -969,7 +978,7 @@ def create_app(spec: Spec, ctx: RunContext, token: str | None = None, freeze_gc:
         if declared is not None and declared > lim.max_body_bytes:
             return *error(413, _too_big(lim.max_body_bytes)), None
         batcher = api.state.batcher
-        if batcher.pending_rows > MAX_PENDING_ROWS:
+        if batcher.pending_rows - batcher.big_rows > MAX_PENDING_ROWS:
             return *error(503, "overloaded: too many rows waiting; retry shortly"), None
         if declared is not None and inflight[0] + declared > lim.max_inflight_bytes:
             return *error(503, "overloaded: too many body bytes in flight; retry shortly"), None
@@ -1000,6 +1009,9 @@ def create_app(spec: Spec, ctx: RunContext, token: str | None = None, freeze_gc:
                                f"prediction log keeps for the label join: they are accepted only from a caller "
                                f"with the bearer token; set DAYBREAK_SERVE_TOKEN on the server and send "
                                f"'Authorization: Bearer <token>', or leave them out"), None
+        if parsed.rows > MAX_BATCH_ROWS and batcher.big_rows + parsed.rows > max(lim.max_rows, MAX_PENDING_ROWS // 2):
+            # big requests have a budget of their own: they never crowd out the small ones
+            return *error(503, "overloaded: too many rows of big requests waiting; retry shortly"), None
         (status, payload), served = await batcher.submit(parsed, fields, request_id)
         return status, payload, served if status == 200 else None
 
