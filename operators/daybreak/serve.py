@@ -35,8 +35,9 @@ with it (keyword, then environment, then the constant):
   rows of the flights model's 20 columns (about 175 bytes a row).
 - ``max_rows`` (``DAYBREAK_SERVE_MAX_ROWS``, 100,000): rows per request, 413 naming the limit.
 - ``max_inflight_bytes`` (``DAYBREAK_SERVE_MAX_INFLIGHT_BYTES``, 64 MiB): body bytes being read
-  or parsed at once, all requests together (declared lengths are reserved up front); past it,
-  503 with ``Retry-After``. With the row limit and the pending-row limit (``MAX_PENDING_ROWS``)
+  or parsed at once, all requests together, counting bodies over 64 KiB (declared lengths are
+  reserved up front): past it, 503 with ``Retry-After``. Small bodies never count, so a few big
+  ones cannot turn the usual requests away (the connection limit bounds them). With the row limit and the pending-row limit (``MAX_PENDING_ROWS``)
   this bounds what abusive clients can make the server hold.
 - ``header_timeout`` (``DAYBREAK_SERVE_HEADER_TIMEOUT``, 10 s): from a connection's start, or a
   request's first byte, until its headers are complete; then 408 and the connection is closed.
@@ -949,11 +950,12 @@ def create_app(spec: Spec, ctx: RunContext, token: str | None = None, freeze_gc:
             size += len(chunk)
             if size > lim.max_body_bytes:
                 raise Refused(413, _too_big(lim.max_body_bytes))
-            if declared is None:  # chunked: counted as it comes
-                if inflight[0] + len(chunk) > lim.max_inflight_bytes:
+            if declared is None and size > INLINE_BYTES:  # chunked: counted as it comes, once past small
+                more_bytes = size - counted[0]
+                if inflight[0] + more_bytes > lim.max_inflight_bytes:
                     raise Refused(503, "overloaded: too many body bytes in flight; retry shortly")
-                inflight[0] += len(chunk)
-                counted[0] += len(chunk)
+                inflight[0] += more_bytes
+                counted[0] += more_bytes
             chunks.append(chunk)
             more = message.get("more_body", False)
         return b"".join(chunks)
@@ -980,9 +982,11 @@ def create_app(spec: Spec, ctx: RunContext, token: str | None = None, freeze_gc:
         batcher = api.state.batcher
         if batcher.pending_rows - batcher.big_rows > MAX_PENDING_ROWS:
             return *error(503, "overloaded: too many rows waiting; retry shortly"), None
-        if declared is not None and inflight[0] + declared > lim.max_inflight_bytes:
+        # Bodies over INLINE_BYTES share the in-flight budget; smaller ones (at most max_connections
+        # of them, 64 KiB each) are never turned away by a few big ones holding it.
+        held, counted = (declared if declared is not None and declared > INLINE_BYTES else 0), [0]
+        if held and inflight[0] + held > lim.max_inflight_bytes:
             return *error(503, "overloaded: too many body bytes in flight; retry shortly"), None
-        held, counted = declared or 0, [0]  # declared: reserved up front; chunked: as read
         inflight[0] += held
         try:
             raw = await read_body(receive, declared, counted)
