@@ -21,8 +21,9 @@ figure is the ratio of the normal clients' p99 (and throughput) in each phase to
 phase of the same round, median over rounds; the goal (issue 20) is a p99 at most 2x unloaded
 while 4 clients send 60 MiB bodies. Also reported: what the abusers were answered, and the
 server's peak RSS (its parse worker included) in each phase. Everything shares the machine's
-cores: on 2 cores the abusers' own sending and the parse worker take CPU the server would
-otherwise have, so the "max accepted" ratio measures that contention too.
+cores: on 2 cores the abusers' own sending (kernel time copying into loopback sockets, counted
+as theirs) and the parse worker take CPU the server would otherwise have, so each phase reports
+the CPU seconds the server (with its worker) and the abusers used during it.
 """
 
 from __future__ import annotations
@@ -101,6 +102,8 @@ def abuser(port: int, body: bytes, chunked: bool, stop, counts) -> None:
             status = None
         key = str(status)
         counts[key] = counts.get(key, 0) + 1
+    t = os.times()
+    counts[f"cpu{os.getpid()}"] = t.user + t.system  # its kernel time sending included
 
 
 async def _client(port: int, payloads: list[bytes], offset: int, warm_until: float, stop_at: float,
@@ -163,6 +166,20 @@ def load(port: int, payloads: list[bytes], concurrency: int, seconds: float, war
         return uvloop.run(run())
     except ImportError:
         return asyncio.run(run())
+
+
+def _cpu(pid: int) -> float:
+    """CPU seconds of a process and its children (the parse worker)."""
+    import psutil
+
+    p = psutil.Process(pid)
+    total = sum(p.cpu_times()[:2])
+    for c in p.children(recursive=True):
+        try:
+            total += sum(c.cpu_times()[:2])
+        except psutil.NoSuchProcess:
+            pass
+    return total
 
 
 class RssPeak(threading.Thread):
@@ -231,6 +248,7 @@ def bench_abuse(seconds: float = 4.0, repeats: int = 3, concurrency: int = 8, ro
                         p.start()
                     rss = RssPeak(proc.pid)
                     rss.start()
+                    cpu0 = _cpu(proc.pid)
                     try:
                         r = load(port, payloads, concurrency, seconds, warmup=1.0)
                     finally:
@@ -239,13 +257,17 @@ def bench_abuse(seconds: float = 4.0, repeats: int = 3, concurrency: int = 8, ro
                             p.join(timeout=180)
                         rss.stop.set()
                         rss.join()
-                    r["abusers"] = dict(counts)
+                    r["server_cpu_s"] = _cpu(proc.pid) - cpu0
+                    got = dict(counts)
+                    r["abusers_cpu_s"] = sum(v for k, v in got.items() if k.startswith("cpu"))
+                    r["abusers"] = {k: v for k, v in got.items() if not k.startswith("cpu")}
                     r["peak_rss_mb"] = rss.peak / 2**20
                     manager.shutdown()
                     rounds[phase].append(r)
                     print(f"abuse [{k + 1}/{repeats}] {phase:>15}: {r['rps']:7.1f} req/s, p50 {r['p50_ms']:6.1f} ms, "
                           f"p99 {r['p99_ms']:7.1f} ms, failed {r['failed']} of {r['requests']}; abusers answered "
-                          f"{r['abusers']}; peak RSS {r['peak_rss_mb']:.0f} MB", flush=True)
+                          f"{r['abusers']}; peak RSS {r['peak_rss_mb']:.0f} MB; CPU s: server "
+                          f"{r['server_cpu_s']:.1f}, abusers {r['abusers_cpu_s']:.1f}", flush=True)
                     if proc.poll() is not None:
                         raise RuntimeError(f"the server exited with {proc.returncode} during {phase}")
         finally:
@@ -270,6 +292,8 @@ def bench_abuse(seconds: float = 4.0, repeats: int = 3, concurrency: int = 8, ro
             "rps_ratio": statistics.median(r["rps"] / b["rps"] for r, b in zip(rs, base)),
             "failed": sum(r["failed"] for r in rs), "requests": sum(r["requests"] for r in rs),
             "peak_rss_mb": max(r["peak_rss_mb"] for r in rs),
+            "server_cpu_s": statistics.median(r["server_cpu_s"] for r in rs),
+            "abusers_cpu_s": statistics.median(r["abusers_cpu_s"] for r in rs),
             "abusers": {s: sum(r["abusers"].get(s, 0) for r in rs) for s in {s for r in rs for s in r["abusers"]}},
             "rounds": rs}
     return out
@@ -280,12 +304,13 @@ def abuse_lines(r: dict) -> list[str]:
              f"huge bodies, {r['seconds']:g} s per phase, median of {r['repeats']} rounds; ratios to the unloaded "
              f"phase of the same round (goal: p99 at most 2x while 4 clients send 60 MiB bodies):", "",
              "| phase | requests/s | p50 (ms) | p99 (ms) | p99 / unloaded | throughput / unloaded | failed | "
-             "abusers answered | peak RSS (MB) |", "| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: |"]
+             "abusers answered | peak RSS (MB) | CPU s, server / abusers |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: | ---: |"]
     for phase, s in r["phases"].items():
         answered = ", ".join(f"{k}: {v}" for k, v in sorted(s["abusers"].items())) or "-"
         lines.append(f"| {phase} | {s['rps']:.1f} | {s['p50_ms']:.1f} | {s['p99_ms']:.1f} | {s['p99_ratio']:.2f}x | "
                      f"{s['rps_ratio']:.2f}x | {s['failed']} of {s['requests']} | {answered} | "
-                     f"{s['peak_rss_mb']:.0f} |")
+                     f"{s['peak_rss_mb']:.0f} | {s['server_cpu_s']:.1f} / {s['abusers_cpu_s']:.1f} |")
     return lines
 
 
