@@ -278,7 +278,9 @@ def test_models_page_shows_champion_versions_history_and_reports(airflow_site: d
         assert mv.tags[registry.DECISION_TAG] in html
     assert "<script>" not in html and "&lt;script&gt;alert(&#x27;x&#x27;)&lt;/script&gt; &amp; &quot;quoted&quot;" in html
     assert "&lt;b&gt;mallory&lt;/b&gt;" in html and "<b>mallory</b>" not in html
-    assert "script-src" not in page.headers["content-security-policy"]  # no script may run on the page
+    csp = page.headers["content-security-policy"]
+    assert "script-src" not in csp  # no script may run on the page
+    assert "form-action 'none'" in csp and "base-uri 'none'" in csp  # nor post a form, nor rebase links
 
     data = httpx.get(f"{site['url']}/daybreak/models/data", headers=auth, timeout=60).json()
     assert data["champion"] == site["champion"] and data["model"] == spec.model.name
@@ -301,6 +303,7 @@ def test_models_page_shows_champion_versions_history_and_reports(airflow_site: d
     assert report.status_code == 200, report.text
     assert "<html" in report.text.lower() and "data:image/png;base64" in report.text
     assert report.headers["content-security-policy"].startswith("default-src 'none'")
+    assert "form-action 'none'" in report.headers["content-security-policy"]
 
     # a viewer may look; an unknown spec, version or path is a clear 404
     viewer = {"Authorization": f"Bearer {_token(site, 'viewer')}"}

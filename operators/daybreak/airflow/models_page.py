@@ -37,9 +37,11 @@ URL_PREFIX = "/daybreak"
 COOKIE = "_token"  # airflow.api_fastapi.auth.managers.base_auth_manager.COOKIE_NAME_JWT_TOKEN
 RECENT = 20
 HISTORY = 50
-_PAGE_CSP = "default-src 'none'; style-src 'unsafe-inline'; img-src data:; frame-ancestors 'self'"
-# the gate report is daybreak's own HTML (inline styles, plots as data: images); no script runs
-_REPORT_CSP = "default-src 'none'; style-src 'unsafe-inline'; img-src data:; frame-ancestors 'self'"
+# Both pages are daybreak's own HTML (inline styles, plots as data: images): no script runs, no
+# form posts anywhere, and no <base> can redirect relative links.
+_PAGE_CSP = ("default-src 'none'; style-src 'unsafe-inline'; img-src data:; frame-ancestors 'self'; "
+             "form-action 'none'; base-uri 'none'")
+_REPORT_CSP = _PAGE_CSP
 
 
 def _token(request: Request) -> str | None:
