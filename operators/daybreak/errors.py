@@ -66,7 +66,9 @@ class ApprovalError(DaybreakError):
     """A version cannot be approved or rejected in the state it is in (not pending, deleted, ...)."""
 
 
-_USERINFO = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)(?P<userinfo>[^/?#@\s'\"]+)@")
+# Greedy to the last '@' before the path: a password may hold a raw '@' (urllib and SQLAlchemy
+# take the last one as the end of the user info).
+_USERINFO = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)(?P<userinfo>[^/?#\s'\"]*)@")
 
 
 def redact(text: object) -> str:

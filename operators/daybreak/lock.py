@@ -41,8 +41,7 @@ log = logging.getLogger(__name__)
 OWNER_TAG = "daybreak.lock_owner"
 EXPIRES_TAG = "daybreak.lock_expires"
 HOLDER_TAG = "daybreak.lock_holder"  # boot id / PID namespace / PID / start time
-# A reap marker older than this belongs to a reaper that died between creating and removing it.
-REAP_STALE_S = 30.0
+REAP_UNTIL_TAG = "daybreak.reap_until"  # a reap marker's lease, by its reaper's clock
 
 
 def _read(path: str) -> str | None:
@@ -116,31 +115,45 @@ class Held:
         self.cl.delete_registered_model_alias(self.name, alias)
 
 
-def _reap(cl: Any, name: str, lock: str, holder: str, why: str) -> None:
-    """Remove `holder`'s stale lock if this process wins the right to (see the module docstring)."""
+def _reap(cl: Any, name: str, lock: str, holder: str, why: str, lease_s: float, grace_s: float) -> None:
+    """Remove `holder`'s stale lock if this process wins the right to (see the module docstring).
+
+    The reap marker is a lease like the lock's: it says until when (by the reaper's clock) its
+    reaper may act, and the reaper gives up once that time, less the grace, has passed by its own
+    monotonic clock (a pause between its check and its delete). Others remove a marker only
+    after that time plus the grace: a reaper that stopped never blocks the lock for good."""
     from mlflow.exceptions import MlflowException
 
     marker = f"{lock}.reap-{hashlib.sha256(holder.encode()).hexdigest()[:16]}"
+    began = time.monotonic()
     try:
-        cl.create_registered_model(marker, description=f"daybreak: removing the stale lock of {holder} (transient)")
+        cl.create_registered_model(marker, tags={REAP_UNTIL_TAG: str(time.time() + lease_s)},
+                                   description=f"daybreak: removing the stale lock of {holder} (transient)")
     except MlflowException as e:
         if e.error_code != "RESOURCE_ALREADY_EXISTS":
             raise
-        try:  # another reaper has it; unless that reaper died with it
-            if time.time() * 1000 - cl.get_registered_model(marker).creation_timestamp > REAP_STALE_S * 1000:
+        try:  # another reaper has it; unless that reaper stopped with it
+            until = float(cl.get_registered_model(marker).tags.get(REAP_UNTIL_TAG, 0))
+            if until + grace_s < time.time():
                 log.warning("registry: removing a reap marker of %s left by a reaper that stopped", name)
                 cl.delete_registered_model(marker)
-        except MlflowException:
+        except (MlflowException, ValueError):
             pass
         return
     try:
         if cl.get_registered_model(lock).tags.get(OWNER_TAG) == holder:
+            if time.monotonic() - began > lease_s - grace_s:
+                log.warning("registry: gave up removing the stale lock on %s (this process paused)", name)
+                return
             log.warning("registry: removing the lock on %s of %s (%s)", name, holder, why)
             cl.delete_registered_model(lock)
     except MlflowException:
         pass  # gone already
     finally:
-        cl.delete_registered_model(marker)
+        try:
+            cl.delete_registered_model(marker)
+        except MlflowException:
+            pass  # taken as stale by another reaper after this one paused
 
 
 @contextmanager
@@ -173,7 +186,7 @@ def model_lock(cl: Any, name: str, owner: str, lease_s: float = 60.0, wait_s: fl
             expires = float(tags.get(EXPIRES_TAG, 0))
             gone = holder_gone(tags.get(HOLDER_TAG, ""))
             if gone or expires + grace < time.time():
-                _reap(cl, name, lock, holder, "its process is gone" if gone else "its lease ran out")
+                _reap(cl, name, lock, holder, "its process is gone" if gone else "its lease ran out", lease_s, grace)
                 continue
         except (MlflowException, ValueError):
             pass  # released in between: try again after the pause

@@ -156,6 +156,7 @@ def _move_champion(held: registry.Held, spec: Spec, ctx: RunContext, cand: Any, 
     held.set_alias(spec.promotion.alias, str(cand.version))
     record_event(spec, ctx, "promote", str(cand.version), from_version=current, reason=reason)
     # last: the mark that the promotion and its record are complete (see _finish_record)
+    held.check()
     registry.set_tags(held.cl, name, str(cand.version), {"daybreak.promoted_at": _now(),
                                                     "daybreak.promoted_by_run": ctx.run_id,
                                                     "daybreak.replaced_version": current or "none"})
@@ -222,6 +223,7 @@ def approve_model(spec: Spec, ctx: RunContext, version: str | int, reason: str, 
         stamp = {"daybreak.approval.by": by, "daybreak.approval.reason": str(reason)[:1000],
                  "daybreak.approval.at": _now()}
         if choice == "reject":
+            held.check()
             registry.set_tags(cl, name, v, {**stamp, APPROVAL_TAG: REJECTED})
             record_event(spec, ev_ctx, "approval_rejected", v, from_version=t.get(registry.AGAINST_TAG, "none"),
                          reason=reason, by=by)
@@ -237,6 +239,7 @@ def approve_model(spec: Spec, ctx: RunContext, version: str | int, reason: str, 
             # The alias first: if a later write fails, the version is not left marked approved
             # but out of service (and a retry finds it promoted, not "approved at None").
             _move_champion(held, spec, ev_ctx, mv, current, f"gate PROMOTE on {day}, approved by {by}: {reason}")
+            held.check()
             registry.set_tags(cl, name, v, {**stamp, APPROVAL_TAG: APPROVED})
             record_event(spec, ev_ctx, "approved", v, from_version=current, reason=reason, by=by)
             result = {"approval": APPROVED, "promoted": True, "champion_version": v, "previous_version": current}
@@ -289,7 +292,7 @@ def apply_retention(spec: Spec, ctx: RunContext, now: datetime | None = None) ->
     cl = registry.client(ctx)
     cutoff = (now or datetime.now(timezone.utc)).timestamp() * 1000 - days * 86_400_000
     gone = []
-    with registry.model_lock(cl, name, owner=ctx.run_id):
+    with registry.model_lock(cl, name, owner=ctx.run_id) as held:
         found = {str(mv.version): cl.get_model_version(name, str(mv.version)) for mv in registry.versions(cl, name)}
         keep = set()
         for mv in found.values():  # in service, and the chain a rollback walks back along
@@ -305,6 +308,7 @@ def apply_retention(spec: Spec, ctx: RunContext, now: datetime | None = None) ->
             if (v in keep or pending or mv.creation_timestamp >= cutoff
                     or mv.tags.get(registry.DATE_TAG) == ctx.logical_date.isoformat()):
                 continue
+            held.check()  # a run that lost the lock deletes nothing more
             cl.delete_model_version(name, v)
             gone.append(v)
     for v in gone:
@@ -344,6 +348,7 @@ def rollback_model(spec: Spec, ctx: RunContext, reason: str, expect: str | None 
             held.set_alias(prev_alias, before)
         else:
             held.delete_alias(prev_alias)
+        held.check()
         registry.set_tags(cl, name, bad, {"daybreak.rolled_back_at": _now(), "daybreak.rolled_back_reason": reason[:1000]})
         record_event(spec, ctx, "rollback", good, from_version=bad, reason=reason)
     log.warning("rollback: %s v%s -> v%s (%s)", alias, bad, good, reason)

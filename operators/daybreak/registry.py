@@ -240,22 +240,34 @@ def _refuse(name: str, version: str, why: str) -> Exception:
                           f"recorded: {why}; refusing to load")
 
 
+# What the MLmodel of a model ``train`` logged may say under python_function: nothing that makes
+# MLflow load other code or data (``data``, ``code``, ``predict_fn``, another loader).
+PYFUNC_KEYS = frozenset({"loader_module", "model_code_path", "artifacts", "config", "env", "python_version",
+                         "streamable", "cloudpickle_version", "code"})
+# The top-level files and folders of a model folder ``train`` logs (checked where no digest is).
+MODEL_LAYOUT = frozenset({"MLmodel", "model_code.py", "artifacts", "conda.yaml", "python_env.yaml",
+                          "requirements.txt", "input_example.json", "serving_input_example.json"})
+
+
 def _check_entry(local: str | Path, name: str, version: str) -> None:
-    """MLmodel loads model_code.py through MLflow's code-model loader, with no other code path and
-    exactly the artifacts training logged. (Already covered by the digest; this names what is
-    wrong, and holds for versions trusted without one.)"""
+    """MLmodel loads model_code.py through MLflow's code-model loader, with no other code or data
+    path and exactly the artifacts training logged. Under a digest this only names what is wrong;
+    for a version trusted without one (legacy) it is what keeps other code from loading."""
     from daybreak.errors import IntegrityError
     from daybreak.spec import load_yaml
 
     mlmodel = load_yaml((Path(local) / "MLmodel").read_bytes(), origin=f"model {name} version {version} MLmodel",
                         error=IntegrityError)
     flavors = mlmodel.get("flavors") if isinstance(mlmodel, dict) else None
-    pf = (flavors or {}).get("python_function") or {}
+    if not isinstance(flavors, dict) or set(flavors) != {"python_function"}:
+        raise _refuse(name, version, f"its MLmodel has flavors {sorted(flavors or {})}, not python_function alone")
+    pf = flavors["python_function"] if isinstance(flavors["python_function"], dict) else {}
     code = pf.get("model_code_path")
-    if (pf.get("loader_module") != "mlflow.pyfunc.loaders.code_model" or code is None
-            or Path(str(code)).name != "model_code.py" or pf.get("code")):
-        raise _refuse(name, version, f"its MLmodel loads code other than model_code.py (loader "
-                                     f"{pf.get('loader_module')!r}, model_code_path {code!r}, code {pf.get('code')!r})")
+    if (pf.get("loader_module") != "mlflow.pyfunc.loaders.code_model" or not isinstance(code, str)
+            or Path(code).name != "model_code.py" or pf.get("code") or set(pf) - PYFUNC_KEYS):
+        raise _refuse(name, version, f"its MLmodel loads code or data other than model_code.py (loader "
+                                     f"{pf.get('loader_module')!r}, model_code_path {code!r}, code {pf.get('code')!r}, "
+                                     f"other keys {sorted(set(pf) - PYFUNC_KEYS)})")
     artifacts = pf.get("artifacts") or {}
     paths = {k: (v or {}).get("path") if isinstance(v, dict) else v for k, v in artifacts.items()}
     if set(paths) != set(MODEL_ARTIFACTS) or any(paths[k] not in MODEL_ARTIFACTS[k] for k in paths):
@@ -288,10 +300,15 @@ def _verified(ctx: RunContext, name: str, version: str, dst: str) -> tuple[str, 
         found = folder_digest(local)
         if found != expected:
             raise _refuse(name, version, f"{MODEL_DIGEST_TAG}={expected[:12]}..., found {found[:12]}...")
-    else:
+    else:  # trusted unsealed: the first record (code and artifacts) must be there and match
         legacy = tags.get(ARTIFACTS_TAG)
-        if legacy is not None and artifacts_digest(loaded_files(local)) != legacy:
+        if legacy is None:
+            raise _refuse(name, version, f"the registry holds neither {MODEL_DIGEST_TAG} nor {ARTIFACTS_TAG}")
+        if artifacts_digest(loaded_files(local)) != legacy:
             raise _refuse(name, version, f"{ARTIFACTS_TAG} does not match")
+        extra = sorted({p.name for p in Path(local).iterdir()} - MODEL_LAYOUT - CLIENT_WRITTEN)
+        if extra:
+            raise _refuse(name, version, f"its folder holds {extra}, which training never writes")
     _check_entry(local, name, version)
     if FLAVOR_TAG not in tags:
         return local, None

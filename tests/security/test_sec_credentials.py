@@ -23,6 +23,8 @@ def test_redact_strips_userinfo_from_every_uri() -> None:
     out = redact(text)
     assert SECRET not in out and "bob" not in out
     assert "https://***@mlflow.example:5000/api/2.0" in out and "http://mlflow:5000 stays" in out
+    # a raw '@' in the password: URL parsers take the last '@' as the end of the user info
+    assert redact(f"http://bob:p@{SECRET}@host:5000/x") == "http://***@host:5000/x"
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:

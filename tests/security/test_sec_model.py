@@ -222,15 +222,50 @@ def test_skops_trust_comes_from_the_registry(fresh: Path, spec, ray_local: None)
         registry.load_model(day, s.model.name, v)
 
 
+def _as_legacy(cl, name: str, version: str) -> None:
+    """Make `version` look registered before the whole-folder digest: the first record only
+    (model_code.py and artifacts/)."""
+    cl.delete_model_version_tag(name, version, registry.MODEL_DIGEST_TAG)
+    cl.set_model_version_tag(name, version, registry.ARTIFACTS_TAG,
+                             registry.artifacts_digest(registry.loaded_files(model_dir(name, version))))
+
+
 def test_versions_without_the_full_record_are_refused(two_versions: dict, monkeypatch: pytest.MonkeyPatch) -> None:
     """A version registered without the whole-folder digest (before it existed, or by hand) is
-    not loaded unless the operator says so out of band."""
+    not loaded unless the operator says so out of band, and then only with the first record."""
     s, v2, day3, cl = two_versions["spec"], two_versions["v2"], two_versions["day3"], two_versions["cl"]
-    cl.delete_model_version_tag(s.model.name, v2, registry.MODEL_DIGEST_TAG)
+    _as_legacy(cl, s.model.name, v2)
     with pytest.raises(IntegrityError, match="DAYBREAK_TRUST_UNSEALED_MODELS"):
         registry.verify_model(day3, s.model.name, v2)
     monkeypatch.setenv("DAYBREAK_TRUST_UNSEALED_MODELS", "1")
     registry.verify_model(day3, s.model.name, v2)
+    cl.delete_model_version_tag(s.model.name, v2, registry.ARTIFACTS_TAG)  # no record at all
+    with pytest.raises(IntegrityError, match="neither"):
+        registry.verify_model(day3, s.model.name, v2)
+
+
+def test_a_legacy_version_cannot_load_code_through_mlmodel_data(two_versions: dict,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """The legacy record covers model_code.py and artifacts/ only: MLmodel's ``data`` pointed at a
+    folder of the attacker's own (its model_code.py carrying the payload) ran it (found in review)."""
+    s, v2, day3, cl, marker = (two_versions[k] for k in ("spec", "v2", "day3", "cl", "marker"))
+    name = s.model.name
+    _as_legacy(cl, name, v2)
+    monkeypatch.setenv("DAYBREAK_TRUST_UNSEALED_MODELS", "1")
+    folder = model_dir(name, v2)
+    evil = folder / "evil"
+    import shutil
+
+    shutil.copytree(folder / "artifacts", evil / "artifacts")
+    shutil.copy(folder / "MLmodel", evil / "MLmodel")
+    (evil / "model_code.py").write_text((folder / "model_code.py").read_text()
+                                        + f"\nopen({str(marker)!r}, 'w').write('ran')\n")
+    conf = yaml.safe_load((folder / "MLmodel").read_text())
+    conf["flavors"]["python_function"]["data"] = "evil"
+    (folder / "MLmodel").write_text(yaml.safe_dump(conf))
+    with pytest.raises(IntegrityError, match=REFUSAL):
+        registry.load_model(day3, name, v2)
+    assert not marker.exists(), "the legacy path ran code named by MLmodel's data"
 
 
 if __name__ == "__main__":
