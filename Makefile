@@ -10,7 +10,7 @@ export AIRFLOW__CORE__DAGS_FOLDER ?= $(CURDIR)/dags
 export AIRFLOW__CORE__LOAD_EXAMPLES ?= False
 export PYTHONWARNINGS ?= ignore::DeprecationWarning
 
-.PHONY: install browser demo test reliability up bench constraints clean
+.PHONY: install browser demo test lint reliability up bench constraints clean
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 install: $(STAMP)
@@ -42,6 +42,13 @@ browser:
 TEST_WORKERS ?= 2
 test: $(STAMP) browser
 	$(BIN)/python -m pytest -q $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder)
+
+# The lint gate (.ci/run runs it before the tests): ruff (rule set in pyproject.toml), mypy on the
+# library, and the import contracts (the core never imports Airflow or Prefect).
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/mypy
+	$(BIN)/lint-imports
 
 # The reliability suite with full trial counts (make test runs it with fewer); prints its table.
 reliability: $(STAMP)
