@@ -288,8 +288,8 @@ def bench_abuse(seconds: float = 4.0, repeats: int = 3, concurrency: int = 8, ro
         out["phases"][phase] = {
             "rps": statistics.median(r["rps"] for r in rs), "p50_ms": statistics.median(r["p50_ms"] for r in rs),
             "p99_ms": statistics.median(r["p99_ms"] for r in rs),
-            "p99_ratio": statistics.median(r["p99_ms"] / b["p99_ms"] for r, b in zip(rs, base)),
-            "rps_ratio": statistics.median(r["rps"] / b["rps"] for r, b in zip(rs, base)),
+            "p99_ratio": statistics.median(r["p99_ms"] / b["p99_ms"] for r, b in zip(rs, base, strict=False)),
+            "rps_ratio": statistics.median(r["rps"] / b["rps"] for r, b in zip(rs, base, strict=False)),
             "failed": sum(r["failed"] for r in rs), "requests": sum(r["requests"] for r in rs),
             "peak_rss_mb": max(r["peak_rss_mb"] for r in rs),
             "server_cpu_s": statistics.median(r["server_cpu_s"] for r in rs),

@@ -39,12 +39,12 @@ def empty() -> None:
 empty()
 '''
 
-PROBE = r"""
+PROBE = rf"""
 import json, os, sys, time
 import airflow  # noqa: F401  (Airflow's own import is paid once per processor, not per file)
 from airflow.dag_processing.dagbag import DagBag
 import airflow.sdk  # noqa: F401
-HEAVY = %r
+HEAVY = {HEAVY!r}
 
 
 def parse_in_child(path):
@@ -58,8 +58,8 @@ def parse_in_child(path):
         bag = DagBag(dag_folder=path, safe_mode=False)
         took = time.perf_counter() - t0
         heavy = [m for m in HEAVY if m in sys.modules and m not in before]
-        out = {"seconds": took, "dags": sorted(bag.dag_ids),
-               "errors": {k: str(v) for k, v in bag.import_errors.items()}, "heavy": heavy}
+        out = {{"seconds": took, "dags": sorted(bag.dag_ids),
+               "errors": {{k: str(v) for k, v in bag.import_errors.items()}}, "heavy": heavy}}
         os.write(w, json.dumps(out).encode())
         os._exit(0)
     os.close(w)
@@ -76,9 +76,9 @@ for path in plan["warm"]:
     parse_in_child(path)
 items = list(plan["files"].items())
 for k in range(plan["rounds"]):
-    for name, path in items[k %% len(items):] + items[:k %% len(items)]:  # each file leads a round in turn
-        print("RESULT " + json.dumps({"name": name, **parse_in_child(path)}), flush=True)
-""" % (HEAVY,)
+    for name, path in items[k % len(items):] + items[:k % len(items)]:  # each file leads a round in turn
+        print("RESULT " + json.dumps({{"name": name, **parse_in_child(path)}}), flush=True)
+"""
 
 
 def bench_parse(rounds: int) -> dict:
@@ -112,7 +112,7 @@ def bench_parse(rounds: int) -> dict:
         "empty_median_s": round(statistics.median(times["empty"]), 4),
         "files": {
             f: {"median_s": round(statistics.median(times[f]), 4),
-                "median_ratio_to_empty": round(statistics.median(t / e for t, e in zip(times[f], times["empty"])), 2),
+                "median_ratio_to_empty": round(statistics.median(t / e for t, e in zip(times[f], times["empty"], strict=False)), 2),
                 "heavy_modules_imported": heavy[f]}
             for f in DAG_FILES
         },

@@ -134,7 +134,7 @@ def section(title: str, repeats: int | str, fn, *args, **kwargs) -> tuple[dict |
     t0 = time.perf_counter()
     try:
         out, err = fn(*args, **kwargs), None
-    except Exception as e:  # noqa: BLE001  reported in RESULTS.md and the exit status
+    except Exception as e:
         import traceback
 
         traceback.print_exc()

@@ -105,7 +105,7 @@ def log_setting_supported() -> bool:
     raw.setdefault("monitoring", {}).setdefault("log", {})["sample_rate"] = 0
     try:
         parse_spec(raw)
-    except Exception:  # noqa: BLE001  the setting is not there (yet)
+    except Exception:
         return False
     return True
 
@@ -300,7 +300,7 @@ def bench_serving(sizes: list[int] = (1, 100), seconds: float = 4.0, concurrency
                 res["p99_ratio"] = res["daybreak"]["p99_ms"] / res["mlflow"]["p99_ms"]
                 res["p50_ratio"] = res["daybreak"]["p50_ms"] / res["mlflow"]["p50_ms"]
                 if log_compare:
-                    per_round = [on["rps"] / off["rps"] for on, off in zip(rounds["daybreak"], rounds["daybreak_log_off"])]
+                    per_round = [on["rps"] / off["rps"] for on, off in zip(rounds["daybreak"], rounds["daybreak_log_off"], strict=False)]
                     res["log_on_vs_off_throughput"] = statistics.median(per_round)
                     res["log_on_vs_off_rounds"] = per_round
                     res["log_on_vs_off_p99"] = res["daybreak"]["p99_ms"] / res["daybreak_log_off"]["p99_ms"]

@@ -98,7 +98,7 @@ def prepare(home: Path, rows: int) -> None:
 
 def child(which: str, home: str) -> None:
     import numpy as np
-    import pyarrow.parquet  # noqa: F401  what both sides import before their clock starts
+    import pyarrow.parquet
     import xgboost  # noqa: F401
 
     os.environ["DAYBREAK_HOME"] = home

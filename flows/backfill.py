@@ -13,7 +13,7 @@ from pathlib import Path
 
 os.environ.setdefault("DAYBREAK_SPEC", str(Path(__file__).resolve().parent.parent / "specs" / "flights.yaml"))
 
-from daybreak.prefect.flows import backfill  # noqa: E402
+from daybreak.prefect.flows import backfill
 
 __all__ = ["backfill"]
 

@@ -7,7 +7,7 @@ import importlib.util
 import os
 import sys
 import time
-from datetime import date, datetime, timedelta, timezone
+from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -68,7 +68,7 @@ def main() -> int:
     for k in range(args.days):
         day = start + timedelta(days=k)
         t0 = time.monotonic()
-        dr = dag.test(logical_date=datetime(day.year, day.month, day.day, tzinfo=timezone.utc),
+        dr = dag.test(logical_date=datetime(day.year, day.month, day.day, tzinfo=UTC),
                       run_conf={"spec": args.spec})
         took = time.monotonic() - t0
         if dr is None or dr.state != DagRunState.SUCCESS:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -52,7 +52,7 @@ def approval() -> None:
     spec = os.environ["DAYBREAK_TEST_MANUAL_SPEC"]
     bag = DagBag(dag_folder=str(ROOT / "dags"))
     out: dict = {"daily": _run(bag.get_dag("daybreak_daily_retrain"),
-                               logical_date=datetime(2013, 1, 3, tzinfo=timezone.utc), run_conf={"spec": spec})}
+                               logical_date=datetime(2013, 1, 3, tzinfo=UTC), run_conf={"spec": spec})}
     approve = bag.get_dag("daybreak_approve")
     conf = {"spec": spec, "version": int(os.environ["DAYBREAK_TEST_VERSION"]), "decision": "approve",
             "reason": "looked at the gate report"}
@@ -69,7 +69,7 @@ def approval() -> None:
     # version just approved, on the same holdout) is approved by the run that tags it pending, and
     # deployed. Every flag given: dag.test keeps a conf value in the DAG; a logical date of its own.
     out["approve_pending"] = _run(bag.get_dag("daybreak_daily_retrain"),
-                                  logical_date=datetime(2013, 2, 3, tzinfo=timezone.utc),
+                                  logical_date=datetime(2013, 2, 3, tzinfo=UTC),
                                   run_conf={"spec": spec, "date": "2013-01-03", "dry_run": False, "force": True,
                                             "approve": True})
     print("RESULT " + json.dumps(out, default=str))
@@ -91,10 +91,10 @@ def flags() -> None:
     # object's params for the next dag.test: one logical date per run, every flag given (the form
     # sends them all too), and the date override makes them all process 2013-01-02
     conf = {"spec": spec, "date": "2013-01-02", "dry_run": False, "force": False, "approve": False}
-    out: dict = {"dry_run": _run(daily, logical_date=datetime(2013, 2, 1, tzinfo=timezone.utc),
+    out: dict = {"dry_run": _run(daily, logical_date=datetime(2013, 2, 1, tzinfo=UTC),
                                  run_conf={**conf, "dry_run": True})}
-    out["normal"] = _run(daily, logical_date=datetime(2013, 2, 2, tzinfo=timezone.utc), run_conf=conf)
-    out["force"] = _run(daily, logical_date=datetime(2013, 2, 3, tzinfo=timezone.utc), run_conf={**conf, "force": True})
+    out["normal"] = _run(daily, logical_date=datetime(2013, 2, 2, tzinfo=UTC), run_conf=conf)
+    out["force"] = _run(daily, logical_date=datetime(2013, 2, 3, tzinfo=UTC), run_conf={**conf, "force": True})
     out["batch"] = _run(bag.get_dag("daybreak_batch_score"), logical_date=None, run_conf={"spec": spec})
     print("RESULT " + json.dumps(out, default=str))
 
@@ -104,7 +104,7 @@ def user_dag() -> None:
     from airflow.dag_processing.dagbag import DagBag
 
     user = DagBag(dag_folder=str(ROOT / "tests" / "airflow_user_dags")).get_dag("my_pipeline")
-    run = _run(user, logical_date=datetime(2013, 1, 3, tzinfo=timezone.utc))
+    run = _run(user, logical_date=datetime(2013, 1, 3, tzinfo=UTC))
     print("RESULT " + json.dumps({"user_dag_state": run["state"], "user_xcom": run["xcom"]}, default=str))
 
 
@@ -113,7 +113,7 @@ def gate_dag() -> None:
     from airflow.dag_processing.dagbag import DagBag
 
     dag = DagBag(dag_folder=str(ROOT / "tests" / "airflow_user_dags")).get_dag("gate_policy")
-    print("RESULT " + json.dumps(_run(dag, logical_date=datetime(2013, 1, 2, tzinfo=timezone.utc)), default=str))
+    print("RESULT " + json.dumps(_run(dag, logical_date=datetime(2013, 1, 2, tzinfo=UTC)), default=str))
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ import json
 import os
 import sys
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 FLOW = "daily_retrain"
@@ -51,15 +51,19 @@ def _deployments(client) -> dict[str, Any]:
 
 
 def _scheduled(client, deployment_id: str) -> list[dict[str, Any]]:
-    from prefect.client.schemas.filters import (FlowRunFilter, FlowRunFilterDeploymentId, FlowRunFilterState,
-                                                FlowRunFilterStateType)
+    from prefect.client.schemas.filters import (
+        FlowRunFilter,
+        FlowRunFilterDeploymentId,
+        FlowRunFilterState,
+        FlowRunFilterStateType,
+    )
     from prefect.client.schemas.objects import StateType
 
     runs = client.read_flow_runs(flow_run_filter=FlowRunFilter(
         deployment_id=FlowRunFilterDeploymentId(any_=[deployment_id]),
         state=FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType.SCHEDULED]))))
     return [{"id": str(r.id), "state_type": r.state_type.value if r.state_type else None, "state_name": r.state_name,
-             "expected_start_time": (r.expected_start_time.astimezone(timezone.utc).isoformat()
+             "expected_start_time": (r.expected_start_time.astimezone(UTC).isoformat()
                                      if r.expected_start_time else None),
              "auto_scheduled": r.auto_scheduled, "parameters": r.parameters} for r in runs]
 
@@ -80,7 +84,7 @@ def _wait_for_deployments(timeout: float) -> tuple[dict[str, Any], list[dict[str
                 time.sleep(1)
                 continue
             scheduled = _scheduled(client, deployments[f"{FLOW}/{NAME}"]["id"])
-            now = datetime.now(timezone.utc)
+            now = datetime.now(UTC)
             if any(datetime.fromisoformat(r["expected_start_time"]) > now for r in scheduled):
                 break
             time.sleep(1)
@@ -90,7 +94,7 @@ def _wait_for_deployments(timeout: float) -> tuple[dict[str, Any], list[dict[str
 def _result_of(state) -> tuple[Any, str | None]:
     try:
         return state.result(raise_on_failure=False), None
-    except Exception as exc:  # noqa: BLE001 - reported to the test
+    except Exception as exc:
         return None, f"{type(exc).__name__}: {exc}"
 
 
@@ -131,7 +135,7 @@ def run() -> dict[str, Any]:
     from prefect.deployments import run_deployment
 
     deployments, scheduled, waited = _wait_for_deployments(float(os.environ.get("DRIVER_WAIT_SECONDS", "120")))
-    out: dict[str, Any] = {"now": datetime.now(timezone.utc).isoformat(), "deployments": deployments,
+    out: dict[str, Any] = {"now": datetime.now(UTC).isoformat(), "deployments": deployments,
                            "scheduled": scheduled, "waited_for_schedule_s": round(waited, 1), "runs": []}
     if not scheduled:
         return out

@@ -8,8 +8,8 @@ import subprocess
 from pathlib import Path
 
 import pytest
-
 from conftest import BIN, ROOT, SPEC, make_home
+
 from daybreak import registry
 from daybreak.context import RunContext
 from daybreak.gate import PROMOTE

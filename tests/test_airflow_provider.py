@@ -23,8 +23,8 @@ import httpx
 import numpy as np
 import pytest
 import yaml
-
 from conftest import BIN, free_port, wait_http
+
 from daybreak import registry
 from daybreak.context import RunContext
 

@@ -23,7 +23,6 @@ from pathlib import Path
 
 import httpx
 import pytest
-
 from conftest import BIN, ROOT, free_port, make_home
 
 DAILY, BATCH = "daybreak_daily_retrain", "daybreak_batch_score"
@@ -130,8 +129,9 @@ def _env(base: Path, home: Path, spec: Path, port: int) -> dict:
 
 
 def _lenient_spec(base: Path) -> Path:
-    from daybreak.spec import load_spec
     from test_airflow import lenient_spec
+
+    from daybreak.spec import load_spec
 
     return lenient_spec(load_spec(ROOT / "specs" / "flights.yaml"), base)
 

@@ -8,8 +8,8 @@ import shutil
 from pathlib import Path
 
 import pytest
-
 from conftest import SPEC
+
 from daybreak.steps import CACHEABLE, cache_key, run_step
 
 

@@ -3,7 +3,7 @@ staged, features on Ray equal to the reference, then a model trained with its en
 
 from __future__ import annotations
 
-from datetime import date, datetime, timedelta, timezone
+from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 
 import numpy as np
@@ -11,8 +11,8 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-
 from conftest import ROOT
+
 from daybreak import registry
 from daybreak.context import RunContext
 from daybreak.features import build_features
@@ -31,7 +31,7 @@ def _generate(landing: Path, rng: np.random.Generator) -> None:
     pid = 0
     for d in DAYS:
         n = 250
-        start = datetime(d.year, d.month, d.day, tzinfo=timezone.utc)
+        start = datetime(d.year, d.month, d.day, tzinfo=UTC)
         created = [start + timedelta(seconds=int(s)) for s in np.sort(rng.integers(0, 86400, n))]
         settle = rng.choice([None, 0.5, 20, 60, 90], n, p=[0.1, 0.4, 0.3, 0.15, 0.05])  # hours; 90h > max_delay
         pq.write_table(pa.table({
@@ -43,7 +43,7 @@ def _generate(landing: Path, rng: np.random.Generator) -> None:
             "currency": rng.choice(["USD", "EUR", "GBP"], n).tolist(),
             "amount": np.round(rng.lognormal(3.5, 1.2, n), 2),
             "created_at": pa.array(created, pa.timestamp("us", tz="UTC")),
-            "settled_at": pa.array([None if h is None else c + timedelta(hours=h) for c, h in zip(created, settle)],
+            "settled_at": pa.array([None if h is None else c + timedelta(hours=h) for c, h in zip(created, settle, strict=False)],
                                    pa.timestamp("us", tz="UTC")),
             "charged_back": (rng.random(n) < 0.08).tolist(),
         }), landing / "payments" / f"{d}.parquet")

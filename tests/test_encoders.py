@@ -12,6 +12,7 @@ import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 import pytest
+from conftest import SPEC
 
 from daybreak import registry
 from daybreak.context import RunContext
@@ -20,8 +21,6 @@ from daybreak.model_code import encode, encoded_names
 from daybreak.spec import SpecError, load_spec, parse_spec
 from daybreak.stage import stage
 from daybreak.train import fit_encoders, train_model
-
-from conftest import SPEC
 
 
 def _spec_with(columns: list[dict]):

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import pyarrow as pa
 import pytest
@@ -12,7 +12,7 @@ from daybreak.expr import check_expression, evaluate, names_in
 
 @pytest.fixture
 def t() -> pa.Table:
-    ts = pa.array([datetime(2013, 1, 1, 10, tzinfo=timezone.utc), datetime(2013, 1, 2, 3, tzinfo=timezone.utc)],
+    ts = pa.array([datetime(2013, 1, 1, 10, tzinfo=UTC), datetime(2013, 1, 2, 3, tzinfo=UTC)],
                   pa.timestamp("us", tz="UTC"))
     return pa.table({"ts": ts, "minute": [15, 59], "delay": pa.array([20.0, None]), "x": [1, 4]})
 
@@ -29,7 +29,7 @@ def test_arithmetic_comparison_and_nulls(t: pa.Table) -> None:
 
 def test_time_functions(t: pa.Table) -> None:
     out = evaluate("ts + minutes(minute)", t).to_pylist()
-    assert out[0] == datetime(2013, 1, 1, 10, 15, tzinfo=timezone.utc)
+    assert out[0] == datetime(2013, 1, 1, 10, 15, tzinfo=UTC)
     # 03:00 UTC on Jan 2 is 22:00 on Tuesday Jan 1 in New York
     assert evaluate("hour(local(ts, 'America/New_York'))", t).to_pylist() == [5, 22]
     assert evaluate("dayofweek(local(ts, 'America/New_York'))", t).to_pylist() == [1, 1]

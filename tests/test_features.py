@@ -131,7 +131,6 @@ def test_features_on_s3_equal_the_local_ones(built: pd.DataFrame, spec, s3_serve
     import uuid
 
     import pyarrow as pa
-
     from s3 import apply_env
 
     apply_env(monkeypatch, s3_server.env())

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 import random
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pandas as pd
@@ -19,7 +19,7 @@ from daybreak.reference import reference_features
 from daybreak.spec import parse_spec
 from daybreak.stage import stage
 
-DAY0 = datetime(2024, 3, 1, tzinfo=timezone.utc)
+DAY0 = datetime(2024, 3, 1, tzinfo=UTC)
 
 SPEC = {
     "name": "sensors",

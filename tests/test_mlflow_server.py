@@ -9,8 +9,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from conftest import BIN, SPEC, free_port, wait_http
+
 from daybreak import registry
 from daybreak.context import RunContext
 from daybreak.cycle import run_cycle

@@ -20,12 +20,12 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import yaml
-
 from conftest import BIN, free_port, wait_http
+from test_prefect import QUIET_PREFECT
+
 from daybreak import registry
 from daybreak.context import RunContext
 from daybreak.features import read_features
-from test_prefect import QUIET_PREFECT
 
 FIRST, TRAINED_TO = date(2013, 1, 1), date(2013, 1, 5)  # cycles (train, gate, promote) on these days
 SERVED = [TRAINED_TO + timedelta(days=k) for k in range(1, 21)]  # 20 days served and monitored afterwards
@@ -39,7 +39,7 @@ class Hooks:
         hooks = self
 
         class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:  # noqa: N802
+            def do_POST(self) -> None:
                 hooks.events.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
                 self.send_response(204)
                 self.end_headers()

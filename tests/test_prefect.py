@@ -7,8 +7,8 @@ import os
 import subprocess
 from pathlib import Path
 
-
 from conftest import BIN, ROOT, SPEC
+
 from daybreak import registry
 from daybreak.context import RunContext
 from daybreak.gate import PROMOTE, REJECT, SKIPPED

@@ -21,7 +21,6 @@ from typing import Any
 import httpx
 import psutil
 import pytest
-
 from conftest import BIN, ROOT, SPEC, free_port, make_home, wait_http
 from test_prefect import QUIET_PREFECT  # SQLite writers wait on each other on a busy 2-core machine
 

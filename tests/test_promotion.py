@@ -6,11 +6,12 @@ import json
 import os
 import subprocess
 import sys
+from datetime import UTC
 from pathlib import Path
 
 import pytest
-
 from conftest import BIN
+
 from daybreak import registry
 from daybreak.context import RunContext
 from daybreak.errors import PromotionConflict
@@ -154,7 +155,7 @@ def _spec_file(s, home: Path) -> str:
 
 
 def test_retention_deletes_old_versions_out_of_service_only(fresh: Path, spec) -> None:
-    from datetime import datetime, timedelta, timezone
+    from datetime import datetime, timedelta
 
     from daybreak.promote import apply_retention
 
@@ -169,7 +170,7 @@ def test_retention_deletes_old_versions_out_of_service_only(fresh: Path, spec) -
     assert evaluate_gate(strict, _ctx("2013-01-03"))["decision"] == "REJECT"  # v3, in service nowhere
     ctx = _ctx("2013-01-04")
     assert apply_retention(strict, ctx) == []  # all younger than 30 days
-    later = datetime.now(timezone.utc) + timedelta(days=31)
+    later = datetime.now(UTC) + timedelta(days=31)
     assert apply_retention(strict, _ctx("2013-01-03"), now=later) == []  # the date's own candidate stays
     assert apply_retention(strict, ctx, now=later) == ["3"]
     cl = registry.client(ctx)
@@ -258,7 +259,7 @@ def test_manual_approval_tags_pending_then_approve_promotes(fresh: Path, spec) -
 
 
 def test_approval_refused_when_champion_moved_and_reject(fresh: Path, spec) -> None:
-    from datetime import datetime, timedelta, timezone
+    from datetime import datetime, timedelta
 
     from daybreak.errors import ApprovalError
     from daybreak.promote import apply_retention, approve_model
@@ -288,7 +289,7 @@ def test_approval_refused_when_champion_moved_and_reject(fresh: Path, spec) -> N
 
     # retention keeps a pending version however old
     keep_30 = manual.model_copy(update={"promotion": manual.promotion.model_copy(update={"retention_days": 30})})
-    later = datetime.now(timezone.utc) + timedelta(days=31)
+    later = datetime.now(UTC) + timedelta(days=31)
     assert apply_retention(keep_30, _ctx("2013-01-05"), now=later) == []
 
     with pytest.raises(ApprovalError, match="reason is required"):

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import psutil
 import pytest
-
 from conftest import BIN, ROOT, SPEC, free_port, make_home
+
 from daybreak.context import RunContext
 from daybreak.features import build_features
 from daybreak.stage import stage
@@ -64,8 +64,8 @@ def _wait_started(node: subprocess.Popen, log: Path, timeout: float = 120) -> No
 
 def _alive_nodes(address: str, env: dict) -> int:
     out = subprocess.run([str(BIN / "python"), "-c", (
-        "import ray; ray.init(address=%r, log_to_driver=False); "
-        "print('NODES', sum(n['Alive'] for n in ray.nodes()))") % address],
+        f"import ray; ray.init(address={address!r}, log_to_driver=False); "
+        "print('NODES', sum(n['Alive'] for n in ray.nodes()))")],
         env=env, capture_output=True, text=True, timeout=120)
     for line in out.stdout.splitlines():
         if line.startswith("NODES "):

@@ -11,8 +11,8 @@ import httpx
 import numpy as np
 import pytest
 import yaml
-
 from conftest import BIN, free_port, wait_http
+
 from daybreak import registry
 from daybreak.context import RunContext
 from daybreak.deploy import DeployError, deploy_model
@@ -62,7 +62,7 @@ def test_scoring_protocol_and_parity(server: dict, use_cycled: dict, spec) -> No
     X = _rows(spec)
     expected = _offline(spec, champ, X)
     cols = list(X.columns)
-    records = [dict(zip(cols, r)) for r in _jsonable(X)]
+    records = [dict(zip(cols, r, strict=False)) for r in _jsonable(X)]
     for body in ({"dataframe_split": {"columns": cols, "data": _jsonable(X)}},
                  {"dataframe_records": records},
                  {"inputs": records}):
@@ -147,7 +147,7 @@ def test_bodies_answer_as_mlflow_parses_them(server: dict, use_cycled: dict, spe
     model = registry.load_model(ctx, spec.model.name, champ)
     X = _rows(spec, 6)
     cols, rows = list(X.columns), _jsonable(X)
-    records = [dict(zip(cols, r)) for r in rows]
+    records = [dict(zip(cols, r, strict=False)) for r in rows]
     num = cols.index("distance")
 
     def split(data, columns=cols, **extra):

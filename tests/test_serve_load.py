@@ -18,8 +18,8 @@ from pathlib import Path
 import httpx
 import numpy as np
 import yaml
-
 from conftest import BIN, free_port, wait_http
+
 from daybreak import registry
 from daybreak.context import RunContext
 from daybreak.gate import PROMOTE, evaluate_gate, holdout
@@ -91,7 +91,7 @@ def test_five_promotions_under_load(fresh: Path, spec, tmp_path: Path) -> None:
     bodies = [
         {"dataframe_split": {"columns": cols, "data": _jsonable(frames[0])}},
         {"dataframe_split": {"columns": cols, "data": _jsonable(frames[1])}},
-        {"dataframe_records": [dict(zip(cols, r)) for r in _jsonable(frames[2])]},
+        {"dataframe_records": [dict(zip(cols, r, strict=False)) for r in _jsonable(frames[2])]},
         # an index: not the fast path, MLflow's parser answers it
         {"dataframe_split": {"columns": cols, "data": _jsonable(frames[3]), "index": list(range(5))}},
     ]
@@ -130,7 +130,7 @@ def test_five_promotions_under_load(fresh: Path, spec, tmp_path: Path) -> None:
     # every answer is the offline prediction of the version that its header names
     for v in versions:
         model = registry.load_model(day3, spec.model.name, v)
-        for c, frame in zip(clients, frames):
+        for c, frame in zip(clients, frames, strict=False):
             expected = np.asarray(model.predict(frame), dtype=np.float64)
             for got in {tuple(p) for version, p in c.answers if version == int(v)}:
                 np.testing.assert_allclose(got, expected, rtol=1e-6, err_msg=f"v{v}")

@@ -6,8 +6,8 @@ import copy
 
 import pytest
 import yaml
-
 from conftest import SPEC
+
 from daybreak.errors import SpecError
 from daybreak.spec import load_spec, parse_duration, parse_spec
 

@@ -22,7 +22,6 @@ import httpx
 import psutil
 import pytest
 import yaml
-
 from conftest import free_port
 
 ROOT = Path(__file__).resolve().parent.parent

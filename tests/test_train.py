@@ -46,7 +46,7 @@ def test_window_arithmetic(day, window, hold, first, last, holdout_days) -> None
     assert (days[0], days[-1], len(days)) == (first, last, window)
     assert t.holdout(day) == holdout_days
     assert not set(days) & set(holdout_days)
-    assert all((b - a).days == 1 for a, b in zip([*days, *holdout_days], [*days, *holdout_days][1:]))
+    assert all((b - a).days == 1 for a, b in zip([*days, *holdout_days], [*days, *holdout_days][1:], strict=False))
 
 
 def test_missing_days_and_no_overlap(fresh: Path, spec) -> None:

@@ -8,7 +8,7 @@ import os
 import sys
 from datetime import date
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import typer
 
@@ -87,7 +87,7 @@ def summary_line(s: dict[str, Any]) -> str:
 
 @app.command()
 def run(spec: Path = SpecOpt, day: str = typer.Option(..., "--date", "-d", help="Logical date, YYYY-MM-DD."),
-        store: Optional[str] = StoreOpt, tracking_uri: Optional[str] = TrackingOpt,
+        store: str | None = StoreOpt, tracking_uri: str | None = TrackingOpt,
         no_deploy: bool = typer.Option(False, "--no-deploy", help="Skip the deploy check."),
         force: bool = typer.Option(False, "--force", help="Retrain even if the date already has a candidate."),
         dry_run: bool = typer.Option(False, "--dry-run", help="Stop after the gate: report, never promote or deploy."),
@@ -103,7 +103,7 @@ def run(spec: Path = SpecOpt, day: str = typer.Option(..., "--date", "-d", help=
 @app.command()
 def backfill(spec: Path = SpecOpt, start: str = typer.Option(..., "--start", help="First date, YYYY-MM-DD."),
              end: str = typer.Option(..., "--end", help="Last date (inclusive), YYYY-MM-DD."),
-             store: Optional[str] = StoreOpt, tracking_uri: Optional[str] = TrackingOpt,
+             store: str | None = StoreOpt, tracking_uri: str | None = TrackingOpt,
              as_json: bool = JsonOpt) -> None:
     """Run the daily cycle for every date from --start to --end, in order."""
     from daybreak.context import parse_date
@@ -121,7 +121,7 @@ def backfill(spec: Path = SpecOpt, start: str = typer.Option(..., "--start", hel
 
 
 @app.command()
-def history(spec: Path = SpecOpt, tracking_uri: Optional[str] = TrackingOpt, as_json: bool = JsonOpt) -> None:
+def history(spec: Path = SpecOpt, tracking_uri: str | None = TrackingOpt, as_json: bool = JsonOpt) -> None:
     """The audit history: every promotion, rejection, override, approval and rollback, newest first."""
     from daybreak.history import audit_events
 
@@ -133,7 +133,7 @@ def history(spec: Path = SpecOpt, tracking_uri: Optional[str] = TrackingOpt, as_
 
 
 @app.command()
-def versions(spec: Path = SpecOpt, tracking_uri: Optional[str] = TrackingOpt, as_json: bool = JsonOpt) -> None:
+def versions(spec: Path = SpecOpt, tracking_uri: str | None = TrackingOpt, as_json: bool = JsonOpt) -> None:
     """Every registered version with its lineage and gate decision, newest first."""
     from daybreak.history import model_history
 
@@ -149,7 +149,7 @@ def versions(spec: Path = SpecOpt, tracking_uri: Optional[str] = TrackingOpt, as
 
 @app.command()
 def rollback(spec: Path = SpecOpt, reason: str = typer.Option(..., "--reason", help="Why (recorded in the history)."),
-             tracking_uri: Optional[str] = TrackingOpt, as_json: bool = JsonOpt) -> None:
+             tracking_uri: str | None = TrackingOpt, as_json: bool = JsonOpt) -> None:
     """Put the previous champion back in service (the current one is never promoted again)."""
     from daybreak.promote import rollback_model
 
@@ -162,7 +162,7 @@ def approve(spec: Path = SpecOpt,
             version: str = typer.Option(..., "--version", help="The model version waiting for approval."),
             reason: str = typer.Option(..., "--reason", help="Why (required; recorded in the history)."),
             reject: bool = typer.Option(False, "--reject", help="Decline it instead: it is never promoted."),
-            tracking_uri: Optional[str] = TrackingOpt, as_json: bool = JsonOpt) -> None:
+            tracking_uri: str | None = TrackingOpt, as_json: bool = JsonOpt) -> None:
     """Approve (or --reject) a version the gate passed under promotion.approval: manual.
 
     Approving promotes it if the champion is still the version it was gated against; otherwise
@@ -179,9 +179,9 @@ def approve(spec: Path = SpecOpt,
 
 
 @app.command()
-def serve(spec: Path = SpecOpt, host: Optional[str] = typer.Option(None, help="Bind address (default from spec: 127.0.0.1)."),
-          port: Optional[int] = typer.Option(None, help="Port (default from spec)."),
-          tracking_uri: Optional[str] = TrackingOpt) -> None:
+def serve(spec: Path = SpecOpt, host: str | None = typer.Option(None, help="Bind address (default from spec: 127.0.0.1)."),
+          port: int | None = typer.Option(None, help="Port (default from spec)."),
+          tracking_uri: str | None = TrackingOpt) -> None:
     """Serve the champion over HTTP (MLflow scoring protocol); follows the champion alias.
 
     Set DAYBREAK_SERVE_TOKEN to require 'Authorization: Bearer <token>' on /invocations.
@@ -195,10 +195,10 @@ def serve(spec: Path = SpecOpt, host: Optional[str] = typer.Option(None, help="B
 
 @app.command()
 def gate(spec: Path = SpecOpt, day: str = typer.Option(..., "--date", "-d", help="Logical date, YYYY-MM-DD."),
-         store: Optional[str] = StoreOpt, tracking_uri: Optional[str] = TrackingOpt,
+         store: str | None = StoreOpt, tracking_uri: str | None = TrackingOpt,
          force: bool = typer.Option(False, "--force", help="Decide again even if this version was gated."),
-         override: Optional[str] = typer.Option(None, "--override", help="promote or reject, replacing the computed decision."),
-         reason: Optional[str] = typer.Option(None, "--reason", help="Why (required with --override; recorded)."),
+         override: str | None = typer.Option(None, "--override", help="promote or reject, replacing the computed decision."),
+         reason: str | None = typer.Option(None, "--reason", help="Why (required with --override; recorded)."),
          as_json: bool = JsonOpt) -> None:
     """Gate the date's candidate against the champion (after the train step) and record the decision."""
     from daybreak.gate import evaluate_gate
@@ -211,7 +211,7 @@ def gate(spec: Path = SpecOpt, day: str = typer.Option(..., "--date", "-d", help
 
 @app.command()
 def score(spec: Path = SpecOpt, day: str = typer.Option(..., "--date", "-d", help="Logical date, YYYY-MM-DD."),
-          store: Optional[str] = StoreOpt, tracking_uri: Optional[str] = TrackingOpt, as_json: bool = JsonOpt) -> None:
+          store: str | None = StoreOpt, tracking_uri: str | None = TrackingOpt, as_json: bool = JsonOpt) -> None:
     """Score the date's feature partition with the champion on Ray (predictions/<model>/date=D/)."""
     from daybreak.score import batch_score
 
@@ -222,7 +222,7 @@ def score(spec: Path = SpecOpt, day: str = typer.Option(..., "--date", "-d", hel
 
 @app.command()
 def monitor(spec: Path = SpecOpt, day: str = typer.Option(..., "--date", "-d", help="Logical date, YYYY-MM-DD."),
-            store: Optional[str] = StoreOpt, tracking_uri: Optional[str] = TrackingOpt, as_json: bool = JsonOpt) -> None:
+            store: str | None = StoreOpt, tracking_uri: str | None = TrackingOpt, as_json: bool = JsonOpt) -> None:
     """Judge the model in service on the date's logged predictions and labels; roll back if it must."""
     from daybreak.monitor import monitor_model
 
@@ -240,7 +240,7 @@ def monitor(spec: Path = SpecOpt, day: str = typer.Option(..., "--date", "-d", h
 
 
 @app.command()
-def live(spec: Path = SpecOpt, tracking_uri: Optional[str] = TrackingOpt, as_json: bool = JsonOpt) -> None:
+def live(spec: Path = SpecOpt, tracking_uri: str | None = TrackingOpt, as_json: bool = JsonOpt) -> None:
     """Live quality over time: the monitoring metric per date, source and version."""
     from daybreak.monitor import live_history
 
@@ -251,9 +251,9 @@ def live(spec: Path = SpecOpt, tracking_uri: Optional[str] = TrackingOpt, as_jso
 
 
 @app.command()
-def report(spec: Path = SpecOpt, version: Optional[str] = typer.Option(None, help="Model version (default: champion)."),
-           html: Optional[str] = typer.Option(None, "--html", help="Write the gate's HTML report to this file ('-': stdout)."),
-           tracking_uri: Optional[str] = TrackingOpt, as_json: bool = JsonOpt) -> None:
+def report(spec: Path = SpecOpt, version: str | None = typer.Option(None, help="Model version (default: champion)."),
+           html: str | None = typer.Option(None, "--html", help="Write the gate's HTML report to this file ('-': stdout)."),
+           tracking_uri: str | None = TrackingOpt, as_json: bool = JsonOpt) -> None:
     """Print the gate record and lineage of one model version, or save its HTML gate report."""
     from daybreak.history import gate_report_html, version_report
 
@@ -291,8 +291,8 @@ def validate(spec: Path = SpecOpt, as_json: bool = JsonOpt) -> None:
 
 @datasets_app.command("flights")
 def datasets_flights(out: Path = typer.Option(..., "--out", "-o", help="Landing folder to write."),
-                     start: Optional[str] = typer.Option(None, help="First day to write (default: all of 2013)."),
-                     end: Optional[str] = typer.Option(None, help="Last day to write."),
+                     start: str | None = typer.Option(None, help="First day to write (default: all of 2013)."),
+                     end: str | None = typer.Option(None, help="Last day to write."),
                      as_json: bool = JsonOpt) -> None:
     """Write the real 2013 NYC flights as daily landing drops plus dimension tables."""
     from daybreak.context import parse_date
@@ -307,15 +307,15 @@ def datasets_flights(out: Path = typer.Option(..., "--out", "-o", help="Landing 
 def prefect_deploy(spec: Path = SpecOpt,
                    cron: str = typer.Option("0 3 * * *", "--cron", help="When the daily cycle runs (cron, 5 fields)."),
                    timezone: str = typer.Option("UTC", "--timezone", help="Time zone of the cron schedule (IANA)."),
-                   name: Optional[str] = typer.Option(None, "--name", help="Deployment name (default: daybreak-<spec name>)."),
-                   store: Optional[str] = StoreOpt, tracking_uri: Optional[str] = TrackingOpt,
-                   ray_address: Optional[str] = typer.Option(None, "--ray-address", help="Ray cluster to run on."),
-                   serve_url: Optional[str] = typer.Option(None, "--serve-url", help="Endpoint the deploy step checks."),
-                   storage_secret: Optional[str] = typer.Option(None, "--storage-secret",
+                   name: str | None = typer.Option(None, "--name", help="Deployment name (default: daybreak-<spec name>)."),
+                   store: str | None = StoreOpt, tracking_uri: str | None = TrackingOpt,
+                   ray_address: str | None = typer.Option(None, "--ray-address", help="Ray cluster to run on."),
+                   serve_url: str | None = typer.Option(None, "--serve-url", help="Endpoint the deploy step checks."),
+                   storage_secret: str | None = typer.Option(None, "--storage-secret",
                                                                 help="Secret block with the S3 settings (JSON)."),
-                   mlflow_secret: Optional[str] = typer.Option(None, "--mlflow-secret",
+                   mlflow_secret: str | None = typer.Option(None, "--mlflow-secret",
                                                                help="Secret block with the MLflow token or login."),
-                   limit: Optional[int] = typer.Option(None, "--limit", help="At most this many runs at once.")) -> None:
+                   limit: int | None = typer.Option(None, "--limit", help="At most this many runs at once.")) -> None:
     """Serve the daily_retrain (on the cron schedule), backfill and approve flows as deployments
     against the Prefect API in PREFECT_API_URL, until Ctrl-C. Settings given here become the
     deployments' parameter defaults; unset ones come from the Prefect Variable 'daybreak' or the

@@ -64,7 +64,7 @@ def deploy_model(spec: Spec, ctx: RunContext, url: str | None = None, timeout: f
             break
         time.sleep(0.5)
     else:
-        raise DeployError(f"endpoint {base} still serves v{served}, not champion v{str(champ.version)}")
+        raise DeployError(f"endpoint {base} still serves v{served}, not champion v{champ.version!s}")
 
     from daybreak.gate import holdout
 

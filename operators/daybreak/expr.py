@@ -82,7 +82,7 @@ def _bucket(x: Any, *edges: Any) -> Any:
     bounds = [e.as_py() if isinstance(e, pa.Scalar) else e for e in edges]
     if not bounds or any(not isinstance(b, (int, float)) or isinstance(b, bool) for b in bounds):
         raise ValueError("bucket(x, e1, e2, ...) needs one or more numeric edges")
-    if any(b >= c for b, c in zip(bounds, bounds[1:])):
+    if any(b >= c for b, c in zip(bounds, bounds[1:], strict=False)):
         raise ValueError(f"bucket() edges must increase strictly, got {bounds}")
     arr = _as_array(x).cast(pa.float64())
     values = arr.to_numpy()
@@ -327,7 +327,7 @@ def _eval(node: ast.expr, t: pa.Table) -> Any:
     if isinstance(node, ast.Compare):
         left = _eval(node.left, t)
         out = None
-        for op, comp in zip(node.ops, node.comparators):
+        for op, comp in zip(node.ops, node.comparators, strict=False):
             if type(op) not in _CMPOPS:
                 raise ValueError(f"comparison {type(op).__name__} is not supported")
             right = _eval(comp, t)

@@ -118,7 +118,7 @@ def window_inputs(batch: pa.Table, f: FeatureSpec, i: int) -> pa.Table:
     # index task then only merges sorted runs, and what it holds is bounded by the distinct
     # (key, time) pairs, not by the rows. Keys leave as dictionary arrays (indices into the
     # slice's sorted distinct values): no strings are copied.
-    ranks, dictionaries = zip(*[_sorted_codes(batch.column(c)) for c in w.by]) if w.by else ((), ())
+    ranks, dictionaries = zip(*[_sorted_codes(batch.column(c)) for c in w.by], strict=False) if w.by else ((), ())
     ranks = [r[rows] for r in ranks]  # the dictionaries may keep a value no kept row has: harmless
     codes = _mixed_radix(ranks, dictionaries, len(rows))
     if len(rows):
@@ -131,7 +131,7 @@ def window_inputs(batch: pa.Table, f: FeatureSpec, i: int) -> pa.Table:
     codes, k = codes[order], k[order]
     starts = _run_starts(codes, k)
     return pa.table({**{c: pa.DictionaryArray.from_arrays(pa.array(r[order][starts], pa.int32()), d)
-                        for c, r, d in zip(w.by, ranks, dictionaries)},
+                        for c, r, d in zip(w.by, ranks, dictionaries, strict=False)},
                      "__k": pa.array(k[starts], pa.int64()),
                      **_fold(starts, np.ones(len(k), np.int64), v[order], w.aggs)})
 
@@ -192,7 +192,7 @@ def _sorted_codes(column: pa.ChunkedArray | pa.Array) -> tuple[np.ndarray, pa.Ar
 
 def _mixed_radix(ranks: Any, dictionaries: Any, n: int) -> np.ndarray:
     codes = np.zeros(n, dtype=np.int64)
-    for r, d in zip(ranks, dictionaries):
+    for r, d in zip(ranks, dictionaries, strict=False):
         codes = codes * max(1, len(d)) + r
     return codes
 
@@ -212,14 +212,14 @@ def fold_tables(by: list[str], aggs: list[str], *tables: pa.Table) -> pa.Table:
                                                           "__n": pa.array([], pa.int64())})
     k = t.column("__k").to_numpy()
     ranks, dictionaries = zip(*[_sorted_codes(t.column(c)) if c in t.column_names
-                                else (np.zeros(0, np.int64), pa.array([], pa.string())) for c in by]) if by else ((), ())
+                                else (np.zeros(0, np.int64), pa.array([], pa.string())) for c in by], strict=False) if by else ((), ())
     order = np.lexsort((k, _mixed_radix(ranks, dictionaries, len(k))))
     k = k[order]
     ranks = [r[order] for r in ranks]
     starts = _run_starts(k, *ranks)
     col = {c: t.column(c).to_numpy()[order] for c in _PARTIALS if c in t.column_names}
     return pa.table({**{c: pa.DictionaryArray.from_arrays(pa.array(r[starts], pa.int32()), d)
-                        for c, r, d in zip(by, ranks, dictionaries)},
+                        for c, r, d in zip(by, ranks, dictionaries, strict=False)},
                      "__k": pa.array(k[starts], pa.int64()),
                      **_fold(starts, col["__n"], np.zeros(0), aggs, col.get("__s"), col.get("__s2"),
                              col.get("__min"), col.get("__max"))})
@@ -233,7 +233,7 @@ def build_window_index(by: list[str], aggs: list[str], *tables: pa.Table) -> dic
     """
     t = fold_tables(by, aggs, *tables)
     k = t.column("__k").to_numpy()
-    ranks, dictionaries = zip(*[_sorted_codes(t.column(c)) for c in by]) if by else ((), ())
+    ranks, dictionaries = zip(*[_sorted_codes(t.column(c)) for c in by], strict=False) if by else ((), ())
     codes = _mixed_radix(ranks, dictionaries, len(k))
     dictionaries = list(dictionaries)
     radix = math.prod(max(1, len(d)) for d in dictionaries)
@@ -280,7 +280,7 @@ def apply_windows(batch: pa.Table, f: FeatureSpec, indexes: list[Any]) -> pa.Tab
         idx = ray.get(indexes[i]) if isinstance(indexes[i], ray.ObjectRef) else indexes[i]
         q = np.zeros(batch.num_rows, dtype=np.int64)
         ok = event_ok.copy()
-        for col, d in zip(w.by, idx["dictionaries"]):
+        for col, d in zip(w.by, idx["dictionaries"], strict=False):
             pos = pc.index_in(batch.column(col), value_set=d)  # null: a null key, or one never seen
             ok &= pos.is_valid().to_numpy(zero_copy_only=False)
             q = q * max(1, len(d)) + pos.fill_null(0).to_numpy(zero_copy_only=False).astype(np.int64)
@@ -448,7 +448,7 @@ def day_rows(items: pa.Table, f: FeatureSpec, fs: Any, task: str, joins: list[tu
     batch = read_events(items, f, fs)
     if f.windows:
         batch = apply_windows(batch, f, indexes)
-    for (kind, kw), right in zip(joins, rights):
+    for (kind, kw), right in zip(joins, rights, strict=False):
         batch = asof_join(batch, right, **kw) if kind == "asof" else lookup_join(batch, right, **kw)
     return finalize(batch, f, task)
 
@@ -728,7 +728,7 @@ def write_sorted(ds: Any, fs: Any, folder: str) -> int:
 def _rows_upto(kc: np.ndarray, bound: tuple[int, ...]) -> int:
     """How many columns of `kc` (sorted tuples, one per column) are <= `bound`."""
     below, equal = np.zeros(kc.shape[1], bool), np.ones(kc.shape[1], bool)
-    for col, v in zip(kc, bound):
+    for col, v in zip(kc, bound, strict=False):
         below |= equal & (col < v)
         equal &= col == v
     return int((below | equal).sum())

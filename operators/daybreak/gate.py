@@ -27,7 +27,7 @@ import json
 import logging
 import math
 import tempfile
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -231,7 +231,7 @@ def evaluate_gate(spec: Spec, ctx: RunContext, force: bool = False, override: st
         "daybreak.gate.holdout_rows": str(len(df)),
         "daybreak.gate.holdout_hash": holdout_hash,
         "daybreak.gate.rules": _compact(rules),
-        "daybreak.gate.decided_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "daybreak.gate.decided_at": datetime.now(UTC).isoformat(timespec="seconds"),
     }
     # written every time, so a later decision never shows an earlier override's reason
     record |= {"daybreak.gate.override": decision if forced else "none",

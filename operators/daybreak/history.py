@@ -9,6 +9,7 @@ edited, so the history only grows; it lives with the registry, wherever that is.
 from __future__ import annotations
 
 import json
+from datetime import UTC
 from typing import Any
 
 from daybreak import registry
@@ -16,7 +17,6 @@ from daybreak.context import RunContext
 from daybreak.errors import DaybreakError
 from daybreak.gate import recorded_decision
 from daybreak.spec import Spec
-
 
 EVENT_TAGS = ("event", "model", "version", "from_version", "reason", "run_context", "logical_date", "by")
 
@@ -35,7 +35,7 @@ def record_event(spec: Spec, ctx: RunContext, event: str, version: str | None, *
                  reason: str = "", by: str | None = None) -> None:
     """Append one event (promote, reject, blocked, rollback, override, pending_approval, approved,
     approval_rejected, retire) to the audit history. `by` defaults to the OS user."""
-    from datetime import datetime, timezone
+    from datetime import datetime
 
     cl = registry.client(ctx)
     name = f"{spec.name}-audit"
@@ -43,7 +43,7 @@ def record_event(spec: Spec, ctx: RunContext, event: str, version: str | None, *
     exp_id = exp.experiment_id if exp is not None else _create_experiment(cl, name)
     tags = {"event": event, "model": spec.model.name, "version": version or "none", "from_version": from_version or "none",
             "reason": reason[:4000] or "-", "run_context": ctx.run_id, "logical_date": ctx.logical_date.isoformat(),
-            "by": by or who(), "at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+            "by": by or who(), "at": datetime.now(UTC).isoformat(timespec="seconds")}
     run = cl.create_run(exp_id, run_name=f"{event}-v{version or 'none'}",
                         tags={f"daybreak.audit.{k}": v for k, v in tags.items()})
     cl.set_terminated(run.info.run_id)

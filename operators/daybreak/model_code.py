@@ -17,7 +17,6 @@ import mlflow
 import numpy as np
 import pandas as pd
 
-
 _UNSAFE = re.compile(r"[\[\]<]")
 
 

@@ -114,9 +114,8 @@ def _batch(spec: Spec, ctx: RunContext) -> Any:
     part = ctx.store.partition(prediction_zone(spec), ctx.logical_date)
     if part is None:
         return None
-    import pyarrow.parquet as pq
-
     import pyarrow as pa
+    import pyarrow.parquet as pq
 
     t = pa.concat_tables([pq.read_table(f, filesystem=ctx.store.fs) for f in part.files])
     return t.to_pandas()
@@ -187,8 +186,9 @@ def _slice_columns(spec: Spec) -> list[str]:
 def _window_rows(spec: Spec, ctx: RunContext, today: Any, champion: str) -> Any:
     """The champion's labelled rows of the rollback window: today's, and those of the days before
     it (``monitoring.rollback.window_days``) whose labels are in."""
-    import pandas as pd
     from dataclasses import replace
+
+    import pandas as pd
 
     from daybreak.predlog import read_log
 

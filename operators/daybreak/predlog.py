@@ -34,7 +34,7 @@ import time
 import uuid
 from collections import deque
 from collections.abc import Sequence
-from datetime import date, datetime, timedelta, timezone
+from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
 import numpy as np
@@ -57,7 +57,7 @@ def log_zone(spec: Spec) -> str:
 class Entry:
     """One answered batch, as the predict thread handed it over (converted later, by the writer)."""
 
-    __slots__ = ("served_at", "version", "features", "predictions", "requests")
+    __slots__ = ("features", "predictions", "requests", "served_at", "version")
 
     def __init__(self, version: str, features: Any, predictions: np.ndarray,
                  requests: list[tuple[str, int, dict[str, Sequence] | None]]) -> None:
@@ -211,7 +211,7 @@ class PredictionLog:
             part = t if len(days) and (days == day).all() else t.filter(pa.array(days == day))
             folder = self.store.path(self.zone, f"date={day}")
             self._seq += 1
-            name = f"{datetime.now(timezone.utc):%Y%m%dT%H%M%S}-{self._stem}-{self._seq:06d}.parquet"
+            name = f"{datetime.now(UTC):%Y%m%dT%H%M%S}-{self._stem}-{self._seq:06d}.parquet"
             if self.store.kind == "local":
                 self.store.fs.create_dir(folder, recursive=True)  # (on S3 it would PUT a marker per level)
                 tmp = posixpath.join(folder, f"_{name}")

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import replace
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 from daybreak import registry
@@ -114,7 +114,7 @@ def should_deploy(result: dict[str, Any]) -> bool:
 
 
 def _now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+    return datetime.now(UTC).isoformat(timespec="seconds")
 
 
 def _approval_state(cand: Any, champion: str | None) -> dict[str, Any]:
@@ -290,7 +290,7 @@ def apply_retention(spec: Spec, ctx: RunContext, now: datetime | None = None) ->
         return []
     name = spec.model.name
     cl = registry.client(ctx)
-    cutoff = (now or datetime.now(timezone.utc)).timestamp() * 1000 - days * 86_400_000
+    cutoff = (now or datetime.now(UTC)).timestamp() * 1000 - days * 86_400_000
     gone = []
     with registry.model_lock(cl, name, owner=ctx.run_id) as held:
         found = {str(mv.version): cl.get_model_version(name, str(mv.version)) for mv in registry.versions(cl, name)}

@@ -11,13 +11,15 @@ import fcntl
 import json
 import logging
 import os
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from daybreak.context import RunContext
 from daybreak.errors import redact
-from daybreak.lock import Held as Held, model_lock as model_lock  # the steps reach them here
+from daybreak.lock import Held as Held  # the steps reach them here
+from daybreak.lock import model_lock as model_lock
 
 log = logging.getLogger(__name__)
 

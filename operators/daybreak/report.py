@@ -208,9 +208,10 @@ def live_chart(rows: list[dict[str, Any]], metric: str, floor: float | None = No
     import matplotlib
 
     matplotlib.use("Agg")
+    from datetime import date
+
     import matplotlib.dates as mdates
     import matplotlib.pyplot as plt
-    from datetime import date
 
     fig, ax = plt.subplots(figsize=(7.5, 3.2))
     series: dict[tuple[str, str], list[dict[str, Any]]] = {}
@@ -221,7 +222,7 @@ def live_chart(rows: list[dict[str, Any]], metric: str, floor: float | None = No
         xs = [date.fromisoformat(p["date"]) for p in pts]
         ax.plot(xs, [p["value"] for p in pts], marker="o", markersize=3.5,
                 linestyle="-" if source == "online" else ":", label=f"v{version} {source}")
-        for p, x in zip(pts, xs):
+        for p, x in zip(pts, xs, strict=False):
             if p.get("action") == "rollback" and p.get("champion") == version:
                 ax.plot([x], [p["value"]], marker="x", markersize=10, color="#cf222e")
     if floor is not None:

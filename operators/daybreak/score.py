@@ -15,7 +15,7 @@ import hashlib
 import json
 import logging
 from dataclasses import replace
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 import numpy as np
@@ -42,7 +42,7 @@ class SliceScorer:
     def __init__(self, spec: Spec, tracking_uri: str, version: str, fs: Any, scored_at: str, run_id: str = "") -> None:
         from daybreak.context import RunContext
 
-        ctx = RunContext.create(datetime.now(timezone.utc).date(), tracking_uri=tracking_uri)
+        ctx = RunContext.create(datetime.now(UTC).date(), tracking_uri=tracking_uri)
         self.model = registry.load_model(ctx, spec.model.name, version)
         self.spec, self.version, self.fs, self.scored_at, self.run_id = spec, version, fs, scored_at, run_id
 
@@ -114,7 +114,7 @@ def batch_score(spec: Spec, ctx: RunContext, champion_date: bool = False) -> dic
     ensure_ray(ctx.ray_address)
     cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
     slices = _slices(part.files, ctx.store.fs, max(1, part.manifest["rows"] // (4 * cpus)))
-    scored_at = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    scored_at = datetime.now(UTC).isoformat(timespec="seconds")
     ds = ray.data.from_items([{"path": p, "row_groups": g} for p, g in slices], override_num_blocks=len(slices))
     ds = ds.map_batches(SliceScorer, fn_constructor_kwargs={"spec": spec, "tracking_uri": ctx.tracking_uri,
                                                             "version": version, "fs": ctx.store.fs,

@@ -26,9 +26,9 @@ import pandas as pd
 
 from daybreak import registry
 from daybreak.context import RunContext
+from daybreak.errors import SpecError
 from daybreak.features import EVENT_TIME, read_features
 from daybreak.model_code import column, encode, encoded_names, predict_matrix
-from daybreak.errors import SpecError
 from daybreak.spec import Spec, build_estimator, xgb_params
 
 log = logging.getLogger(__name__)
@@ -198,7 +198,7 @@ def _fit_sklearn(spec: Spec, data: TrainData, overrides: dict[str, Any]) -> Fitt
         raw = permutation_importance(est, data.X_val[:n], data.y_val[:n], n_repeats=3, random_state=spec.model.seed,
                                      scoring="roc_auc" if classification else "neg_root_mean_squared_error"
                                      ).importances_mean
-    importance = {n: float(v) for n, v in zip(data.names, raw)}
+    importance = {n: float(v) for n, v in zip(data.names, raw, strict=False)}
     params = {f"sklearn.{k}": v for k, v in est.get_params(deep=False).items() if not hasattr(v, "get_params")}
     return Fitted(est, metric_name, val_metric, {"estimator": spec.model.estimator, **params}, importance)
 
@@ -237,7 +237,7 @@ def fit_many(spec: Spec, fit: Any, val: Any, data: TrainData, overrides: dict[st
                              sample_weight(spec, data.y_fit[fr]), data.names)  # balanced within the partition
             jobs[key] = remote.remote(spec, part, per_task)
     fallback = fit_model(spec, data, overrides)
-    models = dict(zip(jobs, ray.get(list(jobs.values()))))
+    models = dict(zip(jobs, ray.get(list(jobs.values())), strict=False))
     log.info("train: %d partition model(s) by %s and a fallback (%d key(s) use it)", len(models), by,
              len(set(k_fit)) - len(models))
     pred = np.empty(len(data.y_val))
@@ -259,7 +259,7 @@ def save_model(fitted: Fitted, spec: Spec, folder: Path) -> tuple[Path, dict[str
         meta: dict[str, Any] = {"partition_by": spec.model.partition_by, "partitions": {}, "trusted_types": []}
         items = [("fallback", fitted.model["fallback"]),
                  *[(f"p{i}", f) for i, f in enumerate(fitted.model["partitions"].values())]]
-        for (stem, f), key in zip(items, [None, *fitted.model["partitions"]]):
+        for (stem, f), key in zip(items, [None, *fitted.model["partitions"]], strict=False):
             path, m = _save_one(f.model, spec, root, stem)
             if key is None:
                 meta["fallback"] = path.name
@@ -399,7 +399,7 @@ def train_model(spec: Spec, ctx: RunContext, force: bool = False) -> dict[str, A
     trials: list[dict[str, Any]] = []
     overrides: dict[str, Any] = {}
     if out_of_core:
-        from daybreak.outofcore import fit_out_of_core, first_rows
+        from daybreak.outofcore import first_rows, fit_out_of_core
 
         fitted, encoders, n_fit, n_val = fit_out_of_core(spec, ctx, files, rows, overrides)
         names = encoded_names(features, encoders)

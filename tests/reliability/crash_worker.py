@@ -133,11 +133,11 @@ def main() -> None:
     import matplotlib
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot  # noqa: F401
-    import mlflow.artifacts  # noqa: F401
-    import mlflow.models  # noqa: F401
-    import mlflow.pyfunc  # noqa: F401
-    import mlflow.store.model_registry.sqlalchemy_store  # noqa: F401
+    import matplotlib.pyplot
+    import mlflow.artifacts
+    import mlflow.models
+    import mlflow.pyfunc
+    import mlflow.store.model_registry.sqlalchemy_store
     import mlflow.store.tracking.sqlalchemy_store  # noqa: F401
     import pyarrow.parquet  # noqa: F401
     import ray.data  # noqa: F401
@@ -145,11 +145,11 @@ def main() -> None:
     import sklearn.metrics  # noqa: F401
     import xgboost  # noqa: F401
 
-    import daybreak.cli  # noqa: F401
-    import daybreak.cycle  # noqa: F401
-    import daybreak.datachecks  # noqa: F401
-    import daybreak.history  # noqa: F401
-    import daybreak.outofcore  # noqa: F401
+    import daybreak.cli
+    import daybreak.cycle
+    import daybreak.datachecks
+    import daybreak.history
+    import daybreak.outofcore
     import daybreak.report  # noqa: F401
 
     warm_up()

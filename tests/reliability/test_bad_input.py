@@ -17,14 +17,13 @@ import json
 import os
 import shutil
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
-import pytest
 import yaml
-
 from conftest import BIN, SPEC
 from tally import tally
 from test_stage import COL, _replace_field

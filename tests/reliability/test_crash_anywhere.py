@@ -37,20 +37,20 @@ from datetime import date, timedelta
 from pathlib import Path
 from typing import Any
 
+import invariants
 import psutil
 import pyarrow.parquet as pq
 import pytest
 import yaml
-
-import invariants
 from conftest import BIN, SPEC, free_port, make_home
+from tally import FULL, tally, trials
 from test_ray_cluster import _stop as stop_family  # terminate a process and its children, by PID
 from test_ray_cluster import _wait_started
+
 from daybreak import registry
 from daybreak.context import RunContext
 from daybreak.gate import PROMOTE
 from daybreak.store import sha256_files
-from tally import FULL, tally, trials
 
 HERE = Path(__file__).resolve().parent
 STEPS = ["stage", "features", "train", "gate", "promote"]

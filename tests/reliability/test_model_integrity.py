@@ -38,10 +38,13 @@ from pathlib import Path
 from urllib.parse import unquote, urlparse
 
 import httpx
+import invariants
 import pytest
 import yaml
+from tally import FULL, tally, trials
+from test_serve_load import _lenient
+from test_serving_soak import request_bodies, serving
 
-import invariants
 from daybreak import registry
 from daybreak.context import RunContext
 from daybreak.errors import IntegrityError
@@ -49,9 +52,6 @@ from daybreak.gate import PROMOTE, evaluate_gate
 from daybreak.promote import approve_model, promote_model
 from daybreak.score import batch_score, prediction_zone
 from daybreak.train import train_model
-from tally import FULL, tally, trials
-from test_serve_load import _lenient
-from test_serving_soak import request_bodies, serving
 
 KINDS = ("artifact bytes", "model_code.py", "MLmodel code path")
 REFUSAL = "refusing to load"
@@ -212,7 +212,7 @@ def test_tampered_versions_are_refused(served: dict, spec, tmp_path: Path) -> No
         if _wait(lambda: httpx.get(f"{url}/health", timeout=10).json()["last_error"] is None
                  and httpx.get(f"{url}/version", timeout=10).json()["version"] == v1) is None:
             problems.append("the server did not settle back on v1 with no error")
-        for c, mark, failed in zip(clients, marks, failed_before):
+        for c, mark, failed in zip(clients, marks, failed_before, strict=False):
             if not c.is_alive():
                 problems.append("a client thread died")
             if c.failures[failed:]:
@@ -221,7 +221,7 @@ def test_tampered_versions_are_refused(served: dict, spec, tmp_path: Path) -> No
             others = sorted({ver for _, _, ver in c.answers[mark:] if str(ver) != v1})
             if others:
                 problems.append(f"requests answered by v{others} (tampered), not only v{v1}")
-        if not all(len(c.answers) > mark for c, mark in zip(clients, marks)):
+        if not all(len(c.answers) > mark for c, mark in zip(clients, marks, strict=False)):
             problems.append("a client got no answer during the trial")
         after = invariants.check(spec, day3, before)
         problems += after["problems"]

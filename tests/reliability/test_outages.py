@@ -25,10 +25,11 @@ from datetime import date, timedelta
 from pathlib import Path
 from typing import Any
 
-import pytest
-
 import invariants
+import pytest
 from conftest import BIN, SPEC, free_port, make_home, wait_http
+from tally import tally, trials
+
 from daybreak import registry
 from daybreak.context import RunContext
 from daybreak.cycle import Retry, run_cycle, with_retry
@@ -36,7 +37,6 @@ from daybreak.errors import is_retryable
 from daybreak.features import build_features, feature_zone
 from daybreak.gate import PROMOTE
 from daybreak.stage import stage
-from tally import tally, trials
 
 FAST = Retry(attempts=4, backoff_s=1.0)  # waits 1, 2, 4 s: rides out a 2 s outage
 
@@ -194,7 +194,6 @@ class FlakyS3:
 
     def client(self) -> Any:
         import boto3
-
         from s3 import CREDS
 
         return boto3.client("s3", endpoint_url=self.endpoint, region_name="us-east-1",

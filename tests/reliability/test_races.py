@@ -18,15 +18,17 @@ import shutil
 import signal
 import subprocess
 import time
-from pathlib import Path
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
+import invariants
 import pytest
 import yaml
-
-import invariants
 from conftest import BIN, SPEC
+from tally import FULL, tally, trials
+from test_bad_input import RUN_CLI
+
 from daybreak import registry
 from daybreak.context import RunContext
 from daybreak.features import build_features
@@ -36,8 +38,6 @@ from daybreak.promote import promote_model
 from daybreak.spec import load_spec
 from daybreak.stage import stage
 from daybreak.train import train_model
-from tally import FULL, tally, trials
-from test_bad_input import RUN_CLI
 
 DAY = "2013-01-04"  # raced from scratch: stage, features, train, gate, promote
 GATED = "2013-01-03"  # the template's candidates A and B were gated for this date
@@ -403,7 +403,7 @@ def test_two_promotions_and_a_rollback_at_once(at_home: dict[str, Any], racers: 
             problems.append(f"the history replays to ({champ}, {prev}) but the aliases are {aliases(spec, ctx)}")
         promotes = [e["version"] for e in events if e["event"] == "promote"]
         rollbacks = [e for e in events if e["event"] == "rollback"]
-        for (r, v) in zip(runs[:2], ("3", "4")):
+        for (r, v) in zip(runs[:2], ("3", "4"), strict=False):
             said = bool(r["rc"] == 0 and r["json"] and r["json"]["promote"].get("promoted"))
             if said != (v in promotes):
                 problems.append(f"run of v{v}: exit {r['rc']}, promoted={said}, but the history has "

@@ -54,10 +54,10 @@ import subprocess
 import sys
 import tempfile
 import time
+from datetime import UTC
 from pathlib import Path
 
 import httpx
-
 from conftest import BIN, ROOT, free_port, wait_http
 from tally import FULL, tally
 from test_airflow import lenient_spec
@@ -99,12 +99,11 @@ daybreak_secrets()
 def airflow_driver() -> None:
     """In the Airflow process: the Connections (from stdin) into the metadata DB, then the DAG
     through dag.test for 2013-01-03; prints ``RESULT {...}``."""
-    from datetime import datetime, timezone
+    from datetime import datetime
 
     from airflow.dag_processing.dagbag import DagBag
     from airflow.models.connection import Connection
     from airflow.utils.session import create_session
-
     from airflow_check import _run
 
     creds = json.loads(sys.stdin.read())
@@ -118,7 +117,7 @@ def airflow_driver() -> None:
                                login="admin", password=creds["password"]))
     del creds
     dag = DagBag(dag_folder=os.environ["AIRFLOW__CORE__DAGS_FOLDER"]).get_dag(DAG_ID)
-    out = _run(dag, logical_date=datetime(2013, 1, 3, tzinfo=timezone.utc))
+    out = _run(dag, logical_date=datetime(2013, 1, 3, tzinfo=UTC))
     print("RESULT " + json.dumps(out, default=str), flush=True)
 
 

@@ -44,19 +44,19 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
+import invariants
 import numpy as np
 import psutil
 import yaml
-
-import invariants
 from conftest import BIN, free_port, wait_http
+from tally import tally, trials
+from test_serve_load import _jsonable, _lenient
+
 from daybreak import registry
 from daybreak.context import RunContext
 from daybreak.gate import PROMOTE, evaluate_gate, holdout
 from daybreak.promote import promote_model, rollback_model
 from daybreak.train import train_model
-from tally import tally, trials
-from test_serve_load import _jsonable, _lenient
 
 INTERVAL = 3.0  # seconds between swaps
 WARMUP = 3  # swaps before the memory baseline
@@ -124,7 +124,7 @@ def request_bodies(spec, day: RunContext) -> tuple[list, list[dict]]:
     frames = [X.head(1), X.iloc[100:200], X.iloc[300:310], X.iloc[400:405]]
     bodies = [{"dataframe_split": {"columns": cols, "data": _jsonable(frames[0])}},
               {"dataframe_split": {"columns": cols, "data": _jsonable(frames[1])}},
-              {"dataframe_records": [dict(zip(cols, r)) for r in _jsonable(frames[2])]},
+              {"dataframe_records": [dict(zip(cols, r, strict=False)) for r in _jsonable(frames[2])]},
               {"dataframe_split": {"columns": cols, "data": _jsonable(frames[3]), "index": list(range(5))}}]
     return frames, bodies
 
@@ -192,7 +192,7 @@ def _mb(b: float) -> str:
 def memory_problems(samples: list[tuple[float, int, int, int]], swaps: list[dict], end: float) -> tuple[list[str], str]:
     """The bounds of the module docstring over the samples after the warm-up swaps, and the figures."""
     bounds = [s["started"] for s in swaps[WARMUP:]] + [end]
-    windows = [[x for x in samples if lo <= x[0] < hi] for lo, hi in zip(bounds, bounds[1:])]
+    windows = [[x for x in samples if lo <= x[0] < hi] for lo, hi in zip(bounds, bounds[1:], strict=False)]
     windows = [w for w in windows if w]
     rss = [statistics.median(x[1] for x in w) for w in windows]
     base, final = rss[0], rss[-1]

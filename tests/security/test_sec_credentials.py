@@ -7,11 +7,11 @@ CLI talks to a registry that does not answer, and every line it prints is search
 
 from __future__ import annotations
 
-import logging
 import os
 import subprocess
 
 from conftest import BIN, SPEC, free_port
+
 from daybreak.errors import redact
 
 SECRET = "hunter2-not-for-logs"

@@ -24,8 +24,8 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import BIN
+
 from daybreak import registry
 from daybreak.context import RunContext
 from daybreak.errors import PromotionConflict
@@ -133,7 +133,7 @@ def test_two_reapers_of_one_stale_lock_never_both_hold_it(tmp_path: Path, monkey
                         overlaps.append(list(inside))
                     time.sleep(1.5)
                     inside.remove(who)
-            except Exception as e:  # noqa: BLE001 - reported below
+            except Exception as e:
                 errors.append(f"{who}: {type(e).__name__}: {e}")
 
         threads = [threading.Thread(target=contender, args=(w,)) for w in ("a", "b")]

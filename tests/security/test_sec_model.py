@@ -26,16 +26,16 @@ from pathlib import Path
 import httpx
 import pytest
 import yaml
-
 from conftest import BIN, free_port, wait_http
+from test_model_integrity import _wait, model_dir
+from test_serve_load import _lenient
+
 from daybreak import registry
 from daybreak.context import RunContext
 from daybreak.errors import IntegrityError
 from daybreak.gate import PROMOTE, evaluate_gate
 from daybreak.promote import promote_model
 from daybreak.train import train_model
-from test_model_integrity import _wait, model_dir
-from test_serve_load import _lenient
 
 REFUSAL = "refusing to load"
 

@@ -12,7 +12,7 @@ The `flows/` folder of the repository re-exports these flows as deployment entry
 from __future__ import annotations
 
 import os
-from datetime import timezone
+from datetime import UTC
 from typing import Any, Literal
 
 from prefect import flow, get_run_logger
@@ -20,7 +20,6 @@ from prefect import flow, get_run_logger
 from daybreak.context import parse_date
 from daybreak.cycle import date_range, summarize
 from daybreak.gate import should_promote
-from daybreak.promote import should_deploy
 from daybreak.prefect.tasks import (
     approve_model,
     build_features,
@@ -31,6 +30,7 @@ from daybreak.prefect.tasks import (
     stage_data,
     train_model,
 )
+from daybreak.promote import should_deploy
 
 SETTINGS = ("spec", "store", "tracking_uri", "ray_address", "serve_url", "storage_secret", "mlflow_secret")
 VARIABLE = "daybreak"
@@ -64,7 +64,7 @@ def run_date(date: str | None) -> str:
         return parse_date(date).isoformat()
     from prefect.runtime import flow_run
 
-    return flow_run.scheduled_start_time.astimezone(timezone.utc).date().isoformat()
+    return flow_run.scheduled_start_time.astimezone(UTC).date().isoformat()
 
 
 def _report(key: str, title: str, rows: list[dict[str, Any]]) -> None:

@@ -23,8 +23,8 @@ import json
 import logging
 import os
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from datetime import date as Date
-from datetime import datetime, timedelta, timezone
 from typing import Any
 
 from prefect import task
@@ -145,7 +145,7 @@ def _remember(step: str, spec: str, date: str | Date, result: dict[str, Any], ct
     try:
         key = cache_key(step, spec, date, result=result, **ctx)
         if key:
-            run.result_store.write(result, key=key, expiration=datetime.now(timezone.utc) + CACHE_FOR)
+            run.result_store.write(result, key=key, expiration=datetime.now(UTC) + CACHE_FOR)
     except Exception as e:  # a cache is an optimisation: the step's result stands
         log.warning("%s: result not cached (%s: %s)", step, type(e).__name__, e)
 
