@@ -1,10 +1,10 @@
 """How much parsing the daybreak DAG files costs Airflow's DAG processor, next to an empty DAG.
 
 One process imports Airflow once; each sample is a child forked from it (as Airflow's DAG
-processor forks a process per file) that parses one file with ``DagBag``; only the parse is timed. Files are sampled round-robin in
-the same run, so machine load hits them alike; the result is each file's median parse time and
-its median ratio to the empty DAG's (per round, then the median of those ratios). It also lists
-heavy modules the parse imports (there should be none).
+processor forks a process per file) that parses one file with ``DagBag``; only the parse is
+timed. Files are sampled round-robin in the same run, so machine load hits them alike; the result
+is each file's median parse time and its median ratio to the empty DAG's (per round, then the
+median of those ratios). It also lists heavy modules the parse imports (there should be none).
 
     .venv/bin/python benchmarks/airflow_parse.py [--rounds 15]
 
@@ -108,11 +108,13 @@ def bench_parse(rounds: int) -> dict:
         "benchmark": "airflow_dag_parse",
         "rounds": rounds,
         "method": "one process imports airflow; each sample is a forked child parsing one file with DagBag "
-                  "(as the DAG processor forks per file), timed around the parse; files round-robin, the leading file rotating",
+                  "(as the DAG processor forks per file), timed around the parse; "
+                  "files round-robin, the leading file rotating",
         "empty_median_s": round(statistics.median(times["empty"]), 4),
         "files": {
             f: {"median_s": round(statistics.median(times[f]), 4),
-                "median_ratio_to_empty": round(statistics.median(t / e for t, e in zip(times[f], times["empty"], strict=False)), 2),
+                "median_ratio_to_empty": round(statistics.median(
+                    t / e for t, e in zip(times[f], times["empty"], strict=False)), 2),
                 "heavy_modules_imported": heavy[f]}
             for f in DAG_FILES
         },

@@ -9,9 +9,10 @@ real ``daybreak serve`` is started on the same registry (the deploy step waits u
 the new champion and checks its predictions against offline ones), and the cycle runs for the
 next `days` days (2013-01-09, ...), one day each: stage that day's drop, build its features on
 Ray, train on the 7 days before it, gate against the champion on the day's holdout, promote and
-deploy (and whatever else the cycle runs, e.g. the monitor step). Each step's wall time is taken around the cycle's own call of the step (the cycle's
-retry wrapper, timed); the figures are the medians over the timed days. Ray is started once
-before, as in a long-lived worker; its start is reported apart.
+deploy (and whatever else the cycle runs, e.g. the monitor step). Each step's wall time is taken
+around the cycle's own call of the step (the cycle's retry wrapper, timed); the figures are the
+medians over the timed days. Ray is started once before, as in a long-lived worker; its start is
+reported apart.
 """
 
 from __future__ import annotations
@@ -46,9 +47,10 @@ def _start_server(home: Path, spec_file: Path, port: int) -> subprocess.Popen:
     import httpx
 
     env = {**os.environ, "DAYBREAK_HOME": str(home), "PYTHONWARNINGS": "ignore"}
-    log = open(home / "serve.log", "w")
-    proc = subprocess.Popen([str(BIN / "daybreak"), "serve", "--spec", str(spec_file), "--port", str(port)],
-                            env=env, stdout=log, stderr=subprocess.STDOUT, cwd=home)
+    # The server writes to its own copy of the descriptor; this process's copy can close at once.
+    with open(home / "serve.log", "w") as log:
+        proc = subprocess.Popen([str(BIN / "daybreak"), "serve", "--spec", str(spec_file), "--port", str(port)],
+                                env=env, stdout=log, stderr=subprocess.STDOUT, cwd=home)
     deadline = time.monotonic() + 180
     while time.monotonic() < deadline:
         if proc.poll() is not None:
@@ -159,7 +161,8 @@ def e2e_lines(r: dict) -> list[str]:
     lines = [f"End-to-end daily cycle (`run_cycle`, as `daybreak run`) on the real flights data, "
              f"{r['window_days']}-day training window, Ray already up (its start: {r['ray_start_s']:.1f} s), "
              f"a real `daybreak serve` to deploy to; median over {r['repeats']} days ({', '.join(r['days'])}), "
-             f"about {r['median_rows_staged']:,.0f} flights a day; the gate passes every candidate (its work unchanged) so promote and deploy run every day:", "",
+             f"about {r['median_rows_staged']:,.0f} flights a day; the gate passes every candidate "
+             "(its work unchanged) so promote and deploy run every day:", "",
              "| step | median wall time (s) | share of the day | per day (s) |", "| --- | ---: | ---: | --- |"]
     for step, s in r["median_steps_s"].items():
         each = ", ".join(f"{d['steps_s'][step]:.2f}" if step in d["steps_s"] else "-" for d in r["per_day"])
