@@ -159,7 +159,8 @@ def run_pandas(home: Path, out: Path, ready) -> None:
         hi = pd.merge_asof(target[["event_time", by]], hist, left_on="event_time", right_on="known_at", by=by,
                            allow_exact_matches=False)
         for span, aggs in spans.items():
-            lo_t = target[[by]].assign(t0=target["event_time"] - pd.Timedelta(**_unit(span)), __i=np.arange(len(target)))
+            lo_t = target[[by]].assign(t0=target["event_time"] - pd.Timedelta(**_unit(span)),
+                                       __i=np.arange(len(target)))
             lo = pd.merge_asof(lo_t.sort_values("t0"), hist, left_on="t0", right_on="known_at", by=by)
             lo = lo.sort_values("__i")
             n = hi["__n"].fillna(0).to_numpy() - lo["__n"].fillna(0).to_numpy()
@@ -182,7 +183,8 @@ def run_pandas(home: Path, out: Path, ready) -> None:
     target = target.merge(planes, on="tailnum", how="left")
     target["sched_hour"] = target["hour"].astype(float)
     target["day_of_week"] = target["event_time"].dt.tz_convert("America/New_York").dt.day_of_week.astype(float)
-    target["carrier_code"], target["origin_code"], target["dest_code"] = target["carrier"], target["origin"], target["dest"]
+    for code in ("carrier", "origin", "dest"):
+        target[f"{code}_code"] = target[code]
     target = target[target["arr_delay"].notna()]
     target["delayed"] = (target["arr_delay"] > 15).astype("int64")
     target.sort_values(["event_time", *KEYS], kind="stable").to_parquet(out.with_suffix(".parquet"), index=False)
@@ -386,7 +388,8 @@ def bench_features(sizes: list[int], repeats: int = 3) -> dict:
             d, p, q = runs["daybreak"], runs["pandas"], runs["polars"]
             results[str(info["rows"])] = {
                 "rows": info["rows"], "output_rows": last["daybreak"]["rows"], "repeats": repeats,
-                **{f"{k}_{m}": round(v[m], 2) for k, v in runs.items() for m in ("seconds", "peak_mb", "peak_above_idle_mb")},
+                **{f"{k}_{m}": round(v[m], 2)
+                   for k, v in runs.items() for m in ("seconds", "peak_mb", "peak_above_idle_mb")},
                 "samples": {k: [{m: round(s[m], 2) for m in ("seconds", "peak_mb", "peak_above_idle_mb")} for s in v]
                             for k, v in samples.items()},
                 "speedup_vs_pandas": round(p["seconds"] / d["seconds"], 2),
@@ -410,17 +413,18 @@ def growth(results: dict) -> dict:
 
     sizes = list(results.values())
     lo = sizes[0]
+    # the sizes are the same for every implementation: one fit against them
+    rows = np.array([r["rows"] for r in sizes], float)
+    fit = (lambda y: float(np.polyfit(np.log(rows), np.log(y), 1)[0])) if len(sizes) > 1 else (lambda y: None)
     out = {}
     for k in IMPL_NAMES:
-        rows = np.array([r["rows"] for r in sizes], float)
         secs = np.array([r[f"{k}_seconds"] for r in sizes], float)
         mem = np.array([r[f"{k}_peak_mb"] for r in sizes], float)
         added = np.array([max(r[f"{k}_peak_above_idle_mb"], 1.0) for r in sizes], float)
-        fit = (lambda y: float(np.polyfit(np.log(rows), np.log(y), 1)[0])) if len(sizes) > 1 else (lambda y: None)
+        lo_added = max(lo[f"{k}_peak_above_idle_mb"], 1)
         out[k] = {"time_x": [round(r[f"{k}_seconds"] / lo[f"{k}_seconds"], 2) for r in sizes],
                   "memory_x": [round(r[f"{k}_peak_mb"] / lo[f"{k}_peak_mb"], 2) for r in sizes],
-                  "above_idle_x": [round(max(r[f"{k}_peak_above_idle_mb"], 1) / max(lo[f"{k}_peak_above_idle_mb"], 1), 2)
-                                   for r in sizes],
+                  "above_idle_x": [round(max(r[f"{k}_peak_above_idle_mb"], 1) / lo_added, 2) for r in sizes],
                   "time_exponent": fit(secs), "memory_exponent": fit(mem), "above_idle_exponent": fit(added)}
     return out
 
@@ -447,7 +451,8 @@ def feature_table(results: dict) -> list[str]:
         lo = sizes[0]["rows"]
         lines += ["", f"Growth relative to {lo:,} rows (time, peak memory, peak above idle), and the exponent b of "
                   "a fit value ~ rows^b (1 = linear, 0 = flat):", "",
-                  "| implementation | " + " | ".join(f"{r['rows']:,} rows" for r in sizes[1:]) + " | b (time, memory, above idle) |",
+                  "| implementation | " + " | ".join(f"{r['rows']:,} rows" for r in sizes[1:])
+                  + " | b (time, memory, above idle) |",
                   "| --- | " + " | ".join("---:" for _ in sizes[1:]) + " | ---: |"]
         for k in IMPL_NAMES:
             v = g[k]
