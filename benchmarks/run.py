@@ -185,7 +185,8 @@ def main() -> int:
         if r:
             r["repeats"] = n
             results.append(r)
-            rate = f" ({r['daybreak_rows_per_s']:,.0f} vs {r['baseline_rows_per_s']:,.0f} rows/s)" if "rows" in r else ""
+            rate = (f" ({r['daybreak_rows_per_s']:,.0f} vs {r['baseline_rows_per_s']:,.0f} rows/s)"
+                    if "rows" in r else "")
             target = f", target <= {r['target_ratio']:.2f}x" if "target_ratio" in r else ""
             print(f"{r['name']}: daybreak {r['daybreak_s']:.3f}s vs baseline {r['baseline_s']:.3f}s "
                   f"= {r['ratio']:.2f}x{rate}{target}", flush=True)
@@ -246,7 +247,8 @@ def report(out: dict, args, png: Path | None) -> list[str]:
              "Absolute seconds vary with the machine's load; the ratios are the figures to quote.", "",
              f"## Staging (median of {args.repeats}) and DAG parsing (median of {args.parse_repeats})", "",
              "| benchmark | daybreak (s) | baseline (s) | ratio |", "| --- | --- | --- | --- |"]
-    lines += [f"| {r['name']} | {r['daybreak_s']:.3f} | {r['baseline_s']:.3f} | {r['ratio']:.2f}x |" for r in out["results"]]
+    lines += [f"| {r['name']} | {r['daybreak_s']:.3f} | {r['baseline_s']:.3f} | {r['ratio']:.2f}x |"
+              for r in out["results"]]
     parse = next((r for r in out["results"] if "other_files" in r), None)
     if parse:
         others = ", ".join(f"{f} {v['median_ratio_to_empty']:.2f}x" for f, v in parse["other_files"].items())
@@ -272,8 +274,10 @@ def report(out: dict, args, png: Path | None) -> list[str]:
         lines += ["", "## Abusive clients", "", *abuse_lines(out["abuse"])]
     if out["e2e"]:
         lines += ["", "## End-to-end daily cycle", "", *e2e_lines(out["e2e"])]
-    lines += ["", "## Run", "", "| benchmark | wall time (s) | load average after | result |", "| --- | ---: | ---: | --- |"]
-    lines += [f"| {m['title']} | {m['seconds']} | {m['load_after']} | {('FAILED: ' + m['error']) if m['error'] else 'ok'} |"
+    lines += ["", "## Run", "", "| benchmark | wall time (s) | load average after | result |",
+              "| --- | ---: | ---: | --- |"]
+    lines += [f"| {m['title']} | {m['seconds']} | {m['load_after']} | "
+              f"{('FAILED: ' + m['error']) if m['error'] else 'ok'} |"
               for m in out["sections"]]
     return lines
 

@@ -121,7 +121,8 @@ def with_log_rate(spec, rate: float):
     return parse_spec(raw)
 
 
-def start_servers(home: Path, prep: dict, logs: Path, log_compare: bool = False) -> dict[str, tuple[subprocess.Popen, int]]:
+def start_servers(home: Path, prep: dict, logs: Path,
+                  log_compare: bool = False) -> dict[str, tuple[subprocess.Popen, int]]:
     """mlflow and daybreak serve (its defaults, so the prediction log as the spec has it: on);
     with `log_compare`, also daybreak serve with the log off (sample_rate 0), and the log on
     explicitly (sample_rate 1.0) for "daybreak"; each daybreak server with its own store, so
@@ -153,7 +154,7 @@ def start_servers(home: Path, prep: dict, logs: Path, log_compare: bool = False)
             with open(logs / f"{which}.log", "w") as out:
                 procs[which] = (subprocess.Popen(cmd, env=own, stdout=out, stderr=subprocess.STDOUT, cwd=home),
                                 ports[which])
-        for which, (proc, port) in procs.items():
+        for proc, port in procs.values():
             _wait(f"http://127.0.0.1:{port}/ping", proc)
     except BaseException:
         stop_servers(procs)
@@ -300,7 +301,8 @@ def bench_serving(sizes: list[int] = (1, 100), seconds: float = 4.0, concurrency
                 res["p99_ratio"] = res["daybreak"]["p99_ms"] / res["mlflow"]["p99_ms"]
                 res["p50_ratio"] = res["daybreak"]["p50_ms"] / res["mlflow"]["p50_ms"]
                 if log_compare:
-                    per_round = [on["rps"] / off["rps"] for on, off in zip(rounds["daybreak"], rounds["daybreak_log_off"], strict=False)]
+                    per_round = [on["rps"] / off["rps"]
+                                 for on, off in zip(rounds["daybreak"], rounds["daybreak_log_off"], strict=False)]
                     res["log_on_vs_off_throughput"] = statistics.median(per_round)
                     res["log_on_vs_off_rounds"] = per_round
                     res["log_on_vs_off_p99"] = res["daybreak"]["p99_ms"] / res["daybreak_log_off"]["p99_ms"]
@@ -327,7 +329,8 @@ def serving_lines(r: dict) -> list[str]:
              f"(goal: at least 5x the throughput, p99 at most 1/5):", "",
              "| rows per request | server | requests/s | p50 (ms) | p99 (ms) | failed |",
              "| ---: | --- | ---: | ---: | ---: | ---: |"]
-    label = {"mlflow": "mlflow models serve", "daybreak": "daybreak serve" + (" (log on)" if r.get("log_compare") else ""),
+    label = {"mlflow": "mlflow models serve",
+             "daybreak": "daybreak serve" + (" (log on)" if r.get("log_compare") else ""),
              "daybreak_log_off": "daybreak serve (log off)"}
     for rows, res in r["sizes"].items():
         for which in servers:

@@ -88,7 +88,7 @@ def prepare(home: Path, rows: int) -> None:
         t = pq.read_table(part.files[0])
         big = t.take(np.sort(rng.integers(0, t.num_rows, rows // len(days))))
 
-        def write(fs, folder, big=big):
+        def write(fs, folder, big=big, part=part):
             pq.write_table(big, f"{folder}/part-00000.parquet", filesystem=fs)
             return {**part.manifest, "rows": big.num_rows, "run_id": "bench"}
 
@@ -169,7 +169,8 @@ def bench_training(rows: int, repeats: int = 3) -> dict:
         print(f"training: {rows:,} rows of features prepared in {time.perf_counter() - t0:.0f}s", flush=True)
         # alternated, median of `repeats`: these machines are shared and noisy
         pairs = [(run("raw", home), run(f"step{i}", home)) for i in range(repeats)]
-        raw, step = ({k: statistics.median(p[i][k] for p in pairs) if isinstance(pairs[0][i][k], float) else pairs[0][i][k]
+        raw, step = ({k: statistics.median(p[i][k] for p in pairs) if isinstance(pairs[0][i][k], float)
+                      else pairs[0][i][k]
                       for k in pairs[0][i]} for i in (0, 1))
         data_mb = estimated_bytes(_spec(), rows) / 2**20
         budget = round(data_mb / 6, 1)
@@ -183,10 +184,12 @@ def bench_training(rows: int, repeats: int = 3) -> dict:
     out = {"rows": rows, "repeats": repeats, "raw_s": round(raw["seconds"], 2), "step_s": round(step["seconds"], 2),
            "overhead": round(step["seconds"] / raw["seconds"] - 1, 3), "rounds": raw["rounds"],
            "estimated_window_mb": round(data_mb), "budget_mb": budget,
-           "in_memory_peak_mb": round(step["peak_above_start_mb"]), "out_of_core_peak_mb": round(ooc["peak_above_start_mb"]),
+           "in_memory_peak_mb": round(step["peak_above_start_mb"]),
+           "out_of_core_peak_mb": round(ooc["peak_above_start_mb"]),
            "out_of_core_s": round(ooc["seconds"], 2), "val_auc_in_memory": round(step["val_metric"], 4),
            "val_auc_out_of_core": round(ooc["val_metric"], 4), "out_of_core_used": ooc["out_of_core"],
-           "out_of_core_peak_mb_2x_rows": round(ooc2["peak_above_start_mb"]), "out_of_core_s_2x_rows": round(ooc2["seconds"], 2),
+           "out_of_core_peak_mb_2x_rows": round(ooc2["peak_above_start_mb"]),
+           "out_of_core_s_2x_rows": round(ooc2["seconds"], 2),
            "pairs": pairs}
     return out
 
