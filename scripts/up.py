@@ -130,7 +130,7 @@ class Stack:
 
     def start(self, svc: Service, env: dict[str, str]) -> None:
         svc.log.parent.mkdir(parents=True, exist_ok=True)
-        svc.log_file = open(svc.log, "a", buffering=1)
+        svc.log_file = open(svc.log, "a", buffering=1)  # noqa: SIM115 - the service's log, closed when it stops
         svc.log_file.write(f"\n==== {time.strftime('%Y-%m-%d %H:%M:%S')} up: {' '.join(svc.argv)}\n")
         # A session of its own: Ctrl-C in the terminal reaches only this script, which then stops
         # each group in order; and killpg reaches every process a service forked.
@@ -175,10 +175,11 @@ class Stack:
                 termed = True
             for svc in started:
                 # The service itself has exited but left children (the LocalExecutor's idle workers
-                # ignore SIGINT and SIGTERM): once it is gone, what remains of its group is debris.
-                if svc.proc.poll() is not None and group_alive(svc.proc.pid):
-                    if now - orphaned.setdefault(svc.key, now) > 3:
-                        signal_group(svc.proc.pid, signal.SIGKILL)
+                # ignore SIGINT and SIGTERM): once it is gone, what remains of its group is debris,
+                # killed 3 s after the service was first seen gone.
+                if (svc.proc.poll() is not None and group_alive(svc.proc.pid)
+                        and now - orphaned.setdefault(svc.key, now) > 3):
+                    signal_group(svc.proc.pid, signal.SIGKILL)
             time.sleep(0.1)
         for svc in started:
             if alive(svc):
@@ -241,12 +242,15 @@ def child_env(args: argparse.Namespace, home: Path) -> dict[str, str]:
 
 def password_file(env: dict[str, str]) -> Path:
     configured = env.get("AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE")
-    return Path(configured) if configured else Path(env["AIRFLOW_HOME"]) / "simple_auth_manager_passwords.json.generated"
+    if configured:
+        return Path(configured)
+    return Path(env["AIRFLOW_HOME"]) / "simple_auth_manager_passwords.json.generated"
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--spec", type=Path, default=Path(os.environ.get("DAYBREAK_SPEC") or ROOT / "specs" / "flights.yaml"),
+    ap.add_argument("--spec", type=Path,
+                    default=Path(os.environ.get("DAYBREAK_SPEC") or ROOT / "specs" / "flights.yaml"),
                     help="spec that `daybreak serve` serves (default: $DAYBREAK_SPEC or specs/flights.yaml)")
     ap.add_argument("--without", action="append", default=[], choices=SERVICES,
                     help="leave one service out (repeatable)")
