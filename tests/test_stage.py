@@ -89,7 +89,8 @@ def _replace_field(line: str, index: int, value: str) -> str:
 
 
 COL = {name: i for i, name in enumerate(
-    ["year", "month", "day", "dep_time", "sched_dep_time", "dep_delay", "arr_time", "sched_arr_time", "arr_delay", "carrier", "flight", "tailnum", "origin", "dest", "air_time", "distance", "hour", "minute", "time_hour"])}
+    ["year", "month", "day", "dep_time", "sched_dep_time", "dep_delay", "arr_time", "sched_arr_time", "arr_delay",
+     "carrier", "flight", "tailnum", "origin", "dest", "air_time", "distance", "hour", "minute", "time_hour"])}
 
 
 # --- publish semantics ------------------------------------------------------------------------
@@ -115,7 +116,8 @@ def test_rerun_three_times_leaves_one_identical_partition(stg: Stage) -> None:
         runs = ctx.store.path("staged", "flights", ".runs", f"date={DAY}")
         assert len(ctx.store.fs.get_file_info(pafs.FileSelector(runs))) == 1
     else:
-        infos = ctx.store.fs.get_file_info(pafs.FileSelector(ctx.store.partition_dir("staged/flights", date(2013, 1, 2))))
+        infos = ctx.store.fs.get_file_info(
+            pafs.FileSelector(ctx.store.partition_dir("staged/flights", date(2013, 1, 2))))
         run = ctx.store.partition("staged/flights", date(2013, 1, 2)).manifest["run"]
         assert [i.base_name for i in infos if i.type == pafs.FileType.Directory] == [f"run={run}"]
     assert ctx.store.partitions("staged/flights") == [date(2013, 1, 2)]
@@ -131,7 +133,8 @@ def test_late_data_replaces_the_partition(stg: Stage, landing: Path) -> None:
 
 
 def test_missing_landing_file_names_the_path(stg: Stage) -> None:
-    with pytest.raises(MissingInputError, match=r"source 'flights': no landing file for 2013-02-01 at .*flights/2013-02-01.csv"):
+    with pytest.raises(MissingInputError,
+                       match=r"source 'flights': no landing file for 2013-02-01 at .*flights/2013-02-01.csv"):
         stg.run(day="2013-02-01")
 
 
@@ -175,7 +178,8 @@ def test_truncated_parquet_is_quarantined_whole(stg: Stage, landing: Path) -> No
     src = stg.spec.sources["flights"].model_copy(update={"path": "landing/flights/{date}.parquet", "format": "parquet"})
     stg.spec = stg.spec.model_copy(update={"sources": {"flights": src}})
     stg.put(f"flights/{DAY}.parquet", buf.getvalue()[: len(buf.getvalue()) // 2])
-    _expect_blocked(stg, r"1 unreadable file\(s\) > quarantine.max_bad_files 0: 2013-01-02.parquet: cannot be read as parquet")
+    _expect_blocked(stg, r"1 unreadable file\(s\) > quarantine.max_bad_files 0: "
+                         r"2013-01-02.parquet: cannot be read as parquet")
 
 
 def test_parquet_and_jsonl_sources_stage_like_csv(stg: Stage, landing: Path) -> None:
@@ -230,7 +234,8 @@ def test_header_only_file_breaks_the_row_count(stg: Stage, landing: Path) -> Non
 def test_missing_column(stg: Stage, landing: Path) -> None:
     lines = _csv(landing)
     stg.put(f"flights/{DAY}.csv", "".join(
-        ",".join(x for i, x in enumerate(ln.rstrip("\n").split(",")) if i != COL["arr_delay"]) + "\n" for ln in lines).encode())
+        ",".join(x for i, x in enumerate(ln.rstrip("\n").split(",")) if i != COL["arr_delay"]) + "\n"
+        for ln in lines).encode())
     _expect_blocked(stg, r"missing column\(s\) required by the contract: \['arr_delay'\]")
 
 
@@ -258,13 +263,15 @@ def test_wrong_type_in_a_few_rows_is_quarantined(stg: Stage, landing: Path) -> N
 
 def test_wrong_type_in_a_whole_column_blocks(stg: Stage, landing: Path) -> None:
     lines = _csv(landing)
-    stg.put(f"flights/{DAY}.csv", "".join(lines[:1] + [_replace_field(ln, COL["distance"], "far") for ln in lines[1:]]).encode())
+    stg.put(f"flights/{DAY}.csv",
+            "".join(lines[:1] + [_replace_field(ln, COL["distance"], "far") for ln in lines[1:]]).encode())
     _expect_blocked(stg, r"943 of 943 rows \(100.0%\) broke the contract > quarantine.max_bad_row_fraction 1.0%")
 
 
 def test_all_null_label_blocks(stg: Stage, landing: Path) -> None:
     lines = _csv(landing)
-    stg.put(f"flights/{DAY}.csv", "".join(lines[:1] + [_replace_field(ln, COL["arr_delay"], "NA") for ln in lines[1:]]).encode())
+    stg.put(f"flights/{DAY}.csv",
+            "".join(lines[:1] + [_replace_field(ln, COL["arr_delay"], "NA") for ln in lines[1:]]).encode())
     _expect_blocked(stg, r"null_fraction: arr_delay is null in 100% of rows > max_null_fraction 80%")
 
 
@@ -325,7 +332,8 @@ def test_severity_warn_keeps_rows_and_block_fails(stg: Stage, landing: Path) -> 
     out = stg.run(warn)["sources"]["flights"]
     assert out["rows_published"] == 943 and out["rows_quarantined"] == 0
     assert any(w.startswith("range: 1 row(s) kept") for w in out["warnings"])
-    block = stg.spec.model_copy(update={"sources": {"flights": src.model_copy(update={"severity": {"range": "block"}})}})
+    blocking = src.model_copy(update={"severity": {"range": "block"}})
+    block = stg.spec.model_copy(update={"sources": {"flights": blocking}})
     stg.spec = block
     _expect_blocked(stg, "range: 1 row")
 
