@@ -71,8 +71,8 @@ def holder_identity(pid: int | None = None) -> str:
     """Who holds a lock, as only a process in the same boot and PID namespace can check: empty
     where /proc does not say (then takeover waits for the lease)."""
     pid = os.getpid() if pid is None else pid
-    parts = [_read("/proc/sys/kernel/random/boot_id"), _pid_namespace(), str(pid), _start_time(pid)]
-    return "/".join(parts) if all(parts) else ""
+    boot, ns, started = _read("/proc/sys/kernel/random/boot_id"), _pid_namespace(), _start_time(pid)
+    return "/".join([boot, ns, str(pid), started]) if boot and ns and started else ""
 
 
 def holder_gone(identity: str) -> bool:

@@ -16,6 +16,7 @@ from typing import Any
 import mlflow
 import numpy as np
 import pandas as pd
+from mlflow.pyfunc import PythonModel  # mlflow.pyfunc is a LazyLoader attribute to type checkers
 
 _UNSAFE = re.compile(r"[\[\]<]")
 
@@ -61,7 +62,7 @@ def encode(frame: Any, features: list[str], encoders: dict[str, dict[str, Any]])
     for name in features:
         col, enc = column(frame, name), encoders.get(name)
         kind = None if enc is None else enc["kind"]
-        if kind in ("ordinal", "onehot", "frequency"):
+        if enc is not None and kind in ("ordinal", "onehot", "frequency"):
             cats = enc["categories"]
             present = col.notna().to_numpy()
             text = col.astype("object").where(col.notna(), None)
@@ -81,7 +82,7 @@ def encode(frame: Any, features: list[str], encoders: dict[str, dict[str, Any]])
                 continue
         else:
             values = pd.to_numeric(col, errors="coerce").to_numpy(dtype=np.float64, na_value=np.nan)
-            if kind == "quantile":
+            if enc is not None and kind == "quantile":
                 bins = np.searchsorted(np.asarray(enc["edges"], dtype=np.float64), values, side="right")
                 values = np.where(np.isnan(values), np.nan, bins)
             out[:, j] = values
@@ -110,7 +111,7 @@ def legacy_encoders(meta: dict[str, Any]) -> dict[str, dict[str, Any]]:
     return {n: {"kind": "ordinal", "categories": c} for n, c in meta.get("categories", {}).items()}
 
 
-class DaybreakModel(mlflow.pyfunc.PythonModel):
+class DaybreakModel(PythonModel):
     """An xgboost booster (UBJ) or a scikit-learn estimator (skops), behind the same encoders.
     A many-model version holds one model per partition key and a fallback for unseen keys."""
 

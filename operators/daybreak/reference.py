@@ -91,11 +91,15 @@ def reference_features(spec: Spec, ctx: RunContext) -> pd.DataFrame:
 
     for j in f.asof:
         tol = pd.Timedelta(parse_duration(j.tolerance))
-        dims = _staged(ctx, j.source, [day - timedelta(days=k) for k in range(math.ceil(tol / pd.Timedelta(days=1)), -1, -1)])
-        right = pa.concat_tables(dims).to_pandas() if dims else pd.DataFrame(columns=[j.time, *j.by, *j.columns.values()])
+        span = math.ceil(tol / pd.Timedelta(days=1))
+        dims = _staged(ctx, j.source, [day - timedelta(days=k) for k in range(span, -1, -1)])
+        if dims:
+            right = pa.concat_tables(dims).to_pandas()
+        else:
+            right = pd.DataFrame(columns=[j.time, *j.by, *j.columns.values()])
         right = right.reset_index(drop=True)
         right["__order"] = np.arange(len(right))
-        picked = {name: [] for name in j.columns}
+        picked: dict[str, list[object]] = {name: [] for name in j.columns}
         for _, ev in out.iterrows():
             t = ev["event_time"]
             cand = right[(right[j.time] <= t) & (right[j.time] >= t - tol) & right[j.time].notna()]

@@ -65,7 +65,7 @@ def _curves(y: np.ndarray, preds: dict[str, np.ndarray]) -> list[str]:
     from sklearn.calibration import calibration_curve
     from sklearn.metrics import precision_recall_curve, roc_curve
 
-    out = []
+    out: list[str] = []
     if len(np.unique(y)) < 2:
         return out
     fig, ax = plt.subplots(figsize=(4.5, 4))
@@ -168,6 +168,8 @@ def gate_report(spec: Spec, record: dict[str, Any], y: np.ndarray, candidate: np
     metric_rows = [{"metric": k, "candidate": v, "champion": None if m["champion"] is None else m["champion"][k],
                     "higher is better": "yes" if DIRECTION[k] else "no"} for k, v in m["candidate"].items()]
     override = record.get("override")
+    against = (f"champion v{record['champion_version']}" if record["champion_version"]
+               else "no champion (absolute rules only)")
     parts = [
         "<!doctype html><html><head><meta charset='utf-8'>",
         f"<title>daybreak gate {html.escape(spec.model.name)} {record['date']}: {decision}</title>",
@@ -177,17 +179,17 @@ def gate_report(spec: Spec, record: dict[str, Any], y: np.ndarray, candidate: np
         "figcaption{font-size:12px;color:#57606a}.decision{font-size:1.6em;font-weight:700}</style></head><body>",
         f"<h1>Gate: {html.escape(spec.model.name)}, {record['date']}</h1>",
         f'<p class="decision" style="color:{_COLORS.get(decision, "#1f2328")}">{decision}</p>',
-        f"<p>candidate v{record['candidate_version']} vs "
-        f"{'champion v' + str(record['champion_version']) if record['champion_version'] else 'no champion (absolute rules only)'}"
+        f"<p>candidate v{record['candidate_version']} vs {against}"
         f", both scored on the same {record['holdout_rows']} holdout rows (partitions {record['holdout_hash'][:12]})."
         f" Computed decision: {record['computed_decision']}.</p>",
     ]
     if override:
-        parts.append(f"<p><b>Manual override</b> to {html.escape(override['decision'])} by {html.escape(override['by'])}: "
-                     f"{html.escape(str(override['reason']))}</p>")
+        parts.append(f"<p><b>Manual override</b> to {html.escape(override['decision'])} by "
+                     f"{html.escape(override['by'])}: {html.escape(str(override['reason']))}</p>")
     parts += [
         "<h2>Rules</h2>",
-        _table(record["rules"], ["rule", "kind", "metric", "value", "threshold", "severity", "verdict", "detail"], "rules"),
+        _table(record["rules"],
+               ["rule", "kind", "metric", "value", "threshold", "severity", "verdict", "detail"], "rules"),
         "<h2>Metrics on the holdout</h2>",
         _table(metric_rows, ["metric", "candidate", "champion", "higher is better"], "metrics"),
         "<h2>Plots</h2>", "".join(figures),
@@ -220,11 +222,12 @@ def live_chart(rows: list[dict[str, Any]], metric: str, floor: float | None = No
     for (version, source), pts in sorted(series.items(), key=lambda kv: (int(kv[0][0]) if kv[0][0].isdigit() else 0,
                                                                           kv[0][1])):
         xs = [date.fromisoformat(p["date"]) for p in pts]
-        ax.plot(xs, [p["value"] for p in pts], marker="o", markersize=3.5,
+        # matplotlib's unit registry converts dates; its stubs accept only numbers
+        ax.plot(xs, [p["value"] for p in pts], marker="o", markersize=3.5,  # type: ignore[arg-type]
                 linestyle="-" if source == "online" else ":", label=f"v{version} {source}")
         for p, x in zip(pts, xs, strict=False):
             if p.get("action") == "rollback" and p.get("champion") == version:
-                ax.plot([x], [p["value"]], marker="x", markersize=10, color="#cf222e")
+                ax.plot([x], [p["value"]], marker="x", markersize=10, color="#cf222e")  # type: ignore[arg-type]
     if floor is not None:
         ax.axhline(floor, color="#cf222e", linestyle="--", linewidth=1, label=f"floor {floor:g}")
     ax.xaxis.set_major_formatter(mdates.DateFormatter("%Y-%m-%d"))
