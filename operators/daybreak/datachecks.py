@@ -135,7 +135,8 @@ def run_data_checks(spec: Spec, ctx: RunContext, candidate_tags: dict[str, str],
     champ_days = window_days(champion_tags or {})
     features = (dc.drift.features if dc.drift else None) or spec.features.feature_names()
     per_day = max(100, (dc.drift.sample_rows if dc.drift else 1000) // max(len(cand_days), 1))
-    days = _Days(spec, ctx, features if dc.drift else [], per_day, spec.gate.bootstrap.seed if spec.gate.bootstrap else 0)
+    seed = spec.gate.bootstrap.seed if spec.gate.bootstrap else 0
+    days = _Days(spec, ctx, features if dc.drift else [], per_day, seed)
 
     if champion_tags is not None:
         first = spec.training.holdout(ctx.logical_date)[0]
@@ -147,20 +148,21 @@ def run_data_checks(spec: Spec, ctx: RunContext, candidate_tags: dict[str, str],
                                  "favours it" if seen else "the champion's window ends before the holdout")})
 
     if dc.row_count:
-        c = dc.row_count
+        rc = dc.row_count
         counts = {d: days.rows(d) for d in cand_days}
         newest = cand_days[-1] if cand_days else None
+        newest_rows = None if newest is None else counts.get(newest)
         others = [v for d, v in counts.items() if d != newest and v]
         ok = ratio = None
         detail = "fewer than 2 earlier days in the window"
-        if newest is not None and counts.get(newest) is not None and len(others) >= 2:
+        if newest_rows is not None and len(others) >= 2:
             med = float(np.median(others))
-            ratio = counts[newest] / med if med else math.inf
-            ok = c.min_ratio <= ratio <= c.max_ratio
-            detail = f"{newest}: {counts[newest]} rows vs median {med:g} of {len(others)} earlier days"
+            ratio = newest_rows / med if med else math.inf
+            ok = rc.min_ratio <= ratio <= rc.max_ratio
+            detail = f"{newest}: {newest_rows} rows vs median {med:g} of {len(others)} earlier days"
         rules.append({"rule": "row_count", "kind": "data", "metric": None, "value": ratio,
-                      "threshold": [c.min_ratio, c.max_ratio], "severity": c.severity,
-                      "verdict": verdict(ok, c.severity), "detail": detail})
+                      "threshold": [rc.min_ratio, rc.max_ratio], "severity": rc.severity,
+                      "verdict": verdict(ok, rc.severity), "detail": detail})
 
     cand = champ = None
     if (dc.label_shift or dc.drift) and champ_days:
@@ -169,7 +171,7 @@ def run_data_checks(spec: Spec, ctx: RunContext, candidate_tags: dict[str, str],
                 "the champion has no training window tags" if not champ_days else "no feature rows for a window")
 
     if dc.label_shift:
-        c = dc.label_shift
+        ls = dc.label_shift
         ok = shift = None
         detail = no_champ
         if cand and champ and cand["n"] and champ["n"]:
@@ -179,27 +181,27 @@ def run_data_checks(spec: Spec, ctx: RunContext, candidate_tags: dict[str, str],
             else:
                 shift = abs(cand["mean"] - champ["mean"]) / (champ["std"] or 1.0)
                 detail = f"label mean {cand['mean']:.4g} vs {champ['mean']:.4g} (champion std {champ['std']:.4g})"
-            ok = shift <= c.max_shift
+            ok = shift <= ls.max_shift
         rules.append({"rule": "label_shift", "kind": "data", "metric": None, "value": shift,
-                      "threshold": c.max_shift, "severity": c.severity, "verdict": verdict(ok, c.severity),
+                      "threshold": ls.max_shift, "severity": ls.severity, "verdict": verdict(ok, ls.severity),
                       "detail": detail})
 
     if dc.drift:
-        c = dc.drift
+        dr = dc.drift
         ok = worst = None
         detail = no_champ
         if cand and champ and len(cand["sample"]) and len(champ["sample"]):
             categorical = set(spec.features.categorical_names())
             for name in features:
-                v = psi(champ["sample"][name], cand["sample"][name], c.bins, name in categorical)
-                drift_rows.append({"feature": name, "psi": v, "verdict": "pass" if v <= c.max_psi else
-                                   ("fail" if c.severity == "block" else "warn")})
+                v = psi(champ["sample"][name], cand["sample"][name], dr.bins, name in categorical)
+                drift_rows.append({"feature": name, "psi": v, "verdict": "pass" if v <= dr.max_psi else
+                                   ("fail" if dr.severity == "block" else "warn")})
             drift_rows.sort(key=lambda r: -r["psi"])
             worst = drift_rows[0]["psi"]
-            above = [r["feature"] for r in drift_rows if r["psi"] > c.max_psi]
+            above = [r["feature"] for r in drift_rows if r["psi"] > dr.max_psi]
             ok = not above
             detail = (f"highest: {drift_rows[0]['feature']}; {len(above)} of {len(features)} features above "
-                      f"{c.max_psi} ({len(cand['sample'])} vs {len(champ['sample'])} sampled rows)")
-        rules.append({"rule": "drift", "kind": "data", "metric": "psi", "value": worst, "threshold": c.max_psi,
-                      "severity": c.severity, "verdict": verdict(ok, c.severity), "detail": detail})
+                      f"{dr.max_psi} ({len(cand['sample'])} vs {len(champ['sample'])} sampled rows)")
+        rules.append({"rule": "drift", "kind": "data", "metric": "psi", "value": worst, "threshold": dr.max_psi,
+                      "severity": dr.severity, "verdict": verdict(ok, dr.severity), "detail": detail})
     return rules, drift_rows

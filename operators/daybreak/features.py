@@ -23,9 +23,10 @@ import hashlib
 import json
 import logging
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import date, timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
@@ -38,6 +39,9 @@ from daybreak.errors import MissingInputError
 from daybreak.expr import evaluate, names_in
 from daybreak.spec import FeatureSpec, Spec, parse_duration, window_feature_names
 from daybreak.store import ROW_GROUP_ROWS
+
+if TYPE_CHECKING:
+    import pyarrow.parquet as pq
 
 log = logging.getLogger(__name__)
 
@@ -118,6 +122,8 @@ def window_inputs(batch: pa.Table, f: FeatureSpec, i: int) -> pa.Table:
     # index task then only merges sorted runs, and what it holds is bounded by the distinct
     # (key, time) pairs, not by the rows. Keys leave as dictionary arrays (indices into the
     # slice's sorted distinct values): no strings are copied.
+    ranks: Sequence[np.ndarray]
+    dictionaries: Sequence[pa.Array]
     ranks, dictionaries = zip(*[_sorted_codes(batch.column(c)) for c in w.by], strict=False) if w.by else ((), ())
     ranks = [r[rows] for r in ranks]  # the dictionaries may keep a value no kept row has: harmless
     codes = _mixed_radix(ranks, dictionaries, len(rows))
@@ -211,8 +217,11 @@ def fold_tables(by: list[str], aggs: list[str], *tables: pa.Table) -> pa.Table:
     t = pa.concat_tables(tables) if tables else pa.table({"__k": pa.array([], pa.int64()),
                                                           "__n": pa.array([], pa.int64())})
     k = t.column("__k").to_numpy()
+    ranks: Sequence[np.ndarray]
+    dictionaries: Sequence[pa.Array]
     ranks, dictionaries = zip(*[_sorted_codes(t.column(c)) if c in t.column_names
-                                else (np.zeros(0, np.int64), pa.array([], pa.string())) for c in by], strict=False) if by else ((), ())
+                                else (np.zeros(0, np.int64), pa.array([], pa.string())) for c in by],
+                              strict=False) if by else ((), ())
     order = np.lexsort((k, _mixed_radix(ranks, dictionaries, len(k))))
     k = k[order]
     ranks = [r[order] for r in ranks]
@@ -233,6 +242,8 @@ def build_window_index(by: list[str], aggs: list[str], *tables: pa.Table) -> dic
     """
     t = fold_tables(by, aggs, *tables)
     k = t.column("__k").to_numpy()
+    ranks: Sequence[np.ndarray]
+    dictionaries: Sequence[pa.Array]
     ranks, dictionaries = zip(*[_sorted_codes(t.column(c)) for c in by], strict=False) if by else ((), ())
     codes = _mixed_radix(ranks, dictionaries, len(k))
     dictionaries = list(dictionaries)
@@ -294,12 +305,13 @@ def apply_windows(batch: pa.Table, f: FeatureSpec, indexes: list[Any]) -> pa.Tab
         for span in w.windows:
             lo_t = tt - int(parse_duration(span).total_seconds() * _US)
             lo = np.where(ok, _search(comp, _pack(idx, q, lo_t, strict=False), order), 0)
-            for agg, values in _aggregates(idx, w.aggs, lo, hi):
+            for _agg, values in _aggregates(idx, w.aggs, lo, hi):
                 batch = batch.append_column(next(names), pa.array(values, pa.float64()))
     return batch
 
 
-def _aggregates(idx: dict[str, Any], aggs: list[str], lo: np.ndarray, hi: np.ndarray) -> list[tuple[str, np.ndarray]]:
+def _aggregates(idx: dict[str, Any], aggs: Sequence[str], lo: np.ndarray,
+                hi: np.ndarray) -> list[tuple[str, np.ndarray]]:
     """Each aggregate over the index rows lo[i]:hi[i], in the order of `aggs`."""
     count = (idx["cn"][hi] - idx["cn"][lo]).astype(np.float64)
     out = []
@@ -392,12 +404,13 @@ class _RangeExtreme:
         return out
 
 
-def asof_join(batch: pa.Table, right: pa.Table, by: list[str], time: str, tolerance_us: int, columns: dict[str, str]) -> pa.Table:
+def asof_join(batch: pa.Table, right: pa.Table, by: list[str], time: str, tolerance_us: int,
+              columns: dict[str, str]) -> pa.Table:
     """Attach the latest `right` row per `by` with time in [event_time - tolerance, event_time]."""
-    left = batch.select(by + [EVENT_TIME]).to_pandas()
+    left = batch.select([*by, EVENT_TIME]).to_pandas()
     left["__pos"] = np.arange(len(left))
     left = left.sort_values(EVENT_TIME, kind="stable")
-    rdf = right.select(by + [time] + sorted(set(columns.values()))).to_pandas()
+    rdf = right.select([*by, time, *sorted(set(columns.values()))]).to_pandas()
     rdf = rdf.dropna(subset=[time, *by]).rename(columns={time: "__rtime"}).sort_values("__rtime", kind="stable")
     rdf = rdf.rename(columns={src: f"__r_{src}" for src in set(columns.values())})
     if len(left) and left[EVENT_TIME].isna().any():
@@ -562,7 +575,12 @@ def build_features(spec: Spec, ctx: RunContext) -> dict[str, Any]:
     import ray
 
     ensure_ray(ctx.ray_address)
-    rows_in = sum(ctx.store.partition(f"staged/{f.base}", date.fromisoformat(d)).manifest["rows"] for d in base_hashes)
+    rows_in = 0
+    for d in base_hashes:
+        part = ctx.store.partition(f"staged/{f.base}", date.fromisoformat(d))
+        if part is None:  # listed by _inputs a moment ago, removed since
+            raise MissingInputError(f"features: staged partition of {f.base!r} for {d} disappeared while reading")
+        rows_in += part.manifest["rows"]
     # One read task per slice of whole row groups: about four per CPU, at most HISTORY_SLICE_ROWS
     # rows each (what a task holds is bounded, whatever the look-back's size).
     cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
@@ -666,7 +684,8 @@ class PartWriter:
 
     def __init__(self, fs: Any, folder: str) -> None:
         self.fs, self.folder = fs, folder
-        self.writer, self.files, self.in_file, self.rows = None, 0, 0, 0
+        self.writer: pq.ParquetWriter | None = None
+        self.files, self.in_file, self.rows = 0, 0, 0
         self.buffer: list[pa.Table] = []
         self.buffered = 0
         self.schema: pa.Schema | None = None
@@ -700,10 +719,10 @@ class PartWriter:
         """Flush; with no rows at all, still one (empty) file, so readers find the schema."""
         if self.buffered:
             self._write(pa.concat_tables(self.buffer).combine_chunks())
+        first = self.schema or schema
+        if self.writer is None and first:
+            self._write(first.empty_table())
         if self.writer is not None:
-            self.writer.close()
-        elif self.schema or schema:
-            self._write((self.schema or schema).empty_table())
             self.writer.close()
         return self.rows
 
@@ -739,9 +758,9 @@ def merge_runs(runs: list[dict[str, Any]], keys: list[str], fs: Any, folder: str
 
     Each key column is coded as ranks in the sorted union of the runs' distinct values (nulls
     last, as Arrow sorts them), so rows compare as tuples of int64s. Runs are read a batch at a
-    time (MERGE_POOL_ROWS over all runs): the rows of every run that sort at or before the smallest "last row read" of any
-    run are final; they are sorted together and written, and the runs whose rows read are all
-    written are read further. Memory is bounded by MERGE_POOL_ROWS and a row group.
+    time (MERGE_POOL_ROWS over all runs): the rows of every run that sort at or before the
+    smallest "last row read" of any run are final; they are sorted together and written, and the
+    runs whose rows read are all written are read further. Memory is bounded by MERGE_POOL_ROWS and a row group.
     """
     import pyarrow.parquet as pq
 
