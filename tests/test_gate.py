@@ -215,7 +215,8 @@ def test_gate_record_same_rows_report_and_override(fresh: Path, spec) -> None:
     cand = cl.get_model_version(s.model.name, out["candidate_version"])
     assert out["champion_version"] == "1" and out["candidate_version"] == "2"
     kinds = {r["rule"]: r["kind"] for r in out["rules"]}
-    assert kinds == {"finite_predictions": "absolute", "floor": "absolute", "no_worse": "relative", "confidence": "confidence", "slice:origin": "slice",
+    assert kinds == {"finite_predictions": "absolute", "floor": "absolute", "no_worse": "relative",
+                     "confidence": "confidence", "slice:origin": "slice",
                      "unseen_holdout": "data", "row_count": "data", "label_shift": "data", "drift": "data"}
     assert next(r for r in out["rules"] if r["rule"] == "unseen_holdout")["verdict"] == "pass"
     assert [r["rule"] for r in json.loads(cand.tags["daybreak.gate.rules"])] == list(kinds)
@@ -234,7 +235,8 @@ def test_gate_record_same_rows_report_and_override(fresh: Path, spec) -> None:
         np.testing.assert_allclose(scores[col], registry.load_model(ctx, s.model.name, version).predict(X), rtol=1e-6)
     import hashlib
 
-    assert cand.tags["daybreak.gate.holdout_hash"] == hashlib.sha256(json.dumps(hashes, sort_keys=True).encode()).hexdigest()
+    holdout_hash = hashlib.sha256(json.dumps(hashes, sort_keys=True).encode()).hexdigest()
+    assert cand.tags["daybreak.gate.holdout_hash"] == holdout_hash
     assert out["candidate_metric"] == pytest.approx(skm.roc_auc_score(scores["label"], scores["candidate"]))
     assert out["champion_metric"] == pytest.approx(skm.roc_auc_score(scores["label"], scores["champion"]))
 
@@ -282,7 +284,7 @@ def test_legacy_min_improvement_keeps_its_meaning(spec) -> None:
         g = {k: v for k, v in raw["gate"].items() if k not in ("compare", "margin")} | {"min_improvement": m}
         s = parse_spec({**raw, "gate": g})
         assert (s.gate.compare, s.gate.margin) == (compare, margin)
-    with pytest.raises(SpecError, match="gate: .*min_improvement"):
+    with pytest.raises(SpecError, match=r"gate: .*min_improvement"):
         parse_spec({**raw, "gate": {**raw["gate"], "min_improvement": 0.0}})
 
 
@@ -319,7 +321,8 @@ def _check_report_in_chromium(page: Path, titles: set[str]) -> None:
             tab = browser.new_page()
             tab.goto(page.as_uri())
             images = tab.eval_on_selector_all(
-                "figure img", "els => els.map(e => [e.alt, e.complete && e.naturalWidth > 100 && e.naturalHeight > 100])")
+                "figure img",
+                "els => els.map(e => [e.alt, e.complete && e.naturalWidth > 100 && e.naturalHeight > 100])")
             shot = page.with_suffix(".png")
             tab.screenshot(path=str(shot), full_page=True)
             rules = tab.eval_on_selector_all("table.rules tbody tr", "rows => rows.length")

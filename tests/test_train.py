@@ -4,6 +4,7 @@ Ray, and safe model files, against a real (sqlite) MLflow registry."""
 from __future__ import annotations
 
 import json
+import re
 from datetime import date
 from pathlib import Path
 
@@ -92,7 +93,7 @@ def test_sklearn_estimators_train_register_and_gate(fresh: Path, spec, allow_pip
     assert out["status"] == "trained" and 0.5 < out["val_metric"] <= 1
 
     bad = _with(spec, model={"flavor": "sklearn", "estimator": "sklearn.ensemble.NoSuchForest"})
-    with pytest.raises(SpecError, match="model.estimator: cannot import 'sklearn.ensemble.NoSuchForest'"):
+    with pytest.raises(SpecError, match=re.escape("model.estimator: cannot import 'sklearn.ensemble.NoSuchForest'")):
         train_model(bad, RunContext.create("2013-01-03"))
 
 
@@ -194,7 +195,8 @@ def test_many_models_route_each_row_with_a_fallback_for_unseen_keys(fresh: Path,
         assert np.allclose(pred[sel], inner._predict(m, X[sel]))
         assert not np.allclose(pred[sel], inner._predict(inner.model, X[sel]))  # not the fallback's
     unseen = rows.head(25).assign(origin_code="SFO")
-    assert np.allclose(model.predict(unseen), inner._predict(inner.model, encode(unseen, inner.features, inner.encoders)))
+    fallback = inner._predict(inner.model, encode(unseen, inner.features, inner.encoders))
+    assert np.allclose(model.predict(unseen), fallback)
     assert evaluate_gate(s, ctx)["candidate_metric"] > 0.5
 
 
@@ -203,7 +205,7 @@ def test_partition_by_must_name_a_feature(spec) -> None:
 
     raw = spec.model_dump(exclude_none=True)
     raw["model"]["partition_by"] = ["origin"]
-    with pytest.raises(SpecError, match="model.partition_by: 'origin' is not a feature"):
+    with pytest.raises(SpecError, match=re.escape("model.partition_by: 'origin' is not a feature")):
         parse_spec(raw)
 
 
