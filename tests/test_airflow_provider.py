@@ -61,7 +61,7 @@ def airflow_started(spec, tmp_path_factory: pytest.TempPathFactory):
     passwords = {"admin": secrets.token_urlsafe(12), "viewer": secrets.token_urlsafe(12)}
     (base / "passwords.json").write_text(json.dumps(passwords))
     port = free_port()
-    log = open(base / "api-server.log", "w")
+    log = open(base / "api-server.log", "w")  # noqa: SIM115 - the API server's log, closed after it stops
     airflow = BIN / "airflow"
     proc = subprocess.Popen(["sh", "-c", f'"{airflow}" db migrate && exec "{airflow}" api-server --host 127.0.0.1 '
                                          f'--port {port} --workers 1'],
@@ -276,7 +276,8 @@ def test_models_page_shows_champion_versions_history_and_reports(airflow_site: d
     for mv in versions:
         assert f"<tr id='v{mv.version}'>" in html
         assert mv.tags[registry.DECISION_TAG] in html
-    assert "<script>" not in html and "&lt;script&gt;alert(&#x27;x&#x27;)&lt;/script&gt; &amp; &quot;quoted&quot;" in html
+    assert "<script>" not in html
+    assert "&lt;script&gt;alert(&#x27;x&#x27;)&lt;/script&gt; &amp; &quot;quoted&quot;" in html
     assert "&lt;b&gt;mallory&lt;/b&gt;" in html and "<b>mallory</b>" not in html
     csp = page.headers["content-security-policy"]
     assert "script-src" not in csp  # no script may run on the page

@@ -114,7 +114,7 @@ class Server:
     def __init__(self, spec_file: Path, home: Path, port: int) -> None:
         self.url = f"http://127.0.0.1:{port}"
         self.log_path = home / f"serve-{port}.log"
-        self._log = open(self.log_path, "w")
+        self._log = open(self.log_path, "w")  # noqa: SIM115 - the server's log, closed by stop()
         env = {**os.environ, "DAYBREAK_HOME": str(home), "DAYBREAK_SERVE_TOKEN": SERVE_TOKEN}
         self.proc = subprocess.Popen([str(BIN / "daybreak"), "serve", "--spec", str(spec_file)], env=env,
                                      stdout=self._log, stderr=subprocess.STDOUT)
@@ -222,7 +222,8 @@ def test_live_metrics_are_recorded_per_version(home: Path, spec, tmp_path: Path)
 
     logged = pq.read_table(files).to_pandas() if len(files) > 1 else logged
     labels = read_features(spec, ctx, [day])[0].to_pandas()
-    labels = labels.assign(flight=labels["flight"].astype(str), event_time=labels["event_time"].map(lambda t: t.isoformat()))
+    labels = labels.assign(flight=labels["flight"].astype(str),
+                           event_time=labels["event_time"].map(lambda t: t.isoformat()))
     keys = ["carrier", "flight", "origin", "dest", "event_time"]
     for version in (first, second):
         joined = logged[logged["model_version"] == version].merge(labels[[*keys, "delayed"]], on=keys)

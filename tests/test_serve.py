@@ -28,7 +28,7 @@ def server(cycled: dict, spec, tmp_path_factory: pytest.TempPathFactory):
     spec_file = tmp_path / "spec.yaml"
     spec_file.write_text(yaml.safe_dump(fast))
     env = {**os.environ, "DAYBREAK_HOME": str(cycled["home"])}
-    log = open(tmp_path / "serve.log", "w")
+    log = open(tmp_path / "serve.log", "w")  # noqa: SIM115 - the server's log, closed after it stops
     proc = subprocess.Popen([str(BIN / "daybreak"), "serve", "--spec", str(spec_file)], env=env,
                             stdout=log, stderr=subprocess.STDOUT)
     try:
@@ -154,7 +154,7 @@ def test_bodies_answer_as_mlflow_parses_them(server: dict, use_cycled: dict, spe
         return {"dataframe_split": {"columns": columns, "data": data, **extra}}
 
     def with_value(value, at=num):
-        return [r[:at] + [value] + r[at + 1:] for r in rows]
+        return [[*r[:at], value, *r[at + 1:]] for r in rows]
 
     fast = {
         "split": split(rows),
@@ -171,12 +171,13 @@ def test_bodies_answer_as_mlflow_parses_them(server: dict, use_cycled: dict, spe
         "split, numbers as text": split(with_value("700")),
         "split, text in a double column": split(with_value("far")),
         "split, a number in a string column": split(with_value(7, cols.index("carrier_code"))),
-        "split, an extra column": split([r + [1.0] for r in rows], cols + ["extra"]),
+        "split, an extra column": split([[*r, 1.0] for r in rows], [*cols, "extra"]),
         "split, a column missing": split([r[1:] for r in rows], cols[1:]),
-        "split, a short row": split([rows[0][:-1]] + rows[1:]),
+        "split, a short row": split([rows[0][:-1], *rows[1:]]),
         "split, with an index": split(rows, index=list(range(len(rows)))),
         "split, no rows": split([]),
-        "records, a key missing": {"dataframe_records": [records[0], {k: v for k, v in records[1].items() if k != "distance"}]},
+        "records, a key missing": {"dataframe_records": [records[0],
+                                                         {k: v for k, v in records[1].items() if k != "distance"}]},
         "with params": {**split(rows), "params": {"x": 1}},
         "no format key": {"rows": rows},
         "two format keys": {**split(rows), "dataframe_records": records},
@@ -236,7 +237,8 @@ def test_concurrent_requests_each_get_their_own_rows(server: dict, use_cycled: d
     big = {"dataframe_split": {"columns": list(X.columns), "data": _jsonable(X)}}
     r = httpx.post(f"{url}/invocations", json=big, timeout=60)
     assert r.status_code == 200 and len(r.content) > 0 and len(httpx.Request("POST", url, json=big).content) > 65536
-    np.testing.assert_array_equal(np.asarray(r.json()["predictions"], dtype=np.float64), np.asarray(expected, np.float64))
+    np.testing.assert_array_equal(np.asarray(r.json()["predictions"], dtype=np.float64),
+                                  np.asarray(expected, np.float64))
 
 
 def test_a_big_request_is_predicted_in_slices_between_small_ones(server: dict, use_cycled: dict, spec) -> None:

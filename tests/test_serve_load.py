@@ -81,7 +81,7 @@ def test_five_promotions_under_load(fresh: Path, spec, tmp_path: Path) -> None:
     served["serving"].update(port=port, poll_seconds=0.3)
     spec_file = tmp_path / "spec.yaml"
     spec_file.write_text(yaml.safe_dump(served))
-    log = open(tmp_path / "serve.log", "w")
+    log = open(tmp_path / "serve.log", "w")  # noqa: SIM115 - the server's log, closed after it stops
     proc = subprocess.Popen([str(BIN / "daybreak"), "serve", "--spec", str(spec_file)], env=dict(os.environ),
                             stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
