@@ -117,4 +117,5 @@ def gate_dag() -> None:
 
 
 if __name__ == "__main__":
-    {"user": user_dag, "gate": gate_dag, "approval": approval, "flags": flags}.get(sys.argv[1] if sys.argv[1:] else "", main)()
+    checks = {"user": user_dag, "gate": gate_dag, "approval": approval, "flags": flags}
+    checks.get(sys.argv[1] if sys.argv[1:] else "", main)()

@@ -37,7 +37,8 @@ def main(spec: str, day: str) -> None:
     result = op.execute({"run_id": "cluster-test"})
 
     nodes = sorted(n["NodeID"] for n in ray.nodes() if n["Alive"])
-    print("RESULT " + json.dumps({"result": result, "cluster_nodes": nodes, "address": ray.get_runtime_context().gcs_address}))
+    print("RESULT " + json.dumps({"result": result, "cluster_nodes": nodes,
+                                  "address": ray.get_runtime_context().gcs_address}))
 
 
 if __name__ == "__main__":

@@ -65,7 +65,8 @@ def _x(value):
 def test_dry_run_force_and_batch_score_with_dag_test(airflow_env: dict, fresh: Path, spec) -> None:
     """The form's flags through dag.test for 2013-01-02: dry run (nothing promoted), a normal run,
     a forced retrain; then the asset-scheduled batch DAG run without a logical date or event."""
-    env = {**airflow_env["env"], "DAYBREAK_HOME": str(fresh), "DAYBREAK_TEST_LENIENT_SPEC": str(lenient_spec(spec, fresh))}
+    env = {**airflow_env["env"], "DAYBREAK_HOME": str(fresh),
+           "DAYBREAK_TEST_LENIENT_SPEC": str(lenient_spec(spec, fresh))}
     out = _check(env, "flags")
 
     dry = out["dry_run"]
@@ -181,7 +182,8 @@ def test_manual_approval_through_the_dags(airflow_env: dict, fresh: Path, spec) 
     assert daily["tasks"]["promote"] == "success" and daily["tasks"]["deploy"] == "skipped", daily["tasks"]
     pending = daily["xcom"]["promote"]
     pending = json.loads(pending) if isinstance(pending, str) else pending
-    assert pending["approval"] == "pending" and pending["candidate_version"] == "2" and pending["champion_version"] == "1"
+    assert pending["approval"] == "pending"
+    assert pending["candidate_version"] == "2" and pending["champion_version"] == "1"
 
     bad_decision, no_reason = out["invalid"]
     assert "ParamValidationError" in bad_decision and "maybe" in bad_decision, bad_decision

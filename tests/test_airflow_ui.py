@@ -185,7 +185,8 @@ def airflow(tmp_path_factory: pytest.TempPathFactory, landing: Path) -> Airflow:
                                                                           "dag_processor", "triggerer"))
 
         af.wait("airflow standalone healthy", healthy, 300)
-        af.wait("admin password written", lambda: (af.home / "simple_auth_manager_passwords.json.generated").exists(), 60)
+        passwords = af.home / "simple_auth_manager_passwords.json.generated"
+        af.wait("admin password written", passwords.exists, 60)
         af.login()
         af.wait("the DAGs parsed", lambda: all(af.api("GET", f"/dags/{d}").status_code == 200 for d in (DAILY, BATCH)),
                 120)

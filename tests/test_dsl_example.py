@@ -43,7 +43,8 @@ def _generate(landing: Path, rng: np.random.Generator) -> None:
             "currency": rng.choice(["USD", "EUR", "GBP"], n).tolist(),
             "amount": np.round(rng.lognormal(3.5, 1.2, n), 2),
             "created_at": pa.array(created, pa.timestamp("us", tz="UTC")),
-            "settled_at": pa.array([None if h is None else c + timedelta(hours=h) for c, h in zip(created, settle, strict=False)],
+            "settled_at": pa.array([None if h is None else c + timedelta(hours=h)
+                                    for c, h in zip(created, settle, strict=False)],
                                    pa.timestamp("us", tz="UTC")),
             "charged_back": (rng.random(n) < 0.08).tolist(),
         }), landing / "payments" / f"{d}.parquet")

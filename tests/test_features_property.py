@@ -104,7 +104,8 @@ def test_rows_at_or_after_an_event_never_change_its_features(ev, rd, cut, seed, 
     """Rewrite every event at or after `cut` (entity, value, kind) and every reading after it:
     the features of every event before `cut` stay exactly the same."""
     rng = random.Random(seed)
-    ev2 = [(e, m, v, k) if m < cut else (rng.choice("abc"), m, round(rng.uniform(-50, 50), 2), rng.choice(["hot", "cold"]))
+    ev2 = [(e, m, v, k) if m < cut
+           else (rng.choice("abc"), m, round(rng.uniform(-50, 50), 2), rng.choice(["hot", "cold"]))
            for e, m, v, k in ev]
     rd2 = [(e, m, lv) if m <= cut else (rng.choice("abcd"), m, round(rng.uniform(0, 10), 3)) for e, m, lv in rd]
     before, _ = _build(tmp_path_factory.mktemp("leak"), ev, rd, True)
