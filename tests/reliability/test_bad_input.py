@@ -100,8 +100,8 @@ LANDING: dict[str, tuple[Callable[[list[str], Path], dict[str, bytes]], dict[str
         {"extra_columns": "block"}, ["not in the contract: ['wifi']"]),
     "wrong type in a whole column": (lambda ln, lp: {"flights/D.csv": _column(ln, "distance", "far")}, {},
                                      ["distance", "943 of 943 rows"]),
-    "not utf-8": (lambda ln, lp: {"flights/D.csv": "".join(ln[:3] + [_replace_field(ln[3], COL["tailnum"], "N#4")]
-                                                          + ln[4:]).encode().replace(b"N#4", b"N\xe9\xff4")}, {},
+    "not utf-8": (lambda ln, lp: {"flights/D.csv": "".join([*ln[:3], _replace_field(ln[3], COL["tailnum"], "N#4"),
+                                                           *ln[4:]]).encode().replace(b"N#4", b"N\xe9\xff4")}, {},
                   ["not valid utf-8 text"]),
     "all-null label": (lambda ln, lp: {"flights/D.csv": _column(ln, "arr_delay", "NA")}, {},
                        ["arr_delay is null in 100% of rows"]),
@@ -350,7 +350,7 @@ def test_bad_landing_files_and_bad_specs(tmp_path: Path, landing: Path) -> None:
     assert driver.returncode == 0, driver.stderr[-3000:]
     results = {r["name"]: r for r in json.loads((tmp_path / "results.json").read_text())}
     for own, p in procs:
-        out, err = p.communicate(timeout=600)
+        _, err = p.communicate(timeout=600)
         results[own["name"]] = {"rc": p.returncode, "stderr": err}
         cases.append(own)
 

@@ -421,10 +421,8 @@ def test_sigkill_anywhere_in_the_cycle(crash_rig: dict) -> None:
             if i >= PLANNED and len(hits) >= need:
                 break
             day = FIRST_DAY + timedelta(days=i)
-            if i < PLANNED:
-                target = ORDER[i % len(ORDER)]
-            else:  # extra trials go to steps no kill has hit yet
-                target = next(s for s in ORDER[::-1] if s not in hits)
+            # in turn, then extra trials go to steps no kill has hit yet
+            target = ORDER[i % len(ORDER)] if i < PLANNED else next(s for s in ORDER[::-1] if s not in hits)
             if day == FIRST_DAY and target not in ("stage", "features"):
                 target = "features"  # the first day trains nothing
             trial = Trial(day.isoformat(), target)

@@ -1,9 +1,9 @@
 """Model integrity: a version whose stored files changed after training is never loaded.
 
 Training records ``daybreak.model_sha256`` (every file of the stored model) on each version;
-``registry.load_model`` checks the files it downloads against it. Here with the real parts: a sqlite registry whose artifact store is
-a folder, `daybreak serve` as its own process serving champion v1 to client threads the whole
-time, and real train / gate / promote / batch-score steps.
+``registry.load_model`` checks the files it downloads against it. Here with the real parts: a
+sqlite registry whose artifact store is a folder, `daybreak serve` as its own process serving
+champion v1 to client threads the whole time, and real train / gate / promote / batch-score steps.
 
 Each trial trains a new candidate and gates it (PROMOTE), then changes its files in the artifact
 store, as someone with write access to the bucket would, one kind per trial:
@@ -164,13 +164,13 @@ def test_tampered_versions_are_refused(served: dict, spec, tmp_path: Path) -> No
 
 
         # promote checks the files before the alias moves: refused, nothing moves
-        problems += refused("promote", lambda: promote_model(s, day3), cl, spec, v, v1)
+        problems += refused("promote", lambda s=s: promote_model(s, day3), cl, spec, v, v1)
         # the alias moved by hand, as someone with write access to the registry could: the server
         # must still refuse the files
         cl.set_registered_model_alias(name, spec.promotion.alias, v)
 
         # the server must refuse it, keep serving v1 and say why
-        def health() -> dict | None:
+        def health(v: str = v) -> dict | None:
             h = httpx.get(f"{url}/health", timeout=10).json()
             if h["version"] != v1 or f"version {v}" in (h.get("last_error") or ""):
                 return h

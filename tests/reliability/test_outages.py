@@ -691,7 +691,7 @@ def test_ray_worker_node_dies_during_features(spec, landing: Path, ray_local, tm
                 store = tmp_path / f"trial{k}-{attempt}" / "store"
                 before: dict[str, str] = {}
 
-                def prepare() -> None:
+                def prepare(store: Path = store, before: dict[str, str] = before) -> None:
                     if not want:
                         inputs()
                     shutil.copytree(base, store, symlinks=True,

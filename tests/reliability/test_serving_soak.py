@@ -41,6 +41,7 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from itertools import pairwise
 from pathlib import Path
 
 import httpx
@@ -192,7 +193,7 @@ def _mb(b: float) -> str:
 def memory_problems(samples: list[tuple[float, int, int, int]], swaps: list[dict], end: float) -> tuple[list[str], str]:
     """The bounds of the module docstring over the samples after the warm-up swaps, and the figures."""
     bounds = [s["started"] for s in swaps[WARMUP:]] + [end]
-    windows = [[x for x in samples if lo <= x[0] < hi] for lo, hi in zip(bounds, bounds[1:], strict=False)]
+    windows = [[x for x in samples if lo <= x[0] < hi] for lo, hi in pairwise(bounds)]
     windows = [w for w in windows if w]
     rss = [statistics.median(x[1] for x in w) for w in windows]
     base, final = rss[0], rss[-1]
