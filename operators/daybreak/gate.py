@@ -85,12 +85,13 @@ def judge(spec: Spec, y: np.ndarray, candidate: np.ndarray, champion: np.ndarray
     bad = int((~np.isfinite(candidate)).sum())
     rules: list[dict[str, Any]] = [{
         "rule": "finite_predictions", "kind": "absolute", "metric": None, "value": bad, "threshold": 0,
-        "verdict": "fail" if bad else "pass", "detail": f"{bad} of {len(candidate)} candidate predictions are NaN or infinite"}]
+        "verdict": "fail" if bad else "pass",
+        "detail": f"{bad} of {len(candidate)} candidate predictions are NaN or infinite"}]
     bounds = {**g.floors, **({g.metric: g.floor} if g.floor is not None else {})}
     rules += [_bound_rule(m, cand[m], t) for m, t in bounds.items()]
     boot = None
     slices: list[dict[str, Any]] = []
-    if champ is not None:
+    if champion is not None and champ is not None:  # both or neither
         need = g.required_margin()
         point = metrics.gain(g.metric, cand[g.metric], champ[g.metric])
         ok = math.isfinite(point) and (point > need if g.compare == "improve" else point >= need)
@@ -272,7 +273,8 @@ def evaluate_gate(spec: Spec, ctx: RunContext, force: bool = False, override: st
         from daybreak.history import record_event
 
         failed = ", ".join(r["rule"] for r in rules if r["verdict"] == "fail")
-        record_event(spec, ctx, "override" if forced else decision.lower(), str(cand.version), from_version=champ_version,
+        record_event(spec, ctx, "override" if forced else decision.lower(), str(cand.version),
+                     from_version=champ_version,
                      reason=(f"override {computed} -> {decision}: {reason}" if forced else f"failed: {failed}"))
     log.info("gate %s: %s candidate v%s %s=%.4f vs champion %s %s%s", day, decision, str(cand.version), m, cand_metric,
              f"v{champ_version}" if champ_version else "(none)", "" if champ_metric is None else f"{champ_metric:.4f}",

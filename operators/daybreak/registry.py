@@ -11,7 +11,7 @@ import fcntl
 import json
 import logging
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -205,7 +205,7 @@ def folder_digest(root: str | Path) -> str:
     return artifacts_digest(model_files(root))
 
 
-def artifacts_digest(files: dict[str, str | Path]) -> str:
+def artifacts_digest(files: Mapping[str, str | Path]) -> str:
     """One sha256 over (name, content hash) of `files`."""
     import hashlib
 

@@ -115,7 +115,8 @@ def batch_score(spec: Spec, ctx: RunContext, champion_date: bool = False) -> dic
     cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
     slices = _slices(part.files, ctx.store.fs, max(1, part.manifest["rows"] // (4 * cpus)))
     scored_at = datetime.now(UTC).isoformat(timespec="seconds")
-    ds = ray.data.from_items([{"path": p, "row_groups": g} for p, g in slices], override_num_blocks=len(slices))
+    ds: ray.data.Dataset = ray.data.from_items([{"path": p, "row_groups": g} for p, g in slices],
+                                               override_num_blocks=len(slices))
     ds = ds.map_batches(SliceScorer, fn_constructor_kwargs={"spec": spec, "tracking_uri": ctx.tracking_uri,
                                                             "version": version, "fs": ctx.store.fs,
                                                             "scored_at": scored_at, "run_id": ctx.run_id},

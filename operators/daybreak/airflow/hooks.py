@@ -36,16 +36,16 @@ def _extra(conn: Any, conn_type: str, key: str) -> Any:
     return value if value not in (None, "") else extra.get(f"extra__{conn_type}__{key}") or None
 
 
-def _ui_field_behaviour(cls: type) -> dict[str, Any]:
+def _ui_field_behaviour(cls: type[Any]) -> dict[str, Any]:
     from daybreak.airflow.provider import ui_field_behaviour
 
-    return ui_field_behaviour(cls.conn_type)  # type: ignore[attr-defined]
+    return ui_field_behaviour(cls.conn_type)
 
 
-def _connection_form_widgets(cls: type) -> dict[str, Any]:
+def _connection_form_widgets(cls: type[Any]) -> dict[str, Any]:
     from daybreak.airflow.provider import form_widgets
 
-    return form_widgets(cls.conn_type)  # type: ignore[attr-defined]
+    return form_widgets(cls.conn_type)
 
 
 class MlflowHook(BaseHook):
@@ -142,7 +142,8 @@ class RayHook(BaseHook):
         if address := _extra(conn, self.conn_type, "address"):
             return str(address)
         if not conn.host:
-            raise ValueError(f"Airflow Connection {self.ray_conn_id!r} has neither a host nor an extra 'address' for Ray")
+            raise ValueError(f"Airflow Connection {self.ray_conn_id!r} has neither a host nor an extra 'address' "
+                             "for Ray")
         if conn.host.startswith("ray://") or conn.schema == "ray":
             return f"ray://{conn.host.removeprefix('ray://')}:{conn.port or 10001}"
         return f"{conn.host}:{conn.port or 6379}"
