@@ -86,7 +86,7 @@ def _labelled(spec: Spec, ctx: RunContext) -> Any:
     """D's feature rows: identity, label, features (the labels arrived with D's staged data)."""
     from daybreak.features import read_features
 
-    t, _, missing = read_features(spec, ctx, [ctx.logical_date])
+    t, _, _ = read_features(spec, ctx, [ctx.logical_date])
     if t is None:
         raise MissingInputError(f"monitor: no feature partition for {ctx.logical_date} (it holds the labels); "
                                 "run the stage and features steps first")
@@ -243,7 +243,8 @@ def live_quality(spec: Spec, rows: Any) -> tuple[list[dict[str, Any]], list[dict
 
 # --- drift ------------------------------------------------------------------------------------
 
-def served_drift(spec: Spec, ctx: RunContext, served: Any, champion_tags: dict[str, str]) -> tuple[str, list[dict[str, Any]]]:
+def served_drift(spec: Spec, ctx: RunContext, served: Any,
+                 champion_tags: dict[str, str]) -> tuple[str, list[dict[str, Any]]]:
     """PSI per feature, served inputs vs the champion's training window; ('pass'|'warn'|'block'|'skip', rows)."""
     from daybreak.datachecks import _Days, psi, window_days
 
@@ -260,7 +261,7 @@ def served_drift(spec: Spec, ctx: RunContext, served: Any, champion_tags: dict[s
     if len(served) > c.sample_rows:
         served = served.sample(n=c.sample_rows, random_state=0)
     categorical = set(spec.features.categorical_names())
-    out = []
+    out: list[dict[str, Any]] = []
     for n in names:
         v = psi(expected["sample"][n], served[n], c.bins, n in categorical)
         out.append({"feature": n, "psi": v, "verdict": "block" if c.block_psi is not None and v > c.block_psi
@@ -480,11 +481,13 @@ def monitor_model(spec: Spec, ctx: RunContext) -> dict[str, Any]:
         result["notification"] = event
         result["notified"] = notify(spec, event)
     if drift_verdict == "block":
+        block_psi = spec.monitoring.drift.block_psi if spec.monitoring.drift else None  # set, or no block verdict
         raise DriftBlocked(f"monitor {day}: " + "; ".join(a for a in result["alerts"] if "drifted" in a)
-                           + f" (above monitoring.drift.block_psi={spec.monitoring.drift.block_psi}); recorded in "
+                           + f" (above monitoring.drift.block_psi={block_psi}); recorded in "
                            f"run {result['run_id']}. Nothing after monitoring runs today.")
     log.log(logging.WARNING if result["action"] != "none" else logging.INFO, "monitor %s: action %s%s", day,
-            result["action"], (": " + "; ".join(result["reasons"] + result["alerts"])) if result["action"] != "none" else "")
+            result["action"],
+            (": " + "; ".join(result["reasons"] + result["alerts"])) if result["action"] != "none" else "")
     return result
 
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import gc
 import logging
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
@@ -48,7 +48,7 @@ def estimated_bytes(spec: Spec, rows: int) -> int:
     return rows * (8 * (len(spec.features.feature_names()) + 2) + 4 * len(spec.features.feature_names()))
 
 
-def _batches(files: list[str], fs: Any, columns: list[str], lo: int, hi: int):
+def _batches(files: list[str], fs: Any, columns: list[str], lo: int, hi: int) -> Iterator[pd.DataFrame]:
     """DataFrames of the rows at positions [lo, hi) of the files taken in order."""
     pos = 0
     for path in files:
@@ -72,14 +72,15 @@ def first_rows(files: list[str], fs: Any, columns: list[str], n: int) -> pd.Data
     return next(_batches(files, fs, columns, 0, n), pd.DataFrame(columns=columns))
 
 
-def _data_iter(make: Callable[[], Any], to_xy: Callable[[pd.DataFrame], dict[str, Any]], cache: str) -> Any:
+def _data_iter(make: Callable[[], Iterator[pd.DataFrame]], to_xy: Callable[[pd.DataFrame], dict[str, Any]],
+               cache: str) -> Any:
     """An xgboost DataIter over the frames `make()` yields, each encoded with `to_xy`."""
     import xgboost as xgb
 
     class Rows(xgb.DataIter):
         def __init__(self) -> None:
             super().__init__(cache_prefix=cache)
-            self._it = None
+            self._it: Iterator[pd.DataFrame] | None = None
 
         def next(self, input_data: Callable) -> bool:
             if self._it is None:

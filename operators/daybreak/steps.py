@@ -74,17 +74,18 @@ CACHEABLE = ("stage", "features", "train", "gate", "batch_score")
 
 
 def _recorded(step: str, spec: Spec, ctx: RunContext) -> Any:
+    recorded: Callable[[Spec, RunContext], object]  # each step's own lineage type; None: nothing recorded
     if step == "stage":
-        from daybreak.stage import recorded_lineage
+        from daybreak.stage import recorded_lineage as recorded
     elif step == "features":
-        from daybreak.features import recorded_lineage
+        from daybreak.features import recorded_lineage as recorded
     elif step == "train":
-        from daybreak.train import recorded_lineage
+        from daybreak.train import recorded_lineage as recorded
     elif step == "gate":
-        from daybreak.gate import recorded_gate as recorded_lineage
+        from daybreak.gate import recorded_gate as recorded
     else:
-        from daybreak.score import recorded_lineage
-    return recorded_lineage(spec, ctx)
+        from daybreak.score import recorded_lineage as recorded
+    return recorded(spec, ctx)
 
 
 def _from_result(step: str, r: dict[str, Any]) -> Any:

@@ -162,7 +162,15 @@ def train_booster(spec: Spec, dfit: Any, dval: Any, overrides: dict[str, Any], n
     return Fitted(booster, metric_name, val_metric,
                   {"best_iteration": booster.num_boosted_rounds(), **(extra or {}),
                    **{f"xgb.{k}": v for k, v in params.items()}},
-                  {k: float(importance.get(k, 0.0)) for k in names})
+                  {k: _gain(importance.get(k, 0.0)) for k in names})
+
+
+def _gain(v: float | list[float]) -> float:
+    """A feature's gain from ``Booster.get_score``: one number for the single-output models daybreak
+    trains (xgboost lists one per target only for vector-leaf trees)."""
+    if isinstance(v, list):
+        raise TypeError(f"expected one gain per feature, got {len(v)} (a multi-output model?)")
+    return float(v)
 
 
 def _fit_sklearn(spec: Spec, data: TrainData, overrides: dict[str, Any]) -> Fitted:
@@ -368,17 +376,17 @@ def train_model(spec: Spec, ctx: RunContext, force: bool = False) -> dict[str, A
     files, rows = window_files(spec, ctx, days)
     budget = spec.training.memory_budget_mb
     out_of_core = budget is not None and estimated_bytes(spec, rows) > budget * 2**20
-    if out_of_core:
-        if spec.model.flavor != "xgboost" or spec.model.partition_by or spec.model.tuning:
-            raise SpecError(f"train {ctx.logical_date}: the window ({rows} rows) exceeds training.memory_budget_mb="
-                            f"{budget}, and out-of-core training is for single xgboost models without tuning")
+    if out_of_core and (spec.model.flavor != "xgboost" or spec.model.partition_by or spec.model.tuning):
+        raise SpecError(f"train {ctx.logical_date}: the window ({rows} rows) exceeds training.memory_budget_mb="
+                        f"{budget}, and out-of-core training is for single xgboost models without tuning")
     table, hashes, missing = read_features(spec, ctx, days, load=not out_of_core)
-    base = {"step": "train", "date": ctx.logical_date.isoformat(), "window": [days[0].isoformat(), days[-1].isoformat()],
-            "missing_days": missing, "out_of_core": out_of_core}
+    base = {"step": "train", "date": ctx.logical_date.isoformat(),
+            "window": [days[0].isoformat(), days[-1].isoformat()], "missing_days": missing, "out_of_core": out_of_core}
     if rows < spec.training.min_rows:
         log.warning("train %s: %d rows in the window (< training.min_rows=%d); no model trained",
                     ctx.logical_date, rows, spec.training.min_rows)
-        return base | {"status": "skipped", "reason": f"{rows} training rows < training.min_rows={spec.training.min_rows}",
+        return base | {"status": "skipped",
+                       "reason": f"{rows} training rows < training.min_rows={spec.training.min_rows}",
                        "rows": rows, "model_version": None}
 
     lineage_key = _lineage_key(spec, ctx, hashes)

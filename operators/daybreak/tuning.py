@@ -33,11 +33,14 @@ def search_space(space: dict[str, SearchParam]) -> dict[str, Any]:
     for name, p in space.items():
         if p.choices is not None:
             out[name] = tune.choice(p.choices)
-        elif p.integer:
-            lo, hi = int(p.low), int(p.high) + 1  # the spec's high is inclusive
+            continue
+        low, high = p.low, p.high
+        assert low is not None and high is not None  # SearchParam's validator: a range without choices
+        if p.integer:
+            lo, hi = int(low), int(high) + 1  # the spec's high is inclusive
             out[name] = tune.lograndint(lo, hi) if p.log else tune.randint(lo, hi)
         else:
-            out[name] = tune.loguniform(p.low, p.high) if p.log else tune.uniform(p.low, p.high)
+            out[name] = tune.loguniform(low, high) if p.log else tune.uniform(low, high)
     return out
 
 
@@ -77,16 +80,18 @@ def tune(spec: Spec, data: TrainData, ctx: RunContext) -> tuple[dict[str, Any], 
             run_config=rt.RunConfig(storage_path=storage, name="trials", verbose=0),
         )
         grid = tuner.fit()
-    trials = []
-    for r in grid:
+    results = [grid[i] for i in range(len(grid))]  # ResultGrid indexes; it does not declare __iter__
+    trials: list[dict[str, Any]] = []
+    for r in results:
         value = (r.metrics or {}).get("val_metric")
         status = "error" if r.error else ("done" if value is not None else "incomplete")  # cut by the budget
         trials.append({"params": dict(r.config or {}), "status": status,
                        "val_metric": None if value is None else float(value)})
     done = [x for x in trials if x["val_metric"] is not None]
     if not done:
-        errors = [str(r.error) for r in grid if r.error][:1]
-        raise RuntimeError(f"tuning {spec.model.name}: no trial finished within the budget{': ' + errors[0] if errors else ''}")
+        errors = [str(r.error) for r in results if r.error][:1]
+        raise RuntimeError(f"tuning {spec.model.name}: no trial finished within the budget"
+                           f"{': ' + errors[0] if errors else ''}")
     best = (min if mode == "min" else max)(done, key=lambda x: x["val_metric"])
     log.info("tuning %s: %d trial(s) finished; best val %s=%.4f with %s", spec.model.name, len(done), metric,
              best["val_metric"], best["params"])
