@@ -85,9 +85,9 @@ def test_a_live_holder_in_another_pid_namespace_keeps_its_lock(tmp_path: Path, m
         assert held == f"HELD {pid}", (held, pid)
         assert not os.path.exists(f"/proc/{pid}"), "the holder's namespace PID is in use on the host"
         t0 = time.monotonic()
-        with pytest.raises(PromotionConflict, match="locked by ns-holder"):
-            with registry.model_lock(cl, NAME, owner="host-contender", wait_s=3):
-                pytest.fail(f"took over a live holder's lock after {time.monotonic() - t0:.1f} s")
+        with (pytest.raises(PromotionConflict, match="locked by ns-holder"),
+              registry.model_lock(cl, NAME, owner="host-contender", wait_s=3)):
+            pytest.fail(f"took over a live holder's lock after {time.monotonic() - t0:.1f} s")
         release.touch()
         _wait_for(lambda: out.read_text() == "RELEASED")
         with registry.model_lock(cl, NAME, owner="host-contender", wait_s=10):
@@ -116,27 +116,28 @@ def test_two_reapers_of_one_stale_lock_never_both_hold_it(tmp_path: Path, monkey
     ctx = RunContext.create("2013-01-02")
     registry.setup_tracking(ctx, "lock-test")
     cl = registry.client(ctx)
+
+    def contender(who: str, start: threading.Barrier, inside: list[str], overlaps: list[list[str]],
+                  errors: list[str]) -> None:
+        mine = SlowDeletes(registry.client(ctx))
+        start.wait()
+        try:
+            with registry.model_lock(mine, NAME, owner=who, wait_s=30):
+                inside.append(who)
+                if len(inside) > 1:
+                    overlaps.append(list(inside))
+                time.sleep(1.5)
+                inside.remove(who)
+        except Exception as e:
+            errors.append(f"{who}: {type(e).__name__}: {e}")
+
     for trial in range(3):
         # a lock whose lease ran out a minute ago, left by a holder on another machine
         cl.create_registered_model(f"{NAME}.daybreak-lock", tags={OWNER_TAG: f"gone/{trial}",
                                                                    EXPIRES_TAG: str(time.time() - 60)})
         inside, overlaps, errors = [], [], []
         start = threading.Barrier(2)
-
-        def contender(who: str) -> None:
-            mine = SlowDeletes(registry.client(ctx))
-            start.wait()
-            try:
-                with registry.model_lock(mine, NAME, owner=who, wait_s=30):
-                    inside.append(who)
-                    if len(inside) > 1:
-                        overlaps.append(list(inside))
-                    time.sleep(1.5)
-                    inside.remove(who)
-            except Exception as e:
-                errors.append(f"{who}: {type(e).__name__}: {e}")
-
-        threads = [threading.Thread(target=contender, args=(w,)) for w in ("a", "b")]
+        threads = [threading.Thread(target=contender, args=(w, start, inside, overlaps, errors)) for w in ("a", "b")]
         for t in threads:
             t.start()
         for t in threads:
