@@ -148,7 +148,7 @@ class MonitorModelOperator(DaybreakStepOperator):
 
     def execute(self, context: Any) -> dict[str, Any]:
         result = super().execute(context)
-        hook = {"rollback": self.on_rollback, "alert": self.on_alert}.get(result.get("action"))
+        hook = {"rollback": self.on_rollback, "alert": self.on_alert}.get(result.get("action", ""))
         if hook is not None:
             hook(context, result)
         return result
@@ -272,7 +272,8 @@ class PromoteModelOperator(DaybreakStepOperator, SkipMixin):
                  champion_asset: Any = None, **kwargs: Any) -> None:
         kwargs["outlets"] = _with_champion_alias(kwargs.get("outlets"), champion_asset)
         super().__init__(**kwargs)
-        self.dry_run = dry_run
+        # the templated parameter shadows BaseOperator.dry_run(), a debugging helper Airflow never calls
+        self.dry_run = dry_run  # type: ignore[method-assign,assignment]
         self.approve_pending = approve_pending
         self.champion_asset = champion_asset
 
@@ -346,7 +347,8 @@ class DeployModelOperator(DaybreakStepOperator):
         super().__init__(**kwargs)
         self.serve_url = serve_url
         self.require_endpoint = require_endpoint
-        self.dry_run = dry_run
+        # the templated parameter shadows BaseOperator.dry_run(), a debugging helper Airflow never calls
+        self.dry_run = dry_run  # type: ignore[method-assign,assignment]
 
     def step_options(self, context: Any) -> dict[str, Any]:
         return {"url": self.serve_url or None, "require_endpoint": self.require_endpoint}

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import os
 from datetime import UTC
-from typing import Any, Literal
+from typing import Any, Literal, TypedDict
 
 from prefect import flow, get_run_logger
 
@@ -43,7 +43,7 @@ def settings(**given: Any) -> dict[str, Any]:
 
     from daybreak.spec import load_spec
 
-    var = Variable.get(VARIABLE, default=None) or {}
+    var: object = Variable.get(VARIABLE, default=None) or {}
     if not isinstance(var, dict):
         raise ValueError(f"Prefect Variable {VARIABLE!r} must be a JSON object with keys among {list(SETTINGS)}")
     unknown = sorted(set(var) - set(SETTINGS))
@@ -76,8 +76,13 @@ def _report(key: str, title: str, rows: list[dict[str, Any]]) -> None:
     create_table_artifact(key=re.sub(r"[^a-z0-9-]+", "-", key.lower())[:100], table=rows, description=title)
 
 
+class _Persist(TypedDict):
+    persist_result: bool
+    result_serializer: str
+
+
 # Results persisted as JSON (readable, no pickle), where Prefect's result storage settings say.
-_PERSIST = {"persist_result": True, "result_serializer": "json"}
+_PERSIST: _Persist = {"persist_result": True, "result_serializer": "json"}
 
 
 @flow(name="daily_retrain", flow_run_name="daily_retrain {date}", log_prints=True, **_PERSIST)
@@ -86,9 +91,10 @@ def daily_retrain(date: str | None = None, spec: str | None = None, force: bool 
                   ray_address: str | None = None, serve_url: str | None = None, storage_secret: str | None = None,
                   mlflow_secret: str | None = None) -> dict[str, Any]:
     """Stage, build features, monitor the model in service (rolling it back if it must), train,
-    gate, promote and deploy for one date (default: the run's scheduled date). The gate's decision decides: promote runs only after PROMOTE, deploy only
-    when the champion moved. `force` retrains although the date's lineage has a version; `dry_run`
-    stops at promote, which says what it would do."""
+    gate, promote and deploy for one date (default: the run's scheduled date). The gate's decision
+    decides: promote runs only after PROMOTE, deploy only when the champion moved. `force`
+    retrains although the date's lineage has a version; `dry_run` stops at promote, which says
+    what it would do."""
     cfg = settings(spec=spec, store=store, tracking_uri=tracking_uri, ray_address=ray_address, serve_url=serve_url,
                    storage_secret=storage_secret, mlflow_secret=mlflow_secret)
     s, day = cfg["spec"], run_date(date)

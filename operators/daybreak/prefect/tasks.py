@@ -25,7 +25,7 @@ import os
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from datetime import date as Date
-from typing import Any
+from typing import Any, cast
 
 from prefect import task
 from prefect.cache_policies import CachePolicy
@@ -41,7 +41,8 @@ CACHE_FOR = timedelta(days=30)  # a cached result older than this is recomputed 
 def _secret(name: str) -> Any:
     from prefect.blocks.system import Secret
 
-    value = Secret.load(name).get()
+    # load is async_dispatch'ed: typed "block or coroutine", a sync caller gets the block
+    value = cast("Secret[Any]", Secret.load(name)).get()
     if isinstance(value, str):
         try:
             return json.loads(value)
@@ -145,7 +146,8 @@ def _remember(step: str, spec: str, date: str | Date, result: dict[str, Any], ct
     try:
         key = cache_key(step, spec, date, result=result, **ctx)
         if key:
-            run.result_store.write(result, key=key, expiration=datetime.now(UTC) + CACHE_FOR)
+            # typed as Prefect's pendulum DateTime before Python 3.13; its metadata model converts a datetime
+            run.result_store.write(result, key=key, expiration=datetime.now(UTC) + CACHE_FOR)  # type: ignore[arg-type]
     except Exception as e:  # a cache is an optimisation: the step's result stands
         log.warning("%s: result not cached (%s: %s)", step, type(e).__name__, e)
 
