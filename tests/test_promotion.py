@@ -239,7 +239,8 @@ def test_manual_approval_tags_pending_then_approve_promotes(fresh: Path, spec) -
     assert res["champion_version"] == "2" and res["previous_version"] == "1" and res["by"]
     assert _aliases(ctx, manual.model.name) == ("2", "1")
     tags = registry.client(ctx).get_model_version(manual.model.name, "2").tags
-    assert tags["daybreak.approval"] == "approved" and tags["daybreak.approval.reason"] == "checked the JFK slice by hand"
+    assert tags["daybreak.approval"] == "approved"
+    assert tags["daybreak.approval.reason"] == "checked the JFK slice by hand"
     assert tags["daybreak.replaced_version"] == "1" and "daybreak.promoted_at" in tags
     events = audit_events(manual, ctx)
     newest = {(e["event"], e["version"], e["from_version"]) for e in events[:2]}  # recorded in one lock hold
@@ -250,7 +251,7 @@ def test_manual_approval_tags_pending_then_approve_promotes(fresh: Path, spec) -
     assert approved["logical_date"] == "2013-01-03"  # the version's date, not the day it was approved
 
     # approving twice, or the rerun of the date, changes nothing
-    with pytest.raises(ApprovalError, match="v2: already promoted .* \\(approved by "):
+    with pytest.raises(ApprovalError, match=r"v2: already promoted .* \(approved by "):
         approve_model(manual, ctx, "2", "again")
     assert promote_model(manual, ctx)["reason"] == "already champion"
     proc = _cli("versions", "--spec", spec_file)
@@ -299,7 +300,7 @@ def test_approval_refused_when_champion_moved_and_reject(fresh: Path, spec) -> N
     assert _aliases(ctx, manual.model.name) == ("2", "1")
     last = audit_events(manual, ctx)[0]
     assert (last["event"], last["version"], last["reason"]) == ("approval_rejected", "3", "superseded by v2")
-    with pytest.raises(ApprovalError, match="rejected by .*superseded by v2.*never promoted"):
+    with pytest.raises(ApprovalError, match=r"rejected by .*superseded by v2.*never promoted"):
         approve_model(manual, ctx, "3", "changed my mind")
     res = promote_model(other, ctx)  # the date's rerun leaves a rejected version alone
     assert res["promoted"] is False and res["approval"] == "rejected"
@@ -314,7 +315,7 @@ def test_approval_refused_when_champion_moved_and_reject(fresh: Path, spec) -> N
 
     # a rejected approval is out of service: retention may delete it; then it is gone for good
     assert apply_retention(keep_30, _ctx("2013-01-05"), now=later) == ["3"]
-    with pytest.raises(ApprovalError, match="has no version 3 .*deleted by retention"):
+    with pytest.raises(ApprovalError, match=r"has no version 3 .*deleted by retention"):
         approve_model(manual, ctx, "3", "x")
     assert "daybreak-lock" not in " ".join(m.name for m in cl.search_registered_models())
 
