@@ -33,7 +33,7 @@ import threading
 import time
 import uuid
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
@@ -54,13 +54,17 @@ def log_zone(spec: Spec) -> str:
     return f"predlog/{spec.model.name}"
 
 
+Requests = Sequence[tuple[str, int, Mapping[str, Sequence[Any]] | None]]
+"""Per request of a batch, in row order: its id, row count and the identity columns it carried."""
+
+
 class Entry:
     """One answered batch, as the predict thread handed it over (converted later, by the writer)."""
 
     __slots__ = ("features", "predictions", "requests", "served_at", "version")
 
     def __init__(self, version: str, features: Any, predictions: np.ndarray,
-                 requests: list[tuple[str, int, dict[str, Sequence] | None]]) -> None:
+                 requests: Requests) -> None:
         self.served_at = time.time()
         self.version, self.features, self.predictions, self.requests = version, features, predictions, requests
 
@@ -98,7 +102,7 @@ class PredictionLog:
         return rate >= 1.0 or (rate > 0.0 and random.random() < rate)
 
     def record(self, version: str, features: Any, predictions: np.ndarray,
-               requests: list[tuple[str, int, dict[str, Sequence] | None]]) -> None:
+               requests: Requests) -> None:
         """Queue one batch: its features (the model's input: a dict of numpy columns, or a pandas
         frame), predictions, and per request (in row order) its id, row count and the identity
         columns it carried."""
