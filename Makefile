@@ -10,7 +10,7 @@ export AIRFLOW__CORE__DAGS_FOLDER ?= $(CURDIR)/dags
 export AIRFLOW__CORE__LOAD_EXAMPLES ?= False
 export PYTHONWARNINGS ?= ignore::DeprecationWarning
 
-.PHONY: install browser demo test lint reliability up bench constraints clean
+.PHONY: install browser demo test test-fast lint reliability up bench constraints clean
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 install: $(STAMP)
@@ -42,6 +42,14 @@ browser:
 TEST_WORKERS ?= 2
 test: $(STAMP) browser
 	$(BIN)/python -m pytest -q $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder)
+
+# The pure cores, no servers (spec, expressions, features on in-process Ray, staging, the log
+# writer, encoders and the spec attacks): a couple of minutes, for the edit-test loop.
+FAST_TESTS := tests/test_spec.py tests/test_expr.py tests/test_features.py tests/test_features_property.py \
+  tests/test_dsl_example.py tests/test_stage.py tests/test_predlog.py tests/test_encoders.py \
+  tests/security/test_sec_spec.py tests/security/test_sec_credentials.py
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) $(FAST_TESTS)
 
 # The lint gate (.ci/run runs it before the tests): ruff (rule set in pyproject.toml), mypy on the
 # library, and the import contracts (the core never imports Airflow or Prefect).
