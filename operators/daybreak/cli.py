@@ -24,7 +24,8 @@ app.add_typer(prefect_app, name="prefect")
 SpecOpt = typer.Option(..., "--spec", "-s", help="Pipeline spec (YAML).", exists=False)
 JsonOpt = typer.Option(False, "--json", help="Print machine-readable JSON on stdout.")
 StoreOpt = typer.Option(None, "--store", help="Store root (default: $DAYBREAK_STORE or $DAYBREAK_HOME/store).")
-TrackingOpt = typer.Option(None, "--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or sqlite in $DAYBREAK_HOME).")
+TrackingOpt = typer.Option(None, "--tracking-uri",
+                           help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or sqlite in $DAYBREAK_HOME).")
 
 
 def setup_logging(verbose: bool = False) -> None:
@@ -128,8 +129,9 @@ def history(spec: Path = SpecOpt, tracking_uri: str | None = TrackingOpt, as_jso
     s = _load(spec)
     _listing(audit_events(s, _ctx(date.today(), None, tracking_uri)), as_json,
              f"no promotions, rejections or rollbacks of {s.model.name} yet",
-             lambda r: f"{r['at']}  {r['event']:<17} v{r['version'] or '-':<4} (champion was v{r['from_version'] or '-'})  "
-                       f"date={r['logical_date']}  by={r['by']}  run={r['run_context']}  {r['reason']}")
+             lambda r: f"{r['at']}  {r['event']:<17} v{r['version'] or '-':<4} "
+                       f"(champion was v{r['from_version'] or '-'})  date={r['logical_date']}  by={r['by']}  "
+                       f"run={r['run_context']}  {r['reason']}")
 
 
 @app.command()
@@ -179,7 +181,8 @@ def approve(spec: Path = SpecOpt,
 
 
 @app.command()
-def serve(spec: Path = SpecOpt, host: str | None = typer.Option(None, help="Bind address (default from spec: 127.0.0.1)."),
+def serve(spec: Path = SpecOpt,
+          host: str | None = typer.Option(None, help="Bind address (default from spec: 127.0.0.1)."),
           port: int | None = typer.Option(None, help="Port (default from spec)."),
           tracking_uri: str | None = TrackingOpt) -> None:
     """Serve the champion over HTTP (MLflow scoring protocol); follows the champion alias.
@@ -197,7 +200,8 @@ def serve(spec: Path = SpecOpt, host: str | None = typer.Option(None, help="Bind
 def gate(spec: Path = SpecOpt, day: str = typer.Option(..., "--date", "-d", help="Logical date, YYYY-MM-DD."),
          store: str | None = StoreOpt, tracking_uri: str | None = TrackingOpt,
          force: bool = typer.Option(False, "--force", help="Decide again even if this version was gated."),
-         override: str | None = typer.Option(None, "--override", help="promote or reject, replacing the computed decision."),
+         override: str | None = typer.Option(None, "--override",
+                                             help="promote or reject, replacing the computed decision."),
          reason: str | None = typer.Option(None, "--reason", help="Why (required with --override; recorded)."),
          as_json: bool = JsonOpt) -> None:
     """Gate the date's candidate against the champion (after the train step) and record the decision."""
@@ -231,11 +235,13 @@ def monitor(spec: Path = SpecOpt, day: str = typer.Option(..., "--date", "-d", h
              f"logged={res.get('rows_logged', 0)}  labelled={res.get('rows_labelled', 0)}"]
     lines += [f"  {v['source']:<6} v{v['version']:<4} rows={v['rows']:<6} "
               + "  ".join(f"{m}={_fmt(x)}" for m, x in v["metrics"].items()) for v in res.get("versions", [])]
-    lines += [f"  drift {res.get('drift_verdict')}: " + ", ".join(f"{d['feature']}={d['psi']:.3f}"
-                                                             for d in res.get("drift", [])[:5])] if res.get("drift") else []
+    if res.get("drift"):
+        top = ", ".join(f"{d['feature']}={d['psi']:.3f}" for d in res["drift"][:5])
+        lines.append(f"  drift {res.get('drift_verdict')}: {top}")
     lines += [f"  {w}" for w in (res.get("reasons") or []) + (res.get("alerts") or []) + (res.get("warnings") or [])]
     if res.get("rollback"):
-        lines.append(f"  rolled back: v{res['rollback']['rolled_back_version']} -> v{res['rollback']['champion_version']}")
+        rb = res["rollback"]
+        lines.append(f"  rolled back: v{rb['rolled_back_version']} -> v{rb['champion_version']}")
     _emit(res, as_json, "\n".join(lines))
 
 
@@ -252,7 +258,8 @@ def live(spec: Path = SpecOpt, tracking_uri: str | None = TrackingOpt, as_json: 
 
 @app.command()
 def report(spec: Path = SpecOpt, version: str | None = typer.Option(None, help="Model version (default: champion)."),
-           html: str | None = typer.Option(None, "--html", help="Write the gate's HTML report to this file ('-': stdout)."),
+           html: str | None = typer.Option(None, "--html",
+                                           help="Write the gate's HTML report to this file ('-': stdout)."),
            tracking_uri: str | None = TrackingOpt, as_json: bool = JsonOpt) -> None:
     """Print the gate record and lineage of one model version, or save its HTML gate report."""
     from daybreak.history import gate_report_html, version_report
@@ -307,7 +314,8 @@ def datasets_flights(out: Path = typer.Option(..., "--out", "-o", help="Landing 
 def prefect_deploy(spec: Path = SpecOpt,
                    cron: str = typer.Option("0 3 * * *", "--cron", help="When the daily cycle runs (cron, 5 fields)."),
                    timezone: str = typer.Option("UTC", "--timezone", help="Time zone of the cron schedule (IANA)."),
-                   name: str | None = typer.Option(None, "--name", help="Deployment name (default: daybreak-<spec name>)."),
+                   name: str | None = typer.Option(None, "--name",
+                                                   help="Deployment name (default: daybreak-<spec name>)."),
                    store: str | None = StoreOpt, tracking_uri: str | None = TrackingOpt,
                    ray_address: str | None = typer.Option(None, "--ray-address", help="Ray cluster to run on."),
                    serve_url: str | None = typer.Option(None, "--serve-url", help="Endpoint the deploy step checks."),

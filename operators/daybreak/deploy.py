@@ -70,8 +70,8 @@ def deploy_model(spec: Spec, ctx: RunContext, url: str | None = None, timeout: f
 
     df = holdout(spec, ctx).head(sample_rows)
     features = spec.features.feature_names()
-    payload = {"dataframe_split": {"columns": features,
-                                   "data": df[features].astype(object).where(df[features].notna(), None).values.tolist()}}
+    rows = df[features].astype(object).where(df[features].notna(), None).values.tolist()
+    payload = {"dataframe_split": {"columns": features, "data": rows}}
     resp = httpx.post(f"{base}/invocations", json=payload, timeout=30.0)
     if resp.status_code != 200:
         raise DeployError(f"endpoint {base}/invocations answered {resp.status_code}: {resp.text[:300]}")

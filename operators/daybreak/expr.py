@@ -18,6 +18,7 @@ vectorised with ``pyarrow.compute``.
 from __future__ import annotations
 
 import ast
+import itertools
 from collections.abc import Callable
 from typing import Any
 
@@ -82,7 +83,7 @@ def _bucket(x: Any, *edges: Any) -> Any:
     bounds = [e.as_py() if isinstance(e, pa.Scalar) else e for e in edges]
     if not bounds or any(not isinstance(b, (int, float)) or isinstance(b, bool) for b in bounds):
         raise ValueError("bucket(x, e1, e2, ...) needs one or more numeric edges")
-    if any(b >= c for b, c in zip(bounds, bounds[1:], strict=False)):
+    if any(b >= c for b, c in itertools.pairwise(bounds)):
         raise ValueError(f"bucket() edges must increase strictly, got {bounds}")
     arr = _as_array(x).cast(pa.float64())
     values = arr.to_numpy()

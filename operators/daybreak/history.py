@@ -41,7 +41,8 @@ def record_event(spec: Spec, ctx: RunContext, event: str, version: str | None, *
     name = f"{spec.name}-audit"
     exp = cl.get_experiment_by_name(name)
     exp_id = exp.experiment_id if exp is not None else _create_experiment(cl, name)
-    tags = {"event": event, "model": spec.model.name, "version": version or "none", "from_version": from_version or "none",
+    tags = {"event": event, "model": spec.model.name, "version": version or "none",
+            "from_version": from_version or "none",
             "reason": reason[:4000] or "-", "run_context": ctx.run_id, "logical_date": ctx.logical_date.isoformat(),
             "by": by or who(), "at": datetime.now(UTC).isoformat(timespec="seconds")}
     run = cl.create_run(exp_id, run_name=f"{event}-v{version or 'none'}",
@@ -143,7 +144,8 @@ def gate_report_html(spec: Spec, ctx: RunContext, version: str | None = None) ->
     mv = _version(spec, ctx, version)
     run_id = mv.tags.get("daybreak.gate.run_id")
     if not run_id:
-        raise DaybreakError(f"{spec.model.name} v{mv.version} has no gate report (not gated, or gated by an older daybreak)")
+        raise DaybreakError(f"{spec.model.name} v{mv.version} has no gate report "
+                            "(not gated, or gated by an older daybreak)")
     import tempfile
     from pathlib import Path
 

@@ -125,7 +125,8 @@ def _approval_state(cand: Any, champion: str | None) -> dict[str, Any]:
         reason = (f"v{v} passed the gate and waits for approval: daybreak approve --spec <spec> --version {v} "
                   "--reason ... (or the daybreak_approve DAG)")
     else:
-        reason = f"approval of v{v} was rejected by {t.get('daybreak.approval.by')}: {t.get('daybreak.approval.reason')}"
+        reason = (f"approval of v{v} was rejected by {t.get('daybreak.approval.by')}: "
+                  f"{t.get('daybreak.approval.reason')}")
     return {"promoted": False, "approval": state, "reason": reason, "champion_version": champion,
             "candidate_version": v, "gated_against": t.get("daybreak.approval.gated_against")}
 
@@ -333,7 +334,8 @@ def rollback_model(spec: Spec, ctx: RunContext, reason: str, expect: str | None 
     with registry.model_lock(cl, name, owner=ctx.run_id) as held:
         champ, prev = registry.alias_version(cl, name, alias), registry.alias_version(cl, name, prev_alias)
         if champ is None or prev is None:
-            raise PromotionConflict(f"rollback: {name} has no {alias!r} and {prev_alias!r} to swap; nothing to roll back to")
+            raise PromotionConflict(f"rollback: {name} has no {alias!r} and {prev_alias!r} to swap; "
+                                    "nothing to roll back to")
         bad, good = str(champ.version), str(prev.version)
         if expect is not None and bad != str(expect):
             raise PromotionConflict(f"rollback: the champion is v{bad} now, not v{expect} as judged; nothing changed")
@@ -349,7 +351,8 @@ def rollback_model(spec: Spec, ctx: RunContext, reason: str, expect: str | None 
         else:
             held.delete_alias(prev_alias)
         held.check()
-        registry.set_tags(cl, name, bad, {"daybreak.rolled_back_at": _now(), "daybreak.rolled_back_reason": reason[:1000]})
+        registry.set_tags(cl, name, bad, {"daybreak.rolled_back_at": _now(),
+                                          "daybreak.rolled_back_reason": reason[:1000]})
         record_event(spec, ctx, "rollback", good, from_version=bad, reason=reason)
     log.warning("rollback: %s v%s -> v%s (%s)", alias, bad, good, reason)
     return {"step": "rollback", "champion_version": good, "rolled_back_version": bad,

@@ -243,8 +243,8 @@ def render_page(data: dict[str, Any], names: list[str]) -> str:
     for r in data["versions"]:
         report = (f"<a href='{_href('/models/report/' + quote(str(r['version'])), spec)}'>report</a>"
                   if r["has_report"] else "-")
-        override = f"<br><span class='muted'>override of {_e(r['computed_decision'])}: {_e(r['override_reason'])}</span>" \
-            if r.get("override_reason") else ""
+        override = (f"<br><span class='muted'>override of {_e(r['computed_decision'])}: "
+                    f"{_e(r['override_reason'])}</span>" if r.get("override_reason") else "")
         approval = f"{_e(r['approval'])}" + (f" by {_e(r['approval_by'])}" if r.get("approval_by") else "") \
             if r.get("approval") else "-"
         rows.append(
@@ -264,7 +264,8 @@ def render_page(data: dict[str, Any], names: list[str]) -> str:
         from daybreak.report import live_chart
 
         recent = [f"<tr><td>{_e(r['date'])}</td><td>{_e(r['source'])}</td><td>v{_e(r['version'])}</td>"
-                  f"<td>{_e(r['value'])}</td><td>{_e(r['rows'])}</td><td class='{_e(r['action'])}'>{_e(r['action'])}</td></tr>"
+                  f"<td>{_e(r['value'])}</td><td>{_e(r['rows'])}</td>"
+                  f"<td class='{_e(r['action'])}'>{_e(r['action'])}</td></tr>"
                   for r in reversed(live[-30:])]
         live_html = (f"<div id='live-chart'>{live_chart(live, data['live_metric'], data.get('live_floor'))}</div>"
                      f"<table id='live'><thead><tr><th>date</th><th>source</th><th>version</th>"
@@ -273,6 +274,8 @@ def render_page(data: dict[str, Any], names: list[str]) -> str:
     else:
         live_html = ("<p class='muted' id='live'>No monitoring yet: serve the champion (daybreak serve logs its "
                      "predictions), then run the monitor step once the labels are staged.</p>")
+    where = f"spec {_e(spec)} &middot; gate metric {_e(data['metric'])} &middot; registry {_e(data['tracking_uri'])}"
+    no_events = "<tr><td colspan='8' class='muted'>no promotions, rejections or rollbacks yet</td></tr>"
     champion = (f"<p class='champion'>Champion ({_e(data['alias'])}): <strong id='champion'>v{_e(champ)}</strong></p>"
                 if champ else f"<p class='champion'>No {_e(data['alias'])} yet.</p>")
     return f"""<!doctype html>
@@ -280,7 +283,7 @@ def render_page(data: dict[str, Any], names: list[str]) -> str:
 <style>{STYLE}</style></head><body>
 <nav>{nav}</nav>
 <h1>{_e(data['model'])}</h1>
-<p class="muted">spec {_e(spec)} &middot; gate metric {_e(data['metric'])} &middot; registry {_e(data['tracking_uri'])}</p>
+<p class="muted">{where}</p>
 {champion}
 <h2>Recent versions</h2>
 <table><thead><tr><th>version</th><th>date</th><th>training window</th><th>decision</th>
@@ -292,7 +295,7 @@ def render_page(data: dict[str, Any], names: list[str]) -> str:
 <h2>Promotion history</h2>
 <table><thead><tr><th>at</th><th>event</th><th>version</th><th>champion was</th><th>date</th><th>by</th>
 <th>run</th><th>reason</th></tr></thead>
-<tbody>{''.join(events) or "<tr><td colspan='8' class='muted'>no promotions, rejections or rollbacks yet</td></tr>"}</tbody>
+<tbody>{''.join(events) or no_events}</tbody>
 </table></body></html>"""
 
 

@@ -15,6 +15,7 @@ from daybreak.airflow.models_page import URL_PREFIX, VIEW_NAME, create_app
 
 class DaybreakPlugin(AirflowPlugin):
     name = "daybreak"
-    fastapi_apps = [{"app": create_app(), "url_prefix": URL_PREFIX, "name": "daybreak Models"}]
-    external_views = [{"name": VIEW_NAME, "href": f"{URL_PREFIX}/models", "destination": "nav",
+    # read by Airflow from the class; AirflowPlugin declares them as plain (not ClassVar) lists
+    fastapi_apps = [{"app": create_app(), "url_prefix": URL_PREFIX, "name": "daybreak Models"}]  # noqa: RUF012
+    external_views = [{"name": VIEW_NAME, "href": f"{URL_PREFIX}/models", "destination": "nav",  # noqa: RUF012
                        "category": "browse", "url_route": "daybreak-models"}]
