@@ -21,6 +21,20 @@ app.add_typer(datasets_app, name="datasets")
 prefect_app = typer.Typer(no_args_is_help=True, help="Prefect deployments of the daybreak flows.")
 app.add_typer(prefect_app, name="prefect")
 
+
+def _version(value: bool) -> None:
+    if value:
+        from daybreak import __version__
+
+        typer.echo(f"daybreak {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                       help="Print daybreak's version and exit.")) -> None:
+    """daybreak: stage, build features, retrain, gate, promote and serve a model every day."""
+
 SpecOpt = typer.Option(..., "--spec", "-s", help="Pipeline spec (YAML).", exists=False)
 JsonOpt = typer.Option(False, "--json", help="Print machine-readable JSON on stdout.")
 StoreOpt = typer.Option(None, "--store", help="Store root (default: $DAYBREAK_STORE or $DAYBREAK_HOME/store).")

@@ -18,7 +18,9 @@ from daybreak.store import StorageOptions, Store
 
 
 def daybreak_home() -> Path:
-    return Path(os.environ.get("DAYBREAK_HOME", ".daybreak")).expanduser().resolve()
+    """``$DAYBREAK_HOME``, or ``.daybreak`` when it is unset or empty (an empty value would
+    otherwise put the store and the registry in whatever the current directory is)."""
+    return Path(os.environ.get("DAYBREAK_HOME") or ".daybreak").expanduser().resolve()
 
 
 def parse_date(value: str | date | datetime) -> date:

@@ -24,7 +24,9 @@ def is_retryable(exc: BaseException) -> bool:
         return exc.retryable
     if credentials_refused(exc):  # the same credentials are refused again
         return False
-    if isinstance(exc, (ValueError, TypeError, KeyError)):  # bad arguments or data: same again next time
+    # Bad arguments or data, and programming errors: the same again next time.
+    if isinstance(exc, (ValueError, TypeError, LookupError, AttributeError, NameError, AssertionError,
+                        NotImplementedError, RecursionError, ImportError)):
         return False
     return isinstance(exc, Exception)
 
