@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 from pathlib import Path
 
@@ -33,3 +34,23 @@ def test_programming_errors_are_not_retried(exc: Exception) -> None:
 @pytest.mark.parametrize("exc", [ConnectionError(), TimeoutError(), OSError("EIO"), RuntimeError("ray worker lost")])
 def test_passing_conditions_are_retried(exc: Exception) -> None:
     assert is_retryable(exc)
+
+
+def test_gate_rules_tag_stays_within_the_limit_when_nothing_fits() -> None:
+    from daybreak.gate import _TAG_LIMIT, _compact
+
+    huge = [{"rule": "x" * (_TAG_LIMIT + 10), "verdict": "fail", "detail": "d"}]
+    assert _compact(huge) == "[]"
+    many = [{"rule": f"r{i}", "verdict": "pass" if i % 2 else "fail", "detail": "y" * 200} for i in range(100)]
+    text = _compact(many)
+    assert len(text) <= _TAG_LIMIT and json.loads(text)
+
+
+def test_long_input_hashes_are_a_valid_json_tag() -> None:
+    from daybreak.train import input_hashes_tag
+
+    short = {"2013-01-01": "abc"}
+    assert json.loads(input_hashes_tag(short)) == short
+    long = {f"day{i}/file{j}.csv": "f" * 64 for i in range(60) for j in range(10)}
+    tag = json.loads(input_hashes_tag(long))  # under MLflow's 8,000: never truncated to invalid JSON
+    assert tag["entries"] == 600 and tag["artifact"] == "input_hashes.json" and len(json.dumps(tag)) < 8000

@@ -295,7 +295,8 @@ def report(spec: Path = SpecOpt, version: str | None = typer.Option(None, help="
     for k, v in rep.items():
         if k == "rules":
             continue
-        typer.echo(f"{k:<28} {v}")
+        text = str(v)
+        typer.echo(f"{k:<28} {text if len(text) <= 300 else text[:300] + f'... ({len(text):,} characters; --json)'}")
     for r in rep["rules"]:
         typer.echo(_rule_line(r))
 

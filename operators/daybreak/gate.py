@@ -306,9 +306,12 @@ def _compact(rules: list[dict[str, Any]]) -> str:
     if len(text) <= _TAG_LIMIT:
         return text
     slim = sorted(({k: v for k, v in r.items() if k != "detail"} for r in rules), key=lambda r: r["verdict"] == "pass")
-    while slim and len(text := json.dumps(slim, default=_json)) > _TAG_LIMIT:
+    while slim:
+        text = json.dumps(slim, default=_json)
+        if len(text) <= _TAG_LIMIT:
+            return text
         slim.pop()
-    return text
+    return "[]"  # not even one rule fits (a huge name): the run's decision.json has them
 
 
 def _json(v: Any) -> Any:

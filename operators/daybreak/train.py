@@ -438,7 +438,7 @@ def train_model(spec: Spec, ctx: RunContext, force: bool = False) -> dict[str, A
         "daybreak.window_start": days[0].isoformat(),
         "daybreak.window_end": days[-1].isoformat(),
         "daybreak.holdout": json.dumps([d.isoformat() for d in spec.training.holdout(ctx.logical_date)]),
-        "daybreak.input_hashes": json.dumps(hashes, sort_keys=True),
+        INPUT_HASHES_TAG: input_hashes_tag(hashes),
         "daybreak.feature_version": spec.feature_version(),
         "daybreak.code_version": registry.code_version(),
         registry.FLAVOR_TAG: spec.model.flavor,
@@ -469,6 +469,7 @@ def train_model(spec: Spec, ctx: RunContext, force: bool = False) -> dict[str, A
         if _importance_plot(fitted.importance, Path(tmp) / "feature_importance.png"):
             mlflow.log_artifact(str(Path(tmp) / "feature_importance.png"))
         mlflow.log_dict(encoders, "encoders.json")
+        mlflow.log_dict(hashes, INPUT_HASHES_ARTIFACT)  # in full; the tag may only say where
         signature = _signature(features, set(f.categorical_names()))
         # The loader's configuration, logged so that the registry's copy can replace it at load
         # (MLflow only overrides keys the logged model_config has).
@@ -512,6 +513,24 @@ def _register(spec: Spec, ctx: RunContext, cl: Any, model_uri: str, lineage_key:
                 return existing[0], False
         held.check()
         return mlflow.register_model(model_uri, spec.model.name, tags=tags), True
+
+
+INPUT_HASHES_TAG = "daybreak.input_hashes"
+INPUT_HASHES_ARTIFACT = "input_hashes.json"
+# MLflow truncates run tags at 8,000 characters (to invalid JSON): longer lineages go in the artifact.
+_HASHES_TAG_LIMIT = 4000
+
+
+def input_hashes_tag(hashes: dict[str, Any]) -> str:
+    """The input hashes as tag text: the JSON itself when short, else its digest, its size and
+    the training run's artifact that holds it in full (always valid JSON)."""
+    import hashlib
+
+    text = json.dumps(hashes, sort_keys=True)
+    if len(text) <= _HASHES_TAG_LIMIT:
+        return text
+    return json.dumps({"sha256": hashlib.sha256(text.encode()).hexdigest(), "entries": len(hashes),
+                       "artifact": INPUT_HASHES_ARTIFACT})
 
 
 def _requirements(spec: Spec) -> list[str]:
