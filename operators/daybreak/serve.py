@@ -127,6 +127,8 @@ MAX_PENDING_ROWS = 50 * MAX_BATCH_ROWS
 # Limits on what clients send (see the module docstring; each can be set by keyword or environment).
 MAX_BODY_BYTES = 16 * 2**20
 MAX_ROWS = 100_000
+PARQUET_BATCH_ROWS = 8 * 1024
+"""Rows of a Parquet body decoded at a time (its rows and bytes are counted after each batch)."""
 MAX_INFLIGHT_BYTES = 64 * 2**20
 HEADER_TIMEOUT = 10.0
 BODY_TIMEOUT = 30.0
@@ -419,14 +421,27 @@ def _parse_request(raw: bytes, mime: str, fields: Fields | None, ids: frozenset[
     else:
         import io
 
+        import pyarrow as pa
         import pyarrow.parquet as pq
 
         f = pq.ParquetFile(io.BytesIO(raw))
         _rows_limit(f.metadata.num_rows, max_rows)
+        budget = 16 * len(raw) + 2**20
+        too_big = "the Parquet body unpacks to far more than it weighs; send it less compressed"
         unpacked = sum(f.metadata.row_group(k).total_byte_size for k in range(f.metadata.num_row_groups))
-        if unpacked > 16 * len(raw) + 2**20:
-            raise Refused(413, "the Parquet body unpacks to far more than it weighs; send it less compressed")
-        frame = f.read().to_pandas()
+        if unpacked > budget:
+            raise Refused(413, too_big)
+        # The footer is the client's word: read batch by batch, counting rows and Arrow bytes as
+        # they come, so a footer that understates either is stopped at the budget.
+        batches, rows, nbytes = [], 0, 0
+        for batch in f.iter_batches(batch_size=PARQUET_BATCH_ROWS):
+            rows += batch.num_rows
+            nbytes += batch.nbytes
+            _rows_limit(rows, max_rows)
+            if nbytes > budget:
+                raise Refused(413, too_big)
+            batches.append(batch)
+        frame = pa.Table.from_batches(batches, schema=f.schema_arrow).to_pandas()
     if not isinstance(frame, pd.DataFrame):
         frame = pd.DataFrame(frame)
     _rows_limit(len(frame), max_rows)

@@ -161,7 +161,11 @@ class SourceSpec(_Model):
     severity: dict[str, Severity] = Field(default_factory=dict, description="per rule: quarantine (default), warn or block")
     max_file_bytes: int = Field(
         2 * 2**30, ge=1, description="a landing file larger than this is quarantined unread (read in a stream, "
-                                     "never whole); an operational limit, so not part of the spec or feature hash")
+                                     "never whole). For Parquet the limit applies to the uncompressed data as "
+                                     "well: a file whose footer declares more (rows times their least width, or "
+                                     "its column chunks' uncompressed sizes) is quarantined unread, and the read "
+                                     "stops once the data takes twice the limit in memory. An operational "
+                                     "limit, so not part of the spec or feature hash")
 
     @field_validator("columns", mode="before")
     @classmethod
@@ -360,14 +364,42 @@ def window_feature_names(w: WindowAgg) -> list[str]:
     return [f"{w.prefix}{agg}_{win}" for win in w.windows for agg in w.aggs]
 
 
+MAX_TUNING_CHOICES = 100
+"""Most ``choices`` one tuned parameter may list (each is checked when the spec is validated)."""
+MAX_TUNING_PARAMS = 64
+"""Most parameters one ``tuning.space`` may tune."""
+
+
+def _finite(v: Any) -> bool:
+    return not isinstance(v, float) or math.isfinite(v)
+
+
 class SearchParam(_Model):
-    """One tuned parameter: a range (``low``/``high``, ``log`` for a log scale, whole
-    numbers with ``integer``) or a list of ``choices``."""
+    """One tuned parameter: a range (``low``/``high``, finite; ``log`` for a log scale, whole
+    numbers with ``integer``) or a list of at most MAX_TUNING_CHOICES ``choices``."""
     low: float | None = None
     high: float | None = None
     log: bool = False
     integer: bool = False
     choices: list[Any] | None = None
+
+    @field_validator("low", "high")
+    @classmethod
+    def _bound_finite(cls, v: float | None) -> float | None:
+        if v is not None and not math.isfinite(v):
+            raise ValueError(f"{v} is not a finite number: a range needs finite bounds")
+        return v
+
+    @field_validator("choices")
+    @classmethod
+    def _choices_bounded(cls, v: list[Any] | None) -> list[Any] | None:
+        if v is not None:
+            if len(v) > MAX_TUNING_CHOICES:
+                raise ValueError(f"{len(v)} choices; at most {MAX_TUNING_CHOICES} per parameter")
+            bad = [c for c in v if not _finite(c)]
+            if bad:
+                raise ValueError(f"{bad[0]} is not a finite number: choices must be finite")
+        return v
 
     @model_validator(mode="after")
     def _shape(self) -> SearchParam:
@@ -380,14 +412,24 @@ class SearchParam(_Model):
             raise ValueError("a log range needs low > 0")
         elif self.integer and (self.low != int(self.low) or self.high != int(self.high) or (self.log and self.low < 1)):
             raise ValueError("an integer range needs whole-number bounds (and low >= 1 on a log scale)")
+        elif self.integer and max(abs(self.low), abs(self.high)) > 2**63 - 1:
+            raise ValueError("an integer range needs bounds that fit in 64 bits")
         return self
 
 
 class TuningSpec(_Model):
-    space: dict[str, SearchParam] = Field(description="parameter -> its range or choices")
+    space: dict[str, SearchParam] = Field(description="parameter -> its range or choices (at most "
+                                                      f"{MAX_TUNING_PARAMS} parameters)")
     trials: int = Field(8, ge=1, description="at most this many trials")
     time_budget_s: float = Field(600, gt=0, description="stop starting trials after this many seconds")
     parallel: int = Field(0, ge=0, description="trials at once on Ray (0: one per CPU)")
+
+    @field_validator("space")
+    @classmethod
+    def _space_bounded(cls, v: dict[str, SearchParam]) -> dict[str, SearchParam]:
+        if len(v) > MAX_TUNING_PARAMS:
+            raise ValueError(f"{len(v)} parameters; at most {MAX_TUNING_PARAMS}")
+        return v
 
 
 class ModelSpec(_Model):
@@ -961,22 +1003,33 @@ def build_estimator(spec: Spec, overrides: dict[str, Any] | None = None) -> Any:
 def check_model(spec: Spec) -> None:
     """Try the model's settings before any work starts: an estimator that cannot be imported or
     built, a parameter (or tuning range) of the wrong type or out of range, an unknown objective or
-    metric fails here, naming the field, instead of after staging and features. xgboost trains one
-    round on eight made-up rows; a scikit-learn estimator is built and its parameters checked."""
+    metric fails here, naming the field, instead of after staging and features.
+
+    xgboost trains one round on eight made-up rows with ``model.params``, its sizes clamped
+    (:data:`XGB_SIZE_CAPS`: a spec's three million trees or two hundred million classes must not
+    cost minutes and gigabytes here); each tuning value is checked by configuring a booster with
+    it, which parses every parameter without training (one round is trained with the first value
+    of each tuned parameter). A scikit-learn estimator is built and its parameters checked."""
     m = spec.model
-    tries: list[tuple[str, dict[str, Any]]] = [("model.params", {})]
+    tries: list[tuple[str, dict[str, Any], bool]] = [("model.params", {}, True)]
     for k, p in (m.tuning.space.items() if m.tuning else []):
-        values = p.choices if p.choices is not None else [p.low, p.high]
-        tries += [(f"model.tuning.space.{k}", {k: int(v) if p.integer else v}) for v in values]
+        values = p.choices if p.choices is not None else [int(p.low), int(p.high)] if p.integer else [p.low, p.high]
+        seen: set[str] = set()
+        for v in values:
+            key = json.dumps(v, sort_keys=True, default=str)
+            if key not in seen:  # the same value twice is checked once
+                seen.add(key)
+                tries.append((f"model.tuning.space.{k}", {k: v}, len(seen) == 1))
     if m.flavor == "xgboost":
-        for where, extra in tries:
-            _check_xgb(json.dumps(m.model_dump(mode="json"), sort_keys=True), where,
-                       json.dumps(extra, sort_keys=True, default=str))
+        # (the tuning space is given value by value, not with the model: parsed once per check)
+        model_json = json.dumps(m.model_dump(mode="json", exclude={"tuning"}), sort_keys=True)
+        for where, extra, train in tries:
+            _check_xgb(model_json, where, json.dumps(extra, sort_keys=True, default=str), train)
         return
     path = m.estimator or ""
     obj, factory = resolve_estimator(path)
     trusted = not factory and _within(obj.__module__, DEFAULT_ESTIMATOR_MODULES)
-    for where, extra in tries:
+    for where, extra, _ in tries:
         params = dict(m.params) | extra
         if not trusted:
             # an operator's own code: inspected, never called while validating
@@ -1004,26 +1057,84 @@ _XGB_PARAM_ERROR = re.compile(r"Invalid Parameter|Invalid Input|Unknown|valid va
                               r"exceed bound|expect (int|float|bool)", re.IGNORECASE)
 
 
-@functools.lru_cache(maxsize=64)
-def _check_xgb(model_json: str, where: str, extra_json: str) -> None:
-    """(Cached: parsing the same spec again costs nothing.)"""
-    import warnings
+XGB_SIZE_CAPS = {
+    "num_parallel_tree": 2, "num_class": 4, "max_depth": 6, "max_leaves": 64, "max_bin": 64,
+    "max_cat_to_onehot": 8, "max_cat_threshold": 8, "max_cached_hist_node": 1024,
+    "lambdarank_num_pair_per_sample": 4, "top_k": 4,
+}
+"""xgboost parameters that size what one training allocates or computes (trees per round,
+classes, tree depth and leaves, histogram bins, categorical splits, cached histogram nodes,
+ranking pairs, coordinate-descent features), and the value each is clamped to while a spec is
+validated. Only large positive whole numbers are clamped (as int, or text of digits): zero,
+negative, fractional and non-numeric values go to xgboost as written, so what is invalid stays
+invalid. Training uses the spec's values as given."""
+_XGB_MAX_QUANTILES = 4
+_DIGITS = re.compile(r"\s*\+?\d+\s*")
 
+
+def _clamp_sizes(params: dict[str, Any]) -> dict[str, Any]:
+    """`params` with the sizes of :data:`XGB_SIZE_CAPS` clamped, and a long ``quantile_alpha``
+    (one output per quantile) cut to its extremes, for a check on eight made-up rows."""
+    out = dict(params)
+    for k, cap in XGB_SIZE_CAPS.items():
+        v = out.get(k)
+        if isinstance(v, str) and _DIGITS.fullmatch(v):
+            v = int(v)
+        if isinstance(v, int) and not isinstance(v, bool) and v > cap:
+            out[k] = cap
+    alpha = out.get("quantile_alpha")
+    if isinstance(alpha, str):
+        try:
+            alpha = json.loads(alpha)
+        except ValueError:
+            alpha = None
+    if isinstance(alpha, list) and len(alpha) > _XGB_MAX_QUANTILES and all(
+            isinstance(a, (int, float)) and not isinstance(a, bool) for a in alpha):
+        out["quantile_alpha"] = sorted({min(alpha), max(alpha)})  # each must lie in [0, 1]: the extremes tell
+    return out
+
+
+@functools.lru_cache(maxsize=2)
+def _toy_matrix(task: str) -> Any:  # (shared: only read by configured boosters)
+    """Eight made-up rows, with labels most objectives accept (0/1 to classify; in (0, 1) and
+    positive to regress)."""
     import numpy as np
     import xgboost as xgb
 
-    m = ModelSpec.model_validate(json.loads(model_json))
-    # labels most objectives accept (0/1 to classify; in (0, 1) and positive to regress)
-    y = [0.0, 1.0] if m.task == "classification" else [0.25, 0.75]
+    y = [0.0, 1.0] if task == "classification" else [0.25, 0.75]
+    return xgb.DMatrix(np.arange(16, dtype=np.float32).reshape(8, 2), np.array(y * 4, dtype=np.float32))
 
-    def fails(params: dict[str, Any]) -> str | None:
-        params = params | {"nthread": 1}
+
+@functools.lru_cache(maxsize=8)
+def _model_from_json(model_json: str) -> ModelSpec:
+    return ModelSpec.model_validate(json.loads(model_json))
+
+
+@functools.lru_cache(maxsize=256)
+def _check_xgb(model_json: str, where: str, extra_json: str, train: bool = True) -> None:
+    """Check ``model.params`` with `extra` (a tuning value) on eight made-up rows, with the sizes
+    clamped (:func:`_clamp_sizes`): one round of training if `train`, else a booster configured
+    with the parameters (xgboost parses and checks every parameter then, in well under a
+    millisecond). (Cached: parsing the same spec again costs nothing.)"""
+    import warnings
+
+    import xgboost as xgb
+
+    m = _model_from_json(model_json)
+
+    def fails(params: dict[str, Any], train: bool) -> str | None:
+        params = _clamp_sizes(params) | {"nthread": 1}
         params.pop("num_boost_round", None)  # daybreak's, not xgboost's
         try:
-            d = xgb.DMatrix(np.arange(16, dtype=np.float32).reshape(8, 2), np.array(y * 4, dtype=np.float32))
+            # a configured booster only reads the shared rows; training builds its own from them
+            # (it caches histograms in the matrix, which other threads may be validating with)
+            d = _toy_matrix(m.task) if not train else _toy_matrix.__wrapped__(m.task)
             with warnings.catch_warnings():  # training says it again, on real rows
                 warnings.simplefilter("ignore")
-                xgb.train(params, d, num_boost_round=1, evals=[(d, "val")], verbose_eval=False)
+                if train:
+                    xgb.train(params, d, num_boost_round=1, evals=[(d, "val")], verbose_eval=False)
+                else:
+                    xgb.Booster(params, [d]).save_config()  # configures: every parameter parsed and checked
         except (xgb.core.XGBoostError, TypeError, ValueError) as e:
             msg = re.sub(r"^\[[\d:]+\] \S+:\d+: ", "", str(e).splitlines()[0])
             # only what is wrong with a parameter: eight made-up rows may not suit an objective
@@ -1033,13 +1144,15 @@ def _check_xgb(model_json: str, where: str, extra_json: str) -> None:
 
     extra = json.loads(extra_json)
     params = xgb_params(m) | extra
-    err = fails(params)
+    err = fails(params, train)
     if err is None:
         return
     culprit = ""  # the parameter that fails on its own, to name it
     if where == "model.params":
         base = xgb_params(m.model_copy(update={"params": {}}))
-        culprit = next((f".{k}" for k in m.params if fails(base | {k: m.params[k]})), "")
+        culprit = next((f".{k}" for k in m.params if fails(base | {k: m.params[k]}, False)), "")
+        if not culprit and len(m.params) <= MAX_TUNING_PARAMS:  # some errors show only when training
+            culprit = next((f".{k}" for k in m.params if fails(base | {k: m.params[k]}, True)), "")
     raise SpecError(f"{where}{culprit}: xgboost refuses it: {err}")
 
 

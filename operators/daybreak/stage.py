@@ -22,6 +22,11 @@ Landing files are not trusted (whoever drops them may be an attacker):
   before anything is parsed), then parsed from a second stream that is hashed again, so what was
   parsed is what was hashed. A file over the source's ``max_file_bytes`` is refused unread (its
   size is checked before reading and the stream is cut off at the limit);
+* Parquet compresses without bound (a few MB of constants can be billions of rows), so for
+  Parquet the limit applies to the uncompressed data too: the footer's row count and column
+  sizes are checked against ``max_file_bytes`` before any data is read, and the data is then read
+  batch by batch against a budget of twice the limit in Arrow bytes (a footer can lie), refusing
+  the file with a reason naming the sizes instead of running out of memory;
 * anything wrong with one file (duplicate column names, a ``MemoryError`` or ``OSError`` while
   reading it) is that file's problem: quarantined with a reason, never a traceback;
 * the quarantine is private on a local store: folders 0700, files 0600. Refused files are not
@@ -407,10 +412,67 @@ def _read_file(fr: FileRead, src: SourceSpec) -> tuple[pa.Table, list[dict[str, 
     return table, []
 
 
+PARQUET_BATCH_ROWS = 16 * 1024
+"""Rows decoded at a time from a Parquet landing file (the budget is checked after each batch)."""
+
+
+def _min_row_bytes(t: pa.DataType) -> float:
+    """A lower bound of the Arrow bytes one value of type `t` takes once read (values, offsets
+    or indices; not the variable-length data, which the footer does not tell)."""
+    if pa.types.is_boolean(t):
+        return 1 / 8
+    if pa.types.is_dictionary(t):
+        return _min_row_bytes(t.index_type)
+    if pa.types.is_struct(t):
+        return sum(_min_row_bytes(t.field(i).type) for i in range(t.num_fields))
+    if pa.types.is_fixed_size_list(t):
+        return t.list_size * _min_row_bytes(t.value_type)
+    if (pa.types.is_large_string(t) or pa.types.is_large_binary(t) or pa.types.is_large_list(t)):
+        return 8
+    if pa.types.is_string(t) or pa.types.is_binary(t) or pa.types.is_list(t) or pa.types.is_map(t):
+        return 4
+    try:
+        return t.bit_width / 8
+    except ValueError:  # variable width of another kind (views, unions): at least nothing known
+        return 0
+
+
+def _parquet_footer_check(pf: pq.ParquetFile, limit: int) -> None:
+    """Refuse, before reading any data, a Parquet file whose footer says it holds more than
+    `limit` bytes of data: the sum of its column chunks' uncompressed sizes, or its row count
+    times the least bytes a row of its columns takes in Arrow."""
+    md = pf.metadata
+    rows = max(md.num_rows, 0)
+    uncompressed = sum(max(md.row_group(i).column(j).total_uncompressed_size, 0)
+                       for i in range(md.num_row_groups) for j in range(md.num_columns))
+    least = int(rows * sum(_min_row_bytes(f.type) for f in pf.schema_arrow))
+    if max(uncompressed, least) > limit:
+        raise Refused(f"Parquet data too large: {rows} rows, {uncompressed} bytes uncompressed (at least "
+                      f"{least} bytes once read) > the source's max_file_bytes {limit} (for Parquet the limit "
+                      "applies to the uncompressed data): refused, not read")
+
+
+def _read_parquet_bounded(pf: pq.ParquetFile, limit: int) -> pa.Table:
+    """Read batch by batch (within row groups), adding up the batches' Arrow bytes against a
+    budget of twice `limit`: data the footer understates is stopped there, not at the OOM killer."""
+    budget = 2 * limit
+    batches, nbytes = [], 0
+    for batch in pf.iter_batches(batch_size=PARQUET_BATCH_ROWS):
+        nbytes += batch.nbytes
+        if nbytes > budget:
+            raise Refused(f"Parquet data too large: more than {budget} bytes once read (twice the source's "
+                          f"max_file_bytes {limit}; stopped after {sum(b.num_rows for b in batches) + batch.num_rows}"
+                          f" rows, {nbytes} bytes): refused")
+        batches.append(batch)
+    return pa.Table.from_batches(batches, schema=pf.schema_arrow)
+
+
 def _read_parquet(fr: FileRead) -> pa.Table:
     """Parquet needs random access (its footer comes last), so it is not read as a stream: the
     file is opened with the same checks, its size bounded as before, and it must be the file the
-    first pass hashed (same size and modification time)."""
+    first pass hashed (same size and modification time). Its data is bounded too: the footer is
+    checked against ``max_file_bytes`` before reading, and the read stops at twice that in Arrow
+    bytes (:func:`_read_parquet_bounded`)."""
     land = fr.source
     assert land is not None
     if land.root is None:
@@ -425,13 +487,14 @@ def _read_parquet(fr: FileRead) -> pa.Table:
         if size != fr.size or (st is not None and st.st_mtime_ns != fr.mtime_ns):
             raise FileProblem("changed while being staged (not the file that was hashed); stage again")
         try:
-            names = pq.ParquetFile(raw).schema_arrow.names
+            pf = pq.ParquetFile(raw)
+            names = pf.schema_arrow.names
         except OSError as e:  # pyarrow says a bad footer with an OSError
             raise FileProblem(f"cannot be read as parquet: {str(e).splitlines()[0]}") from None
         _check_unique_names(names)
-        raw.seek(0)
+        _parquet_footer_check(pf, land.limit)
         try:
-            return pq.read_table(raw)
+            return _read_parquet_bounded(pf, land.limit)
         except OSError as e:
             raise FileProblem(f"cannot be read as parquet: {str(e).splitlines()[0]}") from None
     finally:

@@ -453,3 +453,35 @@ def test_health_details_need_the_token_and_hide_credentials(token_server: Served
     finally:
         s.stop()
 
+
+
+def test_parquet_body_is_bounded_by_what_it_holds_not_its_footer(open_server: Served, features, use_cycled) -> None:
+    """The body bound trusted the client's footer (its row groups' sizes). A column of one long
+    string, dictionary-encoded, is small in the footer's own sizes and big once read: the body is
+    read batch by batch against the same budget and refused with 413; a normal Parquet body is
+    still answered."""
+    import io
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    cols, data = features
+    good = io.BytesIO()
+    pq.write_table(pa.Table.from_pylist([dict(zip(cols, r)) for r in data[:5]]), good)
+    r = httpx.post(f"{open_server.url}/invocations", content=good.getvalue(),
+                   headers={"Content-Type": "application/vnd.apache.parquet"}, timeout=60)
+    assert r.status_code == 200 and len(r.json()["predictions"]) == 5, r.text[:500]
+
+    wide = io.BytesIO()
+    table = pa.table({c: pa.array([v] * MAX_ROWS) for c, v in zip(cols, data[0])})
+    table = table.append_column("note", pa.array(["x" * 4000] * MAX_ROWS))  # 4 MB once read
+    pq.write_table(table, wide, compression="zstd")
+    body = wide.getvalue()
+    meta = pq.ParquetFile(io.BytesIO(body)).metadata
+    footer = sum(meta.row_group(k).total_byte_size for k in range(meta.num_row_groups))
+    assert footer < 16 * len(body) + 2**20 < 4 * 10**6, (footer, len(body))  # the footer alone lets it through
+    r = httpx.post(f"{open_server.url}/invocations", content=body,
+                   headers={"Content-Type": "application/vnd.apache.parquet"}, timeout=60)
+    msg = _mlflow_error(r, 413, "RESOURCE_LIMIT_EXCEEDED")
+    assert "Parquet" in msg, msg
+    assert httpx.get(f"{open_server.url}/ping", timeout=10).status_code == 200

@@ -15,6 +15,7 @@ the deep and long expressions exited 1 with a RecursionError traceback; ``2**64`
 from __future__ import annotations
 
 import os
+import re
 import resource
 import subprocess
 import sys
@@ -365,3 +366,113 @@ def test_overflow_in_data_is_named_at_run_time_and_in_range_values_are_exact() -
     with pytest.raises(ValueError, match=r"integer overflow in 'a \+ b': the result does not fit in int8"):
         evaluate("a + b", small)
     assert evaluate("int(a) + b", small).to_pylist() == [200, 2]
+
+
+# --- 4. xgboost validation is bounded: size parameters, tuning choices, tuning bounds ------------------
+
+def validate_measured(spec: Path, timeout: float = 90, gib: float = 6) -> tuple[int, str, float, float]:
+    """`daybreak validate --spec` in a subprocess: exit code, stderr, wall seconds and the child's
+    peak RSS in MiB (from wait4). The address space is capped at `gib` GiB so that the old code
+    fails fast instead of taking the machine's memory; a timeout kills the child."""
+    import signal
+
+    base = {k: v for k, v in os.environ.items() if k != ALLOW_ENV}
+    t0 = time.monotonic()
+    with open(spec.with_suffix(".err"), "w+") as err:
+        proc = subprocess.Popen([str(DAYBREAK), "validate", "--spec", str(spec)], env=base, stdout=subprocess.DEVNULL,
+                                stderr=err, preexec_fn=_limit_memory(gib))
+        while True:
+            pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+            if pid:
+                break
+            if time.monotonic() - t0 > timeout:
+                os.kill(proc.pid, signal.SIGKILL)
+                os.wait4(proc.pid, 0)
+                proc.returncode = -9  # the object must not wait for it again
+                pytest.fail(f"daybreak validate did not finish within {timeout} s")
+            time.sleep(0.05)
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        err.seek(0)
+        return proc.returncode, err.read(), time.monotonic() - t0, usage.ru_maxrss / 1024
+
+
+def _with_params(**params) -> dict:
+    raw = _raw()
+    raw["model"]["params"] = {**raw["model"]["params"], **params}
+    return raw
+
+
+def _with_tuning(space: dict) -> dict:
+    raw = _raw()
+    raw["model"]["tuning"] = {"space": space, "trials": 2}
+    return raw
+
+
+# Proven on the old code: 53.5 s and 4.4 GB; 15 s and 3.3 GB; 114 s of CPU for the 70 KB spec.
+HEAVY = {
+    "num_parallel_tree": (_with_params(num_parallel_tree=3_000_000), None),
+    "num_parallel_tree as text": (_with_params(num_parallel_tree="3000000"), None),
+    "num_class": (_with_params(objective="multi:softprob", num_class=200_000_000), None),
+    "6000 tuning choices": (_with_tuning({"eta": {"choices": [round(0.01 + i * 1e-5, 6) for i in range(6000)]}}),
+                            "model.tuning.space.eta.choices"),
+}
+
+
+@pytest.mark.parametrize("case", list(HEAVY))
+def test_xgboost_validation_is_bounded_in_time_and_memory(tmp_path: Path, case: str) -> None:
+    """The attack: `daybreak validate` trained a real round with the spec's sizes (millions of
+    trees or classes), once per tuning choice. Now the sizes are clamped for the check and
+    choices are capped: the spec validates, or is refused naming the field, in seconds."""
+    raw, refused = HEAVY[case]
+    code, err, took, rss = validate_measured(_write(tmp_path, raw))
+    assert "Traceback" not in err, err[-2000:]
+    if refused:
+        assert code == 2, err[-2000:]
+        assert refused in err and "at most 100" in err, err[-2000:]
+    else:
+        assert code == 0, err[-2000:]
+    assert took < 20, f"took {took:.1f} s"
+    assert rss < 1024, f"peak RSS {rss:.0f} MiB"
+
+
+def test_size_clamp_keeps_invalid_values_invalid() -> None:
+    """Only large positive sizes are clamped: zero, negative and non-integer sizes are still
+    refused by xgboost, naming the field."""
+    for params, field in [({"num_parallel_tree": 0}, "num_parallel_tree"), ({"max_depth": -1}, "max_depth"),
+                          ({"max_bin": 1}, "max_bin"), ({"num_parallel_tree": 2.5}, "num_parallel_tree"),
+                          ({"max_depth": "deep"}, "max_depth")]:
+        with pytest.raises(SpecError, match=f"model.params.{field}"):
+            parse_spec(_with_params(**params))
+    with pytest.raises(SpecError, match="model.tuning.space.max_depth"):
+        parse_spec(_with_tuning({"max_depth": {"choices": [3, 4, -2]}}))
+    # large valid sizes still validate (training uses them as given)
+    parse_spec(_with_params(max_depth=10_000, max_bin=10**9, max_leaves=10**9))
+
+
+def test_a_hundred_choices_per_parameter_validate_quickly(tmp_path: Path) -> None:
+    """Every tuning value is checked, with its sizes clamped and without a full training per value."""
+    space = {"eta": {"choices": [round(0.01 + i * 1e-3, 4) for i in range(100)]},
+             "num_parallel_tree": {"choices": [10**6 + i for i in range(100)]},
+             "max_depth": {"low": 1, "high": 10**9, "integer": True}}
+    code, err, took, rss = validate_measured(_write(tmp_path, _with_tuning(space)), timeout=60)
+    assert code == 0, err[-2000:]
+    assert took < 20 and rss < 1024, (took, rss)
+    with pytest.raises(SpecError, match=r"model.tuning.space.eta.choices.*at most 100"):
+        parse_spec(_with_tuning({"eta": {"choices": [0.1] * 101}}))
+
+
+@pytest.mark.parametrize("bounds, field", [
+    ({"max_depth": {"low": 1, "high": float("inf"), "integer": True}}, "max_depth"),
+    ({"max_depth": {"low": float("-inf"), "high": 5, "integer": True}}, "max_depth"),
+    ({"eta": {"low": float("nan"), "high": 0.3}}, "eta"),
+    ({"eta": {"low": 0.01, "high": float("nan")}}, "eta"),
+    ({"eta": {"low": 0.01, "high": float("inf"), "log": True}}, "eta"),
+    ({"eta": {"choices": [0.1, float("nan")]}}, "eta"),
+])
+def test_infinite_and_nan_tuning_bounds_exit_2_naming_the_field(tmp_path: Path, bounds: dict, field: str) -> None:
+    """The attack: `high: .inf` with `integer: true` raised OverflowError (exit 1, raw error)."""
+    proc, _ = validate(_write(tmp_path, _with_tuning(bounds)))
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    _no_traceback(proc)
+    # (the message itself: the test's folder name holds "finite" too)
+    assert re.search(rf"model\.tuning\.space\.{field}[.\w]*: [^\n]*not a finite number", proc.stderr), proc.stderr

@@ -397,3 +397,64 @@ def test_on_s3_size_limit_and_duplicate_header(s3_server, landing: Path, tmp_pat
         bad = {b["file"]: b["reason"] for b in json.loads(f.read())["bad_files"]}
     assert "duplicate column" in bad[f"{DAY}-b.csv"] and "dep_delay" in bad[f"{DAY}-b.csv"], bad
     assert f"max_file_bytes {limit}" in bad[f"{DAY}-c.csv"], bad
+
+
+# --- Parquet: bounded by its data, not by its compressed size ---------------------------------
+
+def _parquet_drop(h: Home, bad_name: str, bad: pa.Table, **write) -> Path:
+    """landing/pq/: a good Parquet file of the day's flights and `bad` beside it."""
+    folder = h.real_landing / "pq"
+    folder.mkdir()
+    pq.write_table(pacsv.read_csv(io.BytesIO(h.flights_csv)), folder / f"{DAY}-good.parquet")
+    pq.write_table(bad, folder / f"{DAY}-{bad_name}.parquet", **write)
+    return folder / f"{DAY}-{bad_name}.parquet"
+
+
+def _pq_spec():
+    return _spec(path="landing/pq/{date}-*.parquet", format="parquet", max_file_bytes=2 * 2**20,
+                 quarantine={"max_bad_files": 1, "max_bad_row_fraction": 0.0})
+
+
+def _bad_reason(out: dict, name: str) -> str:
+    q = json.loads(Path(out["quarantine_uri"], "_quarantine.json").read_text())
+    return {b["file"]: b["reason"] for b in q["bad_files"]}[name]
+
+
+def test_parquet_bomb_is_refused_by_its_footer(h: Home) -> None:
+    """The attack: a 2.3 MB zstd Parquet file of 200M constant rows became a 4.65 GB Arrow table
+    (peak RSS 5 GB; the limit bounded only the compressed size). The same shape, small: 5M
+    constant rows in a few KB, under a 2 MiB limit, are refused from the footer, unread."""
+    path = _parquet_drop(h, "bomb", pa.table({"year": pa.array(__import__("numpy").zeros(5_000_000, "int64"))}),
+                         compression="zstd")
+    assert path.stat().st_size < 64 * 1024  # far below the limit: the old check let it through
+    out = _stage(_pq_spec())
+    assert out["rows"] == 943 and out["files_quarantined"] == 1, out
+    reason = _bad_reason(out, f"{DAY}-bomb.parquet")
+    assert "5000000 rows" in reason and "max_file_bytes 2097152" in reason, reason
+    assert not list(h.store.glob("quarantine/**/files/*bomb*"))  # refused, not copied
+
+
+def test_parquet_data_past_the_budget_is_stopped_while_reading(h: Home) -> None:
+    """A footer can understate the data (a dictionary-encoded column of long strings is small in
+    Parquet's own sizes, big in Arrow): the read goes batch by batch against a budget of twice
+    the limit and stops there, naming the sizes."""
+    long = "x" * 1000
+    path = _parquet_drop(h, "wide", pa.table({"year": pa.array([long] * 20_000)}), compression="zstd")
+    assert path.stat().st_size < 64 * 1024
+    meta = pq.ParquetFile(path).metadata
+    assert sum(meta.row_group(i).column(0).total_uncompressed_size for i in range(meta.num_row_groups)) < 2**20
+    out = _stage(_pq_spec())
+    assert out["rows"] == 943 and out["files_quarantined"] == 1, out
+    reason = _bad_reason(out, f"{DAY}-wide.parquet")
+    assert "max_file_bytes 2097152" in reason and "4194304" in reason, reason
+
+
+def test_normal_parquet_files_stage_as_before(h: Home) -> None:
+    """Row-group-by-row-group reading changes nothing for a normal file (several row groups)."""
+    good = pacsv.read_csv(io.BytesIO(h.flights_csv))
+    folder = h.real_landing / "pq"
+    folder.mkdir()
+    pq.write_table(good, folder / f"{DAY}.parquet", row_group_size=100)
+    out = _stage(_spec(path="landing/pq/{date}.parquet", format="parquet", max_file_bytes=2 * 2**20))
+    assert out["rows"] == 943 and out["files_quarantined"] == 0, out
+    assert _published(h).num_rows == 943
