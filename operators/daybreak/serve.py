@@ -230,7 +230,7 @@ def fast_columns(body: dict, fields: Fields, ids: frozenset[str] = frozenset()) 
                     or type(rows) is not list or not rows
                     or set(map(type, rows)) != {list} or set(map(len, rows)) != {len(columns)}):
                 return None
-            cols = dict(zip(columns, zip(*rows)))
+            cols = dict(zip(columns, zip(*rows, strict=False), strict=False))
         elif fmt == "dataframe_records" or (fmt == "inputs" and type(data) is list):
             if type(data) is not list or not data or set(map(type, data)) != {dict}:
                 return None
@@ -238,7 +238,7 @@ def fast_columns(body: dict, fields: Fields, ids: frozenset[str] = frozenset()) 
             if not _columns_ok(set(given), wanted, ids) or not all(map(eq, map(dict.keys, data), repeat(given))):
                 return None
             keys = list(given)
-            cols = dict(zip(keys, zip(*map(itemgetter(*keys), data)))) if len(keys) > 1 else \
+            cols = dict(zip(keys, zip(*map(itemgetter(*keys), data), strict=False), strict=False)) if len(keys) > 1 else \
                 {keys[0]: [r[keys[0]] for r in data]}
         elif fmt == "inputs" and type(data) is dict:
             if (not _columns_ok(set(data.keys()), wanted, ids) or set(map(type, data.values())) != {list}
@@ -700,7 +700,7 @@ class Batcher:
                     log.exception("prediction batch failed")
                     answers = [_internal(j.request_id) for j, _, _ in slices]
             last_rows, last_seconds = sum(b - a for _, a, b in slices), loop.time() - started
-            for (job, _, _), answer in zip(slices, answers):
+            for (job, _, _), answer in zip(slices, answers, strict=False):
                 if answer is None:  # a slice of a big job, more to come
                     continue
                 if answer[0] != 200:

@@ -45,10 +45,10 @@ import os
 import posixpath
 import re
 import stat
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from typing import Any, BinaryIO
 
 import numpy as np
@@ -355,7 +355,7 @@ def _read_csv(fr: FileRead, src: SourceSpec) -> tuple[pa.Table, list[dict[str, A
     try:
         with _parsing(fr) as reader:
             table = pacsv.read_csv(reader, **_csv_opts(src, dict(zip(contract_schema(src).names,
-                                                                     contract_schema(src).types)), ragged))
+                                                                     contract_schema(src).types, strict=False)), ragged))
         return table, ragged
     except pa.ArrowInvalid as e:
         if "conversion error" not in str(e).lower():

@@ -23,7 +23,6 @@ import httpx
 import psutil
 import pytest
 import yaml
-
 from conftest import BIN, free_port, wait_http
 
 TOKEN = "t0ken-for-the-test"
@@ -421,7 +420,7 @@ def test_identities_need_a_token(open_server: Served, token_server: Served, rows
     msg = _mlflow_error(httpx.post(f"{open_server.url}/invocations", json=with_ids), 403, "PERMISSION_DENIED")
     assert "DAYBREAK_SERVE_TOKEN" in msg, msg
     # as records too (MLflow's parser path), and without identity columns the request is answered
-    records = {"dataframe_records": [dict(zip(cols, r)) for r in data[:2]]}
+    records = {"dataframe_records": [dict(zip(cols, r, strict=False)) for r in data[:2]]}
     _mlflow_error(httpx.post(f"{open_server.url}/invocations", json=records), 403, "PERMISSION_DENIED")
     fcols, fdata = features
     assert httpx.post(f"{open_server.url}/invocations", json=_split(fcols, fdata[:5])).status_code == 200
@@ -467,13 +466,13 @@ def test_parquet_body_is_bounded_by_what_it_holds_not_its_footer(open_server: Se
 
     cols, data = features
     good = io.BytesIO()
-    pq.write_table(pa.Table.from_pylist([dict(zip(cols, r)) for r in data[:5]]), good)
+    pq.write_table(pa.Table.from_pylist([dict(zip(cols, r, strict=False)) for r in data[:5]]), good)
     r = httpx.post(f"{open_server.url}/invocations", content=good.getvalue(),
                    headers={"Content-Type": "application/vnd.apache.parquet"}, timeout=60)
     assert r.status_code == 200 and len(r.json()["predictions"]) == 5, r.text[:500]
 
     wide = io.BytesIO()
-    table = pa.table({c: pa.array([v] * MAX_ROWS) for c, v in zip(cols, data[0])})
+    table = pa.table({c: pa.array([v] * MAX_ROWS) for c, v in zip(cols, data[0], strict=False)})
     table = table.append_column("note", pa.array(["x" * 4000] * MAX_ROWS))  # 4 MB once read
     pq.write_table(table, wide, compression="zstd")
     body = wide.getvalue()

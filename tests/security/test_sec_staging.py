@@ -20,11 +20,9 @@ on both.
 
 from __future__ import annotations
 
-import copy
 import io
 import json
 import os
-import resource
 import shutil
 import stat
 import subprocess
