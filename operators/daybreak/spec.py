@@ -151,14 +151,16 @@ class SourceSpec(_Model):
     format: Literal["csv", "parquet", "jsonl", "files"] = "csv"
     kind: Literal["events", "snapshot"] = "events"
     encoding: str = "utf-8"
-    columns: dict[str, ColumnSpec] = Field(default_factory=dict, description="the contract: name -> type or column spec")
+    columns: dict[str, ColumnSpec] = Field(default_factory=dict,
+                                           description="the contract: name -> type or column spec")
     null_values: list[str] = Field(default_factory=lambda: ["", "NA", "NULL", "null"])
     unique: list[str] = Field(default_factory=list, description="columns that together identify a row")
     event_time: EventTime | None = None
     rows: RowBounds = RowBounds()
     extra_columns: Literal["warn", "block"] = "warn"
     quarantine: QuarantinePolicy = QuarantinePolicy()
-    severity: dict[str, Severity] = Field(default_factory=dict, description="per rule: quarantine (default), warn or block")
+    severity: dict[str, Severity] = Field(default_factory=dict,
+                                          description="per rule: quarantine (default), warn or block")
     max_file_bytes: int = Field(
         2 * 2**30, ge=1, description="a landing file larger than this is quarantined unread (read in a stream, "
                                      "never whole). For Parquet the limit applies to the uncompressed data as "
@@ -209,7 +211,8 @@ class SourceSpec(_Model):
             if not et.type.startswith("timestamp"):
                 raise ValueError(f"event_time.column: {self.event_time.column!r} must be a timestamp, not {et.type}")
         for name, c in self.columns.items():
-            if (c.min is not None or c.max is not None) and (c.type in ("string", "bool") or c.type.startswith("timestamp")):
+            numeric = not (c.type in ("string", "bool") or c.type.startswith("timestamp"))
+            if (c.min is not None or c.max is not None) and not numeric:
                 raise ValueError(f"columns.{name}: min/max apply to numeric columns only")
         return self
 
@@ -285,6 +288,9 @@ class Lookup(_Model):
     columns: dict[str, str]
 
 
+Agg = Literal["count", "sum", "mean", "std", "min", "max"]
+
+
 class WindowAgg(_Model):
     """Trailing-window aggregates per entity, over rows known strictly before each event."""
 
@@ -299,8 +305,7 @@ class WindowAgg(_Model):
         description="longest time from a row's event to its known_at; the step reads this much more history. "
                     "Rows known later than that are left out of the windows (a warning counts them)",
     )
-    aggs: list[Literal["count", "sum", "mean", "std", "min", "max"]] = Field(
-        default_factory=lambda: ["count", "mean"], min_length=1)
+    aggs: list[Agg] = Field(default_factory=lambda: list[Agg](["count", "mean"]), min_length=1)
     windows: list[str] = Field(default_factory=lambda: ["7d"], min_length=1)
     prefix: str
 
@@ -541,7 +546,8 @@ class DataChecksSpec(_Model):
 
 class GateSpec(_Model):
     metric: GateMetric = Field("roc_auc", description="the metric the relative and confidence rules use")
-    report_metrics: list[GateMetric] | None = Field(None, description="metrics scored and reported (default: all of the task's)")
+    report_metrics: list[GateMetric] | None = Field(
+        None, description="metrics scored and reported (default: all of the task's)")
     threshold: float = Field(0.5, gt=0, lt=1, description="decision threshold for f1")
     floor: float | None = Field(None, description="absolute bound on `metric` (a ceiling for lower-is-better metrics)")
     floors: dict[GateMetric, float] = Field(default_factory=dict, description="absolute bounds on other metrics")
@@ -552,7 +558,8 @@ class GateSpec(_Model):
     slices: SliceSpec = SliceSpec()
     data_checks: DataChecksSpec = DataChecksSpec()
     min_rows: int = Field(50, ge=1, description="holdout rows needed to decide")
-    on_reject: Literal["skip", "fail"] = Field("skip", description="Airflow: skip or fail the tasks after a rejected gate")
+    on_reject: Literal["skip", "fail"] = Field(
+        "skip", description="Airflow: skip or fail the tasks after a rejected gate")
 
     @model_validator(mode="before")
     @classmethod
@@ -715,8 +722,10 @@ class Spec(_Model):
             for col in lk.by:
                 if col not in base.columns:
                     raise ValueError(f"features.lookups[{i}].by: column {col!r} is not in base source {f.base!r}")
-        for where, join in [*((f"features.asof[{i}]", j) for i, j in enumerate(f.asof)),
-                            *((f"features.lookups[{i}]", lk) for i, lk in enumerate(f.lookups))]:
+        joins: list[tuple[str, AsofJoin | Lookup]] = [
+            *((f"features.asof[{i}]", j) for i, j in enumerate(f.asof)),
+            *((f"features.lookups[{i}]", lk) for i, lk in enumerate(f.lookups))]
+        for where, join in joins:
             src = self.sources[join.source]
             for col in join.by:  # the join compares these values: the types must agree
                 if src.columns[col].type != base.columns[col].type:
@@ -737,7 +746,8 @@ class Spec(_Model):
         if dupes:
             raise ValueError(f"features: duplicate feature names {dupes}")
         # the feature table holds keys, event_time, features and the label side by side
-        for where, name in [("features.label.name", f.label.name), *((f"features.keys[{i}]", k) for i, k in enumerate(f.keys))]:
+        keys = [(f"features.keys[{i}]", k) for i, k in enumerate(f.keys)]
+        for where, name in [("features.label.name", f.label.name), *keys]:
             if name in names or name == "event_time":
                 raise ValueError(f"{where}: {name!r} is also the name of a feature (or event_time); "
                                  "the feature table cannot hold both")
@@ -1013,7 +1023,11 @@ def check_model(spec: Spec) -> None:
     m = spec.model
     tries: list[tuple[str, dict[str, Any], bool]] = [("model.params", {}, True)]
     for k, p in (m.tuning.space.items() if m.tuning else []):
-        values = p.choices if p.choices is not None else [int(p.low), int(p.high)] if p.integer else [p.low, p.high]
+        if p.choices is not None:
+            values = list(p.choices)
+        else:
+            assert p.low is not None and p.high is not None  # SearchParam: a range has both bounds
+            values = [int(p.low), int(p.high)] if p.integer else [p.low, p.high]
         seen: set[str] = set()
         for v in values:
             key = json.dumps(v, sort_keys=True, default=str)

@@ -318,7 +318,10 @@ def _parsing(fr: FileRead) -> Iterator[_Bounded]:
 
 def _duplicated(names: list[str]) -> list[str]:
     seen: set[str] = set()
-    return sorted({n for n in names if n in seen or seen.add(n)})
+    dupes: set[str] = set()
+    for n in names:
+        (dupes if n in seen else seen).add(n)
+    return sorted(dupes)
 
 
 def _check_unique_names(names: list[str]) -> None:
@@ -354,8 +357,9 @@ def _read_csv(fr: FileRead, src: SourceSpec) -> tuple[pa.Table, list[dict[str, A
     ragged: list[dict[str, Any]] = []
     try:
         with _parsing(fr) as reader:
-            table = pacsv.read_csv(reader, **_csv_opts(src, dict(zip(contract_schema(src).names,
-                                                                     contract_schema(src).types, strict=False)), ragged))
+            schema = contract_schema(src)
+            types = dict(zip(schema.names, schema.types, strict=True))
+            table = pacsv.read_csv(reader, **_csv_opts(src, types, ragged))
         return table, ragged
     except pa.ArrowInvalid as e:
         if "conversion error" not in str(e).lower():
@@ -456,7 +460,8 @@ def _read_parquet_bounded(pf: pq.ParquetFile, limit: int) -> pa.Table:
     """Read batch by batch (within row groups), adding up the batches' Arrow bytes against a
     budget of twice `limit`: data the footer understates is stopped there, not at the OOM killer."""
     budget = 2 * limit
-    batches, nbytes = [], 0
+    batches: list[pa.RecordBatch] = []
+    nbytes = 0
     for batch in pf.iter_batches(batch_size=PARQUET_BATCH_ROWS):
         nbytes += batch.nbytes
         if nbytes > budget:
@@ -480,6 +485,7 @@ def _read_parquet(fr: FileRead) -> pa.Table:
         size = raw.size()
     else:
         raw, st = land.open()
+        assert st is not None  # a local landing file is opened with its stat
         size = st.st_size
     try:
         if size > land.limit:
@@ -579,7 +585,7 @@ def _load(fr: FileRead, src: SourceSpec) -> None:
         values, bad, reason = _convert(table.column(name), name, cs, tz)
         cols[name] = values
         if bad.any():
-            reasons.append(pa.array(np.where(bad, reason, None), pa.string()))
+            reasons.append(pa.array(np.where(bad, reason, np.array(None, dtype=object)), pa.string()))
             raw[f"{_RAW}{name}"] = pc.cast(table.column(name), pa.string())  # what the file said
     n = table.num_rows
     out = pa.table(cols, schema=contract_schema(src))
@@ -627,13 +633,15 @@ def _rule_reasons(table: pa.Table, src: SourceSpec, day: Any) -> dict[str, pa.Ar
     def joined(prefix: str, col: Any, suffix: str) -> Callable[[], Any]:
         return lambda: pc.binary_join_element_wise(prefix, pc.cast(col, pa.string()), suffix, "")
 
+    def constant(text: str) -> Callable[[], Any]:
+        return lambda: pa.scalar(text)
+
     for name, cs in src.columns.items():
         col = table.column(name)
         if not cs.nullable and col.null_count:
-            add("not_null", pc.is_null(col), lambda name=name: pa.scalar(f"not_null: {name} is null"))
+            add("not_null", pc.is_null(col), constant(f"not_null: {name} is null"))
         if pa.types.is_floating(col.type) and not cs.allow_nonfinite:
-            add("finite", pc.or_(pc.is_nan(col), pc.is_inf(col)),
-                lambda name=name: pa.scalar(f"finite: {name} is NaN or infinite"))
+            add("finite", pc.or_(pc.is_nan(col), pc.is_inf(col)), constant(f"finite: {name} is NaN or infinite"))
         if cs.min is not None:
             add("range", pc.less(col, cs.min), joined(f"range: {name}=", col, f" < min {cs.min:g}"))
         if cs.max is not None:
@@ -788,13 +796,19 @@ def _prepare(name: str, src: SourceSpec, ctx: RunContext) -> Prepared:
         raise
 
 
+def _rows(table: pa.Table | None) -> int:
+    """The rows of a read file's table (only files that were read have one)."""
+    assert table is not None
+    return table.num_rows
+
+
 def _decide(name: str, src: SourceSpec, ctx: RunContext, day: Any, reads: list[FileRead], good_reads: list[FileRead],
             table: pa.Table, n: int, bad_files: list[dict[str, str]], digests: dict[str, str], lineage_key: str,
             spec_run: Prepared | None) -> Prepared:
     rule_reasons = _rule_reasons(table, src, day) if n else {}
     type_reasons = pa.chunked_array(
         [c for r in good_reads for c in (r.type_reasons.chunks if r.type_reasons is not None
-                                         else [pa.nulls(r.table.num_rows, pa.string())])], type=pa.string())
+                                         else [pa.nulls(_rows(r.table), pa.string())])], type=pa.string())
     if n and pc.any(pc.is_valid(type_reasons)).as_py():
         rule_reasons = {"type": type_reasons, **rule_reasons}
     ragged = [{**r, "file": f.name} for f in good_reads for r in f.ragged]
@@ -841,7 +855,8 @@ def _decide(name: str, src: SourceSpec, ctx: RunContext, day: Any, reads: list[F
         blocking.append(f"row_count: {rows_in} rows > rows.max {src.rows.max}")
     if len(bad_files) > src.quarantine.max_bad_files:
         blocking.append(f"{len(bad_files)} unreadable file(s) > quarantine.max_bad_files "
-                        f"{src.quarantine.max_bad_files}: " + "; ".join(f"{b['file']}: {b['reason']}" for b in bad_files))
+                        f"{src.quarantine.max_bad_files}: "
+                        + "; ".join(f"{b['file']}: {b['reason']}" for b in bad_files))
     frac = n_bad / rows_in if rows_in else 0.0
     if frac > src.quarantine.max_bad_row_fraction:
         why = [text for _, text in sorted(quarantined, key=lambda c: -c[0])[:3]]
@@ -912,7 +927,7 @@ def _write_quarantine(name: str, ctx: RunContext, table: pa.Table, reasons: Any,
                     out.write(chunk)
         except (FileProblem, OSError, MemoryError) as e:
             log.warning("quarantine: could not copy %s (%s); its reason is recorded", f.path, e)
-    counts = {}
+    counts: dict[str, int] = {}
     if reasons is not None:
         for r in pc.drop_null(reasons).to_pylist():
             for part in r.split("; "):
@@ -936,7 +951,7 @@ def _make_dirs(store: Store, folder: str) -> None:
         return
     top = store.path("quarantine")
     path = top
-    for part in [""] + posixpath.relpath(folder, top).split("/"):
+    for part in ["", *posixpath.relpath(folder, top).split("/")]:
         path = posixpath.join(path, part) if part else path
         try:
             os.mkdir(path, 0o700)
@@ -1035,6 +1050,7 @@ def _publish(p: Prepared, ctx: RunContext) -> dict[str, Any]:
     if p.result is not None:
         return p.result
     table = p.good
+    assert table is not None  # prepared without a result: the good rows are there
     if p.pending is not None:
         try:
             p.written.result()
@@ -1114,8 +1130,9 @@ def recorded_lineage(spec: Spec, ctx: RunContext) -> dict[str, str] | None:
     from the landing files as they are now; None otherwise (the step has work to do). Reads only
     the checksums of the landing files, and nothing at all when a partition is missing."""
     day = ctx.logical_date
-    parts = {name: ctx.store.partition(f"staged/{name}", day) for name in spec.sources}
-    if any(p is None for p in parts.values()):
+    found = {name: ctx.store.partition(f"staged/{name}", day) for name in spec.sources}
+    parts = {name: p for name, p in found.items() if p is not None}
+    if len(parts) < len(found):
         return None
     keys = {}
     for name, src in spec.sources.items():

@@ -222,10 +222,10 @@ def test_sklearn_and_xgboost_estimators_are_still_checked(monkeypatch) -> None:
     parse_spec(_with_model(flavor="sklearn", estimator="sklearn.ensemble.HistGradientBoostingClassifier",
                            params={"max_iter": 20}))
     parse_spec(_with_model(flavor="sklearn", estimator="xgboost.XGBClassifier", params={"n_estimators": 5}))
-    with pytest.raises(SpecError, match="model.params.max_iter"):
+    with pytest.raises(SpecError, match=r"model.params.max_iter"):
         parse_spec(_with_model(flavor="sklearn", estimator="sklearn.ensemble.HistGradientBoostingClassifier",
                                params={"max_iter": -1}))
-    with pytest.raises(SpecError, match="model.params: .*unexpected keyword"):
+    with pytest.raises(SpecError, match=r"model.params: .*unexpected keyword"):
         parse_spec(_with_model(flavor="sklearn", estimator="sklearn.linear_model.LogisticRegression",
                                params={"args": "touch x"}))
 
@@ -239,9 +239,9 @@ def test_training_goes_through_the_allow_list(monkeypatch, tmp_path: Path) -> No
     monkeypatch.delenv(ALLOW_ENV, raising=False)
     spec = Spec.model_validate(_with_model(flavor="sklearn", estimator="subprocess.Popen",
                                            params={"args": f"touch {marker}", "shell": True}))
-    with pytest.raises(SpecError, match="model.estimator"):
+    with pytest.raises(SpecError, match=r"model.estimator"):
         build_estimator(spec)
-    with pytest.raises(SpecError, match="model.estimator"):
+    with pytest.raises(SpecError, match=r"model.estimator"):
         build_estimator(spec.model_copy(update={"model": spec.model.model_copy(
             update={"estimator": "sklearn.utils._testing.assert_run_python_script_without_output"})}))
     time.sleep(0.3)
@@ -324,7 +324,7 @@ def test_deep_and_long_expressions_exit_2_naming_the_field(tmp_path: Path, kind:
 def test_deep_expressions_in_process(kind: str) -> None:
     with pytest.raises(ValueError, match=r"features.columns\[0\].expr: expression (nests deeper|is longer)"):
         check_expression(DEEP[kind], {"distance"}, where="features.columns[0].expr")
-    with pytest.raises(ValueError, match="nests deeper|is longer"):
+    with pytest.raises(ValueError, match=r"nests deeper|is longer"):
         evaluate(DEEP[kind], pa.table({"distance": [1.0]}))
 
 
@@ -349,7 +349,7 @@ def test_two_to_the_64_fails_at_validate(tmp_path: Path) -> None:
                                   "18446744073709551616 + x"])
 def test_integer_overflow_raises_naming_the_expression(expr: str) -> None:
     t = pa.table({"x": pa.array([1, 2], pa.int64())})
-    with pytest.raises(ValueError, match="overflow|out of range") as e:
+    with pytest.raises(ValueError, match=r"overflow|out of range") as e:
         evaluate(expr, t)
     assert "in '" in str(e.value)
 
@@ -443,7 +443,7 @@ def test_size_clamp_keeps_invalid_values_invalid() -> None:
                           ({"max_depth": "deep"}, "max_depth")]:
         with pytest.raises(SpecError, match=f"model.params.{field}"):
             parse_spec(_with_params(**params))
-    with pytest.raises(SpecError, match="model.tuning.space.max_depth"):
+    with pytest.raises(SpecError, match=r"model.tuning.space.max_depth"):
         parse_spec(_with_tuning({"max_depth": {"choices": [3, 4, -2]}}))
     # large valid sizes still validate (training uses them as given)
     parse_spec(_with_params(max_depth=10_000, max_bin=10**9, max_leaves=10**9))
