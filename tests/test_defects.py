@@ -54,3 +54,24 @@ def test_long_input_hashes_are_a_valid_json_tag() -> None:
     long = {f"day{i}/file{j}.csv": "f" * 64 for i in range(60) for j in range(10)}
     tag = json.loads(input_hashes_tag(long))  # under MLflow's 8,000: never truncated to invalid JSON
     assert tag["entries"] == 600 and tag["artifact"] == "input_hashes.json" and len(json.dumps(tag)) < 8000
+
+
+def test_a_spec_on_s3_loads(s3_server, monkeypatch) -> None:
+    """The DAG form allows an s3:// spec path; it failed with 'spec file not found'."""
+    import uuid
+
+    from conftest import SPEC
+    from s3 import apply_env
+
+    from daybreak.errors import SpecError
+    from daybreak.spec import load_spec
+
+    apply_env(monkeypatch, s3_server.env())
+    bucket = f"spec-{uuid.uuid4().hex[:8]}"
+    client = s3_server.client()
+    client.create_bucket(Bucket=bucket)
+    client.put_object(Bucket=bucket, Key="specs/flights.yaml", Body=SPEC.read_bytes())
+    spec = load_spec(f"s3://{bucket}/specs/flights.yaml")
+    assert spec.spec_hash() == load_spec(SPEC).spec_hash()
+    with pytest.raises(SpecError, match="spec file not found: s3://"):
+        load_spec(f"s3://{bucket}/specs/missing.yaml")

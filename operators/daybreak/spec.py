@@ -1273,9 +1273,30 @@ def read_yaml_file(path: str | Path, max_bytes: int = MAX_SPEC_BYTES) -> Any:
 
 
 def load_spec(path: str | Path) -> Spec:
-    """Read, parse and validate the spec at `path` (bounded YAML; see :func:`load_yaml`)."""
+    """Read, parse and validate the spec at `path`, a file or an ``s3://`` object (bounded YAML;
+    see :func:`load_yaml`). S3 credentials and endpoint come from the environment, as the store's."""
+    if str(path).startswith("s3://"):
+        uri = str(path)
+        return parse_spec(load_yaml(_read_s3(uri, MAX_SPEC_BYTES), origin=uri), origin=uri)
     p = Path(path)
     return parse_spec(read_yaml_file(p), origin=str(p))
+
+
+def _read_s3(uri: str, max_bytes: int) -> bytes:
+    """At most `max_bytes` of an S3 object (SpecError beyond that, or when it cannot be read)."""
+    from daybreak.errors import redact
+    from daybreak.store import StorageOptions
+
+    try:
+        with StorageOptions.from_env().s3_filesystem().open_input_stream(uri.removeprefix("s3://")) as f:
+            data = f.read(max_bytes + 1)
+    except FileNotFoundError:
+        raise SpecError(f"spec file not found: {uri}") from None
+    except OSError as e:
+        raise SpecError(f"{uri}: cannot read: {redact(e)}") from None
+    if len(data) > max_bytes:
+        raise SpecError(f"{uri}: larger than the {max_bytes}-byte limit for a spec")
+    return bytes(data)
 
 
 def parse_spec(raw: Any, origin: str = "<spec>") -> Spec:
