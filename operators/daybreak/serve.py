@@ -37,8 +37,9 @@ with it (keyword, then environment, then the constant):
 - ``max_inflight_bytes`` (``DAYBREAK_SERVE_MAX_INFLIGHT_BYTES``, 64 MiB): body bytes being read
   or parsed at once, all requests together, counting bodies over 64 KiB (declared lengths are
   reserved up front): past it, 503 with ``Retry-After``. Small bodies never count, so a few big
-  ones cannot turn the usual requests away (the connection limit bounds them). With the row limit and the pending-row limit (``MAX_PENDING_ROWS``)
-  this bounds what abusive clients can make the server hold.
+  ones cannot turn the usual requests away (the connection limit bounds them). With the row
+  limit and the pending-row limit (``MAX_PENDING_ROWS``) this bounds what abusive clients can
+  make the server hold.
 - ``header_timeout`` (``DAYBREAK_SERVE_HEADER_TIMEOUT``, 10 s): from a connection's start, or a
   request's first byte, until its headers are complete; then 408 and the connection is closed.
   uvicorn has no such timeout (only keep-alive between requests): ``TimedHttpToolsProtocol``.
@@ -100,10 +101,10 @@ from concurrent.futures import Executor, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool, ProcessPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from functools import lru_cache
+from functools import lru_cache, partial
 from itertools import chain, repeat
 from operator import eq, itemgetter
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 import pandas as pd
@@ -116,6 +117,9 @@ from daybreak.context import RunContext
 from daybreak.errors import redact
 from daybreak.predlog import PredictionLog
 from daybreak.spec import Spec
+
+if TYPE_CHECKING:
+    from mlflow.types import Schema
 
 log = logging.getLogger(__name__)
 
@@ -146,6 +150,9 @@ ERROR_CODES = {400: "BAD_REQUEST", 401: "UNAUTHENTICATED", 403: "PERMISSION_DENI
                422: "BAD_REQUEST", 500: "INTERNAL_ERROR", 503: "TEMPORARILY_UNAVAILABLE"}
 
 Fields = tuple[tuple[str, str, bool], ...]  # (name, type, optional) of each input column
+# A request's rows, one sequence per column: lists or tuples (the fast path's, on the loop), or numpy
+# arrays (checked or parsed off it)
+Columns = dict[str, Sequence | np.ndarray]
 
 
 @dataclass(frozen=True)
@@ -161,7 +168,7 @@ class Limits:
     @classmethod
     def resolve(cls, **given: Any) -> Limits:
         """Keyword arguments, else ``DAYBREAK_SERVE_<NAME>``, else the module constant."""
-        out = {}
+        out: dict[str, Any] = {}
         for name, f in cls.__dataclass_fields__.items():
             kind = float if isinstance(f.default, float) else int
             if given.get(name) is not None:
@@ -207,7 +214,7 @@ def _columns_ok(given: Any, names: set[str], ids: frozenset[str]) -> bool:
     return names <= given and (len(given) == len(names) or given - names <= ids)
 
 
-def fast_columns(body: dict, fields: Fields, ids: frozenset[str] = frozenset()) -> dict[str, Sequence] | None:
+def fast_columns(body: dict, fields: Fields, ids: frozenset[str] = frozenset()) -> Columns | None:
     """The body's rows as one sequence per column, or None to leave the body to MLflow's parser.
 
     Only bodies whose frame MLflow would build to the same values are taken: one format key and
@@ -238,8 +245,8 @@ def fast_columns(body: dict, fields: Fields, ids: frozenset[str] = frozenset()) 
             if not _columns_ok(set(given), wanted, ids) or not all(map(eq, map(dict.keys, data), repeat(given))):
                 return None
             keys = list(given)
-            cols = dict(zip(keys, zip(*map(itemgetter(*keys), data), strict=False), strict=False)) if len(keys) > 1 else \
-                {keys[0]: [r[keys[0]] for r in data]}
+            cols = dict(zip(keys, zip(*map(itemgetter(*keys), data), strict=False), strict=False)) \
+                if len(keys) > 1 else {keys[0]: [r[keys[0]] for r in data]}
         elif fmt == "inputs" and type(data) is dict:
             if (not _columns_ok(set(data.keys()), wanted, ids) or set(map(type, data.values())) != {list}
                     or len(set(map(len, data.values()))) != 1 or not data[names[0]]):
@@ -256,7 +263,7 @@ def fast_columns(body: dict, fields: Fields, ids: frozenset[str] = frozenset()) 
     return cols
 
 
-def batch_columns(parts: list[dict[str, Sequence]], fields: Fields) -> dict[str, np.ndarray]:
+def batch_columns(parts: list[Columns], fields: Fields) -> dict[str, np.ndarray]:
     """Every part's rows as numpy columns, with the dtypes MLflow's parser gives the signature's types.
     Parts are tuples (parsed on the loop) or numpy arrays (checked or parsed off it)."""
     data = {}
@@ -283,7 +290,7 @@ class Parsed:
     """A request's rows, checked: columns (the fast path) or a frame (MLflow's parser)."""
 
     rows: int
-    columns: dict[str, Sequence] | None = None
+    columns: Columns | None = None
     frame: Any = None
     ids: bool = False  # carries identity columns
 
@@ -327,7 +334,7 @@ def _rows_limit(rows: int, max_rows: int) -> None:
                            f"send fewer rows per request")
 
 
-def _finite_doubles(cols: dict[str, Sequence], fields: Fields) -> None:
+def _finite_doubles(cols: Columns, fields: Fields) -> None:
     """Double columns as float64 arrays; refuses infinities and numbers beyond a double (NaN is a
     missing value, as MLflow's parser makes it)."""
     for name, kind, _ in fields:
@@ -396,8 +403,7 @@ def _parse_request(raw: bytes, mime: str, fields: Fields | None, ids: frozenset[
         body, exact = _parse_json(raw)
         if not isinstance(body, dict):
             raise Refused(400, f"body must be an object with one of {', '.join(FORMATS)}")
-        cols = fast_columns(body, fields, ids) if fields else None
-        if cols is not None:
+        if fields and (cols := fast_columns(body, fields, ids)) is not None:
             rows = len(next(iter(cols.values())))
             _rows_limit(rows, max_rows)
             cols = dict(cols)
@@ -409,7 +415,7 @@ def _parse_request(raw: bytes, mime: str, fields: Fields | None, ids: frozenset[
         from mlflow.pyfunc.scoring_server import infer_and_parse_data
 
         _rows_limit(_json_rows(body), max_rows)  # before pandas builds anything
-        frame = infer_and_parse_data(body, schema)
+        frame = infer_and_parse_data(body, cast("Schema", schema))  # annotated Schema, defaults to None
     elif mime == CSV_TYPE:
         from io import StringIO
 
@@ -417,7 +423,7 @@ def _parse_request(raw: bytes, mime: str, fields: Fields | None, ids: frozenset[
 
         text = raw.decode("utf-8")
         _rows_limit(text.rstrip("\n").count("\n") - text.count('"') // 2, max_rows)  # before pandas builds anything
-        frame = parse_csv_input(StringIO(text), schema)
+        frame = parse_csv_input(StringIO(text), cast("Schema", schema))  # annotated Schema, defaults to None
     else:
         import io
 
@@ -456,7 +462,7 @@ def _parse_request(raw: bytes, mime: str, fields: Fields | None, ids: frozenset[
 
 def _json_rows(body: dict) -> int:
     """The rows a JSON body holds, as far as they can be counted before parsing (0 if unknown)."""
-    for key in FORMATS + ("instances",):
+    for key in (*FORMATS, "instances"):
         data = body.get(key)
         if isinstance(data, list):
             return len(data)
@@ -540,7 +546,7 @@ class Job:
     """One request waiting for the predict thread."""
 
     fields: Fields | None  # what `columns` was checked against (a new version may differ)
-    columns: dict[str, Sequence] | None  # None: `frame`, from MLflow's parser
+    columns: Columns | None  # None: `frame`, from MLflow's parser
     frame: Any
     rows: int
     future: asyncio.Future = field(repr=False)
@@ -585,10 +591,12 @@ def _one_thread() -> None:
         pass
 
 
-def _cut(job: Job, start: int, stop: int) -> dict[str, Sequence]:
+def _cut(job: Job, start: int, stop: int) -> Columns:
+    cols = job.columns
+    assert cols is not None  # only jobs of the fast path are cut
     if start == 0 and stop == job.rows:
-        return job.columns
-    return {k: v[start:stop] for k, v in job.columns.items()}
+        return cols
+    return {k: v[start:stop] for k, v in cols.items()}
 
 
 class Batcher:
@@ -691,6 +699,7 @@ class Batcher:
             if not slices:
                 continue
             started = loop.time()
+            answers: list[Answer | None]  # None: a slice of a big job, more to come
             if cur is None:
                 answers = [error(503, "no champion model loaded yet")] * len(slices)
             else:
@@ -715,6 +724,7 @@ class Batcher:
         fast = [i for i, (j, _, _) in enumerate(slices) if j.columns is not None and j.fields == cur.fields]
         if fast:
             try:
+                assert cur.fields is not None  # the fast-path jobs' columns were checked against them
                 data = batch_columns([_cut(*slices[i]) for i in fast], cur.fields)
                 preds = np.asarray(cur.model.predict(pd.DataFrame(data)))
                 start = 0
@@ -748,7 +758,9 @@ class Batcher:
             slices = [s for s in slices if s[0].logged]
         parts = []
         for j, a, b in slices:
-            ids = {k: list(j.columns[k][a:b]) for k in self.ids if k in j.columns} or None
+            cols = j.columns
+            assert cols is not None  # only fast-path slices are logged here
+            ids = {k: list(cols[k][a:b]) for k in self.ids if k in cols} or None
             parts.append((j.request_id, b - a, ids))
         self.plog.record(cur.version, data, preds, parts)
 
@@ -783,6 +795,8 @@ class Batcher:
 
     def _log_parsed(self, cur: Loaded, frame: Any, preds: np.ndarray, job: Job) -> None:
         """Log a request MLflow's parser read (its frame may carry the identity columns)."""
+        if self.plog is None:
+            return
         names = [n for n in cur.model.metadata.get_input_schema().input_names() if n in frame.columns]
         if len(preds) != len(frame) or not names:
             return
@@ -831,7 +845,8 @@ class ParseWorkers:
 
     def procs(self) -> Executor:
         if self._procs is None:
-            self._procs = ProcessPoolExecutor(max_workers=self.processes, mp_context=multiprocessing.get_context("spawn"),
+            self._procs = ProcessPoolExecutor(max_workers=self.processes,
+                                              mp_context=multiprocessing.get_context("spawn"),
                                               initializer=_parse_worker)
         return self._procs
 
@@ -839,19 +854,21 @@ class ParseWorkers:
         if self.processes:
             self.procs().submit(_warm)
 
-    async def parse(self, size: int, *args: Any) -> Parsed:
+    async def parse(self, size: int, raw: bytes, mime: str, fields: Fields | None, ids: frozenset[str],
+                    schema_json: str | None, max_rows: int) -> Parsed:
         loop = asyncio.get_running_loop()
         if self.processes and size > INLINE_BYTES:
             pool = self.procs()
             try:
-                return await loop.run_in_executor(pool, parse_request, *args, True)
+                return await loop.run_in_executor(
+                    pool, partial(parse_request, raw, mime, fields, ids, schema_json, max_rows, arrays=True))
             except BrokenProcessPool:
                 log.error("a parse worker died (a %d-byte body); starting another", size)
                 if self._procs is pool:
                     self._procs = None
                     pool.shutdown(wait=False, cancel_futures=True)
                 raise
-        return await loop.run_in_executor(self.thread, parse_request, *args)
+        return await loop.run_in_executor(self.thread, parse_request, raw, mime, fields, ids, schema_json, max_rows)
 
     def close(self) -> None:
         self.thread.shutdown(wait=False, cancel_futures=True)

@@ -228,7 +228,7 @@ def test_huge_bodies_are_refused_before_they_are_read(open_server: Served, featu
     for t in senders:
         t.join()
     assert [a[0] for a in answers] == [413] * 4, [a[1][:300] for a in answers]
-    head, _, body = answers[0][1].partition(b"\r\n\r\n")
+    _head, _, body = answers[0][1].partition(b"\r\n\r\n")
     msg = json.loads(body)
     assert msg["error_code"] == "RESOURCE_LIMIT_EXCEEDED" and "MiB" in msg["message"], msg
     # loose bounds: the old server stalled /ping for 18 s and grew by 1.6 GB
@@ -275,7 +275,7 @@ def test_bytes_in_flight_are_bounded(open_server: Served, use_cycled) -> None:
             s.sendall(_post_head(declared) + b'{"dataframe_split": ')
             socks.append(s)
         # the budget is taken once the server has started reading each: wait until it refuses
-        status, answer = _until(lambda: (lambda a: a if a[0] == 503 else None)(
+        _status, answer = _until(lambda: (lambda a: a if a[0] == 503 else None)(
             _raw(open_server.port, _post_head(declared) + b"{}", timeout=10)), 10, "never refused")
         head, _, body = answer.partition(b"\r\n\r\n")
         assert b"retry-after:" in head.lower()
@@ -295,7 +295,7 @@ def test_slow_connections_are_closed(open_server: Served, features, use_cycled) 
     are closed by the server within its timeouts, while a normal client is answered."""
     cols, data = features
     trickle, one_byte, idle = [], [], []
-    for k in range(20):
+    for _ in range(20):
         s = socket.create_connection(("127.0.0.1", open_server.port), timeout=30)
         s.sendall(b"POST /invocations HTTP/1.1\r\nHost: 127.0.0.1\r\n")
         trickle.append(s)
@@ -350,7 +350,7 @@ def test_non_finite_cells_fail_only_their_request(open_server: Served, features,
     at = cols.index("distance")
     row = list(data[0])
     row[at] = 1e400  # json.dumps writes Infinity
-    poisoned = json.dumps(_split(cols, [row] + data[1:20])).encode()
+    poisoned = json.dumps(_split(cols, [row, *data[1:20]])).encode()
     assert b"Infinity" in poisoned
     statuses: dict[str, list[int]] = {"good": [], "bad": []}
     messages: list[str] = []
@@ -380,7 +380,8 @@ def test_non_finite_cells_fail_only_their_request(open_server: Served, features,
     assert r.status_code == 200, r.text
     for bad in (b"-Infinity", b"1" + b"0" * 400):
         body = json.dumps(_split(cols, [row])).encode().replace(b"NaN", bad)
-        msg = _mlflow_error(httpx.post(f"{open_server.url}/invocations", content=body, headers=JSON), 400, "BAD_REQUEST")
+        r = httpx.post(f"{open_server.url}/invocations", content=body, headers=JSON)
+        msg = _mlflow_error(r, 400, "BAD_REQUEST")
         assert "distance" in msg, msg
 
 
