@@ -26,6 +26,7 @@ import numpy as np
 
 from daybreak.context import RunContext
 from daybreak.features import feature_zone
+from daybreak.records import Tag
 from daybreak.spec import Spec
 
 log = logging.getLogger(__name__)
@@ -33,7 +34,7 @@ _EPS = 1e-4
 
 
 def window_days(tags: dict[str, str]) -> list[date]:
-    start, end = tags.get("daybreak.window_start"), tags.get("daybreak.window_end")
+    start, end = tags.get(Tag.WINDOW_START), tags.get(Tag.WINDOW_END)
     if not start or not end:
         return []
     a, b = date.fromisoformat(start), date.fromisoformat(end)

@@ -37,11 +37,12 @@ from daybreak import metrics, registry
 from daybreak.context import RunContext
 from daybreak.errors import GateError, MissingInputError
 from daybreak.features import EVENT_TIME, read_features
+from daybreak.records import Decision, Tag
 from daybreak.spec import Spec
 
 log = logging.getLogger(__name__)
 
-PROMOTE, REJECT, BLOCKED, SKIPPED = "PROMOTE", "REJECT", "BLOCKED_BY_DATA", "SKIPPED"
+PROMOTE, REJECT, BLOCKED, SKIPPED = Decision.PROMOTE, Decision.REJECT, Decision.BLOCKED, Decision.SKIPPED
 DECISIONS = (PROMOTE, REJECT, BLOCKED)
 REPORT = "gate_report.html"
 _TAG_LIMIT = 7000  # MLflow keeps tag values up to 8000 characters
@@ -224,20 +225,20 @@ def evaluate_gate(spec: Spec, ctx: RunContext, force: bool = False, override: st
     record = {
         registry.DECISION_TAG: decision,
         registry.AGAINST_TAG: champ_version or "none",
-        "daybreak.gate.computed_decision": computed,
-        "daybreak.gate.metric": m,
-        "daybreak.gate.candidate_metric": repr(cand_metric),
-        "daybreak.gate.champion_metric": "none" if champ_metric is None else repr(champ_metric),
-        "daybreak.gate.holdout_date": day,
-        "daybreak.gate.holdout_rows": str(len(df)),
-        "daybreak.gate.holdout_hash": holdout_hash,
-        "daybreak.gate.rules": _compact(rules),
-        "daybreak.gate.decided_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        Tag.GATE_COMPUTED_DECISION: computed,
+        Tag.GATE_METRIC: m,
+        Tag.GATE_CANDIDATE_METRIC: repr(cand_metric),
+        Tag.GATE_CHAMPION_METRIC: "none" if champ_metric is None else repr(champ_metric),
+        Tag.GATE_HOLDOUT_DATE: day,
+        Tag.GATE_HOLDOUT_ROWS: str(len(df)),
+        Tag.GATE_HOLDOUT_HASH: holdout_hash,
+        Tag.GATE_RULES: _compact(rules),
+        Tag.GATE_DECIDED_AT: datetime.now(UTC).isoformat(timespec="seconds"),
     }
     # written every time, so a later decision never shows an earlier override's reason
-    record |= {"daybreak.gate.override": decision if forced else "none",
-               "daybreak.gate.override_reason": str(reason)[:1000] if forced else "none",
-               "daybreak.gate.override_by": _who() if forced else "none"}
+    record |= {Tag.GATE_OVERRIDE: decision if forced else "none",
+               Tag.GATE_OVERRIDE_REASON: str(reason)[:1000] if forced else "none",
+               Tag.GATE_OVERRIDE_BY: _who() if forced else "none"}
     boot = judged["bootstrap"]
     full = {"date": day, "decision": decision, "computed_decision": computed, "candidate_version": str(cand.version),
             "champion_version": champ_version, "metric": m, "metrics": judged["metrics"], "rules": rules,
@@ -245,7 +246,7 @@ def evaluate_gate(spec: Spec, ctx: RunContext, force: bool = False, override: st
             "bootstrap": None if boot is None else {k: v for k, v in boot.items() if k != "gains"},
             "override": None if not forced else {"decision": decision, "reason": reason, "by": _who()}}
     with mlflow.start_run(run_name=f"gate-{day}") as run:
-        mlflow.set_tags({**record, "daybreak.candidate_version": str(cand.version)})
+        mlflow.set_tags({**record, Tag.CANDIDATE_VERSION: str(cand.version)})
         mlflow.log_metrics({f"candidate_{k}": v for k, v in judged["metrics"]["candidate"].items() if math.isfinite(v)})
         if champ is not None:
             mlflow.log_metrics({f"champion_{k}": v for k, v in judged["metrics"]["champion"].items()
@@ -264,7 +265,7 @@ def evaluate_gate(spec: Spec, ctx: RunContext, force: bool = False, override: st
             except Exception:  # the decision stands without its plots
                 log.exception("gate %s: the HTML report failed; the decision is recorded without it", day)
             mlflow.log_artifacts(str(folder))
-        record["daybreak.gate.run_id"] = run.info.run_id
+        record[Tag.GATE_RUN_ID] = run.info.run_id
     # the decision tag goes last: promotion reads it, and it must never stand without the rest
     decision_tag = {registry.DECISION_TAG: record.pop(registry.DECISION_TAG)}
     registry.set_tags(cl, name, str(cand.version), record)
@@ -284,7 +285,7 @@ def evaluate_gate(spec: Spec, ctx: RunContext, force: bool = False, override: st
             log.warning("gate %s: %s %s: %s", day, r["rule"], r["verdict"].upper(), r.get("detail") or r["value"])
     return base | {"decision": decision, "computed_decision": computed, "candidate_version": str(cand.version),
                    "champion_version": champ_version, "candidate_metric": cand_metric, "champion_metric": champ_metric,
-                   "holdout_rows": len(df), "rules": rules, "gate_run_id": record["daybreak.gate.run_id"],
+                   "holdout_rows": len(df), "rules": rules, "gate_run_id": record[Tag.GATE_RUN_ID],
                    "overridden": bool(forced)}
 
 
@@ -344,18 +345,18 @@ def recorded_decision(tags: dict[str, str]) -> dict[str, Any]:
     """A version's gate record, read back from its tags."""
     against = tags.get(registry.AGAINST_TAG)
     try:
-        rules = json.loads(tags.get("daybreak.gate.rules", "[]"))
+        rules = json.loads(tags.get(Tag.GATE_RULES, "[]"))
     except json.JSONDecodeError:  # cut at the tag limit: the full record is in the gate run
         rules = []
     return {
         "decision": tags.get(registry.DECISION_TAG),
-        "computed_decision": tags.get("daybreak.gate.computed_decision"),
+        "computed_decision": tags.get(Tag.GATE_COMPUTED_DECISION),
         "champion_version": None if against in (None, "none") else against,
-        "candidate_metric": _float(tags.get("daybreak.gate.candidate_metric")),
-        "champion_metric": _float(tags.get("daybreak.gate.champion_metric")),
+        "candidate_metric": _float(tags.get(Tag.GATE_CANDIDATE_METRIC)),
+        "champion_metric": _float(tags.get(Tag.GATE_CHAMPION_METRIC)),
         "rules": rules,
-        "override_reason": tags.get("daybreak.gate.override_reason"),
-        "gate_run_id": tags.get("daybreak.gate.run_id"),
+        "override_reason": tags.get(Tag.GATE_OVERRIDE_REASON),
+        "gate_run_id": tags.get(Tag.GATE_RUN_ID),
     }
 
 

@@ -16,6 +16,7 @@ from daybreak import registry
 from daybreak.context import RunContext
 from daybreak.errors import DaybreakError
 from daybreak.gate import recorded_decision
+from daybreak.records import Tag
 from daybreak.spec import Spec
 
 EVENT_TAGS = ("event", "model", "version", "from_version", "reason", "run_context", "logical_date", "by")
@@ -46,7 +47,7 @@ def record_event(spec: Spec, ctx: RunContext, event: str, version: str | None, *
             "reason": reason[:4000] or "-", "run_context": ctx.run_id, "logical_date": ctx.logical_date.isoformat(),
             "by": by or who(), "at": datetime.now(UTC).isoformat(timespec="seconds")}
     run = cl.create_run(exp_id, run_name=f"{event}-v{version or 'none'}",
-                        tags={f"daybreak.audit.{k}": v for k, v in tags.items()})
+                        tags={f"{Tag.AUDIT_PREFIX}{k}": v for k, v in tags.items()})
     cl.set_terminated(run.info.run_id)
 
 
@@ -68,7 +69,7 @@ def has_event(spec: Spec, ctx: RunContext, event: str, version: str) -> bool:
     if exp is None:
         return False
     found = cl.search_runs([exp.experiment_id], max_results=1, filter_string=(
-        f"tags.`daybreak.audit.event` = '{event}' and tags.`daybreak.audit.version` = '{version}'"))
+        f"tags.`{Tag.AUDIT_PREFIX}event` = '{event}' and tags.`{Tag.AUDIT_PREFIX}version` = '{version}'"))
     return bool(found)
 
 
@@ -83,7 +84,7 @@ def audit_events(spec: Spec, ctx: RunContext, limit: int = 1000) -> list[dict[st
     out = []
     for r in runs:
         t = r.data.tags
-        row = {k: t.get(f"daybreak.audit.{k}") for k in (*EVENT_TAGS, "at")}
+        row = {k: t.get(f"{Tag.AUDIT_PREFIX}{k}") for k in (*EVENT_TAGS, "at")}
         row["audit_run_id"] = r.info.run_id
         out.append({k: (None if v == "none" else v) for k, v in row.items()})
     return out
@@ -92,7 +93,7 @@ def audit_events(spec: Spec, ctx: RunContext, limit: int = 1000) -> list[dict[st
 def _row(mv: Any) -> dict[str, Any]:
     t = mv.tags
     rec = recorded_decision(t)
-    start, end = t.get("daybreak.window_start"), t.get("daybreak.window_end")
+    start, end = t.get(Tag.WINDOW_START), t.get(Tag.WINDOW_END)
     return {
         "version": str(mv.version),
         "logical_date": t.get(registry.DATE_TAG),
@@ -101,10 +102,10 @@ def _row(mv: Any) -> dict[str, Any]:
         "candidate_metric": rec["candidate_metric"],
         "champion_metric": rec["champion_metric"],
         "gated_against": rec["champion_version"],
-        "promoted_at": t.get("daybreak.promoted_at"),
-        "approval": t.get("daybreak.approval"),  # manual approval: pending | approved | rejected
-        "approval_by": t.get("daybreak.approval.by"),
-        "approval_reason": t.get("daybreak.approval.reason"),
+        "promoted_at": t.get(Tag.PROMOTED_AT),
+        "approval": t.get(Tag.APPROVAL),  # manual approval: pending | approved | rejected
+        "approval_by": t.get(Tag.APPROVAL_BY),
+        "approval_reason": t.get(Tag.APPROVAL_REASON),
         "aliases": sorted(getattr(mv, "aliases", []) or []),
         "spec_hash": t.get(registry.SPEC_TAG),
         "run_id": mv.run_id,
@@ -142,7 +143,7 @@ def gate_report_html(spec: Spec, ctx: RunContext, version: str | None = None) ->
     from daybreak.gate import REPORT
 
     mv = _version(spec, ctx, version)
-    run_id = mv.tags.get("daybreak.gate.run_id")
+    run_id = mv.tags.get(Tag.GATE_RUN_ID)
     if not run_id:
         raise DaybreakError(f"{spec.model.name} v{mv.version} has no gate report "
                             "(not gated, or gated by an older daybreak)")
@@ -159,9 +160,9 @@ def version_report(spec: Spec, ctx: RunContext, version: str | None = None) -> d
     mv = _version(spec, ctx, version)
     row = _row(mv)
     t = mv.tags
-    row["input_hashes"] = json.loads(t.get("daybreak.input_hashes", "{}"))
-    row["feature_version"] = t.get("daybreak.feature_version")
-    row["code_version"] = t.get("daybreak.code_version")
+    row["input_hashes"] = json.loads(t.get(Tag.INPUT_HASHES, "{}"))
+    row["feature_version"] = t.get(Tag.FEATURE_VERSION)
+    row["code_version"] = t.get(Tag.CODE_VERSION)
     rec = recorded_decision(t)
     row["computed_decision"] = rec["computed_decision"]
     row["override_reason"] = rec["override_reason"]

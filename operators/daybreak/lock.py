@@ -35,13 +35,14 @@ from contextlib import contextmanager
 from typing import Any
 
 from daybreak.errors import PromotionConflict
+from daybreak.records import Tag
 
 log = logging.getLogger(__name__)
 
-OWNER_TAG = "daybreak.lock_owner"
-EXPIRES_TAG = "daybreak.lock_expires"
-HOLDER_TAG = "daybreak.lock_holder"  # boot id / PID namespace / PID / start time
-REAP_UNTIL_TAG = "daybreak.reap_until"  # a reap marker's lease, by its reaper's clock
+OWNER_TAG = Tag.LOCK_OWNER
+EXPIRES_TAG = Tag.LOCK_EXPIRES
+HOLDER_TAG = Tag.LOCK_HOLDER  # boot id / PID namespace / PID / start time
+REAP_UNTIL_TAG = Tag.REAP_UNTIL  # a reap marker's lease, by its reaper's clock
 
 
 def _read(path: str) -> str | None:

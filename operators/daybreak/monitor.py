@@ -48,6 +48,7 @@ from daybreak import metrics, registry
 from daybreak.context import RunContext
 from daybreak.errors import DaybreakError, MissingInputError
 from daybreak.predlog import ONLINE
+from daybreak.records import Tag
 from daybreak.spec import Spec
 
 log = logging.getLogger(__name__)
@@ -365,11 +366,11 @@ def _record_run(spec: Spec, ctx: RunContext, result: dict[str, Any]) -> str:
     for d in result["drift"]:
         values[_key("drift", "psi", d["feature"])] = d["psi"]
     with mlflow.start_run(run_name=f"monitor-{day}") as run:
-        mlflow.set_tags({"daybreak.monitor.date": day, "daybreak.monitor.action": result["action"],
-                         "daybreak.monitor.champion_version": result["champion_version"] or "none",
-                         "daybreak.monitor.drift": result["drift_verdict"],
-                         "daybreak.monitor.reasons": "; ".join(result["reasons"] + result["alerts"])[:4000] or "-",
-                         "daybreak.run_context": ctx.run_id})
+        mlflow.set_tags({Tag.MONITOR_DATE: day, Tag.MONITOR_ACTION: result["action"],
+                         Tag.MONITOR_CHAMPION_VERSION: result["champion_version"] or "none",
+                         Tag.MONITOR_DRIFT: result["drift_verdict"],
+                         Tag.MONITOR_REASONS: "; ".join(result["reasons"] + result["alerts"])[:4000] or "-",
+                         Tag.RUN_CONTEXT: ctx.run_id})
         finite = {k: float(x) for k, x in values.items() if x is not None and math.isfinite(x)}
         for i in range(0, len(finite), 500):
             mlflow.log_metrics(dict(list(finite.items())[i:i + 500]))
@@ -472,7 +473,7 @@ def monitor_model(spec: Spec, ctx: RunContext) -> dict[str, Any]:
     record_event(spec, ctx, "monitor", champion, reason=(summary or "no labelled live rows") + (
         f"; action: {result['action']}" + (": " + "; ".join(result["alerts"]) if result["alerts"] else "")))
     if result["action"] != "none" or drift_verdict == "block":
-        event = {"event": f"daybreak.model.{ {'rollback': 'rolled_back'}.get(result['action'], 'alert') }",
+        event = {"event": Tag.EVENT_PREFIX + {"rollback": "rolled_back"}.get(result["action"], "alert"),
                  "model": name, "date": day, "champion_version": champion,
                  "rolled_back_version": champion if result["action"] == "rollback" else None,
                  "now_serving": (result["rollback"] or {}).get("champion_version", champion),
@@ -503,7 +504,7 @@ def live_history(spec: Spec, ctx: RunContext, limit: int = 365) -> list[dict[str
     seen, out = set(), []
     metric = spec.live_metric()
     for r in runs:
-        day = r.data.tags.get("daybreak.monitor.date")
+        day = r.data.tags.get(Tag.MONITOR_DATE)
         if not day or day in seen:
             continue
         seen.add(day)
@@ -513,6 +514,6 @@ def live_history(spec: Spec, ctx: RunContext, limit: int = 365) -> list[dict[str
                 rows = r.data.metrics.get("/".join([*parts[:3], "rows"]))
                 out.append({"date": day, "source": parts[1], "version": parts[2].removeprefix("v"), "metric": metric,
                             "value": v, "rows": None if rows is None else int(rows),
-                            "action": r.data.tags.get("daybreak.monitor.action"),
-                            "champion": r.data.tags.get("daybreak.monitor.champion_version")})
+                            "action": r.data.tags.get(Tag.MONITOR_ACTION),
+                            "champion": r.data.tags.get(Tag.MONITOR_CHAMPION_VERSION)})
     return sorted(out, key=lambda x: (x["date"], x["source"], int(x["version"]) if x["version"].isdigit() else 0))

@@ -22,13 +22,14 @@ from daybreak.context import RunContext
 from daybreak.errors import PromotionConflict
 from daybreak.gate import PROMOTE
 from daybreak.history import record_event
+from daybreak.records import Approval, Tag
 from daybreak.spec import Spec
 
 log = logging.getLogger(__name__)
 
 
-PENDING, APPROVED, REJECTED = "pending", "approved", "rejected"
-APPROVAL_TAG = "daybreak.approval"
+PENDING, APPROVED, REJECTED = Approval.PENDING, Approval.APPROVED, Approval.REJECTED
+APPROVAL_TAG = Tag.APPROVAL
 
 
 def promote_model(spec: Spec, ctx: RunContext, dry_run: bool = False) -> dict[str, Any]:
@@ -48,14 +49,14 @@ def promote_model(spec: Spec, ctx: RunContext, dry_run: bool = False) -> dict[st
         return base | {"promoted": False, "reason": "no candidate for this date", "champion_version": current}
     decision = cand.tags.get(registry.DECISION_TAG)
     if current == str(cand.version):
-        if "daybreak.promoted_at" not in cand.tags and decision == PROMOTE and not dry_run:
+        if Tag.PROMOTED_AT not in cand.tags and decision == PROMOTE and not dry_run:
             _finish_record(cl, spec, ctx, str(cand.version))
         return base | {"promoted": False, "reason": "already champion", "champion_version": current,
                        "candidate_version": str(cand.version)}
-    if "daybreak.promoted_at" in cand.tags:
+    if Tag.PROMOTED_AT in cand.tags:
         # Promoted once and replaced since: a rerun of an old date never reinstates it.
         return base | {"promoted": False, "champion_version": current, "candidate_version": str(cand.version),
-                       "reason": f"promoted at {cand.tags['daybreak.promoted_at']} and replaced since"}
+                       "reason": f"promoted at {cand.tags[Tag.PROMOTED_AT]} and replaced since"}
     if decision != PROMOTE:
         reason = "not gated" if decision is None else f"gate decision is {decision}"
         log.info("promote %s: version %s stays out of service (%s)", day, str(cand.version), reason)
@@ -81,7 +82,7 @@ def promote_model(spec: Spec, ctx: RunContext, dry_run: bool = False) -> dict[st
         if now is not None and str(now.version) == str(cand.version):  # a run of the same date got here first
             return base | {"promoted": False, "reason": "already champion", "champion_version": str(now.version),
                            "candidate_version": str(cand.version)}
-        if (decision != PROMOTE or "daybreak.promoted_at" in cand.tags or "daybreak.rolled_back_at" in cand.tags
+        if (decision != PROMOTE or Tag.PROMOTED_AT in cand.tags or Tag.ROLLED_BACK_AT in cand.tags
                 or cand.tags.get(APPROVAL_TAG) in (PENDING, REJECTED)):
             raise PromotionConflict(f"promote {day}: v{cand.version} changed while waiting for the lock "
                                     f"(decision {decision}, approval {cand.tags.get(APPROVAL_TAG, 'none')}); "
@@ -89,14 +90,14 @@ def promote_model(spec: Spec, ctx: RunContext, dry_run: bool = False) -> dict[st
         current = _unmoved_champion(cl, spec, cand, f"promote {day}", "another promotion won; re-run the gate")
         if manual:
             registry.set_tags(cl, name, str(cand.version), {
-                APPROVAL_TAG: PENDING, "daybreak.approval.gated_against": current or "none",
-                "daybreak.approval.requested_at": _now(), "daybreak.approval.requested_by_run": ctx.run_id})
+                APPROVAL_TAG: PENDING, Tag.APPROVAL_GATED_AGAINST: current or "none",
+                Tag.APPROVAL_REQUESTED_AT: _now(), Tag.APPROVAL_REQUESTED_BY_RUN: ctx.run_id})
             record_event(spec, ctx, "pending_approval", str(cand.version), from_version=current,
                          reason=f"gate {decision} on {day}; promotion.approval is manual")
         else:
-            override = cand.tags.get("daybreak.gate.override", "none") != "none"
+            override = cand.tags.get(Tag.GATE_OVERRIDE, "none") != "none"
             _move_champion(held, spec, ctx, cand, current, f"gate {decision} on {day}" + (
-                f" (override: {cand.tags['daybreak.gate.override_reason']})" if override else ""))
+                f" (override: {cand.tags[Tag.GATE_OVERRIDE_REASON]})" if override else ""))
     if manual:
         cand = cl.get_model_version(name, str(cand.version))
         log.warning("promote %s: v%s passed the gate and waits for approval (champion stays %s)", day,
@@ -125,10 +126,10 @@ def _approval_state(cand: Any, champion: str | None) -> dict[str, Any]:
         reason = (f"v{v} passed the gate and waits for approval: daybreak approve --spec <spec> --version {v} "
                   "--reason ... (or the daybreak_approve DAG)")
     else:
-        reason = (f"approval of v{v} was rejected by {t.get('daybreak.approval.by')}: "
-                  f"{t.get('daybreak.approval.reason')}")
+        reason = (f"approval of v{v} was rejected by {t.get(Tag.APPROVAL_BY)}: "
+                  f"{t.get(Tag.APPROVAL_REASON)}")
     return {"promoted": False, "approval": state, "reason": reason, "champion_version": champion,
-            "candidate_version": v, "gated_against": t.get("daybreak.approval.gated_against")}
+            "candidate_version": v, "gated_against": t.get(Tag.APPROVAL_GATED_AGAINST)}
 
 
 def _unmoved_champion(cl: Any, spec: Spec, cand: Any, what: str, hint: str) -> str | None:
@@ -158,9 +159,9 @@ def _move_champion(held: registry.Held, spec: Spec, ctx: RunContext, cand: Any, 
     record_event(spec, ctx, "promote", str(cand.version), from_version=current, reason=reason)
     # last: the mark that the promotion and its record are complete (see _finish_record)
     held.check()
-    registry.set_tags(held.cl, name, str(cand.version), {"daybreak.promoted_at": _now(),
-                                                    "daybreak.promoted_by_run": ctx.run_id,
-                                                    "daybreak.replaced_version": current or "none"})
+    registry.set_tags(held.cl, name, str(cand.version), {Tag.PROMOTED_AT: _now(),
+                                                    Tag.PROMOTED_BY_RUN: ctx.run_id,
+                                                    Tag.REPLACED_VERSION: current or "none"})
 
 
 def _finish_record(cl: Any, spec: Spec, ctx: RunContext, version: str) -> None:
@@ -171,7 +172,7 @@ def _finish_record(cl: Any, spec: Spec, ctx: RunContext, version: str) -> None:
     name = spec.model.name
     with registry.model_lock(cl, name, owner=ctx.run_id):
         champ = registry.alias_version(cl, name, spec.promotion.alias)
-        if champ is None or str(champ.version) != version or "daybreak.promoted_at" in champ.tags:
+        if champ is None or str(champ.version) != version or Tag.PROMOTED_AT in champ.tags:
             return
         prev = registry.alias_version(cl, name, spec.promotion.previous_alias)
         previous = str(prev.version) if prev is not None and str(prev.version) != version else None
@@ -180,8 +181,8 @@ def _finish_record(cl: Any, spec: Spec, ctx: RunContext, version: str) -> None:
                         "stopped); recording it now", ctx.logical_date, version)
             record_event(spec, ctx, "promote", version, from_version=previous,
                          reason="recorded by a rerun: the run that moved the alias stopped before recording it")
-        registry.set_tags(cl, name, version, {"daybreak.promoted_at": _now(), "daybreak.promoted_by_run": ctx.run_id,
-                                              "daybreak.replaced_version": previous or "none"})
+        registry.set_tags(cl, name, version, {Tag.PROMOTED_AT: _now(), Tag.PROMOTED_BY_RUN: ctx.run_id,
+                                              Tag.REPLACED_VERSION: previous or "none"})
 
 
 def _retain(spec: Spec, ctx: RunContext) -> list[str]:
@@ -221,8 +222,8 @@ def approve_model(spec: Spec, ctx: RunContext, version: str | int, reason: str, 
         t = mv.tags
         day = t.get(registry.DATE_TAG)
         ev_ctx = replace(ctx, logical_date=parse_date(day)) if day else ctx
-        stamp = {"daybreak.approval.by": by, "daybreak.approval.reason": str(reason)[:1000],
-                 "daybreak.approval.at": _now()}
+        stamp = {Tag.APPROVAL_BY: by, Tag.APPROVAL_REASON: str(reason)[:1000],
+                 Tag.APPROVAL_AT: _now()}
         if choice == "reject":
             held.check()
             registry.set_tags(cl, name, v, {**stamp, APPROVAL_TAG: REJECTED})
@@ -263,14 +264,14 @@ def _pending_version(cl: Any, name: str, v: str, choice: str) -> Any:
                             "retention)") from e
     t = mv.tags
     state, decision = t.get(APPROVAL_TAG), t.get(registry.DECISION_TAG)
-    if state == APPROVED or "daybreak.promoted_at" in t:
-        raise ApprovalError(f"{choice} v{v}: already promoted at {t.get('daybreak.promoted_at')}"
-                            + (f" (approved by {t.get('daybreak.approval.by')})" if state == APPROVED else "")
-                            + (f", rolled back at {t['daybreak.rolled_back_at']}" if "daybreak.rolled_back_at" in t
+    if state == APPROVED or Tag.PROMOTED_AT in t:
+        raise ApprovalError(f"{choice} v{v}: already promoted at {t.get(Tag.PROMOTED_AT)}"
+                            + (f" (approved by {t.get(Tag.APPROVAL_BY)})" if state == APPROVED else "")
+                            + (f", rolled back at {t[Tag.ROLLED_BACK_AT]}" if Tag.ROLLED_BACK_AT in t
                                else ""))
     if state == REJECTED:
-        raise ApprovalError(f"{choice} v{v}: its approval was rejected by {t.get('daybreak.approval.by')} at "
-                            f"{t.get('daybreak.approval.at')} ({t.get('daybreak.approval.reason')}); a rejected "
+        raise ApprovalError(f"{choice} v{v}: its approval was rejected by {t.get(Tag.APPROVAL_BY)} at "
+                            f"{t.get(Tag.APPROVAL_AT)} ({t.get(Tag.APPROVAL_REASON)}); a rejected "
                             "version is never promoted")
     if state != PENDING:
         raise ApprovalError(f"{choice} v{v}: not pending approval (gate decision {decision or 'none: not gated'}); "
@@ -301,10 +302,10 @@ def apply_retention(spec: Spec, ctx: RunContext, now: datetime | None = None) ->
                 v = str(mv.version)
                 while v in found and v not in keep:
                     keep.add(v)
-                    v = found[v].tags.get("daybreak.replaced_version", "none")
+                    v = found[v].tags.get(Tag.REPLACED_VERSION, "none")
         for v, mv in found.items():
             # passed the gate, not promoted yet (waiting for approval, or for the promote step)
-            pending = (mv.tags.get(registry.DECISION_TAG) == PROMOTE and "daybreak.promoted_at" not in mv.tags
+            pending = (mv.tags.get(registry.DECISION_TAG) == PROMOTE and Tag.PROMOTED_AT not in mv.tags
                        and mv.tags.get(APPROVAL_TAG) != REJECTED)
             if (v in keep or pending or mv.creation_timestamp >= cutoff
                     or mv.tags.get(registry.DATE_TAG) == ctx.logical_date.isoformat()):
@@ -339,7 +340,7 @@ def rollback_model(spec: Spec, ctx: RunContext, reason: str, expect: str | None 
         bad, good = str(champ.version), str(prev.version)
         if expect is not None and bad != str(expect):
             raise PromotionConflict(f"rollback: the champion is v{bad} now, not v{expect} as judged; nothing changed")
-        before = prev.tags.get("daybreak.replaced_version", "none")
+        before = prev.tags.get(Tag.REPLACED_VERSION, "none")
         if before not in ("none", bad):
             try:
                 cl.get_model_version(name, before)
@@ -351,8 +352,8 @@ def rollback_model(spec: Spec, ctx: RunContext, reason: str, expect: str | None 
         else:
             held.delete_alias(prev_alias)
         held.check()
-        registry.set_tags(cl, name, bad, {"daybreak.rolled_back_at": _now(),
-                                          "daybreak.rolled_back_reason": reason[:1000]})
+        registry.set_tags(cl, name, bad, {Tag.ROLLED_BACK_AT: _now(),
+                                          Tag.ROLLED_BACK_REASON: reason[:1000]})
         record_event(spec, ctx, "rollback", good, from_version=bad, reason=reason)
     log.warning("rollback: %s v%s -> v%s (%s)", alias, bad, good, reason)
     return {"step": "rollback", "champion_version": good, "rolled_back_version": bad,

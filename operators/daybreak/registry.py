@@ -20,16 +20,17 @@ from daybreak.context import RunContext
 from daybreak.errors import redact
 from daybreak.lock import Held as Held  # the steps reach them here
 from daybreak.lock import model_lock as model_lock
+from daybreak.records import Tag
 
 log = logging.getLogger(__name__)
 
 TAG = "daybreak."
-DATE_TAG = "daybreak.logical_date"
-SPEC_TAG = "daybreak.spec_hash"
-LINEAGE_TAG = "daybreak.lineage_key"
-DECISION_TAG = "daybreak.gate.decision"
-AGAINST_TAG = "daybreak.gate.champion_version"
-ARTIFACTS_TAG = "daybreak.artifacts_sha256"
+DATE_TAG = Tag.LOGICAL_DATE
+SPEC_TAG = Tag.SPEC_HASH
+LINEAGE_TAG = Tag.LINEAGE_KEY
+DECISION_TAG = Tag.GATE_DECISION
+AGAINST_TAG = Tag.GATE_CHAMPION_VERSION
+ARTIFACTS_TAG = Tag.ARTIFACTS_SHA256
 
 
 def use_uri(uri: str) -> None:
@@ -171,9 +172,9 @@ def model_uri(name: str, version: str) -> str:
 
 # What training records in the registry, which the artifact store cannot change, and what loading
 # checks against it before anything in the folder is parsed, imported or deserialized.
-MODEL_DIGEST_TAG = "daybreak.model_sha256"  # every file of the stored model folder
-TRUSTED_TYPES_TAG = "daybreak.skops_trusted_types"  # what skops may build from a scikit-learn model
-FLAVOR_TAG = "daybreak.flavor"
+MODEL_DIGEST_TAG = Tag.MODEL_SHA256  # every file of the stored model folder
+TRUSTED_TYPES_TAG = Tag.SKOPS_TRUSTED_TYPES  # what skops may build from a scikit-learn model
+FLAVOR_TAG = Tag.FLAVOR
 # Written by the MLflow client after a ``models:/`` download (name and version), never by the store.
 CLIENT_WRITTEN = frozenset({"registered_model_meta"})
 # The escape hatch for versions registered before MODEL_DIGEST_TAG existed: set by an operator out

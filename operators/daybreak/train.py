@@ -29,6 +29,7 @@ from daybreak.context import RunContext
 from daybreak.errors import SpecError
 from daybreak.features import EVENT_TIME, read_features
 from daybreak.model_code import column, encode, encoded_names, predict_matrix
+from daybreak.records import Tag
 from daybreak.spec import Spec, build_estimator, xgb_params
 
 log = logging.getLogger(__name__)
@@ -400,7 +401,7 @@ def train_model(spec: Spec, ctx: RunContext, force: bool = False) -> dict[str, A
         mv = existing[0]  # newest: after a forced retrain, the one candidate_for picks
         log.info("train %s: version %s already registered for this lineage", ctx.logical_date, str(mv.version))
         return base | {"status": "exists", "rows": rows, "model_version": str(mv.version), "run_id": mv.run_id,
-                       "lineage_key": lineage_key, "val_metric": _float(mv.tags.get("daybreak.val_metric"))}
+                       "lineage_key": lineage_key, "val_metric": _float(mv.tags.get(Tag.VAL_METRIC))}
 
     features = f.feature_names()
     label = f.label.name
@@ -435,23 +436,23 @@ def train_model(spec: Spec, ctx: RunContext, force: bool = False) -> dict[str, A
         registry.DATE_TAG: ctx.logical_date.isoformat(),
         registry.SPEC_TAG: spec.spec_hash(),
         registry.LINEAGE_TAG: lineage_key,
-        "daybreak.window_start": days[0].isoformat(),
-        "daybreak.window_end": days[-1].isoformat(),
-        "daybreak.holdout": json.dumps([d.isoformat() for d in spec.training.holdout(ctx.logical_date)]),
+        Tag.WINDOW_START: days[0].isoformat(),
+        Tag.WINDOW_END: days[-1].isoformat(),
+        Tag.HOLDOUT: json.dumps([d.isoformat() for d in spec.training.holdout(ctx.logical_date)]),
         INPUT_HASHES_TAG: input_hashes_tag(hashes),
-        "daybreak.feature_version": spec.feature_version(),
-        "daybreak.code_version": registry.code_version(),
+        Tag.FEATURE_VERSION: spec.feature_version(),
+        Tag.CODE_VERSION: registry.code_version(),
         registry.FLAVOR_TAG: spec.model.flavor,
-        "daybreak.train_rows": str(n_fit),
-        "daybreak.val_metric": repr(val_metric),
-        "daybreak.run_context": ctx.run_id,
-        **({"daybreak.forced_retrain": "true"} if force else {}),
+        Tag.TRAIN_ROWS: str(n_fit),
+        Tag.VAL_METRIC: repr(val_metric),
+        Tag.RUN_CONTEXT: ctx.run_id,
+        **({Tag.FORCED_RETRAIN: "true"} if force else {}),
     }
     with tempfile.TemporaryDirectory() as tmp, mlflow.start_run(run_name=f"train-{ctx.logical_date}") as run:
         for i, t in enumerate(trials):  # one child run per tuning trial
             with mlflow.start_run(run_name=f"trial-{i}", nested=True):
                 mlflow.log_params(t["params"])
-                mlflow.set_tag("daybreak.trial_status", t["status"])
+                mlflow.set_tag(Tag.TRIAL_STATUS, t["status"])
                 if t.get("val_metric") is not None:
                     mlflow.log_metric(f"val_{metric_name}", t["val_metric"])
         model_path, flavor_meta = save_model(fitted, spec, Path(tmp))
@@ -485,12 +486,12 @@ def train_model(spec: Spec, ctx: RunContext, force: bool = False) -> dict[str, A
         mv, registered = _register(spec, ctx, cl, info.model_uri, lineage_key, tags, force)
         version = str(mv.version)
         if not registered:
-            mlflow.set_tag("daybreak.discarded_duplicate_of", version)
+            mlflow.set_tag(Tag.DISCARDED_DUPLICATE_OF, version)
     if not registered:
         log.warning("train %s: another run registered version %s for this lineage while this one trained; "
                     "keeping it (this run %s is a discarded duplicate)", ctx.logical_date, version, run.info.run_id)
         return base | {"status": "exists", "rows": rows, "model_version": version, "run_id": mv.run_id,
-                       "lineage_key": lineage_key, "val_metric": _float(mv.tags.get("daybreak.val_metric")),
+                       "lineage_key": lineage_key, "val_metric": _float(mv.tags.get(Tag.VAL_METRIC)),
                        "discarded_run_id": run.info.run_id}
     log.info("train %s: registered %s version %s (val %s=%.4f, %d rows)", ctx.logical_date, spec.model.name,
              version, metric_name, val_metric, n_fit)
@@ -515,7 +516,7 @@ def _register(spec: Spec, ctx: RunContext, cl: Any, model_uri: str, lineage_key:
         return mlflow.register_model(model_uri, spec.model.name, tags=tags), True
 
 
-INPUT_HASHES_TAG = "daybreak.input_hashes"
+INPUT_HASHES_TAG = Tag.INPUT_HASHES
 INPUT_HASHES_ARTIFACT = "input_hashes.json"
 # MLflow truncates run tags at 8,000 characters (to invalid JSON): longer lineages go in the artifact.
 _HASHES_TAG_LIMIT = 4000

@@ -32,6 +32,8 @@ from urllib.parse import quote, urlencode
 from fastapi import Depends, FastAPI, HTTPException, Query, Request
 from fastapi.responses import HTMLResponse, JSONResponse
 
+from daybreak.records import Tag
+
 VIEW_NAME = "Models"
 URL_PREFIX = "/daybreak"
 COOKIE = "_token"  # airflow.api_fastapi.auth.managers.base_auth_manager.COOKIE_NAME_JWT_TOKEN
@@ -163,7 +165,7 @@ def model_data(spec: Any, recent: int = RECENT, history: int = HISTORY) -> dict[
         row["rules"] = rec["rules"]
         row["computed_decision"] = rec["computed_decision"]
         row["override_reason"] = rec["override_reason"]
-        row["has_report"] = bool(full.tags.get("daybreak.gate.run_id"))
+        row["has_report"] = bool(full.tags.get(Tag.GATE_RUN_ID))
         out["versions"].append(row)
     out["history"] = audit_events(spec, ctx, limit=history)
     from daybreak.monitor import live_history

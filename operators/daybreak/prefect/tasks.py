@@ -31,6 +31,7 @@ from prefect import task
 from prefect.cache_policies import CachePolicy
 
 from daybreak.errors import is_retryable
+from daybreak.records import Tag
 from daybreak.steps import cache_key, run_step
 
 log = logging.getLogger(__name__)
@@ -194,7 +195,7 @@ def monitor_model(spec: str, date: str, store: str | None = None, tracking_uri: 
         from prefect.events import emit_event
 
         n = result["notification"]
-        emit_event(event=n["event"], resource={"prefect.resource.id": f"daybreak.model.{result['model']}",
+        emit_event(event=n["event"], resource={"prefect.resource.id": f"{Tag.EVENT_PREFIX}{result['model']}",
                                                "prefect.resource.name": result["model"]},
                    payload={k: v for k, v in n.items() if k != "event"})
     return result
