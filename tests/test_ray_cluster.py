@@ -106,7 +106,7 @@ def ray_cluster() -> Iterator[dict]:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def test_features_run_on_both_nodes_of_a_cluster_named_by_an_airflow_connection(
+def test_features_run_on_a_cluster_named_by_an_airflow_connection(
         ray_cluster: dict, tmp_path: Path, landing: Path, ray_local, spec) -> None:
     home = make_home(tmp_path / "cluster", landing)
     conn = {"conn_type": "generic", "host": "127.0.0.1", "port": ray_cluster["port"],
@@ -122,7 +122,11 @@ def test_features_run_on_both_nodes_of_a_cluster_named_by_an_airflow_connection(
     # the cluster, not a local Ray (Ray reports loopback as the host's address)
     assert got["address"].rsplit(":", 1)[1] == str(ray_cluster["port"])
     assert len(got["cluster_nodes"]) == 2
-    assert set(got["result"]["ray_nodes"]) == set(got["cluster_nodes"]), "tasks did not run on both nodes"
+    # Tasks run on the cluster's nodes. Usually on both, but Ray does not promise to spread a
+    # handful of sub-second tasks: in one clean-clone run under load every task finished on one
+    # node before the other took any, so "both" is not asserted.
+    ran = set(got["result"]["ray_nodes"])
+    assert ran and ran <= set(got["cluster_nodes"]), (ran, got["cluster_nodes"])
     assert got["result"]["rows"] > 800
 
     # The same day on the suite's local Ray gives the same bytes.
