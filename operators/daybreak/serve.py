@@ -955,7 +955,7 @@ def create_app(spec: Spec, ctx: RunContext, token: str | None = None, freeze_gc:
             "alias": spec.promotion.alias,
             "version": cur.version if cur else None,
             "loaded_at": cur.loaded_at if cur else None,
-            "last_error": redact(holder.last_error) if holder.last_error else None,
+            "last_error": holder.last_error,  # redacted when it was recorded
             "prediction_log": plog.stats() if plog is not None else None,
         }, status_code=status)
 

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import pytest
 from conftest import BIN
+from test_model_integrity import _wait
 
 from daybreak import registry
 from daybreak.context import RunContext
@@ -50,16 +51,6 @@ out.write_text("RELEASED")
 """
 
 
-def _wait_for(check, timeout: float = 60.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        got = check()
-        if got:
-            return got
-        time.sleep(0.05)
-    raise TimeoutError("condition not met")
-
-
 def _host_free_pid() -> int:
     """The smallest PID above 1 that no process on this host has (the holder gets it in its namespace)."""
     return next(p for p in range(2, 4096) if not os.path.exists(f"/proc/{p}"))
@@ -81,7 +72,7 @@ def test_a_live_holder_in_another_pid_namespace_keeps_its_lock(tmp_path: Path, m
     cmd = ["unshare", "--pid", "--fork", "sh", "-c", script, HOLDER, str(out), str(release), NAME]
     proc = subprocess.Popen(cmd, env=dict(os.environ), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
-        held = _wait_for(lambda: out.exists() and out.read_text(), timeout=120)
+        held = _wait(lambda: out.exists() and out.read_text(), timeout=120)
         assert held == f"HELD {pid}", (held, pid)
         assert not os.path.exists(f"/proc/{pid}"), "the holder's namespace PID is in use on the host"
         t0 = time.monotonic()
@@ -89,7 +80,7 @@ def test_a_live_holder_in_another_pid_namespace_keeps_its_lock(tmp_path: Path, m
               registry.model_lock(cl, NAME, owner="host-contender", wait_s=3)):
             pytest.fail(f"took over a live holder's lock after {time.monotonic() - t0:.1f} s")
         release.touch()
-        _wait_for(lambda: out.read_text() == "RELEASED")
+        assert _wait(lambda: out.read_text() == "RELEASED", timeout=60), "the holder did not release"
         with registry.model_lock(cl, NAME, owner="host-contender", wait_s=10):
             pass  # once released, the lock is free
     finally:
