@@ -209,7 +209,7 @@ def bench_abuse(seconds: float = 4.0, repeats: int = 3, concurrency: int = 8, ro
                 home: Path | None = None) -> dict:
     from serving import _free_port, _wait, bodies, prepare
 
-    from daybreak.serve import MAX_BODY_BYTES
+    from daybreak.deploy._serve import MAX_BODY_BYTES
 
     saved_home = os.environ.get("DAYBREAK_HOME")
     with tempfile.TemporaryDirectory(prefix="dbabuse") as tmp:

@@ -76,9 +76,9 @@ def bench_e2e(days: int = 5) -> dict:
         import ray
 
         from daybreak import cycle
-        from daybreak.compute import ensure_ray
-        from daybreak.context import RunContext
-        from daybreak.datasets import build_flights_landing
+        from daybreak.demo import build_flights_landing
+        from daybreak.infra.compute import ensure_ray
+        from daybreak.infra.context import RunContext
         from daybreak.spec import load_spec
 
         spec = load_spec(ROOT / "specs" / "flights.yaml")

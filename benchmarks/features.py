@@ -45,7 +45,7 @@ def scaled_spec():
     resampled rows repeat flight numbers)."""
     import yaml
 
-    from daybreak.spec import parse_spec
+    from daybreak.spec._model import parse_spec
 
     raw = yaml.safe_load((ROOT / "specs" / "flights.yaml").read_text())
     fl = raw["sources"]["flights"]
@@ -62,8 +62,8 @@ def generate(home: Path, rows: int, seed: int = 0) -> dict:
     import pyarrow.csv as pacsv
     import pyarrow.parquet as pq
 
-    from daybreak.context import RunContext
-    from daybreak.datasets import build_flights_landing
+    from daybreak.demo import build_flights_landing
+    from daybreak.infra.context import RunContext
     from daybreak.stage import stage
 
     real = home / "real"
@@ -98,7 +98,7 @@ def generate(home: Path, rows: int, seed: int = 0) -> dict:
 
 def staged_inputs(home: Path) -> dict:
     """The staged partitions the feature step reads for DAY (what every implementation reads)."""
-    from daybreak.context import RunContext
+    from daybreak.infra.context import RunContext
 
     os.environ["DAYBREAK_HOME"] = str(home)
     store = RunContext.create(DAY).store
@@ -115,15 +115,15 @@ def staged_inputs(home: Path) -> dict:
 def run_daybreak(home: Path, out: Path, ready) -> None:
     import ray
 
-    from daybreak.compute import ensure_ray
-    from daybreak.context import RunContext
     from daybreak.features import build_features
+    from daybreak.infra.compute import ensure_ray
+    from daybreak.infra.context import RunContext
 
     os.environ["DAYBREAK_HOME"] = str(home)
     ensure_ray("local")
 
     def warm(batch):  # workers up, with daybreak and pyarrow imported
-        import daybreak.features  # noqa: F401
+        import daybreak.features._build  # noqa: F401
 
         return batch
 

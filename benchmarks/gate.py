@@ -42,7 +42,7 @@ def bench_gate(rows: int = 1_000_000, resamples: int = 1000, naive_resamples: in
 
     from sklearn import metrics as skm
 
-    from daybreak.metrics import paired_bootstrap
+    from daybreak.infra.metrics import paired_bootstrap
 
     y, a, b = _data(rows)
     single_fn = {"roc_auc": lambda yy, p: skm.roc_auc_score(yy, p), "log_loss": lambda yy, p: skm.log_loss(yy, p)}

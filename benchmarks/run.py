@@ -33,8 +33,8 @@ def bench_stage(repeats: int) -> dict:
     import pyarrow.csv as pacsv
     import pyarrow.parquet as pq
 
-    from daybreak.context import RunContext
-    from daybreak.datasets import build_flights_landing
+    from daybreak.demo import build_flights_landing
+    from daybreak.infra.context import RunContext
     from daybreak.spec import load_spec
     from daybreak.stage import stage
 
@@ -73,8 +73,8 @@ def bench_stage_big(repeats: int) -> dict:
     import pyarrow.csv as pacsv
     import pyarrow.parquet as pq
 
-    from daybreak.context import RunContext
-    from daybreak.datasets import build_flights_landing
+    from daybreak.demo import build_flights_landing
+    from daybreak.infra.context import RunContext
     from daybreak.spec import load_spec
     from daybreak.stage import stage
 

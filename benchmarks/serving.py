@@ -39,9 +39,9 @@ BIN = Path(sys.executable).parent
 def prepare(home: Path) -> dict:
     """A home whose registry has a champion (made unless `home` has one), and the holdout rows."""
     os.environ["DAYBREAK_HOME"] = str(home)
-    from daybreak import registry
-    from daybreak.context import RunContext
     from daybreak.gate import holdout
+    from daybreak.infra import registry
+    from daybreak.infra.context import RunContext
     from daybreak.spec import load_spec
 
     spec = load_spec(ROOT / "specs" / "flights.yaml")
@@ -50,9 +50,9 @@ def prepare(home: Path) -> dict:
             registry.client(ctx), spec.model.name, spec.promotion.alias) is None:
         import ray
 
-        from daybreak.compute import ensure_ray
         from daybreak.cycle import run_cycle
-        from daybreak.datasets import build_flights_landing
+        from daybreak.demo import build_flights_landing
+        from daybreak.infra.compute import ensure_ray
 
         build_flights_landing(home / "store" / "landing", start=date(2013, 1, 1), end=date(2013, 1, 2))
         ensure_ray("local")
@@ -96,8 +96,8 @@ def log_setting_supported() -> bool:
 
     import yaml
 
-    from daybreak import serve
-    from daybreak.spec import parse_spec
+    from daybreak.deploy import _serve as serve
+    from daybreak.spec._model import parse_spec
 
     if "sample_rate" not in inspect.getsource(serve):
         return False
@@ -112,7 +112,7 @@ def log_setting_supported() -> bool:
 
 def with_log_rate(spec, rate: float):
     """The spec with ``monitoring.log.sample_rate`` set to `rate`."""
-    from daybreak.spec import parse_spec
+    from daybreak.spec._model import parse_spec
 
     raw = spec.model_dump(mode="json")
     mon = raw.get("monitoring") or {}

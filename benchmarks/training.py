@@ -67,10 +67,10 @@ def prepare(home: Path, rows: int) -> None:
     import numpy as np
     import pyarrow.parquet as pq
 
-    from daybreak.compute import ensure_ray
-    from daybreak.context import RunContext
-    from daybreak.datasets import build_flights_landing
+    from daybreak.demo import build_flights_landing
     from daybreak.features import build_features, feature_zone
+    from daybreak.infra.compute import ensure_ray
+    from daybreak.infra.context import RunContext
     from daybreak.stage import stage
 
     os.environ["DAYBREAK_HOME"] = str(home)
@@ -102,7 +102,7 @@ def child(which: str, home: str) -> None:
     import xgboost  # noqa: F401
 
     os.environ["DAYBREAK_HOME"] = home
-    from daybreak.context import RunContext
+    from daybreak.infra.context import RunContext
     from daybreak.train import train_model
 
     ctx = RunContext.create(DAY, run_id=f"bench-{which}-{time.time_ns()}")
@@ -111,8 +111,8 @@ def child(which: str, home: str) -> None:
         import xgboost as xgb
 
         from daybreak.features import read_features
-        from daybreak.model_code import encode, encoded_names
-        from daybreak.train import _xgb_params, fit_encoders
+        from daybreak.train._fit import _xgb_params, fit_encoders
+        from daybreak.train.model_code import encode, encoded_names
 
         spec = _spec()
         base = _rss_mb()
@@ -138,7 +138,7 @@ def child(which: str, home: str) -> None:
         # each run registers under its own name: the same lineage would otherwise return the
         # version registered by the run before (exactly once)
         spec = spec.model_copy(update={"model": spec.model.model_copy(update={"name": f"bench_{which}"})})
-        from daybreak import registry
+        from daybreak.infra import registry
 
         registry.setup_tracking(ctx, spec.name)  # the tracking DB exists before the clock starts
         base = _rss_mb()
@@ -160,7 +160,7 @@ def run(which: str, home: Path) -> dict:
 
 
 def bench_training(rows: int, repeats: int = 3) -> dict:
-    from daybreak.outofcore import estimated_bytes
+    from daybreak.train._outofcore import estimated_bytes
 
     with tempfile.TemporaryDirectory(prefix="dbtrain") as tmp:
         home = Path(tmp)

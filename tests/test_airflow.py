@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 from conftest import BIN, ROOT, SPEC, make_home
 
-from daybreak import registry
-from daybreak.context import RunContext
 from daybreak.gate import PROMOTE
+from daybreak.infra import registry
+from daybreak.infra.context import RunContext
 
 
 @pytest.fixture(scope="module")
@@ -156,7 +156,7 @@ def test_manual_approval_through_the_dags(airflow_env: dict, fresh: Path, spec) 
     """Under promotion.approval: manual the daily DAG leaves the version pending and skips deploy;
     the daybreak_approve DAG, triggered with the conf of its Params form, promotes it."""
     from daybreak.gate import evaluate_gate
-    from daybreak.history import audit_events
+    from daybreak.infra.audit import audit_events
     from daybreak.promote import promote_model
     from daybreak.train import train_model
 

@@ -25,8 +25,8 @@ import pytest
 import yaml
 from conftest import BIN, free_port, wait_http
 
-from daybreak import registry
-from daybreak.context import RunContext
+from daybreak.infra import registry
+from daybreak.infra.context import RunContext
 
 pytestmark = pytest.mark.slow
 
@@ -91,7 +91,7 @@ def airflow_started(spec, tmp_path_factory: pytest.TempPathFactory):
 def airflow_site(airflow_started: dict, spec, request: pytest.FixtureRequest):
     """The running server over a private copy of the cycled registry (champion, gated versions,
     history, and one event with a hostile reason)."""
-    from daybreak.history import record_event
+    from daybreak.infra.audit import record_event
 
     cycled = request.getfixturevalue("cycled")  # session-scoped: asked for here so Airflow boots first
 
@@ -116,9 +116,9 @@ LIVE_DAYS = ("2013-01-03", "2013-01-04")
 def _monitored(spec, home: Path, cycled_home: Path, tracking_uri: str, champion: str) -> None:
     """Two days of live quality: the champion's answers to those days' flights go through the
     prediction log's writer (as the server hands them over), then the monitor step judges them."""
+    from daybreak.deploy._predlog import PredictionLog
     from daybreak.features import read_features
     from daybreak.monitor import monitor_model
-    from daybreak.predlog import PredictionLog
 
     store = home / "store"
     shutil.copytree(cycled_home / "store", store, symlinks=True, dirs_exist_ok=True)

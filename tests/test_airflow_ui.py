@@ -246,8 +246,8 @@ def test_backfill_three_days_through_the_scheduler(airflow: Airflow) -> None:
 def test_trigger_from_the_ui_form(airflow: Airflow, tmp_path: Path) -> None:
     from playwright.sync_api import sync_playwright
 
-    from daybreak import registry
-    from daybreak.context import RunContext
+    from daybreak.infra import registry
+    from daybreak.infra.context import RunContext
 
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
     assert chromium, "Chromium is not installed (make test installs it with apt)"

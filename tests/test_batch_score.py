@@ -6,9 +6,9 @@ import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 
-from daybreak import registry
-from daybreak.context import RunContext
 from daybreak.features import read_features
+from daybreak.infra import registry
+from daybreak.infra.context import RunContext
 from daybreak.score import batch_score, prediction_zone
 from daybreak.steps import run_step
 

@@ -66,8 +66,8 @@ def test_a_changed_input_or_a_lost_output_misses(own_home: Path, ray_local) -> N
     # features made from the old staged rows no longer match their inputs
     assert cache_key("features", SPEC, "2013-01-04") is None
     # the model version recorded for a lineage deleted (retention, by hand): train must run again
-    from daybreak import registry
-    from daybreak.context import RunContext
+    from daybreak.infra import registry
+    from daybreak.infra.context import RunContext
     from daybreak.spec import load_spec
 
     spec = load_spec(SPEC)

@@ -10,8 +10,8 @@ import pytest
 from conftest import BIN
 
 from daybreak import __version__
-from daybreak.context import daybreak_home
-from daybreak.errors import is_retryable
+from daybreak.infra.context import daybreak_home
+from daybreak.infra.errors import is_retryable
 
 
 def test_cli_prints_its_version() -> None:
@@ -37,7 +37,7 @@ def test_passing_conditions_are_retried(exc: Exception) -> None:
 
 
 def test_gate_rules_tag_stays_within_the_limit_when_nothing_fits() -> None:
-    from daybreak.gate import _TAG_LIMIT, _compact
+    from daybreak.gate._gating import _TAG_LIMIT, _compact
 
     huge = [{"rule": "x" * (_TAG_LIMIT + 10), "verdict": "fail", "detail": "d"}]
     assert _compact(huge) == "[]"
@@ -47,7 +47,7 @@ def test_gate_rules_tag_stays_within_the_limit_when_nothing_fits() -> None:
 
 
 def test_long_input_hashes_are_a_valid_json_tag() -> None:
-    from daybreak.train import input_hashes_tag
+    from daybreak.train._training import input_hashes_tag
 
     short = {"2013-01-01": "abc"}
     assert json.loads(input_hashes_tag(short)) == short
@@ -63,7 +63,7 @@ def test_a_spec_on_s3_loads(s3_server, monkeypatch) -> None:
     from conftest import SPEC
     from s3 import apply_env
 
-    from daybreak.errors import SpecError
+    from daybreak.infra.errors import SpecError
     from daybreak.spec import load_spec
 
     apply_env(monkeypatch, s3_server.env())

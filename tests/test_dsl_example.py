@@ -12,11 +12,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from conftest import ROOT
+from reference import reference_features
 
-from daybreak import registry
-from daybreak.context import RunContext
 from daybreak.features import build_features
-from daybreak.reference import reference_features
+from daybreak.infra import registry
+from daybreak.infra.context import RunContext
 from daybreak.spec import load_spec
 from daybreak.stage import stage
 from daybreak.train import train_model

@@ -14,13 +14,15 @@ import pyarrow.parquet as pq
 import pytest
 from conftest import SPEC
 
-from daybreak import registry
-from daybreak.context import RunContext
 from daybreak.features import EVENT_TIME, build_features, feature_zone
-from daybreak.model_code import encode, encoded_names
-from daybreak.spec import SpecError, load_spec, parse_spec
+from daybreak.infra import registry
+from daybreak.infra.context import RunContext
+from daybreak.spec import load_spec
+from daybreak.spec._model import SpecError, parse_spec
 from daybreak.stage import stage
-from daybreak.train import fit_encoders, train_model
+from daybreak.train import train_model
+from daybreak.train._fit import fit_encoders
+from daybreak.train.model_code import encode, encoded_names
 
 
 def _spec_with(columns: list[dict]):

@@ -7,7 +7,8 @@ from datetime import UTC, datetime
 import pyarrow as pa
 import pytest
 
-from daybreak.expr import check_expression, evaluate, names_in
+from daybreak.spec import evaluate, names_in
+from daybreak.spec._expr import check_expression
 
 
 @pytest.fixture

@@ -11,9 +11,9 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 
-from daybreak.context import RunContext
-from daybreak.errors import MissingInputError
 from daybreak.features import build_features, feature_zone
+from daybreak.infra.context import RunContext
+from daybreak.infra.errors import MissingInputError
 from daybreak.stage import stage
 
 DAY = date(2013, 1, 9)
@@ -160,8 +160,9 @@ def test_window_index_matches_brute_force(wide: bool) -> None:
     (wide) keys x times too many to pack, which takes the time-rank path."""
     import pyarrow as pa
 
-    from daybreak.features import EVENT_TIME, apply_windows, build_window_index, fold_tables, window_inputs
-    from daybreak.spec import parse_spec
+    from daybreak.features import EVENT_TIME
+    from daybreak.features._build import apply_windows, build_window_index, fold_tables, window_inputs
+    from daybreak.spec._model import parse_spec
 
     spec = parse_spec({
         "name": "t", "sources": {"ev": {"path": "x/{date}.csv", "columns": {

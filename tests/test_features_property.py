@@ -12,11 +12,11 @@ import pandas as pd
 import pyarrow.parquet as pq
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from reference import reference_features
 
-from daybreak.context import RunContext
 from daybreak.features import build_features
-from daybreak.reference import reference_features
-from daybreak.spec import parse_spec
+from daybreak.infra.context import RunContext
+from daybreak.spec._model import parse_spec
 from daybreak.stage import stage
 
 DAY0 = datetime(2024, 3, 1, tzinfo=UTC)

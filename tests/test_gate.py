@@ -17,15 +17,17 @@ import pandas as pd
 import pytest
 from sklearn import metrics as skm
 
-from daybreak import metrics, registry
-from daybreak.context import RunContext
 from daybreak.cycle import run_cycle
-from daybreak.errors import GateError
 from daybreak.features import read_features
-from daybreak.gate import BLOCKED, PROMOTE, REJECT, decide, evaluate_gate, judge
-from daybreak.model_code import encode, encoded_names, predict_matrix
+from daybreak.gate import PROMOTE, evaluate_gate
+from daybreak.gate._gating import BLOCKED, REJECT, decide, judge
+from daybreak.infra import metrics, registry
+from daybreak.infra.context import RunContext
+from daybreak.infra.errors import GateError
 from daybreak.promote import promote_model
-from daybreak.train import TrainData, _label, fit_encoders, fit_model, sample_weight, split_window, train_model
+from daybreak.train import train_model
+from daybreak.train._fit import TrainData, _label, fit_encoders, fit_model, sample_weight, split_window
+from daybreak.train.model_code import encode, encoded_names, predict_matrix
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -276,8 +278,8 @@ def test_gate_record_same_rows_report_and_override(fresh: Path, spec) -> None:
 
 
 def test_legacy_min_improvement_keeps_its_meaning(spec) -> None:
-    from daybreak.errors import SpecError
-    from daybreak.spec import parse_spec
+    from daybreak.infra.errors import SpecError
+    from daybreak.spec._model import parse_spec
 
     raw = spec.model_dump(mode="json")
     for m, compare, margin in [(0.0, "no_worse", 0.0), (-0.01, "no_worse", 0.01), (0.02, "improve", 0.02)]:

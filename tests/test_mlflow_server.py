@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 from conftest import BIN, SPEC, free_port, wait_http
 
-from daybreak import registry
-from daybreak.context import RunContext
 from daybreak.cycle import run_cycle
 from daybreak.gate import PROMOTE, holdout
+from daybreak.infra import registry
+from daybreak.infra.context import RunContext
 
 
 @pytest.fixture(scope="module")

@@ -23,9 +23,9 @@ import yaml
 from conftest import BIN, free_port, wait_http
 from test_prefect import QUIET_PREFECT
 
-from daybreak import registry
-from daybreak.context import RunContext
 from daybreak.features import read_features
+from daybreak.infra import registry
+from daybreak.infra.context import RunContext
 
 FIRST, TRAINED_TO = date(2013, 1, 1), date(2013, 1, 5)  # cycles (train, gate, promote) on these days
 SERVED = [TRAINED_TO + timedelta(days=k) for k in range(1, 21)]  # 20 days served and monitored afterwards
@@ -60,7 +60,7 @@ def base_home(tmp_path_factory: pytest.TempPathFactory, ray_local: None, spec) -
     """Five days of daily cycles (a champion and a previous version), then 20 more days staged and
     featurised: their labels have arrived. Read-only: each test works on a copy."""
     from daybreak.cycle import run_cycle
-    from daybreak.datasets import build_flights_landing
+    from daybreak.demo import build_flights_landing
     from daybreak.features import build_features
     from daybreak.stage import stage
 
@@ -168,8 +168,8 @@ def _send(server: Server, cols: list, rows: list, per_request: int = 50) -> tupl
 
 
 def test_live_metrics_are_recorded_per_version(home: Path, spec, tmp_path: Path) -> None:
+    from daybreak.deploy._predlog import log_files, log_zone
     from daybreak.monitor import live_history, monitor_model
-    from daybreak.predlog import log_files, log_zone
     from daybreak.promote import rollback_model
 
     day = SERVED[0]
@@ -218,7 +218,7 @@ def test_live_metrics_are_recorded_per_version(home: Path, spec, tmp_path: Path)
         assert 0.5 < v["metrics"]["roc_auc"] < 1.0 and set(v["metrics"]) >= {"roc_auc", "log_loss", "brier"}
     # the live metric is the metric of the logged predictions against the staged labels, joined here
     # independently on the identity the client sent
-    from daybreak import metrics
+    from daybreak.infra import metrics
 
     logged = pq.read_table(files).to_pandas() if len(files) > 1 else logged
     labels = read_features(spec, ctx, [day])[0].to_pandas()
@@ -261,10 +261,10 @@ def test_degraded_champion_is_rolled_back_and_served(home: Path, spec, tmp_path:
     monitoring rolls it back, records why, notifies, and the server serves the previous version."""
     from daybreak.features import build_features
     from daybreak.gate import evaluate_gate
-    from daybreak.history import audit_events
+    from daybreak.infra.audit import audit_events
     from daybreak.monitor import monitor_model
     from daybreak.promote import promote_model
-    from daybreak.spec import parse_spec
+    from daybreak.spec._model import parse_spec
     from daybreak.train import train_model
 
     day = SERVED[0]
@@ -334,7 +334,7 @@ def test_degraded_champion_is_rolled_back_and_served(home: Path, spec, tmp_path:
 
 
 def test_healthy_champion_is_never_rolled_back_over_20_days(home: Path, spec, tmp_path: Path) -> None:
-    from daybreak.history import audit_events
+    from daybreak.infra.audit import audit_events
     from daybreak.monitor import live_history, monitor_model
 
     ctx = RunContext.create(SERVED[-1])

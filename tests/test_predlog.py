@@ -14,11 +14,13 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from daybreak.errors import SpecError
-from daybreak.predlog import PredictionLog, log_files, log_zone, prune, read_log
-from daybreak.serve import fast_columns
-from daybreak.spec import load_spec, parse_spec
-from daybreak.store import Store
+from daybreak.deploy import prune, read_log
+from daybreak.deploy._predlog import PredictionLog, log_files, log_zone
+from daybreak.deploy._serve import fast_columns
+from daybreak.infra.errors import SpecError
+from daybreak.infra.store import Store
+from daybreak.spec import load_spec
+from daybreak.spec._model import parse_spec
 
 FEATURES = ["distance", "carrier_code"]
 
@@ -142,7 +144,7 @@ def test_monitoring_spec_is_checked_and_does_not_change_the_model_identity(spec)
 
 
 def test_notification_posts_json_and_never_raises(spec, caplog) -> None:
-    from daybreak.monitor import notify
+    from daybreak.monitor._monitor import notify
 
     got = []
 
@@ -184,7 +186,7 @@ def test_log_on_an_s3_store(spec, s3_server, tmp_path: Path, monkeypatch: pytest
 
     from s3 import apply_env
 
-    from daybreak.context import RunContext
+    from daybreak.infra.context import RunContext
 
     apply_env(monkeypatch, s3_server.env())
     bucket = f"log-{uuid.uuid4().hex[:10]}"

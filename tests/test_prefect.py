@@ -9,9 +9,10 @@ from pathlib import Path
 
 from conftest import BIN, ROOT, SPEC
 
-from daybreak import registry
-from daybreak.context import RunContext
-from daybreak.gate import PROMOTE, REJECT, SKIPPED
+from daybreak.gate import PROMOTE, SKIPPED
+from daybreak.gate._gating import REJECT
+from daybreak.infra import registry
+from daybreak.infra.context import RunContext
 
 # The ephemeral API keeps its state in SQLite. On a busy 2-core machine its start-up writes can
 # wait on each other longer than the 5 s default, and the telemetry service adds one more writer;
@@ -82,7 +83,7 @@ def test_tasks_are_plain_step_calls(home: Path) -> None:
 
 
 def test_permanent_errors_are_not_retried() -> None:
-    from daybreak.errors import ContractError, is_retryable
+    from daybreak.infra.errors import ContractError, is_retryable
     from daybreak.prefect.tasks import _retry_if_transient
 
     class State:

@@ -12,21 +12,21 @@ from pathlib import Path
 import pytest
 from conftest import BIN
 
-from daybreak import registry
-from daybreak.context import RunContext
-from daybreak.errors import PromotionConflict
 from daybreak.gate import PROMOTE, evaluate_gate
-from daybreak.history import audit_events, model_history
-from daybreak.promote import promote_model, rollback_model
+from daybreak.infra import registry
+from daybreak.infra.audit import audit_events
+from daybreak.infra.context import RunContext
+from daybreak.infra.errors import PromotionConflict
+from daybreak.promote import model_history, promote_model, rollback_model
 from daybreak.train import train_model
 
 RACER = """
 import json, os, sys, time
-from daybreak import registry
-from daybreak.context import RunContext
-from daybreak.errors import PromotionConflict
+from daybreak.infra import registry
+from daybreak.infra.context import RunContext
+from daybreak.infra.errors import PromotionConflict
 from daybreak.promote import promote_model
-from daybreak.spec import parse_spec
+from daybreak.spec._model import parse_spec
 
 # Line the racers up: each stops after its first read of the champion until both got there, and
 # every read takes a second, so both read the champion before either moves it (without the lock
@@ -157,7 +157,7 @@ def _spec_file(s, home: Path) -> str:
 def test_retention_deletes_old_versions_out_of_service_only(fresh: Path, spec) -> None:
     from datetime import datetime, timedelta
 
-    from daybreak.promote import apply_retention
+    from daybreak.promote._promotion import apply_retention
 
     s = _lenient(spec)
     for day in ("2013-01-02", "2013-01-03"):
@@ -202,7 +202,7 @@ def _cli(*args: str):
 
 
 def test_manual_approval_tags_pending_then_approve_promotes(fresh: Path, spec) -> None:
-    from daybreak.errors import ApprovalError
+    from daybreak.infra.errors import ApprovalError
     from daybreak.promote import approve_model, should_deploy
 
     auto, manual = _lenient(spec), _manual(spec)
@@ -262,8 +262,9 @@ def test_manual_approval_tags_pending_then_approve_promotes(fresh: Path, spec) -
 def test_approval_refused_when_champion_moved_and_reject(fresh: Path, spec) -> None:
     from datetime import datetime, timedelta
 
-    from daybreak.errors import ApprovalError
-    from daybreak.promote import apply_retention, approve_model
+    from daybreak.infra.errors import ApprovalError
+    from daybreak.promote import approve_model
+    from daybreak.promote._promotion import apply_retention
 
     auto, manual = _lenient(spec), _manual(spec)
     train_model(auto, _ctx("2013-01-02"))
@@ -322,8 +323,8 @@ def test_approval_refused_when_champion_moved_and_reject(fresh: Path, spec) -> N
 
 DIES_HOLDING = """
 import os, signal, sys
-from daybreak import registry
-from daybreak.context import RunContext
+from daybreak.infra import registry
+from daybreak.infra.context import RunContext
 cl = registry.client(RunContext.create("2013-01-02"))
 with registry.model_lock(cl, sys.argv[1], owner="doomed"):
     print("HELD", flush=True)

@@ -19,8 +19,8 @@ import psutil
 import pytest
 from conftest import BIN, ROOT, SPEC, free_port, make_home
 
-from daybreak.context import RunContext
 from daybreak.features import build_features
+from daybreak.infra.context import RunContext
 from daybreak.stage import stage
 
 DAY = "2013-01-09"

@@ -13,10 +13,11 @@ import pytest
 import yaml
 from conftest import BIN, free_port, wait_http
 
-from daybreak import registry
-from daybreak.context import RunContext
-from daybreak.deploy import DeployError, deploy_model
+from daybreak.deploy import deploy_model
+from daybreak.deploy._deploy import DeployError
 from daybreak.gate import holdout
+from daybreak.infra import registry
+from daybreak.infra.context import RunContext
 
 
 @pytest.fixture(scope="module")
@@ -139,7 +140,7 @@ def _mlflow_answer(model, body: dict) -> tuple[int, np.ndarray | None]:
 def test_bodies_answer_as_mlflow_parses_them(server: dict, use_cycled: dict, spec) -> None:
     """The fast path (columns built directly, requests batched) answers exactly what MLflow's parser
     and the model answer, and every other body goes to MLflow's parser: same predictions, same 400s."""
-    from daybreak.serve import fast_columns, fast_fields
+    from daybreak.deploy._serve import fast_columns, fast_fields
 
     url = server["url"]
     ctx = RunContext.create("2013-01-04")
@@ -204,7 +205,7 @@ def test_bodies_answer_as_mlflow_parses_them(server: dict, use_cycled: dict, spe
     deep = httpx.post(f"{url}/invocations", content=b'{"inputs": ' + b"[" * 5000 + b"]" * 5000 + b"}",
                       headers=json_type, timeout=10)
     assert deep.status_code == 400  # not a 500 from a RecursionError
-    from daybreak.serve import MAX_BODY_BYTES
+    from daybreak.deploy._serve import MAX_BODY_BYTES
 
     huge = httpx.post(f"{url}/invocations", content=b" " * (MAX_BODY_BYTES + 1), headers=json_type, timeout=60)
     assert huge.status_code == 413
@@ -244,7 +245,7 @@ def test_concurrent_requests_each_get_their_own_rows(server: dict, use_cycled: d
 def test_a_big_request_is_predicted_in_slices_between_small_ones(server: dict, use_cycled: dict, spec) -> None:
     """A request of many batches' rows is predicted a slice at a time, small requests answered
     between its slices: every answer is still exactly the model's, from one version."""
-    from daybreak.serve import MAX_BATCH_ROWS
+    from daybreak.deploy._serve import MAX_BATCH_ROWS
 
     url = server["url"]
     X = _rows(spec, 200)
@@ -277,7 +278,7 @@ def test_a_big_request_is_predicted_in_slices_between_small_ones(server: dict, u
 def test_bearer_token(use_cycled: dict, spec) -> None:
     from fastapi.testclient import TestClient
 
-    from daybreak.serve import create_app
+    from daybreak.deploy._serve import create_app
 
     X = _rows(spec, 2)
     body = {"dataframe_split": {"columns": list(X.columns), "data": _jsonable(X)}}

@@ -20,9 +20,9 @@ import numpy as np
 import yaml
 from conftest import BIN, free_port, wait_http
 
-from daybreak import registry
-from daybreak.context import RunContext
 from daybreak.gate import PROMOTE, evaluate_gate, holdout
+from daybreak.infra import registry
+from daybreak.infra.context import RunContext
 from daybreak.promote import promote_model
 from daybreak.train import train_model
 

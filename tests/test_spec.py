@@ -8,8 +8,9 @@ import pytest
 import yaml
 from conftest import SPEC
 
-from daybreak.errors import SpecError
-from daybreak.spec import load_spec, parse_duration, parse_spec
+from daybreak.infra.errors import SpecError
+from daybreak.spec import load_spec, parse_duration
+from daybreak.spec._model import parse_spec
 
 
 @pytest.fixture

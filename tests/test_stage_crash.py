@@ -22,10 +22,10 @@ import pytest
 from conftest import BIN, ROOT, SPEC
 from s3 import apply_env
 
-from daybreak.context import RunContext
+from daybreak.infra.context import RunContext
+from daybreak.infra.store import sha256_files
 from daybreak.spec import load_spec
 from daybreak.stage import stage
-from daybreak.store import sha256_files
 
 DAY = "2013-01-02"
 TRIALS = 12

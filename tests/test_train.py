@@ -13,13 +13,15 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from daybreak import registry
-from daybreak.context import RunContext
-from daybreak.errors import SpecError
 from daybreak.features import read_features
 from daybreak.gate import evaluate_gate, holdout
-from daybreak.spec import TrainingSpec
-from daybreak.train import TrainData, fit_model, save_model, split_window, train_model
+from daybreak.infra import registry
+from daybreak.infra.context import RunContext
+from daybreak.infra.errors import SpecError
+from daybreak.spec._model import TrainingSpec
+from daybreak.train import train_model
+from daybreak.train._fit import TrainData, fit_model, split_window
+from daybreak.train._training import save_model
 
 
 @pytest.fixture
@@ -154,7 +156,7 @@ def test_tuning_runs_trials_on_ray_as_child_runs(fresh: Path, spec, ray_local) -
 def test_skops_file_with_unrecorded_types_is_refused(spec, tmp_path: Path, allow_pipelines) -> None:
     from types import SimpleNamespace
 
-    from daybreak.model_code import DaybreakModel
+    from daybreak.train.model_code import DaybreakModel
 
     s = _with(spec, model={"flavor": "sklearn", "estimator": "pipelines.scaled_logistic", "params": {}})
     path, meta = save_model(fit_model(s, _data(np.random.default_rng(1))), s, tmp_path)
@@ -178,7 +180,7 @@ def test_skops_file_with_unrecorded_types_is_refused(spec, tmp_path: Path, allow
 
 
 def test_many_models_route_each_row_with_a_fallback_for_unseen_keys(fresh: Path, spec, ray_local) -> None:
-    from daybreak.model_code import encode
+    from daybreak.train.model_code import encode
 
     s = _with(spec, model={"partition_by": ["origin_code"], "min_partition_rows": 100})
     ctx = RunContext.create("2013-01-02")
@@ -201,7 +203,7 @@ def test_many_models_route_each_row_with_a_fallback_for_unseen_keys(fresh: Path,
 
 
 def test_partition_by_must_name_a_feature(spec) -> None:
-    from daybreak.spec import parse_spec
+    from daybreak.spec._model import parse_spec
 
     raw = spec.model_dump(exclude_none=True)
     raw["model"]["partition_by"] = ["origin"]
@@ -211,7 +213,7 @@ def test_partition_by_must_name_a_feature(spec) -> None:
 
 def test_out_of_core_training_streams_a_window_bigger_than_the_budget(fresh: Path, spec,
                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
-    import daybreak.outofcore as ooc
+    import daybreak.train._outofcore as ooc
 
     monkeypatch.setattr(ooc, "BATCH_ROWS", 256)  # many batches, pages and resets
     day = RunContext.create("2013-01-03")

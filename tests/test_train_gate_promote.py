@@ -7,11 +7,12 @@ from pathlib import Path
 import mlflow
 import pytest
 
-from daybreak import registry
-from daybreak.context import RunContext
 from daybreak.cycle import run_cycle
-from daybreak.errors import PromotionConflict
-from daybreak.gate import PROMOTE, REJECT, SKIPPED, evaluate_gate
+from daybreak.gate import PROMOTE, SKIPPED, evaluate_gate
+from daybreak.gate._gating import REJECT
+from daybreak.infra import registry
+from daybreak.infra.context import RunContext
+from daybreak.infra.errors import PromotionConflict
 from daybreak.promote import promote_model
 from daybreak.train import train_model
 

@@ -12,7 +12,7 @@ from typing import Any
 
 import typer
 
-from daybreak.errors import DaybreakError, RedactFilter, credentials_refused, redact
+from daybreak.infra.errors import DaybreakError, RedactFilter, credentials_refused, redact
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="daybreak: stage, build features, retrain, gate, promote and serve a model every day.")
@@ -72,7 +72,7 @@ def _load(spec: Path) -> Any:
 
 
 def _ctx(day: str | date, store: str | None, tracking_uri: str | None) -> Any:
-    from daybreak.context import RunContext
+    from daybreak.infra.context import RunContext
 
     return RunContext.create(day, store=store, tracking_uri=tracking_uri)
 
@@ -121,8 +121,8 @@ def backfill(spec: Path = SpecOpt, start: str = typer.Option(..., "--start", hel
              store: str | None = StoreOpt, tracking_uri: str | None = TrackingOpt,
              as_json: bool = JsonOpt) -> None:
     """Run the daily cycle for every date from --start to --end, in order."""
-    from daybreak.context import parse_date
     from daybreak.cycle import date_range, run_cycle
+    from daybreak.infra.context import parse_date
 
     s = _load(spec)
     days = date_range(parse_date(start), parse_date(end))
@@ -138,7 +138,7 @@ def backfill(spec: Path = SpecOpt, start: str = typer.Option(..., "--start", hel
 @app.command()
 def history(spec: Path = SpecOpt, tracking_uri: str | None = TrackingOpt, as_json: bool = JsonOpt) -> None:
     """The audit history: every promotion, rejection, override, approval and rollback, newest first."""
-    from daybreak.history import audit_events
+    from daybreak.infra.audit import audit_events
 
     s = _load(spec)
     _listing(audit_events(s, _ctx(date.today(), None, tracking_uri)), as_json,
@@ -151,7 +151,7 @@ def history(spec: Path = SpecOpt, tracking_uri: str | None = TrackingOpt, as_jso
 @app.command()
 def versions(spec: Path = SpecOpt, tracking_uri: str | None = TrackingOpt, as_json: bool = JsonOpt) -> None:
     """Every registered version with its lineage and gate decision, newest first."""
-    from daybreak.history import model_history
+    from daybreak.promote import model_history
 
     s = _load(spec)
     _listing(model_history(s, _ctx(date.today(), None, tracking_uri)), as_json, f"no versions of {s.model.name} yet",
@@ -203,7 +203,7 @@ def serve(spec: Path = SpecOpt,
 
     Set DAYBREAK_SERVE_TOKEN to require 'Authorization: Bearer <token>' on /invocations.
     """
-    from daybreak.serve import serve as _serve
+    from daybreak.deploy import serve as _serve
 
     s = _load(spec)
     _serve(s, _ctx(date.today(), None, tracking_uri), host=host, port=port,
@@ -276,7 +276,7 @@ def report(spec: Path = SpecOpt, version: str | None = typer.Option(None, help="
                                            help="Write the gate's HTML report to this file ('-': stdout)."),
            tracking_uri: str | None = TrackingOpt, as_json: bool = JsonOpt) -> None:
     """Print the gate record and lineage of one model version, or save its HTML gate report."""
-    from daybreak.history import gate_report_html, version_report
+    from daybreak.promote import gate_report_html, version_report
 
     s = _load(spec)
     ctx = _ctx(date.today(), None, tracking_uri)
@@ -317,8 +317,8 @@ def datasets_flights(out: Path = typer.Option(..., "--out", "-o", help="Landing 
                      end: str | None = typer.Option(None, help="Last day to write."),
                      as_json: bool = JsonOpt) -> None:
     """Write the real 2013 NYC flights as daily landing drops plus dimension tables."""
-    from daybreak.context import parse_date
-    from daybreak.datasets import build_flights_landing
+    from daybreak.demo import build_flights_landing
+    from daybreak.infra.context import parse_date
 
     res = build_flights_landing(out, start=parse_date(start) if start else None, end=parse_date(end) if end else None)
     _emit(res, as_json, f"wrote {res['flights']} flights in {res['flight_days']} daily files, "

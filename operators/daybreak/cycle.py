@@ -22,11 +22,11 @@ from dataclasses import dataclass
 from datetime import date, timedelta
 from typing import Any
 
-from daybreak.context import RunContext
 from daybreak.deploy import deploy_model
-from daybreak.errors import is_retryable
 from daybreak.features import build_features
 from daybreak.gate import evaluate_gate, should_promote
+from daybreak.infra.context import RunContext
+from daybreak.infra.errors import is_retryable
 from daybreak.monitor import monitor_model
 from daybreak.promote import promote_model, should_deploy
 from daybreak.spec import Spec
@@ -97,7 +97,7 @@ def run_cycle(spec: Spec, ctx: RunContext, deploy: bool = True, force: bool = Fa
 
 def not_promoted(spec: Spec, ctx: RunContext, gate: dict[str, Any]) -> dict[str, Any]:
     """The promote step's result when the gate said no (the champion as it stands)."""
-    from daybreak import registry
+    from daybreak.infra import registry
 
     cl = registry.client(ctx)
     champ = registry.alias_version(cl, spec.model.name, spec.promotion.alias)
@@ -131,8 +131,8 @@ def date_range(start: date, end: date) -> list[date]:
 
 def day_summary(spec: Spec, ctx: RunContext) -> dict[str, Any]:
     """The per-day line rebuilt from the store and the registry, whichever orchestrator ran the day."""
-    from daybreak import registry
     from daybreak.gate import recorded_decision
+    from daybreak.infra import registry
     from daybreak.promote import APPROVAL_TAG
 
     day = ctx.logical_date.isoformat()

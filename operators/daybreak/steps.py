@@ -12,8 +12,8 @@ from collections.abc import Callable
 from datetime import date, datetime
 from typing import Any
 
-from daybreak.context import RunContext, parse_date
-from daybreak.errors import MissingInputError
+from daybreak.infra.context import RunContext, parse_date
+from daybreak.infra.errors import MissingInputError
 from daybreak.spec import Spec, load_spec
 
 

@@ -79,7 +79,7 @@ def child(spec_path: str, day: str, markers: str, log_file: str, kill_step: str,
         sys.stdin.close()
         from daybreak import cycle
         from daybreak.cli import setup_logging
-        from daybreak.context import RunContext
+        from daybreak.infra.context import RunContext
         from daybreak.spec import load_spec
 
         setup_logging()
@@ -145,12 +145,6 @@ def main() -> None:
     import sklearn.metrics  # noqa: F401
     import xgboost  # noqa: F401
 
-    import daybreak.cli
-    import daybreak.cycle
-    import daybreak.datachecks
-    import daybreak.history
-    import daybreak.outofcore
-    import daybreak.report  # noqa: F401
 
     warm_up()
     print(f"READY {time.monotonic() - t0:.1f}", flush=True)

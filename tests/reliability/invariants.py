@@ -13,13 +13,13 @@ from typing import Any
 
 import pyarrow.parquet as pq
 
-from daybreak import registry
-from daybreak.context import RunContext
 from daybreak.features import feature_zone
 from daybreak.gate import PROMOTE
+from daybreak.infra import registry
+from daybreak.infra.context import RunContext
+from daybreak.infra.store import sha256_files
 from daybreak.score import prediction_zone
 from daybreak.spec import Spec
-from daybreak.store import sha256_files
 
 
 def zones(spec: Spec) -> list[str]:

@@ -47,10 +47,10 @@ from tally import FULL, tally, trials
 from test_ray_cluster import _stop as stop_family  # terminate a process and its children, by PID
 from test_ray_cluster import _wait_started
 
-from daybreak import registry
-from daybreak.context import RunContext
 from daybreak.gate import PROMOTE
-from daybreak.store import sha256_files
+from daybreak.infra import registry
+from daybreak.infra.context import RunContext
+from daybreak.infra.store import sha256_files
 
 HERE = Path(__file__).resolve().parent
 STEPS = ["stage", "features", "train", "gate", "promote"]
@@ -233,7 +233,7 @@ def lock_state(spec: Any, ctx: RunContext) -> str | None:
 
 def day_problems(spec: Any, ctx: RunContext, day: date, summary: dict[str, Any]) -> list[str]:
     """After a rerun completed `day`, the newest date: is everything the day should leave there?"""
-    from daybreak.history import audit_events
+    from daybreak.infra.audit import audit_events
 
     out = []
     for zone in invariants.zones(spec)[:-1]:  # staged sources and features (predictions: batch scoring)
@@ -264,7 +264,7 @@ def day_problems(spec: Any, ctx: RunContext, day: date, summary: dict[str, Any])
                        f"(promoted_at tag: {champ.tags.get('daybreak.promoted_at', 'missing')})")
     lock = lock_state(spec, ctx)
     if lock:  # left by the killed run: harmless only if the next one takes it over at once
-        from daybreak.errors import PromotionConflict
+        from daybreak.infra.errors import PromotionConflict
 
         try:
             with registry.model_lock(registry.client(ctx), spec.model.name, owner="crash-check", wait_s=5):
@@ -368,7 +368,7 @@ def crash_rig(tmp_path: Path, landing: Path, monkeypatch: pytest.MonkeyPatch):
     import shutil
     import tempfile
 
-    from daybreak.datasets import build_flights_landing
+    from daybreak.demo import build_flights_landing
     from daybreak.spec import load_spec
 
     last = FIRST_DAY + timedelta(days=PLANNED + EXTRA_TRIALS)

@@ -45,10 +45,10 @@ from tally import FULL, tally, trials
 from test_serve_load import _lenient
 from test_serving_soak import request_bodies, serving
 
-from daybreak import registry
-from daybreak.context import RunContext
-from daybreak.errors import IntegrityError
 from daybreak.gate import PROMOTE, evaluate_gate
+from daybreak.infra import registry
+from daybreak.infra.context import RunContext
+from daybreak.infra.errors import IntegrityError
 from daybreak.promote import approve_model, promote_model
 from daybreak.score import batch_score, prediction_zone
 from daybreak.train import train_model

@@ -30,12 +30,12 @@ import pytest
 from conftest import BIN, SPEC, free_port, make_home, wait_http
 from tally import tally, trials
 
-from daybreak import registry
-from daybreak.context import RunContext
 from daybreak.cycle import Retry, run_cycle, with_retry
-from daybreak.errors import is_retryable
 from daybreak.features import build_features, feature_zone
 from daybreak.gate import PROMOTE
+from daybreak.infra import registry
+from daybreak.infra.context import RunContext
+from daybreak.infra.errors import is_retryable
 from daybreak.stage import stage
 
 FAST = Retry(attempts=4, backoff_s=1.0)  # waits 1, 2, 4 s: rides out a 2 s outage
@@ -593,7 +593,7 @@ def ray_driver(address: str, spec_path: str, day: str) -> None:
     """Run in its own process (the suite's own process holds a local Ray): wait for both nodes,
     start a Python worker on each, say READY and wait for a line on stdin, then build the day's
     features through the cycle's retry."""
-    from daybreak.compute import ensure_ray
+    from daybreak.infra.compute import ensure_ray
     from daybreak.spec import load_spec
 
     ensure_ray(address)
@@ -608,7 +608,7 @@ def ray_driver(address: str, spec_path: str, day: str) -> None:
 
     @ray.remote
     def warm() -> None:
-        import daybreak.features  # noqa: F401
+        import daybreak.features._build  # noqa: F401
 
     ray.get([warm.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)).remote()
              for n in ray.nodes() if n["Alive"]])

@@ -29,11 +29,11 @@ from conftest import BIN, SPEC
 from tally import FULL, tally, trials
 from test_bad_input import RUN_CLI
 
-from daybreak import registry
-from daybreak.context import RunContext
 from daybreak.features import build_features
 from daybreak.gate import PROMOTE, evaluate_gate
-from daybreak.history import audit_events
+from daybreak.infra import registry
+from daybreak.infra.audit import audit_events
+from daybreak.infra.context import RunContext
 from daybreak.promote import promote_model
 from daybreak.spec import load_spec
 from daybreak.stage import stage
@@ -53,8 +53,8 @@ import json, os, sys, time
 ctl, me = sys.argv[1:3]
 import mlflow, ray, xgboost
 import daybreak.cli, daybreak.cycle, daybreak.promote
-from daybreak import registry
-from daybreak.context import RunContext
+from daybreak.infra import registry
+from daybreak.infra.context import RunContext
 daybreak.cli.setup_logging()
 open(f"{ctl}/ready-{me}", "w").close()
 

@@ -267,11 +267,11 @@ def test_no_secret_anywhere(s3_server, landing: Path, spec, tmp_path: Path, ray_
         if FULL:
             procs["migrate"] = _launch([str(BIN / "airflow"), "db", "migrate"], airflow_env, logs / "migrate.log")
         # 2013-01-01 (history for the next day: stage and features) here, with the same credentials
-        from daybreak.context import RunContext
         from daybreak.features import build_features
+        from daybreak.infra.context import RunContext
+        from daybreak.infra.store import StorageOptions
         from daybreak.spec import load_spec
         from daybreak.stage import stage
-        from daybreak.store import StorageOptions
 
         first = RunContext.create("2013-01-01", store=store, storage=StorageOptions(
             endpoint_url=s3_server.endpoint, region="us-east-1", access_key=access_key,

@@ -53,9 +53,9 @@ from conftest import BIN, free_port, wait_http
 from tally import tally, trials
 from test_serve_load import _jsonable, _lenient
 
-from daybreak import registry
-from daybreak.context import RunContext
 from daybreak.gate import PROMOTE, evaluate_gate, holdout
+from daybreak.infra import registry
+from daybreak.infra.context import RunContext
 from daybreak.promote import promote_model, rollback_model
 from daybreak.train import train_model
 

@@ -12,7 +12,7 @@ import subprocess
 
 from conftest import BIN, SPEC, free_port
 
-from daybreak.errors import redact
+from daybreak.infra.errors import redact
 
 SECRET = "hunter2-not-for-logs"
 

@@ -27,9 +27,9 @@ import pytest
 from conftest import BIN
 from test_model_integrity import _wait
 
-from daybreak import registry
-from daybreak.context import RunContext
-from daybreak.errors import PromotionConflict
+from daybreak.infra import registry
+from daybreak.infra.context import RunContext
+from daybreak.infra.errors import PromotionConflict
 
 OWNER_TAG, EXPIRES_TAG = "daybreak.lock_owner", "daybreak.lock_expires"  # the lock's record in the registry
 
@@ -38,8 +38,8 @@ NAME = "locked_model"
 HOLDER = """
 import os, sys, time
 from pathlib import Path
-from daybreak import registry
-from daybreak.context import RunContext
+from daybreak.infra import registry
+from daybreak.infra.context import RunContext
 cl = registry.client(RunContext.create("2013-01-02"))
 out, release = Path(sys.argv[1]), Path(sys.argv[2])
 with registry.model_lock(cl, sys.argv[3], owner="ns-holder"):

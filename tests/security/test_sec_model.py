@@ -30,10 +30,10 @@ from conftest import BIN, free_port, wait_http
 from test_model_integrity import _wait, model_dir
 from test_serve_load import _lenient
 
-from daybreak import registry
-from daybreak.context import RunContext
-from daybreak.errors import IntegrityError
 from daybreak.gate import PROMOTE, evaluate_gate
+from daybreak.infra import registry
+from daybreak.infra.context import RunContext
+from daybreak.infra.errors import IntegrityError
 from daybreak.promote import promote_model
 from daybreak.train import train_model
 

@@ -16,10 +16,11 @@ from pathlib import Path
 
 import numpy as np
 
-from daybreak.context import RunContext
+from daybreak.deploy import read_log
+from daybreak.deploy._predlog import PredictionLog
 from daybreak.features import read_features
-from daybreak.monitor import joined_rows
-from daybreak.predlog import PredictionLog, read_log
+from daybreak.infra.context import RunContext
+from daybreak.monitor._monitor import joined_rows
 
 
 def _log(spec, ctx, frame, preds, version="1") -> None:

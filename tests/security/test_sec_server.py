@@ -95,8 +95,8 @@ def _until(cond, timeout: float, what: str, every: float = 0.05):
 @pytest.fixture(scope="module")
 def rows(cycled: dict, spec) -> tuple[list[str], list[list]]:
     """Holdout rows of the cycled home as the client sends them: (columns, rows)."""
-    from daybreak.context import RunContext
     from daybreak.gate import holdout
+    from daybreak.infra.context import RunContext
 
     old = os.environ.get("DAYBREAK_HOME")
     os.environ["DAYBREAK_HOME"] = str(cycled["home"])
@@ -245,7 +245,7 @@ def test_huge_bodies_are_refused_before_they_are_read(open_server: Served, featu
 def test_bodies_without_a_length_and_too_many_rows(open_server: Served, features, use_cycled) -> None:
     """A chunked body is cut off at the byte limit; a body over the row limit gets a 413 naming it;
     one at the limit is answered."""
-    from daybreak.serve import MAX_BODY_BYTES
+    from daybreak.deploy._serve import MAX_BODY_BYTES
 
     cols, data = features
     MAX_BODY_BYTES = min(MAX_BODY_BYTES, 16 * 2**20)  # (the server before the fix read 64 MiB)
@@ -269,7 +269,7 @@ def test_bodies_without_a_length_and_too_many_rows(open_server: Served, features
 def test_bytes_in_flight_are_bounded(open_server: Served, use_cycled) -> None:
     """Bodies declared near the limit and sent slowly: past the in-flight budget, new ones get 503
     with Retry-After instead of memory."""
-    from daybreak import serve
+    from daybreak.deploy import _serve as serve
 
     # (the defaults; the server before the fix had a 64 MiB body limit and no in-flight bound)
     declared = min(getattr(serve, "MAX_BODY_BYTES", 16 * 2**20), 16 * 2**20) - 1

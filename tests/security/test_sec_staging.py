@@ -37,8 +37,8 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from daybreak.context import RunContext
-from daybreak.errors import ContractError
+from daybreak.infra.context import RunContext
+from daybreak.infra.errors import ContractError
 from daybreak.spec import SourceSpec, load_spec
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -337,7 +337,7 @@ def test_duplicate_columns_quarantine_the_file_in_every_format(h: Home) -> None:
 
 @pytest.mark.parametrize("error", [MemoryError, OSError])
 def test_read_error_is_the_files_problem(h: Home, error: type[BaseException], monkeypatch) -> None:
-    from daybreak import stage as st
+    from daybreak.stage import _staging as st
 
     folder = h.real_landing / "two"
     folder.mkdir()

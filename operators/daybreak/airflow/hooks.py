@@ -83,7 +83,7 @@ class MlflowHook(BaseHook):
 
     def credentials(self) -> dict[str, str]:
         """The environment variables the MLflow client reads for this Connection's credentials."""
-        from daybreak.registry import credential_env
+        from daybreak.infra.registry import credential_env
 
         conn = self.get_connection(self.mlflow_conn_id)
         return credential_env(username=conn.login, password=conn.password,
@@ -101,7 +101,7 @@ class MlflowHook(BaseHook):
 
     def get_conn(self) -> Any:
         """An ``mlflow.MlflowClient`` for the tracking server, credentials configured."""
-        from daybreak.registry import client_at
+        from daybreak.infra.registry import client_at
 
         return client_at(self.configure())
 
@@ -198,7 +198,7 @@ def storage_options(conn_id: str | None) -> Any:
     or host/port/schema for the endpoint); None: from the environment."""
     if not conn_id:
         return None
-    from daybreak.store import StorageOptions
+    from daybreak.infra.store import StorageOptions
 
     conn = BaseHook.get_connection(conn_id)
     extra = conn.extra_dejson or {}

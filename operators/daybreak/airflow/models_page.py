@@ -32,7 +32,7 @@ from urllib.parse import quote, urlencode
 from fastapi import Depends, FastAPI, HTTPException, Query, Request
 from fastapi.responses import HTMLResponse, JSONResponse
 
-from daybreak.records import Tag
+from daybreak.infra.records import Tag
 
 VIEW_NAME = "Models"
 URL_PREFIX = "/daybreak"
@@ -133,7 +133,7 @@ def pick_spec(name: str | None) -> tuple[Any, list[str]]:
 def _context() -> Any:
     from datetime import date
 
-    from daybreak.context import RunContext
+    from daybreak.infra.context import RunContext
 
     return RunContext.create(date.today())
 
@@ -145,9 +145,10 @@ def _no_registry(uri: str) -> bool:
 
 def model_data(spec: Any, recent: int = RECENT, history: int = HISTORY) -> dict[str, Any]:
     """The champion, the recent versions with their gate records, and the audit history (read only)."""
-    from daybreak import registry
     from daybreak.gate import recorded_decision
-    from daybreak.history import _row, audit_events
+    from daybreak.infra import registry
+    from daybreak.infra.audit import audit_events
+    from daybreak.promote import version_row
 
     ctx = _context()
     out: dict[str, Any] = {"spec": spec.name, "model": spec.model.name, "metric": spec.gate.metric,
@@ -160,7 +161,7 @@ def model_data(spec: Any, recent: int = RECENT, history: int = HISTORY) -> dict[
     out["champion"] = None if champ is None else str(champ.version)
     for mv in registry.versions(cl, spec.model.name)[:recent]:
         full = cl.get_model_version(spec.model.name, str(mv.version))  # search results carry no aliases
-        row = _row(full)
+        row = version_row(full)
         rec = recorded_decision(full.tags)
         row["rules"] = rec["rules"]
         row["computed_decision"] = rec["computed_decision"]
@@ -188,8 +189,8 @@ def _safe_uri(uri: str) -> str:
 
 def report_html(spec: Any, version: str) -> str:
     """The gate report of a version (``history.gate_report_html``, which only reads), or a 404."""
-    from daybreak.errors import DaybreakError
-    from daybreak.history import gate_report_html
+    from daybreak.infra.errors import DaybreakError
+    from daybreak.promote import gate_report_html
 
     ctx = _context()
     if _no_registry(ctx.tracking_uri):
@@ -263,7 +264,7 @@ def render_page(data: dict[str, Any], names: list[str]) -> str:
         for h in data["history"]]
     live = data.get("live") or []
     if live:
-        from daybreak.report import live_chart
+        from daybreak.gate import live_chart
 
         recent = [f"<tr><td>{_e(r['date'])}</td><td>{_e(r['source'])}</td><td>v{_e(r['version'])}</td>"
                   f"<td>{_e(r['value'])}</td><td>{_e(r['rows'])}</td>"

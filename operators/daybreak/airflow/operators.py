@@ -79,7 +79,7 @@ class DaybreakStepOperator(BaseOperator):
     def call_step(self, context: Any, step: str, **options: Any) -> dict[str, Any]:
         from airflow.sdk.exceptions import AirflowFailException
 
-        from daybreak.errors import is_retryable
+        from daybreak.infra.errors import is_retryable
         from daybreak.steps import resolve_date, run_step
 
         dag_run = context.get("dag_run")

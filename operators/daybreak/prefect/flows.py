@@ -17,9 +17,9 @@ from typing import Any, Literal, TypedDict
 
 from prefect import flow, get_run_logger
 
-from daybreak.context import parse_date
 from daybreak.cycle import date_range, summarize
 from daybreak.gate import should_promote
+from daybreak.infra.context import parse_date
 from daybreak.prefect.tasks import (
     approve_model,
     build_features,

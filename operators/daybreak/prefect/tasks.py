@@ -30,8 +30,8 @@ from typing import Any, cast
 from prefect import task
 from prefect.cache_policies import CachePolicy
 
-from daybreak.errors import is_retryable
-from daybreak.records import Tag
+from daybreak.infra.errors import is_retryable
+from daybreak.infra.records import Tag
 from daybreak.steps import cache_key, run_step
 
 log = logging.getLogger(__name__)
@@ -57,7 +57,7 @@ def storage_options(secret_block: str | None) -> Any:
     secret_key, session_token (all optional). None: from the environment."""
     if not secret_block:
         return None
-    from daybreak.store import StorageOptions
+    from daybreak.infra.store import StorageOptions
 
     data = _secret(secret_block)
     if not isinstance(data, dict):
@@ -73,7 +73,7 @@ def use_mlflow_secret(secret_block: str | None) -> None:
     (and optionally ``insecure_tls``)."""
     if not secret_block:
         return
-    from daybreak.registry import credential_env
+    from daybreak.infra.registry import credential_env
 
     data = _secret(secret_block)
     creds = {"token": data} if isinstance(data, str) else data

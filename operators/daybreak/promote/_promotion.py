@@ -17,12 +17,12 @@ from dataclasses import replace
 from datetime import UTC, datetime
 from typing import Any
 
-from daybreak import registry
-from daybreak.context import RunContext
-from daybreak.errors import PromotionConflict
 from daybreak.gate import PROMOTE
-from daybreak.history import record_event
-from daybreak.records import Approval, Tag
+from daybreak.infra import registry
+from daybreak.infra.audit import record_event
+from daybreak.infra.context import RunContext
+from daybreak.infra.errors import PromotionConflict
+from daybreak.infra.records import Approval, Tag
 from daybreak.spec import Spec
 
 log = logging.getLogger(__name__)
@@ -167,7 +167,7 @@ def _move_champion(held: registry.Held, spec: Spec, ctx: RunContext, cand: Any, 
 def _finish_record(cl: Any, spec: Spec, ctx: RunContext, version: str) -> None:
     """A champion without ``promoted_at``: the run that moved the alias stopped (a crash) before
     it finished recording. Record the promote event if it is missing, then the mark."""
-    from daybreak.history import has_event
+    from daybreak.infra.audit import has_event
 
     name = spec.model.name
     with registry.model_lock(cl, name, owner=ctx.run_id):
@@ -202,9 +202,9 @@ def approve_model(spec: Spec, ctx: RunContext, version: str | int, reason: str, 
     the version must be re-gated. ``reject`` keeps it out of service for good. Both are recorded
     with `reason` and `by` (default: the OS user).
     """
-    from daybreak.context import parse_date
-    from daybreak.errors import ApprovalError
-    from daybreak.history import who
+    from daybreak.infra.audit import who
+    from daybreak.infra.context import parse_date
+    from daybreak.infra.errors import ApprovalError
 
     choice = str(decision or "").strip().lower()
     if choice not in ("approve", "reject"):
@@ -255,7 +255,7 @@ def _pending_version(cl: Any, name: str, v: str, choice: str) -> Any:
     """Version `v` if it is waiting for approval; otherwise an error saying what it is instead."""
     from mlflow.exceptions import MlflowException
 
-    from daybreak.errors import ApprovalError
+    from daybreak.infra.errors import ApprovalError
 
     try:
         mv = cl.get_model_version(name, v)

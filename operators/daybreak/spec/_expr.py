@@ -42,7 +42,7 @@ class ExpressionError(ValueError):
     overflow. A ValueError, so validation reports it naming the field."""
 
 
-def _short(expr: str, n: int = 80) -> str:
+def short(expr: str, n: int = 80) -> str:
     """The expression quoted for a message, cut to `n` characters (a hostile one may be huge)."""
     return repr(expr if len(expr) <= n else expr[:n] + "...")
 
@@ -239,7 +239,7 @@ def _parse(expr: str) -> ast.expr:
     except SyntaxError as e:
         if "too many nested" in str(e.msg):
             raise too_deep from None
-        raise ExpressionError(f"cannot parse expression {_short(expr)}: {e.msg}") from None
+        raise ExpressionError(f"cannot parse expression {short(expr)}: {e.msg}") from None
     except (RecursionError, MemoryError):  # the scan should have caught it; never a traceback
         raise too_deep from None
     if _tree_depth(tree) > MAX_DEPTH:
@@ -275,7 +275,7 @@ def check_expression(expr: str, columns: set[str], where: str) -> None:
         if unknown:
             raise ValueError(f"unknown column(s) {sorted(unknown)}")
     except ValueError as e:
-        raise type(e)(f"{where}: {e} (in {_short(expr)})") from None
+        raise type(e)(f"{where}: {e} (in {short(expr)})") from None
 
 
 def evaluate(expr: str, table: pa.Table) -> pa.ChunkedArray:
@@ -290,7 +290,7 @@ def evaluate(expr: str, table: pa.Table) -> pa.ChunkedArray:
         out = _eval(tree, table)
     except ExpressionError as e:
         whole = ast.unparse(tree)
-        raise ExpressionError(str(e) if f"in {_short(whole)}:" in str(e) else f"{e} (in {_short(expr)})") from None
+        raise ExpressionError(str(e) if f"in {short(whole)}:" in str(e) else f"{e} (in {short(expr)})") from None
     if isinstance(out, pa.Scalar) or not isinstance(out, (pa.Array, pa.ChunkedArray)):
         scalar = out if isinstance(out, pa.Scalar) else pa.scalar(out)
         out = pa.repeat(scalar, table.num_rows)
@@ -307,7 +307,7 @@ def _eval(node: ast.expr, t: pa.Table) -> Any:
     if isinstance(node, ast.Constant):
         v = node.value
         if isinstance(v, int) and not isinstance(v, bool) and not _INT64[0] <= v <= _INT64[1]:
-            raise ExpressionError(f"integer {_short(str(v), 30)} is out of range for int64 "
+            raise ExpressionError(f"integer {short(str(v), 30)} is out of range for int64 "
                                   "(write it as a float, e.g. 1e20)")
         return pa.scalar(v)
     if isinstance(node, ast.BinOp) and type(node.op) in _BINOPS:
@@ -338,7 +338,7 @@ def _eval(node: ast.expr, t: pa.Table) -> Any:
         return out
     if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in FUNCTIONS:
         return _checked(node, FUNCTIONS[node.func.id], *[_eval(a, t) for a in node.args])
-    raise ValueError(f"unsupported expression: {_short(ast.unparse(node))}")
+    raise ValueError(f"unsupported expression: {short(ast.unparse(node))}")
 
 
 def _checked(node: ast.expr, fn: Callable[..., Any], *args: Any) -> Any:
@@ -348,7 +348,7 @@ def _checked(node: ast.expr, fn: Callable[..., Any], *args: Any) -> Any:
     except pa.ArrowInvalid as e:
         if "overflow" not in str(e).lower():
             raise
-        raise ExpressionError(f"integer overflow in {_short(ast.unparse(node))}: the result does not fit in "
+        raise ExpressionError(f"integer overflow in {short(ast.unparse(node))}: the result does not fit in "
                               f"{_int_type(args)} (widen first: int(...) for int64, float(...) for larger "
                               "values)") from None
 

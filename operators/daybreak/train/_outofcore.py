@@ -20,10 +20,10 @@ import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 
-from daybreak.context import RunContext
 from daybreak.features import feature_zone
-from daybreak.model_code import encode, encoded_names
+from daybreak.infra.context import RunContext
 from daybreak.spec import Spec
+from daybreak.train.model_code import encode, encoded_names
 
 log = logging.getLogger(__name__)
 
@@ -103,7 +103,7 @@ def fit_out_of_core(spec: Spec, ctx: RunContext, files: list[str], rows: int,
     validation rows)."""
     import xgboost as xgb
 
-    from daybreak.train import encoder_stats, encoders_from_stats, merge_stats, train_booster
+    from daybreak.train._fit import encoder_stats, encoders_from_stats, merge_stats, train_booster
 
     f = spec.features
     features, label = f.feature_names(), f.label.name

@@ -33,11 +33,11 @@ from typing import Any
 
 import numpy as np
 
-from daybreak import metrics, registry
-from daybreak.context import RunContext
-from daybreak.errors import GateError, MissingInputError
 from daybreak.features import EVENT_TIME, read_features
-from daybreak.records import Decision, Tag
+from daybreak.infra import metrics, registry
+from daybreak.infra.context import RunContext
+from daybreak.infra.errors import GateError, MissingInputError
+from daybreak.infra.records import Decision, Tag
 from daybreak.spec import Spec
 
 log = logging.getLogger(__name__)
@@ -212,7 +212,7 @@ def evaluate_gate(spec: Spec, ctx: RunContext, force: bool = False, override: st
     if champ is not None:
         champ_pred = np.asarray(registry.load_model(ctx, name, str(champ.version)).predict(X), np.float64)
     judged = judge(spec, y, cand_pred, champ_pred, df)
-    from daybreak.datachecks import run_data_checks
+    from daybreak.gate._datachecks import run_data_checks
 
     data_rules, drift = run_data_checks(spec, ctx, dict(cand.tags), None if champ is None else dict(champ.tags))
     rules = judged["rules"] + data_rules
@@ -258,7 +258,7 @@ def evaluate_gate(spec: Spec, ctx: RunContext, force: bool = False, override: st
             (folder / "decision.json").write_text(json.dumps(full, indent=2, default=_json))
             _scores(df, spec, y, cand_pred, champ_pred).to_parquet(folder / "scores.parquet", index=False)
             try:
-                from daybreak.report import gate_report
+                from daybreak.gate._report import gate_report
 
                 (folder / REPORT).write_text(gate_report(spec, full, y, cand_pred, champ_pred,
                                                          None if boot is None else boot["gains"]))
@@ -271,7 +271,7 @@ def evaluate_gate(spec: Spec, ctx: RunContext, force: bool = False, override: st
     registry.set_tags(cl, name, str(cand.version), record)
     registry.set_tags(cl, name, str(cand.version), decision_tag)
     if decision != PROMOTE or forced:  # promotions are recorded when they happen
-        from daybreak.history import record_event
+        from daybreak.infra.audit import record_event
 
         failed = ", ".join(r["rule"] for r in rules if r["verdict"] == "fail")
         record_event(spec, ctx, "override" if forced else decision.lower(), str(cand.version),

@@ -14,9 +14,9 @@ from typing import Any
 
 import numpy as np
 
-from daybreak import registry
-from daybreak.context import RunContext
-from daybreak.errors import DaybreakError
+from daybreak.infra import registry
+from daybreak.infra.context import RunContext
+from daybreak.infra.errors import DaybreakError
 from daybreak.spec import Spec
 
 log = logging.getLogger(__name__)

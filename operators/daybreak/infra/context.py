@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from datetime import date, datetime
 from pathlib import Path
 
-from daybreak.store import StorageOptions, Store
+from daybreak.infra.store import StorageOptions, Store
 
 
 def daybreak_home() -> Path:

@@ -12,12 +12,12 @@ import logging
 import tempfile
 from typing import TYPE_CHECKING, Any
 
-from daybreak.compute import ensure_ray
-from daybreak.context import RunContext
+from daybreak.infra.compute import ensure_ray
+from daybreak.infra.context import RunContext
 from daybreak.spec import SearchParam, Spec
 
 if TYPE_CHECKING:
-    from daybreak.train import TrainData
+    from daybreak.train._fit import TrainData
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +45,7 @@ def search_space(space: dict[str, SearchParam]) -> dict[str, Any]:
 
 
 def _trial(config: dict[str, Any], spec: Spec, data: TrainData) -> dict[str, Any]:
-    from daybreak.train import fit_model
+    from daybreak.train._fit import fit_model
 
     overrides = dict(config)
     if spec.model.flavor == "xgboost":

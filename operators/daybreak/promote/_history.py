@@ -9,88 +9,17 @@ edited, so the history only grows; it lives with the registry, wherever that is.
 from __future__ import annotations
 
 import json
-from datetime import UTC
 from typing import Any
 
-from daybreak import registry
-from daybreak.context import RunContext
-from daybreak.errors import DaybreakError
 from daybreak.gate import recorded_decision
-from daybreak.records import Tag
+from daybreak.infra import registry
+from daybreak.infra.context import RunContext
+from daybreak.infra.errors import DaybreakError
+from daybreak.infra.records import Tag
 from daybreak.spec import Spec
 
-EVENT_TAGS = ("event", "model", "version", "from_version", "reason", "run_context", "logical_date", "by")
 
-
-def who() -> str:
-    """The OS user running this process: recorded with overrides, rollbacks and approvals."""
-    import getpass
-
-    try:
-        return getpass.getuser()
-    except (KeyError, OSError):
-        return "unknown"
-
-
-def record_event(spec: Spec, ctx: RunContext, event: str, version: str | None, *, from_version: str | None = None,
-                 reason: str = "", by: str | None = None) -> None:
-    """Append one event (promote, reject, blocked, rollback, override, pending_approval, approved,
-    approval_rejected, retire) to the audit history. `by` defaults to the OS user."""
-    from datetime import datetime
-
-    cl = registry.client(ctx)
-    name = f"{spec.name}-audit"
-    exp = cl.get_experiment_by_name(name)
-    exp_id = exp.experiment_id if exp is not None else _create_experiment(cl, name)
-    tags = {"event": event, "model": spec.model.name, "version": version or "none",
-            "from_version": from_version or "none",
-            "reason": reason[:4000] or "-", "run_context": ctx.run_id, "logical_date": ctx.logical_date.isoformat(),
-            "by": by or who(), "at": datetime.now(UTC).isoformat(timespec="seconds")}
-    run = cl.create_run(exp_id, run_name=f"{event}-v{version or 'none'}",
-                        tags={f"{Tag.AUDIT_PREFIX}{k}": v for k, v in tags.items()})
-    cl.set_terminated(run.info.run_id)
-
-
-def _create_experiment(cl: Any, name: str) -> str:
-    from mlflow.exceptions import MlflowException
-
-    try:
-        return cl.create_experiment(name)
-    except MlflowException as e:  # created by another process in between
-        if e.error_code != "RESOURCE_ALREADY_EXISTS":
-            raise
-        return cl.get_experiment_by_name(name).experiment_id
-
-
-def has_event(spec: Spec, ctx: RunContext, event: str, version: str) -> bool:
-    """Whether the audit history holds `event` for `version`."""
-    cl = registry.client(ctx)
-    exp = cl.get_experiment_by_name(f"{spec.name}-audit")
-    if exp is None:
-        return False
-    found = cl.search_runs([exp.experiment_id], max_results=1, filter_string=(
-        f"tags.`{Tag.AUDIT_PREFIX}event` = '{event}' and tags.`{Tag.AUDIT_PREFIX}version` = '{version}'"))
-    return bool(found)
-
-
-def audit_events(spec: Spec, ctx: RunContext, limit: int = 1000) -> list[dict[str, Any]]:
-    """The audit history, newest first."""
-    registry.use_uri(ctx.tracking_uri)
-    cl = registry.client(ctx)
-    exp = cl.get_experiment_by_name(f"{spec.name}-audit")
-    if exp is None:
-        return []
-    runs = cl.search_runs([exp.experiment_id], max_results=limit, order_by=["attributes.start_time DESC"])
-    out = []
-    for r in runs:
-        t = r.data.tags
-        row = {k: t.get(f"{Tag.AUDIT_PREFIX}{k}") for k in (*EVENT_TAGS, "at")}
-        row["audit_run_id"] = r.info.run_id
-        out.append({k: (None if v == "none" else v) for k, v in row.items()})
-    return out
-
-
-def _row(mv: Any) -> dict[str, Any]:
+def version_row(mv: Any) -> dict[str, Any]:
     t = mv.tags
     rec = recorded_decision(t)
     start, end = t.get(Tag.WINDOW_START), t.get(Tag.WINDOW_END)
@@ -118,7 +47,7 @@ def model_history(spec: Spec, ctx: RunContext) -> list[dict[str, Any]]:
     rows = []
     for mv in registry.versions(cl, spec.model.name):
         # search results do not carry aliases; fetch the full record
-        rows.append(_row(cl.get_model_version(spec.model.name, str(mv.version))))
+        rows.append(version_row(cl.get_model_version(spec.model.name, str(mv.version))))
     return rows
 
 
@@ -158,7 +87,7 @@ def gate_report_html(spec: Spec, ctx: RunContext, version: str | None = None) ->
 
 def version_report(spec: Spec, ctx: RunContext, version: str | None = None) -> dict[str, Any]:
     mv = _version(spec, ctx, version)
-    row = _row(mv)
+    row = version_row(mv)
     t = mv.tags
     row["input_hashes"] = json.loads(t.get(Tag.INPUT_HASHES, "{}"))
     row["feature_version"] = t.get(Tag.FEATURE_VERSION)

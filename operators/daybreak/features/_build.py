@@ -33,12 +33,11 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from daybreak.compute import ensure_ray
-from daybreak.context import RunContext
-from daybreak.errors import MissingInputError
-from daybreak.expr import evaluate, names_in
-from daybreak.spec import FeatureSpec, Spec, parse_duration, window_feature_names
-from daybreak.store import ROW_GROUP_ROWS
+from daybreak.infra.compute import ensure_ray
+from daybreak.infra.context import RunContext
+from daybreak.infra.errors import MissingInputError
+from daybreak.infra.store import ROW_GROUP_ROWS
+from daybreak.spec import FeatureSpec, Spec, evaluate, names_in, parse_duration, window_feature_names
 
 if TYPE_CHECKING:
     import pyarrow.parquet as pq
@@ -585,7 +584,7 @@ def build_features(spec: Spec, ctx: RunContext) -> dict[str, Any]:
     # rows each (what a task holds is bounded, whatever the look-back's size).
     cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
     slice_rows = min(HISTORY_SLICE_ROWS, max(100_000, rows_in // (4 * cpus)))
-    slices = _slices(base_files, ctx.store.fs, slice_rows)
+    slices = day_slices(base_files, ctx.store.fs, slice_rows)
     # A dataflow of plain tasks, submitted at once with no barrier in the driver: Ray starts each
     # task when its inputs exist, so reads, index builds and the day's rows overlap.
     # * windows: each window's narrow history (keys, known-at, value: nothing else is read) goes
@@ -628,7 +627,7 @@ def build_features(spec: Spec, ctx: RunContext) -> dict[str, Any]:
         runs_dir = f"{pending.folder}/_runs"
         ctx.store.fs.create_dir(runs_dir)
         runs, run_nodes = [], []
-        for i, (p, g) in enumerate(_slices(inp.today_files, ctx.store.fs, DAY_SLICE_ROWS)):
+        for i, (p, g) in enumerate(day_slices(inp.today_files, ctx.store.fs, DAY_SLICE_ROWS)):
             run, node = on_node.remote(day_run, [{"path": p, "row_groups": g}], f_ref, fs_ref, spec.model.task,
                                        [(kind, kw) for kind, _, kw in joins], f"{runs_dir}/run-{i:05d}.parquet",
                                        *[r for _, r, _ in joins], *indexes)
@@ -649,7 +648,7 @@ def build_features(spec: Spec, ctx: RunContext) -> dict[str, Any]:
     return _result(spec, part.uri, part.manifest, skipped=False) | {"ray_nodes": sorted(nodes)}
 
 
-def _slices(files: list[str], fs: Any, slice_rows: int) -> list[tuple[str, list[int]]]:
+def day_slices(files: list[str], fs: Any, slice_rows: int) -> list[tuple[str, list[int]]]:
     """(file, row groups) slices of about `slice_rows` rows, from the Parquet footers."""
     import pyarrow.parquet as pq
 

@@ -112,10 +112,10 @@ from fastapi import FastAPI
 from fastapi.responses import JSONResponse
 from starlette.requests import Request
 
-from daybreak import registry
-from daybreak.context import RunContext
-from daybreak.errors import redact
-from daybreak.predlog import PredictionLog
+from daybreak.deploy._predlog import PredictionLog
+from daybreak.infra import registry
+from daybreak.infra.context import RunContext
+from daybreak.infra.errors import redact
 from daybreak.spec import Spec
 
 if TYPE_CHECKING:

@@ -16,11 +16,11 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from daybreak.context import RunContext
-from daybreak.errors import redact
-from daybreak.lock import Held as Held  # the steps reach them here
-from daybreak.lock import model_lock as model_lock
-from daybreak.records import Tag
+from daybreak.infra.context import RunContext
+from daybreak.infra.errors import redact
+from daybreak.infra.lock import Held as Held  # re-exported: callers take the lock through the registry
+from daybreak.infra.lock import model_lock as model_lock
+from daybreak.infra.records import Tag
 
 log = logging.getLogger(__name__)
 
@@ -188,7 +188,7 @@ MODEL_ARTIFACTS = {"meta": {"artifacts/meta.json"},
 def model_files(root: str | Path) -> dict[str, Path]:
     """Every file of a stored model folder by its path in the folder, except CLIENT_WRITTEN at the
     top. A link or anything but a regular file is refused: its target could change after the check."""
-    from daybreak.errors import IntegrityError
+    from daybreak.infra.errors import IntegrityError
 
     root = Path(root)
     files: dict[str, Path] = {}
@@ -210,7 +210,7 @@ def artifacts_digest(files: Mapping[str, str | Path]) -> str:
     """One sha256 over (name, content hash) of `files`."""
     import hashlib
 
-    from daybreak.store import sha256_file
+    from daybreak.infra.store import sha256_file
 
     h = hashlib.sha256()
     for name in sorted(files):
@@ -237,7 +237,7 @@ def stored_digest(uri: str, scratch: str | Path) -> str:
 
 
 def _refuse(name: str, version: str, why: str) -> Exception:
-    from daybreak.errors import IntegrityError
+    from daybreak.infra.errors import IntegrityError
 
     return IntegrityError(f"model {name} version {version}: its code or artifacts differ from what training "
                           f"recorded: {why}; refusing to load")
@@ -256,8 +256,8 @@ def _check_entry(local: str | Path, name: str, version: str) -> None:
     """MLmodel loads model_code.py through MLflow's code-model loader, with no other code or data
     path and exactly the artifacts training logged. Under a digest this only names what is wrong;
     for a version trusted without one (legacy) it is what keeps other code from loading."""
-    from daybreak.errors import IntegrityError
-    from daybreak.spec import load_yaml
+    from daybreak.infra.errors import IntegrityError
+    from daybreak.infra.yamlio import load_yaml
 
     mlmodel = load_yaml((Path(local) / "MLmodel").read_bytes(), origin=f"model {name} version {version} MLmodel",
                         error=IntegrityError)
@@ -287,7 +287,7 @@ def _verified(ctx: RunContext, name: str, version: str, dst: str) -> tuple[str, 
     tags = client(ctx).get_model_version(name, version).tags
     expected = tags.get(MODEL_DIGEST_TAG)
     if expected is None and os.environ.get(TRUST_UNSEALED_ENV, "").lower() not in ("1", "true", "yes"):
-        from daybreak.errors import IntegrityError
+        from daybreak.infra.errors import IntegrityError
 
         raise IntegrityError(f"model {name} version {version}: the registry holds no digest of its files "
                              f"({MODEL_DIGEST_TAG}: registered before daybreak recorded one, or not by daybreak "

@@ -59,22 +59,15 @@ import pyarrow.fs as pafs
 import pyarrow.json as pajson
 import pyarrow.parquet as pq
 
-from daybreak.context import RunContext
-from daybreak.errors import ContractError, MissingInputError
-from daybreak.spec import OPERATIONAL, ColumnSpec, SourceSpec, Spec
-from daybreak.store import ROW_GROUP_ROWS, Store
+from daybreak.infra.context import RunContext
+from daybreak.infra.errors import ContractError, MissingInputError
+from daybreak.infra.store import ROW_GROUP_ROWS, Store
+from daybreak.spec import OPERATIONAL, ColumnSpec, SourceSpec, Spec, arrow_type
 
 log = logging.getLogger(__name__)
 
 _OFFSET = re.compile(r"(Z|[+-]\d{2}:?\d{2})$")
 _FILE, _ROW, _RAW = "__file", "__row", "__raw__"
-
-
-def arrow_type(name: str) -> pa.DataType:
-    if name.startswith("timestamp["):
-        unit, _, tz = name[len("timestamp["):-1].partition(",")
-        return pa.timestamp(unit.strip(), tz=tz.strip() or None)
-    return {"string": pa.string(), "date32": pa.date32(), "bool": pa.bool_()}.get(name) or pa.type_for_alias(name)
 
 
 def contract_schema(src: SourceSpec) -> pa.Schema:

@@ -42,8 +42,8 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from daybreak.infra.store import Store
 from daybreak.spec import Spec
-from daybreak.store import Store
 
 log = logging.getLogger(__name__)
 

@@ -44,11 +44,11 @@ from typing import Any
 
 import numpy as np
 
-from daybreak import metrics, registry
-from daybreak.context import RunContext
-from daybreak.errors import DaybreakError, MissingInputError
-from daybreak.predlog import ONLINE
-from daybreak.records import Tag
+from daybreak.deploy import ONLINE
+from daybreak.infra import metrics, registry
+from daybreak.infra.context import RunContext
+from daybreak.infra.errors import DaybreakError, MissingInputError
+from daybreak.infra.records import Tag
 from daybreak.spec import Spec
 
 log = logging.getLogger(__name__)
@@ -96,7 +96,7 @@ def _labelled(spec: Spec, ctx: RunContext) -> Any:
 
 def _online(spec: Spec, ctx: RunContext) -> tuple[Any, Any]:
     """The log's rows around D (for the join), and the served inputs of the drift window ending on D."""
-    from daybreak.predlog import read_log
+    from daybreak.deploy import read_log
 
     d = ctx.logical_date
     near = read_log(spec, ctx.store, [d - timedelta(days=1), d, d + timedelta(days=1)])
@@ -191,7 +191,7 @@ def _window_rows(spec: Spec, ctx: RunContext, today: Any, champion: str) -> Any:
 
     import pandas as pd
 
-    from daybreak.predlog import read_log
+    from daybreak.deploy import read_log
 
     parts = [today[today["model_version"].astype(str) == champion]]
     n = spec.monitoring.rollback.window_days
@@ -247,7 +247,7 @@ def live_quality(spec: Spec, rows: Any) -> tuple[list[dict[str, Any]], list[dict
 def served_drift(spec: Spec, ctx: RunContext, served: Any,
                  champion_tags: dict[str, str]) -> tuple[str, list[dict[str, Any]]]:
     """PSI per feature, served inputs vs the champion's training window; ('pass'|'warn'|'block'|'skip', rows)."""
-    from daybreak.datachecks import _Days, psi, window_days
+    from daybreak.gate import Days, psi, window_days
 
     c = spec.monitoring.drift
     if c is None or served is None or not len(served):
@@ -256,7 +256,7 @@ def served_drift(spec: Spec, ctx: RunContext, served: Any,
     names = [n for n in (c.features or spec.features.feature_names()) if n in served.columns]
     if not days or not names:
         return "skip", []
-    expected = _Days(spec, ctx, names, max(100, c.sample_rows // len(days)), c.bins).window(days)
+    expected = Days(spec, ctx, names, max(100, c.sample_rows // len(days)), c.bins).window(days)
     if expected is None or not len(expected["sample"]):
         return "skip", []
     if len(served) > c.sample_rows:
@@ -407,8 +407,8 @@ def notify(spec: Spec, event: dict[str, Any]) -> bool:
 
 def monitor_model(spec: Spec, ctx: RunContext) -> dict[str, Any]:
     """Live quality, drift and (when called for) an automatic rollback for the logical date."""
-    from daybreak.history import record_event
-    from daybreak.predlog import prune
+    from daybreak.deploy import prune
+    from daybreak.infra.audit import record_event
     from daybreak.promote import rollback_model
 
     name, day = spec.model.name, ctx.logical_date.isoformat()

@@ -28,10 +28,10 @@ from datetime import date, timedelta
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from daybreak.errors import SpecError
+from daybreak.infra.errors import SpecError
+from daybreak.infra.yamlio import MAX_SPEC_BYTES, load_yaml, read_yaml_file
 
 _DURATION = re.compile(r"^\s*(\d+)\s*(s|m|h|d|w)\s*$")
 _UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
@@ -759,7 +759,7 @@ class Spec(_Model):
             if col not in names:
                 raise ValueError(f"model.partition_by: {col!r} is not a feature; features are {names}")
         g = self.gate
-        from daybreak.metrics import metrics_for
+        from daybreak.infra.metrics import metrics_for
 
         allowed = metrics_for(self.model.task)
         for where, m in [("gate.metric", g.metric), *[(f"gate.floors.{k}", k) for k in g.floors],
@@ -789,7 +789,7 @@ class Spec(_Model):
                 raise ValueError(f"monitoring.log.id_columns[{i}]: {col!r} is not a key or event_time; labels are "
                                  f"joined on those (keys are {f.keys})")
         # Expressions are checked against the columns they may use, so typos fail now.
-        from daybreak.expr import check_expression
+        from daybreak.spec._expr import check_expression
 
         cols = set(base.columns) | {"event_time"}
         check_expression(f.event_time, set(base.columns), where="features.event_time")
@@ -837,8 +837,8 @@ def _check_types(spec: Spec) -> None:
     time) fails now, naming the field, instead of on the first rows the feature step reads."""
     import pyarrow as pa
 
-    from daybreak.expr import ExpressionError, _short, evaluate
-    from daybreak.stage import arrow_type
+    from daybreak.spec._expr import ExpressionError, evaluate, short
+    from daybreak.spec._model import arrow_type
 
     f = spec.features
     base = spec.sources[f.base]
@@ -851,13 +851,13 @@ def _check_types(spec: Spec) -> None:
         except ExpressionError as e:
             raise ValueError(f"{where}: {e}") from None
         except (pa.ArrowException, TypeError, ValueError, KeyError) as e:
-            raise ValueError(f"{where}: {_short(expr)} cannot be computed with the contract's column types: "
+            raise ValueError(f"{where}: {short(expr)} cannot be computed with the contract's column types: "
                              f"{str(e).splitlines()[0]}") from None
         ok = {"timestamp": pa.types.is_timestamp,
               "number": lambda x: pa.types.is_integer(x) or pa.types.is_floating(x) or pa.types.is_boolean(x)
               or pa.types.is_decimal(x)}
         if want is not None and not ok[want](t):
-            raise ValueError(f"{where}: {_short(expr)} gives {t} values, not a {want}")
+            raise ValueError(f"{where}: {short(expr)} gives {t} values, not a {want}")
         return t
 
     typed(f.event_time, "features.event_time", "timestamp")
@@ -867,7 +867,7 @@ def _check_types(spec: Spec) -> None:
         t = typed(c.expr, f"features.columns[{i}].expr")
         if not c.categorical and not (pa.types.is_integer(t) or pa.types.is_floating(t) or pa.types.is_boolean(t)
                                       or pa.types.is_decimal(t)):
-            raise ValueError(f"features.columns[{i}].expr: {_short(c.expr)} gives {t} values; a feature that is not "
+            raise ValueError(f"features.columns[{i}].expr: {short(c.expr)} gives {t} values; a feature that is not "
                              "categorical must be a number (or set categorical: true)")
     for i, w in enumerate(f.windows):
         typed(w.value, f"features.windows[{i}].value", "number")
@@ -1170,106 +1170,18 @@ def _check_xgb(model_json: str, where: str, extra_json: str, train: bool = True)
     raise SpecError(f"{where}{culprit}: xgboost refuses it: {err}")
 
 
+def arrow_type(name: str) -> Any:
+    """The Arrow type a contract column's type name (``int64``, ``timestamp[us, UTC]``, ...) names."""
+    import pyarrow as pa
+
+    if name.startswith("timestamp["):
+        unit, _, tz = name[len("timestamp["):-1].partition(",")
+        return pa.timestamp(unit.strip(), tz=tz.strip() or None)
+    return {"string": pa.string(), "date32": pa.date32(), "bool": pa.bool_()}.get(name) or pa.type_for_alias(name)
+
+
 def _hash(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:12]
-
-
-# --- YAML: bounded ------------------------------------------------------------------------------
-
-MAX_SPEC_BYTES = 2**20
-"""Largest spec file read (1 MiB; a real spec is a few KB)."""
-MAX_YAML_DEPTH = 64
-"""Deepest nesting of mappings and lists accepted (a real spec nests about 6 deep)."""
-MAX_YAML_NODES = 20_000
-"""Most YAML nodes (scalars, lists, mappings) in one document (a real spec has a few hundred; at
-this cap the pure-Python parser stops within about a second)."""
-
-
-class _BoundedLoader(yaml.SafeLoader):
-    """PyYAML's safe loader without anchors or aliases (a handful of nested aliases expand to
-    billions of values once dumped: "billion laughs"), with bounded nesting and node count."""
-
-    def __init__(self, stream: str) -> None:
-        super().__init__(stream)
-        self._depth = 0
-        self._nodes = 0
-
-    def compose_node(self, parent: Any, index: Any) -> Any:
-        event = self.peek_event()
-        where = f"line {event.start_mark.line + 1}, column {event.start_mark.column + 1}"
-        if isinstance(event, yaml.AliasEvent):
-            raise SpecError(f"{where}: YAML alias '*{event.anchor}' is not allowed in a spec (aliases can expand "
-                            "without bound); write the values out")
-        if getattr(event, "anchor", None) is not None:
-            raise SpecError(f"{where}: YAML anchor '&{event.anchor}' is not allowed in a spec (no anchors or "
-                            "aliases); write the values out")
-        self._nodes += 1
-        if self._nodes > MAX_YAML_NODES:
-            raise SpecError(f"{where}: more than {MAX_YAML_NODES} YAML values")
-        self._depth += 1
-        try:
-            if self._depth > MAX_YAML_DEPTH:
-                raise SpecError(f"{where}: YAML nests deeper than {MAX_YAML_DEPTH} levels")
-            return super().compose_node(parent, index)
-        finally:
-            self._depth -= 1
-
-
-def load_yaml(text: str | bytes, origin: str = "<spec>", max_bytes: int = MAX_SPEC_BYTES,
-              error: type[Exception] = SpecError) -> Any:
-    """Parse one YAML document from an untrusted or semi-trusted source, bounded: at most
-    `max_bytes`, no anchors or aliases, at most MAX_YAML_DEPTH levels and MAX_YAML_NODES values,
-    and only plain data (PyYAML's safe types).
-
-    Use this, not ``yaml.safe_load``, for anything a spec author or the artifact store can write
-    (an MLmodel file, say, with ``error=`` the caller's own exception type).
-
-    Raises:
-        SpecError: (or `error`) naming `origin` and the line, for anything refused or not valid YAML.
-    """
-    try:
-        return _load_yaml(text, origin, max_bytes)
-    except SpecError as e:
-        if error is SpecError:
-            raise
-        raise error(str(e)) from None
-
-
-def _load_yaml(text: str | bytes, origin: str, max_bytes: int) -> Any:
-    size = len(text.encode() if isinstance(text, str) else text)
-    if size > max_bytes:
-        raise SpecError(f"{origin}: {size} bytes, larger than the {max_bytes}-byte limit")
-    if isinstance(text, bytes):
-        try:
-            text = text.decode("utf-8")
-        except UnicodeDecodeError as e:
-            raise SpecError(f"{origin}: not UTF-8 text ({e.reason} at byte {e.start})") from None
-    loader = _BoundedLoader(text)
-    try:
-        return loader.get_single_data()
-    except SpecError as e:
-        raise SpecError(f"{origin}: {e}") from None
-    except yaml.YAMLError as e:
-        raise SpecError(f"{origin}: not valid YAML: {e}") from None
-    except (ValueError, RecursionError, MemoryError) as e:  # e.g. an integer of 5,000 digits
-        raise SpecError(f"{origin}: cannot read the YAML: {type(e).__name__}: {str(e)[:200]}") from None
-    finally:
-        loader.dispose()
-
-
-def read_yaml_file(path: str | Path, max_bytes: int = MAX_SPEC_BYTES) -> Any:
-    """:func:`load_yaml` on a file, never reading more than `max_bytes` + 1 bytes of it."""
-    p = Path(path)
-    if not p.is_file():
-        raise SpecError(f"spec file not found: {p}")
-    try:
-        with p.open("rb") as f:
-            data = f.read(max_bytes + 1)
-    except OSError as e:
-        raise SpecError(f"{p}: cannot read: {e.strerror or e}") from None
-    if len(data) > max_bytes:
-        raise SpecError(f"{p}: larger than the {max_bytes}-byte limit for a spec")
-    return load_yaml(data, origin=str(p), max_bytes=max_bytes)
 
 
 def load_spec(path: str | Path) -> Spec:
@@ -1284,8 +1196,8 @@ def load_spec(path: str | Path) -> Spec:
 
 def _read_s3(uri: str, max_bytes: int) -> bytes:
     """At most `max_bytes` of an S3 object (SpecError beyond that, or when it cannot be read)."""
-    from daybreak.errors import redact
-    from daybreak.store import StorageOptions
+    from daybreak.infra.errors import redact
+    from daybreak.infra.store import StorageOptions
 
     try:
         with StorageOptions.from_env().s3_filesystem().open_input_stream(uri.removeprefix("s3://")) as f:

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from daybreak.metrics import DIRECTION
+from daybreak.infra.metrics import DIRECTION
 from daybreak.spec import Spec
 
 _COLORS = {"PROMOTE": "#1a7f37", "REJECT": "#cf222e", "BLOCKED_BY_DATA": "#9a6700"}

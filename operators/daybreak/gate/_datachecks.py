@@ -24,9 +24,9 @@ from typing import Any
 
 import numpy as np
 
-from daybreak.context import RunContext
 from daybreak.features import feature_zone
-from daybreak.records import Tag
+from daybreak.infra.context import RunContext
+from daybreak.infra.records import Tag
 from daybreak.spec import Spec
 
 log = logging.getLogger(__name__)
@@ -72,7 +72,7 @@ def psi(expected: Any, actual: Any, bins: int = 10, categorical: bool = False) -
     return float(np.sum((pa_ - pe) * np.log(pa_ / pe)))
 
 
-class _Days:
+class Days:
     """Per-day label sums and feature samples, each day read once for both windows."""
 
     def __init__(self, spec: Spec, ctx: RunContext, columns: list[str], per_day: int, seed: int) -> None:
@@ -137,7 +137,7 @@ def run_data_checks(spec: Spec, ctx: RunContext, candidate_tags: dict[str, str],
     features = (dc.drift.features if dc.drift else None) or spec.features.feature_names()
     per_day = max(100, (dc.drift.sample_rows if dc.drift else 1000) // max(len(cand_days), 1))
     seed = spec.gate.bootstrap.seed if spec.gate.bootstrap else 0
-    days = _Days(spec, ctx, features if dc.drift else [], per_day, seed)
+    days = Days(spec, ctx, features if dc.drift else [], per_day, seed)
 
     if champion_tags is not None:
         first = spec.training.holdout(ctx.logical_date)[0]

@@ -34,8 +34,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from daybreak.errors import PromotionConflict
-from daybreak.records import Tag
+from daybreak.infra.errors import PromotionConflict
+from daybreak.infra.records import Tag
 
 log = logging.getLogger(__name__)
 

@@ -21,11 +21,11 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from daybreak import registry
-from daybreak.compute import ensure_ray
-from daybreak.context import RunContext
-from daybreak.errors import MissingInputError
 from daybreak.features import EVENT_TIME, feature_zone
+from daybreak.infra import registry
+from daybreak.infra.compute import ensure_ray
+from daybreak.infra.context import RunContext
+from daybreak.infra.errors import MissingInputError
 from daybreak.spec import Spec
 
 log = logging.getLogger(__name__)
@@ -40,7 +40,7 @@ class SliceScorer:
     feature row groups it is given. A pyfunc model logged as code cannot be pickled to workers."""
 
     def __init__(self, spec: Spec, tracking_uri: str, version: str, fs: Any, scored_at: str, run_id: str = "") -> None:
-        from daybreak.context import RunContext
+        from daybreak.infra.context import RunContext
 
         ctx = RunContext.create(datetime.now(UTC).date(), tracking_uri=tracking_uri)
         self.model = registry.load_model(ctx, spec.model.name, version)
@@ -89,8 +89,8 @@ def batch_score(spec: Spec, ctx: RunContext, champion_date: bool = False) -> dic
     of its own, e.g. one triggered by a promotion)."""
     import ray
 
-    from daybreak.context import parse_date
-    from daybreak.features import _slices, write_sorted
+    from daybreak.features import day_slices, write_sorted
+    from daybreak.infra.context import parse_date
 
     registry.setup_tracking(ctx, spec.name)
     cl = registry.client(ctx)
@@ -113,7 +113,7 @@ def batch_score(spec: Spec, ctx: RunContext, champion_date: bool = False) -> dic
         return base | {"uri": current.uri, "rows": current.manifest["rows"], "skipped": True}
     ensure_ray(ctx.ray_address)
     cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
-    slices = _slices(part.files, ctx.store.fs, max(1, part.manifest["rows"] // (4 * cpus)))
+    slices = day_slices(part.files, ctx.store.fs, max(1, part.manifest["rows"] // (4 * cpus)))
     scored_at = datetime.now(UTC).isoformat(timespec="seconds")
     ds: ray.data.Dataset = ray.data.from_items([{"path": p, "row_groups": g} for p, g in slices],
                                                override_num_blocks=len(slices))

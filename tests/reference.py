@@ -19,10 +19,9 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from daybreak.context import RunContext
-from daybreak.errors import MissingInputError
-from daybreak.expr import evaluate
-from daybreak.spec import Spec, parse_duration, window_feature_names
+from daybreak.infra.context import RunContext
+from daybreak.infra.errors import MissingInputError
+from daybreak.spec import Spec, evaluate, parse_duration, window_feature_names
 
 
 def _staged(ctx: RunContext, source: str, days: list) -> list[pa.Table]:

@@ -1,0 +1,17 @@
+"""Step 2, features: staged partitions -> point-in-time correct features, built on Ray.
+"""
+
+from daybreak.features._build import (
+    EVENT_TIME,
+    build_features,
+    day_slices,
+    feature_zone,
+    read_features,
+    recorded_lineage,
+    write_sorted,
+)
+
+__all__ = [
+    "EVENT_TIME", "build_features", "day_slices", "feature_zone", "read_features", "recorded_lineage",
+    "write_sorted",
+]

@@ -1,0 +1,20 @@
+"""Step 5, gate: the candidate against the champion on the same holdout, with statistical confidence.
+"""
+
+from daybreak.gate._datachecks import Days, psi, window_days
+from daybreak.gate._gating import (
+    PROMOTE,
+    REPORT,
+    SKIPPED,
+    evaluate_gate,
+    holdout,
+    recorded_decision,
+    recorded_gate,
+    should_promote,
+)
+from daybreak.gate._report import live_chart
+
+__all__ = [
+    "PROMOTE", "REPORT", "SKIPPED", "Days", "evaluate_gate", "holdout", "live_chart", "psi",
+    "recorded_decision", "recorded_gate", "should_promote", "window_days",
+]

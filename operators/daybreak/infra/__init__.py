@@ -1,0 +1,3 @@
+"""Shared infrastructure the steps build on: the store, the registry and its records, locks, compute, errors.
+"""
+

@@ -1,0 +1,26 @@
+"""The pipeline spec: its models and validation, column and feature types, and the expression language.
+
+A spec is data: reading and validating one never runs code from it.
+"""
+
+from daybreak.spec._expr import evaluate, names_in
+from daybreak.spec._model import (
+    OPERATIONAL,
+    ColumnSpec,
+    FeatureSpec,
+    SearchParam,
+    SourceSpec,
+    Spec,
+    arrow_type,
+    build_estimator,
+    load_spec,
+    parse_duration,
+    window_feature_names,
+    xgb_params,
+)
+
+__all__ = [
+    "OPERATIONAL", "ColumnSpec", "FeatureSpec", "SearchParam", "SourceSpec", "Spec", "arrow_type",
+    "build_estimator", "evaluate", "load_spec", "names_in", "parse_duration", "window_feature_names",
+    "xgb_params",
+]
