@@ -37,7 +37,8 @@ def test_passing_conditions_are_retried(exc: Exception) -> None:
 
 
 def test_gate_rules_tag_stays_within_the_limit_when_nothing_fits() -> None:
-    from daybreak.gate._gating import _TAG_LIMIT, _compact
+    from daybreak.infra.records import TAG_LIMIT as _TAG_LIMIT
+    from daybreak.infra.records import compact_rules as _compact
 
     huge = [{"rule": "x" * (_TAG_LIMIT + 10), "verdict": "fail", "detail": "d"}]
     assert _compact(huge) == "[]"

@@ -26,7 +26,7 @@ from daybreak.infra.context import RunContext
 from daybreak.infra.errors import GateError
 from daybreak.promote import promote_model
 from daybreak.train import train_model
-from daybreak.train._fit import TrainData, _label, fit_encoders, fit_model, sample_weight, split_window
+from daybreak.train._fit import TrainData, fit_encoders, fit_model, label_array, sample_weight, split_window
 from daybreak.train.model_code import encode, encoded_names, predict_matrix
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -104,7 +104,7 @@ def _fit_predict(spec, window, *, seed: int = 13, shuffle: int | None = None, bl
     features = spec.features.feature_names()
     fit, val = split_window(table, spec)
     enc = fit_encoders(fit, spec)
-    y_fit, y_val = _label(fit, spec), _label(val, spec)
+    y_fit, y_val = label_array(fit, spec), label_array(val, spec)
     if shuffle is not None:
         rng = np.random.default_rng(shuffle)
         y_fit, y_val = rng.permutation(y_fit), rng.permutation(y_val)

@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import date, timedelta
 from typing import Any
@@ -56,13 +56,13 @@ class Retry:
         return min(self.max_wait_s, self.backoff_s * 2 ** (attempt - 1))
 
 
-def with_retry(name: str, fn: Callable[..., dict[str, Any]], spec: Spec, ctx: RunContext, retry: Retry,
+def with_retry(name: str, fn: Callable[..., Mapping[str, Any]], spec: Spec, ctx: RunContext, retry: Retry,
                **options: Any) -> dict[str, Any]:
     """``fn(spec, ctx, **options)``, tried again after a passing error."""
     attempt = 1
     while True:
         try:
-            return fn(spec, ctx, **options)
+            return dict(fn(spec, ctx, **options))
         except Exception as e:
             if attempt >= retry.attempts or not is_retryable(e):
                 raise

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from datetime import date, datetime
 from typing import Any
 
@@ -17,7 +17,7 @@ from daybreak.infra.errors import MissingInputError
 from daybreak.spec import Spec, load_spec
 
 
-def _registry() -> dict[str, Callable[..., dict[str, Any]]]:
+def _registry() -> dict[str, Callable[..., Mapping[str, Any]]]:
     from daybreak.deploy import deploy_model
     from daybreak.features import build_features
     from daybreak.gate import evaluate_gate
@@ -65,7 +65,7 @@ def run_step(step: str, spec: str | Spec, day: str | date | datetime, *, run_id:
     s = spec if isinstance(spec, Spec) else load_spec(spec)
     ctx = RunContext.create(day, store=store or None, tracking_uri=tracking_uri or None, run_id=run_id,
                             ray_address=ray_address or None, storage=storage)
-    return _registry()[step](s, ctx, **options)
+    return dict(_registry()[step](s, ctx, **options))
 
 
 # Steps whose output is a pure function of their recorded inputs. monitor, promote, approve and

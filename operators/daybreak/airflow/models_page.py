@@ -32,7 +32,7 @@ from urllib.parse import quote, urlencode
 from fastapi import Depends, FastAPI, HTTPException, Query, Request
 from fastapi.responses import HTMLResponse, JSONResponse
 
-from daybreak.infra.records import Tag
+from daybreak.infra.records import GateRecord
 
 VIEW_NAME = "Models"
 URL_PREFIX = "/daybreak"
@@ -145,7 +145,6 @@ def _no_registry(uri: str) -> bool:
 
 def model_data(spec: Any, recent: int = RECENT, history: int = HISTORY) -> dict[str, Any]:
     """The champion, the recent versions with their gate records, and the audit history (read only)."""
-    from daybreak.gate import recorded_decision
     from daybreak.infra import registry
     from daybreak.infra.audit import audit_events
     from daybreak.promote import version_row
@@ -162,11 +161,11 @@ def model_data(spec: Any, recent: int = RECENT, history: int = HISTORY) -> dict[
     for mv in registry.versions(cl, spec.model.name)[:recent]:
         full = cl.get_model_version(spec.model.name, str(mv.version))  # search results carry no aliases
         row = version_row(full)
-        rec = recorded_decision(full.tags)
-        row["rules"] = rec["rules"]
-        row["computed_decision"] = rec["computed_decision"]
-        row["override_reason"] = rec["override_reason"]
-        row["has_report"] = bool(full.tags.get(Tag.GATE_RUN_ID))
+        rec = GateRecord.from_tags(full.tags)
+        row["rules"] = rec.rules
+        row["computed_decision"] = rec.computed_decision
+        row["override_reason"] = rec.override_reason
+        row["has_report"] = bool(rec.gate_run_id)
         out["versions"].append(row)
     out["history"] = audit_events(spec, ctx, limit=history)
     from daybreak.monitor import live_history

@@ -26,7 +26,7 @@ import numpy as np
 
 from daybreak.features import feature_zone
 from daybreak.infra.context import RunContext
-from daybreak.infra.records import Tag
+from daybreak.infra.records import Lineage
 from daybreak.spec import Spec
 
 log = logging.getLogger(__name__)
@@ -34,7 +34,8 @@ _EPS = 1e-4
 
 
 def window_days(tags: dict[str, str]) -> list[date]:
-    start, end = tags.get(Tag.WINDOW_START), tags.get(Tag.WINDOW_END)
+    lineage = Lineage.from_tags(tags)
+    start, end = lineage.window_start, lineage.window_end
     if not start or not end:
         return []
     a, b = date.fromisoformat(start), date.fromisoformat(end)

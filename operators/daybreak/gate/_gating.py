@@ -27,9 +27,10 @@ import json
 import logging
 import math
 import tempfile
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
 
 import numpy as np
 
@@ -37,15 +38,34 @@ from daybreak.features import EVENT_TIME, read_features
 from daybreak.infra import metrics, registry
 from daybreak.infra.context import RunContext
 from daybreak.infra.errors import GateError, MissingInputError
-from daybreak.infra.records import Decision, Tag
+from daybreak.infra.records import Decision, GateRecord, Tag, json_default
 from daybreak.spec import Spec
 
 log = logging.getLogger(__name__)
 
+
+class GateResult(TypedDict, total=False):
+    """What ``evaluate_gate`` returns (and the orchestrators pass on)."""
+
+    step: str
+    date: str
+    metric: str
+    decision: str
+    reason: str
+    computed_decision: str | None
+    candidate_version: str | None
+    champion_version: str | None
+    candidate_metric: float | None
+    champion_metric: float | None
+    holdout_rows: int
+    rules: list[dict[str, Any]]
+    gate_run_id: str | None
+    overridden: bool
+    recorded: bool
+
 PROMOTE, REJECT, BLOCKED, SKIPPED = Decision.PROMOTE, Decision.REJECT, Decision.BLOCKED, Decision.SKIPPED
 DECISIONS = (PROMOTE, REJECT, BLOCKED)
 REPORT = "gate_report.html"
-_TAG_LIMIT = 7000  # MLflow keeps tag values up to 8000 characters
 
 
 def holdout(spec: Spec, ctx: RunContext) -> Any:
@@ -155,7 +175,7 @@ def decide(rules: list[dict[str, Any]]) -> str:
     return REJECT if any(r["verdict"] == "fail" for r in rules) else PROMOTE
 
 
-def should_promote(result: dict[str, Any]) -> bool:
+def should_promote(result: GateResult | dict[str, Any]) -> bool:
     """What the orchestrators ask after the gate: promotion runs only after PROMOTE."""
     return result.get("decision") == PROMOTE
 
@@ -171,19 +191,57 @@ def _override(override: str | None, reason: str | None) -> str | None:
     return decision
 
 
-def evaluate_gate(spec: Spec, ctx: RunContext, force: bool = False, override: str | None = None,
-                  reason: str | None = None) -> dict[str, Any]:
-    """Gate the logical date's candidate. `override` ('promote' or 'reject', with a `reason`)
-    replaces the computed decision; both are recorded."""
-    import mlflow
+@dataclass(frozen=True)
+class GateInputs:
+    """What the gate judges, loaded: both models' predictions on the same holdout rows, and the
+    data checks' rules on the candidate's training window."""
 
+    day: str
+    candidate_version: str
+    champion_version: str | None
+    frame: Any  # the holdout rows (slice and id columns), row-aligned with y
+    holdout_hash: str
+    y: np.ndarray
+    candidate: np.ndarray
+    champion: np.ndarray | None
+    data_rules: list[dict[str, Any]] = field(default_factory=list)
+    drift: Any = None
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """The gate's pure output: the record for the version's tags and the full decision."""
+
+    record: GateRecord
+    full: dict[str, Any]  # decision.json
+    bootstrap: dict[str, Any] | None
+    judged: dict[str, Any]
+
+
+def evaluate_gate(spec: Spec, ctx: RunContext, force: bool = False, override: str | None = None,
+                  reason: str | None = None) -> GateResult:
+    """Gate the logical date's candidate. `override` ('promote' or 'reject', with a `reason`)
+    replaces the computed decision; both are recorded. Load, judge (pure), publish."""
     forced = _override(override, reason)
-    name = spec.model.name
-    day = ctx.logical_date.isoformat()
     registry.setup_tracking(ctx, spec.name)
     cl = registry.client(ctx)
+    loaded = load(spec, ctx, cl, force=force, forced=forced)
+    if not isinstance(loaded, GateInputs):  # nothing to judge: no candidate, or already decided
+        return loaded
+    verdict = compute(spec, loaded, forced=forced, reason=reason, by=_who() if forced else None,
+                      now=datetime.now(UTC).isoformat(timespec="seconds"))
+    record = publish(spec, ctx, cl, loaded, verdict)
+    return _result(spec, loaded, record)
+
+
+def load(spec: Spec, ctx: RunContext, cl: Any, *, force: bool = False,
+         forced: str | None = None) -> GateInputs | GateResult:
+    """The candidate and champion versions, the holdout, both models' predictions on it and the
+    data checks; or the result straight away when there is nothing to judge."""
+    name = spec.model.name
+    day = ctx.logical_date.isoformat()
     cand = registry.candidate_for(cl, name, day, spec.spec_hash())
-    base: dict[str, Any] = {"step": "gate", "date": day, "metric": spec.gate.metric}
+    base: GateResult = {"step": "gate", "date": day, "metric": spec.gate.metric}
     if cand is None:
         if forced:
             raise GateError(f"gate {day}: no candidate version trained for this date to override")
@@ -194,99 +252,113 @@ def evaluate_gate(spec: Spec, ctx: RunContext, force: bool = False, override: st
         # A rerun: the decision was made against the champion of that moment; keep it.
         log.info("gate %s: version %s was already gated (%s); keeping that decision", day, cand.version,
                  cand.tags[registry.DECISION_TAG])
-        return base | recorded_decision(cand.tags) | {"candidate_version": str(cand.version), "recorded": True}
+        return base | _recorded_result(cand.tags) | {"candidate_version": str(cand.version), "recorded": True}
     champ = registry.alias_version(cl, name, spec.promotion.alias)
     if champ is not None and str(champ.version) == str(cand.version):
         if forced:
             raise GateError(f"gate {day}: v{cand.version} is already the champion; roll back instead of overriding")
         log.info("gate %s: version %s is already the champion; keeping its record", day, cand.version)
-        return base | recorded_decision(cand.tags) | {"candidate_version": str(cand.version), "recorded": True}
+        return base | _recorded_result(cand.tags) | {"candidate_version": str(cand.version), "recorded": True}
     df, holdout_hash = holdout_with_hash(spec, ctx)
     if len(df) < spec.gate.min_rows:
         raise GateError(f"gate {day}: holdout has {len(df)} rows < gate.min_rows={spec.gate.min_rows}")
-    label = spec.features.label.name
-    y = df[label].to_numpy(np.float64)
     X = df[spec.features.feature_names()]  # one frame: both models score exactly these rows
     cand_pred = np.asarray(registry.load_model(ctx, name, str(cand.version)).predict(X), np.float64)
     champ_pred = None
     if champ is not None:
         champ_pred = np.asarray(registry.load_model(ctx, name, str(champ.version)).predict(X), np.float64)
-    judged = judge(spec, y, cand_pred, champ_pred, df)
     from daybreak.gate._datachecks import run_data_checks
 
     data_rules, drift = run_data_checks(spec, ctx, dict(cand.tags), None if champ is None else dict(champ.tags))
-    rules = judged["rules"] + data_rules
+    return GateInputs(day=day, candidate_version=str(cand.version),
+                      champion_version=None if champ is None else str(champ.version), frame=df,
+                      holdout_hash=holdout_hash, y=df[spec.features.label.name].to_numpy(np.float64),
+                      candidate=cand_pred, champion=champ_pred, data_rules=data_rules, drift=drift)
+
+
+def compute(spec: Spec, inputs: GateInputs, *, forced: str | None = None, reason: str | None = None,
+            by: str | None = None, now: str | None = None) -> Verdict:
+    """The decision and its record from loaded inputs. Pure: no registry, store or clock."""
+    judged = judge(spec, inputs.y, inputs.candidate, inputs.champion, inputs.frame)
+    rules = judged["rules"] + inputs.data_rules
     computed = decide(rules)
     decision = forced or computed
     m = spec.gate.metric
-    champ_version = None if champ is None else str(champ.version)
-    cand_metric = judged["metrics"]["candidate"][m]
-    champ_metric = None if champ is None else judged["metrics"]["champion"][m]
-    record = {
-        registry.DECISION_TAG: decision,
-        registry.AGAINST_TAG: champ_version or "none",
-        Tag.GATE_COMPUTED_DECISION: computed,
-        Tag.GATE_METRIC: m,
-        Tag.GATE_CANDIDATE_METRIC: repr(cand_metric),
-        Tag.GATE_CHAMPION_METRIC: "none" if champ_metric is None else repr(champ_metric),
-        Tag.GATE_HOLDOUT_DATE: day,
-        Tag.GATE_HOLDOUT_ROWS: str(len(df)),
-        Tag.GATE_HOLDOUT_HASH: holdout_hash,
-        Tag.GATE_RULES: _compact(rules),
-        Tag.GATE_DECIDED_AT: datetime.now(UTC).isoformat(timespec="seconds"),
-    }
-    # written every time, so a later decision never shows an earlier override's reason
-    record |= {Tag.GATE_OVERRIDE: decision if forced else "none",
-               Tag.GATE_OVERRIDE_REASON: str(reason)[:1000] if forced else "none",
-               Tag.GATE_OVERRIDE_BY: _who() if forced else "none"}
+    champ_metric = None if inputs.champion_version is None else judged["metrics"]["champion"][m]
+    record = GateRecord(
+        decision=decision, computed_decision=computed, champion_version=inputs.champion_version, metric=m,
+        candidate_metric=judged["metrics"]["candidate"][m], champion_metric=champ_metric,
+        holdout_date=inputs.day, holdout_rows=len(inputs.y), holdout_hash=inputs.holdout_hash, rules=rules,
+        decided_at=now, override=decision if forced else None,
+        override_reason=str(reason) if forced else None, override_by=by if forced else None)
     boot = judged["bootstrap"]
-    full = {"date": day, "decision": decision, "computed_decision": computed, "candidate_version": str(cand.version),
-            "champion_version": champ_version, "metric": m, "metrics": judged["metrics"], "rules": rules,
-            "slices": judged["slices"], "drift": drift, "holdout_rows": len(df), "holdout_hash": holdout_hash,
+    full = {"date": inputs.day, "decision": decision, "computed_decision": computed,
+            "candidate_version": inputs.candidate_version, "champion_version": inputs.champion_version, "metric": m,
+            "metrics": judged["metrics"], "rules": rules, "slices": judged["slices"], "drift": inputs.drift,
+            "holdout_rows": len(inputs.y), "holdout_hash": inputs.holdout_hash,
             "bootstrap": None if boot is None else {k: v for k, v in boot.items() if k != "gains"},
-            "override": None if not forced else {"decision": decision, "reason": reason, "by": _who()}}
+            "override": None if not forced else {"decision": decision, "reason": reason, "by": by}}
+    return Verdict(record=record, full=full, bootstrap=boot, judged=judged)
+
+
+def publish(spec: Spec, ctx: RunContext, cl: Any, inputs: GateInputs, verdict: Verdict) -> GateRecord:
+    """The gate run (decision.json, scores.parquet, the HTML report), then the record on the
+    candidate's tags (the decision tag last), then the audit event. Returns the record with its run."""
+    import mlflow
+
+    rec, judged, boot, day = verdict.record, verdict.judged, verdict.bootstrap, inputs.day
     with mlflow.start_run(run_name=f"gate-{day}") as run:
-        mlflow.set_tags({**record, Tag.CANDIDATE_VERSION: str(cand.version)})
+        mlflow.set_tags({**rec.to_tags(), Tag.CANDIDATE_VERSION: inputs.candidate_version})
         mlflow.log_metrics({f"candidate_{k}": v for k, v in judged["metrics"]["candidate"].items() if math.isfinite(v)})
-        if champ is not None:
+        if inputs.champion is not None:
             mlflow.log_metrics({f"champion_{k}": v for k, v in judged["metrics"]["champion"].items()
                                 if math.isfinite(v)})
         if boot is not None:
             mlflow.log_metrics({"gain": boot["gain"], "gain_low": boot["low"], "gain_high": boot["high"]})
         with tempfile.TemporaryDirectory() as tmp:
             folder = Path(tmp)
-            (folder / "decision.json").write_text(json.dumps(full, indent=2, default=_json))
-            _scores(df, spec, y, cand_pred, champ_pred).to_parquet(folder / "scores.parquet", index=False)
+            (folder / "decision.json").write_text(json.dumps(verdict.full, indent=2, default=json_default))
+            _scores(inputs.frame, spec, inputs.y, inputs.candidate, inputs.champion).to_parquet(
+                folder / "scores.parquet", index=False)
             try:
                 from daybreak.gate._report import gate_report
 
-                (folder / REPORT).write_text(gate_report(spec, full, y, cand_pred, champ_pred,
-                                                         None if boot is None else boot["gains"]))
+                (folder / REPORT).write_text(gate_report(spec, verdict.full, inputs.y, inputs.candidate,
+                                                         inputs.champion, None if boot is None else boot["gains"]))
             except Exception:  # the decision stands without its plots
                 log.exception("gate %s: the HTML report failed; the decision is recorded without it", day)
             mlflow.log_artifacts(str(folder))
-        record[Tag.GATE_RUN_ID] = run.info.run_id
+    rec = replace(rec, gate_run_id=run.info.run_id)
+    tags = rec.to_tags()
     # the decision tag goes last: promotion reads it, and it must never stand without the rest
-    decision_tag = {registry.DECISION_TAG: record.pop(registry.DECISION_TAG)}
-    registry.set_tags(cl, name, str(cand.version), record)
-    registry.set_tags(cl, name, str(cand.version), decision_tag)
-    if decision != PROMOTE or forced:  # promotions are recorded when they happen
+    decision_tag = {Tag.GATE_DECISION: tags.pop(Tag.GATE_DECISION)}
+    registry.set_tags(cl, spec.model.name, inputs.candidate_version, tags)
+    registry.set_tags(cl, spec.model.name, inputs.candidate_version, decision_tag)
+    forced = rec.override is not None
+    if rec.decision != PROMOTE or forced:  # promotions are recorded when they happen
         from daybreak.infra.audit import record_event
 
-        failed = ", ".join(r["rule"] for r in rules if r["verdict"] == "fail")
-        record_event(spec, ctx, "override" if forced else decision.lower(), str(cand.version),
-                     from_version=champ_version,
-                     reason=(f"override {computed} -> {decision}: {reason}" if forced else f"failed: {failed}"))
-    log.info("gate %s: %s candidate v%s %s=%.4f vs champion %s %s%s", day, decision, str(cand.version), m, cand_metric,
-             f"v{champ_version}" if champ_version else "(none)", "" if champ_metric is None else f"{champ_metric:.4f}",
-             f" (override of {computed}: {reason})" if forced else "")
-    for r in rules:
+        failed = ", ".join(r["rule"] for r in rec.rules if r["verdict"] == "fail")
+        record_event(spec, ctx, "override" if forced else str(rec.decision).lower(), inputs.candidate_version,
+                     from_version=inputs.champion_version,
+                     reason=(f"override {rec.computed_decision} -> {rec.decision}: {rec.override_reason}" if forced
+                             else f"failed: {failed}"))
+    log.info("gate %s: %s candidate v%s %s=%.4f vs champion %s %s%s", day, rec.decision, inputs.candidate_version,
+             rec.metric, rec.candidate_metric, f"v{rec.champion_version}" if rec.champion_version else "(none)",
+             "" if rec.champion_metric is None else f"{rec.champion_metric:.4f}",
+             f" (override of {rec.computed_decision}: {rec.override_reason})" if forced else "")
+    for r in rec.rules:
         if r["verdict"] in ("fail", "warn"):
             log.warning("gate %s: %s %s: %s", day, r["rule"], r["verdict"].upper(), r.get("detail") or r["value"])
-    return base | {"decision": decision, "computed_decision": computed, "candidate_version": str(cand.version),
-                   "champion_version": champ_version, "candidate_metric": cand_metric, "champion_metric": champ_metric,
-                   "holdout_rows": len(df), "rules": rules, "gate_run_id": record[Tag.GATE_RUN_ID],
-                   "overridden": bool(forced)}
+    return rec
+
+
+def _result(spec: Spec, inputs: GateInputs, rec: GateRecord) -> GateResult:
+    return {"step": "gate", "date": inputs.day, "metric": spec.gate.metric, "decision": str(rec.decision),
+            "computed_decision": rec.computed_decision, "candidate_version": inputs.candidate_version,
+            "champion_version": rec.champion_version, "candidate_metric": rec.candidate_metric,
+            "champion_metric": rec.champion_metric, "holdout_rows": len(inputs.y), "rules": rec.rules,
+            "gate_run_id": rec.gate_run_id, "overridden": rec.override is not None}
 
 
 def _scores(df: Any, spec: Spec, y: np.ndarray, cand: np.ndarray, champ: np.ndarray | None) -> Any:
@@ -298,29 +370,6 @@ def _scores(df: Any, spec: Spec, y: np.ndarray, cand: np.ndarray, champ: np.ndar
     if champ is not None:
         out["champion"] = champ
     return out.reset_index(drop=True)
-
-
-def _compact(rules: list[dict[str, Any]]) -> str:
-    """The rules as JSON within the tag limit: details dropped first, then whole rules (passing
-    ones before failing ones); the full list is in the gate run's decision.json."""
-    text = json.dumps(rules, default=_json)
-    if len(text) <= _TAG_LIMIT:
-        return text
-    slim = sorted(({k: v for k, v in r.items() if k != "detail"} for r in rules), key=lambda r: r["verdict"] == "pass")
-    while slim:
-        text = json.dumps(slim, default=_json)
-        if len(text) <= _TAG_LIMIT:
-            return text
-        slim.pop()
-    return "[]"  # not even one rule fits (a huge name): the run's decision.json has them
-
-
-def _json(v: Any) -> Any:
-    if isinstance(v, (np.floating, np.integer)):
-        return v.item()
-    if isinstance(v, np.ndarray):
-        return v.tolist()
-    return str(v)
 
 
 def _who() -> str:
@@ -337,28 +386,17 @@ def recorded_gate(spec: Spec, ctx: RunContext) -> tuple[str, str, str] | None:
     cand = registry.candidate_for(cl, spec.model.name, ctx.logical_date.isoformat(), spec.spec_hash())
     if cand is None or registry.DECISION_TAG not in cand.tags:
         return None
-    rec = recorded_decision(cand.tags)
-    return str(cand.version), rec["decision"], rec["champion_version"] or "none"
+    rec = GateRecord.from_tags(cand.tags)
+    return str(cand.version), str(rec.decision), rec.champion_version or "none"
 
 
 def recorded_decision(tags: dict[str, str]) -> dict[str, Any]:
-    """A version's gate record, read back from its tags."""
-    against = tags.get(registry.AGAINST_TAG)
-    try:
-        rules = json.loads(tags.get(Tag.GATE_RULES, "[]"))
-    except json.JSONDecodeError:  # cut at the tag limit: the full record is in the gate run
-        rules = []
-    return {
-        "decision": tags.get(registry.DECISION_TAG),
-        "computed_decision": tags.get(Tag.GATE_COMPUTED_DECISION),
-        "champion_version": None if against in (None, "none") else against,
-        "candidate_metric": _float(tags.get(Tag.GATE_CANDIDATE_METRIC)),
-        "champion_metric": _float(tags.get(Tag.GATE_CHAMPION_METRIC)),
-        "rules": rules,
-        "override_reason": tags.get(Tag.GATE_OVERRIDE_REASON),
-        "gate_run_id": tags.get(Tag.GATE_RUN_ID),
-    }
+    """A version's gate record read back from its tags, as a dict (``GateRecord.from_tags`` typed)."""
+    return GateRecord.from_tags(tags).as_dict()
 
 
-def _float(v: str | None) -> float | None:
-    return None if v in (None, "none") else float(v)
+def _recorded_result(tags: dict[str, str]) -> GateResult:
+    rec = GateRecord.from_tags(tags)
+    return {"decision": str(rec.decision), "computed_decision": rec.computed_decision,
+            "champion_version": rec.champion_version, "candidate_metric": rec.candidate_metric,
+            "champion_metric": rec.champion_metric, "rules": rec.rules, "gate_run_id": rec.gate_run_id}

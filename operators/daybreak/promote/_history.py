@@ -11,32 +11,31 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from daybreak.gate import recorded_decision
 from daybreak.infra import registry
 from daybreak.infra.context import RunContext
 from daybreak.infra.errors import DaybreakError
-from daybreak.infra.records import Tag
+from daybreak.infra.records import GateRecord, Lineage, Promotion, Tag
 from daybreak.spec import Spec
 
 
 def version_row(mv: Any) -> dict[str, Any]:
+    """One version's line in the history: its lineage, gate record and promotion marks."""
     t = mv.tags
-    rec = recorded_decision(t)
-    start, end = t.get(Tag.WINDOW_START), t.get(Tag.WINDOW_END)
+    rec, lineage, promo = GateRecord.from_tags(t), Lineage.from_tags(t), Promotion.from_tags(t)
     return {
         "version": str(mv.version),
-        "logical_date": t.get(registry.DATE_TAG),
-        "window": f"{start}..{end}" if start else None,
-        "decision": rec["decision"],
-        "candidate_metric": rec["candidate_metric"],
-        "champion_metric": rec["champion_metric"],
-        "gated_against": rec["champion_version"],
-        "promoted_at": t.get(Tag.PROMOTED_AT),
-        "approval": t.get(Tag.APPROVAL),  # manual approval: pending | approved | rejected
-        "approval_by": t.get(Tag.APPROVAL_BY),
-        "approval_reason": t.get(Tag.APPROVAL_REASON),
+        "logical_date": lineage.logical_date or None,
+        "window": lineage.window,
+        "decision": rec.decision,
+        "candidate_metric": rec.candidate_metric,
+        "champion_metric": rec.champion_metric,
+        "gated_against": rec.champion_version,
+        "promoted_at": promo.promoted_at,
+        "approval": promo.approval,  # manual approval: pending | approved | rejected
+        "approval_by": promo.approval_by,
+        "approval_reason": promo.approval_reason,
         "aliases": sorted(getattr(mv, "aliases", []) or []),
-        "spec_hash": t.get(registry.SPEC_TAG),
+        "spec_hash": lineage.spec_hash or None,
         "run_id": mv.run_id,
     }
 
@@ -92,10 +91,10 @@ def version_report(spec: Spec, ctx: RunContext, version: str | None = None) -> d
     row["input_hashes"] = json.loads(t.get(Tag.INPUT_HASHES, "{}"))
     row["feature_version"] = t.get(Tag.FEATURE_VERSION)
     row["code_version"] = t.get(Tag.CODE_VERSION)
-    rec = recorded_decision(t)
-    row["computed_decision"] = rec["computed_decision"]
-    row["override_reason"] = rec["override_reason"]
-    row["gate_run_id"] = rec["gate_run_id"]
-    row["rules"] = rec["rules"]
+    rec = GateRecord.from_tags(t)
+    row["computed_decision"] = rec.computed_decision
+    row["override_reason"] = rec.override_reason
+    row["gate_run_id"] = rec.gate_run_id
+    row["rules"] = rec.rules
     row["source"] = mv.source
     return row

@@ -22,7 +22,7 @@ from daybreak.infra import registry
 from daybreak.infra.audit import record_event
 from daybreak.infra.context import RunContext
 from daybreak.infra.errors import PromotionConflict
-from daybreak.infra.records import Approval, Tag
+from daybreak.infra.records import Approval, Promotion, Tag
 from daybreak.spec import Spec
 
 log = logging.getLogger(__name__)
@@ -159,9 +159,7 @@ def _move_champion(held: registry.Held, spec: Spec, ctx: RunContext, cand: Any, 
     record_event(spec, ctx, "promote", str(cand.version), from_version=current, reason=reason)
     # last: the mark that the promotion and its record are complete (see _finish_record)
     held.check()
-    registry.set_tags(held.cl, name, str(cand.version), {Tag.PROMOTED_AT: _now(),
-                                                    Tag.PROMOTED_BY_RUN: ctx.run_id,
-                                                    Tag.REPLACED_VERSION: current or "none"})
+    registry.set_tags(held.cl, name, str(cand.version), Promotion.promoted(_now(), ctx.run_id, current))
 
 
 def _finish_record(cl: Any, spec: Spec, ctx: RunContext, version: str) -> None:
@@ -181,8 +179,7 @@ def _finish_record(cl: Any, spec: Spec, ctx: RunContext, version: str) -> None:
                         "stopped); recording it now", ctx.logical_date, version)
             record_event(spec, ctx, "promote", version, from_version=previous,
                          reason="recorded by a rerun: the run that moved the alias stopped before recording it")
-        registry.set_tags(cl, name, version, {Tag.PROMOTED_AT: _now(), Tag.PROMOTED_BY_RUN: ctx.run_id,
-                                              Tag.REPLACED_VERSION: previous or "none"})
+        registry.set_tags(cl, name, version, Promotion.promoted(_now(), ctx.run_id, previous))
 
 
 def _retain(spec: Spec, ctx: RunContext) -> list[str]:
@@ -352,8 +349,7 @@ def rollback_model(spec: Spec, ctx: RunContext, reason: str, expect: str | None 
         else:
             held.delete_alias(prev_alias)
         held.check()
-        registry.set_tags(cl, name, bad, {Tag.ROLLED_BACK_AT: _now(),
-                                          Tag.ROLLED_BACK_REASON: reason[:1000]})
+        registry.set_tags(cl, name, bad, Promotion.rolled_back(_now(), reason))
         record_event(spec, ctx, "rollback", good, from_version=bad, reason=reason)
     log.warning("rollback: %s v%s -> v%s (%s)", alias, bad, good, reason)
     return {"step": "rollback", "champion_version": good, "rolled_back_version": bad,

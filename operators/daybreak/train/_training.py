@@ -27,7 +27,7 @@ from daybreak.features import read_features
 from daybreak.infra import registry
 from daybreak.infra.context import RunContext
 from daybreak.infra.errors import SpecError
-from daybreak.infra.records import Tag
+from daybreak.infra.records import Lineage, Tag
 from daybreak.spec import Spec
 from daybreak.train._fit import (
     Fitted,
@@ -219,22 +219,13 @@ def train_model(spec: Spec, ctx: RunContext, force: bool = False) -> dict[str, A
         example = fit.slice(0, 5).select(features).to_pandas()
     metric_name, val_metric = fitted.metric_name, fitted.val_metric
 
-    tags = {
-        registry.DATE_TAG: ctx.logical_date.isoformat(),
-        registry.SPEC_TAG: spec.spec_hash(),
-        registry.LINEAGE_TAG: lineage_key,
-        Tag.WINDOW_START: days[0].isoformat(),
-        Tag.WINDOW_END: days[-1].isoformat(),
-        Tag.HOLDOUT: json.dumps([d.isoformat() for d in spec.training.holdout(ctx.logical_date)]),
-        INPUT_HASHES_TAG: input_hashes_tag(hashes),
-        Tag.FEATURE_VERSION: spec.feature_version(),
-        Tag.CODE_VERSION: registry.code_version(),
-        registry.FLAVOR_TAG: spec.model.flavor,
-        Tag.TRAIN_ROWS: str(n_fit),
-        Tag.VAL_METRIC: repr(val_metric),
-        Tag.RUN_CONTEXT: ctx.run_id,
-        **({Tag.FORCED_RETRAIN: "true"} if force else {}),
-    }
+    tags = Lineage(
+        logical_date=ctx.logical_date.isoformat(), spec_hash=spec.spec_hash(), lineage_key=lineage_key,
+        window_start=days[0].isoformat(), window_end=days[-1].isoformat(),
+        holdout=[d.isoformat() for d in spec.training.holdout(ctx.logical_date)],
+        input_hashes=input_hashes_tag(hashes), feature_version=spec.feature_version(),
+        code_version=registry.code_version(), flavor=spec.model.flavor, train_rows=n_fit, val_metric=val_metric,
+        run_context=ctx.run_id, forced=force).to_tags()
     with tempfile.TemporaryDirectory() as tmp, mlflow.start_run(run_name=f"train-{ctx.logical_date}") as run:
         for i, t in enumerate(trials):  # one child run per tuning trial
             with mlflow.start_run(run_name=f"trial-{i}", nested=True):
