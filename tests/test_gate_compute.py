@@ -58,4 +58,4 @@ def test_nan_predictions_are_never_promoted_even_without_a_champion(spec) -> Non
     bad[::10] = np.nan
     v = compute(spec, _inputs(bad, None, y))
     assert v.record.decision == Decision.REJECT and v.record.champion_version is None
-    assert [r for r in v.record.rules if r["rule"] == "finite_predictions"][0]["verdict"] == "fail"
+    assert next(r for r in v.record.rules if r["rule"] == "finite_predictions")["verdict"] == "fail"

@@ -17,8 +17,9 @@ import hashlib
 import json
 import logging
 import tempfile
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
 
 import numpy as np
 import pandas as pd
@@ -149,17 +150,49 @@ def recorded_lineage(spec: Spec, ctx: RunContext) -> tuple[str, str] | None:
     return (key, str(existing[0].version)) if existing else None
 
 
-def train_model(spec: Spec, ctx: RunContext, force: bool = False) -> dict[str, Any]:
+class TrainResult(TypedDict, total=False):
+    """What ``train_model`` returns (and the orchestrators pass on)."""
+
+    step: str
+    date: str
+    window: list[str]
+    missing_days: list[str]
+    out_of_core: bool
+    status: str  # trained | exists | skipped
+    reason: str
+    rows: int
+    model_version: str | None
+    run_id: str
+    lineage_key: str
+    val_metric: float | None
+    trials: int
+    forced: bool
+    discarded_run_id: str
+
+
+@dataclass
+class Trained:
+    """A fitted candidate and what publishing it needs."""
+
+    fitted: Fitted
+    encoders: dict[str, dict[str, Any]]
+    names: list[str]  # encoded feature names, as the model sees them
+    n_fit: int
+    n_val: int
+    example: Any  # a few raw rows: the model's input example
+    trials: list[dict[str, Any]] = field(default_factory=list)
+    overrides: dict[str, Any] = field(default_factory=dict)  # tuned parameters
+
+
+def train_model(spec: Spec, ctx: RunContext, force: bool = False) -> TrainResult:
     """Train the date's candidate; with the same lineage already registered, return that version.
 
     ``force`` trains and registers a new version even then (the newest is the date's candidate the
     gate sees); a person asked for it, e.g. after changing something the lineage does not cover.
+    Load the window, fit (``fit_window``, or streamed out of core), publish (``publish``).
     """
-    import mlflow
-
     from daybreak.train._outofcore import estimated_bytes, window_files
 
-    f = spec.features
     days = spec.training.window(ctx.logical_date)
     files, rows = window_files(spec, ctx, days)
     budget = spec.training.memory_budget_mb
@@ -168,8 +201,9 @@ def train_model(spec: Spec, ctx: RunContext, force: bool = False) -> dict[str, A
         raise SpecError(f"train {ctx.logical_date}: the window ({rows} rows) exceeds training.memory_budget_mb="
                         f"{budget}, and out-of-core training is for single xgboost models without tuning")
     table, hashes, missing = read_features(spec, ctx, days, load=not out_of_core)
-    base = {"step": "train", "date": ctx.logical_date.isoformat(),
-            "window": [days[0].isoformat(), days[-1].isoformat()], "missing_days": missing, "out_of_core": out_of_core}
+    base: TrainResult = {"step": "train", "date": ctx.logical_date.isoformat(),
+                         "window": [days[0].isoformat(), days[-1].isoformat()], "missing_days": missing,
+                         "out_of_core": out_of_core}
     if rows < spec.training.min_rows:
         log.warning("train %s: %d rows in the window (< training.min_rows=%d); no model trained",
                     ctx.logical_date, rows, spec.training.min_rows)
@@ -190,43 +224,79 @@ def train_model(spec: Spec, ctx: RunContext, force: bool = False) -> dict[str, A
         return base | {"status": "exists", "rows": rows, "model_version": str(mv.version), "run_id": mv.run_id,
                        "lineage_key": lineage_key, "val_metric": _float(mv.tags.get(Tag.VAL_METRIC))}
 
-    features = f.feature_names()
-    label = f.label.name
-    trials: list[dict[str, Any]] = []
-    overrides: dict[str, Any] = {}
     if out_of_core:
         from daybreak.train._outofcore import first_rows, fit_out_of_core
 
-        fitted, encoders, n_fit, n_val = fit_out_of_core(spec, ctx, files, rows, overrides)
-        names = encoded_names(features, encoders)
-        example = first_rows(files, ctx.store.fs, features, 5)
+        fitted, encoders, n_fit, n_val = fit_out_of_core(spec, ctx, files, rows, {})
+        features = spec.features.feature_names()
+        trained = Trained(fitted, encoders, encoded_names(features, encoders), n_fit, n_val,
+                          first_rows(files, ctx.store.fs, features, 5))
     else:
-        fit, val = split_window(table, spec)
+        trained = fit_window(spec, table, ctx)
         del table
-        encoders = fit_encoders(fit, spec)
-        y_fit = label_array(fit, spec)
-        data = TrainData(encode(fit, features, encoders), y_fit, encode(val, features, encoders),
-                         label_array(val, spec), sample_weight(spec, y_fit), encoded_names(features, encoders))
-        if spec.model.tuning is not None:
-            from daybreak.train._tuning import tune
-
-            overrides, trials = tune(spec, data, ctx)
-        if spec.model.partition_by:
-            fitted = fit_many(spec, fit, val, data, overrides, ctx)
-        else:
-            fitted = fit_model(spec, data, overrides)
-        names, n_fit, n_val = data.names, fit.num_rows, val.num_rows
-        example = fit.slice(0, 5).select(features).to_pandas()
-    metric_name, val_metric = fitted.metric_name, fitted.val_metric
-
-    tags = Lineage(
+    lineage = Lineage(
         logical_date=ctx.logical_date.isoformat(), spec_hash=spec.spec_hash(), lineage_key=lineage_key,
         window_start=days[0].isoformat(), window_end=days[-1].isoformat(),
         holdout=[d.isoformat() for d in spec.training.holdout(ctx.logical_date)],
         input_hashes=input_hashes_tag(hashes), feature_version=spec.feature_version(),
-        code_version=registry.code_version(), flavor=spec.model.flavor, train_rows=n_fit, val_metric=val_metric,
-        run_context=ctx.run_id, forced=force).to_tags()
-    with tempfile.TemporaryDirectory() as tmp, mlflow.start_run(run_name=f"train-{ctx.logical_date}") as run:
+        code_version=registry.code_version(), flavor=spec.model.flavor, train_rows=trained.n_fit,
+        val_metric=trained.fitted.val_metric, run_context=ctx.run_id, forced=force)
+    mv, registered, run_id = publish(spec, ctx, cl, trained, lineage, hashes)
+    version = str(mv.version)
+    if not registered:
+        log.warning("train %s: another run registered version %s for this lineage while this one trained; "
+                    "keeping it (this run %s is a discarded duplicate)", ctx.logical_date, version, run_id)
+        return base | {"status": "exists", "rows": rows, "model_version": version, "run_id": mv.run_id,
+                       "lineage_key": lineage_key, "val_metric": _float(mv.tags.get(Tag.VAL_METRIC)),
+                       "discarded_run_id": run_id}
+    log.info("train %s: registered %s version %s (val %s=%.4f, %d rows)", ctx.logical_date, spec.model.name,
+             version, trained.fitted.metric_name, trained.fitted.val_metric, trained.n_fit)
+    return base | {"status": "trained", "rows": rows, "model_version": version, "run_id": run_id,
+                   "lineage_key": lineage_key, "val_metric": trained.fitted.val_metric,
+                   "trials": len(trained.trials), "forced": force}
+
+
+def fit_window(spec: Spec, table: Any, ctx: RunContext | None = None) -> Trained:
+    """Fit the candidate on a loaded window (an Arrow table of features): split, encoders fitted on
+    the training rows only, tuning and partitioned models (on Ray, through ``ctx``) when the spec
+    asks. No store or registry."""
+    features = spec.features.feature_names()
+    fit, val = split_window(table, spec)
+    encoders = fit_encoders(fit, spec)
+    y_fit = label_array(fit, spec)
+    data = TrainData(encode(fit, features, encoders), y_fit, encode(val, features, encoders),
+                     label_array(val, spec), sample_weight(spec, y_fit), encoded_names(features, encoders))
+    trials: list[dict[str, Any]] = []
+    overrides: dict[str, Any] = {}
+    if spec.model.tuning is not None:
+        from daybreak.train._tuning import tune
+
+        overrides, trials = tune(spec, data, _need(ctx, "tuning"))
+    if spec.model.partition_by:
+        fitted = fit_many(spec, fit, val, data, overrides, _need(ctx, "partition_by"))
+    else:
+        fitted = fit_model(spec, data, overrides)
+    return Trained(fitted, encoders, data.names, fit.num_rows, val.num_rows,
+                   fit.slice(0, 5).select(features).to_pandas(), trials, overrides)
+
+
+def _need(ctx: RunContext | None, what: str) -> RunContext:
+    if ctx is None:
+        raise ValueError(f"fit_window: model.{what} runs on Ray and needs the run context")
+    return ctx
+
+
+def publish(spec: Spec, ctx: RunContext, cl: Any, trained: Trained, lineage: Lineage,
+            hashes: dict[str, Any]) -> tuple[Any, bool, str]:
+    """Log the training run (params, metrics, importance, encoders, the model with its sealed
+    digest) and register the version with its lineage. (version, whether this run registered it,
+    this run's id)."""
+    import mlflow
+
+    f, fitted, trials = spec.features, trained.fitted, trained.trials
+    features, metric_name = f.feature_names(), fitted.metric_name
+    tags = lineage.to_tags()
+    with tempfile.TemporaryDirectory() as tmp, mlflow.start_run(run_name=f"train-{lineage.logical_date}") as run:
         for i, t in enumerate(trials):  # one child run per tuning trial
             with mlflow.start_run(run_name=f"trial-{i}", nested=True):
                 mlflow.log_params(t["params"])
@@ -235,19 +305,20 @@ def train_model(spec: Spec, ctx: RunContext, force: bool = False) -> dict[str, A
                     mlflow.log_metric(f"val_{metric_name}", t["val_metric"])
         model_path, flavor_meta = save_model(fitted, spec, Path(tmp))
         meta_path = Path(tmp) / "meta.json"
-        meta_path.write_text(json.dumps({"features": features, "encoders": encoders, "task": spec.model.task,
-                                         "label": label, **flavor_meta}, indent=2))
+        meta_path.write_text(json.dumps({"features": features, "encoders": trained.encoders, "task": spec.model.task,
+                                         "label": f.label.name, **flavor_meta}, indent=2))
         mlflow.log_params({"window_days": spec.training.window_days, "holdout_days": spec.training.holdout_days,
-                           "rows_fit": n_fit, "rows_val": n_val, "class_weight": spec.model.class_weight,
-                           **({"tuning.trials": len(trials), **{f"tuned.{k}": v for k, v in overrides.items()}}
+                           "rows_fit": trained.n_fit, "rows_val": trained.n_val,
+                           "class_weight": spec.model.class_weight,
+                           **({"tuning.trials": len(trials), **{f"tuned.{k}": v for k, v in trained.overrides.items()}}
                               if trials else {}),
                            **fitted.params})
-        mlflow.log_metric(f"val_{metric_name}", val_metric)
+        mlflow.log_metric(f"val_{metric_name}", fitted.val_metric)
         mlflow.set_tags(tags)
-        mlflow.log_dict({k: fitted.importance.get(k, 0.0) for k in names}, "feature_importance.json")
+        mlflow.log_dict({k: fitted.importance.get(k, 0.0) for k in trained.names}, "feature_importance.json")
         if _importance_plot(fitted.importance, Path(tmp) / "feature_importance.png"):
             mlflow.log_artifact(str(Path(tmp) / "feature_importance.png"))
-        mlflow.log_dict(encoders, "encoders.json")
+        mlflow.log_dict(trained.encoders, "encoders.json")
         mlflow.log_dict(hashes, INPUT_HASHES_ARTIFACT)  # in full; the tag may only say where
         signature = _signature(features, set(f.categorical_names()))
         # The loader's configuration, logged so that the registry's copy can replace it at load
@@ -255,26 +326,17 @@ def train_model(spec: Spec, ctx: RunContext, force: bool = False) -> dict[str, A
         loader = {"flavor": spec.model.flavor, "trusted_types": flavor_meta.get("trusted_types", [])}
         info = mlflow.pyfunc.log_model(
             name="model", python_model=MODEL_CODE, artifacts={"model": str(model_path), "meta": str(meta_path)},
-            signature=signature, input_example=example, pip_requirements=_requirements(spec), model_config=loader,
+            signature=signature, input_example=trained.example, pip_requirements=_requirements(spec),
+            model_config=loader,
         )
         # What loading will check, in the registry where the artifact store cannot change it: every
         # file as stored, and the types skops may build.
         tags[registry.MODEL_DIGEST_TAG] = registry.stored_digest(info.model_uri, tmp)
         tags[registry.TRUSTED_TYPES_TAG] = json.dumps(loader["trusted_types"])
-        mv, registered = _register(spec, ctx, cl, info.model_uri, lineage_key, tags, force)
-        version = str(mv.version)
+        mv, registered = _register(spec, ctx, cl, info.model_uri, lineage.lineage_key, tags, lineage.forced)
         if not registered:
-            mlflow.set_tag(Tag.DISCARDED_DUPLICATE_OF, version)
-    if not registered:
-        log.warning("train %s: another run registered version %s for this lineage while this one trained; "
-                    "keeping it (this run %s is a discarded duplicate)", ctx.logical_date, version, run.info.run_id)
-        return base | {"status": "exists", "rows": rows, "model_version": version, "run_id": mv.run_id,
-                       "lineage_key": lineage_key, "val_metric": _float(mv.tags.get(Tag.VAL_METRIC)),
-                       "discarded_run_id": run.info.run_id}
-    log.info("train %s: registered %s version %s (val %s=%.4f, %d rows)", ctx.logical_date, spec.model.name,
-             version, metric_name, val_metric, n_fit)
-    return base | {"status": "trained", "rows": rows, "model_version": version, "run_id": run.info.run_id,
-                   "lineage_key": lineage_key, "val_metric": val_metric, "trials": len(trials), "forced": force}
+            mlflow.set_tag(Tag.DISCARDED_DUPLICATE_OF, str(mv.version))
+    return mv, registered, run.info.run_id
 
 
 def _register(spec: Spec, ctx: RunContext, cl: Any, model_uri: str, lineage_key: str, tags: dict[str, str],
