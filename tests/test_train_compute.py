@@ -24,7 +24,7 @@ def _window(spec, n: int = 3000, seed: int = 0) -> pa.Table:
         else:
             cols[name] = pa.array(signal + rng.normal(0, 0.3, n) if i == 0 else rng.normal(size=n))
     cols[f.label.name] = pa.array((signal + rng.normal(0, 0.5, n) > 0).astype(np.int64))
-    cols[EVENT_TIME] = pa.array((np.datetime64("2013-01-01T00:00:00", "us") + np.arange(n) * np.timedelta64(60, "s")))
+    cols[EVENT_TIME] = pa.array(np.datetime64("2013-01-01T00:00:00", "us") + np.arange(n) * np.timedelta64(60, "s"))
     for k in f.keys:
         cols.setdefault(k, pa.array(rng.choice(["k1", "k2"], n)))
     return pa.table(cols)

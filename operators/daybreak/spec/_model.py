@@ -24,6 +24,7 @@ import json
 import math
 import os
 import re
+from collections.abc import Iterable
 from datetime import date, timedelta
 from pathlib import Path
 from typing import Any, Literal
@@ -696,109 +697,12 @@ class Spec(_Model):
 
     @model_validator(mode="after")
     def _references(self) -> Spec:
-        f = self.features
-        base = self.sources.get(f.base)
-        if base is None:
-            raise ValueError(f"features.base: unknown source {f.base!r}; sources are {sorted(self.sources)}")
-        if base.kind != "events":
-            raise ValueError(f"features.base: source {f.base!r} must be of kind 'events'")
-        for i, j in enumerate(f.asof):
-            src = self.sources.get(j.source)
-            if src is None:
-                raise ValueError(f"features.asof[{i}].source: unknown source {j.source!r}")
-            for col in [j.time, *j.by, *j.columns.values()]:
-                if col not in src.columns:
-                    raise ValueError(f"features.asof[{i}]: column {col!r} is not in source {j.source!r}")
-            for col in j.by:
-                if col not in base.columns:
-                    raise ValueError(f"features.asof[{i}].by: column {col!r} is not in base source {f.base!r}")
-        for i, lk in enumerate(f.lookups):
-            src = self.sources.get(lk.source)
-            if src is None:
-                raise ValueError(f"features.lookups[{i}].source: unknown source {lk.source!r}")
-            for col in [*lk.by, *lk.columns.values()]:
-                if col not in src.columns:
-                    raise ValueError(f"features.lookups[{i}]: column {col!r} is not in source {lk.source!r}")
-            for col in lk.by:
-                if col not in base.columns:
-                    raise ValueError(f"features.lookups[{i}].by: column {col!r} is not in base source {f.base!r}")
-        joins: list[tuple[str, AsofJoin | Lookup]] = [
-            *((f"features.asof[{i}]", j) for i, j in enumerate(f.asof)),
-            *((f"features.lookups[{i}]", lk) for i, lk in enumerate(f.lookups))]
-        for where, join in joins:
-            src = self.sources[join.source]
-            for col in join.by:  # the join compares these values: the types must agree
-                if src.columns[col].type != base.columns[col].type:
-                    raise ValueError(f"{where}.by: column {col!r} is {base.columns[col].type} in {f.base!r} but "
-                                     f"{src.columns[col].type} in {join.source!r}")
-            if isinstance(join, AsofJoin) and not src.columns[join.time].type.startswith("timestamp"):
-                raise ValueError(f"{where}.time: column {join.time!r} of {join.source!r} is "
-                                 f"{src.columns[join.time].type}, not a timestamp")
-        for i, w in enumerate(f.windows):
-            for col in w.by:
-                if col not in base.columns:
-                    raise ValueError(f"features.windows[{i}].by: column {col!r} is not in base source {f.base!r}")
-        for col in f.keys:
-            if col not in base.columns:
-                raise ValueError(f"features.keys: column {col!r} is not in base source {f.base!r}")
-        names = f.feature_names()
-        dupes = sorted({n for n in names if names.count(n) > 1})
-        if dupes:
-            raise ValueError(f"features: duplicate feature names {dupes}")
-        # the feature table holds keys, event_time, features and the label side by side
-        keys = [(f"features.keys[{i}]", k) for i, k in enumerate(f.keys)]
-        for where, name in [("features.label.name", f.label.name), *keys]:
-            if name in names or name == "event_time":
-                raise ValueError(f"{where}: {name!r} is also the name of a feature (or event_time); "
-                                 "the feature table cannot hold both")
-        if f.label.name in f.keys:
-            raise ValueError(f"features.label.name: {f.label.name!r} is also a key")
-        if not names:
-            raise ValueError("features: define at least one feature")
-        for col in self.model.partition_by:
-            if col not in names:
-                raise ValueError(f"model.partition_by: {col!r} is not a feature; features are {names}")
-        g = self.gate
-        from daybreak.infra.metrics import metrics_for
-
-        allowed = metrics_for(self.model.task)
-        for where, m in [("gate.metric", g.metric), *[(f"gate.floors.{k}", k) for k in g.floors],
-                         *[(f"gate.report_metrics[{i}]", k) for i, k in enumerate(g.report_metrics or [])],
-                         ("gate.slices.metric", g.slices.metric)]:
-            if m is not None and m not in allowed:
-                raise ValueError(f"{where}: {m!r} is not a {self.model.task} metric; use one of {list(allowed)}")
-        carried = set(names) | set(f.keys) | {f.label.name}
-        for i, col in enumerate(g.slices.columns):
-            if col not in carried:
-                raise ValueError(f"gate.slices.columns[{i}]: {col!r} is not a feature or key; features are {names}")
-        for i, col in enumerate((g.data_checks.drift.features if g.data_checks.drift else None) or []):
-            if col not in names:
-                raise ValueError(f"gate.data_checks.drift.features[{i}]: {col!r} is not a feature")
-        mon = self.monitoring
-        if mon.metric is not None and mon.metric not in allowed:
-            raise ValueError(f"monitoring.metric: {mon.metric!r} is not a {self.model.task} metric; use one of "
-                             f"{list(allowed)}")
-        for i, col in enumerate(mon.slices or []):
-            if col not in carried:
-                raise ValueError(f"monitoring.slices[{i}]: {col!r} is not a feature or key; features are {names}")
-        for i, col in enumerate((mon.drift.features if mon.drift else None) or []):
-            if col not in names:
-                raise ValueError(f"monitoring.drift.features[{i}]: {col!r} is not a feature")
-        for i, col in enumerate(mon.log.id_columns or []):
-            if col not in [*f.keys, "event_time"]:
-                raise ValueError(f"monitoring.log.id_columns[{i}]: {col!r} is not a key or event_time; labels are "
-                                 f"joined on those (keys are {f.keys})")
-        # Expressions are checked against the columns they may use, so typos fail now.
-        from daybreak.spec._expr import check_expression
-
-        cols = set(base.columns) | {"event_time"}
-        check_expression(f.event_time, set(base.columns), where="features.event_time")
-        check_expression(f.label.expr, cols, where="features.label.expr")
-        for i, c in enumerate(f.columns):
-            check_expression(c.expr, cols, where=f"features.columns[{i}].expr")
-        for i, w in enumerate(f.windows):
-            check_expression(w.value, cols, where=f"features.windows[{i}].value")
-            check_expression(w.known_at, cols, where=f"features.windows[{i}].known_at")
+        """Cross-references between sections: names a section uses must exist where it points."""
+        base = _check_base(self)
+        _check_joins(self, base)
+        names = _check_feature_table(self, base)
+        _check_metrics_and_columns(self, names)
+        _check_expressions(self, base)
         _check_types(self)
         return self
 
@@ -830,6 +734,119 @@ class Spec(_Model):
         return _hash({"sources": {k: v.model_dump(mode="json", exclude=OPERATIONAL) for k, v in self.sources.items()},
                       "features": features})
 
+
+
+# --- cross-references (Spec._references), one concern each ----------------------------------------
+
+def _require(cols: Iterable[str], have: Any, where: str, what: str) -> None:
+    """Each of `cols` is in `have`, or a ValueError: '<where>: column 'c' is not in <what>'."""
+    for col in cols:
+        if col not in have:
+            raise ValueError(f"{where}: column {col!r} is not in {what}")
+
+
+def _check_base(spec: Spec) -> SourceSpec:
+    f = spec.features
+    base = spec.sources.get(f.base)
+    if base is None:
+        raise ValueError(f"features.base: unknown source {f.base!r}; sources are {sorted(spec.sources)}")
+    if base.kind != "events":
+        raise ValueError(f"features.base: source {f.base!r} must be of kind 'events'")
+    return base
+
+
+def _check_joins(spec: Spec, base: SourceSpec) -> None:
+    """As-of joins and lookups name existing sources and columns, join on columns of one type,
+    and as-of joins go by a timestamp."""
+    f = spec.features
+    joins: list[tuple[str, AsofJoin | Lookup]] = [
+        *((f"features.asof[{i}]", j) for i, j in enumerate(f.asof)),
+        *((f"features.lookups[{i}]", lk) for i, lk in enumerate(f.lookups))]
+    for where, join in joins:
+        src = spec.sources.get(join.source)
+        if src is None:
+            raise ValueError(f"{where}.source: unknown source {join.source!r}")
+        timed = [join.time] if isinstance(join, AsofJoin) else []
+        _require([*timed, *join.by, *join.columns.values()], src.columns, where, f"source {join.source!r}")
+        _require(join.by, base.columns, f"{where}.by", f"base source {f.base!r}")
+    for where, join in joins:
+        src = spec.sources[join.source]
+        for col in join.by:  # the join compares these values: the types must agree
+            if src.columns[col].type != base.columns[col].type:
+                raise ValueError(f"{where}.by: column {col!r} is {base.columns[col].type} in {f.base!r} but "
+                                 f"{src.columns[col].type} in {join.source!r}")
+        if isinstance(join, AsofJoin) and not src.columns[join.time].type.startswith("timestamp"):
+            raise ValueError(f"{where}.time: column {join.time!r} of {join.source!r} is "
+                             f"{src.columns[join.time].type}, not a timestamp")
+
+
+def _check_feature_table(spec: Spec, base: SourceSpec) -> list[str]:
+    """Window groups and keys are base columns; the feature table's column names (keys,
+    event_time, features, label) are distinct. Returns the feature names."""
+    f = spec.features
+    for i, w in enumerate(f.windows):
+        _require(w.by, base.columns, f"features.windows[{i}].by", f"base source {f.base!r}")
+    _require(f.keys, base.columns, "features.keys", f"base source {f.base!r}")
+    names = f.feature_names()
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        raise ValueError(f"features: duplicate feature names {dupes}")
+    keys = [(f"features.keys[{i}]", k) for i, k in enumerate(f.keys)]
+    for where, name in [("features.label.name", f.label.name), *keys]:
+        if name in names or name == "event_time":
+            raise ValueError(f"{where}: {name!r} is also the name of a feature (or event_time); "
+                             "the feature table cannot hold both")
+    if f.label.name in f.keys:
+        raise ValueError(f"features.label.name: {f.label.name!r} is also a key")
+    if not names:
+        raise ValueError("features: define at least one feature")
+    for col in spec.model.partition_by:
+        if col not in names:
+            raise ValueError(f"model.partition_by: {col!r} is not a feature; features are {names}")
+    return names
+
+
+def _check_metrics_and_columns(spec: Spec, names: list[str]) -> None:
+    """Gate and monitoring metrics fit the task; the columns they slice, drift-check or log exist."""
+    from daybreak.infra.metrics import metrics_for
+
+    f, g, mon = spec.features, spec.gate, spec.monitoring
+    allowed = metrics_for(spec.model.task)
+    for where, m in [("gate.metric", g.metric), *[(f"gate.floors.{k}", k) for k in g.floors],
+                     *[(f"gate.report_metrics[{i}]", k) for i, k in enumerate(g.report_metrics or [])],
+                     ("gate.slices.metric", g.slices.metric), ("monitoring.metric", mon.metric)]:
+        if m is not None and m not in allowed:
+            raise ValueError(f"{where}: {m!r} is not a {spec.model.task} metric; use one of {list(allowed)}")
+    carried = set(names) | set(f.keys) | {f.label.name}
+    sliced = f"a feature or key; features are {names}"
+    for where, cols, have, what in [
+            ("gate.slices.columns", g.slices.columns, carried, sliced),
+            ("gate.data_checks.drift.features", (g.data_checks.drift.features if g.data_checks.drift else None) or [],
+             names, "a feature"),
+            ("monitoring.slices", mon.slices or [], carried, sliced),
+            ("monitoring.drift.features", (mon.drift.features if mon.drift else None) or [], names, "a feature")]:
+        for i, col in enumerate(cols):
+            if col not in have:
+                raise ValueError(f"{where}[{i}]: {col!r} is not {what}")
+    for i, col in enumerate(mon.log.id_columns or []):
+        if col not in [*f.keys, "event_time"]:
+            raise ValueError(f"monitoring.log.id_columns[{i}]: {col!r} is not a key or event_time; labels are "
+                             f"joined on those (keys are {f.keys})")
+
+
+def _check_expressions(spec: Spec, base: SourceSpec) -> None:
+    """Expressions are checked against the columns they may use, so typos fail at validation."""
+    from daybreak.spec._expr import check_expression
+
+    f = spec.features
+    cols = set(base.columns) | {"event_time"}
+    check_expression(f.event_time, set(base.columns), where="features.event_time")
+    check_expression(f.label.expr, cols, where="features.label.expr")
+    for i, c in enumerate(f.columns):
+        check_expression(c.expr, cols, where=f"features.columns[{i}].expr")
+    for i, w in enumerate(f.windows):
+        check_expression(w.value, cols, where=f"features.windows[{i}].value")
+        check_expression(w.known_at, cols, where=f"features.windows[{i}].known_at")
 
 def _check_types(spec: Spec) -> None:
     """Compute every expression over the base rows on an empty table of the contract's types: a
