@@ -891,6 +891,21 @@ def create_app(spec: Spec, ctx: RunContext, token: str | None = None, freeze_gc:
     except Exception as e:
         holder.last_error = redact(f"{type(e).__name__}: {e}")
         log.warning("no champion loaded yet: %s", holder.last_error)
+    workers = ParseWorkers(lim.parse_processes)
+    api = FastAPI(title="daybreak", version="1", lifespan=_lifespan(holder, plog, workers, freeze_gc),
+                  docs_url=None, redoc_url=None, openapi_url=None)
+    api.state.holder = holder
+    api.state.plog = plog
+    api.state.limits = lim
+    invocations = Invocations(api, holder, workers, lim, token)
+    _error_handlers(api)
+    _status_routes(api, spec, holder, plog, invocations.authorized)
+    return invocations
+
+
+def _lifespan(holder: ModelHolder, plog: PredictionLog | None, workers: ParseWorkers,
+              freeze_gc: bool) -> Callable[[FastAPI], Any]:
+    """Start-up and shut-down: the batcher, the parse workers, the champion watch, the log."""
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -913,14 +928,11 @@ def create_app(spec: Spec, ctx: RunContext, token: str | None = None, freeze_gc:
         if plog is not None:
             plog.close()  # what waits for the writer is written before the process ends
 
-    api = FastAPI(title="daybreak", version="1", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
-    api.state.holder = holder
-    api.state.plog = plog
-    api.state.limits = lim
-    workers = ParseWorkers(lim.parse_processes)
-    expected = f"Bearer {token}".encode() if token else None
-    inflight = [0]  # body bytes being read or parsed, all requests together
+    return lifespan
 
+
+def _error_handlers(api: FastAPI) -> None:
+    """FastAPI's errors in MLflow's error format."""
     from fastapi.exceptions import RequestValidationError
     from starlette.exceptions import HTTPException
 
@@ -934,8 +946,10 @@ def create_app(spec: Spec, ctx: RunContext, token: str | None = None, freeze_gc:
         status, body = error(400, "invalid request")
         return JSONResponse(json.loads(body), status_code=status)
 
-    def authorized(headers: list[tuple[bytes, bytes]]) -> bool:
-        return expected is not None and hmac.compare_digest(dict(headers).get(b"authorization", b""), expected)
+
+def _status_routes(api: FastAPI, spec: Spec, holder: ModelHolder, plog: PredictionLog | None,
+                   authorized: Callable[[list[tuple[bytes, bytes]]], bool | None]) -> None:
+    """GET /ping, /health (details only for the token's holder when there is a token), /version."""
 
     @api.get("/ping")
     def ping() -> Any:
@@ -947,7 +961,7 @@ def create_app(spec: Spec, ctx: RunContext, token: str | None = None, freeze_gc:
     def health(request: Request) -> Any:
         cur = holder.current
         status = 200 if cur else 503
-        if expected is not None and not authorized(request.scope["headers"]):
+        if authorized(request.scope["headers"]) is False:
             return JSONResponse({"status": "ok" if cur else "no model"}, status_code=status)
         return JSONResponse({
             "status": "ok" if cur else "no model",
@@ -964,73 +978,92 @@ def create_app(spec: Spec, ctx: RunContext, token: str | None = None, freeze_gc:
         cur = holder.current
         return {"model": spec.model.name, "alias": spec.promotion.alias, "version": cur.version if cur else None}
 
-    async def read_body(receive: Callable, declared: int | None, counted: list[int]) -> bytes:
+
+class Invocations:
+    """The ASGI app: POST /invocations in plain ASGI, everything else through FastAPI (``api``):
+    FastAPI's routing and request machinery costs about as much per request as a one-row body's
+    share of a batch. Holds the bytes in flight across requests."""
+
+    def __init__(self, api: FastAPI, holder: ModelHolder, workers: ParseWorkers, lim: Limits,
+                 token: str | None) -> None:
+        self.api, self.holder, self.workers, self.lim = api, holder, workers, lim
+        self.expected = f"Bearer {token}".encode() if token else None
+        self.inflight = 0  # body bytes being read or parsed, all requests together
+        self.state = api.state  # what tests and the server read (the holder, the limits)
+
+    def authorized(self, headers: list[tuple[bytes, bytes]]) -> bool | None:
+        """Whether the request carries the bearer token; None when the server has no token."""
+        if self.expected is None:
+            return None
+        return hmac.compare_digest(dict(headers).get(b"authorization", b""), self.expected)
+
+    async def read_body(self, receive: Callable, declared: int | None, counted: list[int]) -> bytes:
         """The body within `body_timeout` and `max_body_bytes`. A chunked body's bytes are counted
         in flight as they come, and in `counted` (the caller releases them). Raises Refused."""
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + lim.body_timeout
+        deadline = loop.time() + self.lim.body_timeout
         chunks, more, size = [], True, 0
         while more:
             try:
                 message = await asyncio.wait_for(receive(), max(deadline - loop.time(), 0.001))
             except TimeoutError:
-                raise Refused(408, f"the body did not arrive within {lim.body_timeout:g} s "
+                raise Refused(408, f"the body did not arrive within {self.lim.body_timeout:g} s "
                                    f"(DAYBREAK_SERVE_BODY_TIMEOUT)") from None
             if message["type"] == "http.disconnect":
                 raise Refused(400, "the client went away")
             chunk = message.get("body", b"")
             size += len(chunk)
-            if size > lim.max_body_bytes:
-                raise Refused(413, _too_big(lim.max_body_bytes))
+            if size > self.lim.max_body_bytes:
+                raise Refused(413, _too_big(self.lim.max_body_bytes))
             if declared is None and size > INLINE_BYTES:  # chunked: counted as it comes, once past small
                 more_bytes = size - counted[0]
-                if inflight[0] + more_bytes > lim.max_inflight_bytes:
+                if self.inflight + more_bytes > self.lim.max_inflight_bytes:
                     raise Refused(503, "overloaded: too many body bytes in flight; retry shortly")
-                inflight[0] += more_bytes
+                self.inflight += more_bytes
                 counted[0] += more_bytes
             chunks.append(chunk)
             more = message.get("more_body", False)
         return b"".join(chunks)
 
-    async def answer(scope: dict, receive: Callable, request_id: str) -> tuple[int, bytes, str | None]:
+    async def answer(self, scope: dict, receive: Callable, request_id: str) -> tuple[int, bytes, str | None]:
         """Status, JSON body and serving version of one POST /invocations."""
         headers = dict(scope["headers"])
-        if expected and not authorized(scope["headers"]):
+        if self.expected and not self.authorized(scope["headers"]):
             return *error(401, "missing or wrong bearer token"), None
         mime = content_type(headers.get(b"content-type"))
         if mime is None:
             got = headers.get(b"content-type", b"").decode("latin-1")[:100] or "none"
             return *error(415, f"Content-Type must be one of {', '.join(CONTENT_TYPES)} (parameter charset=utf-8 "
                                f"only); got {got}"), None
-        cur = holder.current
+        cur = self.holder.current
         if cur is None:
             return *error(503, "no champion model loaded yet"), None
         try:
             declared = int(headers[b"content-length"]) if b"content-length" in headers else None
         except ValueError:
             return *error(400, "invalid Content-Length"), None
-        if declared is not None and declared > lim.max_body_bytes:
-            return *error(413, _too_big(lim.max_body_bytes)), None
-        batcher = api.state.batcher
+        if declared is not None and declared > self.lim.max_body_bytes:
+            return *error(413, _too_big(self.lim.max_body_bytes)), None
+        batcher = self.api.state.batcher
         if batcher.pending_rows - batcher.big_rows > MAX_PENDING_ROWS:
             return *error(503, "overloaded: too many rows waiting; retry shortly"), None
         # Bodies over INLINE_BYTES share the in-flight budget; smaller ones (at most max_connections
         # of them, 64 KiB each) are never turned away by a few big ones holding it.
         held, counted = (declared if declared is not None and declared > INLINE_BYTES else 0), [0]
-        if held and inflight[0] + held > lim.max_inflight_bytes:
+        if held and self.inflight + held > self.lim.max_inflight_bytes:
             return *error(503, "overloaded: too many body bytes in flight; retry shortly"), None
-        inflight[0] += held
+        self.inflight += held
         try:
-            raw = await read_body(receive, declared, counted)
+            raw = await self.read_body(receive, declared, counted)
             ids = batcher.ids
             fields = cur.fields
             parsed = None
             if mime == JSON_TYPE and len(raw) <= INLINE_BYTES:
-                parsed = parse_fast(raw, fields, ids, lim.max_rows)
+                parsed = parse_fast(raw, fields, ids, self.lim.max_rows)
             if parsed is None:
                 schema = cur.model.metadata.get_input_schema()
-                parsed = await workers.parse(len(raw), raw, mime, fields, ids,
-                                             schema.to_json() if schema is not None else None, lim.max_rows)
+                parsed = await self.workers.parse(len(raw), raw, mime, fields, ids,
+                                             schema.to_json() if schema is not None else None, self.lim.max_rows)
         except Refused as e:
             return *error(e.status, e.message), None
         except BrokenProcessPool:
@@ -1039,23 +1072,24 @@ def create_app(spec: Spec, ctx: RunContext, token: str | None = None, freeze_gc:
             log.exception("reading request %s failed", request_id)
             return *_internal(request_id), None
         finally:
-            inflight[0] -= held + counted[0]
-        if parsed.ids and expected is None:
+            self.inflight -= held + counted[0]
+        if parsed.ids and self.expected is None:
             return *error(403, f"this request carries identity columns ({', '.join(sorted(ids))}), which the "
                                f"prediction log keeps for the label join: they are accepted only from a caller "
                                f"with the bearer token; set DAYBREAK_SERVE_TOKEN on the server and send "
                                f"'Authorization: Bearer <token>', or leave them out"), None
-        if parsed.rows > MAX_BATCH_ROWS and batcher.big_rows + parsed.rows > max(lim.max_rows, MAX_PENDING_ROWS // 2):
+        big_budget = max(self.lim.max_rows, MAX_PENDING_ROWS // 2)
+        if parsed.rows > MAX_BATCH_ROWS and batcher.big_rows + parsed.rows > big_budget:
             # big requests have a budget of their own: they never crowd out the small ones
             return *error(503, "overloaded: too many rows of big requests waiting; retry shortly"), None
         (status, payload), served = await batcher.submit(parsed, fields, request_id)
         return status, payload, served if status == 200 else None
 
-    async def app(scope: dict, receive: Callable, send: Callable) -> None:
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
         """POST /invocations in plain ASGI, everything else through FastAPI: FastAPI's routing and
         request machinery costs about as much per request as a one-row body's share of a batch."""
         if scope["type"] != "http" or scope["path"] != "/invocations":
-            return await api(scope, receive, send)
+            return await self.api(scope, receive, send)
         request_id = _request_id(scope)
         read = [False]  # the whole body was read
 
@@ -1067,7 +1101,7 @@ def create_app(spec: Spec, ctx: RunContext, token: str | None = None, freeze_gc:
         if scope["method"] != "POST":
             status, payload, served = *error(405, "use POST"), None
         else:
-            status, payload, served = await answer(scope, receive_tracked, request_id)
+            status, payload, served = await self.answer(scope, receive_tracked, request_id)
         headers = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(payload)),
                    (b"x-request-id", request_id.encode())]
         if status == 503:
@@ -1080,8 +1114,6 @@ def create_app(spec: Spec, ctx: RunContext, token: str | None = None, freeze_gc:
             headers.append((b"x-model-version", served.encode()))
         await send({"type": "http.response.start", "status": status, "headers": headers})
         await send({"type": "http.response.body", "body": payload})
-
-    return app
 
 
 def _too_big(limit: int) -> str:
