@@ -47,7 +47,8 @@ test: $(STAMP) browser
 # writer, encoders and the spec attacks): a couple of minutes, for the edit-test loop.
 FAST_TESTS := tests/test_spec.py tests/test_expr.py tests/test_features.py tests/test_features_property.py \
   tests/test_dsl_example.py tests/test_stage.py tests/test_predlog.py tests/test_encoders.py \
-  tests/security/test_sec_spec.py tests/security/test_sec_credentials.py
+  tests/security/test_sec_spec.py tests/security/test_sec_credentials.py tests/test_records.py \
+  tests/test_layout.py tests/test_gate_compute.py tests/test_train_compute.py
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) $(FAST_TESTS)
 
