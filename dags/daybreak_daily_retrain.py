@@ -24,70 +24,19 @@ Trigger it from the UI with the Params form:
 A value that does not fit the form is refused when the run is triggered. Staged data, features and
 the champion are Assets (`daybreak.staged`, `daybreak.features`, `daybreak.champion`); the
 champion's event fires only when it moves and triggers `daybreak_batch_score`.
-Parsing this file imports only Airflow and the thin daybreak.airflow operators.
+The DAG is built by `daybreak.airflow.daily_retrain_dag`, one task per step of the cycle declared in
+`daybreak.steps.CYCLE`; parsing this file imports Airflow, the thin daybreak.airflow operators and
+that declaration, no step.
 """
 
 from __future__ import annotations
 
 import os
-from datetime import datetime, timedelta
+from datetime import datetime
 from pathlib import Path
 
-from airflow.sdk import Param, dag
-
-from daybreak.airflow import (
-    BuildFeaturesOperator,
-    DeployModelOperator,
-    EvaluateGateOperator,
-    MonitorModelOperator,
-    PromoteModelOperator,
-    StageDataOperator,
-    TrainModelOperator,
-)
-from daybreak.airflow.assets import CHAMPION, FEATURES, STAGED
+from daybreak.airflow import daily_retrain_dag
 
 DEFAULT_SPEC = os.environ.get("DAYBREAK_SPEC") or str(Path(__file__).resolve().parent.parent / "specs" / "flights.yaml")
 
-
-@dag(
-    dag_id="daybreak_daily_retrain",
-    schedule="@daily",
-    start_date=datetime(2013, 1, 1),
-    catchup=False,
-    max_active_runs=1,  # a day trains on the days before it: one date at a time, in order
-    dagrun_timeout=timedelta(hours=6),
-    tags=["daybreak", "ml"],
-    doc_md=__doc__,
-    # transient failures (network, a busy registry) retry; a bad spec or bad data fails at once
-    default_args={"retries": 2, "retry_delay": timedelta(minutes=2), "retry_exponential_backoff": 2.0,
-                  "max_retry_delay": timedelta(minutes=20), "execution_timeout": timedelta(hours=1)},
-    params={
-        "spec": Param(DEFAULT_SPEC, type="string", minLength=1, pattern=r"\S", title="Spec",
-                      description="Path (or s3:// URI) of the pipeline spec (YAML)."),
-        "date": Param(None, type=["null", "string"], format="date", title="Date override",
-                      description="Process this date (YYYY-MM-DD) instead of the run's logical date."),
-        "force": Param(False, type="boolean", title="Force retrain",
-                       description="Train a new version even if this date already has a candidate."),
-        "dry_run": Param(False, type="boolean", title="Dry run",
-                         description="Stage, build features, train and gate; never promote or deploy."),
-        "approve": Param(False, type="boolean", title="Approve pending version",
-                         description="Under promotion.approval: manual, approve the version this run tags "
-                                     "pending (recorded with your user name)."),
-    },
-)
-def daybreak_daily_retrain() -> None:
-    common = {"spec": "{{ params.spec }}", "logical_date": "{{ params.date or '' }}"}
-    stage = StageDataOperator(task_id="stage", outlets=[STAGED], execution_timeout=timedelta(minutes=30), **common)
-    features = BuildFeaturesOperator(task_id="features", outlets=[FEATURES], **common)
-    monitor = MonitorModelOperator(task_id="monitor", execution_timeout=timedelta(minutes=30), **common)
-    train = TrainModelOperator(task_id="train", force="{{ params.force }}", **common)
-    gate = EvaluateGateOperator(task_id="gate", execution_timeout=timedelta(minutes=30), **common)
-    promote = PromoteModelOperator(task_id="promote", dry_run="{{ params.dry_run }}",
-                                   approve_pending="{{ params.approve }}", champion_asset=CHAMPION,
-                                   execution_timeout=timedelta(minutes=10), **common)
-    deploy = DeployModelOperator(task_id="deploy", dry_run="{{ params.dry_run }}",
-                                 execution_timeout=timedelta(minutes=15), **common)
-    stage >> features >> monitor >> train >> gate >> promote >> deploy
-
-
-daybreak_daily_retrain()
+daily_retrain_dag(DEFAULT_SPEC, dag_id="daybreak_daily_retrain", start_date=datetime(2013, 1, 1), doc_md=__doc__)

@@ -29,9 +29,9 @@ def main() -> int:
     args = ap.parse_args()
 
     from daybreak.cli import setup_logging, summary_line
-    from daybreak.context import RunContext, daybreak_home
     from daybreak.cycle import day_summary
-    from daybreak.datasets import build_flights_landing
+    from daybreak.demo import build_flights_landing
+    from daybreak.infra.context import RunContext, daybreak_home
     from daybreak.spec import load_spec
 
     setup_logging()

@@ -116,6 +116,38 @@ def gate_dag() -> None:
     print("RESULT " + json.dumps(_run(dag, logical_date=datetime(2013, 1, 2, tzinfo=UTC)), default=str))
 
 
+def describe(dag) -> dict:
+    """What a DAG is made of: its tasks in order, their dependencies, operators, limits, Assets,
+    templated flags, and the DAG's settings and form (with defaults)."""
+    tasks = dag.topological_sort()
+    flags = ("force", "dry_run", "approve_pending", "spec", "logical_date")
+    return {"tasks": [t.task_id for t in tasks],
+            "downstream": {t.task_id: sorted(t.downstream_task_ids) for t in tasks},
+            "operators": {t.task_id: type(t).__name__ for t in tasks},
+            "limits": {t.task_id: [str(t.execution_timeout), t.retries, str(t.retry_delay)] for t in tasks},
+            "outlets": {t.task_id: sorted(str(getattr(o, "name", o)) for o in t.outlets) for t in tasks},
+            "flags": {t.task_id: {f: getattr(t, f) for f in flags if isinstance(getattr(t, f, None), str)}
+                      for t in tasks},
+            "params": {k: dag.params[k] for k in sorted(dag.params.keys())},
+            "settings": [str(dag.schedule), dag.catchup, dag.max_active_runs, str(dag.dagrun_timeout),
+                         sorted(dag.tags)]}
+
+
+def factory() -> None:
+    """The shipped daily DAG and a user's two-line DAG file built with daily_retrain_dag."""
+    from airflow.dag_processing.dagbag import DagBag
+
+    shipped = DagBag(dag_folder=str(ROOT / "dags")).get_dag("daybreak_daily_retrain")
+    user = DagBag(dag_folder=str(ROOT / "tests" / "airflow_factory_dags"))
+    out = {"shipped": describe(shipped), "user_dag_ids": sorted(user.dag_ids),
+           "user_import_errors": {k: str(v) for k, v in user.import_errors.items()},
+           "heavy_modules_after_parse": [m for m in ("pyarrow", "pandas", "mlflow", "ray", "xgboost", "sklearn")
+                                         if m in sys.modules]}
+    if "payments_daily_retrain" in user.dag_ids:
+        out["user"] = describe(user.get_dag("payments_daily_retrain"))
+    print("RESULT " + json.dumps(out, default=str))
+
+
 if __name__ == "__main__":
-    checks = {"user": user_dag, "gate": gate_dag, "approval": approval, "flags": flags}
+    checks = {"user": user_dag, "gate": gate_dag, "approval": approval, "flags": flags, "factory": factory}
     checks.get(sys.argv[1] if sys.argv[1:] else "", main)()

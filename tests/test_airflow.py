@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+from itertools import pairwise
 from pathlib import Path
 
 import pytest
@@ -46,6 +47,23 @@ def test_dagbag_parses_light(airflow_env: dict) -> None:
     assert approve == {"tasks": ["approve"], "params": ["decision", "reason", "spec", "version"], "schedule": "None"}
     assert batch["tasks"] == ["score"] and batch["params"] == ["date", "spec"]
     assert "x-daybreak://champion" in batch["schedule"]
+
+
+def test_the_dag_factory_builds_the_declared_cycle(airflow_env: dict) -> None:
+    """The shipped DAG and a user's two-line DAG file are both built by daily_retrain_dag from the
+    cycle's declaration: one task per declared step, in its order, chained; the same operators,
+    limits, Assets and form, with the user's own dag_id and spec."""
+    from daybreak.steps import CYCLE
+
+    out = _check(airflow_env["env"], "factory")
+    assert out["user_import_errors"] == {} and out["user_dag_ids"] == ["payments_daily_retrain"], out
+    assert out["heavy_modules_after_parse"] == []
+    shipped, user = out["shipped"], out["user"]
+    names = [step.name for step in CYCLE]
+    assert shipped["tasks"] == names
+    assert shipped["downstream"] == {a: [b] for a, b in pairwise(names)} | {names[-1]: []}
+    assert shipped["params"]["spec"] == str(SPEC) and user["params"]["spec"] == "specs/payments.yaml"
+    assert user == shipped | {"params": shipped["params"] | {"spec": "specs/payments.yaml"}}
 
 
 def lenient_spec(spec, folder: Path) -> Path:

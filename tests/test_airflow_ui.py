@@ -165,8 +165,9 @@ def airflow(tmp_path_factory: pytest.TempPathFactory, landing: Path) -> Airflow:
     port = free_port()
     env = _env(base, home, spec, port)
     # one process creates the tracking DB before the task processes share it
-    subprocess.run([str(BIN / "python"), "-c", "from daybreak import registry; from daybreak.context import "
-                    "RunContext; registry.client(RunContext.create('2013-01-01'))"], env=env, check=True, timeout=300)
+    subprocess.run([str(BIN / "python"), "-c", "from daybreak.infra import registry; from daybreak.infra.context "
+                    "import RunContext; registry.client(RunContext.create('2013-01-01'))"], env=env, check=True,
+                   timeout=300)
     log = base / "standalone.log"
     with open(log, "wb") as out:
         proc = subprocess.Popen([str(BIN / "airflow"), "standalone"], env=env, cwd=base, stdout=out,

@@ -7,7 +7,8 @@ import os
 import subprocess
 from pathlib import Path
 
-from conftest import BIN, ROOT, SPEC
+import pytest
+from conftest import BIN, ROOT, SPEC, make_home
 
 from daybreak.gate import PROMOTE, SKIPPED
 from daybreak.gate._gating import REJECT
@@ -163,3 +164,77 @@ def test_lineage_cache_policy_keys_recorded_outputs_only(use_cycled: dict) -> No
     from daybreak.prefect.tasks import deploy_model, promote_model
 
     assert not isinstance(promote_model.cache_policy, Lineage) and not isinstance(deploy_model.cache_policy, Lineage)
+
+
+LENIENT_DAYS = """
+import json, sys
+sys.path.insert(0, {flows!r})
+from prefect import get_client
+from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+from daily_retrain import daily_retrain
+from daybreak.infra.context import RunContext
+from daybreak.cycle import run_cycle
+from daybreak.spec import load_spec
+
+def run(day):
+    state = daily_retrain(date=day, spec={spec!r}, return_state=True)
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(
+            id=FlowRunFilterId(any_=[state.state_details.flow_run_id])))
+    tasks = [tr.task_key.rsplit("-", 1)[0] for tr in sorted(runs, key=lambda tr: tr.created)]
+    return {{"result": state.result(), "tasks": tasks}}
+
+out = {{"flow": [run(d) for d in ("2013-01-01", "2013-01-02", "2013-01-01")]}}  # the last: a rerun, SKIPPED
+out["cli"] = run_cycle(load_spec({spec!r}), RunContext.create("2013-01-01"), deploy=False)  # `daybreak run`
+out["cli_day2"] = run_cycle(load_spec({spec!r}), RunContext.create("2013-01-02"))  # deploys to no endpoint
+print("RESULT " + json.dumps(out, default=str))
+"""
+
+
+@pytest.fixture(scope="module")
+def lenient_days(tmp_path_factory: pytest.TempPathFactory, landing: Path, spec) -> dict:
+    """The flow for 2013-01-01 (SKIPPED: nothing to train on) and 2013-01-02 (promoted, deployed to no
+    endpoint) under a gate every candidate passes, then 2013-01-01 again by the flow and by run_cycle,
+    and 2013-01-02 again by run_cycle."""
+    base = tmp_path_factory.mktemp("lenient-flow")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    env.update(PREFECT_HOME=str(base / "prefect"), PREFECT_LOCAL_STORAGE_PATH=str(base / "results"),
+               PREFECT_LOGGING_LEVEL="WARNING", PYTHONWARNINGS="ignore", DAYBREAK_HOME=str(make_home(base, landing)),
+               **QUIET_PREFECT)
+    lenient = base / "lenient.yaml"
+    lenient.write_text(json.dumps(spec.model_copy(update={
+        "gate": spec.gate.model_copy(update={"compare": "no_worse", "margin": 1.0, "floor": 0.0})
+    }).model_dump(mode="json")))
+    code = LENIENT_DAYS.format(flows=str(ROOT / "flows"), spec=str(lenient))
+    proc = subprocess.run([str(BIN / "python"), "-c", code], env=env, capture_output=True, text=True, timeout=600)
+    line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
+    assert line, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return json.loads(line[len("RESULT "):])
+
+
+def test_a_day_not_promoted_reports_the_live_champion_as_the_cli_does(lenient_days: dict) -> None:
+    """A rerun of a SKIPPED day after a later day promoted: the flow and `daybreak run` both report
+    the champion in service now (v1), not the gate's (none, when the day was first gated)."""
+    day1, day2, rerun = (r["result"] for r in lenient_days["flow"])
+    cli = lenient_days["cli"]
+    assert day1["gate"]["decision"] == SKIPPED and day2["promote"]["champion_version"] == "1", (day1, day2)
+    assert rerun["gate"]["decision"] == SKIPPED and rerun["promote"]["promoted"] is False, rerun
+    assert cli["promote"]["champion_version"] == "1", cli["promote"]
+    assert rerun["promote"]["champion_version"] == cli["promote"]["champion_version"], rerun["promote"]
+    assert rerun["summary"]["champion_version"] == cli["summary"]["champion_version"]
+
+
+def test_the_flow_and_run_cycle_follow_the_declared_cycle(lenient_days: dict) -> None:
+    """Both run the steps of daybreak.steps.CYCLE in its order, and the same of them: all on a
+    promoted day, none after promote once the gate said no (promote then reports, no task runs)."""
+    from daybreak.prefect.flows import TASKS
+    from daybreak.steps import CYCLE, STEPS
+
+    names = [step.name for step in CYCLE]
+    day1, day2, _ = lenient_days["flow"]
+    assert day2["tasks"] == [TASKS[n].name for n in names], day2["tasks"]
+    assert [k for k in lenient_days["cli_day2"] if k in STEPS] == names
+    gate_said_no = names[:names.index("promote")]
+    assert day1["tasks"] == [TASKS[n].name for n in gate_said_no], day1["tasks"]
+    assert [k for k in lenient_days["cli"] if k in STEPS] == [*gate_said_no, "promote"]
+    assert [k for k in day1["result"] if k in STEPS and day1["result"][k] is not None] == [*gate_said_no, "promote"]

@@ -1,11 +1,9 @@
 """One daily cycle in process: stage -> features -> monitor -> train -> gate -> promote -> deploy.
 
-Monitoring runs before retraining: the date's labels have just arrived with its staged data, so
-the model in service is judged on what it served (and rolled back if it must be) before the new
-candidate is gated against it.
-
-This is what ``daybreak run`` and ``daybreak backfill`` execute; the Airflow DAG and the Prefect
-flow run the same steps as separate tasks (and retry them with their own settings).
+The steps, their order and when each runs are declared once, in ``daybreak.steps.CYCLE``
+(monitoring runs before retraining: see there). This is what ``daybreak run`` and ``daybreak
+backfill`` execute; the Airflow DAG and the Prefect flow run the same declaration as separate tasks
+(and retry them with their own settings).
 
 A step that fails with a passing error (S3 or MLflow unreachable for a while, a lost Ray node) is
 run again after an exponentially growing wait; steps are idempotent per date, so a retry redoes
@@ -17,21 +15,15 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import date, timedelta
 from typing import Any
 
-from daybreak.deploy import deploy_model
-from daybreak.features import build_features
-from daybreak.gate import evaluate_gate, should_promote
 from daybreak.infra.context import RunContext
 from daybreak.infra.errors import is_retryable
-from daybreak.monitor import monitor_model
-from daybreak.promote import promote_model, should_deploy
 from daybreak.spec import Spec
-from daybreak.stage import stage
-from daybreak.train import train_model
+from daybreak.steps import CYCLE, CycleOptions
 
 log = logging.getLogger(__name__)
 
@@ -56,13 +48,13 @@ class Retry:
         return min(self.max_wait_s, self.backoff_s * 2 ** (attempt - 1))
 
 
-def with_retry(name: str, fn: Callable[..., Mapping[str, Any]], spec: Spec, ctx: RunContext, retry: Retry,
+def with_retry(name: str, fn: Callable[..., dict[str, Any]], spec: Spec, ctx: RunContext, retry: Retry,
                **options: Any) -> dict[str, Any]:
     """``fn(spec, ctx, **options)``, tried again after a passing error."""
     attempt = 1
     while True:
         try:
-            return dict(fn(spec, ctx, **options))
+            return fn(spec, ctx, **options)
         except Exception as e:
             if attempt >= retry.attempts or not is_retryable(e):
                 raise
@@ -79,31 +71,15 @@ def run_cycle(spec: Spec, ctx: RunContext, deploy: bool = True, force: bool = Fa
     gate: promote says what it would do, nothing is promoted or deployed. ``retry`` (default
     ``Retry.from_env()``) says how each step is retried after a passing error."""
     r = retry or Retry.from_env()
+    options = CycleOptions(force=force, dry_run=dry_run, deploy=deploy)
     out: dict[str, Any] = {"date": ctx.logical_date.isoformat(), "run_id": ctx.run_id}
-    out["stage"] = with_retry("stage", stage, spec, ctx, r)
-    out["features"] = with_retry("features", build_features, spec, ctx, r)
-    out["monitor"] = with_retry("monitor", monitor_model, spec, ctx, r)
-    out["train"] = with_retry("train", train_model, spec, ctx, r, force=force)
-    out["gate"] = with_retry("gate", evaluate_gate, spec, ctx, r)
-    if should_promote(out["gate"]):
-        out["promote"] = with_retry("promote", promote_model, spec, ctx, r, dry_run=dry_run)
-        if deploy and should_deploy(out["promote"]):  # not while the version waits for approval
-            out["deploy"] = with_retry("deploy", deploy_model, spec, ctx, r)
-    else:  # after a reject promotion (and so deployment) never runs, as in the DAG and the flow
-        out["promote"] = with_retry("promote", lambda s, c: not_promoted(s, c, out["gate"]), spec, ctx, r)
+    for step in CYCLE:
+        if step.runs_if(out, options):
+            out[step.name] = with_retry(step.name, step.run, spec, ctx, r, **step.options_from(options))
+        elif step.otherwise is not None:  # promote after the gate said no: the champion as it stands
+            out[step.name] = with_retry(step.name, step.not_run, spec, ctx, r, done=out)
     out["summary"] = summarize(out)
     return out
-
-
-def not_promoted(spec: Spec, ctx: RunContext, gate: dict[str, Any]) -> dict[str, Any]:
-    """The promote step's result when the gate said no (the champion as it stands)."""
-    from daybreak.infra import registry
-
-    cl = registry.client(ctx)
-    champ = registry.alias_version(cl, spec.model.name, spec.promotion.alias)
-    return {"step": "promote", "date": ctx.logical_date.isoformat(), "promoted": False,
-            "reason": f"gate decision is {gate.get('decision')}", "candidate_version": gate.get("candidate_version"),
-            "champion_version": None if champ is None else str(champ.version)}
 
 
 def summarize(result: dict[str, Any]) -> dict[str, Any]:

@@ -1,46 +1,148 @@
-"""One entry point per step for the orchestrator adapters: spec path + date in, small dict out.
+"""daybreak's steps in one table, the daily cycle declared once, and one entry point per step.
 
-Airflow operators and Prefect tasks call ``run_step``; it loads and validates the spec, builds the
-run context and calls the step, so the adapters stay a few lines of argument mapping.
+``STEPS`` holds one record per step: its function, whether an orchestrator may cache it (and how
+its recorded lineage is read) and, for a step of the cycle, when it runs. ``CYCLE`` is the daily
+cycle in order; ``run_cycle``, the Prefect flow ``daily_retrain`` and the Airflow DAG factory
+``daily_retrain_dag`` are each built by iterating over it. Reading them imports no step (a DAG file
+parses light): a step's module is imported when it runs.
+
+Airflow operators and Prefect tasks call ``run_step``: spec path + date in, small dict out; it
+loads and validates the spec, builds the run context and calls the step, so the adapters stay a
+few lines of argument mapping.
 """
 
 from __future__ import annotations
 
 import hashlib
+import importlib
 import json
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import date, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from daybreak.infra.context import RunContext, parse_date
 from daybreak.infra.errors import MissingInputError
 from daybreak.spec import Spec, load_spec
 
-
-def _registry() -> dict[str, Callable[..., Mapping[str, Any]]]:
-    from daybreak.deploy import deploy_model
-    from daybreak.features import build_features
-    from daybreak.gate import evaluate_gate
-    from daybreak.monitor import monitor_model
-    from daybreak.promote import approve_model, promote_model
-    from daybreak.score import batch_score
-    from daybreak.stage import stage
-    from daybreak.train import train_model
-
-    return {
-        "stage": stage,
-        "features": build_features,
-        "monitor": monitor_model,
-        "train": train_model,
-        "gate": evaluate_gate,
-        "promote": promote_model,
-        "approve": approve_model,
-        "deploy": deploy_model,
-        "batch_score": batch_score,
-    }
+if TYPE_CHECKING:  # at run time imported where used: reading the table (to parse a DAG) stays light
+    from daybreak.infra.context import RunContext
 
 
-STEP_NAMES = ("stage", "features", "monitor", "train", "gate", "promote", "approve", "deploy", "batch_score")
+@dataclass(frozen=True)
+class CycleOptions:
+    """What a person chooses for one run of the cycle."""
+
+    force: bool = False  # train although the date's lineage has a version
+    dry_run: bool = False  # promote says what it would do; nothing is promoted or deployed
+    deploy: bool = True
+
+
+Results = dict[str, Any]  # the results of the cycle's steps so far, by step name
+
+
+def _always(done: Results, options: CycleOptions) -> bool:
+    return True
+
+
+def _gate_said_promote(done: Results, options: CycleOptions) -> bool:
+    from daybreak.gate import should_promote
+
+    return should_promote(done["gate"])
+
+
+def _champion_moved(done: Results, options: CycleOptions) -> bool:
+    """Deploy after a promotion only: not in a dry run, nor while the version waits for approval."""
+    from daybreak.promote import should_deploy
+
+    return (_gate_said_promote(done, options) and options.deploy and not options.dry_run
+            and should_deploy(done["promote"]))
+
+
+def _lineage_key(r: dict[str, Any]) -> Any:
+    return r.get("lineage_key")
+
+
+def _stage_lineage(r: dict[str, Any]) -> Any:
+    return {name: s["lineage_key"] for name, s in r["sources"].items()}
+
+
+def _train_lineage(r: dict[str, Any]) -> Any:
+    return [r["lineage_key"], r["model_version"]] if r.get("model_version") else None
+
+
+def _gate_lineage(r: dict[str, Any]) -> Any:
+    if not r.get("candidate_version") or not r.get("decision"):
+        return None
+    return [str(r["candidate_version"]), r["decision"], str(r.get("champion_version") or "none")]
+
+
+def _load(ref: str) -> Callable[..., Any]:
+    module, _, name = ref.partition(":")
+    fn: Callable[..., Any] = getattr(importlib.import_module(module), name)
+    return fn
+
+
+@dataclass(frozen=True)
+class Step:
+    """One daybreak step. Functions are named ``"module:function"`` and imported when called."""
+
+    name: str
+    function: str  # step(spec, ctx, **options) -> small dict
+    # Cacheable steps: their output is a pure function of their recorded inputs. `recorded(spec,
+    # ctx)` reads the lineage of the output recorded for the date (None: nothing recorded);
+    # `lineage(result)` reads the same from what the step returned. Steps without it (monitor,
+    # promote, approve, deploy) act on the registry, the log and the endpoint as they stand.
+    recorded: str | None = None
+    lineage: Callable[[dict[str, Any]], Any] = _lineage_key
+    in_registry: bool = False  # its recorded output lives in the registry (the cache key names it)
+    # In the cycle: which CycleOptions it is called with, whether it runs given the results so
+    # far, and else `otherwise(spec, ctx, done)`, its result when it does not run (None: none).
+    options: tuple[str, ...] = ()
+    runs_if: Callable[[Results, CycleOptions], bool] = _always
+    otherwise: str | None = None
+
+    @property
+    def cacheable(self) -> bool:
+        return self.recorded is not None
+
+    def run(self, spec: Spec, ctx: RunContext, **options: Any) -> dict[str, Any]:
+        result: dict[str, Any] = _load(self.function)(spec, ctx, **options)
+        return result
+
+    def not_run(self, spec: Spec, ctx: RunContext, done: Results) -> dict[str, Any]:
+        if self.otherwise is None:
+            raise ValueError(f"{self.name} has no result when it does not run")
+        result: dict[str, Any] = _load(self.otherwise)(spec, ctx, done)
+        return result
+
+    def options_from(self, options: CycleOptions) -> dict[str, Any]:
+        return {k: getattr(options, k) for k in self.options}
+
+
+STEPS: dict[str, Step] = {s.name: s for s in (
+    Step("stage", "daybreak.stage:stage", recorded="daybreak.stage:recorded_lineage", lineage=_stage_lineage),
+    Step("features", "daybreak.features:build_features", recorded="daybreak.features:recorded_lineage"),
+    Step("monitor", "daybreak.monitor:monitor_model"),
+    Step("train", "daybreak.train:train_model", recorded="daybreak.train:recorded_lineage", lineage=_train_lineage,
+         in_registry=True, options=("force",)),
+    Step("gate", "daybreak.gate:evaluate_gate", recorded="daybreak.gate:recorded_gate", lineage=_gate_lineage,
+         in_registry=True),
+    Step("promote", "daybreak.promote:promote_model", options=("dry_run",), runs_if=_gate_said_promote,
+         otherwise="daybreak.promote:not_promoted"),
+    Step("deploy", "daybreak.deploy:deploy_model", runs_if=_champion_moved),
+    Step("approve", "daybreak.promote:approve_model"),
+    Step("batch_score", "daybreak.score:batch_score", recorded="daybreak.score:recorded_lineage", in_registry=True),
+)}
+
+# The daily cycle, in order. Monitoring runs before retraining: the date's labels have just
+# arrived with its staged data, so the model in service is judged on what it served (and rolled
+# back if it must be) before the new candidate is gated against it. run_cycle, the Prefect flow
+# and the Airflow DAG factory all iterate over this.
+CYCLE: tuple[Step, ...] = tuple(STEPS[n] for n in ("stage", "features", "monitor", "train", "gate", "promote",
+                                                   "deploy"))
+
+STEP_NAMES = tuple(STEPS)
+CACHEABLE = tuple(s.name for s in STEPS.values() if s.cacheable)
 
 
 def resolve_date(*candidates: Any) -> date:
@@ -49,6 +151,8 @@ def resolve_date(*candidates: Any) -> date:
     Asset-triggered Airflow runs have no logical date and templated empty values render as
     '' or 'None', so those count as absent.
     """
+    from daybreak.infra.context import parse_date
+
     for c in candidates:
         if c is None or (isinstance(c, str) and c.strip() in ("", "None", "null")):
             continue
@@ -62,42 +166,20 @@ def run_step(step: str, spec: str | Spec, day: str | date | datetime, *, run_id:
              storage: Any = None, **options: Any) -> dict[str, Any]:
     if step not in STEP_NAMES:
         raise ValueError(f"unknown step {step!r}; steps are {list(STEP_NAMES)}")
+    s, ctx = spec_and_context(spec, day, run_id=run_id, store=store, tracking_uri=tracking_uri,
+                              ray_address=ray_address, storage=storage)
+    return STEPS[step].run(s, ctx, **options)
+
+
+def spec_and_context(spec: str | Spec, day: str | date | datetime, *, run_id: str | None = None,
+                     store: str | None = None, tracking_uri: str | None = None, ray_address: str | None = None,
+                     storage: Any = None) -> tuple[Spec, RunContext]:
+    """The loaded spec and the run context for a date, as every adapter's step call starts."""
+    from daybreak.infra.context import RunContext
+
     s = spec if isinstance(spec, Spec) else load_spec(spec)
-    ctx = RunContext.create(day, store=store or None, tracking_uri=tracking_uri or None, run_id=run_id,
-                            ray_address=ray_address or None, storage=storage)
-    return dict(_registry()[step](s, ctx, **options))
-
-
-# Steps whose output is a pure function of their recorded inputs. monitor, promote, approve and
-# deploy act on the registry, the log and the endpoint as they stand, so they always run.
-CACHEABLE = ("stage", "features", "train", "gate", "batch_score")
-
-
-def _recorded(step: str, spec: Spec, ctx: RunContext) -> Any:
-    recorded: Callable[[Spec, RunContext], object]  # each step's own lineage type; None: nothing recorded
-    if step == "stage":
-        from daybreak.stage import recorded_lineage as recorded
-    elif step == "features":
-        from daybreak.features import recorded_lineage as recorded
-    elif step == "train":
-        from daybreak.train import recorded_lineage as recorded
-    elif step == "gate":
-        from daybreak.gate import recorded_gate as recorded
-    else:
-        from daybreak.score import recorded_lineage as recorded
-    return recorded(spec, ctx)
-
-
-def _from_result(step: str, r: dict[str, Any]) -> Any:
-    if step == "stage":
-        return {name: s["lineage_key"] for name, s in r["sources"].items()}
-    if step == "train":
-        return [r["lineage_key"], r["model_version"]] if r.get("model_version") else None
-    if step == "gate":
-        if not r.get("candidate_version") or not r.get("decision"):
-            return None
-        return [str(r["candidate_version"]), r["decision"], str(r.get("champion_version") or "none")]
-    return r.get("lineage_key")
+    return s, RunContext.create(day, store=store or None, tracking_uri=tracking_uri or None, run_id=run_id,
+                                ray_address=ray_address or None, storage=storage)
 
 
 def cache_key(step: str, spec: str | Spec, day: str | date | datetime, *, result: dict[str, Any] | None = None,
@@ -111,16 +193,16 @@ def cache_key(step: str, spec: str | Spec, day: str | date | datetime, *, result
     found by the next run of the date, and missed once an input changes or the output is gone.
     The key names the spec, the step and the date, and depends on the store and registry used.
     """
-    if step not in CACHEABLE:
+    the_step = STEPS.get(step)
+    if the_step is None or the_step.recorded is None:
         return None
-    s = spec if isinstance(spec, Spec) else load_spec(spec)
-    ctx = RunContext.create(day, store=store or None, tracking_uri=tracking_uri or None, storage=storage)
+    s, ctx = spec_and_context(spec, day, store=store, tracking_uri=tracking_uri, storage=storage)
     try:
-        ident = _recorded(step, s, ctx) if result is None else _from_result(step, result)
+        ident = _load(the_step.recorded)(s, ctx) if result is None else the_step.lineage(result)
     except MissingInputError:  # the step will say what is missing
         return None
     if ident is None:
         return None
-    where = [ctx.store.uri(""), ctx.tracking_uri if step in ("train", "gate", "batch_score") else None]
+    where = [ctx.store.uri(""), ctx.tracking_uri if the_step.in_registry else None]
     blob = json.dumps({"spec": s.spec_hash(), "step": step, "where": where, "recorded": ident}, sort_keys=True)
     return f"daybreak-{s.name}-{step}-{ctx.logical_date.isoformat()}-{hashlib.sha256(blob.encode()).hexdigest()[:16]}"

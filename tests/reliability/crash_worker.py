@@ -18,6 +18,7 @@ at a write boundary); otherwise the test kills it whenever it likes.
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import sys
@@ -32,8 +33,15 @@ WRITES = ("create_experiment", "create_run", "set_terminated", "update_run", "lo
           "update_model_version", "set_model_version_tag", "delete_model_version_tag", "delete_model_version",
           "set_registered_model_alias", "delete_registered_model_alias", "set_registered_model_tag")
 
-STEPS = {"stage": "stage", "build_features": "features", "train_model": "train", "evaluate_gate": "gate",
-         "promote_model": "promote", "not_promoted": "not_promoted"}
+
+
+def marked_functions() -> dict[str, str]:
+    """The functions run_cycle calls that get BEGIN/END markers, by marker name, as the cycle's
+    declaration names them ("module:function"; run_cycle finds them there when it calls them)."""
+    from daybreak.steps import STEPS
+
+    refs = {step: STEPS[step].function for step in ("stage", "features", "train", "gate", "promote")}
+    return refs | {"not_promoted": str(STEPS["promote"].otherwise)}
 
 
 def count_writes(mark, kill_step: str, kill_at: int) -> dict:
@@ -95,8 +103,10 @@ def child(spec_path: str, day: str, markers: str, log_file: str, kill_step: str,
                 return out
             return run
 
-        for attr, step in STEPS.items():
-            setattr(cycle, attr, wrap(getattr(cycle, attr), step))
+        for step, ref in marked_functions().items():
+            module, _, attr = ref.partition(":")
+            mod = importlib.import_module(module)
+            setattr(mod, attr, wrap(getattr(mod, attr), step))
         ctx = RunContext.create(day)
         mark(f"RUNID {ctx.run_id}")
         result = cycle.run_cycle(load_spec(spec_path), ctx, deploy=False)
@@ -145,6 +155,10 @@ def main() -> None:
     import sklearn.metrics  # noqa: F401
     import xgboost  # noqa: F401
 
+    from daybreak.steps import CYCLE
+
+    for step in CYCLE:  # the steps' modules (run_cycle imports each when it first runs it)
+        importlib.import_module(step.function.partition(":")[0])
 
     warm_up()
     print(f"READY {time.monotonic() - t0:.1f}", flush=True)

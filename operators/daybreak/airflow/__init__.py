@@ -2,8 +2,10 @@
 
 Each operator maps its (templated) arguments and the task context onto one step call and returns
 the step's small JSON result as its XCom. Nothing heavy is imported until ``execute``.
+``daily_retrain_dag(spec, dag_id=...)`` builds the daily cycle of a spec as a DAG.
 """
 
+from daybreak.airflow.dags import daily_retrain_dag
 from daybreak.airflow.operators import (
     ApproveModelOperator,
     BatchScoreOperator,
@@ -28,4 +30,5 @@ __all__ = [
     "PromoteModelOperator",
     "StageDataOperator",
     "TrainModelOperator",
+    "daily_retrain_dag",
 ]

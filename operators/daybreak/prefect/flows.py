@@ -18,7 +18,6 @@ from typing import Any, Literal, TypedDict
 from prefect import flow, get_run_logger
 
 from daybreak.cycle import date_range, summarize
-from daybreak.gate import should_promote
 from daybreak.infra.context import parse_date
 from daybreak.prefect.tasks import (
     approve_model,
@@ -26,11 +25,12 @@ from daybreak.prefect.tasks import (
     deploy_model,
     evaluate_gate,
     monitor_model,
+    not_run,
     promote_model,
     stage_data,
     train_model,
 )
-from daybreak.promote import should_deploy
+from daybreak.steps import CYCLE, CycleOptions
 
 SETTINGS = ("spec", "store", "tracking_uri", "ray_address", "serve_url", "storage_secret", "mlflow_secret")
 VARIABLE = "daybreak"
@@ -76,6 +76,19 @@ def _report(key: str, title: str, rows: list[dict[str, Any]]) -> None:
     create_table_artifact(key=re.sub(r"[^a-z0-9-]+", "-", key.lower())[:100], table=rows, description=title)
 
 
+# The task that runs each step of the cycle (daybreak.steps.CYCLE, which says in what order and when).
+TASKS: dict[str, Any] = {"stage": stage_data, "features": build_features, "monitor": monitor_model,
+                         "train": train_model, "gate": evaluate_gate, "promote": promote_model, "deploy": deploy_model}
+
+
+def _where(cfg: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Where things live, as each step's task is told."""
+    io = {"store": cfg["store"], "storage_secret": cfg["storage_secret"]}
+    ml = {"tracking_uri": cfg["tracking_uri"], "mlflow_secret": cfg["mlflow_secret"]}
+    return {"stage": io, "features": io | {"ray_address": cfg["ray_address"]}, "monitor": io | ml, "train": io | ml,
+            "gate": io | ml, "promote": ml, "deploy": io | ml | {"url": cfg["serve_url"]}}
+
+
 class _Persist(TypedDict):
     persist_result: bool
     result_serializer: str
@@ -91,29 +104,21 @@ def daily_retrain(date: str | None = None, spec: str | None = None, force: bool 
                   ray_address: str | None = None, serve_url: str | None = None, storage_secret: str | None = None,
                   mlflow_secret: str | None = None) -> dict[str, Any]:
     """Stage, build features, monitor the model in service (rolling it back if it must), train,
-    gate, promote and deploy for one date (default: the run's scheduled date). The gate's decision
-    decides: promote runs only after PROMOTE, deploy only when the champion moved. `force`
-    retrains although the date's lineage has a version; `dry_run` stops at promote, which says
-    what it would do."""
+    gate, promote and deploy for one date (default: the run's scheduled date), as declared in
+    ``daybreak.steps.CYCLE``. The gate's decision decides: promote runs only after PROMOTE (else the
+    result reports the champion in service, as ``daybreak run`` does), deploy only when the champion
+    moved. `force` retrains although the date's lineage has a version; `dry_run` stops at promote,
+    which says what it would do."""
     cfg = settings(spec=spec, store=store, tracking_uri=tracking_uri, ray_address=ray_address, serve_url=serve_url,
                    storage_secret=storage_secret, mlflow_secret=mlflow_secret)
-    s, day = cfg["spec"], run_date(date)
-    io = {"store": cfg["store"], "storage_secret": cfg["storage_secret"]}
-    ml = {"tracking_uri": cfg["tracking_uri"], "mlflow_secret": cfg["mlflow_secret"]}
+    s, day, where = cfg["spec"], run_date(date), _where(cfg)
+    options = CycleOptions(force=force, dry_run=dry_run, deploy=deploy)
     out: dict[str, Any] = {"date": day, "deploy": None}
-    out["stage"] = stage_data(s, day, **io)
-    out["features"] = build_features(s, day, ray_address=cfg["ray_address"], **io)
-    out["monitor"] = monitor_model(s, day, **io, **ml)  # the model in service, judged before retraining
-    out["train"] = train_model(s, day, force=force, **io, **ml)
-    gate = out["gate"] = evaluate_gate(s, day, **io, **ml)
-    if should_promote(gate):
-        out["promote"] = promote_model(s, day, dry_run=dry_run, **ml)
-        if deploy and should_deploy(out["promote"]):  # not while the version waits for approval
-            out["deploy"] = deploy_model(s, day, url=cfg["serve_url"], **io, **ml)
-    else:  # after a reject, promotion (and so deployment) never runs
-        out["promote"] = {"promoted": False, "reason": f"gate decision is {gate['decision']}",
-                          "candidate_version": gate.get("candidate_version"),
-                          "champion_version": gate.get("champion_version")}
+    for step in CYCLE:
+        if step.runs_if(out, options):
+            out[step.name] = TASKS[step.name](s, day, **step.options_from(options), **where[step.name])
+        elif step.otherwise is not None:  # promote after the gate said no: the champion as it stands
+            out[step.name] = not_run(step.name, s, day, out, **where[step.name])
     out["summary"] = summarize(out)
     get_run_logger().info("daily_retrain %s: %s", day, out["summary"])
     _report(f"daybreak-{day}", f"daybreak daily cycle {day}", [out["summary"]])

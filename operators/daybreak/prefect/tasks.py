@@ -32,7 +32,7 @@ from prefect.cache_policies import CachePolicy
 
 from daybreak.infra.errors import is_retryable
 from daybreak.infra.records import Tag
-from daybreak.steps import cache_key, run_step
+from daybreak.steps import STEPS, cache_key, run_step, spec_and_context
 
 log = logging.getLogger(__name__)
 
@@ -134,6 +134,16 @@ def _run(step: str, spec: str, date: str | Date, *, store: str | None = None, tr
     result = run_step(step, spec, date, store=store, tracking_uri=tracking_uri, storage=ctx["storage"], **options)
     _remember(step, spec, date, result, ctx)
     return result
+
+
+def not_run(step: str, spec: str, date: str | Date, done: dict[str, Any], **where: Any) -> dict[str, Any]:
+    """A cycle step's result when its condition says it does not run (promote after the gate said
+    no: the champion in service), from the core function run_cycle reports it with. Not a task:
+    no step runs. `where` as the step's task is told (store, tracking_uri, the Secret block names)."""
+    ctx = _context(where)
+    s, run_ctx = spec_and_context(spec, date, store=where.get("store"), tracking_uri=where.get("tracking_uri"),
+                                  storage=ctx["storage"])
+    return STEPS[step].not_run(s, run_ctx, done)
 
 
 def _remember(step: str, spec: str, date: str | Date, result: dict[str, Any], ctx: dict[str, Any]) -> None:

@@ -6,12 +6,22 @@ from daybreak.promote._promotion import (
     APPROVAL_TAG,
     PENDING,
     approve_model,
+    not_promoted,
     promote_model,
     rollback_model,
     should_deploy,
 )
 
 __all__ = [
-    "APPROVAL_TAG", "PENDING", "approve_model", "gate_report_html", "model_history", "promote_model",
-    "rollback_model", "should_deploy", "version_report", "version_row",
+    "APPROVAL_TAG",
+    "PENDING",
+    "approve_model",
+    "gate_report_html",
+    "model_history",
+    "not_promoted",
+    "promote_model",
+    "rollback_model",
+    "should_deploy",
+    "version_report",
+    "version_row",
 ]

@@ -148,6 +148,19 @@ def _v(version: str | None) -> str:
     return "no champion" if version in (None, "none") else f"v{version}"
 
 
+def not_promoted(spec: Spec, ctx: RunContext, done: dict[str, Any]) -> dict[str, Any]:
+    """The promote step's result when the gate (``done["gate"]``) said no: the champion in service
+    now, read from the registry's alias (a rerun of a day gated before a later promotion reports the
+    champion of today, as ``day_summary`` does). run_cycle and the Prefect flow both report this
+    (``steps.STEPS['promote'].otherwise``)."""
+    gate = done["gate"]
+    cl = registry.client(ctx)
+    champ = registry.alias_version(cl, spec.model.name, spec.promotion.alias)
+    return {"step": "promote", "date": ctx.logical_date.isoformat(), "promoted": False,
+            "reason": f"gate decision is {gate.get('decision')}", "candidate_version": gate.get("candidate_version"),
+            "champion_version": None if champ is None else str(champ.version)}
+
+
 def _move_champion(held: registry.Held, spec: Spec, ctx: RunContext, cand: Any, current: str | None,
                    reason: str) -> None:
     """Champion -> `cand`, previous -> the old champion, and the promote event (under the lock

@@ -3,7 +3,8 @@
 A spec is data: reading and validating one never runs code from it.
 """
 
-from daybreak.spec._expr import evaluate, names_in
+from typing import TYPE_CHECKING, Any
+
 from daybreak.spec._model import (
     OPERATIONAL,
     ColumnSpec,
@@ -24,3 +25,16 @@ __all__ = [
     "build_estimator", "evaluate", "load_spec", "names_in", "parse_duration", "window_feature_names",
     "xgb_params",
 ]
+
+if TYPE_CHECKING:
+    from daybreak.spec._expr import evaluate, names_in
+
+
+def __getattr__(name: str) -> Any:
+    """The expression evaluator (on Arrow) is imported when first used: reading a spec, and so
+    parsing a DAG file, never loads pyarrow."""
+    if name in ("evaluate", "names_in"):
+        from daybreak.spec import _expr
+
+        return getattr(_expr, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -6,7 +6,7 @@ Spec authors are trusted to describe data, not to run code (DESIGN.md, "Trust mo
 
 - the YAML is read with a bounded loader: no anchors or aliases, at most MAX_SPEC_BYTES, a
   bounded nesting depth and node count (:func:`load_yaml`);
-- expressions are a bounded, safe language (:mod:`daybreak.expr`);
+- expressions are a bounded, safe language (:mod:`daybreak.spec._expr`);
 - ``model.estimator`` comes only from allowed modules: scikit-learn and xgboost, plus module
   prefixes an operator lists in the environment variable ``DAYBREAK_ALLOWED_ESTIMATOR_MODULES``
   (never the spec). The import path is checked before anything is imported; validation imports

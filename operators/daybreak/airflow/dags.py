@@ -1,0 +1,107 @@
+"""A daily retrain DAG per spec, built from the cycle's one declaration (``daybreak.steps.CYCLE``).
+
+In a file of the DAGs folder::
+
+    from daybreak.airflow import daily_retrain_dag
+    daily_retrain_dag("/srv/specs/churn.yaml", dag_id="churn_daily_retrain")
+
+Building the DAG reads the declaration only (no step is imported, the spec is not read): the file
+parses as fast as one written by hand.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta
+from typing import TYPE_CHECKING, Any
+
+from daybreak.airflow.assets import CHAMPION, FEATURES, STAGED
+from daybreak.airflow.operators import (
+    BuildFeaturesOperator,
+    DaybreakStepOperator,
+    DeployModelOperator,
+    EvaluateGateOperator,
+    MonitorModelOperator,
+    PromoteModelOperator,
+    StageDataOperator,
+    TrainModelOperator,
+)
+from daybreak.steps import CYCLE
+
+if TYPE_CHECKING:  # at run time imported when a DAG is built: Airflow loads daybreak.airflow while it configures
+    from airflow.sdk import DAG, Param
+
+DOC = """daybreak daily retrain: stage -> features -> monitor -> train -> gate -> promote -> deploy.
+
+The gate decides: promote runs only after PROMOTE, deploy only when the champion moved. Params form:
+**spec**, **date** (instead of the run's logical date), **force retrain**, **dry run** (promote says what
+it would do; nothing is promoted or deployed), **approve pending version** (under
+`promotion.approval: manual`).
+"""
+
+
+def _operators() -> dict[str, tuple[type[DaybreakStepOperator], dict[str, Any]]]:
+    """Each step of the cycle as its operator: the class, what the Params form sets, the Assets it
+    updates and its time limit. The gate skips promote and deploy after anything but PROMOTE;
+    promote skips deploy unless the champion moved; deploy skips itself in a dry run."""
+    return {
+        "stage": (StageDataOperator, {"outlets": [STAGED], "execution_timeout": timedelta(minutes=30)}),
+        "features": (BuildFeaturesOperator, {"outlets": [FEATURES]}),
+        "monitor": (MonitorModelOperator, {"execution_timeout": timedelta(minutes=30)}),
+        "train": (TrainModelOperator, {"force": "{{ params.force }}"}),
+        "gate": (EvaluateGateOperator, {"execution_timeout": timedelta(minutes=30)}),
+        "promote": (PromoteModelOperator, {"dry_run": "{{ params.dry_run }}", "approve_pending": "{{ params.approve }}",
+                                           "champion_asset": CHAMPION, "execution_timeout": timedelta(minutes=10)}),
+        "deploy": (DeployModelOperator, {"dry_run": "{{ params.dry_run }}",
+                                         "execution_timeout": timedelta(minutes=15)}),
+    }
+
+
+def params(spec: str) -> dict[str, Param]:
+    """The run form: the spec (default `spec`), a date override and the run's flags."""
+    from airflow.sdk import Param
+
+    return {
+        "spec": Param(spec, type="string", minLength=1, pattern=r"\S", title="Spec",
+                      description="Path (or s3:// URI) of the pipeline spec (YAML)."),
+        "date": Param(None, type=["null", "string"], format="date", title="Date override",
+                      description="Process this date (YYYY-MM-DD) instead of the run's logical date."),
+        "force": Param(False, type="boolean", title="Force retrain",
+                       description="Train a new version even if this date already has a candidate."),
+        "dry_run": Param(False, type="boolean", title="Dry run",
+                         description="Stage, build features, train and gate; never promote or deploy."),
+        "approve": Param(False, type="boolean", title="Approve pending version",
+                         description="Under promotion.approval: manual, approve the version this run tags "
+                                     "pending (recorded with your user name)."),
+    }
+
+
+def daily_retrain_dag(spec: str, *, dag_id: str = "daybreak_daily_retrain", schedule: Any = "@daily",
+                      start_date: datetime | None = None, **dag_kwargs: Any) -> DAG:
+    """The daily cycle of `spec` (path or s3:// URI; the default of the form's spec) as a DAG: one
+    task per step of ``daybreak.steps.CYCLE``, task id = step name, in that order.
+
+    One date at a time, in order (a day trains on the days before it), no catchup; transient
+    failures retry (2 times, backing off from 2 minutes), a bad spec or bad data fails at once.
+    `dag_kwargs` go to ``DAG`` and replace these defaults (catchup, max_active_runs,
+    dagrun_timeout, tags, doc_md, default_args, params)."""
+    from airflow.sdk import DAG, chain
+
+    settings: dict[str, Any] = {
+        "catchup": False,
+        "max_active_runs": 1,
+        "dagrun_timeout": timedelta(hours=6),
+        "tags": ["daybreak", "ml"],
+        "doc_md": DOC,
+        "default_args": {"retries": 2, "retry_delay": timedelta(minutes=2), "retry_exponential_backoff": 2.0,
+                         "max_retry_delay": timedelta(minutes=20), "execution_timeout": timedelta(hours=1)},
+        "params": params(spec),
+    } | dag_kwargs
+    operators = _operators()
+    common = {"spec": "{{ params.spec }}", "logical_date": "{{ params.date or '' }}"}
+    with DAG(dag_id, schedule=schedule, start_date=start_date, **settings) as dag:
+        tasks = []
+        for step in CYCLE:
+            operator, options = operators[step.name]
+            tasks.append(operator(task_id=step.name, **options, **common))
+        chain(*tasks)
+    return dag
