@@ -5,6 +5,9 @@ from daybreak.promote._history import gate_report_html, model_history, version_r
 from daybreak.promote._promotion import (
     APPROVAL_TAG,
     PENDING,
+    ApproveResult,
+    PromoteResult,
+    RollbackResult,
     approve_model,
     promote_model,
     rollback_model,
@@ -12,6 +15,7 @@ from daybreak.promote._promotion import (
 )
 
 __all__ = [
-    "APPROVAL_TAG", "PENDING", "approve_model", "gate_report_html", "model_history", "promote_model",
-    "rollback_model", "should_deploy", "version_report", "version_row",
+    "APPROVAL_TAG", "PENDING", "ApproveResult", "PromoteResult", "RollbackResult", "approve_model",
+    "gate_report_html", "model_history", "promote_model", "rollback_model", "should_deploy", "version_report",
+    "version_row",
 ]
