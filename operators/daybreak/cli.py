@@ -253,8 +253,8 @@ def monitor(spec: Path = SpecOpt, day: str = typer.Option(..., "--date", "-d", h
         top = ", ".join(f"{d['feature']}={d['psi']:.3f}" for d in res["drift"][:5])
         lines.append(f"  drift {res.get('drift_verdict')}: {top}")
     lines += [f"  {w}" for w in (res.get("reasons") or []) + (res.get("alerts") or []) + (res.get("warnings") or [])]
-    if res.get("rollback"):
-        rb = res["rollback"]
+    rb = res.get("rollback")
+    if rb:
         lines.append(f"  rolled back: v{rb['rolled_back_version']} -> v{rb['champion_version']}")
     _emit(res, as_json, "\n".join(lines))
 

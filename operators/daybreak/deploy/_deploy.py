@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from typing import Any
+from typing import TypedDict
 
 import numpy as np
 
@@ -32,16 +32,28 @@ def endpoint_url(spec: Spec, url: str | None = None) -> str:
     return (url or os.environ.get("DAYBREAK_SERVE_URL") or f"http://{spec.serving.host}:{spec.serving.port}").rstrip("/")
 
 
+class DeployResult(TypedDict, total=False):
+    """What ``deploy_model`` returns (and the orchestrators pass on)."""
+
+    step: str
+    date: str
+    url: str  # the serving endpoint
+    champion_version: str | None
+    deployed: bool  # the endpoint serves the champion and passed the parity check
+    reason: str  # not deployed: why
+    parity_rows: int  # deployed: holdout rows whose served and offline predictions were compared
+
+
 def deploy_model(spec: Spec, ctx: RunContext, url: str | None = None, timeout: float | None = None,
-                 require_endpoint: bool = False, sample_rows: int = 50) -> dict[str, Any]:
+                 require_endpoint: bool = False, sample_rows: int = 50) -> DeployResult:
     import httpx
 
     name = spec.model.name
     registry.setup_tracking(ctx, spec.name)
     champ = registry.alias_version(registry.client(ctx), name, spec.promotion.alias)
     base = endpoint_url(spec, url)
-    result: dict[str, Any] = {"step": "deploy", "date": ctx.logical_date.isoformat(), "url": base,
-                              "champion_version": str(champ.version) if champ else None}
+    result: DeployResult = {"step": "deploy", "date": ctx.logical_date.isoformat(), "url": base,
+                            "champion_version": str(champ.version) if champ else None}
     if champ is None:
         return result | {"deployed": False, "reason": "no champion yet"}
     try:

@@ -3,6 +3,7 @@
 
 from daybreak.features._build import (
     EVENT_TIME,
+    FeaturesResult,
     build_features,
     day_slices,
     feature_zone,
@@ -12,6 +13,6 @@ from daybreak.features._build import (
 )
 
 __all__ = [
-    "EVENT_TIME", "build_features", "day_slices", "feature_zone", "read_features", "recorded_lineage",
-    "write_sorted",
+    "EVENT_TIME", "FeaturesResult", "build_features", "day_slices", "feature_zone", "read_features",
+    "recorded_lineage", "write_sorted",
 ]

@@ -26,7 +26,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import date, timedelta
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypedDict
 
 import numpy as np
 import pandas as pd
@@ -556,7 +556,22 @@ def recorded_lineage(spec: Spec, ctx: RunContext) -> str | None:
     return key if current.manifest.get("lineage_key") == key else None
 
 
-def build_features(spec: Spec, ctx: RunContext) -> dict[str, Any]:
+class FeaturesResult(TypedDict, total=False):
+    """What ``build_features`` returns (and the orchestrators pass on)."""
+
+    step: str
+    date: str
+    uri: str
+    rows: int
+    feature_version: str
+    content_hash: str
+    lineage_key: str
+    missing_history: list[str]  # history days not staged
+    skipped: bool  # the partition was kept as is (inputs unchanged)
+    ray_nodes: list[str]  # the Ray nodes that built it (none when skipped)
+
+
+def build_features(spec: Spec, ctx: RunContext) -> FeaturesResult:
     """Compute the feature partition for ``ctx.logical_date`` on Ray."""
     f = spec.features
     day = ctx.logical_date
@@ -818,7 +833,7 @@ def merge_runs(runs: list[dict[str, Any]], keys: list[str], fs: Any, folder: str
     return out.close(runs[0]["schema"] if runs else None)
 
 
-def _result(spec: Spec, path: str, manifest: dict[str, Any], skipped: bool) -> dict[str, Any]:
+def _result(spec: Spec, path: str, manifest: dict[str, Any], skipped: bool) -> FeaturesResult:
     return {
         "step": "features",
         "date": manifest["date"],

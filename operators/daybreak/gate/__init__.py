@@ -6,6 +6,7 @@ from daybreak.gate._gating import (
     PROMOTE,
     REPORT,
     SKIPPED,
+    GateResult,
     evaluate_gate,
     holdout,
     recorded_decision,
@@ -15,6 +16,6 @@ from daybreak.gate._gating import (
 from daybreak.gate._report import live_chart
 
 __all__ = [
-    "PROMOTE", "REPORT", "SKIPPED", "Days", "evaluate_gate", "holdout", "live_chart", "psi",
+    "PROMOTE", "REPORT", "SKIPPED", "Days", "GateResult", "evaluate_gate", "holdout", "live_chart", "psi",
     "recorded_decision", "recorded_gate", "should_promote", "window_days",
 ]

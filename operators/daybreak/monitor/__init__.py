@@ -1,6 +1,6 @@
 """Step 3, monitor: the served model's live quality on the day's labels; rolls back a champion that fell.
 """
 
-from daybreak.monitor._monitor import live_history, monitor_model
+from daybreak.monitor._monitor import MonitorResult, live_history, monitor_model
 
-__all__ = ["live_history", "monitor_model"]
+__all__ = ["MonitorResult", "live_history", "monitor_model"]

@@ -40,7 +40,7 @@ import re
 import tempfile
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypedDict
 
 import numpy as np
 
@@ -50,6 +50,9 @@ from daybreak.infra.context import RunContext
 from daybreak.infra.errors import DaybreakError, MissingInputError
 from daybreak.infra.records import Tag
 from daybreak.spec import Spec
+
+if TYPE_CHECKING:
+    from daybreak.promote import RollbackResult
 
 log = logging.getLogger(__name__)
 
@@ -350,7 +353,7 @@ def _key(*parts: str) -> str:
     return "/".join(re.sub(r"[^\w\-. :]", "_", str(p)) for p in parts)
 
 
-def _record_run(spec: Spec, ctx: RunContext, result: dict[str, Any]) -> str:
+def _record_run(spec: Spec, ctx: RunContext, result: MonitorResult) -> str:
     import mlflow
 
     registry.setup_tracking(ctx, monitor_experiment(spec))
@@ -405,14 +408,44 @@ def notify(spec: Spec, event: dict[str, Any]) -> bool:
 
 # --- the step -------------------------------------------------------------------------------
 
-def monitor_model(spec: Spec, ctx: RunContext) -> dict[str, Any]:
+class MonitorResult(TypedDict, total=False):
+    """What ``monitor_model`` returns (and the orchestrators pass on)."""
+
+    step: str
+    date: str
+    model: str
+    action: str  # none | alert | rollback
+    reason: str  # nothing to judge: why
+    champion_version: str | None
+    previous_version: str | None
+    metric: str  # the live metric judged
+    rows_logged: int
+    rows_batch: int
+    rows_labelled: int
+    versions: list[dict[str, Any]]  # per (source, version): rows, label_mean, metrics
+    slices: list[dict[str, Any]]  # per (source, version, slice column, value)
+    drift_verdict: str  # pass | warn | block | skip
+    drift: list[dict[str, Any]]  # per feature: psi, verdict
+    judgement: dict[str, Any]  # judge_champion's
+    reasons: list[str]  # for a rollback
+    alerts: list[str]
+    warnings: list[str]
+    pruned: list[str]  # prediction log partitions deleted (retention)
+    rollback: RollbackResult | None  # rollback_model's, when it rolled back
+    conflicting_identities: int
+    run_id: str  # the monitoring's MLflow run
+    notification: dict[str, Any]  # the event sent to monitoring.notify
+    notified: bool
+
+
+def monitor_model(spec: Spec, ctx: RunContext) -> MonitorResult:
     """Live quality, drift and (when called for) an automatic rollback for the logical date."""
     from daybreak.deploy import prune
     from daybreak.infra.audit import record_event
     from daybreak.promote import rollback_model
 
     name, day = spec.model.name, ctx.logical_date.isoformat()
-    base: dict[str, Any] = {"step": "monitor", "date": day, "model": name}
+    base: MonitorResult = {"step": "monitor", "date": day, "model": name}
     registry.setup_tracking(ctx, spec.name)
     cl = registry.client(ctx)
     champ = registry.alias_version(cl, name, spec.promotion.alias)

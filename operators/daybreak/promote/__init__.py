@@ -5,6 +5,9 @@ from daybreak.promote._history import gate_report_html, model_history, version_r
 from daybreak.promote._promotion import (
     APPROVAL_TAG,
     PENDING,
+    ApproveResult,
+    PromoteResult,
+    RollbackResult,
     approve_model,
     not_promoted,
     promote_model,
@@ -13,15 +16,8 @@ from daybreak.promote._promotion import (
 )
 
 __all__ = [
-    "APPROVAL_TAG",
-    "PENDING",
-    "approve_model",
-    "gate_report_html",
-    "model_history",
-    "not_promoted",
-    "promote_model",
-    "rollback_model",
-    "should_deploy",
+    "APPROVAL_TAG", "PENDING", "ApproveResult", "PromoteResult", "RollbackResult", "approve_model",
+    "gate_report_html", "model_history", "not_promoted", "promote_model", "rollback_model", "should_deploy",
     "version_report",
     "version_row",
 ]

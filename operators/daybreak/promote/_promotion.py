@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 from dataclasses import replace
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TypedDict
 
 from daybreak.gate import PROMOTE
 from daybreak.infra import registry
@@ -32,7 +32,25 @@ PENDING, APPROVED, REJECTED = Approval.PENDING, Approval.APPROVED, Approval.REJE
 APPROVAL_TAG = Tag.APPROVAL
 
 
-def promote_model(spec: Spec, ctx: RunContext, dry_run: bool = False) -> dict[str, Any]:
+class PromoteResult(TypedDict, total=False):
+    """What ``promote_model`` returns (and the orchestrators pass on, e.g. to ``should_deploy``)."""
+
+    step: str
+    date: str
+    alias: str
+    dry_run: bool  # only in a dry run
+    promoted: bool
+    reason: str
+    would: str  # a dry run: what it would do
+    champion_version: str | None  # after the step
+    candidate_version: str
+    previous_version: str | None  # promoted: the champion it replaced
+    retired_versions: list[str]  # promoted: the versions retention deleted
+    approval: str | None  # pending | rejected: the version waits for (or was refused) approval
+    gated_against: str | None  # with approval: the champion the gate compared it against
+
+
+def promote_model(spec: Spec, ctx: RunContext, dry_run: bool = False) -> PromoteResult:
     """Move the champion to the date's candidate if the gate passed it; with
     ``promotion.approval: manual`` tag it pending instead, for ``approve_model`` to promote.
 
@@ -44,7 +62,9 @@ def promote_model(spec: Spec, ctx: RunContext, dry_run: bool = False) -> dict[st
     cand = registry.candidate_for(cl, name, day, spec.spec_hash())
     champ = registry.alias_version(cl, name, spec.promotion.alias)
     current = str(champ.version) if champ else None
-    base = {"step": "promote", "date": day, "alias": spec.promotion.alias} | ({"dry_run": True} if dry_run else {})
+    base: PromoteResult = {"step": "promote", "date": day, "alias": spec.promotion.alias}
+    if dry_run:
+        base["dry_run"] = True
     if cand is None:
         return base | {"promoted": False, "reason": "no candidate for this date", "champion_version": current}
     decision = cand.tags.get(registry.DECISION_TAG)
@@ -108,7 +128,7 @@ def promote_model(spec: Spec, ctx: RunContext, dry_run: bool = False) -> dict[st
                    "candidate_version": str(cand.version), "retired_versions": _retain(spec, ctx)}
 
 
-def should_deploy(result: dict[str, Any]) -> bool:
+def should_deploy(result: PromoteResult | dict[str, Any]) -> bool:
     """What the orchestrators ask after promote: never deploy for a version waiting for approval
     (or refused it), nor in a dry run; the champion did not move."""
     return result.get("approval") not in (PENDING, REJECTED) and not result.get("dry_run")
@@ -118,7 +138,7 @@ def _now() -> str:
     return datetime.now(UTC).isoformat(timespec="seconds")
 
 
-def _approval_state(cand: Any, champion: str | None) -> dict[str, Any]:
+def _approval_state(cand: Any, champion: str | None) -> PromoteResult:
     """The promote step's result for a version that a person has to approve (or refused)."""
     v, t = str(cand.version), cand.tags
     state = t.get(APPROVAL_TAG)
@@ -148,7 +168,7 @@ def _v(version: str | None) -> str:
     return "no champion" if version in (None, "none") else f"v{version}"
 
 
-def not_promoted(spec: Spec, ctx: RunContext, done: dict[str, Any]) -> dict[str, Any]:
+def not_promoted(spec: Spec, ctx: RunContext, done: dict[str, Any]) -> PromoteResult:
     """The promote step's result when the gate (``done["gate"]``) said no: the champion in service
     now, read from the registry's alias (a rerun of a day gated before a later promotion reports the
     champion of today, as ``day_summary`` does). run_cycle and the Prefect flow both report this
@@ -203,8 +223,24 @@ def _retain(spec: Spec, ctx: RunContext) -> list[str]:
         return []
 
 
+class ApproveResult(TypedDict, total=False):
+    """What ``approve_model`` returns."""
+
+    step: str
+    version: str
+    date: str | None  # the version's logical date (its tag)
+    decision: str  # approve | reject
+    reason: str
+    by: str
+    approval: str  # approved | rejected
+    promoted: bool
+    champion_version: str | None  # after the answer
+    previous_version: str | None  # approved: the champion it replaced
+    retired_versions: list[str]  # approved: the versions retention deleted
+
+
 def approve_model(spec: Spec, ctx: RunContext, version: str | int, reason: str, decision: str = "approve",
-                  by: str | None = None) -> dict[str, Any]:
+                  by: str | None = None) -> ApproveResult:
     """A person's answer to a version waiting for approval (``promotion.approval: manual``).
 
     ``approve`` promotes it through the same compare-and-set as the promote step: under the lock,
@@ -240,8 +276,8 @@ def approve_model(spec: Spec, ctx: RunContext, version: str | int, reason: str, 
             record_event(spec, ev_ctx, "approval_rejected", v, from_version=t.get(registry.AGAINST_TAG, "none"),
                          reason=reason, by=by)
             champ = registry.alias_version(cl, name, spec.promotion.alias)
-            result = {"approval": REJECTED, "promoted": False,
-                      "champion_version": str(champ.version) if champ else None}
+            result: ApproveResult = {"approval": REJECTED, "promoted": False,
+                                     "champion_version": str(champ.version) if champ else None}
         else:
             registry.verify_model(ctx, name, v)  # the files a person approves are the ones the gate saw
             current = _unmoved_champion(
@@ -258,7 +294,9 @@ def approve_model(spec: Spec, ctx: RunContext, version: str | int, reason: str, 
     log.info("%s v%s of %s by %s: %s", "approved" if choice == "approve" else "rejected", v, name, by, reason)
     if result["promoted"]:
         result["retired_versions"] = _retain(spec, ctx)
-    return {"step": "approve", "version": v, "date": day, "decision": choice, "reason": reason, "by": by} | result
+    head: ApproveResult = {"step": "approve", "version": v, "date": day, "decision": choice, "reason": reason,
+                           "by": by}
+    return head | result
 
 
 def _pending_version(cl: Any, name: str, v: str, choice: str) -> Any:
@@ -330,7 +368,17 @@ def apply_retention(spec: Spec, ctx: RunContext, now: datetime | None = None) ->
     return gone
 
 
-def rollback_model(spec: Spec, ctx: RunContext, reason: str, expect: str | None = None) -> dict[str, Any]:
+class RollbackResult(TypedDict, total=False):
+    """What ``rollback_model`` returns."""
+
+    step: str
+    champion_version: str  # the restored champion
+    rolled_back_version: str
+    previous_version: str | None  # what ``previous`` points at now
+    reason: str
+
+
+def rollback_model(spec: Spec, ctx: RunContext, reason: str, expect: str | None = None) -> RollbackResult:
     """Put the previous champion back in service, and record why.
 
     The rolled-back version is tagged and never promoted again; ``previous`` moves to the version

@@ -16,7 +16,7 @@ import json
 import logging
 from dataclasses import replace
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TypedDict
 
 import numpy as np
 import pyarrow as pa
@@ -82,7 +82,19 @@ def recorded_lineage(spec: Spec, ctx: RunContext) -> str | None:
     return key if current.manifest.get("lineage_key") == key else None
 
 
-def batch_score(spec: Spec, ctx: RunContext, champion_date: bool = False) -> dict[str, Any]:
+class ScoreResult(TypedDict, total=False):
+    """What ``batch_score`` returns (and the orchestrators pass on)."""
+
+    step: str
+    date: str  # the date scored (the champion's own with ``champion_date``)
+    model_version: str  # the champion that scored it
+    lineage_key: str
+    uri: str
+    rows: int
+    skipped: bool  # the partition was kept as is (this version already scored these features)
+
+
+def batch_score(spec: Spec, ctx: RunContext, champion_date: bool = False) -> ScoreResult:
     """Score the logical date's features with the champion; publish the predictions.
 
     ``champion_date``: score the date the champion was trained for instead (a run that has no date
@@ -107,7 +119,7 @@ def batch_score(spec: Spec, ctx: RunContext, champion_date: bool = False) -> dic
     lineage, key = _lineage(spec, version, part, day)
     zone = prediction_zone(spec)
     current = ctx.store.partition(zone, day)
-    base = {"step": "batch_score", "date": day.isoformat(), "model_version": version, "lineage_key": key}
+    base: ScoreResult = {"step": "batch_score", "date": day.isoformat(), "model_version": version, "lineage_key": key}
     if current is not None and current.manifest.get("lineage_key") == key:
         log.info("batch_score %s: v%s already scored these features; keeping %s", day, version, current.uri)
         return base | {"uri": current.uri, "rows": current.manifest["rows"], "skipped": True}

@@ -49,7 +49,7 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, TypedDict
 
 import numpy as np
 import pyarrow as pa
@@ -695,7 +695,7 @@ def _duplicates(table: pa.Table, keys: list[str]) -> tuple[np.ndarray, np.ndarra
 class Prepared:
     name: str
     src: SourceSpec
-    result: dict[str, Any] | None = None  # set when the published partition is kept as is
+    result: SourceResult | None = None  # set when the published partition is kept as is
     good: pa.Table | None = None
     manifest: dict[str, Any] = field(default_factory=dict)
     pending: Any = None  # a run already written while the rules were checked
@@ -1039,7 +1039,7 @@ def _s3_etags(ctx: RunContext, infos: list[pafs.FileInfo]) -> dict[str, str]:
     return out
 
 
-def _publish(p: Prepared, ctx: RunContext) -> dict[str, Any]:
+def _publish(p: Prepared, ctx: RunContext) -> SourceResult:
     if p.result is not None:
         return p.result
     table = p.good
@@ -1063,7 +1063,36 @@ def _publish(p: Prepared, ctx: RunContext) -> dict[str, Any]:
     return _result(part, skipped=False)
 
 
-def _result(part: Any, skipped: bool) -> dict[str, Any]:
+class SourceResult(TypedDict):
+    """One source's entry in ``StageResult["sources"]``: its published partition."""
+
+    uri: str
+    rows: int
+    rows_in: int
+    rows_published: int
+    rows_quarantined: int
+    files_quarantined: int
+    quarantine_uri: str | None
+    warnings: list[str]
+    input_hash: str
+    content_hash: str
+    schema_hash: str | None
+    lineage_key: str
+    skipped: bool  # the partition was kept as is (the same landing files)
+
+
+class StageResult(TypedDict, total=False):
+    """What ``stage`` returns (and the orchestrators pass on)."""
+
+    step: str
+    date: str
+    rows: int  # the base source's published rows (all sources' without a base among them)
+    rows_in: int
+    rows_quarantined: int
+    sources: dict[str, SourceResult]
+
+
+def _result(part: Any, skipped: bool) -> SourceResult:
     m = part.manifest
     return {
         "uri": part.uri,
@@ -1082,7 +1111,7 @@ def _result(part: Any, skipped: bool) -> dict[str, Any]:
     }
 
 
-def stage(spec: Spec, ctx: RunContext) -> dict[str, Any]:
+def stage(spec: Spec, ctx: RunContext) -> StageResult:
     """Stage every source of the spec for ``ctx.logical_date``.
 
     All sources are read and checked before any is published, so a contract breach in one

@@ -3,6 +3,6 @@
 (Step 3, monitor, judges the served model first: see ``daybreak.monitor``.)
 """
 
-from daybreak.train._training import recorded_lineage, train_model
+from daybreak.train._training import TrainResult, recorded_lineage, train_model
 
-__all__ = ["recorded_lineage", "train_model"]
+__all__ = ["TrainResult", "recorded_lineage", "train_model"]
