@@ -75,6 +75,8 @@ def has_event(spec: Spec, ctx: RunContext, event: str, version: str) -> bool:
 
 def audit_events(spec: Spec, ctx: RunContext, limit: int = 1000) -> list[dict[str, Any]]:
     """The audit history, newest first."""
+    if _no_sqlite_registry(ctx):
+        return []
     registry.use_uri(ctx.tracking_uri)
     cl = registry.client(ctx)
     exp = cl.get_experiment_by_name(f"{spec.name}-audit")
@@ -90,7 +92,8 @@ def audit_events(spec: Spec, ctx: RunContext, limit: int = 1000) -> list[dict[st
     return out
 
 
-def _row(mv: Any) -> dict[str, Any]:
+def _row(mv: Any, aliases: list[str] | None = None) -> dict[str, Any]:
+    """One version's listing row; `aliases` given when `mv` is a search result (which has none)."""
     t = mv.tags
     rec = recorded_decision(t)
     start, end = t.get(Tag.WINDOW_START), t.get(Tag.WINDOW_END)
@@ -106,20 +109,35 @@ def _row(mv: Any) -> dict[str, Any]:
         "approval": t.get(Tag.APPROVAL),  # manual approval: pending | approved | rejected
         "approval_by": t.get(Tag.APPROVAL_BY),
         "approval_reason": t.get(Tag.APPROVAL_REASON),
-        "aliases": sorted(getattr(mv, "aliases", []) or []),
+        "aliases": sorted(aliases if aliases is not None else getattr(mv, "aliases", []) or []),
         "spec_hash": t.get(registry.SPEC_TAG),
         "run_id": mv.run_id,
     }
 
 
 def model_history(spec: Spec, ctx: RunContext) -> list[dict[str, Any]]:
-    registry.setup_tracking(ctx, spec.name)
+    """Every version, newest first. Two registry reads whatever the number of versions: the search,
+    and the model's aliases (search results carry none), not a read per version. Reads only: no
+    experiment and no registry database is created."""
+    if _no_sqlite_registry(ctx):
+        return []
     cl = registry.client(ctx)
-    rows = []
-    for mv in registry.versions(cl, spec.model.name):
-        # search results do not carry aliases; fetch the full record
-        rows.append(_row(cl.get_model_version(spec.model.name, str(mv.version))))
-    return rows
+    found = registry.versions(cl, spec.model.name)
+    if not found:
+        return []
+    by_version: dict[str, list[str]] = {}
+    for alias, version in (cl.get_registered_model(spec.model.name).aliases or {}).items():
+        by_version.setdefault(str(version), []).append(alias)
+    return [_row(mv, by_version.get(str(mv.version), [])) for mv in found]
+
+
+def _no_sqlite_registry(ctx: RunContext) -> bool:
+    """The tracking URI is a SQLite file that does not exist yet: nothing to list, and a listing
+    must not create (migrate) the database, which the first run does under a lock."""
+    from pathlib import Path
+
+    uri = ctx.tracking_uri
+    return uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).exists()
 
 
 def _version(spec: Spec, ctx: RunContext, version: str | None) -> Any:
