@@ -21,8 +21,7 @@ def airflow_env(tmp_path_factory, landing: Path) -> dict:
     base = tmp_path_factory.mktemp("airflow")
     home = make_home(base, landing)
     env = {**os.environ, "AIRFLOW_HOME": str(base / "airflow"), "AIRFLOW__CORE__DAGS_FOLDER": str(ROOT / "dags"),
-           "AIRFLOW__CORE__LOAD_EXAMPLES": "False", "DAYBREAK_HOME": str(home), "DAYBREAK_SPEC": str(SPEC),
-           "PYTHONWARNINGS": "ignore"}
+           "AIRFLOW__CORE__LOAD_EXAMPLES": "False", "DAYBREAK_HOME": str(home), "DAYBREAK_SPEC": str(SPEC)}
     subprocess.run([str(BIN / "airflow"), "db", "migrate"], env=env, check=True, capture_output=True, timeout=300)
     return {"env": env, "home": home}
 

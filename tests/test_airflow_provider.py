@@ -42,7 +42,7 @@ def _airflow_env(base: Path, daybreak_home: Path, spec_file: Path) -> dict[str, 
                 "AIRFLOW__CORE__LOAD_EXAMPLES": "False", "AIRFLOW__CORE__UNIT_TEST_MODE": "False",
                 "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS": "admin:admin,viewer:viewer",
                 "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE": str(base / "passwords.json"),
-                "DAYBREAK_HOME": str(daybreak_home), "DAYBREAK_SPEC": str(spec_file), "PYTHONWARNINGS": "ignore"})
+                "DAYBREAK_HOME": str(daybreak_home), "DAYBREAK_SPEC": str(spec_file)})
     return env
 
 

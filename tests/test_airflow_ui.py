@@ -123,7 +123,6 @@ def _env(base: Path, home: Path, spec: Path, port: int) -> dict:
         "AIRFLOW__CORE__PARALLELISM": "4",
         "DAYBREAK_HOME": str(home),
         "DAYBREAK_SPEC": str(spec),  # the Params form's default
-        "PYTHONWARNINGS": "ignore",
     })
     return env
 

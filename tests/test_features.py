@@ -54,7 +54,8 @@ def test_features_match_an_independent_pandas_computation(built: pd.DataFrame, h
         t = row["event_time"]
         for key, win, prefix in (("carrier", "1d", "carrier_dep_delay_"), ("carrier", "7d", "carrier_dep_delay_"),
                                  ("origin", "3h", "origin_dep_delay_")):
-            w = hist[(hist[key] == row[key]) & (hist["known_at"] < t) & (hist["known_at"] > t - pd.Timedelta(win))]
+            span = pd.Timedelta(win.replace("d", "D"))  # the spec's "1d"; pandas 3.1 deprecates lower-case "d"
+            w = hist[(hist[key] == row[key]) & (hist["known_at"] < t) & (hist["known_at"] > t - span)]
             if f"{prefix}count_{win}" in built.columns:
                 assert row[f"{prefix}count_{win}"] == len(w)
             mean = row[f"{prefix}mean_{win}"]
@@ -162,7 +163,7 @@ def test_window_index_matches_brute_force(wide: bool) -> None:
 
     from daybreak.features import EVENT_TIME
     from daybreak.features._build import apply_windows, build_window_index, fold_tables, window_inputs
-    from daybreak.spec._model import parse_spec
+    from daybreak.spec import parse_spec
 
     spec = parse_spec({
         "name": "t", "sources": {"ev": {"path": "x/{date}.csv", "columns": {
@@ -196,7 +197,7 @@ def test_window_index_matches_brute_force(wide: bool) -> None:
         ev = df.iloc[i]
         for span in ("1h", "3000d"):
             sel = known[(known["a"] == ev["a"]) & (known["b"] == ev["b"]) & (known["ts"] < ev["ts"])
-                        & (known["ts"] > ev["ts"] - pd.Timedelta(span))]["v"]
+                        & (known["ts"] > ev["ts"] - pd.Timedelta(span.replace("d", "D")))]["v"]  # "D": see above
             row = got.iloc[i]
             assert row[f"w_count_{span}"] == (len(sel) if pd.notna(ev["a"]) else 0)
             if pd.isna(ev["a"]) or sel.empty:

@@ -16,7 +16,7 @@ from reference import reference_features
 
 from daybreak.features import build_features
 from daybreak.infra.context import RunContext
-from daybreak.spec._model import parse_spec
+from daybreak.spec import parse_spec
 from daybreak.stage import stage
 
 DAY0 = datetime(2024, 3, 1, tzinfo=UTC)

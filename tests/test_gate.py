@@ -279,7 +279,7 @@ def test_gate_record_same_rows_report_and_override(fresh: Path, spec) -> None:
 
 def test_legacy_min_improvement_keeps_its_meaning(spec) -> None:
     from daybreak.infra.errors import SpecError
-    from daybreak.spec._model import parse_spec
+    from daybreak.spec import parse_spec
 
     raw = spec.model_dump(mode="json")
     for m, compare, margin in [(0.0, "no_worse", 0.0), (-0.01, "no_worse", 0.01), (0.02, "improve", 0.02)]:

@@ -264,7 +264,7 @@ def test_degraded_champion_is_rolled_back_and_served(home: Path, spec, tmp_path:
     from daybreak.infra.audit import audit_events
     from daybreak.monitor import monitor_model
     from daybreak.promote import promote_model
-    from daybreak.spec._model import parse_spec
+    from daybreak.spec import parse_spec
     from daybreak.train import train_model
 
     day = SERVED[0]
@@ -418,7 +418,7 @@ def test_alert_reaches_airflow_prefect_and_the_webhook_in_an_env_var(home: Path,
     # the Prefect task: the same alert, also a Prefect event on the model's resource
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
     env.update(PREFECT_HOME=str(tmp_path / "prefect"), PREFECT_LOCAL_STORAGE_PATH=str(tmp_path / "results"),
-               PREFECT_LOGGING_LEVEL="WARNING", PYTHONWARNINGS="ignore", **QUIET_PREFECT,
+               PREFECT_LOGGING_LEVEL="WARNING", **QUIET_PREFECT,
                PREFECT_SERVER_SERVICES_EVENT_PERSISTER_FLUSH_INTERVAL="0.5")
     env.pop("DAYBREAK_TEST_HOOK")  # the webhook is gone: the Prefect event alone reports it
     code = PREFECT_MONITOR.format(spec=str(spec_file), day=day.isoformat())

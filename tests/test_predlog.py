@@ -19,8 +19,7 @@ from daybreak.deploy._predlog import PredictionLog, log_files, log_zone
 from daybreak.deploy._serve import fast_columns
 from daybreak.infra.errors import SpecError
 from daybreak.infra.store import Store
-from daybreak.spec import load_spec
-from daybreak.spec._model import parse_spec
+from daybreak.spec import load_spec, parse_spec
 
 FEATURES = ["distance", "carrier_code"]
 

@@ -40,8 +40,7 @@ print("RESULT " + json.dumps([lines] + out, default=str))
 def test_daily_retrain_flow_promotes_only_after_the_gate_says_so(home: Path, tmp_path: Path, spec) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
     env.update(PREFECT_HOME=str(tmp_path / "prefect"), PREFECT_LOCAL_STORAGE_PATH=str(tmp_path / "results"),
-               PREFECT_LOGGING_LEVEL="WARNING", PYTHONWARNINGS="ignore",
-               **QUIET_PREFECT)
+               PREFECT_LOGGING_LEVEL="WARNING", **QUIET_PREFECT)
     strict = tmp_path / "strict.yaml"
     strict.write_text(json.dumps(spec.model_copy(update={"gate": spec.gate.model_copy(update={"floor": 0.99})})
                                  .model_dump(mode="json")))
@@ -128,8 +127,7 @@ def test_s3_credentials_from_a_secret_block(s3_server, landing: Path, tmp_path: 
              "access_key": CREDS["AWS_ACCESS_KEY_ID"], "secret_key": CREDS["AWS_SECRET_ACCESS_KEY"]}
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "AWS_", "DAYBREAK_S3"))}
     env.update(PREFECT_HOME=str(tmp_path / "prefect"), PREFECT_LOCAL_STORAGE_PATH=str(tmp_path / "results"),
-               PREFECT_LOGGING_LEVEL="INFO", PYTHONWARNINGS="ignore",
-               **QUIET_PREFECT)
+               PREFECT_LOGGING_LEVEL="INFO", **QUIET_PREFECT)
     env["DAYBREAK_HOME"] = str(tmp_path / "home")
     code = SECRET_SCRIPT.format(creds=creds, spec=str(SPEC), store=f"s3://{bucket}/store")
     proc = subprocess.run([str(BIN / "python"), "-c", code], env=env, capture_output=True, text=True, timeout=600)

@@ -37,7 +37,7 @@ TAG_VAR = "DAYBREAK_TEST_PREFECT_SERVER"
 def _base_env(tag: str) -> dict[str, str]:
     drop = ("PREFECT_", "MLFLOW_", "DAYBREAK_", "AWS_", "RAY_ADDRESS")
     env = {k: v for k, v in os.environ.items() if not k.startswith(drop)}
-    env.update(PYTHONWARNINGS="ignore", **{TAG_VAR: tag})
+    env.update(**{TAG_VAR: tag})
     return env
 
 

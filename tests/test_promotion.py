@@ -17,7 +17,7 @@ from daybreak.infra import registry
 from daybreak.infra.audit import audit_events
 from daybreak.infra.context import RunContext
 from daybreak.infra.errors import PromotionConflict
-from daybreak.promote import model_history, promote_model, rollback_model
+from daybreak.promote import model_history, promote_model, rollback_model, version_row
 from daybreak.train import train_model
 
 RACER = """
@@ -26,7 +26,7 @@ from daybreak.infra import registry
 from daybreak.infra.context import RunContext
 from daybreak.infra.errors import PromotionConflict
 from daybreak.promote import promote_model
-from daybreak.spec._model import parse_spec
+from daybreak.spec import parse_spec
 
 # Line the racers up: each stops after its first read of the champion until both got there, and
 # every read takes a second, so both read the champion before either moves it (without the lock
@@ -133,6 +133,34 @@ def test_rollback_restores_previous_and_is_recorded(fresh: Path, spec) -> None:
                           capture_output=True, text=True, env=env, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert "rollback" in proc.stdout.splitlines()[0] and "mis-scores" in proc.stdout
+
+
+def test_versions_listing_reads_the_registry_twice_whatever_the_number_of_versions(
+        fresh: Path, spec, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`daybreak versions` once read every version's full record (a registry round trip each, on
+    a tracking server) and created the experiment: now one search and one read of the aliases."""
+    import mlflow
+
+    s = _lenient(spec)
+    ctx = _ctx("2013-01-03")
+    assert model_history(s, ctx) == [] and audit_events(s, ctx) == []
+    assert not (fresh / "mlflow.db").exists()  # a listing does not create the registry
+    for day in ("2013-01-02", "2013-01-03"):
+        train_model(s, _ctx(day))
+        evaluate_gate(s, _ctx(day))
+        promote_model(s, _ctx(day))
+    cl = registry.client(ctx)
+    full = [version_row(cl.get_model_version(s.model.name, v)) for v in ("2", "1")]
+    calls: list[str] = []
+    for name in ("get_model_version", "search_model_versions", "get_registered_model", "create_experiment",
+                 "get_model_version_by_alias"):
+        def counted(self, *a, _name=name, _orig=getattr(mlflow.MlflowClient, name), **k):
+            calls.append(_name)
+            return _orig(self, *a, **k)
+        monkeypatch.setattr(mlflow.MlflowClient, name, counted)
+    rows = model_history(s, ctx)
+    assert rows == full and [r["aliases"] for r in rows] == [["champion"], ["previous"]]
+    assert sorted(calls) == ["get_registered_model", "search_model_versions"]
 
 
 def test_rejections_are_in_the_history(fresh: Path, spec) -> None:

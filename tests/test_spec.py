@@ -9,8 +9,7 @@ import yaml
 from conftest import SPEC
 
 from daybreak.infra.errors import SpecError
-from daybreak.spec import load_spec, parse_duration
-from daybreak.spec._model import parse_spec
+from daybreak.spec import load_spec, parse_duration, parse_spec
 
 
 @pytest.fixture

@@ -9,6 +9,7 @@ import io
 import uuid
 from datetime import date
 from pathlib import Path
+from zoneinfo import ZoneInfo
 
 import pyarrow as pa
 import pyarrow.csv as pacsv
@@ -103,6 +104,30 @@ def test_stage_publishes_with_full_result(stg: Stage) -> None:
     t = stg.published()
     assert t.num_rows == 943 and str(t.schema.field("time_hour").type) == "timestamp[us, tz=UTC]"
     assert out["uri"].startswith("s3://") == (stg.kind == "s3")
+
+
+def test_staging_warns_nothing(stg: Stage, landing: Path) -> None:
+    """Staging timestamps written in local time (event_time.timezone declared) raises no warning:
+    pandas warned on every such file that the pattern finding a zone offset had match groups."""
+    import warnings
+    from datetime import datetime
+
+    lines = _csv(landing)
+    for i in range(1, len(lines)):  # the same instants, written in New York time without an offset
+        utc = datetime.fromisoformat(lines[i].rstrip("\n").split(",")[COL["time_hour"]].replace("Z", "+00:00"))
+        local = utc.astimezone(ZoneInfo("America/New_York")).replace(tzinfo=None)
+        lines[i] = _replace_field(lines[i], COL["time_hour"], local.isoformat(sep=" "))
+    stg.put(f"flights/{DAY}.csv", "".join(lines).encode())
+    src = stg.spec.sources["flights"]
+    event_time = src.event_time.model_copy(update={"timezone": "America/New_York"})
+    spec = stg.spec.model_copy(update={"sources": {"flights": src.model_copy(update={"event_time": event_time})}})
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = stg.run(spec)["sources"]["flights"]
+    assert out["rows_published"] == 943 and out["rows_quarantined"] == 0
+    assert [f"{w.category.__name__}: {w.message} ({w.filename}:{w.lineno})" for w in caught] == []
+    original = _csv(landing)[1].rstrip("\n").split(",")[COL["time_hour"]]
+    assert stg.published().column("time_hour")[0].as_py().isoformat() == original.replace("Z", "+00:00")
 
 
 def test_rerun_three_times_leaves_one_identical_partition(stg: Stage) -> None:

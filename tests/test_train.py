@@ -70,7 +70,7 @@ def test_missing_days_and_no_overlap(fresh: Path, spec) -> None:
     rows = [set(map(tuple, x[ident].astype(str).to_numpy())) for x in (fit, val, hold)]
     assert not rows[0] & rows[1] and not rows[0] & rows[2] and not rows[1] & rows[2]
     assert fit["event_time"].max() <= val["event_time"].min()  # validation comes after fitting in time
-    assert hold["event_time"].min() > val["event_time"].max() - pd.Timedelta("1d")
+    assert hold["event_time"].min() > val["event_time"].max() - pd.Timedelta("1D")
     assert len(hold) > 1000  # two days of flights
 
 
@@ -203,7 +203,7 @@ def test_many_models_route_each_row_with_a_fallback_for_unseen_keys(fresh: Path,
 
 
 def test_partition_by_must_name_a_feature(spec) -> None:
-    from daybreak.spec._model import parse_spec
+    from daybreak.spec import parse_spec
 
     raw = spec.model_dump(exclude_none=True)
     raw["model"]["partition_by"] = ["origin"]

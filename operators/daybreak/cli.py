@@ -65,10 +65,12 @@ def _emit(obj: Any, as_json: bool, human: str | None = None) -> None:
         typer.echo(human)
 
 
-def _load(spec: Path) -> Any:
+def _load(spec: Path, try_model: bool = True) -> Any:
+    """The spec; `try_model` false for the commands that only read the registry (history, versions,
+    live, report): the model check imports xgboost or scikit-learn, most of a listing's time."""
     from daybreak.spec import load_spec
 
-    return load_spec(spec)
+    return load_spec(spec, try_model=try_model)
 
 
 def _ctx(day: str | date, store: str | None, tracking_uri: str | None) -> Any:
@@ -140,7 +142,7 @@ def history(spec: Path = SpecOpt, tracking_uri: str | None = TrackingOpt, as_jso
     """The audit history: every promotion, rejection, override, approval and rollback, newest first."""
     from daybreak.infra.audit import audit_events
 
-    s = _load(spec)
+    s = _load(spec, try_model=False)
     _listing(audit_events(s, _ctx(date.today(), None, tracking_uri)), as_json,
              f"no promotions, rejections or rollbacks of {s.model.name} yet",
              lambda r: f"{r['at']}  {r['event']:<17} v{r['version'] or '-':<4} "
@@ -153,7 +155,7 @@ def versions(spec: Path = SpecOpt, tracking_uri: str | None = TrackingOpt, as_js
     """Every registered version with its lineage and gate decision, newest first."""
     from daybreak.promote import model_history
 
-    s = _load(spec)
+    s = _load(spec, try_model=False)
     _listing(model_history(s, _ctx(date.today(), None, tracking_uri)), as_json, f"no versions of {s.model.name} yet",
              lambda r: f"v{r['version']:<4} date={r['logical_date'] or '-'}  window={r['window'] or '-'}  "
                        f"decision={r['decision'] or '-':<8} candidate={_fmt(r['candidate_metric'])} "
@@ -264,7 +266,7 @@ def live(spec: Path = SpecOpt, tracking_uri: str | None = TrackingOpt, as_json: 
     """Live quality over time: the monitoring metric per date, source and version."""
     from daybreak.monitor import live_history
 
-    s = _load(spec)
+    s = _load(spec, try_model=False)
     _listing(live_history(s, _ctx(date.today(), None, tracking_uri)), as_json, f"no monitoring of {s.model.name} yet",
              lambda r: f"{r['date']}  {r['source']:<6} v{r['version']:<4} {r['metric']}={_fmt(r['value'])}  "
                        f"rows={r['rows']}  action={r['action']}")
@@ -278,7 +280,7 @@ def report(spec: Path = SpecOpt, version: str | None = typer.Option(None, help="
     """Print the gate record and lineage of one model version, or save its HTML gate report."""
     from daybreak.promote import gate_report_html, version_report
 
-    s = _load(spec)
+    s = _load(spec, try_model=False)
     ctx = _ctx(date.today(), None, tracking_uri)
     if html is not None:
         page = gate_report_html(s, ctx, version)

@@ -178,7 +178,7 @@ def mlflow_api_hits(url: str, password: str, find: dict[str, bytes]) -> tuple[li
 
 def _clean_env() -> dict[str, str]:
     drop = ("MLFLOW_", "DAYBREAK_", "AWS_", "AIRFLOW", "RAY_ADDRESS", "RAY_TMPDIR")
-    return {k: v for k, v in os.environ.items() if not k.startswith(drop)} | {"PYTHONWARNINGS": "ignore"}
+    return {k: v for k, v in os.environ.items() if not k.startswith(drop)}
 
 
 def _launch(cmd: list[str], env: dict[str, str], log: Path, stdin: str | None = None,

@@ -28,9 +28,8 @@ import pytest
 import yaml
 
 from daybreak.infra.errors import SpecError
-from daybreak.spec import build_estimator, evaluate, load_spec
+from daybreak.spec import build_estimator, evaluate, load_spec, parse_spec
 from daybreak.spec._expr import check_expression
-from daybreak.spec._model import parse_spec
 
 # The limits are part of the contract (and spelt out here, so the suite also runs on older code).
 ALLOW_ENV = "DAYBREAK_ALLOWED_ESTIMATOR_MODULES"

@@ -138,22 +138,17 @@ def _context() -> Any:
     return RunContext.create(date.today())
 
 
-def _no_registry(uri: str) -> bool:
-    """A SQLite registry that does not exist yet: reading would create it."""
-    return uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).exists()
-
-
 def model_data(spec: Any, recent: int = RECENT, history: int = HISTORY) -> dict[str, Any]:
     """The champion, the recent versions with their gate records, and the audit history (read only)."""
     from daybreak.infra import registry
-    from daybreak.infra.audit import audit_events
+    from daybreak.infra.audit import audit_events, no_sqlite_registry
     from daybreak.promote import version_row
 
     ctx = _context()
     out: dict[str, Any] = {"spec": spec.name, "model": spec.model.name, "metric": spec.gate.metric,
                            "alias": spec.promotion.alias, "tracking_uri": _safe_uri(ctx.tracking_uri),
                            "champion": None, "versions": [], "history": [], "live": []}
-    if _no_registry(ctx.tracking_uri):
+    if no_sqlite_registry(ctx):
         return out
     cl = registry.client(ctx)
     champ = registry.alias_version(cl, spec.model.name, spec.promotion.alias)
@@ -188,11 +183,12 @@ def _safe_uri(uri: str) -> str:
 
 def report_html(spec: Any, version: str) -> str:
     """The gate report of a version (``history.gate_report_html``, which only reads), or a 404."""
+    from daybreak.infra.audit import no_sqlite_registry
     from daybreak.infra.errors import DaybreakError
     from daybreak.promote import gate_report_html
 
     ctx = _context()
-    if _no_registry(ctx.tracking_uri):
+    if no_sqlite_registry(ctx):
         raise HTTPException(status_code=404, detail=f"{spec.model.name} has no registry yet")
     try:
         return gate_report_html(spec, ctx, version)

@@ -73,6 +73,8 @@ def has_event(spec: Spec, ctx: RunContext, event: str, version: str) -> bool:
 
 def audit_events(spec: Spec, ctx: RunContext, limit: int = 1000) -> list[dict[str, Any]]:
     """The audit history, newest first."""
+    if no_sqlite_registry(ctx):
+        return []
     registry.use_uri(ctx.tracking_uri)
     cl = registry.client(ctx)
     exp = cl.get_experiment_by_name(f"{spec.name}-audit")
@@ -86,3 +88,12 @@ def audit_events(spec: Spec, ctx: RunContext, limit: int = 1000) -> list[dict[st
         row["audit_run_id"] = r.info.run_id
         out.append({k: (None if v == "none" else v) for k, v in row.items()})
     return out
+
+
+def no_sqlite_registry(ctx: RunContext) -> bool:
+    """The tracking URI is a SQLite file that does not exist yet: nothing to list, and a listing
+    must not create (migrate) the database, which the first run does under a lock."""
+    from pathlib import Path
+
+    uri = ctx.tracking_uri
+    return uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).exists()

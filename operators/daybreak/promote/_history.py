@@ -12,14 +12,16 @@ import json
 from typing import Any
 
 from daybreak.infra import registry
+from daybreak.infra.audit import no_sqlite_registry
 from daybreak.infra.context import RunContext
 from daybreak.infra.errors import DaybreakError
 from daybreak.infra.records import GateRecord, Lineage, Promotion, Tag
 from daybreak.spec import Spec
 
 
-def version_row(mv: Any) -> dict[str, Any]:
-    """One version's line in the history: its lineage, gate record and promotion marks."""
+def version_row(mv: Any, aliases: list[str] | None = None) -> dict[str, Any]:
+    """One version's line in the history: its lineage, gate record and promotion marks. `aliases`
+    given when `mv` is a search result (which carries none)."""
     t = mv.tags
     rec, lineage, promo = GateRecord.from_tags(t), Lineage.from_tags(t), Promotion.from_tags(t)
     return {
@@ -34,20 +36,26 @@ def version_row(mv: Any) -> dict[str, Any]:
         "approval": promo.approval,  # manual approval: pending | approved | rejected
         "approval_by": promo.approval_by,
         "approval_reason": promo.approval_reason,
-        "aliases": sorted(getattr(mv, "aliases", []) or []),
+        "aliases": sorted(aliases if aliases is not None else getattr(mv, "aliases", []) or []),
         "spec_hash": lineage.spec_hash or None,
         "run_id": mv.run_id,
     }
 
 
 def model_history(spec: Spec, ctx: RunContext) -> list[dict[str, Any]]:
-    registry.setup_tracking(ctx, spec.name)
+    """Every version, newest first. Two registry reads whatever the number of versions: the search,
+    and the model's aliases (search results carry none), not a read per version. Reads only: no
+    experiment and no registry database is created."""
+    if no_sqlite_registry(ctx):
+        return []
     cl = registry.client(ctx)
-    rows = []
-    for mv in registry.versions(cl, spec.model.name):
-        # search results do not carry aliases; fetch the full record
-        rows.append(version_row(cl.get_model_version(spec.model.name, str(mv.version))))
-    return rows
+    found = registry.versions(cl, spec.model.name)
+    if not found:
+        return []
+    by_version: dict[str, list[str]] = {}
+    for alias, version in (cl.get_registered_model(spec.model.name).aliases or {}).items():
+        by_version.setdefault(str(version), []).append(alias)
+    return [version_row(mv, by_version.get(str(mv.version), [])) for mv in found]
 
 
 def _version(spec: Spec, ctx: RunContext, version: str | None) -> Any:

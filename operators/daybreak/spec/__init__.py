@@ -16,13 +16,26 @@ from daybreak.spec._model import (
     build_estimator,
     load_spec,
     parse_duration,
+    parse_spec,
     window_feature_names,
     xgb_params,
 )
 
 __all__ = [
-    "OPERATIONAL", "ColumnSpec", "FeatureSpec", "SearchParam", "SourceSpec", "Spec", "arrow_type",
-    "build_estimator", "evaluate", "load_spec", "names_in", "parse_duration", "window_feature_names",
+    "OPERATIONAL",
+    "ColumnSpec",
+    "FeatureSpec",
+    "SearchParam",
+    "SourceSpec",
+    "Spec",
+    "arrow_type",
+    "build_estimator",
+    "evaluate",
+    "load_spec",
+    "names_in",
+    "parse_duration",
+    "parse_spec",
+    "window_feature_names",
     "xgb_params",
 ]
 

@@ -66,7 +66,8 @@ from daybreak.spec import OPERATIONAL, ColumnSpec, SourceSpec, Spec, arrow_type
 
 log = logging.getLogger(__name__)
 
-_OFFSET = re.compile(r"(Z|[+-]\d{2}:?\d{2})$")
+# Non-capturing: Series.str.contains warns (UserWarning, every call) on a pattern with match groups.
+_OFFSET = re.compile(r"(?:Z|[+-]\d{2}:?\d{2})$")
 _FILE, _ROW, _RAW = "__file", "__row", "__raw__"
 
 
@@ -543,20 +544,26 @@ def _convert(col: pa.ChunkedArray, name: str, cs: ColumnSpec,
         if naive.any() and target.tz is not None:
             if tz is None:
                 bad = ~(parsed.notna().to_numpy() | ~present)
-                return (pa.array(parsed.dt.tz_convert(target.tz), type=target, from_pandas=True), bad,
+                return (pa.array(_utc_values(parsed), type=target, from_pandas=True), bad,
                         f"type: {name} has a timestamp without a time zone (declare event_time.timezone)")
             local = pd.to_datetime(stripped[naive], errors="coerce", format="ISO8601")
             parsed[naive] = local.dt.tz_localize(tz, ambiguous="NaT", nonexistent="NaT").dt.tz_convert("UTC")
         elif naive.any():
             parsed[naive] = pd.to_datetime(stripped[naive], errors="coerce", format="ISO8601").dt.tz_localize("UTC")
         ok = parsed.notna().to_numpy() | ~present
-        out = parsed.dt.tz_convert(target.tz) if target.tz else parsed.dt.tz_localize(None)
-        return pa.array(out, type=target, from_pandas=True), ~ok, reason
+        return pa.array(_utc_values(parsed), type=target, from_pandas=True), ~ok, reason
     if target == pa.date32():
         parsed = pd.to_datetime(text, errors="coerce", format="ISO8601")
         ok = parsed.notna().to_numpy() | ~present
         return pa.array(parsed.dt.date, type=target, from_pandas=True), ~ok, reason
     return pc.cast(col, pa.string()).combine_chunks(), np.zeros(len(col), bool), ""
+
+
+def _utc_values(parsed: Any) -> np.ndarray:
+    """A UTC Series as naive datetime64 UTC values, which Arrow stores as they are for a timestamp
+    type with or without a zone. (Handing pyarrow the tz-aware Series itself makes it read
+    Series.values, deprecated by pandas 3.1 for tz-aware data.)"""
+    return parsed.dt.tz_convert(None).to_numpy()
 
 
 def _load(fr: FileRead, src: SourceSpec) -> None:

@@ -68,7 +68,9 @@ def encode(frame: Any, features: list[str], encoders: dict[str, dict[str, Any]])
             text = col.astype("object").where(col.notna(), None)
             if not pd.api.types.is_string_dtype(col):
                 text = text.map(_text)
-            codes = pd.Categorical(text, categories=cats).codes
+            # -1 for a value not among the categories (unseen, or missing); pd.Categorical gave the same
+            # but warns (pandas 3.1) that such values will raise
+            codes = pd.Index(cats).get_indexer(text)
             if kind == "ordinal":
                 out[:, j] = np.where(codes < 0, np.nan, codes)
             elif kind == "frequency":
