@@ -39,4 +39,4 @@ from daybreak.airflow import daily_retrain_dag
 
 DEFAULT_SPEC = os.environ.get("DAYBREAK_SPEC") or str(Path(__file__).resolve().parent.parent / "specs" / "flights.yaml")
 
-daily_retrain_dag(DEFAULT_SPEC, dag_id="daybreak_daily_retrain", start_date=datetime(2013, 1, 1), doc_md=__doc__)
+dag = daily_retrain_dag(DEFAULT_SPEC, dag_id="daybreak_daily_retrain", start_date=datetime(2013, 1, 1), doc_md=__doc__)

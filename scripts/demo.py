@@ -18,7 +18,7 @@ def load_dag():
     mod_spec = importlib.util.spec_from_file_location("daybreak_daily_retrain", path)
     mod = importlib.util.module_from_spec(mod_spec)
     mod_spec.loader.exec_module(mod)
-    return mod.daybreak_daily_retrain()
+    return mod.dag
 
 
 def main() -> int:
