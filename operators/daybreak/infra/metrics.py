@@ -12,7 +12,15 @@ row, and a bootstrap resample is the number of times each row was drawn. Evaluat
 The resamples are Poisson(1) counts (the Poisson bootstrap: each row drawn independently, as in
 a multinomial resample of a large holdout), drawn from a seeded generator through a 16-bit
 lookup table, so the same seed gives the same intervals. The tests check every metric against
-scikit-learn with the same ``sample_weight``.
+scikit-learn with the same ``sample_weight``. With ``clusters`` (one id per row: event day-hour, an
+entity) the counts are drawn per cluster and shared by its rows (cluster bootstrap), for rows that
+are dependent within a cluster and independent across clusters.
+
+`interval` is the one entry point for an interval of a metric or of a paired gain. Besides the
+bootstrap it has analytic intervals from influence functions (`influence`: DeLong's structural
+components for ROC AUC, the per-row terms for the mean metrics, the delta method for RMSE) with a
+cluster-robust variance (`influence_variance`): normal intervals at the cost of a few evaluations,
+where the bootstrap costs hundreds.
 """
 
 from __future__ import annotations
@@ -20,6 +28,7 @@ from __future__ import annotations
 import math
 import os
 from concurrent.futures import ThreadPoolExecutor
+from statistics import NormalDist
 from typing import Any
 
 import numpy as np
@@ -151,15 +160,77 @@ def gain(metric: str, candidate: Any, champion: Any) -> Any:
     return candidate - champion if DIRECTION[metric] else champion - candidate
 
 
+def cluster_index(clusters: Any, n: int) -> tuple[np.ndarray, int]:
+    """Dense cluster index (0..G-1, in sorted order of the ids) of each of `n` rows, and G.
+
+    Small non-negative integer ids (the usual day-hour or entity codes) are factorised in O(n) by
+    counting; anything else through ``np.unique``. Both give the same index for the same ids.
+    """
+    ids = np.asarray(clusters)
+    if ids.ndim != 1 or len(ids) != n:
+        raise ValueError(f"clusters must be one id per row: got shape {ids.shape} for {n} rows")
+    if n == 0:
+        return np.zeros(0, np.int64), 0
+    if np.issubdtype(ids.dtype, np.integer):
+        lo, hi = int(ids.min()), int(ids.max())
+        if hi - lo <= 4 * n:
+            shifted = (ids - lo).astype(np.intp)
+            present = np.bincount(shifted) > 0
+            dense = np.cumsum(present) - 1
+            return dense[shifted], int(present.sum())
+    uniq, index = np.unique(ids, return_inverse=True)
+    return index.reshape(-1).astype(np.intp), len(uniq)
+
+
+def _resample(scorers: list[Scorer], n: int, *, resamples: int, seed: int, max_cells: int,
+              index: np.ndarray | None = None, groups: int = 0) -> list[np.ndarray]:
+    """Each scorer under the same `resamples` Poisson(1) weightings of the rows.
+
+    With ``index`` (the cluster of each row, in the scorers' row layout) the counts are drawn per
+    cluster, (k, groups), and every row gets its cluster's count; without it, per row. The draws
+    depend only on (seed, resamples, rows, groups): chunking is a function of the row count, and
+    each chunk draws from its own stream of the seed, so threads cannot change them.
+    """
+    chunk = max(1, min(resamples, max_cells // max(n, 1)))
+    starts = list(range(0, resamples, chunk))
+    streams = np.random.SeedSequence(seed).spawn(len(starts))
+    outs = [np.empty(resamples) for _ in scorers]
+
+    def run(i: int) -> None:
+        k = min(chunk, resamples - starts[i])
+        rng = np.random.default_rng(streams[i])
+        w = poisson_counts(rng, k, n) if index is None else poisson_counts(rng, k, groups)[:, index]
+        for out, sc in zip(outs, scorers, strict=True):
+            out[starts[i]:starts[i] + k] = sc(w)
+
+    # numpy releases the GIL in the sums and sorts
+    with ThreadPoolExecutor(max_workers=max(1, min(4, os.cpu_count() or 1))) as pool:
+        list(pool.map(run, range(len(starts))))
+    return outs
+
+
+def _percentile(v: np.ndarray, level: float) -> list[float]:
+    """Percentile interval of the finite draws at `level` (nan, nan if none is finite)."""
+    alpha = (1 - level) / 2
+    ok = v[np.isfinite(v)]
+    return [float("nan")] * 2 if not len(ok) else [float(q) for q in np.quantile(ok, [alpha, 1 - alpha])]
+
+
 def paired_bootstrap(metric: str, y: np.ndarray, candidate: np.ndarray, champion: np.ndarray, *,
                      resamples: int = 1000, level: float = 0.95, seed: int = 0, threshold: float = 0.5,
-                     max_cells: int = 2_000_000) -> dict[str, Any]:
+                     max_cells: int = 2_000_000, clusters: Any = None) -> dict[str, Any]:
     """Paired bootstrap of the gain (candidate vs champion) in `metric` on the same rows.
 
     Both models are scored on the same resampled rows in every resample. Returns the percentile
     interval of the gain at `level`, the point gain and each model's own interval. The draws depend
     only on (seed, resamples, rows): chunking is a function of the row count, and each chunk
     draws from its own stream of the seed.
+
+    ``clusters`` (one id per row, e.g. the event's day-hour or an entity) makes it a cluster
+    (block) bootstrap: one Poisson(1) count per cluster and resample, shared by all its rows, so
+    rows that share a shock are resampled together. The assumption is then independence between
+    clusters, not between rows; with few clusters (under about 30) the interval is rough. None:
+    rows independent, and the draws are exactly those of the row-level bootstrap.
     """
     y = np.asarray(y, np.float64)
     candidate, champion = np.asarray(candidate, np.float64), np.asarray(champion, np.float64)
@@ -167,29 +238,212 @@ def paired_bootstrap(metric: str, y: np.ndarray, candidate: np.ndarray, champion
     layout = np.argsort(-candidate, kind="stable") if metric in RANKING else None
     sc = Scorer(metric, y, candidate, threshold, layout)
     sh = Scorer(metric, y, champion, threshold, layout)
-    chunk = max(1, min(resamples, max_cells // max(n, 1)))
-    starts = list(range(0, resamples, chunk))
-    # one seeded stream per chunk, so the threads (numpy releases the GIL) cannot change the draws
-    streams = np.random.SeedSequence(seed).spawn(len(starts))
-    cand, champ = np.empty(resamples), np.empty(resamples)
-
-    def run(i: int) -> None:
-        k = min(chunk, resamples - starts[i])
-        w = poisson_counts(np.random.default_rng(streams[i]), k, n)
-        cand[starts[i]:starts[i] + k], champ[starts[i]:starts[i] + k] = sc(w), sh(w)
-
-    with ThreadPoolExecutor(max_workers=max(1, min(4, os.cpu_count() or 1))) as pool:
-        list(pool.map(run, range(len(starts))))
+    index, groups = _layout_clusters(clusters, n, layout)
+    cand, champ = _resample([sc, sh], n, resamples=resamples, seed=seed, max_cells=max_cells,
+                            index=index, groups=groups)
     gains = gain(metric, cand, champ)
-    alpha = (1 - level) / 2
-
-    def interval(v: np.ndarray) -> list[float]:
-        ok = v[np.isfinite(v)]
-        return [float("nan")] * 2 if not len(ok) else [float(q) for q in np.quantile(ok, [alpha, 1 - alpha])]
-
     ones = np.ones((1, n))
     point = float(gain(metric, sc(ones)[0], sh(ones)[0]))
-    lo, hi = interval(gains)
+    lo, hi = _percentile(gains, level)
     return {"metric": metric, "gain": point, "low": lo, "high": hi, "level": level, "resamples": resamples,
             "seed": seed, "undefined": int((~np.isfinite(gains)).sum()),
-            "candidate_interval": interval(cand), "champion_interval": interval(champ), "gains": gains}
+            "candidate_interval": _percentile(cand, level), "champion_interval": _percentile(champ, level),
+            "gains": gains, "clusters": None if index is None else groups}
+
+
+def bootstrap(metric: str, y: np.ndarray, pred: np.ndarray, *, resamples: int = 1000, level: float = 0.95,
+              seed: int = 0, threshold: float = 0.5, max_cells: int = 2_000_000,
+              clusters: Any = None) -> dict[str, Any]:
+    """One-sample bootstrap of `metric` of `pred`: its percentile interval at `level`.
+
+    The same Poisson(1) resampling as `paired_bootstrap` (per row, or per cluster with
+    ``clusters``), for one model. Returns the point value, the interval, the draws ("values") and
+    how many resamples left the metric undefined (e.g. no positive drawn).
+    """
+    y, pred = np.asarray(y, np.float64), np.asarray(pred, np.float64)
+    n = len(y)
+    layout = np.argsort(-pred, kind="stable") if metric in RANKING else None  # the scorer's own order
+    sc = Scorer(metric, y, pred, threshold, layout)
+    index, groups = _layout_clusters(clusters, n, layout)
+    (values,) = _resample([sc], n, resamples=resamples, seed=seed, max_cells=max_cells, index=index, groups=groups)
+    lo, hi = _percentile(values, level)
+    return {"metric": metric, "value": float(sc(np.ones((1, n)))[0]), "low": lo, "high": hi, "level": level,
+            "resamples": resamples, "seed": seed, "undefined": int((~np.isfinite(values)).sum()),
+            "values": values, "clusters": None if index is None else groups}
+
+
+def _layout_clusters(clusters: Any, n: int, layout: np.ndarray | None) -> tuple[np.ndarray | None, int]:
+    """The cluster index in the scorers' row layout (a ranking metric's weights are laid out in
+    score order, so row j of the weights is row layout[j] of the data), and G."""
+    if clusters is None:
+        return None, 0
+    index, groups = cluster_index(clusters, n)
+    return (index if layout is None else index[layout]), groups
+
+
+# --- analytic intervals: influence functions ------------------------------------------------
+
+ANALYTIC = ("roc_auc", "log_loss", "brier", "mae", "mape", "rmse")
+MIN_CLUSTERS = 30  # below this many clusters (rows, without clusters) "auto" uses the bootstrap
+
+
+def influence(metric: str, y: np.ndarray, pred: np.ndarray, threshold: float = 0.5) -> tuple[float, np.ndarray]:
+    """The metric's value T and its per-row influence values psi_i, so that T - E[T] ~ sum_i psi_i.
+
+    * mean metrics (log_loss, brier, mae, mape): T = (1/n) sum_i t_i with the per-row terms t_i
+      of `Scorer`; psi_i = (t_i - T) / n.
+    * rmse = sqrt(MSE): delta method, psi_i = psi_i(MSE) / (2 rmse) (psi = 0 when rmse = 0).
+    * roc_auc, with m positives and k negatives (labels 0/1): DeLong's structural components,
+      V10(i) = (#negatives scored below positive i + half the tied ones) / k and
+      V01(j) = (#positives scored above negative j + half the tied ones) / m; T = mean of V10 over
+      the positives = the AUC; psi_i = (V10(i) - T) / m for a positive, (V01(j) - T) / k for a
+      negative. This is the Hajek projection of the two-sample U-statistic (and the influence
+      function of AUC as a functional of the row distribution). The components come from one sort
+      of the scores and counts per group of tied scores (equivalent to midranks): O(n log n).
+
+    Other metrics raise ValueError. The sum of psi is 0 by construction.
+    """
+    if metric not in DIRECTION:
+        raise ValueError(f"unknown metric {metric!r}; known: {sorted(DIRECTION)}")
+    if metric not in ANALYTIC:
+        raise ValueError(f"no analytic interval for {metric!r} (supported: {', '.join(ANALYTIC)}); "
+                         "use the bootstrap")
+    y, p = np.asarray(y, np.float64), np.asarray(pred, np.float64)
+    n = len(y)
+    if n == 0:
+        return float("nan"), np.zeros(0)
+    if metric == "roc_auc":
+        return _auc_influence(y, p)
+    terms = Scorer(metric, y, p, threshold).terms
+    mean = float(terms.mean())
+    psi = (terms - mean) / n
+    if metric == "rmse":
+        rmse = math.sqrt(mean)
+        return rmse, (psi / (2 * rmse) if rmse > 0 else np.zeros(n))
+    return mean, psi
+
+
+def _auc_influence(y: np.ndarray, p: np.ndarray) -> tuple[float, np.ndarray]:
+    """DeLong components per row (see `influence`); nan and psi = 0 when a class is missing."""
+    n = len(y)
+    pos = y > 0.5
+    m = int(pos.sum())
+    k = n - m
+    if m == 0 or k == 0:
+        return float("nan"), np.zeros(n)
+    order = np.argsort(p)  # ascending; ties are handled by groups, so the sort need not be stable
+    ps, pos_s = p[order], pos[order]
+    new = np.empty(n, bool)
+    new[0] = True
+    np.not_equal(ps[1:], ps[:-1], out=new[1:])
+    neg_upto: np.ndarray = np.cumsum(~pos_s)  # negatives up to and including each row
+    pos_upto: np.ndarray = np.cumsum(pos_s)  # positives likewise
+    v10: np.ndarray
+    v01: np.ndarray
+    if new.all():  # no tied scores: the counts of each row
+        v10 = (neg_upto - ~pos_s) / k  # negatives strictly below
+        v01 = (m - pos_upto) / m  # positives strictly above
+    else:  # per group of tied scores: negatives below the group + half of the group's, and so on
+        gid = np.cumsum(new) - 1
+        first = np.flatnonzero(new)
+        last = np.r_[first[1:], n] - 1
+        neg_before = neg_upto[first] - ~pos_s[first]
+        pos_before = pos_upto[first] - pos_s[first]
+        neg_g, pos_g = neg_upto[last] - neg_before, pos_upto[last] - pos_before
+        v10 = ((neg_before + 0.5 * neg_g) / k)[gid]
+        v01 = ((m - pos_upto[last] + 0.5 * pos_g) / m)[gid]
+    auc = float(v10[pos_s].sum() / m)
+    psi_s = np.where(pos_s, (v10 - auc) / m, (v01 - auc) / k)
+    psi = np.empty(n)
+    psi[order] = psi_s
+    return auc, psi
+
+
+def influence_variance(psi: np.ndarray, index: np.ndarray | None = None, groups: int = 0,
+                       strata: np.ndarray | None = None) -> float:
+    """Variance of sum_i psi_i, robust to dependence within clusters.
+
+    With clusters (``index`` of each row, G = ``groups``): G/(G-1) * sum_c (sum_{i in c} psi_i)^2,
+    the cluster-robust (CR1-type) sandwich; it assumes independent clusters, any dependence within
+    one. Without: each row its own cluster, n/(n-1) * sum_i psi_i^2; with ``strata`` (a boolean
+    per row, the AUC's classes) the factor is per stratum, n_s/(n_s-1) * sum_{i in s} psi_i^2,
+    which for the AUC is exactly DeLong's S10/m + S01/k. nan when there are fewer than 2 clusters
+    (or rows in a stratum).
+    """
+    if index is not None:
+        if groups < 2:
+            return float("nan")
+        sums = np.bincount(index, weights=psi, minlength=groups)
+        return float(groups / (groups - 1) * (sums @ sums))
+    parts = [psi] if strata is None else [psi[strata], psi[~strata]]
+    total = 0.0
+    for part in parts:
+        if len(part) < 2:
+            return float("nan")
+        total += len(part) / (len(part) - 1) * float(part @ part)
+    return total
+
+
+def interval(metric: str, y: np.ndarray, pred: np.ndarray, other: np.ndarray | None = None, *,
+             clusters: Any = None, level: float = 0.95, method: str = "auto", resamples: int = 1000,
+             seed: int = 0, threshold: float = 0.5) -> dict[str, Any]:
+    """Two-sided interval at `level` for `metric` of `pred`, or, with `other`, for the paired gain
+    of `pred` over `other` on the same rows (signed as `gain`: positive = `pred` better).
+
+    method:
+      * "analytic": value +- z * sqrt(V), z the normal quantile, V = `influence_variance` of the
+        influence values (`influence`; paired: psi = gain(psi_pred, psi_other), i.e. psi_pred -
+        psi_other if higher is better, else psi_other - psi_pred). Supported: ANALYTIC (roc_auc by
+        DeLong, the mean metrics by the CLT, rmse by the delta method); assumes enough clusters
+        (or rows) for the normal approximation. ValueError for other metrics.
+      * "bootstrap": percentile interval of `resamples` Poisson(1) resamples (`paired_bootstrap`
+        or `bootstrap`), per cluster when `clusters` is given.
+      * "auto": analytic when the metric supports it, there are at least MIN_CLUSTERS clusters
+        (rows, without clusters) and, for roc_auc, both classes are present; else the bootstrap.
+
+    ``clusters``: one id per row (day-hour, entity, ...); rows of a cluster may be dependent,
+    clusters are assumed independent. None: rows independent.
+
+    Returns {"metric", "value", "low", "high", "level", "method", "rows", "clusters" (G or None),
+    "undefined" (bootstrap resamples where the statistic is undefined; 0 for analytic), "gains"
+    (the bootstrap draws of the statistic, None for analytic), "resamples" (None for analytic),
+    "seed"}. Undefined cases (0 rows, one class for the AUC, fewer than 2 clusters for analytic)
+    give nan bounds, never an exception.
+    """
+    if metric not in DIRECTION:
+        raise ValueError(f"unknown metric {metric!r}; known: {sorted(DIRECTION)}")
+    if method not in ("auto", "analytic", "bootstrap"):
+        raise ValueError(f"method must be 'auto', 'analytic' or 'bootstrap', not {method!r}")
+    if method == "analytic" and metric not in ANALYTIC:
+        raise ValueError(f"no analytic interval for {metric!r} (supported: {', '.join(ANALYTIC)}); "
+                         "use method='bootstrap' or 'auto'")
+    y, pred = np.asarray(y, np.float64), np.asarray(pred, np.float64)
+    n = len(y)
+    index, groups = (None, 0) if clusters is None else cluster_index(clusters, n)
+    if method == "auto":
+        enough = (groups if index is not None else n) >= MIN_CLUSTERS
+        both = metric != "roc_auc" or 0 < int((y > 0.5).sum()) < n
+        method = "analytic" if metric in ANALYTIC and enough and both else "bootstrap"
+    out: dict[str, Any] = {"metric": metric, "level": level, "method": method, "rows": n,
+                           "clusters": None if index is None else groups, "seed": seed}
+    if method == "bootstrap":
+        if other is None:
+            b = bootstrap(metric, y, pred, resamples=resamples, level=level, seed=seed, threshold=threshold,
+                          clusters=clusters)
+            value, draws = b["value"], b["values"]
+        else:
+            b = paired_bootstrap(metric, y, pred, other, resamples=resamples, level=level, seed=seed,
+                                 threshold=threshold, clusters=clusters)
+            value, draws = b["gain"], b["gains"]
+        return out | {"value": value, "low": b["low"], "high": b["high"], "undefined": b["undefined"],
+                      "gains": draws, "resamples": resamples}
+    value, psi = influence(metric, y, pred, threshold)
+    if other is not None:
+        value_o, psi_o = influence(metric, y, other, threshold)
+        value, psi = float(gain(metric, value, value_o)), gain(metric, psi, psi_o)
+    strata = (y > 0.5) if metric == "roc_auc" and index is None else None
+    var = influence_variance(psi, index, groups, strata) if n else float("nan")
+    half = NormalDist().inv_cdf(0.5 + level / 2) * math.sqrt(var) if math.isfinite(var) else float("nan")
+    low, high = (value - half, value + half) if math.isfinite(value) else (float("nan"),) * 2
+    return out | {"value": value, "low": float(low), "high": float(high), "undefined": 0, "gains": None,
+                  "resamples": None}
