@@ -20,7 +20,7 @@ from sklearn import metrics as skm
 from daybreak.cycle import run_cycle
 from daybreak.features import read_features
 from daybreak.gate import PROMOTE, evaluate_gate
-from daybreak.gate._gating import BLOCKED, REJECT, decide, judge
+from daybreak.gate._gating import BLOCKED, INSUFFICIENT, REJECT, decide, judge
 from daybreak.infra import metrics, registry
 from daybreak.infra.context import RunContext
 from daybreak.infra.errors import GateError
@@ -217,7 +217,8 @@ def test_gate_record_same_rows_report_and_override(fresh: Path, spec) -> None:
     cand = cl.get_model_version(s.model.name, out["candidate_version"])
     assert out["champion_version"] == "1" and out["candidate_version"] == "2"
     kinds = {r["rule"]: r["kind"] for r in out["rules"]}
-    assert kinds == {"finite_predictions": "absolute", "floor": "absolute", "no_worse": "relative",
+    assert kinds == {"min_rows": "size", "min_class_rows": "size", "finite_predictions": "absolute",
+                     "floor": "absolute", "baseline:prior": "baseline", "no_worse": "relative",
                      "confidence": "confidence", "slice:origin": "slice",
                      "unseen_holdout": "data", "row_count": "data", "label_shift": "data", "drift": "data"}
     assert next(r for r in out["rules"] if r["rule"] == "unseen_holdout")["verdict"] == "pass"
@@ -253,7 +254,7 @@ def test_gate_record_same_rows_report_and_override(fresh: Path, spec) -> None:
     text = page.read_text()
     assert "PROMOTE" in text and "confidence" in text and "http" not in text.replace("http-equiv", "")
     _check_report_in_chromium(page, {"ROC curve", "Precision-recall curve", "Calibration",
-                                     "Bootstrap distribution of the gain", "Slices by origin"})
+                                     "Distribution of the gain", "Slices by origin"})
 
     # gating an older date against a newer champion (as in a backfill): the champion saw the holdout
     old = evaluate_gate(s, _ctx("2013-01-02"), force=True)
@@ -307,6 +308,25 @@ def test_blocking_data_check_stops_promotion(fresh: Path, spec) -> None:
     assert out["promote"] == {"step": "promote", "date": "2013-01-03", "promoted": False,
                               "reason": "gate decision is BLOCKED_BY_DATA", "candidate_version": "2",
                               "champion_version": "1"}
+
+
+def test_too_few_holdout_rows_is_a_recorded_decision_and_the_cycle_goes_on(fresh: Path, spec) -> None:
+    """A holdout under gate.min_rows used to raise (exit 2) and stop a backfill: it is now the
+    decision INSUFFICIENT_DATA, recorded like any other, and nothing is promoted."""
+    from daybreak.infra.audit import audit_events
+    from daybreak.promote import model_history
+
+    s = _gate(spec, min_rows=100_000)
+    days = [run_cycle(s, _ctx(d), deploy=False) for d in ("2013-01-02", "2013-01-03")]
+    for out in days:
+        gate = out["gate"]
+        assert gate["decision"] == INSUFFICIENT, gate
+        rule = next(r for r in gate["rules"] if r["rule"] == "min_rows")
+        assert rule["verdict"] == "fail" and "100000" in rule["detail"]
+        assert out["promote"]["promoted"] is False and out["promote"]["champion_version"] is None
+    history = model_history(s, _ctx("2013-01-03"))
+    assert [r["decision"] for r in history] == [INSUFFICIENT, INSUFFICIENT]
+    assert {e["event"] for e in audit_events(s, _ctx("2013-01-03"))} == {"insufficient_data"}
 
 
 def _check_report_in_chromium(page: Path, titles: set[str]) -> None:

@@ -8,13 +8,15 @@ import pandas as pd
 
 from daybreak.gate._gating import GateInputs, compute
 from daybreak.infra.records import Decision, GateRecord, Tag
+from daybreak.spec._model import BaselineSpec
 
 
 def _inputs(candidate: np.ndarray, champion: np.ndarray | None, y: np.ndarray,
             data_rules: list | None = None) -> GateInputs:
     return GateInputs(day="2013-01-05", candidate_version="2", champion_version=None if champion is None else "1",
                       frame=pd.DataFrame({"origin": np.where(np.arange(len(y)) % 2, "JFK", "LGA")}),
-                      holdout_hash="h", y=y, candidate=candidate, champion=champion, data_rules=data_rules or [])
+                      holdout_hash="h", y=y, candidate=candidate, champion=champion, data_rules=data_rules or [],
+                      prior=0.5)
 
 
 def _data(n: int = 4000, seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -59,3 +61,84 @@ def test_nan_predictions_are_never_promoted_even_without_a_champion(spec) -> Non
     v = compute(spec, _inputs(bad, None, y))
     assert v.record.decision == Decision.REJECT and v.record.champion_version is None
     assert next(r for r in v.record.rules if r["rule"] == "finite_predictions")["verdict"] == "fail"
+
+
+# --- baselines, confidence on floors, selection-aware champion scores, INSUFFICIENT_DATA --------
+
+def _gate(spec, **update):
+    return spec.model_copy(update={"gate": spec.gate.model_copy(update=update)})
+
+
+def _rules(v) -> dict:
+    return {r["rule"]: r for r in v.record.rules}
+
+
+def test_a_model_no_better_than_the_prior_is_never_a_first_champion(spec) -> None:
+    """No champion, no floor: the prior baseline alone stops a model that ranks by chance."""
+    rng = np.random.default_rng(4)
+    y = (rng.random(3000) < 0.3).astype(float)
+    noise = rng.random(3000)
+    v = compute(_gate(spec, floor=None), _inputs(noise, None, y))
+    assert v.record.decision == Decision.REJECT
+    assert _rules(v)["baseline:prior"]["verdict"] == "fail"
+    assert v.full["baselines"][0]["name"] == "prior"
+
+
+def test_a_floor_is_judged_on_the_interval_when_there_is_no_champion(spec) -> None:
+    """AUC a little above the floor on few rows: the point estimate clears it, the lower end does not."""
+    rng = np.random.default_rng(5)
+    n = 300
+    y = (rng.random(n) < 0.5).astype(float)
+    weak = np.clip(0.5 + 0.05 * (2 * y - 1) + rng.normal(0, 0.25, n), 0, 1)
+    s = _gate(spec, floor=0.55, baselines=[])
+    first = compute(s, _inputs(weak, None, y))
+    floor = _rules(first)["floor"]
+    assert floor["value"] > 0.55 > floor["bound"] and floor["verdict"] == "fail", floor
+    assert compute(_gate(s, floor_confidence="never"), _inputs(weak, None, y)).record.decision == Decision.PROMOTE
+    # with a champion, auto judges the floor on the point estimate (the champion comparison has confidence)
+    with_champ = compute(_gate(s, compare="no_worse", margin=1.0), _inputs(weak, weak.copy(), y))
+    assert _rules(with_champ)["floor"]["verdict"] == "pass" and "bound" not in _rules(with_champ)["floor"]
+
+
+def test_a_model_worse_than_persistence_is_rejected(spec) -> None:
+    """A single series: 'the last known reading' beats a model that tracks the level loosely."""
+    rng = np.random.default_rng(6)
+    n = 2000
+    level = np.cumsum(rng.normal(0, 1, n + 1))
+    y, last = level[1:], level[:-1]
+    feature = spec.features.feature_names()[0]
+    model = y + rng.normal(0, 3, n)  # unbiased but noisier than persistence (whose error sd is 1)
+    s = _gate(spec, metric="rmse", floor=None, floors={}, report_metrics=["rmse", "mae"], slices=spec.gate.slices.
+              model_copy(update={"columns": []}),
+              baselines=[*spec.gate.baselines, BaselineSpec(kind="feature", column=feature, name="persistence")])
+    s = s.model_copy(update={"model": s.model.model_copy(update={"task": "regression"})})
+    inputs = _inputs(model, None, y)
+    inputs.frame[feature] = last
+    v = compute(s.model_validate(s.model_dump()), inputs)
+    rules = _rules(v)
+    assert rules["baseline:persistence"]["verdict"] == "fail" and rules["baseline:prior"]["verdict"] == "pass"
+    assert v.record.decision == Decision.REJECT
+
+
+def test_the_champion_is_not_credited_with_its_own_selection_rows(spec) -> None:
+    """Two holdout days; the champion was gated on the first: it is compared on the second only."""
+    y, good, weak = _data(n=4000, seed=7)
+    inputs = _inputs(good, weak, y)
+    inputs.frame["__day"] = np.where(np.arange(len(y)) < 2000, "2013-01-04", "2013-01-05")
+    seen = GateInputs(**{**inputs.__dict__, "champion_seen": frozenset({"2013-01-04"})})
+    v = compute(spec, seen)
+    assert v.full["champion_excluded_days"] == ["2013-01-04"]
+    assert "on the 2000 of 4000 rows" in _rules(v)["confidence"]["detail"]
+    everything = GateInputs(**{**inputs.__dict__, "champion_seen": frozenset({"2013-01-04", "2013-01-05"})})
+    rule = _rules(compute(spec, everything))[spec.gate.compare]
+    assert rule["verdict"] == "fail" and "cannot be compared" in rule["detail"]
+
+
+def test_too_few_rows_or_too_few_of_a_class_is_insufficient_data(spec) -> None:
+    y, good, weak = _data(n=4000, seed=8)
+    few = compute(_gate(spec, min_rows=5000), _inputs(good, weak, y))
+    assert few.record.decision == Decision.INSUFFICIENT
+    assert [r["rule"] for r in few.record.rules if r["verdict"] == "fail"] == ["min_rows"]
+    rare = np.where(np.cumsum(y) > 5, 0.0, y)  # five positives in 4000 rows
+    v = compute(spec, _inputs(good, weak, rare))
+    assert v.record.decision == Decision.INSUFFICIENT and _rules(v)["min_class_rows"]["value"] == 5

@@ -2,6 +2,7 @@
 """
 
 from daybreak.features._build import (
+    DAY,
     EVENT_TIME,
     FeaturesResult,
     build_features,
@@ -13,6 +14,7 @@ from daybreak.features._build import (
 )
 
 __all__ = [
+    "DAY",
     "EVENT_TIME", "FeaturesResult", "build_features", "day_slices", "feature_zone", "read_features",
     "recorded_lineage", "write_sorted",
 ]

@@ -848,10 +848,13 @@ def _result(spec: Spec, path: str, manifest: dict[str, Any], skipped: bool) -> F
     }
 
 
-def read_features(spec: Spec, ctx: RunContext, days: list[date],
-                  load: bool = True) -> tuple[pa.Table | None, dict[str, str], list[str]]:
+DAY = "__day"  # with read_features(with_day=True): the partition (logical date) a row was published for
+
+
+def read_features(spec: Spec, ctx: RunContext, days: list[date], load: bool = True,
+                  with_day: bool = False) -> tuple[pa.Table | None, dict[str, str], list[str]]:
     """Published feature rows for `days` (in order; None without `load`), their content hashes,
-    and the days missing."""
+    and the days missing. `with_day` adds the column DAY: each row's partition date."""
     zone = feature_zone(spec)
     tables, hashes, missing = [], {}, []
     for d in days:
@@ -861,7 +864,10 @@ def read_features(spec: Spec, ctx: RunContext, days: list[date],
             continue
         hashes[d.isoformat()] = part.manifest["content_hash"]
         if load:
-            tables.append(_read_table(part.files, ctx.store.fs))
+            table = _read_table(part.files, ctx.store.fs)
+            if with_day:
+                table = table.append_column(DAY, pa.array([d] * table.num_rows, pa.date32()))
+            tables.append(table)
     if not tables:
         return None, hashes, missing
     return pa.concat_tables(tables, promote_options="default"), hashes, missing

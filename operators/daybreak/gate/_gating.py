@@ -34,11 +34,12 @@ from typing import Any, TypedDict
 
 import numpy as np
 
-from daybreak.features import EVENT_TIME, read_features
-from daybreak.infra import metrics, registry
+from daybreak.features import DAY, EVENT_TIME, read_features
+from daybreak.gate._rules import baseline_predictions, decide, judge, size_rules
+from daybreak.infra import registry
 from daybreak.infra.context import RunContext
 from daybreak.infra.errors import GateError, MissingInputError
-from daybreak.infra.records import Decision, GateRecord, Tag, json_default
+from daybreak.infra.records import Decision, GateRecord, Lineage, Tag, json_default
 from daybreak.spec import Spec
 
 log = logging.getLogger(__name__)
@@ -64,7 +65,8 @@ class GateResult(TypedDict, total=False):
     recorded: bool
 
 PROMOTE, REJECT, BLOCKED, SKIPPED = Decision.PROMOTE, Decision.REJECT, Decision.BLOCKED, Decision.SKIPPED
-DECISIONS = (PROMOTE, REJECT, BLOCKED)
+INSUFFICIENT = Decision.INSUFFICIENT
+DECISIONS = (PROMOTE, REJECT, BLOCKED, INSUFFICIENT)
 REPORT = "gate_report.html"
 
 
@@ -77,102 +79,13 @@ def holdout_with_hash(spec: Spec, ctx: RunContext) -> tuple[Any, str]:
     """The holdout rows (features of the spec's holdout days: the logical date and the
     ``training.holdout_days - 1`` days before it, which training never reads) and a hash of the
     partitions they came from."""
-    table, hashes, missing = read_features(spec, ctx, spec.training.holdout(ctx.logical_date))
+    table, hashes, missing = read_features(spec, ctx, spec.training.holdout(ctx.logical_date), with_day=True)
     if table is None or ctx.logical_date.isoformat() in missing:
         raise MissingInputError(f"gate: no feature partition for {ctx.logical_date}; run the features step first")
     if missing:
         log.warning("gate %s: holdout days without features %s", ctx.logical_date, missing)
     digest = hashlib.sha256(json.dumps(hashes, sort_keys=True).encode()).hexdigest()
     return table.to_pandas(), digest
-
-
-def _bound_rule(metric: str, value: float, threshold: float) -> dict[str, Any]:
-    hib = metrics.DIRECTION[metric]
-    ok = math.isfinite(value) and (value >= threshold if hib else value <= threshold)
-    return {"rule": "floor" if hib else "ceiling", "kind": "absolute", "metric": metric, "value": value,
-            "threshold": threshold, "verdict": "pass" if ok else "fail"}
-
-
-def judge(spec: Spec, y: np.ndarray, candidate: np.ndarray, champion: np.ndarray | None,
-          frame: Any = None) -> dict[str, Any]:
-    """Score both models on the same rows and apply the model rules (everything but data checks).
-
-    Pure: arrays in, record out. `frame` holds the slice columns, row-aligned with `y`.
-    """
-    g = spec.gate
-    names = list(dict.fromkeys([g.metric, *(g.report_metrics or metrics.metrics_for(spec.model.task)), *g.floors]))
-    cand = {m: metrics.evaluate(m, y, candidate, g.threshold) for m in names}
-    champ = None if champion is None else {m: metrics.evaluate(m, y, champion, g.threshold) for m in names}
-    bad = int((~np.isfinite(candidate)).sum())
-    rules: list[dict[str, Any]] = [{
-        "rule": "finite_predictions", "kind": "absolute", "metric": None, "value": bad, "threshold": 0,
-        "verdict": "fail" if bad else "pass",
-        "detail": f"{bad} of {len(candidate)} candidate predictions are NaN or infinite"}]
-    bounds = {**g.floors, **({g.metric: g.floor} if g.floor is not None else {})}
-    rules += [_bound_rule(m, cand[m], t) for m, t in bounds.items()]
-    boot = None
-    slices: list[dict[str, Any]] = []
-    if champion is not None and champ is not None:  # both or neither
-        need = g.required_margin()
-        point = metrics.gain(g.metric, cand[g.metric], champ[g.metric])
-        ok = math.isfinite(point) and (point > need if g.compare == "improve" else point >= need)
-        rules.append({"rule": g.compare, "kind": "relative", "metric": g.metric, "value": point, "threshold": need,
-                      "verdict": "pass" if ok else "fail",
-                      "detail": f"gain over the champion (positive: candidate better), must be "
-                                f"{'>' if g.compare == 'improve' else '>='} {need:g}"})
-        if g.bootstrap is not None:
-            b = g.bootstrap
-            boot = metrics.paired_bootstrap(g.metric, y, candidate, champion, resamples=b.resamples, level=b.level,
-                                            seed=b.seed, threshold=g.threshold)
-            # resamples where the metric is undefined (e.g. no positive drawn) must be rare
-            ok = (math.isfinite(boot["low"]) and boot["undefined"] <= 0.01 * b.resamples
-                  and (boot["low"] > need if g.compare == "improve" else boot["low"] >= need))
-            rules.append({"rule": "confidence", "kind": "confidence", "metric": g.metric, "value": boot["low"],
-                          "threshold": need, "verdict": "pass" if ok else "fail",
-                          "detail": f"{b.level:.0%} interval of the gain [{boot['low']:.4g}, {boot['high']:.4g}] "
-                                    f"over {b.resamples} paired resamples (seed {b.seed})"
-                                    + (f"; {boot['undefined']} resamples undefined" if boot["undefined"] else "")})
-        if frame is not None and g.slices.columns:
-            rules_s, slices = _slices(spec, y, candidate, champion, frame)
-            rules += rules_s
-    return {"metrics": {"candidate": cand, "champion": champ}, "rules": rules, "bootstrap": boot, "slices": slices}
-
-
-def _slices(spec: Spec, y: np.ndarray, candidate: np.ndarray, champion: np.ndarray,
-            frame: Any) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    s = spec.gate.slices
-    metric = s.metric or spec.gate.metric
-    rules, table = [], []
-    for col in s.columns:
-        keys = frame[col].astype("string").fillna("(null)").to_numpy()
-        values, inverse, counts = np.unique(keys, return_inverse=True, return_counts=True)
-        worst: dict[str, Any] | None = None
-        for i in np.flatnonzero(counts >= s.min_rows):
-            rows = inverse == i
-            c = metrics.evaluate(metric, y[rows], candidate[rows], spec.gate.threshold)
-            h = metrics.evaluate(metric, y[rows], champion[rows], spec.gate.threshold)
-            g = metrics.gain(metric, c, h)
-            row = {"column": col, "value": str(values[i]), "rows": int(counts[i]), "candidate": c, "champion": h,
-                   "gain": g, "verdict": "skip" if not math.isfinite(g) else ("pass" if g >= -s.tolerance else "fail")}
-            table.append(row)
-            if math.isfinite(g) and (worst is None or g < worst["gain"]):
-                worst = row
-        judged = [r for r in table if r["column"] == col and r["verdict"] != "skip"]
-        failed = [r["value"] for r in judged if r["verdict"] == "fail"]
-        rules.append({"rule": f"slice:{col}", "kind": "slice", "metric": metric,
-                      "value": None if worst is None else worst["gain"], "threshold": -s.tolerance,
-                      "verdict": "skip" if worst is None else ("fail" if failed else "pass"),
-                      "detail": (f"no slice with {s.min_rows}+ rows and a defined {metric}" if worst is None else
-                                 f"worst {col}={worst['value']} ({worst['rows']} rows); {len(failed)} of "
-                                 f"{len(judged)} slices worse than the champion by more than {s.tolerance:g}"
-                                 + (f": {failed[:10]}" if failed else ""))})
-    return rules, table
-
-
-def decide(rules: list[dict[str, Any]]) -> str:
-    if any(r["kind"] == "data" and r["verdict"] == "fail" for r in rules):
-        return BLOCKED
-    return REJECT if any(r["verdict"] == "fail" for r in rules) else PROMOTE
 
 
 def should_promote(result: GateResult | dict[str, Any]) -> bool:
@@ -206,6 +119,8 @@ class GateInputs:
     champion: np.ndarray | None
     data_rules: list[dict[str, Any]] = field(default_factory=list)
     drift: Any = None
+    prior: float | None = None  # the candidate's training label mean: the prior baseline
+    champion_seen: frozenset[str] = frozenset()  # days the champion was trained or gated on (ISO dates)
 
 
 @dataclass(frozen=True)
@@ -260,8 +175,6 @@ def load(spec: Spec, ctx: RunContext, cl: Any, *, force: bool = False,
         log.info("gate %s: version %s is already the champion; keeping its record", day, cand.version)
         return base | _recorded_result(cand.tags) | {"candidate_version": str(cand.version), "recorded": True}
     df, holdout_hash = holdout_with_hash(spec, ctx)
-    if len(df) < spec.gate.min_rows:
-        raise GateError(f"gate {day}: holdout has {len(df)} rows < gate.min_rows={spec.gate.min_rows}")
     X = df[spec.features.feature_names()]  # one frame: both models score exactly these rows
     cand_pred = np.asarray(registry.load_model(ctx, name, str(cand.version)).predict(X), np.float64)
     champ_pred = None
@@ -273,21 +186,60 @@ def load(spec: Spec, ctx: RunContext, cl: Any, *, force: bool = False,
     return GateInputs(day=day, candidate_version=str(cand.version),
                       champion_version=None if champ is None else str(champ.version), frame=df,
                       holdout_hash=holdout_hash, y=df[spec.features.label.name].to_numpy(np.float64),
-                      candidate=cand_pred, champion=champ_pred, data_rules=data_rules, drift=drift)
+                      candidate=cand_pred, champion=champ_pred, data_rules=data_rules, drift=drift,
+                      prior=_prior(spec, ctx, dict(cand.tags)),
+                      champion_seen=frozenset() if champ is None else _seen_days(dict(champ.tags)))
+
+
+def _prior(spec: Spec, ctx: RunContext, tags: dict[str, str]) -> float | None:
+    """The candidate's training label mean: recorded at training, or (versions trained before it
+    was) read from its training window's features."""
+    lineage = Lineage.from_tags(tags)
+    if lineage.label_mean is not None:
+        return lineage.label_mean
+    if not any(b.kind == "prior" for b in spec.gate.baselines) or not lineage.window_start or not lineage.window_end:
+        return None
+    from daybreak.gate._datachecks import window_days
+
+    table, _, _ = read_features(spec, ctx, window_days(tags))
+    if table is None or table.num_rows == 0:
+        return None
+    y = table.column(spec.features.label.name).to_numpy(zero_copy_only=False).astype(np.float64)
+    return float(np.nanmean(y))
+
+
+def _seen_days(tags: dict[str, str]) -> frozenset[str]:
+    """The days a version was trained on and gated on: its scores there are not fresh evidence."""
+    from daybreak.gate._datachecks import window_days
+
+    lineage = Lineage.from_tags(tags)
+    return frozenset([d.isoformat() for d in window_days(tags)] + list(lineage.holdout))
 
 
 def compute(spec: Spec, inputs: GateInputs, *, forced: str | None = None, reason: str | None = None,
             by: str | None = None, now: str | None = None) -> Verdict:
     """The decision and its record from loaded inputs. Pure: no registry, store or clock."""
-    judged = judge(spec, inputs.y, inputs.candidate, inputs.champion, inputs.frame)
-    rules = judged["rules"] + inputs.data_rules
+    size = size_rules(spec, inputs.y)
+    excluded: list[str] = []  # holdout days left out of the champion comparison
+    if any(r["verdict"] == "fail" for r in size):  # too few rows to judge anything: INSUFFICIENT_DATA
+        judged: dict[str, Any] = {"metrics": {"candidate": {}, "champion": None}, "rules": [], "bootstrap": None,
+                                  "slices": [], "baselines": [], "interval_unit": None, "clusters": None}
+    else:
+        fresh = None
+        if inputs.champion_seen and inputs.frame is not None and DAY in inputs.frame:
+            days = np.array([str(d) for d in inputs.frame[DAY]])
+            fresh = ~np.isin(days, sorted(inputs.champion_seen))
+            excluded = sorted(set(days[~fresh]))
+        judged = judge(spec, inputs.y, inputs.candidate, inputs.champion, inputs.frame,
+                       baselines=baseline_predictions(spec, inputs.frame, inputs.prior), fresh=fresh)
+    rules = size + judged["rules"] + inputs.data_rules
     computed = decide(rules)
     decision = forced or computed
     m = spec.gate.metric
-    champ_metric = None if inputs.champion_version is None else judged["metrics"]["champion"][m]
+    champ_metric = (judged["metrics"]["champion"] or {}).get(m) if inputs.champion_version is not None else None
     record = GateRecord(
         decision=decision, computed_decision=computed, champion_version=inputs.champion_version, metric=m,
-        candidate_metric=judged["metrics"]["candidate"][m], champion_metric=champ_metric,
+        candidate_metric=judged["metrics"]["candidate"].get(m), champion_metric=champ_metric,
         holdout_date=inputs.day, holdout_rows=len(inputs.y), holdout_hash=inputs.holdout_hash, rules=rules,
         decided_at=now, override=decision if forced else None,
         override_reason=str(reason) if forced else None, override_by=by if forced else None)
@@ -295,7 +247,10 @@ def compute(spec: Spec, inputs: GateInputs, *, forced: str | None = None, reason
     full = {"date": inputs.day, "decision": decision, "computed_decision": computed,
             "candidate_version": inputs.candidate_version, "champion_version": inputs.champion_version, "metric": m,
             "metrics": judged["metrics"], "rules": rules, "slices": judged["slices"], "drift": inputs.drift,
-            "holdout_rows": len(inputs.y), "holdout_hash": inputs.holdout_hash,
+            "holdout_rows": len(inputs.y), "holdout_hash": inputs.holdout_hash, "baselines": judged["baselines"],
+            "interval_unit": judged["interval_unit"], "clusters": judged["clusters"],
+            "champion_excluded_days": excluded, "champion_seen_days": sorted(inputs.champion_seen),
+            "prior": inputs.prior,
             "bootstrap": None if boot is None else {k: v for k, v in boot.items() if k != "gains"},
             "override": None if not forced else {"decision": decision, "reason": reason, "by": by}}
     return Verdict(record=record, full=full, bootstrap=boot, judged=judged)
@@ -319,7 +274,7 @@ def publish(spec: Spec, ctx: RunContext, cl: Any, inputs: GateInputs, verdict: V
             folder = Path(tmp)
             (folder / "decision.json").write_text(json.dumps(verdict.full, indent=2, default=json_default))
             _scores(inputs.frame, spec, inputs.y, inputs.candidate, inputs.champion).to_parquet(
-                folder / "scores.parquet", index=False)
+                folder / SCORES, index=False)
             try:
                 from daybreak.gate._report import gate_report
 
@@ -361,11 +316,17 @@ def _result(spec: Spec, inputs: GateInputs, rec: GateRecord) -> GateResult:
             "gate_run_id": rec.gate_run_id, "overridden": rec.override is not None}
 
 
+SCORES = "scores.parquet"
+
+
 def _scores(df: Any, spec: Spec, y: np.ndarray, cand: np.ndarray, champ: np.ndarray | None) -> Any:
+    """Every holdout row with what the gate judged it on: ids, day, the features (for baselines,
+    slices and clusters), the label and both predictions. ``daybreak replay`` re-judges from this
+    and decision.json alone."""
     import pandas as pd
 
-    ids = [c for c in [EVENT_TIME, *spec.features.keys] if c in df.columns]
-    out = df[ids].copy() if ids else pd.DataFrame(index=df.index)
+    keep = [c for c in [EVENT_TIME, DAY, *spec.features.keys, *spec.features.feature_names()] if c in df.columns]
+    out = df[list(dict.fromkeys(keep))].copy() if keep else pd.DataFrame(index=df.index)
     out["label"], out["candidate"] = y, cand
     if champ is not None:
         out["champion"] = champ

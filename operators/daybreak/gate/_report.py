@@ -116,18 +116,28 @@ def _residuals(y: np.ndarray, preds: dict[str, np.ndarray], seed: int = 0) -> li
     return out
 
 
-def _bootstrap(gains: np.ndarray, boot: dict[str, Any], need: float) -> str:
+def _gain_plot(gains: np.ndarray | None, boot: dict[str, Any], need: float, metric: str) -> str:
+    """The gain's distribution: the bootstrap draws, or the normal the analytic interval assumes."""
     import matplotlib.pyplot as plt
+    from scipy.stats import norm
 
     fig, ax = plt.subplots(figsize=(6, 3.2))
-    ax.hist(gains[np.isfinite(gains)], bins=50, color="#8cb4e0")
+    unit = boot.get("unit") or "row"
+    if gains is not None:
+        ax.hist(gains[np.isfinite(gains)], bins=50, color="#8cb4e0")
+        title, ylabel = f"Paired bootstrap by {unit}, {boot['resamples']} resamples", "resamples"
+    else:
+        z = norm.ppf(0.5 + boot["level"] / 2)
+        sd = max((boot["high"] - boot["low"]) / (2 * z), 1e-12)
+        x = np.linspace(boot["gain"] - 4 * sd, boot["gain"] + 4 * sd, 200)
+        ax.fill_between(x, norm.pdf(x, boot["gain"], sd), color="#8cb4e0")
+        title, ylabel = f"Analytic (normal) interval by {unit}", "density"
     for x, style, label in [(boot["low"], "--", "interval"), (boot["high"], "--", None),
                             (need, "-", "required gain"), (boot["gain"], ":", "observed gain")]:
         ax.axvline(x, linestyle=style, color="black" if style != "-" else "#cf222e", label=label)
-    ax.set(xlabel=f"gain in {boot['metric']} (positive: candidate better)", ylabel="resamples",
-           title=f"Paired bootstrap, {boot['resamples']} resamples")
+    ax.set(xlabel=f"gain in {metric} (positive: candidate better)", ylabel=ylabel, title=title)
     ax.legend(fontsize=8)
-    return _figure("Bootstrap distribution of the gain", fig)
+    return _figure("Distribution of the gain", fig)
 
 
 def _slice_plot(slices: list[dict[str, Any]], column: str, metric: str) -> str:
@@ -158,8 +168,8 @@ def gate_report(spec: Spec, record: dict[str, Any], y: np.ndarray, candidate: np
     if champion is not None:
         preds[f"champion v{record['champion_version']}"] = champion
     figures = (_curves(y, preds) if spec.model.task == "classification" else _residuals(y, preds))
-    if gains is not None and record.get("bootstrap"):
-        figures.append(_bootstrap(gains, record["bootstrap"], spec.gate.required_margin()))
+    if record.get("bootstrap"):
+        figures.append(_gain_plot(gains, record["bootstrap"], spec.gate.required_margin(), spec.gate.metric))
     metric = spec.gate.slices.metric or spec.gate.metric
     for col in spec.gate.slices.columns:
         if any(r["column"] == col for r in record["slices"]):
@@ -167,6 +177,13 @@ def gate_report(spec: Spec, record: dict[str, Any], y: np.ndarray, candidate: np
     m = record["metrics"]
     metric_rows = [{"metric": k, "candidate": v, "champion": None if m["champion"] is None else m["champion"][k],
                     "higher is better": "yes" if DIRECTION[k] else "no"} for k, v in m["candidate"].items()]
+    boot = record.get("bootstrap") or {}
+    unit = record.get("interval_unit") or "row"
+    intervals = (f"Intervals: {boot.get('method') or spec.gate.bootstrap.method if spec.gate.bootstrap else 'off'}"
+                 f", resampling unit {unit}"
+                 + (f" ({record['clusters']} clusters)" if record.get("clusters") else "")
+                 + ("" if spec.gate.bootstrap else " (gate.bootstrap is off: point estimates only)") + ".")
+    excluded = record.get("champion_excluded_days") or []
     override = record.get("override")
     against = (f"champion v{record['champion_version']}" if record["champion_version"]
                else "no champion (absolute rules only)")
@@ -181,8 +198,11 @@ def gate_report(spec: Spec, record: dict[str, Any], y: np.ndarray, candidate: np
         f'<p class="decision" style="color:{_COLORS.get(decision, "#1f2328")}">{decision}</p>',
         f"<p>candidate v{record['candidate_version']} vs {against}"
         f", both scored on the same {record['holdout_rows']} holdout rows (partitions {record['holdout_hash'][:12]})."
-        f" Computed decision: {record['computed_decision']}.</p>",
+        f" Computed decision: {record['computed_decision']}. {html.escape(intervals)}</p>",
     ]
+    if excluded:
+        parts.append(f"<p>The champion is compared only on holdout days it was neither trained nor gated on; "
+                     f"excluded: {html.escape(', '.join(excluded))}.</p>")
     if override:
         parts.append(f"<p><b>Manual override</b> to {html.escape(override['decision'])} by "
                      f"{html.escape(override['by'])}: {html.escape(str(override['reason']))}</p>")
@@ -192,6 +212,9 @@ def gate_report(spec: Spec, record: dict[str, Any], y: np.ndarray, candidate: np
                ["rule", "kind", "metric", "value", "threshold", "severity", "verdict", "detail"], "rules"),
         "<h2>Metrics on the holdout</h2>",
         _table(metric_rows, ["metric", "candidate", "champion", "higher is better"], "metrics"),
+        "<h2>Baselines (naive predictors on the same rows)</h2>",
+        _table(record.get("baselines") or [], ["name", "metric", "gain"], "baselines") if record.get("baselines")
+        else "<p>none</p>",
         "<h2>Plots</h2>", "".join(figures),
     ]
     if record["slices"]:

@@ -49,6 +49,7 @@ class Tag:
     GATE_RUN_ID = "daybreak.gate.run_id"
     HOLDOUT = "daybreak.holdout"
     INPUT_HASHES = "daybreak.input_hashes"
+    LABEL_MEAN = "daybreak.label_mean"
     LINEAGE_KEY = "daybreak.lineage_key"
     LOCK_EXPIRES = "daybreak.lock_expires"
     LOCK_HOLDER = "daybreak.lock_holder"
@@ -86,6 +87,7 @@ class Decision(StrEnum):
     PROMOTE = "PROMOTE"
     REJECT = "REJECT"
     BLOCKED = "BLOCKED_BY_DATA"
+    INSUFFICIENT = "INSUFFICIENT_DATA"  # too few holdout rows (or rows of a class) to judge: nothing promoted
     SKIPPED = "SKIPPED"
 
 
@@ -230,6 +232,7 @@ class Lineage:
     val_metric: float | None
     run_context: str
     forced: bool = False
+    label_mean: float | None = None  # of the fit rows: the gate's prior baseline
 
     def to_tags(self) -> dict[str, str]:
         tags = {
@@ -240,6 +243,8 @@ class Lineage:
             Tag.TRAIN_ROWS: str(self.train_rows), Tag.VAL_METRIC: repr(self.val_metric),
             Tag.RUN_CONTEXT: self.run_context,
         }
+        if self.label_mean is not None:
+            tags[Tag.LABEL_MEAN] = repr(self.label_mean)
         return tags | ({Tag.FORCED_RETRAIN: "true"} if self.forced else {})
 
     @classmethod
@@ -256,7 +261,8 @@ class Lineage:
                    code_version=tags.get(Tag.CODE_VERSION, ""), flavor=tags.get(Tag.FLAVOR, ""),
                    train_rows=_int(tags.get(Tag.TRAIN_ROWS)) or 0,
                    val_metric=None if val in (None, NONE, "None") else float(val),
-                   run_context=tags.get(Tag.RUN_CONTEXT, ""), forced=tags.get(Tag.FORCED_RETRAIN) == "true")
+                   run_context=tags.get(Tag.RUN_CONTEXT, ""), forced=tags.get(Tag.FORCED_RETRAIN) == "true",
+                   label_mean=_float(tags.get(Tag.LABEL_MEAN)))
 
     @property
     def window(self) -> str | None:

@@ -498,12 +498,62 @@ CheckSeverity = Literal["warn", "block"]
 
 
 class BootstrapSpec(_Model):
-    """Paired bootstrap of the gain over the champion: the rule passes only if the lower end of
-    the interval clears the margin."""
+    """How the gate's intervals are computed (the gain over the champion and over each baseline,
+    and a metric's own interval for a floor). A rule with confidence passes only if the interval's
+    lower end clears its bound."""
 
     resamples: int = Field(1000, ge=100, le=100_000)
     level: float = Field(0.95, gt=0.5, lt=1.0, description="two-sided interval level")
     seed: int = 0
+    method: Literal["auto", "analytic", "bootstrap"] = Field(
+        "auto", description="auto: DeLong (ROC AUC) or the CLT on per-row losses (log_loss, brier, mae, mape, "
+                            "rmse) when they apply, the bootstrap otherwise; or force one")
+    cluster_by: list[str] | None = Field(
+        None, description="resampling unit: rows sharing these values move together (holdout columns, or "
+                          "'event_time:hour' / 'event_time:day'); null: by event hour when the holdout has at "
+                          "least 30 hours, else by row; []: by row")
+
+    @field_validator("cluster_by")
+    @classmethod
+    def _units(cls, v: list[str] | None) -> list[str] | None:
+        for i, c in enumerate(v or []):
+            if c.startswith("event_time:") and c not in ("event_time:hour", "event_time:day"):
+                raise ValueError(f"cluster_by[{i}]: {c!r}: event_time is truncated to 'event_time:hour' or "
+                                 "'event_time:day'")
+        return v
+
+
+class BaselineSpec(_Model):
+    """A naive predictor scored on the same holdout rows as the candidate, which must beat it.
+
+    prior: the training window's label rate (classification) or mean (regression); constant:
+    `value`; feature: a holdout column as the prediction (e.g. the last known value); expression:
+    `expr` over the holdout's columns. Rows where a feature or expression is null get the prior.
+    """
+
+    kind: Literal["prior", "constant", "feature", "expression"]
+    name: str | None = Field(None, description="how rules and reports call it (default: from kind)")
+    value: float | None = Field(None, description="constant: the prediction")
+    column: str | None = Field(None, description="feature: the holdout column used as the prediction")
+    expr: str | None = Field(None, description="expression: the prediction, over holdout columns")
+
+    @model_validator(mode="after")
+    def _fields(self) -> BaselineSpec:
+        need = {"constant": "value", "feature": "column", "expression": "expr"}.get(self.kind)
+        given = {k for k in ("value", "column", "expr") if getattr(self, k) is not None}
+        if need is not None and need not in given:
+            raise ValueError(f"a {self.kind} baseline needs '{need}'")
+        if given - {need}:
+            raise ValueError(f"a {self.kind} baseline takes {('only ' + repr(need)) if need else 'no value'}; "
+                             f"got {sorted(given)}")
+        return self
+
+    def label(self) -> str:
+        if self.name:
+            return self.name
+        detail = {"constant": f"{self.value:g}" if self.value is not None else "", "feature": self.column or "",
+                  "expression": "expr"}.get(self.kind, "")
+        return f"{self.kind}:{detail}" if detail else self.kind
 
 
 class SliceSpec(_Model):
@@ -556,9 +606,19 @@ class GateSpec(_Model):
         "improve", description="improve: beat the champion by more than `margin`; no_worse: lose by at most `margin`")
     margin: float = Field(0.0, ge=0)
     bootstrap: BootstrapSpec | None = BootstrapSpec()
+    baselines: list[BaselineSpec] = Field(
+        default_factory=lambda: [BaselineSpec(kind="prior")],
+        description="naive predictors the candidate must beat, with confidence, by baseline_margin (default: "
+                    "the prior, so a model no better than chance is never promoted, first champion included)")
+    baseline_margin: float = Field(0.0, ge=0, description="how much better than each baseline the candidate must be")
+    floor_confidence: Literal["auto", "always", "never"] = Field(
+        "auto", description="floors judged on the interval's lower end (upper for a ceiling), not the point "
+                            "estimate; auto: when there is no champion to compare with")
     slices: SliceSpec = SliceSpec()
     data_checks: DataChecksSpec = DataChecksSpec()
-    min_rows: int = Field(50, ge=1, description="holdout rows needed to decide")
+    min_rows: int = Field(50, ge=1, description="holdout rows needed to decide (fewer: INSUFFICIENT_DATA)")
+    min_class_rows: int = Field(
+        10, ge=1, description="classification: rows of each class the holdout needs (fewer: INSUFFICIENT_DATA)")
     on_reject: Literal["skip", "fail"] = Field(
         "skip", description="Airflow: skip or fail the tasks after a rejected gate")
 
@@ -828,10 +888,33 @@ def _check_metrics_and_columns(spec: Spec, names: list[str]) -> None:
         for i, col in enumerate(cols):
             if col not in have:
                 raise ValueError(f"{where}[{i}]: {col!r} is not {what}")
+    _check_baselines(spec, names)
     for i, col in enumerate(mon.log.id_columns or []):
         if col not in [*f.keys, "event_time"]:
             raise ValueError(f"monitoring.log.id_columns[{i}]: {col!r} is not a key or event_time; labels are "
                              f"joined on those (keys are {f.keys})")
+
+
+def _check_baselines(spec: Spec, names: list[str]) -> None:
+    """Baselines and the resampling unit name holdout columns (features, keys, event_time); the
+    label is never a prediction nor a unit."""
+    from daybreak.spec._expr import check_expression
+
+    g, f = spec.gate, spec.features
+    holdout = {*names, *f.keys, "event_time"}
+    labels = [b.label() for b in g.baselines]
+    dupes = sorted({x for x in labels if labels.count(x) > 1})
+    if dupes:
+        raise ValueError(f"gate.baselines: two baselines are called {dupes}; give them distinct names")
+    for i, b in enumerate(g.baselines):
+        if b.kind == "feature" and b.column not in holdout:
+            raise ValueError(f"gate.baselines[{i}].column: {b.column!r} is not a feature or key; features are "
+                             f"{names}")
+        if b.kind == "expression" and b.expr is not None:
+            check_expression(b.expr, holdout, where=f"gate.baselines[{i}].expr")
+    for i, unit in enumerate((g.bootstrap.cluster_by if g.bootstrap else None) or []):
+        if unit.partition(":")[0] not in holdout:
+            raise ValueError(f"gate.bootstrap.cluster_by[{i}]: {unit!r} is not a feature, key or event_time")
 
 
 def _check_expressions(spec: Spec, base: SourceSpec) -> None:

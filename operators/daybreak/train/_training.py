@@ -182,6 +182,7 @@ class Trained:
     example: Any  # a few raw rows: the model's input example
     trials: list[dict[str, Any]] = field(default_factory=list)
     overrides: dict[str, Any] = field(default_factory=dict)  # tuned parameters
+    label_mean: float | None = None  # of the fit rows (the gate's prior baseline); None out of core
 
 
 def train_model(spec: Spec, ctx: RunContext, force: bool = False) -> TrainResult:
@@ -240,7 +241,7 @@ def train_model(spec: Spec, ctx: RunContext, force: bool = False) -> TrainResult
         holdout=[d.isoformat() for d in spec.training.holdout(ctx.logical_date)],
         input_hashes=input_hashes_tag(hashes), feature_version=spec.feature_version(),
         code_version=registry.code_version(), flavor=spec.model.flavor, train_rows=trained.n_fit,
-        val_metric=trained.fitted.val_metric, run_context=ctx.run_id, forced=force)
+        val_metric=trained.fitted.val_metric, run_context=ctx.run_id, forced=force, label_mean=trained.label_mean)
     mv, registered, run_id = publish(spec, ctx, cl, trained, lineage, hashes)
     version = str(mv.version)
     if not registered:
@@ -277,7 +278,8 @@ def fit_window(spec: Spec, table: Any, ctx: RunContext | None = None) -> Trained
     else:
         fitted = fit_model(spec, data, overrides)
     return Trained(fitted, encoders, data.names, fit.num_rows, val.num_rows,
-                   fit.slice(0, 5).select(features).to_pandas(), trials, overrides)
+                   fit.slice(0, 5).select(features).to_pandas(), trials, overrides,
+                   float(np.mean(y_fit)) if len(y_fit) else None)
 
 
 def _need(ctx: RunContext | None, what: str) -> RunContext:
