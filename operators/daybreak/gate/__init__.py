@@ -13,9 +13,27 @@ from daybreak.gate._gating import (
     recorded_gate,
     should_promote,
 )
+from daybreak.gate._replay import ReplayDay, ReplayResult, policy_spec, replay
 from daybreak.gate._report import live_chart
+from daybreak.gate._rules import clusters_for
 
 __all__ = [
-    "PROMOTE", "REPORT", "SKIPPED", "Days", "GateResult", "evaluate_gate", "holdout", "live_chart", "psi",
-    "recorded_decision", "recorded_gate", "should_promote", "window_days",
+    "PROMOTE",
+    "REPORT",
+    "SKIPPED",
+    "Days",
+    "GateResult",
+    "ReplayDay",
+    "ReplayResult",
+    "clusters_for",
+    "evaluate_gate",
+    "holdout",
+    "live_chart",
+    "policy_spec",
+    "psi",
+    "recorded_decision",
+    "recorded_gate",
+    "replay",
+    "should_promote",
+    "window_days",
 ]

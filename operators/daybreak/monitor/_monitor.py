@@ -16,7 +16,8 @@ For a logical date D (run after D's data was staged and its features built, befo
 3. **Automatic rollback.** On the champion's labelled rows of the last
    ``monitoring.rollback.window_days`` days (rows of one day share its weather and traffic, so one
    day alone overstates the confidence), ``previous`` scores the very inputs the champion was
-   given, and a paired bootstrap (the gate's machinery) gives the intervals. The champion is
+   given, and the gate's intervals (``metrics.interval``: analytic or bootstrap, by gate.bootstrap.cluster_by)
+   give the bounds. The champion is
    rolled back when its whole interval is past the floor (``monitoring.rollback.floor``, default
    ``gate.floor``) and ``previous`` does not share the problem on those rows (if it does, the
    inputs are at fault: an alert), or when the interval of its gain over ``previous`` lies below
@@ -311,11 +312,22 @@ def judge_champion(spec: Spec, ctx: RunContext, rows: Any, champion: str, previo
     if previous is not None:
         model = registry.load_model(ctx, spec.model.name, previous)
         theirs = np.asarray(model.predict(mine[spec.features.feature_names()].reset_index(drop=True)), np.float64)
-    boot = metrics.paired_bootstrap(metric, y, served, served if theirs is None else theirs, resamples=r.resamples,
-                                    level=r.level, seed=r.seed, threshold=spec.gate.threshold)
+    # the gate's interval machinery and resampling unit (gate.bootstrap: method, cluster_by)
+    from daybreak.gate import clusters_for
+
+    clusters, unit = clusters_for(spec, mine.reset_index(drop=True))
+    conf = spec.gate.bootstrap
+    method = conf.method if conf is not None else "auto"
+
+    def interval(other: np.ndarray | None) -> dict[str, Any]:
+        return metrics.interval(metric, y, served, other, clusters=clusters, level=r.level, method=method,
+                                resamples=r.resamples, seed=r.seed, threshold=spec.gate.threshold)
+
+    own = interval(None)
     value = metrics.evaluate(metric, y, served, spec.gate.threshold)
-    low, high = boot["candidate_interval"]
-    out |= {"champion_metric": value, "champion_interval": [low, high]}
+    low, high = own["low"], own["high"]
+    out |= {"champion_metric": value, "champion_interval": [low, high], "interval_method": own["method"],
+            "interval_unit": unit}
     span = f"{len(mine)} rows of {len(days) or 1} day(s)"
     below = floor is not None and _past(metric, high if metrics.DIRECTION[metric] else low, floor)
     if theirs is None:
@@ -325,7 +337,11 @@ def judge_champion(spec: Spec, ctx: RunContext, rows: Any, champion: str, previo
                                  "version to roll back to")
         return out
     prev_value = metrics.evaluate(metric, y, theirs, spec.gate.threshold)
-    out |= {"previous_metric": prev_value, "bootstrap": {k: v for k, v in boot.items() if k != "gains"}}
+    iv = interval(theirs)
+    boot = {"metric": metric, "gain": iv["value"], "low": iv["low"], "high": iv["high"], "level": iv["level"],
+            "method": iv["method"], "unit": unit, "clusters": iv.get("clusters"), "resamples": iv.get("resamples"),
+            "seed": iv.get("seed"), "undefined": iv["undefined"]}
+    out |= {"previous_metric": prev_value, "bootstrap": boot}
     clearly_worse = math.isfinite(boot["high"]) and boot["high"] < -r.margin
     prev_below = floor is not None and _past(metric, prev_value, floor)
     if clearly_worse:
