@@ -199,7 +199,7 @@ def _resample(scorers: list[Scorer], n: int, *, resamples: int, seed: int, max_c
     def run(i: int) -> None:
         k = min(chunk, resamples - starts[i])
         rng = np.random.default_rng(streams[i])
-        w = poisson_counts(rng, k, n) if index is None else poisson_counts(rng, k, groups)[:, index]
+        w = poisson_counts(rng, k, n) if index is None else np.take(poisson_counts(rng, k, groups), index, axis=1)
         for out, sc in zip(outs, scorers, strict=True):
             out[starts[i]:starts[i] + k] = sc(w)
 
