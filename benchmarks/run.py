@@ -170,6 +170,7 @@ def main() -> int:
     from e2e import bench_e2e
     from features import bench_features, growth, plot
     from gate import bench_gate
+    from intervals import bench_intervals
     from serving import bench_serving
     from training import bench_training
 
@@ -198,6 +199,8 @@ def main() -> int:
          lambda: bench_training(args.train_rows, args.train_repeats)),
         ("gate", "gate bootstrap vs one evaluation", args.gate_repeats, args.gate_rows,
          lambda: bench_gate(args.gate_rows, repeats=args.gate_repeats)),
+        ("intervals", "analytic and cluster intervals vs one evaluation", args.gate_repeats, args.gate_rows,
+         lambda: bench_intervals(args.gate_rows, repeats=args.gate_repeats)),
         ("serving", "serving vs mlflow models serve", args.serve_repeats, args.serve_seconds,
          lambda: bench_serving(seconds=args.serve_seconds, repeats=args.serve_repeats)),
         ("abuse", "normal clients under abusive ones", args.abuse_repeats, args.abuse_seconds,
@@ -234,6 +237,7 @@ def report(out: dict, args, png: Path | None) -> list[str]:
     from e2e import e2e_lines
     from features import feature_table
     from gate import gate_lines
+    from intervals import intervals_lines
     from serving import serving_lines
     from training import training_lines
 
@@ -268,6 +272,8 @@ def report(out: dict, args, png: Path | None) -> list[str]:
                   *training_lines(out["training"])]
     if out["gate"]:
         lines += ["", "## Gate", "", *gate_lines(out["gate"])]
+    if out.get("intervals"):
+        lines += ["", "## Gate: analytic intervals (issue 22)", "", *intervals_lines(out["intervals"])]
     if out["serving"]:
         lines += ["", "## Serving", "", *serving_lines(out["serving"])]
     if out.get("abuse"):
