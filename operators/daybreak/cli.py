@@ -230,6 +230,60 @@ def gate(spec: Path = SpecOpt, day: str = typer.Option(..., "--date", "-d", help
 
 
 @app.command()
+def replay(spec: Path = SpecOpt, start: str = typer.Option(..., "--start", help="First date, YYYY-MM-DD."),
+           end: str = typer.Option(..., "--end", help="Last date, YYYY-MM-DD."),
+           policy: Path | None = typer.Option(None, "--policy",
+                                              help="YAML with a top-level gate: section to judge by instead of "
+                                                   "the spec's."),
+           tracking_uri: str | None = TrackingOpt, as_json: bool = JsonOpt) -> None:
+    """Re-judge the recorded gate decisions of a date range under another policy (read-only).
+
+    From each date's gate run (decision.json, scores.parquet) alone: no model is loaded and
+    nothing is written. Per day: the recorded and replayed decision, and the gate metric on the
+    following days of the model each decision keeps in service, where a later gate scored it.
+    """
+    from daybreak.gate import replay as replay_gate
+    from daybreak.infra.context import parse_date
+
+    if parse_date(end) < parse_date(start):
+        raise ValueError(f"--end {end} is before --start {start}")
+    res = replay_gate(_load(spec, try_model=False), _ctx(start, None, tracking_uri), start, end,
+                      policy=None if policy is None else str(policy))
+    _emit(res, as_json, _replay_table(res))
+
+
+def _replay_table(res: Any) -> str:
+    def fwd(version: Any, value: Any) -> str:
+        return "-" if version is None else f"v{version} {_fmt(value)}"
+
+    lines = [f"replay of {res['model']} {res['start']}..{res['end']} under "
+             f"{res['policy'] or 'the recorded policy'} (forward: {res['metric']} on the following days of the "
+             "model each decision keeps in service)",
+             f"{'date':<10}  {'cand':<5} {'recorded':<17} {'replayed':<17} {'changed':<7}  "
+             f"{'forward (replayed)':<20} {'forward (recorded)':<20} note"]
+    for d in res["days"]:
+        if d["status"] != "replayed":
+            lines.append(f"{d['date']:<10}  {'v' + d['candidate_version'] if d.get('candidate_version') else '-':<5} "
+                         f"{d['status']}: {d.get('note') or ''}")
+            continue
+        notes = [n for n in (d.get("note"), d.get("forward_note")) if n]
+        lines.append(f"{d['date']:<10}  {'v' + d['candidate_version']:<5} {d['recorded_computed_decision']:<17} "
+                     f"{d['replayed_decision']:<17} {'CHANGED' if d['changed'] else 'same':<7}  "
+                     f"{fwd(d['forward_version'], d['forward_metric']):<20} "
+                     f"{fwd(d['recorded_forward_version'], d['recorded_forward_metric']):<20} "
+                     + "; ".join(notes)
+                     + (f"  failed: {', '.join(d['failed_rules'])}" if d["changed"] and d["failed_rules"] else ""))
+    s = res["summary"]
+    lines += [f"{s['replayed']} of {s['days']} days replayed; {s['changed']} decisions changed; promotions: "
+              f"{s['promotions_recorded']} recorded, {s['promotions_replayed']} replayed",
+              f"mean forward {res['metric']}: recorded {_fmt(s['mean_forward_recorded'])} "
+              f"({s['forward_days_recorded']} days), replayed {_fmt(s['mean_forward_replayed'])} "
+              f"({s['forward_days_replayed']} days)",
+              *(f"limit: {x}" for x in res["limits"])]
+    return "\n".join(lines)
+
+
+@app.command()
 def score(spec: Path = SpecOpt, day: str = typer.Option(..., "--date", "-d", help="Logical date, YYYY-MM-DD."),
           store: str | None = StoreOpt, tracking_uri: str | None = TrackingOpt, as_json: bool = JsonOpt) -> None:
     """Score the date's feature partition with the champion on Ray (predictions/<model>/date=D/)."""

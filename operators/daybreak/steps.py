@@ -132,6 +132,8 @@ STEPS: dict[str, Step] = {s.name: s for s in (
     Step("deploy", "daybreak.deploy:deploy_model", runs_if=_champion_moved),
     Step("approve", "daybreak.promote:approve_model"),
     Step("batch_score", "daybreak.score:batch_score", recorded="daybreak.score:recorded_lineage", in_registry=True),
+    # not in the cycle (its options are its own, given by its adapters); read-only, never cached
+    Step("replay", "daybreak.gate:replay", options=("start", "end", "policy")),
 )}
 
 # The daily cycle, in order. Monitoring runs before retraining: the date's labels have just

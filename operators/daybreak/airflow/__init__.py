@@ -15,6 +15,7 @@ from daybreak.airflow.operators import (
     EvaluateGateOperator,
     MonitorModelOperator,
     PromoteModelOperator,
+    ReplayGateOperator,
     StageDataOperator,
     TrainModelOperator,
 )
@@ -28,6 +29,7 @@ __all__ = [
     "EvaluateGateOperator",
     "MonitorModelOperator",
     "PromoteModelOperator",
+    "ReplayGateOperator",
     "StageDataOperator",
     "TrainModelOperator",
     "daily_retrain_dag",

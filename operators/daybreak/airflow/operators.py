@@ -386,3 +386,37 @@ class BatchScoreOperator(DaybreakStepOperator):
             return {}
         except ValueError:  # no date anywhere: the run-after date is a placeholder, the champion's date wins
             return {"champion_date": True}
+
+
+class ReplayGateOperator(DaybreakStepOperator):
+    """Re-judge the recorded gate decisions of a date range under another gate policy, from the
+    gate runs' records alone (``daybreak.gate.replay``): read-only, nothing is tagged, logged or
+    promoted. The XCom holds every day's recorded and replayed decision and the summary.
+
+    :param start: first date (templated); default: the run's logical date.
+    :param end: last date (templated); default: ``start``, or the run's logical date.
+    :param policy: a YAML file with a top-level ``gate:`` section replacing the spec's (templated);
+        default: the spec's own gate.
+    """
+
+    step = "replay"
+    template_fields: Sequence[str] = (*DaybreakStepOperator.template_fields, "start", "end", "policy")
+    ui_color = "#e8e0f5"
+
+    def __init__(self, *, start: str | None = None, end: str | None = None, policy: str | None = None,
+                 **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.start = start
+        self.end = end
+        self.policy = policy
+
+    @staticmethod
+    def _given(v: Any) -> Any:
+        return None if v is None or (isinstance(v, str) and v.strip() in ("", "None", "null")) else v
+
+    def fallback_dates(self, context: Any) -> list[Any]:
+        """Without a logical date (a manual run with only start and end): the range's end."""
+        return [d for d in (self._given(self.end), self._given(self.start)) if d is not None]
+
+    def step_options(self, context: Any) -> dict[str, Any]:
+        return {"start": self._given(self.start), "end": self._given(self.end), "policy": self._given(self.policy)}

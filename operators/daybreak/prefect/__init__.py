@@ -11,9 +11,10 @@ from daybreak.prefect.tasks import (
     evaluate_gate,
     monitor_model,
     promote_model,
+    replay_gate,
     stage_data,
     train_model,
 )
 
 __all__ = ["approve_model", "batch_score", "build_features", "deploy_model", "evaluate_gate", "monitor_model",
-           "promote_model", "stage_data", "train_model"]
+           "promote_model", "replay_gate", "stage_data", "train_model"]

@@ -267,3 +267,13 @@ def batch_score(spec: str, date: str, store: str | None = None, tracking_uri: st
     """Score the date's feature partition with the champion on Ray; publish the predictions."""
     return _run("batch_score", spec, date, store=store, tracking_uri=tracking_uri, ray_address=ray_address,
                 storage_secret=storage_secret, mlflow_secret=mlflow_secret)
+
+
+@task(name="replay_gate", task_run_name="replay gate {start}..{end}", **_opts(None))
+def replay_gate(spec: str, start: str, end: str, policy: str | None = None, tracking_uri: str | None = None,
+                mlflow_secret: str | None = None) -> dict[str, Any]:
+    """Re-judge the recorded gate decisions from `start` to `end` under `policy` (a YAML file with
+    a top-level ``gate:``; default: the spec's own gate), from the gate runs' records alone.
+    Read-only: nothing is tagged, logged or promoted. Never cached (the registry may change)."""
+    return _run("replay", spec, end, tracking_uri=tracking_uri, mlflow_secret=mlflow_secret, start=start, end=end,
+                policy=policy)
