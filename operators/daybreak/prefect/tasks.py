@@ -8,7 +8,8 @@
   rerun of a date whose outputs are recorded and whose inputs are unchanged is ``Cached`` and
   returns the persisted result without calling the step. A changed input, a deleted partition or
   model version, or ``force`` misses the cache. ``monitor_model``, ``promote_model``,
-  ``approve_model`` and ``deploy_model`` act on the registry (and the log) as it stands and always run.
+  ``approve_model`` and ``deploy_model`` act on the registry (and the log) as it stands and always run;
+  ``replay_gate`` only reads, and always runs.
 - **Results** are persisted as JSON where Prefect's settings say (``PREFECT_LOCAL_STORAGE_PATH``, or a
   storage block in ``PREFECT_RESULTS_DEFAULT_STORAGE_BLOCK``); share it between workers for the
   cache to be shared.
