@@ -142,3 +142,79 @@ def test_too_few_rows_or_too_few_of_a_class_is_insufficient_data(spec) -> None:
     rare = np.where(np.cumsum(y) > 5, 0.0, y)  # five positives in 4000 rows
     v = compute(spec, _inputs(good, weak, rare))
     assert v.record.decision == Decision.INSUFFICIENT and _rules(v)["min_class_rows"]["value"] == 5
+
+
+# --- the statistics review's cases (helper review of issue 22) -----------------------------------
+
+def _hourly(rng, hours: int, per_hour: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, pd.DataFrame]:
+    """Two models of equal quality whose advantage flips from hour to hour (the hour's weather
+    favours one or the other): rows of an hour are not independent evidence."""
+    n = hours * per_hour
+    hour = np.repeat(np.arange(hours), per_hour)
+    beta = rng.normal(0, 1, hours)[hour]
+    w, x = rng.normal(size=n), rng.normal(size=n)
+    y = (rng.random(n) < 1 / (1 + np.exp(-(x + beta * w)))).astype(float)
+    a = 1 / (1 + np.exp(-(x + 0.5 * w)))
+    b = 1 / (1 + np.exp(-(x - 0.5 * w)))
+    stamps = pd.Timestamp("2013-01-05T05:00:00Z") + pd.to_timedelta(hour, unit="h")
+    return y, a, b, pd.DataFrame({"event_time": stamps, "origin": "JFK"})
+
+
+def test_one_holdout_day_is_resampled_by_hour_and_aa_false_promotions_stay_near_nominal(spec) -> None:
+    """With one holdout day (about 19 hours of flights) the gate used to fall back to rows and
+    promoted an equal model about 1 time in 5 when the gain varies by hour; by hour (t quantile)
+    it stays near the nominal 2.5%."""
+    s = _gate(spec, compare="improve", margin=0.0, floor=None, baselines=[],
+              slices=spec.gate.slices.model_copy(update={"columns": []}))
+    rows = s.model_copy(update={"gate": s.gate.model_copy(update={
+        "bootstrap": s.gate.bootstrap.model_copy(update={"cluster_by": []})})})
+    rng = np.random.default_rng(11)
+    promoted = {"hour": 0, "row": 0}
+    trials = 200
+    for _ in range(trials):
+        y, a, b, frame = _hourly(rng, 19, 40)
+        inputs = GateInputs(day="2013-01-05", candidate_version="2", champion_version="1", frame=frame,
+                            holdout_hash="h", y=y, candidate=a, champion=b, prior=0.5)
+        hour = compute(s, inputs)
+        assert hour.full["interval_unit"] == "event_time:hour" and hour.full["clusters"] == 19
+        promoted["hour"] += hour.record.decision == Decision.PROMOTE
+        promoted["row"] += compute(rows, inputs).record.decision == Decision.PROMOTE
+    assert promoted["hour"] / trials <= 0.06, promoted
+    assert promoted["row"] / trials >= 0.12, promoted  # what the row-level interval did
+
+
+def test_too_few_clusters_is_insufficient_data_not_a_zero_width_interval(spec) -> None:
+    """One cluster made every bootstrap resample the point estimate: a zero-width interval that
+    promoted a noise model. Now it is INSUFFICIENT_DATA."""
+    rng = np.random.default_rng(12)
+    y = (rng.random(400) < 0.3).astype(float)
+    noise = rng.random(400)
+    s = _gate(spec, floor=None, bootstrap=spec.gate.bootstrap.model_copy(update={"cluster_by": ["origin"],
+                                                                               "method": "bootstrap"}))
+    inputs = _inputs(noise, None, y)
+    inputs.frame["origin"] = "JFK"
+    v = compute(s, inputs)
+    assert v.record.decision == Decision.INSUFFICIENT and _rules(v)["min_clusters"]["value"] == 1
+
+
+def test_a_champion_with_nan_predictions_is_compared_on_the_rest(spec) -> None:
+    y, good, weak = _data(n=4000, seed=13)
+    broken = weak.copy()
+    broken[:100] = np.nan
+    v = compute(spec, _inputs(good, broken, y))
+    rules = _rules(v)
+    assert rules["champion_finite_predictions"]["verdict"] == "warn" and rules["champion_finite_predictions"][
+        "value"] == 100
+    assert np.isfinite(rules["confidence"]["value"]) and v.record.decision == Decision.PROMOTE
+
+
+def test_analytic_method_is_refused_for_a_metric_without_an_analytic_interval(spec) -> None:
+    import pytest
+
+    from daybreak.infra.errors import SpecError
+    from daybreak.spec import parse_spec
+
+    raw = spec.model_dump(mode="json")
+    raw["gate"] |= {"metric": "pr_auc", "bootstrap": {**raw["gate"]["bootstrap"], "method": "analytic"}}
+    with pytest.raises(SpecError, match=r"analytic.*pr_auc"):
+        parse_spec(raw)

@@ -55,7 +55,11 @@ def _clustered(rng: np.random.Generator, groups: int = 100, size: int = 30,
 
 
 def _se(r: dict) -> float:
-    return (r["high"] - r["low"]) / (2 * NormalDist().inv_cdf(0.5 + r["level"] / 2))
+    """The standard error behind an analytic interval: normal quantile, or t(G-1) with G clusters."""
+    from scipy.stats import t
+
+    q = t.ppf(0.5 + r["level"] / 2, r["clusters"] - 1) if r["clusters"] else NormalDist().inv_cdf(0.5 + r["level"] / 2)
+    return (r["high"] - r["low"]) / (2 * q)
 
 
 # --- DeLong: the textbook O(mn) formula as the oracle ---------------------------------------
@@ -280,9 +284,11 @@ def test_auto_method() -> None:
     for m in ("r2", "f1", "pr_auc"):
         r = metrics.interval(m, y, a, b, resamples=50)
         assert r["method"] == "bootstrap" and r["resamples"] == 50 and len(r["gains"]) == 50
-    few = np.arange(len(y)) % 29  # 29 clusters: too few for the normal approximation
-    assert metrics.interval("log_loss", y, a, b, clusters=few, resamples=50)["method"] == "bootstrap"
-    assert metrics.interval("log_loss", y, a, b, clusters=np.arange(len(y)) % 30)["method"] == "analytic"
+    few = np.arange(len(y)) % (metrics.MIN_VALID_CLUSTERS - 1)  # too few clusters for any interval
+    r = metrics.interval("log_loss", y, a, b, clusters=few, resamples=50)
+    assert r["method"] == "none" and math.isnan(r["low"]) and "clusters" in r["reason"]
+    enough = np.arange(len(y)) % metrics.MIN_VALID_CLUSTERS  # t quantile from here on
+    assert metrics.interval("log_loss", y, a, b, clusters=enough)["method"] == "analytic"
     assert metrics.interval("log_loss", y[:29], a[:29], resamples=50)["method"] == "bootstrap"
     with pytest.raises(ValueError, match="r2"):
         metrics.interval("r2", y, a, method="analytic")
@@ -308,6 +314,11 @@ def test_undefined_gives_nan_not_an_exception(method: str) -> None:
         assert math.isnan(r["low"]) and math.isnan(r["high"]) and r["rows"] == 0
         r = metrics.interval(m, empty, empty, method=method, resamples=20, clusters=np.zeros(0, int))
         assert math.isnan(r["low"]) and math.isnan(r["high"]) and r["clusters"] == 0
-    if method == "analytic":  # a single cluster: no variance across clusters
-        r = metrics.interval("log_loss", y, a, clusters=np.zeros(len(y), int), method=method)
-        assert math.isnan(r["low"]) and math.isfinite(r["value"])
+    # a single cluster (any method): no variance across clusters, no interval
+    r = metrics.interval("log_loss", y, a, clusters=np.zeros(len(y), int), method=method)
+    assert math.isnan(r["low"]) and math.isnan(r["high"]) and r["method"] == "none"
+    # non-finite predictions: no interval either (the two paths would order a NaN differently)
+    bad = a.copy()
+    bad[::7] = np.nan
+    r = metrics.interval("roc_auc", y, bad, b, method=method, resamples=20)
+    assert math.isnan(r["low"]) and r["reason"] == "non-finite labels or predictions"

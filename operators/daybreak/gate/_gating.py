@@ -35,7 +35,7 @@ from typing import Any, TypedDict
 import numpy as np
 
 from daybreak.features import DAY, EVENT_TIME, read_features
-from daybreak.gate._rules import baseline_predictions, decide, judge, size_rules
+from daybreak.gate._rules import baseline_predictions, clusters_for, decide, judge, size_rules
 from daybreak.infra import registry
 from daybreak.infra.context import RunContext
 from daybreak.infra.errors import GateError, MissingInputError
@@ -219,7 +219,8 @@ def _seen_days(tags: dict[str, str]) -> frozenset[str]:
 def compute(spec: Spec, inputs: GateInputs, *, forced: str | None = None, reason: str | None = None,
             by: str | None = None, now: str | None = None) -> Verdict:
     """The decision and its record from loaded inputs. Pure: no registry, store or clock."""
-    size = size_rules(spec, inputs.y)
+    clustering = clusters_for(spec, inputs.frame)
+    size = size_rules(spec, inputs.y, *clustering)
     excluded: list[str] = []  # holdout days left out of the champion comparison
     if any(r["verdict"] == "fail" for r in size):  # too few rows to judge anything: INSUFFICIENT_DATA
         judged: dict[str, Any] = {"metrics": {"candidate": {}, "champion": None}, "rules": [], "bootstrap": None,
@@ -227,11 +228,12 @@ def compute(spec: Spec, inputs: GateInputs, *, forced: str | None = None, reason
     else:
         fresh = None
         if inputs.champion_seen and inputs.frame is not None and DAY in inputs.frame:
-            days = np.array([str(d) for d in inputs.frame[DAY]])
+            days = np.array([str(d)[:10] for d in inputs.frame[DAY]])
             fresh = ~np.isin(days, sorted(inputs.champion_seen))
             excluded = sorted(set(days[~fresh]))
         judged = judge(spec, inputs.y, inputs.candidate, inputs.champion, inputs.frame,
-                       baselines=baseline_predictions(spec, inputs.frame, inputs.prior), fresh=fresh)
+                       baselines=baseline_predictions(spec, inputs.frame, inputs.prior), fresh=fresh,
+                       clustering=clustering)
     rules = size + judged["rules"] + inputs.data_rules
     computed = decide(rules)
     decision = forced or computed

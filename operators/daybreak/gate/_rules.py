@@ -27,12 +27,10 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from daybreak.features import EVENT_TIME
+from daybreak.features import DAY, EVENT_TIME
 from daybreak.infra import metrics
 from daybreak.infra.records import Decision
 from daybreak.spec import Spec
-
-AUTO_MIN_CLUSTERS = 30  # cluster_by: null clusters by event hour when the holdout has at least this many
 
 
 def decide(rules: list[dict[str, Any]]) -> str:
@@ -43,8 +41,10 @@ def decide(rules: list[dict[str, Any]]) -> str:
     return Decision.REJECT if any(r["verdict"] == "fail" for r in rules) else Decision.PROMOTE
 
 
-def size_rules(spec: Spec, y: np.ndarray) -> list[dict[str, Any]]:
-    """Enough holdout rows, and for classification enough of each class, to judge."""
+def size_rules(spec: Spec, y: np.ndarray, clusters: np.ndarray | None = None,
+               unit: str = "row") -> list[dict[str, Any]]:
+    """Enough holdout rows, for classification enough of each class, and enough resampling
+    clusters (when intervals are on and rows are clustered), to judge."""
     g = spec.gate
     n = len(y)
     rules = [{"rule": "min_rows", "kind": "size", "metric": None, "value": n, "threshold": g.min_rows,
@@ -56,6 +56,13 @@ def size_rules(spec: Spec, y: np.ndarray) -> list[dict[str, Any]]:
                       "threshold": g.min_class_rows, "verdict": "pass" if least >= g.min_class_rows else "fail",
                       "detail": f"{int((y == 1).sum())} positive and {int((y == 0).sum())} negative holdout rows; "
                                 f"each class needs {g.min_class_rows} (gate.min_class_rows)"})
+    if clusters is not None and g.bootstrap is not None:
+        k = len(np.unique(clusters))
+        least = metrics.MIN_VALID_CLUSTERS
+        rules.append({"rule": "min_clusters", "kind": "size", "metric": None, "value": k, "threshold": least,
+                      "verdict": "pass" if k >= least else "fail",
+                      "detail": f"{k} clusters of {unit} in the holdout; intervals need at least {least} "
+                                "(gate.bootstrap.cluster_by, or more holdout days)"})
     return rules
 
 
@@ -67,9 +74,9 @@ def clusters_for(spec: Spec, frame: Any) -> tuple[np.ndarray | None, str]:
         if frame is None or EVENT_TIME not in frame:
             return None, "row"
         hours = _unit(frame, "event_time:hour")
-        if len(np.unique(hours)) >= AUTO_MIN_CLUSTERS:
+        if len(np.unique(hours)) >= metrics.MIN_VALID_CLUSTERS:
             return hours, "event_time:hour"
-        return None, "row"
+        return None, "row"  # e.g. daily rows of many entities, all stamped midnight: entities as units
     if not units:
         return None, "row"
     codes = pd.DataFrame({i: _unit(frame, u) for i, u in enumerate(units)})
@@ -79,7 +86,9 @@ def clusters_for(spec: Spec, frame: Any) -> tuple[np.ndarray | None, str]:
 def _unit(frame: Any, unit: str) -> np.ndarray:
     col, _, trunc = unit.partition(":")
     values = frame[col]
-    if trunc:
+    if trunc == "day" and DAY in frame:  # the partition's date (the spec's day), not the UTC date
+        values = frame[DAY].astype(str)
+    elif trunc:
         values = pd.to_datetime(values, utc=True).dt.floor("h" if trunc == "hour" else "D")
     codes, _ = pd.factorize(values, use_na_sentinel=False)
     return np.asarray(codes, np.int64)
@@ -113,6 +122,17 @@ def baseline_predictions(spec: Spec, frame: Any, prior: float | None) -> dict[st
     return out
 
 
+def _confident(iv: dict[str, Any], bound: float, *, strict: bool = True, lower: bool = True) -> bool:
+    """Whether the interval's lower (or upper) end clears `bound`, and the interval is one to trust:
+    finite, and (bootstrap) with at most 1% of resamples where the metric is undefined."""
+    end = iv["low"] if lower else iv["high"]
+    if not math.isfinite(end) or iv.get("undefined", 0) > 0.01 * (iv.get("resamples") or 1):
+        return False
+    if lower:
+        return end > bound if strict else end >= bound
+    return end < bound if strict else end <= bound
+
+
 class Intervals:
     """The spec's interval settings, bound to one holdout's clusters."""
 
@@ -139,6 +159,8 @@ class Intervals:
         return iv | {"unit": self.unit}
 
     def describe(self, iv: dict[str, Any]) -> str:
+        if iv["method"] == "none":
+            return f"no interval: {iv.get('reason')}"
         how = iv["method"] + (f", {iv['resamples']} resamples (seed {iv['seed']})" if iv["method"] == "bootstrap"
                               else "")
         unit = f"by {iv['unit']}" + (f", {iv['clusters']} clusters" if iv.get("clusters") else "")
@@ -150,14 +172,13 @@ def _bound_rule(spec: Spec, metric: str, value: float, threshold: float, y: np.n
     hib = metrics.DIRECTION[metric]
     rule: dict[str, Any] = {"rule": "floor" if hib else "ceiling", "kind": "absolute", "metric": metric,
                             "value": value, "threshold": threshold}
-    judged = value
+    ok = math.isfinite(value) and (value >= threshold if hib else value <= threshold)
     if confident and iv.on:
         ci = iv(metric, y, candidate)
-        judged = ci["low"] if hib else ci["high"]
-        rule["bound"] = judged
+        rule["bound"] = ci["low"] if hib else ci["high"]
         rule["detail"] = (f"{metric} {value:.4g}; its {'lower' if hib else 'upper'} end "
-                          f"{judged:.4g} must be {'>=' if hib else '<='} {threshold:g}: {iv.describe(ci)}")
-    ok = math.isfinite(judged) and (judged >= threshold if hib else judged <= threshold)
+                          f"{rule['bound']:.4g} must be {'>=' if hib else '<='} {threshold:g}: {iv.describe(ci)}")
+        ok = ok and _confident(ci, threshold, strict=False, lower=hib)
     return rule | {"verdict": "pass" if ok else "fail"}
 
 
@@ -173,11 +194,12 @@ def _baseline_rule(spec: Spec, name: str, y: np.ndarray, candidate: np.ndarray, 
     value = metrics.evaluate(m, y, pred, g.threshold)
     point = metrics.gain(m, metrics.evaluate(m, y, candidate, g.threshold), value)
     judged, detail = point, f"gain {point:.4g} over the baseline ({m} {value:.4g})"
+    ok = math.isfinite(point) and point > g.baseline_margin
     if iv.on:
         ci = iv(m, y, candidate, pred)
         judged = ci["low"]
         detail += f"; lower end {judged:.4g}: {iv.describe(ci)}"
-    ok = math.isfinite(judged) and judged > g.baseline_margin
+        ok = ok and _confident(ci, g.baseline_margin)
     detail += f"; must be > {g.baseline_margin:g}"
     return (rule | {"value": judged, "verdict": "pass" if ok else "fail", "detail": detail},
             {"name": name, "metric": value, "gain": point})
@@ -185,18 +207,21 @@ def _baseline_rule(spec: Spec, name: str, y: np.ndarray, candidate: np.ndarray, 
 
 def judge(spec: Spec, y: np.ndarray, candidate: np.ndarray, champion: np.ndarray | None,
           frame: Any = None, *, baselines: dict[str, np.ndarray | None] | None = None,
-          fresh: np.ndarray | None = None) -> dict[str, Any]:
+          fresh: np.ndarray | None = None, clustering: tuple[np.ndarray | None, str] | None = None) -> dict[str, Any]:
     """Score the candidate, the champion and the baselines on the same rows and apply the model
     rules (everything but data checks). `frame` holds the slice and cluster columns, row-aligned
     with `y`; `fresh` marks the rows the champion may be judged on (not its own selection or
     training rows; default all)."""
     g = spec.gate
     y = np.asarray(y, np.float64)
-    clusters, unit = clusters_for(spec, frame)
+    clusters, unit = clustering if clustering is not None else clusters_for(spec, frame)
     iv = Intervals(spec, clusters, unit)
     names = list(dict.fromkeys([g.metric, *(g.report_metrics or metrics.metrics_for(spec.model.task)), *g.floors]))
     cand = {m: metrics.evaluate(m, y, candidate, g.threshold) for m in names}
     rows = np.ones(len(y), bool) if fresh is None else np.asarray(fresh, bool)
+    broken = 0 if champion is None else int((~np.isfinite(champion)).sum())
+    if broken and champion is not None:  # a champion that cannot score some rows is compared on the others
+        rows = rows & np.isfinite(champion)
     champ = None if champion is None else {m: metrics.evaluate(m, y[rows], champion[rows], g.threshold)
                                            for m in names}
     bad = int((~np.isfinite(candidate)).sum())
@@ -204,6 +229,11 @@ def judge(spec: Spec, y: np.ndarray, candidate: np.ndarray, champion: np.ndarray
         "rule": "finite_predictions", "kind": "absolute", "metric": None, "value": bad, "threshold": 0,
         "verdict": "fail" if bad else "pass",
         "detail": f"{bad} of {len(candidate)} candidate predictions are NaN or infinite"}]
+    if broken and champion is not None:
+        rules.append({"rule": "champion_finite_predictions", "kind": "absolute", "metric": None, "value": broken,
+                      "threshold": 0, "verdict": "warn",
+                      "detail": f"{broken} of {len(champion)} champion predictions are NaN or infinite; the "
+                                "champion is compared on the other rows"})
     confident = g.floor_confidence == "always" or (g.floor_confidence == "auto" and champion is None)
     bounds = {**g.floors, **({g.metric: g.floor} if g.floor is not None else {})}
     rules += [_bound_rule(spec, m, cand[m], t, y, candidate, iv, confident) for m, t in bounds.items()]
@@ -248,11 +278,7 @@ def _champion_rules(spec: Spec, y: np.ndarray, candidate: np.ndarray, champion: 
     if not iv.on:
         return None, rules
     ci = iv(g.metric, y, candidate, champion, None if fresh == len(y) else rows)
-    c = g.bootstrap
-    assert c is not None
-    # bootstrap resamples where the metric is undefined (e.g. no positive drawn) must be rare
-    ok = (math.isfinite(ci["low"]) and ci["undefined"] <= 0.01 * (ci.get("resamples") or c.resamples)
-          and (ci["low"] > need if g.compare == "improve" else ci["low"] >= need))
+    ok = _confident(ci, need, strict=g.compare == "improve")
     rules.append({"rule": "confidence", "kind": "confidence", "metric": g.metric, "value": ci["low"],
                   "threshold": need, "verdict": "pass" if ok else "fail",
                   "detail": f"{iv.describe(ci)} of the gain{on}"

@@ -304,6 +304,13 @@ def judge_champion(spec: Spec, ctx: RunContext, rows: Any, champion: str, previo
         out["reasons"].append(f"{len(mine)} labelled live rows of v{champion} < monitoring.rollback.min_rows="
                               f"{r.min_rows}: not judged")
         return out
+    if spec.model.task == "classification":
+        labels = mine[spec.features.label.name].to_numpy(np.float64)
+        least = int(min((labels == 1).sum(), (labels == 0).sum()))
+        if least < spec.gate.min_class_rows:  # the gate's minimum: intervals run narrow below it
+            out["reasons"].append(f"{least} labelled live rows of the rarer class < gate.min_class_rows="
+                                  f"{spec.gate.min_class_rows}: not judged")
+            return out
     if len(mine) > MAX_BOOTSTRAP_ROWS:
         mine = mine.sample(n=MAX_BOOTSTRAP_ROWS, random_state=r.seed)
     y = mine[spec.features.label.name].to_numpy(np.float64)

@@ -618,7 +618,8 @@ class GateSpec(_Model):
     data_checks: DataChecksSpec = DataChecksSpec()
     min_rows: int = Field(50, ge=1, description="holdout rows needed to decide (fewer: INSUFFICIENT_DATA)")
     min_class_rows: int = Field(
-        10, ge=1, description="classification: rows of each class the holdout needs (fewer: INSUFFICIENT_DATA)")
+        30, ge=1, description="classification: rows of each class the holdout needs (fewer: INSUFFICIENT_DATA; "
+                              "DeLong's interval runs narrow below about 30 of a class)")
     on_reject: Literal["skip", "fail"] = Field(
         "skip", description="Airflow: skip or fail the tasks after a rejected gate")
 
@@ -889,6 +890,15 @@ def _check_metrics_and_columns(spec: Spec, names: list[str]) -> None:
             if col not in have:
                 raise ValueError(f"{where}[{i}]: {col!r} is not {what}")
     _check_baselines(spec, names)
+    if g.bootstrap is not None and g.bootstrap.method == "analytic":
+        from daybreak.infra.metrics import ANALYTIC
+
+        used: dict[str, str] = {"gate.metric": g.metric, **{f"gate.floors.{k}": str(k) for k in g.floors},
+                                "monitoring.metric": spec.live_metric()}
+        for where, metric in used.items():
+            if metric not in ANALYTIC:
+                raise ValueError(f"gate.bootstrap.method: 'analytic' has no interval for {where} {metric!r} (analytic: "
+                                 f"{', '.join(ANALYTIC)}); use 'auto', which takes the bootstrap for it")
     for i, col in enumerate(mon.log.id_columns or []):
         if col not in [*f.keys, "event_time"]:
             raise ValueError(f"monitoring.log.id_columns[{i}]: {col!r} is not a key or event_time; labels are "
