@@ -56,6 +56,7 @@ import daybreak.cli, daybreak.cycle, daybreak.promote
 from daybreak.infra import registry
 from daybreak.infra.context import RunContext
 daybreak.cli.setup_logging()
+ORIGINAL_PROMOTE = daybreak.promote.promote_model
 open(f"{ctl}/ready-{me}", "w").close()
 
 def wait(path, until=None):
@@ -82,14 +83,16 @@ for k in range(10**6):
         if (now and now.version) != (first and first.version):
             break
         time.sleep(0.005)
-    step = daybreak.cycle.promote_model
+    # the cycle looks its steps up by name when it runs them (daybreak.steps.STEPS): the promote
+    # step is daybreak.promote.promote_model at call time
+    step = ORIGINAL_PROMOTE
     if job.get("sync"):  # meet the other racers at the start of the promote step
         def step(*a, **kw):
             open(f"{ctl}/{job['go']}-sync-{me}", "w").close()
             while sum(f.startswith(f"{job['go']}-sync-") for f in os.listdir(ctl)) < job["sync"]:
                 time.sleep(0.002)
-            return daybreak.promote.promote_model(*a, **kw)
-    daybreak.cycle.promote_model = step
+            return ORIGINAL_PROMOTE(*a, **kw)
+    daybreak.promote.promote_model = step
     code, out, err = run_cli(job["argv"])
     with open(f"{ctl}/res-{me}-{k}.tmp", "w") as fh:
         json.dump({"rc": code, "stdout": out, "stderr": err}, fh)
