@@ -144,6 +144,22 @@ def section(title: str, repeats: int | str, fn, *args, **kwargs) -> tuple[dict |
     return out, {"title": title, "seconds": round(took), "load_after": round(os.getloadavg()[0], 2), "error": err}
 
 
+def kept_sections(path: Path, lines: list[str]) -> list[str]:
+    """Sections of the previous RESULTS.md this run does not write (measured by their own scripts,
+    e.g. benchmarks/gate_power.py), kept as they were."""
+    if not path.exists():
+        return []
+    written = {line for line in lines if line.startswith("## ")}
+    kept: list[str] = []
+    keep = False
+    for line in path.read_text().splitlines():
+        if line.startswith("## "):
+            keep = line not in written
+        if keep:
+            kept.append(line)
+    return ["", *kept] if kept else []
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--repeats", type=int, default=5, help="repeats of the staging and DAG-parse benchmarks")
@@ -227,7 +243,9 @@ def main() -> int:
     out["sections"] = sections
     out["total_s"] = round(total)
     (args.out / "results.json").write_text(json.dumps(out, indent=2, default=str))
-    (args.out / "RESULTS.md").write_text("\n".join(report(out, args, png)) + "\n")
+    results_md = args.out / "RESULTS.md"
+    lines = report(out, args, png)
+    results_md.write_text("\n".join(lines + kept_sections(results_md, lines)) + "\n")
     print(f"wrote {args.out / 'RESULTS.md'}; {total / 60:.1f} min in all", flush=True)
     return 1 if any(m["error"] for m in sections) else 0
 
