@@ -217,7 +217,8 @@ def test_gate_record_same_rows_report_and_override(fresh: Path, spec) -> None:
     cand = cl.get_model_version(s.model.name, out["candidate_version"])
     assert out["champion_version"] == "1" and out["candidate_version"] == "2"
     kinds = {r["rule"]: r["kind"] for r in out["rules"]}
-    assert kinds == {"min_rows": "size", "min_class_rows": "size", "finite_predictions": "absolute",
+    assert kinds == {"min_rows": "size", "min_class_rows": "size", "min_clusters": "size",
+                     "finite_predictions": "absolute",
                      "floor": "absolute", "baseline:prior": "baseline", "no_worse": "relative",
                      "confidence": "confidence", "slice:origin": "slice",
                      "unseen_holdout": "data", "row_count": "data", "label_shift": "data", "drift": "data"}

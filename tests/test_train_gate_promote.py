@@ -61,8 +61,12 @@ def _train_gate_promote(spec, day: str) -> dict:
 def test_first_model_is_decided_by_the_floor_alone(fresh: Path, spec) -> None:
     out = _train_gate_promote(spec, "2013-01-02")
     assert out["gate"]["champion_version"] is None
-    # no champion: the absolute rules decide; the data checks that need a champion are skipped
-    assert [r["rule"] for r in out["gate"]["rules"] if r["kind"] != "data"] == ["finite_predictions", "floor"]
+    # no champion: the size, absolute and baseline rules decide (the floor on its interval's lower
+    # end); the data checks that need a champion are skipped
+    assert [r["rule"] for r in out["gate"]["rules"] if r["kind"] != "data"] == [
+        "min_rows", "min_class_rows", "min_clusters", "finite_predictions", "floor", "baseline:prior"]
+    floor = next(r for r in out["gate"]["rules"] if r["rule"] == "floor")
+    assert floor["bound"] < floor["value"] and floor["verdict"] == "pass"
     assert {r["rule"]: r["verdict"] for r in out["gate"]["rules"] if r["kind"] == "data"} == {
         "row_count": "skip", "label_shift": "skip", "drift": "skip"}
     assert out["gate"]["decision"] == PROMOTE and out["promote"]["promoted"] is True
@@ -70,8 +74,9 @@ def test_first_model_is_decided_by_the_floor_alone(fresh: Path, spec) -> None:
     strict = spec.model_copy(update={"gate": spec.gate.model_copy(update={"floor": 0.99})})
     out = _train_gate_promote(strict, "2013-01-03")
     assert out["gate"]["decision"] == REJECT
-    assert out["gate"]["rules"][1] == {"rule": "floor", "kind": "absolute", "metric": "roc_auc",
-                                       "value": out["gate"]["candidate_metric"], "threshold": 0.99, "verdict": "fail"}
+    floor = next(r for r in out["gate"]["rules"] if r["rule"] == "floor")  # with a champion: the point estimate
+    assert floor == {"rule": "floor", "kind": "absolute", "metric": "roc_auc",
+                     "value": out["gate"]["candidate_metric"], "threshold": 0.99, "verdict": "fail"}
     assert out["promote"]["promoted"] is False
     cl = registry.client(RunContext.create("2013-01-03"))
     assert str(registry.alias_version(cl, spec.model.name, "champion").version) == out["gate"]["champion_version"]

@@ -300,8 +300,9 @@ def publish(spec: Spec, ctx: RunContext, cl: Any, inputs: GateInputs, verdict: V
                      from_version=inputs.champion_version,
                      reason=(f"override {rec.computed_decision} -> {rec.decision}: {rec.override_reason}" if forced
                              else f"failed: {failed}"))
-    log.info("gate %s: %s candidate v%s %s=%.4f vs champion %s %s%s", day, rec.decision, inputs.candidate_version,
-             rec.metric, rec.candidate_metric, f"v{rec.champion_version}" if rec.champion_version else "(none)",
+    log.info("gate %s: %s candidate v%s %s=%s vs champion %s %s%s", day, rec.decision, inputs.candidate_version,
+             rec.metric, "-" if rec.candidate_metric is None else f"{rec.candidate_metric:.4f}",
+             f"v{rec.champion_version}" if rec.champion_version else "(none)",
              "" if rec.champion_metric is None else f"{rec.champion_metric:.4f}",
              f" (override of {rec.computed_decision}: {rec.override_reason})" if forced else "")
     for r in rec.rules:
