@@ -69,6 +69,9 @@ def test_backfill_history_report_json(home: Path) -> None:
 
     rep = json.loads(daybreak("report", "--spec", str(SPEC), "--json", home=home).stdout)
     assert rep["decision"] == "PROMOTE" and rep["input_hashes"] and rep["code_version"]
+    # how the gate's intervals were computed, and the baselines it beat (issue 22)
+    assert rep["interval"].startswith(("analytic", "bootstrap")) and " by " in rep["interval"]
+    assert rep["baselines"] and rep["baselines"][0].startswith("prior: pass")
 
     ok = json.loads(daybreak("validate", "--spec", str(SPEC), "--json").stdout)
     assert ok["name"] == "flights_delay" and len(ok["features"]) == 20

@@ -220,3 +220,15 @@ def test_analytic_method_is_refused_for_a_metric_without_an_analytic_interval(sp
     raw["gate"] |= {"metric": "pr_auc", "bootstrap": {**raw["gate"]["bootstrap"], "method": "analytic"}}
     with pytest.raises(SpecError, match=r"analytic.*pr_auc"):
         parse_spec(raw)
+
+
+def test_the_record_says_how_the_intervals_were_computed(spec) -> None:
+    """`daybreak report` shows the interval method, the resampling unit and the baselines."""
+    y, a, b, frame = _hourly(np.random.default_rng(14), 19, 40)
+    inputs = GateInputs(day="2013-01-05", candidate_version="2", champion_version="1", frame=frame,
+                        holdout_hash="h", y=y, candidate=a, champion=b, prior=0.5)
+    rec = compute(spec, inputs).record
+    assert rec.interval == "analytic by event_time:hour, 19 clusters, 95%"
+    assert GateRecord.from_tags(rec.to_tags()).interval == rec.interval
+    y, good, weak = _data(seed=15)
+    assert compute(spec, _inputs(good, weak, y)).record.interval == "analytic by row, 95%"

@@ -243,7 +243,7 @@ def compute(spec: Spec, inputs: GateInputs, *, forced: str | None = None, reason
         decision=decision, computed_decision=computed, champion_version=inputs.champion_version, metric=m,
         candidate_metric=judged["metrics"]["candidate"].get(m), champion_metric=champ_metric,
         holdout_date=inputs.day, holdout_rows=len(inputs.y), holdout_hash=inputs.holdout_hash, rules=rules,
-        decided_at=now, override=decision if forced else None,
+        decided_at=now, interval=judged.get("interval"), override=decision if forced else None,
         override_reason=str(reason) if forced else None, override_by=by if forced else None)
     boot = judged["bootstrap"]
     full = {"date": inputs.day, "decision": decision, "computed_decision": computed,

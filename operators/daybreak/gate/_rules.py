@@ -140,6 +140,7 @@ class Intervals:
         self.conf = spec.gate.bootstrap
         self.threshold = spec.gate.threshold
         self.clusters, self.unit = clusters, unit
+        self.used: set[str] = set()  # the methods the intervals resolved to
 
     @property
     def on(self) -> bool:
@@ -156,6 +157,7 @@ class Intervals:
             clusters = None if clusters is None else clusters[rows]
         iv = metrics.interval(metric, y, pred, other, clusters=clusters, level=c.level, method=c.method,
                               resamples=c.resamples, seed=c.seed, threshold=self.threshold)
+        self.used.add(iv["method"])
         return iv | {"unit": self.unit}
 
     def describe(self, iv: dict[str, Any]) -> str:
@@ -260,7 +262,18 @@ def judge(spec: Spec, y: np.ndarray, candidate: np.ndarray, champion: np.ndarray
             rules += rules_s
     return {"metrics": {"candidate": cand, "champion": champ}, "rules": rules, "bootstrap": boot, "slices": slices,
             "baselines": scored, "interval_unit": unit,
-            "clusters": None if clusters is None else len(np.unique(clusters))}
+            "clusters": None if clusters is None else len(np.unique(clusters)),
+            "interval": describe_intervals(spec, iv.used, unit, clusters)}
+
+
+def describe_intervals(spec: Spec, used: set[str], unit: str, clusters: np.ndarray | None) -> str:
+    """One line for the record: the methods used, the resampling unit, the clusters and the level."""
+    conf = spec.gate.bootstrap
+    if conf is None:
+        return "off (gate.bootstrap is null: point estimates only)"
+    methods = "/".join(sorted(used)) or conf.method
+    count = "" if clusters is None else f", {len(np.unique(clusters))} clusters"
+    return f"{methods} by {unit}{count}, {conf.level:.0%}"
 
 
 def _champion_rules(spec: Spec, y: np.ndarray, candidate: np.ndarray, champion: np.ndarray, rows: np.ndarray,

@@ -39,6 +39,7 @@ class Tag:
     GATE_DECIDED_AT = "daybreak.gate.decided_at"
     GATE_DECISION = "daybreak.gate.decision"
     GATE_HOLDOUT_DATE = "daybreak.gate.holdout_date"
+    GATE_INTERVAL = "daybreak.gate.interval"
     GATE_HOLDOUT_HASH = "daybreak.gate.holdout_hash"
     GATE_HOLDOUT_ROWS = "daybreak.gate.holdout_rows"
     GATE_METRIC = "daybreak.gate.metric"
@@ -160,6 +161,7 @@ class GateRecord:
     override_reason: str | None = None
     override_by: str | None = None
     gate_run_id: str | None = None
+    interval: str | None = None  # how the intervals were computed: method, resampling unit, clusters, level
 
     def to_tags(self) -> dict[str, str]:
         """Every field as a tag. The override fields are always written, so a later decision
@@ -186,6 +188,8 @@ class GateRecord:
         }
         if self.gate_run_id is not None:
             tags[Tag.GATE_RUN_ID] = self.gate_run_id
+        if self.interval is not None:
+            tags[Tag.GATE_INTERVAL] = self.interval
         return tags
 
     @classmethod
@@ -208,7 +212,7 @@ class GateRecord:
                    override=_opt(tags.get(Tag.GATE_OVERRIDE)),
                    override_reason=_opt(tags.get(Tag.GATE_OVERRIDE_REASON)),
                    override_by=_opt(tags.get(Tag.GATE_OVERRIDE_BY)),
-                   gate_run_id=tags.get(Tag.GATE_RUN_ID))
+                   gate_run_id=tags.get(Tag.GATE_RUN_ID), interval=tags.get(Tag.GATE_INTERVAL))
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)

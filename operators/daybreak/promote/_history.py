@@ -103,6 +103,9 @@ def version_report(spec: Spec, ctx: RunContext, version: str | None = None) -> d
     row["computed_decision"] = rec.computed_decision
     row["override_reason"] = rec.override_reason
     row["gate_run_id"] = rec.gate_run_id
+    row["interval"] = rec.interval
+    row["baselines"] = [f"{r['rule'].removeprefix('baseline:')}: {r['verdict']} ({r.get('detail') or r['value']})"
+                        for r in rec.rules if r.get("kind") == "baseline"]
     row["rules"] = rec.rules
     row["source"] = mv.source
     return row
