@@ -232,3 +232,23 @@ def test_the_record_says_how_the_intervals_were_computed(spec) -> None:
     assert GateRecord.from_tags(rec.to_tags()).interval == rec.interval
     y, good, weak = _data(seed=15)
     assert compute(spec, _inputs(good, weak, y)).record.interval == "analytic by row, 95%"
+
+
+def test_a_business_day_feed_of_many_entities_is_judged_by_row_and_noise_is_not_promoted(spec) -> None:
+    """Data shaped unlike flights: one row per entity per business day, all stamped midnight, so a
+    holdout day has one event hour. Auto clustering cannot resample one hour and falls back to the
+    entities as units (rows); a pure-noise model is still refused by the prior baseline."""
+    rng = np.random.default_rng(16)
+    n = 800  # entities on 2013-01-04, a Friday
+    y = (rng.random(n) < 0.4).astype(float)
+    frame = pd.DataFrame({"event_time": pd.Timestamp("2013-01-04T00:00:00Z"), "entity": np.arange(n),
+                          "origin": "JFK"})
+    s = _gate(spec, floor=None)
+    noise = GateInputs(day="2013-01-04", candidate_version="1", champion_version=None, frame=frame,
+                       holdout_hash="h", y=y, candidate=rng.random(n), champion=None, prior=0.4)
+    v = compute(s, noise)
+    assert v.full["interval_unit"] == "row" and v.record.interval == "analytic by row, 95%"
+    assert v.record.decision == Decision.REJECT and _rules(v)["baseline:prior"]["verdict"] == "fail"
+    informed = np.clip(0.4 + 0.3 * (y - 0.4) + rng.normal(0, 0.15, n), 0, 1)
+    good = compute(s, GateInputs(**{**noise.__dict__, "candidate": informed}))
+    assert good.record.decision == Decision.PROMOTE, good.record.rules

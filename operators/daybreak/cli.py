@@ -123,8 +123,8 @@ def backfill(spec: Path = SpecOpt, start: str = typer.Option(..., "--start", hel
              store: str | None = StoreOpt, tracking_uri: str | None = TrackingOpt,
              as_json: bool = JsonOpt) -> None:
     """Run the daily cycle for every date from --start to --end, in order."""
-    from daybreak.cycle import date_range, run_cycle
-    from daybreak.infra.context import parse_date
+    from daybreak.cycle import run_cycle
+    from daybreak.infra.context import date_range, parse_date
 
     s = _load(spec)
     days = date_range(parse_date(start), parse_date(end))

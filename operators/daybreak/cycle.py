@@ -17,7 +17,6 @@ import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import date, timedelta
 from typing import Any
 
 from daybreak.infra.context import RunContext
@@ -97,12 +96,6 @@ def summarize(result: dict[str, Any]) -> dict[str, Any]:
         "approval": promote.get("approval"),
         "monitor": result.get("monitor", {}).get("action"),
     }
-
-
-def date_range(start: date, end: date) -> list[date]:
-    if end < start:
-        raise ValueError(f"end {end} is before start {start}")
-    return [start + timedelta(days=k) for k in range((end - start).days + 1)]
 
 
 def day_summary(spec: Spec, ctx: RunContext) -> dict[str, Any]:

@@ -21,7 +21,6 @@ with ``decision.json``, ``scores.parquet`` (every holdout row with both predicti
 
 from __future__ import annotations
 
-import getpass
 import hashlib
 import json
 import logging
@@ -37,6 +36,7 @@ import numpy as np
 from daybreak.features import DAY, EVENT_TIME, read_features
 from daybreak.gate._rules import baseline_predictions, clusters_for, decide, judge, size_rules
 from daybreak.infra import registry
+from daybreak.infra.audit import who
 from daybreak.infra.context import RunContext
 from daybreak.infra.errors import GateError, MissingInputError
 from daybreak.infra.records import Decision, GateRecord, Lineage, Tag, json_default
@@ -143,7 +143,7 @@ def evaluate_gate(spec: Spec, ctx: RunContext, force: bool = False, override: st
     loaded = load(spec, ctx, cl, force=force, forced=forced)
     if not isinstance(loaded, GateInputs):  # nothing to judge: no candidate, or already decided
         return loaded
-    verdict = compute(spec, loaded, forced=forced, reason=reason, by=_who() if forced else None,
+    verdict = compute(spec, loaded, forced=forced, reason=reason, by=who() if forced else None,
                       now=datetime.now(UTC).isoformat(timespec="seconds"))
     record = publish(spec, ctx, cl, loaded, verdict)
     return _result(spec, loaded, record)
@@ -334,13 +334,6 @@ def _scores(df: Any, spec: Spec, y: np.ndarray, cand: np.ndarray, champ: np.ndar
     if champ is not None:
         out["champion"] = champ
     return out.reset_index(drop=True)
-
-
-def _who() -> str:
-    try:
-        return getpass.getuser()
-    except (KeyError, OSError):
-        return "unknown"
 
 
 def recorded_gate(spec: Spec, ctx: RunContext) -> tuple[str, str, str] | None:

@@ -29,7 +29,7 @@ import math
 import shutil
 import tempfile
 from collections.abc import Mapping
-from datetime import date, timedelta
+from datetime import date
 from pathlib import Path
 from typing import Any, TypedDict
 
@@ -38,7 +38,7 @@ import numpy as np
 from daybreak.features import DAY
 from daybreak.gate._gating import PROMOTE, SCORES, GateInputs, Verdict, compute
 from daybreak.infra import metrics, registry
-from daybreak.infra.context import RunContext, parse_date
+from daybreak.infra.context import RunContext, date_range, parse_date
 from daybreak.infra.errors import GateError, SpecError
 from daybreak.infra.records import GateRecord
 from daybreak.spec import Spec, parse_spec
@@ -140,7 +140,7 @@ def _days(start: date, end: date) -> list[date]:
     n = (end - start).days + 1
     if n > MAX_REPLAY_DAYS:
         raise ValueError(f"replay: {n} days from {start} to {end}; at most {MAX_REPLAY_DAYS} at once")
-    return [start + timedelta(days=k) for k in range(n)]
+    return date_range(start, end)
 
 
 class _Recorded:

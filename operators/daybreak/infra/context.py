@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import uuid
 from dataclasses import dataclass, field
-from datetime import date, datetime
+from datetime import date, datetime, timedelta
 from pathlib import Path
 
 from daybreak.infra.store import StorageOptions, Store
@@ -68,3 +68,10 @@ class RunContext:
             ray_address=ray_address or os.environ.get("RAY_ADDRESS") or None,
             artifact_root=artifacts,
         )
+
+
+def date_range(start: date, end: date) -> list[date]:
+    """Every date from `start` to `end`, both included (ValueError if `end` is before `start`)."""
+    if end < start:
+        raise ValueError(f"end {end} is before start {start}")
+    return [start + timedelta(days=k) for k in range((end - start).days + 1)]

@@ -17,8 +17,8 @@ from typing import Any, Literal, TypedDict
 
 from prefect import flow, get_run_logger
 
-from daybreak.cycle import date_range, summarize
-from daybreak.infra.context import parse_date
+from daybreak.cycle import summarize
+from daybreak.infra.context import date_range, parse_date
 from daybreak.prefect.tasks import (
     approve_model,
     build_features,
