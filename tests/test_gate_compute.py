@@ -167,7 +167,8 @@ def test_one_holdout_day_is_resampled_by_hour_and_aa_false_promotions_stay_near_
     promoted an equal model about 1 time in 5 when the gain varies by hour; by hour (t quantile)
     it stays near the nominal 2.5%."""
     s = _gate(spec, compare="improve", margin=0.0, floor=None, baselines=[],
-              slices=spec.gate.slices.model_copy(update={"columns": []}))
+              slices=spec.gate.slices.model_copy(update={"columns": []}),
+              bootstrap=spec.gate.bootstrap.model_copy(update={"between_days": "off"}))  # within the day only
     rows = s.model_copy(update={"gate": s.gate.model_copy(update={
         "bootstrap": s.gate.bootstrap.model_copy(update={"cluster_by": []})})})
     rng = np.random.default_rng(11)
@@ -228,10 +229,12 @@ def test_the_record_says_how_the_intervals_were_computed(spec) -> None:
     inputs = GateInputs(day="2013-01-05", candidate_version="2", champion_version="1", frame=frame,
                         holdout_hash="h", y=y, candidate=a, champion=b, prior=0.5)
     rec = compute(spec, inputs).record
-    assert rec.interval == "analytic by event_time:hour, 19 clusters, 95%"
+    assert rec.interval == ("analytic by event_time:hour, 19 clusters, 95%, + day-to-day spread: "
+                            "champion assumed")
     assert GateRecord.from_tags(rec.to_tags()).interval == rec.interval
     y, good, weak = _data(seed=15)
-    assert compute(spec, _inputs(good, weak, y)).record.interval == "analytic by row, 95%"
+    assert compute(spec, _inputs(good, weak, y)).record.interval == (
+        "analytic by row, 95%, + day-to-day spread: champion assumed")
 
 
 def test_a_business_day_feed_of_many_entities_is_judged_by_row_and_noise_is_not_promoted(spec) -> None:
@@ -252,3 +255,80 @@ def test_a_business_day_feed_of_many_entities_is_judged_by_row_and_noise_is_not_
     informed = np.clip(0.4 + 0.3 * (y - 0.4) + rng.normal(0, 0.15, n), 0, 1)
     good = compute(s, GateInputs(**{**noise.__dict__, "candidate": informed}))
     assert good.record.decision == Decision.PROMOTE, good.record.rules
+
+
+# --- the day-to-day spread: between_days ---------------------------------------------------------
+
+def _days_frame(frame: pd.DataFrame, days: list[str]) -> pd.DataFrame:
+    """`frame` with its rows spread over `days` (in order) as the partition day column."""
+    out = frame.copy()
+    out["__day"] = np.array(days)[np.arange(len(frame)) * len(days) // len(frame)]
+    return out
+
+
+def test_the_gate_records_its_daily_estimates_and_widens_by_the_recorded_spread(spec) -> None:
+    from daybreak.gate._gating import history_of
+    from daybreak.infra import metrics
+
+    s = _gate(spec, compare="improve", margin=0.0, floor=None, slices=spec.gate.slices.model_copy(
+        update={"columns": []}))
+    y, a, b, frame = _hourly(np.random.default_rng(21), 40, 40)
+    frame = _days_frame(frame, ["2013-01-03", "2013-01-04", "2013-01-05"])
+
+    def gate(history, policy=s):
+        return compute(policy, GateInputs(day="2013-01-05", candidate_version="2", champion_version="1",
+                                          frame=frame, holdout_hash="h", y=y, candidate=a, champion=b, prior=0.5,
+                                          history=history))
+
+    first = gate({})
+    # recorded: each judged quantity on the newest holdout day alone, in one-day units
+    daily = first.record.daily
+    assert set(daily) == {"champion"} and daily["champion"]["day"] == "2013-01-05"
+    newest = (frame["__day"] == "2013-01-05").to_numpy()
+    one = metrics.interval("roc_auc", y[newest], a[newest], b[newest],
+                           clusters=pd.factorize(frame["event_time"][newest])[0])
+    assert daily["champion"]["value"] == one["value"] and daily["champion"]["se"] == one["se"]
+    assert GateRecord.from_tags(first.record.to_tags()).daily == daily
+    # no history yet: the spread is assumed equal to the holdout's own error (sqrt 2 wider)
+    off = gate({}, _gate(s, bootstrap=s.gate.bootstrap.model_copy(update={"between_days": "off"})))
+    w_first, w_off = (v.full["bootstrap"]["high"] - v.full["bootstrap"]["low"] for v in (first, off))
+    assert first.full["between_days"]["champion"] == {"source": "assumed", "sd": None, "days": 0, "holdout_days": 3}
+    assert 1.3 < w_first / w_off < 1.6 and off.full["between_days"] == {}
+    # history: gains swinging by 0.05 from day to day, each known to +-0.005: a much wider interval
+    swings = {f"2013-01-{d:02d}": {"champion": {"day": "x", "metric": "roc_auc", "value": 0.05 * (-1) ** d,
+                                                "se": 0.005}} for d in range(1, 5)}
+    swings |= {f"2012-12-{d:02d}": {"champion": {"day": "x", "metric": "roc_auc", "value": 0.05 * (-1) ** d,
+                                                 "se": 0.005}} for d in range(20, 32)}
+    hist = history_of(swings)
+    assert [e["day"] for e in hist["champion"]] == sorted(swings)
+    v = gate(hist)
+    spread = v.full["between_days"]["champion"]
+    assert spread["source"] == "history" and spread["days"] == 16 and spread["sd"] > 0.05
+    assert v.full["bootstrap"]["high"] - v.full["bootstrap"]["low"] > 1.6 * w_off  # tau^2/3 days on top
+    assert "day-to-day sd" in next(r for r in v.record.rules if r["rule"] == "confidence")["detail"]
+    assert "champion sd" in v.record.interval
+    # holdouts of several days tell the day effects (divided by the 3 days) from the rest (whole)
+    three = {d: {"champion": e["champion"] | {"days": 3, "spread2": 0.02 ** 2, "se2": 0.005 ** 2}}
+             for d, e in swings.items()}
+    split = gate(history_of(three))
+    spread = split.full["between_days"]["champion"]
+    assert "day_sd" in spread and spread["day_sd"] < spread["sd"]
+    assert split.full["bootstrap"]["high"] - split.full["bootstrap"]["low"] < \
+        v.full["bootstrap"]["high"] - v.full["bootstrap"]["low"]
+    assert "of which day effects sd" in next(r for r in split.record.rules if r["rule"] == "confidence")["detail"]
+    # another metric's history is not this one's
+    other = {d: {"champion": e["champion"] | {"metric": "log_loss"}} for d, e in swings.items()}
+    assert gate(history_of(other)).full["between_days"]["champion"]["source"] == "assumed"
+
+
+def test_history_from_tags_is_read_as_untrusted() -> None:
+    from daybreak.gate._gating import history_of
+
+    assert GateRecord.from_tags({Tag.GATE_DAILY: "not json"}).daily == {}
+    assert GateRecord.from_tags({Tag.GATE_DAILY: "[1, 2]"}).daily == {}
+    assert GateRecord.from_tags({Tag.GATE_DAILY: '{"champion": 3, "x": {"value": 1}}'}).daily == {"x": {"value": 1}}
+    bad = {"2013-01-01": {"champion": {"metric": "roc_auc", "value": "0.1", "se": 0.01}},
+           "2013-01-02": {"champion": {"metric": "roc_auc", "value": float("nan"), "se": 0.01}},
+           "2013-01-03": {"champion": {"metric": None, "value": 0.1, "se": 0.01}},
+           "2013-01-04": {"champion": {"metric": "roc_auc", "value": 0.1, "se": 0.01}}}
+    assert history_of(bad) == {"champion": [{"day": "2013-01-04", "metric": "roc_auc", "value": 0.1, "se": 0.01}]}

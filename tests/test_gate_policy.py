@@ -145,14 +145,12 @@ def _shuffled_trials(spec: Any, flights: pd.DataFrame) -> list[tuple[str, str, f
     return out
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "gate gap at one holdout day (found by this test): 1 of 20 promoted. A model of shuffled labels scores every "
-    "flight near the prior but still ranks by a random direction of its features (here mostly visibility and "
-    "precipitation); on 2013-03-16 that ranks the day's flights better than the real champion, a weak logistic "
-    "regression (AUC 0.681 vs 0.649), so no_worse 0.02 and the prior baseline (AUC 0.5) both pass, by row or by "
-    "event hour alike. On 3 or 7 holdout days the same pair is rejected (AUC 0.640 vs 0.704; 0.521 vs 0.657). "
-    "Log loss as the gate metric does not help (2 of 20)"))
 def test_a_model_of_shuffled_labels_never_replaces_a_real_champion(spec, flights) -> None:
+    """20 of 20 rejected at the flights spec's holdout. The hard day is 2013-03-16: the shuffled
+    model ranks that day's flights better than the weak real champion (AUC 0.681 vs 0.649), so
+    no_worse 0.02 and the prior baseline pass; the gain's interval, widened by the day-to-day
+    spread (assumed here: no gate history), does not clear -0.02. Within that one day alone it
+    did, and the shuffled model was promoted."""
     trials = _shuffled_trials(spec, flights)
     assert all(dec == Decision.REJECT for _, dec, *_ in trials), [t for t in trials if t[1] != Decision.REJECT]
 

@@ -296,7 +296,7 @@ def test_auto_method() -> None:
         metrics.interval("brier", y, a, method="exact")
     r = metrics.interval("brier", y, a, b)
     assert set(r) == {"metric", "value", "low", "high", "level", "method", "rows", "clusters", "undefined",
-                      "gains", "resamples", "seed"}
+                      "gains", "resamples", "seed", "se", "df"}
     assert (r["rows"], r["clusters"], r["undefined"], r["gains"], r["resamples"]) == (400, None, 0, None, None)
 
 
@@ -322,3 +322,69 @@ def test_undefined_gives_nan_not_an_exception(method: str) -> None:
     bad[::7] = np.nan
     r = metrics.interval("roc_auc", y, bad, b, method=method, resamples=20)
     assert math.isnan(r["low"]) and r["reason"] == "non-finite labels or predictions"
+
+
+# -- the day-to-day spread (gate.bootstrap.between_days) ---------------------------------------
+
+
+def test_day_spread_recovers_the_between_day_sd_under_a_drift() -> None:
+    """Daily estimates = a slowly drifting level + a day effect (sd tau) + the within-day error
+    (sd se, known to the gate): MSSD/2 - mean(se^2) finds tau, and the drift does not inflate it."""
+    rng = np.random.default_rng(3)
+    n, tau, se = 400, 0.012, 0.009
+    level = np.linspace(0.0, 0.05, n)  # e.g. a champion aging: the candidates' gain grows
+    values = level + rng.normal(0, tau, n) + rng.normal(0, se, n)
+    tau2, used = metrics.day_spread(values, np.full(n, se))
+    assert used == n and math.sqrt(tau2) == pytest.approx(tau, rel=0.15)
+    # no day effect: (close to) zero, never negative
+    flat, _ = metrics.day_spread(rng.normal(0, se, n), np.full(n, se))
+    assert 0 <= flat < (0.004) ** 2
+    # too few days, or non-finite entries skipped
+    assert math.isnan(metrics.day_spread([0.1, 0.2, np.nan, 0.3, 0.1], [0.01] * 5)[0])
+    assert metrics.day_spread([0.1, 0.2, np.nan, 0.3, 0.1], [0.01] * 5)[1] == 4
+
+
+def test_widening_by_the_day_spread_holds_the_false_promotion_rate() -> None:
+    """A/A over days: each day's gain = day effect (tau) + within-day error (se). The interval of
+    the within-day error alone promotes (lower end > 0) far above the nominal 2.5%; widened by the
+    spread estimated from the 28 days before it, at most about nominal."""
+    rng = np.random.default_rng(5)
+    tau, se, days = 0.012, 0.01, 3000
+    gains = rng.normal(0, tau, days) + rng.normal(0, se, days)
+    narrow = wide = judged = 0
+    for d in range(28, days):
+        iv = {"value": gains[d], "low": gains[d] - 2.1 * se, "high": gains[d] + 2.1 * se, "level": 0.95,
+              "method": "analytic", "se": se, "df": 18}
+        tau2, n = metrics.day_spread(gains[d - 28:d], np.full(28, se))
+        w = metrics.widen(iv, tau2, n - 1)
+        assert w["high"] - w["low"] >= iv["high"] - iv["low"]
+        narrow += iv["low"] > 0
+        wide += w["low"] > 0
+        judged += 1
+    assert narrow / judged > 0.06 and wide / judged <= 0.035, (narrow / judged, wide / judged)
+
+
+def test_widening_keeps_a_bootstrap_interval_asymmetric_and_leaves_none_alone() -> None:
+    iv = {"value": 0.1, "low": 0.05, "high": 0.2, "level": 0.95, "method": "bootstrap", "se": 0.04, "df": None}
+    w = metrics.widen(iv, 0.03 ** 2, 10)  # total se 0.05: each end 1.25x as far from the point
+    assert w["low"] == pytest.approx(0.1 - 0.05 * 1.25) and w["high"] == pytest.approx(0.1 + 0.1 * 1.25)
+    assert metrics.widen(iv, 0.0, 10) is iv and metrics.widen(iv, float("nan"), 10) is iv
+    none = {"value": float("nan"), "low": float("nan"), "high": float("nan"), "level": 0.95, "method": "none",
+            "se": float("nan"), "df": None}
+    assert metrics.widen(none, 0.01, 10) is none
+
+
+def test_within_spread_tells_day_effects_from_the_models_own_difference() -> None:
+    """Gates of 3-day holdouts, a new pair of models each: gain = pair effect (sd 0.01, the same on
+    all its days) + day effect (sd 0.008) + within-day error (se 0.005). Across gates the newest
+    day's estimate moves by both effects; within one holdout only by the day effects."""
+    rng = np.random.default_rng(8)
+    pair_sd, day_sd, se, gates, k = 0.01, 0.008, 0.005, 600, 3
+    est = rng.normal(0, pair_sd, (gates, 1)) + rng.normal(0, day_sd, (gates, k)) + rng.normal(0, se, (gates, k))
+    total, _ = metrics.day_spread(est[:, -1], np.full(gates, se))
+    days2, dof = metrics.within_spread([(k, float(np.var(row, ddof=1)), se**2) for row in est])
+    assert dof == gates * (k - 1)
+    assert math.sqrt(total) == pytest.approx(math.hypot(pair_sd, day_sd), rel=0.1)
+    assert math.sqrt(days2) == pytest.approx(day_sd, rel=0.1)
+    assert math.isnan(metrics.within_spread([(3, 0.01, 0.001)])[0])  # 2 degrees of freedom: not yet
+    assert metrics.within_spread([(1, 0.01, 0.001)] * 10)[1] == 0  # one-day holdouts tell nothing

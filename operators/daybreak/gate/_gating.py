@@ -26,6 +26,7 @@ import json
 import logging
 import math
 import tempfile
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -121,6 +122,8 @@ class GateInputs:
     drift: Any = None
     prior: float | None = None  # the candidate's training label mean: the prior baseline
     champion_seen: frozenset[str] = frozenset()  # days the champion was trained or gated on (ISO dates)
+    # earlier gates' daily estimates per quantity, oldest first (``_rules.Intervals``)
+    history: Mapping[str, Sequence[Mapping[str, Any]]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -188,7 +191,52 @@ def load(spec: Spec, ctx: RunContext, cl: Any, *, force: bool = False,
                       holdout_hash=holdout_hash, y=df[spec.features.label.name].to_numpy(np.float64),
                       candidate=cand_pred, champion=champ_pred, data_rules=data_rules, drift=drift,
                       prior=_prior(spec, ctx, dict(cand.tags)),
-                      champion_seen=frozenset() if champ is None else _seen_days(dict(champ.tags)))
+                      champion_seen=frozenset() if champ is None else _seen_days(dict(champ.tags)),
+                      history=gate_history(spec, cl, day))
+
+
+def gate_history(spec: Spec, cl: Any, day: str) -> dict[str, list[dict[str, Any]]]:
+    """The daily estimates the gates of the ``history_days`` days before `day` recorded on their
+    candidates (the newest version per gated day), per quantity, oldest first."""
+    conf = spec.gate.bootstrap
+    if conf is None or conf.between_days == "off":
+        return {}
+    from datetime import date, timedelta
+
+    first = (date.fromisoformat(day) - timedelta(days=conf.history_days)).isoformat()
+    by_day: dict[str, dict[str, dict[str, Any]]] = {}
+    seen: set[str] = set()
+    for mv in registry.versions(cl, spec.model.name):  # newest first: a day's newest gated version speaks for it
+        rec = GateRecord.from_tags(dict(mv.tags))
+        gated = rec.holdout_date
+        if gated and first <= gated < day and gated not in seen:
+            seen.add(gated)
+            if rec.daily:  # none: gated before daybreak recorded them, INSUFFICIENT_DATA, or unreadable
+                by_day[gated] = rec.daily
+    return history_of(by_day)
+
+
+def _finite(v: Any) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def history_of(by_day: Mapping[str, Mapping[str, Mapping[str, Any]]]) -> dict[str, list[dict[str, Any]]]:
+    """{gated day: {quantity: estimate}} to {quantity: [estimate, ...]} oldest first, keeping only
+    well-formed finite estimates (tags are editable: read them as untrusted)."""
+    out: dict[str, list[dict[str, Any]]] = {}
+    for gated in sorted(by_day):
+        for key, e in by_day[gated].items():
+            value, se = (e.get("value"), e.get("se")) if isinstance(e, Mapping) else (None, None)
+            if not isinstance(e, Mapping) or not _finite(value) or not _finite(se) \
+                    or not isinstance(e.get("metric"), str):
+                continue
+            entry = {"day": gated, "metric": e["metric"], "value": float(value), "se": float(se)}
+            days, s2, se2 = e.get("days"), e.get("spread2"), e.get("se2")
+            if isinstance(days, int) and not isinstance(days, bool) and 2 <= days <= 366 and _finite(s2) \
+                    and _finite(se2):
+                entry |= {"days": days, "spread2": float(s2), "se2": float(se2)}
+            out.setdefault(key, []).append(entry)
+    return out
 
 
 def _prior(spec: Spec, ctx: RunContext, tags: dict[str, str]) -> float | None:
@@ -224,7 +272,8 @@ def compute(spec: Spec, inputs: GateInputs, *, forced: str | None = None, reason
     excluded: list[str] = []  # holdout days left out of the champion comparison
     if any(r["verdict"] == "fail" for r in size):  # too few rows to judge anything: INSUFFICIENT_DATA
         judged: dict[str, Any] = {"metrics": {"candidate": {}, "champion": None}, "rules": [], "bootstrap": None,
-                                  "slices": [], "baselines": [], "interval_unit": None, "clusters": None}
+                                  "slices": [], "baselines": [], "interval_unit": None, "clusters": None,
+                                  "daily": {}, "between_days": {}}
     else:
         fresh = None
         if inputs.champion_seen and inputs.frame is not None and DAY in inputs.frame:
@@ -233,7 +282,7 @@ def compute(spec: Spec, inputs: GateInputs, *, forced: str | None = None, reason
             excluded = sorted(set(days[~fresh]))
         judged = judge(spec, inputs.y, inputs.candidate, inputs.champion, inputs.frame,
                        baselines=baseline_predictions(spec, inputs.frame, inputs.prior), fresh=fresh,
-                       clustering=clustering)
+                       clustering=clustering, history=inputs.history)
     rules = size + judged["rules"] + inputs.data_rules
     computed = decide(rules)
     decision = forced or computed
@@ -243,7 +292,8 @@ def compute(spec: Spec, inputs: GateInputs, *, forced: str | None = None, reason
         decision=decision, computed_decision=computed, champion_version=inputs.champion_version, metric=m,
         candidate_metric=judged["metrics"]["candidate"].get(m), champion_metric=champ_metric,
         holdout_date=inputs.day, holdout_rows=len(inputs.y), holdout_hash=inputs.holdout_hash, rules=rules,
-        decided_at=now, interval=judged.get("interval"), override=decision if forced else None,
+        decided_at=now, interval=judged.get("interval"), daily=judged["daily"],
+        override=decision if forced else None,
         override_reason=str(reason) if forced else None, override_by=by if forced else None)
     boot = judged["bootstrap"]
     full = {"date": inputs.day, "decision": decision, "computed_decision": computed,
@@ -252,7 +302,8 @@ def compute(spec: Spec, inputs: GateInputs, *, forced: str | None = None, reason
             "holdout_rows": len(inputs.y), "holdout_hash": inputs.holdout_hash, "baselines": judged["baselines"],
             "interval_unit": judged["interval_unit"], "clusters": judged["clusters"],
             "champion_excluded_days": excluded, "champion_seen_days": sorted(inputs.champion_seen),
-            "prior": inputs.prior,
+            "prior": inputs.prior, "daily": judged["daily"], "between_days": judged["between_days"],
+            "history": {k: list(v) for k, v in inputs.history.items()},
             "bootstrap": None if boot is None else {k: v for k, v in boot.items() if k != "gains"},
             "override": None if not forced else {"decision": decision, "reason": reason, "by": by}}
     return Verdict(record=record, full=full, bootstrap=boot, judged=judged)

@@ -36,7 +36,7 @@ from typing import Any, TypedDict
 import numpy as np
 
 from daybreak.features import DAY
-from daybreak.gate._gating import PROMOTE, SCORES, GateInputs, Verdict, compute
+from daybreak.gate._gating import PROMOTE, SCORES, GateInputs, Verdict, compute, history_of
 from daybreak.infra import metrics, registry
 from daybreak.infra.context import RunContext, date_range, parse_date
 from daybreak.infra.errors import GateError, SpecError
@@ -202,7 +202,29 @@ def _load_day(spec: Spec, ctx: RunContext, cl: Any, day: str, tmp: Path) -> _Rec
     return _Recorded(day, version, rec, full, scores)
 
 
-def _inputs(r: _Recorded) -> GateInputs:
+def _history(spec: Spec, r: _Recorded, replayed: Mapping[str, Mapping[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+    """The daily estimates the gate saw (decision.json's ``history``), each day the replay has
+    already judged replaced by its replayed estimates, within the policy's lookback. Under the
+    recorded policy the two agree, so the recorded decision is reproduced; under another, the days
+    in the range carry that policy's estimates, the days before it the recorded ones (used only
+    where the metric matches)."""
+    from datetime import timedelta
+
+    by_day: dict[str, dict[str, Any]] = {}
+    recorded = r.full.get("history")
+    for key, entries in (recorded.items() if isinstance(recorded, dict) else []):
+        for e in entries if isinstance(entries, list) else []:
+            if isinstance(e, dict) and isinstance(e.get("day"), str):
+                by_day.setdefault(e["day"], {})[str(key)] = e
+    by_day.update({d: dict(v) for d, v in replayed.items() if d < r.day})
+    conf = spec.gate.bootstrap
+    if conf is None or conf.between_days == "off":
+        return {}
+    first = (date.fromisoformat(r.day) - timedelta(days=conf.history_days)).isoformat()
+    return history_of({d: v for d, v in by_day.items() if first <= d < r.day})
+
+
+def _inputs(r: _Recorded, history: Mapping[str, Any] | None = None) -> GateInputs:
     """The gate's inputs rebuilt from its run: the scores frame and the recorded data checks."""
     full, scores = r.full, r.scores
     champ = None if full.get("champion_version") is None else str(full["champion_version"])
@@ -214,7 +236,7 @@ def _inputs(r: _Recorded) -> GateInputs:
         champion=None if champ is None else scores["champion"].to_numpy(np.float64),
         data_rules=[dict(x) for x in full.get("rules", []) if x.get("kind") == "data"], drift=full.get("drift"),
         prior=None if prior is None else float(prior),
-        champion_seen=frozenset(str(d) for d in full.get("champion_seen_days") or []))
+        champion_seen=frozenset(str(d) for d in full.get("champion_seen_days") or []), history=history or {})
 
 
 def _forward(spec: Spec, day: str, version: str | None, later: list[_Recorded]) -> dict[str, Any]:
@@ -268,6 +290,7 @@ def replay(spec: Spec, ctx: RunContext, start: str | date | None = None, end: st
     rows: list[ReplayDay] = []
     loaded: list[_Recorded] = []
     verdicts: dict[str, Verdict] = {}
+    daily: dict[str, dict[str, Any]] = {}  # the replayed daily estimates, for the later days' spread
     with tempfile.TemporaryDirectory(prefix="daybreak-replay-") as tmp:
         for d in dates:
             got = _load_day(spec, ctx, cl, d.isoformat(), Path(tmp))
@@ -275,7 +298,8 @@ def replay(spec: Spec, ctx: RunContext, start: str | date | None = None, end: st
                 rows.append(got)
                 continue
             try:
-                verdicts[got.day] = compute(judged, _inputs(got), forced=None)
+                verdicts[got.day] = compute(judged, _inputs(got, _history(judged, got, daily)), forced=None)
+                daily[got.day] = verdicts[got.day].record.daily
             except KeyError as e:  # the policy needs a column the recorded scores do not hold
                 raise GateError(f"replay {got.day}: the policy needs column {e} (slices, clusters or baselines), "
                                 "which the gate run's scores.parquet does not hold") from None

@@ -22,6 +22,7 @@ by default the event hour), because rows of one hour share weather and traffic.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -133,32 +134,111 @@ def _confident(iv: dict[str, Any], bound: float, *, strict: bool = True, lower: 
     return end < bound if strict else end <= bound
 
 
-class Intervals:
-    """The spec's interval settings, bound to one holdout's clusters."""
+History = Mapping[str, Sequence[Mapping[str, Any]]]  # quantity -> recorded daily estimates, oldest first
 
-    def __init__(self, spec: Spec, clusters: np.ndarray | None, unit: str) -> None:
+
+class Intervals:
+    """The spec's interval settings, bound to one holdout's clusters, days and the recorded daily
+    estimates of earlier gates (``history``: quantity -> [{"day", "metric", "value", "se"}], oldest
+    first, the lookback's days before this holdout).
+
+    Called with a ``key`` (the quantity; today only ``champion``, the gain over the champion),
+    an interval also (a) records in ``daily``, for the next gates, the quantity's estimate on the
+    newest holdout day and, over several holdout days, how much it moved between them; and (b) with
+    ``between_days: history``, is widened by the quantity's day-to-day spread: the holdout's own
+    error says how well it measures its own days, not how much the next days will differ. That
+    spread (``metrics.day_spread`` of the history) holds day effects, which average over a k-day
+    holdout, and the two models' own difference, which does not; the day effects are told apart
+    by ``metrics.within_spread`` of multi-day holdouts and divided by k, the rest added whole
+    (all of it whole until they can be told apart). Below MIN_HISTORY_DAYS recorded days the
+    spread is assumed as large as the holdout's own error (on real flights it is about 0.8 of it
+    at one day: benchmarks/RESULTS.md).
+
+    Floors and baselines keep the holdout's own interval: they ask whether the candidate clears a
+    fixed bar on the holdout's population, and a metric's own day-to-day spread is mostly how hard
+    the day was (flights: a model's daily AUC moves by about 0.09), so with it no model would ever
+    clear a baseline on a day or three of holdout (benchmarks/RESULTS.md)."""
+
+    def __init__(self, spec: Spec, clusters: np.ndarray | None, unit: str, days: np.ndarray | None = None,
+                 history: History | None = None) -> None:
         self.conf = spec.gate.bootstrap
         self.threshold = spec.gate.threshold
-        self.clusters, self.unit = clusters, unit
+        self.clusters, self.unit, self.days = clusters, unit, days
+        self.history = history or {}
         self.used: set[str] = set()  # the methods the intervals resolved to
+        self.daily: dict[str, dict[str, Any]] = {}
+        self.spread: dict[str, dict[str, Any]] = {}
 
     @property
     def on(self) -> bool:
         return self.conf is not None
 
-    def __call__(self, metric: str, y: np.ndarray, pred: np.ndarray, other: np.ndarray | None = None,
-                 rows: np.ndarray | None = None) -> dict[str, Any]:
+    def _interval(self, metric: str, y: np.ndarray, pred: np.ndarray, other: np.ndarray | None,
+                  clusters: np.ndarray | None) -> dict[str, Any]:
         c = self.conf
         assert c is not None
-        clusters = self.clusters
+        return metrics.interval(metric, y, pred, other, clusters=clusters, level=c.level, method=c.method,
+                                resamples=c.resamples, seed=c.seed, threshold=self.threshold)
+
+    def __call__(self, metric: str, y: np.ndarray, pred: np.ndarray, other: np.ndarray | None = None,
+                 rows: np.ndarray | None = None, key: str | None = None) -> dict[str, Any]:
+        c = self.conf
+        assert c is not None
+        clusters, days = self.clusters, self.days
         if rows is not None:
             y, pred = y[rows], pred[rows]
             other = None if other is None else other[rows]
             clusters = None if clusters is None else clusters[rows]
-        iv = metrics.interval(metric, y, pred, other, clusters=clusters, level=c.level, method=c.method,
-                              resamples=c.resamples, seed=c.seed, threshold=self.threshold)
+            days = None if days is None else days[rows]
+        iv = self._interval(metric, y, pred, other, clusters)
         self.used.add(iv["method"])
-        return iv | {"unit": self.unit}
+        iv = iv | {"unit": self.unit}
+        if key is None:
+            return iv
+        names = [] if days is None or not len(days) else sorted(set(days.tolist()))
+        per_day = [iv]
+        if len(names) > 1:  # each day's own estimate, in the unit later gates compare
+            per_day = []
+            for d in names:
+                one = days == d
+                per_day.append(self._interval(metric, y[one], pred[one], None if other is None else other[one],
+                                              None if clusters is None else clusters[one]))
+        k = max(len(names), 1)
+        rec: dict[str, Any] = {"day": names[-1] if names else None, "metric": metric,
+                               "value": per_day[-1]["value"], "se": per_day[-1]["se"], "days": k}
+        finite = [p for p in per_day if math.isfinite(p["value"]) and math.isfinite(p["se"])]
+        if len(finite) > 1:  # how this pair's estimate moved across its own holdout days
+            rec |= {"days": len(finite), "spread2": float(np.var([p["value"] for p in finite], ddof=1)),
+                    "se2": float(np.mean([p["se"] ** 2 for p in finite]))}
+        self.daily[key] = rec
+        if c.between_days == "off" or iv["method"] == "none":
+            return iv
+        past = [h for h in self.history.get(key, []) if h.get("metric") == metric]
+        spread = self._spread(past, rec, k)
+        extra = spread.pop("extra")
+        out = metrics.widen(iv, iv["se"] ** 2 if extra is None else extra, iv.get("df") if extra is None
+                            else spread["days"] - 1)
+        self.spread[key] = spread
+        return out | {"between_days": spread}
+
+    @staticmethod
+    def _spread(past: list[Mapping[str, Any]], rec: Mapping[str, Any], k: int) -> dict[str, Any]:
+        """The variance to add to a k-day holdout's own: from the history, the spread of one day's
+        estimate from gate to gate (beyond its within-day error), which holds day effects and the
+        models' own differences (a seed, a sample); when holdouts of several days tell the day
+        effects apart (pooled over the history and this holdout), only those are divided by k."""
+        total, n = metrics.day_spread([h.get("value") for h in past], [h.get("se") for h in past])
+        if not math.isfinite(total):
+            return {"source": "assumed", "sd": None, "days": n, "holdout_days": k, "extra": None}
+        days2, dof = metrics.within_spread([(h.get("days", 1), h.get("spread2", math.nan), h.get("se2", math.nan))
+                                            for h in [*past, rec]])
+        extra = total
+        out = {"source": "history", "sd": math.sqrt(total), "days": n, "holdout_days": k}
+        if k > 1 and math.isfinite(days2):
+            day = min(days2, total)
+            extra = total - day + day / k
+            out["day_sd"] = math.sqrt(day)
+        return out | {"extra": extra}
 
     def describe(self, iv: dict[str, Any]) -> str:
         if iv["method"] == "none":
@@ -166,7 +246,18 @@ class Intervals:
         how = iv["method"] + (f", {iv['resamples']} resamples (seed {iv['seed']})" if iv["method"] == "bootstrap"
                               else "")
         unit = f"by {iv['unit']}" + (f", {iv['clusters']} clusters" if iv.get("clusters") else "")
-        return f"{iv['level']:.0%} interval [{iv['low']:.4g}, {iv['high']:.4g}] ({how}; {unit})"
+        return f"{iv['level']:.0%} interval [{iv['low']:.4g}, {iv['high']:.4g}] ({how}; {unit}{_spread_text(iv)})"
+
+
+def _spread_text(iv: dict[str, Any]) -> str:
+    s = iv.get("between_days")
+    if not s:
+        return ""
+    if s["source"] == "history":
+        days = (f", of which day effects sd {s['day_sd']:.3g} / {s['holdout_days']} days" if "day_sd" in s else "")
+        return f"; + day-to-day sd {s['sd']:.3g} from {s['days']} recorded days{days}"
+    return (f"; + day-to-day spread assumed equal to the holdout's error ({s['days']} of "
+            f"{metrics.MIN_HISTORY_DAYS} days recorded)")
 
 
 def _bound_rule(spec: Spec, metric: str, value: float, threshold: float, y: np.ndarray, candidate: np.ndarray,
@@ -209,7 +300,8 @@ def _baseline_rule(spec: Spec, name: str, y: np.ndarray, candidate: np.ndarray, 
 
 def judge(spec: Spec, y: np.ndarray, candidate: np.ndarray, champion: np.ndarray | None,
           frame: Any = None, *, baselines: dict[str, np.ndarray | None] | None = None,
-          fresh: np.ndarray | None = None, clustering: tuple[np.ndarray | None, str] | None = None) -> dict[str, Any]:
+          fresh: np.ndarray | None = None, clustering: tuple[np.ndarray | None, str] | None = None,
+          history: History | None = None) -> dict[str, Any]:
     """Score the candidate, the champion and the baselines on the same rows and apply the model
     rules (everything but data checks). `frame` holds the slice and cluster columns, row-aligned
     with `y`; `fresh` marks the rows the champion may be judged on (not its own selection or
@@ -217,7 +309,8 @@ def judge(spec: Spec, y: np.ndarray, candidate: np.ndarray, champion: np.ndarray
     g = spec.gate
     y = np.asarray(y, np.float64)
     clusters, unit = clustering if clustering is not None else clusters_for(spec, frame)
-    iv = Intervals(spec, clusters, unit)
+    days = None if frame is None or DAY not in frame else np.array([str(d)[:10] for d in frame[DAY]])
+    iv = Intervals(spec, clusters, unit, days, history)
     names = list(dict.fromkeys([g.metric, *(g.report_metrics or metrics.metrics_for(spec.model.task)), *g.floors]))
     cand = {m: metrics.evaluate(m, y, candidate, g.threshold) for m in names}
     rows = np.ones(len(y), bool) if fresh is None else np.asarray(fresh, bool)
@@ -263,17 +356,24 @@ def judge(spec: Spec, y: np.ndarray, candidate: np.ndarray, champion: np.ndarray
     return {"metrics": {"candidate": cand, "champion": champ}, "rules": rules, "bootstrap": boot, "slices": slices,
             "baselines": scored, "interval_unit": unit,
             "clusters": None if clusters is None else len(np.unique(clusters)),
-            "interval": describe_intervals(spec, iv.used, unit, clusters)}
+            "interval": describe_intervals(spec, iv.used, unit, clusters, iv.spread),
+            "daily": iv.daily, "between_days": iv.spread}
 
 
-def describe_intervals(spec: Spec, used: set[str], unit: str, clusters: np.ndarray | None) -> str:
-    """One line for the record: the methods used, the resampling unit, the clusters and the level."""
+def describe_intervals(spec: Spec, used: set[str], unit: str, clusters: np.ndarray | None,
+                       spread: Mapping[str, Mapping[str, Any]] | None = None) -> str:
+    """One line for the record: the methods used, the resampling unit, the clusters, the level and
+    how the day-to-day spread was taken."""
     conf = spec.gate.bootstrap
     if conf is None:
         return "off (gate.bootstrap is null: point estimates only)"
     methods = "/".join(sorted(used)) or conf.method
     count = "" if clusters is None else f", {len(np.unique(clusters))} clusters"
-    return f"{methods} by {unit}{count}, {conf.level:.0%}"
+    days = ", within the holdout only (between_days: off)" if conf.between_days == "off" else (
+        ", + day-to-day spread: " + ", ".join(
+            f"{k} " + (f"sd {s['sd']:.3g} ({s['days']} days)" if s["source"] == "history" else "assumed")
+            for k, s in spread.items()) if spread else "")
+    return f"{methods} by {unit}{count}, {conf.level:.0%}{days}"
 
 
 def _champion_rules(spec: Spec, y: np.ndarray, candidate: np.ndarray, champion: np.ndarray, rows: np.ndarray,
@@ -292,7 +392,7 @@ def _champion_rules(spec: Spec, y: np.ndarray, candidate: np.ndarray, champion: 
                         f"{'>' if g.compare == 'improve' else '>='} {need:g}{on}"}]
     if not iv.on:
         return None, rules
-    ci = iv(g.metric, y, candidate, champion, None if fresh == len(y) else rows)
+    ci = iv(g.metric, y, candidate, champion, None if fresh == len(y) else rows, key="champion")
     ok = _confident(ci, need, strict=g.compare == "improve")
     rules.append({"rule": "confidence", "kind": "confidence", "metric": g.metric, "value": ci["low"],
                   "threshold": need, "verdict": "pass" if ok else "fail",

@@ -423,7 +423,8 @@ def interval(metric: str, y: np.ndarray, pred: np.ndarray, other: np.ndarray | N
     Returns {"metric", "value", "low", "high", "level", "method", "rows", "clusters" (G or None),
     "undefined" (bootstrap resamples where the statistic is undefined; 0 for analytic), "gains"
     (the bootstrap draws of the statistic, None for analytic), "resamples" (None for analytic),
-    "seed"}. Undefined cases (0 rows, one class for the AUC, fewer than MIN_VALID_CLUSTERS clusters,
+    "seed", "se" (the standard error: sqrt(V), or the draws' sd), "df" (G-1 with clusters, else
+    None)}. Undefined cases (0 rows, one class for the AUC, fewer than MIN_VALID_CLUSTERS clusters,
     non-finite labels or predictions) give nan bounds (and a "reason"), never an exception.
     """
     if metric not in DIRECTION:
@@ -442,7 +443,7 @@ def interval(metric: str, y: np.ndarray, pred: np.ndarray, other: np.ndarray | N
         # them differently); too few clusters give a degenerate one (one cluster: every resample is
         # the point estimate). Either way: nan, which no rule passes.
         nan = float("nan")
-        return {"metric": metric, "level": level, "method": "none", "rows": n,
+        return {"metric": metric, "level": level, "method": "none", "rows": n, "se": nan, "df": None,
                 "clusters": None if index is None else groups, "seed": seed, "value": nan, "low": nan, "high": nan,
                 "undefined": 0, "gains": None, "resamples": None,
                 "reason": ("non-finite labels or predictions" if not finite else
@@ -462,8 +463,10 @@ def interval(metric: str, y: np.ndarray, pred: np.ndarray, other: np.ndarray | N
             b = paired_bootstrap(metric, y, pred, other, resamples=resamples, level=level, seed=seed,
                                  threshold=threshold, clusters=clusters)
             value, draws = b["gain"], b["gains"]
+        ok = draws[np.isfinite(draws)]
+        se = float(ok.std(ddof=1)) if len(ok) > 1 else float("nan")
         return out | {"value": value, "low": b["low"], "high": b["high"], "undefined": b["undefined"],
-                      "gains": draws, "resamples": resamples}
+                      "gains": draws, "resamples": resamples, "se": se, "df": None if index is None else groups - 1}
     value, psi = influence(metric, y, pred, threshold)
     if other is not None:
         value_o, psi_o = influence(metric, y, other, threshold)
@@ -474,4 +477,63 @@ def interval(metric: str, y: np.ndarray, pred: np.ndarray, other: np.ndarray | N
         else float("nan")
     low, high = (value - half, value + half) if math.isfinite(value) else (float("nan"),) * 2
     return out | {"value": value, "low": float(low), "high": float(high), "undefined": 0, "gains": None,
-                  "resamples": None}
+                  "resamples": None, "se": math.sqrt(var) if math.isfinite(var) else float("nan"),
+                  "df": None if index is None else groups - 1}
+
+
+MIN_HISTORY_DAYS = 5  # recorded days before the day-to-day spread is estimated rather than assumed
+
+
+def day_spread(values: Any, ses: Any) -> tuple[float, int]:
+    """How much a daily quantity (a gain, a metric) varies from day to day beyond its within-day
+    error: tau^2 = max(0, MSSD/2 - mean(se^2)), from its daily estimates oldest first and their
+    standard errors. MSSD/2 (von Neumann: the mean squared successive difference, halved) estimates
+    the variance of one day's estimate around its local level; successive differences cancel a
+    slow drift of that level (a champion aging, a trend). Returns (tau^2, days used); tau^2 is nan
+    below MIN_HISTORY_DAYS finite days."""
+    v, s = np.asarray(values, np.float64), np.asarray(ses, np.float64)
+    ok = np.isfinite(v) & np.isfinite(s)
+    v, s = v[ok], s[ok]
+    if len(v) < MIN_HISTORY_DAYS:
+        return float("nan"), len(v)
+    mssd = float(np.mean(np.diff(v) ** 2)) / 2
+    return max(0.0, mssd - float(np.mean(s**2))), len(v)
+
+
+def within_spread(parts: Any) -> tuple[float, int]:
+    """The day-to-day variance of one and the same pair of models (day effects only): pooled over
+    holdouts of several days each, ``parts`` = [(days k, sample variance of the k daily estimates,
+    mean of their se^2)]: max(0, sum (k-1) (s^2 - se^2) / sum (k-1)). Returns (tau_day^2, degrees of
+    freedom); nan below MIN_HISTORY_DAYS - 1 degrees of freedom."""
+    dof, acc = 0, 0.0
+    for k, s2, se2 in parts:
+        if k >= 2 and math.isfinite(s2) and math.isfinite(se2):
+            dof += int(k) - 1
+            acc += (int(k) - 1) * (s2 - se2)
+    if dof < MIN_HISTORY_DAYS - 1:
+        return float("nan"), dof
+    return max(0.0, acc / dof), dof
+
+
+def widen(iv: dict[str, Any], extra: float, df_extra: float | None) -> dict[str, Any]:
+    """`iv` (from `interval`) with `extra` variance added to its own se^2 (e.g. the day-to-day
+    spread, see `day_spread`). Analytic: value +- q * sqrt(se^2 + extra), q Student's t with the
+    Welch-Satterthwaite degrees of freedom of the two parts (`df_extra` None: known exactly);
+    bootstrap: each percentile end moved away from the point by the ratio of the two standard
+    errors, which keeps the interval's asymmetry. Unchanged when extra is 0 or not finite."""
+    se = iv.get("se", float("nan"))
+    if not (extra > 0 and math.isfinite(extra) and math.isfinite(se) and se > 0) or iv["method"] == "none":
+        return iv
+    total = se * se + extra
+    v = iv["value"]
+    if iv["method"] == "bootstrap":
+        f = math.sqrt(total) / se
+        return iv | {"low": v - (v - iv["low"]) * f, "high": v + (iv["high"] - v) * f, "se": math.sqrt(total)}
+    parts = [(se * se, iv.get("df")), (extra, df_extra)]
+    denom = sum(a * a / d for a, d in parts if d is not None)
+    df = total * total / denom if denom > 0 else None
+    from scipy.stats import t
+
+    q = float(t.ppf(0.5 + iv["level"] / 2, df)) if df is not None else NormalDist().inv_cdf(0.5 + iv["level"] / 2)
+    half = q * math.sqrt(total)
+    return iv | {"low": v - half, "high": v + half, "se": math.sqrt(total), "df": df}

@@ -40,6 +40,7 @@ class Tag:
     GATE_DECISION = "daybreak.gate.decision"
     GATE_HOLDOUT_DATE = "daybreak.gate.holdout_date"
     GATE_INTERVAL = "daybreak.gate.interval"
+    GATE_DAILY = "daybreak.gate.daily"
     GATE_HOLDOUT_HASH = "daybreak.gate.holdout_hash"
     GATE_HOLDOUT_ROWS = "daybreak.gate.holdout_rows"
     GATE_METRIC = "daybreak.gate.metric"
@@ -142,6 +143,18 @@ def compact_rules(rules: list[dict[str, Any]], limit: int = TAG_LIMIT) -> str:
     return "[]"  # not even one rule fits (a huge name): the run's decision.json has them
 
 
+def _daily(text: str | None) -> dict[str, dict[str, Any]]:
+    """The daily-estimates tag read back; {} when absent or not the expected shape (a tag is user
+    editable: never trust its shape)."""
+    try:
+        raw = json.loads(text or "{}")
+    except json.JSONDecodeError:
+        return {}
+    if not isinstance(raw, dict):
+        return {}
+    return {str(k): v for k, v in raw.items() if isinstance(v, dict)}
+
+
 @dataclass(frozen=True)
 class GateRecord:
     """A candidate's gate decision as its model-version tags hold it."""
@@ -162,6 +175,10 @@ class GateRecord:
     override_by: str | None = None
     gate_run_id: str | None = None
     interval: str | None = None  # how the intervals were computed: method, resampling unit, clusters, level
+    # the gain over the champion (key "champion") on the newest holdout day, and how it moved over the
+    # holdout's days: {"day", "metric", "value", "se", "days", "spread2", "se2"}; later gates
+    # estimate the day-to-day spread from these
+    daily: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def to_tags(self) -> dict[str, str]:
         """Every field as a tag. The override fields are always written, so a later decision
@@ -190,6 +207,8 @@ class GateRecord:
             tags[Tag.GATE_RUN_ID] = self.gate_run_id
         if self.interval is not None:
             tags[Tag.GATE_INTERVAL] = self.interval
+        if self.daily:
+            tags[Tag.GATE_DAILY] = json.dumps(self.daily, sort_keys=True, default=json_default)[:5000]
         return tags
 
     @classmethod
@@ -212,7 +231,8 @@ class GateRecord:
                    override=_opt(tags.get(Tag.GATE_OVERRIDE)),
                    override_reason=_opt(tags.get(Tag.GATE_OVERRIDE_REASON)),
                    override_by=_opt(tags.get(Tag.GATE_OVERRIDE_BY)),
-                   gate_run_id=tags.get(Tag.GATE_RUN_ID), interval=tags.get(Tag.GATE_INTERVAL))
+                   gate_run_id=tags.get(Tag.GATE_RUN_ID), interval=tags.get(Tag.GATE_INTERVAL),
+                   daily=_daily(tags.get(Tag.GATE_DAILY)))
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -511,7 +511,16 @@ class BootstrapSpec(_Model):
     cluster_by: list[str] | None = Field(
         None, description="resampling unit: rows sharing these values move together (holdout columns, or "
                           "'event_time:hour' / 'event_time:day'); null: by event hour when the holdout has at "
-                          "least 30 hours, else by row; []: by row")
+                          "least 10 hours, else by row; []: by row")
+
+    between_days: Literal["history", "off"] = Field(
+        "history", description="history: widen the interval of the gain over the champion by how much that "
+                               "gain moved from day to day in the gates of the last `history_days` days, "
+                               "beyond its within-day error: a holdout of one day cannot see how much the next "
+                               "days differ. Until 5 days are recorded, that spread is assumed as large as the "
+                               "holdout's own error. off: the holdout's error only")
+    history_days: int = Field(28, ge=5, le=366, description="days of recorded gates the day-to-day spread is "
+                                                            "estimated from")
 
     @field_validator("cluster_by")
     @classmethod
