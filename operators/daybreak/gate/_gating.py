@@ -30,7 +30,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, TypedDict
+from typing import Any, TypedDict, TypeGuard
 
 import numpy as np
 
@@ -216,7 +216,7 @@ def gate_history(spec: Spec, cl: Any, day: str) -> dict[str, list[dict[str, Any]
     return history_of(by_day)
 
 
-def _finite(v: Any) -> bool:
+def _finite(v: Any) -> TypeGuard[float]:
     return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
 
 
@@ -227,13 +227,13 @@ def history_of(by_day: Mapping[str, Mapping[str, Mapping[str, Any]]]) -> dict[st
     for gated in sorted(by_day):
         for key, e in by_day[gated].items():
             value, se = (e.get("value"), e.get("se")) if isinstance(e, Mapping) else (None, None)
-            if not isinstance(e, Mapping) or not _finite(value) or not _finite(se) \
+            if not isinstance(e, Mapping) or not _finite(value) or not _finite(se) or se < 0 \
                     or not isinstance(e.get("metric"), str):
                 continue
             entry = {"day": gated, "metric": e["metric"], "value": float(value), "se": float(se)}
             days, s2, se2 = e.get("days"), e.get("spread2"), e.get("se2")
             if isinstance(days, int) and not isinstance(days, bool) and 2 <= days <= 366 and _finite(s2) \
-                    and _finite(se2):
+                    and _finite(se2) and s2 >= 0 and se2 >= 0:
                 entry |= {"days": days, "spread2": float(s2), "se2": float(se2)}
             out.setdefault(key, []).append(entry)
     return out

@@ -230,7 +230,7 @@ class Intervals:
         total, n = metrics.day_spread([h.get("value") for h in past], [h.get("se") for h in past])
         if not math.isfinite(total):
             return {"source": "assumed", "sd": None, "days": n, "holdout_days": k, "extra": None}
-        days2, dof = metrics.within_spread([(h.get("days", 1), h.get("spread2", math.nan), h.get("se2", math.nan))
+        days2, _ = metrics.within_spread([(h.get("days", 1), h.get("spread2", math.nan), h.get("se2", math.nan))
                                             for h in [*past, rec]])
         extra = total
         out = {"source": "history", "sd": math.sqrt(total), "days": n, "holdout_days": k}
