@@ -38,6 +38,8 @@ def registry(tmp_path: Path, spec) -> MlflowClient:
     version("2012-12-30", json.dumps(_estimate(0.99)))  # regated later: the newest version wins
     version("2012-12-29", "{not json")  # the newest record of the 29th is unreadable: the day is skipped
     version("2012-12-31", json.dumps(_estimate(0.5)))  # the gated day itself: not history
+    for bad in ('{"champion": {"value": ' + "9" * 5000 + "}}", "[" * 3000 + "]" * 3000):
+        version("2012-11-30", bad)  # edited tags (outside the lookback, but read): never a crash
     version(None, json.dumps(_estimate(0.5)))  # no holdout date
     return cl
 
@@ -65,3 +67,26 @@ def test_replay_uses_the_recorded_history_and_replaces_the_days_it_rejudged(spec
     got = _history(spec, r, replayed)["champion"]
     assert [e["value"] for e in got][-3:] == [0.28, -1.0, -2.0]
     assert got[-1]["days"] == 3 and got[-1]["spread2"] == 0.001
+
+
+@pytest.mark.parametrize("text", [
+    '{"champion": {"value": ' + "9" * 5000 + "}}",  # past Python's int digit limit: ValueError
+    "[" * 3000 + "]" * 3000,  # RecursionError
+    '{"champion": {"metric": "roc_auc", "value": ' + "9" * 400 + ', "se": 0.01}}',  # OverflowError as a float
+    '{"champion": {"metric": "roc_auc", "value": 0.1, "se": -1}}',  # a negative error
+    '{"champion": {"metric": "roc_auc", "value": true, "se": 0.01}}',
+    "x" * 9000,
+])
+def test_an_edited_tag_never_crashes_a_reader(text: str) -> None:
+    from daybreak.gate._gating import history_of
+    from daybreak.infra.records import Lineage
+
+    tags = {Tag.GATE_DAILY: text, Tag.GATE_RULES: text, Tag.HOLDOUT: text, Tag.GATE_DECISION: "REJECT"}
+    rec = GateRecord.from_tags(tags)
+    assert isinstance(rec.rules, list) and all(isinstance(r, dict) for r in rec.rules)
+    assert Lineage.from_tags(tags).holdout == [] or all(isinstance(d, str) for d in Lineage.from_tags(tags).holdout)
+    assert history_of({"2013-01-01": rec.daily}) == {}
+
+
+def test_a_regate_that_records_no_estimate_clears_the_earlier_one() -> None:
+    assert GateRecord(decision="INSUFFICIENT_DATA").to_tags()[Tag.GATE_DAILY] == "{}"

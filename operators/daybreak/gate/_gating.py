@@ -217,26 +217,37 @@ def gate_history(spec: Spec, cl: Any, day: str) -> dict[str, list[dict[str, Any]
 
 
 def _finite(v: Any) -> TypeGuard[float]:
-    return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+    if not isinstance(v, int | float) or isinstance(v, bool):
+        return False
+    try:
+        return math.isfinite(float(v))
+    except OverflowError:  # an int past float range (a tag is editable)
+        return False
 
 
 def history_of(by_day: Mapping[str, Mapping[str, Mapping[str, Any]]]) -> dict[str, list[dict[str, Any]]]:
-    """{gated day: {quantity: estimate}} to {quantity: [estimate, ...]} oldest first, keeping only
-    well-formed finite estimates (tags are editable: read them as untrusted)."""
-    out: dict[str, list[dict[str, Any]]] = {}
+    """{gated day: {quantity: estimate}} to {quantity: [estimate, ...]}, one per day estimated on
+    (the estimate's own ``day``: a gate whose newest holdout day the champion had seen estimates an
+    earlier one; the latest gate's estimate of a day wins), oldest first. Only well-formed finite
+    estimates are kept: tags are editable, read them as untrusted."""
+    found: dict[str, dict[str, dict[str, Any]]] = {}
     for gated in sorted(by_day):
         for key, e in by_day[gated].items():
             value, se = (e.get("value"), e.get("se")) if isinstance(e, Mapping) else (None, None)
             if not isinstance(e, Mapping) or not _finite(value) or not _finite(se) or se < 0 \
                     or not isinstance(e.get("metric"), str):
                 continue
-            entry = {"day": gated, "metric": e["metric"], "value": float(value), "se": float(se)}
+            own = e.get("day")
+            day = own if isinstance(own, str) and len(own) == 10 and own <= gated else gated
+            entry = {"day": day, "metric": e["metric"], "value": float(value), "se": float(se)}
+            if isinstance(e.get("unit"), str):
+                entry["unit"] = e["unit"]
             days, s2, se2 = e.get("days"), e.get("spread2"), e.get("se2")
-            if isinstance(days, int) and not isinstance(days, bool) and 2 <= days <= 366 and _finite(s2) \
+            if isinstance(days, int) and not isinstance(days, bool) and 2 <= days <= 31 and _finite(s2) \
                     and _finite(se2) and s2 >= 0 and se2 >= 0:
                 entry |= {"days": days, "spread2": float(s2), "se2": float(se2)}
-            out.setdefault(key, []).append(entry)
-    return out
+            found.setdefault(str(key), {})[day] = entry
+    return {key: [per_day[d] for d in sorted(per_day)] for key, per_day in found.items()}
 
 
 def _prior(spec: Spec, ctx: RunContext, tags: dict[str, str]) -> float | None:

@@ -139,8 +139,8 @@ History = Mapping[str, Sequence[Mapping[str, Any]]]  # quantity -> recorded dail
 
 class Intervals:
     """The spec's interval settings, bound to one holdout's clusters, days and the recorded daily
-    estimates of earlier gates (``history``: quantity -> [{"day", "metric", "value", "se"}], oldest
-    first, the lookback's days before this holdout).
+    estimates of earlier gates (``history``: quantity -> [{"day", "metric", "unit", "value", "se",
+    ...}], oldest first, the lookback's days before this holdout).
 
     Called with a ``key`` (the quantity; today only ``champion``, the gain over the champion),
     an interval also (a) records in ``daily``, for the next gates, the quantity's estimate on the
@@ -150,9 +150,10 @@ class Intervals:
     spread (``metrics.day_spread`` of the history) holds day effects, which average over a k-day
     holdout, and the two models' own difference, which does not; the day effects are told apart
     by ``metrics.within_spread`` of multi-day holdouts and divided by k, the rest added whole
-    (all of it whole until they can be told apart). Below MIN_HISTORY_DAYS recorded days the
-    spread is assumed as large as the holdout's own error (on real flights it is about 0.8 of it
-    at one day: benchmarks/RESULTS.md).
+    (all of it whole until they can be told apart): ``metrics.added_variance``, whose degrees of
+    freedom count how few days the spread was estimated from. Below MIN_HISTORY_DAYS (10) recorded
+    days the spread's variance is assumed twice the holdout's own (on real flights it is about 0.8
+    of it at one day: benchmarks/RESULTS.md), with the holdout's own degrees of freedom.
 
     Floors and baselines keep the holdout's own interval: they ask whether the candidate clears a
     fixed bar on the holdout's population, and a metric's own day-to-day spread is mostly how hard
@@ -195,6 +196,8 @@ class Intervals:
         iv = iv | {"unit": self.unit}
         if key is None:
             return iv
+        if c.between_days == "off" or iv["method"] == "none":
+            return iv
         names = [] if days is None or not len(days) else sorted(set(days.tolist()))
         per_day = [iv]
         if len(names) > 1:  # each day's own estimate, in the unit later gates compare
@@ -204,41 +207,22 @@ class Intervals:
                 per_day.append(self._interval(metric, y[one], pred[one], None if other is None else other[one],
                                               None if clusters is None else clusters[one]))
         k = max(len(names), 1)
-        rec: dict[str, Any] = {"day": names[-1] if names else None, "metric": metric,
+        rec: dict[str, Any] = {"day": names[-1] if names else None, "metric": metric, "unit": self.unit,
                                "value": per_day[-1]["value"], "se": per_day[-1]["se"], "days": k}
         finite = [p for p in per_day if math.isfinite(p["value"]) and math.isfinite(p["se"])]
         if len(finite) > 1:  # how this pair's estimate moved across its own holdout days
             rec |= {"days": len(finite), "spread2": float(np.var([p["value"] for p in finite], ddof=1)),
                     "se2": float(np.mean([p["se"] ** 2 for p in finite]))}
         self.daily[key] = rec
-        if c.between_days == "off" or iv["method"] == "none":
-            return iv
-        past = [h for h in self.history.get(key, []) if h.get("metric") == metric]
-        spread = self._spread(past, rec, k)
-        extra = spread.pop("extra")
-        out = metrics.widen(iv, iv["se"] ** 2 if extra is None else extra, iv.get("df") if extra is None
-                            else spread["days"] - 1)
+        # the same metric in the same resampling unit: another unit's se is on another scale
+        past = [h for h in self.history.get(key, []) if h.get("metric") == metric and h.get("unit", self.unit)
+                == self.unit]
+        added = metrics.added_variance([h["value"] for h in past], [h["se"] for h in past], k,
+                                       [(h.get("days", 1), h.get("spread2", math.nan), h.get("se2", math.nan))
+                                        for h in [*past, rec]], iv["se"], iv.get("df"))
+        spread = {key: v for key, v in added.items() if key not in ("extra", "df")} | {"holdout_days": k}
         self.spread[key] = spread
-        return out | {"between_days": spread}
-
-    @staticmethod
-    def _spread(past: list[Mapping[str, Any]], rec: Mapping[str, Any], k: int) -> dict[str, Any]:
-        """The variance to add to a k-day holdout's own: from the history, the spread of one day's
-        estimate from gate to gate (beyond its within-day error), which holds day effects and the
-        models' own differences (a seed, a sample); when holdouts of several days tell the day
-        effects apart (pooled over the history and this holdout), only those are divided by k."""
-        total, n = metrics.day_spread([h.get("value") for h in past], [h.get("se") for h in past])
-        if not math.isfinite(total):
-            return {"source": "assumed", "sd": None, "days": n, "holdout_days": k, "extra": None}
-        days2, _ = metrics.within_spread([(h.get("days", 1), h.get("spread2", math.nan), h.get("se2", math.nan))
-                                            for h in [*past, rec]])
-        extra = total
-        out = {"source": "history", "sd": math.sqrt(total), "days": n, "holdout_days": k}
-        if k > 1 and math.isfinite(days2):
-            day = min(days2, total)
-            extra = total - day + day / k
-            out["day_sd"] = math.sqrt(day)
-        return out | {"extra": extra}
+        return metrics.widen(iv, added["extra"], added["df"]) | {"between_days": spread}
 
     def describe(self, iv: dict[str, Any]) -> str:
         if iv["method"] == "none":
@@ -256,7 +240,7 @@ def _spread_text(iv: dict[str, Any]) -> str:
     if s["source"] == "history":
         days = (f", of which day effects sd {s['day_sd']:.3g} / {s['holdout_days']} days" if "day_sd" in s else "")
         return f"; + day-to-day sd {s['sd']:.3g} from {s['days']} recorded days{days}"
-    return (f"; + day-to-day spread assumed equal to the holdout's error ({s['days']} of "
+    return (f"; + day-to-day spread assumed {metrics.ASSUMED_SPREAD:g}x the holdout's variance ({s['days']} of "
             f"{metrics.MIN_HISTORY_DAYS} days recorded)")
 
 

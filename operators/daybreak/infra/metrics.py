@@ -481,23 +481,33 @@ def interval(metric: str, y: np.ndarray, pred: np.ndarray, other: np.ndarray | N
                   "df": None if index is None else groups - 1}
 
 
-MIN_HISTORY_DAYS = 5  # recorded days before the day-to-day spread is estimated rather than assumed
+MIN_HISTORY_DAYS = 10  # recorded days before the day-to-day spread is estimated rather than assumed
+ASSUMED_SPREAD = 2.0  # before then: the spread's variance taken as this many times the holdout's own
 
 
 def day_spread(values: Any, ses: Any) -> tuple[float, int]:
     """How much a daily quantity (a gain, a metric) varies from day to day beyond its within-day
-    error: tau^2 = max(0, MSSD/2 - mean(se^2)), from its daily estimates oldest first and their
+    error: tau^2 = max(0, MSSD/2 - median(se^2)), from its daily estimates oldest first and their
     standard errors. MSSD/2 (von Neumann: the mean squared successive difference, halved) estimates
     the variance of one day's estimate around its local level; successive differences cancel a
-    slow drift of that level (a champion aging, a trend). Returns (tau^2, days used); tau^2 is nan
-    below MIN_HISTORY_DAYS finite days."""
+    slow drift of that level (a champion aging, a trend). The median keeps one wild se (a corrupt
+    record) from cancelling the spread. Returns (tau^2, days used); tau^2 is nan below
+    MIN_HISTORY_DAYS finite days."""
     v, s = np.asarray(values, np.float64), np.asarray(ses, np.float64)
-    ok = np.isfinite(v) & np.isfinite(s)
+    ok = np.isfinite(v) & np.isfinite(s) & (s >= 0)
     v, s = v[ok], s[ok]
     if len(v) < MIN_HISTORY_DAYS:
         return float("nan"), len(v)
     mssd = float(np.mean(np.diff(v) ** 2)) / 2
-    return max(0.0, mssd - float(np.mean(s**2))), len(v)
+    return max(0.0, mssd - float(np.median(s**2))), len(v)
+
+
+def spread_df(n: int, tau2: float, se2: float) -> float:
+    """Effective degrees of freedom of `day_spread`'s tau^2 from n days: MSSD/2 has about
+    2(n-1)^2/(3n-4) (von Neumann's ratio), and subtracting se2 keeps its noise, that of
+    tau^2 + se2, while shrinking its size to tau^2."""
+    base = 2 * (n - 1) ** 2 / (3 * n - 4)
+    return base * (tau2 / (tau2 + se2)) ** 2 if tau2 + se2 > 0 else base
 
 
 def within_spread(parts: Any) -> tuple[float, int]:
@@ -507,7 +517,7 @@ def within_spread(parts: Any) -> tuple[float, int]:
     freedom); nan below MIN_HISTORY_DAYS - 1 degrees of freedom."""
     dof, acc = 0, 0.0
     for k, s2, se2 in parts:
-        if k >= 2 and math.isfinite(s2) and math.isfinite(se2):
+        if 2 <= k <= 31 and math.isfinite(s2) and math.isfinite(se2) and s2 >= 0 and se2 >= 0:
             dof += int(k) - 1
             acc += (int(k) - 1) * (s2 - se2)
     if dof < MIN_HISTORY_DAYS - 1:
@@ -515,25 +525,56 @@ def within_spread(parts: Any) -> tuple[float, int]:
     return max(0.0, acc / dof), dof
 
 
-def widen(iv: dict[str, Any], extra: float, df_extra: float | None) -> dict[str, Any]:
-    """`iv` (from `interval`) with `extra` variance added to its own se^2 (e.g. the day-to-day
-    spread, see `day_spread`). Analytic: value +- q * sqrt(se^2 + extra), q Student's t with the
-    Welch-Satterthwaite degrees of freedom of the two parts (`df_extra` None: known exactly);
-    bootstrap: each percentile end moved away from the point by the ratio of the two standard
-    errors, which keeps the interval's asymmetry. Unchanged when extra is 0 or not finite."""
+def added_variance(values: Any, ses: Any, k: int, parts: Any, se: float,
+                   df: float | None) -> dict[str, Any]:
+    """What the day-to-day spread adds to a k-day holdout's interval of standard error `se` (with
+    `df` degrees of freedom, None: normal), from the recorded daily estimates (`values`, `ses`,
+    oldest first) and the multi-day holdouts' `parts` (see `within_spread`).
+
+    The spread from gate to gate (`day_spread`) holds day effects, which average over k days, and
+    the models' own difference (a seed, a sample), which does not; day effects told apart by
+    `within_spread` are divided by k, the rest added whole (all of it until they can be told
+    apart). Below MIN_HISTORY_DAYS days: ASSUMED_SPREAD * se^2, with the holdout's own df.
+    Returns {"source": "history" | "assumed", "extra", "df" (of the widened interval, Welch-
+    Satterthwaite with `spread_df`), "sd", "day_sd" (when told apart), "days"}."""
+    total, n = day_spread(values, ses)
+    if not math.isfinite(total):
+        return {"source": "assumed", "extra": ASSUMED_SPREAD * se * se, "df": df, "sd": None, "days": n}
+    s = np.asarray(ses, np.float64)
+    se2 = float(np.median(s[np.isfinite(s) & (s >= 0)] ** 2))
+    out: dict[str, Any] = {"source": "history", "sd": math.sqrt(total), "days": n}
+    extra = total
+    days2, _ = within_spread(parts)
+    if k > 1 and math.isfinite(days2):
+        day = min(days2, total)
+        extra = total - day + day / k
+        out["day_sd"] = math.sqrt(day)
+    # the added part carries all the noise of the MSSD it came from (that of total + se2) at its own size
+    df_extra = spread_df(n, extra, se2 + total - extra)
+    parts_df = [(se * se, df), (extra, df_extra)]
+    denom = sum(a * a / d for a, d in parts_df if d is not None and d > 0)
+    combined = (se * se + extra) ** 2 / denom if denom > 0 else None
+    return out | {"extra": extra, "df": combined}
+
+
+def widen(iv: dict[str, Any], extra: float, df: float | None) -> dict[str, Any]:
+    """`iv` (from `interval`) with `extra` variance added to its own se^2 (e.g. from
+    `added_variance`), its quantile Student's t with `df` degrees of freedom (None: normal).
+    Analytic: value +- q * sqrt(se^2 + extra); bootstrap: each percentile end moved away from the
+    point by sqrt(se^2 + extra) / se * q / z, which keeps the interval's asymmetry. Unchanged when
+    extra is 0 or not finite, or the interval has no standard error."""
     se = iv.get("se", float("nan"))
     if not (extra > 0 and math.isfinite(extra) and math.isfinite(se) and se > 0) or iv["method"] == "none":
         return iv
-    total = se * se + extra
-    v = iv["value"]
-    if iv["method"] == "bootstrap":
-        f = math.sqrt(total) / se
-        return iv | {"low": v - (v - iv["low"]) * f, "high": v + (iv["high"] - v) * f, "se": math.sqrt(total)}
-    parts = [(se * se, iv.get("df")), (extra, df_extra)]
-    denom = sum(a * a / d for a, d in parts if d is not None)
-    df = total * total / denom if denom > 0 else None
     from scipy.stats import t
 
-    q = float(t.ppf(0.5 + iv["level"] / 2, df)) if df is not None else NormalDist().inv_cdf(0.5 + iv["level"] / 2)
+    total = se * se + extra
+    v = iv["value"]
+    z = NormalDist().inv_cdf(0.5 + iv["level"] / 2)
+    q = float(t.ppf(0.5 + iv["level"] / 2, df)) if df is not None else z
+    if iv["method"] == "bootstrap":
+        f = math.sqrt(total) / se * q / z
+        return iv | {"low": v - (v - iv["low"]) * f, "high": v + (iv["high"] - v) * f, "se": math.sqrt(total),
+                     "df": df}
     half = q * math.sqrt(total)
     return iv | {"low": v - half, "high": v + half, "se": math.sqrt(total), "df": df}

@@ -143,16 +143,26 @@ def compact_rules(rules: list[dict[str, Any]], limit: int = TAG_LIMIT) -> str:
     return "[]"  # not even one rule fits (a huge name): the run's decision.json has them
 
 
-def _daily(text: str | None) -> dict[str, dict[str, Any]]:
-    """The daily-estimates tag read back; {} when absent or not the expected shape (a tag is user
-    editable: never trust its shape)."""
+MAX_JSON_TAG = 8000  # MLflow's own limit on a tag value: a longer one was not written by daybreak
+
+
+def _json_tag(text: str | None, kind: type) -> Any:
+    """A JSON tag read back as `kind` (list or dict), or an empty one when it is absent, too long,
+    not JSON, or not that shape. Tags are editable by anyone with registry access, and every gate,
+    the history and the Models page read them: a bad one (a 5000-digit number, 3000 nested
+    brackets) must never raise."""
+    if not text or len(text) > MAX_JSON_TAG:
+        return kind()
     try:
-        raw = json.loads(text or "{}")
-    except json.JSONDecodeError:
-        return {}
-    if not isinstance(raw, dict):
-        return {}
-    return {str(k): v for k, v in raw.items() if isinstance(v, dict)}
+        raw = json.loads(text)
+    except (ValueError, RecursionError):  # JSONDecodeError, int digit limit, deep nesting
+        return kind()
+    return raw if isinstance(raw, kind) else kind()
+
+
+def _daily(text: str | None) -> dict[str, dict[str, Any]]:
+    """The daily-estimates tag read back: {quantity: estimate}, {} when unreadable."""
+    return {str(k): v for k, v in _json_tag(text, dict).items() if isinstance(v, dict)}
 
 
 @dataclass(frozen=True)
@@ -207,16 +217,15 @@ class GateRecord:
             tags[Tag.GATE_RUN_ID] = self.gate_run_id
         if self.interval is not None:
             tags[Tag.GATE_INTERVAL] = self.interval
-        if self.daily:
-            tags[Tag.GATE_DAILY] = json.dumps(self.daily, sort_keys=True, default=json_default)[:5000]
+        # always written: a regate that records none must not leave the earlier gate's behind
+        daily = json.dumps(self.daily, sort_keys=True, default=json_default)
+        tags[Tag.GATE_DAILY] = daily if len(daily) <= 5000 else "{}"
         return tags
 
     @classmethod
     def from_tags(cls, tags: dict[str, str]) -> GateRecord:
-        try:
-            rules = json.loads(tags.get(Tag.GATE_RULES, "[]"))
-        except json.JSONDecodeError:  # cut at the tag limit by an older version: the gate run has it
-            rules = []
+        # cut at the tag limit by an older version, or edited: the gate run's decision.json has them
+        rules = [r for r in _json_tag(tags.get(Tag.GATE_RULES), list) if isinstance(r, dict)]
         return cls(decision=tags.get(Tag.GATE_DECISION),
                    computed_decision=tags.get(Tag.GATE_COMPUTED_DECISION),
                    champion_version=_opt(tags.get(Tag.GATE_CHAMPION_VERSION)),
@@ -273,10 +282,7 @@ class Lineage:
 
     @classmethod
     def from_tags(cls, tags: dict[str, str]) -> Lineage:
-        try:
-            holdout = json.loads(tags.get(Tag.HOLDOUT, "[]"))
-        except json.JSONDecodeError:
-            holdout = []
+        holdout = [d for d in _json_tag(tags.get(Tag.HOLDOUT), list) if isinstance(d, str)]
         val = tags.get(Tag.VAL_METRIC)
         return cls(logical_date=tags.get(Tag.LOGICAL_DATE, ""), spec_hash=tags.get(Tag.SPEC_HASH, ""),
                    lineage_key=tags.get(Tag.LINEAGE_KEY, ""), window_start=_opt(tags.get(Tag.WINDOW_START)),

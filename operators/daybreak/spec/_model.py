@@ -517,9 +517,9 @@ class BootstrapSpec(_Model):
         "history", description="history: widen the interval of the gain over the champion by how much that "
                                "gain moved from day to day in the gates of the last `history_days` days, "
                                "beyond its within-day error: a holdout of one day cannot see how much the next "
-                               "days differ. Until 5 days are recorded, that spread is assumed as large as the "
-                               "holdout's own error. off: the holdout's error only")
-    history_days: int = Field(28, ge=5, le=366, description="days of recorded gates the day-to-day spread is "
+                               "days differ. Until 10 days are recorded, that spread's variance is assumed "
+                               "twice the holdout's own. off: the holdout's error only")
+    history_days: int = Field(28, ge=10, le=366, description="days of recorded gates the day-to-day spread is "
                                                             "estimated from")
 
     @field_validator("cluster_by")
