@@ -193,3 +193,48 @@ def test_a_model_worse_than_the_prior_is_rejected_by_the_baseline_rule(spec, fli
             rules = {r["rule"]: r for r in v.record.rules}
             assert v.record.decision == Decision.REJECT, (name, _failed(v))
             assert rules["baseline:prior"]["verdict"] == "fail", (name, rules["baseline:prior"])
+
+
+def test_two_models_of_equal_quality_are_promoted_over_each_other_at_most_5_percent(spec, flights) -> None:
+    """A/A on real rows: each day a champion and a candidate of the same kind, fit on the two halves
+    (a random split, seed = run) of the same 7 days, gated under `improve` margin 0 by event hour,
+    each run of days in sequence with the daily estimates its earlier gates recorded as their
+    history, as the gate reads them from the registry. 5 runs over the ~60 days of the fixture."""
+    from daybreak.gate._gating import history_of
+
+    days = Days(flights)
+    y_all = flights["delayed"].to_numpy()
+
+    def policy(between: str) -> Any:
+        boot = spec.gate.bootstrap.model_copy(update={"cluster_by": ["event_time:hour"], "between_days": between})
+        return spec.model_copy(update={"gate": spec.gate.model_copy(update={"compare": "improve", "margin": 0.0,
+                                                                            "bootstrap": boot})})
+
+    rates = {}
+    for between in ("history", "off"):
+        s = policy(between)
+        promoted = judged = 0
+        for run in range(5):
+            recorded: dict[str, dict] = {}
+            rng = np.random.default_rng(100 + run)
+            for d in range(WINDOW, len(days.names)):
+                train, _ = days.window(d)
+                half = rng.random(train.stop - train.start) < 0.5
+                idx = np.arange(train.start, train.stop)
+                a = Model(flights.iloc[idx[half]].reset_index(drop=True), slice(None), FULL, y_all[idx[half]])
+                b = Model(flights.iloc[idx[~half]].reset_index(drop=True), slice(None), FULL, y_all[idx[~half]])
+                rows = days.rows(d)
+                hold = flights.iloc[rows][["event_time", "__day", "origin"]].reset_index(drop=True)
+                day = str(days.names[d])
+                v = compute(s, GateInputs(day=day, candidate_version="c", champion_version="h", frame=hold,
+                                          holdout_hash="", y=y_all[rows], candidate=a.predict(flights, rows),
+                                          champion=b.predict(flights, rows), prior=a.prior,
+                                          history=history_of({k: e for k, e in recorded.items() if k < day})))
+                recorded[day] = v.record.daily
+                promoted += v.record.decision == Decision.PROMOTE
+                judged += 1
+        rates[between] = (promoted, judged)
+    p, n = rates["history"]
+    print(f"A/A promoted: with the day-to-day spread {p}/{n}; the holdout's interval alone {rates['off']}")
+    assert n >= 250 and p / n <= 0.05, rates
+    assert rates["off"][0] / n > 0.05, rates  # the holdout's interval alone: the case this fixes (24 of 315)
