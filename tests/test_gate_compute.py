@@ -268,7 +268,6 @@ def _days_frame(frame: pd.DataFrame, days: list[str]) -> pd.DataFrame:
 
 def test_the_gate_records_its_daily_estimates_and_widens_by_the_recorded_spread(spec) -> None:
     from daybreak.gate._gating import history_of
-    from daybreak.infra import metrics
 
     s = _gate(spec, compare="improve", margin=0.0, floor=None, slices=spec.gate.slices.model_copy(
         update={"columns": []}))
@@ -281,44 +280,37 @@ def test_the_gate_records_its_daily_estimates_and_widens_by_the_recorded_spread(
                                           history=history))
 
     first = gate({})
-    # recorded: each judged quantity on the newest holdout day alone, in one-day units
+    # recorded: the gain over the champion on this 3-day holdout, for later gates with 3-day holdouts
     daily = first.record.daily
-    assert set(daily) == {"champion"} and daily["champion"]["day"] == "2013-01-05"
-    newest = (frame["__day"] == "2013-01-05").to_numpy()
-    one = metrics.interval("roc_auc", y[newest], a[newest], b[newest],
-                           clusters=pd.factorize(frame["event_time"][newest])[0])
-    assert daily["champion"]["value"] == one["value"] and daily["champion"]["se"] == one["se"]
-    assert GateRecord.from_tags(first.record.to_tags()).daily == daily
-    # no history yet: the spread is assumed twice the holdout's own variance (sqrt 3 wider)
+    assert set(daily) == {"champion"}
     off = gate({}, _gate(s, bootstrap=s.gate.bootstrap.model_copy(update={"between_days": "off"})))
+    within = off.full["bootstrap"]
+    assert daily["champion"] | {"se": None} == {"day": "2013-01-05", "metric": "roc_auc", "unit": "event_time:hour",
+                                               "days": 3, "value": within["gain"], "se": None}
+    assert daily["champion"]["se"] > 0 and GateRecord.from_tags(first.record.to_tags()).daily == daily
+    assert off.record.daily == daily  # recorded with between_days off too: turning it on finds a history
+    # no history yet: the spread is assumed twice the holdout's own variance (sqrt 3 wider)
     w_first, w_off = (v.full["bootstrap"]["high"] - v.full["bootstrap"]["low"] for v in (first, off))
-    assert first.full["between_days"]["champion"] == {"source": "assumed", "sd": None, "days": 0, "holdout_days": 3}
+    assert first.full["between_days"]["champion"]["source"] == "assumed"
     assert 1.6 < w_first / w_off < 1.85 and off.full["between_days"] == {}
-    # history: gains swinging by 0.05 from day to day, each known to +-0.005: a much wider interval
-    swings = {f"2013-01-{d:02d}": {"champion": {"day": "x", "metric": "roc_auc", "value": 0.05 * (-1) ** d,
-                                                "se": 0.005}} for d in range(1, 5)}
-    swings |= {f"2012-12-{d:02d}": {"champion": {"day": "x", "metric": "roc_auc", "value": 0.05 * (-1) ** d,
-                                                 "se": 0.005}} for d in range(20, 32)}
+    # history of 3-day gates: gains swinging by 0.05 from gate to gate, each known to +-0.005
+    swings = {f"2013-01-{d:02d}": {"champion": {"metric": "roc_auc", "unit": "event_time:hour", "days": 3,
+                                                "value": 0.05 * (-1) ** d, "se": 0.005}} for d in range(1, 5)}
+    swings |= {f"2012-12-{d:02d}": {"champion": swings["2013-01-01"]["champion"] | {"value": 0.05 * (-1) ** d}}
+               for d in range(20, 32)}
     hist = history_of(swings)
     assert [e["day"] for e in hist["champion"]] == sorted(swings)
     v = gate(hist)
     spread = v.full["between_days"]["champion"]
-    assert spread["source"] == "history" and spread["days"] == 16 and spread["sd"] > 0.05
-    assert v.full["bootstrap"]["high"] - v.full["bootstrap"]["low"] > 1.6 * w_off  # tau^2/3 days on top
+    # 16 consecutive gates, 3-day holdouts: 13 differences between gates 3 days apart
+    assert spread["source"] == "history" and spread["days"] == 14 and spread["sd"] > 0.05 and spread["df"] > 1
+    assert v.full["bootstrap"]["high"] - v.full["bootstrap"]["low"] > 2 * w_off
     assert "day-to-day sd" in next(r for r in v.record.rules if r["rule"] == "confidence")["detail"]
     assert "champion sd" in v.record.interval
-    # holdouts of several days tell the day effects (divided by the 3 days) from the rest (whole)
-    three = {d: {"champion": e["champion"] | {"days": 3, "spread2": 0.02 ** 2, "se2": 0.005 ** 2}}
-             for d, e in swings.items()}
-    split = gate(history_of(three))
-    spread = split.full["between_days"]["champion"]
-    assert "day_sd" in spread and spread["day_sd"] < spread["sd"]
-    assert split.full["bootstrap"]["high"] - split.full["bootstrap"]["low"] < \
-        v.full["bootstrap"]["high"] - v.full["bootstrap"]["low"]
-    assert "of which day effects sd" in next(r for r in split.record.rules if r["rule"] == "confidence")["detail"]
-    # another metric's history is not this one's
-    other = {d: {"champion": e["champion"] | {"metric": "log_loss"}} for d, e in swings.items()}
-    assert gate(history_of(other)).full["between_days"]["champion"]["source"] == "assumed"
+    # another metric's, another unit's or another holdout size's history is not this one's
+    for change in ({"metric": "log_loss"}, {"unit": "row"}, {"days": 1}):
+        other = {d: {"champion": e["champion"] | change} for d, e in swings.items()}
+        assert gate(history_of(other)).full["between_days"]["champion"]["source"] == "assumed", change
 
 
 def test_history_from_tags_is_read_as_untrusted() -> None:
@@ -327,8 +319,16 @@ def test_history_from_tags_is_read_as_untrusted() -> None:
     assert GateRecord.from_tags({Tag.GATE_DAILY: "not json"}).daily == {}
     assert GateRecord.from_tags({Tag.GATE_DAILY: "[1, 2]"}).daily == {}
     assert GateRecord.from_tags({Tag.GATE_DAILY: '{"champion": 3, "x": {"value": 1}}'}).daily == {"x": {"value": 1}}
-    bad = {"2013-01-01": {"champion": {"metric": "roc_auc", "value": "0.1", "se": 0.01}},
-           "2013-01-02": {"champion": {"metric": "roc_auc", "value": float("nan"), "se": 0.01}},
-           "2013-01-03": {"champion": {"metric": None, "value": 0.1, "se": 0.01}},
-           "2013-01-04": {"champion": {"metric": "roc_auc", "value": 0.1, "se": 0.01}}}
-    assert history_of(bad) == {"champion": [{"day": "2013-01-04", "metric": "roc_auc", "value": 0.1, "se": 0.01}]}
+    good = {"metric": "roc_auc", "value": 0.1, "se": 0.01}
+    bad = {"2013-01-01": {"champion": good | {"value": "0.1"}},
+           "2013-01-02": {"champion": good | {"value": float("nan")}},
+           "2013-01-03": {"champion": good | {"metric": None}},
+           "2013-01-05": {"champion": good | {"value": 1e80}},  # finite, but no gate recorded it
+           "2013-01-06": {"champion": good | {"se": -0.01}},
+           "2013-01-07": {"champion": good | {"days": True}},
+           "2013-01-04": {"champion": good}}
+    assert history_of(bad) == {"champion": [{"day": "2013-01-04", "metric": "roc_auc", "days": 1, "value": 0.1,
+                                             "se": 0.01}]}
+    # a number tag that is not a number on an old version: read as absent, not an error
+    rec = GateRecord.from_tags({Tag.GATE_CANDIDATE_METRIC: "oops", Tag.GATE_HOLDOUT_ROWS: "9" * 5000})
+    assert rec.candidate_metric is None and rec.holdout_rows is None

@@ -62,11 +62,11 @@ def test_replay_uses_the_recorded_history_and_replaces_the_days_it_rejudged(spec
     same = _history(spec, r, {})
     assert [e["value"] for e in same["champion"]] == [d / 100 for d in range(3, 31)]  # the 28-day lookback
     # a replay under another policy re-judged the 29th and 30th: its estimates replace the recorded
-    replayed = {"2012-12-29": _estimate(-1.0), "2012-12-30": _estimate(-2.0, days=3, spread2=0.001, se2=0.0001),
+    replayed = {"2012-12-29": _estimate(-1.0), "2012-12-30": _estimate(-2.0, unit="row"),
                 "2012-12-31": _estimate(-3.0)}  # the day itself is never its own history
     got = _history(spec, r, replayed)["champion"]
     assert [e["value"] for e in got][-3:] == [0.28, -1.0, -2.0]
-    assert got[-1]["days"] == 3 and got[-1]["spread2"] == 0.001
+    assert got[-1]["unit"] == "row" and got[-1]["days"] == 1
 
 
 @pytest.mark.parametrize("text", [

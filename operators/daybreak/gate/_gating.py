@@ -225,29 +225,27 @@ def _finite(v: Any) -> TypeGuard[float]:
         return False
 
 
+MAX_ESTIMATE = 1e6  # a gain or its error beyond this was not recorded by a gate
+
+
 def history_of(by_day: Mapping[str, Mapping[str, Mapping[str, Any]]]) -> dict[str, list[dict[str, Any]]]:
-    """{gated day: {quantity: estimate}} to {quantity: [estimate, ...]}, one per day estimated on
-    (the estimate's own ``day``: a gate whose newest holdout day the champion had seen estimates an
-    earlier one; the latest gate's estimate of a day wins), oldest first. Only well-formed finite
-    estimates are kept: tags are editable, read them as untrusted."""
-    found: dict[str, dict[str, dict[str, Any]]] = {}
+    """{gated day: {quantity: estimate}} to {quantity: [estimate, ...]} oldest first, keeping only
+    well-formed, finite, bounded estimates: tags are editable, read them as untrusted."""
+    out: dict[str, list[dict[str, Any]]] = {}
     for gated in sorted(by_day):
         for key, e in by_day[gated].items():
-            value, se = (e.get("value"), e.get("se")) if isinstance(e, Mapping) else (None, None)
-            if not isinstance(e, Mapping) or not _finite(value) or not _finite(se) or se < 0 \
-                    or not isinstance(e.get("metric"), str):
+            if not isinstance(e, Mapping):
                 continue
-            own = e.get("day")
-            day = own if isinstance(own, str) and len(own) == 10 and own <= gated else gated
-            entry = {"day": day, "metric": e["metric"], "value": float(value), "se": float(se)}
+            value, se, days, metric = e.get("value"), e.get("se"), e.get("days", 1), e.get("metric")
+            if not (_finite(value) and _finite(se) and abs(value) <= MAX_ESTIMATE and 0 <= se <= MAX_ESTIMATE
+                    and isinstance(metric, str) and isinstance(days, int) and not isinstance(days, bool)
+                    and 1 <= days <= 366):
+                continue
+            entry = {"day": gated, "metric": metric, "days": days, "value": float(value), "se": float(se)}
             if isinstance(e.get("unit"), str):
                 entry["unit"] = e["unit"]
-            days, s2, se2 = e.get("days"), e.get("spread2"), e.get("se2")
-            if isinstance(days, int) and not isinstance(days, bool) and 2 <= days <= 31 and _finite(s2) \
-                    and _finite(se2) and s2 >= 0 and se2 >= 0:
-                entry |= {"days": days, "spread2": float(s2), "se2": float(se2)}
-            found.setdefault(str(key), {})[day] = entry
-    return {key: [per_day[d] for d in sorted(per_day)] for key, per_day in found.items()}
+            out.setdefault(str(key), []).append(entry)
+    return out
 
 
 def _prior(spec: Spec, ctx: RunContext, tags: dict[str, str]) -> float | None:

@@ -217,10 +217,11 @@ def gate_report(spec: Spec, record: dict[str, Any], y: np.ndarray, candidate: np
         else "<p>none</p>",
         "<h2>Day-to-day spread added to the intervals</h2>",
         _table([{"quantity": k, **v} for k, v in (record.get("between_days") or {}).items()],
-               ["quantity", "source", "sd", "days", "holdout_days"], "spread")
+               ["quantity", "source", "sd", "days", "df", "holdout_days"], "spread")
         if record.get("between_days") else "<p>none (gate.bootstrap.between_days: off, or no interval)</p>",
-        "<p>source history: estimated from the daily estimates the gates of the last days recorded; "
-        "assumed: fewer than 5 recorded, taken as large as the holdout's own error.</p>",
+        "<p>source history: estimated from the gains the gates of the last days recorded (sd, from how many "
+        "gates, and the degrees of freedom of the widened interval); assumed: fewer than 10 recorded, the "
+        "spread's variance taken as twice the holdout's own.</p>",
         "<h2>Plots</h2>", "".join(figures),
     ]
     if record["slices"]:

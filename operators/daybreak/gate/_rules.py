@@ -143,17 +143,17 @@ class Intervals:
     ...}], oldest first, the lookback's days before this holdout).
 
     Called with a ``key`` (the quantity; today only ``champion``, the gain over the champion),
-    an interval also (a) records in ``daily``, for the next gates, the quantity's estimate on the
-    newest holdout day and, over several holdout days, how much it moved between them; and (b) with
-    ``between_days: history``, is widened by the quantity's day-to-day spread: the holdout's own
-    error says how well it measures its own days, not how much the next days will differ. That
-    spread (``metrics.day_spread`` of the history) holds day effects, which average over a k-day
-    holdout, and the two models' own difference, which does not; the day effects are told apart
-    by ``metrics.within_spread`` of multi-day holdouts and divided by k, the rest added whole
-    (all of it whole until they can be told apart): ``metrics.added_variance``, whose degrees of
-    freedom count how few days the spread was estimated from. Below MIN_HISTORY_DAYS (10) recorded
-    days the spread's variance is assumed twice the holdout's own (on real flights it is about 0.8
-    of it at one day: benchmarks/RESULTS.md), with the holdout's own degrees of freedom.
+    an interval also (a) records the quantity's estimate on this holdout in ``daily``, for the next
+    gates; and (b) with ``between_days: history``, is widened by how much that estimate moved from
+    gate to gate beyond its own error, over the earlier gates with a holdout of as many days
+    (``metrics.added_variance``): the holdout's own error says how well it measures its own days,
+    not how much the next days will differ. That spread holds the day effects (averaged over the
+    holdout's days, as this estimate's are) and the two models' own difference (a seed, a sample).
+    Its degrees of freedom count how few gates it was estimated from. Below MIN_HISTORY_DAYS (10)
+    recorded gates the spread's variance is assumed twice the holdout's own (on real flights it is
+    about 0.8 of it at one day: benchmarks/RESULTS.md), with the holdout's own degrees of freedom.
+    With holdouts of k days, successive gates share k-1 days and their estimates move less than
+    disjoint holdouts' would, so the spread is taken between gates k days apart.
 
     Floors and baselines keep the holdout's own interval: they ask whether the candidate clears a
     fixed bar on the holdout's population, and a metric's own day-to-day spread is mostly how hard
@@ -196,31 +196,21 @@ class Intervals:
         iv = iv | {"unit": self.unit}
         if key is None:
             return iv
-        if c.between_days == "off" or iv["method"] == "none":
+        if iv["method"] == "none":
             return iv
-        names = [] if days is None or not len(days) else sorted(set(days.tolist()))
-        per_day = [iv]
-        if len(names) > 1:  # each day's own estimate, in the unit later gates compare
-            per_day = []
-            for d in names:
-                one = days == d
-                per_day.append(self._interval(metric, y[one], pred[one], None if other is None else other[one],
-                                              None if clusters is None else clusters[one]))
-        k = max(len(names), 1)
-        rec: dict[str, Any] = {"day": names[-1] if names else None, "metric": metric, "unit": self.unit,
-                               "value": per_day[-1]["value"], "se": per_day[-1]["se"], "days": k}
-        finite = [p for p in per_day if math.isfinite(p["value"]) and math.isfinite(p["se"])]
-        if len(finite) > 1:  # how this pair's estimate moved across its own holdout days
-            rec |= {"days": len(finite), "spread2": float(np.var([p["value"] for p in finite], ddof=1)),
-                    "se2": float(np.mean([p["se"] ** 2 for p in finite]))}
-        self.daily[key] = rec
-        # the same metric in the same resampling unit: another unit's se is on another scale
-        past = [h for h in self.history.get(key, []) if h.get("metric") == metric and h.get("unit", self.unit)
-                == self.unit]
-        added = metrics.added_variance([h["value"] for h in past], [h["se"] for h in past], k,
-                                       [(h.get("days", 1), h.get("spread2", math.nan), h.get("se2", math.nan))
-                                        for h in [*past, rec]], iv["se"], iv.get("df"))
-        spread = {key: v for key, v in added.items() if key not in ("extra", "df")} | {"holdout_days": k}
+        k = 1 if days is None or not len(days) else len(set(days.tolist()))
+        newest = None if days is None or not len(days) else str(max(days.tolist()))
+        # the estimate later gates with a holdout of as many days compare with (recorded even when
+        # between_days is off, so that turning it on finds a history)
+        self.daily[key] = {"day": newest, "metric": metric, "unit": self.unit, "days": k, "value": iv["value"],
+                           "se": iv["se"]}
+        if c.between_days == "off":
+            return iv
+        past = [h for h in self.history.get(key, []) if h.get("metric") == metric
+                and h.get("unit", self.unit) == self.unit and h.get("days", 1) == k]
+        added = metrics.added_variance([h["value"] for h in past], [h["se"] for h in past], iv["se"], iv.get("df"),
+                                       days=[h["day"] for h in past], lag=k)
+        spread = {n: v for n, v in added.items() if n != "extra"} | {"holdout_days": k}
         self.spread[key] = spread
         return metrics.widen(iv, added["extra"], added["df"]) | {"between_days": spread}
 
@@ -238,10 +228,10 @@ def _spread_text(iv: dict[str, Any]) -> str:
     if not s:
         return ""
     if s["source"] == "history":
-        days = (f", of which day effects sd {s['day_sd']:.3g} / {s['holdout_days']} days" if "day_sd" in s else "")
-        return f"; + day-to-day sd {s['sd']:.3g} from {s['days']} recorded days{days}"
+        df = "" if s.get("df") is None else f", {s['df']:.1f} df"
+        return f"; + day-to-day sd {s['sd']:.3g} from {s['days']} recorded gates{df}"
     return (f"; + day-to-day spread assumed {metrics.ASSUMED_SPREAD:g}x the holdout's variance ({s['days']} of "
-            f"{metrics.MIN_HISTORY_DAYS} days recorded)")
+            f"{metrics.MIN_HISTORY_DAYS} gates recorded)")
 
 
 def _bound_rule(spec: Spec, metric: str, value: float, threshold: float, y: np.ndarray, candidate: np.ndarray,

@@ -485,21 +485,33 @@ MIN_HISTORY_DAYS = 10  # recorded days before the day-to-day spread is estimated
 ASSUMED_SPREAD = 2.0  # before then: the spread's variance taken as this many times the holdout's own
 
 
-def day_spread(values: Any, ses: Any) -> tuple[float, int]:
-    """How much a daily quantity (a gain, a metric) varies from day to day beyond its within-day
-    error: tau^2 = max(0, MSSD/2 - median(se^2)), from its daily estimates oldest first and their
-    standard errors. MSSD/2 (von Neumann: the mean squared successive difference, halved) estimates
-    the variance of one day's estimate around its local level; successive differences cancel a
-    slow drift of that level (a champion aging, a trend). The median keeps one wild se (a corrupt
-    record) from cancelling the spread. Returns (tau^2, days used); tau^2 is nan below
-    MIN_HISTORY_DAYS finite days."""
+def day_spread(values: Any, ses: Any, days: Any = None, lag: int = 1) -> tuple[float, int]:
+    """How much a daily quantity (a gain, a metric) varies from gate to gate beyond its own error:
+    tau^2 = max(0, MSSD/2 - median(se^2)), from its estimates oldest first and their standard
+    errors. MSSD/2 (von Neumann: the mean squared successive difference, halved) estimates the
+    variance of one estimate around its local level; successive differences cancel a slow drift of
+    that level (a champion aging, a trend). With holdouts of k days, successive gates share k-1
+    days and move less than disjoint ones: differences are then taken `lag` = k days apart (by
+    `days`, ISO dates; by position without them), between holdouts that share none. The median
+    keeps one wild se (a corrupt record) from cancelling the spread. Returns (tau^2, differences
+    + 1); tau^2 is nan below MIN_HISTORY_DAYS."""
     v, s = np.asarray(values, np.float64), np.asarray(ses, np.float64)
     ok = np.isfinite(v) & np.isfinite(s) & (s >= 0)
-    v, s = v[ok], s[ok]
-    if len(v) < MIN_HISTORY_DAYS:
-        return float("nan"), len(v)
-    mssd = float(np.mean(np.diff(v) ** 2)) / 2
-    return max(0.0, mssd - float(np.median(s**2))), len(v)
+    if days is None:
+        at = np.arange(len(v))
+    else:
+        from datetime import date
+
+        at = np.array([date.fromisoformat(str(d)[:10]).toordinal() for d in days], np.int64)
+    v, s, at = v[ok], s[ok], at[ok]
+    where = {int(a): i for i, a in enumerate(at)}
+    pairs = [(i, where[int(a) + lag]) for i, a in enumerate(at) if int(a) + lag in where]
+    n = len(pairs) + 1
+    if n < MIN_HISTORY_DAYS:
+        return float("nan"), n
+    diffs = np.array([v[j] - v[i] for i, j in pairs])
+    mssd = float(np.mean(diffs**2)) / 2
+    return max(0.0, mssd - float(np.median(s**2))), n
 
 
 def spread_df(n: int, tau2: float, se2: float) -> float:
@@ -510,51 +522,27 @@ def spread_df(n: int, tau2: float, se2: float) -> float:
     return base * (tau2 / (tau2 + se2)) ** 2 if tau2 + se2 > 0 else base
 
 
-def within_spread(parts: Any) -> tuple[float, int]:
-    """The day-to-day variance of one and the same pair of models (day effects only): pooled over
-    holdouts of several days each, ``parts`` = [(days k, sample variance of the k daily estimates,
-    mean of their se^2)]: max(0, sum (k-1) (s^2 - se^2) / sum (k-1)). Returns (tau_day^2, degrees of
-    freedom); nan below MIN_HISTORY_DAYS - 1 degrees of freedom."""
-    dof, acc = 0, 0.0
-    for k, s2, se2 in parts:
-        if 2 <= k <= 31 and math.isfinite(s2) and math.isfinite(se2) and s2 >= 0 and se2 >= 0:
-            dof += int(k) - 1
-            acc += (int(k) - 1) * (s2 - se2)
-    if dof < MIN_HISTORY_DAYS - 1:
-        return float("nan"), dof
-    return max(0.0, acc / dof), dof
-
-
-def added_variance(values: Any, ses: Any, k: int, parts: Any, se: float,
-                   df: float | None) -> dict[str, Any]:
-    """What the day-to-day spread adds to a k-day holdout's interval of standard error `se` (with
-    `df` degrees of freedom, None: normal), from the recorded daily estimates (`values`, `ses`,
-    oldest first) and the multi-day holdouts' `parts` (see `within_spread`).
-
-    The spread from gate to gate (`day_spread`) holds day effects, which average over k days, and
-    the models' own difference (a seed, a sample), which does not; day effects told apart by
-    `within_spread` are divided by k, the rest added whole (all of it until they can be told
-    apart). Below MIN_HISTORY_DAYS days: ASSUMED_SPREAD * se^2, with the holdout's own df.
-    Returns {"source": "history" | "assumed", "extra", "df" (of the widened interval, Welch-
-    Satterthwaite with `spread_df`), "sd", "day_sd" (when told apart), "days"}."""
-    total, n = day_spread(values, ses)
+def added_variance(values: Any, ses: Any, se: float, df: float | None, days: Any = None,
+                   lag: int = 1) -> dict[str, Any]:
+    """What the day-to-day spread adds to a holdout interval of standard error `se` (with `df`
+    degrees of freedom, None: normal), from earlier gates' estimates of the same quantity on
+    holdouts of the same size (`values`, `ses`, oldest first): `day_spread`, the variance of one
+    gate's estimate from gate to gate beyond its own error. It holds the day effects (averaged over
+    the holdout's days, as this estimate's are) and the models' own difference (a seed, a sample),
+    which no holdout averages away; `days` and `lag` (the holdout's days) as `day_spread` takes
+    them. Below MIN_HISTORY_DAYS gates: ASSUMED_SPREAD * se^2, with the
+    holdout's own df. Returns {"source": "history" | "assumed", "extra", "df" (of the widened
+    interval: Welch-Satterthwaite with `spread_df`), "sd", "days"}."""
+    total, n = day_spread(values, ses, days, lag)
     if not math.isfinite(total):
         return {"source": "assumed", "extra": ASSUMED_SPREAD * se * se, "df": df, "sd": None, "days": n}
     s = np.asarray(ses, np.float64)
     se2 = float(np.median(s[np.isfinite(s) & (s >= 0)] ** 2))
-    out: dict[str, Any] = {"source": "history", "sd": math.sqrt(total), "days": n}
-    extra = total
-    days2, _ = within_spread(parts)
-    if k > 1 and math.isfinite(days2):
-        day = min(days2, total)
-        extra = total - day + day / k
-        out["day_sd"] = math.sqrt(day)
-    # the added part carries all the noise of the MSSD it came from (that of total + se2) at its own size
-    df_extra = spread_df(n, extra, se2 + total - extra)
-    parts_df = [(se * se, df), (extra, df_extra)]
-    denom = sum(a * a / d for a, d in parts_df if d is not None and d > 0)
-    combined = (se * se + extra) ** 2 / denom if denom > 0 else None
-    return out | {"extra": extra, "df": combined}
+    parts = [(se * se, df), (total, spread_df(n, total, se2))]
+    both = se * se + total
+    denom = sum((a / both) ** 2 / d for a, d in parts if d is not None and d > 0)  # scaled: no overflow
+    return {"source": "history", "extra": total, "df": 1 / denom if denom > 0 else None, "sd": math.sqrt(total),
+            "days": n}
 
 
 def widen(iv: dict[str, Any], extra: float, df: float | None) -> dict[str, Any]:
@@ -574,7 +562,9 @@ def widen(iv: dict[str, Any], extra: float, df: float | None) -> dict[str, Any]:
     q = float(t.ppf(0.5 + iv["level"] / 2, df)) if df is not None else z
     if iv["method"] == "bootstrap":
         f = math.sqrt(total) / se * q / z
-        return iv | {"low": v - (v - iv["low"]) * f, "high": v + (iv["high"] - v) * f, "se": math.sqrt(total),
-                     "df": df}
-    half = q * math.sqrt(total)
-    return iv | {"low": v - half, "high": v + half, "se": math.sqrt(total), "df": df}
+        low, high = v - (v - iv["low"]) * f, v + (iv["high"] - v) * f
+    else:
+        half = q * math.sqrt(total)
+        low, high = v - half, v + half
+    # never narrower than the holdout's own (a t of more df could otherwise shave a few clusters' worth)
+    return iv | {"low": min(low, iv["low"]), "high": max(high, iv["high"]), "se": math.sqrt(total), "df": df}

@@ -112,11 +112,23 @@ def _opt(v: str | None) -> str | None:
 
 
 def _float(v: str | None) -> float | None:
-    return None if v in (None, NONE) else float(v)
+    """A number tag read back; None when absent or not a number (tags are editable: a bad one on
+    an old version must not stop every later gate that reads the history)."""
+    if v in (None, NONE) or v is None or len(v) > 100:
+        return None
+    try:
+        return float(v)
+    except ValueError:
+        return None
 
 
 def _int(v: str | None) -> int | None:
-    return None if v in (None, NONE) else int(v)
+    if v in (None, NONE) or v is None or len(v) > 30:
+        return None
+    try:
+        return int(v)
+    except ValueError:
+        return None
 
 
 def json_default(v: Any) -> Any:
@@ -185,9 +197,8 @@ class GateRecord:
     override_by: str | None = None
     gate_run_id: str | None = None
     interval: str | None = None  # how the intervals were computed: method, resampling unit, clusters, level
-    # the gain over the champion (key "champion") on the newest holdout day, and how it moved over the
-    # holdout's days: {"day", "metric", "value", "se", "days", "spread2", "se2"}; later gates
-    # estimate the day-to-day spread from these
+    # the gain over the champion (key "champion") on this holdout: {"day", "metric", "unit", "days",
+    # "value", "se"}; later gates with a holdout of as many days estimate the day-to-day spread from these
     daily: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def to_tags(self) -> dict[str, str]:
@@ -290,7 +301,7 @@ class Lineage:
                    input_hashes=tags.get(Tag.INPUT_HASHES, "{}"), feature_version=tags.get(Tag.FEATURE_VERSION, ""),
                    code_version=tags.get(Tag.CODE_VERSION, ""), flavor=tags.get(Tag.FLAVOR, ""),
                    train_rows=_int(tags.get(Tag.TRAIN_ROWS)) or 0,
-                   val_metric=None if val in (None, NONE, "None") else float(val),
+                   val_metric=None if val in (None, NONE, "None") else _float(val),
                    run_context=tags.get(Tag.RUN_CONTEXT, ""), forced=tags.get(Tag.FORCED_RETRAIN) == "true",
                    label_mean=_float(tags.get(Tag.LABEL_MEAN)))
 
