@@ -111,24 +111,23 @@ def _opt(v: str | None) -> str | None:
     return None if v in (None, NONE) else v
 
 
-def _float(v: str | None) -> float | None:
+def _number(v: str | None, kind: type[float] | type[int]) -> Any:
     """A number tag read back; None when absent or not a number (tags are editable: a bad one on
     an old version must not stop every later gate that reads the history)."""
-    if v in (None, NONE) or v is None or len(v) > 100:
+    if v is None or v == NONE or len(v) > 100:
         return None
     try:
-        return float(v)
+        return kind(v)
     except ValueError:
         return None
+
+
+def _float(v: str | None) -> float | None:
+    return _number(v, float)
 
 
 def _int(v: str | None) -> int | None:
-    if v in (None, NONE) or v is None or len(v) > 30:
-        return None
-    try:
-        return int(v)
-    except ValueError:
-        return None
+    return _number(v, int)
 
 
 def json_default(v: Any) -> Any:
