@@ -64,13 +64,18 @@ def base_home(tmp_path_factory: pytest.TempPathFactory, ray_local: None, spec) -
     from daybreak.features import build_features
     from daybreak.stage import stage
 
+    # The gate these days were chosen under: the holdout's own interval. With the day-to-day
+    # spread (the default since issue 22) no candidate of Jan 3-5 clears v1 on one day of
+    # holdout (README: the demo), and these tests need a champion and a previous one.
+    cycles = spec.model_copy(update={"gate": spec.gate.model_copy(update={
+        "bootstrap": spec.gate.bootstrap.model_copy(update={"between_days": "off"})})})
     home = tmp_path_factory.mktemp("monitor") / "home"
     build_flights_landing(home / "store" / "landing", start=FIRST, end=SERVED[-1] + timedelta(days=1))
     old = os.environ.get("DAYBREAK_HOME")
     os.environ["DAYBREAK_HOME"] = str(home)
     try:
         for k in range((TRAINED_TO - FIRST).days + 1):
-            run_cycle(spec, RunContext.create(FIRST + timedelta(days=k)), deploy=False)
+            run_cycle(cycles, RunContext.create(FIRST + timedelta(days=k)), deploy=False)
         for d in SERVED:
             stage(spec, RunContext.create(d))
             build_features(spec, RunContext.create(d))
