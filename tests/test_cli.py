@@ -21,11 +21,13 @@ def daybreak(*args: str, home: Path | None = None, check: bool = True) -> subpro
 
 
 @pytest.mark.parametrize("cmd", [[], ["run"], ["backfill"], ["history"], ["versions"], ["rollback"], ["gate"],
-                                 ["serve"], ["report"], ["validate"], ["datasets", "flights"]])
+                                 ["serve"], ["report"], ["validate"], ["datasets", "flights"], ["stage"],
+                                 ["features"], ["train"], ["promote"], ["deploy"]])
 def test_every_command_has_help(cmd: list[str]) -> None:
     out = daybreak(*cmd, "--help").stdout
     assert "Usage:" in out
-    if cmd and cmd[0] in ("run", "backfill", "history", "versions", "rollback", "gate", "report", "validate"):
+    if cmd and cmd[0] in ("run", "backfill", "history", "versions", "rollback", "gate", "report", "validate",
+                          "stage", "features", "train", "promote", "deploy"):
         assert "--json" in out and "--spec" in out
 
 
@@ -75,3 +77,33 @@ def test_backfill_history_report_json(home: Path) -> None:
 
     ok = json.loads(daybreak("validate", "--spec", str(SPEC), "--json").stdout)
     assert ok["name"] == "flights_delay" and len(ok["features"]) == 20
+
+
+def test_step_commands_and_a_backfill_of_some_steps(home: Path) -> None:
+    """Warm history up with stage and features only (no model, no registry), then one step at a
+    time for a date, as a user does by hand."""
+    spec = ("--spec", str(SPEC))
+    warm = json.loads(daybreak("backfill", *spec, "--start", "2013-01-01", "--end", "2013-01-02", "--steps",
+                               "features,stage", "--json", home=home).stdout)
+    assert [d["date"] for d in warm] == ["2013-01-01", "2013-01-02"]
+    assert all(set(d) == {"date", "stage", "features"} and d["stage"]["rows"] > 0 for d in warm), warm
+    assert json.loads(daybreak("versions", *spec, "--json", home=home).stdout) == []  # nothing trained
+    human = daybreak("backfill", *spec, "--start", "2013-01-02", "--end", "2013-01-02", "--steps", "stage",
+                     home=home).stdout
+    assert human.startswith("[1/1] 2013-01-02  stage: ") and "rows=" in human
+    bad = daybreak("backfill", *spec, "--start", "2013-01-02", "--end", "2013-01-02", "--steps", "stage,warmup",
+                   home=home, check=False)
+    assert bad.returncode == 2 and "warmup" in bad.stderr and "stage, features, monitor, train" in bad.stderr
+
+    day = ("--date", "2013-01-02")
+    # the day's features exist: train, gate and promote it one step at a time
+    trained = json.loads(daybreak("train", *spec, *day, "--json", home=home).stdout)
+    assert trained["step"] == "train" and trained["status"] == "trained" and trained["model_version"] == "1"
+    assert daybreak("gate", *spec, *day, home=home).stdout.startswith("2013-01-02  PROMOTE  candidate=v1")
+    would = json.loads(daybreak("promote", *spec, *day, "--dry-run", "--json", home=home).stdout)
+    assert would["promoted"] is False and "would move champion to v1" in would["reason"]
+    done = daybreak("promote", *spec, *day, home=home).stdout
+    assert done.startswith("2013-01-02  promote: ") and "promoted=True" in done and "champion_version=1" in done
+    # a step whose input is missing says which step to run first
+    early = daybreak("features", *spec, "--date", "2013-01-05", home=home, check=False)
+    assert early.returncode != 0 and "stage" in early.stderr and "Traceback" not in early.stderr

@@ -121,20 +121,85 @@ def run(spec: Path = SpecOpt, day: str = typer.Option(..., "--date", "-d", help=
 def backfill(spec: Path = SpecOpt, start: str = typer.Option(..., "--start", help="First date, YYYY-MM-DD."),
              end: str = typer.Option(..., "--end", help="Last date (inclusive), YYYY-MM-DD."),
              store: str | None = StoreOpt, tracking_uri: str | None = TrackingOpt,
+             steps: str | None = typer.Option(
+                 None, "--steps", help="Comma-separated cycle steps to run, in the cycle's order (default all), "
+                                       "e.g. stage,features to warm history up."),
              as_json: bool = JsonOpt) -> None:
-    """Run the daily cycle for every date from --start to --end, in order."""
-    from daybreak.cycle import run_cycle
+    """Run the daily cycle (or --steps of it) for every date from --start to --end, in order."""
+    from daybreak.cycle import cycle_steps, run_cycle
     from daybreak.infra.context import date_range, parse_date
 
+    chosen = None if steps is None else steps.split(",")
+    names = [st.name for st in cycle_steps(chosen)]  # a ValueError naming the choices: exit 2
     s = _load(spec)
     days = date_range(parse_date(start), parse_date(end))
     results = []
     for i, d in enumerate(days, 1):
-        r = run_cycle(s, _ctx(d, store, tracking_uri), deploy=False)
-        results.append(r["summary"])
+        r = run_cycle(s, _ctx(d, store, tracking_uri), deploy=False, steps=chosen)
+        results.append(r["summary"] if "gate" in names else {n: r.get(n) for n in ("date", *names)})
         if not as_json:
-            typer.echo(f"[{i}/{len(days)}] {summary_line(r['summary'])}")
+            line = summary_line(r["summary"]) if "gate" in names else "  ".join(
+                [str(r["date"]), *(step_line(n, r[n]) for n in names if n in r)])
+            typer.echo(f"[{i}/{len(days)}] {line}")
     _emit(results, as_json)
+
+
+def step_line(name: str, result: dict[str, Any]) -> str:
+    """A step's result in a line: its name and its scalar fields."""
+    skip = {"step", "date", "run_id"}
+    parts = [f"{k}={_fmt(v)}" for k, v in result.items() if k not in skip and (v is None or isinstance(v, str | int
+                                                                                                       | float))]
+    return f"{name}: " + " ".join(parts)
+
+
+def _run_step(name: str, spec: Path, day: str, store: str | None, tracking_uri: str | None, as_json: bool,
+              **options: Any) -> None:
+    """One step of the cycle for one date, as the cycle would call it (no retries: run it again)."""
+    from daybreak.steps import STEPS
+
+    res = STEPS[name].run(_load(spec), _ctx(day, store, tracking_uri), **options)
+    _emit(res, as_json, f"{res.get('date', day)}  {step_line(name, res)}")
+
+
+@app.command("stage")
+def stage_cmd(spec: Path = SpecOpt, day: str = typer.Option(..., "--date", "-d", help="Logical date, YYYY-MM-DD."),
+              store: str | None = StoreOpt, tracking_uri: str | None = TrackingOpt, as_json: bool = JsonOpt) -> None:
+    """Stage the date's landing files: validate, publish the day's Parquet partition atomically."""
+    _run_step("stage", spec, day, store, tracking_uri, as_json)
+
+
+@app.command("features")
+def features_cmd(spec: Path = SpecOpt, day: str = typer.Option(..., "--date", "-d", help="Logical date, YYYY-MM-DD."),
+                 store: str | None = StoreOpt, tracking_uri: str | None = TrackingOpt,
+                 as_json: bool = JsonOpt) -> None:
+    """Build the date's feature partition from the staged data (after the stage step)."""
+    _run_step("features", spec, day, store, tracking_uri, as_json)
+
+
+@app.command("train")
+def train_cmd(spec: Path = SpecOpt, day: str = typer.Option(..., "--date", "-d", help="Logical date, YYYY-MM-DD."),
+              store: str | None = StoreOpt, tracking_uri: str | None = TrackingOpt,
+              force: bool = typer.Option(False, "--force", help="Retrain even if the date already has a candidate."),
+              as_json: bool = JsonOpt) -> None:
+    """Train the date's candidate on its window's features and register it (after the features step)."""
+    _run_step("train", spec, day, store, tracking_uri, as_json, force=force)
+
+
+@app.command("promote")
+def promote_cmd(spec: Path = SpecOpt, day: str = typer.Option(..., "--date", "-d", help="Logical date, YYYY-MM-DD."),
+                store: str | None = StoreOpt, tracking_uri: str | None = TrackingOpt,
+                dry_run: bool = typer.Option(False, "--dry-run", help="Say what would happen; change nothing."),
+                as_json: bool = JsonOpt) -> None:
+    """Move the champion alias to the date's candidate if the gate passed it (after the gate step)."""
+    _run_step("promote", spec, day, store, tracking_uri, as_json, dry_run=dry_run)
+
+
+@app.command("deploy")
+def deploy_cmd(spec: Path = SpecOpt, day: str = typer.Option(..., "--date", "-d", help="Logical date, YYYY-MM-DD."),
+               store: str | None = StoreOpt, tracking_uri: str | None = TrackingOpt,
+               as_json: bool = JsonOpt) -> None:
+    """Check that the server answers with the champion (hot swap); after a promotion."""
+    _run_step("deploy", spec, day, store, tracking_uri, as_json)
 
 
 @app.command()

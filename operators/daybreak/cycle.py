@@ -15,14 +15,14 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from daybreak.infra.context import RunContext
 from daybreak.infra.errors import is_retryable
 from daybreak.spec import Spec
-from daybreak.steps import CYCLE, CycleOptions
+from daybreak.steps import CYCLE, CycleOptions, Step
 
 log = logging.getLogger(__name__)
 
@@ -65,20 +65,37 @@ def with_retry(name: str, fn: Callable[..., dict[str, Any]], spec: Spec, ctx: Ru
 
 
 def run_cycle(spec: Spec, ctx: RunContext, deploy: bool = True, force: bool = False,
-              dry_run: bool = False, retry: Retry | None = None) -> dict[str, Any]:
+              dry_run: bool = False, retry: Retry | None = None,
+              steps: Sequence[str] | None = None) -> dict[str, Any]:
     """``force`` retrains even if the date's lineage has a version; ``dry_run`` stops after the
     gate: promote says what it would do, nothing is promoted or deployed. ``retry`` (default
-    ``Retry.from_env()``) says how each step is retried after a passing error."""
+    ``Retry.from_env()``) says how each step is retried after a passing error. ``steps`` (names
+    of the cycle's steps; default all) runs only those, in the cycle's order: e.g. stage and
+    features to warm a store's history up before the first training date."""
+    chosen = cycle_steps(steps)
     r = retry or Retry.from_env()
     options = CycleOptions(force=force, dry_run=dry_run, deploy=deploy)
     out: dict[str, Any] = {"date": ctx.logical_date.isoformat(), "run_id": ctx.run_id}
-    for step in CYCLE:
+    for step in chosen:
         if step.runs_if(out, options):
             out[step.name] = with_retry(step.name, step.run, spec, ctx, r, **step.options_from(options))
         elif step.otherwise is not None:  # promote after the gate said no: the champion as it stands
             out[step.name] = with_retry(step.name, step.not_run, spec, ctx, r, done=out)
     out["summary"] = summarize(out)
     return out
+
+
+def cycle_steps(names: Sequence[str] | None) -> tuple[Step, ...]:
+    """The cycle's steps named in `names` (all when None), in the cycle's order; a ValueError
+    naming the unknown ones and the choices."""
+    if names is None:
+        return CYCLE
+    known = [s.name for s in CYCLE]
+    wanted = [n.strip() for n in names if n.strip()]
+    unknown = [n for n in wanted if n not in known]
+    if unknown or not wanted:
+        raise ValueError(f"steps: {', '.join(unknown) or '(none)'} not in the cycle; choose from {', '.join(known)}")
+    return tuple(s for s in CYCLE if s.name in wanted)
 
 
 def summarize(result: dict[str, Any]) -> dict[str, Any]:
