@@ -42,6 +42,12 @@ def _err(raw: dict) -> str:
          "Attribute is not allowed"),
         (lambda r: r["sources"]["flights"]["columns"].update(year="integer"),
          "sources.flights.columns.year.type: unknown type 'integer'"),
+        # a list of numbers where durations go: one line, saying what a duration looks like (issue 23)
+        (lambda r: r["features"]["windows"][0].update(windows=[5, 20]),
+         "  features.windows[0].windows[0], [1]: a duration is text such as '7d', '2h' or '30m' (a time span, "
+         "not a count of rows) (got 5, 20)"),
+        (lambda r: r["gate"].update(baselines=[{"kind": "feature"}]),
+         "  gate.baselines[0]: a feature baseline needs 'column'"),
         (lambda r: r["sources"]["flights"].update(unique=["nope"]), "unique: column 'nope' is not in the contract"),
         (lambda r: r["sources"]["flights"]["event_time"].update(date_timezone="Mars/Olympus"),
          "unknown time zone 'Mars/Olympus'"),

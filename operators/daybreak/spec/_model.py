@@ -1332,18 +1332,49 @@ def _read_s3(uri: str, max_bytes: int) -> bytes:
     return bytes(data)
 
 
+DURATION_FIELDS = ("windows", "max_delay", "tolerance", "known_at")
+
+
+def field_path(loc: tuple[Any, ...]) -> str:
+    """A validation location as the YAML reads: ``features.windows[0].windows[1]``; ``spec`` for
+    the whole."""
+    out = ""
+    for x in loc:
+        out += f"[{x}]" if isinstance(x, int) else (f".{x}" if out else str(x))
+    return out or "spec"
+
+
+def error_lines(e: ValidationError) -> list[str]:
+    """One line per field and problem. Items of one list failing the same way share a line
+    (``windows: [5, 20]`` is one mistake, not two), and a number where a duration is expected
+    says what a duration looks like."""
+    grouped: dict[tuple[str, str], list[tuple[str, Any]]] = {}
+    for err in e.errors():
+        loc = tuple(err["loc"])
+        msg = err["msg"].removeprefix("Value error, ")
+        named = [x for x in loc if isinstance(x, str)]
+        if err["type"] == "string_type" and named and named[-1] in DURATION_FIELDS \
+                and isinstance(err.get("input"), int | float):
+            msg = "a duration is text such as '7d', '2h' or '30m' (a time span, not a count of rows)"
+        item = loc[-1] if loc and isinstance(loc[-1], int) else None
+        parent = field_path(loc[:-1] if item is not None else loc)
+        grouped.setdefault((parent, msg), []).append(("" if item is None else f"[{item}]", err.get("input")))
+    lines = []
+    for (parent, msg), items in grouped.items():
+        where = parent + ", ".join(i for i, _ in items) if any(i for i, _ in items) else parent
+        got = [v for i, v in items if i and isinstance(v, int | float | str) and not isinstance(v, bool)]
+        lines.append(f"{where}: {msg}" + (f" (got {', '.join(repr(v) for v in got)})" if got and
+                                           "duration is text" in msg else ""))
+    return lines
+
+
 def parse_spec(raw: Any, origin: str = "<spec>", *, try_model: bool = True) -> Spec:
     if not isinstance(raw, dict):
         raise SpecError(f"{origin}: a spec must be a mapping at the top level")
     try:
         spec = Spec.model_validate(raw)
     except ValidationError as e:
-        lines = []
-        for err in e.errors():
-            loc = ".".join(str(x) for x in err["loc"]) or "(top level)"
-            msg = err["msg"].removeprefix("Value error, ")
-            lines.append(f"  {loc}: {msg}")
-        raise SpecError(f"{origin}: invalid spec\n" + "\n".join(lines)) from None
+        raise SpecError(f"{origin}: invalid spec\n" + "\n".join(f"  {line}" for line in error_lines(e))) from None
     try:
         if try_model:
             check_model(spec)
