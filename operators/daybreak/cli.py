@@ -96,6 +96,8 @@ def _rule_line(r: dict[str, Any]) -> str:
 
 
 def summary_line(s: dict[str, Any]) -> str:
+    if s.get("expected") is False:  # a day with no expected drop: nothing ran
+        return f"{s['date']}  {s.get('note') or 'no drop expected'}"
     return (f"{s['date']}  staged={_fmt(s['rows_staged']):>5}  candidate=v{_fmt(s['candidate_version'])} "
             f"{_fmt(s['candidate_metric'])}  champion_metric={_fmt(s['champion_metric'])}  "
             f"decision={_fmt(s['decision']):<8}  champion=v{_fmt(s['champion_version'])}"
@@ -124,24 +126,46 @@ def backfill(spec: Path = SpecOpt, start: str = typer.Option(..., "--start", hel
              steps: str | None = typer.Option(
                  None, "--steps", help="Comma-separated cycle steps to run, in the cycle's order (default all), "
                                        "e.g. stage,features to warm history up."),
+             no_history: bool = typer.Option(
+                 False, "--no-history", help="Do not stage and featurise the days before --start that its windows "
+                                             "and training window read (their windows are then truncated)."),
              as_json: bool = JsonOpt) -> None:
-    """Run the daily cycle (or --steps of it) for every date from --start to --end, in order."""
-    from daybreak.cycle import cycle_steps, run_cycle
+    """Run the daily cycle (or --steps of it) for every date from --start to --end, in order.
+
+    First the history --start needs: the days its feature windows look back over and, when the
+    steps train, its training window and holdout, are staged (and featurised) if they are not
+    yet; if any of them has no landing file, nothing runs and the error names the days. Days the
+    base source's calendar expects no drop on (weekends of a weekday feed, holidays) run nothing.
+    """
+    from daybreak.cycle import cycle_steps, history_plan, run_cycle, warm_history
     from daybreak.infra.context import date_range, parse_date
 
     chosen = None if steps is None else steps.split(",")
     names = [st.name for st in cycle_steps(chosen)]  # a ValueError naming the choices: exit 2
     s = _load(spec)
     days = date_range(parse_date(start), parse_date(end))
+
+    def context(d: date) -> Any:
+        return _ctx(d, store, tracking_uri)
+
+    if not no_history:
+        plan = history_plan(s, context, days[0], chosen)
+        for r in warm_history(s, context, plan):
+            typer.echo(f"[history] {r['date']}  " + "  ".join(step_line(n, r[n]) for n in names if n in r), err=True)
     results = []
     for i, d in enumerate(days, 1):
-        r = run_cycle(s, _ctx(d, store, tracking_uri), deploy=False, steps=chosen)
+        r = run_cycle(s, context(d), deploy=False, steps=chosen)
         results.append(r["summary"] if "gate" in names else {n: r.get(n) for n in ("date", *names)})
         if not as_json:
-            line = summary_line(r["summary"]) if "gate" in names else "  ".join(
-                [str(r["date"]), *(step_line(n, r[n]) for n in names if n in r)])
-            typer.echo(f"[{i}/{len(days)}] {line}")
+            typer.echo(f"[{i}/{len(days)}] {_day_line(r, names)}")
     _emit(results, as_json)
+
+
+def _day_line(r: dict[str, Any], names: list[str]) -> str:
+    """A backfill day in a line: the summary with the gate, else each step's fields."""
+    if "gate" in names or r["summary"]["expected"] is False:
+        return summary_line(r["summary"])
+    return "  ".join([str(r["date"]), *(step_line(n, r[n]) for n in names if n in r)])
 
 
 def step_line(name: str, result: dict[str, Any]) -> str:
@@ -158,7 +182,17 @@ def _run_step(name: str, spec: Path, day: str, store: str | None, tracking_uri: 
     from daybreak.steps import STEPS
 
     res = STEPS[name].run(_load(spec), _ctx(day, store, tracking_uri), **options)
+    if _not_expected(res, as_json):
+        return
     _emit(res, as_json, f"{res.get('date', day)}  {step_line(name, res)}")
+
+
+def _not_expected(res: dict[str, Any], as_json: bool) -> bool:
+    """Print a step's result on a day with no expected drop (and say it was one)."""
+    if res.get("expected") is not False:
+        return False
+    _emit(res, as_json, f"{res['date']}  {res['step']}: {res['reason']}")
+    return True
 
 
 @app.command("stage")
@@ -286,9 +320,12 @@ def gate(spec: Path = SpecOpt, day: str = typer.Option(..., "--date", "-d", help
          reason: str | None = typer.Option(None, "--reason", help="Why (required with --override; recorded)."),
          as_json: bool = JsonOpt) -> None:
     """Gate the date's candidate against the champion (after the train step) and record the decision."""
-    from daybreak.gate import evaluate_gate
+    from daybreak.steps import STEPS
 
-    res = evaluate_gate(_load(spec), _ctx(day, store, tracking_uri), force=force, override=override, reason=reason)
+    res = STEPS["gate"].run(_load(spec), _ctx(day, store, tracking_uri), force=force, override=override,
+                            reason=reason)
+    if _not_expected(res, as_json):
+        return
     lines = [f"{res['date']}  {res['decision']}  candidate=v{res.get('candidate_version') or '-'}  "
              f"champion=v{res.get('champion_version') or '-'}", *map(_rule_line, res.get("rules", []))]
     _emit(res, as_json, "\n".join(lines))
@@ -352,9 +389,11 @@ def _replay_table(res: Any) -> str:
 def score(spec: Path = SpecOpt, day: str = typer.Option(..., "--date", "-d", help="Logical date, YYYY-MM-DD."),
           store: str | None = StoreOpt, tracking_uri: str | None = TrackingOpt, as_json: bool = JsonOpt) -> None:
     """Score the date's feature partition with the champion on Ray (predictions/<model>/date=D/)."""
-    from daybreak.score import batch_score
+    from daybreak.steps import STEPS
 
-    res = batch_score(_load(spec), _ctx(day, store, tracking_uri))
+    res = STEPS["batch_score"].run(_load(spec), _ctx(day, store, tracking_uri))
+    if _not_expected(res, as_json):
+        return
     _emit(res, as_json, f"{res['date']}: {res['rows']} rows scored by v{res['model_version']} -> {res['uri']}"
                         + (" (unchanged)" if res["skipped"] else ""))
 
@@ -363,9 +402,11 @@ def score(spec: Path = SpecOpt, day: str = typer.Option(..., "--date", "-d", hel
 def monitor(spec: Path = SpecOpt, day: str = typer.Option(..., "--date", "-d", help="Logical date, YYYY-MM-DD."),
             store: str | None = StoreOpt, tracking_uri: str | None = TrackingOpt, as_json: bool = JsonOpt) -> None:
     """Judge the model in service on the date's logged predictions and labels; roll back if it must."""
-    from daybreak.monitor import monitor_model
+    from daybreak.steps import STEPS
 
-    res = monitor_model(_load(spec), _ctx(day, store, tracking_uri))
+    res = STEPS["monitor"].run(_load(spec), _ctx(day, store, tracking_uri))
+    if _not_expected(res, as_json):
+        return
     lines = [f"{res['date']}: action {res['action']}  champion=v{_fmt(res.get('champion_version'))}  "
              f"logged={res.get('rows_logged', 0)}  labelled={res.get('rows_labelled', 0)}"]
     lines += [f"  {v['source']:<6} v{v['version']:<4} rows={v['rows']:<6} "

@@ -8,6 +8,11 @@ backfill`` execute; the Airflow DAG and the Prefect flow run the same declaratio
 A step that fails with a passing error (S3 or MLflow unreachable for a while, a lost Ray node) is
 run again after an exponentially growing wait; steps are idempotent per date, so a retry redoes
 only what did not finish. Errors that retrying cannot fix (``errors.is_retryable``) fail at once.
+
+On a day the base source's calendar expects no drop every step's result says so (``expected``
+false) and nothing runs. ``history_plan`` and ``warm_history`` stage and featurise the days before a
+backfill's first date that its windows and training window read, or refuse naming the days that
+cannot be staged.
 """
 
 from __future__ import annotations
@@ -16,13 +21,14 @@ import logging
 import os
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from datetime import date, timedelta
 from typing import Any
 
 from daybreak.infra.context import RunContext
-from daybreak.infra.errors import is_retryable
-from daybreak.spec import Spec
-from daybreak.steps import CYCLE, CycleOptions, Step
+from daybreak.infra.errors import MissingInputError, is_retryable
+from daybreak.spec import Spec, parse_duration
+from daybreak.steps import CYCLE, CycleOptions, Step, is_expected
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +83,10 @@ def run_cycle(spec: Spec, ctx: RunContext, deploy: bool = True, force: bool = Fa
     options = CycleOptions(force=force, dry_run=dry_run, deploy=deploy)
     out: dict[str, Any] = {"date": ctx.logical_date.isoformat(), "run_id": ctx.run_id}
     for step in chosen:
-        if step.runs_if(out, options):
+        skipped = step.skipped(spec, ctx.logical_date)
+        if skipped is not None:  # no drop expected: nothing runs, and that is the result
+            out[step.name] = skipped
+        elif step.runs_if(out, options):
             out[step.name] = with_retry(step.name, step.run, spec, ctx, r, **step.options_from(options))
         elif step.otherwise is not None:  # promote after the gate said no: the champion as it stands
             out[step.name] = with_retry(step.name, step.not_run, spec, ctx, r, done=out)
@@ -99,11 +108,15 @@ def cycle_steps(names: Sequence[str] | None) -> tuple[Step, ...]:
 
 
 def summarize(result: dict[str, Any]) -> dict[str, Any]:
-    """The one line a person wants per day."""
+    """The one line a person wants per day (``expected`` false and the reason on a day with no
+    expected drop: not a failure, and no decision)."""
     gate = result.get("gate", {})
     promote = result.get("promote", {})
+    not_expected = next((r for r in result.values() if isinstance(r, dict) and not is_expected(r)), None)
     return {
         "date": result.get("date"),
+        "expected": not_expected is None,
+        "note": not_expected["reason"] if not_expected else None,
         "rows_staged": result.get("stage", {}).get("rows"),
         "candidate_version": gate.get("candidate_version"),
         "candidate_metric": gate.get("candidate_metric"),
@@ -122,6 +135,10 @@ def day_summary(spec: Spec, ctx: RunContext) -> dict[str, Any]:
     from daybreak.promote import APPROVAL_TAG
 
     day = ctx.logical_date.isoformat()
+    if not spec.expects(ctx.logical_date):
+        return {"date": day, "expected": False, "note": spec.calendar().reason(ctx.logical_date),
+                "rows_staged": None, "candidate_version": None, "candidate_metric": None, "champion_metric": None,
+                "decision": None, "champion_version": None, "approval": None}
     part = ctx.store.partition(f"staged/{spec.features.base}", ctx.logical_date)
     registry.setup_tracking(ctx, spec.name)
     cl = registry.client(ctx)
@@ -130,6 +147,8 @@ def day_summary(spec: Spec, ctx: RunContext) -> dict[str, Any]:
     rec = recorded_decision(cand.tags) if cand is not None else {}
     return {
         "date": day,
+        "expected": True,
+        "note": None,
         "rows_staged": part.manifest["rows"] if part else None,
         "candidate_version": str(cand.version) if cand is not None else None,
         "candidate_metric": rec.get("candidate_metric"),
@@ -138,3 +157,77 @@ def day_summary(spec: Spec, ctx: RunContext) -> dict[str, Any]:
         "champion_version": str(champ.version) if champ is not None else None,
         "approval": cand.tags.get(APPROVAL_TAG) if cand is not None else None,
     }
+
+
+# --- history-aware backfill -----------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class HistoryPlan:
+    """What a backfill's first date reads from before it: the expected days to stage (its
+    features' look-back, and that of every day it trains on) and, of those, the days to featurise
+    (its training window and holdout), oldest first; ``missing``: days to stage that are neither
+    staged nor have landing files."""
+
+    first: date
+    stage: list[date] = field(default_factory=list)
+    features: list[date] = field(default_factory=list)
+    missing: list[date] = field(default_factory=list)
+    staged: list[date] = field(default_factory=list)  # days of `stage` already staged (not staged again)
+
+    def refusal(self, spec: Spec) -> str:
+        days = ", ".join(d.isoformat() for d in self.missing)
+        return (f"backfill {self.first}: the look-back needs {days} staged but "
+                f"{'it has' if len(self.missing) == 1 else 'they have'} no landing file; stage them, start later, "
+                f"or declare the data's first day with sources.{spec.features.base}.calendar.start "
+                "(or pass --no-history to backfill with truncated windows)")
+
+
+def lookback_days(spec: Spec) -> int:
+    """Whole days before a date that its features read: the longest window (with its max_delay)
+    and the longest as-of tolerance."""
+    f = spec.features
+    tolerances = [-(-parse_duration(j.tolerance) // timedelta(days=1)) for j in f.asof]
+    return max([f.lookback_days(), *tolerances])
+
+
+def history_plan(spec: Spec, context: Callable[[date], RunContext], first: date,
+                 steps: Sequence[str] | None = None) -> HistoryPlan:
+    """The history `first` needs for the cycle `steps` (default all): with features, its
+    look-back; with training (train and after), its training window and holdout featurised, each
+    with its own look-back. Only days the base source's calendar expects count; a day counts as
+    staged when the base's partition exists."""
+    from daybreak.stage import unlanded
+
+    names = [s.name for s in cycle_steps(steps)]
+    trains = any(n in names for n in ("train", "gate", "promote", "deploy"))
+    if not trains and "features" not in names:
+        return HistoryPlan(first)
+    cal = spec.calendar()
+    featurise = sorted({d for d in (*spec.training.window(first), *spec.training.holdout(first))
+                        if d < first and cal.expects(d)}) if trains else []
+    oldest = min([first, *featurise]) - timedelta(days=lookback_days(spec))
+    stage_days = cal.expected_days(oldest, first - timedelta(days=1)) if oldest < first else []
+    base = f"staged/{spec.features.base}"
+    staged, missing = [], []
+    for d in stage_days:
+        ctx = context(d)
+        if ctx.store.partition(base, d) is not None:
+            staged.append(d)
+        elif unlanded(spec, ctx):
+            missing.append(d)
+    return HistoryPlan(first, stage_days, featurise, missing, staged)
+
+
+def warm_history(spec: Spec, context: Callable[[date], RunContext], plan: HistoryPlan,
+                 retry: Retry | None = None) -> list[dict[str, Any]]:
+    """Stage the plan's days not staged yet and featurise its feature days, oldest first; refuse
+    up front (MissingInputError naming the days) when some cannot be staged. The results of the
+    steps run, one entry per day."""
+    if plan.missing:
+        raise MissingInputError(plan.refusal(spec))
+    done = []
+    for d in plan.stage:
+        steps = [n for n, wanted in (("stage", d not in plan.staged), ("features", d in plan.features)) if wanted]
+        if steps:
+            done.append(run_cycle(spec, context(d), deploy=False, retry=retry, steps=steps))
+    return done

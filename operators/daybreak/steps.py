@@ -6,6 +6,11 @@ cycle in order; ``run_cycle``, the Prefect flow ``daily_retrain`` and the Airflo
 ``daily_retrain_dag`` are each built by iterating over it. Reading them imports no step (a DAG file
 parses light): a step's module is imported when it runs.
 
+A step that reads the base source's date (all but approve and replay) runs nothing on a day its
+calendar (``sources.<base>.calendar``) expects no drop: ``Step.run`` returns
+:func:`not_expected` instead, a small result every caller passes on as it is (not an error, no
+model version).
+
 Airflow operators and Prefect tasks call ``run_step``: spec path + date in, small dict out; it
 loads and validates the spec, builds the run context and calls the step, so the adapters stay a
 few lines of argument mapping.
@@ -100,12 +105,23 @@ class Step:
     options: tuple[str, ...] = ()
     runs_if: Callable[[Results, CycleOptions], bool] = _always
     otherwise: str | None = None
+    # It works on the base source's date, so it runs only on days the base's calendar expects a
+    # drop (approve and replay act on versions and ranges, whatever the day).
+    dated: bool = True
 
     @property
     def cacheable(self) -> bool:
         return self.recorded is not None
 
+    def skipped(self, spec: Spec, day: date) -> dict[str, Any] | None:
+        """Its result on a day with no expected drop (it runs nothing); None when it runs."""
+        return not_expected(self.name, spec, day) if self.dated else None
+
     def run(self, spec: Spec, ctx: RunContext, **options: Any) -> dict[str, Any]:
+        # batch_score of the champion's own date (a run without a date): the run's date is no drop's
+        skipped = None if options.get("champion_date") else self.skipped(spec, ctx.logical_date)
+        if skipped is not None:
+            return skipped
         result: dict[str, Any] = _load(self.function)(spec, ctx, **options)
         return result
 
@@ -130,10 +146,10 @@ STEPS: dict[str, Step] = {s.name: s for s in (
     Step("promote", "daybreak.promote:promote_model", options=("dry_run",), runs_if=_gate_said_promote,
          otherwise="daybreak.promote:not_promoted"),
     Step("deploy", "daybreak.deploy:deploy_model", runs_if=_champion_moved),
-    Step("approve", "daybreak.promote:approve_model"),
+    Step("approve", "daybreak.promote:approve_model", dated=False),
     Step("batch_score", "daybreak.score:batch_score", recorded="daybreak.score:recorded_lineage", in_registry=True),
     # not in the cycle (its options are its own, given by its adapters); read-only, never cached
-    Step("replay", "daybreak.gate:replay", options=("start", "end", "policy")),
+    Step("replay", "daybreak.gate:replay", options=("start", "end", "policy"), dated=False),
 )}
 
 # The daily cycle, in order. Monitoring runs before retraining: the date's labels have just
@@ -145,6 +161,21 @@ CYCLE: tuple[Step, ...] = tuple(STEPS[n] for n in ("stage", "features", "monitor
 
 STEP_NAMES = tuple(STEPS)
 CACHEABLE = tuple(s.name for s in STEPS.values() if s.cacheable)
+
+
+def not_expected(step: str, spec: Spec, day: date) -> dict[str, Any] | None:
+    """A step's result on a day the base source's calendar expects no drop (None on other days):
+    ``expected`` false, ``skipped`` true and the reason. Not an error, and nothing is recorded in
+    the store or the registry; a missing *expected* drop still fails the stage step."""
+    if spec.expects(day):
+        return None
+    return {"step": step, "date": day.isoformat(), "expected": False, "skipped": True,
+            "reason": spec.calendar().reason(day)}
+
+
+def is_expected(result: dict[str, Any] | None) -> bool:
+    """False for a step's result on a day with no expected drop (:func:`not_expected`)."""
+    return (result or {}).get("expected", True) is not False
 
 
 def resolve_date(*candidates: Any) -> date:
@@ -196,9 +227,11 @@ def cache_key(step: str, spec: str | Spec, day: str | date | datetime, *, result
     The key names the spec, the step and the date, and depends on the store and registry used.
     """
     the_step = STEPS.get(step)
-    if the_step is None or the_step.recorded is None:
+    if the_step is None or the_step.recorded is None or not is_expected(result):
         return None
     s, ctx = spec_and_context(spec, day, store=store, tracking_uri=tracking_uri, storage=storage)
+    if the_step.skipped(s, ctx.logical_date) is not None:  # nothing to record: the step says so at once
+        return None
     try:
         ident = _load(the_step.recorded)(s, ctx) if result is None else the_step.lineage(result)
     except MissingInputError:  # the step will say what is missing

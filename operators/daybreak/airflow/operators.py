@@ -77,16 +77,19 @@ class DaybreakStepOperator(BaseOperator):
         return result
 
     def call_step(self, context: Any, step: str, **options: Any) -> dict[str, Any]:
-        from airflow.sdk.exceptions import AirflowFailException
+        """The step's result; on a day the spec's calendar expects no drop the task is skipped
+        (its XCom holds the step's ``expected: false`` result) and so, by trigger rule, are the
+        tasks after it: nothing runs, and nothing fails."""
+        from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
 
         from daybreak.infra.errors import is_retryable
-        from daybreak.steps import resolve_date, run_step
+        from daybreak.steps import is_expected, resolve_date, run_step
 
         dag_run = context.get("dag_run")
         try:
             day = resolve_date(self.logical_date, context.get("logical_date"), *self.fallback_dates(context),
                                getattr(dag_run, "run_after", None))
-            return run_step(step, self.spec, day, run_id=context.get("run_id"), store=self.store,
+            result = run_step(step, self.spec, day, run_id=context.get("run_id"), store=self.store,
                               tracking_uri=self.tracking_uri or mlflow_tracking_uri(self.mlflow_conn_id),
                               ray_address=self.ray_address or ray_cluster_address(self.ray_conn_id),
                               storage=storage_options(self.aws_conn_id), **options)
@@ -95,6 +98,10 @@ class DaybreakStepOperator(BaseOperator):
                 raise
             # A bad spec or bad data will not get better on retry: fail the task now.
             raise AirflowFailException(f"{type(e).__name__}: {e}") from e
+        if not is_expected(result):
+            context["ti"].xcom_push(key="return_value", value=result)
+            raise AirflowSkipException(f"{step}: {result.get('reason')}")
+        return result
 
     def emit_asset_events(self, context: Any, result: dict[str, Any]) -> None:
         """Which date and how much on each outlet Asset's event; through an AssetAlias outlet

@@ -1,6 +1,7 @@
 """Data checks on the candidate's training window, for the gate.
 
-* row count: the window's newest day against the median of its other days;
+* row count: the window's newest expected day against the median of its other expected days (the
+  base source's calendar: a weekend of a weekday feed is no zero-row day, and no newest day);
 * label shift: the window's label rate (classification) or mean (regression, in the champion's
   standard deviations) against the champion's training window;
 * drift: the population stability index (PSI) of every feature, on a bounded seeded sample of each
@@ -151,17 +152,18 @@ def run_data_checks(spec: Spec, ctx: RunContext, candidate_tags: dict[str, str],
 
     if dc.row_count:
         rc = dc.row_count
-        counts = {d: days.rows(d) for d in cand_days}
-        newest = cand_days[-1] if cand_days else None
+        expected = [d for d in cand_days if spec.expects(d)]  # like with like: days a drop was due
+        counts = {d: days.rows(d) for d in expected}
+        newest = expected[-1] if expected else None
         newest_rows = None if newest is None else counts.get(newest)
         others = [v for d, v in counts.items() if d != newest and v]
         ok = ratio = None
-        detail = "fewer than 2 earlier days in the window"
+        detail = "fewer than 2 earlier expected days in the window"
         if newest_rows is not None and len(others) >= 2:
             med = float(np.median(others))
             ratio = newest_rows / med if med else math.inf
             ok = rc.min_ratio <= ratio <= rc.max_ratio
-            detail = f"{newest}: {newest_rows} rows vs median {med:g} of {len(others)} earlier days"
+            detail = f"{newest}: {newest_rows} rows vs median {med:g} of {len(others)} earlier expected days"
         rules.append({"rule": "row_count", "kind": "data", "metric": None, "value": ratio,
                       "threshold": [rc.min_ratio, rc.max_ratio], "severity": rc.severity,
                       "verdict": verdict(ok, rc.severity), "detail": detail})

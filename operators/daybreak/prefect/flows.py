@@ -30,6 +30,7 @@ from daybreak.prefect.tasks import (
     stage_data,
     train_model,
 )
+from daybreak.spec import load_spec
 from daybreak.steps import CYCLE, CycleOptions
 
 SETTINGS = ("spec", "store", "tracking_uri", "ray_address", "serve_url", "storage_secret", "mlflow_secret")
@@ -40,8 +41,6 @@ def settings(**given: Any) -> dict[str, Any]:
     """Each setting from the flow's parameters, else the ``daybreak`` Variable, else None (the
     steps then read the environment); the spec is checked here, before any task runs."""
     from prefect.variables import Variable
-
-    from daybreak.spec import load_spec
 
     var: object = Variable.get(VARIABLE, default=None) or {}
     if not isinstance(var, dict):
@@ -114,8 +113,12 @@ def daily_retrain(date: str | None = None, spec: str | None = None, force: bool 
     s, day, where = cfg["spec"], run_date(date), _where(cfg)
     options = CycleOptions(force=force, dry_run=dry_run, deploy=deploy)
     out: dict[str, Any] = {"date": day, "deploy": None}
+    calendar_of = load_spec(s, try_model=False)  # (checked by settings) for the days with no drop
     for step in CYCLE:
-        if step.runs_if(out, options):
+        skipped = step.skipped(calendar_of, parse_date(day))
+        if skipped is not None:  # no drop expected on the day: no task runs, and that is its result
+            out[step.name] = skipped
+        elif step.runs_if(out, options):
             out[step.name] = TASKS[step.name](s, day, **step.options_from(options), **where[step.name])
         elif step.otherwise is not None:  # promote after the gate said no: the champion as it stands
             out[step.name] = not_run(step.name, s, day, out, **where[step.name])
@@ -128,15 +131,21 @@ def daily_retrain(date: str | None = None, spec: str | None = None, force: bool 
 @flow(name="backfill", flow_run_name="backfill {start}..{end}", log_prints=True, **_PERSIST)
 def backfill(start: str, end: str, spec: str | None = None, force: bool = False, store: str | None = None,
              tracking_uri: str | None = None, ray_address: str | None = None, storage_secret: str | None = None,
-             mlflow_secret: str | None = None) -> list[dict[str, Any]]:
+             mlflow_secret: str | None = None, history: bool = True) -> list[dict[str, Any]]:
     """Run the daily cycle for every date from `start` to `end` (inclusive), in order, each as a
     `daily_retrain` subflow (no deploy; each day trains on the days before it). A failed day stops
-    the backfill: a rerun starts again and the days already done are served from the cache."""
+    the backfill: a rerun starts again and the days already done are served from the cache.
+
+    With `history` (default), the days before `start` that its windows and training window read
+    are staged and featurised first (``daybreak.cycle.history_plan``), or the flow fails at once
+    naming the days that have no landing file. Days with no expected drop run nothing."""
     days = date_range(parse_date(start), parse_date(end))
     cfg = settings(spec=spec, store=store, tracking_uri=tracking_uri, ray_address=ray_address,
                    storage_secret=storage_secret, mlflow_secret=mlflow_secret)
     cfg.pop("serve_url")
     logger = get_run_logger()
+    if history:
+        _warm_history(cfg, days[0])
     lines = []
     for i, d in enumerate(days, 1):
         r = daily_retrain(date=d.isoformat(), force=force, deploy=False, **cfg)
@@ -145,6 +154,32 @@ def backfill(start: str, end: str, spec: str | None = None, force: bool = False,
                     r["summary"]["champion_version"])
     _report(f"daybreak-backfill-{days[0]}-{days[-1]}", f"daybreak backfill {days[0]}..{days[-1]}", lines)
     return lines
+
+
+def _warm_history(cfg: dict[str, Any], first: Any) -> None:
+    """Stage (and featurise) the history `first` needs, as tasks; refuse naming the days that
+    cannot be staged."""
+    from daybreak.cycle import history_plan
+    from daybreak.infra.errors import MissingInputError
+    from daybreak.prefect.tasks import storage_options
+    from daybreak.steps import spec_and_context
+
+    s, where = load_spec(cfg["spec"], try_model=False), _where(cfg | {"serve_url": None})
+    storage = storage_options(cfg["storage_secret"])
+
+    def context(d: Any) -> Any:
+        return spec_and_context(s, d, store=cfg["store"], storage=storage)[1]
+
+    plan = history_plan(s, context, first)
+    if plan.missing:
+        raise MissingInputError(plan.refusal(s))
+    for d in plan.stage:
+        if d not in plan.staged:
+            stage_data(cfg["spec"], d.isoformat(), **where["stage"])
+        if d in plan.features:
+            build_features(cfg["spec"], d.isoformat(), **where["features"])
+    get_run_logger().info("backfill %s: history staged for %d day(s), featurised for %d", first, len(plan.stage),
+                          len(plan.features))
 
 
 @flow(name="approve", flow_run_name="{decision} v{version}", **_PERSIST)

@@ -1097,6 +1097,7 @@ class StageResult(TypedDict, total=False):
     rows_in: int
     rows_quarantined: int
     sources: dict[str, SourceResult]
+    not_expected: dict[str, str]  # sources whose own calendar expects no drop on the date: why
 
 
 def _result(part: Any, skipped: bool) -> SourceResult:
@@ -1122,12 +1123,16 @@ def stage(spec: Spec, ctx: RunContext) -> StageResult:
     """Stage every source of the spec for ``ctx.logical_date``.
 
     All sources are read and checked before any is published, so a contract breach in one
-    source publishes nothing for that date.
+    source publishes nothing for that date. A source whose own calendar expects no drop on the
+    date is left out (listed in ``not_expected``); the base source's calendar decides whether the
+    step runs at all (``daybreak.steps``).
     """
     prepared: list[Prepared] = []
+    skipped = _not_expected(spec, ctx)
     try:
         for name, src in spec.sources.items():
-            prepared.append(_prepare(name, src, ctx))
+            if name not in skipped:
+                prepared.append(_prepare(name, src, ctx))
     except BaseException:
         for p in prepared:  # runs written ahead for sources that passed: nothing points at them
             p.discard(ctx)
@@ -1141,7 +1146,27 @@ def stage(spec: Spec, ctx: RunContext) -> StageResult:
         "rows_in": sum(r["rows_in"] for r in results.values()),
         "rows_quarantined": sum(r["rows_quarantined"] for r in results.values()),
         "sources": results,
+        **({"not_expected": skipped} if skipped else {}),
     }
+
+
+def _not_expected(spec: Spec, ctx: RunContext) -> dict[str, str]:
+    """The sources whose calendar expects no drop on the date, with the reason."""
+    day = ctx.logical_date
+    return {name: spec.calendar(name).reason(day) for name in spec.sources if not spec.calendar(name).expects(day)}
+
+
+def unlanded(spec: Spec, ctx: RunContext) -> list[str]:
+    """The sources expected on the date that have neither a staged partition nor a landing file
+    (the stage step would fail on them with 'no landing file'). Lists files, reads none."""
+    day, skipped = ctx.logical_date, _not_expected(spec, ctx)
+    out = []
+    for name, src in spec.sources.items():
+        if name in skipped or ctx.store.partition(f"staged/{name}", day) is not None:
+            continue
+        if not ctx.store.glob(src.path.replace("{date}", day.isoformat()))[1]:
+            out.append(name)
+    return out
 
 
 def file_urls(spec: Spec, ctx: RunContext, source: str, expires_in: int = 3600) -> list[dict[str, Any]]:
@@ -1159,12 +1184,15 @@ def recorded_lineage(spec: Spec, ctx: RunContext) -> dict[str, str] | None:
     from the landing files as they are now; None otherwise (the step has work to do). Reads only
     the checksums of the landing files, and nothing at all when a partition is missing."""
     day = ctx.logical_date
-    found = {name: ctx.store.partition(f"staged/{name}", day) for name in spec.sources}
+    skipped = _not_expected(spec, ctx)
+    found = {name: ctx.store.partition(f"staged/{name}", day) for name in spec.sources if name not in skipped}
     parts = {name: p for name, p in found.items() if p is not None}
     if len(parts) < len(found):
         return None
     keys = {}
     for name, src in spec.sources.items():
+        if name in skipped:
+            continue
         fs, infos = _find(name, src, ctx)
         if src.format == "files":
             checksums = _file_checksums(ctx, fs, infos, src)

@@ -1,0 +1,254 @@
+"""Calendars (issue 23, item 6) and history-aware backfill (item 7): a day with no expected drop
+runs nothing and registers nothing, a missing expected drop is still an error, and a backfill from
+a cold store stages the look-back its first date reads (or refuses naming the days).
+
+The feed is synthetic, not flights: ten stores' hourly unit sales, dropped on business days only
+(no files on Saturdays, Sundays and Good Friday 2024-03-29). The CLI runs as a user runs it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from datetime import date, timedelta
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from conftest import BIN
+
+from daybreak.infra.errors import SpecError
+from daybreak.spec import parse_spec
+from daybreak.spec._calendar import CalendarSpec
+
+HOLIDAY = date(2024, 3, 29)  # Good Friday: no drop although a weekday
+
+
+def _feed_spec(calendar: object = None) -> dict:
+    """A small per-store daily feed; `calendar` as the sales source declares it (None: none)."""
+    sales = {
+        "path": "landing/sales/{date}.csv", "format": "csv", "kind": "events",
+        "columns": {"store": {"type": "string", "nullable": False}, "ts": {"type": "timestamp[us, UTC]",
+                                                                            "nullable": False},
+                    "units": "float64"},
+        "unique": ["store", "ts"],
+        "event_time": {"column": "ts"},
+    }
+    if calendar is not None:
+        sales["calendar"] = calendar
+    return {
+        "name": "store_sales",
+        "sources": {"sales": sales},
+        "features": {
+            "name": "store_sales", "base": "sales", "event_time": "ts", "keys": ["store"],
+            "label": {"name": "y", "expr": "units"},
+            "columns": [{"name": "hour", "expr": "hour(event_time)"}],
+            "windows": [{"by": ["store"], "value": "units", "aggs": ["count", "mean"], "windows": ["3d"],
+                         "prefix": "units_"}],
+        },
+        "model": {"name": "store_sales", "task": "regression", "params": {"max_depth": 3, "eta": 0.3,
+                                                                          "num_boost_round": 20}},
+        "training": {"window_days": 8, "min_rows": 50},
+        "gate": {"metric": "rmse", "min_rows": 20, "bootstrap": None, "slices": {"columns": []}},
+    }
+
+
+def _write_feed(landing: Path, first: date, last: date, skip: set[date] = frozenset()) -> list[date]:
+    """One CSV per business day from `first` to `last` (none on weekends, HOLIDAY or `skip`)."""
+    rng = np.random.default_rng(7)
+    out = landing / "sales"
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    d = first
+    while d <= last:
+        if d.weekday() < 5 and d != HOLIDAY and d not in skip:
+            lines = ["store,ts,units"]
+            for s in range(10):
+                for h in range(24):
+                    units = 20 + 3 * s + 5 * np.sin(h / 24 * 2 * np.pi) + rng.normal(0, 1)
+                    lines.append(f"s{s},{d.isoformat()}T{h:02d}:30:00Z,{units:.3f}")
+            (out / f"{d.isoformat()}.csv").write_text("\n".join(lines) + "\n")
+            written.append(d)
+        d += timedelta(days=1)
+    return written
+
+
+def _home(tmp_path: Path, calendar: object, first: date, last: date,
+          skip: set[date] = frozenset()) -> tuple[Path, Path]:
+    home = tmp_path / "home"
+    _write_feed(home / "store" / "landing", first, last, skip)
+    spec = tmp_path / "sales.yaml"
+    spec.write_text(yaml.safe_dump(_feed_spec(calendar), sort_keys=False))
+    return home, spec
+
+
+def daybreak(*args: str, home: Path, check: bool = True) -> subprocess.CompletedProcess:
+    proc = subprocess.run([str(BIN / "daybreak"), *args], env={**os.environ, "DAYBREAK_HOME": str(home)},
+                          capture_output=True, text=True, timeout=900)
+    if check:
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    return proc
+
+
+def _versions(home: Path, spec: Path) -> list[dict]:
+    return json.loads(daybreak("versions", "--spec", str(spec), "--json", home=home).stdout)
+
+
+# --- the calendar itself ---------------------------------------------------------------------------
+
+def test_short_forms_parse() -> None:
+    assert CalendarSpec.model_validate("daily") == CalendarSpec()
+    assert CalendarSpec.model_validate("weekdays").days == "weekdays"
+    assert CalendarSpec.model_validate("exchange:XNYS").exchange == "XNYS" if _has_xcals() else True
+    with pytest.raises(ValueError, match="not a calendar"):
+        CalendarSpec.model_validate("fortnightly")
+
+
+def test_weekdays_holidays_and_start() -> None:
+    cal = CalendarSpec(days="weekdays", holidays=[HOLIDAY], start=date(2024, 3, 4))
+    assert cal.expects(date(2024, 3, 28)) and not cal.expects(HOLIDAY)
+    assert not cal.expects(date(2024, 3, 30)) and not cal.expects(date(2024, 3, 3))  # Saturday; before start
+    assert cal.reason(date(2024, 3, 9)) == "no drop expected on 2024-03-09 (Saturday; calendar: weekdays)"
+    assert "holiday" in cal.reason(HOLIDAY)
+    assert cal.expected_days(date(2024, 3, 25), date(2024, 4, 2)) == [
+        date(2024, 3, d) for d in (25, 26, 27, 28)] + [date(2024, 4, 1), date(2024, 4, 2)]
+    assert cal.expected_before(date(2024, 4, 1), 2) == [date(2024, 3, 27), date(2024, 3, 28)]
+    # stops at the data's first day (fewer than asked), and the search is bounded
+    assert cal.expected_before(date(2024, 3, 6), 10) == [date(2024, 3, 4), date(2024, 3, 5)]
+    assert len(CalendarSpec().expected_before(date(2025, 2, 1), 100_000)) == 3660  # MAX_DAYS back at most
+
+
+def _has_xcals() -> bool:
+    try:
+        import exchange_calendars  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+@pytest.mark.skipif(not _has_xcals(), reason="exchange_calendars is not installed (pip install 'daybreak[calendars]')")
+def test_exchange_sessions() -> None:
+    nyse = CalendarSpec.model_validate("exchange:XNYS")
+    assert nyse.expects(date(2024, 7, 5)) and nyse.expects(date(2024, 7, 3))  # sessions
+    assert not nyse.expects(date(2024, 7, 4))  # Independence Day
+    assert not nyse.expects(date(2024, 7, 6))  # a Saturday
+    assert "not a XNYS session" in nyse.reason(date(2024, 7, 4))
+    assert nyse.expected_before(date(2024, 7, 8), 3) == [date(2024, 7, 2), date(2024, 7, 3), date(2024, 7, 5)]
+
+
+def test_bad_calendars_name_the_field() -> None:
+    raw = _feed_spec({"exchange": "XXXX"})
+    with pytest.raises(SpecError) as e:
+        parse_spec(raw, try_model=False)
+    if _has_xcals():
+        assert "sources.sales.calendar.exchange: unknown exchange 'XXXX'" in str(e.value)
+    else:
+        assert "sources.sales.calendar.exchange" in str(e.value) and "daybreak[calendars]" in str(e.value)
+    for bad, field in (({"days": "fortnightly"}, "sources.sales.calendar.days"),
+                       ({"holidays": ["2024-02-30"]}, "sources.sales.calendar.holidays[0]"),
+                       ({"every": "day"}, "sources.sales.calendar.every"),
+                       ("monthly", "sources.sales.calendar")):
+        with pytest.raises(SpecError) as e:
+            parse_spec(_feed_spec(bad), try_model=False)
+        assert field in str(e.value), (bad, str(e.value))
+    for ok in ("weekdays", "daily", {"days": "weekdays", "holidays": ["2024-03-29"], "start": "2024-03-04"}):
+        assert parse_spec(_feed_spec(ok), try_model=False).expects(date(2024, 3, 28))
+
+
+# --- the pipeline on a weekday feed ------------------------------------------------------------------
+
+def test_weekday_feed_backfills_across_weekends_and_a_holiday(tmp_path: Path) -> None:
+    """No error, no blocked day and no model version on the days with no expected drop; a missing
+    *expected* drop still fails, naming the day."""
+    calendar = {"days": "weekdays", "holidays": [HOLIDAY.isoformat()]}
+    home, spec = _home(tmp_path, calendar, date(2024, 3, 11), date(2024, 4, 3), skip={date(2024, 4, 3)})
+    out = daybreak("backfill", "--spec", str(spec), "--start", "2024-03-25", "--end", "2024-04-02", "--json",
+                   home=home)
+    days = {d["date"]: d for d in json.loads(out.stdout)}
+    off = {"2024-03-29", "2024-03-30", "2024-03-31"}
+    assert len(days) == 9
+    for d, s in days.items():
+        assert s["decision"] != "BLOCKED_BY_DATA", s
+        assert s["expected"] is (d not in off), s
+        if d in off:
+            assert s["candidate_version"] is None and s["rows_staged"] is None and "no drop expected" in s["note"]
+        else:
+            assert s["candidate_version"] is not None and s["rows_staged"] == 240
+    assert "(Saturday; calendar: weekdays)" in days["2024-03-30"]["note"]
+    # the history the first date reads was staged first (not part of the JSON: one entry per date)
+    assert "[history] 2024-03-15" in out.stderr and "[history] 2024-03-22" in out.stderr
+    assert "[history] 2024-03-16" not in out.stderr  # a Saturday: no drop to stage
+    # a version per expected day, none for the others; the gate ran on Monday with Thursday's model in service
+    logical = sorted(v["logical_date"] for v in _versions(home, spec))
+    assert logical == sorted(d for d in days if d not in off)
+    assert not any((home / "store" / "staged" / "sales" / f"date={d}").exists() for d in off)
+    gate = json.loads(daybreak("gate", "--spec", str(spec), "--date", "2024-04-01", "--json", home=home).stdout)
+    row_count = next(r for r in gate["rules"] if r["rule"] == "row_count")
+    assert row_count["verdict"] == "pass" and "2024-03-28: 240 rows" in row_count["detail"], row_count
+
+    # each step by itself on a weekend day: nothing runs, and it says why
+    for step in ("stage", "features", "train", "promote", "deploy", "gate", "monitor", "score"):
+        res = json.loads(daybreak(step, "--spec", str(spec), "--date", "2024-03-30", "--json", home=home).stdout)
+        assert res["expected"] is False and res["skipped"] is True and "Saturday" in res["reason"], (step, res)
+    human = daybreak("run", "--spec", str(spec), "--date", "2024-03-31", home=home).stdout
+    assert "no drop expected on 2024-03-31 (Sunday; calendar: weekdays)" in human
+
+    # a weekday whose file is missing is still an error, naming the day
+    proc = daybreak("run", "--spec", str(spec), "--date", "2024-04-03", home=home, check=False)
+    assert proc.returncode == 2 and "no landing file for 2024-04-03" in proc.stderr, proc.stderr[-2000:]
+
+
+def test_cold_store_backfill_stages_the_lookback_first(tmp_path: Path) -> None:
+    """From a cold store the look-back days are staged and featurised before the first date, so its
+    features have no missing history; without their landing files the backfill refuses, naming them."""
+    home, spec = _home(tmp_path, "daily", date(2024, 3, 1), date(2024, 3, 31))
+    # a daily feed here (the flights way): every day has a drop
+    for d in range(1, 32):
+        day = date(2024, 3, d)
+        if day.weekday() >= 5 or day == HOLIDAY:
+            src = home / "store" / "landing" / "sales" / "2024-03-04.csv"
+            text = src.read_text().replace("2024-03-04", day.isoformat())
+            (home / "store" / "landing" / "sales" / f"{day.isoformat()}.csv").write_text(text)
+    # features only: the windows' 3 days before the first date
+    out = daybreak("backfill", "--spec", str(spec), "--start", "2024-03-10", "--end", "2024-03-10",
+                   "--steps", "stage,features", "--json", home=home)
+    staged = home / "store" / "staged" / "sales"
+    assert all((staged / f"date=2024-03-0{d}").exists() for d in (7, 8, 9)), sorted(os.listdir(staged))
+    assert not (staged / "date=2024-03-06").exists()  # not needed
+    res = json.loads(out.stdout)[0]
+    assert res["features"]["missing_history"] == [], res["features"]
+    manifest = _manifest(home, "2024-03-10")
+    assert manifest["missing_history"] == []
+
+    # the full cycle from a later date: its training window (8 days before the holdout) featurised
+    # too, each day with its own look-back staged
+    out = daybreak("backfill", "--spec", str(spec), "--start", "2024-03-25", "--end", "2024-03-25", "--json",
+                   home=home)
+    assert all((staged / f"date=2024-03-{d}").exists() for d in range(14, 25))
+    assert not (staged / "date=2024-03-13").exists()
+    assert _manifest(home, "2024-03-25")["missing_history"] == []
+    assert all(_manifest(home, f"2024-03-{d}")["missing_history"] == [] for d in range(17, 25))
+    assert json.loads(out.stdout)[0]["candidate_version"] is not None
+
+    # the look-back days have no landing files: refused up front, naming them; nothing runs
+    for d in (2, 3):
+        (home / "store" / "landing" / "sales" / f"2024-03-0{d}.csv").unlink()
+    proc = daybreak("backfill", "--spec", str(spec), "--start", "2024-03-05", "--end", "2024-03-06",
+                    "--steps", "stage,features", home=home, check=False)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert ("backfill 2024-03-05: the look-back needs 2024-03-02, 2024-03-03 staged but they have no landing file"
+            in proc.stderr), proc.stderr[-2000:]
+    assert "sources.sales.calendar.start" in proc.stderr
+    assert not (staged / "date=2024-03-04").exists() and not (staged / "date=2024-03-05").exists()
+    # ... unless the data is declared to start later, or the user says so
+    daybreak("backfill", "--spec", str(spec), "--start", "2024-03-05", "--end", "2024-03-05", "--steps", "stage",
+             "--no-history", home=home)
+    assert (staged / "date=2024-03-05").exists() and not (staged / "date=2024-03-04").exists()
+
+
+def _manifest(home: Path, day: str) -> dict:
+    """The published feature partition's manifest (locally ``date=D`` links to the run's folder)."""
+    [folder] = (home / "store" / "features" / "store_sales").glob(f"v=*/date={day}")
+    return json.loads((folder / "_manifest.json").read_text())
