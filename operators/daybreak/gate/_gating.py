@@ -80,7 +80,7 @@ def holdout_with_hash(spec: Spec, ctx: RunContext) -> tuple[Any, str]:
     """The holdout rows (features of the spec's holdout days: the logical date and the
     ``training.holdout_days - 1`` days before it, which training never reads) and a hash of the
     partitions they came from."""
-    table, hashes, missing = read_features(spec, ctx, spec.training.holdout(ctx.logical_date), with_day=True)
+    table, hashes, missing = read_features(spec, ctx, spec.holdout_days(ctx.logical_date), with_day=True)
     if table is None or ctx.logical_date.isoformat() in missing:
         raise MissingInputError(f"gate: no feature partition for {ctx.logical_date}; run the features step first")
     if missing:

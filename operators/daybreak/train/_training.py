@@ -140,7 +140,7 @@ def recorded_lineage(spec: Spec, ctx: RunContext) -> tuple[str, str] | None:
     are now (the newest, as ``train_model`` picks); None when there is none."""
     from daybreak.train._outofcore import window_files
 
-    days = spec.training.window(ctx.logical_date)
+    days = spec.train_days(ctx.logical_date)
     _, rows = window_files(spec, ctx, days)
     if rows < spec.training.min_rows:
         return None
@@ -194,7 +194,7 @@ def train_model(spec: Spec, ctx: RunContext, force: bool = False) -> TrainResult
     """
     from daybreak.train._outofcore import estimated_bytes, window_files
 
-    days = spec.training.window(ctx.logical_date)
+    days = spec.train_days(ctx.logical_date)
     files, rows = window_files(spec, ctx, days)
     budget = spec.training.memory_budget_mb
     out_of_core = budget is not None and estimated_bytes(spec, rows) > budget * 2**20
@@ -238,7 +238,7 @@ def train_model(spec: Spec, ctx: RunContext, force: bool = False) -> TrainResult
     lineage = Lineage(
         logical_date=ctx.logical_date.isoformat(), spec_hash=spec.spec_hash(), lineage_key=lineage_key,
         window_start=days[0].isoformat(), window_end=days[-1].isoformat(),
-        holdout=[d.isoformat() for d in spec.training.holdout(ctx.logical_date)],
+        holdout=[d.isoformat() for d in spec.holdout_days(ctx.logical_date)],
         input_hashes=input_hashes_tag(hashes), feature_version=spec.feature_version(),
         code_version=registry.code_version(), flavor=spec.model.flavor, train_rows=trained.n_fit,
         val_metric=trained.fitted.val_metric, run_context=ctx.run_id, forced=force, label_mean=trained.label_mean)
