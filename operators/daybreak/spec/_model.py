@@ -1198,10 +1198,11 @@ def _check_baselines(spec: Spec, names: list[str]) -> None:
 def _output_columns(spec: Spec) -> dict[str, str]:
     """Join and window outputs a derived feature or the label may read -> their contract type."""
     f = spec.features
-    out = {}
+    out: dict[str, str] = {}
     for w in f.windows:
         out |= {n: "float64" for n in window_feature_names(w)}
-    for join in [*f.asof, *f.lookups]:
+    joins: list[AsofJoin | Lookup] = [*f.asof, *f.lookups]
+    for join in joins:
         src = spec.sources[join.source]
         out |= {n: src.columns[c].type for n, c in join.columns.items()}
     return out
@@ -1291,8 +1292,8 @@ def _check_leaks(spec: Spec) -> None:
                              "known only later). Say when a row becomes known, e.g. known_at: "
                              f"\"{j.time} + days(1)\", or use a window with lag: 1")
         used = set(j.columns.values()) & inputs
-        if used and (_same_expr(j.known_at, j.time) or not (_names(j.known_at) - {j.time})
-                     and not re_search_duration(j.known_at)):
+        only_its_time = not (_names(j.known_at) - {j.time}) and not re_search_duration(j.known_at)
+        if used and only_its_time:
             raise ValueError(f"features.asof[{i}].known_at: joins label column(s) {sorted(used)} known at the row's "
                              f"own time ({j.known_at!r}): {declare}")
 
