@@ -661,6 +661,9 @@ class TrainingSpec(_Model):
         None, gt=0, description="above this estimated size the window streams from Parquet into xgboost's "
                                 "external-memory matrix instead of being loaded")
 
+    incomplete_history: Literal["exclude", "include"] = Field(
+        "exclude", description="feature partitions whose windows lacked staged history (marked missing_history) "
+                               "are left out of training (exclude) or used as they are (include)")
     count_days: Literal["calendar", "expected"] = Field(
         "calendar", description="count window_days and holdout_days in calendar days, or in the days the base "
                                 "source's calendar expects a drop (20 business days: window_days 20, expected)")
@@ -954,6 +957,17 @@ class Spec(_Model):
     serving: ServingSpec = ServingSpec()
     monitoring: MonitoringSpec = MonitoringSpec()
 
+    @model_validator(mode="before")
+    @classmethod
+    def _regression_metric(cls, v: Any) -> Any:
+        """A regression model's gate judges rmse unless told otherwise (roc_auc, the default, is
+        for classification): a regression spec need not name a metric to validate."""
+        if isinstance(v, dict) and isinstance(v.get("model"), dict) and v["model"].get("task") == "regression":
+            gate = v.get("gate") if isinstance(v.get("gate"), dict) else {}
+            if "metric" not in gate:
+                v = {**v, "gate": {**gate, "metric": "rmse"}}
+        return v
+
     @model_validator(mode="after")
     def _references(self) -> Spec:
         """Cross-references between sections: names a section uses must exist where it points."""
@@ -1028,6 +1042,7 @@ class Spec(_Model):
 _NEW_DEFAULTS: dict[str, Any] = {
     "calendar": None, "known_at": None, "max_delay": None, "strict": False, "rows": [], "lag": [],
     "lookback": None, "source": None, "time": None, "count_days": "calendar", "leak_check": "block",
+    "incomplete_history": "exclude",
 }
 
 
@@ -1257,7 +1272,7 @@ def _check_leaks(spec: Spec) -> None:
     event time with no label.known_at; an as-of join of the base source onto itself without
     known_at, or with known_at no later than the joined row's own time when it joins a label column."""
     f = spec.features
-    inputs = label_inputs(f.label, f.event_time, f.keys)
+    inputs = label_inputs(f.label, f.event_time, f.keys) & set(spec.sources[f.base].columns)
     if not inputs:
         return
     named = ", ".join(repr(c) for c in sorted(inputs))
@@ -1740,7 +1755,8 @@ def error_lines(e: ValidationError) -> list[str]:
     for (parent, msg), items in grouped.items():
         where = parent + ", ".join(i for i, _ in items) if any(i for i, _ in items) else parent
         got = [v for i, v in items if i and isinstance(v, int | float | str) and not isinstance(v, bool)]
-        lines.append(f"{where}: {msg}" + (f" (got {', '.join(repr(v) for v in got)})" if got and
+        named_inside = where == "spec" and re.match(r"^[a-z_]+(\.|\[)[\w.\[\]]*: ", msg)
+        lines.append((msg if named_inside else f"{where}: {msg}") + (f" (got {', '.join(repr(v) for v in got)})" if got and
                                            "duration is text" in msg else ""))
     return lines
 
