@@ -1756,8 +1756,8 @@ def error_lines(e: ValidationError) -> list[str]:
         where = parent + ", ".join(i for i, _ in items) if any(i for i, _ in items) else parent
         got = [v for i, v in items if i and isinstance(v, int | float | str) and not isinstance(v, bool)]
         named_inside = where == "spec" and re.match(r"^[a-z_]+(\.|\[)[\w.\[\]]*: ", msg)
-        lines.append((msg if named_inside else f"{where}: {msg}") + (f" (got {', '.join(repr(v) for v in got)})" if got and
-                                           "duration is text" in msg else ""))
+        shown = "" if not (got and "duration is text" in msg) else f" (got {', '.join(repr(v) for v in got)})"
+        lines.append((msg if named_inside else f"{where}: {msg}") + shown)
     return lines
 
 
