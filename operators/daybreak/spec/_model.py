@@ -1258,12 +1258,9 @@ def _check_expressions(spec: Spec, base: SourceSpec) -> None:
 
 
 def _same_expr(a: str, b: str) -> bool:
-    """Whether two expressions are the same once parsed (spacing and brackets aside)."""
-    import ast
+    from daybreak.spec._expr import same_expression
 
-    from daybreak.spec._expr import _parse
-
-    return ast.dump(_parse(a)) == ast.dump(_parse(b))
+    return same_expression(a, b)
 
 
 def _check_leaks(spec: Spec) -> None:
