@@ -149,12 +149,15 @@ class SourceSpec(_Model):
     """A landing-zone dataset: what files to read for a logical date and what they must look like."""
 
     path: str = Field(description="Path or pattern relative to the store root (or a URI); '{date}' is the logical date")
-    format: Literal["csv", "parquet", "jsonl", "files"] = "csv"
-    kind: Literal["events", "snapshot"] = "events"
-    encoding: str = "utf-8"
+    format: Literal["csv", "parquet", "jsonl", "files"] = Field("csv", description="how landing files are read")
+    kind: Literal["events", "snapshot"] = Field(
+        "events", description="events: one drop per logical date ('{date}' in path); snapshot: a dimension table, "
+                              "read whole")
+    encoding: str = Field("utf-8", description="text encoding of CSV and JSONL files")
     columns: dict[str, ColumnSpec] = Field(default_factory=dict,
                                            description="the contract: name -> type or column spec")
-    null_values: list[str] = Field(default_factory=lambda: ["", "NA", "NULL", "null"])
+    null_values: list[str] = Field(default_factory=lambda: ["", "NA", "NULL", "null"],
+                                   description="CSV cells read as null (list your files' own tokens, e.g. '-')")
     unique: list[str] = Field(default_factory=list, description="columns that together identify a row")
     event_time: EventTime | None = None
     rows: RowBounds = RowBounds()
@@ -273,10 +276,11 @@ class AsofJoin(_Model):
     otherwise taken as known when its time says, which is the leak validation refuses.
     """
 
-    source: str
+    source: str = Field(description="the source joined (the base source itself needs known_at)")
     time: str = Field(description="time column of the joined source")
-    by: list[str] = Field(default_factory=list)
-    tolerance: str = "1d"
+    by: list[str] = Field(default_factory=list, description="columns matched between the base row and the "
+                                                            "joined source ([]: the latest row of the whole source)")
+    tolerance: str = Field("1d", description="how old a matched row may be: a duration such as '3h' or '1d'")
     columns: dict[str, str] = Field(description="output feature name -> column of the source")
     known_at: str | None = Field(None, description="expression over the joined source's columns: when a row "
                                                    "becomes known (default: its `time`)")
@@ -307,9 +311,9 @@ class AsofJoin(_Model):
 class Lookup(_Model):
     """Plain left join to a snapshot dimension table on a key."""
 
-    source: str
-    by: list[str]
-    columns: dict[str, str]
+    source: str = Field(description="a snapshot source")
+    by: list[str] = Field(description="key columns, present in the base and the snapshot")
+    columns: dict[str, str] = Field(description="output feature name -> column of the snapshot")
 
 
 Agg = Literal["count", "sum", "mean", "std", "min", "max", "last", "first"]
@@ -328,7 +332,7 @@ class WindowAgg(_Model):
     ``source``'s (keyed by the same ``by`` columns, its event time given by ``time``).
     """
 
-    by: list[str]
+    by: list[str] = Field(description="entity columns the window is per ([]: one series, no entity)")
     value: str = Field(description="expression over the event source: the value aggregated")
     known_at: str = Field(
         default="event_time",
@@ -340,7 +344,8 @@ class WindowAgg(_Model):
         description="longest time from a row's event to its known_at; the step reads this much more history. "
                     "Rows known later than that are left out of the windows (a warning counts them)",
     )
-    aggs: list[Agg] = Field(default_factory=lambda: list[Agg](["count", "mean"]), min_length=1)
+    aggs: list[Agg] = Field(default_factory=lambda: list[Agg](["count", "mean"]), min_length=1,
+                            description="count, sum, mean, std, min, max, last, first")
     windows: list[str] = Field(default_factory=lambda: ["7d"], description="time spans, e.g. [1h, 7d]")
     rows: list[int] = Field(default_factory=list, description="row-count windows: the last N known rows per key "
                                                               "(within lookback), e.g. [5, 20]")
@@ -352,7 +357,8 @@ class WindowAgg(_Model):
                                                  "the base rows' `by` columns")
     time: str | None = Field(None, description="with `source`: expression over its columns giving each row's "
                                                "event time (`event_time` in value and known_at)")
-    prefix: str
+    prefix: str = Field(description="feature names are <prefix><agg>_<span>, <prefix><agg>_<N>rows and "
+                                    "<prefix>lag_<n>")
 
     @model_validator(mode="before")
     @classmethod
@@ -426,8 +432,9 @@ class Label(_Model):
     or a delay after the event ('30d'). Training, the gate and the monitor use only labels known by
     their cut; windows over the label's columns default their known_at to it."""
 
-    name: str = "label"
-    expr: str
+    name: str = Field("label", description="the label's column in the feature table")
+    expr: str = Field(description="expression over the base row, and window, join and derived outputs; rows "
+                                  "whose label is null are dropped")
     known_at: str | None = Field(None, description="when the label is known: a delay such as '30d', or an "
                                                    "expression over the base row giving a time (default: "
                                                    "undeclared, taken as known when the row is staged)")
