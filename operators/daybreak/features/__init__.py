@@ -12,9 +12,18 @@ from daybreak.features._build import (
     recorded_lineage,
     write_sorted,
 )
+from daybreak.features._maturity import mature_frame, mature_rows
 
 __all__ = [
     "DAY",
-    "EVENT_TIME", "FeaturesResult", "build_features", "day_slices", "feature_zone", "read_features",
-    "recorded_lineage", "write_sorted",
+    "EVENT_TIME",
+    "FeaturesResult",
+    "build_features",
+    "day_slices",
+    "feature_zone",
+    "mature_frame",
+    "mature_rows",
+    "read_features",
+    "recorded_lineage",
+    "write_sorted",
 ]

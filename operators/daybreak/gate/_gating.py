@@ -34,7 +34,7 @@ from typing import Any, TypedDict, TypeGuard
 
 import numpy as np
 
-from daybreak.features import DAY, EVENT_TIME, read_features
+from daybreak.features import DAY, EVENT_TIME, mature_rows, read_features
 from daybreak.gate._rules import baseline_predictions, clusters_for, decide, judge, size_rules
 from daybreak.infra import registry
 from daybreak.infra.audit import who
@@ -80,13 +80,20 @@ def holdout_with_hash(spec: Spec, ctx: RunContext) -> tuple[Any, str]:
     """The holdout rows (features of the spec's holdout days: the logical date and the
     ``training.holdout_days - 1`` days before it, which training never reads) and a hash of the
     partitions they came from."""
-    table, hashes, missing = read_features(spec, ctx, spec.training.holdout(ctx.logical_date), with_day=True)
+    table, hashes, missing = read_features(spec, ctx, spec.holdout_days(ctx.logical_date), with_day=True)
     if table is None or ctx.logical_date.isoformat() in missing:
         raise MissingInputError(f"gate: no feature partition for {ctx.logical_date}; run the features step first")
     if missing:
         log.warning("gate %s: holdout days without features %s", ctx.logical_date, missing)
+    table, immature = mature_rows(spec, table, ctx.logical_date)
+    if immature:
+        log.info("gate %s: %d holdout row(s) left out: their labels are known only after %s", ctx.logical_date,
+                 immature, spec.label_cut(ctx.logical_date).isoformat())
     digest = hashlib.sha256(json.dumps(hashes, sort_keys=True).encode()).hexdigest()
-    return table.to_pandas(), digest
+    assert table is not None  # mature_rows keeps a table a table
+    frame = table.to_pandas()
+    frame.attrs["immature_rows"] = immature
+    return frame, digest
 
 
 def should_promote(result: GateResult | dict[str, Any]) -> bool:
@@ -309,6 +316,7 @@ def compute(spec: Spec, inputs: GateInputs, *, forced: str | None = None, reason
             "candidate_version": inputs.candidate_version, "champion_version": inputs.champion_version, "metric": m,
             "metrics": judged["metrics"], "rules": rules, "slices": judged["slices"], "drift": inputs.drift,
             "holdout_rows": len(inputs.y), "holdout_hash": inputs.holdout_hash, "baselines": judged["baselines"],
+            "holdout_immature_rows": int(inputs.frame.attrs.get("immature_rows", 0)),
             "interval_unit": judged["interval_unit"], "clusters": judged["clusters"],
             "champion_excluded_days": excluded, "champion_seen_days": sorted(inputs.champion_seen),
             "prior": inputs.prior, "daily": judged["daily"], "between_days": judged["between_days"],

@@ -39,7 +39,7 @@ import math
 import os
 import re
 import tempfile
-from datetime import timedelta
+from datetime import date, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypedDict
 
@@ -87,15 +87,21 @@ def _canonical(s: Any, like: Any) -> Any:
     return s.astype("string")
 
 
-def _labelled(spec: Spec, ctx: RunContext) -> Any:
-    """D's feature rows: identity, label, features (the labels arrived with D's staged data)."""
-    from daybreak.features import read_features
+def _labelled(spec: Spec, ctx: RunContext, cut: date | None = None) -> Any:
+    """D's feature rows whose label is known by the end of `cut` (default D): identity, label,
+    features (the labels arrived with D's staged data, or later: ``features.label.known_at``).
+    The frame's ``attrs["immature_rows"]`` counts the rows left out."""
+    from daybreak.features import mature_rows, read_features
 
     t, _, _ = read_features(spec, ctx, [ctx.logical_date])
     if t is None:
         raise MissingInputError(f"monitor: no feature partition for {ctx.logical_date} (it holds the labels); "
                                 "run the stage and features steps first")
-    return t.to_pandas()
+    t, immature = mature_rows(spec, t, cut or ctx.logical_date)
+    assert t is not None
+    frame = t.to_pandas()
+    frame.attrs["immature_rows"] = immature
+    return frame
 
 
 def _online(spec: Spec, ctx: RunContext) -> tuple[Any, Any]:
@@ -209,7 +215,7 @@ def _window_rows(spec: Spec, ctx: RunContext, today: Any, champion: str) -> Any:
         if online is None and batch is None:
             continue
         try:
-            labelled = _labelled(spec, day)
+            labelled = _labelled(spec, day, cut=ctx.logical_date)
         except MissingInputError:
             continue
         rows = joined_rows(spec, day, labelled, online, batch)
@@ -445,6 +451,7 @@ class MonitorResult(TypedDict, total=False):
     rows_logged: int
     rows_batch: int
     rows_labelled: int
+    rows_immature: int  # rows of the date whose labels are not known yet (left out)
     versions: list[dict[str, Any]]  # per (source, version): rows, label_mean, metrics
     slices: list[dict[str, Any]]  # per (source, version, slice column, value)
     drift_verdict: str  # pass | warn | block | skip
@@ -496,9 +503,13 @@ def monitor_model(spec: Spec, ctx: RunContext) -> MonitorResult:
         "champion_version": champion, "previous_version": previous, "metric": spec.live_metric(),
         "rows_logged": 0 if online is None else len(online), "rows_batch": 0 if batch is None else len(batch),
         "rows_labelled": 0 if rows is None else len(rows), "versions": versions, "slices": slices,
+        "rows_immature": int(labelled.attrs.get("immature_rows", 0)),
         "drift_verdict": drift_verdict, "drift": drift, "judgement": dict(verdict),
         "reasons": list(verdict["reasons"]), "alerts": list(verdict["alerts"]), "warnings": [], "pruned": pruned,
         "action": "none", "rollback": None, "conflicting_identities": conflicting}
+    if result["rows_immature"]:
+        log.info("monitor %s: %d row(s) of the date have labels not known yet (features.label.known_at); "
+                 "they are left out of live quality", day, result["rows_immature"])
     if conflicting:
         result["warnings"].append(f"{conflicting} row identities were logged more than once with different inputs "
                                   "or predictions; their rows were left out (forged or mixed-up identities)")

@@ -6,6 +6,7 @@ A spec is data: reading and validating one never runs code from it.
 from typing import TYPE_CHECKING, Any
 
 from daybreak.spec._model import (
+    LABEL_KNOWN_AT,
     OPERATIONAL,
     ColumnSpec,
     FeatureSpec,
@@ -22,6 +23,7 @@ from daybreak.spec._model import (
 )
 
 __all__ = [
+    "LABEL_KNOWN_AT",
     "OPERATIONAL",
     "ColumnSpec",
     "FeatureSpec",

@@ -258,6 +258,11 @@ def names_in(expr: str) -> set[str]:
     }
 
 
+def same_expression(a: str, b: str) -> bool:
+    """Whether two expressions are the same once parsed (spacing and brackets aside)."""
+    return ast.dump(_parse(a)) == ast.dump(_parse(b))
+
+
 def check_expression(expr: str, columns: set[str], where: str) -> None:
     """Validate an expression's syntax, functions and column names; raise ValueError naming `where`."""
     try:

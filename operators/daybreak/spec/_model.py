@@ -149,12 +149,15 @@ class SourceSpec(_Model):
     """A landing-zone dataset: what files to read for a logical date and what they must look like."""
 
     path: str = Field(description="Path or pattern relative to the store root (or a URI); '{date}' is the logical date")
-    format: Literal["csv", "parquet", "jsonl", "files"] = "csv"
-    kind: Literal["events", "snapshot"] = "events"
-    encoding: str = "utf-8"
+    format: Literal["csv", "parquet", "jsonl", "files"] = Field("csv", description="how landing files are read")
+    kind: Literal["events", "snapshot"] = Field(
+        "events", description="events: one drop per logical date ('{date}' in path); snapshot: a dimension table, "
+                              "read whole")
+    encoding: str = Field("utf-8", description="text encoding of CSV and JSONL files")
     columns: dict[str, ColumnSpec] = Field(default_factory=dict,
                                            description="the contract: name -> type or column spec")
-    null_values: list[str] = Field(default_factory=lambda: ["", "NA", "NULL", "null"])
+    null_values: list[str] = Field(default_factory=lambda: ["", "NA", "NULL", "null"],
+                                   description="CSV cells read as null (list your files' own tokens, e.g. '-')")
     unique: list[str] = Field(default_factory=list, description="columns that together identify a row")
     event_time: EventTime | None = None
     rows: RowBounds = RowBounds()
@@ -266,13 +269,24 @@ class Column(_Model):
 
 
 class AsofJoin(_Model):
-    """Latest row of `source` at or before the event time (within `tolerance`), matched on `by`."""
+    """Latest row of `source` at or before the event time (within `tolerance`), matched on `by`.
 
-    source: str
+    With ``known_at`` a row counts only once it is known: at or before the event (before it with
+    ``strict``). A join of the base source onto itself needs ``known_at``: a row's own values are
+    otherwise taken as known when its time says, which is the leak validation refuses.
+    """
+
+    source: str = Field(description="the source joined (the base source itself needs known_at)")
     time: str = Field(description="time column of the joined source")
-    by: list[str] = Field(default_factory=list)
-    tolerance: str = "1d"
+    by: list[str] = Field(default_factory=list, description="columns matched between the base row and the "
+                                                            "joined source ([]: the latest row of the whole source)")
+    tolerance: str = Field("1d", description="how old a matched row may be: a duration such as '3h' or '1d'")
     columns: dict[str, str] = Field(description="output feature name -> column of the source")
+    known_at: str | None = Field(None, description="expression over the joined source's columns: when a row "
+                                                   "becomes known (default: its `time`)")
+    max_delay: str | None = Field(None, description="longest time from a row's `time` to its known_at; rows "
+                                                    "known later are left out (default 0s)")
+    strict: bool = Field(False, description="match rows known strictly before the event (default: at or before)")
 
     @field_validator("tolerance")
     @classmethod
@@ -280,35 +294,82 @@ class AsofJoin(_Model):
         parse_duration(v)
         return v
 
+    @field_validator("max_delay")
+    @classmethod
+    def _delay(cls, v: str | None) -> str | None:
+        return None if v is None else _span(v, "max_delay", zero_ok=True)
+
+    def known_at_expr(self) -> str:
+        return self.known_at or self.time
+
+    def lookback_days(self) -> int:
+        """Whole days before the logical date this join reads: tolerance plus max_delay."""
+        total = parse_duration(self.tolerance) + parse_duration(self.max_delay or "0s")
+        return math.ceil(total / timedelta(days=1))
+
 
 class Lookup(_Model):
     """Plain left join to a snapshot dimension table on a key."""
 
-    source: str
-    by: list[str]
-    columns: dict[str, str]
+    source: str = Field(description="a snapshot source")
+    by: list[str] = Field(description="key columns, present in the base and the snapshot")
+    columns: dict[str, str] = Field(description="output feature name -> column of the snapshot")
 
 
-Agg = Literal["count", "sum", "mean", "std", "min", "max"]
+Agg = Literal["count", "sum", "mean", "std", "min", "max", "last", "first"]
+MAX_ROWS_WINDOW = 100_000
+"""Longest row-count window (``rows``) or lag a spec may ask for."""
 
 
 class WindowAgg(_Model):
-    """Trailing-window aggregates per entity, over rows known strictly before each event."""
+    """Trailing-window aggregates per entity, over rows known strictly before each event.
 
-    by: list[str]
+    Three kinds share one history: time spans (``windows``: rows known in (t - span, t)),
+    row counts (``rows``: the last N rows known before t, within ``lookback``) and lags
+    (``lag``: the n-th latest value known before t, within ``lookback``). Rows are ordered by
+    known-at time, then event time, then input order; ``last`` and ``first`` are the latest and
+    earliest value in the window. The history is the base source's rows, or another events
+    ``source``'s (keyed by the same ``by`` columns, its event time given by ``time``).
+    """
+
+    by: list[str] = Field(description="entity columns the window is per ([]: one series, no entity)")
     value: str = Field(description="expression over the event source: the value aggregated")
     known_at: str = Field(
         default="event_time",
-        description="expression: when a row's value becomes known; rows count only if known strictly before the event",
+        description="expression: when a row's value becomes known; rows count only if known strictly before the "
+                    "event. A window over a label column defaults to label.known_at",
     )
     max_delay: str = Field(
         default="0s",
         description="longest time from a row's event to its known_at; the step reads this much more history. "
                     "Rows known later than that are left out of the windows (a warning counts them)",
     )
-    aggs: list[Agg] = Field(default_factory=lambda: list[Agg](["count", "mean"]), min_length=1)
-    windows: list[str] = Field(default_factory=lambda: ["7d"], min_length=1)
-    prefix: str
+    aggs: list[Agg] = Field(default_factory=lambda: list[Agg](["count", "mean"]), min_length=1,
+                            description="count, sum, mean, std, min, max, last, first")
+    windows: list[str] = Field(default_factory=lambda: ["7d"], description="time spans, e.g. [1h, 7d]")
+    rows: list[int] = Field(default_factory=list, description="row-count windows: the last N known rows per key "
+                                                              "(within lookback), e.g. [5, 20]")
+    lag: list[int] = Field(default_factory=list, description="lags: the n-th latest value known before the event "
+                                                             "(within lookback); `lag: 1` is the previous value")
+    lookback: str | None = Field(None, description="how far back rows and lags look (default: the longest of "
+                                                   "`windows`; required when there are none)")
+    source: str | None = Field(None, description="events source aggregated (default: features.base), keyed by "
+                                                 "the base rows' `by` columns")
+    time: str | None = Field(None, description="with `source`: expression over its columns giving each row's "
+                                               "event time (`event_time` in value and known_at)")
+    prefix: str = Field(description="feature names are <prefix><agg>_<span>, <prefix><agg>_<N>rows and "
+                                    "<prefix>lag_<n>")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _shorthand(cls, v: Any) -> Any:
+        if isinstance(v, dict):
+            v = dict(v)
+            if isinstance(v.get("lag"), int) and not isinstance(v.get("lag"), bool):
+                v["lag"] = [v["lag"]]
+            if "windows" not in v and (v.get("rows") or v.get("lag")):
+                v["windows"] = []  # a row or lag window alone has no default time span
+        return v
 
     @field_validator("windows")
     @classmethod
@@ -317,20 +378,94 @@ class WindowAgg(_Model):
             _span(w, f"window [{i}]")
         return v
 
+    @field_validator("rows", "lag")
+    @classmethod
+    def _counts(cls, v: list[int]) -> list[int]:
+        for n in v:
+            if not 1 <= n <= MAX_ROWS_WINDOW:
+                raise ValueError(f"{n} rows: a count of rows must be between 1 and {MAX_ROWS_WINDOW}")
+        if len(set(v)) != len(v):
+            raise ValueError(f"{v} lists a count twice")
+        return v
+
     @field_validator("max_delay")
     @classmethod
     def _delay(cls, v: str) -> str:
         return _span(v, "max_delay", zero_ok=True)
 
+    @field_validator("lookback")
+    @classmethod
+    def _lookback(cls, v: str | None) -> str | None:
+        return None if v is None else _span(v, "lookback")
+
+    @model_validator(mode="after")
+    def _kinds(self) -> WindowAgg:
+        if not (self.windows or self.rows or self.lag):
+            raise ValueError("a window needs time spans (windows), row counts (rows) or lags (lag)")
+        if (self.rows or self.lag) and self.lookback is None and not self.windows:
+            raise ValueError("rows and lag need `lookback`: how far back to look for rows (e.g. '60d')")
+        if self.time is not None and self.source is None:
+            raise ValueError("`time` is for a window over another `source`")
+        return self
+
+    def span(self) -> timedelta:
+        """How far back this window's rows may be known: its longest time span or its lookback."""
+        spans = [parse_duration(w) for w in self.windows]
+        if self.lookback is not None:
+            spans.append(parse_duration(self.lookback))
+        return max(spans)
+
     def lookback_days(self) -> int:
-        """Whole days before the logical date this window reads: its longest span plus max_delay.
-        Each window reads only its own days, so a window's values never depend on the others."""
-        return math.ceil((max(map(parse_duration, self.windows)) + parse_duration(self.max_delay)) / timedelta(days=1))
+        """Whole days before the logical date this window reads: its longest span (or lookback)
+        plus max_delay. Each window reads only its own days, so a window's values never depend on
+        the others."""
+        return math.ceil((self.span() + parse_duration(self.max_delay)) / timedelta(days=1))
+
+
+LABEL_KNOWN_AT = "label_known_at"
+"""Feature-table column: when each row's label is known (with ``features.label.known_at``)."""
 
 
 class Label(_Model):
-    name: str = "label"
-    expr: str
+    """The label: an expression over the base row (and window or join outputs, for a delta label
+    such as ``y - y_last_1``). ``known_at`` says when it is known: an expression giving a time,
+    or a delay after the event ('30d'). Training, the gate and the monitor use only labels known by
+    their cut; windows over the label's columns default their known_at to it."""
+
+    name: str = Field("label", description="the label's column in the feature table")
+    expr: str = Field(description="expression over the base row, and window, join and derived outputs; rows "
+                                  "whose label is null are dropped")
+    known_at: str | None = Field(None, description="when the label is known: a delay such as '30d', or an "
+                                                   "expression over the base row giving a time (default: "
+                                                   "undeclared, taken as known when the row is staged)")
+    max_delay: str | None = Field(None, description="with an expression known_at: the longest time from the event "
+                                                    "to it (windows over label columns read this much more "
+                                                    "history). Default: the delay, for a delay")
+
+    @field_validator("max_delay")
+    @classmethod
+    def _delay(cls, v: str | None) -> str | None:
+        return None if v is None else _span(v, "max_delay", zero_ok=True)
+
+    def delay(self) -> timedelta | None:
+        """The label's fixed delay when known_at is one ('30d'); else None."""
+        if self.known_at is not None and _DURATION.match(self.known_at):
+            return parse_duration(self.known_at)
+        return None
+
+    def known_at_expr(self) -> str | None:
+        """known_at as an expression over the base row (a delay becomes event_time plus it)."""
+        d = self.delay()
+        if d is not None:
+            return f"event_time + seconds({int(d.total_seconds())})"
+        return self.known_at
+
+    def window_delay(self) -> str:
+        """max_delay for windows that inherit known_at."""
+        if self.max_delay is not None:
+            return self.max_delay
+        d = self.delay()
+        return f"{int(d.total_seconds())}s" if d is not None else "0s"
 
 
 class FeatureSpec(_Model):
@@ -339,10 +474,42 @@ class FeatureSpec(_Model):
     event_time: str = Field(description="expression giving each example's event timestamp (UTC)")
     label: Label
     keys: list[str] = Field(default_factory=list, description="columns carried through to identify rows (not features)")
-    columns: list[Column] = Field(default_factory=list)
+    columns: list[Column] = Field(default_factory=list, description="row-level and derived features, computed in "
+                                  "order after joins and windows: each may use base columns, join and window "
+                                  "outputs and the columns before it")
     asof: list[AsofJoin] = Field(default_factory=list)
     lookups: list[Lookup] = Field(default_factory=list)
     windows: list[WindowAgg] = Field(default_factory=list)
+    leak_check: Literal["block", "warn", "off"] = Field(
+        "block", description="after building a day's rows: block (or warn) when a feature reproduces the label "
+                             "(a target leak suspected), naming the feature")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _label_known_at_for_windows(cls, v: Any) -> Any:
+        """Windows over a label column with no known_at of their own take the label's (and its
+        delay as max_delay): a label's inputs are known when the label is."""
+        if not isinstance(v, dict) or not isinstance(v.get("label"), dict) or not isinstance(v.get("windows"), list):
+            return v
+        try:
+            label = Label.model_validate(v["label"])
+            inputs = label_inputs(label, str(v.get("event_time", "")), v.get("keys") or [])
+        except (ValueError, TypeError):
+            return v  # reported by the fields' own validation
+        known = label.known_at_expr()
+        if known is None or not inputs:
+            return v
+        windows = []
+        for w in v["windows"]:
+            if isinstance(w, dict) and "known_at" not in w and w.get("source") in (None, v.get("base")):
+                try:
+                    uses = bool(_names(str(w.get("value", ""))) & inputs)
+                except ValueError:
+                    uses = False
+                if uses:
+                    w = {**w, "known_at": known, "max_delay": w.get("max_delay", label.window_delay())}
+            windows.append(w)
+        return {**v, "windows": windows}
 
     def feature_names(self) -> list[str]:
         names = [c.name for c in self.columns]
@@ -361,13 +528,32 @@ class FeatureSpec(_Model):
         """Feature name -> unfitted encoder, for the columns the model must encode."""
         return {c.name: e for c in self.columns if (e := c.encoder()) is not None}
 
-    def lookback_days(self) -> int:
-        """Whole days of base events before the logical date that the feature step reads."""
-        return max((w.lookback_days() for w in self.windows), default=0)
+    def window_source(self, w: WindowAgg) -> str:
+        return w.source or self.base
+
+    def lookback_days(self, source: str | None = None) -> int:
+        """Whole days before the logical date that the feature step reads of `source`'s events
+        (default: the base source's)."""
+        source = source or self.base
+        return max((w.lookback_days() for w in self.windows if self.window_source(w) == source), default=0)
+
+
+def _names(expr: str) -> set[str]:
+    from daybreak.spec._expr import names_in
+
+    return names_in(expr)
+
+
+def label_inputs(label: Label, event_time: str, keys: list[str]) -> set[str]:
+    """The base columns the label is computed from: what no feature may read before the label is
+    known. Columns of the event time and keys identify the row, not its outcome, and are left out."""
+    return _names(label.expr) - _names(event_time) - set(keys) - {"event_time"}
 
 
 def window_feature_names(w: WindowAgg) -> list[str]:
-    return [f"{w.prefix}{agg}_{win}" for win in w.windows for agg in w.aggs]
+    return ([f"{w.prefix}{agg}_{win}" for win in w.windows for agg in w.aggs]
+            + [f"{w.prefix}{agg}_{n}rows" for n in w.rows for agg in w.aggs]
+            + [f"{w.prefix}lag_{n}" for n in w.lag])
 
 
 MAX_TUNING_CHOICES = 100
@@ -482,14 +668,27 @@ class TrainingSpec(_Model):
         None, gt=0, description="above this estimated size the window streams from Parquet into xgboost's "
                                 "external-memory matrix instead of being loaded")
 
-    def holdout(self, day: date) -> list[date]:
-        """The gate's holdout days for logical date `day`, oldest first."""
+    incomplete_history: Literal["exclude", "include"] = Field(
+        "exclude", description="feature partitions whose windows lacked staged history (marked missing_history) "
+                               "are left out of training (exclude) or used as they are (include)")
+    count_days: Literal["calendar", "expected"] = Field(
+        "calendar", description="count window_days and holdout_days in calendar days, or in the days the base "
+                                "source's calendar expects a drop (20 business days: window_days 20, expected)")
+
+    def holdout(self, day: date, calendar: Any = None) -> list[date]:
+        """The gate's holdout days for logical date `day`, oldest first. Counted in the days
+        `calendar` expects when ``count_days`` is 'expected' (see :meth:`Spec.holdout_days`)."""
+        if self.count_days == "expected" and calendar is not None:
+            return [*calendar.expected_before(day, self.holdout_days - 1), day]
         return [day - timedelta(days=k) for k in range(self.holdout_days - 1, -1, -1)]
 
-    def window(self, day: date) -> list[date]:
-        """The training days for logical date `day`: the `window_days` calendar days before the
-        holdout, oldest first (calendar days: a missing one is not replaced by an earlier one)."""
-        first_holdout = day - timedelta(days=self.holdout_days - 1)
+    def window(self, day: date, calendar: Any = None) -> list[date]:
+        """The training days for logical date `day`: the `window_days` days before the holdout,
+        oldest first (calendar days, or expected days: a missing one is not replaced by an
+        earlier one)."""
+        first_holdout = self.holdout(day, calendar)[0]
+        if self.count_days == "expected" and calendar is not None:
+            return list(calendar.expected_before(first_holdout, self.window_days))
         return [first_holdout - timedelta(days=k) for k in range(self.window_days, 0, -1)]
 
 
@@ -765,6 +964,17 @@ class Spec(_Model):
     serving: ServingSpec = ServingSpec()
     monitoring: MonitoringSpec = MonitoringSpec()
 
+    @model_validator(mode="before")
+    @classmethod
+    def _regression_metric(cls, v: Any) -> Any:
+        """A regression model's gate judges rmse unless told otherwise (roc_auc, the default, is
+        for classification): a regression spec need not name a metric to validate."""
+        if isinstance(v, dict) and isinstance(v.get("model"), dict) and v["model"].get("task") == "regression":
+            gate = v.get("gate") if isinstance(v.get("gate"), dict) else {}
+            if "metric" not in gate:
+                v = {**v, "gate": {**gate, "metric": "rmse"}}
+        return v
+
     @model_validator(mode="after")
     def _references(self) -> Spec:
         """Cross-references between sections: names a section uses must exist where it points."""
@@ -776,13 +986,41 @@ class Spec(_Model):
         _check_types(self)
         return self
 
+    # --- days and times ----------------------------------------------------------------------
+    def calendar(self, source: str | None = None) -> Any:
+        """The days `source` (default: the base source) expects a drop (a CalendarSpec)."""
+        from daybreak.spec._calendar import CalendarSpec
+
+        cal = getattr(self.sources[source or self.features.base], "calendar", None)
+        return cal if cal is not None else CalendarSpec()
+
+    def expects(self, day: date, source: str | None = None) -> bool:
+        """Whether `source` (default: the base source) expects a drop on `day`."""
+        return bool(self.calendar(source).expects(day))
+
+    def train_days(self, day: date) -> list[date]:
+        """The training window's days for logical date `day` (``training.count_days``)."""
+        return self.training.window(day, self.calendar() if self.training.count_days == "expected" else None)
+
+    def holdout_days(self, day: date) -> list[date]:
+        """The gate's holdout days for logical date `day` (``training.count_days``)."""
+        return self.training.holdout(day, self.calendar() if self.training.count_days == "expected" else None)
+
+    def label_cut(self, day: date) -> Any:
+        """The end of logical date `day` (UTC midnight after it): labels known after it are
+        immature for that day's training, gate and monitor."""
+        from datetime import UTC, datetime
+
+        return datetime.combine(day + timedelta(days=1), datetime.min.time(), tzinfo=UTC)
+
     # --- identities -------------------------------------------------------------------------
     def spec_hash(self) -> str:
         # Who approves a promotion does not shape the model: switching to manual approval keeps
         # the date's candidate (and every spec hash written before the field existed).
         # Monitoring does not shape the model either.
-        return _hash(self.model_dump(mode="json", exclude={"promotion": {"approval"}, "monitoring": True,
-                                                           "sources": {"__all__": OPERATIONAL}}))
+        return _hash(_without_new_defaults(self.model_dump(
+            mode="json", exclude={"promotion": {"approval"}, "monitoring": True,
+                                  "sources": {"__all__": OPERATIONAL}})))
 
     def id_columns(self) -> list[str]:
         """The row identity a served request may carry (logged, for joining labels later)."""
@@ -801,8 +1039,27 @@ class Spec(_Model):
         # Encodings shape the model, not the table, so changing one does not rebuild features.
         model_only = {"encoding", "max_categories", "bins"}
         features = self.features.model_dump(mode="json", exclude={"columns": {"__all__": model_only}})
-        return _hash({"sources": {k: v.model_dump(mode="json", exclude=OPERATIONAL) for k, v in self.sources.items()},
-                      "features": features})
+        return _hash(_without_new_defaults({
+            "sources": {k: v.model_dump(mode="json", exclude=OPERATIONAL) for k, v in self.sources.items()},
+            "features": features}))
+
+
+# Fields added after specs were first hashed, with their defaults: left out of a hash while they
+# hold their default, so upgrading daybreak rebuilds nothing for a spec that does not use them.
+_NEW_DEFAULTS: dict[str, Any] = {
+    "calendar": None, "known_at": None, "max_delay": None, "strict": False, "rows": [], "lag": [],
+    "lookback": None, "source": None, "time": None, "count_days": "calendar", "leak_check": "block",
+    "incomplete_history": "exclude",
+}
+
+
+def _without_new_defaults(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {k: _without_new_defaults(v) for k, v in obj.items()
+                if not (k in _NEW_DEFAULTS and v == _NEW_DEFAULTS[k])}
+    if isinstance(obj, list):
+        return [_without_new_defaults(v) for v in obj]
+    return obj
 
 
 
@@ -848,6 +1105,26 @@ def _check_joins(spec: Spec, base: SourceSpec) -> None:
         if isinstance(join, AsofJoin) and not src.columns[join.time].type.startswith("timestamp"):
             raise ValueError(f"{where}.time: column {join.time!r} of {join.source!r} is "
                              f"{src.columns[join.time].type}, not a timestamp")
+    for i, w in enumerate(f.windows):
+        where = f"features.windows[{i}]"
+        if w.source is None or w.source == f.base:
+            if w.time is not None:
+                raise ValueError(f"{where}.time: the base source's rows take features.event_time; `time` is for "
+                                 "a window over another source")
+            continue
+        src = spec.sources.get(w.source)
+        if src is None:
+            raise ValueError(f"{where}.source: unknown source {w.source!r}; sources are {sorted(spec.sources)}")
+        if src.kind != "events":
+            raise ValueError(f"{where}.source: source {w.source!r} must be of kind 'events' to be windowed")
+        if w.time is None:
+            raise ValueError(f"{where}.time: a window over source {w.source!r} needs `time`: an expression over "
+                             "its columns giving each row's event time")
+        _require(w.by, src.columns, f"{where}.by", f"source {w.source!r}")
+        for col in w.by:
+            if col in base.columns and src.columns[col].type != base.columns[col].type:
+                raise ValueError(f"{where}.by: column {col!r} is {base.columns[col].type} in {f.base!r} but "
+                                 f"{src.columns[col].type} in {w.source!r}")
 
 
 def _check_feature_table(spec: Spec, base: SourceSpec) -> list[str]:
@@ -856,6 +1133,10 @@ def _check_feature_table(spec: Spec, base: SourceSpec) -> list[str]:
     f = spec.features
     for i, w in enumerate(f.windows):
         _require(w.by, base.columns, f"features.windows[{i}].by", f"base source {f.base!r}")
+    for i, c in enumerate(f.columns):
+        if c.name == LABEL_KNOWN_AT:
+            raise ValueError(f"features.columns[{i}].name: {LABEL_KNOWN_AT!r} is the feature table's column for "
+                             "when the label is known; choose another name")
     _require(f.keys, base.columns, "features.keys", f"base source {f.base!r}")
     names = f.feature_names()
     dupes = sorted({n for n in names if names.count(n) > 1})
@@ -936,19 +1217,110 @@ def _check_baselines(spec: Spec, names: list[str]) -> None:
             raise ValueError(f"gate.bootstrap.cluster_by[{i}]: {unit!r} is not a feature, key or event_time")
 
 
+def _output_columns(spec: Spec) -> dict[str, str]:
+    """Join and window outputs a derived feature or the label may read -> their contract type."""
+    f = spec.features
+    out: dict[str, str] = {}
+    for w in f.windows:
+        out |= {n: "float64" for n in window_feature_names(w)}
+    joins: list[AsofJoin | Lookup] = [*f.asof, *f.lookups]
+    for join in joins:
+        src = spec.sources[join.source]
+        out |= {n: src.columns[c].type for n, c in join.columns.items()}
+    return out
+
+
+def _window_columns(spec: Spec, w: WindowAgg) -> tuple[str, set[str]]:
+    """The source a window aggregates, and the columns its value and known_at may read."""
+    name = spec.features.window_source(w)
+    return name, set(spec.sources[name].columns) | {"event_time"}
+
+
 def _check_expressions(spec: Spec, base: SourceSpec) -> None:
-    """Expressions are checked against the columns they may use, so typos fail at validation."""
+    """Expressions are checked against the columns they may use, so typos fail at validation.
+    Derived features (features.columns, in order) and the label may read base columns, join and
+    window outputs and the columns defined before them."""
     from daybreak.spec._expr import check_expression
 
     f = spec.features
     cols = set(base.columns) | {"event_time"}
     check_expression(f.event_time, set(base.columns), where="features.event_time")
-    check_expression(f.label.expr, cols, where="features.label.expr")
+    if f.label.known_at is not None and f.label.delay() is None:
+        check_expression(f.label.known_at, cols, where="features.label.known_at")
+    derived = cols | set(_output_columns(spec))
     for i, c in enumerate(f.columns):
-        check_expression(c.expr, cols, where=f"features.columns[{i}].expr")
+        check_expression(c.expr, derived, where=f"features.columns[{i}].expr")
+        derived.add(c.name)
+    check_expression(f.label.expr, derived, where="features.label.expr")
     for i, w in enumerate(f.windows):
-        check_expression(w.value, cols, where=f"features.windows[{i}].value")
-        check_expression(w.known_at, cols, where=f"features.windows[{i}].known_at")
+        source, scope = _window_columns(spec, w)
+        if w.time is not None:
+            check_expression(w.time, set(spec.sources[source].columns), where=f"features.windows[{i}].time")
+        check_expression(w.value, scope, where=f"features.windows[{i}].value")
+        check_expression(w.known_at, scope, where=f"features.windows[{i}].known_at")
+    for i, j in enumerate(f.asof):
+        if j.known_at is not None:
+            check_expression(j.known_at, set(spec.sources[j.source].columns), where=f"features.asof[{i}].known_at")
+    _check_leaks(spec)
+
+
+def _same_expr(a: str, b: str) -> bool:
+    from daybreak.spec._expr import same_expression
+
+    return same_expression(a, b)
+
+
+def _check_leaks(spec: Spec) -> None:
+    """Refuse a feature that could read a label column before the label is known (DESIGN.md,
+    "Time"): a derived feature reading one on its own row; a window over one taken as known at the
+    event time with no label.known_at; an as-of join of the base source onto itself without
+    known_at, or with known_at no later than the joined row's own time when it joins a label column."""
+    f = spec.features
+    inputs = label_inputs(f.label, f.event_time, f.keys) & set(spec.sources[f.base].columns)
+    if not inputs:
+        return
+    named = ", ".join(repr(c) for c in sorted(inputs))
+    declare = ("declare features.label.known_at (when the label is known, e.g. '30d' or an expression) or give "
+               "a known_at that is after the event")
+    for i, c in enumerate(f.columns):
+        used = _names(c.expr) & inputs
+        if used:
+            raise ValueError(f"features.columns[{i}].expr: reads label column(s) {sorted(used)} of its own row "
+                             f"(the label is computed from {named}): the feature would hand the model the answer. "
+                             "Past values come from a window or an as-of join with known_at")
+    label_known = f.label.known_at_expr()
+    for i, w in enumerate(f.windows):
+        if spec.features.window_source(w) != f.base:
+            continue
+        used = _names(w.value) & inputs
+        if not used:
+            continue
+        if label_known is not None and _same_expr(w.known_at, label_known):
+            continue
+        trivial = _same_expr(w.known_at, "event_time") or _same_expr(w.known_at, f.event_time)
+        if trivial:
+            raise ValueError(f"features.windows[{i}].known_at: the window aggregates label column(s) {sorted(used)} "
+                             f"and takes each row as known at its event time ({w.known_at!r}); a label is not known "
+                             f"when its event happens, so the window would count outcomes not yet known: {declare}")
+    for i, j in enumerate(f.asof):
+        if j.source != f.base:
+            continue
+        if j.known_at is None:
+            raise ValueError(f"features.asof[{i}].known_at: an as-of join of the base source {f.base!r} onto itself "
+                             "needs known_at: without it a row joins its own values (or ones of the same time, "
+                             "known only later). Say when a row becomes known, e.g. known_at: "
+                             f"\"{j.time} + days(1)\", or use a window with lag: 1")
+        used = set(j.columns.values()) & inputs
+        only_its_time = not (_names(j.known_at) - {j.time}) and not re_search_duration(j.known_at)
+        if used and only_its_time:
+            raise ValueError(f"features.asof[{i}].known_at: joins label column(s) {sorted(used)} known at the row's "
+                             f"own time ({j.known_at!r}): {declare}")
+
+
+def re_search_duration(expr: str) -> bool:
+    """Whether `expr` adds a duration (seconds/minutes/hours/days of something) to a time."""
+    return bool(re.search(r"\b(seconds|minutes|hours|days)\s*\(", expr))
+
 
 def _check_types(spec: Spec) -> None:
     """Compute every expression over the base rows on an empty table of the contract's types: a
@@ -960,13 +1332,17 @@ def _check_types(spec: Spec) -> None:
     from daybreak.spec._model import arrow_type
 
     f = spec.features
-    base = spec.sources[f.base]
-    table = pa.table({c: pa.array([], type=arrow_type(col.type)) for c, col in base.columns.items()})
 
-    def typed(expr: str, where: str, want: str | None = None) -> pa.DataType:
+    def empty(columns: dict[str, Any]) -> pa.Table:
+        return pa.table({c: pa.array([], type=arrow_type(t if isinstance(t, str) else t.type))
+                         for c, t in columns.items()})
+
+    table = empty(spec.sources[f.base].columns)
+
+    def typed(expr: str, where: str, want: str | None = None, on: pa.Table | None = None) -> pa.DataType:
         # Constant parts are computed even on no rows, so an overflow such as 2**64 fails here.
         try:
-            t = evaluate(expr, table).type
+            t = evaluate(expr, table if on is None else on).type
         except ExpressionError as e:
             raise ValueError(f"{where}: {e}") from None
         except (pa.ArrowException, TypeError, ValueError, KeyError) as e:
@@ -980,17 +1356,37 @@ def _check_types(spec: Spec) -> None:
         return t
 
     typed(f.event_time, "features.event_time", "timestamp")
-    table = table.append_column("event_time", pa.array([], type=pa.timestamp("us", tz="UTC")))
-    typed(f.label.expr, "features.label.expr", "number")
+    stamp = pa.array([], type=pa.timestamp("us", tz="UTC"))
+    table = table.append_column("event_time", stamp)
+    if f.label.known_at is not None and f.label.delay() is None:
+        typed(f.label.known_at, "features.label.known_at", "timestamp")
+    for i, w in enumerate(f.windows):
+        source, _ = _window_columns(spec, w)
+        rows = table
+        if source != f.base:
+            rows = empty(spec.sources[source].columns)
+            assert w.time is not None  # _check_joins: a window over another source has one
+            typed(w.time, f"features.windows[{i}].time", "timestamp", rows)
+            rows = rows.append_column("event_time", stamp)
+        typed(w.value, f"features.windows[{i}].value", "number", rows)
+        typed(w.known_at, f"features.windows[{i}].known_at", "timestamp", rows)
+    for i, j in enumerate(f.asof):
+        if j.known_at is not None:
+            typed(j.known_at, f"features.asof[{i}].known_at", "timestamp", empty(spec.sources[j.source].columns))
+    def put(t: pa.Table, name: str, column: pa.Array) -> pa.Table:  # a feature may take a base column's name
+        i = t.schema.get_field_index(name)
+        return t.set_column(i, name, column) if i >= 0 else t.append_column(name, column)
+
+    for name, t in _output_columns(spec).items():
+        table = put(table, name, pa.array([], type=arrow_type(t)))
     for i, c in enumerate(f.columns):
         t = typed(c.expr, f"features.columns[{i}].expr")
         if not c.categorical and not (pa.types.is_integer(t) or pa.types.is_floating(t) or pa.types.is_boolean(t)
                                       or pa.types.is_decimal(t)):
             raise ValueError(f"features.columns[{i}].expr: {short(c.expr)} gives {t} values; a feature that is not "
                              "categorical must be a number (or set categorical: true)")
-    for i, w in enumerate(f.windows):
-        typed(w.value, f"features.windows[{i}].value", "number")
-        typed(w.known_at, f"features.windows[{i}].known_at", "timestamp")
+        table = put(table, c.name, pa.array([], type=pa.string() if c.categorical else pa.float64()))
+    typed(f.label.expr, "features.label.expr", "number")
 
 
 def xgb_params(m: ModelSpec) -> dict[str, Any]:
@@ -1363,8 +1759,9 @@ def error_lines(e: ValidationError) -> list[str]:
     for (parent, msg), items in grouped.items():
         where = parent + ", ".join(i for i, _ in items) if any(i for i, _ in items) else parent
         got = [v for i, v in items if i and isinstance(v, int | float | str) and not isinstance(v, bool)]
-        lines.append(f"{where}: {msg}" + (f" (got {', '.join(repr(v) for v in got)})" if got and
-                                           "duration is text" in msg else ""))
+        named_inside = where == "spec" and re.match(r"^[a-z_]+(\.|\[)[\w.\[\]]*: ", msg)
+        shown = "" if not (got and "duration is text" in msg) else f" (got {', '.join(repr(v) for v in got)})"
+        lines.append((msg if named_inside else f"{where}: {msg}") + shown)
     return lines
 
 

@@ -18,13 +18,14 @@ import json
 import logging
 import tempfile
 from dataclasses import dataclass, field
+from datetime import date
 from pathlib import Path
 from typing import Any, TypedDict
 
 import numpy as np
 import pandas as pd
 
-from daybreak.features import read_features
+from daybreak.features import mature_rows, read_features
 from daybreak.infra import registry
 from daybreak.infra.context import RunContext
 from daybreak.infra.errors import SpecError
@@ -140,7 +141,7 @@ def recorded_lineage(spec: Spec, ctx: RunContext) -> tuple[str, str] | None:
     are now (the newest, as ``train_model`` picks); None when there is none."""
     from daybreak.train._outofcore import window_files
 
-    days = spec.training.window(ctx.logical_date)
+    days, _ = training_days(spec, ctx)
     _, rows = window_files(spec, ctx, days)
     if rows < spec.training.min_rows:
         return None
@@ -150,6 +151,25 @@ def recorded_lineage(spec: Spec, ctx: RunContext) -> tuple[str, str] | None:
     return (key, str(existing[0].version)) if existing else None
 
 
+def training_days(spec: Spec, ctx: RunContext) -> tuple[list[date], list[str]]:
+    """The training window's days to read, and those left out because their feature partition
+    was built without the history its windows need (``missing_history``, unless
+    ``training.incomplete_history`` is 'include')."""
+    from daybreak.features import feature_zone
+
+    days = spec.train_days(ctx.logical_date)
+    if spec.training.incomplete_history == "include":
+        return days, []
+    kept, left_out = [], []
+    for d in days:
+        part = ctx.store.partition(feature_zone(spec), d)
+        if part is not None and part.manifest.get("missing_history"):
+            left_out.append(d.isoformat())
+        else:
+            kept.append(d)
+    return kept, left_out
+
+
 class TrainResult(TypedDict, total=False):
     """What ``train_model`` returns (and the orchestrators pass on)."""
 
@@ -157,6 +177,8 @@ class TrainResult(TypedDict, total=False):
     date: str
     window: list[str]
     missing_days: list[str]
+    incomplete_days: list[str]  # left out: built without their windows' full history
+    immature_rows: int  # left out: labels known only after the date
     out_of_core: bool
     status: str  # trained | exists | skipped
     reason: str
@@ -194,17 +216,31 @@ def train_model(spec: Spec, ctx: RunContext, force: bool = False) -> TrainResult
     """
     from daybreak.train._outofcore import estimated_bytes, window_files
 
-    days = spec.training.window(ctx.logical_date)
+    window = spec.train_days(ctx.logical_date)
+    days, incomplete = training_days(spec, ctx)
     files, rows = window_files(spec, ctx, days)
     budget = spec.training.memory_budget_mb
     out_of_core = budget is not None and estimated_bytes(spec, rows) > budget * 2**20
     if out_of_core and (spec.model.flavor != "xgboost" or spec.model.partition_by or spec.model.tuning):
         raise SpecError(f"train {ctx.logical_date}: the window ({rows} rows) exceeds training.memory_budget_mb="
                         f"{budget}, and out-of-core training is for single xgboost models without tuning")
+    if out_of_core and spec.features.label.known_at is not None:
+        raise SpecError(f"train {ctx.logical_date}: the window ({rows} rows) exceeds training.memory_budget_mb="
+                        f"{budget}, and out-of-core training does not yet leave out immature labels "
+                        "(features.label.known_at): raise the budget")
     table, hashes, missing = read_features(spec, ctx, days, load=not out_of_core)
+    table, immature = mature_rows(spec, table, ctx.logical_date)
+    if table is not None and immature:
+        rows = table.num_rows
+        log.info("train %s: %d row(s) left out: their labels are known only after %s (features.label.known_at)",
+                 ctx.logical_date, immature, spec.label_cut(ctx.logical_date).isoformat())
+    if incomplete:
+        log.warning("train %s: left out day(s) %s: their windows lacked staged history (missing_history); "
+                    "stage those days and rebuild their features to train on them", ctx.logical_date, incomplete)
     base: TrainResult = {"step": "train", "date": ctx.logical_date.isoformat(),
-                         "window": [days[0].isoformat(), days[-1].isoformat()], "missing_days": missing,
-                         "out_of_core": out_of_core}
+                         "window": [window[0].isoformat(), window[-1].isoformat()],
+                         "missing_days": missing,
+                         "incomplete_days": incomplete, "immature_rows": immature, "out_of_core": out_of_core}
     if rows < spec.training.min_rows:
         log.warning("train %s: %d rows in the window (< training.min_rows=%d); no model trained",
                     ctx.logical_date, rows, spec.training.min_rows)
@@ -237,8 +273,8 @@ def train_model(spec: Spec, ctx: RunContext, force: bool = False) -> TrainResult
         del table
     lineage = Lineage(
         logical_date=ctx.logical_date.isoformat(), spec_hash=spec.spec_hash(), lineage_key=lineage_key,
-        window_start=days[0].isoformat(), window_end=days[-1].isoformat(),
-        holdout=[d.isoformat() for d in spec.training.holdout(ctx.logical_date)],
+        window_start=window[0].isoformat(), window_end=window[-1].isoformat(),
+        holdout=[d.isoformat() for d in spec.holdout_days(ctx.logical_date)],
         input_hashes=input_hashes_tag(hashes), feature_version=spec.feature_version(),
         code_version=registry.code_version(), flavor=spec.model.flavor, train_rows=trained.n_fit,
         val_metric=trained.fitted.val_metric, run_context=ctx.run_id, forced=force, label_mean=trained.label_mean)
