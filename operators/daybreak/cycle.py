@@ -27,7 +27,7 @@ from typing import Any
 
 from daybreak.infra.context import RunContext
 from daybreak.infra.errors import MissingInputError, is_retryable
-from daybreak.spec import Spec, parse_duration
+from daybreak.spec import Spec
 from daybreak.steps import CYCLE, CycleOptions, Step, is_expected
 
 log = logging.getLogger(__name__)
@@ -183,11 +183,10 @@ class HistoryPlan:
 
 
 def lookback_days(spec: Spec) -> int:
-    """Whole days before a date that its features read: the longest window (with its max_delay)
-    and the longest as-of tolerance."""
+    """Whole days before a date that its features read of any source: the longest window over
+    each events source (with its max_delay) and the longest as-of join (tolerance and delay)."""
     f = spec.features
-    tolerances = [-(-parse_duration(j.tolerance) // timedelta(days=1)) for j in f.asof]
-    return max([f.lookback_days(), *tolerances])
+    return max([*(f.lookback_days(name) for name in spec.sources), *(j.lookback_days() for j in f.asof), 0])
 
 
 def history_plan(spec: Spec, context: Callable[[date], RunContext], first: date,
@@ -203,7 +202,7 @@ def history_plan(spec: Spec, context: Callable[[date], RunContext], first: date,
     if not trains and "features" not in names:
         return HistoryPlan(first)
     cal = spec.calendar()
-    featurise = sorted({d for d in (*spec.training.window(first), *spec.training.holdout(first))
+    featurise = sorted({d for d in (*spec.train_days(first), *spec.holdout_days(first))
                         if d < first and cal.expects(d)}) if trains else []
     oldest = min([first, *featurise]) - timedelta(days=lookback_days(spec))
     stage_days = cal.expected_days(oldest, first - timedelta(days=1)) if oldest < first else []
