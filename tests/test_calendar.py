@@ -308,3 +308,79 @@ def _manifest(home: Path, day: str) -> dict:
     """The published feature partition's manifest (locally ``date=D`` links to the run's folder)."""
     [folder] = (home / "store" / "features" / "store_sales").glob(f"v=*/date={day}")
     return json.loads((folder / "_manifest.json").read_text())
+
+
+PREFECT_SCRIPT = """
+import json, sys
+sys.path.insert(0, {flows!r})
+from backfill import backfill
+from daily_retrain import daily_retrain
+out = {{"day": daily_retrain(date="2024-03-30", spec={spec!r}),
+       "lines": backfill("2024-03-29", "2024-03-31", spec={spec!r}, history=False)}}
+print("RESULT " + json.dumps(out, default=str))
+"""
+
+
+def test_prefect_flows_run_nothing_on_days_without_a_drop(tmp_path: Path) -> None:
+    """The Prefect daily_retrain flow on a Saturday of a weekday feed, and a backfill over Good
+    Friday and the weekend: every step says 'no drop expected', nothing fails, nothing is staged."""
+    from conftest import ROOT
+    from test_prefect import QUIET_PREFECT
+
+    home, spec = _home(tmp_path, {"days": "weekdays", "holidays": [HOLIDAY.isoformat()]}, date(2024, 3, 25),
+                       date(2024, 3, 28))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    env.update(DAYBREAK_HOME=str(home), PREFECT_HOME=str(tmp_path / "prefect"),
+               PREFECT_LOCAL_STORAGE_PATH=str(tmp_path / "results"), PREFECT_LOGGING_LEVEL="WARNING", **QUIET_PREFECT)
+    code = PREFECT_SCRIPT.format(flows=str(ROOT / "flows"), spec=str(spec))
+    proc = subprocess.run([str(BIN / "python"), "-c", code], env=env, capture_output=True, text=True, timeout=600)
+    line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
+    assert line, proc.stdout[-3000:] + proc.stderr[-3000:]
+    out = json.loads(line[len("RESULT "):])
+    day = out["day"]
+    for step in ("stage", "features", "monitor", "train", "gate", "promote", "deploy"):
+        assert day[step]["expected"] is False and day[step]["skipped"] is True, (step, day[step])
+    assert day["summary"]["expected"] is False and "Saturday" in day["summary"]["note"]
+    assert [ln["expected"] for ln in out["lines"]] == [False, False, False], out["lines"]
+    assert all(ln["decision"] is None and ln["candidate_version"] is None for ln in out["lines"])
+    assert not (home / "store" / "staged").exists() or not any((home / "store" / "staged").rglob("date=*"))
+
+
+AIRFLOW_SCRIPT = """
+import json
+from datetime import UTC, datetime
+from airflow.dag_processing.dagbag import DagBag
+from airflow.models.xcom import XComModel
+from airflow.utils.session import create_session
+
+dag = DagBag(dag_folder={dags!r}).get_dag("weekday_feed")
+dr = dag.test(logical_date=datetime(2024, 3, 30, tzinfo=UTC))
+with create_session() as session:
+    rows = session.query(XComModel).filter(XComModel.dag_id == dag.dag_id, XComModel.run_id == dr.run_id,
+                                           XComModel.key == "return_value").all()
+    xcom = {{r.task_id: r.value for r in rows}}
+print("RESULT " + json.dumps({{"state": str(dr.state), "xcom": xcom,
+                               "tasks": {{ti.task_id: str(ti.state) for ti in dr.get_task_instances()}}}}, default=str))
+"""
+
+
+def test_airflow_skips_a_day_without_a_drop(tmp_path: Path) -> None:
+    """The daily DAG on a Saturday of a weekday feed: the run succeeds, stage is skipped with the
+    reason in its XCom, and the tasks after it are skipped by trigger rule; nothing fails."""
+    home, spec = _home(tmp_path, "weekdays", date(2024, 3, 25), date(2024, 3, 28))
+    env = {**os.environ, "AIRFLOW_HOME": str(tmp_path / "airflow"), "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
+           "AIRFLOW__CORE__DAGS_FOLDER": str(tmp_path / "dags"), "DAYBREAK_HOME": str(home)}
+    (tmp_path / "dags").mkdir()
+    (tmp_path / "dags" / "weekday_feed.py").write_text(
+        f"from daybreak.airflow import daily_retrain_dag\ndaily_retrain_dag({str(spec)!r}, dag_id='weekday_feed')\n")
+    subprocess.run([str(BIN / "airflow"), "db", "migrate"], env=env, check=True, capture_output=True, timeout=300)
+    proc = subprocess.run([str(BIN / "python"), "-c", AIRFLOW_SCRIPT.format(dags=str(tmp_path / "dags"))], env=env,
+                          capture_output=True, text=True, timeout=600)
+    line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
+    assert line, proc.stdout[-3000:] + proc.stderr[-3000:]
+    out = json.loads(line[len("RESULT "):])
+    assert out["state"] == "success", out
+    assert set(out["tasks"].values()) == {"skipped"}, out["tasks"]
+    stage = out["xcom"]["stage"]
+    stage = json.loads(stage) if isinstance(stage, str) else stage
+    assert stage["expected"] is False and "Saturday" in stage["reason"], stage
