@@ -169,7 +169,7 @@ def test_window_index_matches_brute_force(wide: bool) -> None:
         "name": "t", "sources": {"ev": {"path": "x/{date}.csv", "columns": {
             "a": "string", "b": "int64", "ts": "timestamp[us, UTC]", "v": "float64"}}},
         "features": {"name": "t", "base": "ev", "event_time": "ts", "keys": ["a", "b"],
-                     "label": {"name": "y", "expr": "v > 0"},
+                     "label": {"name": "y", "expr": "b > 2"},  # not v: the window reads v
                      "windows": [{"by": ["a", "b"], "value": "v", "aggs": ["count", "sum", "std", "min", "max"],
                                   "windows": ["1h", "3000d"], "prefix": "w_"}]},
         "model": {"name": "t"}})

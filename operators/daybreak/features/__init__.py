@@ -8,6 +8,7 @@ from daybreak.features._build import (
     build_features,
     day_slices,
     feature_zone,
+    leak_suspects,
     read_features,
     recorded_lineage,
     write_sorted,
@@ -15,6 +16,6 @@ from daybreak.features._build import (
 
 __all__ = [
     "DAY",
-    "EVENT_TIME", "FeaturesResult", "build_features", "day_slices", "feature_zone", "read_features",
-    "recorded_lineage", "write_sorted",
+    "EVENT_TIME", "FeaturesResult", "build_features", "day_slices", "feature_zone", "leak_suspects",
+    "read_features", "recorded_lineage", "write_sorted",
 ]
