@@ -1258,6 +1258,13 @@ def _check_leaks(spec: Spec) -> None:
     known_at, or with known_at no later than the joined row's own time when it joins a label column."""
     f = spec.features
     inputs = label_inputs(f.label, f.event_time, f.keys)
+    # A derived column the label reads stands for what it reads (the later definition first, as
+    # a column may take an earlier one's name); window and join outputs are past values, known
+    # before the event: a feature may read them (y_lag_1 beside a label y - y_lag_1).
+    for c in reversed(f.columns):
+        if c.name in inputs:
+            inputs = (inputs - {c.name}) | (_names(c.expr) - _names(f.event_time) - set(f.keys) - {"event_time"})
+    inputs -= set(_output_columns(spec))
     if not inputs:
         return
     named = ", ".join(repr(c) for c in sorted(inputs))
