@@ -183,7 +183,7 @@ def reference_features(spec: Spec, ctx: RunContext) -> pd.DataFrame:
 
     table = rows
     for name, values in outputs.items():
-        table = table.append_column(name, pa.array(values, pa.float64()))
+        table = table.append_column(name, pa.array(values, pa.float64(), from_pandas=True))  # NaN: no value
     known_expr = f.label.known_at_expr()
     label_known = evaluate(known_expr, table).cast(UTC_US) if known_expr is not None else None
     result: dict[str, object] = {k: events[k] for k in f.keys}

@@ -367,7 +367,9 @@ def apply_windows(batch: pa.Table, f: FeatureSpec, indexes: list[Any]) -> pa.Tab
     for i, w in enumerate(f.windows):
         idx = ray.get(indexes[i]) if isinstance(indexes[i], ray.ObjectRef) else indexes[i]
         for name, values in zip(window_feature_names(w), _window_features(batch, w, idx, t, event_ok), strict=True):
-            batch = batch.append_column(name, pa.array(values, pa.float64()))
+            # no value (an empty window, a missing lag) is null, so coalesce() in a derived
+            # column or the label sees it as missing
+            batch = batch.append_column(name, pa.array(values, pa.float64(), from_pandas=True))
     return batch
 
 
@@ -663,7 +665,9 @@ def finalize(batch: pa.Table, f: FeatureSpec, task: str) -> pa.Table:
             raise TypeError(f"features.label.known_at must give a timestamp, got {label_known.type}")
         cols[LABEL_KNOWN_AT] = label_known.cast(pa.timestamp("us", tz="UTC"))
     out = pa.table(cols)
-    return out.filter(pc.is_valid(out.column(f.label.name)))
+    y = out.column(f.label.name)
+    has_label = pc.is_valid(y) if not pa.types.is_floating(y.type) else pc.invert(pc.is_nan(y))
+    return out.filter(pc.fill_null(has_label, False))
 
 
 def day_rows(items: pa.Table, f: FeatureSpec, fs: Any, task: str, joins: list[tuple[str, dict[str, Any]]],
