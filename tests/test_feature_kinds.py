@@ -291,6 +291,9 @@ def test_leak_suspects_rules() -> None:
     same[:2] += 1000  # equal on 99.3% of rows, r far from 1
     assert list(leak_suspects(table(same, z), f, "regression")) == ["amount"]
     assert leak_suspects(table(z + rng.normal(size=300), z), f, "regression") == {}
+    sparse = np.r_[np.zeros(298), 5.0, 7.0]  # a label almost always 0: a feature of zeros is not a copy
+    assert leak_suspects(table(np.zeros(300), sparse), f, "regression") == {}
+    assert list(leak_suspects(table(sparse.copy(), sparse), f, "regression")) == ["amount"]  # an exact copy is
 
 
 def test_partitions_without_label_known_at_stay_readable(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

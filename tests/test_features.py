@@ -36,6 +36,9 @@ def built(home: Path, spec, ray_local) -> pd.DataFrame:
     _stage_days(spec, days)
     res = build_features(spec, RunContext.create(DAY))
     assert res["rows"] > 800 and not res["skipped"] and res["missing_history"] == []
+    # the flights demo's features do not trip the run-time target-leak check
+    assert res["leak_check"]["mode"] == "block" and res["leak_check"]["suspects"] == {}
+    assert res["missing_history_sources"] == {}
     return pq.read_table(res["uri"]).to_pandas()
 
 

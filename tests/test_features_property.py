@@ -123,10 +123,20 @@ def _build(home: Path, ev: list, rd: list, label_on_day2: bool,
         os.environ.pop("DAYBREAK_HOME", None)
 
 
-@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(ev=events, rd=readings, label_on_day2=st.booleans())
 def test_ray_equals_reference(ev, rd, label_on_day2, tmp_path_factory, ray_local) -> None:
     got, want = _build(tmp_path_factory.mktemp("prop"), ev, rd, label_on_day2)
+    assert list(got.columns) == list(want.columns)
+    pd.testing.assert_frame_equal(got, want, check_dtype=False, rtol=1e-9, atol=1e-9)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(ev=events, rd=readings, label_on_day2=st.booleans())
+def test_in_process_equals_reference(ev, rd, label_on_day2, tmp_path_factory) -> None:
+    """The same dataflow without Ray (``build_features(in_process=True)``: the functions the Ray
+    tasks run, called here), on many more examples than Ray's start-up allows."""
+    got, want = _build(tmp_path_factory.mktemp("prop"), ev, rd, label_on_day2, in_process=True)
     assert list(got.columns) == list(want.columns)
     pd.testing.assert_frame_equal(got, want, check_dtype=False, rtol=1e-9, atol=1e-9)
 

@@ -1006,7 +1006,8 @@ def leak_suspects(table: pa.Table, f: FeatureSpec, task: str) -> dict[str, str]:
       count half) of exactly 1 or 0, on at least LEAK_MIN_ROWS rows with LEAK_MIN_CLASS_ROWS of
       each class;
     * regression: on at least LEAK_MIN_ROWS rows, the feature equals the label on
-      LEAK_EQUAL_SHARE of them, or |Pearson r| >= LEAK_MIN_ABS_R.
+      LEAK_EQUAL_SHARE of them (unless the label itself takes one value on that share: a sparse
+      label is matched by any mostly-zero feature), or |Pearson r| >= LEAK_MIN_ABS_R.
 
     Rows where the feature or the label is null (or NaN) are left out. Categorical features are
     not checked: a category that decides the label on one day's rows is common and legitimate
@@ -1047,7 +1048,10 @@ def _separates(x: np.ndarray, y: np.ndarray) -> str | None:
 
 def _reproduces(x: np.ndarray, y: np.ndarray) -> str | None:
     equal = float(np.mean(x == y))
-    if equal >= LEAK_EQUAL_SHARE:
+    # a label that is nearly always one value (mostly 0) is matched by any feature nearly always
+    # that value: equality tells nothing then, and an exact copy still shows in the correlation
+    _, counts = np.unique(y, return_counts=True)
+    if equal >= LEAK_EQUAL_SHARE and counts.max() < LEAK_EQUAL_SHARE * len(y):
         return f"equals the label on {equal:.1%} of {len(x)} rows"
     if np.std(x) > 0 and np.std(y) > 0:
         r = float(np.corrcoef(x, y)[0, 1])
@@ -1066,9 +1070,14 @@ def leak_check(spec: Spec, files: list[str], fs: Any) -> dict[str, Any]:
     mode = f.leak_check
     if mode == "off":
         return {"mode": "off"}
-    wanted = [n for n in f.feature_names() if n not in set(f.categorical_names())] + [f.label.name]
-    table = pa.concat_tables([pq.read_table(p, filesystem=fs, columns=wanted) for p in files]) if files else None
-    suspects = {} if table is None else leak_suspects(table, f, spec.model.task)
+    def read(columns: list[str]) -> pa.Table:
+        return pa.concat_tables([pq.read_table(p, filesystem=fs, columns=columns) for p in files])
+
+    label = read([f.label.name]) if files else pa.table({f.label.name: pa.array([], pa.float64())})
+    suspects: dict[str, str] = {}
+    for name in f.feature_names():  # one column at a time: memory is two columns of the day
+        if name not in set(f.categorical_names()) and label.num_rows:
+            suspects |= leak_suspects(label.append_column(name, read([name]).column(name)), f, spec.model.task)
     if suspects:
         detail = "; ".join(f"{n!r} {why}" for n, why in suspects.items())
         msg = (f"features {spec.features.name}: target leak suspected: {detail}. The feature(s) reproduce the "
@@ -1077,7 +1086,7 @@ def leak_check(spec: Spec, files: list[str], fs: Any) -> dict[str, Any]:
         if mode == "block":
             raise ContractError(msg + "; nothing published. If this is expected, set features.leak_check: warn")
         log.warning("%s (features.leak_check: warn: published anyway)", msg)
-    return {"mode": mode, "rows": 0 if table is None else table.num_rows, "suspects": suspects}
+    return {"mode": mode, "rows": label.num_rows, "suspects": suspects}
 
 
 def day_slices(files: list[str], fs: Any, slice_rows: int) -> list[tuple[str, list[int]]]:
