@@ -144,6 +144,16 @@ def test_single_series_lags_rows_and_a_delta_label(tmp_path: Path, monkeypatch: 
     got = pq.read_table(res["uri"]).to_pandas()
     assert res["missing_history"] == [gone.isoformat()]
     assert res["missing_history_sources"] == {"demand": [gone.isoformat()], "temps": [gone_temp.isoformat()]}
+    # the other source's partitions are in the lineage: restaging one of them rebuilds the day
+    inputs = RunContext.create(day).store.partition(feature_zone(spec), day).manifest["inputs"]
+    assert sorted(inputs["temps"]) == [(day - timedelta(days=k)).isoformat() for k in (3, 2, 0)]
+    assert build_features(spec, RunContext.create(day))["skipped"]
+    _write_csv(tmp_path, "temps", day - timedelta(days=2), "ts,temp", [f"{day - timedelta(days=2)}T09:00:00+00:00,0.5"])
+    stage(spec, RunContext.create(day - timedelta(days=2)))
+    again = build_features(spec, RunContext.create(day))
+    assert not again["skipped"]
+    got = pq.read_table(again["uri"]).to_pandas()
+    y_temp2 = 0.5
     pd.testing.assert_frame_equal(got, reference_features(spec, RunContext.create(day)), check_dtype=False,
                                   rtol=1e-9, atol=1e-9)
     row = got.iloc[0]
@@ -155,7 +165,7 @@ def test_single_series_lags_rows_and_a_delta_label(tmp_path: Path, monkeypatch: 
     assert row["dy"] == y[day] - y[day - timedelta(days=1)]
     assert row["trend"] == pytest.approx(row["y_lag_1"] - row["y_mean_5rows"])
     assert row[LABEL_KNOWN_AT] == pd.Timestamp(f"{day + timedelta(days=1)} 00:00", tz="UTC")
-    temps = [y[day - timedelta(days=k)] / 10 for k in (0, 2)]  # (t - 3d, t): today's, and not the day gone
+    temps = [y[day] / 10, y_temp2]  # (t - 3d, t): today's and the restaged day's, not the day gone
     assert row["temp_count_3d"] == len(temps) and row["temp_mean_3d"] == pytest.approx(np.mean(temps))
     assert LABEL_KNOWN_AT not in spec.features.feature_names()
 
