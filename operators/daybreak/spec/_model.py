@@ -970,8 +970,9 @@ class Spec(_Model):
         """A regression model's gate judges rmse unless told otherwise (roc_auc, the default, is
         for classification): a regression spec need not name a metric to validate."""
         if isinstance(v, dict) and isinstance(v.get("model"), dict) and v["model"].get("task") == "regression":
-            gate = v.get("gate") if isinstance(v.get("gate"), dict) else {}
-            if "metric" not in gate:
+            given = v.get("gate")
+            gate: dict[str, Any] = given if isinstance(given, dict) else {}
+            if "metric" not in gate and (given is None or isinstance(given, dict)):
                 v = {**v, "gate": {**gate, "metric": "rmse"}}
         return v
 
@@ -1276,7 +1277,14 @@ def _check_leaks(spec: Spec) -> None:
     event time with no label.known_at; an as-of join of the base source onto itself without
     known_at, or with known_at no later than the joined row's own time when it joins a label column."""
     f = spec.features
-    inputs = label_inputs(f.label, f.event_time, f.keys) & set(spec.sources[f.base].columns)
+    inputs = label_inputs(f.label, f.event_time, f.keys)
+    # A derived column the label reads stands for what it reads (the later definition first, as
+    # a column may take an earlier one's name); window and join outputs are past values, known
+    # before the event: a feature may read them (y_lag_1 beside a label y - y_lag_1).
+    for c in reversed(f.columns):
+        if c.name in inputs:
+            inputs = (inputs - {c.name}) | (_names(c.expr) - _names(f.event_time) - set(f.keys) - {"event_time"})
+    inputs = (inputs - set(_output_columns(spec))) & set(spec.sources[f.base].columns)
     if not inputs:
         return
     named = ", ".join(repr(c) for c in sorted(inputs))
