@@ -299,6 +299,13 @@ class AsofJoin(_Model):
     def _delay(cls, v: str | None) -> str | None:
         return None if v is None else _span(v, "max_delay", zero_ok=True)
 
+    @model_validator(mode="after")
+    def _delay_with_known_at(self) -> AsofJoin:
+        if self.known_at is not None and self.max_delay is None and not _same_expr(self.known_at, self.time):
+            raise ValueError("known_at needs max_delay: how long after its `time` a row can become known (rows "
+                             "known later never match; without it every row known after its time would be left out)")
+        return self
+
     def known_at_expr(self) -> str:
         return self.known_at or self.time
 
@@ -1297,6 +1304,11 @@ def _check_leaks(spec: Spec) -> None:
                              f"(the label is computed from {named}): the feature would hand the model the answer. "
                              "Past values come from a window or an as-of join with known_at")
     label_known = f.label.known_at_expr()
+    if label_known is not None and f.label.max_delay is None and f.label.delay() is None and not _same_expr(
+            label_known, "event_time") and any(_same_expr(w.known_at, label_known) for w in f.windows):
+        raise ValueError("features.label.max_delay: windows over the label's columns take label.known_at "
+                         f"({f.label.known_at!r}); say how long after the event it can be (e.g. '5d'), or they "
+                         "would leave out every row known after its event")
     for i, w in enumerate(f.windows):
         if spec.features.window_source(w) != f.base:
             continue
