@@ -36,6 +36,9 @@ def built(home: Path, spec, ray_local) -> pd.DataFrame:
     _stage_days(spec, days)
     res = build_features(spec, RunContext.create(DAY))
     assert res["rows"] > 800 and not res["skipped"] and res["missing_history"] == []
+    # the flights demo's features do not trip the run-time target-leak check
+    assert res["leak_check"]["mode"] == "block" and res["leak_check"]["suspects"] == {}
+    assert res["missing_history_sources"] == {}
     return pq.read_table(res["uri"]).to_pandas()
 
 
@@ -169,7 +172,7 @@ def test_window_index_matches_brute_force(wide: bool) -> None:
         "name": "t", "sources": {"ev": {"path": "x/{date}.csv", "columns": {
             "a": "string", "b": "int64", "ts": "timestamp[us, UTC]", "v": "float64"}}},
         "features": {"name": "t", "base": "ev", "event_time": "ts", "keys": ["a", "b"],
-                     "label": {"name": "y", "expr": "v > 0"},
+                     "label": {"name": "y", "expr": "b > 2"},  # not v: the window reads v
                      "windows": [{"by": ["a", "b"], "value": "v", "aggs": ["count", "sum", "std", "min", "max"],
                                   "windows": ["1h", "3000d"], "prefix": "w_"}]},
         "model": {"name": "t"}})

@@ -74,7 +74,9 @@ def test_self_asof_without_known_at_is_refused() -> None:
     assert "spec: features" not in msg  # the path is said once, as the YAML reads
     raw["features"]["asof"][0]["known_at"] = "day"  # the row's own time: the same leak, declared
     assert "features.asof[0].known_at: joins label column(s) ['units'] known at the row's own time" in _err(raw)
-    raw["features"]["asof"][0]["known_at"] = "day + days(1)"  # known the next day: fine
+    raw["features"]["asof"][0]["known_at"] = "day + days(1)"  # known the next day: fine, saying how late
+    assert "features.asof[0]: known_at needs max_delay" in _err(raw)
+    raw["features"]["asof"][0]["max_delay"] = "1d"
     parse_spec(raw, try_model=False)
 
 
@@ -159,3 +161,14 @@ def test_new_fields_at_their_defaults_do_not_change_the_hashes() -> None:
     raw["features"]["windows"][0]["rows"] = [3]
     raw["features"]["windows"][0]["lookback"] = "7d"
     assert parse_spec(raw, try_model=False).feature_version() != plain.feature_version()
+
+
+def test_label_known_at_expression_needs_max_delay_for_windows() -> None:
+    raw = copy.deepcopy(SALES)
+    raw["sources"]["sales"]["columns"]["counted_at"] = "timestamp[us, UTC]"
+    raw["features"]["label"]["known_at"] = "counted_at"
+    raw["features"]["windows"].append({"by": ["store"], "value": "units", "aggs": ["mean"], "windows": ["7d"],
+                                       "prefix": "units_"})
+    assert "features.label.max_delay: windows over the label's columns take label.known_at" in _err(raw)
+    raw["features"]["label"]["max_delay"] = "2d"
+    assert parse_spec(raw, try_model=False).features.windows[1].max_delay == "2d"

@@ -299,6 +299,13 @@ class AsofJoin(_Model):
     def _delay(cls, v: str | None) -> str | None:
         return None if v is None else _span(v, "max_delay", zero_ok=True)
 
+    @model_validator(mode="after")
+    def _delay_with_known_at(self) -> AsofJoin:
+        if self.known_at is not None and self.max_delay is None and not _same_expr(self.known_at, self.time):
+            raise ValueError("known_at needs max_delay: how long after its `time` a row can become known (rows "
+                             "known later never match; without it every row known after its time would be left out)")
+        return self
+
     def known_at_expr(self) -> str:
         return self.known_at or self.time
 
@@ -970,8 +977,9 @@ class Spec(_Model):
         """A regression model's gate judges rmse unless told otherwise (roc_auc, the default, is
         for classification): a regression spec need not name a metric to validate."""
         if isinstance(v, dict) and isinstance(v.get("model"), dict) and v["model"].get("task") == "regression":
-            gate = v.get("gate") if isinstance(v.get("gate"), dict) else {}
-            if "metric" not in gate:
+            given = v.get("gate")
+            gate: dict[str, Any] = given if isinstance(given, dict) else {}
+            if "metric" not in gate and (given is None or isinstance(given, dict)):
                 v = {**v, "gate": {**gate, "metric": "rmse"}}
         return v
 
@@ -1276,7 +1284,14 @@ def _check_leaks(spec: Spec) -> None:
     event time with no label.known_at; an as-of join of the base source onto itself without
     known_at, or with known_at no later than the joined row's own time when it joins a label column."""
     f = spec.features
-    inputs = label_inputs(f.label, f.event_time, f.keys) & set(spec.sources[f.base].columns)
+    inputs = label_inputs(f.label, f.event_time, f.keys)
+    # A derived column the label reads stands for what it reads (the later definition first, as
+    # a column may take an earlier one's name); window and join outputs are past values, known
+    # before the event: a feature may read them (y_lag_1 beside a label y - y_lag_1).
+    for c in reversed(f.columns):
+        if c.name in inputs:
+            inputs = (inputs - {c.name}) | (_names(c.expr) - _names(f.event_time) - set(f.keys) - {"event_time"})
+    inputs = (inputs - set(_output_columns(spec))) & set(spec.sources[f.base].columns)
     if not inputs:
         return
     named = ", ".join(repr(c) for c in sorted(inputs))
@@ -1289,6 +1304,11 @@ def _check_leaks(spec: Spec) -> None:
                              f"(the label is computed from {named}): the feature would hand the model the answer. "
                              "Past values come from a window or an as-of join with known_at")
     label_known = f.label.known_at_expr()
+    if label_known is not None and f.label.max_delay is None and f.label.delay() is None and not _same_expr(
+            label_known, "event_time") and any(_same_expr(w.known_at, label_known) for w in f.windows):
+        raise ValueError("features.label.max_delay: windows over the label's columns take label.known_at "
+                         f"({f.label.known_at!r}); say how long after the event it can be (e.g. '5d'), or they "
+                         "would leave out every row known after its event")
     for i, w in enumerate(f.windows):
         if spec.features.window_source(w) != f.base:
             continue
