@@ -229,12 +229,9 @@ def test_row_count_compares_expected_days(weekday: dict) -> None:
     assert rc["detail"] == "2024-03-28: 240 rows vs median 240 of 3 earlier expected days", rc
 
 
-@pytest.mark.xfail(strict=True, reason="features/_build.py (not this branch's) still counts the days with no "
-                                       "expected drop in a look-back as missing_history, so training leaves out "
-                                       "every day whose windows span a weekend and Monday has nothing to train on; "
-                                       "fix in features._build._inputs: history = [d for d in history if "
-                                       "spec.expects(d)], then drop this marker")
 def test_weekday_feed_trains_every_expected_day(weekday: dict) -> None:
+    """Every expected day trains a candidate: a look-back over a weekend or a holiday is no gap in
+    the history (no missing_history), so no day is left out of training."""
     days = weekday["days"]
     assert all(s["candidate_version"] is not None for d, s in days.items() if d not in OFF), days
     assert all(_manifest(weekday["home"], d)["missing_history"] == [] for d in days if d not in OFF)
