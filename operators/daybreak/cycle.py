@@ -164,9 +164,8 @@ def day_summary(spec: Spec, ctx: RunContext) -> dict[str, Any]:
 @dataclass(frozen=True)
 class HistoryPlan:
     """What a backfill's first date reads from before it: the expected days to stage (its
-    features' look-back, and that of every day it trains on) and, of those, the days to featurise
-    (its training window and holdout), oldest first; ``missing``: days to stage that are neither
-    staged nor have landing files."""
+    features' look-back, and that of every day it trains on) and to featurise, oldest first;
+    ``missing``: days to stage that are neither staged nor have landing files."""
 
     first: date
     stage: list[date] = field(default_factory=list)
@@ -191,30 +190,29 @@ def lookback_days(spec: Spec) -> int:
 
 def history_plan(spec: Spec, context: Callable[[date], RunContext], first: date,
                  steps: Sequence[str] | None = None) -> HistoryPlan:
-    """The history `first` needs for the cycle `steps` (default all): with features, its
-    look-back; with training (train and after), its training window and holdout featurised, each
-    with its own look-back. Only days the base source's calendar expects count; a day counts as
-    staged when the base's partition exists."""
+    """The history `first` needs for the cycle `steps` (default all): its windows' look-back and,
+    with training (train and after), its training window and holdout with their own look-back.
+    Those days are staged and featurised (a look-back day's features are cheap, and a store so
+    warmed can backfill from any of its days). Only days the base source's calendar expects
+    count; a day counts as staged when the base's partition exists."""
     from daybreak.stage import unlanded
 
     names = [s.name for s in cycle_steps(steps)]
     trains = any(n in names for n in ("train", "gate", "promote", "deploy"))
     if not trains and "features" not in names:
         return HistoryPlan(first)
-    cal = spec.calendar()
-    featurise = sorted({d for d in (*spec.train_days(first), *spec.holdout_days(first))
-                        if d < first and cal.expects(d)}) if trains else []
-    oldest = min([first, *featurise]) - timedelta(days=lookback_days(spec))
-    stage_days = cal.expected_days(oldest, first - timedelta(days=1)) if oldest < first else []
+    window = [*spec.train_days(first), *spec.holdout_days(first)] if trains else []
+    oldest = min([first, *window]) - timedelta(days=lookback_days(spec))
+    days = spec.calendar().expected_days(oldest, first - timedelta(days=1)) if oldest < first else []
     base = f"staged/{spec.features.base}"
     staged, missing = [], []
-    for d in stage_days:
+    for d in days:
         ctx = context(d)
         if ctx.store.partition(base, d) is not None:
             staged.append(d)
         elif unlanded(spec, ctx):
             missing.append(d)
-    return HistoryPlan(first, stage_days, featurise, missing, staged)
+    return HistoryPlan(first, days, list(days), missing, staged)
 
 
 def warm_history(spec: Spec, context: Callable[[date], RunContext], plan: HistoryPlan,
