@@ -178,7 +178,7 @@ class HistoryPlan:
         return (f"backfill {self.first}: the look-back needs {days} staged but "
                 f"{'it has' if len(self.missing) == 1 else 'they have'} no landing file; stage them, start later, "
                 f"or declare the data's first day with sources.{spec.features.base}.calendar.start "
-                "(or pass --no-history to backfill with truncated windows)")
+                "(or skip this, windows truncated: --no-history; in the Prefect flow history=False)")
 
 
 def lookback_days(spec: Spec) -> int:
