@@ -777,12 +777,8 @@ def _read_table(files: list[str], fs: Any) -> pa.Table:
 
 def _expected(spec: Spec, day: date, source: str) -> bool:
     """Whether `source`'s calendar expects a drop on `day`: a missing day it does not expect is
-    no gap in the history. (Until the calendar module lands, every day is expected: drop the
-    try/except then.)"""
-    try:
-        return spec.expects(day, source)
-    except ImportError:
-        return True
+    no gap in the history."""
+    return spec.expects(day, source)
 
 
 @dataclass

@@ -33,6 +33,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from daybreak.infra.errors import SpecError
 from daybreak.infra.yamlio import MAX_SPEC_BYTES, load_yaml, read_yaml_file
+from daybreak.spec._calendar import CalendarSpec
 
 _DURATION = re.compile(r"^\s*(\d+)\s*(s|m|h|d|w)\s*$")
 _UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
@@ -165,6 +166,10 @@ class SourceSpec(_Model):
     quarantine: QuarantinePolicy = QuarantinePolicy()
     severity: dict[str, Severity] = Field(default_factory=dict,
                                           description="per rule: quarantine (default), warn or block")
+    calendar: CalendarSpec | None = Field(
+        None, description="the days a drop is expected: daily (default), weekdays, exchange:XNYS, or a mapping "
+                          "with days, exchange, holidays and start (the data's first day). A day with no expected "
+                          "drop runs nothing; a missing expected drop is an error")
     max_file_bytes: int = Field(
         2 * 2**30, ge=1, description="a landing file larger than this is quarantined unread (read in a stream, "
                                      "never whole). For Parquet the limit applies to the uncompressed data as "
@@ -995,11 +1000,9 @@ class Spec(_Model):
         return self
 
     # --- days and times ----------------------------------------------------------------------
-    def calendar(self, source: str | None = None) -> Any:
-        """The days `source` (default: the base source) expects a drop (a CalendarSpec)."""
-        from daybreak.spec._calendar import CalendarSpec
-
-        cal = getattr(self.sources[source or self.features.base], "calendar", None)
+    def calendar(self, source: str | None = None) -> CalendarSpec:
+        """The days `source` (default: the base source) expects a drop."""
+        cal = self.sources[source or self.features.base].calendar
         return cal if cal is not None else CalendarSpec()
 
     def expects(self, day: date, source: str | None = None) -> bool:
