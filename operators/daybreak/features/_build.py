@@ -49,8 +49,17 @@ from daybreak.infra.compute import ensure_ray
 from daybreak.infra.context import RunContext
 from daybreak.infra.errors import ContractError, MissingInputError
 from daybreak.infra.store import ROW_GROUP_ROWS
-from daybreak.spec import LABEL_KNOWN_AT, FeatureSpec, Spec, evaluate, names_in, parse_duration, window_feature_names
-from daybreak.spec._model import AsofJoin, WindowAgg
+from daybreak.spec import (
+    LABEL_KNOWN_AT,
+    AsofJoin,
+    FeatureSpec,
+    Spec,
+    WindowAgg,
+    evaluate,
+    names_in,
+    parse_duration,
+    window_feature_names,
+)
 
 if TYPE_CHECKING:
     import pyarrow.parquet as pq
