@@ -73,7 +73,7 @@ def test_self_asof_without_known_at_is_refused() -> None:
     assert "features.asof[0].known_at: an as-of join of the base source 'sales' onto itself needs known_at" in msg
     assert "spec: features" not in msg  # the path is said once, as the YAML reads
     raw["features"]["asof"][0]["known_at"] = "day"  # the row's own time: the same leak, declared
-    assert "features.asof[0].known_at: joins label column(s) ['units'] known at the row's own time" in _err(raw)
+    assert "features.asof[0].known_at: joins label column(s) ['units'] known by the row's own event" in _err(raw)
     raw["features"]["asof"][0]["known_at"] = "day + days(1)"  # known the next day: fine, saying how late
     assert "features.asof[0]: known_at needs max_delay" in _err(raw)
     raw["features"]["asof"][0]["max_delay"] = "1d"
@@ -172,3 +172,44 @@ def test_label_known_at_expression_needs_max_delay_for_windows() -> None:
     assert "features.label.max_delay: windows over the label's columns take label.known_at" in _err(raw)
     raw["features"]["label"]["max_delay"] = "2d"
     assert parse_spec(raw, try_model=False).features.windows[1].max_delay == "2d"
+
+
+@pytest.mark.parametrize("known_at", ["day", "event_time - hours(1)", "hours(20) + day", "event_time + seconds(0)",
+                                      "(day + hours(20))"])
+def test_known_at_not_after_the_event_is_refused_however_spelled(known_at: str) -> None:
+    """A known_at that reads only what the event time reads is compared with it on made-up rows
+    (the review's bypasses: exact spellings of the event time were all that was caught)."""
+    raw = copy.deepcopy(SALES)
+    raw["features"]["windows"].append({"by": ["store"], "value": "units", "aggs": ["mean"], "windows": ["7d"],
+                                       "known_at": known_at, "prefix": "units_"})
+    assert "features.windows[1].known_at: the window aggregates label column(s) ['units'] and takes a row as " \
+           "known at or before its own event" in _err(raw)
+
+
+@pytest.mark.parametrize("known_at", ["day + hours(0)", "day + seconds(0)", "day - days(1)", "day + hours(20)"])
+def test_self_asof_known_by_its_own_event_is_refused(known_at: str) -> None:
+    raw = copy.deepcopy(SALES)
+    raw["features"]["asof"] = [{"source": "sales", "time": "day", "by": ["store"], "tolerance": "2d",
+                                "known_at": known_at, "max_delay": "2d", "columns": {"prev_units": "units"}}]
+    assert "features.asof[0].known_at: joins label column(s) ['units'] known by the row's own event" in _err(raw)
+
+
+def test_self_asof_needs_known_at_whatever_the_label() -> None:
+    """The rule holds when the label reads only keys or event-time columns too (the early return
+    for a label without inputs skipped it)."""
+    raw = copy.deepcopy(SALES)
+    raw["features"]["label"] = {"name": "y", "expr": "dayofweek(day) == 0"}
+    raw["features"]["asof"] = [{"source": "sales", "time": "day", "by": ["store"], "columns": {"p": "promo"}}]
+    assert "features.asof[0].known_at: an as-of join of the base source 'sales' onto itself needs known_at" \
+        in _err(raw)
+
+
+def test_label_known_before_the_event_and_windows_earlier_than_the_label_are_refused() -> None:
+    raw = copy.deepcopy(SALES)
+    raw["features"]["label"]["known_at"] = "day"  # midnight, before the 20:00 event
+    assert "features.label.known_at: 'day' is before the event" in _err(raw)
+    raw["features"]["label"]["known_at"] = "30d"
+    raw["features"]["windows"].append({"by": ["store"], "value": "units", "aggs": ["mean"], "windows": ["60d"],
+                                       "known_at": "event_time + hours(1)", "max_delay": "1h", "prefix": "units_"})
+    assert "features.windows[1].known_at: 'event_time + hours(1)' is earlier than features.label.known_at" \
+        in _err(raw)

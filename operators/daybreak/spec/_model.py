@@ -1283,10 +1283,29 @@ def _same_expr(a: str, b: str) -> bool:
 
 def _check_leaks(spec: Spec) -> None:
     """Refuse a feature that could read a label column before the label is known (DESIGN.md,
-    "Time"): a derived feature reading one on its own row; a window over one taken as known at the
-    event time with no label.known_at; an as-of join of the base source onto itself without
-    known_at, or with known_at no later than the joined row's own time when it joins a label column."""
+    "Time"): a derived feature reading one on its own row; a window over one whose known_at is not
+    after the event (nor the label's); an as-of join of the base source onto itself without
+    known_at, or, when it joins a label column, with a known_at not after the row's own event; a
+    label.known_at before the event.
+
+    A known_at that reads only what the event time reads is compared with the event time on
+    made-up rows (:func:`_gap`): ``day``, ``event_time - hours(1)`` or ``event_time + seconds(0)``
+    are caught however they are spelled. A known_at that reads other columns (``resolved_at``) is
+    the spec author's statement about the data, which no static check can prove; the features
+    step's run-time leak check is the backstop."""
     f = spec.features
+    for i, j in enumerate(f.asof):
+        if j.source == f.base and j.known_at is None:
+            raise ValueError(f"features.asof[{i}].known_at: an as-of join of the base source {f.base!r} onto itself "
+                             "needs known_at: without it a row joins its own values (or ones of the same time, "
+                             "known only later). Say when a row becomes known, e.g. known_at: "
+                             f"\"{j.time} + days(1)\" with max_delay: 1d, or use a window with lag: 1")
+    label_known = f.label.known_at_expr()
+    if label_known is not None:
+        gap = _gap(spec, label_known, "event_time")
+        if gap is not None and gap < 0:
+            raise ValueError(f"features.label.known_at: {f.label.known_at!r} is before the event on some rows: a "
+                             "label known before the prediction is made is not a label to predict")
     inputs = label_inputs(f.label, f.event_time, f.keys)
     # A derived column the label reads stands for what it reads (the later definition first, as
     # a column may take an earlier one's name); window and join outputs are past values, known
@@ -1306,43 +1325,83 @@ def _check_leaks(spec: Spec) -> None:
             raise ValueError(f"features.columns[{i}].expr: reads label column(s) {sorted(used)} of its own row "
                              f"(the label is computed from {named}): the feature would hand the model the answer. "
                              "Past values come from a window or an as-of join with known_at")
-    label_known = f.label.known_at_expr()
     if label_known is not None and f.label.max_delay is None and f.label.delay() is None and not _same_expr(
             label_known, "event_time") and any(_same_expr(w.known_at, label_known) for w in f.windows):
         raise ValueError("features.label.max_delay: windows over the label's columns take label.known_at "
                          f"({f.label.known_at!r}); say how long after the event it can be (e.g. '5d'), or they "
                          "would leave out every row known after its event")
     for i, w in enumerate(f.windows):
-        if spec.features.window_source(w) != f.base:
-            continue
         used = _names(w.value) & inputs
-        if not used:
+        if spec.features.window_source(w) != f.base or not used:
             continue
         if label_known is not None and _same_expr(w.known_at, label_known):
             continue
-        trivial = _same_expr(w.known_at, "event_time") or _same_expr(w.known_at, f.event_time)
-        if trivial:
+        after_event = _gap(spec, w.known_at, "event_time")
+        if after_event is not None and after_event <= 0:
             raise ValueError(f"features.windows[{i}].known_at: the window aggregates label column(s) {sorted(used)} "
-                             f"and takes each row as known at its event time ({w.known_at!r}); a label is not known "
-                             f"when its event happens, so the window would count outcomes not yet known: {declare}")
-    for i, j in enumerate(f.asof):
-        if j.source != f.base:
+                             f"and takes a row as known at or before its own event ({w.known_at!r}); a label is "
+                             f"not known when its event happens, so the window would count outcomes not yet known: "
+                             f"{declare}")
+        if label_known is None:
             continue
-        if j.known_at is None:
-            raise ValueError(f"features.asof[{i}].known_at: an as-of join of the base source {f.base!r} onto itself "
-                             "needs known_at: without it a row joins its own values (or ones of the same time, "
-                             "known only later). Say when a row becomes known, e.g. known_at: "
-                             f"\"{j.time} + days(1)\", or use a window with lag: 1")
+        after_label = _gap(spec, w.known_at, label_known)
+        if after_label is not None and after_label < 0:
+            raise ValueError(f"features.windows[{i}].known_at: {w.known_at!r} is earlier than features.label.known_at "
+                             f"({f.label.known_at!r}) on some rows, and the window aggregates label column(s) "
+                             f"{sorted(used)}: drop known_at to take the label's")
+    for i, j in enumerate(f.asof):
         used = set(j.columns.values()) & inputs
-        only_its_time = not (_names(j.known_at) - {j.time}) and not re_search_duration(j.known_at)
-        if used and only_its_time:
-            raise ValueError(f"features.asof[{i}].known_at: joins label column(s) {sorted(used)} known at the row's "
-                             f"own time ({j.known_at!r}): {declare}")
+        if j.source != f.base or not used:
+            continue
+        assert j.known_at is not None  # refused above
+        gap = _gap(spec, j.known_at, "event_time")
+        if gap is not None and (gap < 0 or (gap == 0 and not j.strict)):
+            raise ValueError(f"features.asof[{i}].known_at: joins label column(s) {sorted(used)} known by the row's "
+                             f"own event ({j.known_at!r}), so a row can join its own label: {declare}")
 
 
-def re_search_duration(expr: str) -> bool:
-    """Whether `expr` adds a duration (seconds/minutes/hours/days of something) to a time."""
-    return bool(re.search(r"\b(seconds|minutes|hours|days)\s*\(", expr))
+_MADE_UP = {"timestamp": [1_704_067_200_000_000, 1_719_754_620_000_000, 1_735_689_540_000_000],  # us, 2024
+            "int": [0, 1, 30], "float": [0.0, 1.5, 30.0], "string": ["a", "b", "c"], "bool": [False, True, True],
+            "date": [19723, 19904, 20088]}
+
+
+def _gap(spec: Spec, later: str, earlier: str) -> float | None:
+    """min(later - earlier) in seconds over made-up base rows (times across a year; whole numbers
+    from 0 to 30), when both expressions read only what features.event_time reads; None when
+    either reads anything else (then the rows' values, not the spec, decide) or cannot be
+    computed. `event_time` in either is the event time."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    from daybreak.spec._expr import evaluate
+
+    f = spec.features
+    base = spec.sources[f.base]
+    timing = _names(f.event_time)
+    if (_names(later) | _names(earlier)) - timing - {"event_time"}:
+        return None
+    cols = {}
+    try:
+        for c in sorted(timing & set(base.columns)):
+            t = arrow_type(base.columns[c].type)
+            kind = ("timestamp" if pa.types.is_timestamp(t) else "date" if pa.types.is_date(t) else
+                    "int" if pa.types.is_integer(t) else "float" if pa.types.is_floating(t) else
+                    "bool" if pa.types.is_boolean(t) else "string")
+            made_up = pa.array(_MADE_UP[kind])
+            if kind == "timestamp":
+                made_up = made_up.cast(pa.timestamp("us", tz=t.tz))
+            elif kind == "date":
+                made_up = made_up.cast(pa.int32())
+            cols[c] = made_up.cast(t)
+        rows = pa.table(cols) if cols else pa.table({"__": pa.array([0, 1, 2])})
+        rows = rows.append_column("event_time", evaluate(f.event_time, rows).cast(pa.timestamp("us", tz="UTC")))
+        a = evaluate(later, rows).cast(pa.timestamp("us", tz="UTC"))
+        b = evaluate(earlier, rows).cast(pa.timestamp("us", tz="UTC"))
+        diff = pc.cast(pc.subtract(pc.cast(a, pa.int64()), pc.cast(b, pa.int64())), pa.float64())
+        least = pc.min(diff).as_py()
+    except (pa.ArrowException, TypeError, ValueError):
+        return None
+    return None if least is None else least / 1e6
 
 
 def _check_types(spec: Spec) -> None:
