@@ -21,7 +21,7 @@ from daybreak.spec import LABEL_KNOWN_AT, parse_spec
 from daybreak.stage import stage
 from daybreak.train import train_model
 
-DAYS = [date(2024, 6, 1) + timedelta(days=k) for k in range(10)]
+DAYS = [date(2024, 6, 1) + timedelta(days=k) for k in range(14)]
 
 SPEC = {
     "name": "tickets",
@@ -88,11 +88,14 @@ def test_immature_labels_are_left_out_of_training_and_holdout(tmp_path: Path, mo
 
     day = DAYS[-1]
     ctx = RunContext.create(day)
-    cut = datetime(2024, 6, 11, tzinfo=UTC)  # the end of the logical date
+    cut = datetime(2024, 6, 15, tzinfo=UTC)  # the end of the logical date
     assert spec.label_cut(day) == cut
     part = pq.read_table(ctx.store.partition(f"features/tickets/v={spec.feature_version()}", day).files[0])
     assert LABEL_KNOWN_AT in part.column_names and LABEL_KNOWN_AT not in spec.features.feature_names()
 
+    # labels take up to 5 days: the holdout ends on the newest day whose labels are in by then
+    assert spec.holdout_days(day) == [date(2024, 6, 8), date(2024, 6, 9)]
+    assert spec.train_days(day) == [date(2024, 6, k) for k in range(3, 8)]
     res = train_model(spec, ctx)
     window = spec.train_days(day)
     expect_out = _immature(truth, window, cut)
@@ -124,3 +127,18 @@ def test_windows_count_a_label_only_once_it_is_known(tmp_path: Path, monkeypatch
                       & (truth["resolved_at"] < t) & (truth["resolved_at"] > t - pd.Timedelta(days=7))
                       & (truth["resolved_at"] - truth["opened_at"] <= pd.Timedelta(days=5))]
         assert row["queue_escalated_count_7d"] == len(known)
+
+
+def test_a_long_label_delay_moves_the_holdout_back_and_the_cut_follows_the_date_zone() -> None:
+    """A label known 30 days later: at the end of D nothing of the last 30 days is labelled, so the
+    holdout and the training window end 30 days back; the cut is midnight in the source's date zone."""
+    raw = {**SPEC, "features": {**SPEC["features"], "label": {"name": "escalated", "expr": "where(escalated, 1, 0)",
+                                                               "known_at": "30d"}}}
+    raw["sources"] = {"tickets": {**SPEC["sources"]["tickets"],
+                                  "event_time": {"column": "opened_at", "date_timezone": "America/New_York"}}}
+    spec = parse_spec(raw, try_model=False)
+    day = date(2024, 7, 31)
+    assert spec.label_lag_days() == 30 and spec.labelled_day(day) == date(2024, 7, 1)
+    assert spec.holdout_days(day) == [date(2024, 6, 30), date(2024, 7, 1)]
+    assert spec.train_days(day)[-1] == date(2024, 6, 29)
+    assert spec.label_cut(day) == datetime(2024, 8, 1, 4, tzinfo=UTC)  # midnight in New York (EDT)

@@ -142,7 +142,7 @@ def run_data_checks(spec: Spec, ctx: RunContext, candidate_tags: dict[str, str],
     days = Days(spec, ctx, features if dc.drift else [], per_day, seed)
 
     if champion_tags is not None:
-        first = spec.training.holdout(ctx.logical_date)[0]
+        first = spec.holdout_days(ctx.logical_date)[0]
         seen = [d for d in champ_days if d >= first]
         rules.append({"rule": "unseen_holdout", "kind": "data", "metric": None,
                       "value": champ_days[-1].isoformat() if champ_days else None, "threshold": first.isoformat(),

@@ -80,9 +80,10 @@ def holdout_with_hash(spec: Spec, ctx: RunContext) -> tuple[Any, str]:
     """The holdout rows (features of the spec's holdout days: the logical date and the
     ``training.holdout_days - 1`` days before it, which training never reads) and a hash of the
     partitions they came from."""
-    table, hashes, missing = read_features(spec, ctx, spec.holdout_days(ctx.logical_date), with_day=True)
-    if table is None or ctx.logical_date.isoformat() in missing:
-        raise MissingInputError(f"gate: no feature partition for {ctx.logical_date}; run the features step first")
+    days = spec.holdout_days(ctx.logical_date)
+    table, hashes, missing = read_features(spec, ctx, days, with_day=True)
+    if table is None or days[-1].isoformat() in missing:
+        raise MissingInputError(f"gate: no feature partition for {days[-1]}; run the features step first")
     if missing:
         log.warning("gate %s: holdout days without features %s", ctx.logical_date, missing)
     table, immature = mature_rows(spec, table, ctx.logical_date)

@@ -39,6 +39,7 @@ import math
 import os
 import re
 import tempfile
+from dataclasses import replace
 from datetime import date, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypedDict
@@ -194,11 +195,9 @@ def _slice_columns(spec: Spec) -> list[str]:
     return list(spec.monitoring.slices if spec.monitoring.slices is not None else spec.gate.slices.columns)
 
 
-def _window_rows(spec: Spec, ctx: RunContext, today: Any, champion: str) -> Any:
+def _window_rows(spec: Spec, ctx: RunContext, today: Any, champion: str, cut: date | None = None) -> Any:
     """The champion's labelled rows of the rollback window: today's, and those of the days before
     it (``monitoring.rollback.window_days``) whose labels are in."""
-    from dataclasses import replace
-
     import pandas as pd
 
     from daybreak.deploy import read_log
@@ -215,7 +214,7 @@ def _window_rows(spec: Spec, ctx: RunContext, today: Any, champion: str) -> Any:
         if online is None and batch is None:
             continue
         try:
-            labelled = _labelled(spec, day, cut=ctx.logical_date)
+            labelled = _labelled(spec, day, cut=cut or ctx.logical_date)
         except MissingInputError:
             continue
         rows = joined_rows(spec, day, labelled, online, batch)
@@ -452,6 +451,7 @@ class MonitorResult(TypedDict, total=False):
     rows_batch: int
     rows_labelled: int
     rows_immature: int  # rows of the date whose labels are not known yet (left out)
+    labels_of: str  # the day whose labels are judged (label.known_at delays it)
     versions: list[dict[str, Any]]  # per (source, version): rows, label_mean, metrics
     slices: list[dict[str, Any]]  # per (source, version, slice column, value)
     drift_verdict: str  # pass | warn | block | skip
@@ -482,14 +482,19 @@ def monitor_model(spec: Spec, ctx: RunContext) -> MonitorResult:
     prev = registry.alias_version(cl, name, spec.promotion.previous_alias)
     champion, previous = (None if champ is None else str(champ.version)), (None if prev is None else str(prev.version))
     pruned = prune(spec, ctx.store, ctx.logical_date)
+    # Labels that take days to be known are judged on the newest day whose labels are in (the
+    # predictions served then); drift is judged on the date's own inputs.
+    judged = ctx if spec.label_lag_days() == 0 else replace(ctx, logical_date=spec.labelled_day(ctx.logical_date))
     online, served = _online(spec, ctx)
-    batch = _batch(spec, ctx)
+    if judged is not ctx:
+        online, _ = _online(spec, judged)
+    batch = _batch(spec, judged)
     if online is None and batch is None:
         log.info("monitor %s: no predictions logged or batch-scored for this date; nothing to judge", day)
         return base | {"action": "none", "champion_version": champion, "rows_logged": 0, "rows_labelled": 0,
                        "reason": "no predictions logged or batch-scored for this date", "pruned": pruned}
-    labelled = _labelled(spec, ctx)
-    rows = joined_rows(spec, ctx, labelled, online, batch)
+    labelled = _labelled(spec, judged, cut=ctx.logical_date)
+    rows = joined_rows(spec, judged, labelled, online, batch)
     conflicting = 0 if rows is None else rows.attrs.get("conflicting_identities", 0)
     if rows is not None:
         rows["monitor_date"] = day
@@ -497,13 +502,14 @@ def monitor_model(spec: Spec, ctx: RunContext) -> MonitorResult:
     drift_verdict, drift = ("skip", []) if champ is None else served_drift(spec, ctx, served, dict(champ.tags))
     verdict: dict[str, Any] = {"rollback": False, "reasons": [], "alerts": []}
     if champion is not None and rows is not None and len(rows):
-        window = _window_rows(spec, ctx, rows, champion)
+        window = _window_rows(spec, judged, rows, champion, cut=ctx.logical_date)
         verdict = judge_champion(spec, ctx, window, champion, previous)
     result = base | {
         "champion_version": champion, "previous_version": previous, "metric": spec.live_metric(),
         "rows_logged": 0 if online is None else len(online), "rows_batch": 0 if batch is None else len(batch),
         "rows_labelled": 0 if rows is None else len(rows), "versions": versions, "slices": slices,
         "rows_immature": int(labelled.attrs.get("immature_rows", 0)),
+        "labels_of": judged.logical_date.isoformat(),  # the day judged: its labels are in by the date's end
         "drift_verdict": drift_verdict, "drift": drift, "judgement": dict(verdict),
         "reasons": list(verdict["reasons"]), "alerts": list(verdict["alerts"]), "warnings": [], "pruned": pruned,
         "action": "none", "rollback": None, "conflicting_identities": conflicting}

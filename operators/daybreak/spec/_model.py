@@ -1009,20 +1009,51 @@ class Spec(_Model):
         """Whether `source` (default: the base source) expects a drop on `day`."""
         return bool(self.calendar(source).expects(day))
 
+    def label_lag_days(self) -> int:
+        """Whole days a label can take to become known (``label.known_at``'s delay, or its
+        max_delay, rounded down; 0 without known_at). The gate's holdout, the training window and
+        the monitor's judged day end that many days before the logical date: on the days whose
+        labels are known by its end, not on days whose labels are all still to come."""
+        lab = self.features.label
+        if lab.known_at is None:
+            return 0
+        delay = lab.delay() or (parse_duration(lab.max_delay) if lab.max_delay else timedelta(0))
+        return delay.days
+
+    def labelled_day(self, day: date) -> date:
+        """The newest day whose labels are known by the end of `day` (:meth:`label_lag_days`
+        before it; with ``count_days: expected``, the newest expected day on or before that)."""
+        anchor = day - timedelta(days=self.label_lag_days())
+        if self.training.count_days == "expected" and anchor != day and not self.expects(anchor):
+            before = self.calendar().expected_before(anchor, 1)
+            anchor = before[0] if before else anchor
+        return anchor
+
     def train_days(self, day: date) -> list[date]:
-        """The training window's days for logical date `day` (``training.count_days``)."""
-        return self.training.window(day, self.calendar() if self.training.count_days == "expected" else None)
+        """The training window's days for logical date `day` (``training.count_days``), ending the
+        day before the holdout."""
+        return self.training.window(self.labelled_day(day),
+                                    self.calendar() if self.training.count_days == "expected" else None)
 
     def holdout_days(self, day: date) -> list[date]:
-        """The gate's holdout days for logical date `day` (``training.count_days``)."""
-        return self.training.holdout(day, self.calendar() if self.training.count_days == "expected" else None)
+        """The gate's holdout days for logical date `day` (``training.count_days``), ending on
+        :meth:`labelled_day`."""
+        return self.training.holdout(self.labelled_day(day),
+                                     self.calendar() if self.training.count_days == "expected" else None)
+
+    def date_zone(self) -> str:
+        """The zone the base source's days are cut in (``event_time.date_timezone``, else its
+        ``timezone``, else UTC): a logical date is a day there."""
+        et = self.sources[self.features.base].event_time
+        return (et.date_timezone or et.timezone or "UTC") if et is not None else "UTC"
 
     def label_cut(self, day: date) -> Any:
-        """The end of logical date `day` (UTC midnight after it): labels known after it are
-        immature for that day's training, gate and monitor."""
-        from datetime import UTC, datetime
+        """The end of logical date `day` (midnight after it, in :meth:`date_zone`): labels known
+        after it are immature for that day's training, gate and monitor."""
+        from datetime import datetime
+        from zoneinfo import ZoneInfo
 
-        return datetime.combine(day + timedelta(days=1), datetime.min.time(), tzinfo=UTC)
+        return datetime.combine(day + timedelta(days=1), datetime.min.time(), tzinfo=ZoneInfo(self.date_zone()))
 
     # --- identities -------------------------------------------------------------------------
     def spec_hash(self) -> str:
