@@ -992,9 +992,9 @@ def _data_files(fs: Any, folder: str) -> list[str]:
 
 # --- the run-time target-leak check ------------------------------------------------------------
 
-LEAK_MIN_ROWS = 200
+LEAK_MIN_ROWS = 500
 """Rows (with the feature and the label) the leak check needs before it judges a feature."""
-LEAK_MIN_CLASS_ROWS = 20
+LEAK_MIN_CLASS_ROWS = 50
 """Classification: rows of each class it needs."""
 LEAK_EQUAL_SHARE = 0.99
 """Regression: a feature equal to the label on this share of rows reproduces it..."""
@@ -1020,10 +1020,10 @@ def leak_suspects(table: pa.Table, f: FeatureSpec, task: str) -> dict[str, str]:
     trivially; their leaks come through a numeric encoding of the same column, which is checked.
     """
     label = table.column(f.label.name).to_numpy(zero_copy_only=False).astype(np.float64)
-    categorical = set(f.categorical_names())
+    skipped = set(f.categorical_names()) | past_values(f)
     out: dict[str, str] = {}
     for name in f.feature_names():
-        if name in categorical or name not in table.column_names:
+        if name in skipped or name not in table.column_names:
             continue
         x = table.column(name).to_numpy(zero_copy_only=False).astype(np.float64)
         keep = ~(np.isnan(x) | np.isnan(label))
@@ -1034,6 +1034,22 @@ def leak_suspects(table: pa.Table, f: FeatureSpec, task: str) -> dict[str, str]:
         if why:
             out[name] = why
     return out
+
+
+def past_values(f: FeatureSpec) -> set[str]:
+    """Features made only of values known strictly before the event: window outputs (validation
+    has checked their known_at against the label's) and derived columns reading nothing else.
+    They are not leak-checked: a label that persists from day to day is reproduced by its own
+    lag (``lag: 1`` of a state that rarely changes; a price level beside yesterday's), and that
+    is the point of the feature, not a leak."""
+    past = {n for w in f.windows for n in window_feature_names(w)}
+    for c in f.columns:
+        names = names_in(c.expr)
+        if names and names <= past:
+            past.add(c.name)
+        else:
+            past.discard(c.name)  # a derived column may take a name: it is then what it reads
+    return past
 
 
 def _separates(x: np.ndarray, y: np.ndarray) -> str | None:
@@ -1080,8 +1096,9 @@ def leak_check(spec: Spec, files: list[str], fs: Any) -> dict[str, Any]:
 
     label = read([f.label.name]) if files else pa.table({f.label.name: pa.array([], pa.float64())})
     suspects: dict[str, str] = {}
+    skipped = set(f.categorical_names()) | past_values(f)
     for name in f.feature_names():  # one column at a time: memory is two columns of the day
-        if name not in set(f.categorical_names()) and label.num_rows:
+        if name not in skipped and label.num_rows:
             suspects |= leak_suspects(label.append_column(name, read([name]).column(name)), f, spec.model.task)
     if suspects:
         detail = "; ".join(f"{n!r} {why}" for n, why in suspects.items())
