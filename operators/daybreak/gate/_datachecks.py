@@ -25,10 +25,10 @@ from typing import Any
 
 import numpy as np
 
-from daybreak.features import feature_zone
+from daybreak.features import feature_zone, mature_rows
 from daybreak.infra.context import RunContext
 from daybreak.infra.records import Lineage
-from daybreak.spec import Spec
+from daybreak.spec import LABEL_KNOWN_AT, Spec
 
 log = logging.getLogger(__name__)
 _EPS = 1e-4
@@ -80,18 +80,20 @@ class Days:
     def __init__(self, spec: Spec, ctx: RunContext, columns: list[str], per_day: int, seed: int) -> None:
         self.spec, self.ctx, self.columns, self.per_day, self.seed = spec, ctx, columns, per_day, seed
         self.zone = feature_zone(spec)
-        self.cache: dict[date, dict[str, Any] | None] = {}
+        self.cache: dict[tuple[date, date | None], dict[str, Any] | None] = {}
 
     def rows(self, d: date) -> int | None:
         part = self.ctx.store.partition(self.zone, d)
         return None if part is None else int(part.manifest["rows"])
 
-    def day(self, d: date) -> dict[str, Any] | None:
-        if d not in self.cache:
-            self.cache[d] = self._read(d)
-        return self.cache[d]
+    def day(self, d: date, cut: date | None = None) -> dict[str, Any] | None:
+        if (d, cut) not in self.cache:
+            self.cache[(d, cut)] = self._read(d, cut)
+        return self.cache[(d, cut)]
 
-    def _read(self, d: date) -> dict[str, Any] | None:
+    def _read(self, d: date, cut: date | None = None) -> dict[str, Any] | None:
+        """Day `d`'s label sums (of the labels known by the end of `cut`, as training on that
+        date saw them: ``features.label.known_at``) and a sample of its features."""
         import pyarrow as pa
         import pyarrow.parquet as pq
 
@@ -99,13 +101,18 @@ class Days:
         if part is None:
             return None
         label = self.spec.features.label.name
+        timed = [LABEL_KNOWN_AT] if cut is not None and self.spec.features.label.known_at is not None else []
         try:
-            t = pa.concat_tables([pq.read_table(f, columns=[label, *self.columns], filesystem=self.ctx.store.fs)
-                                  for f in part.files])
+            t = pa.concat_tables([pq.read_table(f, columns=[label, *self.columns, *timed],
+                                                filesystem=self.ctx.store.fs) for f in part.files])
         except (pa.ArrowInvalid, KeyError) as e:  # a partition without a column: the checks skip this day
             log.warning("data checks: cannot read %s features for %s: %s", self.zone, d, e)
             return None
-        y = t.column(label).to_numpy(zero_copy_only=False).astype(np.float64)
+        if timed:
+            mature, _ = mature_rows(self.spec, t, cut) if cut is not None else (t, 0)
+            y = (mature if mature is not None else t).column(label).to_numpy(zero_copy_only=False).astype(np.float64)
+        else:
+            y = t.column(label).to_numpy(zero_copy_only=False).astype(np.float64)
         y = y[np.isfinite(y)]
         n = t.num_rows
         if n > self.per_day:
@@ -114,10 +121,10 @@ class Days:
             t = t.take(np.sort(rng.choice(n, self.per_day, replace=False)))
         return {"n": len(y), "sum": float(y.sum()), "sq": float((y ** 2).sum()), "sample": t.select(self.columns)}
 
-    def window(self, days: list[date]) -> dict[str, Any] | None:
+    def window(self, days: list[date], cut: date | None = None) -> dict[str, Any] | None:
         import pyarrow as pa
 
-        parts = [p for p in (self.day(d) for d in days) if p is not None]
+        parts = [p for p in (self.day(d, cut) for d in days) if p is not None]
         if not parts:
             return None
         n = sum(p["n"] for p in parts)
@@ -170,7 +177,12 @@ def run_data_checks(spec: Spec, ctx: RunContext, candidate_tags: dict[str, str],
 
     cand = champ = None
     if (dc.label_shift or dc.drift) and champ_days:
-        cand, champ = days.window(cand_days), days.window(champ_days)
+        # label rates as each model's training saw them: labels known by the end of its date
+        try:
+            champ_cut: date | None = date.fromisoformat(Lineage.from_tags(champion_tags or {}).logical_date)
+        except ValueError:  # an older or edited version without its date: all its rows
+            champ_cut = None
+        cand, champ = days.window(cand_days, ctx.logical_date), days.window(champ_days, champ_cut)
     no_champ = ("no champion yet" if champion_tags is None else
                 "the champion has no training window tags" if not champ_days else "no feature rows for a window")
 
