@@ -29,7 +29,7 @@ from datetime import date, timedelta
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from daybreak.infra.errors import SpecError
 from daybreak.infra.yamlio import MAX_SPEC_BYTES, load_yaml, read_yaml_file
@@ -358,11 +358,11 @@ class WindowAgg(_Model):
     )
     aggs: list[Agg] = Field(default_factory=lambda: list[Agg](["count", "mean"]), min_length=1,
                             description="count, sum, mean, std, min, max, last, first")
-    windows: list[str] = Field(default_factory=lambda: ["7d"], description="time spans, e.g. [1h, 7d]")
     rows: list[int] = Field(default_factory=list, description="row-count windows: the last N known rows per key "
                                                               "(within lookback), e.g. [5, 20]")
     lag: list[int] = Field(default_factory=list, description="lags: the n-th latest value known before the event "
                                                              "(within lookback); `lag: 1` is the previous value")
+    windows: list[str] = Field(default_factory=lambda: ["7d"], description="time spans, e.g. [1h, 7d]")
     lookback: str | None = Field(None, description="how far back rows and lags look (default: the longest of "
                                                    "`windows`; required when there are none)")
     source: str | None = Field(None, description="events source aggregated (default: features.base), keyed by "
@@ -385,9 +385,11 @@ class WindowAgg(_Model):
 
     @field_validator("windows")
     @classmethod
-    def _durs(cls, v: list[str]) -> list[str]:
+    def _durs(cls, v: list[str], info: ValidationInfo) -> list[str]:
         for i, w in enumerate(v):
             _span(w, f"window [{i}]")
+        if not v and not (info.data.get("rows") or info.data.get("lag")):
+            raise ValueError("a window needs time spans (windows), row counts (rows) or lags (lag)")
         return v
 
     @field_validator("rows", "lag")
