@@ -89,7 +89,7 @@ def _window_history(spec: Spec, ctx: RunContext, i: int, base: pa.Table) -> pd.D
     h["__day"] = table.column("__day").to_pandas()
     late = h["known"] > h["event_time"] + pd.Timedelta(parse_duration(w.max_delay))
     unread = h["__day"] < (day - timedelta(days=w.lookback_days())).isoformat()
-    usable = h["value"].notna() & h["known"].notna() & ~late.fillna(False) & ~unread
+    usable = h["value"].notna() & h["known"].notna() & h["event_time"].notna() & ~late.fillna(False) & ~unread
     for k in w.by:
         usable &= h[k].notna()
     return h[usable]

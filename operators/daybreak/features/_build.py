@@ -154,7 +154,9 @@ def window_inputs(batch: pa.Table, f: FeatureSpec, i: int, ordinal: int = 0) -> 
         log.warning("features.windows[%d]: %d row(s) known more than max_delay=%s after their event are left out",
                     i, n_late, w.max_delay)
     keep = pc.and_kleene(pc.invert(late), pc.invert(pc.is_nan(value)))
-    keep = pc.and_kleene(keep, pc.is_valid(known))
+    # a row with no event time cannot be held to max_delay (so whether it counts would depend on
+    # what was read): like one with no known-at time, it is not a row
+    keep = pc.and_kleene(keep, pc.and_kleene(pc.is_valid(known), pc.is_valid(et)))
     for col in w.by:  # a null key groups with nothing
         keep = pc.and_kleene(keep, pc.is_valid(batch.column(col)))
     rows = np.flatnonzero(pc.fill_null(keep, False).to_numpy(zero_copy_only=False))

@@ -363,8 +363,8 @@ class WindowAgg(_Model):
     lag: list[int] = Field(default_factory=list, description="lags: the n-th latest value known before the event "
                                                              "(within lookback); `lag: 1` is the previous value")
     windows: list[str] = Field(default_factory=lambda: ["7d"], description="time spans, e.g. [1h, 7d]")
-    lookback: str | None = Field(None, description="how far back rows and lags look (default: the longest of "
-                                                   "`windows`; required when there are none)")
+    lookback: str | None = Field(None, description="how far back rows and lags look: the longer of this and the "
+                                                   "longest of `windows` (required when there are no `windows`)")
     source: str | None = Field(None, description="events source aggregated (default: features.base), keyed by "
                                                  "the base rows' `by` columns")
     time: str | None = Field(None, description="with `source`: expression over its columns giving each row's "
