@@ -58,9 +58,9 @@ def test_the_two_shapes_validate() -> None:
     p = parse_spec(PRICES, try_model=False)
     assert p.features.feature_names() == ["ret_1", "close_mean_5rows", "close_last_5rows", "close_lag_1",
                                           "close_lag_5"]
-    assert p.features.lookback_days() == 14
+    assert p.features.lookback_days() == 15  # 14d lookback, a day of margin
     s = parse_spec(SALES, try_model=False)
-    assert s.features.lookback_days("footfall") == 7 and s.features.lookback_days() == 0
+    assert s.features.lookback_days("footfall") == 8 and s.features.lookback_days() == 0
 
 
 def test_self_asof_without_known_at_is_refused() -> None:
@@ -101,7 +101,7 @@ def test_window_over_a_label_column_takes_label_known_at() -> None:
                                        "prefix": "units_"})
     w = parse_spec(raw, try_model=False).features.windows[1]
     assert w.known_at == "event_time + seconds(172800)" and w.max_delay == "172800s"
-    assert w.lookback_days() == 9
+    assert w.lookback_days() == 10
 
 
 def test_derived_feature_reading_the_label_on_its_own_row_is_refused() -> None:

@@ -22,7 +22,7 @@ def test_demo_spec_loads_with_all_features(raw: dict) -> None:
     names = s.features.feature_names()
     assert "wx_temp" in names and "carrier_dep_delay_mean_7d" in names and "plane_year" in names
     assert s.features.categorical_names() == ["carrier_code", "origin_code", "dest_code"]
-    assert s.features.lookback_days() == 8  # 7d windows + 1d max_delay
+    assert s.features.lookback_days() == 9  # 7d windows + 1d max_delay + a day of margin
 
 
 def _err(raw: dict) -> str:

@@ -46,6 +46,11 @@ _TIMESTAMP = re.compile(r"^timestamp\[(s|ms|us|ns)(,\s*[A-Za-z_/+\-0-9]+)?\]$")
 
 # The longest window, delay or training window a spec may ask for: ten years of daily partitions.
 MAX_DAYS = 3660
+DAY_MARGIN = 1
+"""One more day of history than a window's span (and delay) needs, read by every window and as-of
+join. Partitions are dates in a source's own zone, but spans are durations: the day a clock
+springs forward has 23 hours, so a 1d span back from 00:30 the day after reaches two partitions
+back. Reading too little would make a value depend on how much history happened to be read."""
 
 
 def parse_duration(text: str) -> timedelta:
@@ -315,9 +320,10 @@ class AsofJoin(_Model):
         return self.known_at or self.time
 
     def lookback_days(self) -> int:
-        """Whole days before the logical date this join reads: tolerance plus max_delay."""
+        """Whole days before the logical date this join reads: tolerance plus max_delay, and a
+        day of margin (:data:`DAY_MARGIN`)."""
         total = parse_duration(self.tolerance) + parse_duration(self.max_delay or "0s")
-        return math.ceil(total / timedelta(days=1))
+        return math.ceil(total / timedelta(days=1)) + DAY_MARGIN
 
 
 class Lookup(_Model):
@@ -431,9 +437,9 @@ class WindowAgg(_Model):
 
     def lookback_days(self) -> int:
         """Whole days before the logical date this window reads: its longest span (or lookback)
-        plus max_delay. Each window reads only its own days, so a window's values never depend on
-        the others."""
-        return math.ceil((self.span() + parse_duration(self.max_delay)) / timedelta(days=1))
+        plus max_delay, and a day of margin (:data:`DAY_MARGIN`). Each window reads only its own
+        days, so a window's values never depend on the others."""
+        return math.ceil((self.span() + parse_duration(self.max_delay)) / timedelta(days=1)) + DAY_MARGIN
 
 
 LABEL_KNOWN_AT = "label_known_at"
