@@ -213,3 +213,14 @@ def test_label_known_before_the_event_and_windows_earlier_than_the_label_are_ref
                                        "known_at": "event_time + hours(1)", "max_delay": "1h", "prefix": "units_"})
     assert "features.windows[1].known_at: 'event_time + hours(1)' is earlier than features.label.known_at" \
         in _err(raw)
+
+
+def test_a_calendar_change_rebuilds_no_features() -> None:
+    """Which days run is not what a row's features are: a holiday added keeps the feature version
+    (and changes the spec hash: with count_days: expected it shapes training)."""
+    plain = parse_spec(SALES, try_model=False)
+    raw = copy.deepcopy(SALES)
+    raw["sources"]["sales"]["calendar"] = {"days": "weekdays", "holidays": ["2024-12-25"]}
+    holiday = parse_spec(raw, try_model=False)
+    assert holiday.feature_version() == plain.feature_version()
+    assert holiday.spec_hash() != plain.spec_hash()

@@ -1086,11 +1086,14 @@ class Spec(_Model):
 
     def feature_version(self) -> str:
         """Identity of everything that shapes the feature table (sources + features), not the model."""
-        # Encodings shape the model, not the table, so changing one does not rebuild features.
+        # Encodings shape the model, not the table, so changing one does not rebuild features. A
+        # calendar says which days run and which missing days are gaps, not what a row's features
+        # are: adding a holiday rebuilds nothing (it is in the spec hash: it can shape training).
         model_only = {"encoding", "max_categories", "bins"}
         features = self.features.model_dump(mode="json", exclude={"columns": {"__all__": model_only}})
         return _hash(_without_new_defaults({
-            "sources": {k: v.model_dump(mode="json", exclude=OPERATIONAL) for k, v in self.sources.items()},
+            "sources": {k: v.model_dump(mode="json", exclude=OPERATIONAL | {"calendar"})
+                        for k, v in self.sources.items()},
             "features": features}))
 
 
