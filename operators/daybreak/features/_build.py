@@ -457,6 +457,12 @@ def _aggregates(idx: dict[str, Any], aggs: Sequence[str], lo: np.ndarray,
             elif agg == "std":
                 s2 = idx["cs2"][hi] - idx["cs2"][lo] if "cs2" in idx else np.zeros(len(lo))
                 var = (s2 - count * mean * mean) / (count - 1)
+                # Below what the running sums can resolve (their rounding, about eps times the sums
+                # subtracted), a variance is zero: equal values give a std of 0, not sqrt(1e-15).
+                if "cs2" in idx:
+                    noise = 8 * np.finfo(np.float64).eps * (np.abs(idx["cs2"][hi]) + np.abs(idx["cs2"][lo])
+                                                            + count * mean * mean) / np.maximum(count - 1, 1)
+                    var = np.where(var <= noise, 0.0, var)
                 values = np.where(count > 1, np.sqrt(np.maximum(var, 0.0)), np.nan)
             elif agg == "last":  # the latest row in the total order
                 values = _value_at(idx, hi - 1, count > 0)
