@@ -385,3 +385,18 @@ def test_airflow_skips_a_day_without_a_drop(tmp_path: Path) -> None:
     stage = out["xcom"]["stage"]
     stage = json.loads(stage) if isinstance(stage, str) else stage
     assert stage["expected"] is False and "Saturday" in stage["reason"], stage
+
+
+def test_history_plan_says_what_each_day_needs() -> None:
+    """The plan both backfills (the CLI's and the Prefect flow's) follow: stage unless staged, then
+    features, oldest first; days that cannot be staged refuse the whole plan, naming them."""
+    from daybreak.cycle import HistoryPlan
+    from daybreak.infra.errors import MissingInputError
+
+    spec = parse_spec(_feed_spec("daily"), try_model=False)
+    days = [date(2024, 3, k) for k in (4, 5, 6)]
+    plan = HistoryPlan(date(2024, 3, 7), days, missing=[], staged=[days[1]])
+    assert plan.todo(spec) == [(days[0], ["stage", "features"]), (days[1], ["features"]),
+                               (days[2], ["stage", "features"])]
+    with pytest.raises(MissingInputError, match="the look-back needs 2024-03-04 staged but it has no landing file"):
+        HistoryPlan(date(2024, 3, 7), days, missing=[days[0]]).todo(spec)

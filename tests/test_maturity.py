@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -74,12 +75,17 @@ def _immature(truth: pd.DataFrame, days: list[date], cut: datetime) -> int:
     return int((on & (truth["resolved_at"].isna() | (truth["resolved_at"] > pd.Timestamp(cut)))).sum())
 
 
+def _tickets(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, seed: int) -> tuple[pd.DataFrame, Any]:
+    """The generated tickets (the truth) under a fresh DAYBREAK_HOME, and the parsed spec."""
+    home = tmp_path / "home"
+    truth = _generate(home / "store" / "landing", np.random.default_rng(seed))
+    monkeypatch.setenv("DAYBREAK_HOME", str(home))
+    return truth, parse_spec(SPEC)
+
+
 def test_immature_labels_are_left_out_of_training_and_holdout(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                               ray_local) -> None:
-    home = tmp_path / "home"
-    truth = _generate(home / "store" / "landing", np.random.default_rng(3))
-    monkeypatch.setenv("DAYBREAK_HOME", str(home))
-    spec = parse_spec(SPEC)
+    truth, spec = _tickets(tmp_path, monkeypatch, 3)
     w = spec.features.windows[0]
     assert (w.known_at, w.max_delay) == ("resolved_at", "5d")  # the label's, taken by the window
     for d in DAYS:
@@ -113,10 +119,7 @@ def test_immature_labels_are_left_out_of_training_and_holdout(tmp_path: Path, mo
 def test_windows_count_a_label_only_once_it_is_known(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                      ray_local) -> None:
     """The queue's escalation rate at a ticket's opening counts only tickets resolved before it."""
-    home = tmp_path / "home"
-    truth = _generate(home / "store" / "landing", np.random.default_rng(5))
-    monkeypatch.setenv("DAYBREAK_HOME", str(home))
-    spec = parse_spec(SPEC)
+    truth, spec = _tickets(tmp_path, monkeypatch, 5)
     for d in DAYS[:4]:
         stage(spec, RunContext.create(d))
     built = build_features(spec, RunContext.create(DAYS[3]))

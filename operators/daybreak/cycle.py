@@ -163,15 +163,21 @@ def day_summary(spec: Spec, ctx: RunContext) -> dict[str, Any]:
 
 @dataclass(frozen=True)
 class HistoryPlan:
-    """What a backfill's first date reads from before it: the expected days to stage (its
-    features' look-back, and that of every day it trains on) and to featurise, oldest first;
-    ``missing``: days to stage that are neither staged nor have landing files."""
+    """What a backfill's first date reads from before it: the expected days to stage and
+    featurise (its features' look-back, and that of every day it trains on), oldest first;
+    ``missing``: those that are neither staged nor have landing files."""
 
     first: date
-    stage: list[date] = field(default_factory=list)
-    features: list[date] = field(default_factory=list)
+    days: list[date] = field(default_factory=list)
     missing: list[date] = field(default_factory=list)
-    staged: list[date] = field(default_factory=list)  # days of `stage` already staged (not staged again)
+    staged: list[date] = field(default_factory=list)  # days already staged (not staged again)
+
+    def todo(self, spec: Spec) -> list[tuple[date, list[str]]]:
+        """Each day and the steps it needs (stage unless staged, then features), oldest first;
+        a MissingInputError naming the days that cannot be staged."""
+        if self.missing:
+            raise MissingInputError(self.refusal(spec))
+        return [(d, ["features"] if d in self.staged else ["stage", "features"]) for d in self.days]
 
     def refusal(self, spec: Spec) -> str:
         days = ", ".join(d.isoformat() for d in self.missing)
@@ -212,7 +218,7 @@ def history_plan(spec: Spec, context: Callable[[date], RunContext], first: date,
             staged.append(d)
         elif unlanded(spec, ctx):
             missing.append(d)
-    return HistoryPlan(first, days, list(days), missing, staged)
+    return HistoryPlan(first, days, missing, staged)
 
 
 def warm_history(spec: Spec, context: Callable[[date], RunContext], plan: HistoryPlan,
@@ -220,11 +226,4 @@ def warm_history(spec: Spec, context: Callable[[date], RunContext], plan: Histor
     """Stage the plan's days not staged yet and featurise its feature days, oldest first; refuse
     up front (MissingInputError naming the days) when some cannot be staged. The results of the
     steps run, one entry per day."""
-    if plan.missing:
-        raise MissingInputError(plan.refusal(spec))
-    done = []
-    for d in plan.stage:
-        steps = [n for n, wanted in (("stage", d not in plan.staged), ("features", d in plan.features)) if wanted]
-        if steps:
-            done.append(run_cycle(spec, context(d), deploy=False, retry=retry, steps=steps))
-    return done
+    return [run_cycle(spec, context(d), deploy=False, retry=retry, steps=steps) for d, steps in plan.todo(spec)]

@@ -478,22 +478,12 @@ def _delay(text: str) -> pa.Scalar:
     return pa.scalar(int(parse_duration(text).total_seconds() * _US), pa.duration("us"))
 
 
-def output_columns(f: FeatureSpec) -> set[str]:
-    """Columns the windows and joins add to the day's rows (not base columns)."""
-    out = {n for w in f.windows for n in window_feature_names(w)}
-    for j in f.asof:
-        out |= set(j.columns)
-    for lk in f.lookups:
-        out |= set(lk.columns)
-    return out
-
-
 def carried_columns(f: FeatureSpec) -> set[str]:
     """Base columns read after the window stage: keys, join and group keys, and the base columns
     the derived columns, the label and its known_at read (a name that is a window or join output,
     or a derived column defined before, by then is not a base column)."""
     cols = {EVENT_TIME, *f.keys}
-    defined = output_columns(f)
+    defined = f.output_names()
     for c in f.columns:
         cols |= names_in(c.expr) - defined
         defined.add(c.name)
@@ -792,12 +782,6 @@ def _read_table(files: list[str], fs: Any) -> pa.Table:
     return pa.concat_tables([pq.read_table(p, filesystem=fs) for p in files])
 
 
-def _expected(spec: Spec, day: date, source: str) -> bool:
-    """Whether `source`'s calendar expects a drop on `day`: a missing day it does not expect is
-    no gap in the history."""
-    return spec.expects(day, source)
-
-
 @dataclass
 class _Inputs:
     base_files: list[str]
@@ -825,7 +809,7 @@ def _inputs(spec: Spec, ctx: RunContext) -> _Inputs:
     if today_part is None:
         raise MissingInputError(f"features: no staged partition of {f.base!r} for {day}; run the stage step first")
     base_files, base_hashes, missing = _staged_files(ctx, f.base, _days_back(day, f.lookback_days()))
-    missing = [d for d in missing if _expected(spec, date.fromisoformat(d), f.base)]
+    missing = [d for d in missing if spec.expects(date.fromisoformat(d), f.base)]  # a day with no drop is no gap
     hashes: dict[str, dict[str, str]] = {f.base: base_hashes}
 
     def add(source: str, hs: dict[str, str]) -> None:  # a source read twice: the union of its days
@@ -837,7 +821,7 @@ def _inputs(spec: Spec, ctx: RunContext) -> _Inputs:
         fl, hs, gone = _staged_files(ctx, source, _days_back(day, f.lookback_days(source)))
         window_files[source] = fl
         add(source, hs)
-        gone = [d for d in gone if _expected(spec, date.fromisoformat(d), source)]
+        gone = [d for d in gone if spec.expects(date.fromisoformat(d), source)]
         if gone:
             missing_sources[source] = gone
     asof_files = []

@@ -105,12 +105,14 @@ def _labelled(spec: Spec, ctx: RunContext, cut: date | None = None) -> Any:
     return frame
 
 
-def _online(spec: Spec, ctx: RunContext) -> tuple[Any, Any]:
-    """The log's rows around D (for the join), and the served inputs of the drift window ending on D."""
+def _online(spec: Spec, ctx: RunContext, judged: date | None = None) -> tuple[Any, Any]:
+    """The log's rows around the judged day (default D; for the join), and the served inputs of
+    the drift window ending on D."""
     from daybreak.deploy import read_log
 
     d = ctx.logical_date
-    near = read_log(spec, ctx.store, [d - timedelta(days=1), d, d + timedelta(days=1)])
+    j = judged or d
+    near = read_log(spec, ctx.store, [j - timedelta(days=1), j, j + timedelta(days=1)])
     c = spec.monitoring.drift
     served = None
     if c is not None:
@@ -485,9 +487,7 @@ def monitor_model(spec: Spec, ctx: RunContext) -> MonitorResult:
     # Labels that take days to be known are judged on the newest day whose labels are in (the
     # predictions served then); drift is judged on the date's own inputs.
     judged = ctx if spec.label_lag_days() == 0 else replace(ctx, logical_date=spec.labelled_day(ctx.logical_date))
-    online, served = _online(spec, ctx)
-    if judged is not ctx:
-        online, _ = _online(spec, judged)
+    online, served = _online(spec, ctx, judged.logical_date)
     batch = _batch(spec, judged)
     if online is None and batch is None:
         log.info("monitor %s: no predictions logged or batch-scored for this date; nothing to judge", day)

@@ -160,7 +160,6 @@ def _warm_history(cfg: dict[str, Any], first: Any) -> None:
     """Stage (and featurise) the history `first` needs, as tasks; refuse naming the days that
     cannot be staged."""
     from daybreak.cycle import history_plan
-    from daybreak.infra.errors import MissingInputError
     from daybreak.prefect.tasks import storage_options
     from daybreak.steps import spec_and_context
 
@@ -171,15 +170,11 @@ def _warm_history(cfg: dict[str, Any], first: Any) -> None:
         return spec_and_context(s, d, store=cfg["store"], storage=storage)[1]
 
     plan = history_plan(s, context, first)
-    if plan.missing:
-        raise MissingInputError(plan.refusal(s))
-    for d in plan.stage:
-        if d not in plan.staged:
-            stage_data(cfg["spec"], d.isoformat(), **where["stage"])
-        if d in plan.features:
-            build_features(cfg["spec"], d.isoformat(), **where["features"])
-    get_run_logger().info("backfill %s: history staged for %d day(s), featurised for %d", first, len(plan.stage),
-                          len(plan.features))
+    tasks: dict[str, Any] = {"stage": stage_data, "features": build_features}
+    for d, steps in plan.todo(s):
+        for name in steps:
+            tasks[name](cfg["spec"], d.isoformat(), **where[name])
+    get_run_logger().info("backfill %s: history staged and featurised for %d day(s)", first, len(plan.days))
 
 
 @flow(name="approve", flow_run_name="{decision} v{version}", **_PERSIST)

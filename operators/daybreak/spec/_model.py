@@ -548,6 +548,15 @@ class FeatureSpec(_Model):
         """Feature name -> unfitted encoder, for the columns the model must encode."""
         return {c.name: e for c in self.columns if (e := c.encoder()) is not None}
 
+    def output_names(self) -> set[str]:
+        """Columns the windows and joins add to the base rows (derived columns and the label may
+        read them)."""
+        out = {n for w in self.windows for n in window_feature_names(w)}
+        joins: list[AsofJoin | Lookup] = [*self.asof, *self.lookups]
+        for join in joins:
+            out |= set(join.columns)
+        return out
+
     def window_source(self, w: WindowAgg) -> str:
         return w.source or self.base
 
@@ -1300,7 +1309,7 @@ def _check_expressions(spec: Spec, base: SourceSpec) -> None:
     check_expression(f.event_time, set(base.columns), where="features.event_time")
     if f.label.known_at is not None and f.label.delay() is None:
         check_expression(f.label.known_at, cols, where="features.label.known_at")
-    derived = cols | set(_output_columns(spec))
+    derived = cols | f.output_names()
     for i, c in enumerate(f.columns):
         check_expression(c.expr, derived, where=f"features.columns[{i}].expr")
         derived.add(c.name)
@@ -1355,7 +1364,7 @@ def _check_leaks(spec: Spec) -> None:
     for c in reversed(f.columns):
         if c.name in inputs:
             inputs = (inputs - {c.name}) | (_names(c.expr) - _names(f.event_time) - set(f.keys) - {"event_time"})
-    inputs = (inputs - set(_output_columns(spec))) & set(spec.sources[f.base].columns)
+    inputs = (inputs - f.output_names()) & set(spec.sources[f.base].columns)
     if not inputs:
         return
     named = ", ".join(repr(c) for c in sorted(inputs))
