@@ -32,3 +32,47 @@ def ensure_ray(address: str | None = None) -> None:
     # Blocks leave each stage in input order, however the tasks happened to finish: the feature
     # step's window history (and so its float sums) and its sorted output are the same each run.
     dctx.execution_options.preserve_order = True
+
+
+# What a Ray task or actor that talks to MLflow (or to S3 through MLflow's artifact store) needs
+# from the driver's environment. Node identity (an instance profile, IRSA) needs none of it.
+WORKER_ENV = (
+    "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN", "MLFLOW_TRACKING_INSECURE_TLS",
+    "MLFLOW_S3_ENDPOINT_URL", "MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT",
+    "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_REGION", "AWS_DEFAULT_REGION",
+    "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "DAYBREAK_S3_ENDPOINT_URL",
+)
+
+
+class WorkerEnv:
+    """Credentials captured on the driver and applied in a Ray worker process.
+
+    Passed as a task or actor argument, so it travels in Ray's object store, never in a
+    ``runtime_env``: Ray writes a runtime_env's variables in clear to ``runtime_env_agent.log``
+    on every node. Its repr names no value. Apply it only in a process of its own (an actor, or a
+    task that owns its worker): it sets ``os.environ``. Session tokens are captured once, so a
+    job that outlives them fails with the provider's expiry error: prefer node identity.
+    """
+
+    __slots__ = ("_values",)
+
+    def __init__(self, values: dict[str, str]) -> None:
+        self._values = dict(values)
+
+    @classmethod
+    def capture(cls) -> WorkerEnv:
+        return cls({k: v for k in WORKER_ENV if (v := os.environ.get(k))})
+
+    def apply(self) -> None:
+        os.environ.update(self._values)
+
+    def names(self) -> list[str]:
+        return sorted(self._values)
+
+    def __repr__(self) -> str:
+        return f"WorkerEnv({len(self._values)} variables)"
+
+    __str__ = __repr__
+
+    def __reduce__(self) -> tuple:
+        return (WorkerEnv, (self._values,))
