@@ -118,6 +118,9 @@ class Step:
         return not_expected(self.name, spec, day) if self.dated else None
 
     def run(self, spec: Spec, ctx: RunContext, **options: Any) -> dict[str, Any]:
+        from daybreak.infra.cluster import check_shared_nothing
+
+        check_shared_nothing(ctx)  # a local store with a remote cluster: refused before any work
         # batch_score of the champion's own date (a run without a date): the run's date is no drop's
         skipped = None if options.get("champion_date") else self.skipped(spec, ctx.logical_date)
         if skipped is not None:
@@ -196,23 +199,23 @@ def resolve_date(*candidates: Any) -> date:
 
 def run_step(step: str, spec: str | Spec, day: str | date | datetime, *, run_id: str | None = None,
              store: str | None = None, tracking_uri: str | None = None, ray_address: str | None = None,
-             storage: Any = None, **options: Any) -> dict[str, Any]:
+             storage: Any = None, distributed: str | None = None, **options: Any) -> dict[str, Any]:
     if step not in STEP_NAMES:
         raise ValueError(f"unknown step {step!r}; steps are {list(STEP_NAMES)}")
     s, ctx = spec_and_context(spec, day, run_id=run_id, store=store, tracking_uri=tracking_uri,
-                              ray_address=ray_address, storage=storage)
+                              ray_address=ray_address, storage=storage, distributed=distributed)
     return STEPS[step].run(s, ctx, **options)
 
 
 def spec_and_context(spec: str | Spec, day: str | date | datetime, *, run_id: str | None = None,
                      store: str | None = None, tracking_uri: str | None = None, ray_address: str | None = None,
-                     storage: Any = None) -> tuple[Spec, RunContext]:
+                     storage: Any = None, distributed: str | None = None) -> tuple[Spec, RunContext]:
     """The loaded spec and the run context for a date, as every adapter's step call starts."""
     from daybreak.infra.context import RunContext
 
     s = spec if isinstance(spec, Spec) else load_spec(spec)
     return s, RunContext.create(day, store=store or None, tracking_uri=tracking_uri or None, run_id=run_id,
-                                ray_address=ray_address or None, storage=storage)
+                                ray_address=ray_address or None, storage=storage, distributed=distributed)
 
 
 def cache_key(step: str, spec: str | Spec, day: str | date | datetime, *, result: dict[str, Any] | None = None,

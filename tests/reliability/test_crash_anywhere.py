@@ -384,7 +384,8 @@ def crash_rig(tmp_path: Path, landing: Path, monkeypatch: pytest.MonkeyPatch):
     ray_tmp = Path(tempfile.mkdtemp(prefix="dbcrash", dir="/tmp"))  # Ray's socket paths must stay short
     env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "MLFLOW_"))}
     env |= {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32), "RAY_USAGE_STATS_ENABLED": "0",
-            "MLFLOW_DISABLE_TELEMETRY": "true", "DAYBREAK_HOME": str(home)}
+            "MLFLOW_DISABLE_TELEMETRY": "true", "DAYBREAK_HOME": str(home),
+            "DAYBREAK_SHARED_FS": "1"}  # a Ray cluster on this host: its nodes see the local store
     runs = tmp_path / "runs"
     runs.mkdir()
     t0 = time.monotonic()

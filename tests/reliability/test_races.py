@@ -179,6 +179,7 @@ class Racers:
         self.jobs = [0] * n  # jobs handed to each racer so far
         ctl.mkdir()
         env = {**os.environ, "DAYBREAK_HOME": str(home), "RAY_ADDRESS": ray_address,
+               "DAYBREAK_SHARED_FS": "1",  # the session's Ray, on this host: it sees the local store
                "MLFLOW_SQLALCHEMYSTORE_POOLCLASS": "NullPool"}
         self.procs = [subprocess.Popen([str(BIN / "python"), "-c", RACER, str(ctl), str(i)], env=env,
                                        stdout=(ctl / f"out-{i}.log").open("w"), stderr=subprocess.STDOUT,

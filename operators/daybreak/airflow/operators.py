@@ -29,6 +29,21 @@ def mlflow_tracking_uri(conn_id: str | None) -> str | None:
     return from_connection(conn_id)
 
 
+# Executors that run every task on the scheduler's machine; any other (Celery, Kubernetes, Edge,
+# ECS, ...) may run the next task elsewhere, so local paths cannot carry data between tasks.
+LOCAL_EXECUTORS = ("LocalExecutor", "SequentialExecutor", "DebugExecutor")
+
+
+def distributed_executor(task_executor: str | None = None) -> str | None:
+    """"Airflow's <Executor>" when the task's executor (its own, else the first configured) may
+    run tasks on several machines; None for a local one."""
+    from airflow.sdk.configuration import conf
+
+    name = task_executor or (conf.get("core", "executor", fallback="") or "LocalExecutor").split(",")[0]
+    cls = name.strip().rsplit(":", 1)[-1].rsplit(".", 1)[-1]
+    return None if not cls or cls in LOCAL_EXECUTORS else f"Airflow's {cls}"
+
+
 class DaybreakStepOperator(BaseOperator):
     """Run one daybreak step for a logical date.
 
@@ -92,7 +107,8 @@ class DaybreakStepOperator(BaseOperator):
             result = run_step(step, self.spec, day, run_id=context.get("run_id"), store=self.store,
                               tracking_uri=self.tracking_uri or mlflow_tracking_uri(self.mlflow_conn_id),
                               ray_address=self.ray_address or ray_cluster_address(self.ray_conn_id),
-                              storage=storage_options(self.aws_conn_id), **options)
+                              storage=storage_options(self.aws_conn_id),
+                              distributed=distributed_executor(getattr(self, "executor", None)), **options)
         except Exception as e:
             if is_retryable(e):
                 raise

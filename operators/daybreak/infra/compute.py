@@ -10,7 +10,9 @@ log = logging.getLogger(__name__)
 
 
 def ensure_ray(address: str | None = None) -> None:
-    """Connect once per process. ``address="local"`` never attaches to a stray cluster."""
+    """Connect once per process. ``address="local"`` never attaches to a stray cluster. A cluster
+    gets the job's runtime_env (``infra.cluster.runtime_env``) and its nodes are checked to run the
+    driver's code and library versions (``infra.cluster.check_nodes``) before any work."""
     import ray
 
     if ray.is_initialized():
@@ -19,8 +21,21 @@ def ensure_ray(address: str | None = None) -> None:
     kwargs: dict = {"include_dashboard": False, "log_to_driver": False, "logging_level": logging.WARNING}
     if target == "local":
         kwargs["num_cpus"] = int(os.environ.get("DAYBREAK_RAY_CPUS", os.cpu_count() or 2))
+    else:
+        from daybreak.infra.cluster import runtime_env
+
+        kwargs["runtime_env"] = runtime_env()  # code shipping, if asked for: never credentials
     log.info("starting Ray (%s)", "local" if target == "local" else "cluster")
     ray.init(address=target, **kwargs)
+    if target != "local":
+        from daybreak.infra.cluster import check_nodes
+
+        try:
+            fingerprints = check_nodes()
+        except BaseException:
+            ray.shutdown()  # the next call connects (and checks) again
+            raise
+        log.info("Ray cluster: %d node(s) with CPUs run the driver's daybreak code", len(fingerprints))
     from ray.data import DataContext
 
     dctx = DataContext.get_current()
@@ -32,6 +47,9 @@ def ensure_ray(address: str | None = None) -> None:
     # Blocks leave each stage in input order, however the tasks happened to finish: the feature
     # step's window history (and so its float sums) and its sorted output are the same each run.
     dctx.execution_options.preserve_order = True
+    # A failed map raises its own error (FileNotFoundError, KeyError), not a UserCodeException that
+    # has lost it on the way back from the worker: the retry policy (errors.is_retryable) reads it.
+    dctx.raise_original_map_exception = True
 
 
 # What a Ray task or actor that talks to MLflow (or to S3 through MLflow's artifact store) needs

@@ -42,6 +42,9 @@ class RunContext:
     run_id: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
     ray_address: str | None = None
     artifact_root: str | None = None
+    # What runs the steps' tasks on several machines besides Ray, in words (e.g. "Airflow's
+    # CeleryExecutor"): with it, local paths are refused as with a Ray cluster (infra.cluster).
+    distributed: str | None = None
 
     @classmethod
     def create(
@@ -53,6 +56,7 @@ class RunContext:
         run_id: str | None = None,
         ray_address: str | None = None,
         storage: StorageOptions | dict | None = None,
+        distributed: str | None = None,
     ) -> RunContext:
         home = daybreak_home()
         store_root = store or os.environ.get("DAYBREAK_STORE") or str(home / "store")
@@ -67,6 +71,7 @@ class RunContext:
             run_id=run_id or uuid.uuid4().hex[:12],
             ray_address=ray_address or os.environ.get("RAY_ADDRESS") or None,
             artifact_root=artifacts,
+            distributed=distributed,
         )
 
 

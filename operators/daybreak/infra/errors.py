@@ -14,21 +14,46 @@ class DaybreakError(Exception):
     retryable: bool = False
 
 
+RAY_IMPORT_FAILED = "The remote function failed to import on the worker"
+
+
 def is_retryable(exc: BaseException) -> bool:
     """Whether an orchestrator should retry a step that raised `exc`.
 
     daybreak's own errors say so themselves; anything else (network, a lost Ray worker, a
     restarting MLflow server) may pass, and steps are idempotent, so a retry is safe.
     """
+    root = _raised_in_task(exc)
+    if root is not exc and not is_retryable(root):
+        return False
     if isinstance(exc, DaybreakError):
         return exc.retryable
+    if isinstance(exc, RuntimeError) and str(exc).startswith(RAY_IMPORT_FAILED):
+        return False  # the code is not on the node (a RuntimeError is all Ray raises for it)
     if credentials_refused(exc):  # the same credentials are refused again
         return False
-    # Bad arguments or data, and programming errors: the same again next time.
+    # Bad arguments or data, programming errors, and files that are not there (a path only the
+    # driver's disk has, read on a Ray worker): the same again next time.
     if isinstance(exc, (ValueError, TypeError, LookupError, AttributeError, NameError, AssertionError,
-                        NotImplementedError, RecursionError, ImportError)):
+                        NotImplementedError, RecursionError, ImportError, ArithmeticError, SyntaxError,
+                        FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError)):
         return False
     return isinstance(exc, Exception)
+
+
+def _raised_in_task(exc: BaseException) -> BaseException:
+    """The error a Ray task or a Ray Data operator raised, under Ray's wrappers (``RayTaskError``,
+    ``UserCodeException``); `exc` itself when it is not one of those."""
+    seen: set[int] = set()
+    while type(exc).__module__.startswith("ray.") and id(exc) not in seen:
+        seen.add(id(exc))
+        inner = getattr(exc, "cause", None)
+        if not isinstance(inner, BaseException) or inner is exc:
+            inner = exc.__cause__
+        if not isinstance(inner, BaseException):
+            break
+        exc = inner
+    return exc
 
 
 def credentials_refused(exc: BaseException) -> str | None:

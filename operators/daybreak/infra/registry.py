@@ -16,6 +16,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from daybreak.infra.cluster import check_artifact_location, remote_target
 from daybreak.infra.context import RunContext
 from daybreak.infra.errors import redact
 from daybreak.infra.lock import Held as Held  # re-exported: callers take the lock through the registry
@@ -86,6 +87,8 @@ def setup_tracking(ctx: RunContext, experiment: str) -> str:
             exp_id = client.create_experiment(experiment, artifact_location=_artifact_location(ctx, experiment))
         else:
             exp_id = exp.experiment_id
+    if remote_target(ctx.ray_address, ctx.distributed) is not None:  # models loaded on other nodes
+        check_artifact_location(ctx, (exp or client.get_experiment(exp_id)).artifact_location)
     mlflow.set_experiment(experiment_id=exp_id)
     return exp_id
 

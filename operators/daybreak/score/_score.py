@@ -23,7 +23,7 @@ import pyarrow as pa
 
 from daybreak.features import EVENT_TIME, feature_zone
 from daybreak.infra import registry
-from daybreak.infra.compute import ensure_ray
+from daybreak.infra.compute import WorkerEnv, ensure_ray
 from daybreak.infra.context import RunContext
 from daybreak.infra.errors import MissingInputError
 from daybreak.spec import Spec
@@ -37,11 +37,16 @@ def prediction_zone(spec: Spec) -> str:
 
 class SliceScorer:
     """A Ray Data actor: loads the model once (checking its artifacts' hash), then scores the
-    feature row groups it is given. A pyfunc model logged as code cannot be pickled to workers."""
+    feature row groups it is given. A pyfunc model logged as code cannot be pickled to workers.
+    On a cluster it may run where the driver's environment is not: the MLflow credentials come
+    as an argument (`worker_env`), the store's as its filesystem (`fs`)."""
 
-    def __init__(self, spec: Spec, tracking_uri: str, version: str, fs: Any, scored_at: str, run_id: str = "") -> None:
+    def __init__(self, spec: Spec, tracking_uri: str, version: str, fs: Any, scored_at: str, run_id: str = "",
+                 worker_env: WorkerEnv | None = None) -> None:
         from daybreak.infra.context import RunContext
 
+        if worker_env is not None:  # the driver's MLflow credentials: this actor owns its process
+            worker_env.apply()
         ctx = RunContext.create(datetime.now(UTC).date(), tracking_uri=tracking_uri)
         self.model = registry.load_model(ctx, spec.model.name, version)
         self.spec, self.version, self.fs, self.scored_at, self.run_id = spec, version, fs, scored_at, run_id
@@ -131,7 +136,8 @@ def batch_score(spec: Spec, ctx: RunContext, champion_date: bool = False) -> Sco
                                                override_num_blocks=len(slices))
     ds = ds.map_batches(SliceScorer, fn_constructor_kwargs={"spec": spec, "tracking_uri": ctx.tracking_uri,
                                                             "version": version, "fs": ctx.store.fs,
-                                                            "scored_at": scored_at, "run_id": ctx.run_id},
+                                                            "scored_at": scored_at, "run_id": ctx.run_id,
+                                                            "worker_env": WorkerEnv.capture()},
                         concurrency=(1, min(cpus, len(slices))), batch_size=1, batch_format="pyarrow")
     ds = ds.sort([EVENT_TIME, *spec.features.keys])  # the features' own order: same rows, same file
 
