@@ -193,3 +193,34 @@ def test_missing_files_and_programming_errors_in_ray_tasks_are_not_retried_lost_
     with pytest.raises(Exception) as caught:
         ray.get(ray.remote(max_retries=0)(crash).remote())
     assert is_retryable(caught.value), type(caught.value)
+
+
+def test_an_s3_spec_path_works_wherever_a_spec_path_is_accepted(s3_server, home: Path, monkeypatch,
+                                                                  tmp_path: Path) -> None:
+    """The CLI (whose Path option folded 's3://' into 's3:/'), the Airflow operators and the
+    Models page's DAYBREAK_SPECS (split on ':') all take an s3:// spec, as the DAG form promises."""
+    import uuid
+
+    from s3 import apply_env
+
+    from daybreak.airflow import StageDataOperator
+    from daybreak.airflow.models_page import load_specs
+    from daybreak.spec import load_spec
+
+    apply_env(monkeypatch, s3_server.env())
+    bucket = f"spec-{uuid.uuid4().hex[:8]}"
+    s3_server.client().create_bucket(Bucket=bucket)
+    s3_server.client().put_object(Bucket=bucket, Key="specs/flights.yaml", Body=SPEC.read_bytes())
+    uri = f"s3://{bucket}/specs/flights.yaml"
+
+    out = subprocess.run([str(BIN / "daybreak"), "validate", "--spec", uri, "--json"], env=dict(os.environ),
+                         capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert json.loads(out.stdout)["spec_hash"] == load_spec(SPEC).spec_hash()
+
+    result = StageDataOperator(task_id="stage", spec=uri, logical_date="2013-01-02").execute({"run_id": "s3spec"})
+    assert result["sources"]["flights"]["rows"] > 0
+
+    monkeypatch.setenv("DAYBREAK_SPECS", f"{uri}{os.pathsep}{SPEC}")
+    specs, errors = load_specs()
+    assert not errors and list(specs) == [load_spec(SPEC).name]

@@ -65,7 +65,7 @@ def _emit(obj: Any, as_json: bool, human: str | None = None) -> None:
         typer.echo(human)
 
 
-def _load(spec: Path, try_model: bool = True) -> Any:
+def _load(spec: str, try_model: bool = True) -> Any:
     """The spec; `try_model` false for the commands that only read the registry (history, versions,
     live, report): the model check imports xgboost or scikit-learn, most of a listing's time."""
     from daybreak.spec import load_spec
@@ -105,7 +105,7 @@ def summary_line(s: dict[str, Any]) -> str:
 
 
 @app.command()
-def run(spec: Path = SpecOpt, day: str = typer.Option(..., "--date", "-d", help="Logical date, YYYY-MM-DD."),
+def run(spec: str = SpecOpt, day: str = typer.Option(..., "--date", "-d", help="Logical date, YYYY-MM-DD."),
         store: str | None = StoreOpt, tracking_uri: str | None = TrackingOpt,
         no_deploy: bool = typer.Option(False, "--no-deploy", help="Skip the deploy check."),
         force: bool = typer.Option(False, "--force", help="Retrain even if the date already has a candidate."),
@@ -120,7 +120,7 @@ def run(spec: Path = SpecOpt, day: str = typer.Option(..., "--date", "-d", help=
 
 
 @app.command()
-def backfill(spec: Path = SpecOpt, start: str = typer.Option(..., "--start", help="First date, YYYY-MM-DD."),
+def backfill(spec: str = SpecOpt, start: str = typer.Option(..., "--start", help="First date, YYYY-MM-DD."),
              end: str = typer.Option(..., "--end", help="Last date (inclusive), YYYY-MM-DD."),
              store: str | None = StoreOpt, tracking_uri: str | None = TrackingOpt,
              steps: str | None = typer.Option(
@@ -176,7 +176,7 @@ def step_line(name: str, result: dict[str, Any]) -> str:
     return f"{name}: " + " ".join(parts)
 
 
-def _run_step(name: str, spec: Path, day: str, store: str | None, tracking_uri: str | None, as_json: bool,
+def _run_step(name: str, spec: str, day: str, store: str | None, tracking_uri: str | None, as_json: bool,
               **options: Any) -> None:
     """One step of the cycle for one date, as the cycle would call it (no retries: run it again)."""
     from daybreak.steps import STEPS
@@ -196,14 +196,14 @@ def _not_expected(res: dict[str, Any], as_json: bool) -> bool:
 
 
 @app.command("stage")
-def stage_cmd(spec: Path = SpecOpt, day: str = typer.Option(..., "--date", "-d", help="Logical date, YYYY-MM-DD."),
+def stage_cmd(spec: str = SpecOpt, day: str = typer.Option(..., "--date", "-d", help="Logical date, YYYY-MM-DD."),
               store: str | None = StoreOpt, tracking_uri: str | None = TrackingOpt, as_json: bool = JsonOpt) -> None:
     """Stage the date's landing files: validate, publish the day's Parquet partition atomically."""
     _run_step("stage", spec, day, store, tracking_uri, as_json)
 
 
 @app.command("features")
-def features_cmd(spec: Path = SpecOpt, day: str = typer.Option(..., "--date", "-d", help="Logical date, YYYY-MM-DD."),
+def features_cmd(spec: str = SpecOpt, day: str = typer.Option(..., "--date", "-d", help="Logical date, YYYY-MM-DD."),
                  store: str | None = StoreOpt, tracking_uri: str | None = TrackingOpt,
                  as_json: bool = JsonOpt) -> None:
     """Build the date's feature partition from the staged data (after the stage step)."""
@@ -211,7 +211,7 @@ def features_cmd(spec: Path = SpecOpt, day: str = typer.Option(..., "--date", "-
 
 
 @app.command("train")
-def train_cmd(spec: Path = SpecOpt, day: str = typer.Option(..., "--date", "-d", help="Logical date, YYYY-MM-DD."),
+def train_cmd(spec: str = SpecOpt, day: str = typer.Option(..., "--date", "-d", help="Logical date, YYYY-MM-DD."),
               store: str | None = StoreOpt, tracking_uri: str | None = TrackingOpt,
               force: bool = typer.Option(False, "--force", help="Retrain even if the date already has a candidate."),
               as_json: bool = JsonOpt) -> None:
@@ -220,7 +220,7 @@ def train_cmd(spec: Path = SpecOpt, day: str = typer.Option(..., "--date", "-d",
 
 
 @app.command("promote")
-def promote_cmd(spec: Path = SpecOpt, day: str = typer.Option(..., "--date", "-d", help="Logical date, YYYY-MM-DD."),
+def promote_cmd(spec: str = SpecOpt, day: str = typer.Option(..., "--date", "-d", help="Logical date, YYYY-MM-DD."),
                 store: str | None = StoreOpt, tracking_uri: str | None = TrackingOpt,
                 dry_run: bool = typer.Option(False, "--dry-run", help="Say what would happen; change nothing."),
                 as_json: bool = JsonOpt) -> None:
@@ -229,7 +229,7 @@ def promote_cmd(spec: Path = SpecOpt, day: str = typer.Option(..., "--date", "-d
 
 
 @app.command("deploy")
-def deploy_cmd(spec: Path = SpecOpt, day: str = typer.Option(..., "--date", "-d", help="Logical date, YYYY-MM-DD."),
+def deploy_cmd(spec: str = SpecOpt, day: str = typer.Option(..., "--date", "-d", help="Logical date, YYYY-MM-DD."),
                store: str | None = StoreOpt, tracking_uri: str | None = TrackingOpt,
                as_json: bool = JsonOpt) -> None:
     """Check that the server answers with the champion (hot swap); after a promotion."""
@@ -237,7 +237,7 @@ def deploy_cmd(spec: Path = SpecOpt, day: str = typer.Option(..., "--date", "-d"
 
 
 @app.command()
-def history(spec: Path = SpecOpt, tracking_uri: str | None = TrackingOpt, as_json: bool = JsonOpt) -> None:
+def history(spec: str = SpecOpt, tracking_uri: str | None = TrackingOpt, as_json: bool = JsonOpt) -> None:
     """The audit history: every promotion, rejection, override, approval and rollback, newest first."""
     from daybreak.infra.audit import audit_events
 
@@ -250,7 +250,7 @@ def history(spec: Path = SpecOpt, tracking_uri: str | None = TrackingOpt, as_jso
 
 
 @app.command()
-def versions(spec: Path = SpecOpt, tracking_uri: str | None = TrackingOpt, as_json: bool = JsonOpt) -> None:
+def versions(spec: str = SpecOpt, tracking_uri: str | None = TrackingOpt, as_json: bool = JsonOpt) -> None:
     """Every registered version with its lineage and gate decision, newest first."""
     from daybreak.promote import model_history
 
@@ -265,7 +265,7 @@ def versions(spec: Path = SpecOpt, tracking_uri: str | None = TrackingOpt, as_js
 
 
 @app.command()
-def rollback(spec: Path = SpecOpt, reason: str = typer.Option(..., "--reason", help="Why (recorded in the history)."),
+def rollback(spec: str = SpecOpt, reason: str = typer.Option(..., "--reason", help="Why (recorded in the history)."),
              tracking_uri: str | None = TrackingOpt, as_json: bool = JsonOpt) -> None:
     """Put the previous champion back in service (the current one is never promoted again)."""
     from daybreak.promote import rollback_model
@@ -275,7 +275,7 @@ def rollback(spec: Path = SpecOpt, reason: str = typer.Option(..., "--reason", h
 
 
 @app.command()
-def approve(spec: Path = SpecOpt,
+def approve(spec: str = SpecOpt,
             version: str = typer.Option(..., "--version", help="The model version waiting for approval."),
             reason: str = typer.Option(..., "--reason", help="Why (required; recorded in the history)."),
             reject: bool = typer.Option(False, "--reject", help="Decline it instead: it is never promoted."),
@@ -296,7 +296,7 @@ def approve(spec: Path = SpecOpt,
 
 
 @app.command()
-def serve(spec: Path = SpecOpt,
+def serve(spec: str = SpecOpt,
           host: str | None = typer.Option(None, help="Bind address (default from spec: 127.0.0.1)."),
           port: int | None = typer.Option(None, help="Port (default from spec)."),
           tracking_uri: str | None = TrackingOpt) -> None:
@@ -312,7 +312,7 @@ def serve(spec: Path = SpecOpt,
 
 
 @app.command()
-def gate(spec: Path = SpecOpt, day: str = typer.Option(..., "--date", "-d", help="Logical date, YYYY-MM-DD."),
+def gate(spec: str = SpecOpt, day: str = typer.Option(..., "--date", "-d", help="Logical date, YYYY-MM-DD."),
          store: str | None = StoreOpt, tracking_uri: str | None = TrackingOpt,
          force: bool = typer.Option(False, "--force", help="Decide again even if this version was gated."),
          override: str | None = typer.Option(None, "--override",
@@ -332,7 +332,7 @@ def gate(spec: Path = SpecOpt, day: str = typer.Option(..., "--date", "-d", help
 
 
 @app.command()
-def replay(spec: Path = SpecOpt, start: str = typer.Option(..., "--start", help="First date, YYYY-MM-DD."),
+def replay(spec: str = SpecOpt, start: str = typer.Option(..., "--start", help="First date, YYYY-MM-DD."),
            end: str = typer.Option(..., "--end", help="Last date, YYYY-MM-DD."),
            policy: Path | None = typer.Option(None, "--policy",
                                               help="YAML with a top-level gate: section to judge by instead of "
@@ -386,7 +386,7 @@ def _replay_table(res: Any) -> str:
 
 
 @app.command()
-def score(spec: Path = SpecOpt, day: str = typer.Option(..., "--date", "-d", help="Logical date, YYYY-MM-DD."),
+def score(spec: str = SpecOpt, day: str = typer.Option(..., "--date", "-d", help="Logical date, YYYY-MM-DD."),
           store: str | None = StoreOpt, tracking_uri: str | None = TrackingOpt, as_json: bool = JsonOpt) -> None:
     """Score the date's feature partition with the champion on Ray (predictions/<model>/date=D/)."""
     from daybreak.steps import STEPS
@@ -399,7 +399,7 @@ def score(spec: Path = SpecOpt, day: str = typer.Option(..., "--date", "-d", hel
 
 
 @app.command()
-def monitor(spec: Path = SpecOpt, day: str = typer.Option(..., "--date", "-d", help="Logical date, YYYY-MM-DD."),
+def monitor(spec: str = SpecOpt, day: str = typer.Option(..., "--date", "-d", help="Logical date, YYYY-MM-DD."),
             store: str | None = StoreOpt, tracking_uri: str | None = TrackingOpt, as_json: bool = JsonOpt) -> None:
     """Judge the model in service on the date's logged predictions and labels; roll back if it must."""
     from daybreak.steps import STEPS
@@ -422,7 +422,7 @@ def monitor(spec: Path = SpecOpt, day: str = typer.Option(..., "--date", "-d", h
 
 
 @app.command()
-def live(spec: Path = SpecOpt, tracking_uri: str | None = TrackingOpt, as_json: bool = JsonOpt) -> None:
+def live(spec: str = SpecOpt, tracking_uri: str | None = TrackingOpt, as_json: bool = JsonOpt) -> None:
     """Live quality over time: the monitoring metric per date, source and version."""
     from daybreak.monitor import live_history
 
@@ -433,7 +433,7 @@ def live(spec: Path = SpecOpt, tracking_uri: str | None = TrackingOpt, as_json: 
 
 
 @app.command()
-def report(spec: Path = SpecOpt, version: str | None = typer.Option(None, help="Model version (default: champion)."),
+def report(spec: str = SpecOpt, version: str | None = typer.Option(None, help="Model version (default: champion)."),
            html: str | None = typer.Option(None, "--html",
                                            help="Write the gate's HTML report to this file ('-': stdout)."),
            tracking_uri: str | None = TrackingOpt, as_json: bool = JsonOpt) -> None:
@@ -464,7 +464,7 @@ def report(spec: Path = SpecOpt, version: str | None = typer.Option(None, help="
 
 
 @app.command()
-def validate(spec: Path = SpecOpt, as_json: bool = JsonOpt) -> None:
+def validate(spec: str = SpecOpt, as_json: bool = JsonOpt) -> None:
     """Check a spec and print its hashes; exits 2 naming the bad field if invalid."""
     s = _load(spec)
     info = {"name": s.name, "spec_hash": s.spec_hash(), "feature_version": s.feature_version(),
@@ -488,7 +488,7 @@ def datasets_flights(out: Path = typer.Option(..., "--out", "-o", help="Landing 
 
 
 @prefect_app.command("deploy")
-def prefect_deploy(spec: Path = SpecOpt,
+def prefect_deploy(spec: str = SpecOpt,
                    cron: str = typer.Option("0 3 * * *", "--cron", help="When the daily cycle runs (cron, 5 fields)."),
                    timezone: str = typer.Option("UTC", "--timezone", help="Time zone of the cron schedule (IANA)."),
                    name: str | None = typer.Option(None, "--name",

@@ -24,6 +24,7 @@ Nothing heavy is imported until a request comes: Airflow imports plugins in many
 from __future__ import annotations
 
 import os
+import re
 from html import escape
 from pathlib import Path
 from typing import Any
@@ -93,10 +94,16 @@ async def require_user(request: Request) -> Any:
 
 # --- data -------------------------------------------------------------------------------------
 
-def spec_paths() -> list[Path]:
+def spec_paths() -> list[Path | str]:
+    """The specs named by DAYBREAK_SPECS (or DAYBREAK_SPEC), separated by the path separator: files,
+    folders of YAML files, or s3:// objects (kept as given: a Path would fold their '//')."""
     raw = os.environ.get("DAYBREAK_SPECS") or os.environ.get("DAYBREAK_SPEC") or ""
-    out: list[Path] = []
-    for part in filter(None, (p.strip() for p in raw.split(os.pathsep))):
+    out: list[Path | str] = []
+    # (a separator followed by '//' is a URI's own: 's3://b/a.yaml:/srv/specs' is two specs)
+    for part in filter(None, (p.strip() for p in re.split(re.escape(os.pathsep) + "(?!//)", raw))):
+        if "://" in part:
+            out.append(part)
+            continue
         p = Path(part).expanduser()
         out.extend(sorted([*p.glob("*.yaml"), *p.glob("*.yml")]) if p.is_dir() else [p])
     return out
