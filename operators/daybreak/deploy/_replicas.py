@@ -332,8 +332,9 @@ class Coordinator:
 class ReplicaSync(Hooks):
     """A replica's side of the protocol: joins, follows the coordinator, answers probes."""
 
-    def __init__(self, coordinator: Any, holder: ModelHolder, rid: str) -> None:
+    def __init__(self, coordinator: Any, holder: ModelHolder, rid: str, credentials: list[str] | None = None) -> None:
         self.coord, self.holder, self.rid = coordinator, holder, rid
+        self.credentials = credentials or []  # the names of the variables its WorkerEnv set, never their values
         self.epoch = -1
         self.holds: set[str] = set()  # why batches are paused: "switch", "fence", "rejoin"
         self.prepared: Loaded | None = None
@@ -388,7 +389,9 @@ class ReplicaSync(Hooks):
         out = {"replica": self.rid, **out}
         if self.coord_error:
             out["coordinator_error"] = self.coord_error
-        if not details:
+        if details:
+            out["credentials"] = self.credentials
+        else:
             out.pop("switch_error", None)
         return out
 
@@ -582,7 +585,7 @@ def _deployment() -> Any:
             token = os.environ.get(TOKEN_ENV) or None
             holder = ModelHolder(spec, ctx, freeze_gc)
             await asyncio.to_thread(registry.setup_tracking, ctx, spec.name)
-            self.sync = ReplicaSync(coordinator, holder, _replica_id())
+            self.sync = ReplicaSync(coordinator, holder, _replica_id(), env.names())
             await self.sync.join()
             self._app = build_app(spec, ctx, holder, Limits.resolve(**limits), token, freeze_gc, hooks=self.sync)
 
