@@ -214,3 +214,124 @@ def test_no_credential_in_any_ray_file(replicated: dict) -> None:
             if PASSWORD.encode() in data or TOKEN.encode() in data:
                 leaks.append(str(path.relative_to(session)))
     assert leaks == []
+
+
+# -- the protocol in one process: the coordinator and replicas' followers, with fake models --------
+
+
+class _Ref:
+    """What a Ray actor call returns, for an in-process coordinator: awaitable, ``future()``."""
+
+    def __init__(self, coro) -> None:
+        import asyncio
+
+        self.task = asyncio.ensure_future(coro)
+
+    def __await__(self):
+        return self.task.__await__()
+
+    def future(self):
+        return self.task  # asyncio.wrap_future passes an asyncio future through
+
+
+class _Handle:
+    def __init__(self, obj) -> None:
+        self.obj = obj
+
+    def __getattr__(self, name: str):
+        fn = getattr(self.obj, name)
+        return type("M", (), {"remote": staticmethod(lambda *a: _Ref(fn(*a)))})()
+
+
+def test_one_replica_that_cannot_load_aborts_for_all_and_a_silent_one_times_out(spec) -> None:
+    """Three replicas; one cannot load v2: the two others prepared it, yet every one keeps
+    serving v1 and answers. v3 loads everywhere: committed. A replica that stops following
+    (alive, polling, never acking) aborts the next switch on the timeout instead of stalling it."""
+    import asyncio
+
+    import numpy as np
+    import pandas as pd
+
+    from daybreak.deploy._replicas import Coordinator, ReplicaSync
+    from daybreak.deploy._serve import Batcher, Loaded, ModelHolder, Parsed
+    from daybreak.infra.errors import IntegrityError
+
+    fast = spec.model_copy(update={"serving": spec.serving.model_copy(update={"poll_seconds": 0.05})})
+
+    class Model:
+        def __init__(self, version: str) -> None:
+            self.version = version
+
+        def predict(self, frame):
+            return np.full(len(frame), float(self.version))
+
+    class Holder(ModelHolder):
+        def __init__(self, refuse: set[str]) -> None:
+            super().__init__(fast, None)  # type: ignore[arg-type]
+            self.refuse = refuse
+
+        def load(self, version: str) -> Loaded:
+            if version in self.refuse:
+                raise IntegrityError(f"model version {version}: refusing to load")
+            return Loaded(version, Model(version), time.time(), None)
+
+    class Coord(Coordinator):
+        alias = "1"
+
+        def champion(self) -> str | None:
+            return self.alias
+
+    async def until(cond, timeout: float = 20.0) -> None:
+        deadline = asyncio.get_running_loop().time() + timeout
+        while not cond():
+            assert asyncio.get_running_loop().time() < deadline
+            await asyncio.sleep(0.01)
+
+    async def ask(batcher: Batcher) -> str:
+        (status, _), version = await asyncio.wait_for(
+            batcher.submit(Parsed(1, frame=pd.DataFrame({"x": [1.0]})), None), 5)
+        assert status == 200
+        return version
+
+    async def scenario() -> None:
+        coord = Coord(fast, None, 3, prepare_timeout=1.0, pause_timeout=1.0)  # type: ignore[arg-type]
+        await coord.start()
+        handle = _Handle(coord)
+        replicas = []
+        for k in range(3):
+            holder = Holder({"2"} if k == 1 else set())
+            sync = ReplicaSync(handle, holder, f"r{k}")
+            await sync.join()
+            batcher = Batcher(holder)
+            task = asyncio.create_task(batcher.run())
+            await sync.start(batcher)
+            replicas.append((sync, holder, batcher, task))
+        assert [await ask(b) for _, _, b, _ in replicas] == ["1"] * 3
+
+        Coord.alias = "2"
+        await until(lambda: coord.switches and coord.switches[-1]["to"] == "2")
+        assert coord.switches[-1]["committed"] is False and "replica r1 could not load v2" in coord.last_error
+        assert coord.committed == "1" and [h.current.version for _, h, _, _ in replicas] == ["1"] * 3
+        assert "could not load v2" in replicas[1][1].last_error
+        assert [await ask(b) for _, _, b, _ in replicas] == ["1"] * 3  # nobody left paused
+
+        Coord.alias = "3"
+        await until(lambda: coord.committed == "3")
+        await until(lambda: [h.current.version for _, h, _, _ in replicas] == ["3"] * 3)
+        assert [await ask(b) for _, _, b, _ in replicas] == ["3"] * 3
+        assert coord.last_error is None
+
+        replicas[2][0]._tasks[1].cancel()  # r2 still polls (a heartbeat) but no longer follows
+        Coord.alias = "4"
+        await until(lambda: coord.switches[-1]["to"] == "4")
+        assert coord.switches[-1]["committed"] is False
+        assert "r2" in coord.last_error and "did not ack" in coord.last_error
+        assert coord.committed == "3"
+        assert [await ask(b) for _, _, b, _ in replicas[:2]] == ["3"] * 2
+        for sync, _, batcher, task in replicas:
+            await sync.stop()
+            task.cancel()
+            batcher.close()
+        coord._task.cancel()
+
+    asyncio.run(scenario())
