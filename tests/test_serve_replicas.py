@@ -335,3 +335,13 @@ def test_one_replica_that_cannot_load_aborts_for_all_and_a_silent_one_times_out(
         coord._task.cancel()
 
     asyncio.run(scenario())
+
+
+def test_a_missing_cluster_extra_says_what_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys
+
+    from daybreak.deploy._replicas import ReplicasError, require_serve
+
+    monkeypatch.setitem(sys.modules, "ray.serve", None)  # import ray.serve now raises ImportError
+    with pytest.raises(ReplicasError, match=r"pip install 'daybreak\[cluster\]'"):
+        require_serve()

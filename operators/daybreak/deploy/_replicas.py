@@ -169,28 +169,37 @@ class Coordinator:
         return self.committed
 
     async def _watch(self) -> None:
-        loop = asyncio.get_running_loop()
         while True:
             await asyncio.sleep(self.spec.serving.poll_seconds)
-            self._evict()
             try:
-                target = await asyncio.to_thread(self.champion)
-            except Exception as e:  # keep serving; try again next poll
-                self.last_error = redact(f"champion lookup failed: {type(e).__name__}: {e}")
-                continue
-            if target is None or target == self.committed:
-                if target == self.committed and self._failures:
-                    self._failures.clear()
-                    self.last_error = None
-                continue
-            fails, retry_at = self._failures.get(target, (0, 0.0))
-            if loop.time() < retry_at:
-                continue
-            if await self.switch_to(target):
+                await self._check()
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # a bug here must not end the watch (replicas keep their version)
+                log.exception("coordinator: checking the champion failed")
+
+    async def _check(self) -> None:
+        """One poll of the alias; a switch when it moved (with back-off while switches to it fail)."""
+        loop = asyncio.get_running_loop()
+        self._evict()
+        try:
+            target = await asyncio.to_thread(self.champion)
+        except Exception as e:  # keep serving; try again next poll
+            self.last_error = redact(f"champion lookup failed: {type(e).__name__}: {e}")
+            return
+        if target is None or target == self.committed:
+            if target is not None:  # nothing pending (the alias may have come back from a bad version)
                 self._failures.clear()
-            else:
-                backoff = min(self.spec.serving.poll_seconds * 2 ** (fails + 1), MAX_BACKOFF)
-                self._failures = {target: (fails + 1, loop.time() + backoff)}
+                self.last_error = None
+            return
+        fails, retry_at = self._failures.get(target, (0, 0.0))
+        if loop.time() < retry_at:
+            return
+        if await self.switch_to(target):
+            self._failures.clear()
+        else:
+            backoff = min(self.spec.serving.poll_seconds * 2 ** (fails + 1), MAX_BACKOFF)
+            self._failures = {target: (fails + 1, loop.time() + backoff)}
 
     # -- the switch ----------------------------------------------------------------------------
     async def switch_to(self, target: str) -> bool:
