@@ -299,16 +299,32 @@ def approve(spec: str = SpecOpt,
 def serve(spec: str = SpecOpt,
           host: str | None = typer.Option(None, help="Bind address (default from spec: 127.0.0.1)."),
           port: int | None = typer.Option(None, help="Port (default from spec)."),
-          tracking_uri: str | None = TrackingOpt) -> None:
+          tracking_uri: str | None = TrackingOpt,
+          replicas: int = typer.Option(1, "--replicas", min=1,
+                                       help="Replicas on Ray Serve (2 or more need the cluster extra); 1 serves "
+                                            "in this process."),
+          ray_address: str | None = typer.Option(None, "--ray-address",
+                                                 help="Ray cluster for --replicas (default: $RAY_ADDRESS, else a "
+                                                      "local Ray)."),
+          replica_cpus: float = typer.Option(1.0, "--replica-cpus", min=0.0, help="CPUs Ray reserves per replica.")
+          ) -> None:
     """Serve the champion over HTTP (MLflow scoring protocol); follows the champion alias.
 
-    Set DAYBREAK_SERVE_TOKEN to require 'Authorization: Bearer <token>' on /invocations.
+    Set DAYBREAK_SERVE_TOKEN to require 'Authorization: Bearer <token>' on /invocations. With
+    --replicas N (N >= 2), N Ray Serve replicas switch versions together: no client sees the
+    version go back after a promotion.
     """
-    from daybreak.deploy import serve as _serve
+    token = os.environ.get("DAYBREAK_SERVE_TOKEN") or None
+    if replicas == 1:
+        from daybreak.deploy import serve as _serve
 
-    s = _load(spec)
-    _serve(s, _ctx(date.today(), None, tracking_uri), host=host, port=port,
-           token=os.environ.get("DAYBREAK_SERVE_TOKEN") or None)
+        _serve(_load(spec), _ctx(date.today(), None, tracking_uri), host=host, port=port, token=token)
+        return
+    from daybreak.deploy._replicas import require_serve, serve_replicated
+
+    require_serve()  # before loading anything: the cluster extra is missing
+    serve_replicated(_load(spec), _ctx(date.today(), None, tracking_uri), replicas, host=host, port=port,
+                     token=token, address=ray_address, replica_cpus=replica_cpus)
 
 
 @app.command()

@@ -3,6 +3,11 @@
 ``daybreak serve`` watches the champion alias and hot-swaps by itself; this step waits until the
 endpoint reports the champion's version, then sends a sample of the holdout and requires the
 served predictions to equal offline predictions of the same version.
+
+A replicated server (``daybreak serve --replicas N``) reports on ``/version`` the committed
+version and each registered replica's: the step waits until every replica (as many as the server
+expects, or `replicas`) serves the champion, and checks parity on each replica's own model
+through ``POST /replicas/invocations``, besides once through the proxy.
 """
 
 from __future__ import annotations
@@ -42,10 +47,25 @@ class DeployResult(TypedDict, total=False):
     deployed: bool  # the endpoint serves the champion and passed the parity check
     reason: str  # not deployed: why
     parity_rows: int  # deployed: holdout rows whose served and offline predictions were compared
+    replicas: int  # deployed on a replicated server: replicas that serve the champion and passed parity
+
+
+def _replicas_serve(info: dict, champ: str, expected: int | None) -> bool:
+    """A replicated server's /version: every replica serves `champ`, as many as expected."""
+    reps = info.get("replicas") or {}
+    want = expected or info.get("expected_replicas") or 1
+    return info.get("committed") == champ and len(reps) == want and all(v == champ for v in reps.values())
+
+
+def _same(served: np.ndarray, offline: np.ndarray) -> bool:
+    return served.shape == offline.shape and bool(np.allclose(served, offline, rtol=1e-6, atol=1e-7))
 
 
 def deploy_model(spec: Spec, ctx: RunContext, url: str | None = None, timeout: float | None = None,
-                 require_endpoint: bool = False, sample_rows: int = 50) -> DeployResult:
+                 require_endpoint: bool = False, sample_rows: int = 50, replicas: int | None = None) -> DeployResult:
+    """Wait until the endpoint serves the champion, then check parity (see the module docstring).
+    `replicas`: how many replicas a replicated server must have serving it (default: as many as
+    it was started with)."""
     import httpx
 
     name = spec.model.name
@@ -66,16 +86,22 @@ def deploy_model(spec: Spec, ctx: RunContext, url: str | None = None, timeout: f
         return result | {"deployed": False, "reason": f"no serving endpoint at {base}"}
 
     deadline = time.monotonic() + (timeout if timeout is not None else 3 * spec.serving.poll_seconds + 60)
-    served = None
+    served, info = None, {}
+    want = str(champ.version)
     while time.monotonic() < deadline:
         try:
-            served = httpx.get(f"{base}/version", timeout=5.0).json().get("version")
-        except (httpx.HTTPError, ValueError):
-            served = None
-        if served == str(champ.version):
+            info = httpx.get(f"{base}/version", timeout=5.0).json()
+            served = info.get("version")
+        except (httpx.HTTPError, ValueError, AttributeError):
+            served, info = None, {}
+        if _replicas_serve(info, want, replicas) if "replicas" in info else served == want:
             break
         time.sleep(0.5)
     else:
+        if "replicas" in info:
+            raise DeployError(f"endpoint {base}: not every replica serves champion v{want} (committed "
+                              f"v{info.get('committed')}, replicas {info.get('replicas')}, expected "
+                              f"{replicas or info.get('expected_replicas')})")
         raise DeployError(f"endpoint {base} still serves v{served}, not champion v{champ.version!s}")
 
     from daybreak.gate import holdout
@@ -84,13 +110,33 @@ def deploy_model(spec: Spec, ctx: RunContext, url: str | None = None, timeout: f
     features = spec.features.feature_names()
     rows = df[features].astype(object).where(df[features].notna(), None).values.tolist()
     payload = {"dataframe_split": {"columns": features, "data": rows}}
-    resp = httpx.post(f"{base}/invocations", json=payload, timeout=30.0)
+    token = os.environ.get("DAYBREAK_SERVE_TOKEN")
+    headers = {"Authorization": f"Bearer {token}"} if token else None
+    resp = httpx.post(f"{base}/invocations", json=payload, headers=headers, timeout=30.0)
     if resp.status_code != 200:
         raise DeployError(f"endpoint {base}/invocations answered {resp.status_code}: {resp.text[:300]}")
     served_pred = np.asarray(resp.json()["predictions"], dtype=np.float64)
     offline = np.asarray(registry.load_model(ctx, name, str(champ.version)).predict(df[features]), dtype=np.float64)
-    if served_pred.shape != offline.shape or not np.allclose(served_pred, offline, rtol=1e-6, atol=1e-7):
+    if not _same(served_pred, offline):
         worst = float(np.max(np.abs(served_pred - offline))) if served_pred.shape == offline.shape else float("nan")
         raise DeployError(f"parity check failed: served predictions differ from offline ones (max diff {worst})")
-    log.info("deploy: %s serves champion v%s; parity on %d rows ok", base, str(champ.version), len(df))
-    return result | {"deployed": True, "parity_rows": len(df)}
+    if "replicas" not in info:
+        log.info("deploy: %s serves champion v%s; parity on %d rows ok", base, want, len(df))
+        return result | {"deployed": True, "parity_rows": len(df)}
+
+    # every replica, each through its own model
+    resp = httpx.post(f"{base}/replicas/invocations", json=payload, headers=headers, timeout=120.0)
+    if resp.status_code != 200:
+        raise DeployError(f"endpoint {base}/replicas/invocations answered {resp.status_code}: {resp.text[:300]}")
+    each = resp.json().get("replicas") or {}
+    expected = replicas or info.get("expected_replicas") or 1
+    bad = {rid: (a.get("version"), a.get("status"), a.get("message") or a.get("error"))
+           for rid, a in each.items()
+           if a.get("status") != 200 or a.get("version") != want
+           or not _same(np.asarray(a.get("predictions"), dtype=np.float64), offline)}
+    if bad or len(each) != expected:
+        raise DeployError(f"endpoint {base}: {len(each)} replica(s) answered of {expected} expected; not serving "
+                          f"champion v{want} faithfully: {bad}"[:1000])
+    log.info("deploy: %s serves champion v%s on %d replicas; parity on %d rows ok on each", base, want, len(each),
+             len(df))
+    return result | {"deployed": True, "parity_rows": len(df), "replicas": len(each)}

@@ -509,17 +509,28 @@ class ModelHolder:
             version = self.champion_version()
             if version is None or (self.current and self.current.version == version):
                 return False
-            model = registry.load_model(self.ctx, self.spec.model.name, version)
-            self._warm_up(model)
-            self.current = Loaded(version, model, time.time(), fast_fields(model))
-            if self.freeze_gc:
-                # The model is long-lived: keep it out of the collector's full passes. Unfreeze
-                # first, so the cycles of the model it replaced can be collected once.
-                gc.unfreeze()
-                gc.collect()
-                gc.freeze()
-            log.info("serving %s v%s", self.spec.model.name, version)
+            self.install(self.load(version))
             return True
+
+    def load(self, version: str) -> Loaded:
+        """A version loaded and warmed up, off the request path; not serving yet (``install``)."""
+        model = registry.load_model(self.ctx, self.spec.model.name, version)
+        self._warm_up(model)
+        return Loaded(version, model, time.time(), fast_fields(model))
+
+    def install(self, loaded: Loaded, refreeze: bool = True) -> None:
+        """Serve `loaded` from the next batch on (one reference assignment)."""
+        self.current = loaded
+        if self.freeze_gc and refreeze:
+            self.refreeze()
+        log.info("serving %s v%s", self.spec.model.name, loaded.version)
+
+    def refreeze(self) -> None:
+        """The model is long-lived: keep it out of the collector's full passes. Unfreeze first, so
+        the cycles of the model it replaced can be collected once."""
+        gc.unfreeze()
+        gc.collect()
+        gc.freeze()
 
     def _warm_up(self, model: Any) -> None:
         """One prediction on the logged input example before the model takes traffic."""
@@ -612,7 +623,31 @@ class Batcher:
         self.big_rows = 0  # of pending_rows, those of requests bigger than a batch (admitted apart)
         self.big: Job | None = None  # the job being predicted in slices
         self._wake = asyncio.Event()
+        self._open = asyncio.Event()  # cleared: start no new batch (``pause``)
+        self._open.set()
+        self._idle = asyncio.Event()  # set: no batch being predicted or answered
+        self._idle.set()
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="predict", initializer=_one_thread)
+
+    async def pause(self) -> None:
+        """Start no new batch, and return once the batch being predicted (if any) is answered.
+        Requests keep queueing meanwhile; ``resume`` answers them. (Replicas use it to switch
+        versions together; the single process never pauses.)"""
+        self._open.clear()
+        await self._idle.wait()
+
+    def resume(self) -> None:
+        """Start batches again, with the holder's current model. A big request part-predicted by
+        another version starts over with this one: its answer is one version's, and no answer
+        comes from a version the server stopped serving."""
+        big, cur = self.big, self.holder.current
+        if big is not None and big.pinned is not cur:
+            self.pending_rows += big.done
+            self.big_rows += big.done
+            big.done, big.pinned = 0, cur
+            big.parts.clear()
+        self._open.set()
+        self._wake.set()
 
     async def submit(self, parsed: Parsed, fields: Fields | None, request_id: str = "") -> tuple[Answer, str]:
         """Queue a checked request; returns its answer and the version that answered it."""
@@ -695,27 +730,39 @@ class Batcher:
             # them), rather than paying a whole predict for the one or two that came first.
             if self.big is None:
                 await self._until_rows(min(last_rows // 2, MAX_BATCH_ROWS), last_seconds)
-            cur, slices = self._take()  # one model for the whole batch
-            if not slices:
+            if not self._open.is_set():  # paused: the requests wait, then are answered by what serves next
+                await self._open.wait()
                 continue
-            started = loop.time()
-            answers: list[Answer | None]  # None: a slice of a big job, more to come
-            if cur is None:
-                answers = [error(503, "no champion model loaded yet")] * len(slices)
-            else:
-                try:
-                    answers = await loop.run_in_executor(self._pool, self._predict, cur, slices)
-                except Exception:  # a bug here must not stop the loop that serves everyone
-                    log.exception("prediction batch failed")
-                    answers = [_internal(j.request_id) for j, _, _ in slices]
-            last_rows, last_seconds = sum(b - a for _, a, b in slices), loop.time() - started
-            for (job, _, _), answer in zip(slices, answers, strict=False):
-                if answer is None:  # a slice of a big job, more to come
-                    continue
-                if answer[0] != 200:
-                    self._drop_big(job)
-                if not job.future.done():  # the client may have gone
-                    job.future.set_result((answer, cur.version if cur else ""))
+            self._idle.clear()
+            try:
+                last_rows, last_seconds = await self._batch(loop, last_rows, last_seconds)
+            finally:
+                self._idle.set()
+
+    async def _batch(self, loop: asyncio.AbstractEventLoop, last_rows: int, last_seconds: float) -> tuple[int, float]:
+        """Take, predict and answer one batch; returns its rows and seconds."""
+        cur, slices = self._take()  # one model for the whole batch
+        if not slices:
+            return last_rows, last_seconds
+        started = loop.time()
+        answers: list[Answer | None]  # None: a slice of a big job, more to come
+        if cur is None:
+            answers = [error(503, "no champion model loaded yet")] * len(slices)
+        else:
+            try:
+                answers = await loop.run_in_executor(self._pool, self._predict, cur, slices)
+            except Exception:  # a bug here must not stop the loop that serves everyone
+                log.exception("prediction batch failed")
+                answers = [_internal(j.request_id) for j, _, _ in slices]
+        last_rows, last_seconds = sum(b - a for _, a, b in slices), loop.time() - started
+        for (job, _, _), answer in zip(slices, answers, strict=False):
+            if answer is None:  # a slice of a big job, more to come
+                continue
+            if answer[0] != 200:
+                self._drop_big(job)
+            if not job.future.done():  # the client may have gone
+                job.future.set_result((answer, cur.version if cur else ""))
+        return last_rows, last_seconds
 
     def _predict(self, cur: Loaded, slices: list[Slice]) -> list[Answer | None]:
         """In the predict thread: one predict over the fast-path slices, the others one by one.
@@ -876,6 +923,27 @@ class ParseWorkers:
             self._procs.shutdown(wait=False, cancel_futures=True)
 
 
+class Hooks:
+    """What a server built around this module's pieces adds to them (``_replicas``: a Ray Serve
+    replica that switches versions with the others). The single process uses none of it."""
+
+    def bind(self, app: Invocations) -> None:
+        """Called once the app is built (before start-up)."""
+
+    async def start(self, batcher: Batcher) -> None:
+        """At start-up, once the batcher runs."""
+
+    async def stop(self) -> None:
+        """At shut-down."""
+
+    async def status(self, details: bool) -> dict[str, Any]:
+        """Fields added to /version (and, when `details`, to /health)."""
+        return {}
+
+    def routes(self, api: FastAPI, app: Invocations) -> None:
+        """More routes (FastAPI's)."""
+
+
 def create_app(spec: Spec, ctx: RunContext, token: str | None = None, freeze_gc: bool = False,
                **limits: Any) -> Any:
     """The app. `freeze_gc` is for a process that only serves (``serve``): a full collection
@@ -884,28 +952,39 @@ def create_app(spec: Spec, ctx: RunContext, token: str | None = None, freeze_gc:
     fields of `Limits` (see the module docstring)."""
     lim = Limits.resolve(**limits)
     holder = ModelHolder(spec, ctx, freeze_gc)
-    plog = PredictionLog(spec, ctx.store) if spec.monitoring.log.sample_rate > 0 else None
     try:  # a registry that does not answer yet: serve nothing (503), say why on /health, keep polling
         registry.setup_tracking(ctx, spec.name)
         holder.refresh()
     except Exception as e:
         holder.last_error = redact(f"{type(e).__name__}: {e}")
         log.warning("no champion loaded yet: %s", holder.last_error)
+    return build_app(spec, ctx, holder, lim, token, freeze_gc)
+
+
+def build_app(spec: Spec, ctx: RunContext, holder: ModelHolder, lim: Limits, token: str | None,
+              freeze_gc: bool, hooks: Hooks | None = None) -> Invocations:
+    """The app around a holder. Without `hooks`, the holder watches the champion alias itself;
+    with them, whoever holds the hooks decides what the holder serves."""
+    plog = PredictionLog(spec, ctx.store) if spec.monitoring.log.sample_rate > 0 else None
     workers = ParseWorkers(lim.parse_processes)
-    api = FastAPI(title="daybreak", version="1", lifespan=_lifespan(holder, plog, workers, freeze_gc),
+    api = FastAPI(title="daybreak", version="1", lifespan=_lifespan(holder, plog, workers, freeze_gc, hooks),
                   docs_url=None, redoc_url=None, openapi_url=None)
     api.state.holder = holder
     api.state.plog = plog
     api.state.limits = lim
     invocations = Invocations(api, holder, workers, lim, token)
     _error_handlers(api)
-    _status_routes(api, spec, holder, plog, invocations.authorized)
+    _status_routes(api, spec, holder, plog, invocations.authorized, hooks)
+    if hooks is not None:
+        hooks.routes(api, invocations)
+        hooks.bind(invocations)
     return invocations
 
 
 def _lifespan(holder: ModelHolder, plog: PredictionLog | None, workers: ParseWorkers,
-              freeze_gc: bool) -> Callable[[FastAPI], Any]:
-    """Start-up and shut-down: the batcher, the parse workers, the champion watch, the log."""
+              freeze_gc: bool, hooks: Hooks | None = None) -> Callable[[FastAPI], Any]:
+    """Start-up and shut-down: the batcher, the parse workers, the champion watch (or the
+    hooks), the log."""
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -916,12 +995,18 @@ def _lifespan(holder: ModelHolder, plog: PredictionLog | None, workers: ParseWor
         app.state.batcher = batcher
         task = asyncio.create_task(batcher.run(), name="predict-batches")
         workers.warm()
-        # The poll runs on its own thread, never the predict thread: a registry that hangs (MLflow
-        # retries for minutes by default; ``serve`` shortens that) must not stop predictions.
-        thread = threading.Thread(target=holder.watch, name="champion-watch", daemon=True)
-        thread.start()
+        if hooks is None:
+            # The poll runs on its own thread, never the predict thread: a registry that hangs (MLflow
+            # retries for minutes by default; ``serve`` shortens that) must not stop predictions.
+            thread = threading.Thread(target=holder.watch, name="champion-watch", daemon=True)
+            thread.start()
+        else:
+            await hooks.start(batcher)
         yield
-        holder.stop()
+        if hooks is None:
+            holder.stop()
+        else:
+            await hooks.stop()
         task.cancel()
         batcher.close()
         workers.close()
@@ -948,7 +1033,7 @@ def _error_handlers(api: FastAPI) -> None:
 
 
 def _status_routes(api: FastAPI, spec: Spec, holder: ModelHolder, plog: PredictionLog | None,
-                   authorized: Callable[[list[tuple[bytes, bytes]]], bool | None]) -> None:
+                   authorized: Callable[[list[tuple[bytes, bytes]]], bool | None], hooks: Hooks | None = None) -> None:
     """GET /ping, /health (details only for the token's holder when there is a token), /version."""
 
     @api.get("/ping")
@@ -958,7 +1043,7 @@ def _status_routes(api: FastAPI, spec: Spec, holder: ModelHolder, plog: Predicti
         return {"status": "ok"}
 
     @api.get("/health")
-    def health(request: Request) -> Any:
+    async def health(request: Request) -> Any:
         cur = holder.current
         status = 200 if cur else 503
         if authorized(request.scope["headers"]) is False:
@@ -971,12 +1056,14 @@ def _status_routes(api: FastAPI, spec: Spec, holder: ModelHolder, plog: Predicti
             "loaded_at": cur.loaded_at if cur else None,
             "last_error": holder.last_error,  # redacted when it was recorded
             "prediction_log": plog.stats() if plog is not None else None,
+            **(await hooks.status(details=True) if hooks is not None else {}),
         }, status_code=status)
 
     @api.get("/version")
-    def version() -> Any:
+    async def version() -> Any:
         cur = holder.current
-        return {"model": spec.model.name, "alias": spec.promotion.alias, "version": cur.version if cur else None}
+        return {"model": spec.model.name, "alias": spec.promotion.alias, "version": cur.version if cur else None,
+                **(await hooks.status(details=False) if hooks is not None else {})}
 
 
 class Invocations:

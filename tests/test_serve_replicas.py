@@ -1,0 +1,347 @@
+"""`daybreak serve --replicas N`: Ray Serve replicas that switch versions together.
+
+A real Serve app (2 replicas on the session's local Ray) under continuous load from several
+clients across 5 promotions: no failed request, no client ever sees the version go back, every
+replica reaches every promotion, and the deploy step verifies each replica. Then a switch that
+cannot happen (a version no replica can load) is aborted: everyone keeps the old version, the
+error is on /health. Credentials reach the replicas as a WorkerEnv, never in a Ray log.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+from conftest import free_port
+
+from daybreak.deploy import deploy_model
+from daybreak.deploy._deploy import DeployError
+from daybreak.gate import holdout
+from daybreak.infra import registry
+from daybreak.infra.context import RunContext
+
+pytest.importorskip("ray.serve")
+
+REPLICAS = 2
+CLIENTS = 4
+TOKEN = "tok-" + secrets.token_hex(12)
+PASSWORD = "pw-" + secrets.token_hex(12)
+
+
+def _wait(what: str, cond, timeout: float = 60.0, every: float = 0.05):
+    deadline = time.monotonic() + timeout
+    while True:
+        got = cond()
+        if got:
+            return got
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(every)
+
+
+@pytest.fixture(scope="module")
+def replicated(cycled: dict, spec, tmp_path_factory: pytest.TempPathFactory):
+    """A private copy of the cycled home (its registry gets new versions), served on 2 replicas."""
+    from ray import serve
+
+    from daybreak.deploy._replicas import serve_replicated
+
+    home = tmp_path_factory.mktemp("replicas") / "home"
+    shutil.copytree(cycled["home"], home, symlinks=True)
+    saved = {k: os.environ.get(k) for k in ("DAYBREAK_HOME", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD",
+                                            "DAYBREAK_SERVE_TOKEN")}
+    # The credentials a replica needs travel in a WorkerEnv (the SQLite registry ignores them here;
+    # the test checks they arrive and never reach a Ray log).
+    os.environ.update(DAYBREAK_HOME=str(home), MLFLOW_TRACKING_USERNAME="daybreak", MLFLOW_TRACKING_PASSWORD=PASSWORD,
+                      DAYBREAK_SERVE_TOKEN=TOKEN)
+    fast = spec.model_copy(update={"serving": spec.serving.model_copy(update={"port": free_port(),
+                                                                               "poll_seconds": 0.3})})
+    ctx = RunContext.create("2013-01-04")
+    started = time.monotonic()
+    running = serve_replicated(fast, ctx, REPLICAS, token=TOKEN, block=False, replica_cpus=0.5,
+                               coordinator_options={"prepare_timeout": 60.0, "pause_timeout": 10.0})
+    try:
+        yield {"url": running.url, "spec": fast, "ctx": ctx, "coordinator": running.coordinator,
+               "started_in": time.monotonic() - started}
+    finally:
+        running.stop()
+        serve.shutdown()  # this module started Serve on the session's Ray; nothing else uses it
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+
+
+def _copy_version(cl, name: str, of: str, **tags: str) -> str:
+    """A new version of the same files (and digest) as `of`: a promotion target of its own number."""
+    mv = cl.get_model_version(name, of)
+    return str(cl.create_model_version(name, source=mv.source, run_id=mv.run_id, tags={**mv.tags, **tags}).version)
+
+
+def _body(spec, ctx, rows: int = 3) -> dict:
+    X = holdout(spec, ctx).head(rows)[spec.features.feature_names()]
+    return {"dataframe_split": {"columns": list(X.columns),
+                                "data": X.astype(object).where(X.notna(), None).values.tolist()}}
+
+
+def test_promotions_under_load_never_go_back(replicated: dict) -> None:
+    url, spec, ctx = replicated["url"], replicated["spec"], replicated["ctx"]
+    cl = registry.client(ctx)
+    name = spec.model.name
+    first = str(registry.alias_version(cl, name, "champion").version)
+    info = httpx.get(f"{url}/version").json()
+    assert info["committed"] == first and info["replicas"] == dict.fromkeys(info["replicas"], first)
+    assert len(info["replicas"]) == REPLICAS and info["expected_replicas"] == REPLICAS
+    health = httpx.get(f"{url}/health", headers=AUTH).json()
+    assert {"MLFLOW_TRACKING_PASSWORD", "DAYBREAK_SERVE_TOKEN"} <= set(health["credentials"])
+    assert httpx.get(f"{url}/ping").status_code == 200
+    body = _body(spec, ctx)
+    assert httpx.post(f"{url}/invocations", json=body).status_code == 401  # the token, as in one process
+    assert httpx.post(f"{url}/replicas/invocations", json=body).status_code == 401
+
+    targets = [_copy_version(cl, name, first) for _ in range(5)]
+    assert [int(v) for v in targets] == sorted(int(v) for v in targets)
+    order = {v: k for k, v in enumerate([first, *targets])}  # promotion order
+    seen: list[list[str]] = [[] for _ in range(CLIENTS)]
+    failures: list[str] = []
+    stop = threading.Event()
+
+    def client(k: int) -> None:
+        with httpx.Client(timeout=60, headers=AUTH) as c:
+            while not stop.is_set():
+                try:
+                    r = c.post(f"{url}/invocations", json=body)
+                except httpx.HTTPError as e:
+                    failures.append(f"client {k}: {type(e).__name__}: {e}")
+                    continue
+                if r.status_code != 200:
+                    failures.append(f"client {k}: {r.status_code} {r.text[:200]}")
+                else:
+                    seen[k].append(r.headers["x-model-version"])
+
+    threads = [threading.Thread(target=client, args=(k,)) for k in range(CLIENTS)]
+    for t in threads:
+        t.start()
+    deployed = []
+    try:
+        _wait("every client answered", lambda: all(seen))
+        for target in targets:
+            cl.set_registered_model_alias(name, "champion", target)
+            out = deploy_model(spec, ctx, url=url, timeout=60)
+            deployed.append(out)
+            assert out["deployed"] is True and out["champion_version"] == target, out
+            assert out["replicas"] == REPLICAS and out["parity_rows"] == 50
+            # every client gets an answer of the new version before the next promotion
+            _wait(f"every client on v{target}", lambda target=target: all(s and s[-1] == target for s in seen))
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(timeout=60)
+    assert failures == []
+    for k, versions in enumerate(seen):
+        ranks = [order[v] for v in versions]
+        assert ranks == sorted(ranks), f"client {k} saw the version go back: {versions}"
+        assert set(versions) == set(order), f"client {k} missed a version: {set(order) - set(versions)}"
+    import ray
+
+    history = ray.get(replicated["coordinator"].history.remote())
+    assert [(h["to"], h["committed"], h["replicas"]) for h in history] == [(v, True, REPLICAS) for v in targets]
+    info = httpx.get(f"{url}/version").json()
+    assert info["committed"] == targets[-1] and set(info["replicas"].values()) == {targets[-1]}
+    print(f"\nreplicated server up in {replicated['started_in']:.1f} s; {sum(map(len, seen))} requests; "
+          f"switches took {[h['seconds'] for h in history]} s")
+
+
+def test_a_version_no_replica_can_load_aborts_the_switch(replicated: dict) -> None:
+    """A version whose files do not match its digest: every replica refuses it, the switch is
+    aborted, every replica keeps answering with the committed version, /health says why; the
+    next good promotion goes through."""
+    from daybreak.infra.registry import MODEL_DIGEST_TAG
+
+    url, spec, ctx = replicated["url"], replicated["spec"], replicated["ctx"]
+    cl = registry.client(ctx)
+    name = spec.model.name
+    served = str(registry.alias_version(cl, name, "champion").version)
+    _wait(f"v{served} committed", lambda: httpx.get(f"{url}/version").json()["committed"] == served)
+    bad = _copy_version(cl, name, served, **{MODEL_DIGEST_TAG: "0" * 64})
+    body = _body(spec, ctx)
+    cl.set_registered_model_alias(name, "champion", bad)
+
+    def aborted() -> dict | None:
+        h = httpx.get(f"{url}/health", headers=AUTH).json()
+        return h if h.get("switch_error") and f"v{bad}" in h["switch_error"] else None
+
+    health = _wait("the aborted switch on /health", aborted)
+    assert "aborted" in health["switch_error"] and "could not load" in health["switch_error"]
+    assert "digest" not in health["switch_error"] or "<path>" not in health["switch_error"]
+    info = httpx.get(f"{url}/version").json()
+    assert info["committed"] == served and set(info["replicas"].values()) == {served}, info
+    for _ in range(10):  # both replicas (the proxy spreads them) answer with the committed version
+        r = httpx.post(f"{url}/invocations", json=body, headers=AUTH)
+        assert r.status_code == 200 and r.headers["x-model-version"] == served
+    each = httpx.post(f"{url}/replicas/invocations", json=body, headers=AUTH).json()["replicas"]
+    assert len(each) == REPLICAS and {a["version"] for a in each.values()} == {served}
+    with pytest.raises(DeployError, match="not every replica serves"):
+        deploy_model(spec, ctx, url=url, timeout=2)
+
+    good = _copy_version(cl, name, served)
+    cl.set_registered_model_alias(name, "champion", good)
+    out = deploy_model(spec, ctx, url=url, timeout=60)
+    assert out["deployed"] is True and out["replicas"] == REPLICAS and out["champion_version"] == good
+    assert httpx.get(f"{url}/health", headers=AUTH).json()["switch_error"] is None
+
+
+def test_no_credential_in_any_ray_file(replicated: dict) -> None:
+    import ray
+
+    session = Path(ray._private.worker._global_node.get_session_dir_path())
+    leaks = []
+    for path in session.rglob("*"):
+        if path.is_file() and not path.is_symlink():
+            try:
+                data = path.read_bytes()
+            except OSError:
+                continue
+            if PASSWORD.encode() in data or TOKEN.encode() in data:
+                leaks.append(str(path.relative_to(session)))
+    assert leaks == []
+
+
+# -- the protocol in one process: the coordinator and replicas' followers, with fake models --------
+
+
+class _Ref:
+    """What a Ray actor call returns, for an in-process coordinator: awaitable, ``future()``."""
+
+    def __init__(self, coro) -> None:
+        import asyncio
+
+        self.task = asyncio.ensure_future(coro)
+
+    def __await__(self):
+        return self.task.__await__()
+
+    def future(self):
+        return self.task  # asyncio.wrap_future passes an asyncio future through
+
+
+class _Handle:
+    def __init__(self, obj) -> None:
+        self.obj = obj
+
+    def __getattr__(self, name: str):
+        fn = getattr(self.obj, name)
+        return type("M", (), {"remote": staticmethod(lambda *a: _Ref(fn(*a)))})()
+
+
+def test_one_replica_that_cannot_load_aborts_for_all_and_a_silent_one_times_out(spec) -> None:
+    """Three replicas; one cannot load v2: the two others prepared it, yet every one keeps
+    serving v1 and answers. v3 loads everywhere: committed. A replica that stops following
+    (alive, polling, never acking) aborts the next switch on the timeout instead of stalling it."""
+    import asyncio
+
+    import numpy as np
+    import pandas as pd
+
+    from daybreak.deploy._replicas import Coordinator, ReplicaSync
+    from daybreak.deploy._serve import Batcher, Loaded, ModelHolder, Parsed
+    from daybreak.infra.errors import IntegrityError
+
+    fast = spec.model_copy(update={"serving": spec.serving.model_copy(update={"poll_seconds": 0.05})})
+
+    class Model:
+        def __init__(self, version: str) -> None:
+            self.version = version
+
+        def predict(self, frame):
+            return np.full(len(frame), float(self.version))
+
+    class Holder(ModelHolder):
+        def __init__(self, refuse: set[str]) -> None:
+            super().__init__(fast, None)  # type: ignore[arg-type]
+            self.refuse = refuse
+
+        def load(self, version: str) -> Loaded:
+            if version in self.refuse:
+                raise IntegrityError(f"model version {version}: refusing to load")
+            return Loaded(version, Model(version), time.time(), None)
+
+    class Coord(Coordinator):
+        alias = "1"
+
+        def champion(self) -> str | None:
+            return self.alias
+
+    async def until(cond, timeout: float = 20.0) -> None:
+        deadline = asyncio.get_running_loop().time() + timeout
+        while not cond():
+            assert asyncio.get_running_loop().time() < deadline
+            await asyncio.sleep(0.01)
+
+    async def ask(batcher: Batcher) -> str:
+        (status, _), version = await asyncio.wait_for(
+            batcher.submit(Parsed(1, frame=pd.DataFrame({"x": [1.0]})), None), 5)
+        assert status == 200
+        return version
+
+    async def scenario() -> None:
+        coord = Coord(fast, None, 3, prepare_timeout=1.0, pause_timeout=1.0)  # type: ignore[arg-type]
+        await coord.start()
+        handle = _Handle(coord)
+        replicas = []
+        for k in range(3):
+            holder = Holder({"2"} if k == 1 else set())
+            sync = ReplicaSync(handle, holder, f"r{k}")
+            await sync.join()
+            batcher = Batcher(holder)
+            task = asyncio.create_task(batcher.run())
+            await sync.start(batcher)
+            replicas.append((sync, holder, batcher, task))
+        assert [await ask(b) for _, _, b, _ in replicas] == ["1"] * 3
+
+        Coord.alias = "2"
+        await until(lambda: coord.switches and coord.switches[-1]["to"] == "2")
+        assert coord.switches[-1]["committed"] is False and "replica r1 could not load v2" in coord.last_error
+        assert coord.committed == "1" and [h.current.version for _, h, _, _ in replicas] == ["1"] * 3
+        assert "could not load v2" in replicas[1][1].last_error
+        assert [await ask(b) for _, _, b, _ in replicas] == ["1"] * 3  # nobody left paused
+
+        Coord.alias = "3"
+        await until(lambda: coord.committed == "3")
+        await until(lambda: [h.current.version for _, h, _, _ in replicas] == ["3"] * 3)
+        assert [await ask(b) for _, _, b, _ in replicas] == ["3"] * 3
+        assert coord.last_error is None
+
+        replicas[2][0]._tasks[1].cancel()  # r2 still polls (a heartbeat) but no longer follows
+        Coord.alias = "4"
+        await until(lambda: coord.switches[-1]["to"] == "4")
+        assert coord.switches[-1]["committed"] is False
+        assert "r2" in coord.last_error and "did not ack" in coord.last_error
+        assert coord.committed == "3"
+        assert [await ask(b) for _, _, b, _ in replicas[:2]] == ["3"] * 2
+        for sync, _, batcher, task in replicas:
+            await sync.stop()
+            task.cancel()
+            batcher.close()
+        coord._task.cancel()
+
+    asyncio.run(scenario())
+
+
+def test_a_missing_cluster_extra_says_what_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys
+
+    from daybreak.deploy._replicas import ReplicasError, require_serve
+
+    monkeypatch.setitem(sys.modules, "ray.serve", None)  # import ray.serve now raises ImportError
+    with pytest.raises(ReplicasError, match=r"pip install 'daybreak\[cluster\]'"):
+        require_serve()
