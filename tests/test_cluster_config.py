@@ -224,3 +224,10 @@ def test_an_s3_spec_path_works_wherever_a_spec_path_is_accepted(s3_server, home:
     monkeypatch.setenv("DAYBREAK_SPECS", f"{uri}{os.pathsep}{SPEC}")
     specs, errors = load_specs()
     assert not errors and list(specs) == [load_spec(SPEC).name]
+
+
+def test_replicas_on_a_remote_cluster_with_a_local_registry_are_refused(home: Path, spec) -> None:
+    from daybreak.deploy import serve_replicated
+
+    with pytest.raises(ClusterConfigError, match=SHARED_FS_ENV):
+        serve_replicated(spec, RunContext.create(DAY), replicas=2, address=NOWHERE, block=False)

@@ -49,7 +49,7 @@ def replicated(cycled: dict, spec, tmp_path_factory: pytest.TempPathFactory):
     """A private copy of the cycled home (its registry gets new versions), served on 2 replicas."""
     from ray import serve
 
-    from daybreak.deploy._replicas import serve_replicated
+    from daybreak.deploy import serve_replicated
 
     home = tmp_path_factory.mktemp("replicas") / "home"
     shutil.copytree(cycled["home"], home, symlinks=True)

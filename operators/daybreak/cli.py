@@ -320,7 +320,7 @@ def serve(spec: str = SpecOpt,
 
         _serve(_load(spec), _ctx(date.today(), None, tracking_uri), host=host, port=port, token=token)
         return
-    from daybreak.deploy._replicas import require_serve, serve_replicated
+    from daybreak.deploy import require_serve, serve_replicated
 
     require_serve()  # before loading anything: the cluster extra is missing
     serve_replicated(_load(spec), _ctx(date.today(), None, tracking_uri), replicas, host=host, port=port,

@@ -44,7 +44,7 @@ import os
 import signal
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 from fastapi.responses import JSONResponse
@@ -63,6 +63,7 @@ from daybreak.deploy._serve import (
     error,
 )
 from daybreak.infra import registry
+from daybreak.infra.cluster import check_shared_nothing
 from daybreak.infra.compute import WORKER_ENV, WorkerEnv
 from daybreak.infra.context import RunContext
 from daybreak.infra.errors import DaybreakError, redact
@@ -653,6 +654,8 @@ def serve_replicated(spec: Spec, ctx: RunContext, replicas: int, host: str | Non
     if token:
         values[TOKEN_ENV] = token
     env = WorkerEnv(values)
+    # Replicas on other nodes read the registry and write the prediction log: no local paths.
+    check_shared_nothing(replace(ctx, ray_address=address or ctx.ray_address))
     ensure_ray(address)
     registry.setup_tracking(ctx, spec.name)
     host, port = host or spec.serving.host, port or spec.serving.port
