@@ -27,6 +27,7 @@ import hashlib
 import importlib.metadata
 import importlib.util
 import os
+import re
 import sys
 from functools import cache
 from pathlib import Path
@@ -62,8 +63,14 @@ def remote_target(ray_address: str | None, distributed: str | None = None) -> st
     return None
 
 
+_SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]+):")
+
+
 def _local_uri(uri: str) -> bool:
-    return uri.startswith(("sqlite:", "file:")) or "://" not in uri
+    """A path, or a ``sqlite:``/``file:`` URI: this machine's disk. (``mlflow-artifacts:/1``, an
+    artifact location the server proxies, has a scheme but no ``//``.)"""
+    scheme = _SCHEME.match(uri)
+    return scheme is None or scheme.group(1).lower() in ("sqlite", "file")
 
 
 def local_parts(store_uri: str, store_is_local: bool, tracking_uri: str, artifact_root: str | None) -> list[str]:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 log = logging.getLogger(__name__)
 
@@ -94,3 +96,19 @@ class WorkerEnv:
 
     def __reduce__(self) -> tuple:
         return (WorkerEnv, (self._values,))
+
+
+# What Ray Tune copies from the driver's environment into every trial actor's runtime_env (ray
+# 2.60, ray/tune/execution/class_cache.py), which Ray's runtime_env agent then logs in clear.
+TUNE_PROPAGATES = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SECURITY_TOKEN", "AWS_SESSION_TOKEN")
+
+
+@contextmanager
+def hidden_from_ray(names: tuple[str, ...] = TUNE_PROPAGATES) -> Iterator[None]:
+    """Take `names` out of this process's environment while Ray creates actors that would carry
+    them in a logged runtime_env; put them back after. (The work inside must not need them.)"""
+    saved = {k: os.environ.pop(k) for k in names if k in os.environ}
+    try:
+        yield
+    finally:
+        os.environ.update(saved)

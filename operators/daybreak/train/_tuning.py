@@ -12,7 +12,7 @@ import logging
 import tempfile
 from typing import TYPE_CHECKING, Any
 
-from daybreak.infra.compute import ensure_ray
+from daybreak.infra.compute import ensure_ray, hidden_from_ray
 from daybreak.infra.context import RunContext
 from daybreak.spec import SearchParam, Spec
 
@@ -79,7 +79,8 @@ def tune(spec: Spec, data: TrainData, ctx: RunContext) -> tuple[dict[str, Any], 
                                       search_alg=BasicVariantGenerator(random_state=spec.model.seed)),
             run_config=rt.RunConfig(storage_path=storage, name="trials", verbose=0),
         )
-        grid = tuner.fit()
+        with hidden_from_ray():  # Tune would put the driver's AWS keys in each trial's logged runtime_env
+            grid = tuner.fit()
     results = [grid[i] for i in range(len(grid))]  # ResultGrid indexes; it does not declare __iter__
     trials: list[dict[str, Any]] = []
     for r in results:
