@@ -64,17 +64,23 @@ def _probe_worker() -> dict[str, Any]:
 
 
 def _where_ray_ran() -> dict[str, Any]:
-    """Every task (and actor method) of this job with the node it ran on, and every actor with its
-    node: from the GCS's task events and actor table (the state API would need the dashboard)."""
+    """Every task of this job (actor creations and actor methods too) with the node it ran on and
+    the CPUs it asked for, and every actor with its node: from the GCS's task events and actor
+    table (the state API would need the dashboard). An actor's creation event names no node: the
+    actor table does."""
     import ray._private.state as state
+    from ray.core.generated import common_pb2
 
+    actors = {actor_id: {"class": a.get("ActorClassName"), "node": (a.get("Address") or {}).get("NodeID"),
+                         "state": a.get("State")} for actor_id, a in state.actors().items()}
     tasks = []
     for ev in state.state._get_all_task_events():
+        info = ev.task_info
         node = ev.state_updates.node_id.hex() if ev.state_updates.node_id else ""
-        tasks.append({"name": ev.task_info.name, "node": node})
-    actors = [{"class": a.get("ActorClassName"), "node": (a.get("Address") or {}).get("NodeID"),
-               "state": a.get("State")} for a in state.actors().values()]
-    return {"tasks": tasks, "actors": actors}
+        if not node and info.type == common_pb2.TaskType.ACTOR_CREATION_TASK:
+            node = (actors.get(info.actor_id.hex()) or {}).get("node") or ""
+        tasks.append({"name": info.name, "node": node, "cpus": info.required_resources.get("CPU", 0.0)})
+    return {"tasks": tasks, "actors": list(actors.values())}
 
 
 def airflow(spec_path: str, day: str) -> None:

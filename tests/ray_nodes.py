@@ -25,10 +25,17 @@ def stop_family(proc: subprocess.Popen, grace: float = 5.0) -> None:
     """SIGTERM a process (a node: `ray start --block`) and every process under it; SIGKILL what is
     left after `grace` seconds. (Some of a throwaway node's processes outlast a SIGTERM by 20 s or
     more; nothing of it is kept.)"""
-    try:
-        family = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
-    except psutil.NoSuchProcess:
-        return
+    stop_families([proc], grace)
+
+
+def stop_families(procs: list[subprocess.Popen], grace: float = 5.0) -> None:
+    """`stop_family` for several processes at once: one grace period for all of them."""
+    family: list[psutil.Process] = []
+    for proc in procs:
+        try:
+            family += [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
+        except psutil.NoSuchProcess:
+            pass
     for p in family:
         try:
             p.terminate()
@@ -41,10 +48,11 @@ def stop_family(proc: subprocess.Popen, grace: float = 5.0) -> None:
         except psutil.NoSuchProcess:
             pass
     psutil.wait_procs(alive, timeout=grace)
-    try:
-        proc.wait(timeout=grace)
-    except subprocess.TimeoutExpired:
-        pass
+    for proc in procs:
+        try:
+            proc.wait(timeout=grace)
+        except subprocess.TimeoutExpired:
+            pass
 
 
 def wait_started(node: subprocess.Popen, log: Path, timeout: float = 120) -> None:
