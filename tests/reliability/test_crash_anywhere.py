@@ -43,9 +43,9 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 from conftest import BIN, SPEC, free_port, make_home
+from ray_nodes import stop_family  # terminate a process and its children, by PID
+from ray_nodes import wait_started as _wait_started
 from tally import FULL, tally, trials
-from test_ray_cluster import _stop as stop_family  # terminate a process and its children, by PID
-from test_ray_cluster import _wait_started
 
 from daybreak.gate import PROMOTE
 from daybreak.infra import registry

@@ -522,21 +522,21 @@ class RayCluster:
         self.workers: list[subprocess.Popen] = []
 
     def start(self) -> None:
-        from test_ray_cluster import _start
+        from ray_nodes import start_node as _start
 
         self.head = _start(["--head", f"--port={self.port}", f"--temp-dir={self.tmp}", "--include-dashboard=false",
                             *self.common], self.env, self.tmp / "head.log")
         self.add_worker()  # it waits for the head's GCS (the driver checks that both nodes are up)
 
     def add_worker(self) -> subprocess.Popen:
-        from test_ray_cluster import _start
+        from ray_nodes import start_node as _start
 
         w = _start([f"--address={self.address}", *self.common], self.env, self.tmp / f"worker{len(self.workers)}.log")
         self.workers.append(w)
         return w
 
     def stop(self) -> None:
-        from test_ray_cluster import _stop
+        from ray_nodes import stop_family as _stop
 
         for p in [*reversed(self.workers), self.head]:
             if p is not None:
