@@ -171,7 +171,8 @@ def fresh(featured: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Pa
 # the end, instead of one long file starting last while the other worker idles.
 LONGEST_FIRST = ["test_airflow_ui.py", "test_airflow.py", "test_prefect_server.py", "test_monitor.py",
                  "test_outages.py", "test_prefect.py", "test_stack.py", "test_cli.py", "test_secrets.py",
-                 "test_serve_load.py", "test_serving_soak.py", "test_crash_anywhere.py"]
+                 "test_serve_load.py", "test_serving_soak.py", "test_crash_anywhere.py",
+                 "test_serve_replicas.py", "test_cluster_shared_nothing.py"]
 
 
 def pytest_collection_modifyitems(config, items: list[pytest.Item]) -> None:
