@@ -104,6 +104,11 @@ def test_code_shipping_names_daybreak_and_the_allowed_estimator_modules_never_va
     assert env is not None and set(env) == {"py_modules", "pip"}
     assert Path(env["py_modules"][0]).name == "daybreak" and env["py_modules"][1].endswith("conftest.py")
     assert env["pip"] == ["lightgbm==4.5.0"]
+    monkeypatch.setenv("DAYBREAK_RAY_PIP", "acme-models==2.0, --index-url https://bob:s3cret@pypi.acme.example/simple")
+    with pytest.raises(ClusterConfigError, match=r"https://\*\*\*@pypi.acme.example/simple carries a credential") as e:
+        runtime_env()
+    assert "s3cret" not in str(e.value)
+    monkeypatch.setenv("DAYBREAK_RAY_PIP", "")
     monkeypatch.setenv("DAYBREAK_ALLOWED_ESTIMATOR_MODULES", "no_such_module_here")
     with pytest.raises(ClusterConfigError, match="no_such_module_here"):
         runtime_env()
@@ -231,3 +236,21 @@ def test_replicas_on_a_remote_cluster_with_a_local_registry_are_refused(home: Pa
 
     with pytest.raises(ClusterConfigError, match=SHARED_FS_ENV):
         serve_replicated(spec, RunContext.create(DAY), replicas=2, address=NOWHERE, block=False)
+
+
+def test_batch_scoring_that_cannot_load_its_model_on_a_worker_is_not_retried(ray_local, spec, tmp_path: Path) -> None:
+    """The actor loads the model on its first batch: a failure in its constructor surfaced as an
+    ActorDiedError that hid the cause (a 401, a version not found), which was retried."""
+    import ray.data
+
+    from daybreak.infra import registry
+    from daybreak.score._score import SliceScorer
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    registry.setup_tracking(RunContext.create(DAY, tracking_uri=uri), spec.name)
+    kwargs = {"spec": spec, "tracking_uri": uri, "version": "7", "fs": None, "scored_at": "2013-01-09T00:00:00+00:00"}
+    with pytest.raises(Exception, match="not found") as caught:
+        ray.data.from_items([{"path": "unread", "row_groups": [0]}]).map_batches(
+            SliceScorer, fn_constructor_kwargs=kwargs, concurrency=1, batch_size=1,
+            batch_format="pyarrow").materialize()
+    assert not is_retryable(caught.value), type(caught.value).__mro__

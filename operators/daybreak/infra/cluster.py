@@ -29,6 +29,7 @@ import importlib.util
 import os
 import re
 import sys
+import time
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -87,7 +88,7 @@ def local_parts(store_uri: str, store_is_local: bool, tracking_uri: str, artifac
 
 def _refusal(target: str, parts: list[str]) -> ClusterConfigError:
     return ClusterConfigError(
-        f"{target} runs work on other machines, but {'; '.join(parts)} "
+        f"{target} may run work on other machines, but {'; '.join(parts)} "
         f"{'is' if len(parts) == 1 else 'are'} on this machine's disk, which they cannot see. Use an "
         "s3:// store and an `mlflow server` that serves its artifacts (--serve-artifacts), or set "
         f"{SHARED_FS_ENV}=1 if every node mounts the same filesystem at the same path.")
@@ -133,6 +134,10 @@ def runtime_env() -> dict[str, Any] | None:
         tops = {m.strip().split(".")[0] for m in allowed if m.strip()} - {"sklearn", "xgboost"}
         env["py_modules"] = [_module_path("daybreak"), *(_module_path(m) for m in sorted(tops))]
     pip = [p.strip() for p in os.environ.get(PIP_ENV, "").split(",") if p.strip()]
+    for req in pip:
+        if redact(req) != req:  # Ray logs a runtime_env in clear: no index password in it
+            raise ClusterConfigError(f"{PIP_ENV}: {redact(req)} carries a credential, which Ray would log in "
+                                     "clear on every node; configure the index on the nodes (pip.conf) instead")
     if pip:
         env["pip"] = pip
     return env or None
@@ -153,10 +158,13 @@ def node_fingerprint() -> dict[str, str]:
     """What must match across nodes: Python, daybreak's code and the checked libraries."""
     out = {"python": f"{sys.version_info[0]}.{sys.version_info[1]}", "daybreak": code_digest()}
     for pkg in CHECKED_PACKAGES:
-        try:
-            out[pkg] = importlib.metadata.version(pkg)
-        except importlib.metadata.PackageNotFoundError:
-            out[pkg] = "absent"
+        out[pkg] = "absent"
+        for dist in (pkg, f"{pkg}-cpu"):  # xgboost-cpu is xgboost built without CUDA
+            try:
+                out[pkg] = importlib.metadata.version(dist)
+                break
+            except importlib.metadata.PackageNotFoundError:
+                continue
     return out
 
 
@@ -183,10 +191,11 @@ def check_nodes(timeout: float = 300.0, probe_env: dict[str, Any] | None = None)
             for nid in nodes}
     found: dict[str, dict[str, str]] = {}
     problems = []
+    deadline = time.monotonic() + timeout  # for all the nodes together
     for nid, ref in refs.items():
         where = f"node {nodes[nid]} ({nid[:8]})"
         try:
-            _, found[nid] = ray.get(ref, timeout=timeout)
+            _, found[nid] = ray.get(ref, timeout=max(0.0, deadline - time.monotonic()))
         except GetTimeoutError:
             raise TimeoutError(f"Ray {where} did not run the version check within {timeout:.0f} s") from None
         except RayTaskError as e:

@@ -30,7 +30,7 @@ def is_retryable(exc: BaseException) -> bool:
         return exc.retryable
     if isinstance(exc, RuntimeError) and str(exc).startswith(RAY_IMPORT_FAILED):
         return False  # the code is not on the node (a RuntimeError is all Ray raises for it)
-    if credentials_refused(exc):  # the same credentials are refused again
+    if credentials_refused(exc) or _registry_says_no(exc):  # the same answer again next time
         return False
     # Bad arguments or data, programming errors, and files that are not there (a path only the
     # driver's disk has, read on a Ray worker): the same again next time.
@@ -54,6 +54,16 @@ def _raised_in_task(exc: BaseException) -> BaseException:
             break
         exc = inner
     return exc
+
+
+# MLflow's answers that will not change on retry: what is asked for is not there, or the request
+# is wrong. (Its server errors, rate limits and connection failures stay retryable.)
+_MLFLOW_PERMANENT = ("RESOURCE_DOES_NOT_EXIST", "NOT_FOUND", "INVALID_PARAMETER_VALUE", "BAD_REQUEST",
+                     "ENDPOINT_NOT_FOUND")
+
+
+def _registry_says_no(exc: BaseException) -> bool:
+    return type(exc).__module__.startswith("mlflow") and getattr(exc, "error_code", None) in _MLFLOW_PERMANENT
 
 
 def credentials_refused(exc: BaseException) -> str | None:

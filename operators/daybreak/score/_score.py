@@ -36,7 +36,7 @@ def prediction_zone(spec: Spec) -> str:
 
 
 class SliceScorer:
-    """A Ray Data actor: loads the model once (checking its artifacts' hash), then scores the
+    """A Ray Data actor: loads the model once (checking its artifacts' hash) on its first batch, then scores the
     feature row groups it is given. A pyfunc model logged as code cannot be pickled to workers.
     On a cluster it may run where the driver's environment is not: the MLflow credentials come
     as an argument (`worker_env`), the store's as its filesystem (`fs`)."""
@@ -47,12 +47,18 @@ class SliceScorer:
 
         if worker_env is not None:  # the driver's MLflow credentials: this actor owns its process
             worker_env.apply()
-        ctx = RunContext.create(datetime.now(UTC).date(), tracking_uri=tracking_uri)
-        self.model = registry.load_model(ctx, spec.model.name, version)
+        self._ctx = RunContext.create(datetime.now(UTC).date(), tracking_uri=tracking_uri)
+        self.model: Any = None
         self.spec, self.version, self.fs, self.scored_at, self.run_id = spec, version, fs, scored_at, run_id
 
     def __call__(self, items: pa.Table) -> pa.Table:
         import pyarrow.parquet as pq
+
+        if self.model is None:
+            # Loaded on the first batch, not in __init__: an actor whose constructor fails dies
+            # with an ActorDiedError that hides the cause (a 401, a tampered artifact), so the
+            # retry policy could not tell it from a lost node.
+            self.model = registry.load_model(self._ctx, self.spec.model.name, self.version)
 
         t = pa.concat_tables([pq.ParquetFile(self.fs.open_input_file(i["path"])).read_row_groups(i["row_groups"])
                               for i in items.to_pylist()])
