@@ -54,9 +54,12 @@ def _probe_worker() -> dict[str, Any]:
 
     @ray.remote(num_cpus=1)
     def probe(paths: list[str]) -> dict[str, Any]:
+        import importlib.util
         import os
 
+        found = importlib.util.find_spec("daybreak")
         return {"node": ray.get_runtime_context().get_node_id(),
+                "daybreak": found.origin if found else None,
                 "visible": {p: os.path.exists(p) for p in paths},
                 "credential_env": sorted(k for k in os.environ if k.startswith(("MLFLOW_", "AWS_")))}
 

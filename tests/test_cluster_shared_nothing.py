@@ -66,10 +66,13 @@ admin_username = admin
 authorization_function = mlflow.server.auth:authenticate_request_basic_auth
 auth_cache_ttl_seconds = 600
 """
-# The worker's wrapper: a private mount namespace, a fresh tmpfs over the scratch folder ($0),
-# then exec Ray (so the PID stays that of `ray start`).
+# The worker's wrapper: a private mount namespace, a fresh tmpfs over the scratch folder ($0) and
+# one over daybreak's source folder ($1: the venv's editable install points there, so daybreak is
+# not installed on the worker: the drivers ship it), then exec Ray (the PID stays `ray start`'s).
 ISOLATE = ["unshare", "-m", "--propagation", "private", "sh", "-c",
-           'mount -t tmpfs tmpfs "$0" && mkdir "$0/worker-home" "$0/worker-tmp" && exec "$@"']
+           'mount -t tmpfs tmpfs "$0" && mount -t tmpfs tmpfs "$1" && mkdir "$0/worker-home" "$0/worker-tmp" '
+           '&& shift && exec "$@"']
+OPERATORS = ROOT / "operators"
 # daybreak's Ray work in training and scoring, by task or actor name: the partition models, the
 # Ray Tune trials (a function trainable runs as an ImplicitFunc actor), batch scoring's actors.
 # (The features step reports its nodes itself.)
@@ -204,7 +207,7 @@ def cluster(s3_server, landing: Path) -> Iterator[dict]:
         spec_file.write_text(yaml.safe_dump(raw, sort_keys=False))
         wait_started(procs["head"], logs / "head.log")
         procs["worker"] = start_node([f"--address={address}", f"--temp-dir={worker_tmp}", "--num-cpus=2", *common],
-                                     worker_env, logs / "worker.log", wrap=[*ISOLATE, str(scratch)])
+                                     worker_env, logs / "worker.log", wrap=[*ISOLATE, str(scratch), str(OPERATORS)])
         wait_started(procs["worker"], logs / "worker.log")
         wait_http(f"{mlflow_url}/health", timeout=180, proc=procs["mlflow"])
         search = f"{mlflow_url}/api/2.0/mlflow/experiments/search?max_results=1"
@@ -212,7 +215,8 @@ def cluster(s3_server, landing: Path) -> Iterator[dict]:
         assert httpx.get(search, auth=("admin", password), timeout=30).status_code == 200
         driver_env = base_env | s3_env | {
             "DAYBREAK_HOME": str(home), "TMPDIR": str(scratch / "tmp"), "AIRFLOW_HOME": str(scratch / "airflow"),
-            "MLFLOW_TRACKING_URI": mlflow_url, "RAY_USAGE_STATS_ENABLED": "0", "DAYBREAK_STEP_ATTEMPTS": "1"}
+            "MLFLOW_TRACKING_URI": mlflow_url, "RAY_USAGE_STATS_ENABLED": "0", "DAYBREAK_STEP_ATTEMPTS": "1",
+            "DAYBREAK_RAY_SHIP_CODE": "1"}  # the worker has no daybreak of its own
         yield {"t0": t0, "timings": {"cluster up": round(time.monotonic() - t0, 1)}, "outputs": [],
                "base": base, "scratch": scratch, "logs": logs, "ray_dirs": [head_tmp, worker_tmp],
                "address": address, "port": ray_port, "token": token, "ray_env": ray_env, "mlflow_url": mlflow_url,
@@ -274,6 +278,8 @@ def test_the_cycle_and_batch_scoring_ran_on_the_isolated_worker(pipeline: dict) 
     assert probe["node"] == worker
     assert probe["visible"] and not any(probe["visible"].values()), probe
     assert probe["credential_env"] == [], probe
+    # daybreak there is the copy the driver shipped (Ray's runtime resources), not the source folder
+    assert probe["daybreak"] and not probe["daybreak"].startswith(str(OPERATORS)), probe
     ran = got.get("ran")
     assert ran, f"cannot tell where Ray ran the tasks: {got.get('ran_error')}"
     # Where the tasks that need a CPU ran, and daybreak's named tasks and actors. Checked before the
@@ -354,6 +360,20 @@ def test_a_local_store_or_registry_with_a_remote_cluster_is_refused_at_once(clus
     if not (code == 2 and len(lines) == 1 and "DAYBREAK_SHARED_FS" in lines[0] and "Traceback" not in out):
         problems.append(f"the CLI (exit {code}) did not refuse in one line:\n{out[-1500:]}")
     assert not problems, "\n".join(problems)
+
+
+def test_a_worker_without_daybreak_is_refused_when_the_code_is_not_shipped(cluster: dict, pipeline: dict) -> None:
+    env = cluster["driver_env"] | cluster["ray_env"] | {
+        "RAY_ADDRESS": cluster["address"], "MLFLOW_TRACKING_USERNAME": "admin",
+        "MLFLOW_TRACKING_PASSWORD": cluster["password"]}
+    env.pop("DAYBREAK_RAY_SHIP_CODE")
+    # (DAY1's predictions are not made yet: scoring them needs Ray; its features would be kept as they are)
+    code, out = _run("cli-no-ship", [str(BIN / "daybreak"), "score", "--spec", str(cluster["spec_file"]),
+                                     "--date", DAY1], env, cluster, timeout=300)
+    lines = [ln for ln in out.splitlines() if ln.startswith("error:")]
+    assert code == 2 and len(lines) == 1 and "Traceback" not in out, out[-3000:]
+    assert "version skew" in lines[0] and "cannot run daybreak" in lines[0], lines[0]
+    assert "DAYBREAK_RAY_SHIP_CODE=1" in lines[0]
 
 
 def test_no_credential_in_any_ray_file_or_driver_output(cluster: dict, pipeline: dict) -> None:
