@@ -19,17 +19,44 @@ ack within the timeout, aborts the switch: everyone resumes on the old version, 
 /health, and the next poll tries again (backing off while it fails).
 
 Replicas learn of every change by long-polling the coordinator (an awaitable actor call, from the
-replica's event loop); each poll is also a heartbeat. A replica starts by loading the committed
-version and registering with it (never during a switch), so a new or restarted one joins the
-version everyone serves. Membership is a lease: a replica not heard from for ``EVICT_AFTER`` seconds
-is dropped from the barrier, and a replica that has not heard from the coordinator for
-``FENCE_AFTER`` (shorter) stops starting batches until it has: a dropped replica is already
-fenced, and on its return it loads the committed version before it answers again. If the
-coordinator dies, no switch happens any more and every replica keeps serving what it serves.
+replica's event loop; one at a time, given up after ``POLL_HOLD + 2 * EVICT_AFTER``); each poll is
+also a heartbeat. A replica starts by loading the committed version and registering with it (never
+during a switch), so a new or restarted one joins the version everyone serves.
 
-``/version`` shows this replica's version plus the committed one and each registered replica's;
-``POST /replicas/invocations`` runs one body through every registered replica's own
-``/invocations`` path and model (the deploy step's parity check on each replica).
+Membership is a lease, and the lease is what makes a cut-off replica safe:
+
+* The coordinator records a poll's *arrival* and drops a replica whose last poll arrived more than
+  ``EVICT_AFTER`` ago; only then may a switch commit without it.
+* The replica's ``Batcher`` starts no batch at or after ``lease_until`` (a synchronous check of
+  ``time.monotonic()`` before each batch: a stalled event loop cannot miss it). ``lease_until`` is
+  the *send* time of the last call whose answer was fresh (this replica a member, from the
+  coordinator incarnation it registered with, an epoch no older than one already taken) plus
+  ``FENCE_AFTER``; the send time of ``register`` starts it. Errors (fail-fast or not), hung calls
+  and answers that are not fresh never extend it.
+* So for any answer taken, send < arrival, and the lease (at most send + FENCE_AFTER) ends before
+  the coordinator can drop the replica (at least arrival + EVICT_AFTER), whatever the delays: a
+  late answer brings a lease that ended already. Once dropped, the replica sees ``member: False``
+  and rejoins on the committed version before its batches start again. (Assumed: a batch started
+  within the lease is answered within ``EVICT_AFTER - FENCE_AFTER`` plus a switch's prepare and
+  pause, and clocks run at the same rate.)
+
+If the coordinator dies, Ray restarts it (``max_restarts=-1``: same handle, state lost). The new
+incarnation reads the alias as committed and takes no member for ``EVICT_AFTER`` after it starts:
+every lease the old one granted was sent before it died, so has ended by then. Every replica sees
+``member: False`` (or a new incarnation), rejoins on the committed version, and is released
+through the normal path (its ``switch`` hold included). A replica paused in a switch whose
+outcome it did not learn never resumes on the old version on its own. Meanwhile requests wait;
+one that waited ``PAUSED_WAIT`` gets 503 with Retry-After, and Serve's health check
+(``check_health``) fails on a replica that started no batch for ``UNHEALTHY_AFTER``, so Serve
+replaces it. The proxy's ``request_timeout_s`` is ``REQUEST_TIMEOUT``.
+
+``/version`` (anyone) shows the committed version, the versions served and the expected count,
+from the replica's last poll answer (no actor call per request); replica ids, phase and errors
+are on ``/health`` for the token's holder. ``POST /replicas/invocations`` runs one body through
+every registered replica's own ``/invocations`` path and model (the deploy step's parity check on
+each replica): with a token only for its holder, without one for bodies up to
+``PROBE_MAX_BYTES``; one probe at a time; the polls carry only its id and each replica fetches
+the body once.
 
 Credentials reach the replicas and the coordinator as a ``WorkerEnv`` argument (Ray's object
 store), never through a ``runtime_env``, whose variables Ray logs in clear.
