@@ -593,7 +593,7 @@ class ReplicaSync(Hooks):
         only once every lease the previous one granted has ended.)"""
         log.warning("replica %s is not a member of the coordinator: rejoining", self.rid)
         await self._hold("rejoin")
-        self.prepared = None
+        self.prepared, self.failed = None, None
         while True:
             try:
                 await self.join()
@@ -624,6 +624,8 @@ class ReplicaSync(Hooks):
 
     async def _apply(self, state: dict[str, Any]) -> None:
         phase, target, sid, committed = state["phase"], state["target"], state["switch"], state["committed"]
+        if state.get("incarnation") != self.incarnation:
+            return  # from a coordinator since restarted (this replica rejoined the new one)
         if phase in ("prepare", "pause"):
             if self.failed == (sid, target):
                 return  # said so already
@@ -651,7 +653,10 @@ class ReplicaSync(Hooks):
                 self.holder.install(self.prepared, refreeze=False)
             else:  # not for a member that acked the pause; a safety net
                 await self._hold("switch")
-                self.holder.install(await asyncio.to_thread(self.holder.load, committed), refreeze=False)
+                loaded = await asyncio.to_thread(self.holder.load, committed)
+                if state.get("incarnation") != self.incarnation:
+                    return  # rejoined meanwhile (on what the new coordinator committed)
+                self.holder.install(loaded, refreeze=False)
             self.holder.last_error = None
         if self.prepared is not None and self.prepared.version == committed:
             self.prepared = None
