@@ -671,3 +671,36 @@ def test_a_big_request_started_over_on_the_new_version_is_logged_once(spec) -> N
         batcher.close()
 
     asyncio.run(scenario())
+
+
+def test_a_lease_that_ended_while_the_loop_was_stalled_starts_no_batch(spec) -> None:
+    """The lease is checked before each batch, not by a timer: a replica whose event loop was
+    stalled past its lease (no timer could run) starts no batch; the request that waited gets 503
+    after max_wait, and a fresh lease lets batches start again."""
+    import asyncio
+
+    import numpy as np
+
+    from daybreak.deploy._serve import Batcher, Loaded, ModelHolder
+
+    class Model:
+        def predict(self, frame):
+            return np.ones(len(frame))
+
+    async def scenario() -> None:
+        holder = ModelHolder(spec, None)  # type: ignore[arg-type]
+        holder.current = Loaded("1", Model(), time.time(), None)  # type: ignore[arg-type]
+        batcher = Batcher(holder)
+        batcher.max_wait = 0.3
+        task = asyncio.create_task(batcher.run())
+        batcher.extend_lease(time.monotonic() + 0.2)
+        assert await _ask(batcher) == "1"
+        time.sleep(0.3)  # the stall itself: the loop runs nothing meanwhile
+        (status, _), _ = await asyncio.wait_for(_submit(batcher), 10)
+        assert status == 503
+        batcher.extend_lease(time.monotonic() + 5)
+        assert await _ask(batcher) == "1"
+        task.cancel()
+        batcher.close()
+
+    asyncio.run(scenario())
