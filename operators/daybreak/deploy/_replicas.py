@@ -9,7 +9,7 @@ over every registered replica:
 1. PREPARE: each replica loads and warms the new version while serving the old one, and acks (or
    says it could not load it).
 2. PAUSE: each replica starts no new predict batch, lets the batch in flight be answered, and
-   acks. Requests arriving meanwhile queue (they are answered after, never refused).
+   acks. Requests arriving meanwhile queue (answered after; 503 only past ``PAUSED_WAIT``).
 3. COMMIT: every replica swaps and resumes.
 
 So no answer from the new version leaves before every replica has stopped answering with the old
