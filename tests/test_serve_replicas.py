@@ -704,3 +704,35 @@ def test_a_lease_that_ended_while_the_loop_was_stalled_starts_no_batch(spec) -> 
         batcher.close()
 
     asyncio.run(scenario())
+
+
+def test_the_probe_route_without_a_token_takes_small_bodies_only(spec, monkeypatch) -> None:
+    """Without a token, POST /replicas/invocations takes bodies up to 1 MiB (the deploy step's
+    parity rows), with one only for its holder; /version gives no replica id, phase or error."""
+    import asyncio
+
+    from daybreak.deploy._serve import Limits, build_app
+
+    quiet = spec.model_copy(update={"monitoring": spec.monitoring.model_copy(
+        update={"log": spec.monitoring.log.model_copy(update={"sample_rate": 0.0})})})
+
+    async def scenario() -> None:
+        fleet = _Fleet(spec, monkeypatch, evict=60.0)
+        await fleet.coord.start()
+        sync, batcher = await fleet.replica("A")
+        for token, auth, size, want in [(None, None, 2 << 20, 413), (None, None, 1000, 200),
+                                        ("t", None, 1000, 401), ("t", "Bearer t", 2 << 20, 200)]:
+            app = build_app(quiet, None, sync.holder, Limits.resolve(), token, False, hooks=sync)  # type: ignore[arg-type]
+            sync.bind(app)
+            sync.app.state.batcher = batcher
+            headers = {"content-type": "application/json", **({"authorization": auth} if auth else {})}
+            async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://r") as c:
+                body = b'{"dataframe_split": {"columns": ["x"], "data": [[1]]}}'.ljust(size)
+                r = await c.post("/replicas/invocations", content=body, headers=headers, timeout=10)
+                assert r.status_code == want, (token, auth, size, r.text[:200])
+                info = (await c.get("/version")).json()
+                assert "replica" not in info and "phase" not in info and "A" not in info["replicas"]
+                assert info["committed"] == "1" and list(info["replicas"].values()) == ["1"]
+        fleet.close((sync, batcher))
+
+    asyncio.run(scenario())
