@@ -345,3 +345,394 @@ def test_a_missing_cluster_extra_says_what_to_install(monkeypatch: pytest.Monkey
     monkeypatch.setitem(sys.modules, "ray.serve", None)  # import ray.serve now raises ImportError
     with pytest.raises(ReplicasError, match=r"pip install 'daybreak\[cluster\]'"):
         require_serve()
+
+
+# -- the lease, in one process, with lease timings scaled down 10x ----------------------------------
+
+
+class _Fleet:
+    """An in-process coordinator and replicas (fake models: a model answers its version number),
+    each replica behind a handle whose calls `fault(name, args, call)` may replace."""
+
+    def __init__(self, spec, monkeypatch: pytest.MonkeyPatch, evict: float = 1.2) -> None:
+        import daybreak.deploy._replicas as R
+
+        for k, v in {"FENCE_AFTER": 0.5, "POLL_HOLD": 0.1, "EVICT_AFTER": evict, "PAUSED_WAIT": 60.0,
+                     "UNHEALTHY_AFTER": 60.0}.items():
+            monkeypatch.setattr(R, k, v, raising=False)
+        self.R, self.evict = R, evict
+        self.spec = spec.model_copy(update={"serving": spec.serving.model_copy(update={"poll_seconds": 0.05})})
+        self.alias = "1"
+        self.coord = self.coordinator()
+        self.tasks: list = []
+
+    def coordinator(self, restarted: bool = False):
+        fleet = self
+
+        class Coord(self.R.Coordinator):
+            def champion(self) -> str | None:
+                return fleet.alias
+
+        more = {"restarted": True} if restarted else {}
+        return Coord(self.spec, None, 2, prepare_timeout=5.0, pause_timeout=5.0, evict_after=self.evict, **more)
+
+    async def replica(self, rid: str, fault=None):
+        import asyncio
+
+        import numpy as np
+
+        from daybreak.deploy._serve import Batcher, Loaded, ModelHolder
+
+        spec = self.spec
+
+        class Model:
+            def __init__(self, version: str) -> None:
+                self.version = version
+
+            def predict(self, frame):
+                return np.full(len(frame), float(self.version))
+
+        class Holder(ModelHolder):
+            def __init__(self) -> None:
+                super().__init__(spec, None)  # type: ignore[arg-type]
+
+            def load(self, version: str) -> Loaded:
+                return Loaded(version, Model(version), time.time(), None)
+
+        fleet = self
+
+        class Faulty:
+            def __getattr__(self, name: str):
+                def remote(*a):
+                    fn = getattr(fleet.coord, name)
+                    alt = fault(name, a, fn) if fault is not None else None
+                    return _Ref(alt if alt is not None else fn(*a))
+
+                return type("M", (), {"remote": staticmethod(remote)})()
+
+        holder = Holder()
+        sync = self.R.ReplicaSync(Faulty(), holder, rid)
+        await sync.join()
+        batcher = Batcher(holder)
+        self.tasks.append(asyncio.create_task(batcher.run()))
+        await sync.start(batcher)
+        return sync, batcher
+
+    def close(self, *replicas) -> None:
+        for sync, batcher in replicas:
+            for t in sync._tasks:
+                t.cancel()
+            batcher.close()
+        for t in self.tasks:
+            t.cancel()
+        if self.coord._task is not None:
+            self.coord._task.cancel()
+
+
+def _submit(batcher):
+    import asyncio
+
+    import pandas as pd
+
+    from daybreak.deploy._serve import Parsed
+
+    return asyncio.ensure_future(batcher.submit(Parsed(1, frame=pd.DataFrame({"x": [1.0]})), None))
+
+
+async def _until(cond, timeout: float = 20.0) -> None:
+    import asyncio
+
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not cond():
+        assert asyncio.get_running_loop().time() < deadline, "timed out"
+        await asyncio.sleep(0.01)
+
+
+async def _ask(batcher) -> str:
+    import asyncio
+
+    (status, _), version = await asyncio.wait_for(_submit(batcher), 10)
+    assert status == 200
+    return version
+
+
+def test_a_replica_whose_polls_fail_fast_stops_answering_before_it_is_dropped(spec, monkeypatch) -> None:
+    """A's calls fail at once (Ray's ActorUnavailableError: its link is down): its lease ends, the
+    coordinator drops it and commits v2 with B. B answers v2; a request sent to A then is never
+    answered with v1: it waits, and once the link is back A rejoins on v2 and answers it."""
+    import asyncio
+
+    from ray.exceptions import ActorUnavailableError
+
+    down = [False]
+
+    def fault(name, args, call):
+        if down[0] and name in ("poll", "ack", "register"):
+            async def fail():
+                raise ActorUnavailableError("connection to the actor's node failed", None)
+            return fail()
+        return None
+
+    async def scenario() -> None:
+        fleet = _Fleet(spec, monkeypatch)
+        await fleet.coord.start()
+        a = await fleet.replica("A", fault)
+        b = await fleet.replica("B")
+        assert [await _ask(a[1]), await _ask(b[1])] == ["1", "1"]
+        down[0] = True
+        await _until(lambda: "A" not in fleet.coord.members)
+        fleet.alias = "2"
+        await _until(lambda: fleet.coord.committed == "2" and b[0].holder.current.version == "2")
+        assert await _ask(b[1]) == "2"
+        late = _submit(a[1])  # answered only once A is back, on v2
+        down[0] = False
+        (status, _), version = await asyncio.wait_for(late, 10)
+        assert (status, version) == (200, "2")
+        fleet.close(a, b)
+
+    asyncio.run(scenario())
+
+
+def test_an_answer_that_arrives_after_the_eviction_does_not_lift_the_fence(spec, monkeypatch) -> None:
+    """A poll the coordinator answered (A a member, v1) reaches A only after the coordinator
+    dropped A and committed v2 with B: the lease it brings ended long ago, so A answers nothing
+    with v1; it rejoins on v2."""
+    import asyncio
+
+    late = [False]
+
+    def fault(name, args, call):
+        if late[0] and name == "poll":
+            async def slow():
+                state = await call(*args)  # answered now ...
+                await asyncio.sleep(2.0)  # ... delivered later than the eviction (1.2 s)
+                return state
+            late[0] = False
+            return slow()
+        return None
+
+    async def scenario() -> None:
+        fleet = _Fleet(spec, monkeypatch)
+        await fleet.coord.start()
+        a = await fleet.replica("A", fault)
+        b = await fleet.replica("B")
+        assert [await _ask(a[1]), await _ask(b[1])] == ["1", "1"]
+        late[0] = True
+        await _until(lambda: "A" not in fleet.coord.members)
+        queued = _submit(a[1])
+        fleet.alias = "2"
+        await _until(lambda: fleet.coord.committed == "2" and b[0].holder.current.version == "2")
+        assert await _ask(b[1]) == "2"
+        (status, _), version = await asyncio.wait_for(queued, 10)
+        assert (status, version) == (200, "2")
+        fleet.close(a, b)
+
+    asyncio.run(scenario())
+
+
+def test_a_coordinator_that_dies_in_a_switch_never_splits_the_versions(spec, monkeypatch) -> None:
+    """The coordinator dies once B has the commit and before A has it. A (paused, holding the
+    switch) never resumes on v1: its requests get 503 after PAUSED_WAIT, its health check fails.
+    Ray restarts the coordinator: after the old leases ended, both rejoin on the alias's version,
+    and A answers again (through the normal release)."""
+    import asyncio
+
+    from ray.exceptions import ActorDiedError
+
+    dead = [False]
+
+    def fault(name, args, call):
+        async def died():
+            raise ActorDiedError()
+
+        if dead[0]:
+            return died()
+        if name == "poll":
+            async def poll():
+                state = await call(*args)
+                if state.get("phase") == "serving" and state.get("committed") == "2":
+                    dead[0] = True  # the coordinator dies before A's answer leaves
+                    raise ActorDiedError()
+                return state
+            return poll()
+        return None
+
+    async def scenario() -> None:
+        fleet = _Fleet(spec, monkeypatch)
+        monkeypatch.setattr(fleet.R, "PAUSED_WAIT", 1.0, raising=False)
+        monkeypatch.setattr(fleet.R, "UNHEALTHY_AFTER", 1.0, raising=False)
+        await fleet.coord.start()
+        a = await fleet.replica("A", fault)
+        b = await fleet.replica("B")
+        a[1].max_wait = 1.0
+        assert [await _ask(a[1]), await _ask(b[1])] == ["1", "1"]
+        fleet.alias = "2"
+        await _until(lambda: dead[0] and b[0].holder.current.version == "2")
+        assert await _ask(b[1]) == "2"
+        (status, _), version = await asyncio.wait_for(_submit(a[1]), 10)
+        assert status == 503 and version != "1"
+        await _until(lambda: a[0].held_since is not None and time.monotonic() - a[0].held_since > 1.0)
+        with pytest.raises(RuntimeError):
+            a[0].check_health()
+        fleet.coord._task.cancel()
+        fleet.coord = fleet.coordinator(restarted=True)  # Ray's restart: same handle, new state
+        dead[0] = False
+        await _until(lambda: a[1].may_start() and a[0].holder.current.version == "2", 20)
+        assert await _ask(a[1]) == "2" and await _ask(b[1]) == "2"
+        a[0].check_health()
+        fleet.close(a, b)
+
+    asyncio.run(scenario())
+
+
+def test_probes_one_at_a_time_and_not_in_every_poll(spec, monkeypatch) -> None:
+    """A probe's body is fetched once by each replica, never carried in the polls; a second
+    probe while one runs is refused; /version shows no replica id, phase or error."""
+    import asyncio
+    import pickle
+
+    async def scenario() -> None:
+        fleet = _Fleet(spec, monkeypatch, evict=60.0)
+        await fleet.coord.start()
+        for r in ("A", "B"):
+            await fleet.coord.register(r, "1")
+        body = b"x" * (4 << 20)
+        first = asyncio.ensure_future(fleet.coord.probe(body, "application/json", 5.0))
+        await _until(lambda: fleet.coord.probes)
+        assert await fleet.coord.probe(body, "application/json", 5.0) == {"busy": True}
+        state = await fleet.coord.poll("A", -1, "1")
+        assert len(pickle.dumps(state)) < 10_000
+        (pid,) = state["probes"]
+        assert (await fleet.coord.probe_body(pid))[0] == body
+        first.cancel()
+
+        a = await fleet.replica("C")
+        info = await a[0].status(details=False)
+        assert set(info) == {"committed", "expected_replicas", "replicas"}
+        assert "C" not in info["replicas"] and list(info["replicas"].values()) == ["1", "1", "1"]
+        assert a[0].answered.maxlen is not None
+        fleet.close(a)
+
+    asyncio.run(scenario())
+
+
+def test_a_big_request_started_over_on_the_new_version_is_logged_once(spec) -> None:
+    """A request predicted in slices is paused after its first slice and started over on v2: the
+    prediction log gets its rows once, all of v2 (what was answered)."""
+    import asyncio
+    import threading as th
+
+    import numpy as np
+
+    from daybreak.deploy._serve import MAX_BATCH_ROWS, Batcher, Loaded, ModelHolder, Parsed
+
+    gate = th.Event()
+
+    class Model:
+        def __init__(self, version: str) -> None:
+            self.version = version
+
+        def predict(self, frame):
+            if self.version == "1":
+                gate.wait(10)
+            return np.full(len(frame), float(self.version))
+
+    class Log:
+        def __init__(self) -> None:
+            self.rows: list[tuple[str, int]] = []
+
+        def sampled(self) -> bool:
+            return True
+
+        def record(self, version, data, preds, parts) -> None:
+            self.rows += [(version, n) for _, n, _ in parts]
+
+    fields = (("x", "double", False),)
+
+    async def scenario() -> None:
+        holder = ModelHolder(spec, None)  # type: ignore[arg-type]
+        holder.current = Loaded("1", Model("1"), time.time(), fields)  # type: ignore[arg-type]
+        plog = Log()
+        batcher = Batcher(holder, plog)  # type: ignore[arg-type]
+        task = asyncio.create_task(batcher.run())
+        rows = 2 * MAX_BATCH_ROWS + 5
+        job = asyncio.ensure_future(batcher.submit(Parsed(rows, columns={"x": np.ones(rows)}), fields))
+        await _until(lambda: not batcher._idle.is_set())  # the first slice is being predicted
+        paused = asyncio.ensure_future(batcher.pause())
+        await asyncio.sleep(0)
+        gate.set()
+        await paused
+        holder.current = Loaded("2", Model("2"), time.time(), fields)  # type: ignore[arg-type]
+        batcher.resume()
+        (status, _), version = await asyncio.wait_for(job, 10)
+        assert (status, version) == (200, "2")
+        assert {v for v, _ in plog.rows} == {"2"} and sum(n for _, n in plog.rows) == rows
+        task.cancel()
+        batcher.close()
+
+    asyncio.run(scenario())
+
+
+def test_a_lease_that_ended_while_the_loop_was_stalled_starts_no_batch(spec) -> None:
+    """The lease is checked before each batch, not by a timer: a replica whose event loop was
+    stalled past its lease (no timer could run) starts no batch; the request that waited gets 503
+    after max_wait, and a fresh lease lets batches start again."""
+    import asyncio
+
+    import numpy as np
+
+    from daybreak.deploy._serve import Batcher, Loaded, ModelHolder
+
+    class Model:
+        def predict(self, frame):
+            return np.ones(len(frame))
+
+    async def scenario() -> None:
+        holder = ModelHolder(spec, None)  # type: ignore[arg-type]
+        holder.current = Loaded("1", Model(), time.time(), None)  # type: ignore[arg-type]
+        batcher = Batcher(holder)
+        batcher.max_wait = 0.3
+        task = asyncio.create_task(batcher.run())
+        batcher.extend_lease(time.monotonic() + 0.2)
+        assert await _ask(batcher) == "1"
+        time.sleep(0.3)  # the stall itself: the loop runs nothing meanwhile
+        (status, _), _ = await asyncio.wait_for(_submit(batcher), 10)
+        assert status == 503
+        batcher.extend_lease(time.monotonic() + 5)
+        assert await _ask(batcher) == "1"
+        task.cancel()
+        batcher.close()
+
+    asyncio.run(scenario())
+
+
+def test_the_probe_route_without_a_token_takes_small_bodies_only(spec, monkeypatch) -> None:
+    """Without a token, POST /replicas/invocations takes bodies up to 1 MiB (the deploy step's
+    parity rows), with one only for its holder; /version gives no replica id, phase or error."""
+    import asyncio
+
+    from daybreak.deploy._serve import Limits, build_app
+
+    quiet = spec.model_copy(update={"monitoring": spec.monitoring.model_copy(
+        update={"log": spec.monitoring.log.model_copy(update={"sample_rate": 0.0})})})
+
+    async def scenario() -> None:
+        fleet = _Fleet(spec, monkeypatch, evict=60.0)
+        await fleet.coord.start()
+        sync, batcher = await fleet.replica("A")
+        for token, auth, size, want in [(None, None, 2 << 20, 413), (None, None, 1000, 200),
+                                        ("t", None, 1000, 401), ("t", "Bearer t", 2 << 20, 200)]:
+            app = build_app(quiet, None, sync.holder, Limits.resolve(), token, False, hooks=sync)  # type: ignore[arg-type]
+            sync.bind(app)
+            sync.app.state.batcher = batcher
+            headers = {"content-type": "application/json", **({"authorization": auth} if auth else {})}
+            async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://r") as c:
+                body = b'{"dataframe_split": {"columns": ["x"], "data": [[1]]}}'.ljust(size)
+                r = await c.post("/replicas/invocations", content=body, headers=headers, timeout=10)
+                assert r.status_code == want, (token, auth, size, r.text[:200])
+                info = (await c.get("/version")).json()
+                assert "replica" not in info and "phase" not in info and "A" not in info["replicas"]
+                assert info["committed"] == "1" and list(info["replicas"].values()) == ["1"]
+        fleet.close((sync, batcher))
+
+    asyncio.run(scenario())

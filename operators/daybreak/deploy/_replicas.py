@@ -9,7 +9,7 @@ over every registered replica:
 1. PREPARE: each replica loads and warms the new version while serving the old one, and acks (or
    says it could not load it).
 2. PAUSE: each replica starts no new predict batch, lets the batch in flight be answered, and
-   acks. Requests arriving meanwhile queue (they are answered after, never refused).
+   acks. Requests arriving meanwhile queue (answered after; 503 only past ``PAUSED_WAIT``).
 3. COMMIT: every replica swaps and resumes.
 
 So no answer from the new version leaves before every replica has stopped answering with the old
@@ -19,17 +19,44 @@ ack within the timeout, aborts the switch: everyone resumes on the old version, 
 /health, and the next poll tries again (backing off while it fails).
 
 Replicas learn of every change by long-polling the coordinator (an awaitable actor call, from the
-replica's event loop); each poll is also a heartbeat. A replica starts by loading the committed
-version and registering with it (never during a switch), so a new or restarted one joins the
-version everyone serves. Membership is a lease: a replica not heard from for ``EVICT_AFTER`` seconds
-is dropped from the barrier, and a replica that has not heard from the coordinator for
-``FENCE_AFTER`` (shorter) stops starting batches until it has: a dropped replica is already
-fenced, and on its return it loads the committed version before it answers again. If the
-coordinator dies, no switch happens any more and every replica keeps serving what it serves.
+replica's event loop; one at a time, given up after ``POLL_HOLD + 2 * EVICT_AFTER``); each poll is
+also a heartbeat. A replica starts by loading the committed version and registering with it (never
+during a switch), so a new or restarted one joins the version everyone serves.
 
-``/version`` shows this replica's version plus the committed one and each registered replica's;
-``POST /replicas/invocations`` runs one body through every registered replica's own
-``/invocations`` path and model (the deploy step's parity check on each replica).
+Membership is a lease, and the lease is what makes a cut-off replica safe:
+
+* The coordinator records a poll's *arrival* and drops a replica whose last poll arrived more than
+  ``EVICT_AFTER`` ago; only then may a switch commit without it.
+* The replica's ``Batcher`` starts no batch at or after ``lease_until`` (a synchronous check of
+  ``time.monotonic()`` before each batch: a stalled event loop cannot miss it). ``lease_until`` is
+  the *send* time of the last call whose answer was fresh (this replica a member, from the
+  coordinator incarnation it registered with, an epoch no older than one already taken) plus
+  ``FENCE_AFTER``; the send time of ``register`` starts it. Errors (fail-fast or not), hung calls
+  and answers that are not fresh never extend it.
+* So for any answer taken, send < arrival, and the lease (at most send + FENCE_AFTER) ends before
+  the coordinator can drop the replica (at least arrival + EVICT_AFTER), whatever the delays: a
+  late answer brings a lease that ended already. Once dropped, the replica sees ``member: False``
+  and rejoins on the committed version before its batches start again. (Assumed: a batch started
+  within the lease is answered within ``EVICT_AFTER - FENCE_AFTER`` plus a switch's prepare and
+  pause, and clocks run at the same rate.)
+
+If the coordinator dies, Ray restarts it (``max_restarts=-1``: same handle, state lost). The new
+incarnation reads the alias as committed and takes no member for ``EVICT_AFTER`` after it starts:
+every lease the old one granted was sent before it died, so has ended by then. Every replica sees
+``member: False`` (or a new incarnation), rejoins on the committed version, and is released
+through the normal path (its ``switch`` hold included). A replica paused in a switch whose
+outcome it did not learn never resumes on the old version on its own. Meanwhile requests wait;
+one that waited ``PAUSED_WAIT`` gets 503 with Retry-After, and Serve's health check
+(``check_health``) fails on a replica that started no batch for ``UNHEALTHY_AFTER``, so Serve
+replaces it. The proxy's ``request_timeout_s`` is ``REQUEST_TIMEOUT``.
+
+``/version`` (anyone) shows the committed version, the versions served and the expected count,
+from the replica's last poll answer (no actor call per request); replica ids, phase and errors
+are on ``/health`` for the token's holder. ``POST /replicas/invocations`` runs one body through
+every registered replica's own ``/invocations`` path and model (the deploy step's parity check on
+each replica): with a token only for its holder, without one for bodies up to
+``PROBE_MAX_BYTES``; one probe at a time; the polls carry only its id and each replica fetches
+the body once.
 
 Credentials reach the replicas and the coordinator as a ``WorkerEnv`` argument (Ray's object
 store), never through a ``runtime_env``, whose variables Ray logs in clear.
@@ -44,6 +71,7 @@ import os
 import signal
 import time
 import uuid
+from collections import deque
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
@@ -85,7 +113,18 @@ PREPARE_TIMEOUT = 180.0
 """Seconds every replica has to load and warm up a new version."""
 PAUSE_TIMEOUT = 30.0
 """Seconds every replica has to finish the batch it is predicting."""
+PAUSED_WAIT = 60.0
+"""A request waiting this long while batches are held (paused or fenced) is answered 503 with
+Retry-After: far above a normal switch's pause (the batch in flight), and below the proxy's timeout."""
+UNHEALTHY_AFTER = PAUSE_TIMEOUT + EVICT_AFTER
+"""Serve's health check fails on a replica that has started no batch (paused or fenced) this long,
+so Serve replaces it: a normal pause ends within PAUSE_TIMEOUT, and a restarted coordinator takes
+members again EVICT_AFTER after it starts."""
+REQUEST_TIMEOUT = 2 * PAUSED_WAIT
+"""Serve's HTTP proxy gives up on a request after this many seconds (HTTPOptions.request_timeout_s)."""
 PROBE_TIMEOUT = 60.0
+PROBE_MAX_BYTES = 1 << 20
+"""Without a token, ``POST /replicas/invocations`` takes bodies up to this size (1 MiB)."""
 MAX_BACKOFF = 300.0
 TOKEN_ENV = "DAYBREAK_SERVE_TOKEN"
 APP_NAME = "daybreak"
@@ -133,9 +172,22 @@ class Coordinator:
 
     def __init__(self, spec: Spec, ctx: RunContext, replicas: int, env: WorkerEnv | None = None,
                  prepare_timeout: float = PREPARE_TIMEOUT, pause_timeout: float = PAUSE_TIMEOUT,
-                 evict_after: float = EVICT_AFTER) -> None:
+                 evict_after: float = EVICT_AFTER, restarted: bool | None = None) -> None:
         if env is not None:
             env.apply()
+        if restarted is None:
+            restarted = False
+            try:
+                import ray
+
+                if ray.is_initialized():  # in the actor: Ray restarted it (its state is gone)
+                    restarted = bool(ray.get_runtime_context().was_current_actor_reconstructed)
+            except Exception:
+                pass
+        self.restarted = bool(restarted)
+        self.incarnation = uuid.uuid4().hex
+        self._ready_at = 0.0  # register accepts no one before (loop time): set in start()
+        self._probe_lock = asyncio.Lock()
         self.spec, self.ctx, self.expected = spec, ctx, replicas
         self.prepare_timeout, self.pause_timeout, self.evict_after = prepare_timeout, pause_timeout, evict_after
         self.committed: str | None = None
@@ -161,6 +213,8 @@ class Coordinator:
     async def start(self) -> str | None:
         """Read the champion once (committed at once: no replica serves yet), then watch it."""
         if self._task is None:
+            if self.restarted:  # every lease the previous incarnation granted has ended by then
+                self._ready_at = asyncio.get_running_loop().time() + self.evict_after
             try:
                 self.committed = await asyncio.to_thread(self.champion)
             except Exception as e:
@@ -257,9 +311,9 @@ class Coordinator:
         self._changed.fire()
 
     def _state(self) -> dict[str, Any]:
-        return {"member": True, "epoch": self.epoch, "committed": self.committed, "phase": self.phase,
-                "target": self.target, "switch": self.switch,
-                "probes": {pid: p.payload for pid, p in self.probes.items()}}
+        return {"member": True, "incarnation": self.incarnation, "epoch": self.epoch, "committed": self.committed,
+                "phase": self.phase, "target": self.target, "switch": self.switch, "probes": list(self.probes),
+                "status": self._status()}
 
     def _evict(self) -> None:
         now = asyncio.get_running_loop().time()
@@ -274,6 +328,10 @@ class Coordinator:
     async def register(self, rid: str, version: str | None) -> dict[str, Any]:
         """Join with `version` loaded: accepted when it is the committed one and no switch runs
         (a switch in progress is waited for); else the version to load before asking again."""
+        await self.start()  # a restarted incarnation starts itself here
+        loop = asyncio.get_running_loop()
+        while loop.time() < self._ready_at:
+            await asyncio.sleep(self._ready_at - loop.time())
         while not self._idle.is_set():
             await self._idle.wait()
         if version != self.committed:
@@ -284,6 +342,7 @@ class Coordinator:
 
     async def poll(self, rid: str, epoch: int, version: str | None) -> dict[str, Any]:
         """The state once it is newer than `epoch`, or after POLL_HOLD seconds (a heartbeat)."""
+        await self.start()
         m = self.members.get(rid)
         if m is None:
             return {"member": False, "committed": self.committed}
@@ -299,6 +358,11 @@ class Coordinator:
             self.acks[rid] = (step, err)
             self._acked.fire()
 
+    async def probe_body(self, pid: str) -> tuple[bytes, str] | None:
+        """The body of probe `pid` (each replica fetches it once), None once it is over."""
+        probe = self.probes.get(pid)
+        return None if probe is None else probe.payload
+
     async def answer(self, rid: str, pid: str, result: dict[str, Any]) -> None:
         probe = self.probes.get(pid)
         if probe is not None:
@@ -312,7 +376,14 @@ class Coordinator:
 
     # -- what the deploy step and /version read ------------------------------------------------
     async def probe(self, body: bytes, mime: str, timeout: float = PROBE_TIMEOUT) -> dict[str, Any]:
-        """`body` through every registered replica's /invocations; each one's answer and version."""
+        """`body` through every registered replica's /invocations; each one's answer and version.
+        One probe at a time: {"busy": True} while another runs."""
+        if self._probe_lock.locked():
+            return {"busy": True}
+        async with self._probe_lock:
+            return await self._probe(body, mime, timeout)
+
+    async def _probe(self, body: bytes, mime: str, timeout: float) -> dict[str, Any]:
         loop = asyncio.get_running_loop()
         pid = uuid.uuid4().hex
         probe = self.probes[pid] = _Probe((body, mime), set(self.members))
@@ -330,6 +401,9 @@ class Coordinator:
         return {**await self.status(), "replicas": replicas}
 
     async def status(self) -> dict[str, Any]:
+        return self._status()
+
+    def _status(self) -> dict[str, Any]:
         return {"committed": self.committed, "phase": self.phase, "target": self.target,
                 "expected_replicas": self.expected,
                 "replicas": {r: m.version for r, m in sorted(self.members.items())},
@@ -346,11 +420,14 @@ class ReplicaSync(Hooks):
         self.coord, self.holder, self.rid = coordinator, holder, rid
         self.credentials = credentials or []  # the names of the variables its WorkerEnv set, never their values
         self.epoch = -1
-        self.holds: set[str] = set()  # why batches are paused: "switch", "fence", "rejoin"
+        self.incarnation: str | None = None  # the coordinator's (a restarted one has a new one)
+        self.lease_until = 0.0  # time.monotonic(): no batch starts at or after (see the module docstring)
+        self.holds: set[str] = set()  # why batches are paused: "switch", "rejoin"
+        self.held_since: float | None = None  # time.monotonic() since when `holds` is not empty
         self.prepared: Loaded | None = None
         self.failed: tuple[int, str] | None = None  # (switch, version) this replica could not load
         self.coord_error: str | None = None
-        self.answered: set[str] = set()
+        self.answered: deque[str] = deque(maxlen=16)  # the probes this replica answered, newest last
         self._latest: dict[str, Any] | None = None
         self._new = asyncio.Event()
         self._tasks: list[asyncio.Task] = []
@@ -365,13 +442,29 @@ class ReplicaSync(Hooks):
     async def _call(self, method: str, *args: Any) -> Any:
         return await getattr(self.coord, method).remote(*args)
 
+    def _lease(self, sent: float, state: dict[str, Any]) -> bool:
+        """Take a coordinator's answer to a call sent at `sent`: whether it is fresh (this replica a
+        member, the coordinator's incarnation it registered with, no older than what it has seen).
+        A fresh answer extends the lease to `sent` + FENCE_AFTER; nothing else ever does."""
+        if not state.get("member") or state.get("incarnation") != self.incarnation or state["epoch"] < self.epoch:
+            return False
+        self.epoch = state["epoch"]
+        self.lease_until = max(self.lease_until, sent + FENCE_AFTER)
+        if self.batcher is not None:
+            self.batcher.extend_lease(self.lease_until)
+        return True
+
     async def join(self) -> None:
         """Load the committed version and register with it (before this replica takes requests)."""
-        res = await self._call("register", self.rid, self._version())
-        while not res["member"]:
-            self.holder.install(await asyncio.to_thread(self.holder.load, res["committed"]), refreeze=False)
+        while True:
+            sent = time.monotonic()
             res = await self._call("register", self.rid, self._version())
-        self.epoch = res["epoch"]
+            if res["member"]:
+                break
+            self.holder.install(await asyncio.to_thread(self.holder.load, res["committed"]), refreeze=False)
+        self.incarnation, self.epoch = res["incarnation"], -1
+        self._lease(sent, res)
+        self._latest = res
 
     # -- Hooks ---------------------------------------------------------------------------------
     def bind(self, app: Invocations) -> None:
@@ -379,6 +472,8 @@ class ReplicaSync(Hooks):
 
     async def start(self, batcher: Batcher) -> None:
         self.batcher = batcher
+        batcher.max_wait = PAUSED_WAIT
+        batcher.extend_lease(self.lease_until)
         self._tasks = [asyncio.create_task(self._poll(), name="coordinator-poll"),
                        asyncio.create_task(self._follow(), name="coordinator-follow")]
 
@@ -391,48 +486,64 @@ class ReplicaSync(Hooks):
             pass
 
     async def status(self, details: bool) -> dict[str, Any]:
-        try:
-            out = await asyncio.wait_for(self._call("status"), 10)
-        except Exception as e:
-            out = {"committed": None, "replicas": None, "switch_error": None,
-                   "coordinator_error": redact(f"{type(e).__name__}: {e}")[:300]}
-        out = {"replica": self.rid, **out}
-        if self.coord_error:
-            out["coordinator_error"] = self.coord_error
+        """From the last poll's answer (no call to the coordinator per request). Without `details`
+        (/version, anyone): the committed version, the versions served and how many are expected."""
+        st = (self._latest or {}).get("status") or {}
+        versions = sorted(st.get("replicas", {}).values(), key=str)
+        out: dict[str, Any] = {"committed": st.get("committed"), "expected_replicas": st.get("expected_replicas"),
+                               "replicas": {str(k + 1): v for k, v in enumerate(versions)}}
         if details:
-            out["credentials"] = self.credentials
-        else:
-            out.pop("switch_error", None)
+            out.update(replica=self.rid, phase=st.get("phase"), target=st.get("target"),
+                       members=st.get("replicas"), switch_error=st.get("switch_error"),
+                       coordinator_error=self.coord_error, credentials=self.credentials,
+                       serving=self.batcher.may_start() if self.batcher is not None else False)
         return out
+
+    def check_health(self) -> None:
+        """Serve's health check: fails on a replica that has started no batch for UNHEALTHY_AFTER
+        seconds (paused, or fenced with no word from the coordinator), so Serve replaces it."""
+        now = time.monotonic()
+        if self.held_since is not None and now - self.held_since > UNHEALTHY_AFTER:
+            raise RuntimeError(f"replica {self.rid} paused for {now - self.held_since:.0f} s")
+        if now - self.lease_until > UNHEALTHY_AFTER - FENCE_AFTER:
+            raise RuntimeError(f"replica {self.rid} has had no word from the coordinator for "
+                               f"{now - self.lease_until + FENCE_AFTER:.0f} s")
 
     def routes(self, api: FastAPI, app: Invocations) -> None:
         def answer(status: int, message: str) -> Any:
-            return JSONResponse(json.loads(error(status, message)[1]), status_code=status)
+            headers = {"Retry-After": "1"} if status == 503 else None
+            return JSONResponse(json.loads(error(status, message)[1]), status_code=status, headers=headers)
 
         @api.post("/replicas/invocations")
         async def each_replica(request: Request) -> Any:
-            """The body through every registered replica's /invocations (and model)."""
+            """The body through every registered replica's /invocations (and model). With a token,
+            only for its holder; without one, bodies up to PROBE_MAX_BYTES. One at a time."""
             if app.expected and not app.authorized(request.scope["headers"]):
                 return answer(401, "missing or wrong bearer token")
+            limit = app.lim.max_body_bytes if app.expected else min(app.lim.max_body_bytes, PROBE_MAX_BYTES)
             mime = content_type(request.headers.get("content-type", "").encode("latin-1"))
             if mime is None:
                 return answer(415, f"Content-Type must be one of {', '.join(CONTENT_TYPES)}")
             chunks, size = [], 0
             async for chunk in request.stream():
                 size += len(chunk)
-                if size > app.lim.max_body_bytes:
-                    return answer(413, "body too big (DAYBREAK_SERVE_MAX_BODY_BYTES)")
+                if size > limit:
+                    return answer(413, f"body over {limit} bytes")
                 chunks.append(chunk)
             try:
                 out = await self._call("probe", b"".join(chunks), mime)
             except Exception as e:
                 log.warning("probe failed: %s", redact(e))
                 return answer(503, "the replicas' coordinator did not answer; retry shortly")
+            if out.get("busy"):
+                return answer(503, "another probe of every replica is running; retry shortly")
             return JSONResponse(out)
 
     # -- following the coordinator ------------------------------------------------------------
     async def _hold(self, why: str) -> None:
         assert self.batcher is not None
+        if not self.holds:
+            self.held_since = time.monotonic()
         self.holds.add(why)
         await self.batcher.pause()
 
@@ -441,61 +552,60 @@ class ReplicaSync(Hooks):
         if why in self.holds:
             self.holds.discard(why)
             if not self.holds:
+                self.held_since = None
                 self.batcher.resume()
 
     async def _poll(self) -> None:
-        loop = asyncio.get_running_loop()
-        last_ok = loop.time()
+        """Long-poll the coordinator, one call at a time. Errors and answers that are not fresh
+        never extend the lease: the batcher stops starting batches FENCE_AFTER after the send time
+        of the last fresh answer, whatever happens to the calls (fail fast, hang, arrive late)."""
         while True:
-            issued = loop.time()
-            fut = asyncio.wrap_future(self.coord.poll.remote(self.rid, self.epoch, self._version()).future())
+            sent = time.monotonic()
             try:
-                try:
-                    state = await asyncio.wait_for(asyncio.shield(fut), max(last_ok + FENCE_AFTER - issued, 0.05))
-                except TimeoutError:
-                    self.coord_error = f"no word from the coordinator for {FENCE_AFTER:g} s: not answering until then"
-                    log.warning("%s", self.coord_error)
-                    await self._hold("fence")
-                    state = await fut
+                fut = asyncio.wrap_future(self.coord.poll.remote(self.rid, self.epoch, self._version()).future())
+                state = await asyncio.wait_for(fut, POLL_HOLD + 2 * EVICT_AFTER)  # a hung call is given up
             except asyncio.CancelledError:
                 raise
             except Exception as e:
-                from ray.exceptions import ActorDiedError
-
-                if isinstance(e, ActorDiedError):
-                    self.coord_error = (f"the coordinator is gone: serving v{self._version()} until the server "
-                                        f"restarts (no version switch until then)")
-                    log.error("%s", self.coord_error)
-                    self.holds.discard("switch")
-                    self._release("fence")
-                    return
                 self.coord_error = redact(f"coordinator poll failed: {type(e).__name__}: {e}")[:300]
-                await asyncio.sleep(POLL_HOLD)
+                log.warning("replica %s: %s", self.rid, self.coord_error)
+                await asyncio.sleep(POLL_HOLD / 5)
                 continue
-            last_ok = issued
-            if not state["member"]:
+            if not state["member"] or state.get("incarnation") != self.incarnation:
                 await self._rejoin()
                 continue
+            if not self._lease(sent, state):
+                continue  # an older answer than one already taken
             self.coord_error = None
-            self._release("fence")
-            self.epoch = state["epoch"]
             self._latest = state
             self._new.set()
-            for pid, payload in state["probes"].items():
+            for pid in state["probes"]:
                 if pid not in self.answered:
-                    self.answered.add(pid)
-                    task = asyncio.create_task(self._probe(pid, payload))
+                    self.answered.append(pid)
+                    task = asyncio.create_task(self._probe(pid))
                     self._probing.add(task)
                     task.add_done_callback(self._probing.discard)
 
     async def _rejoin(self) -> None:
-        """Dropped by the coordinator (not heard from): serve nothing until this replica serves the
-        committed version again and is registered with it."""
-        log.warning("replica %s was dropped by the coordinator: rejoining", self.rid)
+        """Dropped by the coordinator (not heard from), or a restarted coordinator: serve nothing
+        until this replica serves the committed version again and is registered with it. (Its
+        lease ended before the coordinator dropped it; a restarted coordinator takes members
+        only once every lease the previous one granted has ended.)"""
+        log.warning("replica %s is not a member of the coordinator: rejoining", self.rid)
         await self._hold("rejoin")
-        self.prepared = None
-        await self.join()
-        self._release("fence")
+        self.prepared, self.failed = None, None
+        while True:
+            try:
+                await self.join()
+                break
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:
+                self.coord_error = redact(f"rejoining failed: {type(e).__name__}: {e}")[:300]
+                log.warning("replica %s: %s", self.rid, self.coord_error)
+                await asyncio.sleep(POLL_HOLD)
+        self.coord_error = None
+        self.holds.discard("switch")  # registered on the committed version: whatever switch it was in is over
         self._release("rejoin")
 
     async def _follow(self) -> None:
@@ -514,6 +624,8 @@ class ReplicaSync(Hooks):
 
     async def _apply(self, state: dict[str, Any]) -> None:
         phase, target, sid, committed = state["phase"], state["target"], state["switch"], state["committed"]
+        if state.get("incarnation") != self.incarnation:
+            return  # from a coordinator since restarted (this replica rejoined the new one)
         if phase in ("prepare", "pause"):
             if self.failed == (sid, target):
                 return  # said so already
@@ -527,6 +639,8 @@ class ReplicaSync(Hooks):
                     log.warning("replica %s %s", self.rid, self.holder.last_error)
                     await self._call("ack", self.rid, sid, "failed", err)
                     return
+            if state.get("incarnation") != self.incarnation:
+                return  # a coordinator since restarted: its switch is over
             if phase == "prepare":
                 await self._call("ack", self.rid, sid, "prepared")
             else:
@@ -539,7 +653,10 @@ class ReplicaSync(Hooks):
                 self.holder.install(self.prepared, refreeze=False)
             else:  # not for a member that acked the pause; a safety net
                 await self._hold("switch")
-                self.holder.install(await asyncio.to_thread(self.holder.load, committed), refreeze=False)
+                loaded = await asyncio.to_thread(self.holder.load, committed)
+                if state.get("incarnation") != self.incarnation:
+                    return  # rejoined meanwhile (on what the new coordinator committed)
+                self.holder.install(loaded, refreeze=False)
             self.holder.last_error = None
         if self.prepared is not None and self.prepared.version == committed:
             self.prepared = None
@@ -548,11 +665,18 @@ class ReplicaSync(Hooks):
         if switched and self.holder.freeze_gc:
             self.holder.refreeze()  # after the others resumed too: not inside the pause
 
-    async def _probe(self, pid: str, payload: tuple[bytes, str]) -> None:
-        """The coordinator's body through this replica's own /invocations path and model."""
+    async def _probe(self, pid: str) -> None:
+        """The coordinator's body (fetched once) through this replica's own /invocations path and model."""
         import orjson
 
         assert self.app is not None
+        try:
+            payload = await self._call("probe_body", pid)
+        except Exception:
+            log.warning("replica %s: could not fetch probe %s", self.rid, pid[:12])
+            return
+        if payload is None:
+            return  # over already
         body, mime = payload
         headers = [(b"content-type", mime.encode()), (b"content-length", b"%d" % len(body))]
         if self.app.expected:
@@ -601,6 +725,9 @@ def _deployment() -> Any:
 
         def __serve_build_asgi_app__(self) -> Any:
             return self._app
+
+        def check_health(self) -> None:
+            self.sync.check_health()
 
     return Replica
 
@@ -659,10 +786,10 @@ def serve_replicated(spec: Spec, ctx: RunContext, replicas: int, host: str | Non
     ensure_ray(address)
     registry.setup_tracking(ctx, spec.name)
     host, port = host or spec.serving.host, port or spec.serving.port
-    coordinator: Any = ray.remote(Coordinator).options(num_cpus=0, max_restarts=0).remote(
+    coordinator: Any = ray.remote(Coordinator).options(num_cpus=0, max_restarts=-1).remote(
         spec, ctx, replicas, env, **(coordinator_options or {}))
     ray.get(coordinator.start.remote())
-    serve.start(http_options={"host": host, "port": port})
+    serve.start(http_options={"host": host, "port": port, "request_timeout_s": REQUEST_TIMEOUT})
     deployment = serve.deployment(name="replica", num_replicas=replicas,
                                   max_ongoing_requests=max(lim.max_connections, 16),
                                   ray_actor_options={"num_cpus": replica_cpus})(_deployment())

@@ -566,6 +566,8 @@ class Job:
     done: int = 0  # rows handed to batches (a request bigger than a batch goes in slices)
     parts: list = field(default_factory=list, repr=False)  # predictions of its slices so far
     pinned: Loaded | None = None  # the version its slices use
+    unlogged: list = field(default_factory=list, repr=False)  # its slices' log records, written once answered
+    queued_at: float = 0.0  # time.monotonic() when it queued (only where waits are bounded: replicas)
 
 
 Answer = tuple[int, bytes]  # HTTP status and JSON body
@@ -625,6 +627,12 @@ class Batcher:
         self._wake = asyncio.Event()
         self._open = asyncio.Event()  # cleared: start no new batch (``pause``)
         self._open.set()
+        # Replicas only (the single process leaves both None): start no batch at or after
+        # `lease_until` (time.monotonic(), checked before each batch, so a stalled loop cannot miss
+        # it), and answer 503 to a request that waited `max_wait` seconds while batches were held.
+        self.lease_until: float | None = None
+        self.max_wait: float | None = None
+        self._gate = asyncio.Event()  # set by ``resume`` and ``extend_lease``: look at the gate again
         self._idle = asyncio.Event()  # set: no batch being predicted or answered
         self._idle.set()
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="predict", initializer=_one_thread)
@@ -646,13 +654,62 @@ class Batcher:
             self.big_rows += big.done
             big.done, big.pinned = 0, cur
             big.parts.clear()
+            big.unlogged.clear()  # never logged: only what is answered is
         self._open.set()
         self._wake.set()
+        self._gate.set()
+
+    def extend_lease(self, until: float) -> None:
+        """Batches may start until `until` (time.monotonic()); a lease never shrinks."""
+        if self.lease_until is None or until > self.lease_until:
+            self.lease_until = until
+            self._gate.set()
+
+    def may_start(self) -> bool:
+        """Whether a batch may start now: not paused, and within the lease if there is one."""
+        return self._open.is_set() and (self.lease_until is None or time.monotonic() < self.lease_until)
+
+    async def _held(self) -> None:
+        """Batches may not start: wait for a resume or a lease, answering 503 to the requests that
+        waited `max_wait` seconds meanwhile (they may retry; a normal switch takes far less)."""
+        self._gate.clear()
+        if self.may_start():
+            return
+        if self.max_wait is None:
+            await self._gate.wait()
+            return
+        try:
+            await asyncio.wait_for(self._gate.wait(), max(self.max_wait / 10, 0.01))
+        except TimeoutError:
+            pass
+        if self.may_start():
+            return
+        too_old = time.monotonic() - self.max_wait
+        keep: deque[Job] = deque()
+        for job in self.pending:
+            if job.queued_at > too_old or job is self.big:
+                keep.append(job)
+                continue
+            self.pending_rows -= job.rows
+            if job.columns is not None and job.rows > MAX_BATCH_ROWS:
+                self.big_rows -= job.rows
+            if not job.future.done():
+                job.future.set_result((error(503, f"no version switch finished within {self.max_wait:g} s; "
+                                                  f"retry shortly"), ""))
+        self.pending = keep
+        big = self.big
+        if big is not None and big.queued_at <= too_old:
+            self._drop_big(big)
+            if not big.future.done():
+                big.future.set_result((error(503, f"no version switch finished within {self.max_wait:g} s; "
+                                                  f"retry shortly"), ""))
 
     async def submit(self, parsed: Parsed, fields: Fields | None, request_id: str = "") -> tuple[Answer, str]:
         """Queue a checked request; returns its answer and the version that answered it."""
         job = Job(fields, parsed.columns, parsed.frame, parsed.rows, asyncio.get_running_loop().create_future(),
                   request_id, self.plog is not None and self.plog.sampled())
+        if self.max_wait is not None:
+            job.queued_at = time.monotonic()
         self.pending.append(job)
         self.pending_rows += job.rows
         if job.rows > MAX_BATCH_ROWS:
@@ -718,6 +775,7 @@ class Batcher:
             self.pending_rows -= job.rows - job.done
             self.big_rows -= job.rows - job.done
             job.done = job.rows
+            job.unlogged.clear()
             self.big = None
 
     async def run(self) -> None:
@@ -730,8 +788,8 @@ class Batcher:
             # them), rather than paying a whole predict for the one or two that came first.
             if self.big is None:
                 await self._until_rows(min(last_rows // 2, MAX_BATCH_ROWS), last_seconds)
-            if not self._open.is_set():  # paused: the requests wait, then are answered by what serves next
-                await self._open.wait()
+            if not self.may_start():  # paused: the requests wait, then are answered by what serves next
+                await self._held()
                 continue
             self._idle.clear()
             try:
@@ -796,20 +854,42 @@ class Batcher:
         return _predictions(np.concatenate(job.parts)) if stop == job.rows else None
 
     def _log(self, cur: Loaded, data: dict[str, np.ndarray], preds: np.ndarray, slices: list[Slice]) -> None:
-        """Hand the sampled requests of a batch to the prediction log (a queue append)."""
+        """Hand the sampled requests of a batch to the prediction log (a queue append). The slices
+        of a big request are logged once its last slice is predicted (what is answered: a request
+        started over on another version is logged with that version's predictions only)."""
         if self.plog is None or not any(j.logged for j, _, _ in slices):
             return
+        if any(a != 0 or b != j.rows for j, a, b in slices):
+            whole, start = [], 0
+            for j, a, b in slices:
+                if a == 0 and b == j.rows:
+                    whole.append(np.full(b - a, True))
+                else:
+                    whole.append(np.full(b - a, False))
+                    if j.logged:
+                        j.unlogged.append((cur.version, {k: v[start:start + b - a] for k, v in data.items()},
+                                           preds[start:start + b - a], (j, a, b)))
+                    if j.logged and b == j.rows:
+                        for version, d, p, part in j.unlogged:
+                            self.plog.record(version, d, p, [self._part(*part)])
+                        j.unlogged.clear()
+                start += b - a
+            keep = np.concatenate(whole)
+            data, preds = {k: v[keep] for k, v in data.items()}, preds[keep]
+            slices = [s for s in slices if s[1] == 0 and s[2] == s[0].rows]
+            if not any(j.logged for j, _, _ in slices):
+                return
         if not all(j.logged for j, _, _ in slices):
             keep = np.concatenate([np.full(b - a, j.logged) for j, a, b in slices])
             data, preds = {k: v[keep] for k, v in data.items()}, preds[keep]
             slices = [s for s in slices if s[0].logged]
-        parts = []
-        for j, a, b in slices:
-            cols = j.columns
-            assert cols is not None  # only fast-path slices are logged here
-            ids = {k: list(cols[k][a:b]) for k in self.ids if k in cols} or None
-            parts.append((j.request_id, b - a, ids))
-        self.plog.record(cur.version, data, preds, parts)
+        self.plog.record(cur.version, data, preds, [self._part(*s) for s in slices])
+
+    def _part(self, j: Job, a: int, b: int) -> tuple[str, int, dict | None]:
+        cols = j.columns
+        assert cols is not None  # only fast-path slices are logged here
+        ids = {k: list(cols[k][a:b]) for k in self.ids if k in cols} or None
+        return j.request_id, b - a, ids
 
     def _one(self, cur: Loaded, job: Job, start: int, stop: int) -> Answer | None:
         """A request on its own (MLflow's parser made its frame, or its columns no longer match
