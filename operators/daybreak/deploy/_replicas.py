@@ -92,7 +92,7 @@ from daybreak.deploy._serve import (
 )
 from daybreak.infra import registry
 from daybreak.infra.cluster import check_shared_nothing
-from daybreak.infra.compute import WORKER_ENV, WorkerEnv
+from daybreak.infra.compute import WorkerEnv
 from daybreak.infra.context import RunContext
 from daybreak.infra.errors import DaybreakError, redact
 from daybreak.spec import Spec
@@ -777,12 +777,10 @@ def serve_replicated(spec: Spec, ctx: RunContext, replicas: int, host: str | Non
     lim = Limits.resolve(**limits)  # a bad limit fails here, not in every replica
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
-    values = {k: v for k in WORKER_ENV if (v := os.environ.get(k))}
-    if token:
-        values[TOKEN_ENV] = token
-    env = WorkerEnv(values)
+    env = WorkerEnv.capture({TOKEN_ENV: token} if token else None)
     # Replicas on other nodes read the registry and write the prediction log: no local paths.
-    check_shared_nothing(replace(ctx, ray_address=address or ctx.ray_address))
+    ctx = replace(ctx, ray_address=address or ctx.ray_address)
+    check_shared_nothing(ctx)
     ensure_ray(address)
     registry.setup_tracking(ctx, spec.name)
     host, port = host or spec.serving.host, port or spec.serving.port

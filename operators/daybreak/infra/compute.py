@@ -80,8 +80,9 @@ class WorkerEnv:
         self._values = dict(values)
 
     @classmethod
-    def capture(cls) -> WorkerEnv:
-        return cls({k: v for k in WORKER_ENV if (v := os.environ.get(k))})
+    def capture(cls, extra: dict[str, str] | None = None) -> WorkerEnv:
+        """The driver's `WORKER_ENV` variables that are set, plus `extra`."""
+        return cls({k: v for k in WORKER_ENV if (v := os.environ.get(k))} | (extra or {}))
 
     def apply(self) -> None:
         os.environ.update(self._values)
