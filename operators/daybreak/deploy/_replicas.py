@@ -182,12 +182,13 @@ class Coordinator:
 
                 if ray.is_initialized():  # in the actor: Ray restarted it (its state is gone)
                     restarted = bool(ray.get_runtime_context().was_current_actor_reconstructed)
-            except Exception:
-                pass
+            except Exception:  # cannot tell: wait out the leases a previous incarnation may have granted
+                restarted = True
         self.restarted = bool(restarted)
         self.incarnation = uuid.uuid4().hex
         self._ready_at = 0.0  # register accepts no one before (loop time): set in start()
         self._probe_lock = asyncio.Lock()
+        self._start_lock, self._switch_lock = asyncio.Lock(), asyncio.Lock()
         self.spec, self.ctx, self.expected = spec, ctx, replicas
         self.prepare_timeout, self.pause_timeout, self.evict_after = prepare_timeout, pause_timeout, evict_after
         self.committed: str | None = None
@@ -212,15 +213,19 @@ class Coordinator:
 
     async def start(self) -> str | None:
         """Read the champion once (committed at once: no replica serves yet), then watch it."""
-        if self._task is None:
-            if self.restarted:  # every lease the previous incarnation granted has ended by then
-                self._ready_at = asyncio.get_running_loop().time() + self.evict_after
-            try:
-                self.committed = await asyncio.to_thread(self.champion)
-            except Exception as e:
-                self.last_error = redact(f"champion lookup failed: {type(e).__name__}: {e}")
-                log.warning("%s", self.last_error)
-            self._task = asyncio.create_task(self._watch())
+        # One watch, however many first calls arrive while the lookup runs (after a restart every
+        # replica's poll and register calls start() at once): two watches would run overlapping
+        # switches on shared state.
+        async with self._start_lock:
+            if self._task is None:
+                if self.restarted:  # every lease the previous incarnation granted has ended by then
+                    self._ready_at = asyncio.get_running_loop().time() + self.evict_after
+                try:
+                    self.committed = await asyncio.to_thread(self.champion)
+                except Exception as e:
+                    self.last_error = redact(f"champion lookup failed: {type(e).__name__}: {e}")
+                    log.warning("%s", self.last_error)
+                self._task = asyncio.create_task(self._watch())
         return self.committed
 
     async def _watch(self) -> None:
@@ -259,7 +264,11 @@ class Coordinator:
     # -- the switch ----------------------------------------------------------------------------
     async def switch_to(self, target: str) -> bool:
         """Prepare, pause, commit: every registered replica serves `target`, or (aborted) every one
-        keeps serving the committed version. Returns whether it committed."""
+        keeps serving the committed version. Returns whether it committed. One switch at a time."""
+        async with self._switch_lock:
+            return await self._switch_to(target)
+
+    async def _switch_to(self, target: str) -> bool:
         loop = asyncio.get_running_loop()
         started, old = loop.time(), self.committed
         self.switch += 1
@@ -687,7 +696,8 @@ class ReplicaSync(Hooks):
             return {"type": "http.request", "body": body, "more_body": False}
 
         try:
-            status, raw, served = await self.app.answer(scope, receive, f"probe-{pid[:12]}")
+            # (not logged: a check through every replica is no traffic, and would be logged N times)
+            status, raw, served = await self.app.answer(scope, receive, f"probe-{pid[:12]}", logged=False)
             result = {"status": status, "version": served or self._version(), **orjson.loads(raw)}
         except Exception as e:
             result = {"status": 500, "version": self._version(), "error": redact(f"{type(e).__name__}: {e}")[:300]}

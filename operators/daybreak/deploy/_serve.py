@@ -704,10 +704,11 @@ class Batcher:
                 big.future.set_result((error(503, f"no version switch finished within {self.max_wait:g} s; "
                                                   f"retry shortly"), ""))
 
-    async def submit(self, parsed: Parsed, fields: Fields | None, request_id: str = "") -> tuple[Answer, str]:
+    async def submit(self, parsed: Parsed, fields: Fields | None, request_id: str = "",
+                     logged: bool = True) -> tuple[Answer, str]:
         """Queue a checked request; returns its answer and the version that answered it."""
         job = Job(fields, parsed.columns, parsed.frame, parsed.rows, asyncio.get_running_loop().create_future(),
-                  request_id, self.plog is not None and self.plog.sampled())
+                  request_id, logged and self.plog is not None and self.plog.sampled())
         if self.max_wait is not None:
             job.queued_at = time.monotonic()
         self.pending.append(job)
@@ -1192,8 +1193,10 @@ class Invocations:
             more = message.get("more_body", False)
         return b"".join(chunks)
 
-    async def answer(self, scope: dict, receive: Callable, request_id: str) -> tuple[int, bytes, str | None]:
-        """Status, JSON body and serving version of one POST /invocations."""
+    async def answer(self, scope: dict, receive: Callable, request_id: str,
+                     logged: bool = True) -> tuple[int, bytes, str | None]:
+        """Status, JSON body and serving version of one POST /invocations (`logged` false: never
+        sampled for the prediction log, e.g. a deploy check run through every replica)."""
         headers = dict(scope["headers"])
         if self.expected and not self.authorized(scope["headers"]):
             return *error(401, "missing or wrong bearer token"), None
@@ -1249,7 +1252,7 @@ class Invocations:
         if parsed.rows > MAX_BATCH_ROWS and batcher.big_rows + parsed.rows > big_budget:
             # big requests have a budget of their own: they never crowd out the small ones
             return *error(503, "overloaded: too many rows of big requests waiting; retry shortly"), None
-        (status, payload), served = await batcher.submit(parsed, fields, request_id)
+        (status, payload), served = await batcher.submit(parsed, fields, request_id, logged)
         return status, payload, served if status == 200 else None
 
     async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
