@@ -180,10 +180,14 @@ class Coordinator:
             try:
                 import ray
 
-                if ray.is_initialized():  # in the actor: Ray restarted it (its state is gone)
+                in_actor = ray.is_initialized() and ray.get_runtime_context().get_actor_id() is not None
+            except Exception:
+                in_actor = False  # (not under Ray: plain asyncio, as the tests run it)
+            if in_actor:  # Ray restarted it (its state is gone)?
+                try:
                     restarted = bool(ray.get_runtime_context().was_current_actor_reconstructed)
-            except Exception:  # cannot tell: wait out the leases a previous incarnation may have granted
-                restarted = True
+                except Exception:  # cannot tell: wait out the leases a previous incarnation may have granted
+                    restarted = True
         self.restarted = bool(restarted)
         self.incarnation = uuid.uuid4().hex
         self._ready_at = 0.0  # register accepts no one before (loop time): set in start()
