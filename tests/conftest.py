@@ -36,6 +36,17 @@ SUBPROCESS_WARNINGS = "ignore::UserWarning:fastapi.testclient"
 os.environ.setdefault("PYTHONWARNINGS", SUBPROCESS_WARNINGS)
 
 
+# `mlflow server --app-name basic-auth`'s settings (MLFLOW_AUTH_CONFIG_PATH): a login for every
+# request, the admin's password from MLFLOW_AUTH_ADMIN_PASSWORD.
+MLFLOW_AUTH_INI = """[mlflow]
+default_permission = READ
+database_uri = sqlite:///basic_auth.db
+admin_username = admin
+authorization_function = mlflow.server.auth:authenticate_request_basic_auth
+auth_cache_ttl_seconds = 600
+"""
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

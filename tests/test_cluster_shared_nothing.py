@@ -50,7 +50,7 @@ from typing import Any
 import httpx
 import pytest
 import yaml
-from conftest import BIN, ROOT, SPEC, free_port, make_home, wait_http
+from conftest import BIN, MLFLOW_AUTH_INI, ROOT, SPEC, free_port, make_home, wait_http
 from ray_nodes import start_node, stop_families, stop_family, wait_started
 
 DAY1, DAY2 = "2013-01-01", "2013-01-02"
@@ -59,13 +59,6 @@ DRIVER = ROOT / "tests" / "cluster_driver.py"
 MODEL = {"partition_by": ["origin_code"], "min_partition_rows": 100, "num_boost_round": 60,
          "tuning": {"space": {"max_depth": {"low": 2, "high": 5, "integer": True}}, "trials": 2,
                     "time_budget_s": 120}}
-AUTH_INI = """[mlflow]
-default_permission = READ
-database_uri = sqlite:///basic_auth.db
-admin_username = admin
-authorization_function = mlflow.server.auth:authenticate_request_basic_auth
-auth_cache_ttl_seconds = 600
-"""
 # The worker's wrapper: a private mount namespace, a fresh tmpfs over the scratch folder ($0) and
 # one over daybreak's source folder ($1: the venv's editable install points there, so daybreak is
 # not installed on the worker: the drivers ship it), then exec Ray (the PID stays `ray start`'s).
@@ -184,7 +177,7 @@ def cluster(s3_server, landing: Path) -> Iterator[dict]:
         stop_families([procs.pop(name) for name in ("worker", "head", "mlflow") if name in procs])
 
     try:
-        (mlflow_dir / "auth.ini").write_text(AUTH_INI)
+        (mlflow_dir / "auth.ini").write_text(MLFLOW_AUTH_INI)
         mlflow_log = logs / "mlflow.log"
         with mlflow_log.open("wb") as out:
             procs["mlflow"] = subprocess.Popen(

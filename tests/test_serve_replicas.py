@@ -418,6 +418,21 @@ class _Fleet:
         await sync.start(batcher)
         return sync, batcher
 
+    async def a_and_b(self, fault=None) -> tuple:
+        """The coordinator started, replica A (its calls through `fault`) and replica B, both on v1."""
+        await self.coord.start()
+        a = await self.replica("A", fault)
+        b = await self.replica("B")
+        assert [await _ask(a[1]), await _ask(b[1])] == ["1", "1"]
+        return a, b
+
+    async def b_commits_v2_without_a(self) -> None:
+        """Once the coordinator dropped A, the alias moves to v2 and B alone commits it."""
+        coord = self.coord
+        await _until(lambda: "A" not in coord.members)
+        self.alias = "2"
+        await _until(lambda: coord.committed == "2")
+
     def close(self, *replicas) -> None:
         for sync, batcher in replicas:
             for t in sync._tasks:
@@ -475,14 +490,10 @@ def test_a_replica_whose_polls_fail_fast_stops_answering_before_it_is_dropped(sp
 
     async def scenario() -> None:
         fleet = _Fleet(spec, monkeypatch)
-        await fleet.coord.start()
-        a = await fleet.replica("A", fault)
-        b = await fleet.replica("B")
-        assert [await _ask(a[1]), await _ask(b[1])] == ["1", "1"]
+        a, b = await fleet.a_and_b(fault)
         down[0] = True
-        await _until(lambda: "A" not in fleet.coord.members)
-        fleet.alias = "2"
-        await _until(lambda: fleet.coord.committed == "2" and b[0].holder.current.version == "2")
+        await fleet.b_commits_v2_without_a()
+        await _until(lambda: b[0].holder.current.version == "2")
         assert await _ask(b[1]) == "2"
         late = _submit(a[1])  # answered only once A is back, on v2
         down[0] = False
@@ -513,15 +524,12 @@ def test_an_answer_that_arrives_after_the_eviction_does_not_lift_the_fence(spec,
 
     async def scenario() -> None:
         fleet = _Fleet(spec, monkeypatch)
-        await fleet.coord.start()
-        a = await fleet.replica("A", fault)
-        b = await fleet.replica("B")
-        assert [await _ask(a[1]), await _ask(b[1])] == ["1", "1"]
+        a, b = await fleet.a_and_b(fault)
         late[0] = True
         await _until(lambda: "A" not in fleet.coord.members)
         queued = _submit(a[1])
-        fleet.alias = "2"
-        await _until(lambda: fleet.coord.committed == "2" and b[0].holder.current.version == "2")
+        await fleet.b_commits_v2_without_a()
+        await _until(lambda: b[0].holder.current.version == "2")
         assert await _ask(b[1]) == "2"
         (status, _), version = await asyncio.wait_for(queued, 10)
         assert (status, version) == (200, "2")

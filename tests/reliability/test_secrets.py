@@ -58,20 +58,13 @@ from datetime import UTC
 from pathlib import Path
 
 import httpx
-from conftest import BIN, ROOT, free_port, wait_http
+from conftest import BIN, MLFLOW_AUTH_INI, ROOT, free_port, wait_http
 from tally import FULL, tally
 from test_airflow import lenient_spec
 from test_prefect_server import _files_containing, _stop
 
 TESTS = ROOT / "tests"
 DAG_ID = "daybreak_secrets"
-AUTH_INI = """[mlflow]
-default_permission = READ
-database_uri = sqlite:///basic_auth.db
-admin_username = admin
-authorization_function = mlflow.server.auth:authenticate_request_basic_auth
-auth_cache_ttl_seconds = 600
-"""
 DAG = '''
 import os
 from datetime import datetime
@@ -230,7 +223,7 @@ def test_no_secret_anywhere(s3_server, landing: Path, spec, tmp_path: Path, ray_
     spec_file = lenient_spec(spec, tmp_path)
     (dags / "daybreak_secrets.py").write_text(DAG)
     # the basic-auth app's settings, with its credential cache on (see the module docstring)
-    (mlflow_dir / "auth.ini").write_text(AUTH_INI)
+    (mlflow_dir / "auth.ini").write_text(MLFLOW_AUTH_INI)
     # Ray's session folders (logs of every worker) in short private paths (unix sockets live there)
     ray_dirs = {k: Path(tempfile.mkdtemp(prefix=f"dbs{k[0]}", dir="/tmp")) for k in ("cli", "airflow")}
     serve_url = f"http://127.0.0.1:{free_port()}"  # nothing listens: deploy reports no endpoint
