@@ -76,3 +76,31 @@ def test_a_spec_on_s3_loads(s3_server, monkeypatch) -> None:
     assert spec.spec_hash() == load_spec(SPEC).spec_hash()
     with pytest.raises(SpecError, match="spec file not found: s3://"):
         load_spec(f"s3://{bucket}/specs/missing.yaml")
+
+
+def test_reordering_a_sources_columns_in_the_spec_keeps_reading_its_history(home: Path, spec, tmp_path: Path,
+                                                                            monkeypatch) -> None:
+    """A spec whose source columns are listed in another order (a harmless edit, or the spec
+    written back with sorted keys) stages later days with that column order: the feature step
+    read the as-of source's days as one table and failed on the first mixed day."""
+    import pyarrow.parquet as pq
+    from conftest import make_home
+
+    from daybreak.features import build_features
+    from daybreak.infra.context import RunContext
+    from daybreak.stage import stage
+
+    day, before = "2013-01-03", "2013-01-02"
+    weather = spec.sources["weather"]
+    reordered = spec.model_copy(update={"sources": {**spec.sources, "weather": weather.model_copy(
+        update={"columns": dict(reversed(weather.columns.items()))})}})
+    assert list(reordered.sources["weather"].columns) != list(weather.columns)
+    stage(spec, RunContext.create(before))
+    stage(reordered, RunContext.create(day))
+    mixed = pq.read_table(build_features(reordered, RunContext.create(day), in_process=True)["uri"])
+
+    monkeypatch.setenv("DAYBREAK_HOME", str(make_home(tmp_path / "same", home / "store" / "landing")))
+    for d in (before, day):
+        stage(spec, RunContext.create(d))
+    same = pq.read_table(build_features(spec, RunContext.create(day), in_process=True)["uri"])
+    assert mixed.num_rows > 800 and mixed.equals(same)

@@ -779,7 +779,8 @@ def _staged_files(ctx: RunContext, source: str, days: list[date]) -> tuple[list[
 def _read_table(files: list[str], fs: Any) -> pa.Table:
     import pyarrow.parquet as pq
 
-    return pa.concat_tables([pq.read_table(p, filesystem=fs) for p in files])
+    # By name: a source's days may list its columns in another order (its contract reordered in the spec).
+    return pa.concat_tables([pq.read_table(p, filesystem=fs) for p in files], promote_options="default")
 
 
 @dataclass
