@@ -436,7 +436,7 @@ COPY (
     FROM read_parquet({files([f for fs in inputs["flights"].values() for f in fs])})
     WHERE dep_delay IS NOT NULL
   ),
-  target AS (
+  target AS MATERIALIZED (  -- once: the row ids must be the same in the three places it is read
     SELECT *, time_hour + to_minutes(minute) AS event_time, row_number() OVER () AS rid
     FROM read_parquet({files(inputs["flights"][DAY.isoformat()])})
   ),
