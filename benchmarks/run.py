@@ -166,7 +166,8 @@ def main() -> int:
     ap.add_argument("--parse-repeats", type=int, default=15, help="samples per DAG file (forked children)")
     ap.add_argument("--feature-rows", type=int, nargs="*", default=[100_000, 1_000_000, 10_000_000],
                     help="sizes for the feature-step benchmark (none: skip it)")
-    ap.add_argument("--feature-repeats", type=int, default=2)
+    ap.add_argument("--feature-repeats", type=int, nargs="+", default=[2],
+                    help="rounds of the feature benchmark: one number, or one per size")
     ap.add_argument("--train-rows", type=int, default=1_000_000,
                     help="rows for the training benchmark (0: skip it)")
     ap.add_argument("--train-repeats", type=int, default=2)
@@ -184,7 +185,7 @@ def main() -> int:
     args = ap.parse_args()
     from abuse import bench_abuse
     from e2e import bench_e2e
-    from features import bench_features, growth, plot, verdicts
+    from features import bench_features, growth, plot, repeats_label, verdicts
     from gate import bench_gate
     from intervals import bench_intervals
     from serving import bench_serving
@@ -209,8 +210,8 @@ def main() -> int:
                   f"= {r['ratio']:.2f}x{rate}{target}", flush=True)
     out: dict = {"machine": info, "repeats": args.repeats, "results": results}
     plan = [
-        ("features", "feature step vs pandas, polars (eager, lazy) and DuckDB", args.feature_repeats,
-         args.feature_rows,
+        ("features", "feature step vs pandas, polars (eager, lazy) and DuckDB",
+         " ".join(map(str, args.feature_repeats)), args.feature_rows,
          lambda: bench_features(args.feature_rows, args.feature_repeats)),
         ("training", "train step vs raw xgb.train; out-of-core memory", args.train_repeats, args.train_rows,
          lambda: bench_training(args.train_rows, args.train_repeats)),
@@ -239,8 +240,8 @@ def main() -> int:
     if len(out["features"]) > 1:
         out["features_growth"] = growth(out["features"])
         png = plot(out["features"], args.out / "scale_curves.png",
-                   title=f"{info['cores']} cores, {info['memory_gib']} GiB; median of {args.feature_repeats} runs "
-                         "per point, each a fresh process; daybreak (auto): as a user runs it, no Ray running; "
+                   title=f"{info['cores']} cores, {info['memory_gib']} GiB; {repeats_label(out['features'])} "
+                         "(each run a fresh process); daybreak (auto): as a user runs it, no Ray running; "
                          "daybreak on Ray: a local Ray started and warmed before the clock")
         print(f"wrote {png}", flush=True)
     total = time.perf_counter() - started
@@ -266,7 +267,7 @@ def _version(dist: str) -> str:
 def report(out: dict, args, png: Path | None) -> list[str]:
     from abuse import abuse_lines
     from e2e import e2e_lines
-    from features import feature_table
+    from features import feature_table, repeats_label
     from gate import gate_lines
     from intervals import intervals_lines
     from serving import serving_lines
@@ -290,7 +291,7 @@ def report(out: dict, args, png: Path | None) -> list[str]:
         lines += ["", f"Other DAG files vs the empty DAG: {others}. Heavy modules imported by the daily DAG's parse: "
                       f"{', '.join(parse['heavy_modules_imported']) or 'none'}."]
     if out["features"]:
-        lines += ["", f"## Feature step (median of {args.feature_repeats} per size)", "",
+        lines += ["", f"## Feature step ({repeats_label(out['features'])})", "",
                   "Flights resampled to N rows over the 9 days the longest window reads; the features of the last "
                   "day computed, each in its own fresh process, by daybreak three ways (auto: `build_features` as a "
                   "user calls it, with no Ray running, daybreak choosing in process or Ray; forced on a local Ray "
