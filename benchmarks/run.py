@@ -298,8 +298,9 @@ def report(out: dict, args, png: Path | None) -> list[str]:
                   "started and warmed before the clock; forced in process), and by what a user would write "
                   "instead: eager pandas (merge_asof), eager polars (join_asof), lazy polars (scan_parquet ... "
                   f"sink_parquet on the streaming engine) and DuckDB{_version('duckdb')} (one SQL statement: "
-                  "RANGE window frames, ASOF LEFT JOIN), all reading the same staged Parquet and writing Parquet; "
-                  "every output checked equal to daybreak's, value by value. Peak memory: summed PSS of the "
+                  "RANGE window frames over the history summed per key and time, ASOF LEFT JOIN), all reading "
+                  "the same staged Parquet and writing Parquet; every output checked equal to daybreak's, value by "
+                  "value. Peak memory: summed PSS of the "
                   "process tree sampled every 0.2 s (runs under a second can be under-sampled).", "",
                   *feature_table(out["features"])]
         if png:
