@@ -164,9 +164,10 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--repeats", type=int, default=5, help="repeats of the staging and DAG-parse benchmarks")
     ap.add_argument("--parse-repeats", type=int, default=15, help="samples per DAG file (forked children)")
-    ap.add_argument("--feature-rows", type=int, nargs="*", default=[1_000_000, 3_000_000, 10_000_000],
+    ap.add_argument("--feature-rows", type=int, nargs="*", default=[100_000, 1_000_000, 10_000_000],
                     help="sizes for the feature-step benchmark (none: skip it)")
-    ap.add_argument("--feature-repeats", type=int, default=2)
+    ap.add_argument("--feature-repeats", type=int, nargs="+", default=[2],
+                    help="rounds of the feature benchmark: one number, or one per size")
     ap.add_argument("--train-rows", type=int, default=1_000_000,
                     help="rows for the training benchmark (0: skip it)")
     ap.add_argument("--train-repeats", type=int, default=2)
@@ -184,7 +185,7 @@ def main() -> int:
     args = ap.parse_args()
     from abuse import bench_abuse
     from e2e import bench_e2e
-    from features import bench_features, growth, plot
+    from features import bench_features, growth, plot, repeats_label, verdicts
     from gate import bench_gate
     from intervals import bench_intervals
     from serving import bench_serving
@@ -209,7 +210,8 @@ def main() -> int:
                   f"= {r['ratio']:.2f}x{rate}{target}", flush=True)
     out: dict = {"machine": info, "repeats": args.repeats, "results": results}
     plan = [
-        ("features", "feature step vs pandas and polars", args.feature_repeats, args.feature_rows,
+        ("features", "feature step vs pandas, polars (eager, lazy) and DuckDB",
+         " ".join(map(str, args.feature_repeats)), args.feature_rows,
          lambda: bench_features(args.feature_rows, args.feature_repeats)),
         ("training", "train step vs raw xgb.train; out-of-core memory", args.train_repeats, args.train_rows,
          lambda: bench_training(args.train_rows, args.train_repeats)),
@@ -233,11 +235,14 @@ def main() -> int:
         sections.append(meta)
         print(json.dumps(out[key], indent=1, default=str)[:4000], flush=True)
     png = None
+    if out["features"]:
+        out["features_verdicts"] = verdicts(out["features"])
     if len(out["features"]) > 1:
         out["features_growth"] = growth(out["features"])
         png = plot(out["features"], args.out / "scale_curves.png",
-                   title=f"{info['cores']} cores, {info['memory_gib']} GiB; median of {args.feature_repeats} runs "
-                         f"per point; daybreak on a running local Ray")
+                   title=f"{info['cores']} cores, {info['memory_gib']} GiB; {repeats_label(out['features'])} "
+                         "(each run a fresh process); daybreak (auto): as a user runs it, no Ray running; "
+                         "daybreak on Ray: a local Ray started and warmed before the clock")
         print(f"wrote {png}", flush=True)
     total = time.perf_counter() - started
     out["sections"] = sections
@@ -250,10 +255,19 @@ def main() -> int:
     return 1 if any(m["error"] for m in sections) else 0
 
 
+def _version(dist: str) -> str:
+    from importlib import metadata
+
+    try:
+        return f" {metadata.version(dist)}"
+    except metadata.PackageNotFoundError:
+        return " (not installed: skipped)"
+
+
 def report(out: dict, args, png: Path | None) -> list[str]:
     from abuse import abuse_lines
     from e2e import e2e_lines
-    from features import feature_table
+    from features import feature_table, repeats_label
     from gate import gate_lines
     from intervals import intervals_lines
     from serving import serving_lines
@@ -277,11 +291,17 @@ def report(out: dict, args, png: Path | None) -> list[str]:
         lines += ["", f"Other DAG files vs the empty DAG: {others}. Heavy modules imported by the daily DAG's parse: "
                       f"{', '.join(parse['heavy_modules_imported']) or 'none'}."]
     if out["features"]:
-        lines += ["", f"## Feature step (median of {args.feature_repeats} per size)", "",
+        lines += ["", f"## Feature step ({repeats_label(out['features'])})", "",
                   "Flights resampled to N rows over the 9 days the longest window reads; the features of the last "
-                  "day computed by daybreak on a running local Ray, by straightforward pandas and by polars, each in "
-                  "its own process, outputs checked equal. Peak memory: summed PSS of the process tree sampled every "
-                  "0.2 s; in parentheses, above what the tree held before the step (for Ray, the idle cluster).", "",
+                  "day computed, each in its own fresh process, by daybreak three ways (auto: `build_features` as a "
+                  "user calls it, with no Ray running, daybreak choosing in process or Ray; forced on a local Ray "
+                  "started and warmed before the clock; forced in process), and by what a user would write "
+                  "instead: eager pandas (merge_asof), eager polars (join_asof), lazy polars (scan_parquet ... "
+                  f"sink_parquet on the streaming engine) and DuckDB{_version('duckdb')} (one SQL statement: "
+                  "RANGE window frames over the history summed per key and time, ASOF LEFT JOIN), all reading "
+                  "the same staged Parquet and writing Parquet; every output checked equal to daybreak's, value by "
+                  "value. Peak memory: summed PSS of the "
+                  "process tree sampled every 0.2 s (runs under a second can be under-sampled).", "",
                   *feature_table(out["features"])]
         if png:
             lines += ["", f"![feature step: time and peak memory vs rows]({png.name})"]
