@@ -32,10 +32,15 @@ a target-leak check (``features.leak_check``) looks for a feature that reproduce
 from __future__ import annotations
 
 import hashlib
+import heapq
+import itertools
 import json
 import logging
 import math
-from collections.abc import Sequence
+import sys
+import threading
+from collections.abc import Iterator, Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass
 from datetime import date, timedelta
 from typing import TYPE_CHECKING, Any, TypedDict
@@ -45,7 +50,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from daybreak.infra.compute import ensure_ray
+from daybreak.infra.compute import choose_compute, ensure_ray, process_threads
 from daybreak.infra.context import RunContext
 from daybreak.infra.errors import ContractError, MissingInputError
 from daybreak.infra.store import ROW_GROUP_ROWS
@@ -190,7 +195,7 @@ def window_inputs(batch: pa.Table, f: FeatureSpec, i: int, ordinal: int = 0) -> 
     if len(rows):
         span = int(k.max()) - int(k.min()) + 1
         radix = math.prod(max(1, len(d)) for d in dictionaries)
-        order = (np.argsort(codes * span + (k - k.min()), kind="stable") if radix * span < 2**62
+        order = (_stable_argsort(codes * span + (k - k.min()), radix * span) if radix * span < 2**62
                  else np.lexsort((k, codes)))
     else:
         order = np.arange(0)
@@ -198,6 +203,17 @@ def window_inputs(batch: pa.Table, f: FeatureSpec, i: int, ordinal: int = 0) -> 
     starts = _run_starts(codes, k)
     return pa.table({**keys(order, starts), "__k": pa.array(k[starts], pa.int64()),
                      **_fold(starts, np.ones(len(k), np.int64), v[order], w.aggs)})
+
+
+def _stable_argsort(key: np.ndarray, bound: int) -> np.ndarray:
+    """``np.argsort(key, kind="stable")`` for keys in [0, bound): with room in an int64, each key
+    carries its position in its low bits, so the keys are distinct and a plain sort of the values
+    (several times faster than a stable argsort) gives the same permutation."""
+    shift = max(1, (len(key) - 1).bit_length())
+    if bound >= 1 << (63 - shift):
+        return np.argsort(key, kind="stable")
+    packed = np.sort((key.astype(np.int64) << shift) | np.arange(len(key), dtype=np.int64))
+    return packed & ((1 << shift) - 1)
 
 
 def _run_starts(*columns: np.ndarray) -> np.ndarray:
@@ -371,12 +387,10 @@ def _running_sum(v: np.ndarray) -> np.ndarray:
 
 def apply_windows(batch: pa.Table, f: FeatureSpec, indexes: list[Any]) -> pa.Table:
     """Each window's features for each event of `batch` (``_window_features``)."""
-    import ray
-
     t = _ts_us(batch.column(EVENT_TIME))
     event_ok = batch.column(EVENT_TIME).is_valid().to_numpy(zero_copy_only=False)
     for i, w in enumerate(f.windows):
-        idx = ray.get(indexes[i]) if isinstance(indexes[i], ray.ObjectRef) else indexes[i]
+        idx = _resolve(indexes[i])
         for name, values in zip(window_feature_names(w), _window_features(batch, w, idx, t, event_ok), strict=True):
             # no value (an empty window, a missing lag) is null, so coalesce() in a derived
             # column or the label sees it as missing
@@ -394,7 +408,7 @@ def _window_features(batch: pa.Table, w: WindowAgg, idx: dict[str, Any], t: np.n
     # Needles in sorted order keep the binary searches in cache. Packed (key, time - span)
     # orders like (key, time), so one order serves every span of the window.
     needles = _before(idx, q, tt)
-    order = np.argsort(needles, kind="stable")
+    order = np.argsort(needles)  # any order that sorts them: it only keeps the searches in cache
     hi = np.where(ok, _search(comp, needles, order), 0)
 
     def after(span: timedelta) -> np.ndarray:
@@ -602,9 +616,7 @@ def asof_join(batch: pa.Table, index: dict[str, Any], by: list[str], tolerance_u
     """Attach, per event, the joined row with equal `by` values, time in [t - tolerance, t] and
     known by t (``_known_by``) with the latest time, then the last in input order; null columns
     when none (or when the event has no time)."""
-    import ray
-
-    idx = ray.get(index) if isinstance(index, ray.ObjectRef) else index
+    idx = _resolve(index)
     t = _ts_us(batch.column(EVENT_TIME))
     q, ok = _query_codes(idx, batch, by, batch.column(EVENT_TIME).is_valid().to_numpy(zero_copy_only=False))
     tt = np.where(ok, t, 0)
@@ -695,43 +707,151 @@ def day_rows(items: pa.Table, f: FeatureSpec, fs: Any, task: str, joins: list[tu
 
 
 def day_run(items: pa.Table, f: FeatureSpec, fs: Any, task: str, joins: list[tuple[str, dict[str, Any]]],
-            path: str, *tables_and_indexes: Any) -> dict[str, Any]:
+            path: str | None, *tables_and_indexes: Any) -> dict[str, Any]:
     """Compute one slice's rows (``day_rows``), sort them, and write them to `path`: a sorted run
-    for ``merge_runs``. Only a summary travels back: the rows never enter the object store."""
+    for ``merge_runs``. Only a summary travels back: the rows never enter the object store.
+    In process (`path` None) the run stays in memory (``table``), and is merged the same way."""
     import pyarrow.parquet as pq
 
     t = day_rows(items, f, fs, task, joins, *tables_and_indexes)
     t = t.sort_by([(c, "ascending") for c in [EVENT_TIME, *f.keys]])
+    out = {"path": path, "rows": t.num_rows, "schema": t.schema,
+           "keys": {k: pc.unique(t.column(k)).drop_null() for k in f.keys}}
+    if path is None:
+        return out | {"table": t}
     pq.write_table(t, path, filesystem=fs, row_group_size=MERGE_ROWS, compression="lz4")
-    return {"path": path, "rows": t.num_rows, "schema": t.schema,
-            "keys": {k: pc.unique(t.column(k)).drop_null() for k in f.keys}}
+    return out
 
 
 def _on_node(fn: Any, items: list[dict[str, Any]], *args: Any) -> tuple[Any, str]:
     """Run a per-slice function in a Ray task; also say which node ran it."""
     import ray
 
-    node = ray.get_runtime_context().get_node_id() if ray.is_initialized() else "in-process"
-    return fn(pa.Table.from_pylist(items), *args), node
+    return fn(pa.Table.from_pylist(items), *args), ray.get_runtime_context().get_node_id()
+
+
+def _here(fn: Any, items: list[dict[str, Any]], *args: Any) -> tuple[Any, str]:
+    """``_on_node`` in this process (no Ray to ask)."""
+    return fn(pa.Table.from_pylist(items), *args), IN_PROCESS
+
+
+IN_PROCESS = "in-process"
+
+
+def _resolve(value: Any) -> Any:
+    """An object ref's value (an argument nested where Ray does not resolve it); else `value`.
+    Without importing Ray when it is not loaded: then nothing is a ref."""
+    ray = sys.modules.get("ray")
+    if ray is not None and isinstance(value, ray.ObjectRef):
+        return ray.get(value)
+    return value
+
+
+class _Pool:
+    """A few threads running calls whose arguments may be the futures of earlier calls.
+
+    A call is queued only once every future among its arguments is done (its values are passed
+    in their place), so a thread never waits for another call and a bounded pool cannot
+    deadlock. The queue is ordered by submission: of the calls ready, the earliest runs first,
+    so a window's folds and index run as soon as their reads are done, before later reads (as
+    Ray's scheduler does, what waits is bounded). The calls are pure functions of their
+    arguments: which thread runs them, and when, changes nothing in what they return.
+    """
+
+    def __init__(self, threads: int) -> None:
+        self._ready: list[tuple[int, Any, tuple[Any, ...], list[Future[Any]]]] = []
+        self._cv = threading.Condition()
+        self._seq = itertools.count()
+        self._closed = False
+        self._threads = [threading.Thread(target=self._work, name=f"daybreak-features-{i}", daemon=True)
+                         for i in range(threads)]
+        for t in self._threads:
+            t.start()
+
+    def submit(self, fn: Any, args: tuple[Any, ...], num_returns: int) -> list[Future[Any]]:
+        outs: list[Future[Any]] = [Future() for _ in range(num_returns)]
+        seq = next(self._seq)
+        deps = {id(a): a for a in args if isinstance(a, Future)}
+        # The arguments are let go once queued: a done future is kept by its callbacks, and would
+        # otherwise keep every other input of this call (and their values) as long as it lives.
+        pending: dict[str, Any] = {"args": args, "left": len(deps)}
+        lock = threading.Lock()
+
+        def queue() -> None:
+            mine = pending.pop("args")
+            try:
+                values = tuple(a.result() if isinstance(a, Future) else a for a in mine)
+            except BaseException as e:  # an input failed: so does this call, without running
+                for o in outs:
+                    o.set_exception(e)
+                return
+            finally:
+                del mine
+            with self._cv:
+                heapq.heappush(self._ready, (seq, fn, values, outs))
+                self._cv.notify()
+
+        def one_done(_: Future[Any]) -> None:
+            with lock:
+                pending["left"] -= 1
+                last = pending["left"] == 0
+            if last:
+                queue()
+
+        if not deps:
+            queue()
+        for d in deps.values():
+            d.add_done_callback(one_done)
+        del args, deps
+        return outs
+
+    def _work(self) -> None:
+        while True:
+            with self._cv:
+                while not self._ready and not self._closed:
+                    self._cv.wait()
+                if not self._ready:  # closed, and nothing left to run
+                    return
+                _, fn, args, outs = heapq.heappop(self._ready)
+            try:
+                result = fn(*args)
+            except BaseException as e:
+                for o in outs:
+                    o.set_exception(e)
+                continue
+            finally:
+                del args
+            if len(outs) == 1:
+                outs[0].set_result(result)
+            else:
+                for o, r in zip(outs, result, strict=True):
+                    o.set_result(r)
+            del result, outs
+
+    def close(self) -> None:
+        """Drop the calls not started (after a failure nothing waits for them); let running ones end."""
+        with self._cv:
+            self._closed = True
+            self._ready.clear()
+            self._cv.notify_all()
+        for t in self._threads:
+            t.join()
 
 
 class _Tasks:
-    """Where the step's dataflow runs: Ray tasks, or (`in_process`) plain calls in this process,
-    the same functions on the same arguments in the same order. In-process serves tests that
-    patch a helper of this module (a Ray worker would not see the patch) and small inputs."""
+    """Where the step's dataflow runs: Ray tasks, or (`in_process`) the same functions on the
+    same arguments in this process: on a pool of `threads` (pyarrow and numpy release the GIL),
+    or, with one thread, as plain calls in submission order. The slicing never depends on
+    where it runs, so each call returns the same thing everywhere, and the output is the same
+    bytes. Plain calls also serve tests that patch a helper of this module (a Ray worker would
+    not see the patch)."""
 
-    def __init__(self, in_process: bool, address: str | None) -> None:
+    def __init__(self, in_process: bool, address: str | None, threads: int = 1) -> None:
         self.in_process = in_process
         self._remote: dict[tuple[Any, int, bool], Any] = {}
+        self._pool = _Pool(threads) if in_process and threads > 1 else None
         if not in_process:
             ensure_ray(address)
-
-    def cpus(self) -> int:
-        if self.in_process:
-            return 1
-        import ray
-
-        return max(1, int(ray.cluster_resources().get("CPU", 1)))
 
     def put(self, value: Any) -> Any:
         if self.in_process:
@@ -741,9 +861,13 @@ class _Tasks:
         return ray.put(value)
 
     def call(self, fn: Any, *args: Any, num_returns: int = 1, spread: bool = False) -> Any:
-        """fn(*args) now (in process), or as a Ray task (its object refs)."""
+        """fn(*args) now (plain calls), as a future (on the pool), or as a Ray task (its object refs)."""
         if self.in_process:
-            return fn(*args)
+            fn = _here if fn is _on_node else fn
+            if self._pool is None:
+                return fn(*args)
+            outs = self._pool.submit(fn, args, num_returns)
+            return outs[0] if num_returns == 1 else outs
         key = (fn, num_returns, spread)
         if key not in self._remote:
             import ray
@@ -755,11 +879,17 @@ class _Tasks:
         return self._remote[key].remote(*args)
 
     def get(self, refs: Any) -> Any:
-        if self.in_process:
-            return refs
-        import ray
+        if not self.in_process:
+            import ray
 
-        return ray.get(refs)
+            return ray.get(refs)
+        if isinstance(refs, list):
+            return [r.result() if isinstance(r, Future) else r for r in refs]
+        return refs.result() if isinstance(refs, Future) else refs
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.close()
 
 
 # --- the step ----------------------------------------------------------------------------
@@ -867,12 +997,26 @@ class FeaturesResult(TypedDict, total=False):
     missing_history_sources: dict[str, list[str]]  # every windowed source's, {source: days}
     leak_check: dict[str, Any]  # the target-leak check's outcome
     skipped: bool  # the partition was kept as is (inputs unchanged)
-    ray_nodes: list[str]  # the Ray nodes that built it (none when skipped)
+    ray_nodes: list[str]  # the Ray nodes that built it (none when skipped or built in process)
+    compute: str  # where it was built: "process" or "ray" (absent when skipped)
 
 
-def build_features(spec: Spec, ctx: RunContext, *, in_process: bool = False) -> FeaturesResult:
-    """Compute the feature partition for ``ctx.logical_date`` on Ray (or, `in_process`, the same
-    dataflow in this process: see ``_Tasks``)."""
+def _staged_rows(ctx: RunContext, source: str, days: list[str]) -> int:
+    """Rows of `source`'s staged partitions for `days` (from their manifests)."""
+    rows = 0
+    for d in days:
+        part = ctx.store.partition(f"staged/{source}", date.fromisoformat(d))
+        if part is None:  # listed by _inputs a moment ago, removed since
+            raise MissingInputError(f"features: staged partition of {source!r} for {d} disappeared while reading")
+        rows += part.manifest["rows"]
+    return rows
+
+
+def build_features(spec: Spec, ctx: RunContext, *, in_process: bool | None = None) -> FeaturesResult:
+    """Compute the feature partition for ``ctx.logical_date``: in this process (`in_process`
+    True), on Ray (False), or (None) as ``infra.compute.choose_compute`` decides from the
+    configured cluster and the rows read. Either way the same dataflow (``_Tasks``), and the
+    same bytes."""
     f = spec.features
     day = ctx.logical_date
     inp = _inputs(spec, ctx)
@@ -886,16 +1030,30 @@ def build_features(spec: Spec, ctx: RunContext, *, in_process: bool = False) -> 
         log.info("features %s: inputs unchanged, keeping %s", day, current.path)
         return _result(spec, current.uri, current.manifest, skipped=True)
 
-    tasks = _Tasks(in_process, ctx.ray_address)
-    rows_in = 0
-    for d in inp.base_hashes:
-        part = ctx.store.partition(f"staged/{f.base}", date.fromisoformat(d))
-        if part is None:  # listed by _inputs a moment ago, removed since
-            raise MissingInputError(f"features: staged partition of {f.base!r} for {d} disappeared while reading")
-        rows_in += part.manifest["rows"]
-    # One read task per slice of whole row groups: about four per CPU, at most HISTORY_SLICE_ROWS
-    # rows each (what a task holds is bounded, whatever the look-back's size).
-    slice_rows = min(HISTORY_SLICE_ROWS, max(100_000, rows_in // (4 * tasks.cpus())))
+    # The rows read: the base source's look-back, and that of every other windowed source.
+    rows_in = _staged_rows(ctx, f.base, list(inp.base_hashes))
+    for source in inp.window_files:
+        days = _staged_files(ctx, source, _days_back(day, f.lookback_days(source)))[1]
+        rows_in += _staged_rows(ctx, source, list(days))
+    if in_process is None:
+        choice = choose_compute(ctx.ray_address, ctx.distributed, rows_in)
+        in_process = not choice.ray
+        log.info("features %s: %s rows, %s (%s)", day, f"{rows_in:,}", choice.where, choice.why)
+    tasks = _Tasks(in_process, ctx.ray_address, process_threads() if in_process else 1)
+    try:
+        return _build(spec, ctx, inp, tasks, lineage, lineage_key, missing, zone)
+    finally:
+        tasks.close()
+
+
+def _build(spec: Spec, ctx: RunContext, inp: _Inputs, tasks: _Tasks, lineage: dict[str, Any], lineage_key: str,
+           missing: list[str], zone: str) -> FeaturesResult:
+    f = spec.features
+    day = ctx.logical_date
+    # One read task per slice of whole row groups, at most HISTORY_SLICE_ROWS rows each (what a
+    # task holds is bounded, whatever the look-back's size). A fixed size, never the CPUs': the
+    # folds of a window's history (float sums) then group the same rows everywhere.
+    slice_rows = HISTORY_SLICE_ROWS
     # Each slice keeps its place in input order (its ordinal): per-row windows order ties by it.
     slices = {f.base: day_slices(inp.base_files, ctx.store.fs, slice_rows)}
     for source, files in inp.window_files.items():
@@ -946,7 +1104,8 @@ def build_features(spec: Spec, ctx: RunContext, *, in_process: bool = False) -> 
         for i, (p, g) in enumerate(day_slices(inp.today_files, ctx.store.fs, DAY_SLICE_ROWS)):
             run, node = tasks.call(_on_node, day_run, [{"path": p, "row_groups": g}], f_ref, fs_ref,
                                    spec.model.task, [(kind, kw) for kind, _, kw in joins],
-                                   f"{runs_dir}/run-{i:05d}.parquet", *[r for _, r, _ in joins], *indexes,
+                                   None if tasks.in_process else f"{runs_dir}/run-{i:05d}.parquet",
+                                   *[r for _, r, _ in joins], *indexes,
                                    num_returns=2, spread=True)
             runs.append(run)
             run_nodes.append(node)
@@ -963,8 +1122,11 @@ def build_features(spec: Spec, ctx: RunContext, *, in_process: bool = False) -> 
     except BaseException:
         ctx.store.abort(pending)
         raise
+    if tasks.in_process:
+        log.info("features %s: %d rows -> %s (in process)", day, part.manifest["rows"], part.uri)
+        return _result(spec, part.uri, part.manifest, skipped=False) | {"compute": "process"}
     log.info("features %s: %d rows -> %s (on %d Ray node(s))", day, part.manifest["rows"], part.uri, len(nodes))
-    return _result(spec, part.uri, part.manifest, skipped=False) | {"ray_nodes": sorted(nodes)}
+    return _result(spec, part.uri, part.manifest, skipped=False) | {"ray_nodes": sorted(nodes), "compute": "ray"}
 
 
 def _empty(spec: Spec, source: str) -> pa.Table:
@@ -1232,7 +1394,15 @@ def merge_runs(runs: list[dict[str, Any]], keys: list[str], fs: Any, folder: str
         return np.stack(cols) if cols else np.zeros((0, t.num_rows), np.int64)
 
     per_run = max(1024, MERGE_POOL_ROWS // max(1, len(runs)))
-    batches = [pq.ParquetFile(fs.open_input_file(r["path"])).iter_batches(per_run) for r in runs]
+
+    def batches_of(run: dict[str, Any]) -> Iterator[pa.RecordBatch | pa.Table]:
+        """A run's rows `per_run` at a time (the last batch shorter), from its file or its table."""
+        if "table" not in run:
+            return pq.ParquetFile(fs.open_input_file(run["path"])).iter_batches(per_run)
+        t = run.pop("table")  # held here only: each batch let go once merged
+        return (t.slice(i, per_run) for i in range(0, t.num_rows, per_run))
+
+    batches = [batches_of(r) for r in runs]
     buffers: dict[int, tuple[pa.Table, np.ndarray]] = {}  # run -> its rows read, not yet written
     frontier: dict[int, tuple[int, ...]] = {}  # run -> key of the last row read from it
 
@@ -1243,7 +1413,7 @@ def merge_runs(runs: list[dict[str, Any]], keys: list[str], fs: Any, folder: str
         if b is None:
             frontier.pop(i, None)
             return
-        t, kc = pa.Table.from_batches([b]), coded(b)
+        t, kc = (b if isinstance(b, pa.Table) else pa.Table.from_batches([b])), coded(b)
         if i in buffers:
             t, kc = pa.concat_tables([buffers[i][0], t]), np.concatenate([buffers[i][1], kc], axis=1)
         buffers[i], frontier[i] = (t, kc), tuple(kc[:, -1])
