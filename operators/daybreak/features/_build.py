@@ -1344,12 +1344,16 @@ class PartWriter:
 
 
 def write_sorted(ds: Any, fs: Any, folder: str) -> int:
-    """Stream a sorted Ray dataset into part files (``PartWriter``), in dataset order.
+    """Stream a sorted Ray dataset (or a table) into part files (``PartWriter``), in order.
 
     Ray's own writer may concatenate blocks out of order within a file. Memory is a few
     batches, not the partition.
     """
     out = PartWriter(fs, folder)
+    if isinstance(ds, pa.Table):
+        for batch in ds.to_batches(max_chunksize=ROW_GROUP_ROWS):
+            out.add(pa.Table.from_batches([batch]))
+        return out.close(ds.schema)
     try:
         for batch in ds.iter_batches(batch_size=ROW_GROUP_ROWS, batch_format="pyarrow"):
             out.add(batch)
