@@ -894,10 +894,20 @@ class _Tasks:
 
 # --- the step ----------------------------------------------------------------------------
 
-def _staged_files(ctx: RunContext, source: str, days: list[date]) -> tuple[list[str], dict[str, str], list[str]]:
+def _staged_files(ctx: RunContext, source: str, days: list[date], seen: dict[tuple[str, date], Any] | None = None,
+                  ) -> tuple[list[str], dict[str, str], list[str]]:
+    """The staged files of `source` for `days`, their content hashes by day, and the days not
+    staged. `seen` keeps the partitions looked up (each is a manifest read), for the next call."""
     files, hashes, missing = [], {}, []
     for d in days:
-        part = ctx.store.partition(f"staged/{source}", d)
+        if seen is None or (source, d) not in seen:
+            found = ctx.store.partition(f"staged/{source}", d)
+            if seen is None:
+                part = found
+            else:
+                part = seen[(source, d)] = found
+        else:
+            part = seen[(source, d)]
         if part is None:
             missing.append(d.isoformat())
             continue
@@ -906,10 +916,11 @@ def _staged_files(ctx: RunContext, source: str, days: list[date]) -> tuple[list[
     return files, hashes, missing
 
 
-def _read_table(files: list[str], fs: Any) -> pa.Table:
+def _read_table(files: list[str], fs: Any, columns: list[str] | None = None) -> pa.Table:
+    """The files' rows (`columns` only, if given), in order."""
     import pyarrow.parquet as pq
 
-    return pa.concat_tables([pq.read_table(p, filesystem=fs) for p in files])
+    return pa.concat_tables([pq.ParquetFile(fs.open_input_file(p)).read(columns=columns) for p in files])
 
 
 @dataclass
@@ -924,6 +935,7 @@ class _Inputs:
     lineage: dict[str, Any]
     lineage_key: str
     today_files: list[str]
+    parts: dict[tuple[str, date], Any]  # the staged partitions looked up, by (source, day)
 
 
 def _days_back(day: date, n: int) -> list[date]:
@@ -938,7 +950,8 @@ def _inputs(spec: Spec, ctx: RunContext) -> _Inputs:
     today_part = ctx.store.partition(f"staged/{f.base}", day)
     if today_part is None:
         raise MissingInputError(f"features: no staged partition of {f.base!r} for {day}; run the stage step first")
-    base_files, base_hashes, missing = _staged_files(ctx, f.base, _days_back(day, f.lookback_days()))
+    seen: dict[tuple[str, date], Any] = {}
+    base_files, base_hashes, missing = _staged_files(ctx, f.base, _days_back(day, f.lookback_days()), seen)
     missing = [d for d in missing if spec.expects(date.fromisoformat(d), f.base)]  # a day with no drop is no gap
     hashes: dict[str, dict[str, str]] = {f.base: base_hashes}
 
@@ -948,7 +961,7 @@ def _inputs(spec: Spec, ctx: RunContext) -> _Inputs:
     missing_sources = {f.base: missing} if missing else {}
     window_files: dict[str, list[str]] = {}
     for source in sorted({f.window_source(w) for w in f.windows} - {f.base}):
-        fl, hs, gone = _staged_files(ctx, source, _days_back(day, f.lookback_days(source)))
+        fl, hs, gone = _staged_files(ctx, source, _days_back(day, f.lookback_days(source)), seen)
         window_files[source] = fl
         add(source, hs)
         gone = [d for d in gone if spec.expects(date.fromisoformat(d), source)]
@@ -956,7 +969,7 @@ def _inputs(spec: Spec, ctx: RunContext) -> _Inputs:
             missing_sources[source] = gone
     asof_files = []
     for j in f.asof:
-        fl, hs, _ = _staged_files(ctx, j.source, _days_back(day, j.lookback_days()))
+        fl, hs, _ = _staged_files(ctx, j.source, _days_back(day, j.lookback_days()), seen)
         asof_files.append(fl)
         add(j.source, hs)
     lookup_files = []
@@ -970,7 +983,7 @@ def _inputs(spec: Spec, ctx: RunContext) -> _Inputs:
     lineage = {"feature_version": spec.feature_version(), "date": day.isoformat(), "inputs": hashes}
     lineage_key = hashlib.sha256(json.dumps(lineage, sort_keys=True).encode()).hexdigest()[:16]
     return _Inputs(base_files, base_hashes, missing, missing_sources, asof_files, lookup_files, window_files,
-                   lineage, lineage_key, today_part.files)
+                   lineage, lineage_key, today_part.files, seen)
 
 
 def recorded_lineage(spec: Spec, ctx: RunContext) -> str | None:
@@ -1001,17 +1014,6 @@ class FeaturesResult(TypedDict, total=False):
     compute: str  # where it was built: "process" or "ray" (absent when skipped)
 
 
-def _staged_rows(ctx: RunContext, source: str, days: list[str]) -> int:
-    """Rows of `source`'s staged partitions for `days` (from their manifests)."""
-    rows = 0
-    for d in days:
-        part = ctx.store.partition(f"staged/{source}", date.fromisoformat(d))
-        if part is None:  # listed by _inputs a moment ago, removed since
-            raise MissingInputError(f"features: staged partition of {source!r} for {d} disappeared while reading")
-        rows += part.manifest["rows"]
-    return rows
-
-
 def build_features(spec: Spec, ctx: RunContext, *, in_process: bool | None = None) -> FeaturesResult:
     """Compute the feature partition for ``ctx.logical_date``: in this process (`in_process`
     True), on Ray (False), or (None) as ``infra.compute.choose_compute`` decides from the
@@ -1031,10 +1033,9 @@ def build_features(spec: Spec, ctx: RunContext, *, in_process: bool | None = Non
         return _result(spec, current.uri, current.manifest, skipped=True)
 
     # The rows read: the base source's look-back, and that of every other windowed source.
-    rows_in = _staged_rows(ctx, f.base, list(inp.base_hashes))
-    for source in inp.window_files:
-        days = _staged_files(ctx, source, _days_back(day, f.lookback_days(source)))[1]
-        rows_in += _staged_rows(ctx, source, list(days))
+    rows_in = sum(inp.parts[(source, d)].manifest["rows"]
+                  for source in (f.base, *inp.window_files)
+                  for d in _days_back(day, f.lookback_days(source)) if inp.parts.get((source, d)) is not None)
     if in_process is None:
         choice = choose_compute(ctx.ray_address, ctx.distributed, rows_in)
         in_process = not choice.ray
@@ -1070,7 +1071,7 @@ def _build(spec: Spec, ctx: RunContext, inp: _Inputs, tasks: _Tasks, lineage: di
     for i, w in enumerate(f.windows):
         source = f.window_source(w)
         # Only the days this window needs (a 3h window reads 2 days even beside a 30d one).
-        wanted = set(_staged_files(ctx, source, _days_back(day, w.lookback_days()))[0])
+        wanted = set(_staged_files(ctx, source, _days_back(day, w.lookback_days()), inp.parts)[0])
         parts = [tasks.call(_on_node, read_window_inputs, [{"path": p, "row_groups": g, "ordinal": o}], f_ref,
                             fs_ref, i, num_returns=2, spread=True)
                  for o, (p, g) in enumerate(slices[source]) if p in wanted]
@@ -1150,6 +1151,8 @@ LEAK_MIN_ROWS = 500
 """Rows (with the feature and the label) the leak check needs before it judges a feature."""
 LEAK_MIN_CLASS_ROWS = 50
 """Classification: rows of each class it needs."""
+LEAK_READ_ONCE_ROWS = 2 * ROW_GROUP_ROWS
+"""Days up to this many rows are read for the check at once, larger ones a column at a time."""
 LEAK_EQUAL_SHARE = 0.99
 """Regression: a feature equal to the label on this share of rows reproduces it..."""
 LEAK_MIN_ABS_R = 0.9999
@@ -1246,14 +1249,20 @@ def leak_check(spec: Spec, files: list[str], fs: Any) -> dict[str, Any]:
     if mode == "off":
         return {"mode": "off"}
     def read(columns: list[str]) -> pa.Table:
-        return pa.concat_tables([pq.read_table(p, filesystem=fs, columns=columns) for p in files])
+        return _read_table(files, fs, columns)
 
-    label = read([f.label.name]) if files else pa.table({f.label.name: pa.array([], pa.float64())})
-    suspects: dict[str, str] = {}
     skipped = set(f.categorical_names()) | past_values(f)
-    for name in f.feature_names():  # one column at a time: memory is two columns of the day
-        if name not in skipped and label.num_rows:
-            suspects |= leak_suspects(label.append_column(name, read([name]).column(name)), f, spec.model.task)
+    checked = [n for n in f.feature_names() if n not in skipped]
+    rows = sum(pq.ParquetFile(fs.open_input_file(p)).metadata.num_rows for p in files)
+    # A small day is read once; a large one a column at a time (memory: two columns of the day).
+    whole = read([f.label.name, *checked]) if files and rows <= LEAK_READ_ONCE_ROWS else None
+    label = (whole.select([f.label.name]) if whole is not None else read([f.label.name]) if files
+             else pa.table({f.label.name: pa.array([], pa.float64())}))
+    suspects: dict[str, str] = {}
+    for name in checked:
+        if label.num_rows:
+            column = whole.column(name) if whole is not None else read([name]).column(name)
+            suspects |= leak_suspects(label.append_column(name, column), f, spec.model.task)
     if suspects:
         detail = "; ".join(f"{n!r} {why}" for n, why in suspects.items())
         msg = (f"features {spec.features.name}: target leak suspected: {detail}. The feature(s) reproduce the "
