@@ -65,6 +65,41 @@ def test_the_choice_follows_the_cluster_the_rows_and_the_override(monkeypatch: p
         monkeypatch.delenv(var)
 
 
+def test_the_thread_pool_runs_a_dataflow_in_order_of_dependencies_and_passes_failures_on() -> None:
+    """More calls waiting on others than threads (a pool that let a thread wait for an input
+    would deadlock); results land where the plain calls' would; a failure reaches whoever asks
+    for a result that needed it, with its own type, and what depended on it never runs."""
+    import threading
+
+    ran: list[str] = []
+    lock = threading.Lock()
+
+    def add(name: str, *xs: int) -> int:
+        with lock:
+            ran.append(name)
+        return sum(xs) + 1
+
+    def fail(*_: Any) -> int:
+        raise FileNotFoundError("gone")
+
+    tasks = engine._Tasks(True, None, threads=2)
+    try:
+        leaves = [tasks.call(add, f"leaf{i}", i) for i in range(20)]
+        mids = [tasks.call(add, f"mid{i}", *leaves[i:i + 5]) for i in range(0, 20, 5)]
+        pair = tasks.call(engine._on_node, lambda t, k: t.num_rows + k, [{"a": 1}, {"a": 2}], 10, num_returns=2)
+        top = tasks.call(add, "top", *mids, 7)
+        bad = tasks.call(fail, top)
+        after = tasks.call(add, "after", bad)
+        assert tasks.get(top) == add("check", *[add("", *[add("", i) for i in range(j, j + 5)])
+                                                 for j in range(0, 20, 5)], 7)
+        assert tasks.get(pair) == [12, engine.IN_PROCESS]
+        with pytest.raises(FileNotFoundError, match="gone"):
+            tasks.get(after)
+    finally:
+        tasks.close()
+    assert "after" not in ran and ran.index("top") > max(ran.index(f"mid{i}") for i in range(0, 20, 5))
+
+
 # --- the same bytes in process (plain calls, a thread pool) and on Ray ------------------------------
 
 def _partition_bytes(ctx: RunContext, spec: Any) -> tuple[list[bytes], str]:

@@ -788,6 +788,8 @@ class _Pool:
             finally:
                 del mine
             with self._cv:
+                if self._closed:  # the step has ended (it failed): nothing waits for this call
+                    return
                 heapq.heappush(self._ready, (seq, fn, values, outs))
                 self._cv.notify()
 
@@ -810,7 +812,7 @@ class _Pool:
             with self._cv:
                 while not self._ready and not self._closed:
                     self._cv.wait()
-                if not self._ready:  # closed, and nothing left to run
+                if self._closed:
                     return
                 _, fn, args, outs = heapq.heappop(self._ready)
             try:
@@ -829,7 +831,8 @@ class _Pool:
             del result, outs
 
     def close(self) -> None:
-        """Drop the calls not started (after a failure nothing waits for them); let running ones end."""
+        """Drop the calls not started (once the step has its results, or has failed, nothing waits
+        for them); let the running ones end."""
         with self._cv:
             self._closed = True
             self._ready.clear()
