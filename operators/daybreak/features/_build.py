@@ -1,4 +1,4 @@
-"""Features: staged partitions -> a point-in-time correct feature partition, computed on Ray.
+"""Features: staged partitions -> a point-in-time correct feature partition, computed in process or on Ray.
 
 For logical date D the step reads the base events of D and of the days its windows need before
 D, and writes one row per base event of D to ``features/<name>/v=<feature-version>/date=D/``.
@@ -22,8 +22,10 @@ is read narrowly and sorted once into an index (``build_window_index``), and D's
 their windows up in it (``apply_windows``).
 
 The reads, index builds and the day's rows are plain Ray tasks (one dataflow, no barrier in the
-driver). Each task of the day's rows writes its rows, sorted, as a run; the runs are merged into
-the published files. Every task holds a bounded slice, and the history of a window of plain
+driver) or, below ``infra.compute``'s threshold and with no cluster configured, the same calls
+on a thread pool in this process (``_Tasks``): the same bytes either way. Each task of the day's
+rows writes its rows, sorted, as a run (in process: keeps it in memory); the runs are merged
+into the published files. Every task holds a bounded slice, and the history of a window of plain
 aggregates is folded per (key, time), so memory stays flat as the input grows; a window that
 needs each row's own value (last/first, rows, lag) keeps one entry per row. Before publishing,
 a target-leak check (``features.leak_check``) looks for a feature that reproduces the label.

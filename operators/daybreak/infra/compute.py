@@ -23,10 +23,28 @@ COMPUTE_ENV = "DAYBREAK_COMPUTE"  # auto (the default) | process | ray
 MIN_ROWS_ENV = "DAYBREAK_RAY_MIN_ROWS"
 THREADS_ENV = "DAYBREAK_THREADS"  # threads of the in-process path (default: the CPUs this process may use)
 # Input rows from which a step uses a local Ray when no cluster is configured. Measured with
-# benchmarks/crossover.py (flights scaled, the feature step for one day with its 8-day look-back,
-# medians of 3 interleaved rounds, in-process on 2 threads vs a local Ray already running and
-# warm, 2 shared cores):
-RAY_MIN_ROWS = 2_000_000
+#   python benchmarks/crossover.py --rows 100000 300000 1000000 --repeats 5 --pandas
+#   python benchmarks/crossover.py --rows 3000000 10000000 --repeats 3 --pandas
+# (flights scaled; the feature step for one day, its 8-day look-back being the input rows; each
+# run a fresh process, the implementations interleaved round by round, medians; in process on 2
+# threads against a local Ray already running and warm; 2 cores shared with other work, load
+# average 2-6 for the first command, 4-8 for the second), seconds (peak MB of the process tree):
+#
+#    input rows   in process   warm Ray      polars (eager)  pandas
+#       100,000   0.19 (151)   0.23 (1032)    0.11 (45)      0.23 (146)
+#       300,000   0.23 (244)   0.35 (1170)    0.20 (53)      0.37 (244)
+#     1,000,000   0.48 (285)   0.77 (1287)    0.99 (488)     1.58 (568)
+#     3,000,000   1.48 (400)   2.04 (1438)    4.65 (1294)    7.35 (1426)
+#    10,000,000   4.90 (670)   5.54 (1531)   12.37 (4217)   20.91 (4559)
+#
+# A warm Ray never beat in process on this machine, and a driver that has not started Ray yet
+# (a CLI run, an Airflow or Prefect task) pays for that first: 4.2 s at 1M rows on a quiet
+# machine (``--cold``), 15-50 s on a busy one. So the threshold is the largest size measured:
+# there in process was still faster, at less than half the memory; beyond it nothing measured
+# says in process is safe, and Ray's bounded memory per task (runs written to disk, not held)
+# and its scale-out are what is left to win. More cores favour Ray: measure there (crossover.py)
+# and set DAYBREAK_RAY_MIN_ROWS.
+RAY_MIN_ROWS = 10_000_000
 
 
 class ComputeConfigError(DaybreakError):

@@ -40,8 +40,9 @@ def prediction_zone(spec: Spec) -> str:
 
 
 class SliceScorer:
-    """A Ray Data actor: loads the model once (checking its artifacts' hash) on its first batch, then scores the
-    feature row groups it is given. A pyfunc model logged as code cannot be pickled to workers.
+    """A Ray Data actor (or, in process, a plain object called on each slice in order): loads the
+    model once (checking its artifacts' hash) on its first batch, then scores the feature row
+    groups it is given. A pyfunc model logged as code cannot be pickled to workers.
     On a cluster it may run where the driver's environment is not: the MLflow credentials come
     as an argument (`worker_env`), the store's as its filesystem (`fs`)."""
 
