@@ -231,7 +231,9 @@ def test_s3_endpoint_goes_away_and_comes_back(spec, landing: Path, ray_local, tm
     from s3 import apply_env
 
     t = tally("outage: S3 endpoint down")
-    # The outages hit stage and features; training nothing keeps each cycle short.
+    # The outages hit stage and features; training nothing keeps each cycle short. The features on
+    # Ray, whose tasks read and write S3 (a small day would stay in process).
+    monkeypatch.setenv("DAYBREAK_COMPUTE", "ray")
     spec = spec.model_copy(update={"training": spec.training.model_copy(update={"min_rows": 10**9})})
     s3 = FlakyS3()
     s3.start()
@@ -616,7 +618,8 @@ def ray_driver(address: str, spec_path: str, day: str) -> None:
     print("READY", flush=True)
     sys.stdin.readline()
     with retries_logged() as retried:
-        res = with_retry("features", build_features, spec, RunContext.create(day), Retry(attempts=3, backoff_s=2.0))
+        res = with_retry("features", build_features, spec, RunContext.create(day, ray_address=address),
+                         Retry(attempts=3, backoff_s=2.0))
     print("RESULT " + json.dumps({"result": res, "retries": retried}), flush=True)
 
 

@@ -234,13 +234,14 @@ def test_no_secret_anywhere(s3_server, landing: Path, spec, tmp_path: Path, ray_
     airflow_env = base | {"AIRFLOW_HOME": str(airflow_home), "AIRFLOW__CORE__DAGS_FOLDER": str(dags),
                           "AIRFLOW__CORE__LOAD_EXAMPLES": "False", "DAYBREAK_HOME": str(home),
                           "DAYBREAK_TEST_SPEC": str(spec_file), "DAYBREAK_TEST_STORE": store,
-                          "DAYBREAK_TEST_SERVE_URL": serve_url, "RAY_TMPDIR": str(ray_dirs["airflow"])}
+                          "DAYBREAK_TEST_SERVE_URL": serve_url, "RAY_TMPDIR": str(ray_dirs["airflow"]),
+                          "DAYBREAK_COMPUTE": "ray"}  # small days would stay in process: Ray's logs are scanned
     cli_env = base | {"DAYBREAK_HOME": str(home), "DAYBREAK_STORE": store, "MLFLOW_TRACKING_URI": url,
                       "MLFLOW_TRACKING_USERNAME": "admin", "MLFLOW_TRACKING_PASSWORD": password,
                       "AWS_ACCESS_KEY_ID": access_key, "AWS_SECRET_ACCESS_KEY": secret["S3 secret key"],
                       "AWS_SESSION_TOKEN": secret["S3 session token"], "AWS_REGION": "us-east-1",
                       "DAYBREAK_S3_ENDPOINT_URL": s3_server.endpoint, "DAYBREAK_SERVE_URL": serve_url,
-                      "RAY_TMPDIR": str(ray_dirs["cli"])}
+                      "RAY_TMPDIR": str(ray_dirs["cli"]), "DAYBREAK_COMPUTE": "ray"}
     assert not any(v in json.dumps(airflow_env) for v in secret.values())
 
     def cli_run(day: str) -> subprocess.Popen:

@@ -1,4 +1,4 @@
-"""Features: staged partitions -> a point-in-time correct feature partition, computed on Ray.
+"""Features: staged partitions -> a point-in-time correct feature partition, computed in process or on Ray.
 
 For logical date D the step reads the base events of D and of the days its windows need before
 D, and writes one row per base event of D to ``features/<name>/v=<feature-version>/date=D/``.
@@ -22,8 +22,10 @@ is read narrowly and sorted once into an index (``build_window_index``), and D's
 their windows up in it (``apply_windows``).
 
 The reads, index builds and the day's rows are plain Ray tasks (one dataflow, no barrier in the
-driver). Each task of the day's rows writes its rows, sorted, as a run; the runs are merged into
-the published files. Every task holds a bounded slice, and the history of a window of plain
+driver) or, below ``infra.compute``'s threshold and with no cluster configured, the same calls
+on a thread pool in this process (``_Tasks``): the same bytes either way. Each task of the day's
+rows writes its rows, sorted, as a run (in process: keeps it in memory); the runs are merged
+into the published files. Every task holds a bounded slice, and the history of a window of plain
 aggregates is folded per (key, time), so memory stays flat as the input grows; a window that
 needs each row's own value (last/first, rows, lag) keeps one entry per row. Before publishing,
 a target-leak check (``features.leak_check``) looks for a feature that reproduces the label.
@@ -32,10 +34,15 @@ a target-leak check (``features.leak_check``) looks for a feature that reproduce
 from __future__ import annotations
 
 import hashlib
+import heapq
+import itertools
 import json
 import logging
 import math
-from collections.abc import Sequence
+import sys
+import threading
+from collections.abc import Iterator, Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass
 from datetime import date, timedelta
 from typing import TYPE_CHECKING, Any, TypedDict
@@ -45,7 +52,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from daybreak.infra.compute import ensure_ray
+from daybreak.infra.compute import choose_compute, ensure_ray, process_threads
 from daybreak.infra.context import RunContext
 from daybreak.infra.errors import ContractError, MissingInputError
 from daybreak.infra.store import ROW_GROUP_ROWS
@@ -190,7 +197,7 @@ def window_inputs(batch: pa.Table, f: FeatureSpec, i: int, ordinal: int = 0) -> 
     if len(rows):
         span = int(k.max()) - int(k.min()) + 1
         radix = math.prod(max(1, len(d)) for d in dictionaries)
-        order = (np.argsort(codes * span + (k - k.min()), kind="stable") if radix * span < 2**62
+        order = (_stable_argsort(codes * span + (k - k.min()), radix * span) if radix * span < 2**62
                  else np.lexsort((k, codes)))
     else:
         order = np.arange(0)
@@ -198,6 +205,17 @@ def window_inputs(batch: pa.Table, f: FeatureSpec, i: int, ordinal: int = 0) -> 
     starts = _run_starts(codes, k)
     return pa.table({**keys(order, starts), "__k": pa.array(k[starts], pa.int64()),
                      **_fold(starts, np.ones(len(k), np.int64), v[order], w.aggs)})
+
+
+def _stable_argsort(key: np.ndarray, bound: int) -> np.ndarray:
+    """``np.argsort(key, kind="stable")`` for keys in [0, bound): with room in an int64, each key
+    carries its position in its low bits, so the keys are distinct and a plain sort of the values
+    (several times faster than a stable argsort) gives the same permutation."""
+    shift = max(1, (len(key) - 1).bit_length())
+    if bound >= 1 << (63 - shift):
+        return np.argsort(key, kind="stable")
+    packed = np.sort((key.astype(np.int64) << shift) | np.arange(len(key), dtype=np.int64))
+    return packed & ((1 << shift) - 1)
 
 
 def _run_starts(*columns: np.ndarray) -> np.ndarray:
@@ -371,12 +389,10 @@ def _running_sum(v: np.ndarray) -> np.ndarray:
 
 def apply_windows(batch: pa.Table, f: FeatureSpec, indexes: list[Any]) -> pa.Table:
     """Each window's features for each event of `batch` (``_window_features``)."""
-    import ray
-
     t = _ts_us(batch.column(EVENT_TIME))
     event_ok = batch.column(EVENT_TIME).is_valid().to_numpy(zero_copy_only=False)
     for i, w in enumerate(f.windows):
-        idx = ray.get(indexes[i]) if isinstance(indexes[i], ray.ObjectRef) else indexes[i]
+        idx = _resolve(indexes[i])
         for name, values in zip(window_feature_names(w), _window_features(batch, w, idx, t, event_ok), strict=True):
             # no value (an empty window, a missing lag) is null, so coalesce() in a derived
             # column or the label sees it as missing
@@ -394,7 +410,7 @@ def _window_features(batch: pa.Table, w: WindowAgg, idx: dict[str, Any], t: np.n
     # Needles in sorted order keep the binary searches in cache. Packed (key, time - span)
     # orders like (key, time), so one order serves every span of the window.
     needles = _before(idx, q, tt)
-    order = np.argsort(needles, kind="stable")
+    order = np.argsort(needles)  # any order that sorts them: it only keeps the searches in cache
     hi = np.where(ok, _search(comp, needles, order), 0)
 
     def after(span: timedelta) -> np.ndarray:
@@ -602,9 +618,7 @@ def asof_join(batch: pa.Table, index: dict[str, Any], by: list[str], tolerance_u
     """Attach, per event, the joined row with equal `by` values, time in [t - tolerance, t] and
     known by t (``_known_by``) with the latest time, then the last in input order; null columns
     when none (or when the event has no time)."""
-    import ray
-
-    idx = ray.get(index) if isinstance(index, ray.ObjectRef) else index
+    idx = _resolve(index)
     t = _ts_us(batch.column(EVENT_TIME))
     q, ok = _query_codes(idx, batch, by, batch.column(EVENT_TIME).is_valid().to_numpy(zero_copy_only=False))
     tt = np.where(ok, t, 0)
@@ -695,43 +709,154 @@ def day_rows(items: pa.Table, f: FeatureSpec, fs: Any, task: str, joins: list[tu
 
 
 def day_run(items: pa.Table, f: FeatureSpec, fs: Any, task: str, joins: list[tuple[str, dict[str, Any]]],
-            path: str, *tables_and_indexes: Any) -> dict[str, Any]:
+            path: str | None, *tables_and_indexes: Any) -> dict[str, Any]:
     """Compute one slice's rows (``day_rows``), sort them, and write them to `path`: a sorted run
-    for ``merge_runs``. Only a summary travels back: the rows never enter the object store."""
+    for ``merge_runs``. Only a summary travels back: the rows never enter the object store.
+    In process (`path` None) the run stays in memory (``table``), and is merged the same way."""
     import pyarrow.parquet as pq
 
     t = day_rows(items, f, fs, task, joins, *tables_and_indexes)
     t = t.sort_by([(c, "ascending") for c in [EVENT_TIME, *f.keys]])
+    out = {"path": path, "rows": t.num_rows, "schema": t.schema,
+           "keys": {k: pc.unique(t.column(k)).drop_null() for k in f.keys}}
+    if path is None:
+        return out | {"table": t}
     pq.write_table(t, path, filesystem=fs, row_group_size=MERGE_ROWS, compression="lz4")
-    return {"path": path, "rows": t.num_rows, "schema": t.schema,
-            "keys": {k: pc.unique(t.column(k)).drop_null() for k in f.keys}}
+    return out
 
 
 def _on_node(fn: Any, items: list[dict[str, Any]], *args: Any) -> tuple[Any, str]:
     """Run a per-slice function in a Ray task; also say which node ran it."""
     import ray
 
-    node = ray.get_runtime_context().get_node_id() if ray.is_initialized() else "in-process"
-    return fn(pa.Table.from_pylist(items), *args), node
+    return fn(pa.Table.from_pylist(items), *args), ray.get_runtime_context().get_node_id()
+
+
+def _here(fn: Any, items: list[dict[str, Any]], *args: Any) -> tuple[Any, str]:
+    """``_on_node`` in this process (no Ray to ask)."""
+    return fn(pa.Table.from_pylist(items), *args), IN_PROCESS
+
+
+IN_PROCESS = "in-process"
+
+
+def _resolve(value: Any) -> Any:
+    """An object ref's value (an argument nested where Ray does not resolve it); else `value`.
+    Without importing Ray when it is not loaded: then nothing is a ref."""
+    ray = sys.modules.get("ray")
+    if ray is not None and isinstance(value, ray.ObjectRef):
+        return ray.get(value)
+    return value
+
+
+class _Pool:
+    """A few threads running calls whose arguments may be the futures of earlier calls.
+
+    A call is queued only once every future among its arguments is done (its values are passed
+    in their place), so a thread never waits for another call and a bounded pool cannot
+    deadlock. The queue is ordered by submission: of the calls ready, the earliest runs first,
+    so a window's folds and index run as soon as their reads are done, before later reads (as
+    Ray's scheduler does, what waits is bounded). The calls are pure functions of their
+    arguments: which thread runs them, and when, changes nothing in what they return.
+    """
+
+    def __init__(self, threads: int) -> None:
+        self._ready: list[tuple[int, Any, tuple[Any, ...], list[Future[Any]]]] = []
+        self._cv = threading.Condition()
+        self._seq = itertools.count()
+        self._closed = False
+        self._threads = [threading.Thread(target=self._work, name=f"daybreak-features-{i}", daemon=True)
+                         for i in range(threads)]
+        for t in self._threads:
+            t.start()
+
+    def submit(self, fn: Any, args: tuple[Any, ...], num_returns: int) -> list[Future[Any]]:
+        outs: list[Future[Any]] = [Future() for _ in range(num_returns)]
+        seq = next(self._seq)
+        deps = {id(a): a for a in args if isinstance(a, Future)}
+        # The arguments are let go once queued: a done future is kept by its callbacks, and would
+        # otherwise keep every other input of this call (and their values) as long as it lives.
+        pending: dict[str, Any] = {"args": args, "left": len(deps)}
+        lock = threading.Lock()
+
+        def queue() -> None:
+            mine = pending.pop("args")
+            try:
+                values = tuple(a.result() if isinstance(a, Future) else a for a in mine)
+            except BaseException as e:  # an input failed: so does this call, without running
+                for o in outs:
+                    o.set_exception(e)
+                return
+            finally:
+                del mine
+            with self._cv:
+                if self._closed:  # the step has ended (it failed): nothing waits for this call
+                    return
+                heapq.heappush(self._ready, (seq, fn, values, outs))
+                self._cv.notify()
+
+        def one_done(_: Future[Any]) -> None:
+            with lock:
+                pending["left"] -= 1
+                last = pending["left"] == 0
+            if last:
+                queue()
+
+        if not deps:
+            queue()
+        for d in deps.values():
+            d.add_done_callback(one_done)
+        del args, deps
+        return outs
+
+    def _work(self) -> None:
+        while True:
+            with self._cv:
+                while not self._ready and not self._closed:
+                    self._cv.wait()
+                if self._closed:
+                    return
+                _, fn, args, outs = heapq.heappop(self._ready)
+            try:
+                result = fn(*args)
+            except BaseException as e:
+                for o in outs:
+                    o.set_exception(e)
+                continue
+            finally:
+                del args
+            if len(outs) == 1:
+                outs[0].set_result(result)
+            else:
+                for o, r in zip(outs, result, strict=True):
+                    o.set_result(r)
+            del result, outs
+
+    def close(self) -> None:
+        """Drop the calls not started (once the step has its results, or has failed, nothing waits
+        for them); let the running ones end."""
+        with self._cv:
+            self._closed = True
+            self._ready.clear()
+            self._cv.notify_all()
+        for t in self._threads:
+            t.join()
 
 
 class _Tasks:
-    """Where the step's dataflow runs: Ray tasks, or (`in_process`) plain calls in this process,
-    the same functions on the same arguments in the same order. In-process serves tests that
-    patch a helper of this module (a Ray worker would not see the patch) and small inputs."""
+    """Where the step's dataflow runs: Ray tasks, or (`in_process`) the same functions on the
+    same arguments in this process: on a pool of `threads` (pyarrow and numpy release the GIL),
+    or, with one thread, as plain calls in submission order. The slicing never depends on
+    where it runs, so each call returns the same thing everywhere, and the output is the same
+    bytes. Plain calls also serve tests that patch a helper of this module (a Ray worker would
+    not see the patch)."""
 
-    def __init__(self, in_process: bool, address: str | None) -> None:
+    def __init__(self, in_process: bool, address: str | None, threads: int = 1) -> None:
         self.in_process = in_process
         self._remote: dict[tuple[Any, int, bool], Any] = {}
+        self._pool = _Pool(threads) if in_process and threads > 1 else None
         if not in_process:
             ensure_ray(address)
-
-    def cpus(self) -> int:
-        if self.in_process:
-            return 1
-        import ray
-
-        return max(1, int(ray.cluster_resources().get("CPU", 1)))
 
     def put(self, value: Any) -> Any:
         if self.in_process:
@@ -741,9 +866,13 @@ class _Tasks:
         return ray.put(value)
 
     def call(self, fn: Any, *args: Any, num_returns: int = 1, spread: bool = False) -> Any:
-        """fn(*args) now (in process), or as a Ray task (its object refs)."""
+        """fn(*args) now (plain calls), as a future (on the pool), or as a Ray task (its object refs)."""
         if self.in_process:
-            return fn(*args)
+            fn = _here if fn is _on_node else fn
+            if self._pool is None:
+                return fn(*args)
+            outs = self._pool.submit(fn, args, num_returns)
+            return outs[0] if num_returns == 1 else outs
         key = (fn, num_returns, spread)
         if key not in self._remote:
             import ray
@@ -755,19 +884,35 @@ class _Tasks:
         return self._remote[key].remote(*args)
 
     def get(self, refs: Any) -> Any:
-        if self.in_process:
-            return refs
-        import ray
+        if not self.in_process:
+            import ray
 
-        return ray.get(refs)
+            return ray.get(refs)
+        if isinstance(refs, list):
+            return [r.result() if isinstance(r, Future) else r for r in refs]
+        return refs.result() if isinstance(refs, Future) else refs
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.close()
 
 
 # --- the step ----------------------------------------------------------------------------
 
-def _staged_files(ctx: RunContext, source: str, days: list[date]) -> tuple[list[str], dict[str, str], list[str]]:
+def _staged_files(ctx: RunContext, source: str, days: list[date], seen: dict[tuple[str, date], Any] | None = None,
+                  ) -> tuple[list[str], dict[str, str], list[str]]:
+    """The staged files of `source` for `days`, their content hashes by day, and the days not
+    staged. `seen` keeps the partitions looked up (each is a manifest read), for the next call."""
     files, hashes, missing = [], {}, []
     for d in days:
-        part = ctx.store.partition(f"staged/{source}", d)
+        if seen is None or (source, d) not in seen:
+            found = ctx.store.partition(f"staged/{source}", d)
+            if seen is None:
+                part = found
+            else:
+                part = seen[(source, d)] = found
+        else:
+            part = seen[(source, d)]
         if part is None:
             missing.append(d.isoformat())
             continue
@@ -776,11 +921,13 @@ def _staged_files(ctx: RunContext, source: str, days: list[date]) -> tuple[list[
     return files, hashes, missing
 
 
-def _read_table(files: list[str], fs: Any) -> pa.Table:
+def _read_table(files: list[str], fs: Any, columns: list[str] | None = None) -> pa.Table:
+    """The files' rows (`columns` only, if given), in order."""
     import pyarrow.parquet as pq
 
     # By name: a source's days may list its columns in another order (its contract reordered in the spec).
-    return pa.concat_tables([pq.read_table(p, filesystem=fs) for p in files], promote_options="default")
+    return pa.concat_tables([pq.ParquetFile(fs.open_input_file(p)).read(columns=columns) for p in files],
+                            promote_options="default")
 
 
 @dataclass
@@ -795,6 +942,7 @@ class _Inputs:
     lineage: dict[str, Any]
     lineage_key: str
     today_files: list[str]
+    parts: dict[tuple[str, date], Any]  # the staged partitions looked up, by (source, day)
 
 
 def _days_back(day: date, n: int) -> list[date]:
@@ -809,7 +957,8 @@ def _inputs(spec: Spec, ctx: RunContext) -> _Inputs:
     today_part = ctx.store.partition(f"staged/{f.base}", day)
     if today_part is None:
         raise MissingInputError(f"features: no staged partition of {f.base!r} for {day}; run the stage step first")
-    base_files, base_hashes, missing = _staged_files(ctx, f.base, _days_back(day, f.lookback_days()))
+    seen: dict[tuple[str, date], Any] = {}
+    base_files, base_hashes, missing = _staged_files(ctx, f.base, _days_back(day, f.lookback_days()), seen)
     missing = [d for d in missing if spec.expects(date.fromisoformat(d), f.base)]  # a day with no drop is no gap
     hashes: dict[str, dict[str, str]] = {f.base: base_hashes}
 
@@ -819,7 +968,7 @@ def _inputs(spec: Spec, ctx: RunContext) -> _Inputs:
     missing_sources = {f.base: missing} if missing else {}
     window_files: dict[str, list[str]] = {}
     for source in sorted({f.window_source(w) for w in f.windows} - {f.base}):
-        fl, hs, gone = _staged_files(ctx, source, _days_back(day, f.lookback_days(source)))
+        fl, hs, gone = _staged_files(ctx, source, _days_back(day, f.lookback_days(source)), seen)
         window_files[source] = fl
         add(source, hs)
         gone = [d for d in gone if spec.expects(date.fromisoformat(d), source)]
@@ -827,7 +976,7 @@ def _inputs(spec: Spec, ctx: RunContext) -> _Inputs:
             missing_sources[source] = gone
     asof_files = []
     for j in f.asof:
-        fl, hs, _ = _staged_files(ctx, j.source, _days_back(day, j.lookback_days()))
+        fl, hs, _ = _staged_files(ctx, j.source, _days_back(day, j.lookback_days()), seen)
         asof_files.append(fl)
         add(j.source, hs)
     lookup_files = []
@@ -841,7 +990,7 @@ def _inputs(spec: Spec, ctx: RunContext) -> _Inputs:
     lineage = {"feature_version": spec.feature_version(), "date": day.isoformat(), "inputs": hashes}
     lineage_key = hashlib.sha256(json.dumps(lineage, sort_keys=True).encode()).hexdigest()[:16]
     return _Inputs(base_files, base_hashes, missing, missing_sources, asof_files, lookup_files, window_files,
-                   lineage, lineage_key, today_part.files)
+                   lineage, lineage_key, today_part.files, seen)
 
 
 def recorded_lineage(spec: Spec, ctx: RunContext) -> str | None:
@@ -868,12 +1017,15 @@ class FeaturesResult(TypedDict, total=False):
     missing_history_sources: dict[str, list[str]]  # every windowed source's, {source: days}
     leak_check: dict[str, Any]  # the target-leak check's outcome
     skipped: bool  # the partition was kept as is (inputs unchanged)
-    ray_nodes: list[str]  # the Ray nodes that built it (none when skipped)
+    ray_nodes: list[str]  # the Ray nodes that built it (none when skipped or built in process)
+    compute: str  # where it was built: "process" or "ray" (absent when skipped)
 
 
-def build_features(spec: Spec, ctx: RunContext, *, in_process: bool = False) -> FeaturesResult:
-    """Compute the feature partition for ``ctx.logical_date`` on Ray (or, `in_process`, the same
-    dataflow in this process: see ``_Tasks``)."""
+def build_features(spec: Spec, ctx: RunContext, *, in_process: bool | None = None) -> FeaturesResult:
+    """Compute the feature partition for ``ctx.logical_date``: in this process (`in_process`
+    True), on Ray (False), or (None) as ``infra.compute.choose_compute`` decides from the
+    configured cluster and the rows read. Either way the same dataflow (``_Tasks``), and the
+    same bytes."""
     f = spec.features
     day = ctx.logical_date
     inp = _inputs(spec, ctx)
@@ -887,16 +1039,29 @@ def build_features(spec: Spec, ctx: RunContext, *, in_process: bool = False) -> 
         log.info("features %s: inputs unchanged, keeping %s", day, current.path)
         return _result(spec, current.uri, current.manifest, skipped=True)
 
-    tasks = _Tasks(in_process, ctx.ray_address)
-    rows_in = 0
-    for d in inp.base_hashes:
-        part = ctx.store.partition(f"staged/{f.base}", date.fromisoformat(d))
-        if part is None:  # listed by _inputs a moment ago, removed since
-            raise MissingInputError(f"features: staged partition of {f.base!r} for {d} disappeared while reading")
-        rows_in += part.manifest["rows"]
-    # One read task per slice of whole row groups: about four per CPU, at most HISTORY_SLICE_ROWS
-    # rows each (what a task holds is bounded, whatever the look-back's size).
-    slice_rows = min(HISTORY_SLICE_ROWS, max(100_000, rows_in // (4 * tasks.cpus())))
+    # The rows read: the base source's look-back, and that of every other windowed source.
+    rows_in = sum(inp.parts[(source, d)].manifest["rows"]
+                  for source in (f.base, *inp.window_files)
+                  for d in _days_back(day, f.lookback_days(source)) if inp.parts.get((source, d)) is not None)
+    if in_process is None:
+        choice = choose_compute(ctx.ray_address, ctx.distributed, rows_in)
+        in_process = not choice.ray
+        log.info("features %s: %s rows, %s (%s)", day, f"{rows_in:,}", choice.where, choice.why)
+    tasks = _Tasks(in_process, ctx.ray_address, process_threads() if in_process else 1)
+    try:
+        return _build(spec, ctx, inp, tasks, lineage, lineage_key, missing, zone)
+    finally:
+        tasks.close()
+
+
+def _build(spec: Spec, ctx: RunContext, inp: _Inputs, tasks: _Tasks, lineage: dict[str, Any], lineage_key: str,
+           missing: list[str], zone: str) -> FeaturesResult:
+    f = spec.features
+    day = ctx.logical_date
+    # One read task per slice of whole row groups, at most HISTORY_SLICE_ROWS rows each (what a
+    # task holds is bounded, whatever the look-back's size). A fixed size, never the CPUs': the
+    # folds of a window's history (float sums) then group the same rows everywhere.
+    slice_rows = HISTORY_SLICE_ROWS
     # Each slice keeps its place in input order (its ordinal): per-row windows order ties by it.
     slices = {f.base: day_slices(inp.base_files, ctx.store.fs, slice_rows)}
     for source, files in inp.window_files.items():
@@ -913,7 +1078,7 @@ def build_features(spec: Spec, ctx: RunContext, *, in_process: bool = False) -> 
     for i, w in enumerate(f.windows):
         source = f.window_source(w)
         # Only the days this window needs (a 3h window reads 2 days even beside a 30d one).
-        wanted = set(_staged_files(ctx, source, _days_back(day, w.lookback_days()))[0])
+        wanted = set(_staged_files(ctx, source, _days_back(day, w.lookback_days()), inp.parts)[0])
         parts = [tasks.call(_on_node, read_window_inputs, [{"path": p, "row_groups": g, "ordinal": o}], f_ref,
                             fs_ref, i, num_returns=2, spread=True)
                  for o, (p, g) in enumerate(slices[source]) if p in wanted]
@@ -947,7 +1112,8 @@ def build_features(spec: Spec, ctx: RunContext, *, in_process: bool = False) -> 
         for i, (p, g) in enumerate(day_slices(inp.today_files, ctx.store.fs, DAY_SLICE_ROWS)):
             run, node = tasks.call(_on_node, day_run, [{"path": p, "row_groups": g}], f_ref, fs_ref,
                                    spec.model.task, [(kind, kw) for kind, _, kw in joins],
-                                   f"{runs_dir}/run-{i:05d}.parquet", *[r for _, r, _ in joins], *indexes,
+                                   None if tasks.in_process else f"{runs_dir}/run-{i:05d}.parquet",
+                                   *[r for _, r, _ in joins], *indexes,
                                    num_returns=2, spread=True)
             runs.append(run)
             run_nodes.append(node)
@@ -964,8 +1130,11 @@ def build_features(spec: Spec, ctx: RunContext, *, in_process: bool = False) -> 
     except BaseException:
         ctx.store.abort(pending)
         raise
+    if tasks.in_process:
+        log.info("features %s: %d rows -> %s (in process)", day, part.manifest["rows"], part.uri)
+        return _result(spec, part.uri, part.manifest, skipped=False) | {"compute": "process"}
     log.info("features %s: %d rows -> %s (on %d Ray node(s))", day, part.manifest["rows"], part.uri, len(nodes))
-    return _result(spec, part.uri, part.manifest, skipped=False) | {"ray_nodes": sorted(nodes)}
+    return _result(spec, part.uri, part.manifest, skipped=False) | {"ray_nodes": sorted(nodes), "compute": "ray"}
 
 
 def _empty(spec: Spec, source: str) -> pa.Table:
@@ -989,6 +1158,8 @@ LEAK_MIN_ROWS = 500
 """Rows (with the feature and the label) the leak check needs before it judges a feature."""
 LEAK_MIN_CLASS_ROWS = 50
 """Classification: rows of each class it needs."""
+LEAK_READ_ONCE_ROWS = 2 * ROW_GROUP_ROWS
+"""Days up to this many rows are read for the check at once, larger ones a column at a time."""
 LEAK_EQUAL_SHARE = 0.99
 """Regression: a feature equal to the label on this share of rows reproduces it..."""
 LEAK_MIN_ABS_R = 0.9999
@@ -1085,14 +1256,20 @@ def leak_check(spec: Spec, files: list[str], fs: Any) -> dict[str, Any]:
     if mode == "off":
         return {"mode": "off"}
     def read(columns: list[str]) -> pa.Table:
-        return pa.concat_tables([pq.read_table(p, filesystem=fs, columns=columns) for p in files])
+        return _read_table(files, fs, columns)
 
-    label = read([f.label.name]) if files else pa.table({f.label.name: pa.array([], pa.float64())})
-    suspects: dict[str, str] = {}
     skipped = set(f.categorical_names()) | past_values(f)
-    for name in f.feature_names():  # one column at a time: memory is two columns of the day
-        if name not in skipped and label.num_rows:
-            suspects |= leak_suspects(label.append_column(name, read([name]).column(name)), f, spec.model.task)
+    checked = [n for n in f.feature_names() if n not in skipped]
+    rows = sum(pq.ParquetFile(fs.open_input_file(p)).metadata.num_rows for p in files)
+    # A small day is read once; a large one a column at a time (memory: two columns of the day).
+    whole = read([f.label.name, *checked]) if files and rows <= LEAK_READ_ONCE_ROWS else None
+    label = (whole.select([f.label.name]) if whole is not None else read([f.label.name]) if files
+             else pa.table({f.label.name: pa.array([], pa.float64())}))
+    suspects: dict[str, str] = {}
+    for name in checked:
+        if label.num_rows:
+            column = whole.column(name) if whole is not None else read([name]).column(name)
+            suspects |= leak_suspects(label.append_column(name, column), f, spec.model.task)
     if suspects:
         detail = "; ".join(f"{n!r} {why}" for n, why in suspects.items())
         msg = (f"features {spec.features.name}: target leak suspected: {detail}. The feature(s) reproduce the "
@@ -1183,12 +1360,16 @@ class PartWriter:
 
 
 def write_sorted(ds: Any, fs: Any, folder: str) -> int:
-    """Stream a sorted Ray dataset into part files (``PartWriter``), in dataset order.
+    """Stream a sorted Ray dataset (or a table) into part files (``PartWriter``), in order.
 
     Ray's own writer may concatenate blocks out of order within a file. Memory is a few
     batches, not the partition.
     """
     out = PartWriter(fs, folder)
+    if isinstance(ds, pa.Table):
+        for batch in ds.to_batches(max_chunksize=ROW_GROUP_ROWS):
+            out.add(pa.Table.from_batches([batch]))
+        return out.close(ds.schema)
     try:
         for batch in ds.iter_batches(batch_size=ROW_GROUP_ROWS, batch_format="pyarrow"):
             out.add(batch)
@@ -1233,7 +1414,15 @@ def merge_runs(runs: list[dict[str, Any]], keys: list[str], fs: Any, folder: str
         return np.stack(cols) if cols else np.zeros((0, t.num_rows), np.int64)
 
     per_run = max(1024, MERGE_POOL_ROWS // max(1, len(runs)))
-    batches = [pq.ParquetFile(fs.open_input_file(r["path"])).iter_batches(per_run) for r in runs]
+
+    def batches_of(run: dict[str, Any]) -> Iterator[pa.RecordBatch | pa.Table]:
+        """A run's rows `per_run` at a time (the last batch shorter), from its file or its table."""
+        if "table" not in run:
+            return pq.ParquetFile(fs.open_input_file(run["path"])).iter_batches(per_run)
+        t = run.pop("table")  # held here only: each batch let go once merged
+        return (t.slice(i, per_run) for i in range(0, t.num_rows, per_run))
+
+    batches = [batches_of(r) for r in runs]
     buffers: dict[int, tuple[pa.Table, np.ndarray]] = {}  # run -> its rows read, not yet written
     frontier: dict[int, tuple[int, ...]] = {}  # run -> key of the last row read from it
 
@@ -1244,7 +1433,7 @@ def merge_runs(runs: list[dict[str, Any]], keys: list[str], fs: Any, folder: str
         if b is None:
             frontier.pop(i, None)
             return
-        t, kc = pa.Table.from_batches([b]), coded(b)
+        t, kc = (b if isinstance(b, pa.Table) else pa.Table.from_batches([b])), coded(b)
         if i in buffers:
             t, kc = pa.concat_tables([buffers[i][0], t]), np.concatenate([buffers[i][1], kc], axis=1)
         buffers[i], frontier[i] = (t, kc), tuple(kc[:, -1])

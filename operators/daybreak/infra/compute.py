@@ -1,4 +1,9 @@
-"""Ray: a local instance by default, an existing cluster when ``RAY_ADDRESS`` (or an address) is given."""
+"""Where the steps compute: in this process, or on Ray (a local instance, or an existing cluster
+when ``RAY_ADDRESS`` or an address is given).
+
+``use_ray`` decides, for the feature step and batch scoring: Ray when there is a cluster to use,
+or when the data is large enough to pay for Ray's fixed costs; in process otherwise.
+"""
 
 from __future__ import annotations
 
@@ -7,8 +12,113 @@ import os
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
+
+from daybreak.infra.cluster import remote_target
+from daybreak.infra.errors import DaybreakError
 
 log = logging.getLogger(__name__)
+
+COMPUTE_ENV = "DAYBREAK_COMPUTE"  # auto (the default) | process | ray
+MIN_ROWS_ENV = "DAYBREAK_RAY_MIN_ROWS"
+THREADS_ENV = "DAYBREAK_THREADS"  # threads of the in-process path (default: the CPUs this process may use)
+# Input rows from which a step uses a local Ray when no cluster is configured. Measured with
+#   python benchmarks/crossover.py --rows 100000 300000 1000000 --repeats 5 --pandas
+#   python benchmarks/crossover.py --rows 3000000 10000000 --repeats 3 --pandas
+# (flights scaled; the feature step for one day, its 8-day look-back being the input rows; each
+# run a fresh process, the implementations interleaved round by round, medians; in process on 2
+# threads against a local Ray already running and warm; 2 cores shared with other work, load
+# average 2-6 for the first command, 4-8 for the second), seconds (peak MB of the process tree):
+#
+#    input rows   in process   warm Ray      polars (eager)  pandas
+#       100,000   0.19 (151)   0.23 (1032)    0.11 (45)      0.23 (146)
+#       300,000   0.23 (244)   0.35 (1170)    0.20 (53)      0.37 (244)
+#     1,000,000   0.48 (285)   0.77 (1287)    0.99 (488)     1.58 (568)
+#     3,000,000   1.48 (400)   2.04 (1438)    4.65 (1294)    7.35 (1426)
+#    10,000,000   4.90 (670)   5.54 (1531)   12.37 (4217)   20.91 (4559)
+#
+# A warm Ray never beat in process on this machine, and a driver that has not started Ray yet
+# (a CLI run, an Airflow or Prefect task) pays for that first: 4.2 s at 1M rows on a quiet
+# machine (``--cold``), 15-50 s on a busy one. So the threshold is the largest size measured:
+# there in process was still faster, at less than half the memory; beyond it nothing measured
+# says in process is safe, and Ray's bounded memory per task (runs written to disk, not held)
+# and its scale-out are what is left to win. More cores favour Ray: measure there (crossover.py)
+# and set DAYBREAK_RAY_MIN_ROWS.
+RAY_MIN_ROWS = 10_000_000
+
+
+class ComputeConfigError(DaybreakError):
+    """DAYBREAK_COMPUTE or DAYBREAK_RAY_MIN_ROWS holds a value that means nothing."""
+
+
+@dataclass(frozen=True)
+class ComputeChoice:
+    """Whether a step uses Ray, and why in words (for its log line)."""
+
+    ray: bool
+    why: str
+
+    @property
+    def where(self) -> str:
+        return "on Ray" if self.ray else "in process"
+
+
+def ray_min_rows() -> int:
+    raw = os.environ.get(MIN_ROWS_ENV, "").strip().replace("_", "")
+    if not raw:
+        return RAY_MIN_ROWS
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ComputeConfigError(f"{MIN_ROWS_ENV}={raw!r}: expected a number of rows") from None
+    if value < 0:
+        raise ComputeConfigError(f"{MIN_ROWS_ENV}={raw!r}: expected a number of rows >= 0")
+    return value
+
+
+def choose_compute(ray_address: str | None, distributed: str | None, rows: int) -> ComputeChoice:
+    """Ray or in process for a step reading `rows` input rows.
+
+    ``DAYBREAK_COMPUTE=process`` or ``ray`` decides; with ``auto`` (the default), Ray when a
+    cluster is configured (`ray_address` or ``RAY_ADDRESS`` other than "local", or an
+    orchestrator that runs tasks on several machines: `distributed`), or when `rows` reach
+    ``DAYBREAK_RAY_MIN_ROWS`` (default ``RAY_MIN_ROWS``); else in this process, where Ray's
+    fixed costs (tens of seconds to start it, then a few hundred ms per step) would outweigh
+    what it saves.
+    """
+    mode = (os.environ.get(COMPUTE_ENV) or "auto").strip().lower()
+    if mode == "process":
+        return ComputeChoice(False, f"{COMPUTE_ENV}=process")
+    if mode == "ray":
+        return ComputeChoice(True, f"{COMPUTE_ENV}=ray")
+    if mode != "auto":
+        raise ComputeConfigError(f"{COMPUTE_ENV}={mode!r}: expected auto, process or ray")
+    target = remote_target(ray_address or os.environ.get("RAY_ADDRESS"), distributed)
+    if target is not None:
+        return ComputeChoice(True, f"{target} is configured; {COMPUTE_ENV}=process to compute here")
+    limit = ray_min_rows()
+    if rows >= limit:
+        return ComputeChoice(True, f"at least {limit:,}; {COMPUTE_ENV}=process to force in process")
+    return ComputeChoice(False, f"below {limit:,}; {COMPUTE_ENV}=ray to force Ray")
+
+
+def use_ray(ray_address: str | None, distributed: str | None, rows: int) -> bool:
+    """``choose_compute(...).ray``."""
+    return choose_compute(ray_address, distributed, rows).ray
+
+
+def process_threads() -> int:
+    """Threads for the in-process path: ``DAYBREAK_THREADS``, else the CPUs this process may use."""
+    raw = os.environ.get(THREADS_ENV, "").strip()
+    if raw:
+        try:
+            return max(1, int(raw))
+        except ValueError:
+            raise ComputeConfigError(f"{THREADS_ENV}={raw!r}: expected a number of threads") from None
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not on Linux
+        return max(1, os.cpu_count() or 1)
 
 
 def ensure_ray(address: str | None = None) -> None:

@@ -1,4 +1,4 @@
-"""Batch scoring: the champion scores a date's feature partition on Ray.
+"""Batch scoring: the champion scores a date's feature partition, in process or on Ray.
 
 Writes ``predictions/<model>/date=D/`` with one row per feature row: the row's keys and event
 time, the prediction, a confidence (classification: the probability of the predicted class;
@@ -23,12 +23,16 @@ import pyarrow as pa
 
 from daybreak.features import EVENT_TIME, feature_zone
 from daybreak.infra import registry
-from daybreak.infra.compute import WorkerEnv, ensure_ray
+from daybreak.infra.compute import WorkerEnv, choose_compute, ensure_ray
 from daybreak.infra.context import RunContext
 from daybreak.infra.errors import MissingInputError
+from daybreak.infra.store import ROW_GROUP_ROWS
 from daybreak.spec import Spec
 
 log = logging.getLogger(__name__)
+
+
+SCORE_SLICE_ROWS = ROW_GROUP_ROWS  # feature rows per scoring call (whole row groups of the partition)
 
 
 def prediction_zone(spec: Spec) -> str:
@@ -36,8 +40,9 @@ def prediction_zone(spec: Spec) -> str:
 
 
 class SliceScorer:
-    """A Ray Data actor: loads the model once (checking its artifacts' hash) on its first batch, then scores the
-    feature row groups it is given. A pyfunc model logged as code cannot be pickled to workers.
+    """A Ray Data actor (or, in process, a plain object called on each slice in order): loads the
+    model once (checking its artifacts' hash) on its first batch, then scores the feature row
+    groups it is given. A pyfunc model logged as code cannot be pickled to workers.
     On a cluster it may run where the driver's environment is not: the MLflow credentials come
     as an argument (`worker_env`), the store's as its filesystem (`fs`)."""
 
@@ -105,13 +110,14 @@ class ScoreResult(TypedDict, total=False):
     skipped: bool  # the partition was kept as is (this version already scored these features)
 
 
-def batch_score(spec: Spec, ctx: RunContext, champion_date: bool = False) -> ScoreResult:
+def batch_score(spec: Spec, ctx: RunContext, champion_date: bool = False, *,
+                in_process: bool | None = None) -> ScoreResult:
     """Score the logical date's features with the champion; publish the predictions.
 
     ``champion_date``: score the date the champion was trained for instead (a run that has no date
-    of its own, e.g. one triggered by a promotion)."""
-    import ray
-
+    of its own, e.g. one triggered by a promotion). `in_process`: score in this process (True),
+    on Ray (False), or (None) as ``infra.compute.choose_compute`` decides from the configured
+    cluster and the feature rows; the same scorer on the same slices either way, the same bytes."""
     from daybreak.features import day_slices, write_sorted
     from daybreak.infra.context import parse_date
 
@@ -134,23 +140,46 @@ def batch_score(spec: Spec, ctx: RunContext, champion_date: bool = False) -> Sco
     if current is not None and current.manifest.get("lineage_key") == key:
         log.info("batch_score %s: v%s already scored these features; keeping %s", day, version, current.uri)
         return base | {"uri": current.uri, "rows": current.manifest["rows"], "skipped": True}
-    ensure_ray(ctx.ray_address)
-    cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
-    slices = day_slices(part.files, ctx.store.fs, max(1, part.manifest["rows"] // (4 * cpus)))
+    rows_in = part.manifest["rows"]
+    if in_process is None:
+        choice = choose_compute(ctx.ray_address, ctx.distributed, rows_in)
+        in_process = not choice.ray
+        log.info("batch_score %s: %s rows, %s (%s)", day, f"{rows_in:,}", choice.where, choice.why)
+    # Slices of a fixed size (whole row groups), never the CPUs': the same slices everywhere.
+    slices = day_slices(part.files, ctx.store.fs, SCORE_SLICE_ROWS)
     scored_at = datetime.now(UTC).isoformat(timespec="seconds")
-    ds: ray.data.Dataset = ray.data.from_items([{"path": p, "row_groups": g} for p, g in slices],
-                                               override_num_blocks=len(slices))
-    ds = ds.map_batches(SliceScorer, fn_constructor_kwargs={"spec": spec, "tracking_uri": ctx.tracking_uri,
-                                                            "version": version, "fs": ctx.store.fs,
-                                                            "scored_at": scored_at, "run_id": ctx.run_id,
-                                                            "worker_env": WorkerEnv.capture()},
-                        concurrency=(1, min(cpus, len(slices))), batch_size=1, batch_format="pyarrow")
-    ds = ds.sort([EVENT_TIME, *spec.features.keys])  # the features' own order: same rows, same file
+    scorer_kwargs = {"spec": spec, "tracking_uri": ctx.tracking_uri, "version": version, "fs": ctx.store.fs,
+                     "scored_at": scored_at, "run_id": ctx.run_id}
+    sort_keys = [EVENT_TIME, *spec.features.keys]  # the features' own order: same rows, same file
+    if in_process:
+        # The same scorer on the same slices, in order; then the stable sort Ray's gives (each
+        # block sorted, then merged in block order: ties keep the input order; nulls last).
+        scorer = SliceScorer(**scorer_kwargs)
+        scored = [scorer(pa.Table.from_pylist([{"path": p, "row_groups": g}])) for p, g in slices]
+        out: Any = pa.concat_tables(scored).sort_by([(c, "ascending") for c in sort_keys])
+        del scored
+    else:
+        out = _score_on_ray(ctx, slices, scorer_kwargs, sort_keys)
 
     def write(fs: Any, folder: str) -> dict[str, Any]:
-        rows = write_sorted(ds, fs, folder)
+        rows = write_sorted(out, fs, folder)
         return {**lineage, "lineage_key": key, "rows": rows, "run_id": ctx.run_id}
 
     published = ctx.store.publish(zone, day, write, run=ctx.run_id)
     log.info("batch_score %s: %d rows scored by v%s -> %s", day, published.manifest["rows"], version, published.uri)
     return base | {"uri": published.uri, "rows": published.manifest["rows"], "skipped": False}
+
+
+def _score_on_ray(ctx: RunContext, slices: list[tuple[str, list[int]]], scorer_kwargs: dict[str, Any],
+                  sort_keys: list[str]) -> Any:
+    """The slices scored by ``SliceScorer`` actors on Ray (the driver's MLflow credentials as an
+    argument), sorted: a lazy Ray dataset."""
+    import ray
+
+    ensure_ray(ctx.ray_address)
+    cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
+    ds: ray.data.Dataset = ray.data.from_items([{"path": p, "row_groups": g} for p, g in slices],
+                                               override_num_blocks=len(slices))
+    ds = ds.map_batches(SliceScorer, fn_constructor_kwargs={**scorer_kwargs, "worker_env": WorkerEnv.capture()},
+                        concurrency=(1, min(cpus, len(slices))), batch_size=1, batch_format="pyarrow")
+    return ds.sort(sort_keys)
