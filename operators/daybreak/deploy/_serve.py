@@ -102,7 +102,7 @@ from concurrent.futures.process import BrokenProcessPool, ProcessPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from functools import lru_cache, partial
-from itertools import chain, repeat
+from itertools import chain, count, repeat
 from operator import eq, itemgetter
 from typing import TYPE_CHECKING, Any, cast
 
@@ -139,6 +139,10 @@ BODY_TIMEOUT = 30.0
 MAX_CONNECTIONS = 256
 PARSE_PROCESSES = 1
 INLINE_BYTES = 64 * 2**10
+# A batch of at most this many rows, all of the fast path, on a model with a fast predict, is
+# predicted on the event loop (a few hundred microseconds): handing it to the predict thread costs
+# more than that in GIL hand-offs (the loop and the thread take turns on one interpreter lock).
+INLINE_PREDICT_ROWS = int(os.environ.get("DAYBREAK_SERVE_INLINE_PREDICT_ROWS", 256))
 # Input column types the fast path builds itself, and the JSON values it accepts for them.
 FAST_TYPES: dict[str, tuple[type, ...]] = {"double": (float, int), "string": (str,)}
 FORMATS = ("dataframe_split", "dataframe_records", "inputs")
@@ -295,11 +299,19 @@ def fast_columns(body: dict, fields: Fields, ids: frozenset[str] = frozenset()) 
             return None
     except TypeError:  # unhashable column names and the like: MLflow's parser says what is wrong
         return None
-    for name, kind, optional in fields:
-        allowed = FAST_TYPES[kind] + ((type(None),) if optional else ())
-        if not set(map(type, cols[name])).issubset(allowed):
+    for allowed, group in _type_groups(fields):  # one set per group of columns, not one per column
+        if not set(map(type, chain.from_iterable(map(cols.__getitem__, group)))).issubset(allowed):
             return None
     return cols
+
+
+@lru_cache(maxsize=16)
+def _type_groups(fields: Fields) -> tuple[tuple[frozenset[type], tuple[str, ...]], ...]:
+    """The signature's columns grouped by the JSON types their values may have."""
+    groups: dict[frozenset[type], list[str]] = {}
+    for name, kind, optional in fields:
+        groups.setdefault(frozenset(FAST_TYPES[kind] + ((type(None),) if optional else ())), []).append(name)
+    return tuple((allowed, tuple(names)) for allowed, names in groups.items())
 
 
 def batch_columns(parts: list[Columns], fields: Fields) -> dict[str, np.ndarray]:
@@ -676,6 +688,7 @@ class Batcher:
         self._idle = asyncio.Event()  # set: no batch being predicted or answered
         self._idle.set()
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="predict", initializer=_one_thread)
+        _one_thread()  # the loop's thread predicts small batches (INLINE_PREDICT_ROWS)
 
     async def pause(self) -> None:
         """Start no new batch, and return once the batch being predicted (if any) is answered.
@@ -849,7 +862,10 @@ class Batcher:
             answers = [error(503, "no champion model loaded yet")] * len(slices)
         else:
             try:
-                answers = await loop.run_in_executor(self._pool, self._predict, cur, slices)
+                if self._inline(cur, slices):
+                    answers = self._predict(cur, slices)
+                else:
+                    answers = await loop.run_in_executor(self._pool, self._predict, cur, slices)
             except Exception:  # a bug here must not stop the loop that serves everyone
                 log.exception("prediction batch failed")
                 answers = [_internal(j.request_id) for j, _, _ in slices]
@@ -862,6 +878,18 @@ class Batcher:
             if not job.future.done():  # the client may have gone
                 job.future.set_result((answer, cur.version if cur else ""))
         return last_rows, last_seconds
+
+    @staticmethod
+    def _inline(cur: Loaded, slices: list[Slice]) -> bool:
+        """Whether to predict this batch on the loop: small, all of the fast path, a fast predict."""
+        if cur.fast is None:
+            return False
+        rows = 0
+        for j, a, b in slices:
+            if j.columns is None or j.fields != cur.fields:
+                return False
+            rows += b - a
+        return rows <= INLINE_PREDICT_ROWS
 
     def _predict(self, cur: Loaded, slices: list[Slice]) -> list[Answer | None]:
         """In the predict thread: one predict over the fast-path slices, the others one by one.
@@ -984,7 +1012,17 @@ def _request_id(scope: dict) -> str:
             if 0 < len(rid) <= 128 and rid.isprintable():
                 return rid
             break
-    return uuid.uuid4().hex
+    return _new_request_id()
+
+
+_ids = count(1)
+_id_prefix = uuid.uuid4().hex[:20]
+
+
+def _new_request_id() -> str:
+    """A new request id: this process's random prefix and a counter (32 hex digits like a uuid4's,
+    without a system call per request)."""
+    return f"{_id_prefix}{next(_ids):012x}"
 
 
 def content_type(value: bytes | None) -> str | None:
@@ -1208,29 +1246,28 @@ class Invocations:
     async def read_body(self, receive: Callable, declared: int | None, counted: list[int]) -> bytes:
         """The body within `body_timeout` and `max_body_bytes`. A chunked body's bytes are counted
         in flight as they come, and in `counted` (the caller releases them). Raises Refused."""
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.lim.body_timeout
         chunks, more, size = [], True, 0
-        while more:
-            try:
-                message = await asyncio.wait_for(receive(), max(deadline - loop.time(), 0.001))
-            except TimeoutError:
-                raise Refused(408, f"the body did not arrive within {self.lim.body_timeout:g} s "
-                                   f"(DAYBREAK_SERVE_BODY_TIMEOUT)") from None
-            if message["type"] == "http.disconnect":
-                raise Refused(400, "the client went away")
-            chunk = message.get("body", b"")
-            size += len(chunk)
-            if size > self.lim.max_body_bytes:
-                raise Refused(413, _too_big(self.lim.max_body_bytes))
-            if declared is None and size > INLINE_BYTES:  # chunked: counted as it comes, once past small
-                more_bytes = size - counted[0]
-                if self.inflight + more_bytes > self.lim.max_inflight_bytes:
-                    raise Refused(503, "overloaded: too many body bytes in flight; retry shortly")
-                self.inflight += more_bytes
-                counted[0] += more_bytes
-            chunks.append(chunk)
-            more = message.get("more_body", False)
+        try:
+            async with asyncio.timeout(self.lim.body_timeout):  # one timer for the whole body, no task per read
+                while more:
+                    message = await receive()
+                    if message["type"] == "http.disconnect":
+                        raise Refused(400, "the client went away")
+                    chunk = message.get("body", b"")
+                    size += len(chunk)
+                    if size > self.lim.max_body_bytes:
+                        raise Refused(413, _too_big(self.lim.max_body_bytes))
+                    if declared is None and size > INLINE_BYTES:  # chunked: counted as it comes, once past small
+                        more_bytes = size - counted[0]
+                        if self.inflight + more_bytes > self.lim.max_inflight_bytes:
+                            raise Refused(503, "overloaded: too many body bytes in flight; retry shortly")
+                        self.inflight += more_bytes
+                        counted[0] += more_bytes
+                    chunks.append(chunk)
+                    more = message.get("more_body", False)
+        except TimeoutError:
+            raise Refused(408, f"the body did not arrive within {self.lim.body_timeout:g} s "
+                               f"(DAYBREAK_SERVE_BODY_TIMEOUT)") from None
         return b"".join(chunks)
 
     async def answer(self, scope: dict, receive: Callable, request_id: str,
