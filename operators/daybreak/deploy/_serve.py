@@ -97,7 +97,7 @@ import time
 import uuid
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Sequence
-from concurrent.futures import Executor, ThreadPoolExecutor
+from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool, ProcessPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -139,6 +139,8 @@ BODY_TIMEOUT = 30.0
 MAX_CONNECTIONS = 256
 PARSE_PROCESSES = 1
 INLINE_BYTES = 64 * 2**10
+REFRESH_TIMEOUT = 120.0
+"""``POST /refresh`` waits this long at most for the check (and the load of a new version)."""
 # A batch of at most this many rows, all of the fast path, on a model with a fast predict, is
 # predicted on the event loop (a few hundred microseconds): handing it to the predict thread costs
 # more than that in GIL hand-offs (the loop and the thread take turns on one interpreter lock).
@@ -546,8 +548,11 @@ class ModelHolder:
         self.current: Loaded | None = None
         self.last_error: str | None = None
         self._stop = threading.Event()
+        self._wake = threading.Event()  # ``check_soon``: check the alias now, not at the next poll
         self._lock = threading.Lock()
         self._client: Any = None
+        self._next: Future[bool] = Future()  # resolved when the next check to start has finished
+        self._next_lock = threading.Lock()
 
     def champion_version(self) -> str | None:
         self._client = self._client or registry.client(self.ctx)  # one client (and HTTP session) for every poll
@@ -590,18 +595,43 @@ class ModelHolder:
         if example is not None:
             model.predict(example)
 
+    def check_soon(self) -> Future[bool]:
+        """Wake the watch for a check of the alias now; the future is resolved once a check that
+        started after this call has finished (True: it succeeded). Callers that come while no
+        check has started share one: a burst of calls makes one registry lookup."""
+        with self._next_lock:
+            fut = self._next
+        self._wake.set()
+        return fut
+
     def watch(self) -> None:
-        while not self._stop.wait(self.spec.serving.poll_seconds):
-            try:
-                self.refresh()
-                self.last_error = None
-            except Exception as e:  # keep serving the current model whatever the registry does
-                self.last_error = redact(f"{type(e).__name__}: {e}")
-                log.warning("champion refresh failed, still serving %s: %s",
-                            self.current.version if self.current else None, self.last_error)
+        """Check the alias every ``poll_seconds``, or at once when ``check_soon`` wakes it."""
+        while not self._stop.is_set():
+            self._wake.wait(self.spec.serving.poll_seconds)
+            if self._stop.is_set():
+                break
+            self._wake.clear()
+            with self._next_lock:  # the check starts: calls from now on wait for the one after
+                done, self._next = self._next, Future()
+            ok = self.check()
+            if not done.done():  # (never cancelled: callers wait on it shielded)
+                done.set_result(ok)
+
+    def check(self) -> bool:
+        """One check of the alias (a new version loaded and swapped in); False if it failed."""
+        try:
+            self.refresh()
+            self.last_error = None
+            return True
+        except Exception as e:  # keep serving the current model whatever the registry does
+            self.last_error = redact(f"{type(e).__name__}: {e}")
+            log.warning("champion refresh failed, still serving %s: %s",
+                        self.current.version if self.current else None, self.last_error)
+            return False
 
     def stop(self) -> None:
         self._stop.set()
+        self._wake.set()
 
 
 @dataclass(eq=False)
@@ -1102,6 +1132,12 @@ class Hooks:
     def routes(self, api: FastAPI, app: Invocations) -> None:
         """More routes (FastAPI's)."""
 
+    async def refresh(self) -> bool | None:
+        """``POST /refresh``: check the alias now; whether the check succeeded, or None when this
+        server cannot (then /refresh answers 404 and callers wait for the poll). Replicas: their
+        coordinator polls the alias every ``serving.poll_seconds`` (``_replicas``)."""
+        return None
+
 
 def create_app(spec: Spec, ctx: RunContext, token: str | None = None, freeze_gc: bool = False,
                **limits: Any) -> Any:
@@ -1217,6 +1253,35 @@ def _status_routes(api: FastAPI, spec: Spec, holder: ModelHolder, plog: Predicti
             "prediction_log": plog.stats() if plog is not None else None,
             **(await hooks.status(details=True) if hooks is not None else {}),
         }, status_code=status)
+
+    @api.post("/refresh")
+    async def refresh(request: Request) -> Any:
+        """Check the champion alias now (a deploy need not wait for the poll): answers once the
+        check is done (a new version loaded and swapped in), with the version served then. The
+        poll stays as the fallback. Needs the token when there is one; a burst of calls makes one
+        registry lookup."""
+        if authorized(request.scope["headers"]) is False:
+            status, body = error(401, "missing or wrong bearer token")
+            return JSONResponse(json.loads(body), status_code=status)
+        if hooks is not None:
+            ok = await hooks.refresh()
+            if ok is None:
+                status, body = error(404, f"this server's versions are switched by its coordinator, which polls "
+                                          f"the alias every {spec.serving.poll_seconds:g} s (serving.poll_seconds)")
+                return JSONResponse(json.loads(body), status_code=status)
+        else:
+            try:
+                # shielded: a caller that gives up must not cancel the check others wait for
+                ok = await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(holder.check_soon())),
+                                            REFRESH_TIMEOUT)
+            except TimeoutError:
+                ok = None
+        cur = holder.current
+        if not ok:
+            status, body = error(503, "the champion alias could not be checked now" if ok is False else
+                                 f"the check did not finish within {REFRESH_TIMEOUT:g} s")
+            return JSONResponse(json.loads(body), status_code=status, headers={"Retry-After": "1"})
+        return {"model": spec.model.name, "alias": spec.promotion.alias, "version": cur.version if cur else None}
 
     @api.get("/version")
     async def version() -> Any:
