@@ -1,13 +1,21 @@
 """Online serving of the champion with the MLflow scoring protocol, hot-swapping on alias moves.
 
 A background thread polls the champion alias (with one client, failing fast when the registry
-does not answer). When the alias moves, the new version is loaded and warmed up off the
-request path, then swapped in with one reference assignment.
+does not answer); ``POST /refresh`` wakes it for a check now (the deploy step calls it, so a new
+champion need not wait for the poll) and answers once that check, and any swap, is done. When
+the alias moves, the new version is loaded and warmed up off the request path, then swapped in
+with one reference assignment.
 
-Requests are micro-batched. One predict thread takes the requests waiting when it becomes free,
-runs one ``model.predict`` over all their rows and hands each request its slice. A predict costs
-milliseconds whatever the number of rows (the model's pandas encoding, MLflow's schema checks,
-the DMatrix), so under load that cost is paid once per batch instead of once per request. An
+Requests are micro-batched. The batcher takes the requests waiting when it becomes free, runs
+one predict over all their rows and hands each request its slice, so a predict's fixed cost is
+paid once per batch instead of once per request. Batches of the fast path (below) are predicted
+by the model code's own ``predict_columns`` on numpy columns: the encoding without pandas and
+xgboost's ``inplace_predict``, without the pyfunc's schema enforcement (the fast path checked the
+signature's columns and types itself). It gives the pyfunc's floats to the bit (checked at load
+on the input example; a version whose model code has no ``predict_columns``, or disagrees, is
+served through ``model.predict(pd.DataFrame(...))``). A small batch (``INLINE_PREDICT_ROWS``) is
+predicted on the event loop: a few hundred microseconds, less than handing it to a thread costs
+in GIL switches; bigger ones, and bodies MLflow's parser read, go to the one predict thread. An
 idle server answers a lone request at once; under load, a batch much smaller than the last one
 waits at most one predict's time for the others to come back. A batch takes the current model
 once, so every request in it is answered by exactly one version (the ``X-Model-Version``
@@ -74,7 +82,7 @@ MLflow's scoring server reads (``application/json``, ``text/csv``,
 one included, gets 415, so a browser cannot post cross-site without a CORS preflight (a
 ``fetch`` with a bare body sends none). There are no API docs routes.
 
-With ``DAYBREAK_SERVE_TOKEN`` set, ``/invocations`` needs ``Authorization: Bearer <token>`` and
+With ``DAYBREAK_SERVE_TOKEN`` set, ``/invocations`` and ``/refresh`` need ``Authorization: Bearer <token>`` and
 ``/health`` shows its details (version, loaded_at, last_error, prediction log) only with it;
 ``/ping`` and ``/version`` need none. Identity columns decide which labels the monitor joins to a
 prediction, so a request carrying them is refused (403) when no token is configured: an
@@ -1055,6 +1063,7 @@ def _new_request_id() -> str:
     return f"{_id_prefix}{next(_ids):012x}"
 
 
+@lru_cache(maxsize=64)  # clients send the same few values (bounded: an odd value costs a parse)
 def content_type(value: bytes | None) -> str | None:
     """The media type if MLflow's scoring server reads it (parameter ``charset=utf-8`` only),
     else None. Names are compared without case, as HTTP says."""
