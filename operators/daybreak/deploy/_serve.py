@@ -715,6 +715,7 @@ class Batcher:
         self.big_rows = 0  # of pending_rows, those of requests bigger than a batch (admitted apart)
         self.big: Job | None = None  # the job being predicted in slices
         self._wake = asyncio.Event()
+        self._want = 1  # rows the batcher waits for (``_until_rows``): fewer do not wake it
         self._open = asyncio.Event()  # cleared: start no new batch (``pause``)
         self._open.set()
         # Replicas only (the single process leaves both None): start no batch at or after
@@ -806,24 +807,25 @@ class Batcher:
         self.pending_rows += job.rows
         if job.rows > MAX_BATCH_ROWS:
             self.big_rows += job.rows
-        self._wake.set()
+        if self.pending_rows >= self._want:
+            self._wake.set()
         return await job.future
 
     async def _until_rows(self, rows: int, timeout: float | None = None) -> None:
-        """Return once `rows` rows wait, or after `timeout` seconds."""
-        loop = asyncio.get_running_loop()
-        deadline = None if timeout is None else loop.time() + timeout
-        while self.pending_rows < rows:
-            self._wake.clear()
-            if deadline is None:
-                await self._wake.wait()
-            elif deadline <= loop.time():
-                return
-            else:
-                try:
-                    await asyncio.wait_for(self._wake.wait(), deadline - loop.time())
-                except TimeoutError:
-                    return
+        """Return once `rows` rows wait, or after `timeout` seconds. ``submit`` wakes it only once
+        that many wait (``_want``), and one timer bounds the whole wait (no task per request)."""
+        if self.pending_rows >= rows or (timeout is not None and timeout <= 0):
+            return
+        self._want = rows
+        try:
+            async with asyncio.timeout(timeout):
+                while self.pending_rows < rows:
+                    self._wake.clear()
+                    await self._wake.wait()
+        except TimeoutError:
+            pass
+        finally:
+            self._want = 1
 
     def _take(self) -> tuple[Loaded | None, list[Slice]]:
         """The model and the slices of the next batch. While a big job is in slices, each batch

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Mapping
+from itertools import repeat
 from typing import Any
 
 import mlflow
@@ -137,9 +138,12 @@ class ColumnEncoder:
                     codes = pd.Index(enc["categories"]).get_indexer(text)
                 else:
                     present = ~pd.isna(col)
-                    get = lookup.get
-                    codes = np.fromiter([get(v, -1) if type(v) is str else -1 for v in col.tolist()],
-                                        dtype=np.intp, count=rows)
+                    values = col.tolist()
+                    try:  # (keys are all text: None, numbers and the like find nothing, as in encode)
+                        found = list(map(lookup.get, values, repeat(-1)))
+                    except TypeError:  # an unhashable value
+                        found = [lookup.get(v, -1) if type(v) is str else -1 for v in values]
+                    codes = np.fromiter(found, dtype=np.intp, count=rows)
                 if kind == "ordinal":
                     out[:, j] = np.where(codes < 0, np.nan, codes)
                 elif kind == "frequency":
