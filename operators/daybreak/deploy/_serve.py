@@ -278,8 +278,7 @@ def fast_columns(body: dict, fields: Fields, ids: frozenset[str] = frozenset()) 
     if len(body) != 1:
         return None
     ((fmt, data),) = body.items()
-    names = [f[0] for f in fields]
-    wanted = set(names)
+    names, wanted, groups = _field_info(fields)
     try:
         if fmt == "dataframe_split":
             if type(data) is not dict or data.keys() != {"columns", "data"}:
@@ -309,19 +308,21 @@ def fast_columns(body: dict, fields: Fields, ids: frozenset[str] = frozenset()) 
             return None
     except TypeError:  # unhashable column names and the like: MLflow's parser says what is wrong
         return None
-    for allowed, group in _type_groups(fields):  # one set per group of columns, not one per column
+    for allowed, group in groups:  # one set per group of columns, not one per column
         if not set(map(type, chain.from_iterable(map(cols.__getitem__, group)))).issubset(allowed):
             return None
     return cols
 
 
 @lru_cache(maxsize=16)
-def _type_groups(fields: Fields) -> tuple[tuple[frozenset[type], tuple[str, ...]], ...]:
-    """The signature's columns grouped by the JSON types their values may have."""
+def _field_info(fields: Fields) -> tuple[list[str], set[str], tuple[tuple[frozenset[type], tuple[str, ...]], ...]]:
+    """The signature's column names (a list and a set), and its columns grouped by the JSON types
+    their values may have. (Callers must not change them: they are shared.)"""
     groups: dict[frozenset[type], list[str]] = {}
     for name, kind, optional in fields:
         groups.setdefault(frozenset(FAST_TYPES[kind] + ((type(None),) if optional else ())), []).append(name)
-    return tuple((allowed, tuple(names)) for allowed, names in groups.items())
+    names = [f[0] for f in fields]
+    return names, set(names), tuple((allowed, tuple(group)) for allowed, group in groups.items())
 
 
 def batch_columns(parts: list[Columns], fields: Fields) -> dict[str, np.ndarray]:
@@ -331,7 +332,7 @@ def batch_columns(parts: list[Columns], fields: Fields) -> dict[str, np.ndarray]
     for name, kind, _ in fields:
         dtype = np.float64 if kind == "double" else object
         cols = [p[name] for p in parts]
-        if any(isinstance(c, np.ndarray) for c in cols):
+        if any(map(isinstance, cols, repeat(np.ndarray))):
             data[name] = np.concatenate([np.asarray(c, dtype=dtype) for c in cols])
         else:
             data[name] = np.array(list(chain.from_iterable(cols)), dtype=dtype)  # None -> NaN
