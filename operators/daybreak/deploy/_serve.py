@@ -52,7 +52,8 @@ with it (keyword, then environment, then the constant):
   request's first byte, until its headers are complete; then 408 and the connection is closed.
   uvicorn has no such timeout (only keep-alive between requests): ``TimedHttpToolsProtocol``.
 - ``body_timeout`` (``DAYBREAK_SERVE_BODY_TIMEOUT``, 30 s): the whole body must arrive within it
-  (16 MiB at about 0.5 MB/s); then 408 and the connection is closed.
+  (16 MiB at about 0.5 MB/s); then 408 and the connection is closed. Deadlines are checked by one
+  sweep every ``SWEEP_SECONDS`` (or a quarter of the timeout), not by a timer per request.
 - ``max_connections`` (``DAYBREAK_SERVE_MAX_CONNECTIONS``, 256): uvicorn's
   ``limit_concurrency``; requests on connections past it get 503.
 - ``parse_processes`` (``DAYBREAK_SERVE_PARSE_PROCESSES``, 1): see below; 0 parses big bodies on
