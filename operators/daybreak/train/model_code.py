@@ -137,7 +137,8 @@ class ColumnEncoder:
                         text = text.map(_text)
                     codes = pd.Index(enc["categories"]).get_indexer(text)
                 else:
-                    present = ~pd.isna(col)
+                    # (missing values matter to onehot and frequency only; pandas' isna on text is slow)
+                    present = ~pd.isna(col) if kind != "ordinal" else None
                     values = col.tolist()
                     try:  # (keys are all text: None, numbers and the like find nothing, as in encode)
                         found = list(map(lookup.get, values, repeat(-1)))
