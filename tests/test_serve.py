@@ -422,3 +422,32 @@ def test_deploy_asks_the_server_to_check_now(use_cycled: dict, spec, tmp_path) -
             cl.set_registered_model_alias(spec.model.name, "champion", champ)
             proc.terminate()
             proc.wait(timeout=20)
+
+
+def test_big_split_bodies_convert_doubles_only_when_every_string_is_accounted_for() -> None:
+    """A ``dataframe_split`` body of CONVERT_ROWS rows or more has its double columns converted at
+    once when the body's strings are all in its text columns; a string, boolean or container in a
+    double column still sends the body to MLflow's parser (None), as the per-value check does."""
+    import orjson
+
+    from daybreak.deploy._serve import CONVERT_ROWS, fast_columns, parse_fast
+
+    fields = (("a", "double", True), ("b", "double", True), ("s", "string", True))
+    n = CONVERT_ROWS + 3
+    rows = [[k + 0.5, k if k % 3 else None, None if k % 4 == 0 else f"t{k}"] for k in range(n)]
+
+    def parsed(cell: object, text: object = "x") -> object:
+        body = {"dataframe_split": {"columns": ["a", "b", "s"], "data": [*rows[:-1], [1.0, cell, text]]}}
+        raw = orjson.dumps(body) + b" " * 8 * n * 3  # (long enough for the strings to be counted)
+        got = parse_fast(raw, fields, frozenset(), 10**6)
+        assert (got is None) == (fast_columns(orjson.loads(raw), fields) is None)  # the per-value check agrees
+        return got
+
+    ok = parsed(7)
+    assert ok is not None and isinstance(ok.columns["b"], np.ndarray) and ok.columns["b"].dtype == np.float64
+    np.testing.assert_array_equal(ok.columns["b"], np.array([r[1] for r in rows[:-1]] + [7], dtype=np.float64))
+    assert list(ok.columns["s"]) == [r[2] for r in rows[:-1]] + ["x"]
+    for bad in ("700", True, [1.0], {}, {"k": 1}, [[1.0]]):
+        assert parsed(bad) is None, bad
+    assert parsed(2.0, 'with "quotes"') is not None  # an escaped quote: the values are checked one by one
+    assert parsed(2.0, 5) is None  # a number in a text column
