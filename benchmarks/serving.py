@@ -1,6 +1,8 @@
-"""`daybreak serve` against `mlflow models serve --env-manager local`: same model, same client.
+"""`daybreak serve` against `mlflow models serve --env-manager local` and a trivial server (the
+ceiling): same model, same client.
 
     python benchmarks/serving.py [--seconds 4] [--repeats 5] [--concurrency 32] [--rows 1 100]
+    python benchmarks/serving.py --repeats 1 --seconds 1 --warmup 0.5 --home /tmp/h   # a quick iteration
 
 The champion of the flights demo (the daily cycle run for 2013-01-01 .. 2013-01-02) is served by
 both servers at once, on loopback, each as its own process with its defaults (mlflow: one
@@ -10,7 +12,14 @@ for the request bodies before anything is timed.
 The client is the same for both: an asyncio HTTP/1.1 client holding `concurrency` keep-alive
 connections, each sending its next request as soon as the last one is answered (a closed loop),
 for `seconds` after `warmup` seconds that are not counted; the servers take turns, `repeats`
-rounds, and the figures are medians over the rounds. Once the spec has the prediction log's
+rounds, and the figures are medians over the rounds.
+
+The ceiling (``ceiling``) is the least any Python server of this protocol does per request: a
+plain ASGI app under uvicorn with daybreak serve's settings (uvloop, httptools, no access log, the
+same connection limit and keep-alive) that reads the body, parses it with ``orjson.loads`` and
+answers a constant JSON. Its own process, taking its turn like the others; daybreak's req/s is
+reported as a percentage of it (per round, then the median), which is the figure that survives
+a noisy shared machine. Once the spec has the prediction log's
 ``monitoring.log.sample_rate`` (issue 11), a third server, ``daybreak serve`` with the log off,
 takes its turn too, and the log's cost is the throughput ratio on / off. Bodies are `dataframe_split` JSON of
 holdout rows, 1 row and 100 rows, prepared before the clock starts. It reports requests/s, p50
@@ -89,6 +98,47 @@ def _wait(url: str, proc: subprocess.Popen, timeout: float = 180) -> None:
     raise TimeoutError(f"{url} did not answer within {timeout}s")
 
 
+CEILING_ANSWER = b'{"predictions": [0.0]}'
+
+
+async def ceiling_app(scope: dict, receive, send) -> None:
+    """The trivial server: read the body, ``orjson.loads`` it, answer a constant (ceiling)."""
+    import orjson
+
+    if scope["type"] != "http":  # lifespan
+        message = await receive()
+        if message["type"] == "lifespan.startup":
+            await send({"type": "lifespan.startup.complete"})
+            await receive()
+            await send({"type": "lifespan.shutdown.complete"})
+        return
+    chunks, more = [], True
+    while more:
+        message = await receive()
+        chunks.append(message.get("body", b""))
+        more = message.get("more_body", False)
+    if scope["path"] == "/invocations":
+        orjson.loads(b"".join(chunks))
+        body, status = CEILING_ANSWER, 200
+    else:
+        body, status = b'{"status": "ok"}', 200
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(body))]})
+    await send({"type": "http.response.body", "body": body})
+
+
+def run_ceiling(port: int) -> None:
+    """The ceiling server, with daybreak serve's uvicorn settings (``_serve.serve``): the default
+    loop (uvloop when installed), httptools, no access log, the same connection limit and
+    keep-alive. (daybreak's httptools protocol adds a header timeout: part of what it costs.)"""
+    import uvicorn
+
+    from daybreak.deploy._serve import MAX_CONNECTIONS
+
+    uvicorn.run(ceiling_app, host="127.0.0.1", port=port, log_level="warning", access_log=False,
+                http="httptools", limit_concurrency=MAX_CONNECTIONS, timeout_keep_alive=5)
+
+
 def log_setting_supported() -> bool:
     """True once the spec takes ``monitoring.log.sample_rate`` and ``daybreak serve`` reads it
     (issue 11, the prediction log)."""
@@ -136,9 +186,10 @@ def start_servers(home: Path, prep: dict, logs: Path,
     specs = {"daybreak": prep["spec"]}
     if log_compare:
         specs = {"daybreak": with_log_rate(prep["spec"], 1.0), "daybreak_log_off": with_log_rate(prep["spec"], 0)}
-    ports = {"mlflow": _free_port(), **{k: _free_port() for k in specs}}
+    ports = {"mlflow": _free_port(), "ceiling": _free_port(), **{k: _free_port() for k in specs}}
     cmds = {"mlflow": [str(BIN / "mlflow"), "models", "serve", "-m", f"models:/{name}@{alias}", "--env-manager",
-                       "local", "-h", "127.0.0.1", "-p", str(ports["mlflow"])]}
+                       "local", "-h", "127.0.0.1", "-p", str(ports["mlflow"])],
+            "ceiling": [sys.executable, str(Path(__file__).resolve()), "--ceiling-port", str(ports["ceiling"])]}
     for which, spec in specs.items():
         spec_file = home / f"spec_{which}.yaml"
         spec_file.write_text(yaml.safe_dump(spec.model_dump(mode="json")))
@@ -195,12 +246,14 @@ def check_same_predictions(ports: dict[str, int], payloads: list[bytes]) -> None
     for body in payloads[:4]:
         got = {}
         for which, port in ports.items():
+            if which == "ceiling":
+                continue
             r = httpx.post(f"http://127.0.0.1:{port}/invocations", content=body,
                            headers={"Content-Type": "application/json"}, timeout=60)
             if r.status_code != 200:
                 raise RuntimeError(f"{which} answered {r.status_code}: {r.text[:300]}")
             got[which] = np.asarray(r.json()["predictions"], dtype=np.float64)
-        if not np.array_equal(got["mlflow"], got["daybreak"]):
+        if not all(np.array_equal(got["mlflow"], v) for v in got.values()):
             raise RuntimeError(f"the servers' predictions differ: {got}")
 
 
@@ -242,6 +295,8 @@ async def _load(port: int, payloads: list[bytes], concurrency: int, seconds: flo
                            for i in range(concurrency)))
     latencies.sort()
     n = len(latencies)
+    if n == 0:  # (a very short run on a stalled machine)
+        return {"requests": 0, "failed": 0, "rps": 0.0, "p50_ms": float("nan"), "p99_ms": float("nan")}
     return {"requests": n, "failed": len(failures), "rps": n / seconds,
             "p50_ms": 1000 * latencies[n // 2], "p99_ms": 1000 * latencies[min(n - 1, int(n * 0.99))]}
 
@@ -298,6 +353,11 @@ def bench_serving(sizes: list[int] = (1, 100), seconds: float = 4.0, concurrency
                                "rounds": v}
                        for which, v in rounds.items()}
                 res["throughput_ratio"] = res["daybreak"]["rps"] / res["mlflow"]["rps"]
+                # % of the ceiling per round (they ran seconds apart), then the median
+                for which in [w for w in ("daybreak", "daybreak_log_off") if w in rounds]:
+                    per = [100 * d["rps"] / c["rps"] for d, c in zip(rounds[which], rounds["ceiling"], strict=True)]
+                    res[which]["pct_of_ceiling"] = statistics.median(per)
+                    res[which]["pct_of_ceiling_rounds"] = per
                 res["p99_ratio"] = res["daybreak"]["p99_ms"] / res["mlflow"]["p99_ms"]
                 res["p50_ratio"] = res["daybreak"]["p50_ms"] / res["mlflow"]["p50_ms"]
                 if log_compare:
@@ -322,23 +382,30 @@ def bench_serving(sizes: list[int] = (1, 100), seconds: float = 4.0, concurrency
 
 
 def serving_lines(r: dict) -> list[str]:
-    servers = ["mlflow", "daybreak"] + (["daybreak_log_off"] if r.get("log_compare") else [])
+    servers = ["ceiling", "mlflow", "daybreak"] + (["daybreak_log_off"] if r.get("log_compare") else [])
     lines = [f"Serving, `daybreak serve` (one process, micro-batching) vs `mlflow models serve --env-manager local` "
              f"(one worker), same model and client, {r['concurrency']} connections, {r['seconds']:g} s each after "
              f"{r['warmup']:g} s of warm-up, servers taking turns, median of {r.get('repeats', 1)} rounds "
              f"(goal: at least 5x the throughput, p99 at most 1/5):", "",
-             "| rows per request | server | requests/s | p50 (ms) | p99 (ms) | failed |",
-             "| ---: | --- | ---: | ---: | ---: | ---: |"]
-    label = {"mlflow": "mlflow models serve",
+             "| rows per request | server | requests/s | % of ceiling | p50 (ms) | p99 (ms) | failed |",
+             "| ---: | --- | ---: | ---: | ---: | ---: | ---: |"]
+    label = {"ceiling": "ceiling (uvicorn + orjson.loads, constant answer)", "mlflow": "mlflow models serve",
              "daybreak": "daybreak serve" + (" (log on)" if r.get("log_compare") else ""),
              "daybreak_log_off": "daybreak serve (log off)"}
     for rows, res in r["sizes"].items():
         for which in servers:
-            s = res[which]
-            lines.append(f"| {rows} | {label[which]} | {s['rps']:.1f} | {s['p50_ms']:.1f} | {s['p99_ms']:.1f} | "
-                         f"{s['failed']} of {s['requests']} |")
+            s = res.get(which)
+            if s is None:  # (results from before the ceiling was measured)
+                continue
+            pct = f"{s['pct_of_ceiling']:.1f}%" if "pct_of_ceiling" in s else ""
+            lines.append(f"| {rows} | {label[which]} | {s['rps']:.1f} | {pct} | {s['p50_ms']:.1f} | "
+                         f"{s['p99_ms']:.1f} | {s['failed']} of {s['requests']} |")
     lines.append("")
     for rows, res in r["sizes"].items():
+        if "pct_of_ceiling" in res.get("daybreak", {}):
+            each = ", ".join(f"{x:.1f}" for x in res["daybreak"]["pct_of_ceiling_rounds"])
+            lines.append(f"- {rows} row(s): daybreak serve does {res['daybreak']['pct_of_ceiling']:.1f}% of the "
+                         f"ceiling's requests/s (per round: {each}).")
         lines.append(f"- {rows} row(s): daybreak {res['throughput_ratio']:.1f}x the throughput, p50 "
                      f"{res['p50_ratio']:.3f}x, p99 {res['p99_ratio']:.3f}x mlflow's.")
     if r.get("log_compare"):
@@ -365,7 +432,13 @@ def main() -> int:
     ap.add_argument("--concurrency", type=int, default=32, help="connections, each with one request in flight")
     ap.add_argument("--home", type=Path, help="keep the prepared home (registry, store, server logs) here; "
                                               "reused on the next run")
+    ap.add_argument("--ceiling-port", type=int, help=argparse.SUPPRESS)  # run the ceiling server (internal)
     args = ap.parse_args()
+    if args.ceiling_port:
+        run_ceiling(args.ceiling_port)
+        return 0
+    if args.repeats < 1 or args.seconds <= 0 or args.warmup < 0:
+        ap.error("--repeats must be at least 1, --seconds above 0, --warmup not negative")
     sys.path.insert(0, str(HERE))
     from common import print_header
 

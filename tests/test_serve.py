@@ -296,3 +296,158 @@ def test_deploy_without_endpoint(use_cycled: dict, spec) -> None:
     assert out["deployed"] is False and "no serving endpoint" in out["reason"]
     with pytest.raises(DeployError, match="no serving endpoint"):
         deploy_model(spec, RunContext.create("2013-01-04"), url=url, require_endpoint=True)
+
+
+def _fast_vs_pyfunc(model, X) -> tuple[np.ndarray, np.ndarray]:
+    """The server's fast predict (rows as a client's JSON, through the fast path's columns) and the
+    pyfunc's predict on the same rows."""
+    from daybreak.deploy._serve import batch_columns, fast_columns, fast_fields, fast_predict
+
+    fields = fast_fields(model)
+    fast = fast_predict(model, fields)
+    assert fields is not None and fast is not None  # the model code has predict_columns, and it passed at load
+    body = {"dataframe_split": {"columns": list(X.columns), "data": _jsonable(X)}}
+    cols = fast_columns(body, fields)
+    assert cols is not None
+    return np.asarray(fast(batch_columns([cols], fields))), np.asarray(model.predict(X))
+
+
+def _with_gaps(X):
+    """Rows with missing numbers, missing and unseen categories."""
+    X = X.copy()
+    X.iloc[::3, X.columns.get_loc("distance")] = np.nan
+    X.iloc[1::4, X.columns.get_loc("carrier_code")] = None
+    X.iloc[2::5, X.columns.get_loc("origin_code")] = "NEVER-SEEN"
+    return X
+
+
+def test_fast_predict_equals_the_pyfunc_xgboost(use_cycled: dict, spec) -> None:
+    """The fast path's predict (the model code's predict_columns: numpy encoding, xgboost's
+    inplace_predict) gives the pyfunc's floats to the bit, with nulls and unseen categories."""
+    ctx = RunContext.create("2013-01-04")
+    champ = str(registry.alias_version(registry.client(ctx), spec.model.name, "champion").version)
+    model = registry.load_model(ctx, spec.model.name, champ)
+    X = _with_gaps(holdout(spec, ctx)[spec.features.feature_names()].head(500))
+    got, want = _fast_vs_pyfunc(model, X)
+    assert got.dtype == want.dtype and np.array_equal(got, want)
+
+
+def test_fast_predict_equals_the_pyfunc_sklearn(fresh, spec) -> None:
+    from daybreak.train import train_model
+
+    raw = spec.model_dump(mode="json")
+    raw["model"].update(flavor="sklearn", estimator="sklearn.ensemble.HistGradientBoostingClassifier",
+                        params={"max_iter": 20})
+    from daybreak.spec._model import parse_spec
+
+    sk = parse_spec(raw)
+    ctx = RunContext.create("2013-01-02")
+    out = train_model(sk, ctx)
+    assert out["status"] == "trained"
+    model = registry.load_model(ctx, sk.model.name, out["model_version"])
+    X = _with_gaps(holdout(sk, ctx)[sk.features.feature_names()].head(500))
+    got, want = _fast_vs_pyfunc(model, X)
+    assert got.dtype == want.dtype and np.array_equal(got, want)
+
+
+def test_column_encoder_equals_encode_for_every_kind() -> None:
+    """``ColumnEncoder`` (numpy, the serving fast path) makes ``encode``'s matrix (pandas, what the
+    pyfunc runs) to the bit, for every encoder kind, with missing and unseen values."""
+    import pandas as pd
+
+    from daybreak.train.model_code import ColumnEncoder, encode
+
+    rng = np.random.default_rng(7)
+    n = 300
+    cats = ["a", "b", "c[1]", "d<2"]
+    text = np.array([None if k % 7 == 0 else ("zz" if k % 11 == 0 else cats[k % 4]) for k in range(n)], dtype=object)
+    num = rng.normal(size=n)
+    num[::5] = np.nan
+    cols = {"ord": text, "hot": text.copy(), "freq": text.copy(), "q": num, "plain": num * 3}
+    encoders = {"ord": {"kind": "ordinal", "categories": cats},
+                "hot": {"kind": "onehot", "categories": cats},
+                "freq": {"kind": "frequency", "categories": cats, "frequencies": [0.4, 0.3, 0.2, 0.1]},
+                "q": {"kind": "quantile", "edges": [-1.0, 0.0, 1.0]}}
+    features = list(cols)
+    want = encode(pd.DataFrame(cols), features, encoders)
+    got = ColumnEncoder(features, encoders)(cols)
+    assert got.dtype == want.dtype and np.array_equal(got, want, equal_nan=True)
+    # categories that are not all text go through pandas, as encode does
+    encoders["ord"] = {"kind": "ordinal", "categories": [1, "a"]}
+    assert np.array_equal(ColumnEncoder(features, encoders)(cols), encode(pd.DataFrame(cols), features, encoders),
+                          equal_nan=True)
+
+
+def test_refresh_needs_the_token_and_answers_the_version(use_cycled: dict, spec) -> None:
+    from fastapi.testclient import TestClient
+
+    from daybreak.deploy._serve import create_app
+
+    ctx = RunContext.create("2013-01-04")
+    champ = str(registry.alias_version(registry.client(ctx), spec.model.name, "champion").version)
+    with TestClient(create_app(spec, ctx, token="s3cret")) as c:
+        assert c.post("/refresh").status_code == 401
+        assert c.post("/refresh", headers={"Authorization": "Bearer wrong"}).status_code == 401
+        assert c.get("/refresh", headers={"Authorization": "Bearer s3cret"}).status_code == 405
+        ok = c.post("/refresh", headers={"Authorization": "Bearer s3cret"})
+        assert ok.status_code == 200 and ok.json()["version"] == champ, ok.text
+        # a burst of calls shares checks, and every one answers
+        assert {c.post("/refresh", headers={"Authorization": "Bearer s3cret"}).status_code for _ in range(5)} == {200}
+
+
+def test_deploy_asks_the_server_to_check_now(use_cycled: dict, spec, tmp_path) -> None:
+    """With a poll interval of an hour, deploy still finds the new champion served: it asks the
+    server to check the alias (POST /refresh) before it waits."""
+    port = free_port()
+    slow = spec.model_dump(mode="json")
+    slow["serving"].update(port=port, poll_seconds=3600)
+    spec_file = tmp_path / "spec.yaml"
+    spec_file.write_text(yaml.safe_dump(slow))
+    ctx = RunContext.create("2013-01-04")
+    cl = registry.client(ctx)
+    champ = str(registry.alias_version(cl, spec.model.name, "champion").version)
+    other = next(str(mv.version) for mv in registry.versions(cl, spec.model.name) if str(mv.version) != champ)
+    url = f"http://127.0.0.1:{port}"
+    with open(tmp_path / "serve.log", "w") as log:
+        proc = subprocess.Popen([str(BIN / "daybreak"), "serve", "--spec", str(spec_file)], env=dict(os.environ),
+                                stdout=log, stderr=subprocess.STDOUT)
+        try:
+            wait_http(f"{url}/ping", timeout=90, proc=proc)
+            assert httpx.get(f"{url}/version").json()["version"] == champ
+            cl.set_registered_model_alias(spec.model.name, "champion", other)
+            out = deploy_model(spec, ctx, url=url, timeout=60)  # far less than the poll interval
+            assert out["deployed"] is True and out["champion_version"] == other, out
+            assert httpx.get(f"{url}/version").json()["version"] == other
+        finally:
+            cl.set_registered_model_alias(spec.model.name, "champion", champ)
+            proc.terminate()
+            proc.wait(timeout=20)
+
+
+def test_big_split_bodies_convert_doubles_only_when_every_string_is_accounted_for() -> None:
+    """A ``dataframe_split`` body of CONVERT_ROWS rows or more has its double columns converted at
+    once when the body's strings are all in its text columns; a string, boolean or container in a
+    double column still sends the body to MLflow's parser (None), as the per-value check does."""
+    import orjson
+
+    from daybreak.deploy._serve import CONVERT_ROWS, fast_columns, parse_fast
+
+    fields = (("a", "double", True), ("b", "double", True), ("s", "string", True))
+    n = CONVERT_ROWS + 3
+    rows = [[k + 0.5, k if k % 3 else None, None if k % 4 == 0 else f"t{k}"] for k in range(n)]
+
+    def parsed(cell: object, text: object = "x") -> object:
+        body = {"dataframe_split": {"columns": ["a", "b", "s"], "data": [*rows[:-1], [1.0, cell, text]]}}
+        raw = orjson.dumps(body) + b" " * 8 * n * 3  # (long enough for the strings to be counted)
+        got = parse_fast(raw, fields, frozenset(), 10**6)
+        assert (got is None) == (fast_columns(orjson.loads(raw), fields) is None)  # the per-value check agrees
+        return got
+
+    ok = parsed(7)
+    assert ok is not None and isinstance(ok.columns["b"], np.ndarray) and ok.columns["b"].dtype == np.float64
+    np.testing.assert_array_equal(ok.columns["b"], np.array([r[1] for r in rows[:-1]] + [7], dtype=np.float64))
+    assert list(ok.columns["s"]) == [r[2] for r in rows[:-1]] + ["x"]
+    for bad in ("700", True, [1.0], {}, {"k": 1}, [[1.0]]):
+        assert parsed(bad) is None, bad
+    assert parsed(2.0, 'with "quotes"') is not None  # an escaped quote: the values are checked one by one
+    assert parsed(2.0, 5) is None  # a number in a text column

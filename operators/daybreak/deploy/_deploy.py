@@ -1,8 +1,10 @@
 """Deploy: make sure the serving endpoint serves the champion, and serves it faithfully.
 
-``daybreak serve`` watches the champion alias and hot-swaps by itself; this step waits until the
-endpoint reports the champion's version, then sends a sample of the holdout and requires the
-served predictions to equal offline predictions of the same version.
+``daybreak serve`` watches the champion alias and hot-swaps by itself; this step first asks it to
+check the alias now (``POST /refresh``, with the token when ``DAYBREAK_SERVE_TOKEN`` is set; a
+server without it answers 404 and its poll is waited for), waits until the endpoint reports the
+champion's version, then sends a sample of the holdout and requires the served predictions to
+equal offline predictions of the same version.
 
 A replicated server (``daybreak serve --replicas N``) reports on ``/version`` the committed
 version and each registered replica's: the step waits until every replica (as many as the server
@@ -61,6 +63,23 @@ def _same(served: np.ndarray, offline: np.ndarray) -> bool:
     return served.shape == offline.shape and bool(np.allclose(served, offline, rtol=1e-6, atol=1e-7))
 
 
+def _ask_refresh(base: str, headers: dict[str, str] | None, timeout: float) -> None:
+    """Ask the server to check the alias now (``POST /refresh``) rather than wait for its poll.
+    Best effort: a server from before /refresh (404), replicas (their coordinator polls: 404), a
+    missing token (401) or a failed check leave the wait to the poll."""
+    import httpx
+
+    try:
+        r = httpx.post(f"{base}/refresh", headers=headers, timeout=timeout)
+    except httpx.HTTPError as e:
+        log.warning("deploy: %s/refresh failed (%s); waiting for the server's poll", base, type(e).__name__)
+        return
+    if r.status_code == 404:
+        log.info("deploy: %s has no /refresh (an older server, or replicas); waiting for its poll", base)
+    elif r.status_code != 200:
+        log.warning("deploy: %s/refresh answered %d; waiting for the server's poll", base, r.status_code)
+
+
 def deploy_model(spec: Spec, ctx: RunContext, url: str | None = None, timeout: float | None = None,
                  require_endpoint: bool = False, sample_rows: int = 50, replicas: int | None = None) -> DeployResult:
     """Wait until the endpoint serves the champion, then check parity (see the module docstring).
@@ -88,6 +107,9 @@ def deploy_model(spec: Spec, ctx: RunContext, url: str | None = None, timeout: f
     deadline = time.monotonic() + (timeout if timeout is not None else 3 * spec.serving.poll_seconds + 60)
     served, info = None, {}
     want = str(champ.version)
+    token = os.environ.get("DAYBREAK_SERVE_TOKEN")
+    headers = {"Authorization": f"Bearer {token}"} if token else None
+    _ask_refresh(base, headers, max(deadline - time.monotonic(), 1.0))
     while time.monotonic() < deadline:
         try:
             info = httpx.get(f"{base}/version", timeout=5.0).json()
@@ -110,8 +132,6 @@ def deploy_model(spec: Spec, ctx: RunContext, url: str | None = None, timeout: f
     features = spec.features.feature_names()
     rows = df[features].astype(object).where(df[features].notna(), None).values.tolist()
     payload = {"dataframe_split": {"columns": features, "data": rows}}
-    token = os.environ.get("DAYBREAK_SERVE_TOKEN")
-    headers = {"Authorization": f"Bearer {token}"} if token else None
     resp = httpx.post(f"{base}/invocations", json=payload, headers=headers, timeout=30.0)
     if resp.status_code != 200:
         raise DeployError(f"endpoint {base}/invocations answered {resp.status_code}: {resp.text[:300]}")
