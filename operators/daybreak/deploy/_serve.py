@@ -112,6 +112,7 @@ from fastapi import FastAPI
 from fastapi.responses import JSONResponse
 from starlette.requests import Request
 
+from daybreak.deploy._metrics import ServerMetrics
 from daybreak.deploy._predlog import PredictionLog
 from daybreak.infra import registry
 from daybreak.infra.context import RunContext
@@ -494,6 +495,7 @@ class ModelHolder:
         self.spec, self.ctx, self.freeze_gc = spec, ctx, freeze_gc
         self.current: Loaded | None = None
         self.last_error: str | None = None
+        self.swaps = self.swap_failures = self.poll_errors = 0  # metrics: read by _metrics.py at scrape time
         self._stop = threading.Event()
         self._lock = threading.Lock()
         self._client: Any = None
@@ -506,10 +508,19 @@ class ModelHolder:
     def refresh(self) -> bool:
         """Load the champion if it changed. Returns True when a new version went live."""
         with self._lock:
-            version = self.champion_version()
+            try:
+                version = self.champion_version()
+            except Exception:
+                self.poll_errors += 1  # metrics
+                raise
             if version is None or (self.current and self.current.version == version):
                 return False
-            self.install(self.load(version))
+            try:
+                loaded = self.load(version)
+            except Exception:
+                self.swap_failures += 1  # metrics
+                raise
+            self.install(loaded)
             return True
 
     def load(self, version: str) -> Loaded:
@@ -520,6 +531,8 @@ class ModelHolder:
 
     def install(self, loaded: Loaded, refreeze: bool = True) -> None:
         """Serve `loaded` from the next batch on (one reference assignment)."""
+        if self.current is not None and self.current.version != loaded.version:
+            self.swaps += 1  # metrics
         self.current = loaded
         if self.freeze_gc and refreeze:
             self.refreeze()
@@ -617,8 +630,11 @@ class Batcher:
     MAX_BATCH_ROWS rows, a big job a slice at a time) and one model, and answers them all from
     one predict call."""
 
-    def __init__(self, holder: ModelHolder, plog: PredictionLog | None = None):
+    def __init__(self, holder: ModelHolder, plog: PredictionLog | None = None, metrics: ServerMetrics | None = None):
         self.holder, self.plog = holder, plog
+        self.metrics = metrics  # metrics: batch sizes and durations; reads pending_rows at scrape time
+        if metrics is not None:
+            metrics.batcher = self
         self.ids = frozenset(holder.spec.id_columns()) if plog is not None else frozenset()
         self.pending: deque[Job] = deque()
         self.pending_rows = 0
@@ -814,6 +830,8 @@ class Batcher:
                 log.exception("prediction batch failed")
                 answers = [_internal(j.request_id) for j, _, _ in slices]
         last_rows, last_seconds = sum(b - a for _, a, b in slices), loop.time() - started
+        if cur is not None and self.metrics is not None:
+            self.metrics.batch(last_rows, last_seconds)  # metrics
         for (job, _, _), answer in zip(slices, answers, strict=False):
             if answer is None:  # a slice of a big job, more to come
                 continue
@@ -1053,9 +1071,11 @@ def build_app(spec: Spec, ctx: RunContext, holder: ModelHolder, lim: Limits, tok
     api.state.holder = holder
     api.state.plog = plog
     api.state.limits = lim
+    api.state.metrics = ServerMetrics(spec.model.name, spec.promotion.alias, holder, plog)  # metrics
     invocations = Invocations(api, holder, workers, lim, token)
     _error_handlers(api)
     _status_routes(api, spec, holder, plog, invocations.authorized, hooks)
+    api.add_route("/metrics", api.state.metrics.endpoint(invocations.authorized), methods=["GET"])  # metrics
     if hooks is not None:
         hooks.routes(api, invocations)
         hooks.bind(invocations)
@@ -1072,7 +1092,7 @@ def _lifespan(holder: ModelHolder, plog: PredictionLog | None, workers: ParseWor
         if freeze_gc:
             gc.collect()
             gc.freeze()
-        batcher = Batcher(holder, plog)
+        batcher = Batcher(holder, plog, app.state.metrics)  # metrics
         app.state.batcher = batcher
         task = asyncio.create_task(batcher.run(), name="predict-batches")
         workers.warm()
@@ -1158,6 +1178,7 @@ class Invocations:
         self.expected = f"Bearer {token}".encode() if token else None
         self.inflight = 0  # body bytes being read or parsed, all requests together
         self.state = api.state  # what tests and the server read (the holder, the limits)
+        self.metrics: ServerMetrics = api.state.metrics
 
     def authorized(self, headers: list[tuple[bytes, bytes]]) -> bool | None:
         """Whether the request carries the bearer token; None when the server has no token."""
@@ -1253,13 +1274,16 @@ class Invocations:
             # big requests have a budget of their own: they never crowd out the small ones
             return *error(503, "overloaded: too many rows of big requests waiting; retry shortly"), None
         (status, payload), served = await batcher.submit(parsed, fields, request_id, logged)
+        if status == 200:
+            self.metrics.rows(parsed.rows)  # metrics
         return status, payload, served if status == 200 else None
 
     async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
         """POST /invocations in plain ASGI, everything else through FastAPI: FastAPI's routing and
         request machinery costs about as much per request as a one-row body's share of a batch."""
         if scope["type"] != "http" or scope["path"] != "/invocations":
-            return await self.api(scope, receive, send)
+            return await self.api(scope, receive, self.metrics.counting(scope, send))  # metrics: counting
+        started = self.metrics.begin()  # metrics
         request_id = _request_id(scope)
         read = [False]  # the whole body was read
 
@@ -1282,6 +1306,7 @@ class Invocations:
             headers.append((b"allow", b"POST"))
         if served is not None:
             headers.append((b"x-model-version", served.encode()))
+        self.metrics.end(status, started)  # metrics
         await send({"type": "http.response.start", "status": status, "headers": headers})
         await send({"type": "http.response.body", "body": payload})
 
