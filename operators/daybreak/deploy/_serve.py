@@ -76,7 +76,8 @@ one included, gets 415, so a browser cannot post cross-site without a CORS prefl
 
 With ``DAYBREAK_SERVE_TOKEN`` set, ``/invocations`` needs ``Authorization: Bearer <token>`` and
 ``/health`` shows its details (version, loaded_at, last_error, prediction log) only with it;
-``/ping`` and ``/version`` need none. Identity columns decide which labels the monitor joins to a
+``/ping`` and ``/version`` need none; ``/metrics`` (Prometheus, ``_metrics.py``) needs it too unless
+``DAYBREAK_METRICS_PUBLIC=1``. Identity columns decide which labels the monitor joins to a
 prediction, so a request carrying them is refused (403) when no token is configured: an
 anonymous client could otherwise log predictions under real flights' identities and drive a
 rollback. ``last_error`` has credentials stripped from URIs (``errors.redact``).
