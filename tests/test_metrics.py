@@ -179,6 +179,64 @@ def test_metrics_public_values() -> None:
         metrics_public({"DAYBREAK_METRICS_PUBLIC": "maybe"})
 
 
+def test_the_holder_counts_swaps_failed_loads_and_failed_polls(spec) -> None:
+    """The counters ModelHolder keeps for the collector (``_serve.py``'s ``# metrics`` lines)."""
+    from daybreak.deploy._serve import Loaded, ModelHolder
+
+    holder = ModelHolder(spec, None)  # type: ignore[arg-type]
+    answers: list = ["1"]
+    holder.champion_version = lambda: answers[0]  # type: ignore[method-assign]
+
+    def load(version: str) -> Loaded:
+        if version == "bad":
+            raise RuntimeError("cannot load")
+        return Loaded(version, object(), time.time(), None)
+
+    holder.load = load  # type: ignore[method-assign]
+    assert holder.refresh() and holder.swaps == 0  # the first load is not a swap
+    answers[0] = "2"
+    assert holder.refresh() and holder.swaps == 1
+    assert not holder.refresh() and holder.swaps == 1  # the same version: nothing to do
+    answers[0] = "bad"
+    for _ in range(2):
+        with pytest.raises(RuntimeError):
+            holder.refresh()
+    assert holder.swap_failures == 2 and holder.current.version == "2"
+
+    def down() -> str:
+        raise ConnectionError("registry down")
+
+    holder.champion_version = down  # type: ignore[method-assign]
+    with pytest.raises(ConnectionError):
+        holder.refresh()
+    assert (holder.swaps, holder.swap_failures, holder.poll_errors) == (1, 2, 1)
+    holder.install(Loaded("1", object(), time.time(), None))  # a rollback is a swap (replicas install directly)
+    assert holder.swaps == 2
+
+
+def test_the_app_serves_metrics_with_the_token_unless_public(use_cycled: dict, spec,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """The wiring in ``create_app``, in process: the route, the token rule, the environment."""
+    from fastapi.testclient import TestClient
+
+    from daybreak.deploy._serve import create_app
+    from daybreak.infra.context import RunContext
+
+    monkeypatch.delenv("DAYBREAK_METRICS_PUBLIC", raising=False)
+    ctx = RunContext.create("2013-01-04")
+    with TestClient(create_app(spec, ctx, token="s3cret")) as c:
+        assert c.get("/metrics").status_code == 401
+        r = c.get("/metrics", headers={"Authorization": "Bearer s3cret"})
+        assert r.status_code == 200 and value(parse(r.text), "daybreak_model_loaded") == 1
+        assert c.post("/metrics", headers={"Authorization": "Bearer s3cret"}).status_code == 405
+    monkeypatch.setenv("DAYBREAK_METRICS_PUBLIC", "1")
+    with TestClient(create_app(spec, ctx, token="s3cret")) as c:
+        assert c.get("/metrics").status_code == 200
+    monkeypatch.setenv("DAYBREAK_METRICS_PUBLIC", "perhaps")
+    with pytest.raises(ValueError, match="DAYBREAK_METRICS_PUBLIC"):
+        create_app(spec, ctx, token="s3cret")
+
+
 # --- a real server ----------------------------------------------------------------------------
 
 
