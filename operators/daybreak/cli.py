@@ -310,7 +310,8 @@ def serve(spec: str = SpecOpt,
           ) -> None:
     """Serve the champion over HTTP (MLflow scoring protocol); follows the champion alias.
 
-    Set DAYBREAK_SERVE_TOKEN to require 'Authorization: Bearer <token>' on /invocations. With
+    Set DAYBREAK_SERVE_TOKEN to require 'Authorization: Bearer <token>' on /invocations (and on
+    /metrics, Prometheus' metrics, unless DAYBREAK_METRICS_PUBLIC=1). With
     --replicas N (N >= 2), N Ray Serve replicas switch versions together: no client sees the
     version go back after a promotion.
     """

@@ -24,72 +24,14 @@ from pathlib import Path
 import httpx
 import psutil
 import pytest
-import yaml
-from conftest import BIN, ROOT, free_port, wait_http
+from conftest import ROOT, Served, free_port
+from conftest import until as _until
 
 TOKEN = "t0ken-for-the-test"
 HEADER_TIMEOUT, BODY_TIMEOUT, MAX_ROWS = 2, 3, 1000
 LIMITS = {"DAYBREAK_SERVE_HEADER_TIMEOUT": str(HEADER_TIMEOUT), "DAYBREAK_SERVE_BODY_TIMEOUT": str(BODY_TIMEOUT),
           "DAYBREAK_SERVE_MAX_ROWS": str(MAX_ROWS)}
 JSON = {"Content-Type": "application/json"}
-
-
-class Served:
-    """`daybreak serve` as its own process, with `env` added to the environment."""
-
-    def __init__(self, spec, home: Path, folder: Path, env: dict[str, str], args: tuple[str, ...] = (),
-                 ready: str = "/ping") -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        conf = spec.model_dump(mode="json")
-        conf["serving"].update(port=self.port, poll_seconds=0.3)
-        conf["monitoring"]["log"].update(flush_seconds=0.2)
-        spec_file = folder / f"spec-{self.port}.yaml"
-        spec_file.write_text(yaml.safe_dump(conf))
-        self.log_path = folder / f"serve-{self.port}.log"
-        full = {**os.environ, "DAYBREAK_HOME": str(home), **env}
-        full.pop("DAYBREAK_SERVE_TOKEN", None) if "DAYBREAK_SERVE_TOKEN" not in env else None
-        with open(self.log_path, "w") as log:
-            self.proc = subprocess.Popen([str(BIN / "daybreak"), "serve", "--spec", str(spec_file), *args], env=full,
-                                         stdout=log, stderr=subprocess.STDOUT)
-        try:
-            if ready == "/ping":
-                wait_http(f"{self.url}/ping", timeout=120, proc=self.proc)
-            else:
-                _until(lambda: self.proc.poll() is not None or _answers(f"{self.url}{ready}"), 120,
-                       f"{ready} never answered")
-                assert self.proc.poll() is None, f"the server exited: {self.log()[-3000:]}"
-        except BaseException:
-            self.stop()
-            raise
-
-    def log(self) -> str:
-        return self.log_path.read_text()
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-
-
-def _answers(url: str) -> bool:
-    try:
-        httpx.get(url, timeout=2)
-        return True
-    except httpx.HTTPError:
-        return False
-
-
-def _until(cond, timeout: float, what: str, every: float = 0.05):
-    deadline = time.monotonic() + timeout
-    while True:
-        got = cond()
-        if got:
-            return got
-        assert time.monotonic() < deadline, what
-        time.sleep(every)
 
 
 @pytest.fixture(scope="module")

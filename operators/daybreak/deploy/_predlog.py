@@ -97,6 +97,8 @@ class PredictionLog:
         self.tz = (et.date_timezone or et.timezone if et is not None else None) or "UTC"  # as staging counts days
         self.pending: deque[Entry] = deque()
         self.pending_rows = self.written_rows = self.dropped_rows = self.files = 0
+        # For /metrics (_metrics.py): dropped_rows split by why, rows queued, failed flushes
+        self.recorded_rows = self.queue_full_rows = self.write_failed_rows = self.write_errors = 0
         self.last_error: str | None = None
         self._count = threading.Lock()
         self._flushing = threading.Lock()
@@ -123,8 +125,10 @@ class PredictionLog:
         with self._count:
             if self.pending_rows + n > self.cfg.max_pending_rows:
                 self.dropped_rows += n
+                self.queue_full_rows += n
                 return
             self.pending_rows += n
+            self.recorded_rows += n
         self.pending.append(Entry(version, features, predictions, requests))
         if self.pending_rows >= self.cfg.flush_rows:
             self._wake.set()
@@ -155,7 +159,10 @@ class PredictionLog:
                 written = self._write(self.table(entries))
             except Exception as e:  # the store is down, say: the server goes on, the rows are counted
                 self.last_error = f"{type(e).__name__}: {e}"
-                self.dropped_rows += rows
+                with self._count:  # the predict thread adds to dropped_rows too
+                    self.dropped_rows += rows
+                    self.write_failed_rows += rows
+                    self.write_errors += 1
                 log.warning("prediction log: %d rows not written: %s", rows, self.last_error)
                 return 0
             self.last_error = None

@@ -85,7 +85,8 @@ one included, gets 415, so a browser cannot post cross-site without a CORS prefl
 
 With ``DAYBREAK_SERVE_TOKEN`` set, ``/invocations`` and ``/refresh`` need ``Authorization: Bearer <token>`` and
 ``/health`` shows its details (version, loaded_at, last_error, prediction log) only with it;
-``/ping`` and ``/version`` need none. Identity columns decide which labels the monitor joins to a
+``/ping`` and ``/version`` need none; ``/metrics`` (Prometheus, ``_metrics.py``) needs it too unless
+``DAYBREAK_METRICS_PUBLIC=1``. Identity columns decide which labels the monitor joins to a
 prediction, so a request carrying them is refused (403) when no token is configured: an
 anonymous client could otherwise log predictions under real flights' identities and drive a
 rollback. ``last_error`` has credentials stripped from URIs (``errors.redact``).
@@ -122,6 +123,7 @@ from fastapi import FastAPI
 from fastapi.responses import JSONResponse
 from starlette.requests import Request
 
+from daybreak.deploy._metrics import ServerMetrics
 from daybreak.deploy._predlog import PredictionLog
 from daybreak.infra import registry
 from daybreak.infra.context import RunContext
@@ -602,6 +604,7 @@ class ModelHolder:
         self.spec, self.ctx, self.freeze_gc = spec, ctx, freeze_gc
         self.current: Loaded | None = None
         self.last_error: str | None = None
+        self.swaps = self.swap_failures = self.poll_errors = 0  # metrics: read by _metrics.py at scrape time
         self._stop = threading.Event()
         self._wake = threading.Event()  # ``check_soon``: check the alias now, not at the next poll
         self._lock = threading.Lock()
@@ -617,10 +620,19 @@ class ModelHolder:
     def refresh(self) -> bool:
         """Load the champion if it changed. Returns True when a new version went live."""
         with self._lock:
-            version = self.champion_version()
+            try:
+                version = self.champion_version()
+            except Exception:
+                self.poll_errors += 1  # metrics
+                raise
             if version is None or (self.current and self.current.version == version):
                 return False
-            self.install(self.load(version))
+            try:
+                loaded = self.load(version)
+            except Exception:
+                self.swap_failures += 1  # metrics
+                raise
+            self.install(loaded)
             return True
 
     def load(self, version: str) -> Loaded:
@@ -632,6 +644,8 @@ class ModelHolder:
 
     def install(self, loaded: Loaded, refreeze: bool = True) -> None:
         """Serve `loaded` from the next batch on (one reference assignment)."""
+        if self.current is not None and self.current.version != loaded.version:
+            self.swaps += 1  # metrics
         self.current = loaded
         if self.freeze_gc and refreeze:
             self.refreeze()
@@ -754,8 +768,11 @@ class Batcher:
     MAX_BATCH_ROWS rows, a big job a slice at a time) and one model, and answers them all from
     one predict call."""
 
-    def __init__(self, holder: ModelHolder, plog: PredictionLog | None = None):
+    def __init__(self, holder: ModelHolder, plog: PredictionLog | None = None, metrics: ServerMetrics | None = None):
         self.holder, self.plog = holder, plog
+        self.metrics = metrics  # metrics: batch sizes and durations; reads pending_rows at scrape time
+        if metrics is not None:
+            metrics.batcher = self
         self.ids = frozenset(holder.spec.id_columns()) if plog is not None else frozenset()
         self.pending: deque[Job] = deque()
         self.pending_rows = 0
@@ -957,6 +974,8 @@ class Batcher:
                 log.exception("prediction batch failed")
                 answers = [_internal(j.request_id) for j, _, _ in slices]
         last_rows, last_seconds = sum(b - a for _, a, b in slices), loop.time() - started
+        if cur is not None and self.metrics is not None:
+            self.metrics.batch(last_rows, last_seconds)  # metrics
         for (job, _, _), answer in zip(slices, answers, strict=False):
             if answer is None:  # a slice of a big job, more to come
                 continue
@@ -1225,9 +1244,11 @@ def build_app(spec: Spec, ctx: RunContext, holder: ModelHolder, lim: Limits, tok
     api.state.holder = holder
     api.state.plog = plog
     api.state.limits = lim
+    api.state.metrics = ServerMetrics(spec.model.name, spec.promotion.alias, holder, plog)  # metrics
     invocations = Invocations(api, holder, workers, lim, token)
     _error_handlers(api)
     _status_routes(api, spec, holder, plog, invocations.authorized, hooks)
+    api.add_route("/metrics", api.state.metrics.endpoint(invocations.authorized), methods=["GET"])  # metrics
     if hooks is not None:
         hooks.routes(api, invocations)
         hooks.bind(invocations)
@@ -1244,7 +1265,7 @@ def _lifespan(holder: ModelHolder, plog: PredictionLog | None, workers: ParseWor
         if freeze_gc:
             gc.collect()
             gc.freeze()
-        batcher = Batcher(holder, plog)
+        batcher = Batcher(holder, plog, app.state.metrics)  # metrics
         app.state.batcher = batcher
         task = asyncio.create_task(batcher.run(), name="predict-batches")
         workers.warm()
@@ -1405,6 +1426,7 @@ class Invocations:
         self.inflight = 0  # body bytes being read or parsed, all requests together
         self.deadlines = Deadlines()  # of the bodies being read
         self.state = api.state  # what tests and the server read (the holder, the limits)
+        self.metrics: ServerMetrics = api.state.metrics
 
     def authorized(self, headers: list[tuple[bytes, bytes]]) -> bool | None:
         """Whether the request carries the bearer token; None when the server has no token."""
@@ -1505,13 +1527,16 @@ class Invocations:
             # big requests have a budget of their own: they never crowd out the small ones
             return *error(503, "overloaded: too many rows of big requests waiting; retry shortly"), None
         (status, payload), served = await batcher.submit(parsed, fields, request_id, logged)
+        if status == 200:
+            self.metrics.rows(parsed.rows)  # metrics
         return status, payload, served if status == 200 else None
 
     async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
         """POST /invocations in plain ASGI, everything else through FastAPI: FastAPI's routing and
         request machinery costs about as much per request as a one-row body's share of a batch."""
         if scope["type"] != "http" or scope["path"] != "/invocations":
-            return await self.api(scope, receive, send)
+            return await self.api(scope, receive, self.metrics.counting(scope, send))  # metrics: counting
+        started = self.metrics.begin()  # metrics
         request_id = _request_id(scope)
         read = [False]  # the whole body was read
 
@@ -1534,6 +1559,7 @@ class Invocations:
             headers.append((b"allow", b"POST"))
         if served is not None:
             headers.append((b"x-model-version", served.encode()))
+        self.metrics.end(status, started)  # metrics
         await send({"type": "http.response.start", "status": status, "headers": headers})
         await send({"type": "http.response.body", "body": payload})
 
