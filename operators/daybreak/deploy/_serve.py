@@ -966,9 +966,10 @@ class Batcher:
             answers = [error(503, "no champion model loaded yet")] * len(slices)
         else:
             try:
-                if self._inline(cur, slices):
-                    answers = self._predict(cur, slices)
-                else:
+                inline = self._inline(cur, slices)
+                answers = self._predict(cur, slices, one_by_one=False) if inline else []
+                if not answers:  # too big for the loop, or its batched predict failed: the requests
+                    # are predicted one by one on the predict thread, never on the loop that serves everyone
                     answers = await loop.run_in_executor(self._pool, self._predict, cur, slices)
             except Exception:  # a bug here must not stop the loop that serves everyone
                 log.exception("prediction batch failed")
@@ -997,9 +998,10 @@ class Batcher:
             rows += b - a
         return rows <= INLINE_PREDICT_ROWS
 
-    def _predict(self, cur: Loaded, slices: list[Slice]) -> list[Answer | None]:
+    def _predict(self, cur: Loaded, slices: list[Slice], one_by_one: bool = True) -> list[Answer | None]:
         """In the predict thread: one predict over the fast-path slices, the others one by one.
-        None for a slice of a big job that is not its last."""
+        None for a slice of a big job that is not its last. Without `one_by_one` (on the loop), a
+        failed batched predict returns [] instead of answering each request alone."""
         answers: dict[int, Answer | None] = {}
         fast = [i for i, (j, _, _) in enumerate(slices) if j.columns is not None and j.fields == cur.fields]
         if fast:
@@ -1019,6 +1021,8 @@ class Batcher:
             except Exception:  # one request at a time, so a failure is only that request's
                 log.warning("batched predict failed; answering its %d requests one by one", len(fast), exc_info=True)
                 answers.clear()
+                if not one_by_one:
+                    return []
         return [answers[i] if i in answers else self._one(cur, *s) for i, s in enumerate(slices)]
 
     @staticmethod

@@ -283,8 +283,10 @@ def predict_matrix(model: Any, X: np.ndarray, flavor: str, task: str, names: lis
 def predict_encoded(model: Any, X: np.ndarray, flavor: str, task: str, names: list[str]) -> np.ndarray:
     """``predict_matrix`` with xgboost's ``inplace_predict`` (no DMatrix: a tenth of the fixed
     cost; the same trees on the same float32 matrix, so the same floats)."""
-    if flavor == "xgboost":
+    if flavor == "xgboost" and not np.isinf(X).any():
         return model.inplace_predict(X, missing=np.nan)
+    # An infinity (a double beyond float32 becomes one): the DMatrix refuses it, as the pyfunc does;
+    # inplace_predict would answer a made-up prediction.
     return predict_matrix(model, X, flavor, task, names)
 
 
