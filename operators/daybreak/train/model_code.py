@@ -73,17 +73,10 @@ def encode(frame: Any, features: list[str], encoders: dict[str, dict[str, Any]])
             # -1 for a value not among the categories (unseen, or missing); pd.Categorical gave the same
             # but warns (pandas 3.1) that such values will raise
             codes = pd.Index(cats).get_indexer(text)
-            if kind == "ordinal":
-                out[:, j] = np.where(codes < 0, np.nan, codes)
-            elif kind == "frequency":
-                freq = np.append(np.asarray(enc["frequencies"], dtype=np.float64), 0.0)  # code -1: unseen
-                out[:, j] = np.where(present, freq[codes], np.nan)
-            else:
-                block = (codes[:, None] == np.arange(len(cats))[None, :]).astype(np.float32)
-                block[~present] = np.nan
-                out[:, j:j + len(cats)] = block
-                j += len(cats)
-                continue
+            freq = (np.append(np.asarray(enc["frequencies"], dtype=np.float64), 0.0)  # code -1: unseen
+                    if kind == "frequency" else None)
+            j = _place_codes(out, j, kind, codes, present, freq, len(cats))
+            continue
         else:
             values = pd.to_numeric(col, errors="coerce").to_numpy(dtype=np.float64, na_value=np.nan)
             if enc is not None and kind == "quantile":
@@ -145,17 +138,8 @@ class ColumnEncoder:
                     except TypeError:  # an unhashable value
                         found = [lookup.get(v, -1) if type(v) is str else -1 for v in values]
                     codes = np.fromiter(found, dtype=np.intp, count=rows)
-                if kind == "ordinal":
-                    out[:, j] = np.where(codes < 0, np.nan, codes)
-                elif kind == "frequency":
-                    out[:, j] = np.where(present, self.freqs[name][codes], np.nan)
-                else:
-                    cats = enc["categories"]
-                    block = (codes[:, None] == np.arange(len(cats))[None, :]).astype(np.float32)
-                    block[~present] = np.nan
-                    out[:, j:j + len(cats)] = block
-                    j += len(cats)
-                    continue
+                j = _place_codes(out, j, kind, codes, present, self.freqs.get(name), len(enc["categories"]))
+                continue
             else:
                 if col.dtype == np.float64:
                     values = col
@@ -167,6 +151,21 @@ class ColumnEncoder:
                 out[:, j] = values
             j += 1
         return out
+
+
+def _place_codes(out: np.ndarray, j: int, kind: str, codes: np.ndarray, present: Any, freq: Any, n: int) -> int:
+    """A categorical column's codes (-1: unseen or missing) into the matrix at column j, as its
+    encoder kind wants them (``encode`` and ``ColumnEncoder`` share it); the next column."""
+    if kind == "ordinal":
+        out[:, j] = np.where(codes < 0, np.nan, codes)
+        return j + 1
+    if kind == "frequency":
+        out[:, j] = np.where(present, freq[codes], np.nan)
+        return j + 1
+    block = (codes[:, None] == np.arange(n)[None, :]).astype(np.float32)
+    block[~present] = np.nan
+    out[:, j:j + n] = block
+    return j + n
 
 
 def partition_keys(frame: pd.DataFrame, columns: list[str]) -> np.ndarray:
