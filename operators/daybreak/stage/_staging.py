@@ -337,8 +337,14 @@ def _csv_opts(src: SourceSpec, types: dict[str, pa.DataType], ragged: list[dict[
                        "reason": f"ragged: expected {row.expected_columns} fields, got {row.actual_columns}"})
         return "skip"
 
+    # use_threads=False: the parser reads a Python stream (the digest-checking _Bounded). When a
+    # threaded read fails, arrow's pool can still hold that stream and release it from a worker
+    # thread later; if that happens while the interpreter finalizes (a CLI exiting on the error)
+    # the worker cannot take the GIL and the process aborts (SIGABRT, "terminate called without
+    # an active exception"), seen in about 1 of 40 such exits. The serial reader finishes with
+    # the stream before it returns or raises.
     return dict(
-        read_options=pacsv.ReadOptions(encoding=src.encoding),
+        read_options=pacsv.ReadOptions(encoding=src.encoding, use_threads=False),
         parse_options=pacsv.ParseOptions(invalid_row_handler=on_invalid, newlines_in_values=False),
         convert_options=pacsv.ConvertOptions(column_types=types, null_values=src.null_values,
                                              strings_can_be_null=True, quoted_strings_can_be_null=True),
@@ -400,7 +406,7 @@ def _read_file(fr: FileRead, src: SourceSpec) -> tuple[pa.Table, list[dict[str, 
             table = _read_parquet(fr)
         else:
             with _parsing(fr) as reader:
-                table = pajson.read_json(reader)
+                table = pajson.read_json(reader, read_options=pajson.ReadOptions(use_threads=False))
     except (pa.ArrowInvalid, pa.ArrowTypeError) as e:
         twice = _JSON_TWICE.search(str(e))
         if twice:
