@@ -208,7 +208,7 @@ def test_weekday_feed_backfills_across_weekends_and_a_holiday(weekday: dict) -> 
 
     # a weekday whose file is missing is still an error, naming the day
     proc = daybreak("run", "--spec", str(spec), "--date", "2024-04-03", home=home, check=False)
-    assert proc.returncode == 2 and "no landing file for 2024-04-03" in proc.stderr, proc.stderr[-2000:]
+    assert proc.returncode == 3 and "no landing file for 2024-04-03" in proc.stderr, proc.stderr[-2000:]
 
 
 def test_row_count_compares_expected_days(weekday: dict) -> None:
@@ -286,7 +286,7 @@ def test_cold_store_backfill_stages_the_lookback_first(tmp_path: Path) -> None:
     before = sorted(os.listdir(staged))
     proc = daybreak("backfill", "--spec", str(spec), "--start", "2024-03-05", "--end", "2024-03-06",
                     "--steps", "stage,features", home=home, check=False)
-    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert proc.returncode == 3, proc.stderr[-2000:]
     # (with the look-back's day of margin the days before the feed's first, 2024-03-01, are named too)
     needed = [first - timedelta(days=k) for k in range(lookback, 0, -1)]
     absent = [d.isoformat() for d in needed if d < date(2024, 3, 1) or d in gone]

@@ -39,13 +39,13 @@ def test_datasets_flights(tmp_path: Path) -> None:
     assert (tmp_path / "dims" / "planes.csv").is_file() and (tmp_path / "weather" / "2013-03-02.csv").is_file()
 
 
-def test_bad_spec_exits_2_naming_the_field(tmp_path: Path) -> None:
+def test_bad_spec_exits_3_naming_the_field(tmp_path: Path) -> None:
     raw = yaml.safe_load(SPEC.read_text())
     raw["gate"]["metric"] = "accuracy_ish"
     bad = tmp_path / "bad.yaml"
     bad.write_text(yaml.safe_dump(raw))
     proc = daybreak("run", "--spec", str(bad), "--date", "2013-01-02", check=False)
-    assert proc.returncode == 2
+    assert proc.returncode == 3
     assert "gate.metric" in proc.stderr and "Traceback" not in proc.stderr
     proc = daybreak("run", "--spec", str(SPEC), "--date", "2013-13-45", check=False)
     assert proc.returncode == 2 and "invalid date '2013-13-45'" in proc.stderr
@@ -100,10 +100,55 @@ def test_step_commands_and_a_backfill_of_some_steps(home: Path) -> None:
     trained = json.loads(daybreak("train", *spec, *day, "--json", home=home).stdout)
     assert trained["step"] == "train" and trained["status"] == "trained" and trained["model_version"] == "1"
     assert daybreak("gate", *spec, *day, home=home).stdout.startswith("2013-01-02  PROMOTE  candidate=v1")
+    # a REJECT exits 0 (a normal outcome) unless the script asks for --fail-on-reject (exit 4)
+    rejected = ("gate", *spec, *day, "--force", "--override", "reject", "--reason", "cli test")
+    assert daybreak(*rejected, home=home).stdout.startswith("2013-01-02  REJECT")
+    strict = daybreak(*rejected, "--fail-on-reject", home=home, check=False)
+    assert strict.returncode == 4 and "REJECT" in strict.stdout, strict.stdout + strict.stderr[-2000:]
+    again = daybreak("gate", *spec, *day, "--force", "--override", "promote", "--reason", "cli test: undo",
+                     "--fail-on-reject", home=home).stdout
+    assert again.startswith("2013-01-02  PROMOTE  candidate=v1"), again
     would = json.loads(daybreak("promote", *spec, *day, "--dry-run", "--json", home=home).stdout)
     assert would["promoted"] is False and "would move champion to v1" in would["reason"]
     done = daybreak("promote", *spec, *day, home=home).stdout
     assert done.startswith("2013-01-02  promote: ") and "promoted=True" in done and "champion_version=1" in done
     # a step whose input is missing says which step to run first
     early = daybreak("features", *spec, "--date", "2013-01-05", home=home, check=False)
-    assert early.returncode != 0 and "stage" in early.stderr and "Traceback" not in early.stderr
+    assert early.returncode == 3 and "stage" in early.stderr and "Traceback" not in early.stderr
+
+
+
+@pytest.mark.parametrize("argv", [["run", "--spec", str(SPEC)], ["nosuch"],
+                                  ["run", "--spec", str(SPEC), "--date", "2013-02-30"],
+                                  ["backfill", "--spec", str(SPEC), "--start", "2013-01-01", "--end", "2013-01-01",
+                                   "--steps", "stage,warmup"]])
+def test_usage_errors_exit_2_with_one_error_line(argv: list[str]) -> None:
+    """A usage error exits 2 (click's convention), as daybreak's other errors do: an `error:` line
+    (before, typer's own copy of click escaped the handler: exit 1 and a class name)."""
+    proc = daybreak(*argv, check=False)
+    lines = proc.stderr.splitlines()
+    assert proc.returncode == 2 and lines[0].startswith("error: "), proc.stderr
+    assert any(ln.startswith("Usage: daybreak") for ln in lines) and "Traceback" not in proc.stderr
+
+
+def test_exit_codes_tell_bad_input_from_infrastructure(tmp_path: Path) -> None:
+    """3: daybreak refused the input; 5: a service could not be reached (what a retry may fix)."""
+    missing = daybreak("validate", "--spec", str(tmp_path / "nope.yaml"), check=False)
+    assert missing.returncode == 3 and "spec file not found" in missing.stderr, missing.stderr
+    closed = subprocess.run([str(BIN / "daybreak"), "versions", "--spec", str(SPEC), "--tracking-uri",
+                             "http://127.0.0.1:9"], capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0"})
+    assert closed.returncode == 5 and "Connection refused" in closed.stderr, closed.stderr[-2000:]
+
+
+def test_options_bound_to_environment_variables_and_completion() -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DAYBREAK_SPEC")}
+    ok = subprocess.run([str(BIN / "daybreak"), "validate", "--json"], capture_output=True, text=True,
+                        env={**env, "DAYBREAK_SPEC": str(SPEC)}, timeout=300)
+    assert ok.returncode == 0 and json.loads(ok.stdout)["name"] == "flights_delay", ok.stderr[-2000:]
+    helptext = daybreak("run", "--help").stdout
+    for var in ("DAYBREAK_SPEC", "DAYBREAK_STORE", "MLFLOW_TRACKING_URI", "DAYBREAK_FAIL_ON_REJECT"):
+        assert var in helptext, (var, helptext)
+    script = daybreak("--show-completion", "bash").stdout
+    assert "_DAYBREAK_COMPLETE" in script and "complete " in script, script
+    assert daybreak("--version").stdout.startswith("daybreak ")

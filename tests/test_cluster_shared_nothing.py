@@ -346,11 +346,11 @@ def test_a_local_store_or_registry_with_a_remote_cluster_is_refused_at_once(clus
     shared = cases["shared filesystem declared"]
     if not shared["ok"] and "DAYBREAK_SHARED_FS" in shared["error"]["message"]:
         problems.append(f"refused although DAYBREAK_SHARED_FS=1: {shared['error']['message'][:600]}")
-    # The CLI: one line, exit 2, no traceback (a local store and a SQLite registry, train)
+    # The CLI: one line, exit 3, no traceback (a local store and a SQLite registry, train)
     code, out = _run("cli-refuse", [str(BIN / "daybreak"), "train", "--spec", str(cluster["spec_file"]),
                                     "--date", DAY1], cli_env, cluster, timeout=300)
     lines = [ln for ln in out.splitlines() if ln.startswith("error:")]
-    if not (code == 2 and len(lines) == 1 and "DAYBREAK_SHARED_FS" in lines[0] and "Traceback" not in out):
+    if not (code == 3 and len(lines) == 1 and "DAYBREAK_SHARED_FS" in lines[0] and "Traceback" not in out):
         problems.append(f"the CLI (exit {code}) did not refuse in one line:\n{out[-1500:]}")
     assert not problems, "\n".join(problems)
 

@@ -312,7 +312,7 @@ def test_blocking_data_check_stops_promotion(fresh: Path, spec) -> None:
 
 
 def test_too_few_holdout_rows_is_a_recorded_decision_and_the_cycle_goes_on(fresh: Path, spec) -> None:
-    """A holdout under gate.min_rows used to raise (exit 2) and stop a backfill: it is now the
+    """A holdout under gate.min_rows used to raise (exit 2, now 3) and stop a backfill: it is now the
     decision INSUFFICIENT_DATA, recorded like any other, and nothing is promoted."""
     from daybreak.infra.audit import audit_events
     from daybreak.promote import model_history

@@ -250,11 +250,11 @@ def test_live_metrics_are_recorded_per_version(home: Path, spec, tmp_path: Path)
     events = json.loads(out.stdout)
     assert events[0]["event"] == "monitor" and f"v{first}" in events[0]["reason"], events[0]
 
-    # a drift past block_psi stops the day (exit 2 naming the features), after recording it
+    # a drift past block_psi stops the day (exit 3 naming the features), after recording it
     strict = _spec_file(spec, tmp_path, 2, drift={"block_psi": 0.5})
     out = subprocess.run([str(BIN / "daybreak"), "monitor", "--spec", str(strict), "--date", day.isoformat()],
                          capture_output=True, text=True, env={**os.environ, "DAYBREAK_HOME": str(home)}, timeout=300)
-    assert out.returncode == 2, out.stdout + out.stderr
+    assert out.returncode == 3, out.stdout + out.stderr
     message = out.stderr.strip().splitlines()[-1]
     assert "block_psi=0.5" in message and "drifted" in message and "PSI " in message, message
     assert "Traceback" not in out.stderr

@@ -168,12 +168,12 @@ def test_served_deployment_on_a_prefect_server_retrains_promotes_and_caches(
         search = f"{mlflow_url}/api/2.0/mlflow/experiments/search?max_results=1"
         assert httpx.get(search, timeout=30).status_code == 401  # the server really wants the password
         assert httpx.get(search, auth=("admin", password), timeout=30).status_code == 200
-        # a wrong password: the CLI says so in one message (exit 2), without a traceback or the password
+        # a wrong password: the CLI says so in one message (exit 5), without a traceback or the password
         wrong = subprocess.run([str(BIN / "daybreak"), "versions", "--spec", str(SPEC), "--tracking-uri", mlflow_url],
                                env={**_base_env(tag), "MLFLOW_TRACKING_USERNAME": "admin",
                                     "MLFLOW_TRACKING_PASSWORD": "not-" + password, "DAYBREAK_HOME": str(home)},
                                capture_output=True, text=True, timeout=300)
-        assert wrong.returncode == 2 and "refused the credentials (UNAUTHENTICATED)" in wrong.stderr, wrong.stderr
+        assert wrong.returncode == 5 and "refused the credentials (UNAUTHENTICATED)" in wrong.stderr, wrong.stderr
         assert "Traceback" not in wrong.stderr and password not in wrong.stderr + wrong.stdout
 
         # -- the Secret block and the `daybreak` Variable (the password only in the driver's env)

@@ -190,9 +190,9 @@ def test_cli(on_home: dict, tmp_path: Path) -> None:
     bad = tmp_path / "bad.yaml"
     bad.write_text("gate:\n  margin: -1\n")
     refused = _cli(on_home, "--start", DAYS[0], "--end", DAYS[0], "--policy", str(bad))
-    assert refused.returncode == 2 and "gate.margin" in refused.stderr, refused.stderr
+    assert refused.returncode == 3 and "gate.margin" in refused.stderr, refused.stderr
     backwards = _cli(on_home, "--start", DAYS[1], "--end", DAYS[0])
-    assert backwards.returncode == 2 and "before" in backwards.stderr, backwards.stderr
+    assert backwards.returncode == 3 and "before" in backwards.stderr, backwards.stderr
 
 
 def test_the_step_the_airflow_operator_and_the_prefect_task(on_home: dict) -> None:

@@ -7,14 +7,28 @@ import logging
 import os
 import sys
 from datetime import date
+from enum import IntEnum
 from pathlib import Path
 from typing import Any
 
 import typer
 
-from daybreak.infra.errors import DaybreakError, RedactFilter, credentials_refused, redact
+from daybreak.infra.errors import DaybreakError, RedactFilter, credentials_refused, is_retryable, redact
 
-app = typer.Typer(add_completion=False, no_args_is_help=True,
+
+class ExitCode(IntEnum):
+    """What ``daybreak`` exits with (docs: reference/cli). Scripts and orchestrators branch on these."""
+
+    OK = 0  # done (a gate REJECT too, unless --fail-on-reject)
+    ERROR = 1  # unexpected: a bug (DAYBREAK_DEBUG=1 prints the redacted traceback); please report it
+    USAGE = 2  # the command line: unknown command or option, missing or malformed argument
+    BAD_INPUT = 3  # the spec, a landing file, the data or the registry's state refuses the run; nothing published
+    REJECTED = 4  # the gate rejected the candidate (only with --fail-on-reject)
+    INFRASTRUCTURE = 5  # the store, MLflow, Ray or the model server could not be reached or refused the credentials
+    INTERRUPTED = 130  # Ctrl-C
+
+
+app = typer.Typer(no_args_is_help=True,
                   help="daybreak: stage, build features, retrain, gate, promote and serve a model every day.")
 datasets_app = typer.Typer(no_args_is_help=True, help="Demo data sets.")
 app.add_typer(datasets_app, name="datasets")
@@ -35,11 +49,32 @@ def _root(version: bool = typer.Option(False, "--version", callback=_version, is
                                        help="Print daybreak's version and exit.")) -> None:
     """daybreak: stage, build features, retrain, gate, promote and serve a model every day."""
 
-SpecOpt = typer.Option(..., "--spec", "-s", help="Pipeline spec (YAML).", exists=False)
-JsonOpt = typer.Option(False, "--json", help="Print machine-readable JSON on stdout.")
-StoreOpt = typer.Option(None, "--store", help="Store root (default: $DAYBREAK_STORE or $DAYBREAK_HOME/store).")
-TrackingOpt = typer.Option(None, "--tracking-uri",
-                           help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or sqlite in $DAYBREAK_HOME).")
+def _check_date(value: str | None) -> str | None:
+    """A malformed --date/--start/--end is a usage error (exit 2), found before anything loads."""
+    from daybreak.infra.context import parse_date
+
+    if value is not None:
+        try:
+            parse_date(value)
+        except ValueError as e:
+            raise typer.BadParameter(str(e)) from None
+    return value
+
+
+# Options a deployment sets once are bound to environment variables (shown in --help); a flag on
+# the command line wins over the variable.
+SpecOpt = typer.Option(..., "--spec", "-s", help="Pipeline spec (YAML).", envvar="DAYBREAK_SPEC")
+JsonOpt = typer.Option(False, "--json", help="Print machine-readable JSON on stdout.", envvar="DAYBREAK_JSON")
+StoreOpt = typer.Option(None, "--store", help="Store root (default: $DAYBREAK_HOME/store).",
+                        envvar="DAYBREAK_STORE")
+TrackingOpt = typer.Option(None, "--tracking-uri", help="MLflow tracking URI (default: sqlite in $DAYBREAK_HOME).",
+                           envvar=["DAYBREAK_TRACKING_URI", "MLFLOW_TRACKING_URI"])
+DayOpt = typer.Option(..., "--date", "-d", help="Logical date, YYYY-MM-DD.", callback=_check_date)
+StartOpt = typer.Option(..., "--start", help="First date, YYYY-MM-DD.", callback=_check_date)
+EndOpt = typer.Option(..., "--end", help="Last date (inclusive), YYYY-MM-DD.", callback=_check_date)
+FailOnRejectOpt = typer.Option(False, "--fail-on-reject", envvar="DAYBREAK_FAIL_ON_REJECT",
+                               help=f"Exit {ExitCode.REJECTED.value} when the gate rejects the candidate "
+                                    "(for scripts; default: exit 0, a rejection is a normal outcome).")
 
 
 def setup_logging(verbose: bool = False) -> None:
@@ -105,23 +140,29 @@ def summary_line(s: dict[str, Any]) -> str:
 
 
 @app.command()
-def run(spec: str = SpecOpt, day: str = typer.Option(..., "--date", "-d", help="Logical date, YYYY-MM-DD."),
+def run(spec: str = SpecOpt, day: str = DayOpt,
         store: str | None = StoreOpt, tracking_uri: str | None = TrackingOpt,
         no_deploy: bool = typer.Option(False, "--no-deploy", help="Skip the deploy check."),
         force: bool = typer.Option(False, "--force", help="Retrain even if the date already has a candidate."),
         dry_run: bool = typer.Option(False, "--dry-run", help="Stop after the gate: report, never promote or deploy."),
-        as_json: bool = JsonOpt) -> None:
+        fail_on_reject: bool = FailOnRejectOpt, as_json: bool = JsonOpt) -> None:
     """Run one full daily cycle (stage, features, train, gate, promote, deploy) in process."""
     from daybreak.cycle import run_cycle
 
     s = _load(spec)
     result = run_cycle(s, _ctx(day, store, tracking_uri), deploy=not no_deploy, force=force, dry_run=dry_run)
     _emit(result, as_json, summary_line(result["summary"]))
+    _exit_if_rejected(result["summary"].get("decision"), fail_on_reject)
+
+
+def _exit_if_rejected(decision: str | None, fail_on_reject: bool) -> None:
+    if fail_on_reject and decision == "REJECT":
+        raise typer.Exit(ExitCode.REJECTED)
 
 
 @app.command()
-def backfill(spec: str = SpecOpt, start: str = typer.Option(..., "--start", help="First date, YYYY-MM-DD."),
-             end: str = typer.Option(..., "--end", help="Last date (inclusive), YYYY-MM-DD."),
+def backfill(spec: str = SpecOpt, start: str = StartOpt,
+             end: str = EndOpt,
              store: str | None = StoreOpt, tracking_uri: str | None = TrackingOpt,
              steps: str | None = typer.Option(
                  None, "--steps", help="Comma-separated cycle steps to run, in the cycle's order (default all), "
@@ -141,7 +182,10 @@ def backfill(spec: str = SpecOpt, start: str = typer.Option(..., "--start", help
     from daybreak.infra.context import date_range, parse_date
 
     chosen = None if steps is None else steps.split(",")
-    names = [st.name for st in cycle_steps(chosen)]  # a ValueError naming the choices: exit 2
+    try:
+        names = [st.name for st in cycle_steps(chosen)]
+    except ValueError as e:  # naming the choices: a usage error
+        raise typer.BadParameter(str(e), param_hint="'--steps'") from None
     s = _load(spec)
     days = date_range(parse_date(start), parse_date(end))
 
@@ -196,14 +240,14 @@ def _not_expected(res: dict[str, Any], as_json: bool) -> bool:
 
 
 @app.command("stage")
-def stage_cmd(spec: str = SpecOpt, day: str = typer.Option(..., "--date", "-d", help="Logical date, YYYY-MM-DD."),
+def stage_cmd(spec: str = SpecOpt, day: str = DayOpt,
               store: str | None = StoreOpt, tracking_uri: str | None = TrackingOpt, as_json: bool = JsonOpt) -> None:
     """Stage the date's landing files: validate, publish the day's Parquet partition atomically."""
     _run_step("stage", spec, day, store, tracking_uri, as_json)
 
 
 @app.command("features")
-def features_cmd(spec: str = SpecOpt, day: str = typer.Option(..., "--date", "-d", help="Logical date, YYYY-MM-DD."),
+def features_cmd(spec: str = SpecOpt, day: str = DayOpt,
                  store: str | None = StoreOpt, tracking_uri: str | None = TrackingOpt,
                  as_json: bool = JsonOpt) -> None:
     """Build the date's feature partition from the staged data (after the stage step)."""
@@ -211,7 +255,7 @@ def features_cmd(spec: str = SpecOpt, day: str = typer.Option(..., "--date", "-d
 
 
 @app.command("train")
-def train_cmd(spec: str = SpecOpt, day: str = typer.Option(..., "--date", "-d", help="Logical date, YYYY-MM-DD."),
+def train_cmd(spec: str = SpecOpt, day: str = DayOpt,
               store: str | None = StoreOpt, tracking_uri: str | None = TrackingOpt,
               force: bool = typer.Option(False, "--force", help="Retrain even if the date already has a candidate."),
               as_json: bool = JsonOpt) -> None:
@@ -220,7 +264,7 @@ def train_cmd(spec: str = SpecOpt, day: str = typer.Option(..., "--date", "-d", 
 
 
 @app.command("promote")
-def promote_cmd(spec: str = SpecOpt, day: str = typer.Option(..., "--date", "-d", help="Logical date, YYYY-MM-DD."),
+def promote_cmd(spec: str = SpecOpt, day: str = DayOpt,
                 store: str | None = StoreOpt, tracking_uri: str | None = TrackingOpt,
                 dry_run: bool = typer.Option(False, "--dry-run", help="Say what would happen; change nothing."),
                 as_json: bool = JsonOpt) -> None:
@@ -229,7 +273,7 @@ def promote_cmd(spec: str = SpecOpt, day: str = typer.Option(..., "--date", "-d"
 
 
 @app.command("deploy")
-def deploy_cmd(spec: str = SpecOpt, day: str = typer.Option(..., "--date", "-d", help="Logical date, YYYY-MM-DD."),
+def deploy_cmd(spec: str = SpecOpt, day: str = DayOpt,
                store: str | None = StoreOpt, tracking_uri: str | None = TrackingOpt,
                as_json: bool = JsonOpt) -> None:
     """Check that the server answers with the champion (hot swap); after a promotion."""
@@ -297,15 +341,16 @@ def approve(spec: str = SpecOpt,
 
 @app.command()
 def serve(spec: str = SpecOpt,
-          host: str | None = typer.Option(None, help="Bind address (default from spec: 127.0.0.1)."),
-          port: int | None = typer.Option(None, help="Port (default from spec)."),
+          host: str | None = typer.Option(None, help="Bind address (default from spec: 127.0.0.1).",
+                                          envvar="DAYBREAK_SERVE_HOST"),
+          port: int | None = typer.Option(None, help="Port (default from spec).", envvar="DAYBREAK_SERVE_PORT"),
           tracking_uri: str | None = TrackingOpt,
           replicas: int = typer.Option(1, "--replicas", min=1,
                                        help="Replicas on Ray Serve (2 or more need the cluster extra); 1 serves "
                                             "in this process."),
           ray_address: str | None = typer.Option(None, "--ray-address",
-                                                 help="Ray cluster for --replicas (default: $RAY_ADDRESS, else a "
-                                                      "local Ray)."),
+                                                 help="Ray cluster for --replicas (default: a local Ray).",
+                                                 envvar="RAY_ADDRESS"),
           replica_cpus: float = typer.Option(1.0, "--replica-cpus", min=0.0, help="CPUs Ray reserves per replica.")
           ) -> None:
     """Serve the champion over HTTP (MLflow scoring protocol); follows the champion alias.
@@ -329,13 +374,13 @@ def serve(spec: str = SpecOpt,
 
 
 @app.command()
-def gate(spec: str = SpecOpt, day: str = typer.Option(..., "--date", "-d", help="Logical date, YYYY-MM-DD."),
+def gate(spec: str = SpecOpt, day: str = DayOpt,
          store: str | None = StoreOpt, tracking_uri: str | None = TrackingOpt,
          force: bool = typer.Option(False, "--force", help="Decide again even if this version was gated."),
          override: str | None = typer.Option(None, "--override",
                                              help="promote or reject, replacing the computed decision."),
          reason: str | None = typer.Option(None, "--reason", help="Why (required with --override; recorded)."),
-         as_json: bool = JsonOpt) -> None:
+         fail_on_reject: bool = FailOnRejectOpt, as_json: bool = JsonOpt) -> None:
     """Gate the date's candidate against the champion (after the train step) and record the decision."""
     from daybreak.steps import STEPS
 
@@ -346,11 +391,12 @@ def gate(spec: str = SpecOpt, day: str = typer.Option(..., "--date", "-d", help=
     lines = [f"{res['date']}  {res['decision']}  candidate=v{res.get('candidate_version') or '-'}  "
              f"champion=v{res.get('champion_version') or '-'}", *map(_rule_line, res.get("rules", []))]
     _emit(res, as_json, "\n".join(lines))
+    _exit_if_rejected(res.get("decision"), fail_on_reject)
 
 
 @app.command()
-def replay(spec: str = SpecOpt, start: str = typer.Option(..., "--start", help="First date, YYYY-MM-DD."),
-           end: str = typer.Option(..., "--end", help="Last date, YYYY-MM-DD."),
+def replay(spec: str = SpecOpt, start: str = StartOpt,
+           end: str = EndOpt,
            policy: Path | None = typer.Option(None, "--policy",
                                               help="YAML with a top-level gate: section to judge by instead of "
                                                    "the spec's."),
@@ -403,7 +449,7 @@ def _replay_table(res: Any) -> str:
 
 
 @app.command()
-def score(spec: str = SpecOpt, day: str = typer.Option(..., "--date", "-d", help="Logical date, YYYY-MM-DD."),
+def score(spec: str = SpecOpt, day: str = DayOpt,
           store: str | None = StoreOpt, tracking_uri: str | None = TrackingOpt, as_json: bool = JsonOpt) -> None:
     """Score the date's feature partition with the champion on Ray (predictions/<model>/date=D/)."""
     from daybreak.steps import STEPS
@@ -416,7 +462,7 @@ def score(spec: str = SpecOpt, day: str = typer.Option(..., "--date", "-d", help
 
 
 @app.command()
-def monitor(spec: str = SpecOpt, day: str = typer.Option(..., "--date", "-d", help="Logical date, YYYY-MM-DD."),
+def monitor(spec: str = SpecOpt, day: str = DayOpt,
             store: str | None = StoreOpt, tracking_uri: str | None = TrackingOpt, as_json: bool = JsonOpt) -> None:
     """Judge the model in service on the date's logged predictions and labels; roll back if it must."""
     from daybreak.steps import STEPS
@@ -482,7 +528,7 @@ def report(spec: str = SpecOpt, version: str | None = typer.Option(None, help="M
 
 @app.command()
 def validate(spec: str = SpecOpt, as_json: bool = JsonOpt) -> None:
-    """Check a spec and print its hashes; exits 2 naming the bad field if invalid."""
+    """Check a spec and print its hashes; exits 3 naming the bad field if invalid."""
     s = _load(spec)
     info = {"name": s.name, "spec_hash": s.spec_hash(), "feature_version": s.feature_version(),
             "features": s.features.feature_names()}
@@ -492,8 +538,9 @@ def validate(spec: str = SpecOpt, as_json: bool = JsonOpt) -> None:
 
 @datasets_app.command("flights")
 def datasets_flights(out: Path = typer.Option(..., "--out", "-o", help="Landing folder to write."),
-                     start: str | None = typer.Option(None, help="First day to write (default: all of 2013)."),
-                     end: str | None = typer.Option(None, help="Last day to write."),
+                     start: str | None = typer.Option(None, help="First day to write (default: all of 2013).",
+                                                      callback=_check_date),
+                     end: str | None = typer.Option(None, help="Last day to write.", callback=_check_date),
                      as_json: bool = JsonOpt) -> None:
     """Write the real 2013 NYC flights as daily landing drops plus dimension tables."""
     from daybreak.demo import build_flights_landing
@@ -558,34 +605,58 @@ def main(hard_exit: bool = True) -> None:
 
 def _main(hard_exit: bool) -> None:
     try:
-        app(standalone_mode=False)
-    except (DaybreakError, ValueError) as e:  # ValueError: bad dates and similar argument errors
-        typer.echo(f"error: {redact(e)}", err=True)
-        _leave(2, hard_exit)
+        code = app(standalone_mode=False)  # click returns typer.Exit's code here (commands return None)
+        if isinstance(code, int) and code:
+            sys.exit(code)
     except typer.Exit as e:
         sys.exit(e.exit_code)
     except typer.Abort:
-        sys.exit(130)
-    except Exception as e:  # click usage errors
-        import click
+        sys.exit(ExitCode.INTERRUPTED)
+    except Exception as e:
+        try:  # typer 0.2x carries its own copy of click
+            from typer._click.exceptions import ClickException, UsageError
+        except ImportError:
+            from click import ClickException, UsageError  # type: ignore[assignment]
 
-        if isinstance(e, click.ClickException):
-            e.show()
+        if isinstance(e, ClickException):  # usage: exit code 2, one "error:" line like the others
+            typer.echo(f"error: {e.format_message()}", err=True)
+            if isinstance(e, UsageError) and e.ctx is not None:
+                typer.echo(f"{e.ctx.get_usage()}\nTry '{e.ctx.command_path} --help' for help.", err=True)
             sys.exit(e.exit_code)
-        refused = credentials_refused(e)
-        if refused:
-            typer.echo(f"error: the MLflow tracking server refused the credentials ({refused}): "
-                       f"{redact(str(e).splitlines()[0][:300])}\nSet MLFLOW_TRACKING_USERNAME and "
-                       "MLFLOW_TRACKING_PASSWORD (or MLFLOW_TRACKING_TOKEN) for it.", err=True)
-            _leave(2, hard_exit)
-        # Anything else: one redacted line (a redacted traceback with DAYBREAK_DEBUG=1), never the
-        # interpreter's or rich's traceback, which would print URIs with their passwords (and locals).
-        if os.environ.get("DAYBREAK_DEBUG") == "1":
-            import traceback
+        _leave(_report(e), hard_exit)
 
-            typer.echo(redact("".join(traceback.format_exception(e))), err=True)
-        typer.echo(f"error: {type(e).__name__}: {redact(e)}", err=True)
-        _leave(1, hard_exit)
+
+def exit_code_for(e: BaseException) -> ExitCode:
+    """The exit code of an error (the table in ExitCode): bad input when daybreak refused the input,
+    infrastructure when a service failed or refused us (what an orchestrator would retry), else a bug."""
+    if isinstance(e, DaybreakError):
+        return ExitCode.INFRASTRUCTURE if e.retryable else ExitCode.BAD_INPUT
+    if isinstance(e, ValueError):  # values the steps refuse (an --override that is not promote/reject)
+        return ExitCode.BAD_INPUT
+    if credentials_refused(e) or is_retryable(e):
+        return ExitCode.INFRASTRUCTURE
+    return ExitCode.ERROR
+
+
+def _report(e: Exception) -> ExitCode:
+    """Print one redacted line for `e` (a redacted traceback with DAYBREAK_DEBUG=1), never the
+    interpreter's or rich's traceback, which would print URIs with their passwords (and locals)."""
+    code = exit_code_for(e)
+    if isinstance(e, (DaybreakError, ValueError)):
+        typer.echo(f"error: {redact(e)}", err=True)
+        return code
+    refused = credentials_refused(e)
+    if refused:
+        typer.echo(f"error: the MLflow tracking server refused the credentials ({refused}): "
+                   f"{redact(str(e).splitlines()[0][:300])}\nSet MLFLOW_TRACKING_USERNAME and "
+                   "MLFLOW_TRACKING_PASSWORD (or MLFLOW_TRACKING_TOKEN) for it.", err=True)
+        return code
+    if os.environ.get("DAYBREAK_DEBUG") == "1":
+        import traceback
+
+        typer.echo(redact("".join(traceback.format_exception(e))), err=True)
+    typer.echo(f"error: {type(e).__name__}: {redact(e)}", err=True)
+    return code
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Bad input: bad landing files and bad specs through `daybreak run`, as a user runs it. Each must
-exit 2 with an error naming the file, column or spec field, before any work: no partition
-published (quarantined rows may stay, for inspection), no MLflow store, run or model version, no
+exit 3 (2 for a malformed argument) with an error naming the file, column or spec field, before any
+work: no partition published (quarantined rows may stay, for inspection), no MLflow store, run or model version, no
 Ray started.
 
 Forty-odd cases cost forty CLI start-ups, so one driver process calls the real entry point
@@ -243,6 +243,7 @@ ARGS: dict[str, tuple[Callable[[Path, Path], list[str]], list[str]]] = {
     "spec that is not YAML": (lambda spec, tmp: ["--spec", str(tmp / "broken.yaml"), "--date", DAY],
                               ["broken.yaml", "not valid YAML"]),
 }
+USAGE = {"date that does not exist"}  # a malformed argument: a usage error (exit 2); the others are bad input (3)
 
 
 def _home(base: Path, landing: Path, files: dict[str, bytes] | None = None) -> Path:
@@ -275,10 +276,10 @@ def nothing_done(home: Path, cwd: Path, ray_dir: Path | None = None) -> list[str
     return problems
 
 
-def judge(r: dict[str, Any], expect: list[str]) -> list[str]:
+def judge(r: dict[str, Any], expect: list[str], rc: int = 3) -> list[str]:
     problems = []
-    if r["rc"] != 2:
-        problems.append(f"exit {r['rc']} (want 2)")
+    if r["rc"] != rc:
+        problems.append(f"exit {r['rc']} (want {rc})")
     lines = r["stderr"].splitlines()
     first = next((i for i, ln in enumerate(lines) if ln.startswith("error:")), len(lines))
     errors = lines[first:first + 1] + [ln for ln in lines[first + 1:] if ln.startswith("  ")]  # a spec's fields
@@ -328,7 +329,8 @@ def test_bad_landing_files_and_bad_specs(tmp_path: Path, landing: Path) -> None:
         base = tmp_path / f"args-{len(cases)}"
         home = _home(base, landing)
         cases.append({"tally": "spec", "name": f"arguments: {name}", "home": str(home), "expect": expect,
-                      "argv": ["run", *argv(SPEC, tmp_path), "--no-deploy"]})
+                      "argv": ["run", *argv(SPEC, tmp_path), "--no-deploy"],
+                      "rc": 2 if name in USAGE else 3})
 
     # two cases as processes of their own (Ray would leave a session in RAY_TMPDIR), next to the driver
     solo = [next(c for c in cases if c["name"] == "missing column"),
@@ -357,7 +359,7 @@ def test_bad_landing_files_and_bad_specs(tmp_path: Path, landing: Path) -> None:
     tallies = {"landing": tally("bad input: landing files"), "spec": tally("bad input: specs")}
     for c in cases:
         r = results[c["name"]]
-        problems = [f"{c['name']}: {p}" for p in judge(r, c["expect"])]
+        problems = [f"{c['name']}: {p}" for p in judge(r, c["expect"], c.get("rc", 3))]
         problems += [f"{c['name']}: {p}" for p in nothing_done(Path(c["home"]), cwd,
                                                                Path(c["ray_dir"]) if "ray_dir" in c else None)]
         tallies[c["tally"]].record(problems)

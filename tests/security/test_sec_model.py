@@ -106,7 +106,7 @@ def test_gate_cli_refuses_the_redirected_model(two_versions: dict) -> None:
                           "--date", "2013-01-03", "--force"], capture_output=True, text=True, timeout=300,
                          env=dict(os.environ))
     assert not marker.exists(), "daybreak gate --force ran the tampered model's code"
-    assert out.returncode == 2, out.stdout + out.stderr
+    assert out.returncode == 3, out.stdout + out.stderr
     assert REFUSAL in out.stderr and f"version {v2}" in out.stderr
     assert "Traceback" not in out.stderr
 

@@ -102,7 +102,7 @@ def test_popen_estimator_is_refused_before_anything_runs(tmp_path: Path) -> None
     proc, _ = validate(spec)
     time.sleep(1.0)  # a shell started by the old code touches the marker a moment later
     assert not marker.exists(), "the spec ran a shell command"
-    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert proc.returncode == 3, proc.stderr[-2000:]
     _no_traceback(proc)
     assert "model.estimator" in proc.stderr and "'subprocess.Popen'" in proc.stderr
     assert ALLOW_ENV in proc.stderr  # how an operator extends the allow-list
@@ -111,7 +111,7 @@ def test_popen_estimator_is_refused_before_anything_runs(tmp_path: Path) -> None
     raw[ALLOW_ENV] = "subprocess"
     proc, _ = validate(_write(tmp_path, raw, "second.yaml"))
     time.sleep(0.5)
-    assert proc.returncode == 2 and not marker.exists()
+    assert proc.returncode == 3 and not marker.exists()
 
 
 @pytest.mark.parametrize("path, why", [
@@ -211,7 +211,7 @@ def test_operator_allow_list_reaches_the_cli(tmp_path: Path) -> None:
                                         params={"C": 0.5, "marker": str(marker)}))
     path = {"PYTHONPATH": os.pathsep.join(filter(None, [str(tmp_path), os.environ.get("PYTHONPATH")]))}
     proc, _ = validate(spec, env=path)
-    assert proc.returncode == 2 and "model.estimator" in proc.stderr and ALLOW_ENV in proc.stderr, proc.stderr
+    assert proc.returncode == 3 and "model.estimator" in proc.stderr and ALLOW_ENV in proc.stderr, proc.stderr
     proc, _ = validate(spec, env={**path, ALLOW_ENV: "acme_models"})
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert not marker.exists()
@@ -267,7 +267,7 @@ def test_billion_laughs_is_refused_quickly(tmp_path: Path) -> None:
         proc, took = validate(spec, timeout=60, gib=3)
     except subprocess.TimeoutExpired:
         pytest.fail("daybreak validate did not finish within 60 s on a 6 KB spec")
-    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert proc.returncode == 3, proc.stderr[-2000:]
     _no_traceback(proc)
     assert "alias" in proc.stderr and "line" in proc.stderr
     assert took < 30
@@ -313,7 +313,7 @@ DEEP = {
 def test_deep_and_long_expressions_exit_2_naming_the_field(tmp_path: Path, kind: str) -> None:
     """The attack: 2,000-deep or 100k-long expressions gave a RecursionError traceback (exit 1)."""
     proc, _ = validate(_write(tmp_path, _with_column_expr(DEEP[kind])), timeout=120)
-    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert proc.returncode == 3, proc.stderr[-2000:]
     _no_traceback(proc)
     assert "features.columns[0].expr" in proc.stderr
     assert ("nests deeper than 100 levels" in proc.stderr) or (f"longer than {MAX_LENGTH}" in proc.stderr)
@@ -339,7 +339,7 @@ def test_depth_limit_is_exact_enough() -> None:
 def test_two_to_the_64_fails_at_validate(tmp_path: Path) -> None:
     """The attack: `2**64` silently evaluated to 0 (int64 wraparound) and the spec validated."""
     proc, _ = validate(_write(tmp_path, _with_column_expr("distance * 2**64")))
-    assert proc.returncode == 2, (proc.returncode, proc.stdout, proc.stderr[-2000:])
+    assert proc.returncode == 3, (proc.returncode, proc.stdout, proc.stderr[-2000:])
     _no_traceback(proc)
     assert "features.columns[0].expr" in proc.stderr and "overflow" in proc.stderr
 
@@ -427,7 +427,7 @@ def test_xgboost_validation_is_bounded_in_time_and_memory(tmp_path: Path, case: 
     code, err, took, rss = validate_measured(_write(tmp_path, raw))
     assert "Traceback" not in err, err[-2000:]
     if refused:
-        assert code == 2, err[-2000:]
+        assert code == 3, err[-2000:]
         assert refused in err and "at most 100" in err, err[-2000:]
     else:
         assert code == 0, err[-2000:]
@@ -472,7 +472,7 @@ def test_a_hundred_choices_per_parameter_validate_quickly(tmp_path: Path) -> Non
 def test_infinite_and_nan_tuning_bounds_exit_2_naming_the_field(tmp_path: Path, bounds: dict, field: str) -> None:
     """The attack: `high: .inf` with `integer: true` raised OverflowError (exit 1, raw error)."""
     proc, _ = validate(_write(tmp_path, _with_tuning(bounds)))
-    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert proc.returncode == 3, proc.stderr[-2000:]
     _no_traceback(proc)
     # (the message itself: the test's folder name holds "finite" too)
     assert re.search(rf"model\.tuning\.space\.{field}[.\w]*: [^\n]*not a finite number", proc.stderr), proc.stderr

@@ -4,7 +4,7 @@ root, streams every file under a size limit, keeps its quarantine private and tu
 
 The attacks run against real files in a real store; the duplicate-header and link attacks also
 through the real CLI (``daybreak run``: there is no separate stage command, and the run stops at
-staging with exit 2 when a landing file is refused). The store's ``landing`` is itself a symlink
+staging with exit 3 when a landing file is refused). The store's ``landing`` is itself a symlink
 to the real landing folder, as in ``tests/conftest.py``'s ``make_home``: the root is resolved
 first and each file judged against it.
 
@@ -155,7 +155,7 @@ def test_file_link_out_of_the_landing_root_is_refused_through_the_cli(h: Home) -
 
     code, err, _ = h.cli(h.spec_file())
 
-    assert code == 2, err[-3000:]
+    assert code == 3, err[-3000:]
     _no_traceback(err)
     assert f"{DAY}.csv" in err and "outside the landing root" in err, err[-3000:]
     for f in h.stored_files():  # not followed: the secret's bytes are nowhere in the store
@@ -181,7 +181,7 @@ def test_directory_link_out_of_the_landing_root_is_refused(h: Home) -> None:
 
     # the same through the CLI
     code, err, _ = h.cli(h.spec_file())
-    assert code == 2 and "outside the landing root" in err, err[-3000:]
+    assert code == 3 and "outside the landing root" in err, err[-3000:]
     _no_traceback(err)
 
 
@@ -230,7 +230,7 @@ def test_sparse_file_over_the_limit_is_quarantined_unread(h: Home) -> None:
     """A 300 MiB sparse file (no disk used) under a 1 MiB limit: refused by its size, unread, and
     the process stays as small as one staging a normal file."""
     ok_code, ok_err, baseline = h.cli(h.spec_file(max_file_bytes=2**20, rows={"min": 10**6}))  # fails after reading
-    assert ok_code == 2 and baseline > 0, ok_err[-3000:]
+    assert ok_code == 3 and baseline > 0, ok_err[-3000:]
 
     big = 300 * 2**20
     h.flights.unlink()
@@ -239,7 +239,7 @@ def test_sparse_file_over_the_limit_is_quarantined_unread(h: Home) -> None:
     os.truncate(h.flights, big)
     code, err, rss = h.cli(h.spec_file(max_file_bytes=2**20))
 
-    assert code == 2, err[-3000:]
+    assert code == 3, err[-3000:]
     _no_traceback(err)
     assert f"{DAY}.csv" in err and str(big) in err and "max_file_bytes 1048576" in err, err[-3000:]
     print(f"peak RSS: {rss} KiB staging the {big}-byte sparse file, {baseline} KiB staging a normal one")
@@ -294,7 +294,7 @@ def test_duplicate_csv_header_is_quarantined_through_the_cli(h: Home) -> None:
     h.flights.write_bytes("".join(ln.rstrip("\n") + (",dep_delay\n" if i == 0 else ",0\n")
                                   for i, ln in enumerate(lines)).encode())
     code, err, _ = h.cli(h.spec_file())
-    assert code == 2, err[-3000:]
+    assert code == 3, err[-3000:]
     _no_traceback(err)
     assert f"{DAY}.csv" in err and "duplicate column" in err and "dep_delay" in err, err[-3000:]
 
