@@ -13,7 +13,7 @@ export AIRFLOW__CORE__LOAD_EXAMPLES ?= False
 # Airflow's API server triggers importing fastapi.testclient, every Airflow command.
 export PYTHONWARNINGS ?= ignore::UserWarning:fastapi.testclient
 
-.PHONY: install browser demo test test-fast lint reliability up bench constraints clean
+.PHONY: install browser demo test test-fast lint docs reliability up bench constraints clean
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 install: $(STAMP)
@@ -61,6 +61,11 @@ lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/mypy
 	$(BIN)/lint-imports
+
+# The documentation site into site/ (mkdocs.yml): --strict fails on a broken link or anchor, and the
+# spec and CLI references are generated from the code at build time (docs/_hooks/reference.py).
+docs: $(STAMP)
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --site-dir site
 
 # The reliability suite with full trial counts (make test runs it with fewer); prints its table.
 reliability: $(STAMP)
