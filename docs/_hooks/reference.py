@@ -50,9 +50,19 @@ def on_page_markdown(markdown: str, page: Any, config: Any, files: Any) -> str:
 
 # --- the spec --------------------------------------------------------------------------------
 
+def _prose(text: str) -> str:
+    """Docstring or description text as Markdown: outside code spans, `<name>` is text, not HTML,
+    and `_` or `*` is a character, not emphasis."""
+    parts = str(text).split("`")
+    for i in range(0, len(parts), 2):  # outside backticks
+        parts[i] = parts[i].replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+        parts[i] = parts[i].replace("_", "\\_").replace("*", "\\*")  # never emphasis
+    return "`".join(parts)
+
+
 def _cell(text: str) -> str:
     """Text safe inside a Markdown table cell."""
-    return " ".join(str(text).split()).replace("|", "\\|")
+    return " ".join(_prose(text).split()).replace("|", "\\|")
 
 
 def _anchor(model: type) -> str:
@@ -175,7 +185,7 @@ def spec_reference() -> str:
         lines += [f"## {model.__name__} {{#{_anchor(model)}}}", "", f"Where: {title}", ""]
         doc = (model.__doc__ or "").strip()
         if doc and not doc.startswith(("Usage docs:", "!!! abstract")):
-            lines += [" ".join(doc.split()), ""]
+            lines += [" ".join(_prose(doc).split()), ""]
         lines += ["| key | type | default | allowed | description |", "| --- | --- | --- | --- | --- |"]
         for name, field in model.model_fields.items():
             key = field.alias or name
@@ -253,7 +263,7 @@ def cli_reference() -> str:
         lines += [f"## `{path}` {{#{anchor}}}", ""]
         help_text = (cmd.help or "").replace("\b\n", "").strip()
         if help_text:
-            lines += [help_text, ""]
+            lines += [_prose(help_text), ""]
         usage = " ".join(cmd.collect_usage_pieces(ctx))
         lines += ["```", f"{path} {usage}".rstrip(), "```", ""]
         if hasattr(cmd, "commands"):
