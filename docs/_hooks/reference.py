@@ -61,8 +61,8 @@ def _prose(text: str) -> str:
 
 
 def _cell(text: str) -> str:
-    """Text safe inside a Markdown table cell."""
-    return " ".join(_prose(text).split()).replace("|", "\\|")
+    """Markdown safe inside a table cell (one line, no column break)."""
+    return " ".join(str(text).split()).replace("|", "\\|")
 
 
 def _anchor(model: type) -> str:
@@ -192,7 +192,7 @@ def spec_reference() -> str:
             allowed = [f"`{json.dumps(v)}`" for v in _literals(field.annotation)] + _constraints(field)
             lines.append(
                 f'| <code id="{_anchor(model)}-{key}">{key}</code> | {_type(field.annotation)} | '
-                f"{_cell(_default(field))} | {_cell(', '.join(allowed))} | {_cell(field.description or '')} |"
+                f"{_cell(_default(field))} | {_cell(', '.join(allowed))} | {_cell(_prose(field.description or ''))} |"
             )
         lines.append("")
     return "\n".join(lines)
@@ -272,14 +272,19 @@ def cli_reference() -> str:
             lines += ["Commands: " + ", ".join(f"[`{n}`](#{prefix}{n})" for n in subs), ""]
         params = [p for p in cmd.params if not getattr(p, "hidden", False)]
         if params:
-            lines += ["| argument / option | type | default | env var | help |", "| --- | --- | --- | --- | --- |"]
-            for p in params:
+            # An env var column only where an option reads one (typer's envvar=); defaults that
+            # come from the environment are said in the help text.
+            envs = [p.envvar if isinstance(p.envvar, str) else ", ".join(p.envvar or []) for p in params]
+            head = ["argument / option", "type", "default", *(["env var"] if any(envs) else []), "help"]
+            lines += ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
+            for p, env in zip(params, envs, strict=True):
                 if p.param_type_name == "argument":
                     name = f"`{(p.metavar or p.name).upper()}` (argument)"
                 else:
                     name = ", ".join(f"`{o}`" for o in [*p.opts, *p.secondary_opts])
-                env = p.envvar if isinstance(p.envvar, str) else ", ".join(p.envvar or [])
-                lines.append(f"| {name} | {_param_type(p)} | {_cell(_param_default(p))} | "
-                             f"{f'`{env}`' if env else ''} | {_cell(getattr(p, 'help', None) or '')} |")
+                cells = [name, _param_type(p), _cell(_param_default(p)),
+                         *([f"`{env}`" if env else ""] if any(envs) else []),
+                         _cell(_prose(getattr(p, "help", None) or ""))]
+                lines.append("| " + " | ".join(cells) + " |")
             lines.append("")
     return "\n".join(lines)
