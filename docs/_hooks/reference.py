@@ -146,6 +146,14 @@ def _default(field: Any) -> str:
         return f"`{value!r}`"
 
 
+def _describe(field: Any) -> str:
+    """The field's description; without one, a nested section's field points at that section."""
+    if field.description:
+        return _prose(field.description)
+    nested = list(dict.fromkeys(_models_in(field.annotation)))
+    return ", ".join(f"see [{m.__name__}](#{_anchor(m)})" for m in nested)
+
+
 def spec_models() -> list[tuple[type, list[str]]]:
     """Every model of the spec, from ``Spec`` down, each with the YAML paths where it appears."""
     from daybreak.spec import Spec
@@ -192,7 +200,7 @@ def spec_reference() -> str:
             allowed = [f"`{json.dumps(v)}`" for v in _literals(field.annotation)] + _constraints(field)
             lines.append(
                 f'| <code id="{_anchor(model)}-{key}">{key}</code> | {_type(field.annotation)} | '
-                f"{_cell(_default(field))} | {_cell(', '.join(allowed))} | {_cell(_prose(field.description or ''))} |"
+                f"{_cell(_default(field))} | {_cell(', '.join(allowed))} | {_cell(_describe(field))} |"
             )
         lines.append("")
     return "\n".join(lines)
