@@ -126,6 +126,14 @@ def test_cli_reference_has_every_command_and_option(site: Path) -> None:
     assert len(headings) > 20 and not missing, missing
 
 
+def test_cli_reference_has_every_exit_code(site: Path) -> None:
+    from daybreak.cli import ExitCode
+
+    section = _sections((site / "reference" / "cli" / "index.html").read_text())["exit-codes"]
+    rows = re.findall(r"<tr>\s*<td>(\d+)</td>\s*<td><code>(\w+)</code></td>", section)
+    assert rows == [(str(int(code)), code.name) for code in ExitCode]
+
+
 def test_python_api_is_rendered(site: Path) -> None:
     page = (site / "reference" / "python" / "index.html").read_text()
     for name in ("daybreak.steps.run_step", "daybreak.cycle.run_cycle", "daybreak.train.train_model",

@@ -20,6 +20,8 @@ from typing import Any
 
 SPEC_MARKER = "<!-- daybreak:spec-reference -->"
 CLI_MARKER = "<!-- daybreak:cli-reference -->"
+CLI_SUMMARY_MARKER = "<!-- daybreak:cli-summary -->"
+EXIT_CODES_MARKER = "<!-- daybreak:cli-exit-codes -->"
 
 
 def on_config(config: Any) -> Any:
@@ -45,6 +47,10 @@ def on_page_markdown(markdown: str, page: Any, config: Any, files: Any) -> str:
         markdown = markdown.replace(SPEC_MARKER, spec_reference())
     if CLI_MARKER in markdown:
         markdown = markdown.replace(CLI_MARKER, cli_reference())
+    if CLI_SUMMARY_MARKER in markdown:
+        markdown = markdown.replace(CLI_SUMMARY_MARKER, cli_summary())
+    if EXIT_CODES_MARKER in markdown:
+        markdown = markdown.replace(EXIT_CODES_MARKER, exit_codes())
     return markdown
 
 
@@ -231,6 +237,38 @@ def cli_commands() -> list[tuple[str, Any, Any]]:
     return out
 
 
+def _anchor_of(path: str) -> str:
+    words = path.split()[1:]
+    return "cli-" + "-".join(words) if words else "cli-daybreak"
+
+
+def cli_summary() -> str:
+    """One line per command: its name (a link to its section) and the first line of its help."""
+    lines = ["| command | what it does |", "| --- | --- |"]
+    for path, cmd, _ in cli_commands()[1:]:
+        if hasattr(cmd, "commands"):
+            continue
+        first = (cmd.help or "").strip().split("\n\n")[0]
+        lines.append(f"| [`{path}`](#{_anchor_of(path)}) | {_cell(_prose(first))} |")
+    return "\n".join(lines) + "\n"
+
+
+def exit_codes() -> str:
+    """The table of ``daybreak.cli.ExitCode``: each code, its name and the comment beside it."""
+    import inspect
+    import re
+
+    from daybreak import cli
+
+    enum_cls = getattr(cli, "ExitCode", None)
+    if enum_cls is None:
+        return "Errors exit with status 2; anything else unexpected with 1.\n"
+    comments = dict(re.findall(r"^\s*([A-Z_]+)\s*=\s*\d+\s*#\s*(.+)$", inspect.getsource(enum_cls), re.M))
+    lines = ["| exit code | name | when |", "| --- | --- | --- |"]
+    lines += [f"| {m.value} | `{m.name}` | {_cell(_prose(comments.get(m.name, '')))} |" for m in enum_cls]
+    return "\n".join(lines) + "\n"
+
+
 def _param_type(p: Any) -> str:
     descriptor = getattr(p, "type_descriptor", None)
     annotation = getattr(descriptor, "annotation", None)
@@ -267,7 +305,7 @@ def cli_reference() -> str:
     lines: list[str] = []
     for path, cmd, ctx in cli_commands():
         words = path.split()[1:]
-        anchor = "cli-" + "-".join(words) if words else "cli-daybreak"
+        anchor = _anchor_of(path)
         lines += [f"## `{path}` {{#{anchor}}}", ""]
         help_text = (cmd.help or "").replace("\b\n", "").strip()
         if help_text:
@@ -282,7 +320,8 @@ def cli_reference() -> str:
         if params:
             # An env var column only where an option reads one (typer's envvar=); defaults that
             # come from the environment are said in the help text.
-            envs = [p.envvar if isinstance(p.envvar, str) else ", ".join(p.envvar or []) for p in params]
+            envs = [", ".join(f"`{v}`" for v in ([p.envvar] if isinstance(p.envvar, str) else p.envvar or []))
+                    for p in params]
             head = ["argument / option", "type", "default", *(["env var"] if any(envs) else []), "help"]
             lines += ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
             for p, env in zip(params, envs, strict=True):
@@ -291,7 +330,7 @@ def cli_reference() -> str:
                 else:
                     name = ", ".join(f"`{o}`" for o in [*p.opts, *p.secondary_opts])
                 cells = [name, _param_type(p), _cell(_param_default(p)),
-                         *([f"`{env}`" if env else ""] if any(envs) else []),
+                         *([env] if any(envs) else []),
                          _cell(_prose(getattr(p, "help", None) or ""))]
                 lines.append("| " + " | ".join(cells) + " |")
             lines.append("")
