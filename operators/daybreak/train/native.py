@@ -13,11 +13,13 @@ Training logs one MLflow model per version whose MLmodel carries two flavors ove
 Both flavors name the same model file, so the digest of the version's files that the registry
 holds, and that daybreak checks before loading anything, covers the native model's bytes too
 (``registry._check_entry`` refuses a native entry that names another file, a pickle or code).
-``load_native`` checks that digest; MLflow's own loaders do not. ``mlflow.sklearn.load_model``
-refuses every scikit-learn model, skops included, unless MLFLOW_ALLOW_PICKLE_DESERIALIZATION=true
-(it reads the types skops may build from the MLmodel beside the file); ``load_native`` takes them
-from the registry instead. A many-model version (``model.partition_by``) has no native flavor: it
-is one model per partition, routed by model_code.py.
+``load_native`` checks that digest; MLflow's own loaders do not: they open whatever the artifact
+store holds. ``mlflow.sklearn.load_model`` builds the types the MLmodel beside the file lists (and
+would unpickle a file whose MLmodel says pickle: MLflow 3.17 allows that unless
+MLFLOW_ALLOW_PICKLE_DESERIALIZATION=false); ``load_native`` takes the types from the registry
+instead. Use MLflow's loaders only where the artifact store is trusted. A many-model version
+(``model.partition_by``) has no native flavor: it is one model per partition, routed by
+model_code.py.
 """
 
 from __future__ import annotations
