@@ -19,6 +19,7 @@ from typing import Any
 from daybreak.infra.cluster import check_artifact_location, remote_target
 from daybreak.infra.context import RunContext
 from daybreak.infra.errors import redact
+from daybreak.infra.lock import INTERNAL_TAG
 from daybreak.infra.lock import Held as Held  # re-exported: callers take the lock through the registry
 from daybreak.infra.lock import model_lock as model_lock
 from daybreak.infra.records import Tag
@@ -140,6 +141,17 @@ def credential_env(token: str | None = None, username: str | None = None, passwo
     if str(insecure_tls).lower() in ("1", "true", "yes"):
         env["MLFLOW_TRACKING_INSECURE_TLS"] = "true"
     return env
+
+
+def registered_models(cl: Any, filter_string: str | None = None) -> list[Any]:
+    """The registered models (matching `filter_string`), without daybreak's locks and reap markers
+    (tagged INTERNAL_TAG: MLflow's search cannot leave them out itself)."""
+    found = cl.search_registered_models(filter_string, max_results=1000)
+    out = list(found)
+    while found.token:
+        found = cl.search_registered_models(filter_string, max_results=1000, page_token=found.token)
+        out += found
+    return [m for m in out if INTERNAL_TAG not in (m.tags or {})]
 
 
 def versions(cl: Any, name: str, filter_tags: dict[str, str] | None = None) -> list[Any]:
