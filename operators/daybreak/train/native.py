@@ -20,6 +20,12 @@ MLFLOW_ALLOW_PICKLE_DESERIALIZATION=false); ``load_native`` takes the types from
 instead. Use MLflow's loaders only where the artifact store is trusted. A many-model version
 (``model.partition_by``) has no native flavor: it is one model per partition, routed by
 model_code.py.
+
+    from daybreak.train import load_native
+    native = load_native("http://mlflow:5000", "flights_delay", "7")  # refused if a file changed
+    X = native.encode(rows[native.features])  # raw rows -> the encoded matrix, named columns
+    shap_values = shap.TreeExplainer(native.model).shap_values(X)
+    # MLflow's loader, unchecked: mlflow.xgboost.load_model("models:/flights_delay/7").predict(xgb.DMatrix(X))
 """
 
 from __future__ import annotations
