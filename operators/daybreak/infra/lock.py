@@ -43,6 +43,18 @@ OWNER_TAG = Tag.LOCK_OWNER
 EXPIRES_TAG = Tag.LOCK_EXPIRES
 HOLDER_TAG = Tag.LOCK_HOLDER  # boot id / PID namespace / PID / start time
 REAP_UNTIL_TAG = Tag.REAP_UNTIL  # a reap marker's lease, by its reaper's clock
+# On the lock and reap markers: what they are, for listings to leave them out. MLflow cannot hide
+# a registered model from its UI or from search_registered_models (its one exception is the
+# reserved ``mlflow.prompt.is_prompt`` tag, which makes the model a prompt: shown on the Prompts
+# page and read by the prompt APIs), and a tag filter cannot exclude (``tags.k != 'v'`` matches
+# only models that have the tag). So they are tagged and described; ``registry.registered_models``
+# leaves them out of daybreak's own listings.
+INTERNAL_TAG = "daybreak.internal"
+LOCK_DESCRIPTION = ("daybreak internal lock, do not delete: held while daybreak registers a version of {name} or "
+                    "moves its aliases, removed when that is done (one left behind by a stopped run is removed "
+                    "by the next run once its lease, tag daybreak.lock_expires, has run out)")
+REAP_DESCRIPTION = ("daybreak internal lock, do not delete: marks the removal of a stale lock on {name} by one "
+                    "run (removed when that is done)")
 
 
 def _read(path: str) -> str | None:
@@ -128,8 +140,9 @@ def _reap(cl: Any, name: str, lock: str, holder: str, why: str, lease_s: float, 
     marker = f"{lock}.reap-{hashlib.sha256(holder.encode()).hexdigest()[:16]}"
     began = time.monotonic()
     try:
-        cl.create_registered_model(marker, tags={REAP_UNTIL_TAG: str(time.time() + lease_s)},
-                                   description=f"daybreak: removing the stale lock of {holder} (transient)")
+        cl.create_registered_model(marker, tags={REAP_UNTIL_TAG: str(time.time() + lease_s),
+                                                 INTERNAL_TAG: "reap-marker"},
+                                   description=REAP_DESCRIPTION.format(name=name))
     except MlflowException as e:
         if e.error_code != "RESOURCE_ALREADY_EXISTS":
             raise
@@ -173,8 +186,8 @@ def model_lock(cl: Any, name: str, owner: str, lease_s: float = 60.0, wait_s: fl
         started = time.monotonic()
         try:
             cl.create_registered_model(lock, tags={OWNER_TAG: token, EXPIRES_TAG: str(time.time() + lease_s),
-                                                   HOLDER_TAG: holder_identity()},
-                                       description=f"daybreak: promotion lock of {name} (transient)")
+                                                   HOLDER_TAG: holder_identity(), INTERNAL_TAG: "lock"},
+                                       description=LOCK_DESCRIPTION.format(name=name))
             break
         except MlflowException as e:
             # RESOURCE_DOES_NOT_EXIST: the holder released it while the store looked it up

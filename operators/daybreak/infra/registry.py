@@ -19,6 +19,7 @@ from typing import Any
 from daybreak.infra.cluster import check_artifact_location, remote_target
 from daybreak.infra.context import RunContext
 from daybreak.infra.errors import redact
+from daybreak.infra.lock import INTERNAL_TAG
 from daybreak.infra.lock import Held as Held  # re-exported: callers take the lock through the registry
 from daybreak.infra.lock import model_lock as model_lock
 from daybreak.infra.records import Tag
@@ -140,6 +141,17 @@ def credential_env(token: str | None = None, username: str | None = None, passwo
     if str(insecure_tls).lower() in ("1", "true", "yes"):
         env["MLFLOW_TRACKING_INSECURE_TLS"] = "true"
     return env
+
+
+def registered_models(cl: Any, filter_string: str | None = None) -> list[Any]:
+    """The registered models (matching `filter_string`), without daybreak's locks and reap markers
+    (tagged INTERNAL_TAG: MLflow's search cannot leave them out itself)."""
+    found = cl.search_registered_models(filter_string, max_results=1000)
+    out = list(found)
+    while found.token:
+        found = cl.search_registered_models(filter_string, max_results=1000, page_token=found.token)
+        out += found
+    return [m for m in out if INTERNAL_TAG not in (m.tags or {})]
 
 
 def versions(cl: Any, name: str, filter_tags: dict[str, str] | None = None) -> list[Any]:
@@ -265,8 +277,10 @@ def _check_entry(local: str | Path, name: str, version: str) -> None:
     mlmodel = load_yaml((Path(local) / "MLmodel").read_bytes(), origin=f"model {name} version {version} MLmodel",
                         error=IntegrityError)
     flavors = mlmodel.get("flavors") if isinstance(mlmodel, dict) else None
-    if not isinstance(flavors, dict) or set(flavors) != {"python_function"}:
-        raise _refuse(name, version, f"its MLmodel has flavors {sorted(flavors or {})}, not python_function alone")
+    if not isinstance(flavors, dict) or "python_function" not in flavors or set(flavors) - {"python_function",
+                                                                                            *NATIVE_FLAVORS}:
+        raise _refuse(name, version, f"its MLmodel has flavors {sorted(flavors or {})}, not python_function "
+                                     f"(and one native flavor of {sorted(NATIVE_FLAVORS)} at most)")
     pf = flavors["python_function"] if isinstance(flavors["python_function"], dict) else {}
     code = pf.get("model_code_path")
     if (pf.get("loader_module") != "mlflow.pyfunc.loaders.code_model" or not isinstance(code, str)
@@ -278,16 +292,47 @@ def _check_entry(local: str | Path, name: str, version: str) -> None:
     paths = {k: (v or {}).get("path") if isinstance(v, dict) else v for k, v in artifacts.items()}
     if set(paths) != set(MODEL_ARTIFACTS) or any(paths[k] not in MODEL_ARTIFACTS[k] for k in paths):
         raise _refuse(name, version, f"its MLmodel points at artifacts {paths}, not the ones training logged")
+    native = sorted(set(flavors) & set(NATIVE_FLAVORS))
+    if len(native) > 1:
+        raise _refuse(name, version, f"its MLmodel has two native flavors {native}")
+    for flavor in native:
+        _check_native(flavors[flavor], flavor, paths["model"], name, version)
 
 
-def _verified(ctx: RunContext, name: str, version: str, dst: str) -> tuple[str, dict[str, Any] | None]:
+# The native flavor training adds to the MLmodel beside python_function (``mlflow.xgboost.load_model``
+# and ``mlflow.sklearn.load_model`` open the version): its keys, and the one that names the model
+# file, which must be the pyfunc's own model file (so the digest covers it, and the two cannot
+# differ). No ``code`` (MLflow would put it on sys.path), no pickle, no class other than the booster.
+NATIVE_FLAVORS = {"xgboost": ("data", frozenset({"xgb_version", "data", "model_class", "model_format", "code"})),
+                  "sklearn": ("pickled_model", frozenset({"pickled_model", "sklearn_version", "serialization_format",
+                                                          "code", "skops_trusted_types"}))}
+
+
+def _check_native(conf: Any, flavor: str, model_path: Any, name: str, version: str) -> None:
+    file_key, keys = NATIVE_FLAVORS[flavor]
+    conf = conf if isinstance(conf, dict) else {}
+    wrong = sorted(set(conf) - keys)
+    if flavor == "xgboost" and (conf.get("model_class") != "xgboost.core.Booster" or conf.get("model_format") != "ubj"):
+        wrong.append("model_class/model_format")
+    if flavor == "sklearn" and conf.get("serialization_format") != "skops":
+        wrong.append("serialization_format")
+    suffix = {"xgboost": ".ubj", "sklearn": ".skops"}[flavor]
+    if conf.get(file_key) != model_path or not str(model_path).endswith(suffix) or conf.get("code"):
+        wrong.append(f"{file_key}/code")
+    if wrong:
+        raise _refuse(name, version, f"its MLmodel's {flavor} flavor is not the one training logged "
+                                     f"({', '.join(wrong)}: {conf})")
+
+
+def _verified(ctx: RunContext | str, name: str, version: str, dst: str) -> tuple[str, dict[str, Any] | None]:
     """Download the version into `dst` and check every file is the bytes training recorded in the
     registry, before anything in it is parsed. Returns the path and the loader's configuration
-    from the registry (flavor, skops' trusted types), None for a version without that record."""
+    from the registry (flavor, skops' trusted types), None for a version without that record.
+    `ctx` is a run context or the tracking URI (of the server that is also the registry)."""
     import mlflow
     from mlflow.exceptions import MlflowException
 
-    tags = client(ctx).get_model_version(name, version).tags
+    tags = client_at(ctx if isinstance(ctx, str) else ctx.tracking_uri).get_model_version(name, version).tags
     expected = tags.get(MODEL_DIGEST_TAG)
     if expected is None and os.environ.get(TRUST_UNSEALED_ENV, "").lower() not in ("1", "true", "yes"):
         from daybreak.infra.errors import IntegrityError
@@ -334,6 +379,15 @@ def verify_model(ctx: RunContext, name: str, version: str) -> None:
     use_uri(ctx.tracking_uri)
     with tempfile.TemporaryDirectory(prefix="daybreak-verify-") as tmp:
         _verified(ctx, name, version, tmp)
+
+
+def verified_folder(ctx: RunContext | str, name: str, version: str, dst: str) -> tuple[str, dict[str, Any] | None]:
+    """The version downloaded into `dst` after every file passed the registry's digest (refused
+    with IntegrityError otherwise), and the loader's configuration from the registry (flavor,
+    skops' trusted types). `ctx` is a run context or the tracking URI. For loaders other than the
+    pyfunc (``daybreak.train.native``): read only what the configuration says to trust."""
+    use_uri(ctx if isinstance(ctx, str) else ctx.tracking_uri)
+    return _verified(ctx, name, version, dst)
 
 
 def load_model(ctx: RunContext, name: str, version: str) -> Any:

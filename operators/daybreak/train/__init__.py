@@ -4,5 +4,6 @@
 """
 
 from daybreak.train._training import TrainResult, recorded_lineage, train_model
+from daybreak.train.native import NativeModel, load_native
 
-__all__ = ["TrainResult", "recorded_lineage", "train_model"]
+__all__ = ["NativeModel", "TrainResult", "load_native", "recorded_lineage", "train_model"]

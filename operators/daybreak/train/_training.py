@@ -42,6 +42,7 @@ from daybreak.train._fit import (
     split_window,
 )
 from daybreak.train.model_code import encode, encoded_names
+from daybreak.train.native import PyfuncWithNative, native_flavor
 
 log = logging.getLogger(__name__)
 
@@ -330,6 +331,7 @@ def publish(spec: Spec, ctx: RunContext, cl: Any, trained: Trained, lineage: Lin
     digest) and register the version with its lineage. (version, whether this run registered it,
     this run's id)."""
     import mlflow
+    from mlflow.models import Model
 
     f, fitted, trials = spec.features, trained.fitted, trained.trials
     features, metric_name = f.feature_names(), fitted.metric_name
@@ -362,8 +364,14 @@ def publish(spec: Spec, ctx: RunContext, cl: Any, trained: Trained, lineage: Lin
         # The loader's configuration, logged so that the registry's copy can replace it at load
         # (MLflow only overrides keys the logged model_config has).
         loader = {"flavor": spec.model.flavor, "trusted_types": flavor_meta.get("trusted_types", [])}
-        info = mlflow.pyfunc.log_model(
-            name="model", python_model=MODEL_CODE, artifacts={"model": str(model_path), "meta": str(meta_path)},
+        # The pyfunc, and in the same MLmodel the native flavor over the same model file, so that
+        # mlflow.xgboost/sklearn.load_model open the version too (a many-model version has none).
+        native = {} if isinstance(fitted.model, dict) else native_flavor(
+            spec.model.flavor, f"artifacts/{model_path.name}", loader["trusted_types"])
+        info = Model.log(
+            # (flavor_name: what mlflow.pyfunc.log_model records for a model from code)
+            artifact_path=None, name="model", flavor=PyfuncWithNative(native), flavor_name="pyfunc.ModelFromCode",
+            python_model=MODEL_CODE, artifacts={"model": str(model_path), "meta": str(meta_path)},
             signature=signature, input_example=trained.example, pip_requirements=_requirements(spec),
             model_config=loader,
         )
