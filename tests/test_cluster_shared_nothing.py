@@ -364,7 +364,7 @@ def test_a_worker_without_daybreak_is_refused_when_the_code_is_not_shipped(clust
     code, out = _run("cli-no-ship", [str(BIN / "daybreak"), "score", "--spec", str(cluster["spec_file"]),
                                      "--date", DAY1], env, cluster, timeout=300)
     lines = [ln for ln in out.splitlines() if ln.startswith("error:")]
-    assert code == 2 and len(lines) == 1 and "Traceback" not in out, out[-3000:]
+    assert code == 3 and len(lines) == 1 and "Traceback" not in out, out[-3000:]
     assert "version skew" in lines[0] and "cannot run daybreak" in lines[0], lines[0]
     assert "DAYBREAK_RAY_SHIP_CODE=1" in lines[0]
 
