@@ -54,11 +54,11 @@ def replicated(cycled: dict, spec, tmp_path_factory: pytest.TempPathFactory):
     home = tmp_path_factory.mktemp("replicas") / "home"
     shutil.copytree(cycled["home"], home, symlinks=True)
     saved = {k: os.environ.get(k) for k in ("DAYBREAK_HOME", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD",
-                                            "DAYBREAK_SERVE_TOKEN")}
+                                            "DAYBREAK_SERVE_TOKEN", "DAYBREAK_METRICS_PUBLIC")}
     # The credentials a replica needs travel in a WorkerEnv (the SQLite registry ignores them here;
     # the test checks they arrive and never reach a Ray log).
     os.environ.update(DAYBREAK_HOME=str(home), MLFLOW_TRACKING_USERNAME="daybreak", MLFLOW_TRACKING_PASSWORD=PASSWORD,
-                      DAYBREAK_SERVE_TOKEN=TOKEN)
+                      DAYBREAK_SERVE_TOKEN=TOKEN, DAYBREAK_METRICS_PUBLIC="1")
     fast = spec.model_copy(update={"serving": spec.serving.model_copy(update={"port": free_port(),
                                                                                "poll_seconds": 0.3})})
     ctx = RunContext.create("2013-01-04")
@@ -107,6 +107,9 @@ def test_promotions_under_load_never_go_back(replicated: dict) -> None:
     body = _body(spec, ctx)
     assert httpx.post(f"{url}/invocations", json=body).status_code == 401  # the token, as in one process
     assert httpx.post(f"{url}/replicas/invocations", json=body).status_code == 401
+    # DAYBREAK_METRICS_PUBLIC reaches the replicas as the token does: /metrics open to a scraper
+    metrics = httpx.get(f"{url}/metrics")
+    assert metrics.status_code == 200 and "daybreak_" in metrics.text, metrics.text[:300]
 
     targets = [_copy_version(cl, name, first) for _ in range(5)]
     assert [int(v) for v in targets] == sorted(int(v) for v in targets)

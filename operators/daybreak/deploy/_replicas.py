@@ -78,6 +78,7 @@ from typing import TYPE_CHECKING, Any
 from fastapi.responses import JSONResponse
 from starlette.requests import Request
 
+from daybreak.deploy._metrics import PUBLIC_ENV
 from daybreak.deploy._serve import (
     CONTENT_TYPES,
     Batcher,
@@ -791,7 +792,9 @@ def serve_replicated(spec: Spec, ctx: RunContext, replicas: int, host: str | Non
     lim = Limits.resolve(**limits)  # a bad limit fails here, not in every replica
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
-    env = WorkerEnv.capture({TOKEN_ENV: token} if token else None)
+    # The token, and whether /metrics is open without it (each replica answers /metrics itself)
+    public = {PUBLIC_ENV: v} if (v := os.environ.get(PUBLIC_ENV)) else {}
+    env = WorkerEnv.capture(({TOKEN_ENV: token} if token else {}) | public)
     # Replicas on other nodes read the registry and write the prediction log: no local paths.
     ctx = replace(ctx, ray_address=address or ctx.ray_address)
     check_shared_nothing(ctx)
