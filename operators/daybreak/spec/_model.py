@@ -86,11 +86,14 @@ ROW_RULES = ("type", "ragged", "not_null", "finite", "range", "allowed", "unique
 class ColumnSpec(_Model):
     """One column of a contract. In YAML a bare type string is short for ``{type: ...}``."""
 
-    type: str
-    nullable: bool = True
-    min: float | None = None
-    max: float | None = None
-    allowed: list[str | int | float | bool] | None = None
+    type: str = Field(description="Arrow type: bool, int8, int16, int32, int64, float32, float64, string, date32, "
+                                  "or `timestamp[unit]` / `timestamp[unit, zone]` (unit s, ms, us or ns; e.g. "
+                                  "`timestamp[us, UTC]`); a cell that cannot be read as it breaks the type rule")
+    nullable: bool = Field(True, description="false: a null cell breaks the not_null rule")
+    min: float | None = Field(None, description="numeric columns: a smaller value breaks the range rule")
+    max: float | None = Field(None, description="numeric columns: a larger value breaks the range rule")
+    allowed: list[str | int | float | bool] | None = Field(
+        None, description="the values a cell may hold; any other non-null value breaks the allowed rule")
     max_null_fraction: float | None = Field(None, ge=0, le=1, description="block when more of the column is null")
     allow_nonfinite: bool = Field(False, description="accept NaN and +/-inf in float columns")
 
@@ -112,7 +115,7 @@ class ColumnSpec(_Model):
 
 
 class EventTime(_Model):
-    column: str
+    column: str = Field(description="the contract's timestamp column giving each row's event time")
     timezone: str | None = Field(None, description="zone of timestamps written without an offset (none: reject them)")
     date_timezone: str | None = Field(None, description="zone in which rows must fall on the logical date "
                                                         "(default: timezone, else UTC)")
@@ -131,8 +134,10 @@ class EventTime(_Model):
 
 
 class RowBounds(_Model):
-    min: int = Field(1, ge=0)
-    max: int | None = Field(None, ge=1)
+    min: int = Field(1, ge=0, description="fewest rows a logical date's readable files may hold (ragged lines "
+                                          "included); fewer blocks the stage step")
+    max: int | None = Field(None, ge=1, description="most rows a logical date's readable files may hold; more "
+                                                    "blocks the stage step (null: no limit)")
 
     @model_validator(mode="after")
     def _ordered(self) -> RowBounds:
@@ -165,10 +170,15 @@ class SourceSpec(_Model):
     null_values: list[str] = Field(default_factory=lambda: ["", "NA", "NULL", "null"],
                                    description="CSV cells read as null (list your files' own tokens, e.g. '-')")
     unique: list[str] = Field(default_factory=list, description="columns that together identify a row")
-    event_time: EventTime | None = None
-    rows: RowBounds = RowBounds()
-    extra_columns: Literal["warn", "block"] = "warn"
-    quarantine: QuarantinePolicy = QuarantinePolicy()
+    event_time: EventTime | None = Field(
+        None, description="the column dating each row, and its zones; a row not on the logical date breaks the "
+                          "date rule (null: no date rule)")
+    rows: RowBounds = Field(RowBounds(), description="bounds on the rows a logical date's files hold")
+    extra_columns: Literal["warn", "block"] = Field(
+        "warn", description="file columns not in the contract: warn drops them and reports it; block refuses the "
+                            "file (quarantined whole)")
+    quarantine: QuarantinePolicy = Field(QuarantinePolicy(), description="how much may be quarantined before the "
+                                                                         "stage step fails")
     severity: dict[str, Severity] = Field(default_factory=dict,
                                           description="per rule: quarantine (default), warn or block")
     calendar: CalendarSpec | None = Field(
@@ -244,8 +254,9 @@ class Column(_Model):
     the model; the feature table keeps the raw value (a string for categorical columns).
     """
 
-    name: str
-    expr: str
+    name: str = Field(description="the feature's column in the feature table, and the model's input name")
+    expr: str = Field(description="expression over the base row, join and window outputs and the columns "
+                                  "before this one")
     categorical: bool = Field(False, description="treat the value as a category (a string); implied by encoding")
     encoding: Encoding | None = Field(None, description="categorical encoding; default ordinal")
     max_categories: int | None = Field(None, ge=1, description="keep the N most frequent training categories; "
@@ -489,17 +500,19 @@ class Label(_Model):
 
 
 class FeatureSpec(_Model):
-    name: str
+    name: str = Field(description="names the feature table: `features/<name>/v=<feature version>/date=D/`")
     base: str = Field(description="the events source whose rows are the examples")
     event_time: str = Field(description="expression giving each example's event timestamp (UTC)")
-    label: Label
+    label: Label = Field(description="the target, and when it is known")
     keys: list[str] = Field(default_factory=list, description="columns carried through to identify rows (not features)")
     columns: list[Column] = Field(default_factory=list, description="row-level and derived features, computed in "
                                   "order after joins and windows: each may use base columns, join and window "
                                   "outputs and the columns before it")
-    asof: list[AsofJoin] = Field(default_factory=list)
-    lookups: list[Lookup] = Field(default_factory=list)
-    windows: list[WindowAgg] = Field(default_factory=list)
+    asof: list[AsofJoin] = Field(default_factory=list, description="as-of joins: the latest row of a source at or "
+                                                                   "before each event")
+    lookups: list[Lookup] = Field(default_factory=list, description="left joins to snapshot sources on a key")
+    windows: list[WindowAgg] = Field(default_factory=list, description="trailing aggregates per entity over rows "
+                                                                       "known before each event")
     leak_check: Literal["block", "warn", "off"] = Field(
         "block", description="after building a day's rows: block (or warn) when a feature reproduces the label "
                              "(a target leak suspected), naming the feature")
@@ -598,11 +611,12 @@ def _finite(v: Any) -> bool:
 class SearchParam(_Model):
     """One tuned parameter: a range (``low``/``high``, finite; ``log`` for a log scale, whole
     numbers with ``integer``) or a list of at most MAX_TUNING_CHOICES ``choices``."""
-    low: float | None = None
-    high: float | None = None
-    log: bool = False
-    integer: bool = False
-    choices: list[Any] | None = None
+    low: float | None = Field(None, description="range: lower bound")
+    high: float | None = Field(None, description="range: upper bound (included when `integer`)")
+    log: bool = Field(False, description="range: sample on a log scale (low > 0)")
+    integer: bool = Field(False, description="range: sample whole numbers (whole-number bounds)")
+    choices: list[Any] | None = Field(None, description="instead of a range: the values to pick from (at most "
+                                                        f"{MAX_TUNING_CHOICES})")
 
     @field_validator("low", "high")
     @classmethod
@@ -655,19 +669,29 @@ class TuningSpec(_Model):
 
 class ModelSpec(_Model):
     name: str = Field(description="registered model name in MLflow")
-    flavor: Literal["xgboost", "sklearn"] = "xgboost"
+    flavor: Literal["xgboost", "sklearn"] = Field(
+        "xgboost", description="xgboost: xgboost's training API with early stopping; sklearn: the estimator named "
+                               "by `estimator`")
     estimator: str | None = Field(
         None, description="sklearn flavor: import path of a scikit-learn or xgboost estimator class, or of a "
                           "class or function returning an estimator (a Pipeline) in a module an operator allows in "
                           "DAYBREAK_ALLOWED_ESTIMATOR_MODULES; built with `params` when training")
-    task: Literal["classification", "regression"] = "classification"
-    params: dict[str, Any] = Field(default_factory=dict)
+    task: Literal["classification", "regression"] = Field(
+        "classification", description="classification (a binary label) or regression; sets xgboost's default "
+                                      "objective and eval metric, and the metrics the gate scores")
+    params: dict[str, Any] = Field(default_factory=dict, description="xgboost: training parameters, over the "
+                                   "defaults (tree_method hist, the task's objective and eval_metric); sklearn: "
+                                   "keyword arguments of the estimator")
     class_weight: Literal["balanced"] | None = Field(
         None, description="classification: weight each class inversely to its frequency in the training rows")
-    num_boost_round: int = Field(200, ge=1)
-    early_stopping_rounds: int = Field(20, ge=1)
-    seed: int = 0
-    tuning: TuningSpec | None = None
+    num_boost_round: int = Field(200, ge=1, description="xgboost: most boosting rounds; early stopping may end "
+                                                        "sooner, and the best round is kept")
+    early_stopping_rounds: int = Field(20, ge=1, description="xgboost: stop after this many rounds without "
+                                                             "improvement on the validation rows")
+    seed: int = Field(0, description="seed of xgboost, of an estimator's unset random_state and of tuning's "
+                                     "sampling: the same inputs and seed give the same model")
+    tuning: TuningSpec | None = Field(None, description="hyperparameter search on Ray before the model is trained "
+                                                        "(null: train once with `params`)")
     partition_by: list[str] = Field(
         default_factory=list, description="features whose values each get their own model (many-model)")
     min_partition_rows: int = Field(
@@ -691,8 +715,11 @@ class TrainingSpec(_Model):
                              description="days of features used for training, ending the day before the holdout")
     holdout_days: int = Field(
         1, ge=1, le=MAX_DAYS, description="days ending at the logical date held out for the gate; never trained on")
-    min_rows: int = Field(100, ge=1)
-    validation_fraction: float = Field(0.2, gt=0, lt=1)
+    min_rows: int = Field(100, ge=1, description="fewer rows in the training window: the train step skips and "
+                                                 "registers nothing")
+    validation_fraction: float = Field(0.2, gt=0, lt=1, description="share of the window's rows, the last in time "
+                                                                    "order, kept out of fitting to validate (early "
+                                                                    "stopping, tuning)")
     memory_budget_mb: float | None = Field(
         None, gt=0, description="above this estimated size the window streams from Parquet into xgboost's "
                                 "external-memory matrix instead of being loaded")
@@ -730,9 +757,10 @@ class BootstrapSpec(_Model):
     and a metric's own interval for a floor). A rule with confidence passes only if the interval's
     lower end clears its bound."""
 
-    resamples: int = Field(1000, ge=100, le=100_000)
+    resamples: int = Field(1000, ge=100, le=100_000, description="resamples per interval, where the interval is "
+                                                                 "bootstrapped (not analytic)")
     level: float = Field(0.95, gt=0.5, lt=1.0, description="two-sided interval level")
-    seed: int = 0
+    seed: int = Field(0, description="seed of the resampling, and of the data checks' row samples")
     method: Literal["auto", "analytic", "bootstrap"] = Field(
         "auto", description="auto: DeLong (ROC AUC) or the CLT on per-row losses (log_loss, brier, mae, mape, "
                             "rmse) when they apply, the bootstrap otherwise; or force one")
@@ -768,7 +796,9 @@ class BaselineSpec(_Model):
     `expr` over the holdout's columns. Rows where a feature or expression is null get the prior.
     """
 
-    kind: Literal["prior", "constant", "feature", "expression"]
+    kind: Literal["prior", "constant", "feature", "expression"] = Field(
+        description="prior: the training window's label rate or mean; constant: `value`; feature: the holdout "
+                    "column `column`; expression: `expr`")
     name: str | None = Field(None, description="how rules and reports call it (default: from kind)")
     value: float | None = Field(None, description="constant: the prediction")
     column: str | None = Field(None, description="feature: the holdout column used as the prediction")
@@ -803,33 +833,43 @@ class SliceSpec(_Model):
 class RowCountCheck(_Model):
     """The newest training day's rows against the median of the window's other days."""
 
-    min_ratio: float = Field(0.5, ge=0)
-    max_ratio: float = Field(2.0, gt=0)
-    severity: CheckSeverity = "block"
+    min_ratio: float = Field(0.5, ge=0, description="fail below this ratio of the newest expected day's rows to "
+                                                    "the median of the window's earlier expected days (needs two)")
+    max_ratio: float = Field(2.0, gt=0, description="fail above this ratio")
+    severity: CheckSeverity = Field("block", description="block: a failure makes the decision BLOCKED_BY_DATA; "
+                                                         "warn: recorded, does not decide")
 
 
 class LabelShiftCheck(_Model):
     """Label rate (classification; mean in champion standard deviations for regression) of the
     candidate's training window against the champion's."""
 
-    max_shift: float = Field(0.1, gt=0)
-    severity: CheckSeverity = "warn"
+    max_shift: float = Field(0.1, gt=0, description="fail above this difference: in label rate (classification) "
+                                                    "or in the champion window's label standard deviations "
+                                                    "(regression)")
+    severity: CheckSeverity = Field("warn", description="block: a failure makes the decision BLOCKED_BY_DATA; "
+                                                        "warn: recorded, does not decide")
 
 
 class DriftCheck(_Model):
     """Population stability index of each feature, candidate window vs the champion's."""
 
-    max_psi: float = Field(0.25, gt=0)
-    bins: int = Field(10, ge=2, le=100)
+    max_psi: float = Field(0.25, gt=0, description="fail when a feature's PSI is above this")
+    bins: int = Field(10, ge=2, le=100, description="numeric features: quantile bins of the champion window's "
+                                                    "sample (categorical ones compare categories)")
     sample_rows: int = Field(200_000, ge=1000, description="rows sampled from each window")
     features: list[str] | None = Field(None, description="default: every feature")
-    severity: CheckSeverity = "warn"
+    severity: CheckSeverity = Field("warn", description="block: a failure makes the decision BLOCKED_BY_DATA; "
+                                                        "warn: recorded, does not decide")
 
 
 class DataChecksSpec(_Model):
-    row_count: RowCountCheck | None = RowCountCheck()
-    label_shift: LabelShiftCheck | None = LabelShiftCheck()
-    drift: DriftCheck | None = DriftCheck()
+    row_count: RowCountCheck | None = Field(RowCountCheck(), description="the training window's newest day's rows "
+                                                                         "against its other days' (null: off)")
+    label_shift: LabelShiftCheck | None = Field(LabelShiftCheck(), description="the training window's label rate "
+                                                "(regression: mean) against the champion's window (null: off)")
+    drift: DriftCheck | None = Field(DriftCheck(), description="each feature's PSI, training window against the "
+                                                               "champion's (null: off)")
 
 
 class GateSpec(_Model):
@@ -841,8 +881,10 @@ class GateSpec(_Model):
     floors: dict[GateMetric, float] = Field(default_factory=dict, description="absolute bounds on other metrics")
     compare: Literal["improve", "no_worse"] = Field(
         "improve", description="improve: beat the champion by more than `margin`; no_worse: lose by at most `margin`")
-    margin: float = Field(0.0, ge=0)
-    bootstrap: BootstrapSpec | None = BootstrapSpec()
+    margin: float = Field(0.0, ge=0, description="in `metric`'s units: improve needs a gain over the champion above "
+                                                 "it, no_worse a gain of at least -margin")
+    bootstrap: BootstrapSpec | None = Field(BootstrapSpec(), description="how the intervals are computed (null: "
+                                                                         "point estimates only)")
     baselines: list[BaselineSpec] = Field(
         default_factory=lambda: [BaselineSpec(kind="prior")],
         description="naive predictors the candidate must beat, with confidence, by baseline_margin (default: "
@@ -851,8 +893,10 @@ class GateSpec(_Model):
     floor_confidence: Literal["auto", "always", "never"] = Field(
         "auto", description="floors judged on the interval's lower end (upper for a ceiling), not the point "
                             "estimate; auto: when there is no champion to compare with")
-    slices: SliceSpec = SliceSpec()
-    data_checks: DataChecksSpec = DataChecksSpec()
+    slices: SliceSpec = Field(SliceSpec(), description="slices of the holdout on which the candidate may not be "
+                                                       "worse than the champion by more than a tolerance")
+    data_checks: DataChecksSpec = Field(DataChecksSpec(), description="checks of the training data: row count, "
+                                                                      "label shift, feature drift")
     min_rows: int = Field(50, ge=1, description="holdout rows needed to decide (fewer: INSUFFICIENT_DATA)")
     min_class_rows: int = Field(
         30, ge=1, description="classification: rows of each class the holdout needs (fewer: INSUFFICIENT_DATA; "
@@ -879,8 +923,10 @@ class GateSpec(_Model):
 
 
 class PromotionSpec(_Model):
-    alias: str = "champion"
-    previous_alias: str = "previous"
+    alias: str = Field("champion", description="registry alias of the version in service: promotion moves it to "
+                                               "the version the gate passed, and the server follows it")
+    previous_alias: str = Field("previous", description="registry alias of the version the champion replaced: "
+                                                        "what a rollback restores")
     retention_days: int | None = Field(
         90, ge=1, description="delete registry versions older than this that no alias points at (null: keep all)")
     approval: Literal["auto", "manual"] = Field(
@@ -903,9 +949,12 @@ class PromotionSpec(_Model):
 
 
 class ServingSpec(_Model):
-    host: str = "127.0.0.1"
-    port: int = Field(5055, ge=1, le=65535)
-    poll_seconds: float = Field(5.0, gt=0)
+    host: str = Field("127.0.0.1", description="address `daybreak serve` binds (unless --host) and deploy calls "
+                                               "(unless DAYBREAK_SERVE_URL is set)")
+    port: int = Field(5055, ge=1, le=65535, description="port `daybreak serve` listens on (unless --port or "
+                                                        "DAYBREAK_SERVE_PORT) and deploy calls")
+    poll_seconds: float = Field(5.0, gt=0, description="seconds between the server's checks of the champion alias "
+                                                       "(POST /refresh checks at once)")
 
 
 class PredictionLogSpec(_Model):
@@ -925,7 +974,7 @@ class PredictionLogSpec(_Model):
 class LiveRollbackSpec(_Model):
     """When the monitor moves the champion back to ``previous``."""
 
-    enabled: bool = True
+    enabled: bool = Field(True, description="false: when the rules call for a rollback, the monitor only alerts")
     floor: float | None = Field(None, description="live bound on the monitoring metric (default: gate.floor); "
                                                   "crossed when the champion's whole interval is past it")
     margin: float = Field(0.05, ge=0, description="roll back when the champion is worse than previous by more "
@@ -933,18 +982,22 @@ class LiveRollbackSpec(_Model):
     window_days: int = Field(3, ge=1, le=31, description="judge on the champion's labelled rows of the last days "
                                                          "(rows of one day are alike: one day alone overstates "
                                                          "the confidence)")
-    level: float = Field(0.95, gt=0.5, lt=1.0)
-    resamples: int = Field(1000, ge=100, le=100_000)
-    seed: int = 0
+    level: float = Field(0.95, gt=0.5, lt=1.0, description="two-sided level of the intervals judged")
+    resamples: int = Field(1000, ge=100, le=100_000, description="resamples per interval, where the interval is "
+                                                                 "bootstrapped (not analytic)")
+    seed: int = Field(0, description="seed of the resampling, and of the row sample when there are more rows "
+                                     "than the bootstrap takes")
     min_rows: int = Field(200, ge=1, description="labelled live rows of the champion needed to act")
 
 
 class LiveDriftSpec(_Model):
     """Population stability index of each served feature against the champion's training data."""
 
-    warn_psi: float = Field(0.25, gt=0)
+    warn_psi: float = Field(0.25, gt=0, description="above this a feature's PSI is a warning in the monitor's "
+                                                    "result and log")
     block_psi: float | None = Field(None, gt=0, description="above this the monitor stops the day's run")
-    bins: int = Field(10, ge=2, le=100)
+    bins: int = Field(10, ge=2, le=100, description="numeric features: quantile bins of the training window's "
+                                                    "sample (categorical ones compare categories)")
     sample_rows: int = Field(100_000, ge=1000, description="rows sampled from each side")
     features: list[str] | None = Field(None, description="default: every feature")
     window_days: int | None = Field(None, ge=1, le=366, description="days of served inputs ending on the date, "
@@ -974,24 +1027,31 @@ class NotifySpec(_Model):
 
 
 class MonitoringSpec(_Model):
-    log: PredictionLogSpec = PredictionLogSpec()
+    log: PredictionLogSpec = Field(PredictionLogSpec(), description="what `daybreak serve` records of its "
+                                                                    "predictions")
     metric: GateMetric | None = Field(None, description="the live metric rollback judges (default: gate.metric)")
     slices: list[str] | None = Field(None, description="columns to report live quality by (default: gate.slices)")
-    rollback: LiveRollbackSpec = LiveRollbackSpec()
-    drift: LiveDriftSpec | None = LiveDriftSpec()
-    notify: NotifySpec = NotifySpec()
+    rollback: LiveRollbackSpec = Field(LiveRollbackSpec(), description="when the monitor moves the champion back "
+                                                                       "to previous")
+    drift: LiveDriftSpec | None = Field(LiveDriftSpec(), description="served inputs against the champion's training "
+                                                                     "data (null: not checked)")
+    notify: NotifySpec = Field(NotifySpec(), description="where rollbacks, alerts and blocking drift are reported")
 
 
 class Spec(_Model):
-    name: str
-    sources: dict[str, SourceSpec]
-    features: FeatureSpec
-    model: ModelSpec
-    training: TrainingSpec = TrainingSpec()
-    gate: GateSpec = GateSpec()
-    promotion: PromotionSpec = PromotionSpec()
-    serving: ServingSpec = ServingSpec()
-    monitoring: MonitoringSpec = MonitoringSpec()
+    name: str = Field(description="the pipeline's name: its MLflow experiment, beside `<name>-audit` (the audit "
+                                  "history) and `<name>-monitor`")
+    sources: dict[str, SourceSpec] = Field(description="landing datasets by name: where each one's files are and "
+                                                       "the contract they must meet")
+    features: FeatureSpec = Field(description="how the feature table is computed from the sources")
+    model: ModelSpec = Field(description="the registered model: its estimator, parameters and tuning")
+    training: TrainingSpec = Field(TrainingSpec(), description="the training window, holdout and validation rows")
+    gate: GateSpec = Field(GateSpec(), description="the rules a candidate must pass to replace the champion")
+    promotion: PromotionSpec = Field(PromotionSpec(), description="registry aliases, approval and retention")
+    serving: ServingSpec = Field(ServingSpec(), description="where `daybreak serve` listens and how often it checks "
+                                                            "the champion alias")
+    monitoring: MonitoringSpec = Field(MonitoringSpec(), description="prediction log, live quality, drift, "
+                                                                     "automatic rollback and notifications")
 
     @model_validator(mode="before")
     @classmethod
