@@ -14,6 +14,11 @@ read from Prefect's API, so a user gives the name as the Blocks page shows it):
   as above, and the store itself: ``s3://<bucket_name>/<bucket_folder>``. A ``store`` given as
   well must name the same place.
 
+A block's settings replace the environment's (``AWS_*``, ``DAYBREAK_S3_ENDPOINT_URL``), except
+that a block without keys leaves the signing to the default chain. Of ``aws_client_parameters``
+only ``endpoint_url`` is read (the store's S3 client has no switch for ``verify``, ``use_ssl``
+or ``config``).
+
 Names are unique per block type, not across types: when blocks of several of these types share
 the name, give the type with it, ``aws-credentials/<name>`` (also ``s3-bucket/``, ``secret/``).
 
