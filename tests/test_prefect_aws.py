@@ -246,3 +246,16 @@ def test_s3_refusals_are_named_and_not_retried() -> None:
     other = ConnectionError("connection reset")
     assert explain(other, storage) is other  # anything else as it was (and retried as before)
     assert explain(refused, Storage(store="s3://b/p")) is refused  # no block: nothing to name
+    # another bucket's refusal (MLflow's artifact store, say) is not the block's
+    theirs = OSError("When reading 'x' in bucket 'mlflow-artifacts': AWS Error ACCESS_DENIED during GetObject")
+    assert explain(theirs, storage) is theirs
+    assert isinstance(explain(OSError(str(theirs).replace("mlflow-artifacts", "b")), storage), StorageCredentialsError)
+    # boto3's HEAD: a bare 403, no code in the body
+    from botocore.exceptions import ClientError
+
+    head = ClientError({"Error": {"Code": "403", "Message": "Forbidden"}, "ResponseMetadata": {"HTTPStatusCode": 403}},
+                       "HeadObject")
+    assert isinstance(explain(head, storage), StorageCredentialsError)
+    missing = ClientError({"Error": {"Code": "404", "Message": "Not Found"},
+                           "ResponseMetadata": {"HTTPStatusCode": 404}}, "HeadObject")
+    assert explain(missing, storage) is missing

@@ -197,13 +197,23 @@ def load_secret(name: str) -> Any:
     return value
 
 
-def refused(exc: BaseException) -> bool:
-    """Whether `exc` (or an error under it) is S3 refusing the credentials."""
+def refused(exc: BaseException, bucket: str | None = None) -> bool:
+    """Whether `exc` (or an error under it) is S3 refusing the credentials: an S3 error code that
+    says so, or boto3's bare 403 (a HEAD's answer has no body). A message naming another bucket
+    than `bucket` (pyarrow's say "in bucket '...'") is someone else's refusal (MLflow's artifacts)."""
     seen: set[int] = set()
     e: BaseException | None = exc
     while e is not None and id(e) not in seen:
         seen.add(id(e))
-        if any(code in str(e) for code in _REFUSALS):
+        text = str(e)
+        if bucket and "in bucket '" in text and f"in bucket '{bucket}'" not in text:
+            return False
+        response = getattr(e, "response", None)
+        if type(e).__module__.startswith("botocore") and isinstance(response, dict):
+            code = str(response.get("Error", {}).get("Code", ""))
+            if code in _REFUSALS or code == "403" or response.get("ResponseMetadata", {}).get("HTTPStatusCode") == 403:
+                return True
+        if any(code in text for code in _REFUSALS):
             return True
         e = e.__cause__ or e.__context__
     return False
@@ -211,7 +221,9 @@ def refused(exc: BaseException) -> bool:
 
 def explain(exc: BaseException, storage: Storage) -> BaseException:
     """`exc` as an error naming the block whose credentials S3 refused, when that is what it is."""
-    if storage.block is None or isinstance(exc, StorageCredentialsError) or not refused(exc):
+    store = storage.store or ""
+    bucket = store[len("s3://"):].split("/")[0] if store.startswith("s3://") else None
+    if storage.block is None or isinstance(exc, StorageCredentialsError) or not refused(exc, bucket):
         return exc
     first = str(exc).strip().splitlines()[0][:400] if str(exc).strip() else type(exc).__name__
     return StorageCredentialsError(f"S3 refused the credentials of Prefect {storage.describe()}: {first}")
