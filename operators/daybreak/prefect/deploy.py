@@ -9,6 +9,8 @@ One process serves three deployments, named after the spec by default:
 
 Their parameters default to the spec and settings given here; a run may override them. For
 deployments on a work pool instead (workers pull the flows), see the README's Prefect section.
+``storage_secret`` names a Secret, AwsCredentials or S3Bucket block (prefect-aws's; an S3Bucket
+block is also the store), read by each run (:mod:`daybreak.prefect.storage`).
 """
 
 from __future__ import annotations

@@ -3,8 +3,15 @@
 Where things live is a flow parameter, else a key of the Prefect Variable ``daybreak`` (a JSON
 object), else the environment (``DAYBREAK_SPEC``, ``DAYBREAK_STORE``, ``MLFLOW_TRACKING_URI``,
 ``RAY_ADDRESS``, ``DAYBREAK_SERVE_URL``) and daybreak's embedded defaults. Keys: spec, store,
-tracking_uri, ray_address, serve_url, and the names of the Secret blocks holding credentials,
-storage_secret (S3) and mlflow_secret (MLflow).
+tracking_uri, ray_address, serve_url, and the names of the blocks holding credentials:
+storage_secret (S3) and mlflow_secret (MLflow, a Secret block).
+
+``storage_secret`` takes the name of a block of any of three types, told apart by the block's
+type in Prefect (:mod:`daybreak.prefect.storage`): a Secret holding JSON (endpoint_url, region,
+access_key, secret_key, session_token), a prefect-aws AwsCredentials block (keys, session token,
+region, profile, ``aws_client_parameters.endpoint_url``), or a prefect-aws S3Bucket block, whose
+credentials reach S3 and whose bucket and folder are the store (``store`` may then be left out).
+prefect-aws is needed only for its blocks.
 
 The `flows/` folder of the repository re-exports these flows as deployment entry points.
 """
@@ -160,14 +167,14 @@ def _warm_history(cfg: dict[str, Any], first: Any) -> None:
     """Stage (and featurise) the history `first` needs, as tasks; refuse naming the days that
     cannot be staged."""
     from daybreak.cycle import history_plan
-    from daybreak.prefect.tasks import storage_options
+    from daybreak.prefect.storage import resolve
     from daybreak.steps import spec_and_context
 
     s, where = load_spec(cfg["spec"], try_model=False), _where(cfg | {"serve_url": None})
-    storage = storage_options(cfg["storage_secret"])
+    storage = resolve(cfg["storage_secret"], cfg["store"])  # an S3Bucket block gives the store
 
     def context(d: Any) -> Any:
-        return spec_and_context(s, d, store=cfg["store"], storage=storage)[1]
+        return spec_and_context(s, d, store=storage.store, storage=storage.options)[1]
 
     plan = history_plan(s, context, first)
     tasks: dict[str, Any] = {"stage": stage_data, "features": build_features}

@@ -13,26 +13,29 @@
 - **Results** are persisted as JSON where Prefect's settings say (``PREFECT_LOCAL_STORAGE_PATH``, or a
   storage block in ``PREFECT_RESULTS_DEFAULT_STORAGE_BLOCK``); share it between workers for the
   cache to be shared.
-- **Credentials** come from Prefect Secret blocks named by ``storage_secret`` (S3) and
-  ``mlflow_secret`` (MLflow); only the block names are task parameters, so values never reach
-  Prefect's run records, logs or results.
+- **Credentials** come from Prefect blocks named by ``storage_secret`` (S3: a Secret holding JSON,
+  or prefect-aws's AwsCredentials or S3Bucket, which also gives the store; see
+  :mod:`daybreak.prefect.storage`) and ``mlflow_secret`` (MLflow, a Secret); only the block names
+  are task parameters, so values never reach Prefect's run records, logs or results. S3 refusing
+  a block's keys fails the task at once (not retried) with an error naming the block.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from datetime import date as Date
-from typing import Any, cast
+from typing import Any
 
 from prefect import task
 from prefect.cache_policies import CachePolicy
 
 from daybreak.infra.errors import is_retryable
 from daybreak.infra.records import Tag
+from daybreak.prefect.storage import Storage, explain, resolve
+from daybreak.prefect.storage import load_secret as _secret
 from daybreak.steps import STEPS, cache_key, run_step, spec_and_context
 
 log = logging.getLogger(__name__)
@@ -40,32 +43,11 @@ log = logging.getLogger(__name__)
 CACHE_FOR = timedelta(days=30)  # a cached result older than this is recomputed (the step's own skip then applies)
 
 
-def _secret(name: str) -> Any:
-    from prefect.blocks.system import Secret
-
-    # load is async_dispatch'ed: typed "block or coroutine", a sync caller gets the block
-    value = cast("Secret[Any]", Secret.load(name)).get()
-    if isinstance(value, str):
-        try:
-            return json.loads(value)
-        except json.JSONDecodeError:
-            return value  # a bare token
-    return value
-
-
-def storage_options(secret_block: str | None) -> Any:
-    """S3 settings from a Prefect Secret block holding JSON: endpoint_url, region, access_key,
-    secret_key, session_token (all optional). None: from the environment."""
-    if not secret_block:
-        return None
-    from daybreak.infra.store import StorageOptions
-
-    data = _secret(secret_block)
-    if not isinstance(data, dict):
-        raise ValueError(f"Secret block {secret_block!r} must hold a JSON object with endpoint_url, region, "
-                         "access_key, secret_key (S3 settings)")
-    return StorageOptions(**{k: data.get(k) for k in ("endpoint_url", "region", "access_key", "secret_key",
-                                                      "session_token")})
+def storage_options(secret_block: str | None, store: str | None = None) -> Any:
+    """S3 settings from the block named `secret_block`: a Secret holding JSON (endpoint_url,
+    region, access_key, secret_key, session_token, all optional), an AwsCredentials or an S3Bucket
+    block (:mod:`daybreak.prefect.storage`). None: from the environment."""
+    return resolve(secret_block, store).options
 
 
 def use_mlflow_secret(secret_block: str | None) -> None:
@@ -84,10 +66,15 @@ def use_mlflow_secret(secret_block: str | None) -> None:
     os.environ.update(credential_env(**{k: creds.get(k) for k in ("token", "username", "password", "insecure_tls")}))
 
 
-def _context(inputs: dict[str, Any]) -> dict[str, Any]:
+def _storage(inputs: dict[str, Any]) -> Storage:
+    return resolve(inputs.get("storage_secret"), inputs.get("store"))
+
+
+def _context(inputs: dict[str, Any], storage: Storage | None = None) -> dict[str, Any]:
+    """The step's store, registry and S3 settings; an S3Bucket block gives the store."""
     use_mlflow_secret(inputs.get("mlflow_secret"))
-    return {"store": inputs.get("store"), "tracking_uri": inputs.get("tracking_uri"),
-            "storage": storage_options(inputs.get("storage_secret"))}
+    storage = storage or _storage(inputs)
+    return {"store": storage.store, "tracking_uri": inputs.get("tracking_uri"), "storage": storage.options}
 
 
 def _own_key(task_ctx: Any) -> str | None:
@@ -130,9 +117,18 @@ class Lineage(CachePolicy):
 
 def _run(step: str, spec: str, date: str | Date, *, store: str | None = None, tracking_uri: str | None = None,
          storage_secret: str | None = None, mlflow_secret: str | None = None, **options: Any) -> dict[str, Any]:
-    ctx = _context({"store": store, "tracking_uri": tracking_uri, "storage_secret": storage_secret,
-                    "mlflow_secret": mlflow_secret})
-    result = run_step(step, spec, date, store=store, tracking_uri=tracking_uri, storage=ctx["storage"], **options)
+    where = {"store": store, "tracking_uri": tracking_uri, "storage_secret": storage_secret,
+             "mlflow_secret": mlflow_secret}
+    storage = _storage(where)
+    ctx = _context(where, storage)
+    try:
+        result = run_step(step, spec, date, store=ctx["store"], tracking_uri=tracking_uri, storage=ctx["storage"],
+                          **options)
+    except Exception as e:
+        named = explain(e, storage)  # S3 refusing a block's keys: say which block
+        if named is e:
+            raise
+        raise named from e
     _remember(step, spec, date, result, ctx)
     return result
 
@@ -142,7 +138,7 @@ def not_run(step: str, spec: str, date: str | Date, done: dict[str, Any], **wher
     no: the champion in service), from the core function run_cycle reports it with. Not a task:
     no step runs. `where` as the step's task is told (store, tracking_uri, the Secret block names)."""
     ctx = _context(where)
-    s, run_ctx = spec_and_context(spec, date, store=where.get("store"), tracking_uri=where.get("tracking_uri"),
+    s, run_ctx = spec_and_context(spec, date, store=ctx["store"], tracking_uri=where.get("tracking_uri"),
                                   storage=ctx["storage"])
     return STEPS[step].not_run(s, run_ctx, done)
 
@@ -182,7 +178,8 @@ def _opts(step: str | None) -> dict[str, Any]:
 def stage_data(spec: str, date: str, store: str | None = None, storage_secret: str | None = None) -> dict[str, Any]:
     """Stage the day's landing files into validated Parquet partitions.
 
-    `storage_secret` names a Secret block with the S3 settings (never printed)."""
+    `storage_secret` names a Secret, AwsCredentials or S3Bucket block with the S3 settings (never
+    printed); an S3Bucket block's bucket and folder are the store."""
     return _run("stage", spec, date, store=store, storage_secret=storage_secret)
 
 
