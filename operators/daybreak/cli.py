@@ -560,8 +560,9 @@ def prefect_deploy(spec: str = SpecOpt,
                    store: str | None = StoreOpt, tracking_uri: str | None = TrackingOpt,
                    ray_address: str | None = typer.Option(None, "--ray-address", help="Ray cluster to run on."),
                    serve_url: str | None = typer.Option(None, "--serve-url", help="Endpoint the deploy step checks."),
-                   storage_secret: str | None = typer.Option(None, "--storage-secret",
-                                                                help="Secret block with the S3 settings (JSON)."),
+                   storage_secret: str | None = typer.Option(
+                       None, "--storage-secret", help="Block with the S3 settings: a Secret (JSON), or a prefect-aws "
+                                                      "AwsCredentials or S3Bucket (an S3Bucket is also the store)."),
                    mlflow_secret: str | None = typer.Option(None, "--mlflow-secret",
                                                                help="Secret block with the MLflow token or login."),
                    limit: int | None = typer.Option(None, "--limit", help="At most this many runs at once.")) -> None:

@@ -43,7 +43,7 @@ S3_BUCKET = "s3-bucket"
 KINDS = (SECRET, AWS_CREDENTIALS, S3_BUCKET)
 _LABEL = {SECRET: "Secret", AWS_CREDENTIALS: "AwsCredentials", S3_BUCKET: "S3Bucket",
           MINIO_CREDENTIALS: "MinIOCredentials"}
-_INSTALL = "pip install 'prefect-aws>=0.5.13'"
+_INSTALL = "pip install 'daybreak[prefect-aws]'"
 
 # What S3 (and S3-compatible servers) answer when they refuse the keys; pyarrow spells them in
 # capitals with underscores, boto3 as S3 does.
