@@ -49,7 +49,7 @@ REAP_UNTIL_TAG = Tag.REAP_UNTIL  # a reap marker's lease, by its reaper's clock
 # page and read by the prompt APIs), and a tag filter cannot exclude (``tags.k != 'v'`` matches
 # only models that have the tag). So they are tagged and described; ``registry.registered_models``
 # leaves them out of daybreak's own listings.
-INTERNAL_TAG = "daybreak.internal"
+INTERNAL_TAG = Tag.INTERNAL
 LOCK_DESCRIPTION = ("daybreak internal lock, do not delete: held while daybreak registers a version of {name} or "
                     "moves its aliases, removed when that is done (one left behind by a stopped run is removed "
                     "by the next run once its lease, tag daybreak.lock_expires, has run out)")

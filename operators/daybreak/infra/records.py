@@ -53,6 +53,7 @@ class Tag:
     INPUT_HASHES = "daybreak.input_hashes"
     LABEL_MEAN = "daybreak.label_mean"
     LINEAGE_KEY = "daybreak.lineage_key"
+    INTERNAL = "daybreak.internal"  # registered-model tag: "lock" or "reap-marker" (hidden from daybreak's listings)
     LOCK_EXPIRES = "daybreak.lock_expires"
     LOCK_HOLDER = "daybreak.lock_holder"
     LOCK_OWNER = "daybreak.lock_owner"
