@@ -106,7 +106,7 @@ import threading
 import time
 import uuid
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool, ProcessPoolExecutor
 from contextlib import asynccontextmanager
@@ -176,8 +176,8 @@ ERROR_CODES = {400: "BAD_REQUEST", 401: "UNAUTHENTICATED", 403: "PERMISSION_DENI
 
 Fields = tuple[tuple[str, str, bool], ...]  # (name, type, optional) of each input column
 # A request's rows, one sequence per column: lists or tuples (the fast path's, on the loop), or numpy
-# arrays (checked or parsed off it)
-Columns = dict[str, Sequence | np.ndarray]
+# arrays (checked or parsed off it); a ``dataframe_split`` body's are a ``Block``
+Columns = Mapping[str, Sequence | np.ndarray]
 
 
 @dataclass(frozen=True)
@@ -303,6 +303,20 @@ def fast_columns(body: dict, fields: Fields, ids: frozenset[str] = frozenset(),
             if type(data) is not dict or data.keys() != {"columns", "data"}:
                 return None
             columns, rows = data["columns"], data["data"]
+            if type(columns) is list and type(rows) is list and rows:
+                key = tuple(columns)
+                plan = _PLANS.get(key)
+                if plan is None or plan.fields is not fields or plan.ids is not ids:
+                    plan = _split_plan(key, fields, ids)
+                    if plan is not None:
+                        if len(_PLANS) >= 64:
+                            _PLANS.clear()
+                        _PLANS[key] = plan
+                if plan is None:
+                    return None
+                block = plan.read(rows, json_strings if len(rows) >= CONVERT_ROWS else None)
+                if block is not SLOW:
+                    return block
             if (type(columns) is not list or len(set(columns)) != len(columns)
                     or not _columns_ok(set(columns), wanted, ids)
                     or type(rows) is not list or not rows
@@ -357,6 +371,116 @@ def fast_columns(body: dict, fields: Fields, ids: frozenset[str] = frozenset(),
     return cols
 
 
+SLOW = cast("Block", object())  # ``SplitPlan.read``: leave the body to fast_columns' general checks
+
+
+class Block(Mapping):
+    """A ``dataframe_split`` body's rows as the fast path reads them: the double columns as one
+    float64 matrix (rows x columns, converted once per request, and concatenated once per batch
+    by ``batch_columns``), the text and identity columns as tuples. A mapping of the column
+    names to their values, like the other formats' columns."""
+
+    __slots__ = ("doubles", "index", "other")
+
+    def __init__(self, doubles: np.ndarray, index: dict[str, int], other: dict[str, Sequence]) -> None:
+        self.doubles, self.index, self.other = doubles, index, other
+
+    def __getitem__(self, name: str) -> Sequence | np.ndarray:
+        j = self.index.get(name)
+        return self.other[name] if j is None else self.doubles[:, j]
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.index or name in self.other
+
+    def __iter__(self) -> Iterator[str]:
+        return chain(self.index, self.other)
+
+    def __len__(self) -> int:
+        return len(self.index) + len(self.other)
+
+    def cut(self, start: int, stop: int) -> Block:
+        return Block(self.doubles[start:stop], self.index, {k: v[start:stop] for k, v in self.other.items()})
+
+
+def _getter(positions: Sequence[int]) -> Callable[[list], tuple]:
+    """A row's values at `positions`, as a tuple (``itemgetter`` gives a bare value for one)."""
+    if len(positions) == 1:
+        (k,) = positions
+        return lambda row: (row[k],)
+    return itemgetter(*positions)
+
+
+class SplitPlan:
+    """How to read the rows of a ``dataframe_split`` body with a given list of columns (checked
+    once per list: ``_split_plan``): which positions hold double columns, text columns and
+    identity columns, and what each may hold."""
+
+    def __init__(self, columns: tuple[str, ...], fields: Fields, ids: frozenset[str]) -> None:
+        self.fields, self.ids = fields, ids  # (``_PLANS`` checks them by identity)
+        kinds = {name: (kind, optional) for name, kind, optional in fields}
+        pos = {name: k for k, name in enumerate(columns)}
+        doubles = [n for n in columns if n in kinds and kinds[n][0] == "double"]
+        texts = [n for n in columns if n in kinds and kinds[n][0] == "string"]
+        self.width = len(columns)
+        self.index = {n: j for j, n in enumerate(doubles)}
+        self.doubles = _getter([pos[n] for n in doubles]) if doubles else None
+        required = [pos[n] for n in doubles if not kinds[n][1]]
+        self.required = _getter(required) if required else None  # double columns that may not be null
+        self.texts = {n: frozenset((str, NoneType) if kinds[n][1] else (str,)) for n in texts}  # what each may hold
+        self.other_names = texts + [n for n in columns if n not in kinds]  # then the identity columns
+        self.others = _getter([pos[n] for n in self.other_names]) if self.other_names else None
+
+    def read(self, rows: list, json_strings: int | None) -> Block | None:
+        """The rows as a Block; None if a value is not of its column's type (MLflow's parser then
+        decides); SLOW when only the general checks of ``fast_columns`` can tell (a number too
+        large for a double)."""
+        if set(map(type, rows)) != {list} or set(map(len, rows)) != {self.width}:
+            return None
+        other: dict[str, Sequence] = {}
+        if self.others is not None:
+            other = dict(zip(self.other_names, zip(*map(self.others, rows), strict=True), strict=True))
+            for name, allowed in self.texts.items():
+                if not allowed.issuperset(map(type, other[name])):
+                    return None
+        n = len(rows)
+        if self.doubles is None:
+            return Block(np.empty((n, 0)), self.index, other)
+        values = list(map(self.doubles, rows))
+        # Every JSON string: the format key, "columns", "data", the column names and the values. When
+        # the text and identity columns hold them all, the double columns hold only numbers, nulls or
+        # containers (the conversion fails on a container); otherwise each value's type is checked.
+        if json_strings is None or json_strings - 3 - self.width != sum(
+                list(map(type, v)).count(str) for v in other.values()):
+            if not set(map(type, chain.from_iterable(values))) <= {float, int, NoneType}:
+                return None
+        if self.required is not None and None in chain.from_iterable(map(self.required, rows)):
+            return None
+        try:
+            doubles = np.array(values, dtype=np.float64)  # None -> NaN, as MLflow's parser makes it
+        except OverflowError:
+            return SLOW
+        except (TypeError, ValueError):  # a container: not a double column's value
+            return None
+        if doubles.shape != (n, len(self.index)):
+            return None
+        return Block(doubles, self.index, other)
+
+
+_PLANS: dict[tuple[str, ...], SplitPlan] = {}
+"""The last plans made, by list of columns, used when made for the same fields and identity columns
+(the same objects: comparing them, or hashing them for ``_split_plan``'s cache, costs more)."""
+
+
+@lru_cache(maxsize=64)  # clients send the same few lists of columns (bounded: an odd one costs a check)
+def _split_plan(columns: tuple[str, ...], fields: Fields, ids: frozenset[str]) -> SplitPlan | None:
+    """How to read a ``dataframe_split`` body with these columns, or None when they are not the
+    signature's columns exactly (any order) plus any of the identity columns `ids`."""
+    _, wanted, _ = _field_info(fields)
+    if len(set(columns)) != len(columns) or not _columns_ok(set(columns), wanted, ids):
+        return None
+    return SplitPlan(columns, fields, ids)
+
+
 @lru_cache(maxsize=16)
 def _field_info(fields: Fields) -> tuple[list[str], set[str], tuple[tuple[frozenset[type], tuple[str, ...]], ...]]:
     """The signature's column names (a list and a set), and its columns grouped by the JSON types
@@ -372,6 +496,16 @@ def batch_columns(parts: list[Columns], fields: Fields) -> dict[str, np.ndarray]
     """Every part's rows as numpy columns, with the dtypes MLflow's parser gives the signature's types.
     Parts are tuples (parsed on the loop) or numpy arrays (checked or parsed off it)."""
     data = {}
+    index = parts[0].index if type(parts[0]) is Block else None
+    if index is not None and all(type(p) is Block and p.index is index for p in parts):  # same columns, same plan
+        doubles = np.concatenate([p.doubles for p in parts]) if len(parts) > 1 else parts[0].doubles
+        for name, kind, _ in fields:
+            j = index.get(name)
+            if j is not None:
+                data[name] = doubles[:, j]
+            else:
+                data[name] = np.array(list(chain.from_iterable(p[name] for p in parts)), dtype=object)
+        return data
     for name, kind, _ in fields:
         dtype = np.float64 if kind == "double" else object
         cols = [p[name] for p in parts]
@@ -480,9 +614,12 @@ def parse_fast(raw: bytes, fields: Fields | None, ids: frozenset[str], max_rows:
     cols = fast_columns(body, fields, ids, strings) if type(body) is dict else None
     if cols is None:
         return None
-    rows = len(next(iter(cols.values())))
+    if type(cols) is Block:
+        rows, carried = len(cols.doubles), not ids.isdisjoint(cols.other)
+    else:
+        rows, carried = len(next(iter(cols.values()))), not ids.isdisjoint(cols)
     _rows_limit(rows, max_rows)
-    return Parsed(rows, columns=cols, ids=not ids.isdisjoint(cols))
+    return Parsed(rows, columns=cols, ids=carried)
 
 
 def parse_request(raw: bytes, mime: str, fields: Fields | None, ids: frozenset[str], schema_json: str | None,
@@ -760,6 +897,8 @@ def _cut(job: Job, start: int, stop: int) -> Columns:
     assert cols is not None  # only jobs of the fast path are cut
     if start == 0 and stop == job.rows:
         return cols
+    if type(cols) is Block:
+        return cols.cut(start, stop)
     return {k: v[start:stop] for k, v in cols.items()}
 
 
