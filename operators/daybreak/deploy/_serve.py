@@ -159,6 +159,10 @@ SWEEP_SECONDS = 0.5
 """How often body deadlines are checked (at most; a quarter of the body timeout when shorter)."""
 REFRESH_TIMEOUT = 120.0
 """``POST /refresh`` waits this long at most for the check (and the load of a new version)."""
+CHECK_INTERVAL = 1.0
+"""Seconds between the starts of two registry checks, at least: ``POST /refresh`` calls within it
+share the check that starts when it ends (a caller with the token cannot make the server hammer
+the registry)."""
 # A batch of at most this many rows, all of the fast path, on a model with a fast predict, is
 # predicted on the event loop (a few hundred microseconds): handing it to the predict thread costs
 # more than that in GIL hand-offs (the loop and the thread take turns on one interpreter lock).
@@ -449,10 +453,10 @@ class SplitPlan:
         # Every JSON string: the format key, "columns", "data", the column names and the values. When
         # the text and identity columns hold them all, the double columns hold only numbers, nulls or
         # containers (the conversion fails on a container); otherwise each value's type is checked.
-        if json_strings is None or json_strings - 3 - self.width != sum(
-                list(map(type, v)).count(str) for v in other.values()):
-            if not set(map(type, chain.from_iterable(values))) <= {float, int, NoneType}:
-                return None
+        counted = json_strings is not None and json_strings - 3 - self.width == sum(
+            list(map(type, v)).count(str) for v in other.values())
+        if not counted and not set(map(type, chain.from_iterable(values))) <= {float, int, NoneType}:
+            return None
         if self.required is not None and None in chain.from_iterable(map(self.required, rows)):
             return None
         try:
@@ -498,8 +502,9 @@ def batch_columns(parts: list[Columns], fields: Fields) -> dict[str, np.ndarray]
     data = {}
     index = parts[0].index if type(parts[0]) is Block else None
     if index is not None and all(type(p) is Block and p.index is index for p in parts):  # same columns, same plan
-        doubles = np.concatenate([p.doubles for p in parts]) if len(parts) > 1 else parts[0].doubles
-        for name, kind, _ in fields:
+        blocks = cast("list[Block]", parts)
+        doubles = np.concatenate([b.doubles for b in blocks]) if len(blocks) > 1 else blocks[0].doubles
+        for name, _, _ in fields:
             j = index.get(name)
             if j is not None:
                 data[name] = doubles[:, j]
@@ -573,7 +578,7 @@ def _rows_limit(rows: int, max_rows: int) -> None:
                            f"send fewer rows per request")
 
 
-def _finite_doubles(cols: Columns, fields: Fields) -> None:
+def _finite_doubles(cols: dict[str, Any], fields: Fields) -> None:
     """Double columns as float64 arrays; refuses infinities and numbers beyond a double (NaN is a
     missing value, as MLflow's parser makes it)."""
     for name, kind, _ in fields:
@@ -748,6 +753,9 @@ class ModelHolder:
         self._client: Any = None
         self._next: Future[bool] = Future()  # resolved when the next check to start has finished
         self._next_lock = threading.Lock()
+        self._last_check = float("-inf")  # time.monotonic() when the last check started
+        # The last champion version that failed to load: when, and why (not reloaded at every check)
+        self._failed: tuple[str, float, str] | None = None
 
     def champion_version(self) -> str | None:
         self._client = self._client or registry.client(self.ctx)  # one client (and HTTP session) for every poll
@@ -764,11 +772,17 @@ class ModelHolder:
                 raise
             if version is None or (self.current and self.current.version == version):
                 return False
+            failed, retry = self._failed, self.spec.serving.poll_seconds / 2
+            if failed is not None and failed[0] == version and time.monotonic() - failed[1] < retry:
+                raise RuntimeError(f"champion version {version} failed to load {time.monotonic() - failed[1]:.0f} s "
+                                   f"ago; tried again {retry:g} s after that (at a poll): {failed[2]}")
             try:
                 loaded = self.load(version)
-            except Exception:
+            except Exception as e:
                 self.swap_failures += 1  # metrics
+                self._failed = (version, time.monotonic(), redact(f"{type(e).__name__}: {e}"))
                 raise
+            self._failed = None
             self.install(loaded)
             return True
 
@@ -802,9 +816,10 @@ class ModelHolder:
             model.predict(example)
 
     def check_soon(self) -> Future[bool]:
-        """Wake the watch for a check of the alias now; the future is resolved once a check that
-        started after this call has finished (True: it succeeded). Callers that come while no
-        check has started share one: a burst of calls makes one registry lookup."""
+        """Wake the watch for a check of the alias now (or, within CHECK_INTERVAL of the last one,
+        when it ends); the future is resolved once a check that started after this call has
+        finished (True: it succeeded). Callers that come while no check has started share one: a
+        burst of calls makes one registry lookup."""
         with self._next_lock:
             fut = self._next
         self._wake.set()
@@ -816,9 +831,14 @@ class ModelHolder:
             self._wake.wait(self.spec.serving.poll_seconds)
             if self._stop.is_set():
                 break
+            # at most one check every CHECK_INTERVAL: calls until then join the check that starts then
+            rest = self._last_check + CHECK_INTERVAL - time.monotonic()
+            if rest > 0 and self._stop.wait(rest):
+                break
             self._wake.clear()
             with self._next_lock:  # the check starts: calls from now on wait for the one after
                 done, self._next = self._next, Future()
+            self._last_check = time.monotonic()
             ok = self.check()
             if not done.done():  # (never cancelled: callers wait on it shielded)
                 done.set_result(ok)
@@ -1246,7 +1266,8 @@ class Batcher:
         if len(preds) != len(frame) or not names:
             return
         ids = {k: frame[k].tolist() for k in self.ids if k in frame.columns} or None
-        self.plog.record(cur.version, frame[names].reset_index(drop=True), preds.reshape(len(frame), -1)[:, 0],
+        self.plog.record(cur.version, frame[names].reset_index(drop=True),
+                         preds if preds.ndim == 1 else preds.reshape(len(frame), -1),
                          [(job.request_id, len(frame), ids)])
 
     def close(self) -> None:
@@ -1680,31 +1701,42 @@ class Invocations:
         if scope["type"] != "http" or scope["path"] != "/invocations":
             return await self.api(scope, receive, self.metrics.counting(scope, send))  # metrics: counting
         started = self.metrics.begin()  # metrics
-        request_id = _request_id(scope)
-        read = [False]  # the whole body was read
+        answered = False
+        try:
+            request_id = _request_id(scope)
+            read = [False]  # the whole body was read
 
-        async def receive_tracked() -> dict:
-            message = await receive()
-            read[0] = message["type"] != "http.request" or not message.get("more_body", False)
-            return message
+            async def receive_tracked() -> dict:
+                message = await receive()
+                read[0] = message["type"] != "http.request" or not message.get("more_body", False)
+                return message
 
-        if scope["method"] != "POST":
-            status, payload, served = *error(405, "use POST"), None
-        else:
-            status, payload, served = await self.answer(scope, receive_tracked, request_id)
-        headers = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(payload)),
-                   (b"x-request-id", request_id.encode())]
-        if status == 503:
-            headers.append((b"retry-after", b"1"))
-        if not read[0]:
-            headers.append((b"connection", b"close"))  # refused before its body was read: never parse that as a request
-        if status == 405:
-            headers.append((b"allow", b"POST"))
-        if served is not None:
-            headers.append((b"x-model-version", served.encode()))
-        self.metrics.end(status, started)  # metrics
-        await send({"type": "http.response.start", "status": status, "headers": headers})
-        await send({"type": "http.response.body", "body": payload})
+            if scope["method"] != "POST":
+                status, payload, served = *error(405, "use POST"), None
+            else:
+                try:
+                    status, payload, served = await self.answer(scope, receive_tracked, request_id)
+                except Exception:  # a bug: this request gets a 500 in MLflow's format, the others go on
+                    log.exception("request %s failed", request_id)
+                    status, payload, served = *_internal(request_id), None
+            headers = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(payload)),
+                       (b"x-request-id", request_id.encode())]
+            if status == 503:
+                headers.append((b"retry-after", b"1"))
+            if not read[0]:
+                # refused before its body was read: never parse that as a request
+                headers.append((b"connection", b"close"))
+            if status == 405:
+                headers.append((b"allow", b"POST"))
+            if served is not None:
+                headers.append((b"x-model-version", served.encode()))
+            self.metrics.end(status, started)  # metrics
+            answered = True
+            await send({"type": "http.response.start", "status": status, "headers": headers})
+            await send({"type": "http.response.body", "body": payload})
+        finally:
+            if not answered:  # cancelled (the server stopping) before its answer: no longer in flight either
+                self.metrics.unanswered()  # metrics
 
 
 def _too_big(limit: int) -> str:
