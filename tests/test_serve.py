@@ -462,3 +462,52 @@ def test_big_split_bodies_convert_doubles_only_when_every_string_is_accounted_fo
         assert parsed(bad) is None, bad
     assert parsed(2.0, 'with "quotes"') is not None  # an escaped quote: the values are checked one by one
     assert parsed(2.0, 5) is None  # a number in a text column
+
+
+def test_split_rows_read_as_one_matrix_give_the_columns_of_the_general_reading() -> None:
+    """A ``dataframe_split`` body's double columns are read into one float64 matrix per request (a
+    ``Block``): its batches are the same numpy columns as the general reading gives, slices and
+    the identity columns included, and every body the general checks refuse is refused."""
+    from itertools import chain
+
+    from daybreak.deploy._serve import Block, batch_columns, fast_columns
+
+    fields = (("a", "double", True), ("s", "string", False), ("b", "double", False), ("t", "string", True))
+    ids = frozenset({"flight"})
+    columns = ["t", "b", "flight", "a", "s"]
+    rows = [[None if k % 3 else f"t{k}", k * 1.5, 1500 + k, k if k % 2 else None, f"s{k}"] for k in range(7)]
+
+    def general(cols: list, data: list) -> dict:
+        return dict(zip(cols, zip(*data, strict=True), strict=True))
+
+    def split(data: list, cols: list = columns) -> object:
+        return fast_columns({"dataframe_split": {"columns": cols, "data": data}}, fields, ids)
+
+    block = split(rows)
+    assert type(block) is Block and "flight" in block and "nope" not in block
+    assert set(block) == set(columns) and block["flight"] == tuple(1500 + k for k in range(7))
+    for got, want in ((batch_columns([block], fields), batch_columns([general(columns, rows)], fields)),
+                      (batch_columns([block, split(rows[:2]), block.cut(2, 5)], fields),
+                       batch_columns([general(columns, r) for r in (rows, rows[:2], rows[2:5])], fields))):
+        assert got.keys() == want.keys()
+        for name in got:
+            assert got[name].dtype == want[name].dtype, name
+            np.testing.assert_array_equal(got[name], want[name])
+    other = split([[r[k] for k in (3, 0, 4, 1, 2)] for r in rows], ["a", "t", "s", "b", "flight"])  # another order
+    np.testing.assert_array_equal(batch_columns([other], fields)["a"], batch_columns([block], fields)["a"])
+    # what the general checks refuse, the matrix refuses
+    for bad in ([3, 1.0, 1, 2.0, "s"],       # a number in a text column
+                [None, None, 1, 2.0, "s"],   # null in a required double column
+                [None, 1.0, 1, 2.0, None],   # null in a required text column
+                [None, "1.0", 1, 2.0, "s"],  # text in a double column
+                [None, True, 1, 2.0, "s"],   # a boolean
+                [None, [1.0], 1, 2.0, "s"],  # a container
+                [None, 1.0, 1, 2.0]):        # a short row
+        assert split([*rows, bad]) is None, bad
+        assert fast_columns({"dataframe_split": {"columns": columns, "data": [*rows, bad]}}, fields, ids,
+                            json_strings=None) is None
+    assert split(rows, ["t", "b", "other", "a", "s"]) is None  # not an identity column
+    assert split(rows, ["t", "b", "flight", "a", "a"]) is None  # a repeated column
+    # a number beyond a double is left to the general reading (its check names the column)
+    huge = split([[None, 10**400, 1, 1.0, "s"]])
+    assert huge is not None and type(huge) is not Block and list(chain(huge["b"])) == [10**400]

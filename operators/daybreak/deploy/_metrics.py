@@ -2,10 +2,11 @@
 
 The server answers thousands of requests a second on one event loop, so a request pays for its
 metrics with a few plain integer and list updates (no locks, no label lookups, no metric objects
-from ``prometheus_client``): ``begin``/``end`` around each ``POST /invocations``, ``rows`` for
-each answered one, ``batch`` for each predicted batch, ``counting`` on the responses of the
-other paths. Everything that records runs on the event loop, and so does the scrape (the
-endpoint is an ASGI app on the same loop), so nothing is shared between threads but plain ints.
+from ``prometheus_client``): ``begin``/``end`` around each ``POST /invocations`` (``unanswered``
+instead of ``end`` when it is cancelled), ``rows`` for each answered one, ``batch`` for each
+predicted batch, ``counting`` on the responses of the other paths. Everything that records runs
+on the event loop, and so does the scrape (the endpoint is an ASGI app on the same loop), so
+nothing is shared between threads but plain ints.
 State that other objects keep already is read at scrape time, never copied on the request path:
 the serving version (``ModelHolder.current``), the swap counters of the holder, the rows
 waiting for the predict thread (``Batcher.pending_rows``) and the prediction log's counters.
@@ -127,6 +128,7 @@ class ServerMetrics:
         self.model, self.alias, self.holder, self.plog = model, alias, holder, plog
         self.batcher: QueueView | None = None  # set once the batcher runs (queued rows)
         self.begun = 0  # /invocations requests begun; those answered are in `codes`
+        self.gone = 0  # of those begun, the ones that ended without an answer (cancelled)
         self.codes: dict[int, int] = {200: 0}  # /invocations answers by status
         self.others: dict[tuple[str, int], int] = {}  # (path, status) of every other response
         self.latency = Histogram(LATENCY_BUCKETS)
@@ -154,6 +156,10 @@ class ServerMetrics:
         h = self.latency
         h.counts[bisect_left(h.bounds, seconds)] += 1
         h.sum += seconds
+
+    def unanswered(self) -> None:
+        """It ended without an answer (cancelled: the server stopping): no longer in flight."""
+        self.gone += 1
 
     def rows(self, n: int) -> None:
         """The rows of a request answered with predictions."""
@@ -267,7 +273,7 @@ class ServerCollector(Collector):
         yield m.batch_seconds.family("daybreak_batch_duration_seconds", "Seconds of each predict batch, from "
                                      "hand-off to the predict thread until its answers are back.")
         yield GaugeMetricFamily("daybreak_invocations_in_flight", "POST /invocations requests begun and not yet "
-                                "answered.", value=m.begun - sum(codes.values()))
+                                "answered.", value=m.begun - m.gone - sum(codes.values()))
         batcher = m.batcher
         yield GaugeMetricFamily("daybreak_queued_rows", "Rows of queued requests waiting for the predict thread.",
                                 value=batcher.pending_rows if batcher is not None else 0)

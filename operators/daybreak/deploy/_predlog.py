@@ -8,7 +8,8 @@ wait) and writes one Parquet file per date it holds:
     predlog/<model>/date=D/<time>-<host>-<pid>-<n>.parquet
 
 Each row: ``request_id``, ``served_at`` (UTC), ``model_version``, ``source`` (``online``),
-``prediction``, the row identity the request carried next to the features (``monitoring.log.
+``prediction`` (with ``prediction_scores`` for a model answering several scores a row, see
+``_prediction_columns``), the row identity the request carried next to the features (``monitoring.log.
 id_columns``, default the feature keys and ``event_time``; kept as the text the client sent), and
 the features as the model saw them. D is the date of the row's ``event_time`` when the request
 sent one, else of when it was served, in the base source's ``date_timezone`` (as staging counts
@@ -86,6 +87,21 @@ def _feature(values: np.ndarray) -> pa.Array:
         except (pa.ArrowInvalid, pa.ArrowTypeError):
             pass  # not all text (a body MLflow's parser read): inferred
     return pa.array(values, from_pandas=True)
+
+
+def _prediction_columns(predictions: list[np.ndarray]) -> tuple[pa.Array, pa.Array | None]:
+    """One row per request row. A single output a row (1-D, or an (n, 1) matrix) is ``prediction``,
+    a number, as the monitor reads it; several a row (class scores) are kept whole in
+    ``prediction_scores`` (a list a row, null for the other rows), with ``prediction`` null."""
+    if all(p.ndim == 1 for p in predictions):
+        return pa.array(np.concatenate(predictions)), None
+    rows = [p.reshape(len(p), -1) for p in predictions]
+    single = np.concatenate([r[:, 0] if r.shape[1] == 1 else np.full(len(r), np.nan) for r in rows])
+    several = np.concatenate([np.full(len(r), r.shape[1] != 1) for r in rows])
+    scores: list[Any] = []
+    for r in rows:
+        scores.extend(r.tolist() if r.shape[1] != 1 else [None] * len(r))
+    return pa.array(single, mask=several), pa.array(scores, pa.list_(pa.float64()))
 
 
 class PredictionLog:
@@ -201,8 +217,10 @@ class PredictionLog:
             "served_at": pa.array(served).cast(pa.timestamp("ms", tz="UTC")),
             "model_version": per_entry([e.version for e in entries], pa.string()),
             "source": per_entry([self.source] * len(entries), pa.string()),
-            "prediction": pa.array(np.concatenate([np.asarray(e.predictions, np.float64).ravel() for e in entries])),
         }
+        cols["prediction"], scores = _prediction_columns([np.asarray(e.predictions, np.float64) for e in entries])
+        if scores is not None:
+            cols["prediction_scores"] = scores
         for name in self.ids:
             if not any(c is not None and name in c for _, _, c in requests):
                 cols[name] = pa.nulls(n, pa.string())

@@ -106,7 +106,7 @@ import threading
 import time
 import uuid
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool, ProcessPoolExecutor
 from contextlib import asynccontextmanager
@@ -159,6 +159,10 @@ SWEEP_SECONDS = 0.5
 """How often body deadlines are checked (at most; a quarter of the body timeout when shorter)."""
 REFRESH_TIMEOUT = 120.0
 """``POST /refresh`` waits this long at most for the check (and the load of a new version)."""
+CHECK_INTERVAL = 1.0
+"""Seconds between the starts of two registry checks, at least: ``POST /refresh`` calls within it
+share the check that starts when it ends (a caller with the token cannot make the server hammer
+the registry)."""
 # A batch of at most this many rows, all of the fast path, on a model with a fast predict, is
 # predicted on the event loop (a few hundred microseconds): handing it to the predict thread costs
 # more than that in GIL hand-offs (the loop and the thread take turns on one interpreter lock).
@@ -176,8 +180,8 @@ ERROR_CODES = {400: "BAD_REQUEST", 401: "UNAUTHENTICATED", 403: "PERMISSION_DENI
 
 Fields = tuple[tuple[str, str, bool], ...]  # (name, type, optional) of each input column
 # A request's rows, one sequence per column: lists or tuples (the fast path's, on the loop), or numpy
-# arrays (checked or parsed off it)
-Columns = dict[str, Sequence | np.ndarray]
+# arrays (checked or parsed off it); a ``dataframe_split`` body's are a ``Block``
+Columns = Mapping[str, Sequence | np.ndarray]
 
 
 @dataclass(frozen=True)
@@ -303,6 +307,20 @@ def fast_columns(body: dict, fields: Fields, ids: frozenset[str] = frozenset(),
             if type(data) is not dict or data.keys() != {"columns", "data"}:
                 return None
             columns, rows = data["columns"], data["data"]
+            if type(columns) is list and type(rows) is list and rows:
+                key = tuple(columns)
+                plan = _PLANS.get(key)
+                if plan is None or plan.fields is not fields or plan.ids is not ids:
+                    plan = _split_plan(key, fields, ids)
+                    if plan is not None:
+                        if len(_PLANS) >= 64:
+                            _PLANS.clear()
+                        _PLANS[key] = plan
+                if plan is None:
+                    return None
+                block = plan.read(rows, json_strings if len(rows) >= CONVERT_ROWS else None)
+                if block is not SLOW:
+                    return block
             if (type(columns) is not list or len(set(columns)) != len(columns)
                     or not _columns_ok(set(columns), wanted, ids)
                     or type(rows) is not list or not rows
@@ -357,6 +375,116 @@ def fast_columns(body: dict, fields: Fields, ids: frozenset[str] = frozenset(),
     return cols
 
 
+SLOW = cast("Block", object())  # ``SplitPlan.read``: leave the body to fast_columns' general checks
+
+
+class Block(Mapping):
+    """A ``dataframe_split`` body's rows as the fast path reads them: the double columns as one
+    float64 matrix (rows x columns, converted once per request, and concatenated once per batch
+    by ``batch_columns``), the text and identity columns as tuples. A mapping of the column
+    names to their values, like the other formats' columns."""
+
+    __slots__ = ("doubles", "index", "other")
+
+    def __init__(self, doubles: np.ndarray, index: dict[str, int], other: dict[str, Sequence]) -> None:
+        self.doubles, self.index, self.other = doubles, index, other
+
+    def __getitem__(self, name: str) -> Sequence | np.ndarray:
+        j = self.index.get(name)
+        return self.other[name] if j is None else self.doubles[:, j]
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.index or name in self.other
+
+    def __iter__(self) -> Iterator[str]:
+        return chain(self.index, self.other)
+
+    def __len__(self) -> int:
+        return len(self.index) + len(self.other)
+
+    def cut(self, start: int, stop: int) -> Block:
+        return Block(self.doubles[start:stop], self.index, {k: v[start:stop] for k, v in self.other.items()})
+
+
+def _getter(positions: Sequence[int]) -> Callable[[list], tuple]:
+    """A row's values at `positions`, as a tuple (``itemgetter`` gives a bare value for one)."""
+    if len(positions) == 1:
+        (k,) = positions
+        return lambda row: (row[k],)
+    return itemgetter(*positions)
+
+
+class SplitPlan:
+    """How to read the rows of a ``dataframe_split`` body with a given list of columns (checked
+    once per list: ``_split_plan``): which positions hold double columns, text columns and
+    identity columns, and what each may hold."""
+
+    def __init__(self, columns: tuple[str, ...], fields: Fields, ids: frozenset[str]) -> None:
+        self.fields, self.ids = fields, ids  # (``_PLANS`` checks them by identity)
+        kinds = {name: (kind, optional) for name, kind, optional in fields}
+        pos = {name: k for k, name in enumerate(columns)}
+        doubles = [n for n in columns if n in kinds and kinds[n][0] == "double"]
+        texts = [n for n in columns if n in kinds and kinds[n][0] == "string"]
+        self.width = len(columns)
+        self.index = {n: j for j, n in enumerate(doubles)}
+        self.doubles = _getter([pos[n] for n in doubles]) if doubles else None
+        required = [pos[n] for n in doubles if not kinds[n][1]]
+        self.required = _getter(required) if required else None  # double columns that may not be null
+        self.texts = {n: frozenset((str, NoneType) if kinds[n][1] else (str,)) for n in texts}  # what each may hold
+        self.other_names = texts + [n for n in columns if n not in kinds]  # then the identity columns
+        self.others = _getter([pos[n] for n in self.other_names]) if self.other_names else None
+
+    def read(self, rows: list, json_strings: int | None) -> Block | None:
+        """The rows as a Block; None if a value is not of its column's type (MLflow's parser then
+        decides); SLOW when only the general checks of ``fast_columns`` can tell (a number too
+        large for a double)."""
+        if set(map(type, rows)) != {list} or set(map(len, rows)) != {self.width}:
+            return None
+        other: dict[str, Sequence] = {}
+        if self.others is not None:
+            other = dict(zip(self.other_names, zip(*map(self.others, rows), strict=True), strict=True))
+            for name, allowed in self.texts.items():
+                if not allowed.issuperset(map(type, other[name])):
+                    return None
+        n = len(rows)
+        if self.doubles is None:
+            return Block(np.empty((n, 0)), self.index, other)
+        values = list(map(self.doubles, rows))
+        # Every JSON string: the format key, "columns", "data", the column names and the values. When
+        # the text and identity columns hold them all, the double columns hold only numbers, nulls or
+        # containers (the conversion fails on a container); otherwise each value's type is checked.
+        counted = json_strings is not None and json_strings - 3 - self.width == sum(
+            list(map(type, v)).count(str) for v in other.values())
+        if not counted and not set(map(type, chain.from_iterable(values))) <= {float, int, NoneType}:
+            return None
+        if self.required is not None and None in chain.from_iterable(map(self.required, rows)):
+            return None
+        try:
+            doubles = np.array(values, dtype=np.float64)  # None -> NaN, as MLflow's parser makes it
+        except OverflowError:
+            return SLOW
+        except (TypeError, ValueError):  # a container: not a double column's value
+            return None
+        if doubles.shape != (n, len(self.index)):
+            return None
+        return Block(doubles, self.index, other)
+
+
+_PLANS: dict[tuple[str, ...], SplitPlan] = {}
+"""The last plans made, by list of columns, used when made for the same fields and identity columns
+(the same objects: comparing them, or hashing them for ``_split_plan``'s cache, costs more)."""
+
+
+@lru_cache(maxsize=64)  # clients send the same few lists of columns (bounded: an odd one costs a check)
+def _split_plan(columns: tuple[str, ...], fields: Fields, ids: frozenset[str]) -> SplitPlan | None:
+    """How to read a ``dataframe_split`` body with these columns, or None when they are not the
+    signature's columns exactly (any order) plus any of the identity columns `ids`."""
+    _, wanted, _ = _field_info(fields)
+    if len(set(columns)) != len(columns) or not _columns_ok(set(columns), wanted, ids):
+        return None
+    return SplitPlan(columns, fields, ids)
+
+
 @lru_cache(maxsize=16)
 def _field_info(fields: Fields) -> tuple[list[str], set[str], tuple[tuple[frozenset[type], tuple[str, ...]], ...]]:
     """The signature's column names (a list and a set), and its columns grouped by the JSON types
@@ -372,6 +500,17 @@ def batch_columns(parts: list[Columns], fields: Fields) -> dict[str, np.ndarray]
     """Every part's rows as numpy columns, with the dtypes MLflow's parser gives the signature's types.
     Parts are tuples (parsed on the loop) or numpy arrays (checked or parsed off it)."""
     data = {}
+    index = parts[0].index if type(parts[0]) is Block else None
+    if index is not None and all(type(p) is Block and p.index is index for p in parts):  # same columns, same plan
+        blocks = cast("list[Block]", parts)
+        doubles = np.concatenate([b.doubles for b in blocks]) if len(blocks) > 1 else blocks[0].doubles
+        for name, _, _ in fields:
+            j = index.get(name)
+            if j is not None:
+                data[name] = doubles[:, j]
+            else:
+                data[name] = np.array(list(chain.from_iterable(p[name] for p in parts)), dtype=object)
+        return data
     for name, kind, _ in fields:
         dtype = np.float64 if kind == "double" else object
         cols = [p[name] for p in parts]
@@ -439,7 +578,7 @@ def _rows_limit(rows: int, max_rows: int) -> None:
                            f"send fewer rows per request")
 
 
-def _finite_doubles(cols: Columns, fields: Fields) -> None:
+def _finite_doubles(cols: dict[str, Any], fields: Fields) -> None:
     """Double columns as float64 arrays; refuses infinities and numbers beyond a double (NaN is a
     missing value, as MLflow's parser makes it)."""
     for name, kind, _ in fields:
@@ -480,9 +619,12 @@ def parse_fast(raw: bytes, fields: Fields | None, ids: frozenset[str], max_rows:
     cols = fast_columns(body, fields, ids, strings) if type(body) is dict else None
     if cols is None:
         return None
-    rows = len(next(iter(cols.values())))
+    if type(cols) is Block:
+        rows, carried = len(cols.doubles), not ids.isdisjoint(cols.other)
+    else:
+        rows, carried = len(next(iter(cols.values()))), not ids.isdisjoint(cols)
     _rows_limit(rows, max_rows)
-    return Parsed(rows, columns=cols, ids=not ids.isdisjoint(cols))
+    return Parsed(rows, columns=cols, ids=carried)
 
 
 def parse_request(raw: bytes, mime: str, fields: Fields | None, ids: frozenset[str], schema_json: str | None,
@@ -611,6 +753,9 @@ class ModelHolder:
         self._client: Any = None
         self._next: Future[bool] = Future()  # resolved when the next check to start has finished
         self._next_lock = threading.Lock()
+        self._last_check = float("-inf")  # time.monotonic() when the last check started
+        # The last champion version that failed to load: when, and why (not reloaded at every check)
+        self._failed: tuple[str, float, str] | None = None
 
     def champion_version(self) -> str | None:
         self._client = self._client or registry.client(self.ctx)  # one client (and HTTP session) for every poll
@@ -627,11 +772,17 @@ class ModelHolder:
                 raise
             if version is None or (self.current and self.current.version == version):
                 return False
+            failed, retry = self._failed, self.spec.serving.poll_seconds / 2
+            if failed is not None and failed[0] == version and time.monotonic() - failed[1] < retry:
+                raise RuntimeError(f"champion version {version} failed to load {time.monotonic() - failed[1]:.0f} s "
+                                   f"ago; tried again {retry:g} s after that (at a poll): {failed[2]}")
             try:
                 loaded = self.load(version)
-            except Exception:
+            except Exception as e:
                 self.swap_failures += 1  # metrics
+                self._failed = (version, time.monotonic(), redact(f"{type(e).__name__}: {e}"))
                 raise
+            self._failed = None
             self.install(loaded)
             return True
 
@@ -665,9 +816,10 @@ class ModelHolder:
             model.predict(example)
 
     def check_soon(self) -> Future[bool]:
-        """Wake the watch for a check of the alias now; the future is resolved once a check that
-        started after this call has finished (True: it succeeded). Callers that come while no
-        check has started share one: a burst of calls makes one registry lookup."""
+        """Wake the watch for a check of the alias now (or, within CHECK_INTERVAL of the last one,
+        when it ends); the future is resolved once a check that started after this call has
+        finished (True: it succeeded). Callers that come while no check has started share one: a
+        burst of calls makes one registry lookup."""
         with self._next_lock:
             fut = self._next
         self._wake.set()
@@ -679,9 +831,14 @@ class ModelHolder:
             self._wake.wait(self.spec.serving.poll_seconds)
             if self._stop.is_set():
                 break
+            # at most one check every CHECK_INTERVAL: calls until then join the check that starts then
+            rest = self._last_check + CHECK_INTERVAL - time.monotonic()
+            if rest > 0 and self._stop.wait(rest):
+                break
             self._wake.clear()
             with self._next_lock:  # the check starts: calls from now on wait for the one after
                 done, self._next = self._next, Future()
+            self._last_check = time.monotonic()
             ok = self.check()
             if not done.done():  # (never cancelled: callers wait on it shielded)
                 done.set_result(ok)
@@ -760,6 +917,8 @@ def _cut(job: Job, start: int, stop: int) -> Columns:
     assert cols is not None  # only jobs of the fast path are cut
     if start == 0 and stop == job.rows:
         return cols
+    if type(cols) is Block:
+        return cols.cut(start, stop)
     return {k: v[start:stop] for k, v in cols.items()}
 
 
@@ -1107,7 +1266,8 @@ class Batcher:
         if len(preds) != len(frame) or not names:
             return
         ids = {k: frame[k].tolist() for k in self.ids if k in frame.columns} or None
-        self.plog.record(cur.version, frame[names].reset_index(drop=True), preds.reshape(len(frame), -1)[:, 0],
+        self.plog.record(cur.version, frame[names].reset_index(drop=True),
+                         preds if preds.ndim == 1 else preds.reshape(len(frame), -1),
                          [(job.request_id, len(frame), ids)])
 
     def close(self) -> None:
@@ -1541,31 +1701,42 @@ class Invocations:
         if scope["type"] != "http" or scope["path"] != "/invocations":
             return await self.api(scope, receive, self.metrics.counting(scope, send))  # metrics: counting
         started = self.metrics.begin()  # metrics
-        request_id = _request_id(scope)
-        read = [False]  # the whole body was read
+        answered = False
+        try:
+            request_id = _request_id(scope)
+            read = [False]  # the whole body was read
 
-        async def receive_tracked() -> dict:
-            message = await receive()
-            read[0] = message["type"] != "http.request" or not message.get("more_body", False)
-            return message
+            async def receive_tracked() -> dict:
+                message = await receive()
+                read[0] = message["type"] != "http.request" or not message.get("more_body", False)
+                return message
 
-        if scope["method"] != "POST":
-            status, payload, served = *error(405, "use POST"), None
-        else:
-            status, payload, served = await self.answer(scope, receive_tracked, request_id)
-        headers = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(payload)),
-                   (b"x-request-id", request_id.encode())]
-        if status == 503:
-            headers.append((b"retry-after", b"1"))
-        if not read[0]:
-            headers.append((b"connection", b"close"))  # refused before its body was read: never parse that as a request
-        if status == 405:
-            headers.append((b"allow", b"POST"))
-        if served is not None:
-            headers.append((b"x-model-version", served.encode()))
-        self.metrics.end(status, started)  # metrics
-        await send({"type": "http.response.start", "status": status, "headers": headers})
-        await send({"type": "http.response.body", "body": payload})
+            if scope["method"] != "POST":
+                status, payload, served = *error(405, "use POST"), None
+            else:
+                try:
+                    status, payload, served = await self.answer(scope, receive_tracked, request_id)
+                except Exception:  # a bug: this request gets a 500 in MLflow's format, the others go on
+                    log.exception("request %s failed", request_id)
+                    status, payload, served = *_internal(request_id), None
+            headers = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(payload)),
+                       (b"x-request-id", request_id.encode())]
+            if status == 503:
+                headers.append((b"retry-after", b"1"))
+            if not read[0]:
+                # refused before its body was read: never parse that as a request
+                headers.append((b"connection", b"close"))
+            if status == 405:
+                headers.append((b"allow", b"POST"))
+            if served is not None:
+                headers.append((b"x-model-version", served.encode()))
+            self.metrics.end(status, started)  # metrics
+            answered = True
+            await send({"type": "http.response.start", "status": status, "headers": headers})
+            await send({"type": "http.response.body", "body": payload})
+        finally:
+            if not answered:  # cancelled (the server stopping) before its answer: no longer in flight either
+                self.metrics.unanswered()  # metrics
 
 
 def _too_big(limit: int) -> str:

@@ -1,0 +1,191 @@
+"""Review findings of issue 25's serving: the prediction log of multi-output models, the in-flight
+gauge of requests that raise, and the rate of registry checks ``POST /refresh`` may cause."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from daybreak.deploy import read_log
+from daybreak.deploy._predlog import PredictionLog
+from daybreak.infra.store import Store
+
+
+def _plog(spec, store: Store) -> PredictionLog:
+    s = spec.model_copy(update={"monitoring": spec.monitoring.model_copy(
+        update={"log": spec.monitoring.log.model_copy(update={"flush_seconds": 3600})})})
+    return PredictionLog(s, store)
+
+
+def test_the_log_keeps_one_row_per_request_row_for_multi_output_predictions(spec, tmp_path: Path) -> None:
+    """A model answering several scores a row (class probabilities) is logged one row per request
+    row, the scores kept in ``prediction_scores``; ``prediction`` stays a number (null for such rows,
+    the single score for an (n, 1) output), so the monitor's reading of it does not change."""
+    store = Store(tmp_path / "store")
+    plog = _plog(spec, store)
+    frame = pd.DataFrame({"distance": [1.0, 2.0, 3.0], "carrier_code": np.array(["UA", "AA", "UA"], dtype=object)})
+    try:
+        plog.record("7", frame, np.array([[0.1, 0.9], [0.6, 0.4], [0.3, 0.7]]), [("r1", 3, None)])
+        plog.record("7", frame.iloc[:2].reset_index(drop=True), np.array([[0.25], [0.5]]), [("r2", 2, None)])
+        plog.record("8", frame.iloc[:1], np.array([0.75]), [("r3", 1, None)])
+        assert plog.flush() == 6
+    finally:
+        plog.close()
+    day = pd.Timestamp.now(tz="UTC").tz_convert("America/New_York").date()
+    got = read_log(spec, store, [day]).to_pandas().sort_values(["request_id", "distance"])
+    assert got["request_id"].tolist() == ["r1"] * 3 + ["r2"] * 2 + ["r3"]
+    assert got["distance"].tolist() == [1.0, 2.0, 3.0, 1.0, 2.0, 1.0]
+    assert got["prediction"].isna().tolist() == [True] * 3 + [False] * 3
+    assert got["prediction"].tolist()[3:] == [0.25, 0.5, 0.75]
+    assert [list(s) for s in got["prediction_scores"].tolist()[:3]] == [[0.1, 0.9], [0.6, 0.4], [0.3, 0.7]]
+    assert all(s is None for s in got["prediction_scores"].tolist()[3:])
+    # a log of single outputs has no scores column (what the monitor has always read)
+    plain = tmp_path / "plain"
+    plog = _plog(spec, Store(plain))
+    try:
+        plog.record("7", frame, np.array([0.1, 0.2, 0.3]), [("r1", 3, None)])
+        assert plog.flush() == 3
+    finally:
+        plog.close()
+    assert "prediction_scores" not in read_log(spec, Store(plain), [day]).column_names
+
+
+def _invocations(answer):
+    """An /invocations app around a stub holder, its `answer` replaced."""
+    from fastapi import FastAPI
+
+    from daybreak.deploy._metrics import ServerMetrics
+    from daybreak.deploy._serve import Invocations, Limits
+
+    holder = SimpleNamespace(current=None, swaps=0, swap_failures=0, poll_errors=0)
+    api = FastAPI()
+    api.state.metrics = ServerMetrics("m", "champion", holder, runtime=False)
+    app = Invocations(api, holder, None, Limits(), None)  # type: ignore[arg-type]
+    app.answer = answer  # type: ignore[method-assign]
+    return app
+
+
+def _in_flight(app) -> float:
+    from daybreak.deploy._metrics import ServerCollector
+
+    for family in ServerCollector(app.metrics).collect():
+        if family.name == "daybreak_invocations_in_flight":
+            return family.samples[0].value
+    raise AssertionError("no in-flight gauge")
+
+
+def test_a_request_that_raises_leaves_the_in_flight_gauge() -> None:
+    """The gauge is begun - answered: a request whose handling raises is answered with a 500 (and
+    counted), and one cancelled (the server stopping) is no longer in flight either."""
+    scope = {"type": "http", "path": "/invocations", "method": "POST", "headers": []}
+    sent: list[dict] = []
+
+    async def send(message: dict) -> None:
+        sent.append(message)
+
+    async def receive() -> dict:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def boom(*args, **kwargs):
+        raise RuntimeError("a bug")
+
+    app = _invocations(boom)
+    asyncio.run(app(scope, receive, send))
+    assert sent[0]["status"] == 500 and b"internal error" in sent[1]["body"]
+    assert _in_flight(app) == 0 and app.metrics.codes.get(500) == 1
+
+    async def forever(*args, **kwargs):
+        await asyncio.sleep(3600)
+
+    app = _invocations(forever)
+
+    async def cancelled() -> None:
+        task = asyncio.ensure_future(app(scope, receive, send))
+        await asyncio.sleep(0.01)
+        assert _in_flight(app) == 1
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    asyncio.run(cancelled())
+    assert _in_flight(app) == 0 and app.metrics.codes == {200: 0}
+
+
+def _watched_holder(spec, poll_seconds: float = 3600):
+    from daybreak.deploy._serve import Loaded, ModelHolder
+
+    s = spec.model_copy(update={"serving": spec.serving.model_copy(update={"poll_seconds": poll_seconds})})
+    holder = ModelHolder(s, None)  # type: ignore[arg-type]
+    looked: list[float] = []
+    loads: list[str] = []
+    version = ["1"]
+
+    def champion_version() -> str:
+        looked.append(time.monotonic())
+        return version[0]
+
+    def load(v: str) -> Loaded:
+        loads.append(v)
+        if v == "bad":
+            raise RuntimeError("cannot load")
+        return Loaded(v, object(), time.time(), None)
+
+    holder.champion_version = champion_version  # type: ignore[method-assign]
+    holder.load = load  # type: ignore[method-assign]
+    return holder, looked, loads, version
+
+
+def test_refresh_checks_the_registry_at_most_once_a_second(spec) -> None:
+    """A burst of /refresh calls shares one check; calls within a second of a check join the next
+    one, which starts a second after it (every caller is answered by a check that started after
+    its call, so a deploy still sees the alias it just moved)."""
+    holder, looked, _, version = _watched_holder(spec)
+    watch = threading.Thread(target=holder.watch, daemon=True)
+    watch.start()
+    try:
+        assert holder.check_soon().result(10) is True  # the first check: at once
+        assert holder.current.version == "1"
+        version[0] = "2"
+        futures = [holder.check_soon() for _ in range(20)]
+        assert all(f.result(10) is True for f in futures)
+        assert holder.current.version == "2"  # the check they joined started after the alias moved
+        assert len(looked) == 2 and looked[1] - looked[0] >= 0.99, looked
+        for _ in range(3):
+            holder.check_soon().result(10)
+        gaps = np.diff(looked)
+        assert len(looked) == 5 and (gaps >= 0.99).all(), gaps
+    finally:
+        holder.stop()
+        watch.join(10)
+
+
+def test_a_version_that_failed_to_load_is_not_reloaded_by_every_refresh(spec) -> None:
+    """A champion version that failed to load is retried after ``serving.poll_seconds``, not at
+    each check a /refresh asks for; the version being served keeps serving meanwhile."""
+    holder, _, loads, version = _watched_holder(spec, poll_seconds=60)
+    assert holder.refresh() and holder.current.version == "1"
+    version[0] = "bad"
+    with pytest.raises(RuntimeError, match="cannot load"):
+        holder.refresh()
+    for _ in range(2):
+        with pytest.raises(RuntimeError, match="failed to load"):
+            holder.refresh()
+    assert loads == ["1", "bad"] and holder.swap_failures == 1 and holder.current.version == "1"
+    assert not holder.check() and "cannot load" in (holder.last_error or "")
+    version[0] = "2"  # another version is loaded at once
+    assert holder.refresh() and holder.current.version == "2" and loads == ["1", "bad", "2"]
+    version[0] = "bad"
+    with pytest.raises(RuntimeError):
+        holder.refresh()  # (remembered only as the last failed version: tried again once it is new)
+    assert loads[-1] == "bad" and len(loads) == 4
+    holder._failed = ("bad", time.monotonic() - 61, "RuntimeError: cannot load")  # a poll interval later
+    with pytest.raises(RuntimeError):
+        holder.refresh()
+    assert len(loads) == 5
