@@ -100,7 +100,6 @@ def check_supported(spec: Spec) -> None:
         OnlineError: an entity key whose type cannot be a state key (only strings, integers and
             booleans can: a float or time key would not survive its JSON round trip exactly).
     """
-    f = spec.features
     for p in _parts(spec):
         contract = spec.sources[p.source].columns
         for col in p.by:
@@ -303,13 +302,35 @@ def _event_days(spec: Spec, source: str, t: pa.Table, day: date | None) -> list[
     zone = et.date_timezone or et.timezone or "UTC"
     ts = t.column(et.column)
     local = pc.cast(ts.cast(pa.timestamp(ts.type.unit, tz=zone)), pa.date32()).to_pylist()
-    return [d if d is not None else (day or date.max) for d in local]
+    today = datetime.now(UTC).astimezone(_zone(spec.date_zone())).date()
+    return [d if d is not None else today for d in local]  # a row without a time counts in no window
 
 
 def _zone(name: str) -> Any:
     from zoneinfo import ZoneInfo
 
     return ZoneInfo(name)
+
+
+def _event_time_us(spec: Spec, source: str, rows: pa.Table) -> int | None:
+    """The latest event time among pushed rows (what the state's freshness is judged by: a
+    known-at may lie far ahead of it, e.g. a label known 30 days later)."""
+    f = spec.features
+    if source == f.base:
+        expr: str | None = f.event_time
+    else:
+        expr = next((w.time for w in f.windows if w.source == source and w.time), None)
+        expr = expr or next((a.time for a in f.asof if a.source == source), None)
+    if expr is None or rows.num_rows == 0:
+        return None
+    try:
+        t = evaluate(expr, rows)
+    except Exception:  # a column the expression reads is absent: no time to judge by
+        return None
+    if not pa.types.is_timestamp(t.type):
+        return None
+    latest = pc.max(pc.cast(t.cast(pa.timestamp("us", tz="UTC")), pa.int64())).as_py()
+    return None if latest is None else int(latest)
 
 
 def push(spec: Spec, store: OnlineStore, source: str, rows: Any, *, day: date | None = None) -> dict[str, Any]:
@@ -324,7 +345,8 @@ def push(spec: Spec, store: OnlineStore, source: str, rows: Any, *, day: date | 
         day: the day the rows belong to (default: from the source's event_time, else today).
 
     Returns:
-        What was written: rows, entries per part, the newest time pushed.
+        What was written: rows, entries per part, the newest event time pushed (the time of
+        the snapshot rows' push, for a source with no event time).
     """
     if source not in spec.sources:
         raise ValueError(f"unknown source {source!r}")
@@ -338,7 +360,6 @@ def push(spec: Spec, store: OnlineStore, source: str, rows: Any, *, day: date | 
         sel = t.filter(pa.array([x == d for x in days]))
         first = store.next_seq(sel.num_rows * max(1, len(parts)))
         entries: list[Entry] = []
-        times: list[int] = []
         for n, part in enumerate(parts):
             seq = first + n * sel.num_rows
             if part.kind == "window":
@@ -347,17 +368,16 @@ def push(spec: Spec, store: OnlineStore, source: str, rows: Any, *, day: date | 
                     o = pc.add(w_in.column("__o"), pa.scalar(PUSHED_ORDER + seq, pa.int64()))
                     w_in = w_in.set_column(w_in.schema.get_field_index("__o"), "__o", o)
                 new = _window_entries(part, w_in, seq)
-                times += [e[2] for e in new]
             elif part.kind == "asof":
                 rows_ = _source_rows(spec, part, sel)
                 new = _entries(part, rows_, _asof_time_us(spec, part, rows_), part.columns, seq)
-                times += [e[2] for e in new]
             else:
                 rows_ = _source_rows(spec, part, sel)
                 new = _entries(part, rows_, [0] * rows_.num_rows, part.columns, seq)
             entries += new
             written[part.name] += len(new)
-        stamp = max(times) if times else int(datetime.now(UTC).timestamp() * E.US)
+        latest = _event_time_us(spec, source, sel)
+        stamp = latest if latest is not None else int(datetime.now(UTC).timestamp() * E.US)
         store.push(f"d{d:%Y%m%d}", entries, stamp)
         newest = stamp if newest is None else max(newest, stamp)
     return {"rows": t.num_rows, "entries": dict(written), "newest_us": newest}

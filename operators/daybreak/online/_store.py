@@ -45,7 +45,7 @@ class OnlineStore(Protocol):
         """Add entries to an area that is not current yet (a generation being built)."""
 
     def push(self, area: str, entries: Sequence[Entry], newest_us: int) -> None:
-        """Add entries to a live area and raise the newest pushed time: atomically."""
+        """Add entries to a live area and raise the newest pushed event time: atomically."""
 
     def switch(self, meta: dict[str, Any]) -> None:
         """Make generation ``meta['area']`` current: atomically."""
@@ -60,7 +60,7 @@ class OnlineStore(Protocol):
         """Each query's (score, payload) pairs."""
 
     def newest_us(self) -> int | None:
-        """The latest time (known-at or event time) of any pushed event."""
+        """The latest event time of any pushed event (the push time of snapshot rows)."""
 
     def next_seq(self, n: int) -> int:
         """Reserve n sequence numbers for pushed entries; returns the first (>= PUSH_SEQ_START)."""
