@@ -11,6 +11,8 @@ the features of the second day's rows asked for: they equal the feature step's, 
 from __future__ import annotations
 
 import copy
+import subprocess
+import sys
 from datetime import date, datetime, timedelta
 from pathlib import Path
 
@@ -92,3 +94,54 @@ def test_online_equals_offline_for_every_kind(ev, rd, label_on_day2, tmp_path_fa
 def test_online_equals_offline_single_series(ev, rd, tmp_path_factory, monkeypatch) -> None:
     """A window and an as-of join with ``by: []``: a single series, no entity key."""
     online_equals_offline(tmp_path_factory.mktemp("series"), ev, rd, True, monkeypatch, _single_series())
+
+
+def _guide_example(title: str, workdir: Path) -> Path:
+    """Run the bring-your-own-data guide's data script and write its spec (docs, not a copy)."""
+    from test_byod_guide import _section
+
+    spec_path = None
+    for lang, name, body in _section(title):
+        if lang == "python":
+            subprocess.run([sys.executable, "-c", body], cwd=workdir, check=True, timeout=120)
+        elif lang == "yaml" and name:
+            (workdir / name).write_text(body)
+            spec_path = workdir / name
+    assert spec_path is not None
+    return spec_path
+
+
+def test_online_equals_offline_on_business_days(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The guide's stores on business days (row and lag windows over the label's column, known
+    12h after the event; no drop on weekends and Memorial Day): materialized to Friday, Tuesday's
+    rows asked for at 08:00 (Monday is a holiday) equal Tuesday's feature partition: the
+    previous business day is Friday. The state is 3+ days old then: by default that is stale."""
+    from daybreak.features import build_features, read_features
+    from daybreak.spec import load_spec
+    from daybreak.stage import stage
+
+    spec = load_spec(_guide_example("## 4. Example", tmp_path))
+    monkeypatch.setenv("DAYBREAK_HOME", str(tmp_path))
+    friday, tuesday = date(2024, 5, 24), date(2024, 5, 28)
+    days = sorted(date.fromisoformat(p.stem) for p in (tmp_path / "store" / "landing" / "sales").glob("*.csv"))
+    for d in [d for d in days if d <= tuesday]:
+        stage(spec, RunContext.create(d))
+    build_features(spec, RunContext.create(tuesday), in_process=True)
+    want, _, _ = read_features(spec, RunContext.create(tuesday), [tuesday])
+    want = want.to_pandas()
+
+    store = SQLiteStore(tmp_path / "online.sqlite")
+    materialize(spec, RunContext.create(friday), store)
+    rows = _staged(RunContext.create(tuesday), "sales", tuesday)
+    at = datetime(2024, 5, 28, 8, tzinfo=DAY0.tzinfo)
+    stale = features_for(spec, store, rows, at)
+    assert all(stale.blocked) and "stale" in stale.reasons[0][0]
+    got = features_for(spec, store, rows, at, max_staleness="4d")
+    assert not any(got.blocked), got.reasons
+    f = spec.features
+    ids = [*f.keys, EVENT_TIME]
+    online = want[ids].merge(got.table.to_pandas(), on=ids, how="left", validate="one_to_one")
+    names = f.feature_names()
+    assert len(online) == len(want) == 30 and online["units_lag_1"].notna().all()
+    pd.testing.assert_frame_equal(online[names].astype(float), want[names].astype(float), check_dtype=False,
+                                  rtol=1e-9, atol=1e-9)
