@@ -38,7 +38,26 @@ import pyarrow.compute as pc
 
 from daybreak.infra.context import RunContext
 from daybreak.infra.errors import DaybreakError
-from daybreak.online import _engine as E
+from daybreak.online._engine import (
+    EVENT_TIME,
+    HISTORY_SLICE_ROWS,
+    US,
+    apply_windows,
+    asof_history,
+    asof_join,
+    build_window_index,
+    day_slices,
+    days_back,
+    empty_source,
+    fold_tables,
+    lookup_join,
+    prepare_events,
+    read_table,
+    read_window_inputs,
+    staged_files,
+    staged_inputs,
+    window_inputs,
+)
 from daybreak.online._store import Entry, OnlineStore, Query
 from daybreak.spec import Spec, arrow_type, evaluate, names_in, parse_duration
 
@@ -67,7 +86,7 @@ class _Part:
 
 
 def _us(d: timedelta) -> int:
-    return int(d.total_seconds() * E.US)
+    return int(d.total_seconds() * US)
 
 
 def _parts(spec: Spec) -> list[_Part]:
@@ -193,7 +212,7 @@ class MaterializeResult:
 
 
 def _end_of_day_us(spec: Spec, day: date) -> int:
-    return int(spec.label_cut(day).timestamp() * E.US)
+    return int(spec.label_cut(day).timestamp() * US)
 
 
 def materialize(spec: Spec, ctx: RunContext, store: OnlineStore) -> MaterializeResult:
@@ -213,7 +232,7 @@ def materialize(spec: Spec, ctx: RunContext, store: OnlineStore) -> MaterializeR
     check_supported(spec)
     f = spec.features
     day = ctx.logical_date
-    inp = E.staged_inputs(spec, ctx)
+    inp = staged_inputs(spec, ctx)
     layout = _layout_hash(spec)
     cur = store.current()
     if cur and cur.get("date") == day.isoformat() and cur.get("lineage_key") == inp.lineage_key \
@@ -229,23 +248,23 @@ def materialize(spec: Spec, ctx: RunContext, store: OnlineStore) -> MaterializeR
         for part in _parts(spec):
             if part.kind == "window":
                 w = f.windows[part.index]
-                files = E.staged_files(ctx, part.source, E.days_back(day, w.lookback_days()), inp.parts)[0]
-                slices = E.day_slices(files, fs, E.HISTORY_SLICE_ROWS)
-                tables = [E.read_window_inputs(pa.Table.from_pylist([{"path": p, "row_groups": g, "ordinal": o}]),
+                files = staged_files(ctx, part.source, days_back(day, w.lookback_days()), inp.parts)[0]
+                slices = day_slices(files, fs, HISTORY_SLICE_ROWS)
+                tables = [read_window_inputs(pa.Table.from_pylist([{"path": p, "row_groups": g, "ordinal": o}]),
                                                f, fs, part.index) for o, (p, g) in enumerate(slices)]
-                folded = (E.fold_tables(list(w.by), list(w.aggs), *tables) if tables
-                          else E.window_inputs(E.empty_source(spec, part.source), f, part.index))
+                folded = (fold_tables(list(w.by), list(w.aggs), *tables) if tables
+                          else window_inputs(empty_source(spec, part.source), f, part.index))
                 # a request after the date reads rows known in (t - span, t), t >= the end of the date
                 keep = folded.column("__k").to_numpy() > horizon - part.span_us
                 entries = _window_entries(part, folded, 0, keep)
             elif part.kind == "asof":
                 files = inp.asof_files[part.index]
-                rows = _source_rows(spec, part, E.read_table(files, fs) if files else E.empty_source(spec, part.source))
+                rows = _source_rows(spec, part, read_table(files, fs) if files else empty_source(spec, part.source))
                 times = _asof_time_us(spec, part, rows)
                 keep = np.array([t is not None and t >= horizon - part.span_us for t in times], bool)
                 entries = _entries(part, rows, times, part.columns, 0, keep)
             else:
-                rows = _source_rows(spec, part, E.read_table(inp.lookup_files[part.index], fs))
+                rows = _source_rows(spec, part, read_table(inp.lookup_files[part.index], fs))
                 entries = _entries(part, rows, [0] * rows.num_rows, part.columns, 0)
             store.write(area, entries)
             counts[part.name] = len(entries)
@@ -363,7 +382,7 @@ def push(spec: Spec, store: OnlineStore, source: str, rows: Any, *, day: date | 
         for n, part in enumerate(parts):
             seq = first + n * sel.num_rows
             if part.kind == "window":
-                w_in = E.window_inputs(sel, f, part.index, 0)
+                w_in = window_inputs(sel, f, part.index, 0)
                 if "__o" in w_in.column_names:  # per row: after every staged row, in push order
                     o = pc.add(w_in.column("__o"), pa.scalar(PUSHED_ORDER + seq, pa.int64()))
                     w_in = w_in.set_column(w_in.schema.get_field_index("__o"), "__o", o)
@@ -377,7 +396,7 @@ def push(spec: Spec, store: OnlineStore, source: str, rows: Any, *, day: date | 
             entries += new
             written[part.name] += len(new)
         latest = _event_time_us(spec, source, sel)
-        stamp = latest if latest is not None else int(datetime.now(UTC).timestamp() * E.US)
+        stamp = latest if latest is not None else int(datetime.now(UTC).timestamp() * US)
         store.push(f"d{d:%Y%m%d}", entries, stamp)
         newest = stamp if newest is None else max(newest, stamp)
     return {"rows": t.num_rows, "entries": dict(written), "newest_us": newest}
@@ -420,7 +439,7 @@ def _needed_columns(spec: Spec) -> set[str]:
         cols |= set(lk.by)
     for w in f.windows:
         cols |= set(w.by)
-    return cols - {E.EVENT_TIME}
+    return cols - {EVENT_TIME}
 
 
 def _ranges(keys: list[str | None], t: np.ndarray, ok: np.ndarray) -> dict[str, tuple[int, int]]:
@@ -495,10 +514,10 @@ def features_for(spec: Spec, store: OnlineStore, raw_rows: Any, at: datetime | N
         if col not in batch.column_names:
             t = arrow_type(contract[col].type) if col in contract else pa.string()
             batch = batch.append_column(col, pa.nulls(n, t))
-    batch = E.prepare_events(batch, f)
-    times = pc.cast(batch.column(E.EVENT_TIME), pa.int64()).to_pylist()
+    batch = prepare_events(batch, f)
+    times = pc.cast(batch.column(EVENT_TIME), pa.int64()).to_pylist()
     t_us = np.array([x if x is not None else 0 for x in times], np.int64)
-    now_us = int((at or datetime.now(UTC)).timestamp() * E.US)
+    now_us = int((at or datetime.now(UTC)).timestamp() * US)
     watermark = max(int(meta["horizon_us"]), store.newest_us() or 0)
     bound = _us(parse_duration(max_staleness))
     for i, x in enumerate(times):
@@ -532,20 +551,20 @@ def features_for(spec: Spec, store: OnlineStore, raw_rows: Any, at: datetime | N
         else:
             joins.append((part, _join_table(spec, part, got)))
     if f.windows:
-        batch = E.apply_windows(batch, f, indexes)
+        batch = apply_windows(batch, f, indexes)
     for part, right in joins:
         if part.kind == "asof":
             a = f.asof[part.index]
-            batch = E.asof_join(batch, E.asof_history(right, a), a.by, part.span_us, a.columns, a.strict)
+            batch = asof_join(batch, asof_history(right, a), a.by, part.span_us, a.columns, a.strict)
         else:
             lk = f.lookups[part.index]
-            batch = E.lookup_join(batch, right, lk.by, lk.columns)
+            batch = lookup_join(batch, right, lk.by, lk.columns)
     out = _derived(batch, spec, blocked)
     return OnlineFeatures(out, f.feature_names(), reasons, blocked.tolist())
 
 
 def _iso(us: int) -> str:
-    return datetime.fromtimestamp(us / E.US, UTC).isoformat()
+    return datetime.fromtimestamp(us / US, UTC).isoformat()
 
 
 def _date(text: str) -> date:
@@ -557,7 +576,7 @@ def _window_index(spec: Spec, part: _Part, batch: pa.Table, got: dict[str, list[
     columns; keys typed like the request's columns, as the offline index is made of them too)."""
     f = spec.features
     w = f.windows[part.index]
-    schema = E.window_inputs(E.empty_source(spec, part.source), f, part.index).schema
+    schema = window_inputs(empty_source(spec, part.source), f, part.index).schema
     payload = [n for n in schema.names if n.startswith("__") and n != "__k"]
     keys: list[list[Any]] = [[] for _ in w.by]
     cols: dict[str, list[Any]] = {c: [] for c in ["__k", *payload]}
@@ -571,7 +590,7 @@ def _window_index(spec: Spec, part: _Part, batch: pa.Table, got: dict[str, list[
                 cols[c].append(p.get(c))
     table = pa.table({**{c: _from_json_values(keys[j], batch.column(c).type) for j, c in enumerate(w.by)},
                       **{c: pa.array(v, schema.field(c).type) for c, v in cols.items()}})
-    return E.build_window_index(list(w.by), list(w.aggs), table)
+    return build_window_index(list(w.by), list(w.aggs), table)
 
 
 def _join_table(spec: Spec, part: _Part, got: dict[str, list[dict[str, Any]]]) -> pa.Table:
@@ -588,7 +607,7 @@ def _derived(batch: pa.Table, spec: Spec, blocked: np.ndarray) -> pa.Table:
     keys, event time and features in the model's order; blocked rows' features null."""
     f = spec.features
     cols: dict[str, Any] = {k: batch.column(k) for k in f.keys}
-    cols[E.EVENT_TIME] = batch.column(E.EVENT_TIME)
+    cols[EVENT_TIME] = batch.column(EVENT_TIME)
     for c in f.columns:
         v = evaluate(c.expr, batch)
         v = pc.cast(v, pa.string()) if c.categorical else pc.cast(v, pa.float64())
