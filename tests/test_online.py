@@ -15,7 +15,7 @@ import shutil
 import subprocess
 import sys
 import time
-from datetime import UTC, date, datetime
+from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 
 import numpy as np
@@ -302,3 +302,35 @@ def test_what_cannot_be_computed_says_why(spec, ctx, tmp_path: Path) -> None:
     assert "no history for carrier='ZZ'" in text and "no row for tailnum='NOPE'" in text
     row = got.table.to_pylist()[0]
     assert row["carrier_dep_delay_count_1d"] == 0 and row["plane_year"] is None  # as offline: empty, unknown
+
+
+def test_both_backends_are_online_stores(store) -> None:
+    from daybreak.online import OnlineStore
+
+    assert isinstance(store, OnlineStore)
+    assert "redis://" not in repr(store)  # a URL may hold a password: never shown
+
+
+def test_a_pushed_dimension_row_updates_lookups(spec, ctx, store) -> None:
+    """A snapshot row pushed (a plane's record corrected) wins over the materialized snapshot."""
+    materialize(spec, ctx(DAYS[-2]), store)
+    flights = _staged(ctx(DAY), "flights", DAY)
+    row = next(r for r in flights.to_pylist() if r["tailnum"])
+    at = datetime(2013, 1, 3, 12, tzinfo=UTC)
+    before = features_for(spec, store, [row], at).table.to_pylist()[0]
+    push(spec, store, "planes", [{"tailnum": row["tailnum"], "year": 1999, "seats": 7}], day=DAY)
+    after = features_for(spec, store, [row], at).table.to_pylist()[0]
+    assert (after["plane_year"], after["plane_seats"]) == (1999, 7) != (before["plane_year"], before["plane_seats"])
+    materialize(spec, ctx(DAY), store)  # the next day's snapshot restates the table whole
+    next_day = row | {"time_hour": row["time_hour"] + timedelta(days=1)}  # after the new state's horizon
+    again = features_for(spec, store, [next_day], datetime(2013, 1, 4, 12, tzinfo=UTC)).table.to_pylist()[0]
+    assert again["plane_year"] == before["plane_year"]
+
+
+def test_unsupported_keys_are_refused_at_materialize(spec, ctx, tmp_path: Path) -> None:
+    """A window keyed by a float column cannot be an exact state key: refused, naming the feature."""
+    windows = list(spec.features.windows)
+    windows[1] = windows[1].model_copy(update={"by": ["distance"]})
+    odd = spec.model_copy(update={"features": spec.features.model_copy(update={"windows": windows})})
+    with pytest.raises(OnlineError, match=r"features\.windows\[1\]: key column 'distance'"):
+        materialize(odd, ctx(DAYS[-2]), SQLiteStore(tmp_path / "refused.sqlite"))
