@@ -334,3 +334,16 @@ def test_unsupported_keys_are_refused_at_materialize(spec, ctx, tmp_path: Path) 
     odd = spec.model_copy(update={"features": spec.features.model_copy(update={"windows": windows})})
     with pytest.raises(OnlineError, match=r"features\.windows\[1\]: key column 'distance'"):
         materialize(odd, ctx(DAYS[-2]), SQLiteStore(tmp_path / "refused.sqlite"))
+
+
+def test_events_of_a_materialized_day_never_count_twice(spec, ctx, tmp_path: Path) -> None:
+    """Pushing again the events of a day already materialized changes nothing (they are in its
+    staged partition, or, arriving late, not in the offline features either)."""
+    store = SQLiteStore(tmp_path / "twice.sqlite")
+    materialize(spec, ctx(DAYS[-2]), store)
+    flights = _staged(ctx(DAY), "flights", DAY)
+    at = datetime(2013, 1, 3, 18, tzinfo=UTC)
+    before = features_for(spec, store, flights, at).table
+    result = push(spec, store, "flights", _staged(ctx(DAYS[-2]), "flights", DAYS[-2]))
+    assert result["entries"] == {} and result["already_materialized"] > 500
+    assert features_for(spec, store, flights, at).table.equals(before)

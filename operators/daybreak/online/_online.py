@@ -363,9 +363,12 @@ def push(spec: Spec, store: OnlineStore, source: str, rows: Any, *, day: date | 
         rows: the raw rows (an Arrow table, a pandas frame or a list of dicts).
         day: the day the rows belong to (default: from the source's event_time, else today).
 
+    Rows of a day already materialized are left out (counted in ``already_materialized``):
+    that day's state is its staged partition's, as offline, so an event never counts twice.
+
     Returns:
         What was written: rows, entries per part, the newest event time pushed (the time of
-        the snapshot rows' push, for a source with no event time).
+        the snapshot rows' push, for a source with no event time), rows left out.
     """
     if source not in spec.sources:
         raise ValueError(f"unknown source {source!r}")
@@ -375,7 +378,15 @@ def push(spec: Spec, store: OnlineStore, source: str, rows: Any, *, day: date | 
     days = _event_days(spec, source, t, day)
     written: dict[str, int] = defaultdict(int)
     newest = None
+    cur = store.current()
+    done = _date(cur["date"]) if cur else None
+    late = sum(1 for d in days if done is not None and d <= done)
+    if late:  # their day's state comes from its staged partition, which they are in or not: as offline
+        log.warning("online push: %d row(s) of %s on days already materialized (through %s) are left out",
+                    late, source, done)
     for d in sorted(set(days)):
+        if done is not None and d <= done:
+            continue
         sel = t.filter(pa.array([x == d for x in days]))
         first = store.next_seq(sel.num_rows * max(1, len(parts)))
         entries: list[Entry] = []
@@ -399,7 +410,7 @@ def push(spec: Spec, store: OnlineStore, source: str, rows: Any, *, day: date | 
         stamp = latest if latest is not None else int(datetime.now(UTC).timestamp() * US)
         store.push(f"d{d:%Y%m%d}", entries, stamp)
         newest = stamp if newest is None else max(newest, stamp)
-    return {"rows": t.num_rows, "entries": dict(written), "newest_us": newest}
+    return {"rows": t.num_rows, "entries": dict(written), "newest_us": newest, "already_materialized": late}
 
 
 # --- features at request time -------------------------------------------------------------------
