@@ -347,3 +347,15 @@ def test_events_of_a_materialized_day_never_count_twice(spec, ctx, tmp_path: Pat
     result = push(spec, store, "flights", _staged(ctx(DAYS[-2]), "flights", DAYS[-2]))
     assert result["entries"] == {} and result["already_materialized"] > 500
     assert features_for(spec, store, flights, at).table.equals(before)
+
+
+def test_a_changed_spec_needs_a_new_materialize(spec, ctx, tmp_path: Path) -> None:
+    """State materialized for one feature version never serves another's features."""
+    store = SQLiteStore(tmp_path / "changed.sqlite")
+    materialize(spec, ctx(DAYS[-2]), store)
+    windows = list(spec.features.windows)
+    windows[0] = windows[0].model_copy(update={"windows": ["2d", "7d"]})
+    changed = spec.model_copy(update={"features": spec.features.model_copy(update={"windows": windows})})
+    with pytest.raises(OnlineError, match="materialize again"):
+        features_for(changed, store, _staged(ctx(DAY), "flights", DAY).slice(0, 2))
+    assert not materialize(changed, ctx(DAYS[-2]), store).skipped

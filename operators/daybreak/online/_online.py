@@ -115,9 +115,14 @@ _KEY_TYPES = (pa.types.is_string, pa.types.is_large_string, pa.types.is_integer,
 def check_supported(spec: Spec) -> None:
     """Refuse, naming the feature, what the online store cannot compute as the feature step does.
 
+    Every feature kind is computed online (time, row-count and lag windows with every
+    aggregate, windows over another source, as-of joins with known_at/strict/max_delay, lookups,
+    derived columns); what is refused is an entity key of a type the state's keys (JSON) are not
+    proved to match exactly as the feature step's index does: only string, integer and boolean
+    keys are (a float key's NaN or -0.0, a time key's units would each need their own proof).
+
     Raises:
-        OnlineError: an entity key whose type cannot be a state key (only strings, integers and
-            booleans can: a float or time key would not survive its JSON round trip exactly).
+        OnlineError: naming the feature and its key column.
     """
     for p in _parts(spec):
         contract = spec.sources[p.source].columns
@@ -126,8 +131,8 @@ def check_supported(spec: Spec) -> None:
                 what = {"window": f"windows[{p.index}]", "asof": f"asof[{p.index}]",
                         "lookup": f"lookups[{p.index}]"}[p.kind]
                 raise OnlineError(f"features.{what}: key column {col!r} of {p.source!r} has type "
-                                  f"{contract[col].type}; the online store keys entities by strings, integers "
-                                  "or booleans only")
+                                  f"{contract[col].type}: not supported online (entity keys must be strings, "
+                                  "integers or booleans)")
 
 
 # --- encoding rows as JSON payloads -------------------------------------------------------------
@@ -188,7 +193,7 @@ def _source_rows(spec: Spec, part: _Part, table: pa.Table) -> pa.Table:
     for c in part.columns:
         t = arrow_type(contract[c].type) if c in contract else pa.string()
         cols[c] = table.column(c).cast(t) if c in table.column_names else pa.nulls(table.num_rows, t)
-    return pa.table(cols) if cols else pa.table({"__none": pa.nulls(table.num_rows)}).drop(["__none"])
+    return pa.table(cols)
 
 
 def _asof_time_us(spec: Spec, part: _Part, rows: pa.Table) -> list[Any]:
@@ -276,6 +281,7 @@ def materialize(spec: Spec, ctx: RunContext, store: OnlineStore) -> MaterializeR
         raise
     previous = cur["area"] if cur else None
     store.switch({"area": area, "date": day.isoformat(), "horizon_us": horizon, "lineage_key": inp.lineage_key,
+                  "columns": _window_columns(spec),
                   "layout": layout, "entries": counts, "materialized_at": datetime.now(UTC).isoformat()})
     for other in store.areas():
         if (other.startswith("g") and other not in (area, previous)) or (
@@ -284,6 +290,18 @@ def materialize(spec: Spec, ctx: RunContext, store: OnlineStore) -> MaterializeR
     seconds = time.monotonic() - started
     log.info("online: materialized %s as %s (%s) in %.1fs", day, area, counts, seconds)
     return MaterializeResult(day.isoformat(), area, counts, seconds=seconds)
+
+
+def _window_columns(spec: Spec) -> dict[str, dict[str, str]]:
+    """Each window's entry columns and their types, as the feature step's ``window_inputs``
+    gives them (kept with the generation, so a request does not recompute them)."""
+    f = spec.features
+    out = {}
+    for p in _parts(spec):
+        if p.kind == "window":
+            schema = window_inputs(empty_source(spec, p.source), f, p.index).schema
+            out[p.name] = {n: str(schema.field(n).type) for n in schema.names if n.startswith("__")}
+    return out
 
 
 def _area_day(area: str) -> date:
@@ -509,6 +527,9 @@ def features_for(spec: Spec, store: OnlineStore, raw_rows: Any, at: datetime | N
     meta = store.current()
     if meta is None:
         raise OnlineError(f"the online store of {f.name!r} has no state: run `daybreak online materialize` first")
+    if meta.get("layout") != _layout_hash(spec):
+        raise OnlineError(f"the online state of {f.name!r} was materialized for feature version {meta.get('layout')}, "
+                          f"the spec's is {_layout_hash(spec)}: materialize again")
     batch = _as_table(raw_rows, spec, f.base)
     n = batch.num_rows
     reasons: list[list[str]] = [[] for _ in range(n)]
@@ -558,7 +579,7 @@ def features_for(spec: Spec, store: OnlineStore, raw_rows: Any, at: datetime | N
                 what = {"window": "no history", "asof": "no row in the tolerance", "lookup": "no row"}[part.kind]
                 reasons[i].append(f"{label}[{part.index}] ({part.source}): {what} for {_entity(part.by, k)}")
         if part.kind == "window":
-            indexes.append(_window_index(spec, part, batch, got))
+            indexes.append(_window_index(spec, part, batch, got, meta["columns"][part.name]))
         else:
             joins.append((part, _join_table(spec, part, got)))
     if f.windows:
@@ -582,13 +603,13 @@ def _date(text: str) -> date:
     return date.fromisoformat(text)
 
 
-def _window_index(spec: Spec, part: _Part, batch: pa.Table, got: dict[str, list[dict[str, Any]]]) -> Any:
+def _window_index(spec: Spec, part: _Part, batch: pa.Table, got: dict[str, list[dict[str, Any]]],
+                  types: dict[str, str]) -> Any:
     """The feature step's index over the entries read, typed as its own (``window_inputs``'
     columns; keys typed like the request's columns, as the offline index is made of them too)."""
     f = spec.features
     w = f.windows[part.index]
-    schema = window_inputs(empty_source(spec, part.source), f, part.index).schema
-    payload = [n for n in schema.names if n.startswith("__") and n != "__k"]
+    payload = [n for n in types if n != "__k"]
     keys: list[list[Any]] = [[] for _ in w.by]
     cols: dict[str, list[Any]] = {c: [] for c in ["__k", *payload]}
     for key, entries in got.items():
@@ -600,7 +621,7 @@ def _window_index(spec: Spec, part: _Part, batch: pa.Table, got: dict[str, list[
             for c in payload:
                 cols[c].append(p.get(c))
     table = pa.table({**{c: _from_json_values(keys[j], batch.column(c).type) for j, c in enumerate(w.by)},
-                      **{c: pa.array(v, schema.field(c).type) for c, v in cols.items()}})
+                      **{c: pa.array(v, pa.type_for_alias(types[c])) for c, v in cols.items()}})
     return build_window_index(list(w.by), list(w.aggs), table)
 
 
