@@ -359,3 +359,42 @@ def test_a_changed_spec_needs_a_new_materialize(spec, ctx, tmp_path: Path) -> No
     with pytest.raises(OnlineError, match="materialize again"):
         features_for(changed, store, _staged(ctx(DAY), "flights", DAY).slice(0, 2))
     assert not materialize(changed, ctx(DAYS[-2]), store).skipped
+
+
+KILLED = """
+import os, sys, time
+from daybreak.infra.context import RunContext
+from daybreak.online import materialize, open_store
+from daybreak.spec import load_spec
+spec, store = load_spec(sys.argv[1]), open_store(sys.argv[2], sys.argv[3], home=sys.argv[4])
+real = store.write
+def write_then_hang(area, entries):
+    real(area, entries)
+    print("written", flush=True)
+    time.sleep(600)  # killed here, half way through the generation
+store.write = write_then_hang
+materialize(spec, RunContext.create(sys.argv[5]), store)
+"""
+
+
+def test_sigkilled_materialize_keeps_previous_state(spec, ctx, store, staged: Path, tmp_path: Path) -> None:
+    """A materialize process killed (SIGKILL: no clean-up at all) after writing part of its
+    generation: the previous date's state is still current and whole."""
+    from conftest import SPEC
+
+    materialize(spec, ctx(DAYS[0]), store)
+    flights = _staged(ctx(DAYS[1]), "flights", DAYS[1]).slice(0, 50)
+    at = datetime(2013, 1, 2, 12, tzinfo=UTC)
+    before = features_for(spec, store, flights, at).table
+    url = str(store.path) if isinstance(store, SQLiteStore) else store.url
+    name = "" if isinstance(store, SQLiteStore) else store.ns.removeprefix("daybreak:")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p), "DAYBREAK_HOME": str(staged)}
+    proc = subprocess.Popen([sys.executable, "-c", KILLED, str(SPEC), url, name, str(tmp_path), DAYS[1].isoformat()],
+                            env=env, stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "written"
+    finally:
+        proc.kill()
+        proc.wait()
+    assert store.current()["date"] == DAYS[0].isoformat()
+    assert features_for(spec, store, flights, at).table.equals(before)
