@@ -27,7 +27,7 @@ from conftest import free_port, make_home
 
 from daybreak.features import EVENT_TIME, build_features, read_features
 from daybreak.infra.context import RunContext
-from daybreak.online import OnlineError, SQLiteStore, features_for, materialize, open_store, push
+from daybreak.online import OnlineError, SQLiteStore, features_for, freshness, materialize, open_store, push
 from daybreak.online import _engine as engine
 from daybreak.spec import evaluate
 from daybreak.stage import stage
@@ -184,7 +184,10 @@ def test_parity(spec, ctx, store) -> None:
     known, each flight asked for at its departure: the feature partition, row for row."""
     result = materialize(spec, ctx(DAYS[-2]), store)
     assert not result.skipped and result.entries["w0"] > 0 and result.entries["a0"] > 0
+    assert freshness(store)["materialized_date"] == DAYS[-2].isoformat() and freshness(store)["newest_event"] is None
     assert_parity(spec, replay(spec, store, ctx(DAY)), offline(spec, ctx(DAY)))
+    newest = datetime.fromisoformat(freshness(store)["newest_event"])  # the day's last departure
+    assert spec.label_cut(DAY) - timedelta(hours=1) < newest < spec.label_cut(DAY)
     again = materialize(spec, ctx(DAYS[-2]), store)  # idempotent: the same inputs, nothing rewritten
     assert again.skipped and again.generation == result.generation
 

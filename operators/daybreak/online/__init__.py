@@ -21,6 +21,7 @@ from daybreak.online._online import (
     OnlineFeatures,
     check_supported,
     features_for,
+    freshness,
     materialize,
     push,
 )
@@ -39,6 +40,7 @@ __all__ = [
     "SQLiteStore",
     "check_supported",
     "features_for",
+    "freshness",
     "materialize",
     "open_store",
     "push",

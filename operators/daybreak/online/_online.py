@@ -21,7 +21,6 @@ passed (strictly before the event), exactly as offline, whenever it was pushed.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import time
@@ -385,8 +384,8 @@ def push(spec: Spec, store: OnlineStore, source: str, rows: Any, *, day: date | 
     that day's state is its staged partition's, as offline, so an event never counts twice.
 
     Returns:
-        What was written: rows, entries per part, the newest event time pushed (the time of
-        the snapshot rows' push, for a source with no event time), rows left out.
+        What was written: rows, entries per part, the newest event time pushed (None for a
+        source with no event time, e.g. a snapshot), rows left out.
     """
     if source not in spec.sources:
         raise ValueError(f"unknown source {source!r}")
@@ -424,10 +423,11 @@ def push(spec: Spec, store: OnlineStore, source: str, rows: Any, *, day: date | 
                 new = _entries(part, rows_, [0] * rows_.num_rows, part.columns, seq)
             entries += new
             written[part.name] += len(new)
+        # a snapshot row has no event time: it says nothing of how fresh the events are
         latest = _event_time_us(spec, source, sel)
-        stamp = latest if latest is not None else int(datetime.now(UTC).timestamp() * US)
-        store.push(f"d{d:%Y%m%d}", entries, stamp)
-        newest = stamp if newest is None else max(newest, stamp)
+        store.push(f"d{d:%Y%m%d}", entries, latest)
+        if latest is not None:
+            newest = latest if newest is None else max(newest, latest)
     return {"rows": t.num_rows, "entries": dict(written), "newest_us": newest, "already_materialized": late}
 
 
@@ -521,7 +521,7 @@ def features_for(spec: Spec, store: OnlineStore, raw_rows: Any, at: datetime | N
             the newest pushed event) is older than this before `at` or the row's time.
 
     Raises:
-        OnlineError: nothing was materialized yet.
+        OnlineError: nothing was materialized yet, or for another feature version.
     """
     f = spec.features
     meta = store.current()
@@ -653,10 +653,11 @@ def _derived(batch: pa.Table, spec: Spec, blocked: np.ndarray) -> pa.Table:
     return pa.table(cols)
 
 
-def state_digest(spec: Spec, store: OnlineStore) -> str:
-    """A hash of the current state as a reader sees it (for tests and health checks)."""
-    meta = store.current()
-    if meta is None:
-        return ""
-    h = hashlib.sha256(json.dumps({k: meta[k] for k in ("date", "lineage_key", "layout")}).encode())
-    return h.hexdigest()[:16]
+def freshness(store: OnlineStore) -> dict[str, Any]:
+    """What ``/health`` and ``/metrics`` report of the online state: the date materialized (and
+    when), its generation and feature version, and the newest pushed event's time."""
+    meta = store.current() or {}
+    newest = store.newest_us()
+    return {"materialized_date": meta.get("date"), "materialized_at": meta.get("materialized_at"),
+            "generation": meta.get("area"), "feature_version": meta.get("layout"),
+            "newest_event": None if newest is None else _iso(newest)}

@@ -69,10 +69,11 @@ class RedisStore:
         self._add(pipe, area, batch)
         pipe.execute()
 
-    def push(self, area: str, entries: Sequence[Entry], newest_us: int) -> None:
+    def push(self, area: str, entries: Sequence[Entry], newest_us: int | None) -> None:
         pipe = self.r.pipeline(transaction=True)  # MULTI ... EXEC: all of the push or nothing
         self._add(pipe, area, entries)
-        pipe.zadd(f"{self.ns}:newest", {"t": newest_us}, gt=True)
+        if newest_us is not None:
+            pipe.zadd(f"{self.ns}:newest", {"t": newest_us}, gt=True)
         pipe.execute()
 
     def switch(self, meta: dict[str, Any]) -> None:

@@ -44,8 +44,8 @@ class OnlineStore(Protocol):
     def write(self, area: str, entries: Iterable[Entry]) -> None:
         """Add entries to an area that is not current yet (a generation being built)."""
 
-    def push(self, area: str, entries: Sequence[Entry], newest_us: int) -> None:
-        """Add entries to a live area and raise the newest pushed event time: atomically."""
+    def push(self, area: str, entries: Sequence[Entry], newest_us: int | None) -> None:
+        """Add entries to a live area and raise the newest pushed event time (if given): atomically."""
 
     def switch(self, meta: dict[str, Any]) -> None:
         """Make generation ``meta['area']`` current: atomically."""
@@ -60,7 +60,7 @@ class OnlineStore(Protocol):
         """Each query's (score, payload) pairs."""
 
     def newest_us(self) -> int | None:
-        """The latest event time of any pushed event (the push time of snapshot rows)."""
+        """The latest event time of any pushed event (snapshot rows have none)."""
 
     def next_seq(self, n: int) -> int:
         """Reserve n sequence numbers for pushed entries; returns the first (>= PUSH_SEQ_START)."""
@@ -121,13 +121,13 @@ class SQLiteStore:
             db.execute("BEGIN")
             self._insert(db, area, entries)
 
-    def push(self, area: str, entries: Sequence[Entry], newest_us: int) -> None:
+    def push(self, area: str, entries: Sequence[Entry], newest_us: int | None) -> None:
         db = self._db()
         with db:
             db.execute("BEGIN IMMEDIATE")
             self._insert(db, area, entries)
             old = self._meta(db, "newest_us")
-            if old is None or newest_us > old:
+            if newest_us is not None and (old is None or newest_us > old):
                 db.execute("INSERT OR REPLACE INTO meta VALUES ('newest_us', ?)", (json.dumps(newest_us),))
 
     def switch(self, meta: dict[str, Any]) -> None:
