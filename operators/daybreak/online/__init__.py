@@ -1,0 +1,71 @@
+"""Online features: the spec's features for raw rows at request time, proved equal to the offline ones.
+
+* ``OnlineStore``: where the state lives; ``SQLiteStore`` (embedded, one file) or ``RedisStore``
+  (``open_store`` picks one from a URL);
+* ``materialize(spec, ctx, store)``: the state as of the end of ``ctx.logical_date``, from the
+  staged partitions, atomically per date;
+* ``push(spec, store, source, rows)``: events as they arrive;
+* ``features_for(spec, store, raw_rows, at)``: the features, in the model's order, with a reason
+  per row for what could not be computed.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from daybreak.online._online import (
+    DEFAULT_MAX_STALENESS,
+    MaterializeResult,
+    OnlineError,
+    OnlineFeatures,
+    check_supported,
+    features_for,
+    freshness,
+    materialize,
+    push,
+)
+from daybreak.online._store import OnlineStore, SQLiteStore
+
+if TYPE_CHECKING:
+    from daybreak.online._redis import RedisStore
+
+__all__ = [
+    "DEFAULT_MAX_STALENESS",
+    "MaterializeResult",
+    "OnlineError",
+    "OnlineFeatures",
+    "OnlineStore",
+    "RedisStore",
+    "SQLiteStore",
+    "check_supported",
+    "features_for",
+    "freshness",
+    "materialize",
+    "open_store",
+    "push",
+]
+
+
+def open_store(url: str | None, name: str, home: str | Path | None = None) -> OnlineStore:
+    """The online store of feature table `name`: Redis for a ``redis://`` or ``rediss://`` URL
+    (namespace ``daybreak:<name>``), else SQLite at the path given (default
+    ``<home>/online/<name>.sqlite``)."""
+    if url and url.startswith(("redis://", "rediss://", "unix://")):
+        from daybreak.online._redis import RedisStore
+
+        return RedisStore(url, f"daybreak:{name}")
+    if url:
+        return SQLiteStore(url.removeprefix("sqlite:///"))
+    if home is None:
+        raise ValueError("open_store needs a URL or a home folder")
+    return SQLiteStore(Path(home) / "online" / f"{name}.sqlite")
+
+
+def __getattr__(name: str) -> object:
+    """RedisStore imports the redis client only when used."""
+    if name == "RedisStore":
+        from daybreak.online._redis import RedisStore
+
+        return RedisStore
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,0 +1,663 @@
+"""Online features: the spec's features for raw rows at request time, equal to the offline ones.
+
+The state holds, per entity, exactly what the features read at request time (``_parts``):
+
+* a window (``w<i>``): its history as the feature step folds it (``window_inputs``: per (key,
+  known-at) the count, sum, sum of squares, min and max; per row the event time, input order and
+  value for last/first, row counts and lags), scored by known-at;
+* an as-of join (``a<j>``): the joined source's rows (the columns its time, known_at, keys and
+  outputs read), scored by their time;
+* a lookup (``l<k>``): the snapshot's rows, the last one per key winning.
+
+``materialize`` loads it as of the end of a date from the staged partitions, through the feature
+step's own readers, keeping only what a request after that date can read (the longest window's
+span, the join's tolerance), as a new generation made current in one switch. ``push`` adds
+events as they arrive, to the area of their day. ``features_for`` reads, for the requested rows'
+keys and times, the entries of the current generation and of the live days after it, rebuilds
+the feature step's indexes over them and runs its window and join functions: the offline
+computation over a smaller history. An entry counts in a window only once its known-at has
+passed (strictly before the event), exactly as offline, whenever it was pushed.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+import uuid
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, date, datetime, timedelta
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from daybreak.infra.context import RunContext
+from daybreak.infra.errors import DaybreakError
+from daybreak.online._engine import (
+    EVENT_TIME,
+    HISTORY_SLICE_ROWS,
+    US,
+    apply_windows,
+    asof_history,
+    asof_join,
+    build_window_index,
+    day_slices,
+    days_back,
+    empty_source,
+    fold_tables,
+    lookup_join,
+    prepare_events,
+    read_table,
+    read_window_inputs,
+    staged_files,
+    staged_inputs,
+    window_inputs,
+)
+from daybreak.online._store import Entry, OnlineStore, Query
+from daybreak.spec import Spec, arrow_type, evaluate, names_in, parse_duration
+
+log = logging.getLogger(__name__)
+
+PUSHED_ORDER = 1 << 62
+"""A pushed row's input order (per-row windows order ties by it) starts here: after every staged row's."""
+DEFAULT_MAX_STALENESS = "1d"
+
+
+class OnlineError(DaybreakError):
+    """The online store cannot serve the spec (an unsupported feature, nothing materialized)."""
+
+
+# --- what the state holds ----------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class _Part:
+    name: str  # w0, a0, l0
+    kind: str  # window | asof | lookup
+    index: int
+    source: str
+    by: tuple[str, ...]
+    span_us: int  # how far before a request's time its entries can matter (0: any time)
+    columns: tuple[str, ...] = ()  # asof/lookup: the source columns kept
+
+
+def _us(d: timedelta) -> int:
+    return int(d.total_seconds() * US)
+
+
+def _parts(spec: Spec) -> list[_Part]:
+    f = spec.features
+    out = []
+    for i, w in enumerate(f.windows):
+        out.append(_Part(f"w{i}", "window", i, f.window_source(w), tuple(w.by), _us(w.span())))
+    for j, a in enumerate(f.asof):
+        cols = {a.time} | names_in(a.known_at_expr()) | set(a.by) | set(a.columns.values())
+        out.append(_Part(f"a{j}", "asof", j, a.source, tuple(a.by), _us(parse_duration(a.tolerance)),
+                         tuple(sorted(cols))))
+    for k, lk in enumerate(f.lookups):
+        out.append(_Part(f"l{k}", "lookup", k, lk.source, tuple(lk.by), 0,
+                         tuple(sorted(set(lk.by) | set(lk.columns.values())))))
+    return out
+
+
+def _layout_hash(spec: Spec) -> str:
+    """Changes whenever what the state holds would: the feature definitions and source contracts."""
+    return spec.feature_version()
+
+
+_KEY_TYPES = (pa.types.is_string, pa.types.is_large_string, pa.types.is_integer, pa.types.is_boolean)
+
+
+def check_supported(spec: Spec) -> None:
+    """Refuse, naming the feature, what the online store cannot compute as the feature step does.
+
+    Every feature kind is computed online (time, row-count and lag windows with every
+    aggregate, windows over another source, as-of joins with known_at/strict/max_delay, lookups,
+    derived columns); what is refused is an entity key of a type the state's keys (JSON) are not
+    proved to match exactly as the feature step's index does: only string, integer and boolean
+    keys are (a float key's NaN or -0.0, a time key's units would each need their own proof).
+
+    Raises:
+        OnlineError: naming the feature and its key column.
+    """
+    for p in _parts(spec):
+        contract = spec.sources[p.source].columns
+        for col in p.by:
+            if col in contract and not any(is_(arrow_type(contract[col].type)) for is_ in _KEY_TYPES):
+                what = {"window": f"windows[{p.index}]", "asof": f"asof[{p.index}]",
+                        "lookup": f"lookups[{p.index}]"}[p.kind]
+                raise OnlineError(f"features.{what}: key column {col!r} of {p.source!r} has type "
+                                  f"{contract[col].type}: not supported online (entity keys must be strings, "
+                                  "integers or booleans)")
+
+
+# --- encoding rows as JSON payloads -------------------------------------------------------------
+
+def _to_json_values(col: pa.ChunkedArray | pa.Array) -> list[Any]:
+    """A column's values as JSON-able Python values: times as int microseconds, dates as days."""
+    t = col.type
+    if pa.types.is_dictionary(t):
+        return col.to_pylist()
+    if pa.types.is_timestamp(t):
+        return pc.cast(col.cast(pa.timestamp("us", tz=t.tz)), pa.int64()).to_pylist()
+    if pa.types.is_date(t):
+        return pc.cast(col.cast(pa.date32()), pa.int32()).to_pylist()
+    return col.to_pylist()
+
+
+def _from_json_values(values: list[Any], t: pa.DataType) -> pa.Array:
+    if pa.types.is_timestamp(t):
+        return pa.array(values, pa.int64()).cast(pa.timestamp("us", tz=t.tz)).cast(t)
+    if pa.types.is_date(t):
+        return pa.array(values, pa.int32()).cast(pa.date32()).cast(t)
+    return pa.array(values, t)
+
+
+def _keys(table: pa.Table, by: Sequence[str]) -> list[str | None]:
+    """Each row's entity key (JSON of its ``by`` values); None for a row with a null key part."""
+    cols = [_to_json_values(table.column(c)) for c in by]
+    out: list[str | None] = []
+    for i in range(table.num_rows):
+        values = [c[i] for c in cols]
+        out.append(None if any(v is None for v in values) else json.dumps(values))
+    return out
+
+
+def _entries(part: _Part, table: pa.Table, score: list[Any], payload_cols: Sequence[str],
+             first_seq: int, keep: np.ndarray | None = None) -> list[Entry]:
+    """One entry per row of `table` (where `keep`): key, score and the payload columns."""
+    keys = _keys(table, part.by)
+    cols = {c: _to_json_values(table.column(c)) for c in payload_cols}
+    out = []
+    for i, key in enumerate(keys):
+        if key is None or score[i] is None or (keep is not None and not keep[i]):
+            continue
+        payload = {"q": first_seq + i, **{c: v[i] for c, v in cols.items()}}
+        out.append((part.name, key, int(score[i]), json.dumps(payload, separators=(",", ":"))))
+    return out
+
+
+def _window_entries(part: _Part, t: pa.Table, first_seq: int, keep: np.ndarray | None = None) -> list[Entry]:
+    payload = [c for c in t.column_names if c.startswith("__") and c != "__k"]
+    return _entries(part, t, t.column("__k").to_pylist(), payload, first_seq, keep)
+
+
+def _source_rows(spec: Spec, part: _Part, table: pa.Table) -> pa.Table:
+    """The part's columns of a source table, typed as its contract says (absent ones null)."""
+    contract = spec.sources[part.source].columns
+    cols = {}
+    for c in part.columns:
+        t = arrow_type(contract[c].type) if c in contract else pa.string()
+        cols[c] = table.column(c).cast(t) if c in table.column_names else pa.nulls(table.num_rows, t)
+    return pa.table(cols)
+
+
+def _asof_time_us(spec: Spec, part: _Part, rows: pa.Table) -> list[Any]:
+    a = spec.features.asof[part.index]
+    return _to_json_values(rows.column(a.time).cast(pa.timestamp("us", tz="UTC")))
+
+
+# --- materialize --------------------------------------------------------------------------------
+
+@dataclass
+class MaterializeResult:
+    date: str
+    generation: str
+    entries: dict[str, int]  # per part
+    skipped: bool = False
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"step": "online.materialize", "date": self.date, "generation": self.generation,
+                "entries": self.entries, "skipped": self.skipped, "seconds": round(self.seconds, 3)}
+
+
+def _end_of_day_us(spec: Spec, day: date) -> int:
+    return int(spec.label_cut(day).timestamp() * US)
+
+
+def materialize(spec: Spec, ctx: RunContext, store: OnlineStore) -> MaterializeResult:
+    """Load the state as of the end of ``ctx.logical_date`` from the staged partitions.
+
+    Written as a new generation, made current by one switch only once whole: a materialize that
+    fails or is killed leaves the previous state readable (its partial generation is dropped
+    by the next one). Idempotent: with the same staged inputs and features for the date already
+    current, nothing is rewritten. Live days up to the date are dropped (their events are in the
+    staged data now), as are older generations but the previous one (a reader may still be on it).
+
+    Raises:
+        OnlineError: a feature the online store cannot compute (``check_supported``).
+        MissingInputError: the date's base partition or snapshot is not staged.
+    """
+    started = time.monotonic()
+    check_supported(spec)
+    f = spec.features
+    day = ctx.logical_date
+    inp = staged_inputs(spec, ctx)
+    layout = _layout_hash(spec)
+    cur = store.current()
+    if cur and cur.get("date") == day.isoformat() and cur.get("lineage_key") == inp.lineage_key \
+            and cur.get("layout") == layout:
+        log.info("online: state of %s already current (%s)", day, cur["area"])
+        return MaterializeResult(day.isoformat(), cur["area"], cur.get("entries", {}), skipped=True,
+                                 seconds=time.monotonic() - started)
+    horizon = _end_of_day_us(spec, day)
+    fs = ctx.store.fs
+    area = f"g{uuid.uuid4().hex[:12]}"
+    counts: dict[str, int] = {}
+    try:
+        for part in _parts(spec):
+            if part.kind == "window":
+                w = f.windows[part.index]
+                files = staged_files(ctx, part.source, days_back(day, w.lookback_days()), inp.parts)[0]
+                slices = day_slices(files, fs, HISTORY_SLICE_ROWS)
+                tables = [read_window_inputs(pa.Table.from_pylist([{"path": p, "row_groups": g, "ordinal": o}]),
+                                               f, fs, part.index) for o, (p, g) in enumerate(slices)]
+                folded = (fold_tables(list(w.by), list(w.aggs), *tables) if tables
+                          else window_inputs(empty_source(spec, part.source), f, part.index))
+                # a request after the date reads rows known in (t - span, t), t >= the end of the date
+                keep = folded.column("__k").to_numpy() > horizon - part.span_us
+                entries = _window_entries(part, folded, 0, keep)
+            elif part.kind == "asof":
+                files = inp.asof_files[part.index]
+                rows = _source_rows(spec, part, read_table(files, fs) if files else empty_source(spec, part.source))
+                times = _asof_time_us(spec, part, rows)
+                keep = np.array([t is not None and t >= horizon - part.span_us for t in times], bool)
+                entries = _entries(part, rows, times, part.columns, 0, keep)
+            else:
+                rows = _source_rows(spec, part, read_table(inp.lookup_files[part.index], fs))
+                entries = _entries(part, rows, [0] * rows.num_rows, part.columns, 0)
+            store.write(area, entries)
+            counts[part.name] = len(entries)
+    except BaseException:
+        try:
+            store.drop(area)
+        except Exception:  # the next materialize drops it
+            log.warning("online: could not drop the partial generation %s", area, exc_info=True)
+        raise
+    previous = cur["area"] if cur else None
+    store.switch({"area": area, "date": day.isoformat(), "horizon_us": horizon, "lineage_key": inp.lineage_key,
+                  "columns": _window_columns(spec),
+                  "layout": layout, "entries": counts, "materialized_at": datetime.now(UTC).isoformat()})
+    for other in store.areas():
+        if (other.startswith("g") and other not in (area, previous)) or (
+                other.startswith("d") and _area_day(other) <= day):
+            store.drop(other)
+    seconds = time.monotonic() - started
+    log.info("online: materialized %s as %s (%s) in %.1fs", day, area, counts, seconds)
+    return MaterializeResult(day.isoformat(), area, counts, seconds=seconds)
+
+
+def _window_columns(spec: Spec) -> dict[str, dict[str, str]]:
+    """Each window's entry columns and their types, as the feature step's ``window_inputs``
+    gives them (kept with the generation, so a request does not recompute them)."""
+    f = spec.features
+    out = {}
+    for p in _parts(spec):
+        if p.kind == "window":
+            schema = window_inputs(empty_source(spec, p.source), f, p.index).schema
+            out[p.name] = {n: str(schema.field(n).type) for n in schema.names if n.startswith("__")}
+    return out
+
+
+def _area_day(area: str) -> date:
+    return datetime.strptime(area[1:], "%Y%m%d").date()
+
+
+# --- push ---------------------------------------------------------------------------------------
+
+def _as_table(rows: Any, spec: Spec, source: str) -> pa.Table:
+    """Rows (an Arrow table, a pandas frame or a list of dicts) with the contract's types."""
+    if isinstance(rows, pa.Table):
+        t = rows
+    elif isinstance(rows, list):
+        t = pa.Table.from_pylist(rows)
+    else:
+        t = pa.Table.from_pandas(rows, preserve_index=False)
+    contract = spec.sources[source].columns
+    for c in t.column_names:
+        if c in contract:
+            want = arrow_type(contract[c].type)
+            if t.column(c).type != want:
+                try:
+                    t = t.set_column(t.schema.get_field_index(c), c, t.column(c).cast(want))
+                except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as e:
+                    raise ValueError(f"column {c!r}: not a {contract[c].type} ({e})") from None
+    return t
+
+
+def _event_days(spec: Spec, source: str, t: pa.Table, day: date | None) -> list[date]:
+    """The day each row belongs to (the staged partition it would be in)."""
+    et = spec.sources[source].event_time
+    if day is not None or et is None or et.column not in t.column_names:
+        today = day or datetime.now(UTC).astimezone(_zone(spec.date_zone())).date()
+        return [today] * t.num_rows
+    zone = et.date_timezone or et.timezone or "UTC"
+    ts = t.column(et.column)
+    local = pc.cast(ts.cast(pa.timestamp(ts.type.unit, tz=zone)), pa.date32()).to_pylist()
+    today = datetime.now(UTC).astimezone(_zone(spec.date_zone())).date()
+    return [d if d is not None else today for d in local]  # a row without a time counts in no window
+
+
+def _zone(name: str) -> Any:
+    from zoneinfo import ZoneInfo
+
+    return ZoneInfo(name)
+
+
+def _event_time_us(spec: Spec, source: str, rows: pa.Table) -> int | None:
+    """The latest event time among pushed rows (what the state's freshness is judged by: a
+    known-at may lie far ahead of it, e.g. a label known 30 days later)."""
+    f = spec.features
+    if source == f.base:
+        expr: str | None = f.event_time
+    else:
+        expr = next((w.time for w in f.windows if w.source == source and w.time), None)
+        expr = expr or next((a.time for a in f.asof if a.source == source), None)
+    if expr is None or rows.num_rows == 0:
+        return None
+    try:
+        t = evaluate(expr, rows)
+    except Exception:  # a column the expression reads is absent: no time to judge by
+        return None
+    if not pa.types.is_timestamp(t.type):
+        return None
+    latest = pc.max(pc.cast(t.cast(pa.timestamp("us", tz="UTC")), pa.int64())).as_py()
+    return None if latest is None else int(latest)
+
+
+def push(spec: Spec, store: OnlineStore, source: str, rows: Any, *, day: date | None = None) -> dict[str, Any]:
+    """Add events of `source` as they arrive: to every window over it, as-of join onto it and
+    lookup of it. Each day's events are one atomic write to that day's live area.
+
+    Args:
+        spec: the pipeline spec.
+        store: the online store.
+        source: the source the rows belong to (the base source or a joined/windowed one).
+        rows: the raw rows (an Arrow table, a pandas frame or a list of dicts).
+        day: the day the rows belong to (default: from the source's event_time, else today).
+
+    Rows of a day already materialized are left out (counted in ``already_materialized``):
+    that day's state is its staged partition's, as offline, so an event never counts twice.
+
+    Returns:
+        What was written: rows, entries per part, the newest event time pushed (None for a
+        source with no event time, e.g. a snapshot), rows left out.
+    """
+    if source not in spec.sources:
+        raise ValueError(f"unknown source {source!r}")
+    f = spec.features
+    parts = [p for p in _parts(spec) if p.source == source]
+    t = _as_table(rows, spec, source)
+    days = _event_days(spec, source, t, day)
+    written: dict[str, int] = defaultdict(int)
+    newest = None
+    cur = store.current()
+    done = _date(cur["date"]) if cur else None
+    late = sum(1 for d in days if done is not None and d <= done)
+    if late:  # their day's state comes from its staged partition, which they are in or not: as offline
+        log.warning("online push: %d row(s) of %s on days already materialized (through %s) are left out",
+                    late, source, done)
+    for d in sorted(set(days)):
+        if done is not None and d <= done:
+            continue
+        sel = t.filter(pa.array([x == d for x in days]))
+        first = store.next_seq(sel.num_rows * max(1, len(parts)))
+        entries: list[Entry] = []
+        for n, part in enumerate(parts):
+            seq = first + n * sel.num_rows
+            if part.kind == "window":
+                w_in = window_inputs(sel, f, part.index, 0)
+                if "__o" in w_in.column_names:  # per row: after every staged row, in push order
+                    o = pc.add(w_in.column("__o"), pa.scalar(PUSHED_ORDER + seq, pa.int64()))
+                    w_in = w_in.set_column(w_in.schema.get_field_index("__o"), "__o", o)
+                new = _window_entries(part, w_in, seq)
+            elif part.kind == "asof":
+                rows_ = _source_rows(spec, part, sel)
+                new = _entries(part, rows_, _asof_time_us(spec, part, rows_), part.columns, seq)
+            else:
+                rows_ = _source_rows(spec, part, sel)
+                new = _entries(part, rows_, [0] * rows_.num_rows, part.columns, seq)
+            entries += new
+            written[part.name] += len(new)
+        # a snapshot row has no event time: it says nothing of how fresh the events are
+        latest = _event_time_us(spec, source, sel)
+        store.push(f"d{d:%Y%m%d}", entries, latest)
+        if latest is not None:
+            newest = latest if newest is None else max(newest, latest)
+    return {"rows": t.num_rows, "entries": dict(written), "newest_us": newest, "already_materialized": late}
+
+
+# --- features at request time -------------------------------------------------------------------
+
+@dataclass
+class OnlineFeatures:
+    """The features of the requested rows, in the model's order, and why any could not be computed.
+
+    ``table`` holds the spec's keys, the event time and the features (``feature_names()``, the
+    model's order). ``reasons[i]`` lists what is missing for row i: ``blocked[i]`` rows (no event
+    time, a required column absent, state stale or pruned past the row's time) have every
+    feature null, never a default; the others have the offline values, which are themselves null
+    or empty-window values where a key has no state (and the reason says so).
+    """
+
+    table: pa.Table
+    features: list[str]
+    reasons: list[list[str]] = field(default_factory=list)
+    blocked: list[bool] = field(default_factory=list)
+
+    def feature_frame(self) -> Any:
+        return self.table.select(self.features).to_pandas()
+
+
+def _needed_columns(spec: Spec) -> set[str]:
+    """Base columns the features read (not the label): event time, keys of joins and windows,
+    and what derived columns read that is no output of a join, window or earlier column."""
+    f = spec.features
+    cols = set(names_in(f.event_time))
+    defined = f.output_names()
+    for c in f.columns:
+        cols |= names_in(c.expr) - defined
+        defined.add(c.name)
+    for j in f.asof:
+        cols |= set(j.by)
+    for lk in f.lookups:
+        cols |= set(lk.by)
+    for w in f.windows:
+        cols |= set(w.by)
+    return cols - {EVENT_TIME}
+
+
+def _ranges(keys: list[str | None], t: np.ndarray, ok: np.ndarray) -> dict[str, tuple[int, int]]:
+    """Per key: the earliest and latest request time among the rows that can use it."""
+    out: dict[str, tuple[int, int]] = {}
+    for k, ti, good in zip(keys, t, ok, strict=True):
+        if k is None or not good:
+            continue
+        lo, hi = out.get(k, (int(ti), int(ti)))
+        out[k] = (min(lo, int(ti)), max(hi, int(ti)))
+    return out
+
+
+def _read_part(store: OnlineStore, areas: list[str], part: _Part,
+               ranges: dict[str, tuple[int, int]]) -> dict[str, list[dict[str, Any]]]:
+    """The part's entries of each key, in the areas, within [earliest - span, latest] (any time
+    for a lookup), ordered by (score, sequence)."""
+    queries: list[Query] = []
+    for key, (lo, hi) in ranges.items():
+        for area in areas:
+            if part.kind == "lookup":
+                queries.append((area, part.name, key, float("-inf"), float("inf")))
+            else:
+                queries.append((area, part.name, key, float(lo - part.span_us), float(hi)))
+    found: dict[str, list[tuple[float, int, dict[str, Any]]]] = defaultdict(list)
+    for (_, _, key, _, _), res in zip(queries, store.read(queries), strict=True):
+        for score, payload in res:
+            p = json.loads(payload)
+            p["__score"] = int(score)
+            found[key].append((score, p["q"], p))
+    return {k: [p for _, _, p in sorted(v, key=lambda e: (e[0], e[1]))] for k, v in found.items()}
+
+
+def _entity(by: Sequence[str], key: str) -> str:
+    return ", ".join(f"{c}={v!r}" for c, v in zip(by, json.loads(key), strict=True))
+
+
+def features_for(spec: Spec, store: OnlineStore, raw_rows: Any, at: datetime | None = None, *,
+                 max_staleness: str = DEFAULT_MAX_STALENESS) -> OnlineFeatures:
+    """The spec's features for raw rows of the base source, each at its event time.
+
+    Args:
+        spec: the pipeline spec.
+        store: the online store (materialized).
+        raw_rows: rows of the base source (Arrow table, pandas frame or list of dicts): the
+            columns the features read (see ``OnlineFeatures`` for a row lacking one).
+        at: the request's time (default: now); with the rows' own times, how stale the state
+            may be is judged against it.
+        max_staleness: a row is blocked when the newest state (the materialized date's end or
+            the newest pushed event) is older than this before `at` or the row's time.
+
+    Raises:
+        OnlineError: nothing was materialized yet, or for another feature version.
+    """
+    f = spec.features
+    meta = store.current()
+    if meta is None:
+        raise OnlineError(f"the online store of {f.name!r} has no state: run `daybreak online materialize` first")
+    if meta.get("layout") != _layout_hash(spec):
+        raise OnlineError(f"the online state of {f.name!r} was materialized for feature version {meta.get('layout')}, "
+                          f"the spec's is {_layout_hash(spec)}: materialize again")
+    batch = _as_table(raw_rows, spec, f.base)
+    n = batch.num_rows
+    reasons: list[list[str]] = [[] for _ in range(n)]
+    blocked = np.zeros(n, bool)
+    contract = spec.sources[f.base].columns
+    for col in sorted(_needed_columns(spec)):
+        if col not in batch.column_names:
+            t = arrow_type(contract[col].type) if col in contract else pa.string()
+            batch = batch.append_column(col, pa.nulls(n, t))
+            for r in reasons:
+                r.append(f"missing column {col!r}")
+            blocked[:] = True
+    for col in f.keys:
+        if col not in batch.column_names:
+            t = arrow_type(contract[col].type) if col in contract else pa.string()
+            batch = batch.append_column(col, pa.nulls(n, t))
+    batch = prepare_events(batch, f)
+    times = pc.cast(batch.column(EVENT_TIME), pa.int64()).to_pylist()
+    t_us = np.array([x if x is not None else 0 for x in times], np.int64)
+    now_us = int((at or datetime.now(UTC)).timestamp() * US)
+    watermark = max(int(meta["horizon_us"]), store.newest_us() or 0)
+    bound = _us(parse_duration(max_staleness))
+    for i, x in enumerate(times):
+        if x is None:
+            reasons[i].append("no event time")
+            blocked[i] = True
+        elif x < meta["horizon_us"]:
+            reasons[i].append(f"event time {_iso(x)} is before the state's horizon {_iso(meta['horizon_us'])} "
+                              f"(materialized through {meta['date']})")
+            blocked[i] = True
+        elif max(now_us, x) - watermark > bound:
+            reasons[i].append(f"stale: the newest state is from {_iso(watermark)}, more than {max_staleness} "
+                              f"before {_iso(max(now_us, x))}")
+            blocked[i] = True
+    ok = ~blocked
+    areas = [meta["area"]] + [a for a in store.areas() if a.startswith("d") and _area_day(a) > _date(meta["date"])]
+
+    indexes = []
+    joins: list[tuple[_Part, pa.Table]] = []
+    for part in _parts(spec):
+        keys = _keys(batch, part.by)
+        ranges = _ranges(keys, t_us, ok)
+        got = _read_part(store, areas, part, ranges)
+        label = {"window": "windows", "asof": "asof", "lookup": "lookups"}[part.kind]
+        for i, k in enumerate(keys):
+            if ok[i] and k is not None and k not in got:
+                what = {"window": "no history", "asof": "no row in the tolerance", "lookup": "no row"}[part.kind]
+                reasons[i].append(f"{label}[{part.index}] ({part.source}): {what} for {_entity(part.by, k)}")
+        if part.kind == "window":
+            indexes.append(_window_index(spec, part, batch, got, meta["columns"][part.name]))
+        else:
+            joins.append((part, _join_table(spec, part, got)))
+    if f.windows:
+        batch = apply_windows(batch, f, indexes)
+    for part, right in joins:
+        if part.kind == "asof":
+            a = f.asof[part.index]
+            batch = asof_join(batch, asof_history(right, a), a.by, part.span_us, a.columns, a.strict)
+        else:
+            lk = f.lookups[part.index]
+            batch = lookup_join(batch, right, lk.by, lk.columns)
+    out = _derived(batch, spec, blocked)
+    return OnlineFeatures(out, f.feature_names(), reasons, blocked.tolist())
+
+
+def _iso(us: int) -> str:
+    return datetime.fromtimestamp(us / US, UTC).isoformat()
+
+
+def _date(text: str) -> date:
+    return date.fromisoformat(text)
+
+
+def _window_index(spec: Spec, part: _Part, batch: pa.Table, got: dict[str, list[dict[str, Any]]],
+                  types: dict[str, str]) -> Any:
+    """The feature step's index over the entries read, typed as its own (``window_inputs``'
+    columns; keys typed like the request's columns, as the offline index is made of them too)."""
+    f = spec.features
+    w = f.windows[part.index]
+    payload = [n for n in types if n != "__k"]
+    keys: list[list[Any]] = [[] for _ in w.by]
+    cols: dict[str, list[Any]] = {c: [] for c in ["__k", *payload]}
+    for key, entries in got.items():
+        values = json.loads(key)
+        for p in entries:
+            for j, v in enumerate(values):
+                keys[j].append(v)
+            cols["__k"].append(p["__score"])
+            for c in payload:
+                cols[c].append(p.get(c))
+    table = pa.table({**{c: _from_json_values(keys[j], batch.column(c).type) for j, c in enumerate(w.by)},
+                      **{c: pa.array(v, pa.type_for_alias(types[c])) for c, v in cols.items()}})
+    return build_window_index(list(w.by), list(w.aggs), table)
+
+
+def _join_table(spec: Spec, part: _Part, got: dict[str, list[dict[str, Any]]]) -> pa.Table:
+    """The joined source's rows read, in (score, sequence) order: its input order."""
+    contract = spec.sources[part.source].columns
+    rows = [p for entries in got.values() for p in entries]
+    rows.sort(key=lambda p: (p["__score"], p["q"]))
+    return pa.table({c: _from_json_values([p.get(c) for p in rows], arrow_type(contract[c].type))
+                     for c in part.columns})
+
+
+def _derived(batch: pa.Table, spec: Spec, blocked: np.ndarray) -> pa.Table:
+    """Derived columns in order (as the feature step's ``finalize``, without the label), then
+    keys, event time and features in the model's order; blocked rows' features null."""
+    f = spec.features
+    cols: dict[str, Any] = {k: batch.column(k) for k in f.keys}
+    cols[EVENT_TIME] = batch.column(EVENT_TIME)
+    for c in f.columns:
+        v = evaluate(c.expr, batch)
+        v = pc.cast(v, pa.string()) if c.categorical else pc.cast(v, pa.float64())
+        i = batch.schema.get_field_index(c.name)
+        batch = batch.set_column(i, c.name, v) if i >= 0 else batch.append_column(c.name, v)
+        cols[c.name] = v
+    mask = pa.array(blocked)
+    for name in f.feature_names():
+        v = cols[name] if name in cols else pc.cast(batch.column(name), pa.float64())
+        cols[name] = pc.if_else(mask, pa.scalar(None, v.type), v) if blocked.any() else v
+    return pa.table(cols)
+
+
+def freshness(store: OnlineStore) -> dict[str, Any]:
+    """What ``/health`` and ``/metrics`` report of the online state: the date materialized (and
+    when), its generation and feature version, and the newest pushed event's time."""
+    meta = store.current() or {}
+    newest = store.newest_us()
+    return {"materialized_date": meta.get("date"), "materialized_at": meta.get("materialized_at"),
+            "generation": meta.get("area"), "feature_version": meta.get("layout"),
+            "newest_event": None if newest is None else _iso(newest)}

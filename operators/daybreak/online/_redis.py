@@ -1,0 +1,110 @@
+"""The production backend: Redis (the Feast default), through the ``redis`` client.
+
+Layout, under a namespace ``ns`` (default ``daybreak:<feature table>``):
+
+* ``ns:e:<area>:<part>:<key>``: a sorted set of one entity's entries, scored by time (microseconds:
+  exact in a double until the year 2255); members are the JSON payloads (unique: each carries
+  its sequence number ``q``);
+* ``ns:k:<area>``: the set of an area's sorted sets (so an area is dropped without a scan);
+* ``ns:areas``: the set of areas; ``ns:current``: the current generation's metadata (JSON);
+* ``ns:newest``: a one-member sorted set holding the newest pushed time (``ZADD GT``: an atomic max);
+* ``ns:seq``: the counter numbering pushed entries.
+
+A generation is written with pipelines, then made current by one ``SET`` of ``ns:current``; a
+push is one ``MULTI``/``EXEC`` transaction.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+from daybreak.online._store import PUSH_SEQ_START, Entry, Query
+
+_BATCH = 5_000  # commands per pipeline round trip while writing a generation
+
+
+class RedisStore:
+    """An OnlineStore on a Redis server (``redis://host:port/db``)."""
+
+    def __init__(self, url: str, namespace: str) -> None:
+        import redis
+
+        self.url = url
+        self.ns = namespace
+        self.r = redis.Redis.from_url(url)
+
+    def __repr__(self) -> str:  # the URL may hold a password: never shown
+        return f"RedisStore(namespace={self.ns!r})"
+
+    def _e(self, area: str, part: str, key: str) -> str:
+        return f"{self.ns}:e:{area}:{part}:{key}"
+
+    def current(self) -> dict[str, Any] | None:
+        raw = self.r.get(f"{self.ns}:current")
+        return None if raw is None else dict(json.loads(raw))
+
+    def _add(self, pipe: Any, area: str, entries: Iterable[Entry]) -> int:
+        n = 0
+        pipe.sadd(f"{self.ns}:areas", area)
+        for part, key, score, payload in entries:
+            name = self._e(area, part, key)
+            pipe.zadd(name, {payload: score})
+            pipe.sadd(f"{self.ns}:k:{area}", name)
+            n += 1
+        return n
+
+    def write(self, area: str, entries: Iterable[Entry]) -> None:
+        batch: list[Entry] = []
+        for e in entries:
+            batch.append(e)
+            if len(batch) >= _BATCH:
+                self._flush(area, batch)
+                batch = []
+        self._flush(area, batch)
+
+    def _flush(self, area: str, batch: list[Entry]) -> None:
+        pipe = self.r.pipeline(transaction=False)
+        self._add(pipe, area, batch)
+        pipe.execute()
+
+    def push(self, area: str, entries: Sequence[Entry], newest_us: int | None) -> None:
+        pipe = self.r.pipeline(transaction=True)  # MULTI ... EXEC: all of the push or nothing
+        self._add(pipe, area, entries)
+        if newest_us is not None:
+            pipe.zadd(f"{self.ns}:newest", {"t": newest_us}, gt=True)
+        pipe.execute()
+
+    def switch(self, meta: dict[str, Any]) -> None:
+        self.r.set(f"{self.ns}:current", json.dumps(meta))
+
+    def areas(self) -> list[str]:
+        return sorted(a.decode() if isinstance(a, bytes) else str(a) for a in self.r.smembers(f"{self.ns}:areas"))
+
+    def drop(self, area: str) -> None:
+        index = f"{self.ns}:k:{area}"
+        names = list(self.r.smembers(index))
+        for i in range(0, len(names), _BATCH):
+            self.r.unlink(*names[i:i + _BATCH])
+        pipe = self.r.pipeline(transaction=True)
+        pipe.unlink(index)
+        pipe.srem(f"{self.ns}:areas", area)
+        pipe.execute()
+
+    def read(self, queries: Sequence[Query]) -> list[list[tuple[float, str]]]:
+        pipe = self.r.pipeline(transaction=False)
+        for area, part, key, lo, hi in queries:
+            pipe.zrangebyscore(self._e(area, part, key), lo, hi, withscores=True)
+        return [[(float(s), m.decode()) for m, s in res] for res in pipe.execute()]
+
+    def newest_us(self) -> int | None:
+        score = self.r.zscore(f"{self.ns}:newest", "t")
+        return None if score is None else int(score)
+
+    def next_seq(self, n: int) -> int:
+        end = int(self.r.incrby(f"{self.ns}:seq", n))
+        return PUSH_SEQ_START + end - n
+
+    def close(self) -> None:
+        self.r.close()
