@@ -13,7 +13,7 @@ export AIRFLOW__CORE__LOAD_EXAMPLES ?= False
 # Airflow's API server triggers importing fastapi.testclient, every Airflow command.
 export PYTHONWARNINGS ?= ignore::UserWarning:fastapi.testclient
 
-.PHONY: install browser demo test test-fast lint docs reliability up bench constraints clean
+.PHONY: install browser redis demo test test-fast lint docs reliability up bench constraints clean
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 install: $(STAMP)
@@ -40,10 +40,17 @@ browser:
 	  { echo ">> installing Chromium (apt)"; $(SUDO) apt-get update -qq && \
 	    DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq chromium >/dev/null; }
 
+# Redis for the online store's tests (Debian's package; the tests start their own server on loopback
+# and stop it by PID; the package's service is never used).
+redis:
+	@command -v redis-server >/dev/null 2>&1 || \
+	  { echo ">> installing redis-server (apt)"; $(SUDO) apt-get update -qq && \
+	    DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends redis-server >/dev/null; }
+
 # Two pytest-xdist workers, a test file at a time each (module fixtures start once), the longest
 # files first (tests/conftest.py); TEST_WORKERS=0 runs the suite in one process.
 TEST_WORKERS ?= 2
-test: $(STAMP) browser
+test: $(STAMP) browser redis
 	$(BIN)/python -m pytest -q $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder)
 
 # The pure cores, no servers (spec, expressions, features on in-process Ray, staging, the log
