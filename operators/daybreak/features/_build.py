@@ -1106,13 +1106,14 @@ def _build(spec: Spec, ctx: RunContext, inp: _Inputs, tasks: _Tasks, lineage: di
     # size (never the cluster's), so the same inputs give the same runs and the same bytes.
     pending = ctx.store.begin(zone, day, run=ctx.run_id)
     try:
-        runs_dir = f"{pending.folder}/_runs"
-        ctx.store.fs.create_dir(runs_dir)
+        runs_dir = None if tasks.in_process else f"{pending.folder}/_runs"  # in process, runs stay in memory
+        if runs_dir:
+            ctx.store.fs.create_dir(runs_dir)
         runs, run_nodes = [], []
         for i, (p, g) in enumerate(day_slices(inp.today_files, ctx.store.fs, DAY_SLICE_ROWS)):
             run, node = tasks.call(_on_node, day_run, [{"path": p, "row_groups": g}], f_ref, fs_ref,
                                    spec.model.task, [(kind, kw) for kind, _, kw in joins],
-                                   None if tasks.in_process else f"{runs_dir}/run-{i:05d}.parquet",
+                                   runs_dir and f"{runs_dir}/run-{i:05d}.parquet",
                                    *[r for _, r, _ in joins], *indexes,
                                    num_returns=2, spread=True)
             runs.append(run)
@@ -1121,7 +1122,8 @@ def _build(spec: Spec, ctx: RunContext, inp: _Inputs, tasks: _Tasks, lineage: di
         runs = tasks.get(runs)
         nodes = set(tasks.get(node_refs + run_nodes))
         rows = merge_runs(runs, f.keys, ctx.store.fs, pending.folder)
-        ctx.store.fs.delete_dir(runs_dir)
+        if runs_dir:
+            ctx.store.fs.delete_dir(runs_dir)
         leak = leak_check(spec, _data_files(ctx.store.fs, pending.folder), ctx.store.fs)
         part = ctx.store.commit(pending, {
             **lineage, "lineage_key": lineage_key, "rows": rows, "run_id": ctx.run_id, "missing_history": missing,
@@ -1439,6 +1441,15 @@ def merge_runs(runs: list[dict[str, Any]], keys: list[str], fs: Any, folder: str
         buffers[i], frontier[i] = (t, kc), tuple(kc[:, -1])
 
     out = PartWriter(fs, folder)
+    if len(runs) == 1:  # already in order: written as it is read (what the merge would write)
+        try:
+            for b in batches[0]:
+                if b.num_rows:
+                    out.add(b if isinstance(b, pa.Table) else pa.Table.from_batches([b]))
+        except BaseException:
+            out.close()
+            raise
+        return out.close(runs[0]["schema"])
     try:
         for i in range(len(runs)):
             read(i)
