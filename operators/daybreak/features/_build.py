@@ -194,17 +194,23 @@ def window_inputs(batch: pa.Table, f: FeatureSpec, i: int, ordinal: int = 0) -> 
         return pa.table({**keys(order, every), "__k": pa.array(k[order], pa.int64()),
                          "__e": pa.array(e[order], pa.int64()), "__o": pa.array(o[order], pa.int64()),
                          "__v": pa.array(v[order], pa.float64())})
-    if len(rows):
-        span = int(k.max()) - int(k.min()) + 1
-        radix = math.prod(max(1, len(d)) for d in dictionaries)
-        order = (_stable_argsort(codes * span + (k - k.min()), radix * span) if radix * span < 2**62
-                 else np.lexsort((k, codes)))
-    else:
-        order = np.arange(0)
+    order = _key_time_order(codes, k, dictionaries)
     codes, k = codes[order], k[order]
     starts = _run_starts(codes, k)
     return pa.table({**keys(order, starts), "__k": pa.array(k[starts], pa.int64()),
                      **_fold(starts, np.ones(len(k), np.int64), v[order], w.aggs)})
+
+
+def _key_time_order(codes: np.ndarray, k: np.ndarray, dictionaries: Sequence[pa.Array]) -> np.ndarray:
+    """``np.lexsort((k, codes))``: the stable order by key code, then time; packed into one int64
+    key where it fits (``_stable_argsort``, several times faster)."""
+    if not len(k):
+        return np.arange(0)
+    span = int(k.max()) - int(k.min()) + 1
+    radix = math.prod(max(1, len(d)) for d in dictionaries)
+    if radix * span >= 2**62:
+        return np.lexsort((k, codes))
+    return _stable_argsort(codes * span + (k - k.min()), radix * span)
 
 
 def _stable_argsort(key: np.ndarray, bound: int) -> np.ndarray:
@@ -311,7 +317,7 @@ def fold_tables(by: list[str], aggs: list[str], *tables: pa.Table) -> pa.Table:
         order = np.lexsort((rc["__o"], rc["__e"], k, codes))
         return pa.table({**keys(order), "__k": pa.array(k[order], pa.int64()),
                          **{c: pa.array(x[order]) for c, x in rc.items()}})
-    order = np.lexsort((k, codes))
+    order = _key_time_order(codes, k, dictionaries)
     k = k[order]
     ranks = [r[order] for r in ranks]
     starts = _run_starts(k, *ranks)
