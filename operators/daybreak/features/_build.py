@@ -127,14 +127,17 @@ def read_window_inputs(items: pa.Table, f: FeatureSpec, fs: Any, i: int) -> pa.T
 
 
 def _read_slices(items: pa.Table, fs: Any, wanted: set[str] | None = None) -> list[pa.Table]:
-    """The row groups each item names, with only the `wanted` columns the file has (None: all)."""
+    """The row groups each item names, with only the `wanted` columns the file has (None: all).
+
+    Read on the calling thread: the step's tasks (on the pool, or Ray's) are its parallelism;
+    Arrow's own threads under them only add hand-offs (a third more CPU for a 10k-row slice)."""
     import pyarrow.parquet as pq
 
     out = []
     for item in items.to_pylist():
         pf = pq.ParquetFile(fs.open_input_file(item["path"]))
         cols = None if wanted is None else [c for c in pf.schema_arrow.names if c in wanted]
-        out.append(pf.read_row_groups(item["row_groups"], columns=cols))
+        out.append(pf.read_row_groups(item["row_groups"], columns=cols, use_threads=False))
     return out
 
 
