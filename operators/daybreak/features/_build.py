@@ -825,21 +825,48 @@ class _Pool:
                     self._cv.wait()
                 if self._closed:
                     return
-                _, fn, args, outs = heapq.heappop(self._ready)
-            try:
-                result = fn(*args)
-            except BaseException as e:
-                for o in outs:
-                    o.set_exception(e)
-                continue
-            finally:
-                del args
-            if len(outs) == 1:
-                outs[0].set_result(result)
-            else:
-                for o, r in zip(outs, result, strict=True):
-                    o.set_result(r)
-            del result, outs
+                todo = [heapq.heappop(self._ready)]
+            self._run(todo)
+
+    @staticmethod
+    def _run(todo: list[tuple[int, Any, tuple[Any, ...], list[Future[Any]]]]) -> None:
+        """Run the queued call in `todo`, taken out of it: only this frame holds its arguments,
+        and lets them go before its results wake the calls that wait for them."""
+        _, fn, args, outs = todo.pop()
+        try:
+            result = fn(*args)
+        except BaseException as e:
+            for o in outs:
+                o.set_exception(e)
+            return
+        finally:
+            del args
+        if len(outs) == 1:
+            outs[0].set_result(result)
+        else:
+            for o, r in zip(outs, result, strict=True):
+                o.set_result(r)
+
+    def help_until(self, futures: list[Any]) -> None:
+        """Run queued calls on the calling thread too, until `futures` are done: the caller works
+        instead of sleeping (one thread fewer to wake: on a busy machine each wake-up waits for
+        a CPU)."""
+        waited = [f for f in futures if isinstance(f, Future)]
+
+        def wake(_: Future[Any]) -> None:
+            with self._cv:
+                self._cv.notify_all()
+
+        for f in waited:
+            f.add_done_callback(wake)
+        while True:
+            with self._cv:
+                while not self._ready and not self._closed and not all(f.done() for f in waited):
+                    self._cv.wait()
+                if self._closed or all(f.done() for f in waited):
+                    return
+                todo = [heapq.heappop(self._ready)]
+            self._run(todo)
 
     def close(self) -> None:
         """Drop the calls not started (once the step has its results, or has failed, nothing waits
@@ -854,16 +881,17 @@ class _Pool:
 
 class _Tasks:
     """Where the step's dataflow runs: Ray tasks, or (`in_process`) the same functions on the
-    same arguments in this process: on a pool of `threads` (pyarrow and numpy release the GIL),
-    or, with one thread, as plain calls in submission order. The slicing never depends on
-    where it runs, so each call returns the same thing everywhere, and the output is the same
-    bytes. Plain calls also serve tests that patch a helper of this module (a Ray worker would
+    same arguments in this process: on `threads` threads, the caller's among them (pyarrow and
+    numpy release the GIL), or, with one thread, as plain calls in submission order. The
+    slicing never depends on where it runs, so each call returns the same thing everywhere, and
+    the output is the same bytes. Plain calls also serve tests that patch a helper of this module (a Ray worker would
     not see the patch)."""
 
     def __init__(self, in_process: bool, address: str | None, threads: int = 1) -> None:
         self.in_process = in_process
         self._remote: dict[tuple[Any, int, bool], Any] = {}
-        self._pool = _Pool(threads) if in_process and threads > 1 else None
+        # the caller is one of the threads: it runs calls while it waits for results (``get``)
+        self._pool = _Pool(threads - 1) if in_process and threads > 1 else None
         if not in_process:
             ensure_ray(address)
 
@@ -897,6 +925,8 @@ class _Tasks:
             import ray
 
             return ray.get(refs)
+        if self._pool is not None:
+            self._pool.help_until(refs if isinstance(refs, list) else [refs])
         if isinstance(refs, list):
             return [r.result() if isinstance(r, Future) else r for r in refs]
         return refs.result() if isinstance(refs, Future) else refs
