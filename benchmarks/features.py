@@ -718,8 +718,8 @@ def bench_features(sizes: list[int], repeats: int | list[int] = 2, keep: Path | 
                     if which in DAYBREAK:
                         if r.get("skipped"):
                             raise AssertionError(f"{which} reused a published partition instead of computing it")
-                        extra = f"  [{r['mode']}" + (f", Ray start {r['ray_start_s']:.1f}s" if r["ray_start_s"]
-                                                       else "") + "]"
+                        start = f", Ray start {r['ray_start_s']:.1f}s" if r["ray_start_s"] else ""
+                        extra = f"  [{r['mode']}{start}, spec parsed before the clock in {r['spec_parse_s']:.1f}s]"
                         if k == n_rounds - 1:
                             _daybreak_output(r["uri"], home / f"{which}.parquet", rows)
                             outputs[which] = str(home / f"{which}.parquet")
