@@ -18,6 +18,7 @@ vectorised with ``pyarrow.compute``.
 from __future__ import annotations
 
 import ast
+import functools
 import itertools
 from collections.abc import Callable
 from typing import Any
@@ -225,9 +226,17 @@ def _tree_depth(tree: ast.AST) -> int:
 
 def _parse(expr: str) -> ast.expr:
     """Parse one expression, bounded: its length and nesting are checked before the parser
-    recurses into it, and the parsed tree's depth after."""
+    recurses into it, and the parsed tree's depth after. The tree is shared (cached): read it,
+    never change it."""
     if not isinstance(expr, str):
         raise ExpressionError(f"an expression must be text, not {type(expr).__name__}")
+    return _parse_text(expr)
+
+
+@functools.lru_cache(maxsize=1024)
+def _parse_text(expr: str) -> ast.expr:
+    """``_parse`` of text, once per text: a step evaluates the same few expressions on every slice
+    it reads (a parse and its checks cost about as much as evaluating one on 10k rows)."""
     text = expr.strip()
     if len(text) > MAX_LENGTH:
         raise ExpressionError(f"expression is longer than {MAX_LENGTH} characters ({len(text)})")
