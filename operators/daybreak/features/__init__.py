@@ -1,16 +1,35 @@
 """Step 2, features: staged partitions -> point-in-time correct features, built on Ray.
+
+It also exports the engine's parts (readers, folds, indexes, joins) that daybreak.online computes
+the same features from: one implementation.
 """
 
 from daybreak.features._build import (
     DAY,
     EVENT_TIME,
+    HISTORY_SLICE_ROWS,
+    US,
     FeaturesResult,
+    apply_windows,
+    asof_history,
+    asof_join,
     build_features,
+    build_window_index,
     day_slices,
+    days_back,
+    empty_source,
     feature_zone,
+    fold_tables,
     leak_suspects,
+    lookup_join,
+    prepare_events,
     read_features,
+    read_table,
+    read_window_inputs,
     recorded_lineage,
+    staged_files,
+    staged_inputs,
+    window_inputs,
     write_sorted,
 )
 from daybreak.features._maturity import mature_frame, mature_rows
@@ -18,14 +37,30 @@ from daybreak.features._maturity import mature_frame, mature_rows
 __all__ = [
     "DAY",
     "EVENT_TIME",
+    "HISTORY_SLICE_ROWS",
+    "US",
     "FeaturesResult",
+    "apply_windows",
+    "asof_history",
+    "asof_join",
     "build_features",
+    "build_window_index",
     "day_slices",
+    "days_back",
+    "empty_source",
     "feature_zone",
+    "fold_tables",
     "leak_suspects",
+    "lookup_join",
     "mature_frame",
     "mature_rows",
+    "prepare_events",
     "read_features",
+    "read_table",
+    "read_window_inputs",
     "recorded_lineage",
+    "staged_files",
+    "staged_inputs",
+    "window_inputs",
     "write_sorted",
 ]

@@ -74,7 +74,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 EVENT_TIME = "event_time"
-_US = 1_000_000
+US = 1_000_000
 
 
 def feature_zone(spec: Spec) -> str:
@@ -424,7 +424,7 @@ def _window_features(batch: pa.Table, w: WindowAgg, idx: dict[str, Any], t: np.n
 
     def after(span: timedelta) -> np.ndarray:
         """Where the rows known after t - span begin (the windows' open lower end)."""
-        lo_t = tt - int(span.total_seconds() * _US)
+        lo_t = tt - int(span.total_seconds() * US)
         return np.where(ok, _search(comp, _pack(idx, q, lo_t, strict=False), order), 0)
 
     out = []
@@ -500,7 +500,7 @@ def _aggregates(idx: dict[str, Any], aggs: Sequence[str], lo: np.ndarray,
 
 
 def _delay(text: str) -> pa.Scalar:
-    return pa.scalar(int(parse_duration(text).total_seconds() * _US), pa.duration("us"))
+    return pa.scalar(int(parse_duration(text).total_seconds() * US), pa.duration("us"))
 
 
 def carried_columns(f: FeatureSpec) -> set[str]:
@@ -654,7 +654,7 @@ def asof_join(batch: pa.Table, index: dict[str, Any], by: list[str], tolerance_u
 
 def lookup_join(batch: pa.Table, right: pa.Table, by: list[str], columns: dict[str, str]) -> pa.Table:
     """Left join to a snapshot table; duplicate keys keep the last row so events are never multiplied."""
-    # converted on this thread, as the step's reads are (``_read_table``)
+    # converted on this thread, as the step's reads are (``read_table``)
     rdf = right.select(by + sorted(set(columns.values()))).to_pandas(use_threads=False)
     rdf = rdf.drop_duplicates(subset=by, keep="last")
     rdf = rdf.rename(columns={src: f"__r_{src}" for src in set(columns.values())})
@@ -940,7 +940,7 @@ class _Tasks:
 
 # --- the step ----------------------------------------------------------------------------
 
-def _staged_files(ctx: RunContext, source: str, days: list[date], seen: dict[tuple[str, date], Any] | None = None,
+def staged_files(ctx: RunContext, source: str, days: list[date], seen: dict[tuple[str, date], Any] | None = None,
                   ) -> tuple[list[str], dict[str, str], list[str]]:
     """The staged files of `source` for `days`, their content hashes by day, and the days not
     staged. `seen` keeps the partitions looked up (each is a manifest read), for the next call."""
@@ -962,7 +962,7 @@ def _staged_files(ctx: RunContext, source: str, days: list[date], seen: dict[tup
     return files, hashes, missing
 
 
-def _read_table(files: list[str], fs: Any, columns: list[str] | None = None, threads: bool = True) -> pa.Table:
+def read_table(files: list[str], fs: Any, columns: list[str] | None = None, threads: bool = True) -> pa.Table:
     """The files' rows (`columns` only, if given), in order; with `threads`, decoded on Arrow's
     threads (the feature step reads on its own: its tasks run beside it, and a process that never
     starts Arrow's pool saves its start, ~10 ms of a 100k-row step)."""
@@ -988,12 +988,12 @@ class _Inputs:
     parts: dict[tuple[str, date], Any]  # the staged partitions looked up, by (source, day)
 
 
-def _days_back(day: date, n: int) -> list[date]:
+def days_back(day: date, n: int) -> list[date]:
     """The n days before `day` and `day`, oldest first."""
     return [day - timedelta(days=k) for k in range(n, -1, -1)]
 
 
-def _inputs(spec: Spec, ctx: RunContext) -> _Inputs:
+def staged_inputs(spec: Spec, ctx: RunContext) -> _Inputs:
     """The staged partitions the date's features are made from, and their lineage."""
     f = spec.features
     day = ctx.logical_date
@@ -1001,7 +1001,7 @@ def _inputs(spec: Spec, ctx: RunContext) -> _Inputs:
     if today_part is None:
         raise MissingInputError(f"features: no staged partition of {f.base!r} for {day}; run the stage step first")
     seen: dict[tuple[str, date], Any] = {}
-    base_files, base_hashes, missing = _staged_files(ctx, f.base, _days_back(day, f.lookback_days()), seen)
+    base_files, base_hashes, missing = staged_files(ctx, f.base, days_back(day, f.lookback_days()), seen)
     missing = [d for d in missing if spec.expects(date.fromisoformat(d), f.base)]  # a day with no drop is no gap
     hashes: dict[str, dict[str, str]] = {f.base: base_hashes}
 
@@ -1011,7 +1011,7 @@ def _inputs(spec: Spec, ctx: RunContext) -> _Inputs:
     missing_sources = {f.base: missing} if missing else {}
     window_files: dict[str, list[str]] = {}
     for source in sorted({f.window_source(w) for w in f.windows} - {f.base}):
-        fl, hs, gone = _staged_files(ctx, source, _days_back(day, f.lookback_days(source)), seen)
+        fl, hs, gone = staged_files(ctx, source, days_back(day, f.lookback_days(source)), seen)
         window_files[source] = fl
         add(source, hs)
         gone = [d for d in gone if spec.expects(date.fromisoformat(d), source)]
@@ -1019,7 +1019,7 @@ def _inputs(spec: Spec, ctx: RunContext) -> _Inputs:
             missing_sources[source] = gone
     asof_files = []
     for j in f.asof:
-        fl, hs, _ = _staged_files(ctx, j.source, _days_back(day, j.lookback_days()), seen)
+        fl, hs, _ = staged_files(ctx, j.source, days_back(day, j.lookback_days()), seen)
         asof_files.append(fl)
         add(j.source, hs)
     lookup_files = []
@@ -1042,7 +1042,7 @@ def recorded_lineage(spec: Spec, ctx: RunContext) -> str | None:
     current = ctx.store.partition(feature_zone(spec), ctx.logical_date)
     if current is None:
         return None
-    key = _inputs(spec, ctx).lineage_key
+    key = staged_inputs(spec, ctx).lineage_key
     return key if current.manifest.get("lineage_key") == key else None
 
 
@@ -1071,7 +1071,7 @@ def build_features(spec: Spec, ctx: RunContext, *, in_process: bool | None = Non
     same bytes."""
     f = spec.features
     day = ctx.logical_date
-    inp = _inputs(spec, ctx)
+    inp = staged_inputs(spec, ctx)
     missing, lineage, lineage_key = inp.missing, inp.lineage, inp.lineage_key
     if inp.missing_sources:
         log.warning("features %s: history days not staged %s; windows near them see fewer rows", day,
@@ -1085,7 +1085,7 @@ def build_features(spec: Spec, ctx: RunContext, *, in_process: bool | None = Non
     # The rows read: the base source's look-back, and that of every other windowed source.
     rows_in = sum(inp.parts[(source, d)].manifest["rows"]
                   for source in (f.base, *inp.window_files)
-                  for d in _days_back(day, f.lookback_days(source)) if inp.parts.get((source, d)) is not None)
+                  for d in days_back(day, f.lookback_days(source)) if inp.parts.get((source, d)) is not None)
     if in_process is None:
         choice = choose_compute(ctx.ray_address, ctx.distributed, rows_in)
         in_process = not choice.ray
@@ -1121,7 +1121,7 @@ def _build(spec: Spec, ctx: RunContext, inp: _Inputs, tasks: _Tasks, lineage: di
     for i, w in enumerate(f.windows):
         source = f.window_source(w)
         # Only the days this window needs (a 3h window reads 2 days even beside a 30d one).
-        wanted = set(_staged_files(ctx, source, _days_back(day, w.lookback_days()), inp.parts)[0])
+        wanted = set(staged_files(ctx, source, days_back(day, w.lookback_days()), inp.parts)[0])
         parts = [tasks.call(_on_node, read_window_inputs, [{"path": p, "row_groups": g, "ordinal": o}], f_ref,
                             fs_ref, i, num_returns=2, spread=True)
                  for o, (p, g) in enumerate(slices[source]) if p in wanted]
@@ -1136,13 +1136,13 @@ def _build(spec: Spec, ctx: RunContext, inp: _Inputs, tasks: _Tasks, lineage: di
         del parts, tables  # the tasks hold the slices while they need them; then they go
     joins = []
     for j, files in zip(f.asof, inp.asof_files, strict=True):
-        right = _read_table(files, ctx.store.fs, threads=False) if files else None
-        index = asof_history(right if right is not None else _empty(spec, j.source), j)
+        right = read_table(files, ctx.store.fs, threads=False) if files else None
+        index = asof_history(right if right is not None else empty_source(spec, j.source), j)
         joins.append(("asof", tasks.put(index), {
             "by": j.by, "columns": j.columns, "strict": j.strict,
-            "tolerance_us": int(parse_duration(j.tolerance).total_seconds() * _US)}))
+            "tolerance_us": int(parse_duration(j.tolerance).total_seconds() * US)}))
     for lk, files in zip(f.lookups, inp.lookup_files, strict=True):
-        right = _read_table(files, ctx.store.fs, threads=False).select([*lk.by, *sorted(set(lk.columns.values()))])
+        right = read_table(files, ctx.store.fs, threads=False).select([*lk.by, *sorted(set(lk.columns.values()))])
         joins.append(("lookup", tasks.put(right), {"by": lk.by, "columns": lk.columns}))
     # The day's rows: each slice's task writes its rows, sorted, as a run in the new partition's
     # folder; the runs are then merged in order into the published files. Slices have a fixed
@@ -1182,7 +1182,7 @@ def _build(spec: Spec, ctx: RunContext, inp: _Inputs, tasks: _Tasks, lineage: di
     return _result(spec, part.uri, part.manifest, skipped=False) | {"ray_nodes": sorted(nodes), "compute": "ray"}
 
 
-def _empty(spec: Spec, source: str) -> pa.Table:
+def empty_source(spec: Spec, source: str) -> pa.Table:
     """No rows of `source`, with its contract's columns (an as-of join with nothing staged)."""
     from daybreak.spec import arrow_type
 
@@ -1305,7 +1305,7 @@ def leak_check(spec: Spec, files: list[str], fs: Any) -> dict[str, Any]:
     if mode == "off":
         return {"mode": "off"}
     def read(columns: list[str]) -> pa.Table:
-        return _read_table(files, fs, columns, threads=False)
+        return read_table(files, fs, columns, threads=False)
 
     skipped = set(f.categorical_names()) | past_values(f)
     checked = [n for n in f.feature_names() if n not in skipped]
@@ -1554,7 +1554,7 @@ def read_features(spec: Spec, ctx: RunContext, days: list[date], load: bool = Tr
             continue
         hashes[d.isoformat()] = part.manifest["content_hash"]
         if load:
-            table = _read_table(part.files, ctx.store.fs)
+            table = read_table(part.files, ctx.store.fs)
             if with_day:
                 table = table.append_column(DAY, pa.array([d] * table.num_rows, pa.date32()))
             tables.append(table)
