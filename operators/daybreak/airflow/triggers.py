@@ -5,6 +5,12 @@
 - :class:`LandingFileTrigger`: a source's landing file for a date is in the store (local or S3);
   ``LandingFileSensor`` defers to it.
 
+Neither fires in its first ``settle`` seconds (default :data:`SETTLE`), even when what it waits
+for is there: Airflow 3.3 fails a deferred task whose trigger fires before the scheduler has
+processed the worker's exit from deferring (the resumed attempt is marked failed on a stale
+"success" of the first one: apache/airflow#71580, #72716, fix proposed in #71579). A few seconds
+of a wait that is about a rollout or a file drop keep it clear of that race.
+
 Both poll on the triggerer's event loop (HTTP with ``httpx.AsyncClient``; the store's listing, a
 blocking call, in a thread) and fire one event: ``status`` ``served`` / ``landed`` when the wait is
 over, ``timeout`` (with what was last seen) when their own deadline passed first. Their arguments
@@ -20,6 +26,16 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from airflow.triggers.base import BaseTrigger, TriggerEvent
+
+SETTLE = 20.0
+"""Seconds a trigger waits at least before it fires (see the module docstring)."""
+
+
+async def _settled(start: float, settle: float) -> None:
+    """Sleep until `settle` seconds after `start` (monotonic)."""
+    left = start + settle - time.monotonic()
+    if left > 0:
+        await asyncio.sleep(left)
 
 
 def serves(info: dict[str, Any], want: str, replicas: int | None = None) -> bool:
@@ -42,23 +58,25 @@ class ServedVersionTrigger(BaseTrigger):
         server expects).
     :param poll_interval: seconds between two requests.
     :param timeout: seconds from the first request until a ``timeout`` event.
+    :param settle: seconds before it fires at the earliest (:data:`SETTLE`).
     """
 
     def __init__(self, url: str, version: str, replicas: int | None = None, poll_interval: float = 1.0,
-                 timeout: float = 120.0) -> None:
+                 timeout: float = 120.0, settle: float = SETTLE) -> None:
         super().__init__()
         self.url, self.version, self.replicas = url.rstrip("/"), str(version), replicas
-        self.poll_interval, self.timeout = float(poll_interval), float(timeout)
+        self.poll_interval, self.timeout, self.settle = float(poll_interval), float(timeout), float(settle)
 
     def serialize(self) -> tuple[str, dict[str, Any]]:
         return (f"{type(self).__module__}.{type(self).__name__}",
                 {"url": self.url, "version": self.version, "replicas": self.replicas,
-                 "poll_interval": self.poll_interval, "timeout": self.timeout})
+                 "poll_interval": self.poll_interval, "timeout": self.timeout, "settle": self.settle})
 
     async def run(self) -> AsyncIterator[TriggerEvent]:
         import httpx
 
-        deadline = time.monotonic() + self.timeout
+        start = time.monotonic()
+        deadline = start + max(self.timeout, self.settle)
         info: dict[str, Any] = {}
         error = None
         async with httpx.AsyncClient(timeout=5.0) as client:
@@ -69,6 +87,7 @@ class ServedVersionTrigger(BaseTrigger):
                 except (httpx.HTTPError, ValueError) as e:
                     info, error = {}, f"{type(e).__name__}: {e}"
                 if serves(info, self.version, self.replicas):
+                    await _settled(start, self.settle)
                     yield TriggerEvent({"status": "served", "url": self.url, "version": self.version, "info": info})
                     return
                 if time.monotonic() >= deadline:
@@ -107,21 +126,23 @@ class LandingFileTrigger(BaseTrigger):
     :param poll_interval: seconds between two listings.
     :param timeout: seconds until a ``timeout`` event; None: no deadline of its own (the task's
         deferral timeout ends the wait).
+    :param settle: seconds before it fires at the earliest (:data:`SETTLE`).
     """
 
     def __init__(self, store: str, patterns: list[str], aws_conn_id: str | None = None, poll_interval: float = 30.0,
-                 timeout: float | None = None) -> None:
+                 timeout: float | None = None, settle: float = SETTLE) -> None:
         super().__init__()
         self.store, self.patterns, self.aws_conn_id = store, list(patterns), aws_conn_id
-        self.poll_interval, self.timeout = float(poll_interval), timeout
+        self.poll_interval, self.timeout, self.settle = float(poll_interval), timeout, float(settle)
 
     def serialize(self) -> tuple[str, dict[str, Any]]:
         return (f"{type(self).__module__}.{type(self).__name__}",
                 {"store": self.store, "patterns": self.patterns, "aws_conn_id": self.aws_conn_id,
-                 "poll_interval": self.poll_interval, "timeout": self.timeout})
+                 "poll_interval": self.poll_interval, "timeout": self.timeout, "settle": self.settle})
 
     async def run(self) -> AsyncIterator[TriggerEvent]:
-        deadline = None if self.timeout is None else time.monotonic() + float(self.timeout)
+        start = time.monotonic()
+        deadline = None if self.timeout is None else start + max(float(self.timeout), self.settle)
         found: dict[str, list[str]] = {}
         while True:
             try:
@@ -131,6 +152,7 @@ class LandingFileTrigger(BaseTrigger):
                 error = f"{type(e).__name__}: {e}"
                 self.log.warning("listing the landing files failed, trying again: %s", error)
             if found and all(found.get(p) for p in self.patterns):
+                await _settled(start, self.settle)
                 yield TriggerEvent({"status": "landed", "files": found})
                 return
             if deadline is not None and time.monotonic() >= deadline:
