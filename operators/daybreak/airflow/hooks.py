@@ -39,8 +39,8 @@ def _checked_type(conn: Any, conn_id: str, conn_type: str) -> Any:
     """`conn`, after a deprecation warning when its type is the old name of `conn_type`."""
     old = getattr(conn, "conn_type", None)
     if old in LEGACY_CONN_TYPES and LEGACY_CONN_TYPES[old] == conn_type:
-        message = (f"Airflow Connection {conn_id!r} has the type {old!r}, renamed {conn_type!r} (a bare {old!r} is "
-                   f"another provider's type too); it still works, but set its type to {conn_type!r}")
+        message = (f"Airflow Connection {conn_id!r} has the type {old!r}, renamed {conn_type!r} (daybreak's "
+                   f"Connection types are namespaced); it still works, but set its type to {conn_type!r}")
         warnings.warn(message, ConnectionTypeDeprecationWarning, stacklevel=3)
         log.warning("%s", message)
     return conn
