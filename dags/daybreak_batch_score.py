@@ -3,7 +3,11 @@
 Scheduled on the Asset `daybreak.champion`, which gets an event when `daybreak_daily_retrain`'s
 promote task (or `daybreak_approve`) moves the champion. Such a run has no logical date: it scores
 the date in the event's extra (the date the promoting run processed), else the date the champion
-was trained for. Trigger it by hand with a date to score another day.
+was trained for. Trigger it by hand with a date to score another day. Its predictions are the
+partitioned Asset `daybreak.predictions` (partition key: the date scored).
+
+To score every day's features as they are built, with the champion of the moment, unpause
+`daybreak_partition_score` instead (or as well).
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ from pathlib import Path
 from airflow.sdk import Param, dag
 
 from daybreak.airflow import BatchScoreOperator
-from daybreak.airflow.assets import CHAMPION
+from daybreak.airflow.assets import CHAMPION, PREDICTIONS
 
 DEFAULT_SPEC = os.environ.get("DAYBREAK_SPEC") or str(Path(__file__).resolve().parent.parent / "specs" / "flights.yaml")
 
@@ -37,7 +41,8 @@ DEFAULT_SPEC = os.environ.get("DAYBREAK_SPEC") or str(Path(__file__).resolve().p
     },
 )
 def daybreak_batch_score() -> None:
-    BatchScoreOperator(task_id="score", spec="{{ params.spec }}", logical_date="{{ params.date or '' }}")
+    BatchScoreOperator(task_id="score", spec="{{ params.spec }}", logical_date="{{ params.date or '' }}",
+                       outlets=[PREDICTIONS])
 
 
 daybreak_batch_score()

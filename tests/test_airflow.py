@@ -37,15 +37,19 @@ def _check(env: dict, *args: str) -> dict:
 def test_dagbag_parses_light(airflow_env: dict) -> None:
     out = _check(airflow_env["env"])
     assert out["import_errors"] == {}
-    assert out["dag_ids"] == ["daybreak_approve", "daybreak_batch_score", "daybreak_daily_retrain"]
+    assert out["dag_ids"] == ["daybreak_approve", "daybreak_batch_score", "daybreak_daily_retrain",
+                              "daybreak_partition_score"]
     assert out["heavy_modules_after_parse"] == []
     daily, approve, batch = out["daybreak_daily_retrain"], out["daybreak_approve"], out["daybreak_batch_score"]
-    assert daily["tasks"] == ["stage", "features", "monitor", "train", "gate", "promote", "deploy"]
+    assert daily["tasks"] == ["landing", "stage", "features", "monitor", "train", "gate", "promote", "deploy"]
     assert daily["params"] == ["approve", "date", "dry_run", "force", "spec"]
     assert daily["schedule"] == "@daily"
     assert approve == {"tasks": ["approve"], "params": ["decision", "reason", "spec", "version"], "schedule": "None"}
     assert batch["tasks"] == ["score"] and batch["params"] == ["date", "spec"]
     assert "x-daybreak://champion" in batch["schedule"]
+    partition = out["daybreak_partition_score"]
+    assert partition["tasks"] == ["score"] and partition["params"] == ["spec"]
+    assert "PartitionedAssetTimetable" in partition["schedule"] and "x-daybreak://features" in partition["schedule"]
 
 
 def test_the_dag_factory_builds_the_declared_cycle(airflow_env: dict) -> None:
@@ -58,9 +62,10 @@ def test_the_dag_factory_builds_the_declared_cycle(airflow_env: dict) -> None:
     assert out["user_import_errors"] == {} and out["user_dag_ids"] == ["payments_daily_retrain"], out
     assert out["heavy_modules_after_parse"] == []
     shipped, user = out["shipped"], out["user"]
-    names = [step.name for step in CYCLE]
+    names = ["landing", *(step.name for step in CYCLE)]  # the landing sensor, then the declared steps
     assert shipped["tasks"] == names
     assert shipped["downstream"] == {a: [b] for a, b in pairwise(names)} | {names[-1]: []}
+    assert shipped["operators"]["landing"] == "LandingFileSensor"
     assert shipped["params"]["spec"] == str(SPEC) and user["params"]["spec"] == "specs/payments.yaml"
     assert user == shipped | {"params": shipped["params"] | {"spec": "specs/payments.yaml"}}
 

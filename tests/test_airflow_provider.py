@@ -1,6 +1,7 @@
 """daybreak as an Airflow provider and plugin, against the real Airflow CLI and a real API server.
 
-- ``airflow providers list`` / ``providers hooks`` show daybreak and its two Connection types;
+- ``airflow providers list`` / ``providers hooks`` show daybreak and its two Connection types
+  (``daybreak_mlflow``, ``daybreak_ray``; the old ``mlflow`` / ``ray`` Connections still read);
 - the hooks read real Connections (``AIRFLOW_CONN_*``) and keep the tokens out of logs;
 - ``airflow api-server`` (simple auth manager, SQLite) serves the Models page from the installed
   plugin: no token or a bad one gets 401, a JWT from ``POST /auth/token`` (header or the UI's
@@ -163,10 +164,11 @@ def test_providers_cli_lists_daybreak(airflow_site: dict) -> None:
 
     assert listed["daybreak"]["version"] == version("daybreak")
     hooks = {h["connection_type"]: h for h in out["hooks"]}
-    assert hooks["mlflow"]["class"] == "daybreak.airflow.hooks.MlflowHook"
-    assert hooks["mlflow"]["conn_id_attribute_name"] == "mlflow_conn_id"
-    assert hooks["ray"]["class"] == "daybreak.airflow.hooks.RayHook"
-    assert {hooks[t]["package_name"] for t in ("mlflow", "ray")} == {"daybreak"}
+    assert hooks["daybreak_mlflow"]["class"] == "daybreak.airflow.hooks.MlflowHook"
+    assert hooks["daybreak_mlflow"]["conn_id_attribute_name"] == "mlflow_conn_id"
+    assert hooks["daybreak_ray"]["class"] == "daybreak.airflow.hooks.RayHook"
+    assert {hooks[t]["package_name"] for t in ("daybreak_mlflow", "daybreak_ray")} == {"daybreak"}
+    assert "mlflow" not in hooks or hooks["mlflow"]["package_name"] != "daybreak"  # no longer declared
 
 
 def test_connection_form_metadata_in_the_api(airflow_site: dict) -> None:
@@ -175,7 +177,7 @@ def test_connection_form_metadata_in_the_api(airflow_site: dict) -> None:
                   headers={"Authorization": f"Bearer {_token(airflow_site)}"}, timeout=60)
     assert r.status_code == 200, r.text
     meta = {m["connection_type"]: m for m in r.json()}
-    mlflow, ray = meta["mlflow"], meta["ray"]
+    mlflow, ray = meta["daybreak_mlflow"], meta["daybreak_ray"]
     assert mlflow["hook_name"] == "MLflow (daybreak)"
     assert mlflow["standard_fields"]["host"]["title"] == "Tracking URI"
     assert mlflow["standard_fields"]["host"]["placeholder"] == "http://mlflow.internal:5000"
@@ -187,9 +189,14 @@ def test_connection_form_metadata_in_the_api(airflow_site: dict) -> None:
 
 
 HOOK_SCRIPT = r"""
-import io, json, logging, os
+import io, json, logging, os, warnings
 from daybreak.airflow.hooks import MlflowHook, RayHook, storage_options
 from daybreak.airflow.operators import TrainModelOperator, ray_cluster_address
+
+# after the imports: Airflow routes warnings to its logging (logging.captureWarnings) when it loads
+caught = []
+warnings.simplefilter("always")
+warnings.showwarning = lambda message, category, *args, **kwargs: caught.append(f"{category.__name__}: {message}")
 
 out = {}
 client = MlflowHook("db_mlflow").get_conn()
@@ -210,18 +217,20 @@ op = TrainModelOperator(task_id="t", spec="s.yaml", mlflow_conn_id="remote_mlflo
 out["templated"] = "mlflow_conn_id" in op.template_fields and op.mlflow_conn_id == "remote_mlflow"
 from airflow.sdk._shared.secrets_masker.secrets_masker import redact
 out["redacted"] = [redact(f"token {s} here") for s in ("tok-123-secret", "ray-tok-456", "s3-secret-789")]
+out["warnings"] = [w for w in caught if "ConnectionType" in w]
 print("RESULT " + json.dumps(out))
 """
 
 
 def test_hooks_read_connections(airflow_site: dict) -> None:
     env = {**airflow_site["env"], **{f"AIRFLOW_CONN_{k.upper()}": json.dumps(v) for k, v in {
-        "db_mlflow": {"conn_type": "mlflow", "host": airflow_site["ctx"].tracking_uri},
-        "remote_mlflow": {"conn_type": "mlflow", "host": "https://mlflow.example:5000", "password": "tok-123-secret"},
-        "bare_mlflow": {"conn_type": "mlflow", "host": "mlflow.internal", "port": 5001},
-        "empty_mlflow": {"conn_type": "mlflow"},
-        "my_ray": {"conn_type": "ray", "host": "ray-head", "port": 6380, "password": "ray-tok-456"},
-        "ray_client": {"conn_type": "ray", "host": "ray-head", "schema": "ray"},
+        "db_mlflow": {"conn_type": "daybreak_mlflow", "host": airflow_site["ctx"].tracking_uri},
+        "remote_mlflow": {"conn_type": "daybreak_mlflow", "host": "https://mlflow.example:5000",
+                          "password": "tok-123-secret"},
+        "bare_mlflow": {"conn_type": "mlflow", "host": "mlflow.internal", "port": 5001},  # the old type
+        "empty_mlflow": {"conn_type": "daybreak_mlflow"},
+        "my_ray": {"conn_type": "daybreak_ray", "host": "ray-head", "port": 6380, "password": "ray-tok-456"},
+        "ray_client": {"conn_type": "ray", "host": "ray-head", "schema": "ray"},  # the old type
         "my_s3": {"conn_type": "aws", "login": "AK", "password": "s3-secret-789", "host": "127.0.0.1", "port": 9,
                   "schema": "http"},
     }.items()}}
@@ -244,6 +253,11 @@ def test_hooks_read_connections(airflow_site: dict) -> None:
     assert out["redacted"] == ["token *** here"] * 3
     for secret in ("tok-123-secret", "ray-tok-456", "s3-secret-789"):
         assert secret not in proc.stderr
+    # the two Connections of an old type work, each with a deprecation warning naming the type to set
+    old = out["warnings"]
+    assert len(old) == 2 and all(w.startswith("ConnectionTypeDeprecationWarning: ") for w in old), old
+    assert "'bare_mlflow' has the type 'mlflow', renamed 'daybreak_mlflow'" in old[0], old
+    assert "'ray_client' has the type 'ray', renamed 'daybreak_ray'" in old[1], old
 
 
 def test_models_page_requires_airflow_token(airflow_site: dict) -> None:

@@ -3,6 +3,8 @@
 Each operator maps its (templated) arguments and the task context onto one step call and returns
 the step's small JSON result as its XCom. Nothing heavy is imported until ``execute``.
 ``daily_retrain_dag(spec, dag_id=...)`` builds the daily cycle of a spec as a DAG.
+``LandingFileSensor`` waits (deferred) for a day's landing files; ``DeployModelOperator`` waits for
+the endpoint in the triggerer too (see ``daybreak.airflow.triggers``).
 """
 
 from daybreak.airflow.dags import daily_retrain_dag
@@ -19,6 +21,7 @@ from daybreak.airflow.operators import (
     StageDataOperator,
     TrainModelOperator,
 )
+from daybreak.airflow.sensors import LandingFileSensor
 
 __all__ = [
     "ApproveModelOperator",
@@ -27,6 +30,7 @@ __all__ = [
     "DaybreakStepOperator",
     "DeployModelOperator",
     "EvaluateGateOperator",
+    "LandingFileSensor",
     "MonitorModelOperator",
     "PromoteModelOperator",
     "ReplayGateOperator",

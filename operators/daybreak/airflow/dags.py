@@ -30,8 +30,9 @@ from daybreak.steps import CYCLE
 if TYPE_CHECKING:  # at run time imported when a DAG is built: Airflow loads daybreak.airflow while it configures
     from airflow.sdk import DAG, Param
 
-DOC = """daybreak daily retrain: stage -> features -> monitor -> train -> gate -> promote -> deploy.
+DOC = """daybreak daily retrain: landing -> stage -> features -> monitor -> train -> gate -> promote -> deploy.
 
+`landing` waits (deferred, in the triggerer) for the day's landing files.
 The gate decides: promote runs only after PROMOTE, deploy only when the champion moved. Params form:
 **spec**, **date** (instead of the run's logical date), **force retrain**, **dry run** (promote says what
 it would do; nothing is promoted or deployed), **approve pending version** (under
@@ -75,10 +76,18 @@ def params(spec: str) -> dict[str, Param]:
     }
 
 
+LANDING_TASK = "landing"
+
+
 def daily_retrain_dag(spec: str, *, dag_id: str = "daybreak_daily_retrain", schedule: Any = "@daily",
-                      start_date: datetime | None = None, **dag_kwargs: Any) -> DAG:
+                      start_date: datetime | None = None, wait_for_landing: bool = True,
+                      landing_timeout: timedelta = timedelta(hours=5), **dag_kwargs: Any) -> DAG:
     """The daily cycle of `spec` (path or s3:// URI; the default of the form's spec) as a DAG: one
     task per step of ``daybreak.steps.CYCLE``, task id = step name, in that order.
+
+    With `wait_for_landing` (the default) a ``landing`` task (``LandingFileSensor``, deferrable)
+    comes first: it waits up to `landing_timeout` for the day's landing files, checking every
+    minute in the triggerer, so a late drop delays the run instead of failing its stage task.
 
     One date at a time, in order (a day trains on the days before it), no catchup; transient
     failures retry (2 times, backing off from 2 minutes), a bad spec or bad data fails at once.
@@ -99,7 +108,13 @@ def daily_retrain_dag(spec: str, *, dag_id: str = "daybreak_daily_retrain", sche
     operators = _operators()
     common = {"spec": "{{ params.spec }}", "logical_date": "{{ params.date or '' }}"}
     with DAG(dag_id, schedule=schedule, start_date=start_date, **settings) as dag:
-        tasks = []
+        tasks: list[Any] = []
+        if wait_for_landing:
+            from daybreak.airflow.sensors import LandingFileSensor
+
+            tasks.append(LandingFileSensor(task_id=LANDING_TASK, spec=common["spec"],
+                                           logical_date=common["logical_date"], poke_interval=60,
+                                           timeout=landing_timeout, execution_timeout=None, retries=0))
         for step in CYCLE:
             operator, options = operators[step.name]
             tasks.append(operator(task_id=step.name, **options, **common))

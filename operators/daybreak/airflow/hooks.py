@@ -5,17 +5,45 @@ never in DAG files or XComs. A hook resolves a Connection into what a step needs
 a Ray address, S3 settings. Tokens go to the process environment that the MLflow and Ray clients
 read and are registered with Airflow's secrets masker so task logs show ``***`` instead.
 
-The Connection types ``mlflow`` and ``ray`` (form fields, labels, placeholders) are declared in
-:mod:`daybreak.airflow.provider`; the ``get_ui_field_behaviour`` / ``get_connection_form_widgets``
-methods below only serve Airflow versions before 3.2, which read them from the hook.
+The Connection types ``daybreak_mlflow`` and ``daybreak_ray`` (form fields, labels, placeholders)
+are declared in :mod:`daybreak.airflow.provider`; the ``get_ui_field_behaviour`` /
+``get_connection_form_widgets`` methods below only serve Airflow versions before 3.2, which read
+them from the hook. A Connection of the old type ``mlflow`` or ``ray`` still works, with a
+:class:`ConnectionTypeDeprecationWarning` (and a warning in the task log) saying which type to set.
+
+S3 credentials (:func:`storage_options`) come from the Amazon provider's ``AwsBaseHook`` when
+``apache-airflow-providers-amazon`` is installed and the Connection is of type ``aws``: its roles,
+``role_arn`` assume-role, web identity and profiles all work. Otherwise the Connection's fields are
+read as they are (login = access key, password = secret key).
 """
 
 from __future__ import annotations
 
+import logging
 import os
+import warnings
 from typing import Any
 
 from airflow.sdk import BaseHook
+
+from daybreak.airflow.provider import LEGACY_CONN_TYPES, MLFLOW_CONN_TYPE, RAY_CONN_TYPE
+
+log = logging.getLogger(__name__)
+
+
+class ConnectionTypeDeprecationWarning(DeprecationWarning):
+    """A Connection saved with a type from before the types were namespaced (``mlflow``, ``ray``)."""
+
+
+def _checked_type(conn: Any, conn_id: str, conn_type: str) -> Any:
+    """`conn`, after a deprecation warning when its type is the old name of `conn_type`."""
+    old = getattr(conn, "conn_type", None)
+    if old in LEGACY_CONN_TYPES and LEGACY_CONN_TYPES[old] == conn_type:
+        message = (f"Airflow Connection {conn_id!r} has the type {old!r}, renamed {conn_type!r} (daybreak's "
+                   f"Connection types are namespaced); it still works, but set its type to {conn_type!r}")
+        warnings.warn(message, ConnectionTypeDeprecationWarning, stacklevel=3)
+        log.warning("%s", message)
+    return conn
 
 
 def _mask(secret: str | None) -> None:
@@ -30,10 +58,14 @@ def _mask(secret: str | None) -> None:
 
 
 def _extra(conn: Any, conn_type: str, key: str) -> Any:
-    """An extra field as the form saves it (``key``, or ``extra__<type>__key`` from older UIs)."""
+    """An extra field as the form saves it (``key``, or ``extra__<type>__key`` from older UIs,
+    with the type's old name too)."""
     extra = conn.extra_dejson or {}
     value = extra.get(key)
-    return value if value not in (None, "") else extra.get(f"extra__{conn_type}__{key}") or None
+    if value not in (None, ""):
+        return value
+    old = [t for t, new in LEGACY_CONN_TYPES.items() if new == conn_type]
+    return next((extra[k] for t in (conn_type, *old) if (k := f"extra__{t}__{key}") in extra and extra[k]), None)
 
 
 def _ui_field_behaviour(cls: type[Any]) -> dict[str, Any]:
@@ -63,16 +95,23 @@ class MlflowHook(BaseHook):
 
     conn_name_attr = "mlflow_conn_id"
     default_conn_name = "mlflow_default"
-    conn_type = "mlflow"
+    conn_type = MLFLOW_CONN_TYPE
     hook_name = "MLflow (daybreak)"
 
     def __init__(self, mlflow_conn_id: str = default_conn_name, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.mlflow_conn_id = mlflow_conn_id
+        self._conn: Any = None
+
+    def connection(self) -> Any:
+        """The Connection (read once per hook; warns about an old ``mlflow`` type)."""
+        if self._conn is None:
+            self._conn = _checked_type(self.get_connection(self.mlflow_conn_id), self.mlflow_conn_id, self.conn_type)
+        return self._conn
 
     def tracking_uri(self) -> str:
         """The tracking URI the Connection names (no credentials in it)."""
-        conn = self.get_connection(self.mlflow_conn_id)
+        conn = self.connection()
         uri = _extra(conn, self.conn_type, "tracking_uri") or conn.host
         if not uri:
             raise ValueError(f"Airflow Connection {self.mlflow_conn_id!r} has no host (the MLflow tracking URI) "
@@ -85,7 +124,7 @@ class MlflowHook(BaseHook):
         """The environment variables the MLflow client reads for this Connection's credentials."""
         from daybreak.infra.registry import credential_env
 
-        conn = self.get_connection(self.mlflow_conn_id)
+        conn = self.connection()
         return credential_env(username=conn.login, password=conn.password,
                               insecure_tls=_extra(conn, self.conn_type, "insecure_tls"))
 
@@ -130,15 +169,22 @@ class RayHook(BaseHook):
 
     conn_name_attr = "ray_conn_id"
     default_conn_name = "ray_default"
-    conn_type = "ray"
+    conn_type = RAY_CONN_TYPE
     hook_name = "Ray cluster (daybreak)"
 
     def __init__(self, ray_conn_id: str = default_conn_name, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.ray_conn_id = ray_conn_id
+        self._conn: Any = None
+
+    def connection(self) -> Any:
+        """The Connection (read once per hook; warns about an old ``ray`` type)."""
+        if self._conn is None:
+            self._conn = _checked_type(self.get_connection(self.ray_conn_id), self.ray_conn_id, self.conn_type)
+        return self._conn
 
     def address(self) -> str:
-        conn = self.get_connection(self.ray_conn_id)
+        conn = self.connection()
         if address := _extra(conn, self.conn_type, "address"):
             return str(address)
         if not conn.host:
@@ -149,7 +195,7 @@ class RayHook(BaseHook):
         return f"{conn.host}:{conn.port or 6379}"
 
     def token(self) -> str | None:
-        return self.get_connection(self.ray_conn_id).password or None
+        return self.connection().password or None
 
     def get_conn(self) -> str:
         """The cluster address; the auth token, if any, is exported for this process (Ray reads
@@ -192,10 +238,26 @@ def ray_cluster_address(conn_id: str | None) -> str | None:
     return RayHook(conn_id).get_conn() if conn_id else None
 
 
+def _aws_base_hook() -> Any:
+    """The Amazon provider's ``AwsBaseHook`` class, or None without the provider."""
+    try:
+        from airflow.providers.amazon.aws.hooks.base_aws import AwsBaseHook
+    except ImportError:
+        return None
+    return AwsBaseHook
+
+
 def storage_options(conn_id: str | None) -> Any:
-    """S3 settings from an Airflow Connection (type ``aws`` or generic: login = access key,
-    password = secret key, extra ``endpoint_url`` / ``region_name`` / ``aws_session_token``,
-    or host/port/schema for the endpoint); None: from the environment."""
+    """S3 settings from an Airflow Connection; None: from the environment.
+
+    A Connection of type ``aws`` with the Amazon provider installed: the credentials are what its
+    ``AwsBaseHook`` resolves (keys, ``role_arn`` assume-role, web identity, a profile, or the
+    instance's role), the endpoint its ``endpoint_url`` (or ``service_config.s3.endpoint_url``),
+    the region its ``region_name``. Temporary credentials are fetched once per task: they last an
+    assume-role session (an hour by default), longer than a step.
+    Otherwise (generic, or no provider): login = access key, password = secret key, extra
+    ``endpoint_url`` / ``region_name`` / ``aws_session_token``. Either way host/port/schema name
+    the endpoint when no ``endpoint_url`` is given."""
     if not conn_id:
         return None
     from daybreak.infra.store import StorageOptions
@@ -204,6 +266,20 @@ def storage_options(conn_id: str | None) -> Any:
     extra = conn.extra_dejson or {}
     endpoint = extra.get("endpoint_url") or (
         f"{conn.schema or 'https'}://{conn.host}" + (f":{conn.port}" if conn.port else "") if conn.host else None)
+    aws_hook = _aws_base_hook() if conn.conn_type == "aws" else None
+    if aws_hook is not None:
+        hook = aws_hook(aws_conn_id=conn_id, client_type="s3")
+        try:
+            creds = hook.get_credentials()
+        except AttributeError:  # no credentials anywhere in boto3's chain: unsigned, as pyarrow would
+            access = secret = token = None
+        else:
+            access, secret, token = creds.access_key, creds.secret_key, creds.token
+        for secret_value in (secret, token):
+            _mask(secret_value)
+        return StorageOptions(endpoint_url=hook.conn_config.get_service_endpoint_url("s3") or endpoint,
+                              region=hook.conn_config.region_name or extra.get("region"),
+                              access_key=access or None, secret_key=secret or None, session_token=token or None)
     _mask(conn.password)
     _mask(extra.get("aws_session_token"))
     return StorageOptions(endpoint_url=endpoint, region=extra.get("region_name") or extra.get("region"),

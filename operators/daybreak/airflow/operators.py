@@ -29,6 +29,35 @@ def mlflow_tracking_uri(conn_id: str | None) -> str | None:
     return from_connection(conn_id)
 
 
+def default_deferrable() -> bool:
+    """What ``deferrable=None`` means: True (wait in the triggerer, free the worker slot), unless
+    the deployment turns deferral off by environment, ``AIRFLOW__OPERATORS__DEFAULT_DEFERRABLE``
+    (or its ``_CMD`` / ``_SECRET`` forms) false, as Airflow's own deferrable operators read
+    ``operators.default_deferrable``. Airflow writes that option's default (false) into every
+    airflow.cfg it generates, so a false there is not read as a choice; true there is True anyway."""
+    import os
+
+    if not any(os.environ.get(f"AIRFLOW__OPERATORS__DEFAULT_DEFERRABLE{suffix}") for suffix in ("", "_CMD", "_SECRET")):
+        return True
+    from airflow.sdk.configuration import conf
+
+    return conf.getboolean("operators", "default_deferrable", fallback=True)
+
+
+def partition_date(context: Any) -> Any:
+    """The run's partition key when it is a date (``YYYY-MM-DD``, or a datetime key such as
+    ``CronPartitionTimetable``'s), else None: a partitioned run processes its partition's date."""
+    from daybreak.infra.context import parse_date
+
+    key = context.get("partition_key") or getattr(context.get("dag_run"), "partition_key", None)
+    if not key or not isinstance(key, str):
+        return None
+    try:
+        return parse_date(key[:10])
+    except ValueError:
+        return None
+
+
 # Executors that run every task on the scheduler's machine; any other (Celery, Kubernetes, Edge,
 # ECS, ...) may run the next task elsewhere, so local paths cannot carry data between tasks.
 LOCAL_EXECUTORS = ("LocalExecutor", "SequentialExecutor", "DebugExecutor")
@@ -48,8 +77,9 @@ class DaybreakStepOperator(BaseOperator):
     """Run one daybreak step for a logical date.
 
     :param spec: path to the pipeline spec (templated).
-    :param logical_date: date to process, YYYY-MM-DD (templated). Empty: the run's logical date,
-        or its run-after date for runs without one (asset-triggered).
+    :param logical_date: date to process, YYYY-MM-DD (templated). Empty: the run's partition key
+        when it is a date (a partitioned run: ``PartitionedAssetTimetable``, ``CronPartitionTimetable``),
+        else its logical date, or its run-after date for runs without one (asset-triggered).
     :param store: store root; default ``$DAYBREAK_STORE`` / ``$DAYBREAK_HOME/store``.
     :param tracking_uri: MLflow tracking URI; default ``$MLFLOW_TRACKING_URI``.
     :param ray_address: Ray cluster address; default ``$RAY_ADDRESS`` or a local Ray.
@@ -98,12 +128,10 @@ class DaybreakStepOperator(BaseOperator):
         from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
 
         from daybreak.infra.errors import is_retryable
-        from daybreak.steps import is_expected, resolve_date, run_step
+        from daybreak.steps import is_expected, run_step
 
-        dag_run = context.get("dag_run")
         try:
-            day = resolve_date(self.logical_date, context.get("logical_date"), *self.fallback_dates(context),
-                               getattr(dag_run, "run_after", None))
+            day = self.resolve_day(context)
             result = run_step(step, self.spec, day, run_id=context.get("run_id"), store=self.store,
                               tracking_uri=self.tracking_uri or mlflow_tracking_uri(self.mlflow_conn_id),
                               ray_address=self.ray_address or ray_cluster_address(self.ray_conn_id),
@@ -119,9 +147,28 @@ class DaybreakStepOperator(BaseOperator):
             raise AirflowSkipException(f"{step}: {result.get('reason')}")
         return result
 
+    def resolve_day(self, context: Any) -> Any:
+        """The date this task processes: the explicit one, the run's partition (a date), its
+        logical date, the operator's fallbacks, its run-after time."""
+        from daybreak.steps import resolve_date
+
+        return resolve_date(self.logical_date, partition_date(context), context.get("logical_date"),
+                            *self.fallback_dates(context), getattr(context.get("dag_run"), "run_after", None))
+
+    def spec_and_context(self, context: Any) -> tuple[Any, Any]:
+        """The spec and the run context of this task's date (as the step gets them), for the
+        checks a deferrable task makes before it defers."""
+        from daybreak.steps import spec_and_context
+
+        return spec_and_context(self.spec, self.resolve_day(context), run_id=context.get("run_id"), store=self.store,
+                                tracking_uri=self.tracking_uri or mlflow_tracking_uri(self.mlflow_conn_id),
+                                storage=storage_options(self.aws_conn_id))
+
     def emit_asset_events(self, context: Any, result: dict[str, Any]) -> None:
-        """Which date and how much on each outlet Asset's event; through an AssetAlias outlet
-        (promote, approve) a ``champion_asset`` event only when the champion moved."""
+        """Which date and how much on each outlet Asset's event, the date being the event's
+        partition key too (Airflow 3.2+: a ``PartitionedAssetTimetable`` DAG runs for that date);
+        through an AssetAlias outlet (promote, approve) a ``champion_asset`` event only when the
+        champion moved."""
         from airflow.sdk import AssetAlias
 
         for outlet in self.outlets or []:
@@ -132,8 +179,11 @@ class DaybreakStepOperator(BaseOperator):
                         "version": result.get("champion_version"), "previous_version": result.get("previous_version"),
                         "date": result.get("date"), "step": self.step})
             else:
-                context["outlet_events"][outlet].extra = {"date": result.get("date"), "step": self.step,
-                                                          "rows": result.get("rows")}
+                event = context["outlet_events"][outlet]
+                event.extra = {"date": result.get("date"), "step": self.step, "rows": result.get("rows")} | (
+                    {"model_version": result["model_version"]} if result.get("model_version") else {})
+                if result.get("date") and hasattr(event, "add_partitions"):  # Airflow 3.2+
+                    event.add_partitions(str(result["date"]))
 
 
 class StageDataOperator(DaybreakStepOperator):
@@ -355,26 +405,53 @@ class ApproveModelOperator(DaybreakStepOperator):
         return {"version": self.version, "reason": self.reason, "decision": self.decision, "by": user or None}
 
 
+class DeployWaitTimeout(Exception):
+    """The endpoint did not report the champion before the deploy's deadline (the task retries)."""
+
+
 class DeployModelOperator(DaybreakStepOperator):
     """Wait for the serving endpoint to serve the champion and check parity.
 
+    Deferrable (the default): the task asks the endpoint to check the alias now (``POST
+    /refresh``) and, unless it already serves the champion, defers: the wait runs in Airflow's
+    triggerer (:class:`~daybreak.airflow.triggers.ServedVersionTrigger` polls ``GET /version``),
+    the worker slot and the pool slot are free meanwhile. Once the endpoint reports the champion
+    the task resumes on a worker and runs the deploy step, which checks parity at once. Without an
+    endpoint, or without a champion, there is nothing to wait for: the step runs and says so.
+
     :param serve_url: endpoint; default ``$DAYBREAK_SERVE_URL`` or the spec's serving host/port.
     :param require_endpoint: fail when no endpoint answers (default: report and succeed).
+    :param deferrable: wait in the triggerer; None: True unless
+        ``AIRFLOW__OPERATORS__DEFAULT_DEFERRABLE`` is false (:func:`default_deferrable`). False:
+        the step waits in the worker, as before.
+    :param poll_interval: seconds between two ``/version`` requests of the trigger.
+    :param wait_timeout: seconds to wait for the endpoint; default the step's own
+        (3 x ``serving.poll_seconds`` + 60). Past it the task fails and retries.
+    :param replicas: a replicated server: how many replicas must serve the champion (default: as
+        many as it was started with).
     """
 
     step = "deploy"
     template_fields: Sequence[str] = (*DaybreakStepOperator.template_fields, "serve_url", "dry_run")
 
     def __init__(self, *, serve_url: str | None = None, require_endpoint: bool = False, dry_run: bool | str = False,
-                 **kwargs: Any) -> None:
+                 deferrable: bool | None = None, poll_interval: float = 1.0, wait_timeout: float | None = None,
+                 replicas: int | None = None, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.serve_url = serve_url
         self.require_endpoint = require_endpoint
         # the templated parameter shadows BaseOperator.dry_run(), a debugging helper Airflow never calls
         self.dry_run = dry_run  # type: ignore[method-assign,assignment]
+        self.deferrable = default_deferrable() if deferrable is None else deferrable
+        self.poll_interval = poll_interval
+        self.wait_timeout = wait_timeout
+        self.replicas = replicas
 
     def step_options(self, context: Any) -> dict[str, Any]:
-        return {"url": self.serve_url or None, "require_endpoint": self.require_endpoint}
+        options: dict[str, Any] = {"url": self.serve_url or None, "require_endpoint": self.require_endpoint}
+        if self.replicas:
+            options["replicas"] = self.replicas
+        return options
 
     def execute(self, context: Any) -> dict[str, Any]:
         from airflow.sdk.exceptions import AirflowSkipException
@@ -382,18 +459,90 @@ class DeployModelOperator(DaybreakStepOperator):
         if flag(self.dry_run):
             raise AirflowSkipException(f"dry run: would wait for {self.serve_url or 'the endpoint'} to serve the "
                                        "champion and check parity")
+        if self.deferrable:
+            try:
+                wait = self.wait_for(context)
+            except Exception as e:  # the step makes the same calls and says (and classifies) what fails
+                self.log.warning("deploy: could not tell whether to wait in the triggerer (%s: %s); running the step",
+                                 type(e).__name__, e)
+                wait = None
+            if wait is not None:
+                from datetime import timedelta
+
+                from daybreak.airflow.triggers import ServedVersionTrigger
+
+                self.log.info("deploy: %s does not serve champion v%s yet; waiting in the triggerer (up to %.0f s)",
+                              wait["url"], wait["version"], wait["timeout"])
+                self.defer(trigger=ServedVersionTrigger(url=wait["url"], version=wait["version"],
+                                                        replicas=self.replicas, poll_interval=self.poll_interval,
+                                                        timeout=wait["timeout"]),
+                           method_name="execute_complete", timeout=timedelta(seconds=wait["timeout"] + 120))
         return super().execute(context)
+
+    def execute_complete(self, context: Any, event: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Back from the triggerer: the endpoint serves the champion (run the step: parity), or
+        the wait timed out (fail; the task retries)."""
+        event = event or {}
+        if event.get("status") != "served":
+            info = event.get("info") or {}
+            seen = info.get("committed", info.get("version")) if info else event.get("error")
+            raise DeployWaitTimeout(f"endpoint {event.get('url')} did not serve champion v{event.get('version')} in "
+                                    f"time (last seen: {seen}; replicas: {info.get('replicas')})")
+        self.log.info("deploy: %s serves champion v%s; checking parity", event.get("url"), event.get("version"))
+        return super().execute(context)
+
+    def wait_for(self, context: Any) -> dict[str, Any] | None:
+        """What to wait for (url, version, timeout), or None when there is nothing to wait for:
+        no champion, no endpoint (the step reports it, or fails with ``require_endpoint``), or the
+        endpoint serves the champion already."""
+        import os
+
+        import httpx
+
+        from daybreak.airflow.triggers import serves
+        from daybreak.infra import registry
+
+        spec, ctx = self.spec_and_context(context)
+        registry.setup_tracking(ctx, spec.name)
+        champ = registry.alias_version(registry.client(ctx), spec.model.name, spec.promotion.alias)
+        if champ is None:
+            return None
+        url = (self.serve_url or os.environ.get("DAYBREAK_SERVE_URL")
+               or f"http://{spec.serving.host}:{spec.serving.port}").rstrip("/")
+        want = str(champ.version)
+        token = os.environ.get("DAYBREAK_SERVE_TOKEN")
+        try:
+            httpx.get(f"{url}/ping", timeout=2.0)
+            # ask for a check now (best effort: the step says why when it is refused); then look
+            httpx.post(f"{url}/refresh", headers={"Authorization": f"Bearer {token}"} if token else None,
+                       timeout=30.0)
+            info = httpx.get(f"{url}/version", timeout=5.0).json()
+        except (httpx.HTTPError, ValueError):
+            return None
+        if isinstance(info, dict) and serves(info, want, self.replicas):
+            return None
+        timeout = self.wait_timeout if self.wait_timeout is not None else 3 * spec.serving.poll_seconds + 60
+        return {"url": url, "version": want, "timeout": float(timeout)}
 
 
 class BatchScoreOperator(DaybreakStepOperator):
     """Score the date's feature partition with the champion on Ray; publish the predictions.
 
-    Without ``logical_date``, in a run that has none (asset-triggered), the date is the ``date``
-    in the extra of the newest triggering asset event (a ``champion_asset`` event carries the date
-    the promoting run processed), else the date the champion was trained for.
+    Without ``logical_date``: in a partitioned run (``daybreak_partition_score``, scheduled on the
+    partitioned ``daybreak.features`` Asset) the partition's date; in a run that has neither
+    (asset-triggered on the champion) the ``date`` in the extra of the newest triggering asset
+    event (a ``champion_asset`` event carries the date the promoting run processed), else the date
+    the champion was trained for. An outlet Asset gets an event for the date (its partition key).
+
+    :param skip_without_champion: skip (rather than fail) when there is no champion to score with
+        yet (the first days of a new pipeline, scored as their features are built).
     """
 
     step = "batch_score"
+
+    def __init__(self, *, skip_without_champion: bool = False, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.skip_without_champion = skip_without_champion
 
     def fallback_dates(self, context: Any) -> list[Any]:
         events = [e for evs in (context.get("triggering_asset_events") or {}).values() for e in evs
@@ -405,10 +554,24 @@ class BatchScoreOperator(DaybreakStepOperator):
         from daybreak.steps import resolve_date
 
         try:
-            resolve_date(self.logical_date, context.get("logical_date"), *self.fallback_dates(context))
+            resolve_date(self.logical_date, partition_date(context), context.get("logical_date"),
+                         *self.fallback_dates(context))
             return {}
         except ValueError:  # no date anywhere: the run-after date is a placeholder, the champion's date wins
             return {"champion_date": True}
+
+    def execute(self, context: Any) -> dict[str, Any]:
+        if self.skip_without_champion:
+            from airflow.sdk.exceptions import AirflowSkipException
+
+            from daybreak.infra import registry
+
+            spec, ctx = self.spec_and_context(context)
+            registry.setup_tracking(ctx, spec.name)
+            if registry.alias_version(registry.client(ctx), spec.model.name, spec.promotion.alias) is None:
+                raise AirflowSkipException(f"batch_score {ctx.logical_date}: {spec.model.name} has no "
+                                           f"{spec.promotion.alias!r} to score with yet")
+        return super().execute(context)
 
 
 class ReplayGateOperator(DaybreakStepOperator):
