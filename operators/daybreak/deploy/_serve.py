@@ -1886,11 +1886,18 @@ class Invocations:
 
     async def _events(self, scope: dict, receive: Callable, send: Callable) -> None:
         request_id = _request_id(scope)
+        read = [False]  # the whole body was read
+
+        async def receive_tracked() -> dict:
+            message = await receive()
+            read[0] = message["type"] != "http.request" or not message.get("more_body", False)
+            return message
+
         if scope["method"] != "POST":
             status, payload = error(405, "use POST")
         else:
             try:
-                status, payload = await self.answer_events(scope, receive, request_id)
+                status, payload = await self.answer_events(scope, receive_tracked, request_id)
             except Exception:
                 log.exception("request %s failed", request_id)
                 status, payload = error(500, f"internal error; the server log has the details (request id "
@@ -1901,6 +1908,8 @@ class Invocations:
             headers.append((b"retry-after", b"1"))
         if status == 405:
             headers.append((b"allow", b"POST"))
+        if not read[0]:  # refused before its body was read: never parse that as a request
+            headers.append((b"connection", b"close"))
         self.metrics.request("/events", status)  # metrics
         await send({"type": "http.response.start", "status": status, "headers": headers})
         await send({"type": "http.response.body", "body": payload})
