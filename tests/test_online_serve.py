@@ -273,3 +273,26 @@ def test_without_state_or_token(cycled: dict, spec, tmp_path: Path, monkeypatch:
         assert health["online"]["materialized_date"] is None
         assert _gauge(c.get("/metrics").text, "daybreak_online_state") == 0
     assert not (home / "online").exists()  # looking does not create the embedded store
+
+
+def test_stale_state_blocks_rows(cycled: dict, spec, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With the default bound (1d), 2013's state is stale against today's clock: every row is
+    blocked, saying so, never predicted from old state."""
+    from fastapi.testclient import TestClient
+
+    from daybreak.deploy._serve import create_app
+
+    home = _copy_home(cycled, tmp_path)
+    monkeypatch.setenv("DAYBREAK_HOME", str(home))
+    monkeypatch.delenv("DAYBREAK_ONLINE_URL", raising=False)
+    monkeypatch.delenv("DAYBREAK_ONLINE_MAX_STALENESS", raising=False)
+    store = open_store(None, spec.features.name, home=home)
+    materialize(spec, RunContext.create(MATERIALIZED), store)
+    store.close()
+    raw = {"inputs": _raw(_staged(home, "flights", DAY, monkeypatch))[:2]}
+    with TestClient(create_app(spec, RunContext.create(DAY))) as c:
+        r = c.post("/invocations?raw=1", json=raw)
+        assert r.status_code == 422, r.text[:300]
+        assert [b["row"] for b in r.json()["blocked"]] == [0, 1]
+        assert all("stale" in " ".join(b["reasons"]) for b in r.json()["blocked"])
+        assert c.get("/health").json()["online"]["materialized_date"] == MATERIALIZED.isoformat()
