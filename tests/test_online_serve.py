@@ -175,6 +175,7 @@ def test_raw_rows_predict_as_batch_scoring(online: dict, spec, monkeypatch: pyte
         datetime.fromisoformat(health["newest_event"]).timestamp()
     assert "daybreak_online_newest_event_age_seconds " in metrics
     assert 'daybreak_requests_total{code="200",path="/events"} 2.0' in metrics
+    assert _gauge(metrics, 'daybreak_online_rows_total{outcome="predicted"}') >= len(rows)
 
     # the prediction log holds what the model saw: the computed features, with the identities
     until(lambda: httpx.get(f"{url}/health", headers=AUTH, timeout=10).json()["prediction_log"]["written_rows"]
@@ -221,6 +222,8 @@ def test_blocked_rows_carry_reasons(online: dict, spec, monkeypatch: pytest.Monk
     reasons = {b["row"]: " ".join(b["reasons"]) for b in body["blocked"]}
     assert set(reasons) == {1, 2}
     assert "no event time" in reasons[1] and "horizon" in reasons[2]
+    metrics = httpx.get(f"{url}/metrics", headers=AUTH, timeout=10).text
+    assert _gauge(metrics, 'daybreak_online_rows_total{outcome="blocked"}') >= 2
 
     # nothing to predict: 422 in MLflow's format, naming the rows and why
     r = httpx.post(f"{url}/invocations?raw=1", json={"inputs": [no_time]}, headers=AUTH, timeout=30)

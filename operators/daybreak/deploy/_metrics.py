@@ -140,6 +140,7 @@ class ServerMetrics:
         self.model, self.alias, self.holder, self.plog = model, alias, holder, plog
         self.batcher: QueueView | None = None  # set once the batcher runs (queued rows)
         self.online: OnlineView | None = None  # set when the server has an online store
+        self.raw_rows = {"predicted": 0, "blocked": 0}  # rows of POST /invocations?raw=1 by outcome
         self.begun = 0  # /invocations requests begun; those answered are in `codes`
         self.gone = 0  # of those begun, the ones that ended without an answer (cancelled)
         self.codes: dict[int, int] = {200: 0}  # /invocations answers by status
@@ -179,6 +180,11 @@ class ServerMetrics:
         h = self.request_rows
         h.counts[bisect_left(h.bounds, n)] += 1
         h.sum += n
+
+    def raw(self, predicted: int, blocked: int) -> None:
+        """A raw-row request's rows: those given features (and predicted), those blocked."""
+        self.raw_rows["predicted"] += predicted
+        self.raw_rows["blocked"] += blocked
 
     def batch(self, rows: int, seconds: float) -> None:
         """One predict batch: its rows and the seconds from hand-off to the predict thread until
@@ -271,6 +277,12 @@ class ServerCollector(Collector):
                                     "Share of requests written to the prediction log (0: no log).", value=0)
         if m.online is not None:
             yield from self._online(m.online.last)
+            raw = CounterMetricFamily("daybreak_online_rows", "Rows of raw-row requests (POST /invocations?raw=1) "
+                                      "by outcome: predicted, or blocked (no features: stale state, no event "
+                                      "time, a missing column).", labels=["outcome"])
+            for outcome, n in sorted(m.raw_rows.items()):
+                raw.add_metric([outcome], n)
+            yield raw
 
     @staticmethod
     def _online(last: dict[str, Any]) -> Iterator[Metric]:

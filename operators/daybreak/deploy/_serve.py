@@ -1839,6 +1839,7 @@ class Invocations:
             return *error(e.status, e.message), None
         except Exception:
             return *_internal(request_id), None
+        self.metrics.raw(len(got.predicted), len(got.blocked))  # metrics
         if not len(got.predicted):
             from daybreak.online import blocked_message
 
