@@ -22,6 +22,12 @@ scrape config. ``DAYBREAK_METRICS_PUBLIC=1`` serves it without (a scraper on a p
 that cannot hold the token). Label values are bounded and never come from a request: a fixed set
 of paths (anything else is ``other``), the status codes the server answers, the model's name,
 alias and version.
+
+With the online store (``daybreak.online.OnlineServing``), the state's freshness is exported as
+gauges: the date materialized, when, and the newest pushed event's time and age. Reading it
+touches the store (SQLite or Redis): it is read off the loop by the endpoint's ``before`` hook
+after the token check, once per scrape, and the collector only reads what that left
+(``OnlineView.last``).
 """
 
 from __future__ import annotations
@@ -30,7 +36,7 @@ import gzip
 import os
 import time
 from bisect import bisect_left
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from typing import Any, Protocol
 
 from prometheus_client import CollectorRegistry, GCCollector, PlatformCollector, ProcessCollector
@@ -49,7 +55,7 @@ LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.015, 0.02
 ROW_BUCKETS = (1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0, 500.0, 1000.0, 2000.0, 5000.0, 10000.0, 20000.0,
                50000.0, 100000.0)
 # The only values of the ``path`` label: every other path (404s, scanners) counts as ``other``.
-PATHS = frozenset({"/invocations", "/ping", "/health", "/version", "/metrics", "/replicas/invocations"})
+PATHS = frozenset({"/invocations", "/ping", "/health", "/version", "/metrics", "/replicas/invocations", "/events"})
 OTHER = "other"
 
 _now = time.perf_counter
@@ -75,6 +81,12 @@ class LogView(Protocol):
     queue_full_rows: int
     write_errors: int
     write_failed_rows: int
+
+
+class OnlineView(Protocol):
+    """What the collector reads of the online store's view (``daybreak.online.OnlineServing``)."""
+
+    last: dict[str, Any]  # freshness() as last read, with newest_event_age_seconds, materialized_age_seconds
 
 
 class QueueView(Protocol):
@@ -127,6 +139,8 @@ class ServerMetrics:
         and garbage-collector collectors to the registry."""
         self.model, self.alias, self.holder, self.plog = model, alias, holder, plog
         self.batcher: QueueView | None = None  # set once the batcher runs (queued rows)
+        self.online: OnlineView | None = None  # set when the server has an online store
+        self.raw_rows = {"predicted": 0, "blocked": 0}  # rows of POST /invocations?raw=1 by outcome
         self.begun = 0  # /invocations requests begun; those answered are in `codes`
         self.gone = 0  # of those begun, the ones that ended without an answer (cancelled)
         self.codes: dict[int, int] = {200: 0}  # /invocations answers by status
@@ -167,6 +181,11 @@ class ServerMetrics:
         h.counts[bisect_left(h.bounds, n)] += 1
         h.sum += n
 
+    def raw(self, predicted: int, blocked: int) -> None:
+        """A raw-row request's rows: those given features (and predicted), those blocked."""
+        self.raw_rows["predicted"] += predicted
+        self.raw_rows["blocked"] += blocked
+
     def batch(self, rows: int, seconds: float) -> None:
         """One predict batch: its rows and the seconds from hand-off to the predict thread until
         its answers were back."""
@@ -193,11 +212,12 @@ class ServerMetrics:
 
     # --- the endpoint ---------------------------------------------------------------------------
     def endpoint(self, authorized: Callable[[list[tuple[bytes, bytes]]], bool | None],
-                 public: bool | None = None) -> MetricsEndpoint:
+                 public: bool | None = None, before: Callable[[], Awaitable[Any]] | None = None) -> MetricsEndpoint:
         """The ASGI app of ``GET /metrics``. `authorized(headers)` says whether the request
         carries the server's token (None: the server has none); `public` (default:
-        ``DAYBREAK_METRICS_PUBLIC``) serves it without the token."""
-        return MetricsEndpoint(self.registry, authorized, metrics_public() if public is None else public)
+        ``DAYBREAK_METRICS_PUBLIC``) serves it without the token; `before` is awaited once an
+        allowed scrape starts (the online store's freshness is read then, off the loop)."""
+        return MetricsEndpoint(self.registry, authorized, metrics_public() if public is None else public, before)
 
 
 class MetricsEndpoint:
@@ -206,8 +226,8 @@ class MetricsEndpoint:
     ``prometheus_client``'s own ASGI app does; 401 without the token unless public."""
 
     def __init__(self, registry: CollectorRegistry, authorized: Callable[[list[tuple[bytes, bytes]]], bool | None],
-                 public: bool) -> None:
-        self.registry, self.authorized, self.public = registry, authorized, public
+                 public: bool, before: Callable[[], Awaitable[Any]] | None = None) -> None:
+        self.registry, self.authorized, self.public, self.before = registry, authorized, public, before
 
     async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
         headers = scope["headers"]
@@ -216,6 +236,8 @@ class MetricsEndpoint:
                     + PUBLIC_ENV.encode() + b'=1 on the server)"}')
             await _respond(send, 401, [(b"content-type", b"application/json")], body)
             return
+        if self.before is not None:
+            await self.before()
         accept = b",".join(v for k, v in headers if k == b"accept").decode("latin-1")
         encoding = b",".join(v for k, v in headers if k == b"accept-encoding").decode("latin-1")
         encoder, content_type = choose_encoder(accept)
@@ -253,6 +275,44 @@ class ServerCollector(Collector):
         else:
             yield GaugeMetricFamily("daybreak_prediction_log_sample_rate",
                                     "Share of requests written to the prediction log (0: no log).", value=0)
+        if m.online is not None:
+            yield from self._online(m.online.last)
+            raw = CounterMetricFamily("daybreak_online_rows", "Rows of raw-row requests (POST /invocations?raw=1) "
+                                      "by outcome: predicted, or blocked (no features: stale state, no event "
+                                      "time, a missing column).", labels=["outcome"])
+            for outcome, n in sorted(m.raw_rows.items()):
+                raw.add_metric([outcome], n)
+            yield raw
+
+    @staticmethod
+    def _online(last: dict[str, Any]) -> Iterator[Metric]:
+        """The online store's freshness as last read (absent values: no gauge sample)."""
+        from datetime import UTC, date, datetime
+
+        def seconds(iso: str | None) -> float | None:
+            return None if not iso else datetime.fromisoformat(iso).timestamp()
+
+        day = last.get("materialized_date")
+        yield GaugeMetricFamily("daybreak_online_state", "1 when the online store has a materialized state, "
+                                "0 when it has none (raw-row requests get 503) or could not be read.",
+                                value=1 if day and not last.get("error") else 0)
+        values = {
+            "daybreak_online_materialized_date_timestamp_seconds": (
+                "Unix time of the start (00:00 UTC) of the last date materialized into the online store.",
+                None if not day else datetime.combine(date.fromisoformat(day), datetime.min.time(), UTC).timestamp()),
+            "daybreak_online_materialized_timestamp_seconds": (
+                "Unix time the online store's current state was materialized.", seconds(last.get("materialized_at"))),
+            "daybreak_online_newest_event_timestamp_seconds": (
+                "Unix time (event time) of the newest event pushed to the online store.",
+                seconds(last.get("newest_event"))),
+            "daybreak_online_newest_event_age_seconds": (
+                "Seconds from the newest pushed event's time until the scrape.", last.get("newest_event_age_seconds")),
+        }
+        for name, (doc, value) in values.items():
+            family = GaugeMetricFamily(name, doc)
+            if value is not None:
+                family.add_metric([], value)
+            yield family
 
     @staticmethod
     def _requests(m: ServerMetrics) -> Iterator[Metric]:

@@ -34,6 +34,45 @@ exactly the signature's columns, numbers in double columns, text in string ones)
 directly; anything else (and ``text/csv`` or Parquet bodies) goes through MLflow's own parser and
 schema check, one request at a time, so errors and odd inputs behave as MLflow's server's do.
 
+Online features (``daybreak.online``). ``POST /invocations?raw=1`` takes rows of the spec's base
+source as they happen (for the flights demo: carrier, flight, origin, dest, time_hour, minute,
+distance, ... — the columns the features read; timestamps as ISO 8601 text with a zone offset)
+instead of the model's features, in the same JSON formats (``dataframe_split``,
+``dataframe_records``, ``inputs``; JSON only). The flag is explicit, not guessed from the
+columns: a client knows which it sends, and a wrong body gets an error about the body it meant
+to send. The server computes the features with ``features_for`` from the online store, on the
+store's own thread (``OnlineServing``: off the loop), each row at its own event time, then
+predicts the rows that have features through the batcher like any request and logs the
+computed features (what the model saw) to the prediction log. The answer is 200 with one
+prediction per row, ``null`` for a row that could not be given features, and why::
+
+    {"predictions": [12.3, null],
+     "blocked": [{"row": 1, "reasons": ["no event time"]}],
+     "notes": [{"row": 0, "reasons": ["windows[1] (flights): no history for carrier='ZZ'"]}]}
+
+``blocked`` rows get no prediction, never a default (no event time, a column the features read
+missing, state older than ``DAYBREAK_ONLINE_MAX_STALENESS`` (default 1d) before the row's time
+or now, or a time before the materialized state); ``notes`` name what the offline computation
+also leaves empty for a row that is predicted (a key without history). When no row can be
+predicted: 422 in MLflow's error format, naming the rows and reasons, with the same
+``blocked`` list. No online state yet (nothing materialized, or for another feature version):
+503 saying to run ``daybreak online materialize``; precomputed requests are not affected. The
+identity columns of raw rows (the keys and the event time) are logged only when the server has
+a token (and the request carries it); without one they are left out of the log (see below).
+
+``POST /events`` adds events to the online store as they arrive (``daybreak.online.push``):
+``{"source": "<a source of the spec>", "rows": [{...}, ...]}`` (or ``dataframe_split`` /
+``dataframe_records`` beside ``source``), JSON only, the body and row limits of
+``/invocations``. It writes, so it needs the bearer token, and is refused (403) on a server
+without one. The answer: ``{"source", "rows", "entries": {part: n}, "newest_event",
+"already_materialized"}`` (rows of a day already materialized are left out: that day's state is
+its staged partition's).
+
+The store is opened once, on first use, from ``DAYBREAK_ONLINE_URL`` (``redis://...``; unset:
+SQLite under ``$DAYBREAK_HOME/online/``). ``/health`` (details) has ``online``: the date
+materialized and when, the newest pushed event and its age in seconds; ``/metrics`` exports
+them as ``daybreak_online_*`` gauges.
+
 Clients are not trusted (DESIGN.md, "Trust model"). Every limit below is a module constant, and
 can be set by a keyword argument of ``serve``/``create_app`` or by the environment variable named
 with it (keyword, then environment, then the constant):
@@ -83,8 +122,9 @@ MLflow's scoring server reads (``application/json``, ``text/csv``,
 one included, gets 415, so a browser cannot post cross-site without a CORS preflight (a
 ``fetch`` with a bare body sends none). There are no API docs routes.
 
-With ``DAYBREAK_SERVE_TOKEN`` set, ``/invocations`` and ``/refresh`` need ``Authorization: Bearer <token>`` and
-``/health`` shows its details (version, loaded_at, last_error, prediction log) only with it;
+With ``DAYBREAK_SERVE_TOKEN`` set, ``/invocations``, ``/events`` and ``/refresh`` need
+``Authorization: Bearer <token>`` and ``/health`` shows its details (version, loaded_at, last_error,
+prediction log, online store) only with it;
 ``/ping`` and ``/version`` need none; ``/metrics`` (Prometheus, ``_metrics.py``) needs it too unless
 ``DAYBREAK_METRICS_PUBLIC=1``. Identity columns decide which labels the monitor joins to a
 prediction, so a request carrying them is refused (403) when no token is configured: an
@@ -132,6 +172,8 @@ from daybreak.spec import Spec
 
 if TYPE_CHECKING:
     from mlflow.types import Schema
+
+    from daybreak.online import OnlineServing
 
 log = logging.getLogger(__name__)
 
@@ -1409,10 +1451,16 @@ def build_app(spec: Spec, ctx: RunContext, holder: ModelHolder, lim: Limits, tok
     api.state.plog = plog
     api.state.limits = lim
     api.state.metrics = ServerMetrics(spec.model.name, spec.promotion.alias, holder, plog)  # metrics
+    from daybreak.online import OnlineServing
+
+    online = OnlineServing(spec)  # raw rows and /events (opened on first use)
+    api.state.online = online
+    api.state.metrics.online = online
     invocations = Invocations(api, holder, workers, lim, token)
     _error_handlers(api)
     _status_routes(api, spec, holder, plog, invocations.authorized, hooks)
-    api.add_route("/metrics", api.state.metrics.endpoint(invocations.authorized), methods=["GET"])  # metrics
+    api.add_route("/metrics", api.state.metrics.endpoint(invocations.authorized,  # metrics
+                                                         before=partial(_online_fresh, online)), methods=["GET"])
     if hooks is not None:
         hooks.routes(api, invocations)
         hooks.bind(invocations)
@@ -1448,6 +1496,9 @@ def _lifespan(holder: ModelHolder, plog: PredictionLog | None, workers: ParseWor
         task.cancel()
         batcher.close()
         workers.close()
+        online = getattr(app.state, "online", None)
+        if online is not None:
+            online.close()
         if plog is not None:
             plog.close()  # what waits for the writer is written before the process ends
 
@@ -1494,6 +1545,7 @@ def _status_routes(api: FastAPI, spec: Spec, holder: ModelHolder, plog: Predicti
             "loaded_at": cur.loaded_at if cur else None,
             "last_error": holder.last_error,  # redacted when it was recorded
             "prediction_log": plog.stats() if plog is not None else None,
+            "online": await _online_fresh(getattr(api.state, "online", None)),
             **(await hooks.status(details=True) if hooks is not None else {}),
         }, status_code=status)
 
@@ -1531,6 +1583,22 @@ def _status_routes(api: FastAPI, spec: Spec, holder: ModelHolder, plog: Predicti
         cur = holder.current
         return {"model": spec.model.name, "alias": spec.promotion.alias, "version": cur.version if cur else None,
                 **(await hooks.status(details=False) if hooks is not None else {})}
+
+
+ONLINE_READ_TIMEOUT = 5.0
+"""Seconds /health and /metrics wait for the online store's freshness (a Redis that hangs)."""
+
+
+async def _online_fresh(online: OnlineServing | None) -> dict[str, Any] | None:
+    """The online store's freshness, read on its thread (``OnlineServing.refresh``)."""
+    if online is None:
+        return None
+    loop = asyncio.get_running_loop()
+    try:
+        return await asyncio.wait_for(loop.run_in_executor(online.pool, online.refresh), ONLINE_READ_TIMEOUT)
+    except TimeoutError:
+        online.last = {**online.last, "error": f"not read within {ONLINE_READ_TIMEOUT:g} s"}
+        return online.last
 
 
 class Deadlines:
@@ -1591,6 +1659,7 @@ class Invocations:
         self.deadlines = Deadlines()  # of the bodies being read
         self.state = api.state  # what tests and the server read (the holder, the limits)
         self.metrics: ServerMetrics = api.state.metrics
+        self.online: OnlineServing | None = getattr(api.state, "online", None)
 
     def authorized(self, headers: list[tuple[bytes, bytes]]) -> bool | None:
         """Whether the request carries the bearer token; None when the server has no token."""
@@ -1695,10 +1764,163 @@ class Invocations:
             self.metrics.rows(parsed.rows)  # metrics
         return status, payload, served if status == 200 else None
 
+    async def _online_body(self, scope: dict, receive: Callable) -> tuple[int, bytes] | tuple[None, bytes]:
+        """The body of a raw-row request or an event push (JSON only, the limits of
+        /invocations), or an error answer. Authorization is the caller's."""
+        headers = dict(scope["headers"])
+        if content_type(headers.get(b"content-type")) != JSON_TYPE:
+            got = headers.get(b"content-type", b"").decode("latin-1")[:100] or "none"
+            return error(415, f"Content-Type must be {JSON_TYPE} (parameter charset=utf-8 only); got {got}")
+        try:
+            declared = int(headers[b"content-length"]) if b"content-length" in headers else None
+        except ValueError:
+            return error(400, "invalid Content-Length")
+        if declared is not None and declared > self.lim.max_body_bytes:
+            return error(413, _too_big(self.lim.max_body_bytes))
+        held, counted = (declared if declared is not None and declared > INLINE_BYTES else 0), [0]
+        if held and self.inflight + held > self.lim.max_inflight_bytes:
+            return error(503, "overloaded: too many body bytes in flight; retry shortly")
+        self.inflight += held
+        try:
+            return None, await self.read_body(receive, declared, counted)
+        except Refused as e:
+            return error(e.status, e.message)
+        finally:
+            self.inflight -= held + counted[0]
+
+    async def _on_online_thread(self, request_id: str, fn: Callable[..., Any], *args: Any) -> Any:
+        """`fn(*args)` on the online store's thread; errors become answers (raised as Refused)."""
+        from daybreak.online import BodyError, OnlineError
+
+        assert self.online is not None
+        loop = asyncio.get_running_loop()
+        try:
+            return await loop.run_in_executor(self.online.pool, fn, *args)
+        except BodyError as e:
+            raise Refused(400, clean(e)) from None
+        except OnlineError as e:
+            raise Refused(503, clean(e)) from None
+        except Exception as e:
+            if type(e).__module__.startswith("redis"):
+                log.warning("online store unavailable (request %s): %s", request_id, redact(e))
+                raise Refused(503, f"the online store is unavailable; retry shortly (request id {request_id})") \
+                    from None
+            log.exception("online request %s failed", request_id)
+            raise
+
+    async def answer_raw(self, scope: dict, receive: Callable, request_id: str,
+                         logged: bool = True) -> tuple[int, bytes, str | None]:
+        """``POST /invocations?raw=1``: rows of the base source; features from the online store
+        (see the module docstring)."""
+        if self.expected and not self.authorized(scope["headers"]):
+            return *error(401, "missing or wrong bearer token"), None
+        cur = self.holder.current
+        if cur is None:
+            return *error(503, "no champion model loaded yet"), None
+        if self.online is None:
+            return *error(404, "this server has no online store"), None
+        batcher = self.api.state.batcher
+        if batcher.pending_rows - batcher.big_rows > MAX_PENDING_ROWS:
+            return *error(503, "overloaded: too many rows waiting; retry shortly"), None
+        status, raw = await self._online_body(scope, receive)
+        if status is not None:
+            return status, raw, None
+        if cur.fields is not None:
+            names = [f[0] for f in cur.fields]
+        else:
+            schema = cur.model.metadata.get_input_schema()
+            names = list(schema.input_names()) if schema is not None and schema.has_input_names() else []
+        # identities are logged for the label join only from a caller with the token (a server with one)
+        ids = sorted(batcher.ids) if self.expected is not None else []
+        try:
+            got = await self._on_online_thread(request_id, _compute_raw, self.online, raw, self.lim.max_rows,
+                                               names, ids)
+        except Refused as e:
+            return *error(e.status, e.message), None
+        except Exception:
+            return *_internal(request_id), None
+        self.metrics.raw(len(got.predicted), len(got.blocked))  # metrics
+        if not len(got.predicted):
+            from daybreak.online import blocked_message
+
+            body = {"error_code": ERROR_CODES[422], "message": clean(blocked_message(got.blocked), 4000),
+                    "blocked": got.blocked}
+            return 422, _json(body), None
+        rows = len(got.predicted)
+        if cur.fields is not None:
+            parsed = Parsed(rows, columns=got.columns, ids=bool(ids))
+        else:
+            parsed = Parsed(rows, frame=pd.DataFrame(got.columns), ids=bool(ids))
+        (status, payload), served = await batcher.submit(parsed, cur.fields, request_id, logged)
+        if status != 200:
+            return status, payload, None
+        import orjson
+
+        preds = orjson.loads(payload)["predictions"]
+        full: list[Any] = [None] * got.rows
+        for i, p in zip(got.predicted.tolist(), preds, strict=True):
+            full[i] = p
+        self.metrics.rows(rows)  # metrics
+        return 200, _json({"predictions": full, "blocked": got.blocked, "notes": got.notes}), served
+
+    async def answer_events(self, scope: dict, receive: Callable, request_id: str) -> tuple[int, bytes]:
+        """``POST /events``: events pushed to the online store (token only)."""
+        if self.expected is None:
+            return error(403, "POST /events writes to the online store: it is accepted only from a caller with the "
+                              "bearer token; set DAYBREAK_SERVE_TOKEN on the server and send "
+                              "'Authorization: Bearer <token>'")
+        if not self.authorized(scope["headers"]):
+            return error(401, "missing or wrong bearer token")
+        if self.online is None:
+            return error(404, "this server has no online store")
+        status, raw = await self._online_body(scope, receive)
+        if status is not None:
+            return status, raw
+        try:
+            out = await self._on_online_thread(request_id, _push_events, self.online, raw, self.lim.max_rows)
+        except Refused as e:
+            return error(e.status, e.message)
+        except Exception:
+            return error(500, f"internal error while pushing events; the server log has the details "
+                              f"(request id {request_id})")
+        return 200, _json(out)
+
+    async def _events(self, scope: dict, receive: Callable, send: Callable) -> None:
+        request_id = _request_id(scope)
+        read = [False]  # the whole body was read
+
+        async def receive_tracked() -> dict:
+            message = await receive()
+            read[0] = message["type"] != "http.request" or not message.get("more_body", False)
+            return message
+
+        if scope["method"] != "POST":
+            status, payload = error(405, "use POST")
+        else:
+            try:
+                status, payload = await self.answer_events(scope, receive_tracked, request_id)
+            except Exception:
+                log.exception("request %s failed", request_id)
+                status, payload = error(500, f"internal error; the server log has the details (request id "
+                                             f"{request_id})")
+        headers = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(payload)),
+                   (b"x-request-id", request_id.encode())]
+        if status == 503:
+            headers.append((b"retry-after", b"1"))
+        if status == 405:
+            headers.append((b"allow", b"POST"))
+        if not read[0]:  # refused before its body was read: never parse that as a request
+            headers.append((b"connection", b"close"))
+        self.metrics.request("/events", status)  # metrics
+        await send({"type": "http.response.start", "status": status, "headers": headers})
+        await send({"type": "http.response.body", "body": payload})
+
     async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
         """POST /invocations in plain ASGI, everything else through FastAPI: FastAPI's routing and
         request machinery costs about as much per request as a one-row body's share of a batch."""
         if scope["type"] != "http" or scope["path"] != "/invocations":
+            if scope["type"] == "http" and scope["path"] == "/events":
+                return await self._events(scope, receive, send)
             return await self.api(scope, receive, self.metrics.counting(scope, send))  # metrics: counting
         started = self.metrics.begin()  # metrics
         answered = False
@@ -1715,7 +1937,10 @@ class Invocations:
                 status, payload, served = *error(405, "use POST"), None
             else:
                 try:
-                    status, payload, served = await self.answer(scope, receive_tracked, request_id)
+                    if scope.get("query_string") and _raw_query(scope["query_string"]):
+                        status, payload, served = await self.answer_raw(scope, receive_tracked, request_id)
+                    else:
+                        status, payload, served = await self.answer(scope, receive_tracked, request_id)
                 except Exception:  # a bug: this request gets a 500 in MLflow's format, the others go on
                     log.exception("request %s failed", request_id)
                     status, payload, served = *_internal(request_id), None
@@ -1737,6 +1962,36 @@ class Invocations:
         finally:
             if not answered:  # cancelled (the server stopping) before its answer: no longer in flight either
                 self.metrics.unanswered()  # metrics
+
+
+def _raw_query(query: bytes) -> bool:
+    """Whether ``?raw=1`` (or ``true``) asks for features from the online store."""
+    from urllib.parse import parse_qs
+
+    values = parse_qs(query.decode("latin-1")).get("raw", [])
+    return bool(values) and values[-1].lower() in ("1", "true", "yes")
+
+
+def _compute_raw(online: OnlineServing, raw: bytes, max_rows: int, names: list[str], ids: list[str]) -> Any:
+    """On the online thread: parse a raw-row body and compute its features."""
+    from daybreak.online import BodyError
+
+    try:
+        body, _ = _parse_json(raw)
+    except Refused as e:
+        raise BodyError(e.message) from None
+    return online.compute(body, max_rows, names, ids)
+
+
+def _push_events(online: OnlineServing, raw: bytes, max_rows: int) -> dict[str, Any]:
+    """On the online thread: parse an event body and push it."""
+    from daybreak.online import BodyError
+
+    try:
+        body, _ = _parse_json(raw)
+    except Refused as e:
+        raise BodyError(e.message) from None
+    return online.push(body, max_rows)
 
 
 def _too_big(limit: int) -> str:

@@ -6,7 +6,9 @@
   staged partitions, atomically per date;
 * ``push(spec, store, source, rows)``: events as they arrive;
 * ``features_for(spec, store, raw_rows, at)``: the features, in the model's order, with a reason
-  per row for what could not be computed.
+  per row for what could not be computed;
+* ``OnlineServing``: the store as ``daybreak serve`` uses it (raw rows and events from request
+  bodies, on one thread of its own; freshness for /health and /metrics).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from daybreak.online._online import (
     materialize,
     push,
 )
+from daybreak.online._serving import BodyError, OnlineServing, blocked_message, date_seconds
 from daybreak.online._store import OnlineStore, SQLiteStore
 
 if TYPE_CHECKING:
@@ -32,13 +35,17 @@ if TYPE_CHECKING:
 
 __all__ = [
     "DEFAULT_MAX_STALENESS",
+    "BodyError",
     "MaterializeResult",
     "OnlineError",
     "OnlineFeatures",
+    "OnlineServing",
     "OnlineStore",
     "RedisStore",
     "SQLiteStore",
+    "blocked_message",
     "check_supported",
+    "date_seconds",
     "features_for",
     "freshness",
     "materialize",

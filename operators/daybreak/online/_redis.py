@@ -22,6 +22,8 @@ from typing import Any
 
 from daybreak.online._store import PUSH_SEQ_START, Entry, Query
 
+SOCKET_CONNECT_TIMEOUT = 5.0
+SOCKET_TIMEOUT = 30.0
 _BATCH = 5_000  # commands per pipeline round trip while writing a generation
 
 
@@ -33,7 +35,10 @@ class RedisStore:
 
         self.url = url
         self.ns = namespace
-        self.r = redis.Redis.from_url(url)
+        # bounded waits: a Redis that hangs must not hold a server's online thread for ever (options
+        # in the URL's query, e.g. ?socket_timeout=60, take precedence)
+        self.r = redis.Redis.from_url(url, socket_connect_timeout=SOCKET_CONNECT_TIMEOUT,
+                                      socket_timeout=SOCKET_TIMEOUT)
 
     def __repr__(self) -> str:  # the URL may hold a password: never shown
         return f"RedisStore(namespace={self.ns!r})"

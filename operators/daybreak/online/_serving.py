@@ -1,0 +1,241 @@
+"""The online store as ``daybreak serve`` uses it: raw rows and pushed events read from request
+bodies, features computed for the model, and the state's freshness for /health and /metrics.
+
+Everything here is synchronous (pyarrow, numpy, the store's client) and runs on the server's one
+online thread (``OnlineServing.pool``), never on the event loop: SQLite keeps a connection per
+thread, and one thread serializes pushes and reads of one process (readers of another process,
+or a materialize, see each generation whole: ``_store``).
+
+The store is opened once, on first use, from ``DAYBREAK_ONLINE_URL`` (``redis://...``; unset:
+the embedded SQLite file under ``$DAYBREAK_HOME/online/``). How old the state may be before a row
+is blocked: ``DAYBREAK_ONLINE_MAX_STALENESS`` (a spec duration, default ``1d``).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from datetime import UTC, date, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from daybreak.infra.context import daybreak_home
+from daybreak.online._engine import US
+from daybreak.online._online import DEFAULT_MAX_STALENESS, OnlineError, OnlineFeatures, features_for, freshness, push
+from daybreak.online._store import OnlineStore
+from daybreak.spec import Spec, parse_duration
+
+log = logging.getLogger(__name__)
+
+URL_ENV = "DAYBREAK_ONLINE_URL"
+STALENESS_ENV = "DAYBREAK_ONLINE_MAX_STALENESS"
+FORMATS = ("dataframe_split", "dataframe_records", "inputs")
+FRESHNESS_KEYS = ("materialized_date", "materialized_at", "generation", "feature_version", "newest_event")
+MAX_REASONS = 20
+"""Rows named in an error message at most (the body's ``blocked`` list names them all)."""
+
+
+class BodyError(ValueError):
+    """A body that cannot be read as rows (the server answers 400 with its message)."""
+
+
+def body_rows(body: Any, max_rows: int, extra: Sequence[str] = ()) -> list[dict[str, Any]]:
+    """Rows (dicts) of a JSON body: ``dataframe_split`` (columns and data), ``dataframe_records``
+    or ``inputs`` (a list of objects), besides the keys `extra` (``source`` for /events)."""
+    if not isinstance(body, dict):
+        raise BodyError(f"body must be an object with one of {', '.join(FORMATS)}")
+    keys = [k for k in body if k in (*FORMATS, "rows")]
+    unknown = set(body) - set(keys) - set(extra)
+    if len(keys) != 1 or unknown:
+        raise BodyError(f"body must have exactly one of {', '.join(FORMATS)} (or rows)"
+                        + (f"; unknown keys: {', '.join(sorted(map(str, unknown)))[:200]}" if unknown else ""))
+    data = body[keys[0]]
+    if keys[0] == "dataframe_split":
+        if not isinstance(data, dict) or not isinstance(data.get("columns"), list) \
+                or not isinstance(data.get("data"), list):
+            raise BodyError("dataframe_split needs 'columns' and 'data' lists")
+        cols = data["columns"]
+        if not all(isinstance(c, str) for c in cols) or len(set(cols)) != len(cols):
+            raise BodyError("dataframe_split: columns must be distinct names")
+        if len(data["data"]) > max_rows:
+            raise BodyError(f"{len(data['data']):,} rows in one request; at most {max_rows:,}")
+        rows = []
+        for r in data["data"]:
+            if not isinstance(r, list) or len(r) != len(cols):
+                raise BodyError(f"dataframe_split: every row must be a list of {len(cols)} values")
+            rows.append(dict(zip(cols, r, strict=True)))
+        return rows
+    if not isinstance(data, list) or not all(isinstance(r, dict) for r in data):
+        raise BodyError(f"{keys[0]} must be a list of objects (one per row)")
+    if len(data) > max_rows:
+        raise BodyError(f"{len(data):,} rows in one request; at most {max_rows:,}")
+    return data
+
+
+def _table(rows: list[dict[str, Any]]) -> pa.Table:
+    for r in rows:
+        for k, v in r.items():
+            if isinstance(v, (dict, list)):
+                raise BodyError(f"column {k!r}: values must be numbers, strings, booleans or null")
+    try:
+        return pa.Table.from_pylist(rows)
+    except (pa.ArrowInvalid, pa.ArrowTypeError) as e:
+        raise BodyError(f"the rows do not form a table: {str(e)[:300]}") from None
+
+
+@dataclass
+class Computed:
+    """A raw-row request's features: the model's columns for its unblocked rows, and per row why
+    it was blocked (or what the offline computation left empty)."""
+
+    rows: int
+    columns: dict[str, np.ndarray]  # the model's inputs (and the identity columns), unblocked rows only
+    predicted: np.ndarray  # indexes of the unblocked rows
+    blocked: list[dict[str, Any]]  # {"row": i, "reasons": [...]}
+    notes: list[dict[str, Any]]  # unblocked rows with reasons (a key without history, say)
+
+
+class OnlineServing:
+    """The server's view of the online store: one store, one thread."""
+
+    def __init__(self, spec: Spec, url: str | None = None, max_staleness: str | None = None) -> None:
+        self.spec = spec
+        self.url = url if url is not None else (os.environ.get(URL_ENV) or None)
+        self.max_staleness = max_staleness or os.environ.get(STALENESS_ENV) or DEFAULT_MAX_STALENESS
+        parse_duration(self.max_staleness)  # a bad value fails at start, naming it
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="online")
+        self._store: OnlineStore | None = None
+        self._lock = threading.Lock()
+        self.last: dict[str, Any] = {}  # the freshness last read (what /metrics exports)
+        self.last_error: str | None = None
+
+    @property
+    def backend(self) -> str:
+        return "redis" if self.url and self.url.startswith(("redis://", "rediss://", "unix://")) else "sqlite"
+
+    def store(self, create: bool = False) -> OnlineStore:
+        """The store, opened on first use. Raises OnlineError when the embedded store was never
+        materialized (its file is not created by looking; `create`: a push creates it)."""
+        with self._lock:
+            if self._store is None:
+                from daybreak.online import open_store
+
+                if not create and not self.url and not self.embedded_path().exists():
+                    raise OnlineError(self.no_state())
+                self._store = open_store(self.url, self.spec.features.name, home=daybreak_home())
+            return self._store
+
+    def embedded_path(self) -> Path:
+        return daybreak_home() / "online" / f"{self.spec.features.name}.sqlite"
+
+    def no_state(self) -> str:
+        return (f"the online store of {self.spec.features.name!r} has no state: run `daybreak online materialize "
+                f"--date D` first")
+
+    # --- on the online thread -------------------------------------------------------------------
+    def compute(self, body: Any, max_rows: int, fields: Sequence[str], ids: Sequence[str]) -> Computed:
+        """The features of a raw-row body. Raises BodyError (the body), OnlineError (no state)."""
+        rows = body_rows(body, max_rows)
+        if not rows:
+            raise BodyError("no rows")
+        table = _table(rows)
+        try:
+            got: OnlineFeatures = features_for(self.spec, self.store(), table, max_staleness=self.max_staleness)
+        except ValueError as e:  # a column of the wrong type (the contract's)
+            raise BodyError(str(e)[:500]) from None
+        missing = [n for n in fields if n not in got.table.column_names]
+        if missing:
+            raise OnlineError(f"the model's inputs {missing[:5]} are not features of the spec being served")
+        ok = np.flatnonzero(~np.asarray(got.blocked, bool))
+        kept = got.table.take(pa.array(ok, pa.int64()))
+        cols: dict[str, np.ndarray] = {}
+        for name in dict.fromkeys([*fields, *ids]):
+            if name not in kept.column_names:
+                continue
+            col = kept.column(name)
+            if pa.types.is_floating(col.type) or pa.types.is_integer(col.type):
+                cols[name] = col.to_numpy(zero_copy_only=False).astype(np.float64) if name in fields else \
+                    np.array(col.to_pylist(), dtype=object)
+            else:
+                cols[name] = np.array([None if v is None else (v.isoformat() if isinstance(v, datetime) else v)
+                                       for v in col.to_pylist()], dtype=object)
+        blocked = [{"row": i, "reasons": r} for i, (r, b) in enumerate(zip(got.reasons, got.blocked, strict=True)) if b]
+        notes = [{"row": i, "reasons": r} for i, (r, b) in enumerate(zip(got.reasons, got.blocked, strict=True))
+                 if r and not b]
+        return Computed(len(rows), cols, ok, blocked, notes)
+
+    def push(self, body: Any, max_rows: int) -> dict[str, Any]:
+        """``POST /events``: ``{"source": ..., "rows": [...]}`` (or a dataframe format)."""
+        if not isinstance(body, dict) or not isinstance(body.get("source"), str):
+            raise BodyError("body must be an object with 'source' (a source of the spec) and 'rows'")
+        source = body["source"]
+        if source not in self.spec.sources:
+            raise BodyError(f"unknown source {source[:100]!r}; the spec's are {', '.join(self.spec.sources)}")
+        rows = body_rows(body, max_rows, extra=("source",))
+        table = _table(rows)
+        try:
+            out = push(self.spec, self.store(create=True), source, table)
+        except ValueError as e:
+            raise BodyError(str(e)[:500]) from None
+        newest = out.pop("newest_us")
+        out["newest_event"] = None if newest is None else datetime.fromtimestamp(newest / US, UTC).isoformat()
+        self.refresh()
+        return {"source": source, **out}
+
+    def refresh(self) -> dict[str, Any]:
+        """Read the state's freshness (kept in ``last`` for /metrics)."""
+        fresh: dict[str, Any] = dict.fromkeys(FRESHNESS_KEYS)  # nothing materialized, nothing pushed
+        try:
+            fresh.update(freshness(self.store()))
+            self.last_error = None
+        except OnlineError:  # the embedded store was never written
+            self.last_error = None
+        except Exception as e:
+            from daybreak.infra.errors import redact
+
+            self.last_error = redact(f"{type(e).__name__}: {e}")[:500]
+        fresh["newest_event_age_seconds"] = _age(fresh.get("newest_event"))
+        fresh["materialized_age_seconds"] = _age(fresh.get("materialized_at"))
+        fresh["backend"] = self.backend
+        fresh["max_staleness"] = self.max_staleness
+        if self.last_error:
+            fresh["error"] = self.last_error
+        fresh["read_at"] = time.time()
+        self.last = fresh
+        return fresh
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=False, cancel_futures=True)
+        if self._store is not None:
+            try:
+                self._store.close()
+            except Exception:
+                pass
+
+
+def _age(iso: str | None) -> float | None:
+    if not iso:
+        return None
+    return max(time.time() - datetime.fromisoformat(iso).timestamp(), 0.0)
+
+
+def date_seconds(text: str | None) -> float | None:
+    """A materialized date as Unix seconds (its midnight UTC), for a gauge."""
+    if not text:
+        return None
+    d = date.fromisoformat(text)
+    return datetime(d.year, d.month, d.day, tzinfo=UTC).timestamp()
+
+
+def blocked_message(blocked: list[dict[str, Any]]) -> str:
+    shown = "; ".join(f"row {b['row']}: {', '.join(b['reasons'])}" for b in blocked[:MAX_REASONS])
+    more = f" (and {len(blocked) - MAX_REASONS} more rows)" if len(blocked) > MAX_REASONS else ""
+    return f"no row could be given features: {shown}{more}"
