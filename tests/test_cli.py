@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -152,3 +153,35 @@ def test_options_bound_to_environment_variables_and_completion() -> None:
     script = daybreak("--show-completion", "bash").stdout
     assert "_DAYBREAK_COMPLETE" in script and "complete " in script, script
     assert daybreak("--version").stdout.startswith("daybreak ")
+
+
+def test_online_materialize_and_push(cycled: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`daybreak online materialize` (idempotent per date) and `daybreak online push` (what POST
+    /events does) on a private copy of the cycled home, with the embedded store."""
+    from datetime import date, datetime
+
+    from daybreak.features import read_table
+    from daybreak.infra.context import RunContext
+
+    home = tmp_path / "home"
+    shutil.copytree(cycled["home"], home, symlinks=True)
+    spec = ("--spec", str(SPEC))
+    first = json.loads(daybreak("online", "materialize", *spec, "--date", "2013-01-03", "--json", home=home).stdout)
+    assert first["date"] == "2013-01-03" and not first["skipped"] and sum(first["entries"].values()) > 0, first
+    again = json.loads(daybreak("online", "materialize", *spec, "--date", "2013-01-03", "--json", home=home).stdout)
+    assert again["skipped"] and again["generation"] == first["generation"], again
+    assert (home / "online").is_dir()
+
+    monkeypatch.setenv("DAYBREAK_HOME", str(home))
+    ctx = RunContext.create(date(2013, 1, 4))
+    weather = read_table(ctx.store.partition("staged/weather", date(2013, 1, 4)).files, ctx.store.fs)
+    rows = [{k: (v.isoformat() if isinstance(v, datetime) else v) for k, v in r.items() if not k.startswith("_")}
+            for r in weather.to_pylist()]
+    events = tmp_path / "weather.jsonl"
+    events.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    pushed = json.loads(daybreak("online", "push", *spec, "--source", "weather", "--file", str(events), "--json",
+                                 home=home).stdout)
+    # (the newest is the local day's last hour, in UTC)
+    assert pushed["rows"] == len(rows) > 0 and "2013-01-04" <= pushed["newest_event"][:10] <= "2013-01-05", pushed
+    unknown = daybreak("online", "push", *spec, "--source", "nope", "--file", str(events), home=home, check=False)
+    assert unknown.returncode == 3 and "unknown source 'nope'" in unknown.stderr, unknown.stderr[-1000:]

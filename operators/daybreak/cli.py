@@ -34,6 +34,9 @@ datasets_app = typer.Typer(no_args_is_help=True, help="Demo data sets.")
 app.add_typer(datasets_app, name="datasets")
 prefect_app = typer.Typer(no_args_is_help=True, help="Prefect deployments of the daybreak flows.")
 app.add_typer(prefect_app, name="prefect")
+online_app = typer.Typer(no_args_is_help=True, help="Online features: the state daybreak serve computes raw rows' "
+                                                       "features from (DAYBREAK_ONLINE_URL: redis://..., else SQLite).")
+app.add_typer(online_app, name="online")
 
 
 def _version(value: bool) -> None:
@@ -534,6 +537,58 @@ def validate(spec: str = SpecOpt, as_json: bool = JsonOpt) -> None:
             "features": s.features.feature_names()}
     _emit(info, as_json, f"{spec}: ok (spec {info['spec_hash']}, features v={info['feature_version']}, "
                           f"{len(info['features'])} features)")
+
+
+OnlineUrlOpt = typer.Option(None, "--online-url", envvar="DAYBREAK_ONLINE_URL",
+                            help="The online store: redis://... (or rediss://); default: SQLite in "
+                                 "$DAYBREAK_HOME/online.")
+
+
+def _online_store(spec: Any, url: str | None) -> Any:
+    from daybreak.infra.context import daybreak_home
+    from daybreak.online import open_store
+
+    return open_store(url, spec.features.name, home=daybreak_home())
+
+
+@online_app.command("materialize")
+def online_materialize(spec: str = SpecOpt, day: str = DayOpt, store: str | None = StoreOpt,
+                       online_url: str | None = OnlineUrlOpt, as_json: bool = JsonOpt) -> None:
+    """Load the online state as of the end of --date from the staged partitions (after the
+    features step), atomically: a failed run leaves the previous state in service."""
+    from daybreak.online import materialize
+
+    s = _load(spec, try_model=False)
+    res = materialize(s, _ctx(day, store, None), _online_store(s, online_url)).to_dict()
+    _emit(res, as_json, f"{res['date']}  online state {'unchanged' if res['skipped'] else 'materialized'}: "
+                        f"generation {res['generation']}, entries {res['entries']}")
+
+
+@online_app.command("push")
+def online_push(spec: str = SpecOpt,
+                source: str = typer.Option(..., "--source", help="The spec source the events belong to."),
+                file: Path = typer.Option(..., "--file", "-f", help="The events: JSON lines, or a JSON list of objects "
+                                                                     "('-': stdin)."),
+                online_url: str | None = OnlineUrlOpt, as_json: bool = JsonOpt) -> None:
+    """Add events as they arrive, as POST /events does: each counts in a window once its known_at
+    has passed, as offline. Timestamps are ISO 8601 with a zone offset."""
+    from daybreak.online import OnlineServing
+
+    text = sys.stdin.read() if str(file) == "-" else file.read_text()
+    try:
+        rows = json.loads(text) if text.lstrip().startswith("[") else [json.loads(ln) for ln in text.splitlines()
+                                                                         if ln.strip()]
+    except json.JSONDecodeError as e:
+        raise typer.BadParameter(f"not JSON lines nor a JSON list: {e}", param_hint="'--file'") from None
+    online = OnlineServing(_load(spec, try_model=False), url=online_url)
+    try:
+        res = online.push({"source": source, "rows": rows}, max_rows=max(1, len(rows)))
+    finally:
+        online.close()
+    _emit(res, as_json, f"pushed {res['rows']} {source} event(s), newest {res['newest_event']}; "
+                        f"entries {res['entries']}"
+                        + (f"; {res['already_materialized']} already materialized (left out)"
+                           if res.get("already_materialized") else ""))
 
 
 @datasets_app.command("flights")
