@@ -10,7 +10,7 @@ from daybreak.infra.records import Approval, Decision, Tag
 
 LIBRARY = Path(daybreak.__file__).parent
 # daybreak.* strings that are not tags: module paths (Airflow's provider metadata) and asset names
-NOT_TAGS = re.compile(r"daybreak\.(airflow\.(operators|hooks)|staged|features|champion)\b")
+NOT_TAGS = re.compile(r"daybreak\.(airflow\.(operators|hooks)|staged|features|predictions|champion)\b")  # asset names
 
 
 def _module(name: str) -> bool:
