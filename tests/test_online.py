@@ -25,10 +25,10 @@ import pyarrow.compute as pc
 import pytest
 from conftest import free_port, make_home
 
+from daybreak import features as engine
 from daybreak.features import EVENT_TIME, build_features, read_features
 from daybreak.infra.context import RunContext
 from daybreak.online import OnlineError, SQLiteStore, features_for, freshness, materialize, open_store, push
-from daybreak.online import _engine as engine
 from daybreak.spec import evaluate
 from daybreak.stage import stage
 

@@ -22,10 +22,10 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from test_features_property import DAY0, SPEC, _build, events, readings
 
+from daybreak import features as engine
 from daybreak.features import EVENT_TIME
 from daybreak.infra.context import RunContext
 from daybreak.online import SQLiteStore, features_for, materialize, push
-from daybreak.online import _engine as engine
 from daybreak.spec import parse_spec
 
 DAY1, DAY2 = DAY0.date(), DAY0.date() + timedelta(days=1)

@@ -24,10 +24,10 @@ import pytest
 from conftest import Served, until
 from test_online import Redis
 
+from daybreak import features as engine
 from daybreak.deploy._predlog import read_log
 from daybreak.features import read_features
 from daybreak.infra.context import RunContext
-from daybreak.online import _engine as engine
 from daybreak.online import materialize, open_store
 
 MATERIALIZED, DAY = date(2013, 1, 3), date(2013, 1, 4)

@@ -35,9 +35,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from daybreak.infra.context import RunContext
-from daybreak.infra.errors import DaybreakError
-from daybreak.online._engine import (
+from daybreak.features import (
     EVENT_TIME,
     HISTORY_SLICE_ROWS,
     US,
@@ -57,6 +55,8 @@ from daybreak.online._engine import (
     staged_inputs,
     window_inputs,
 )
+from daybreak.infra.context import RunContext
+from daybreak.infra.errors import DaybreakError
 from daybreak.online._store import Entry, OnlineStore, Query
 from daybreak.spec import Spec, arrow_type, evaluate, names_in, parse_duration
 

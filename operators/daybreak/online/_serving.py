@@ -27,8 +27,8 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+from daybreak.features import US
 from daybreak.infra.context import daybreak_home
-from daybreak.online._engine import US
 from daybreak.online._online import DEFAULT_MAX_STALENESS, OnlineError, OnlineFeatures, features_for, freshness, push
 from daybreak.online._store import OnlineStore
 from daybreak.spec import Spec, parse_duration
