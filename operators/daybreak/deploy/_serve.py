@@ -1316,6 +1316,19 @@ class Batcher:
         self._pool.shutdown(wait=False, cancel_futures=True)
 
 
+def _tracking(receive: Callable) -> tuple[Callable, list[bool]]:
+    """`receive`, and a flag set once the whole body was read (an answer sent before then closes
+    the connection)."""
+    read = [False]
+
+    async def tracked() -> dict:
+        message = await receive()
+        read[0] = message["type"] != "http.request" or not message.get("more_body", False)
+        return message
+
+    return tracked, read
+
+
 def _request_id(scope: dict) -> str:
     """The client's X-Request-Id (printable, at most 128 characters), else a new one."""
     for k, v in scope["headers"]:
@@ -1887,12 +1900,7 @@ class Invocations:
 
     async def _events(self, scope: dict, receive: Callable, send: Callable) -> None:
         request_id = _request_id(scope)
-        read = [False]  # the whole body was read
-
-        async def receive_tracked() -> dict:
-            message = await receive()
-            read[0] = message["type"] != "http.request" or not message.get("more_body", False)
-            return message
+        receive_tracked, read = _tracking(receive)
 
         if scope["method"] != "POST":
             status, payload = error(405, "use POST")
@@ -1926,12 +1934,7 @@ class Invocations:
         answered = False
         try:
             request_id = _request_id(scope)
-            read = [False]  # the whole body was read
-
-            async def receive_tracked() -> dict:
-                message = await receive()
-                read[0] = message["type"] != "http.request" or not message.get("more_body", False)
-                return message
+            receive_tracked, read = _tracking(receive)
 
             if scope["method"] != "POST":
                 status, payload, served = *error(405, "use POST"), None
