@@ -544,22 +544,15 @@ OnlineUrlOpt = typer.Option(None, "--online-url", envvar="DAYBREAK_ONLINE_URL",
                                  "$DAYBREAK_HOME/online.")
 
 
-def _online_store(spec: Any, url: str | None) -> Any:
-    from daybreak.infra.context import daybreak_home
-    from daybreak.online import open_store
-
-    return open_store(url, spec.features.name, home=daybreak_home())
-
-
 @online_app.command("materialize")
 def online_materialize(spec: str = SpecOpt, day: str = DayOpt, store: str | None = StoreOpt,
                        online_url: str | None = OnlineUrlOpt, as_json: bool = JsonOpt) -> None:
     """Load the online state as of the end of --date from the staged partitions (after the
     features step), atomically: a failed run leaves the previous state in service."""
-    from daybreak.online import materialize
+    from daybreak.online import materialize, spec_store
 
     s = _load(spec, try_model=False)
-    res = materialize(s, _ctx(day, store, None), _online_store(s, online_url)).to_dict()
+    res = materialize(s, _ctx(day, store, None), spec_store(s, online_url)).to_dict()
     _emit(res, as_json, f"{res['date']}  online state {'unchanged' if res['skipped'] else 'materialized'}: "
                         f"generation {res['generation']}, entries {res['entries']}")
 

@@ -1,4 +1,4 @@
-"""One daily cycle in process: stage -> features -> monitor -> train -> gate -> promote -> deploy.
+"""One daily cycle in process: stage -> features -> (online) -> monitor -> train -> gate -> promote -> deploy.
 
 The steps, their order and when each runs are declared once, in ``daybreak.steps.CYCLE``
 (monitoring runs before retraining: see there). This is what ``daybreak run`` and ``daybreak
@@ -84,7 +84,7 @@ def run_cycle(spec: Spec, ctx: RunContext, deploy: bool = True, force: bool = Fa
     out: dict[str, Any] = {"date": ctx.logical_date.isoformat(), "run_id": ctx.run_id}
     for step in chosen:
         skipped = step.skipped(spec, ctx.logical_date)
-        if skipped is not None:  # no drop expected: nothing runs, and that is the result
+        if skipped is not None:  # no drop expected, or not turned on in the spec: nothing runs, that is the result
             out[step.name] = skipped
         elif step.runs_if(out, options):
             out[step.name] = with_retry(step.name, step.run, spec, ctx, r, **step.options_from(options))

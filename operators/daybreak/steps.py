@@ -108,13 +108,22 @@ class Step:
     # It works on the base source's date, so it runs only on days the base's calendar expects a
     # drop (approve and replay act on versions and ranges, whatever the day).
     dated: bool = True
+    # A boolean of the spec ("section.field") that turns it on; off: it runs nothing and its result
+    # says so (:func:`not_enabled`), so a pipeline that does not use it pays nothing.
+    opt_in: str | None = None
+    # Nothing later in the cycle needs its output: a DAG hangs it off the step before it, so its
+    # skip or failure stops no other step (run_cycle and the flow still run it in order).
+    side: bool = False
 
     @property
     def cacheable(self) -> bool:
         return self.recorded is not None
 
     def skipped(self, spec: Spec, day: date) -> dict[str, Any] | None:
-        """Its result on a day with no expected drop (it runs nothing); None when it runs."""
+        """Its result when it runs nothing: on a day with no expected drop, or when the spec does
+        not turn it on (``opt_in``); None when it runs."""
+        if self.opt_in is not None and not opted_in(spec, self.opt_in):
+            return not_enabled(self.name, self.opt_in, day)
         return not_expected(self.name, spec, day) if self.dated else None
 
     def run(self, spec: Spec, ctx: RunContext, **options: Any) -> dict[str, Any]:
@@ -141,6 +150,8 @@ class Step:
 STEPS: dict[str, Step] = {s.name: s for s in (
     Step("stage", "daybreak.stage:stage", recorded="daybreak.stage:recorded_lineage", lineage=_stage_lineage),
     Step("features", "daybreak.features:build_features", recorded="daybreak.features:recorded_lineage"),
+    # only for a spec with online.materialize: true; serving does not wait for it, nor does training
+    Step("online", "daybreak.online:materialize_online", opt_in="online.materialize", side=True),
     Step("monitor", "daybreak.monitor:monitor_model"),
     Step("train", "daybreak.train:train_model", recorded="daybreak.train:recorded_lineage", lineage=_train_lineage,
          in_registry=True, options=("force",)),
@@ -155,12 +166,13 @@ STEPS: dict[str, Step] = {s.name: s for s in (
     Step("replay", "daybreak.gate:replay", options=("start", "end", "policy"), dated=False),
 )}
 
-# The daily cycle, in order. Monitoring runs before retraining: the date's labels have just
+# The daily cycle, in order. The online store is materialized from the date's staged data as soon
+# as its features are built (when the spec opts in). Monitoring runs before retraining: the date's labels have just
 # arrived with its staged data, so the model in service is judged on what it served (and rolled
 # back if it must be) before the new candidate is gated against it. run_cycle, the Prefect flow
 # and the Airflow DAG factory all iterate over this.
-CYCLE: tuple[Step, ...] = tuple(STEPS[n] for n in ("stage", "features", "monitor", "train", "gate", "promote",
-                                                   "deploy"))
+CYCLE: tuple[Step, ...] = tuple(STEPS[n] for n in ("stage", "features", "online", "monitor", "train", "gate",
+                                                   "promote", "deploy"))
 
 STEP_NAMES = tuple(STEPS)
 CACHEABLE = tuple(s.name for s in STEPS.values() if s.cacheable)
@@ -174,6 +186,26 @@ def not_expected(step: str, spec: Spec, day: date) -> dict[str, Any] | None:
         return None
     return {"step": step, "date": day.isoformat(), "expected": False, "skipped": True,
             "reason": spec.calendar().reason(day)}
+
+
+def opted_in(spec: Spec, field: str) -> bool:
+    """The spec's boolean `field` ("section.field")."""
+    value: Any = spec
+    for part in field.split("."):
+        value = getattr(value, part)
+    return bool(value)
+
+
+def not_enabled(step: str, field: str, day: date) -> dict[str, Any]:
+    """A step's result when the spec does not turn it on: ``enabled`` false, ``skipped`` true and
+    the reason. Nothing runs and nothing is opened or written."""
+    return {"step": step, "date": day.isoformat(), "enabled": False, "skipped": True,
+            "reason": f"{field} is not true in the spec"}
+
+
+def is_enabled(result: dict[str, Any] | None) -> bool:
+    """False for the result of a step the spec does not turn on (:func:`not_enabled`)."""
+    return (result or {}).get("enabled", True) is not False
 
 
 def is_expected(result: dict[str, Any] | None) -> bool:

@@ -20,6 +20,7 @@ from daybreak.airflow.operators import (
     DaybreakStepOperator,
     DeployModelOperator,
     EvaluateGateOperator,
+    MaterializeOnlineOperator,
     MonitorModelOperator,
     PromoteModelOperator,
     StageDataOperator,
@@ -32,7 +33,8 @@ if TYPE_CHECKING:  # at run time imported when a DAG is built: Airflow loads day
 
 DOC = """daybreak daily retrain: landing -> stage -> features -> monitor -> train -> gate -> promote -> deploy.
 
-`landing` waits (deferred, in the triggerer) for the day's landing files.
+`landing` waits (deferred, in the triggerer) for the day's landing files. `online` (after features, beside
+monitor) materializes the online store when the spec sets `online.materialize`, and is skipped otherwise.
 The gate decides: promote runs only after PROMOTE, deploy only when the champion moved. Params form:
 **spec**, **date** (instead of the run's logical date), **force retrain**, **dry run** (promote says what
 it would do; nothing is promoted or deployed), **approve pending version** (under
@@ -47,6 +49,7 @@ def _operators() -> dict[str, tuple[type[DaybreakStepOperator], dict[str, Any]]]
     return {
         "stage": (StageDataOperator, {"outlets": [STAGED], "execution_timeout": timedelta(minutes=30)}),
         "features": (BuildFeaturesOperator, {"outlets": [FEATURES]}),
+        "online": (MaterializeOnlineOperator, {"execution_timeout": timedelta(minutes=30)}),
         "monitor": (MonitorModelOperator, {"execution_timeout": timedelta(minutes=30)}),
         "train": (TrainModelOperator, {"force": "{{ params.force }}"}),
         "gate": (EvaluateGateOperator, {"execution_timeout": timedelta(minutes=30)}),
@@ -83,7 +86,9 @@ def daily_retrain_dag(spec: str, *, dag_id: str = "daybreak_daily_retrain", sche
                       start_date: datetime | None = None, wait_for_landing: bool = True,
                       landing_timeout: timedelta = timedelta(hours=5), **dag_kwargs: Any) -> DAG:
     """The daily cycle of `spec` (path or s3:// URI; the default of the form's spec) as a DAG: one
-    task per step of ``daybreak.steps.CYCLE``, task id = step name, in that order.
+    task per step of ``daybreak.steps.CYCLE``, task id = step name, in that order; a side step
+    (``Step.side``: online) hangs off the step before it, and the next one follows that step, so
+    its skip or failure holds nothing else up.
 
     With `wait_for_landing` (the default) a ``landing`` task (``LandingFileSensor``, deferrable)
     comes first: it waits up to `landing_timeout` for the day's landing files, checking every
@@ -93,7 +98,7 @@ def daily_retrain_dag(spec: str, *, dag_id: str = "daybreak_daily_retrain", sche
     failures retry (2 times, backing off from 2 minutes), a bad spec or bad data fails at once.
     `dag_kwargs` go to ``DAG`` and replace these defaults (catchup, max_active_runs,
     dagrun_timeout, tags, doc_md, default_args, params)."""
-    from airflow.sdk import DAG, chain
+    from airflow.sdk import DAG
 
     settings: dict[str, Any] = {
         "catchup": False,
@@ -108,15 +113,17 @@ def daily_retrain_dag(spec: str, *, dag_id: str = "daybreak_daily_retrain", sche
     operators = _operators()
     common = {"spec": "{{ params.spec }}", "logical_date": "{{ params.date or '' }}"}
     with DAG(dag_id, schedule=schedule, start_date=start_date, **settings) as dag:
-        tasks: list[Any] = []
+        last: Any = None  # the task the next step follows (a side step's is the one before it)
         if wait_for_landing:
             from daybreak.airflow.sensors import LandingFileSensor
 
-            tasks.append(LandingFileSensor(task_id=LANDING_TASK, spec=common["spec"],
-                                           logical_date=common["logical_date"], poke_interval=60,
-                                           timeout=landing_timeout, execution_timeout=None, retries=0))
+            last = LandingFileSensor(task_id=LANDING_TASK, spec=common["spec"], logical_date=common["logical_date"],
+                                     poke_interval=60, timeout=landing_timeout, execution_timeout=None, retries=0)
         for step in CYCLE:
             operator, options = operators[step.name]
-            tasks.append(operator(task_id=step.name, **options, **common))
-        chain(*tasks)
+            task = operator(task_id=step.name, **options, **common)
+            if last is not None:
+                last >> task
+            if not step.side:
+                last = task
     return dag

@@ -124,11 +124,12 @@ class DaybreakStepOperator(BaseOperator):
     def call_step(self, context: Any, step: str, **options: Any) -> dict[str, Any]:
         """The step's result; on a day the spec's calendar expects no drop the task is skipped
         (its XCom holds the step's ``expected: false`` result) and so, by trigger rule, are the
-        tasks after it: nothing runs, and nothing fails."""
+        tasks after it: nothing runs, and nothing fails. A step the spec does not turn on
+        (``enabled: false``, e.g. online without ``online.materialize``) is skipped the same way."""
         from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
 
         from daybreak.infra.errors import is_retryable
-        from daybreak.steps import is_expected, run_step
+        from daybreak.steps import is_enabled, is_expected, run_step
 
         try:
             day = self.resolve_day(context)
@@ -142,7 +143,7 @@ class DaybreakStepOperator(BaseOperator):
                 raise
             # A bad spec or bad data will not get better on retry: fail the task now.
             raise AirflowFailException(f"{type(e).__name__}: {e}") from e
-        if not is_expected(result):
+        if not is_expected(result) or not is_enabled(result):
             context["ti"].xcom_push(key="return_value", value=result)
             raise AirflowSkipException(f"{step}: {result.get('reason')}")
         return result
@@ -196,6 +197,18 @@ class BuildFeaturesOperator(DaybreakStepOperator):
     """Build the day's point-in-time feature partition on Ray."""
 
     step = "features"
+
+
+class MaterializeOnlineOperator(DaybreakStepOperator):
+    """Materialize the online store (what ``daybreak serve`` computes raw rows' features from) as of
+    the end of the date, from its staged data; skipped unless the spec sets ``online.materialize``.
+
+    The store is ``DAYBREAK_ONLINE_URL`` in the worker's environment (a Redis server), else the
+    embedded SQLite file in ``$DAYBREAK_HOME/online/``; the XCom names the backend, never the URL.
+    """
+
+    step = "online"
+    ui_color = "#dff2e1"
 
 
 class MonitorModelOperator(DaybreakStepOperator):

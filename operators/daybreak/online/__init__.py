@@ -3,7 +3,8 @@
 * ``OnlineStore``: where the state lives; ``SQLiteStore`` (embedded, one file) or ``RedisStore``
   (``open_store`` picks one from a URL);
 * ``materialize(spec, ctx, store)``: the state as of the end of ``ctx.logical_date``, from the
-  staged partitions, atomically per date;
+  staged partitions, atomically per date; ``materialize_online(spec, ctx)``, the daily cycle's
+  ``online`` step, does it in the spec's own store when the spec opts in (``online.materialize``);
 * ``push(spec, store, source, rows)``: events as they arrive;
 * ``features_for(spec, store, raw_rows, at)``: the features, in the model's order, with a reason
   per row for what could not be computed;
@@ -17,7 +18,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from daybreak.online._online import (
-    DEFAULT_MAX_STALENESS,
     MaterializeResult,
     OnlineError,
     OnlineFeatures,
@@ -28,13 +28,16 @@ from daybreak.online._online import (
     push,
 )
 from daybreak.online._serving import BodyError, OnlineServing, blocked_message, date_seconds
-from daybreak.online._store import OnlineStore, SQLiteStore
+from daybreak.online._step import materialize_online, spec_store
+from daybreak.online._store import URL_ENV, OnlineStore, SQLiteStore, is_redis
+from daybreak.spec import DEFAULT_MAX_STALENESS
 
 if TYPE_CHECKING:
     from daybreak.online._redis import RedisStore
 
 __all__ = [
     "DEFAULT_MAX_STALENESS",
+    "URL_ENV",
     "BodyError",
     "MaterializeResult",
     "OnlineError",
@@ -48,9 +51,12 @@ __all__ = [
     "date_seconds",
     "features_for",
     "freshness",
+    "is_redis",
     "materialize",
+    "materialize_online",
     "open_store",
     "push",
+    "spec_store",
 ]
 
 
@@ -58,7 +64,7 @@ def open_store(url: str | None, name: str, home: str | Path | None = None) -> On
     """The online store of feature table `name`: Redis for a ``redis://`` or ``rediss://`` URL
     (namespace ``daybreak:<name>``), else SQLite at the path given (default
     ``<home>/online/<name>.sqlite``)."""
-    if url and url.startswith(("redis://", "rediss://", "unix://")):
+    if is_redis(url):
         from daybreak.online._redis import RedisStore
 
         return RedisStore(url, f"daybreak:{name}")

@@ -58,13 +58,12 @@ from daybreak.features import (
 from daybreak.infra.context import RunContext
 from daybreak.infra.errors import DaybreakError
 from daybreak.online._store import Entry, OnlineStore, Query
-from daybreak.spec import Spec, arrow_type, evaluate, names_in, parse_duration
+from daybreak.spec import DEFAULT_MAX_STALENESS, Spec, arrow_type, evaluate, names_in, parse_duration
 
 log = logging.getLogger(__name__)
 
 PUSHED_ORDER = 1 << 62
 """A pushed row's input order (per-row windows order ties by it) starts here: after every staged row's."""
-DEFAULT_MAX_STALENESS = "1d"
 
 
 class OnlineError(DaybreakError):

@@ -8,7 +8,8 @@ or a materialize, see each generation whole: ``_store``).
 
 The store is opened once, on first use, from ``DAYBREAK_ONLINE_URL`` (``redis://...``; unset:
 the embedded SQLite file under ``$DAYBREAK_HOME/online/``). How old the state may be before a row
-is blocked: ``DAYBREAK_ONLINE_MAX_STALENESS`` (a spec duration, default ``1d``).
+is blocked: ``DAYBREAK_ONLINE_MAX_STALENESS`` (a spec duration), else the spec's
+``online.max_staleness`` (default ``1d``).
 """
 
 from __future__ import annotations
@@ -29,13 +30,12 @@ import pyarrow as pa
 
 from daybreak.features import US
 from daybreak.infra.context import daybreak_home
-from daybreak.online._online import DEFAULT_MAX_STALENESS, OnlineError, OnlineFeatures, features_for, freshness, push
-from daybreak.online._store import OnlineStore
+from daybreak.online._online import OnlineError, OnlineFeatures, features_for, freshness, push
+from daybreak.online._store import URL_ENV, OnlineStore, is_redis
 from daybreak.spec import Spec, parse_duration
 
 log = logging.getLogger(__name__)
 
-URL_ENV = "DAYBREAK_ONLINE_URL"
 STALENESS_ENV = "DAYBREAK_ONLINE_MAX_STALENESS"
 FORMATS = ("dataframe_split", "dataframe_records", "inputs")
 FRESHNESS_KEYS = ("materialized_date", "materialized_at", "generation", "feature_version", "newest_event")
@@ -109,7 +109,7 @@ class OnlineServing:
     def __init__(self, spec: Spec, url: str | None = None, max_staleness: str | None = None) -> None:
         self.spec = spec
         self.url = url if url is not None else (os.environ.get(URL_ENV) or None)
-        self.max_staleness = max_staleness or os.environ.get(STALENESS_ENV) or DEFAULT_MAX_STALENESS
+        self.max_staleness = max_staleness or os.environ.get(STALENESS_ENV) or spec.online.max_staleness
         parse_duration(self.max_staleness)  # a bad value fails at start, naming it
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="online")
         self._store: OnlineStore | None = None
@@ -119,7 +119,7 @@ class OnlineServing:
 
     @property
     def backend(self) -> str:
-        return "redis" if self.url and self.url.startswith(("redis://", "rediss://", "unix://")) else "sqlite"
+        return "redis" if is_redis(self.url) else "sqlite"
 
     def store(self, create: bool = False) -> OnlineStore:
         """The store, opened on first use. Raises OnlineError when the embedded store was never

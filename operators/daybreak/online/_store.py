@@ -22,12 +22,21 @@ import sqlite3
 import threading
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Protocol, TypeGuard, runtime_checkable
 
 Entry = tuple[str, str, int, str]
 """(part, key, score, payload)"""
 Query = tuple[str, str, str, float, float]
 """(area, part, key, lowest score, highest score), both ends included"""
+
+URL_ENV = "DAYBREAK_ONLINE_URL"
+"""Where the online store is (a Redis URL); unset: the embedded SQLite file. Never in a spec."""
+
+
+def is_redis(url: str | None) -> TypeGuard[str]:
+    """Whether an online store URL names a Redis server (else a SQLite file)."""
+    return bool(url and url.startswith(("redis://", "rediss://", "unix://")))
+
 
 PUSH_SEQ_START = 1 << 40
 """Pushed entries are numbered from here: after any materialized entry (numbered from 0 per part)."""

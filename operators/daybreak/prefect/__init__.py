@@ -9,6 +9,7 @@ from daybreak.prefect.tasks import (
     build_features,
     deploy_model,
     evaluate_gate,
+    materialize_online,
     monitor_model,
     promote_model,
     replay_gate,
@@ -16,5 +17,6 @@ from daybreak.prefect.tasks import (
     train_model,
 )
 
-__all__ = ["approve_model", "batch_score", "build_features", "deploy_model", "evaluate_gate", "monitor_model",
+__all__ = ["approve_model", "batch_score", "build_features", "deploy_model", "evaluate_gate", "materialize_online",
+           "monitor_model",
            "promote_model", "replay_gate", "stage_data", "train_model"]

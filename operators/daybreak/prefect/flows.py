@@ -31,6 +31,7 @@ from daybreak.prefect.tasks import (
     build_features,
     deploy_model,
     evaluate_gate,
+    materialize_online,
     monitor_model,
     not_run,
     promote_model,
@@ -83,7 +84,8 @@ def _report(key: str, title: str, rows: list[dict[str, Any]]) -> None:
 
 
 # The task that runs each step of the cycle (daybreak.steps.CYCLE, which says in what order and when).
-TASKS: dict[str, Any] = {"stage": stage_data, "features": build_features, "monitor": monitor_model,
+TASKS: dict[str, Any] = {"stage": stage_data, "features": build_features, "online": materialize_online,
+                         "monitor": monitor_model,
                          "train": train_model, "gate": evaluate_gate, "promote": promote_model, "deploy": deploy_model}
 
 
@@ -91,7 +93,8 @@ def _where(cfg: dict[str, Any]) -> dict[str, dict[str, Any]]:
     """Where things live, as each step's task is told."""
     io = {"store": cfg["store"], "storage_secret": cfg["storage_secret"]}
     ml = {"tracking_uri": cfg["tracking_uri"], "mlflow_secret": cfg["mlflow_secret"]}
-    return {"stage": io, "features": io | {"ray_address": cfg["ray_address"]}, "monitor": io | ml, "train": io | ml,
+    return {"stage": io, "features": io | {"ray_address": cfg["ray_address"]}, "online": io, "monitor": io | ml,
+            "train": io | ml,
             "gate": io | ml, "promote": ml, "deploy": io | ml | {"url": cfg["serve_url"]}}
 
 
@@ -109,7 +112,8 @@ def daily_retrain(date: str | None = None, spec: str | None = None, force: bool 
                   deploy: bool = True, store: str | None = None, tracking_uri: str | None = None,
                   ray_address: str | None = None, serve_url: str | None = None, storage_secret: str | None = None,
                   mlflow_secret: str | None = None) -> dict[str, Any]:
-    """Stage, build features, monitor the model in service (rolling it back if it must), train,
+    """Stage, build features, materialize the online store (when the spec sets
+    ``online.materialize``), monitor the model in service (rolling it back if it must), train,
     gate, promote and deploy for one date (default: the run's scheduled date), as declared in
     ``daybreak.steps.CYCLE``. The gate's decision decides: promote runs only after PROMOTE (else the
     result reports the champion in service, as ``daybreak run`` does), deploy only when the champion
@@ -123,7 +127,7 @@ def daily_retrain(date: str | None = None, spec: str | None = None, force: bool 
     calendar_of = load_spec(s, try_model=False)  # (checked by settings) for the days with no drop
     for step in CYCLE:
         skipped = step.skipped(calendar_of, parse_date(day))
-        if skipped is not None:  # no drop expected on the day: no task runs, and that is its result
+        if skipped is not None:  # no drop expected, or not turned on in the spec: no task runs, that is its result
             out[step.name] = skipped
         elif step.runs_if(out, options):
             out[step.name] = TASKS[step.name](s, day, **step.options_from(options), **where[step.name])

@@ -7,7 +7,7 @@
   ``batch_score`` are cached by daybreak's lineage key (:func:`daybreak.steps.cache_key`): a
   rerun of a date whose outputs are recorded and whose inputs are unchanged is ``Cached`` and
   returns the persisted result without calling the step. A changed input, a deleted partition or
-  model version, or ``force`` misses the cache. ``monitor_model``, ``promote_model``,
+  model version, or ``force`` misses the cache. ``materialize_online``, ``monitor_model``, ``promote_model``,
   ``approve_model`` and ``deploy_model`` act on the registry (and the log) as it stands and always run;
   ``replay_gate`` only reads, and always runs.
 - **Results** are persisted as JSON where Prefect's settings say (``PREFECT_LOCAL_STORAGE_PATH``, or a
@@ -188,6 +188,17 @@ def build_features(spec: str, date: str, store: str | None = None, ray_address: 
                    storage_secret: str | None = None) -> dict[str, Any]:
     """Build the day's point-in-time feature partition on Ray."""
     return _run("features", spec, date, store=store, ray_address=ray_address, storage_secret=storage_secret)
+
+
+@task(name="materialize_online", task_run_name="online {date}", **_opts(None))
+def materialize_online(spec: str, date: str, store: str | None = None,
+                       storage_secret: str | None = None) -> dict[str, Any]:
+    """Materialize the online store as of the end of the date from its staged data, when the spec
+    sets ``online.materialize`` (else it returns ``enabled: false`` and opens nothing). The store
+    is ``DAYBREAK_ONLINE_URL`` in the worker's environment, else the embedded SQLite file; the
+    result names the backend, never the URL. Always runs: the store is live state, not an output
+    recorded with a lineage."""
+    return _run("online", spec, date, store=store, storage_secret=storage_secret)
 
 
 @task(name="monitor_model", task_run_name="monitor {date}", **_opts(None))

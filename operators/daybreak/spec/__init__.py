@@ -6,11 +6,13 @@ A spec is data: reading and validating one never runs code from it.
 from typing import TYPE_CHECKING, Any
 
 from daybreak.spec._model import (
+    DEFAULT_MAX_STALENESS,
     LABEL_KNOWN_AT,
     OPERATIONAL,
     AsofJoin,
     ColumnSpec,
     FeatureSpec,
+    OnlineSpec,
     SearchParam,
     SourceSpec,
     Spec,
@@ -25,11 +27,13 @@ from daybreak.spec._model import (
 )
 
 __all__ = [
+    "DEFAULT_MAX_STALENESS",
     "LABEL_KNOWN_AT",
     "OPERATIONAL",
     "AsofJoin",
     "ColumnSpec",
     "FeatureSpec",
+    "OnlineSpec",
     "SearchParam",
     "SourceSpec",
     "Spec",

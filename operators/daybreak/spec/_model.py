@@ -1038,6 +1038,31 @@ class MonitoringSpec(_Model):
     notify: NotifySpec = Field(NotifySpec(), description="where rollbacks, alerts and blocking drift are reported")
 
 
+DEFAULT_MAX_STALENESS = "1d"
+"""How old the online state may be before a raw row is blocked, unless the spec or
+``DAYBREAK_ONLINE_MAX_STALENESS`` says otherwise."""
+
+
+class OnlineSpec(_Model):
+    """Online features (``daybreak.online``): whether the daily cycle keeps the online store
+    current, and how old its state may be when ``daybreak serve`` computes a raw row's features.
+    Where the store lives is not part of the spec: ``DAYBREAK_ONLINE_URL`` (a Redis URL may carry
+    a password), else an embedded SQLite file in ``$DAYBREAK_HOME/online/``."""
+
+    materialize: bool = Field(False, description="true: the daily cycle materializes the online store for the "
+                                                 "date right after the features step (the `online` step); "
+                                                 "false: the step does nothing and no online store is opened")
+    max_staleness: str = Field(DEFAULT_MAX_STALENESS, description="how old the materialized state may be before "
+                                                                  "`daybreak serve` blocks a raw row, a duration "
+                                                                  "such as '1d' or '36h' (DAYBREAK_ONLINE_MAX_"
+                                                                  "STALENESS overrides it)")
+
+    @field_validator("max_staleness")
+    @classmethod
+    def _dur(cls, v: str) -> str:
+        return _span(v, "online.max_staleness")
+
+
 class Spec(_Model):
     name: str = Field(description="the pipeline's name: its MLflow experiment, beside `<name>-audit` (the audit "
                                   "history) and `<name>-monitor`")
@@ -1052,6 +1077,8 @@ class Spec(_Model):
                                                             "the champion alias")
     monitoring: MonitoringSpec = Field(MonitoringSpec(), description="prediction log, live quality, drift, "
                                                                      "automatic rollback and notifications")
+    online: OnlineSpec = Field(OnlineSpec(), description="online features: materialize the online store in the "
+                                                         "daily cycle, and the state's staleness bound for raw rows")
 
     @model_validator(mode="before")
     @classmethod
@@ -1136,9 +1163,9 @@ class Spec(_Model):
     def spec_hash(self) -> str:
         # Who approves a promotion does not shape the model: switching to manual approval keeps
         # the date's candidate (and every spec hash written before the field existed).
-        # Monitoring does not shape the model either.
+        # Monitoring and online serving do not shape the model either.
         return _hash(_without_new_defaults(self.model_dump(
-            mode="json", exclude={"promotion": {"approval"}, "monitoring": True,
+            mode="json", exclude={"promotion": {"approval"}, "monitoring": True, "online": True,
                                   "sources": {"__all__": OPERATIONAL}})))
 
     def id_columns(self) -> list[str]:
