@@ -401,3 +401,43 @@ def test_sigkilled_materialize_keeps_previous_state(spec, ctx, store, staged: Pa
         proc.wait()
     assert store.current()["date"] == DAYS[0].isoformat()
     assert features_for(spec, store, flights, at).table.equals(before)
+
+
+def test_the_cycle_materializes_only_when_the_spec_opts_in(spec, staged: Path, tmp_path: Path,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """The cycle's online step: off (the default) it opens no store, not even the SQLite file; with
+    online.materialize the store's freshness says the date. A rerun changes nothing, an older date
+    keeps the newer state (a backfill never turns the served state back), and the result names the
+    backend but no URL or path."""
+    import json
+
+    from daybreak.cycle import run_cycle
+    from daybreak.infra.cluster import ClusterConfigError
+    from daybreak.online import materialize_online, spec_store
+
+    home = tmp_path / "home"
+    shutil.copytree(staged, home, symlinks=True)
+    monkeypatch.setenv("DAYBREAK_HOME", str(home))
+    monkeypatch.delenv("DAYBREAK_ONLINE_URL", raising=False)
+    off = run_cycle(spec, RunContext.create(DAY), steps=["online"])["online"]
+    assert off["enabled"] is False and off["skipped"] is True and "online.materialize" in off["reason"]
+    assert not (home / "online").exists()
+
+    on = spec.model_copy(update={"online": spec.online.model_copy(update={"materialize": True})})
+    out = run_cycle(on, RunContext.create(DAY), steps=["online"])["online"]
+    assert out["status"] == "materialized" and out["date"] == out["materialized_date"] == DAY.isoformat(), out
+    assert out["backend"] == "sqlite" and out["rows"] == sum(out["entries"].values()) > 0, out
+    assert str(home) not in json.dumps(out)
+    store = spec_store(spec)
+    try:
+        assert freshness(store)["materialized_date"] == DAY.isoformat()
+        assert freshness(store)["generation"] == out["generation"]
+    finally:
+        store.close()
+    assert run_cycle(on, RunContext.create(DAY), steps=["online"])["online"]["status"] == "unchanged"
+    older = run_cycle(on, RunContext.create(DAYS[-2]), steps=["online"])["online"]
+    assert older["status"] == "kept_newer" and older["materialized_date"] == DAY.isoformat(), older
+
+    # tasks on several machines: an embedded SQLite file would be another file on each
+    with pytest.raises(ClusterConfigError, match="DAYBREAK_ONLINE_URL"):
+        materialize_online(on, RunContext.create(DAY, distributed="Airflow's CeleryExecutor"))
