@@ -41,7 +41,8 @@ def test_dagbag_parses_light(airflow_env: dict) -> None:
                               "daybreak_partition_score"]
     assert out["heavy_modules_after_parse"] == []
     daily, approve, batch = out["daybreak_daily_retrain"], out["daybreak_approve"], out["daybreak_batch_score"]
-    assert daily["tasks"] == ["landing", "stage", "features", "monitor", "train", "gate", "promote", "deploy"]
+    assert daily["tasks"] == ["landing", "stage", "features", "online", "monitor", "train", "gate", "promote",
+                              "deploy"]
     assert daily["params"] == ["approve", "date", "dry_run", "force", "spec"]
     assert daily["schedule"] == "@daily"
     assert approve == {"tasks": ["approve"], "params": ["decision", "reason", "spec", "version"], "schedule": "None"}
@@ -54,8 +55,9 @@ def test_dagbag_parses_light(airflow_env: dict) -> None:
 
 def test_the_dag_factory_builds_the_declared_cycle(airflow_env: dict) -> None:
     """The shipped DAG and a user's two-line DAG file are both built by daily_retrain_dag from the
-    cycle's declaration: one task per declared step, in its order, chained; the same operators,
-    limits, Assets and form, with the user's own dag_id and spec."""
+    cycle's declaration: one task per declared step, in its order, chained; the online step hangs
+    off features (its skip or failure holds up no training); the same operators, limits, Assets
+    and form, with the user's own dag_id and spec."""
     from daybreak.steps import CYCLE
 
     out = _check(airflow_env["env"], "factory")
@@ -64,7 +66,10 @@ def test_the_dag_factory_builds_the_declared_cycle(airflow_env: dict) -> None:
     shipped, user = out["shipped"], out["user"]
     names = ["landing", *(step.name for step in CYCLE)]  # the landing sensor, then the declared steps
     assert shipped["tasks"] == names
-    assert shipped["downstream"] == {a: [b] for a, b in pairwise(names)} | {names[-1]: []}
+    chain = [n for n in names if n != "online"]
+    assert shipped["downstream"] == {a: [b] for a, b in pairwise(chain)} | {names[-1]: [], "online": [],
+                                                                            "features": ["monitor", "online"]}
+    assert shipped["operators"]["online"] == "MaterializeOnlineOperator"
     assert shipped["operators"]["landing"] == "LandingFileSensor"
     assert shipped["params"]["spec"] == str(SPEC) and user["params"]["spec"] == "specs/payments.yaml"
     assert user == shipped | {"params": shipped["params"] | {"spec": "specs/payments.yaml"}}

@@ -193,7 +193,7 @@ print("RESULT " + json.dumps(out, default=str))
 def lenient_days(tmp_path_factory: pytest.TempPathFactory, landing: Path, spec) -> dict:
     """The flow for 2013-01-01 (SKIPPED: nothing to train on) and 2013-01-02 (promoted, deployed to no
     endpoint) under a gate every candidate passes, then 2013-01-01 again by the flow and by run_cycle,
-    and 2013-01-02 again by run_cycle."""
+    and 2013-01-02 again by run_cycle. The spec materializes the online store (the embedded one)."""
     base = tmp_path_factory.mktemp("lenient-flow")
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
     env.update(PREFECT_HOME=str(base / "prefect"), PREFECT_LOCAL_STORAGE_PATH=str(base / "results"),
@@ -201,7 +201,8 @@ def lenient_days(tmp_path_factory: pytest.TempPathFactory, landing: Path, spec) 
                **QUIET_PREFECT)
     lenient = base / "lenient.yaml"
     lenient.write_text(json.dumps(spec.model_copy(update={
-        "gate": spec.gate.model_copy(update={"compare": "no_worse", "margin": 1.0, "floor": 0.0})
+        "gate": spec.gate.model_copy(update={"compare": "no_worse", "margin": 1.0, "floor": 0.0}),
+        "online": spec.online.model_copy(update={"materialize": True}),  # every step of the cycle runs
     }).model_dump(mode="json")))
     code = LENIENT_DAYS.format(flows=str(ROOT / "flows"), spec=str(lenient))
     proc = subprocess.run([str(BIN / "python"), "-c", code], env=env, capture_output=True, text=True, timeout=600)
@@ -236,3 +237,10 @@ def test_the_flow_and_run_cycle_follow_the_declared_cycle(lenient_days: dict) ->
     assert day1["tasks"] == [TASKS[n].name for n in gate_said_no], day1["tasks"]
     assert [k for k in lenient_days["cli"] if k in STEPS] == [*gate_said_no, "promote"]
     assert [k for k in day1["result"] if k in STEPS and day1["result"][k] is not None] == [*gate_said_no, "promote"]
+    # the online step ran as a task after features: each day materialized, the rerun of the older
+    # day kept the newer state
+    assert day1["result"]["online"]["status"] == "materialized", day1["result"]["online"]
+    assert day2["result"]["online"]["status"] == "materialized", day2["result"]["online"]
+    assert day2["result"]["online"]["materialized_date"] == "2013-01-02"
+    rerun = lenient_days["flow"][2]["result"]["online"]
+    assert rerun["status"] == "kept_newer" and rerun["materialized_date"] == "2013-01-02", rerun
