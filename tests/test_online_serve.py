@@ -5,9 +5,10 @@ log there). The online store is materialized to 2013-01-03, the 2013-01-04 event
 weather, as staged) are pushed through ``POST /events``, and the day's flights are sent as raw
 rows to ``POST /invocations?raw=1``. Their predictions must equal the predictions of the
 offline feature partition's rows for the same flights, sent through the precomputed path to the
-same server (so the same version): batch scoring's. With the embedded SQLite store and with a
-real Redis server. Also: blocked rows say why, /events needs the token, /health and /metrics
-show freshness, the prediction log holds the computed features.
+same server (so the same version), and the predictions partition the batch_score step writes for
+the day. With the embedded SQLite store and with a real Redis server. The monitor step of the day
+judges that raw-row traffic against the day's labels. Also: blocked rows say why, /events needs
+the token, /health and /metrics show freshness, the prediction log holds the computed features.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from daybreak.deploy._predlog import read_log
 from daybreak.features import read_features
 from daybreak.infra.context import RunContext
 from daybreak.online import materialize, open_store
+from daybreak.score import batch_score, prediction_zone
 
 MATERIALIZED, DAY = date(2013, 1, 3), date(2013, 1, 4)
 TOKEN = "online-s3cret"
@@ -120,9 +122,13 @@ def _key(df: pd.DataFrame, keys: list[str]) -> pd.Series:
     return df[keys].astype(str).agg("|".join, axis=1) + "|" + et.map(lambda t: t.isoformat())
 
 
-def test_raw_rows_predict_as_batch_scoring(online: dict, spec, monkeypatch: pytest.MonkeyPatch) -> None:
+def _served_day(online: dict, spec, monkeypatch: pytest.MonkeyPatch) -> dict:
+    """DAY's events pushed and its flights sent as raw rows (request ``raw-day``), once per server:
+    the answer, the served version, the rows sent (with the event times the server computed) and
+    the server's predictions by row identity (keys and event time)."""
+    if "served" in online:
+        return online["served"]
     url, home = online["server"].url, online["home"]
-    f = spec.features
 
     # before any event: the materialized date, no pushed event yet
     health = httpx.get(f"{url}/health", headers=AUTH, timeout=10).json()
@@ -138,9 +144,24 @@ def test_raw_rows_predict_as_batch_scoring(online: dict, spec, monkeypatch: pyte
                    timeout=120)
     assert r.status_code == 200, r.text[:1000]
     body = r.json()
-    version = r.headers["x-model-version"]
     assert len(body["predictions"]) == len(rows)
     assert body["blocked"] == [], body["blocked"][:3]
+    sent = pd.DataFrame(rows)
+    sent["event_time"] = [engine_time.isoformat() for engine_time in _event_times(spec, flights)]
+    got = pd.Series(np.asarray([np.nan if p is None else p for p in body["predictions"]], np.float64),
+                    index=_key(sent, list(spec.features.keys)).values)
+    until(lambda: httpx.get(f"{url}/health", headers=AUTH, timeout=10).json()["prediction_log"]["written_rows"]
+          >= len(rows), 30, "the prediction log never wrote the raw rows")
+    online["served"] = {"pushed": pushed, "rows": rows, "body": body, "version": r.headers["x-model-version"],
+                        "got": got}
+    return online["served"]
+
+
+def test_raw_rows_predict_as_batch_scoring(online: dict, spec, monkeypatch: pytest.MonkeyPatch) -> None:
+    url, home = online["server"].url, online["home"]
+    f = spec.features
+    served = _served_day(online, spec, monkeypatch)
+    pushed, rows, version, got = served["pushed"], served["rows"], served["version"], served["got"]
 
     # the offline partition's rows for the same flights, through the precomputed path
     monkeypatch.setenv("DAYBREAK_HOME", str(home))
@@ -152,15 +173,21 @@ def test_raw_rows_predict_as_batch_scoring(online: dict, spec, monkeypatch: pyte
         "columns": names, "data": X.astype(object).where(X.notna(), None).values.tolist()}})
     assert pre.status_code == 200 and pre.headers["x-model-version"] == version, pre.text[:500]
     want = pd.Series(np.asarray(pre.json()["predictions"], np.float64), index=_key(offline, list(f.keys)).values)
-
-    sent = pd.DataFrame(rows)
-    sent["event_time"] = [engine_time.isoformat() for engine_time in _event_times(spec, flights)]
-    got = pd.Series(np.asarray([np.nan if p is None else p for p in body["predictions"]], np.float64),
-                    index=_key(sent, list(f.keys)).values)
     common = want.index.intersection(got.index)
     assert len(common) >= 0.95 * len(want) and len(want) > 500, (len(common), len(want))
     assert not np.isnan(got[common].to_numpy()).any()
     np.testing.assert_allclose(got[common].to_numpy(), want[common].to_numpy(), rtol=1e-9, atol=1e-9)
+
+    # and batch scoring itself: the batch_score step's predictions partition of the day, row for row
+    scored = batch_score(spec, RunContext.create(DAY), in_process=True)
+    assert scored["model_version"] == version, (scored, version)
+    part = RunContext.create(DAY).store.partition(prediction_zone(spec), DAY)
+    batch = engine.read_table(part.files, part.fs).to_pandas()
+    by_row = pd.Series(batch["prediction"].to_numpy(np.float64), index=_key(batch, list(f.keys)).values)
+    assert by_row.index.is_unique and len(by_row) == len(offline)
+    both = by_row.index.intersection(got.index)
+    assert len(both) == len(common), (len(both), len(common))  # the rows the server predicted and the day labelled
+    np.testing.assert_allclose(got[both].to_numpy(), by_row[both].to_numpy(), rtol=1e-9, atol=0)
 
     # freshness: /health and /metrics
     health = httpx.get(f"{url}/health", headers=AUTH, timeout=10).json()["online"]
@@ -178,8 +205,6 @@ def test_raw_rows_predict_as_batch_scoring(online: dict, spec, monkeypatch: pyte
     assert _gauge(metrics, 'daybreak_online_rows_total{outcome="predicted"}') >= len(rows)
 
     # the prediction log holds what the model saw: the computed features, with the identities
-    until(lambda: httpx.get(f"{url}/health", headers=AUTH, timeout=10).json()["prediction_log"]["written_rows"]
-          >= len(rows), 30, "the prediction log never wrote the raw rows")
     ctx = RunContext.create(DAY)
     logged = read_log(spec, ctx.store, [DAY])
     assert logged is not None
@@ -196,6 +221,38 @@ def test_raw_rows_predict_as_batch_scoring(online: dict, spec, monkeypatch: pyte
                                        err_msg=name)
         else:
             assert mine.loc[common, name].tolist() == off.loc[common, name].tolist(), name
+
+
+def test_the_monitor_judges_raw_row_traffic(online: dict, spec, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Raw-row requests are logged with the features the server computed, and the monitor step of
+    the day judges them: it joins the log with the day's labels (staged with its data) and reports
+    the live metric of the served version on those rows, the same as computed here from the
+    server's answers and the labels."""
+    import math
+
+    from sklearn.metrics import roc_auc_score
+
+    from daybreak.deploy import ONLINE
+    from daybreak.monitor import monitor_model
+
+    served = _served_day(online, spec, monkeypatch)
+    monkeypatch.setenv("DAYBREAK_HOME", str(online["home"]))
+    ctx = RunContext.create(DAY)
+    f = spec.features
+    labelled = read_features(spec, ctx, [DAY])[0].to_pandas()
+    labels = pd.Series(labelled[f.label.name].to_numpy(np.float64), index=_key(labelled, list(f.keys)).values)
+    judged = served["got"].to_frame("prediction").join(labels.rename("label"), how="inner")
+    assert len(judged) > 500 and judged.index.is_unique
+    assert spec.live_metric() == "roc_auc"
+    want = roc_auc_score(judged["label"], judged["prediction"])
+
+    result = monitor_model(spec, ctx)
+    live = [v for v in result["versions"] if v["source"] == ONLINE]
+    assert [v["version"] for v in live] == [served["version"]], result["versions"]
+    assert live[0]["rows"] == len(judged), (live[0]["rows"], len(judged))
+    assert math.isclose(live[0]["metrics"]["roc_auc"], want, rel_tol=1e-9), (live[0]["metrics"], want)
+    assert live[0]["label_mean"] == pytest.approx(judged["label"].mean(), rel=1e-12)
+    assert result["rows_logged"] >= len(served["rows"]) and result["conflicting_identities"] == 0
 
 
 def _gauge(text: str, name: str) -> float:

@@ -1044,18 +1044,18 @@ DEFAULT_MAX_STALENESS = "1d"
 
 
 class OnlineSpec(_Model):
-    """Online features (``daybreak.online``): whether the daily cycle keeps the online store
-    current, and how old its state may be when ``daybreak serve`` computes a raw row's features.
-    Where the store lives is not part of the spec: ``DAYBREAK_ONLINE_URL`` (a Redis URL may carry
-    a password), else an embedded SQLite file in ``$DAYBREAK_HOME/online/``."""
+    """Online features (`daybreak.online`): whether the daily cycle keeps the online store
+    current, and how old its state may be when `daybreak serve` computes a raw row's features.
+    Where the store lives is not part of the spec: `DAYBREAK_ONLINE_URL` (a Redis URL may carry a
+    password), else an embedded SQLite file in `$DAYBREAK_HOME/online/`."""
 
     materialize: bool = Field(False, description="true: the daily cycle materializes the online store for the "
                                                  "date right after the features step (the `online` step); "
                                                  "false: the step does nothing and no online store is opened")
     max_staleness: str = Field(DEFAULT_MAX_STALENESS, description="how old the materialized state may be before "
                                                                   "`daybreak serve` blocks a raw row, a duration "
-                                                                  "such as '1d' or '36h' (DAYBREAK_ONLINE_MAX_"
-                                                                  "STALENESS overrides it)")
+                                                                  "such as '1d' or '36h' "
+                                                                  "(`DAYBREAK_ONLINE_MAX_STALENESS` overrides it)")
 
     @field_validator("max_staleness")
     @classmethod
