@@ -149,7 +149,8 @@ def run(spec: str = SpecOpt, day: str = DayOpt,
         force: bool = typer.Option(False, "--force", help="Retrain even if the date already has a candidate."),
         dry_run: bool = typer.Option(False, "--dry-run", help="Stop after the gate: report, never promote or deploy."),
         fail_on_reject: bool = FailOnRejectOpt, as_json: bool = JsonOpt) -> None:
-    """Run one full daily cycle (stage, features, train, gate, promote, deploy) in process."""
+    """Run one full daily cycle (stage, features, online when the spec opts in, monitor, train, gate,
+    promote, deploy) in process."""
     from daybreak.cycle import run_cycle
 
     s = _load(spec)
