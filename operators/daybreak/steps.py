@@ -9,7 +9,9 @@ parses light): a step's module is imported when it runs.
 A step that reads the base source's date (all but approve and replay) runs nothing on a day its
 calendar (``sources.<base>.calendar``) expects no drop: ``Step.run`` returns
 :func:`not_expected` instead, a small result every caller passes on as it is (not an error, no
-model version).
+model version). A step the spec must turn on (``Step.opt_in``: online, by ``online.materialize``)
+runs nothing without it either: its result is :func:`not_enabled`, and its module is never
+imported.
 
 Airflow operators and Prefect tasks call ``run_step``: spec path + date in, small dict out; it
 loads and validates the spec, builds the run context and calls the step, so the adapters stay a
@@ -166,11 +168,11 @@ STEPS: dict[str, Step] = {s.name: s for s in (
     Step("replay", "daybreak.gate:replay", options=("start", "end", "policy"), dated=False),
 )}
 
-# The daily cycle, in order. The online store is materialized from the date's staged data as soon
-# as its features are built (when the spec opts in). Monitoring runs before retraining: the date's labels have just
-# arrived with its staged data, so the model in service is judged on what it served (and rolled
-# back if it must be) before the new candidate is gated against it. run_cycle, the Prefect flow
-# and the Airflow DAG factory all iterate over this.
+# The daily cycle, in order. The online store is materialized from the date's staged data once its
+# features are built (when the spec opts in). Monitoring runs before retraining: the date's labels
+# have just arrived with its staged data, so the model in service is judged on what it served (and
+# rolled back if it must be) before the new candidate is gated against it. run_cycle, the Prefect
+# flow and the Airflow DAG factory all iterate over this.
 CYCLE: tuple[Step, ...] = tuple(STEPS[n] for n in ("stage", "features", "online", "monitor", "train", "gate",
                                                    "promote", "deploy"))
 
