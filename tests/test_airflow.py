@@ -104,6 +104,11 @@ def test_dry_run_force_and_batch_score_with_dag_test(airflow_env: dict, fresh: P
     assert would["dry_run"] is True and would["promoted"] is False, would
     assert would["would"] == "move champion to v1 (from no champion)", would
 
+    # the spec does not opt in to online features: the online task is skipped, saying why, and
+    # nothing after features waited for it
+    assert dry["tasks"]["online"] == "skipped" and dry["tasks"]["monitor"] == "success", dry["tasks"]
+    assert _x(dry["xcom"]["online"])["enabled"] is False, dry["xcom"].get("online")
+
     normal = out["normal"]
     assert _x(normal["xcom"]["train"])["status"] == "exists", normal  # the dry run's candidate
     assert _x(normal["xcom"]["promote"])["champion_version"] == "1", normal
