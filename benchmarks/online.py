@@ -2,7 +2,7 @@
 materialize time per million rows, with the embedded SQLite store and with Redis.
 
     python benchmarks/online.py [--seconds 2] [--warmup 1] [--repeats 3] [--concurrency 32] [--rows 1 100]
-                                [--materialize-rows 1000000] [--materialize-repeats 1] [--backends sqlite redis]
+                                [--materialize-rows 1000000] [--materialize-repeats 3] [--backends sqlite redis]
     python benchmarks/online.py --quick --home /tmp/h     # a few seconds of load, 100k rows to materialize
 
 Serving. The champion of the flights demo (``serving.prepare``: the daily cycle for 2013-01-01 ..
@@ -312,12 +312,12 @@ def bench_materialize(rows: int, repeats: int, backends: list[str], redis_url: s
     """`materialize` for features.DAY on flights scaled to `rows` rows, into an empty store of each
     backend, `repeats` times each (backends alternating)."""
     import pyarrow.parquet as pq
+    from features import DAY as FDAY
+    from features import _generated, _home, scaled_spec
 
     from daybreak.features import days_back
     from daybreak.infra.context import RunContext
     from daybreak.online import materialize
-    from features import DAY as FDAY
-    from features import _generated, _home, scaled_spec
 
     out: dict = {"backends": {}}
     with _home(keep, rows) as home:
@@ -355,7 +355,7 @@ def bench_materialize(rows: int, repeats: int, backends: list[str], redis_url: s
 # --- both ------------------------------------------------------------------------------------
 
 def bench_online(sizes: list[int] = (1, 100), seconds: float = 2.0, concurrency: int = 32, warmup: float = 1.0,
-                 repeats: int = 3, materialize_rows: int = 1_000_000, materialize_repeats: int = 1,
+                 repeats: int = 3, materialize_rows: int = 1_000_000, materialize_repeats: int = 3,
                  backends: list[str] = ("sqlite", "redis"), home: Path | None = None) -> dict:
     """Requests (raw vs precomputed) and materialize, SQLite and Redis; `home` keeps the prepared
     demo home and the scaled data for the next run."""
@@ -433,7 +433,7 @@ def main() -> int:
     ap.add_argument("--concurrency", type=int, default=32, help="connections, each with one request in flight")
     ap.add_argument("--materialize-rows", type=int, default=1_000_000,
                     help="flights rows to generate and materialize (0: skip)")
-    ap.add_argument("--materialize-repeats", type=int, default=1)
+    ap.add_argument("--materialize-repeats", type=int, default=3)
     ap.add_argument("--backends", nargs="+", choices=["sqlite", "redis"], default=["sqlite", "redis"])
     ap.add_argument("--quick", action="store_true",
                     help="a check that it works: 1 round of 1 s after 0.5 s, 100k rows to materialize")
@@ -450,7 +450,7 @@ def main() -> int:
     print_header("online features: raw rows vs precomputed, materialize", args.repeats)
     r = bench_online(args.rows, args.seconds, args.concurrency, args.warmup, args.repeats, args.materialize_rows,
                      args.materialize_repeats, args.backends, args.home)
-    print(json.dumps(r, indent=1, default=str)[:6000])
+    print(json.dumps(r, indent=2, default=str))
     print("\n".join(online_lines(r)))
     return 0
 
