@@ -189,6 +189,7 @@ def main() -> int:
     ap.add_argument("--e2e-days", type=int, default=5, help="timed days of the end-to-end cycle (0: skip it)")
     ap.add_argument("--out", type=Path, default=HERE, help="where RESULTS.md, results.json and the PNG go")
     args = ap.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
     from abuse import bench_abuse
     from e2e import bench_e2e
     from features import bench_features, growth, plot, repeats_label, verdicts
