@@ -109,7 +109,8 @@ def _store(spec, backend: str, url: str | None, path: Path):
     if backend == "redis":
         _flush(url)
         return open_store(url, spec.features.name)
-    path.unlink(missing_ok=True)
+    for stale in (path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")):
+        stale.unlink(missing_ok=True)
     return open_store(f"sqlite:///{path}", spec.features.name)
 
 
