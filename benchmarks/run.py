@@ -180,14 +180,22 @@ def main() -> int:
     ap.add_argument("--abuse-seconds", type=float, default=4.0,
                     help="measured seconds per phase and round of the abusive-clients benchmark (0: skip it)")
     ap.add_argument("--abuse-repeats", type=int, default=3)
+    ap.add_argument("--online-seconds", type=float, default=2.0,
+                    help="measured seconds per kind of request, size and round in the online-features benchmark "
+                         "(0: skip it, materialize too)")
+    ap.add_argument("--online-repeats", type=int, default=3)
+    ap.add_argument("--online-materialize-rows", type=int, default=1_000_000,
+                    help="scaled flights rows the online benchmark materializes (0: skip that part)")
     ap.add_argument("--e2e-days", type=int, default=5, help="timed days of the end-to-end cycle (0: skip it)")
     ap.add_argument("--out", type=Path, default=HERE, help="where RESULTS.md, results.json and the PNG go")
     args = ap.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
     from abuse import bench_abuse
     from e2e import bench_e2e
     from features import bench_features, growth, plot, repeats_label, verdicts
     from gate import bench_gate
     from intervals import bench_intervals
+    from online import bench_online
     from serving import bench_serving
     from training import bench_training
 
@@ -223,6 +231,9 @@ def main() -> int:
          lambda: bench_serving(seconds=args.serve_seconds, repeats=args.serve_repeats)),
         ("abuse", "normal clients under abusive ones", args.abuse_repeats, args.abuse_seconds,
          lambda: bench_abuse(seconds=args.abuse_seconds, repeats=args.abuse_repeats)),
+        ("online", "online features: raw rows vs precomputed, materialize", args.online_repeats, args.online_seconds,
+         lambda: bench_online(seconds=args.online_seconds, repeats=args.online_repeats,
+                              materialize_rows=args.online_materialize_rows)),
         ("e2e", "end-to-end daily cycle, real flights", args.e2e_days, args.e2e_days,
          lambda: bench_e2e(args.e2e_days)),
     ]
@@ -270,6 +281,7 @@ def report(out: dict, args, png: Path | None) -> list[str]:
     from features import feature_table, repeats_label
     from gate import gate_lines
     from intervals import intervals_lines
+    from online import online_lines
     from serving import serving_lines
     from training import training_lines
 
@@ -316,6 +328,8 @@ def report(out: dict, args, png: Path | None) -> list[str]:
         lines += ["", "## Serving", "", *serving_lines(out["serving"])]
     if out.get("abuse"):
         lines += ["", "## Abusive clients", "", *abuse_lines(out["abuse"])]
+    if out.get("online"):
+        lines += ["", "## Online features", "", *online_lines(out["online"])]
     if out["e2e"]:
         lines += ["", "## End-to-end daily cycle", "", *e2e_lines(out["e2e"])]
     lines += ["", "## Run", "", "| benchmark | wall time (s) | load average after | result |",
