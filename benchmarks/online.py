@@ -52,13 +52,12 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
 
-import serving  # noqa: E402
 from serving import BIN, _free_port, _wait, bodies, load, prepare, stop_servers  # noqa: E402
 
 MATERIALIZED, DAY = date(2013, 1, 1), date(2013, 1, 2)
 AFTER_ARRIVAL = ("arr_delay", "arr_time", "air_time")  # the label and what is known with it: not in a request
 ENV = {"DAYBREAK_ONLINE_MAX_STALENESS": "36500d"}  # the demo's data is from 2013: stale against today's clock
-RAW_PATH = b"/invocations?raw=1"
+RAW_PATH = "/invocations?raw=1"
 TURNS = ("precomputed", "raw_sqlite", "raw_redis")
 LABELS = {"precomputed": "precomputed features (`/invocations`)", "raw_sqlite": "raw rows, SQLite (`?raw=1`)",
           "raw_redis": "raw rows, Redis (`?raw=1`)"}
@@ -211,48 +210,6 @@ def check_same(port: int, raw: list[bytes], pre: list[bytes]) -> int:
     return checked
 
 
-class _PathWriter:
-    """A stream writer that sends serving.py's requests to another path of the same server."""
-
-    def __init__(self, writer, path: bytes) -> None:
-        self._writer, self._old, self._new, self._sent = writer, b"POST /invocations ", b"POST " + path + b" ", {}
-
-    def write(self, data: bytes) -> None:
-        out = self._sent.get(data)  # the same few request objects again and again: rewritten once each
-        if out is None:
-            out = self._sent[data] = data.replace(self._old, self._new, 1)
-        self._writer.write(out)
-
-    def close(self) -> None:
-        self._writer.close()
-
-
-class _Asyncio:
-    """`asyncio` for serving.py's client, whose connections write through a _PathWriter."""
-
-    def __init__(self, real, path: bytes) -> None:
-        self._real, self._path = real, path
-
-    def __getattr__(self, name: str):
-        return getattr(self._real, name)
-
-    async def open_connection(self, *args, **kwargs):
-        reader, writer = await self._real.open_connection(*args, **kwargs)
-        return reader, _PathWriter(writer, self._path)
-
-
-def load_path(path: bytes, port: int, payloads: list[bytes], concurrency: int, seconds: float,
-              warmup: float) -> dict:
-    """serving.py's ``load``, its requests sent to `path` (serving.py's client posts to
-    /invocations only)."""
-    real = serving.asyncio
-    serving.asyncio = _Asyncio(real, path)
-    try:
-        return load(port, payloads, concurrency, seconds, warmup)
-    finally:
-        serving.asyncio = real
-
-
 def bench_requests(sizes: list[int], seconds: float, concurrency: int, warmup: float, repeats: int,
                    backends: list[str], folder: Path, redis_url: str | None) -> dict:
     out = {"concurrency": concurrency, "seconds": seconds, "warmup": warmup, "repeats": repeats, "sizes": {}}
@@ -275,7 +232,7 @@ def bench_requests(sizes: list[int], seconds: float, concurrency: int, warmup: f
               f"{out['day_rows']} flights matched to their offline features; starting the servers", flush=True)
         for backend in backends:
             procs[backend] = start_server(home, prep, backend, urls[backend], home)
-        turns = {"precomputed": (b"/invocations", procs[backends[0]][1])}
+        turns = {"precomputed": ("/invocations", procs[backends[0]][1])}
         turns.update({f"raw_{b}": (RAW_PATH, procs[b][1]) for b in backends})
         order = list(turns)
         for n in sizes:
@@ -285,8 +242,8 @@ def bench_requests(sizes: list[int], seconds: float, concurrency: int, warmup: f
             for k in range(repeats):
                 for which in order[k % len(order):] + order[:k % len(order)]:  # each leads a round in turn
                     path, port = turns[which]
-                    r = load_path(path, port, payloads["precomputed" if which == "precomputed" else "raw"],
-                                  concurrency, seconds, warmup)
+                    r = load(port, payloads["precomputed" if which == "precomputed" else "raw"],
+                             concurrency, seconds, warmup, path=path)
                     rounds[which].append(r)
                     print(f"online {n:>3}-row requests [{k + 1}/{repeats}] {which:>12}: {r['rps']:8.1f} req/s, "
                           f"p50 {r['p50_ms']:7.1f} ms, p99 {r['p99_ms']:7.1f} ms, failed {r['failed']} of "

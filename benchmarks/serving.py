@@ -258,10 +258,11 @@ def check_same_predictions(ports: dict[str, int], payloads: list[bytes]) -> None
 
 
 async def _connection(port: int, payloads: list[bytes], offset: int, warm_until: float, stop_at: float,
-                      latencies: list[float], failures: list[int]) -> None:
+                      latencies: list[float], failures: list[int], path: str = "/invocations") -> None:
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    requests = [b"POST /invocations HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
-                b"Content-Length: %d\r\n\r\n%s" % (len(p), p) for p in payloads]
+    target = path.encode()
+    requests = [b"POST %s HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                b"Content-Length: %d\r\n\r\n%s" % (target, len(p), p) for p in payloads]
     k = offset
     try:
         while True:
@@ -286,12 +287,13 @@ async def _connection(port: int, payloads: list[bytes], offset: int, warm_until:
         writer.close()
 
 
-async def _load(port: int, payloads: list[bytes], concurrency: int, seconds: float, warmup: float) -> dict:
+async def _load(port: int, payloads: list[bytes], concurrency: int, seconds: float, warmup: float,
+                path: str = "/invocations") -> dict:
     latencies: list[float] = []
     failures: list[int] = []
     start = time.perf_counter()
     warm_until, stop_at = start + warmup, start + warmup + seconds
-    await asyncio.gather(*(_connection(port, payloads, i, warm_until, stop_at, latencies, failures)
+    await asyncio.gather(*(_connection(port, payloads, i, warm_until, stop_at, latencies, failures, path)
                            for i in range(concurrency)))
     latencies.sort()
     n = len(latencies)
@@ -301,14 +303,16 @@ async def _load(port: int, payloads: list[bytes], concurrency: int, seconds: flo
             "p50_ms": 1000 * latencies[n // 2], "p99_ms": 1000 * latencies[min(n - 1, int(n * 0.99))]}
 
 
-def load(port: int, payloads: list[bytes], concurrency: int, seconds: float, warmup: float) -> dict:
+def load(port: int, payloads: list[bytes], concurrency: int, seconds: float, warmup: float,
+         path: str = "/invocations") -> dict:
+    """`concurrency` connections in a closed loop posting `payloads` to `path` (with its query)."""
     try:
         import uvloop
 
         runner = uvloop.run
     except ImportError:
         runner = asyncio.run
-    return runner(_load(port, payloads, concurrency, seconds, warmup))
+    return runner(_load(port, payloads, concurrency, seconds, warmup, path))
 
 
 def bench_serving(sizes: list[int] = (1, 100), seconds: float = 4.0, concurrency: int = 32,
