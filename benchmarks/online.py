@@ -378,7 +378,7 @@ def online_lines(r: dict) -> list[str]:
             lines.append(f"| {b} | {s['seconds']:.1f} | {s['s_per_million_rows']:.1f} | {s['rows_per_s']:,.0f} | "
                          f"{entries} |")
     if "redis" not in r.get("backends", ["redis"]):
-        lines += ["", "Redis: not measured (no `redis-server` on PATH)."]
+        lines += ["", "Redis: not measured (left out, or no `redis-server` on PATH)."]
     return lines
 
 
