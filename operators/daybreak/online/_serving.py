@@ -18,8 +18,9 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections import deque
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, date, datetime
 from pathlib import Path
@@ -30,7 +31,7 @@ import pyarrow as pa
 
 from daybreak.features import US
 from daybreak.infra.context import daybreak_home
-from daybreak.online._online import OnlineError, OnlineFeatures, features_for, freshness, push
+from daybreak.online._online import OnlineError, OnlineFeatures, features_for, features_for_many, freshness, push
 from daybreak.online._store import URL_ENV, OnlineStore, is_redis
 from daybreak.spec import Spec, parse_duration
 
@@ -41,6 +42,8 @@ FORMATS = ("dataframe_split", "dataframe_records", "inputs")
 FRESHNESS_KEYS = ("materialized_date", "materialized_at", "generation", "feature_version", "newest_event")
 MAX_REASONS = 20
 """Rows named in an error message at most (the body's ``blocked`` list names them all)."""
+RAW_BATCH_ROWS = 4096
+"""Rows of raw-row requests computed together at most (a request bigger than this, alone)."""
 
 
 class BodyError(ValueError):
@@ -80,6 +83,36 @@ def body_rows(body: Any, max_rows: int, extra: Sequence[str] = ()) -> list[dict[
     return data
 
 
+def body_table(body: Any, max_rows: int) -> pa.Table:
+    """A raw-row body's rows as a table (not empty). Raises BodyError."""
+    if isinstance(body, dict) and set(body) == {"dataframe_split"} and isinstance(body["dataframe_split"], dict):
+        fast = _split_table(body["dataframe_split"], max_rows)
+        if fast is not None:
+            return fast
+    rows = body_rows(body, max_rows)
+    if not rows:
+        raise BodyError("no rows")
+    return _table(rows)
+
+
+def _split_table(data: dict[str, Any], max_rows: int) -> pa.Table | None:
+    """A well-formed ``dataframe_split`` of scalars as a table, column by column (as
+    ``_table`` of its rows would type it); None for anything else (``body_rows`` says what)."""
+    cols, rows = data.get("columns"), data.get("data")
+    if set(data) - {"columns", "data", "index"} or not isinstance(cols, list) or not isinstance(rows, list) \
+            or not rows or len(rows) > max_rows or not cols or not all(isinstance(c, str) for c in cols) \
+            or len(set(cols)) != len(cols) \
+            or not all(isinstance(r, list) and len(r) == len(cols) for r in rows):
+        return None
+    values = list(zip(*rows, strict=True))
+    if any(isinstance(v, (dict, list)) for col in values for v in col):
+        return None
+    try:
+        return pa.table({c: pa.array(v) for c, v in zip(cols, values, strict=True)})
+    except (pa.ArrowInvalid, pa.ArrowTypeError):
+        return None
+
+
 def _table(rows: list[dict[str, Any]]) -> pa.Table:
     for r in rows:
         for k, v in r.items():
@@ -103,6 +136,41 @@ class Computed:
     notes: list[dict[str, Any]]  # unblocked rows with reasons (a key without history, say)
 
 
+@dataclass
+class _RawJob:
+    body: Callable[[], Any]
+    max_rows: int
+    fields: tuple[str, ...]
+    ids: tuple[str, ...]
+    future: Future[Computed]
+
+
+def computed(got: OnlineFeatures, fields: Sequence[str], ids: Sequence[str]) -> Computed:
+    """A request's features as the model takes them: its unblocked rows' columns, and per row
+    why it was blocked (or what the offline computation left empty)."""
+    missing = [n for n in fields if n not in got.table.column_names]
+    if missing:
+        raise OnlineError(f"the model's inputs {missing[:5]} are not features of the spec being served")
+    blocked_rows = np.asarray(got.blocked, bool)
+    ok = np.flatnonzero(~blocked_rows)
+    kept = got.table if not blocked_rows.any() else got.table.take(pa.array(ok, pa.int64()))
+    cols: dict[str, np.ndarray] = {}
+    for name in dict.fromkeys([*fields, *ids]):
+        if name not in kept.column_names:
+            continue
+        col = kept.column(name)
+        if pa.types.is_floating(col.type) or pa.types.is_integer(col.type):
+            cols[name] = col.to_numpy(zero_copy_only=False).astype(np.float64) if name in fields else \
+                np.array(col.to_pylist(), dtype=object)
+        else:
+            cols[name] = np.array([None if v is None else (v.isoformat() if isinstance(v, datetime) else v)
+                                   for v in col.to_pylist()], dtype=object)
+    blocked = [{"row": i, "reasons": r} for i, (r, b) in enumerate(zip(got.reasons, got.blocked, strict=True)) if b]
+    notes = [{"row": i, "reasons": r} for i, (r, b) in enumerate(zip(got.reasons, got.blocked, strict=True))
+             if r and not b]
+    return Computed(len(got.blocked), cols, ok, blocked, notes)
+
+
 class OnlineServing:
     """The server's view of the online store: one store, one thread."""
 
@@ -116,6 +184,7 @@ class OnlineServing:
         self._lock = threading.Lock()
         self.last: dict[str, Any] = {}  # the freshness last read (what /metrics exports)
         self.last_error: str | None = None
+        self._raw: deque[_RawJob] = deque()  # raw-row requests waiting for the online thread
 
     @property
     def backend(self) -> str:
@@ -140,37 +209,75 @@ class OnlineServing:
         return (f"the online store of {self.spec.features.name!r} has no state: run `daybreak online materialize "
                 f"--date D` first")
 
-    # --- on the online thread -------------------------------------------------------------------
+    # --- raw-row requests: queued, then computed together on the online thread ----------------
+    def submit_raw(self, body: Callable[[], Any], max_rows: int, fields: Sequence[str],
+                   ids: Sequence[str]) -> Future[Computed]:
+        """Queue a raw-row request (`body` reads its JSON body, on the online thread); its future
+        is done when the features are: the requests waiting when the online thread is free are
+        computed in one ``features_for_many`` call (``drain``), so the cost per request falls as
+        they queue up."""
+        fut: Future[Computed] = Future()
+        with self._lock:
+            self._raw.append(_RawJob(body, max_rows, tuple(fields), tuple(ids), fut))
+        self.pool.submit(self.drain)
+        return fut
+
+    def drain(self) -> None:
+        """On the online thread: compute the raw-row requests waiting (up to RAW_BATCH_ROWS rows;
+        the rest stay for the next drain, one of which is queued per request)."""
+        jobs: list[tuple[_RawJob, pa.Table]] = []
+        rows = 0
+        while rows < RAW_BATCH_ROWS:
+            with self._lock:
+                if not self._raw:
+                    break
+                job = self._raw.popleft()
+            if not job.future.set_running_or_notify_cancel():  # its request is gone
+                continue
+            try:
+                table = body_table(job.body(), job.max_rows)
+            except Exception as e:  # BodyError: this request's answer
+                job.future.set_exception(e)
+                continue
+            jobs.append((job, table))
+            rows += table.num_rows
+        if not jobs:
+            return
+        try:
+            store = self.store()
+            many = features_for_many(self.spec, store, [t for _, t in jobs], max_staleness=self.max_staleness)
+        except Exception as e:
+            if not isinstance(e, ValueError) or len(jobs) == 1:  # no state, the store down: every request's
+                for job, _ in jobs:
+                    job.future.set_exception(e)
+                return
+            # a value only some request's rows make the computation refuse (an overflow in an
+            # expression, say): each request alone, so it is that request's answer only
+            log.info("online: %d raw-row requests computed one at a time (%s)", len(jobs), str(e)[:200])
+            many = []
+            for _, t in jobs:
+                try:
+                    many.append(features_for(self.spec, store, t, max_staleness=self.max_staleness))
+                except Exception as one:
+                    many.append(one)
+        for (job, _), got in zip(jobs, many, strict=True):
+            try:
+                if isinstance(got, ValueError):  # a column of the wrong type (the contract's)
+                    raise BodyError(str(got)[:500]) from None
+                if isinstance(got, Exception):
+                    raise got
+                job.future.set_result(computed(got, job.fields, job.ids))
+            except Exception as e:
+                job.future.set_exception(e)
+
     def compute(self, body: Any, max_rows: int, fields: Sequence[str], ids: Sequence[str]) -> Computed:
-        """The features of a raw-row body. Raises BodyError (the body), OnlineError (no state)."""
-        rows = body_rows(body, max_rows)
-        if not rows:
-            raise BodyError("no rows")
-        table = _table(rows)
+        """The features of a raw-row body, alone. Raises BodyError (the body), OnlineError (no state)."""
+        table = body_table(body, max_rows)
         try:
             got: OnlineFeatures = features_for(self.spec, self.store(), table, max_staleness=self.max_staleness)
         except ValueError as e:  # a column of the wrong type (the contract's)
             raise BodyError(str(e)[:500]) from None
-        missing = [n for n in fields if n not in got.table.column_names]
-        if missing:
-            raise OnlineError(f"the model's inputs {missing[:5]} are not features of the spec being served")
-        ok = np.flatnonzero(~np.asarray(got.blocked, bool))
-        kept = got.table.take(pa.array(ok, pa.int64()))
-        cols: dict[str, np.ndarray] = {}
-        for name in dict.fromkeys([*fields, *ids]):
-            if name not in kept.column_names:
-                continue
-            col = kept.column(name)
-            if pa.types.is_floating(col.type) or pa.types.is_integer(col.type):
-                cols[name] = col.to_numpy(zero_copy_only=False).astype(np.float64) if name in fields else \
-                    np.array(col.to_pylist(), dtype=object)
-            else:
-                cols[name] = np.array([None if v is None else (v.isoformat() if isinstance(v, datetime) else v)
-                                       for v in col.to_pylist()], dtype=object)
-        blocked = [{"row": i, "reasons": r} for i, (r, b) in enumerate(zip(got.reasons, got.blocked, strict=True)) if b]
-        notes = [{"row": i, "reasons": r} for i, (r, b) in enumerate(zip(got.reasons, got.blocked, strict=True))
-                 if r and not b]
-        return Computed(len(rows), cols, ok, blocked, notes)
+        return computed(got, fields, ids)
 
     def push(self, body: Any, max_rows: int) -> dict[str, Any]:
         """``POST /events``: ``{"source": ..., "rows": [...]}`` (or a dataframe format)."""
