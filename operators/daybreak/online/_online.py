@@ -313,14 +313,18 @@ def _area_day(area: str) -> date:
 
 # --- push ---------------------------------------------------------------------------------------
 
+def _arrow(rows: Any) -> pa.Table:
+    """Rows (an Arrow table, a pandas frame or a list of dicts) as a table."""
+    if isinstance(rows, pa.Table):
+        return rows
+    if isinstance(rows, list):
+        return pa.Table.from_pylist(rows)
+    return pa.Table.from_pandas(rows, preserve_index=False)
+
+
 def _as_table(rows: Any, spec: Spec, source: str) -> pa.Table:
     """Rows (an Arrow table, a pandas frame or a list of dicts) with the contract's types."""
-    if isinstance(rows, pa.Table):
-        t = rows
-    elif isinstance(rows, list):
-        t = pa.Table.from_pylist(rows)
-    else:
-        t = pa.Table.from_pandas(rows, preserve_index=False)
+    t = _arrow(rows)
     contract = spec.sources[source].columns
     for c in t.column_names:
         if c in contract:
@@ -475,14 +479,41 @@ def _needed_columns(spec: Spec) -> set[str]:
     return cols - {EVENT_TIME}
 
 
-def _ranges(keys: list[str | None], t: np.ndarray, ok: np.ndarray) -> dict[str, tuple[int, int]]:
+def _key_codes(table: pa.Table, by: Sequence[str]) -> tuple[np.ndarray, list[str]]:
+    """Each row's entity key as a code into a list of keys (JSON of the ``by`` values, as
+    ``_keys``), -1 for a row with a null key part: each distinct key encoded once."""
+    n = table.num_rows
+    if not by:
+        return np.zeros(n, np.int64), ["[]"]
+    if len(by) == 1:
+        enc = pc.dictionary_encode(table.column(by[0])).combine_chunks()
+        codes = enc.indices.fill_null(-1).to_numpy(zero_copy_only=False).astype(np.int64)
+        return codes, [json.dumps([v]) for v in _to_json_values(enc.dictionary)]
+    keys: list[str] = []
+    memo: dict[str, int] = {}
+    out = np.empty(n, np.int64)
+    for i, key in enumerate(_keys(table, by)):
+        out[i] = -1 if key is None else memo.setdefault(key, len(memo))
+        if len(memo) > len(keys):
+            keys.append(key)  # type: ignore[arg-type]
+    return out, keys
+
+
+def _ranges(codes: np.ndarray, keys: list[str], t: np.ndarray, ok: np.ndarray) -> dict[str, tuple[int, int]]:
     """Per key: the earliest and latest request time among the rows that can use it."""
+    sel = ok & (codes >= 0)
+    if not sel.any():
+        return {}
+    c, tt = codes[sel], t[sel]
+    lo = np.full(len(keys), np.iinfo(np.int64).max, np.int64)
+    hi = np.full(len(keys), np.iinfo(np.int64).min, np.int64)
+    np.minimum.at(lo, c, tt)
+    np.maximum.at(hi, c, tt)
     out: dict[str, tuple[int, int]] = {}
-    for k, ti, good in zip(keys, t.tolist(), ok.tolist(), strict=True):
-        if k is None or not good:
-            continue
-        got = out.get(k)
-        out[k] = (ti, ti) if got is None else (min(got[0], ti), max(got[1], ti))
+    for j in np.unique(c).tolist():
+        k, a, b = keys[j], int(lo[j]), int(hi[j])
+        got = out.get(k)  # two codes of one key (a float's NaNs, say): one range
+        out[k] = (a, b) if got is None else (min(got[0], a), max(got[1], b))
     return out
 
 
@@ -495,19 +526,30 @@ def _queries(areas: list[str], part: _Part, ranges: dict[str, tuple[int, int]]) 
             for key, (lo, hi) in ranges.items() for area in areas]
 
 
-def _found(queries: Sequence[Query], results: Sequence[list[tuple[float, str]]]) -> dict[str, list[dict[str, Any]]]:
+_PAYLOADS: dict[str, dict[str, Any]] = {}
+"""Payloads decoded (never changed once decoded): the same entries are read again and again."""
+_PAYLOADS_MAX = 200_000
+
+Found = dict[str, list[tuple[int, dict[str, Any]]]]
+"""Per key, its entries read, (score, payload), in (score, sequence) order."""
+
+
+def _found(queries: Sequence[Query], results: Sequence[list[tuple[float, str]]]) -> Found:
     """Each key's entries read, ordered by (score, sequence)."""
-    found: dict[str, list[tuple[float, int, dict[str, Any]]]] = defaultdict(list)
-    loads = json.loads
+    found: dict[str, list[tuple[int, int, dict[str, Any]]]] = defaultdict(list)
+    memo = _PAYLOADS
+    if len(memo) > _PAYLOADS_MAX:
+        memo.clear()
     for (_, _, key, _, _), res in zip(queries, results, strict=True):
         if not res:
             continue
         into = found[key]
         for score, payload in res:
-            p = loads(payload)
-            p["__score"] = int(score)
-            into.append((score, p["q"], p))
-    return {k: [p for _, _, p in sorted(v, key=lambda e: (e[0], e[1]))] for k, v in found.items()}
+            p = memo.get(payload)
+            if p is None:
+                p = memo[payload] = json.loads(payload)
+            into.append((int(score), p["q"], p))
+    return {k: [(e[0], e[2]) for e in sorted(v, key=lambda e: (e[0], e[1]))] for k, v in found.items()}
 
 
 def _entity(by: Sequence[str], key: str) -> str:
@@ -601,44 +643,95 @@ def features_for(spec: Spec, store: OnlineStore, raw_rows: Any, at: datetime | N
 
 def features_for_many(spec: Spec, store: OnlineStore, many: Sequence[Any], at: datetime | None = None, *,
                       max_staleness: str = DEFAULT_MAX_STALENESS) -> list[OnlineFeatures | Exception]:
-    """``features_for`` of several requests' rows at once: one computation over their rows
-    concatenated (each row at its own event time, as ever: what a row gets never depends on the
-    other rows), split back: per request its features, or the error it alone raises (a column
-    not of its type: ValueError). Cheaper per request than a call each: the state's metadata,
-    the store reads (one round trip for every key of every request) and the indexes are shared.
-    Requests whose prepared columns differ in name or type (a column only some send) are
-    computed in a group of their own.
+    """``features_for`` of several requests' rows at once (``features_in_groups``), split back:
+    per request its features, or the error it alone raises (a column not of its contract's type:
+    ValueError).
+
+    Raises:
+        OnlineError: nothing was materialized yet, or for another feature version (every request's).
+    """
+    groups, errors = features_in_groups(spec, store, many, at, max_staleness=max_staleness)
+    out: list[OnlineFeatures | Exception] = [errors.get(i, ValueError("not computed")) for i in range(len(many))]
+    for g in groups:
+        for i, start, n in g.members:
+            out[i] = OnlineFeatures(g.features.table.slice(start, n), g.features.features,
+                                    g.features.reasons[start:start + n], g.features.blocked[start:start + n])
+    return out
+
+
+@dataclass
+class Group:
+    """Requests computed together: their rows' features, one after the other, and where each
+    request's are (request, first row, rows)."""
+
+    features: OnlineFeatures
+    members: list[tuple[int, int, int]]
+
+
+def features_in_groups(spec: Spec, store: OnlineStore, many: Sequence[Any], at: datetime | None = None, *,
+                       max_staleness: str = DEFAULT_MAX_STALENESS) -> tuple[list[Group], dict[int, Exception]]:
+    """The features of several requests' rows, computed together: requests whose rows have the
+    same columns of the same types are prepared (types, event time) and computed as one table,
+    their rows concatenated (each row at its own event time, as ever: what a row gets never
+    depends on the other rows). Cheaper per request than a ``features_for`` each: the state's
+    metadata, the store reads (one round trip for every key of every request), the indexes and
+    the expressions are shared. Returns the groups and, per request, the error it alone raises
+    (a column not of its contract's type: ValueError).
 
     Raises:
         OnlineError: nothing was materialized yet, or for another feature version (every request's).
     """
     plan = _plan(spec)
     meta = _check_state(spec, plan, store.current())
-    out: list[OnlineFeatures | Exception] = []
-    groups: dict[pa.Schema, list[tuple[int, _Prepared]]] = {}
+    errors: dict[int, Exception] = {}
+    raw: dict[pa.Schema, list[tuple[int, pa.Table]]] = {}
+    tables: dict[int, pa.Table] = {}
     for i, rows in enumerate(many):
         try:
-            ready = _prepare(spec, plan, rows)
-        except ValueError as e:
-            out.append(e)
+            t = _arrow(rows)
+        except (ValueError, TypeError) as e:
+            errors[i] = ValueError(f"the rows do not form a table: {e}")
             continue
-        out.append(ValueError("not computed"))  # replaced below
-        groups.setdefault(ready.batch.schema, []).append((i, ready))
-    for group in groups.values():
-        if len(group) == 1:
-            i, one = group[0]
-            out[i] = _compute(spec, plan, store, meta, one, at, max_staleness)
-            continue
-        joined = _Prepared(pa.concat_tables([p.batch for _, p in group]),
-                           [r for _, p in group for r in p.reasons], np.concatenate([p.blocked for _, p in group]))
-        got = _compute(spec, plan, store, meta, joined, at, max_staleness)
-        start = 0
-        for i, p in group:
-            n = p.batch.num_rows
-            out[i] = OnlineFeatures(got.table.slice(start, n), got.features, got.reasons[start:start + n],
-                                    got.blocked[start:start + n])
-            start += n
-    return out
+        raw.setdefault(t.schema, []).append((i, t))
+        tables[i] = t
+    # pieces of rows prepared together (a group of requests, or one), by the columns they came to
+    ready: dict[pa.Schema, list[tuple[list[tuple[int, int]], _Prepared]]] = {}
+    for same in raw.values():
+        try:
+            whole = pa.concat_tables([t for _, t in same]).combine_chunks() if len(same) > 1 else same[0][1]
+            pieces = [([(i, t.num_rows) for i, t in same], _prepare(spec, plan, whole))]
+        except ValueError:  # a value some request's rows have: each request alone, for its own answer
+            pieces = []
+            for i, t in same:
+                try:
+                    pieces.append(([(i, t.num_rows)], _prepare(spec, plan, t)))
+                except ValueError as e:
+                    errors[i] = e
+        for piece in pieces:
+            ready.setdefault(piece[1].batch.schema, []).append(piece)
+    groups = []
+    for parts in ready.values():
+        one = parts[0][1] if len(parts) == 1 else _Prepared(
+            pa.concat_tables([p.batch for _, p in parts]).combine_chunks(), [r for _, p in parts for r in p.reasons],
+            np.concatenate([p.blocked for _, p in parts]))
+        spans, start = [], 0
+        for sizes, _ in parts:
+            for i, n in sizes:
+                spans.append((i, start, n))
+                start += n
+        try:
+            groups.append(Group(_compute(spec, plan, store, meta, one, at, max_staleness), spans))
+        except ValueError as e:  # a value some request's rows have (an overflow in an expression, say)
+            if len(spans) == 1:
+                errors[spans[0][0]] = e
+                continue
+            for i, _, _ in spans:  # each request alone, for its own answer
+                try:
+                    alone = _compute(spec, plan, store, meta, _prepare(spec, plan, tables[i]), at, max_staleness)
+                    groups.append(Group(alone, [(i, 0, alone.table.num_rows)]))
+                except ValueError as one_error:
+                    errors[i] = one_error
+    return groups, errors
 
 
 def _check_state(spec: Spec, plan: _Plan, meta: dict[str, Any] | None) -> dict[str, Any]:
@@ -677,28 +770,29 @@ def _compute(spec: Spec, plan: _Plan, store: OnlineStore, meta: dict[str, Any], 
     areas = [meta["area"]] + [a for a in store.areas() if a.startswith("d") and _area_day(a) > _date(meta["date"])]
 
     # every part's reads in one round trip
-    keyed = [(part, _keys(batch, part.by)) for part in plan.parts]
-    asked = [_queries(areas, part, _ranges(keys, t_us, ok)) for part, keys in keyed]
+    keyed = [(part, *_key_codes(batch, part.by)) for part in plan.parts]
+    asked = [_queries(areas, part, _ranges(codes, keys, t_us, ok)) for part, codes, keys in keyed]
     results = store.read([q for qs in asked for q in qs])
     indexes = []
     joins: list[tuple[_Part, Any]] = []
     start = 0
-    for (part, keys), qs in zip(keyed, asked, strict=True):
+    for (part, codes, keys), qs in zip(keyed, asked, strict=True):
         got = _found(qs, results[start:start + len(qs)])
         start += len(qs)
-        absent = {k for k in keys if k is not None and k not in got}
-        if absent:
+        absent = [j for j, k in enumerate(keys) if k not in got]
+        rows = np.flatnonzero(ok & np.isin(codes, absent)) if absent else ()
+        if len(rows):
             label = {"window": "windows", "asof": "asof", "lookup": "lookups"}[part.kind]
             what = {"window": "no history", "asof": "no row in the tolerance", "lookup": "no row"}[part.kind]
-            for i, k in enumerate(keys):
-                if ok[i] and k in absent:
-                    reasons[i].append(f"{label}[{part.index}] ({part.source}): {what} for {_entity(part.by, k)}")
+            for i in rows.tolist():
+                reasons[i].append(f"{label}[{part.index}] ({part.source}): {what} for "
+                                  f"{_entity(part.by, keys[codes[i]])}")
         if part.kind == "window":
             indexes.append(_window_index(spec, part, batch, got, meta["columns"][part.name]))
         elif part.kind == "asof":
             joins.append((part, _join_table(spec, part, got)))
         else:
-            joins.append((part, (keys, got)))
+            joins.append((part, (codes, keys, got)))
     if f.windows:
         batch = apply_windows(batch, f, indexes)
     for part, right in joins:
@@ -719,7 +813,7 @@ def _date(text: str) -> date:
     return date.fromisoformat(text)
 
 
-def _window_index(spec: Spec, part: _Part, batch: pa.Table, got: dict[str, list[dict[str, Any]]],
+def _window_index(spec: Spec, part: _Part, batch: pa.Table, got: Found,
                   types: dict[str, str]) -> Any:
     """The feature step's index over the entries read, typed as its own (``window_inputs``'
     columns; keys typed like the request's columns, as the offline index is made of them too)."""
@@ -730,10 +824,10 @@ def _window_index(spec: Spec, part: _Part, batch: pa.Table, got: dict[str, list[
     cols: dict[str, list[Any]] = {c: [] for c in ["__k", *payload]}
     for key, entries in got.items():
         values = json.loads(key)
-        for p in entries:
+        for score, p in entries:
             for j, v in enumerate(values):
                 keys[j].append(v)
-            cols["__k"].append(p["__score"])
+            cols["__k"].append(score)
             for c in payload:
                 cols[c].append(p.get(c))
     table = pa.table({**{c: _from_json_values(keys[j], batch.column(c).type) for j, c in enumerate(w.by)},
@@ -741,17 +835,15 @@ def _window_index(spec: Spec, part: _Part, batch: pa.Table, got: dict[str, list[
     return build_window_index(list(w.by), list(w.aggs), table)
 
 
-def _join_table(spec: Spec, part: _Part, got: dict[str, list[dict[str, Any]]]) -> pa.Table:
+def _join_table(spec: Spec, part: _Part, got: Found) -> pa.Table:
     """The joined source's rows read, in (score, sequence) order: its input order."""
     contract = spec.sources[part.source].columns
-    rows = [p for entries in got.values() for p in entries]
-    rows.sort(key=lambda p: (p["__score"], p["q"]))
+    rows = [p for _, p in sorted((e for entries in got.values() for e in entries), key=lambda e: (e[0], e[1]["q"]))]
     return pa.table({c: _from_json_values([p.get(c) for p in rows], arrow_type(contract[c].type))
                      for c in part.columns})
 
 
-def _lookup(spec: Spec, part: _Part, batch: pa.Table, keys: list[str | None],
-            got: dict[str, list[dict[str, Any]]]) -> pa.Table:
+def _lookup(spec: Spec, part: _Part, batch: pa.Table, codes: np.ndarray, keys: list[str], got: Found) -> pa.Table:
     """The lookup's columns for each row: of the last entry of its key (in (score, sequence)
     order: the snapshot's last row of the key wins), typed as the feature step's ``lookup_join``
     gives them (its pandas merge: an integer column with a missing value becomes float64, a
@@ -762,7 +854,8 @@ def _lookup(spec: Spec, part: _Part, batch: pa.Table, keys: list[str | None],
     types = {src: arrow_type(contract[src].type) for src in set(lk.columns.values())}
     if not all(_lookup_type_ok(t) for t in types.values()):
         return lookup_join(batch, _join_table(spec, part, got), list(lk.by), dict(lk.columns))
-    last = [None if k is None else (got[k][-1] if k in got else None) for k in keys]
+    last_of = [got[k][-1][1] if k in got else None for k in keys]
+    last = [None if c < 0 else last_of[c] for c in codes.tolist()]
     built: dict[str, pa.Array] = {}
     for src, t in types.items():
         values = [None if p is None else p.get(src) for p in last]

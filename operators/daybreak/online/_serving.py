@@ -31,7 +31,13 @@ import pyarrow as pa
 
 from daybreak.features import US
 from daybreak.infra.context import daybreak_home
-from daybreak.online._online import OnlineError, OnlineFeatures, features_for, features_for_many, freshness, push
+from daybreak.online._online import (
+    Group,
+    OnlineError,
+    features_in_groups,
+    freshness,
+    push,
+)
 from daybreak.online._store import URL_ENV, OnlineStore, is_redis
 from daybreak.spec import Spec, parse_duration
 
@@ -105,12 +111,13 @@ def _split_table(data: dict[str, Any], max_rows: int) -> pa.Table | None:
             or not all(isinstance(r, list) and len(r) == len(cols) for r in rows):
         return None
     values = list(zip(*rows, strict=True))
-    if any(isinstance(v, (dict, list)) for col in values for v in col):
-        return None
     try:
-        return pa.table({c: pa.array(v) for c, v in zip(cols, values, strict=True)})
+        arrays = [pa.array(v) for v in values]
     except (pa.ArrowInvalid, pa.ArrowTypeError):
         return None
+    if any(pa.types.is_nested(a.type) for a in arrays):  # an object or a list as a value
+        return None
+    return pa.table(dict(zip(cols, arrays, strict=True)))
 
 
 def _table(rows: list[dict[str, Any]]) -> pa.Table:
@@ -145,30 +152,42 @@ class _RawJob:
     future: Future[Computed]
 
 
-def computed(got: OnlineFeatures, fields: Sequence[str], ids: Sequence[str]) -> Computed:
-    """A request's features as the model takes them: its unblocked rows' columns, and per row
-    why it was blocked (or what the offline computation left empty)."""
-    missing = [n for n in fields if n not in got.table.column_names]
+def computed_group(group: Group, fields: Sequence[str], ids: Sequence[str]) -> list[Computed]:
+    """``computed`` of each request of a group (in the order of its members): the columns
+    converted once for all, then cut per request."""
+    got = group.features
+    names = set(got.table.column_names)
+    missing = [n for n in fields if n not in names]
     if missing:
         raise OnlineError(f"the model's inputs {missing[:5]} are not features of the spec being served")
-    blocked_rows = np.asarray(got.blocked, bool)
-    ok = np.flatnonzero(~blocked_rows)
-    kept = got.table if not blocked_rows.any() else got.table.take(pa.array(ok, pa.int64()))
-    cols: dict[str, np.ndarray] = {}
+    whole: dict[str, np.ndarray] = {}
     for name in dict.fromkeys([*fields, *ids]):
-        if name not in kept.column_names:
+        if name not in names:
             continue
-        col = kept.column(name)
+        col = got.table.column(name)
         if pa.types.is_floating(col.type) or pa.types.is_integer(col.type):
-            cols[name] = col.to_numpy(zero_copy_only=False).astype(np.float64) if name in fields else \
+            whole[name] = col.to_numpy(zero_copy_only=False).astype(np.float64) if name in fields else \
                 np.array(col.to_pylist(), dtype=object)
         else:
-            cols[name] = np.array([None if v is None else (v.isoformat() if isinstance(v, datetime) else v)
-                                   for v in col.to_pylist()], dtype=object)
-    blocked = [{"row": i, "reasons": r} for i, (r, b) in enumerate(zip(got.reasons, got.blocked, strict=True)) if b]
-    notes = [{"row": i, "reasons": r} for i, (r, b) in enumerate(zip(got.reasons, got.blocked, strict=True))
-             if r and not b]
-    return Computed(len(got.blocked), cols, ok, blocked, notes)
+            whole[name] = np.array([None if v is None else (v.isoformat() if isinstance(v, datetime) else v)
+                                    for v in col.to_pylist()], dtype=object)
+    blocked_all = np.asarray(got.blocked, bool)
+    out = []
+    for _, start, n in group.members:
+        stop = start + n
+        blocked_rows = blocked_all[start:stop]
+        ok = np.flatnonzero(~blocked_rows)
+        if blocked_rows.any():
+            cols = {name: v[start:stop][ok] for name, v in whole.items()}
+        else:
+            cols = {name: v[start:stop] for name, v in whole.items()}
+        reasons = got.reasons[start:stop]
+        blocked = [{"row": i, "reasons": r} for i, (r, b) in enumerate(zip(reasons, blocked_rows.tolist(), strict=True))
+                   if b]
+        notes = [{"row": i, "reasons": r} for i, (r, b) in enumerate(zip(reasons, blocked_rows.tolist(), strict=True))
+                 if r and not b]
+        out.append(Computed(n, cols, ok, blocked, notes))
+    return out
 
 
 class OnlineServing:
@@ -214,7 +233,7 @@ class OnlineServing:
                    ids: Sequence[str]) -> Future[Computed]:
         """Queue a raw-row request (`body` reads its JSON body, on the online thread); its future
         is done when the features are: the requests waiting when the online thread is free are
-        computed in one ``features_for_many`` call (``drain``), so the cost per request falls as
+        computed in one ``features_in_groups`` call (``drain``), so the cost per request falls as
         they queue up."""
         fut: Future[Computed] = Future()
         with self._lock:
@@ -244,40 +263,27 @@ class OnlineServing:
         if not jobs:
             return
         try:
-            store = self.store()
-            many = features_for_many(self.spec, store, [t for _, t in jobs], max_staleness=self.max_staleness)
-        except Exception as e:
-            if not isinstance(e, ValueError) or len(jobs) == 1:  # no state, the store down: every request's
-                for job, _ in jobs:
-                    job.future.set_exception(e)
-                return
-            # a value only some request's rows make the computation refuse (an overflow in an
-            # expression, say): each request alone, so it is that request's answer only
-            log.info("online: %d raw-row requests computed one at a time (%s)", len(jobs), str(e)[:200])
-            many = []
-            for _, t in jobs:
-                try:
-                    many.append(features_for(self.spec, store, t, max_staleness=self.max_staleness))
-                except Exception as one:
-                    many.append(one)
-        for (job, _), got in zip(jobs, many, strict=True):
-            try:
-                if isinstance(got, ValueError):  # a column of the wrong type (the contract's)
-                    raise BodyError(str(got)[:500]) from None
-                if isinstance(got, Exception):
-                    raise got
-                job.future.set_result(computed(got, job.fields, job.ids))
-            except Exception as e:
+            groups, errors = features_in_groups(self.spec, self.store(), [t for _, t in jobs],
+                                                max_staleness=self.max_staleness)
+        except Exception as e:  # no state, the store down, a bug: every request's
+            for job, _ in jobs:
                 job.future.set_exception(e)
-
-    def compute(self, body: Any, max_rows: int, fields: Sequence[str], ids: Sequence[str]) -> Computed:
-        """The features of a raw-row body, alone. Raises BodyError (the body), OnlineError (no state)."""
-        table = body_table(body, max_rows)
-        try:
-            got: OnlineFeatures = features_for(self.spec, self.store(), table, max_staleness=self.max_staleness)
-        except ValueError as e:  # a column of the wrong type (the contract's)
-            raise BodyError(str(e)[:500]) from None
-        return computed(got, fields, ids)
+            return
+        for i, e in errors.items():  # a column not of its type (the contract's)
+            jobs[i][0].future.set_exception(BodyError(str(e)[:500]))
+        for g in groups:
+            inputs: dict[tuple[tuple[str, ...], tuple[str, ...]], list[tuple[int, int, int]]] = {}
+            for m in g.members:  # the model's inputs (and the identities logged) of each request
+                inputs.setdefault((jobs[m[0]][0].fields, jobs[m[0]][0].ids), []).append(m)
+            for (fields, ids), members in inputs.items():
+                try:
+                    answers = computed_group(Group(g.features, members), fields, ids)
+                except Exception as e:
+                    for i, _, _ in members:
+                        jobs[i][0].future.set_exception(e)
+                    continue
+                for (i, _, _), answer in zip(members, answers, strict=True):
+                    jobs[i][0].future.set_result(answer)
 
     def push(self, body: Any, max_rows: int) -> dict[str, Any]:
         """``POST /events``: ``{"source": ..., "rows": [...]}`` (or a dataframe format)."""
