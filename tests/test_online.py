@@ -532,4 +532,5 @@ def test_raw_requests_computed_together_each_get_their_own_answer(spec, ctx, sto
     assert "no history for carrier='ZZ'" in " ".join(answers[3].notes[0]["reasons"])
     assert isinstance(answers[6], BodyError) and "dep_delay" in str(answers[6])
     assert isinstance(answers[7], BodyError)
-    assert len(answers[8].predicted) == 40 and answers[0].columns["carrier"].tolist() == [r["carrier"] for r in rows[10:13]]
+    assert len(answers[8].predicted) == 40
+    assert answers[0].columns["carrier"].tolist() == [r["carrier"] for r in rows[10:13]]

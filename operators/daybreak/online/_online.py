@@ -780,7 +780,7 @@ def _compute(spec: Spec, plan: _Plan, store: OnlineStore, meta: dict[str, Any], 
         got = _found(qs, results[start:start + len(qs)])
         start += len(qs)
         absent = [j for j, k in enumerate(keys) if k not in got]
-        rows = np.flatnonzero(ok & np.isin(codes, absent)) if absent else ()
+        rows = np.flatnonzero(ok & np.isin(codes, absent)) if absent else np.zeros(0, np.int64)
         if len(rows):
             label = {"window": "windows", "asof": "asof", "lookup": "lookups"}[part.kind]
             what = {"window": "no history", "asof": "no row in the tolerance", "lookup": "no row"}[part.kind]

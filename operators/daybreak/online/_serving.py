@@ -269,8 +269,8 @@ class OnlineServing:
             for job, _ in jobs:
                 job.future.set_exception(e)
             return
-        for i, e in errors.items():  # a column not of its type (the contract's)
-            jobs[i][0].future.set_exception(BodyError(str(e)[:500]))
+        for i, wrong in errors.items():  # a column not of its type (the contract's)
+            jobs[i][0].future.set_exception(BodyError(str(wrong)[:500]))
         for g in groups:
             inputs: dict[tuple[tuple[str, ...], tuple[str, ...]], list[tuple[int, int, int]]] = {}
             for m in g.members:  # the model's inputs (and the identities logged) of each request

@@ -177,7 +177,8 @@ class SQLiteStore:
                 values = ",".join(["(?, ?, ?, ?)"] * len(chunk))
                 for i, score, payload in db.execute(
                         f"WITH q(i, key, lo, hi) AS (VALUES {values}) SELECT q.i, e.score, e.payload FROM q "
-                        "JOIN entries e ON e.area = ? AND e.part = ? AND e.key = q.key AND e.score BETWEEN q.lo AND q.hi",
+                        "JOIN entries e ON e.area = ? AND e.part = ? AND e.key = q.key "
+                        "AND e.score BETWEEN q.lo AND q.hi",
                         (*params, area, part)):
                     out[i].append((float(score), payload))
         return out
