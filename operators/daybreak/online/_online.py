@@ -25,6 +25,7 @@ import json
 import logging
 import time
 import uuid
+from bisect import bisect_left, bisect_right
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -530,13 +531,13 @@ _PAYLOADS: dict[str, dict[str, Any]] = {}
 """Payloads decoded (never changed once decoded): the same entries are read again and again."""
 _PAYLOADS_MAX = 200_000
 
-Found = dict[str, list[tuple[int, dict[str, Any]]]]
-"""Per key, its entries read, (score, payload), in (score, sequence) order."""
+Found = dict[str, list[tuple[int, int, dict[str, Any]]]]
+"""Per key, its entries read, (score, sequence, payload), in (score, sequence) order."""
 
 
 def _found(queries: Sequence[Query], results: Sequence[list[tuple[float, str]]]) -> Found:
     """Each key's entries read, ordered by (score, sequence)."""
-    found: dict[str, list[tuple[int, int, dict[str, Any]]]] = defaultdict(list)
+    found: Found = defaultdict(list)
     memo = _PAYLOADS
     if len(memo) > _PAYLOADS_MAX:
         memo.clear()
@@ -549,7 +550,43 @@ def _found(queries: Sequence[Query], results: Sequence[list[tuple[float, str]]])
             if p is None:
                 p = memo[payload] = json.loads(payload)
             into.append((int(score), p["q"], p))
-    return {k: [(e[0], e[2]) for e in sorted(v, key=lambda e: (e[0], e[1]))] for k, v in found.items()}
+    for v in found.values():
+        v.sort(key=_score_seq)
+    return dict(found)
+
+
+def _score_seq(e: tuple[int, int, dict[str, Any]]) -> tuple[int, int]:
+    return e[0], e[1]
+
+
+_GENERATIONS: dict[tuple[str, str, str], tuple[list[int], list[tuple[int, int, dict[str, Any]]]]] = {}
+"""Per (generation, part, key): all its entries, in (score, sequence) order, and their scores. A
+generation never changes once current (and its name is never used again), so what was read of
+it is read once; a live day's area is read every time."""
+_GENERATIONS_MAX = 2_000_000
+_generations_size = [0]  # entries held
+
+
+def _with_generation(gen: str, part: _Part, ranges: dict[str, tuple[int, int]], days: Found,
+                     fetched: Found, fetched_keys: list[str]) -> Found:
+    """The part's entries of each key within its range: the generation's (from what was read of it
+    before, and `fetched` now for `fetched_keys`), and the live days' (`days`), in (score,
+    sequence) order."""
+    for k in fetched_keys:
+        entries = fetched.get(k, [])
+        _GENERATIONS[(gen, part.name, k)] = ([e[0] for e in entries], entries)
+        _generations_size[0] += len(entries) + 1
+    out: Found = {}
+    for k, (lo, hi) in ranges.items():
+        scores, entries = _GENERATIONS[(gen, part.name, k)]
+        if part.kind != "lookup" and entries:
+            entries = entries[bisect_left(scores, lo - part.span_us):bisect_right(scores, hi)]
+        live = days.get(k)
+        if live:
+            entries = sorted([*entries, *live], key=_score_seq)
+        if entries:
+            out[k] = entries
+    return out
 
 
 def _entity(by: Sequence[str], key: str) -> str:
@@ -769,16 +806,28 @@ def _compute(spec: Spec, plan: _Plan, store: OnlineStore, meta: dict[str, Any], 
     ok = ~blocked
     areas = [meta["area"]] + [a for a in store.areas() if a.startswith("d") and _area_day(a) > _date(meta["date"])]
 
-    # every part's reads in one round trip
+    # every part's reads in one round trip; a generation's entries read once (``_GENERATIONS``)
+    gen, days = meta["area"], areas[1:]
+    if len(_GENERATIONS) and _generations_size[0] > _GENERATIONS_MAX:
+        _GENERATIONS.clear()
+        _generations_size[0] = 0
     keyed = [(part, *_key_codes(batch, part.by)) for part in plan.parts]
-    asked = [_queries(areas, part, _ranges(codes, keys, t_us, ok)) for part, codes, keys in keyed]
-    results = store.read([q for qs in asked for q in qs])
+    asked = []
+    for part, codes, keys in keyed:
+        ranges = _ranges(codes, keys, t_us, ok)
+        fill = [k for k in ranges if (gen, part.name, k) not in _GENERATIONS]
+        asked.append((ranges, fill, [(gen, part.name, k, float("-inf"), float("inf")) for k in fill],
+                      _queries(days, part, ranges)))
+    results = store.read([q for _, _, qg, qd in asked for q in (*qg, *qd)])
     indexes = []
     joins: list[tuple[_Part, Any]] = []
     start = 0
-    for (part, codes, keys), qs in zip(keyed, asked, strict=True):
-        got = _found(qs, results[start:start + len(qs)])
-        start += len(qs)
+    for (part, codes, keys), (ranges, fill, qg, qd) in zip(keyed, asked, strict=True):
+        fetched = _found(qg, results[start:start + len(qg)])
+        start += len(qg)
+        live = _found(qd, results[start:start + len(qd)])
+        start += len(qd)
+        got = _with_generation(gen, part, ranges, live, fetched, fill)
         absent = [j for j, k in enumerate(keys) if k not in got]
         rows = np.flatnonzero(ok & np.isin(codes, absent)) if absent else np.zeros(0, np.int64)
         if len(rows):
@@ -824,7 +873,7 @@ def _window_index(spec: Spec, part: _Part, batch: pa.Table, got: Found,
     cols: dict[str, list[Any]] = {c: [] for c in ["__k", *payload]}
     for key, entries in got.items():
         values = json.loads(key)
-        for score, p in entries:
+        for score, _, p in entries:
             for j, v in enumerate(values):
                 keys[j].append(v)
             cols["__k"].append(score)
@@ -838,7 +887,7 @@ def _window_index(spec: Spec, part: _Part, batch: pa.Table, got: Found,
 def _join_table(spec: Spec, part: _Part, got: Found) -> pa.Table:
     """The joined source's rows read, in (score, sequence) order: its input order."""
     contract = spec.sources[part.source].columns
-    rows = [p for _, p in sorted((e for entries in got.values() for e in entries), key=lambda e: (e[0], e[1]["q"]))]
+    rows = [p for _, _, p in sorted((e for entries in got.values() for e in entries), key=_score_seq)]
     return pa.table({c: _from_json_values([p.get(c) for p in rows], arrow_type(contract[c].type))
                      for c in part.columns})
 
@@ -854,7 +903,7 @@ def _lookup(spec: Spec, part: _Part, batch: pa.Table, codes: np.ndarray, keys: l
     types = {src: arrow_type(contract[src].type) for src in set(lk.columns.values())}
     if not all(_lookup_type_ok(t) for t in types.values()):
         return lookup_join(batch, _join_table(spec, part, got), list(lk.by), dict(lk.columns))
-    last_of = [got[k][-1][1] if k in got else None for k in keys]
+    last_of = [got[k][-1][2] if k in got else None for k in keys]
     last = [None if c < 0 else last_of[c] for c in codes.tolist()]
     built: dict[str, pa.Array] = {}
     for src, t in types.items():
