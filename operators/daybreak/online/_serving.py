@@ -91,8 +91,9 @@ def body_rows(body: Any, max_rows: int, extra: Sequence[str] = ()) -> list[dict[
 
 def body_table(body: Any, max_rows: int) -> pa.Table:
     """A raw-row body's rows as a table (not empty). Raises BodyError."""
-    if isinstance(body, dict) and set(body) == {"dataframe_split"} and isinstance(body["dataframe_split"], dict):
-        fast = _split_table(body["dataframe_split"], max_rows)
+    split = split_columns(body, max_rows)
+    if split is not None:
+        fast = split_tables([split])[0]
         if fast is not None:
             return fast
     rows = body_rows(body, max_rows)
@@ -101,21 +102,59 @@ def body_table(body: Any, max_rows: int) -> pa.Table:
     return _table(rows)
 
 
-def _split_table(data: dict[str, Any], max_rows: int) -> pa.Table | None:
-    """A well-formed ``dataframe_split`` of scalars as a table, column by column (as
-    ``_table`` of its rows would type it); None for anything else (``body_rows`` says what)."""
+Split = tuple[tuple[str, ...], list[tuple[Any, ...]]]
+"""A ``dataframe_split`` body's column names and values, column by column."""
+_SCALARS = frozenset({int, float, str, bool, type(None)})
+_INFERRED = (pa.int64(), pa.float64(), pa.string(), pa.bool_(), pa.null())
+
+
+def split_columns(body: Any, max_rows: int) -> Split | None:
+    """A well-formed ``dataframe_split`` body with rows, column by column; None for anything
+    else (``body_rows`` says what is wrong, if anything)."""
+    if not isinstance(body, dict) or len(body) != 1 or not isinstance(body.get("dataframe_split"), dict):
+        return None
+    data = body["dataframe_split"]
     cols, rows = data.get("columns"), data.get("data")
-    if set(data) - {"columns", "data", "index"} or not isinstance(cols, list) or not isinstance(rows, list) \
-            or not rows or len(rows) > max_rows or not cols or not all(isinstance(c, str) for c in cols) \
-            or len(set(cols)) != len(cols) \
+    if not isinstance(cols, list) or not isinstance(rows, list) or not rows or len(rows) > max_rows or not cols \
+            or not all(isinstance(c, str) for c in cols) or len(set(cols)) != len(cols) \
             or not all(isinstance(r, list) and len(r) == len(cols) for r in rows):
         return None
-    values = list(zip(*rows, strict=True))
+    return tuple(cols), list(zip(*rows, strict=True))
+
+
+def split_tables(splits: Sequence[Split]) -> list[pa.Table | None]:
+    """Tables of ``split_columns`` bodies, typed as ``_table`` of each body's rows alone types
+    them; None for a body to read as rows (``body_table``: a value that is no scalar, a column
+    of mixed types). Bodies with the same columns whose every column holds values of the same
+    Python types are built as one table, then cut: a column's type is inferred from its values'
+    Python types (an int64 overflow aside, which is built alone), so each body's columns get the
+    types they get alone, at a fraction of the cost per body."""
+    out: list[pa.Table | None] = [None] * len(splits)
+    groups: dict[tuple[tuple[str, ...], tuple[frozenset[type], ...]], list[int]] = {}
+    for i, (cols, values) in enumerate(splits):
+        kinds = tuple(frozenset(map(type, v)) for v in values)
+        if all(k <= _SCALARS for k in kinds):
+            groups.setdefault((cols, kinds), []).append(i)
+    for (cols, _), members in groups.items():
+        table = _built(cols, [[x for i in members for x in splits[i][1][j]] for j in range(len(cols))])
+        if table is None and len(members) > 1:  # built alone, each as it would be
+            for i in members:
+                out[i] = _built(cols, splits[i][1])
+            continue
+        start = 0
+        for i in members:
+            n = len(splits[i][1][0])
+            out[i] = table if len(members) == 1 else table.slice(start, n)  # type: ignore[union-attr]
+            start += n
+    return out
+
+
+def _built(cols: Sequence[str], values: Sequence[Sequence[Any]]) -> pa.Table | None:
     try:
         arrays = [pa.array(v) for v in values]
-    except (pa.ArrowInvalid, pa.ArrowTypeError):
+    except (pa.ArrowInvalid, pa.ArrowTypeError, OverflowError):
         return None
-    if any(pa.types.is_nested(a.type) for a in arrays):  # an object or a list as a value
+    if not all(a.type in _INFERRED for a in arrays):  # an int beyond int64, say
         return None
     return pa.table(dict(zip(cols, arrays, strict=True)))
 
@@ -244,7 +283,7 @@ class OnlineServing:
     def drain(self) -> None:
         """On the online thread: compute the raw-row requests waiting (up to RAW_BATCH_ROWS rows;
         the rest stay for the next drain, one of which is queued per request)."""
-        jobs: list[tuple[_RawJob, pa.Table]] = []
+        taken: list[tuple[_RawJob, Any, Split | None]] = []
         rows = 0
         while rows < RAW_BATCH_ROWS:
             with self._lock:
@@ -254,12 +293,21 @@ class OnlineServing:
             if not job.future.set_running_or_notify_cancel():  # its request is gone
                 continue
             try:
-                table = body_table(job.body(), job.max_rows)
+                body = job.body()
             except Exception as e:  # BodyError: this request's answer
                 job.future.set_exception(e)
                 continue
-            jobs.append((job, table))
-            rows += table.num_rows
+            split = split_columns(body, job.max_rows)
+            taken.append((job, body, split))
+            rows += len(split[1][0]) if split is not None else 1
+        built = iter(split_tables([split for _, _, split in taken if split is not None]))
+        jobs: list[tuple[_RawJob, pa.Table]] = []
+        for job, body, split in taken:
+            table = next(built) if split is not None else None
+            try:
+                jobs.append((job, table if table is not None else body_table(body, job.max_rows)))
+            except Exception as e:  # BodyError: this request's answer
+                job.future.set_exception(e)
         if not jobs:
             return
         try:
