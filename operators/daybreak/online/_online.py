@@ -568,17 +568,19 @@ _generations_size = [0]  # entries held
 
 
 def _with_generation(gen: str, part: _Part, ranges: dict[str, tuple[int, int]], days: Found,
+                     cached: dict[str, tuple[list[int], list[tuple[int, int, dict[str, Any]]]]],
                      fetched: Found, fetched_keys: list[str]) -> Found:
-    """The part's entries of each key within its range: the generation's (from what was read of it
-    before, and `fetched` now for `fetched_keys`), and the live days' (`days`), in (score,
+    """The part's entries of each key within its range: the generation's (`cached`: what was read
+    of it before; `fetched` now, for `fetched_keys`), and the live days' (`days`), in (score,
     sequence) order."""
+    cached = dict(cached)
     for k in fetched_keys:
         entries = fetched.get(k, [])
-        _GENERATIONS[(gen, part.name, k)] = ([e[0] for e in entries], entries)
+        cached[k] = _GENERATIONS[(gen, part.name, k)] = ([e[0] for e in entries], entries)
         _generations_size[0] += len(entries) + 1
     out: Found = {}
     for k, (lo, hi) in ranges.items():
-        scores, entries = _GENERATIONS[(gen, part.name, k)]
+        scores, entries = cached[k]
         if part.kind != "lookup" and entries:
             entries = entries[bisect_left(scores, lo - part.span_us):bisect_right(scores, hi)]
         live = days.get(k)
@@ -815,19 +817,25 @@ def _compute(spec: Spec, plan: _Plan, store: OnlineStore, meta: dict[str, Any], 
     asked = []
     for part, codes, keys in keyed:
         ranges = _ranges(codes, keys, t_us, ok)
-        fill = [k for k in ranges if (gen, part.name, k) not in _GENERATIONS]
-        asked.append((ranges, fill, [(gen, part.name, k, float("-inf"), float("inf")) for k in fill],
+        cached, fill = {}, []
+        for k in ranges:
+            hit = _GENERATIONS.get((gen, part.name, k))
+            if hit is None:
+                fill.append(k)
+            else:
+                cached[k] = hit
+        asked.append((ranges, cached, fill, [(gen, part.name, k, float("-inf"), float("inf")) for k in fill],
                       _queries(days, part, ranges)))
-    results = store.read([q for _, _, qg, qd in asked for q in (*qg, *qd)])
+    results = store.read([q for _, _, _, qg, qd in asked for q in (*qg, *qd)])
     indexes = []
     joins: list[tuple[_Part, Any]] = []
     start = 0
-    for (part, codes, keys), (ranges, fill, qg, qd) in zip(keyed, asked, strict=True):
+    for (part, codes, keys), (ranges, cached, fill, qg, qd) in zip(keyed, asked, strict=True):
         fetched = _found(qg, results[start:start + len(qg)])
         start += len(qg)
         live = _found(qd, results[start:start + len(qd)])
         start += len(qd)
-        got = _with_generation(gen, part, ranges, live, fetched, fill)
+        got = _with_generation(gen, part, ranges, live, cached, fetched, fill)
         absent = [j for j, k in enumerate(keys) if k not in got]
         rows = np.flatnonzero(ok & np.isin(codes, absent)) if absent else np.zeros(0, np.int64)
         if len(rows):
