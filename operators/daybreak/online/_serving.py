@@ -4,7 +4,10 @@ bodies, features computed for the model, and the state's freshness for /health a
 Everything here is synchronous (pyarrow, numpy, the store's client) and runs on the server's one
 online thread (``OnlineServing.pool``), never on the event loop: SQLite keeps a connection per
 thread, and one thread serializes pushes and reads of one process (readers of another process,
-or a materialize, see each generation whole: ``_store``).
+or a materialize, see each generation whole: ``_store``). Raw-row requests queue for that thread
+(``submit_raw``); those waiting when it is free are computed together (``drain``: one
+``features_in_groups`` call, each row at its own event time, the answers split back per request),
+so under load the cost per request falls instead of the queue growing.
 
 The store is opened once, on first use, from ``DAYBREAK_ONLINE_URL`` (``redis://...``; unset:
 the embedded SQLite file under ``$DAYBREAK_HOME/online/``). How old the state may be before a row
@@ -375,6 +378,11 @@ class OnlineServing:
 
     def close(self) -> None:
         self.pool.shutdown(wait=False, cancel_futures=True)
+        with self._lock:  # raw-row requests no drain will take now: answered, not left waiting
+            left, self._raw = list(self._raw), deque()
+        for job in left:
+            if job.future.set_running_or_notify_cancel():
+                job.future.set_exception(OnlineError("the server is stopping; retry shortly"))
         if self._store is not None:
             try:
                 self._store.close()
