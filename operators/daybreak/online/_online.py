@@ -30,6 +30,7 @@ from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
+from itertools import repeat
 from typing import Any
 
 import numpy as np
@@ -841,9 +842,13 @@ def _compute(spec: Spec, plan: _Plan, store: OnlineStore, meta: dict[str, Any], 
         if len(rows):
             label = {"window": "windows", "asof": "asof", "lookup": "lookups"}[part.kind]
             what = {"window": "no history", "asof": "no row in the tolerance", "lookup": "no row"}[part.kind]
+            said: dict[int, str] = {}  # per key, once
             for i in rows.tolist():
-                reasons[i].append(f"{label}[{part.index}] ({part.source}): {what} for "
-                                  f"{_entity(part.by, keys[codes[i]])}")
+                c = int(codes[i])
+                text = said.get(c)
+                if text is None:
+                    text = said[c] = f"{label}[{part.index}] ({part.source}): {what} for {_entity(part.by, keys[c])}"
+                reasons[i].append(text)
         if part.kind == "window":
             indexes.append(_window_index(spec, part, batch, got, meta["columns"][part.name]))
         elif part.kind == "asof":
@@ -877,16 +882,10 @@ def _window_index(spec: Spec, part: _Part, batch: pa.Table, got: Found,
     f = spec.features
     w = f.windows[part.index]
     payload = [n for n in types if n != "__k"]
-    keys: list[list[Any]] = [[] for _ in w.by]
-    cols: dict[str, list[Any]] = {c: [] for c in ["__k", *payload]}
-    for key, entries in got.items():
-        values = json.loads(key)
-        for score, _, p in entries:
-            for j, v in enumerate(values):
-                keys[j].append(v)
-            cols["__k"].append(score)
-            for c in payload:
-                cols[c].append(p.get(c))
+    per_key = [(json.loads(key), len(entries)) for key, entries in got.items()]
+    flat = [e for entries in got.values() for e in entries]
+    keys = [[v for values, n in per_key for v in repeat(values[j], n)] for j in range(len(w.by))]
+    cols: dict[str, list[Any]] = {"__k": [e[0] for e in flat], **{c: [e[2].get(c) for e in flat] for c in payload}}
     table = pa.table({**{c: _from_json_values(keys[j], batch.column(c).type) for j, c in enumerate(w.by)},
                       **{c: pa.array(v, pa.type_for_alias(types[c])) for c, v in cols.items()}})
     return build_window_index(list(w.by), list(w.aggs), table)
