@@ -481,6 +481,11 @@ def _needed_columns(spec: Spec) -> set[str]:
     return cols - {EVENT_TIME}
 
 
+_KEY_JSON: dict[tuple[type, Any], str] = {}
+"""A one-column key's JSON, by its value (the same keys come again and again)."""
+_KEY_JSON_MAX = 200_000
+
+
 def _key_codes(table: pa.Table, by: Sequence[str]) -> tuple[np.ndarray, list[str]]:
     """Each row's entity key as a code into a list of keys (JSON of the ``by`` values, as
     ``_keys``), -1 for a row with a null key part: each distinct key encoded once."""
@@ -490,7 +495,15 @@ def _key_codes(table: pa.Table, by: Sequence[str]) -> tuple[np.ndarray, list[str
     if len(by) == 1:
         enc = pc.dictionary_encode(table.column(by[0])).combine_chunks()
         codes = enc.indices.fill_null(-1).to_numpy(zero_copy_only=False).astype(np.int64)
-        return codes, [json.dumps([v]) for v in _to_json_values(enc.dictionary)]
+        if len(_KEY_JSON) > _KEY_JSON_MAX:
+            _KEY_JSON.clear()
+        encoded = []
+        for v in _to_json_values(enc.dictionary):
+            hit = _KEY_JSON.get((type(v), v))  # by type too: True and 1 are equal keys of a dict
+            if hit is None:
+                hit = _KEY_JSON[(type(v), v)] = json.dumps([v])
+            encoded.append(hit)
+        return codes, encoded
     keys: list[str] = []
     memo: dict[str, int] = {}
     out = np.empty(n, np.int64)
