@@ -542,8 +542,9 @@ def _queries(areas: list[str], part: _Part, ranges: dict[str, tuple[int, int]]) 
 
 
 _PAYLOADS: dict[str, dict[str, Any]] = {}
-"""Payloads decoded (never changed once decoded): the same entries are read again and again."""
-_PAYLOADS_MAX = 200_000
+"""Payloads decoded (never changed once decoded): a live day's entries are read again and again.
+Cleared past _PAYLOADS_MAX (about 0.5 KB each: some 50 MB at most)."""
+_PAYLOADS_MAX = 100_000
 
 Found = dict[str, list[tuple[int, int, dict[str, Any]]]]
 """Per key, its entries read, (score, sequence, payload), in (score, sequence) order."""
@@ -576,8 +577,9 @@ def _score_seq(e: tuple[int, int, dict[str, Any]]) -> tuple[int, int]:
 _GENERATIONS: dict[tuple[str, str, str], tuple[list[int], list[tuple[int, int, dict[str, Any]]]]] = {}
 """Per (generation, part, key): all its entries, in (score, sequence) order, and their scores. A
 generation never changes once current (and its name is never used again), so what was read of
-it is read once; a live day's area is read every time."""
-_GENERATIONS_MAX = 2_000_000
+it is read once; a live day's area is read every time. Cleared past _GENERATIONS_MAX entries
+(about 0.5 KB each: some 250 MB at most; a state bigger than that is read as before, in part)."""
+_GENERATIONS_MAX = 500_000
 _generations_size = [0]  # entries held
 
 
