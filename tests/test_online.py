@@ -441,3 +441,96 @@ def test_the_cycle_materializes_only_when_the_spec_opts_in(spec, staged: Path, t
     # tasks on several machines: an embedded SQLite file would be another file on each
     with pytest.raises(ClusterConfigError, match="DAYBREAK_ONLINE_URL"):
         materialize_online(on, RunContext.create(DAY, distributed="Airflow's CeleryExecutor"))
+
+
+def _body_rows(t: pa.Table) -> list[dict]:
+    """Rows as a client sends them: JSON values, times as ISO 8601."""
+    return [{k: (v.isoformat() if isinstance(v, datetime) else v) for k, v in r.items() if not k.startswith("_")}
+            for r in t.to_pylist()]
+
+
+def test_raw_requests_computed_together_each_get_their_own_answer(spec, ctx, store,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """The server's raw-row requests waiting for the online thread are computed in one batch
+    (``OnlineServing.drain``): each request still gets exactly what it gets computed alone,
+    with its own keys, times, blocked rows and reasons, and its own error (400) when its body
+    or a column is bad, leaving the others' answers alone."""
+    import threading
+
+    from daybreak.online import BodyError, OnlineServing
+    from daybreak.online import _serving as serving_module
+    from daybreak.online._serving import Group, body_table, computed_group
+
+    materialize(spec, ctx(DAYS[-2]), store)
+    push(spec, store, "weather", _staged(ctx(DAY), "weather", DAY))
+    flights = _staged(ctx(DAY), "flights", DAY)
+    push(spec, store, "flights", flights.slice(0, 200))  # part of the day known: some keys have history
+    rows = _body_rows(flights)
+    cols = list(rows[0])
+    early = _body_rows(_staged(ctx(DAYS[-2]), "flights", DAYS[-2]).slice(0, 2))  # before the state: blocked
+
+    def split(rs: list[dict]) -> dict:
+        return {"dataframe_split": {"columns": cols, "data": [[r.get(c) for c in cols] for r in rs]}}
+
+    bodies: list[dict] = [
+        split(rows[10:13]),  # three flights of the day, each at its own time
+        split(rows[400:401]),  # a later one: keys pushed and not
+        {"inputs": early + rows[600:601]},  # two rows blocked (before the horizon), one not
+        split([rows[50] | {"carrier": "ZZ", "tailnum": "NOPE"}, rows[700]]),  # keys without state: notes
+        {"inputs": [{k: v for k, v in r.items() if k != "distance"} for r in rows[20:22]]},  # a column missing
+        split([rows[30] | {"time_hour": None}, rows[31]]),  # no event time for one row
+        split([rows[40] | {"dep_delay": "late"}]),  # not a number: this request's 400
+        {"rows": 3},  # not rows at all: this request's 400
+        split(rows[100:140]),  # many at once
+    ]
+    fields = spec.features.feature_names()
+    ids = [*spec.features.keys, EVENT_TIME]
+    online = OnlineServing(spec, max_staleness="36500d")
+    online._store = store  # the test's store (its own namespace on Redis)
+    calls: list[int] = []
+    real = serving_module.features_in_groups
+
+    def counted(*args, **kwargs):
+        calls.append(len(args[2]))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(serving_module, "features_in_groups", counted)
+    gate = threading.Event()
+    online.pool.submit(gate.wait)  # the online thread busy: the requests queue up, as under load
+    futures = [online.submit_raw(lambda b=b: b, 1000, fields, ids) for b in bodies]
+    gate.set()
+    answers = []
+    for fut in futures:
+        try:
+            answers.append(fut.result(timeout=120))
+        except BodyError as e:
+            answers.append(e)
+    online.pool.shutdown(wait=True)
+    assert calls == [len(bodies) - 1]  # one computation for every request whose body is rows
+
+    for body, got in zip(bodies, answers, strict=True):
+        try:
+            table = body_table(body, 1000)
+            alone = features_for(spec, store, table, max_staleness="36500d")
+        except (BodyError, ValueError) as e:
+            assert isinstance(got, BodyError), (body, got)
+            assert str(e)[:100] in str(got) or isinstance(e, BodyError)
+            continue
+        want = computed_group(Group(alone, [(0, 0, table.num_rows)]), fields, ids)[0]
+        assert not isinstance(got, Exception), got
+        assert (got.rows, got.blocked, got.notes) == (want.rows, want.blocked, want.notes)
+        np.testing.assert_array_equal(got.predicted, want.predicted)
+        assert got.columns.keys() == want.columns.keys()
+        for name, values in want.columns.items():
+            np.testing.assert_array_equal(got.columns[name], values, err_msg=name)
+
+    blocked = {i: [b["row"] for b in a.blocked] for i, a in enumerate(answers) if not isinstance(a, Exception)}
+    assert blocked == {0: [], 1: [], 2: [0, 1], 3: [], 4: [0, 1], 5: [0], 8: []}
+    assert "before the state's horizon" in answers[2].blocked[0]["reasons"][0]
+    assert "missing column 'distance'" in answers[4].blocked[0]["reasons"]
+    assert answers[5].blocked[0]["reasons"] == ["no event time"]
+    assert "no history for carrier='ZZ'" in " ".join(answers[3].notes[0]["reasons"])
+    assert isinstance(answers[6], BodyError) and "dep_delay" in str(answers[6])
+    assert isinstance(answers[7], BodyError)
+    assert len(answers[8].predicted) == 40
+    assert answers[0].columns["carrier"].tolist() == [r["carrier"] for r in rows[10:13]]

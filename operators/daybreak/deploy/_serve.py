@@ -1801,13 +1801,16 @@ class Invocations:
         finally:
             self.inflight -= held + counted[0]
 
-    async def _on_online_thread(self, request_id: str, fn: Callable[..., Any], *args: Any) -> Any:
-        """`fn(*args)` on the online store's thread; errors become answers (raised as Refused)."""
+    async def _on_online_thread(self, request_id: str, fn: Callable[..., Any], *args: Any, queued: bool = False) -> Any:
+        """`fn(*args)` on the online store's thread (`queued`: `fn` queues the work there itself and
+        returns its future); errors become answers (raised as Refused)."""
         from daybreak.online import BodyError, OnlineError
 
         assert self.online is not None
         loop = asyncio.get_running_loop()
         try:
+            if queued:
+                return await asyncio.wrap_future(fn(*args))
             return await loop.run_in_executor(self.online.pool, fn, *args)
         except BodyError as e:
             raise Refused(400, clean(e)) from None
@@ -1847,7 +1850,7 @@ class Invocations:
         ids = sorted(batcher.ids) if self.expected is not None else []
         try:
             got = await self._on_online_thread(request_id, _compute_raw, self.online, raw, self.lim.max_rows,
-                                               names, ids)
+                                               names, ids, queued=True)
         except Refused as e:
             return *error(e.status, e.message), None
         except Exception:
@@ -1975,15 +1978,18 @@ def _raw_query(query: bytes) -> bool:
     return bool(values) and values[-1].lower() in ("1", "true", "yes")
 
 
-def _compute_raw(online: OnlineServing, raw: bytes, max_rows: int, names: list[str], ids: list[str]) -> Any:
-    """On the online thread: parse a raw-row body and compute its features."""
+def _compute_raw(online: OnlineServing, raw: bytes, max_rows: int, names: list[str], ids: list[str]) -> Future[Any]:
+    """Queue a raw-row body for the online thread, where the raw requests waiting are computed
+    together (``OnlineServing.drain``); its body is parsed there too."""
     from daybreak.online import BodyError
 
-    try:
-        body, _ = _parse_json(raw)
-    except Refused as e:
-        raise BodyError(e.message) from None
-    return online.compute(body, max_rows, names, ids)
+    def body() -> Any:
+        try:
+            return _parse_json(raw)[0]
+        except Refused as e:
+            raise BodyError(e.message) from None
+
+    return online.submit_raw(body, max_rows, names, ids)
 
 
 def _push_events(online: OnlineServing, raw: bytes, max_rows: int) -> dict[str, Any]:

@@ -38,6 +38,9 @@ def is_redis(url: str | None) -> TypeGuard[str]:
     return bool(url and url.startswith(("redis://", "rediss://", "unix://")))
 
 
+_READ_CHUNK = 200
+"""Queries read by one SQLite statement at most (4 parameters each: under SQLite's limit)."""
+
 PUSH_SEQ_START = 1 << 40
 """Pushed entries are numbered from here: after any materialized entry (numbered from 0 per part)."""
 
@@ -156,14 +159,28 @@ class SQLiteStore:
             db.execute("DELETE FROM areas WHERE area = ?", (area,))
 
     def read(self, queries: Sequence[Query]) -> list[list[tuple[float, str]]]:
+        """One statement per area and part for up to _READ_CHUNK queries (their keys and ranges
+        joined to the index), not one per query."""
         db = self._db()
-        out = []
-        for area, part, key, lo, hi in queries:
-            lo_i = int(lo) if lo != float("-inf") else -(2**63)
-            hi_i = int(hi) if hi != float("inf") else 2**63 - 1
-            out.append([(float(s), p) for s, p in db.execute(
-                "SELECT score, payload FROM entries WHERE area = ? AND part = ? AND key = ? AND score BETWEEN ? AND ?",
-                (area, part, key, lo_i, hi_i))])
+        out: list[list[tuple[float, str]]] = [[] for _ in queries]
+        groups: dict[tuple[str, str], list[int]] = {}
+        for i, (area, part, _, _, _) in enumerate(queries):
+            groups.setdefault((area, part), []).append(i)
+        for (area, part), members in groups.items():
+            for c in range(0, len(members), _READ_CHUNK):
+                chunk = members[c:c + _READ_CHUNK]
+                params: list[Any] = []
+                for i in chunk:
+                    _, _, key, lo, hi = queries[i]
+                    params += (i, key, int(lo) if lo != float("-inf") else -(2**63),
+                               int(hi) if hi != float("inf") else 2**63 - 1)
+                values = ",".join(["(?, ?, ?, ?)"] * len(chunk))
+                for i, score, payload in db.execute(
+                        f"WITH q(i, key, lo, hi) AS (VALUES {values}) SELECT q.i, e.score, e.payload FROM q "
+                        "JOIN entries e ON e.area = ? AND e.part = ? AND e.key = q.key "
+                        "AND e.score BETWEEN q.lo AND q.hi",
+                        (*params, area, part)):
+                    out[i].append((float(score), payload))
         return out
 
     def newest_us(self) -> int | None:
