@@ -115,7 +115,9 @@ def test_online_equals_offline_on_business_days(tmp_path: Path, monkeypatch: pyt
     """The guide's stores on business days (row and lag windows over the label's column, known
     12h after the event; no drop on weekends and Memorial Day): materialized to Friday, Tuesday's
     rows asked for at 08:00 (Monday is a holiday) equal Tuesday's feature partition: the
-    previous business day is Friday. The state is 3+ days old then: by default that is stale."""
+    previous business day is Friday. Staleness counts the calendar's days: no drop was due after
+    Friday's until Tuesday's, so the state is fresh on Tuesday morning by default (1d), and stale
+    on Wednesday morning once Tuesday's drop was due and not materialized."""
     from daybreak.features import build_features, read_features
     from daybreak.spec import load_spec
     from daybreak.stage import stage
@@ -134,9 +136,11 @@ def test_online_equals_offline_on_business_days(tmp_path: Path, monkeypatch: pyt
     materialize(spec, RunContext.create(friday), store)
     rows = _staged(RunContext.create(tuesday), "sales", tuesday)
     at = datetime(2024, 5, 28, 8, tzinfo=DAY0.tzinfo)
-    stale = features_for(spec, store, rows, at)
-    assert all(stale.blocked) and "stale" in stale.reasons[0][0]
-    got = features_for(spec, store, rows, at, max_staleness="4d")
+    stale = features_for(spec, store, rows, at + timedelta(days=1))
+    assert all(stale.blocked) and "stale" in stale.reasons[0][0], stale.reasons[0]
+    assert "2024-05-28" in stale.reasons[0][0], stale.reasons[0]  # says which drop is missing
+    assert not any(features_for(spec, store, rows, at + timedelta(days=1), max_staleness="2d").blocked)
+    got = features_for(spec, store, rows, at)
     assert not any(got.blocked), got.reasons
     f = spec.features
     ids = [*f.keys, EVENT_TIME]

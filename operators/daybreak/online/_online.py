@@ -225,6 +225,22 @@ def _end_of_day_us(spec: Spec, day: date) -> int:
     return int(spec.label_cut(day).timestamp() * US)
 
 
+def _due(spec: Spec, plan: _Plan, materialized: str) -> tuple[int, date]:
+    """How far the state materialized for `materialized` is complete: the end of that date and of
+    the days after it on which the base source's calendar expects no drop (a business-day feed
+    materialized on Friday is as fresh on Monday morning as a daily feed materialized on Sunday),
+    and the next day whose drop is due. Cached per date on the plan."""
+    hit = plan.due.get(materialized)
+    if hit is None:
+        day, cal = _date(materialized), spec.calendar()
+        for _ in range(366):
+            if cal.expects(day + timedelta(days=1)):
+                break
+            day += timedelta(days=1)
+        hit = plan.due[materialized] = (_end_of_day_us(spec, day), day + timedelta(days=1))
+    return hit
+
+
 def materialize(spec: Spec, ctx: RunContext, store: OnlineStore) -> MaterializeResult:
     """Load the state as of the end of ``ctx.logical_date`` from the staged partitions.
 
@@ -621,6 +637,7 @@ class _Plan:
     needed: tuple[tuple[str, pa.DataType], ...]  # base columns the features read, with their types
     keys: tuple[tuple[str, pa.DataType], ...]  # the spec's keys, with their types
     features: tuple[str, ...]
+    due: dict[str, tuple[int, date]] = field(default_factory=dict)  # ``_due``, by materialized date
 
 
 _PLANS: dict[int, tuple[Spec, _Plan]] = {}
@@ -686,7 +703,9 @@ def features_for(spec: Spec, store: OnlineStore, raw_rows: Any, at: datetime | N
         at: the request's time (default: now); with the rows' own times, how stale the state
             may be is judged against it.
         max_staleness: a row is blocked when the newest state (the materialized date's end or
-            the newest pushed event) is older than this before `at` or the row's time.
+            the newest pushed event) is older than this before `at` or the row's time. Days the
+            base source's calendar expects no drop do not count: materialized on Friday, a
+            business-day feed's state is fresh until Monday's drop is due.
 
     Raises:
         OnlineError: nothing was materialized yet, or for another feature version.
@@ -806,9 +825,12 @@ def _compute(spec: Spec, plan: _Plan, store: OnlineStore, meta: dict[str, Any], 
     times = pc.cast(batch.column(EVENT_TIME), pa.int64()).to_pylist()
     t_us = np.array([x if x is not None else 0 for x in times], np.int64)
     now_us = int((at or datetime.now(UTC)).timestamp() * US)
-    watermark = max(int(meta["horizon_us"]), store.newest_us() or 0)
+    due_until, next_due = _due(spec, plan, meta["date"])
+    newest = store.newest_us() or 0
+    watermark = max(int(meta["horizon_us"]), due_until, newest)
     bound = _us(parse_duration(max_staleness))
     horizon = meta["horizon_us"]
+    missing = f" (the drop of {next_due} is not materialized)" if watermark == due_until > newest else ""
     for i, x in enumerate(times):
         if x is None:
             reasons[i].append("no event time")
@@ -819,7 +841,7 @@ def _compute(spec: Spec, plan: _Plan, store: OnlineStore, meta: dict[str, Any], 
             blocked[i] = True
         elif max(now_us, x) - watermark > bound:
             reasons[i].append(f"stale: the newest state is from {_iso(watermark)}, more than {max_staleness} "
-                              f"before {_iso(max(now_us, x))}")
+                              f"before {_iso(max(now_us, x))}{missing}")
             blocked[i] = True
     ok = ~blocked
     areas = [meta["area"]] + [a for a in store.areas() if a.startswith("d") and _area_day(a) > _date(meta["date"])]

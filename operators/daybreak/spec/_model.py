@@ -1054,7 +1054,8 @@ class OnlineSpec(_Model):
                                                  "false: the step does nothing and no online store is opened")
     max_staleness: str = Field(DEFAULT_MAX_STALENESS, description="how old the materialized state may be before "
                                                                   "`daybreak serve` blocks a raw row, a duration "
-                                                                  "such as '1d' or '36h' "
+                                                                  "such as '1d' or '36h', not counting the "
+                                                                  "days the base source's calendar expects no drop "
                                                                   "(`DAYBREAK_ONLINE_MAX_STALENESS` overrides it)")
 
     @field_validator("max_staleness")
