@@ -482,6 +482,8 @@ def test_raw_requests_computed_together_each_get_their_own_answer(spec, ctx, sto
         split([rows[40] | {"dep_delay": "late"}]),  # not a number: this request's 400
         {"rows": 3},  # not rows at all: this request's 400
         split(rows[100:140]),  # many at once
+        split([rows[41] | {"carrier": "\ud800"}]),  # a lone surrogate (the json fallback reads it): its 400
+        {"inputs": [rows[42] | {"event_time": "x"}]},  # daybreak's own column name: its 400
     ]
     fields = spec.features.feature_names()
     ids = [*spec.features.keys, EVENT_TIME]
@@ -505,8 +507,10 @@ def test_raw_requests_computed_together_each_get_their_own_answer(spec, ctx, sto
             answers.append(fut.result(timeout=120))
         except BodyError as e:
             answers.append(e)
+        except Exception as e:  # (a hang is a TimeoutError: the test fails)
+            answers.append(e)
     online.pool.shutdown(wait=True)
-    assert calls == [len(bodies) - 1]  # one computation for every request whose body is rows
+    assert calls == [len(bodies) - 2]  # one computation for every request whose body is rows
 
     for body, got in zip(bodies, answers, strict=True):
         try:
@@ -532,5 +536,7 @@ def test_raw_requests_computed_together_each_get_their_own_answer(spec, ctx, sto
     assert "no history for carrier='ZZ'" in " ".join(answers[3].notes[0]["reasons"])
     assert isinstance(answers[6], BodyError) and "dep_delay" in str(answers[6])
     assert isinstance(answers[7], BodyError)
+    assert isinstance(answers[9], BodyError) and "carrier" in str(answers[9]), answers[9]
+    assert isinstance(answers[10], BodyError) and "'event_time'" in str(answers[10]), answers[10]
     assert len(answers[8].predicted) == 40
     assert answers[0].columns["carrier"].tolist() == [r["carrier"] for r in rows[10:13]]

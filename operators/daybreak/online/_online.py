@@ -500,6 +500,7 @@ def _needed_columns(spec: Spec) -> set[str]:
 _KEY_JSON: dict[tuple[type, Any], str] = {}
 """A one-column key's JSON, by its value (the same keys come again and again)."""
 _KEY_JSON_MAX = 200_000
+_KEY_JSON_LONGEST = 256  # characters: 200,000 keys of at most this hold some 60 MB
 
 
 def _key_codes(table: pa.Table, by: Sequence[str]) -> tuple[np.ndarray, list[str]]:
@@ -517,7 +518,9 @@ def _key_codes(table: pa.Table, by: Sequence[str]) -> tuple[np.ndarray, list[str
         for v in _to_json_values(enc.dictionary):
             hit = _KEY_JSON.get((type(v), v))  # by type too: True and 1 are equal keys of a dict
             if hit is None:
-                hit = _KEY_JSON[(type(v), v)] = json.dumps([v])
+                hit = json.dumps([v])
+                if len(hit) <= _KEY_JSON_LONGEST:  # (a long key a client made up is not kept)
+                    _KEY_JSON[(type(v), v)] = hit
             encoded.append(hit)
         return codes, encoded
     keys: list[str] = []
@@ -609,7 +612,7 @@ def _with_generation(gen: str, part: _Part, ranges: dict[str, tuple[int, int]], 
     for k in fetched_keys:
         entries = fetched.get(k, [])
         cached[k] = _GENERATIONS[(gen, part.name, k)] = ([e[0] for e in entries], entries)
-        _generations_size[0] += len(entries) + 1
+        _generations_size[0] += len(entries) + 1 + len(k) // 512  # a key a client sent counts by its size
     out: Found = {}
     for k, (lo, hi) in ranges.items():
         scores, entries = cached[k]
@@ -676,6 +679,9 @@ def _prepare(spec: Spec, plan: _Plan, raw_rows: Any) -> _Prepared:
     """Raises ValueError: a column that is not of its contract's type."""
     f = spec.features
     batch = _as_table(raw_rows, spec, f.base)
+    if EVENT_TIME in batch.column_names:
+        raise ValueError(f"column {EVENT_TIME!r} is daybreak's own (each row's event time, computed from "
+                         f"features.event_time): leave it out or rename it")
     n = batch.num_rows
     reasons: list[list[str]] = [[] for _ in range(n)]
     blocked = np.zeros(n, bool)
@@ -774,12 +780,12 @@ def features_in_groups(spec: Spec, store: OnlineStore, many: Sequence[Any], at: 
         try:
             whole = pa.concat_tables([t for _, t in same]).combine_chunks() if len(same) > 1 else same[0][1]
             pieces = [([(i, t.num_rows) for i, t in same], _prepare(spec, plan, whole))]
-        except ValueError:  # a value some request's rows have: each request alone, for its own answer
+        except Exception:  # a value some request's rows have: each request alone, for its own answer
             pieces = []
             for i, t in same:
                 try:
                     pieces.append(([(i, t.num_rows)], _prepare(spec, plan, t)))
-                except ValueError as e:
+                except Exception as e:
                     errors[i] = e
         for piece in pieces:
             ready.setdefault(piece[1].batch.schema, []).append(piece)
@@ -795,7 +801,7 @@ def features_in_groups(spec: Spec, store: OnlineStore, many: Sequence[Any], at: 
                 start += n
         try:
             groups.append(Group(_compute(spec, plan, store, meta, one, at, max_staleness), spans))
-        except ValueError as e:  # a value some request's rows have (an overflow in an expression, say)
+        except Exception as e:  # a value some request's rows have (an overflow in an expression, say)
             if len(spans) == 1:
                 errors[spans[0][0]] = e
                 continue
@@ -803,7 +809,7 @@ def features_in_groups(spec: Spec, store: OnlineStore, many: Sequence[Any], at: 
                 try:
                     alone = _compute(spec, plan, store, meta, _prepare(spec, plan, tables[i]), at, max_staleness)
                     groups.append(Group(alone, [(i, 0, alone.table.num_rows)]))
-                except ValueError as one_error:
+                except Exception as one_error:
                     errors[i] = one_error
     return groups, errors
 

@@ -105,6 +105,19 @@ def body_table(body: Any, max_rows: int) -> pa.Table:
     return _table(rows)
 
 
+def _rows_in(body: Any) -> int:
+    """About how many rows a raw-row body not in ``split_columns``' shape holds (at least 1), for
+    the batch's row budget."""
+    if isinstance(body, dict) and len(body) == 1:
+        data = next(iter(body.values()))
+        if isinstance(data, list):
+            return max(len(data), 1)
+        if isinstance(data, dict):
+            lengths = [len(v) for v in data.values() if isinstance(v, list)]
+            return max([*lengths, 1])
+    return 1
+
+
 Split = tuple[tuple[str, ...], list[tuple[Any, ...]]]
 """A ``dataframe_split`` body's column names and values, column by column."""
 _SCALARS = frozenset({int, float, str, bool, type(None)})
@@ -155,7 +168,7 @@ def split_tables(splits: Sequence[Split]) -> list[pa.Table | None]:
 def _built(cols: Sequence[str], values: Sequence[Sequence[Any]]) -> pa.Table | None:
     try:
         arrays = [pa.array(v) for v in values]
-    except (pa.ArrowInvalid, pa.ArrowTypeError, OverflowError):
+    except Exception:  # (Arrow's errors, an overflow, text that is not UTF-8): read as rows, each alone
         return None
     if not all(a.type in _INFERRED for a in arrays):  # an int beyond int64, say
         return None
@@ -171,6 +184,18 @@ def _table(rows: list[dict[str, Any]]) -> pa.Table:
         return pa.Table.from_pylist(rows)
     except (pa.ArrowInvalid, pa.ArrowTypeError) as e:
         raise BodyError(f"the rows do not form a table: {str(e)[:300]}") from None
+    except UnicodeEncodeError:  # a lone surrogate: JSON's escapes allow it, UTF-8 does not
+        bad = next((k for r in rows for k, v in r.items() if isinstance(v, str) and not _utf8(v)), "?")
+        raise BodyError(f"column {bad[:100]!r}: a text value is not valid Unicode (a lone surrogate "
+                        f"escape)") from None
+
+
+def _utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 @dataclass
@@ -302,7 +327,17 @@ class OnlineServing:
                 continue
             split = split_columns(body, job.max_rows)
             taken.append((job, body, split))
-            rows += len(split[1][0]) if split is not None else 1
+            rows += len(split[1][0]) if split is not None else _rows_in(body)
+        try:
+            self._compute_taken(taken)
+        except BaseException as e:  # a bug: no request waits forever for its answer
+            for job, _, _ in taken:
+                if not job.future.done():
+                    job.future.set_exception(e if isinstance(e, Exception) else RuntimeError("stopped"))
+            if not isinstance(e, Exception):
+                raise
+
+    def _compute_taken(self, taken: list[tuple[_RawJob, Any, Split | None]]) -> None:
         built = iter(split_tables([split for _, _, split in taken if split is not None]))
         jobs: list[tuple[_RawJob, pa.Table]] = []
         for job, body, split in taken:
@@ -320,8 +355,8 @@ class OnlineServing:
             for job, _ in jobs:
                 job.future.set_exception(e)
             return
-        for i, wrong in errors.items():  # a column not of its type (the contract's)
-            jobs[i][0].future.set_exception(BodyError(str(wrong)[:500]))
+        for i, wrong in errors.items():  # its own error: a column not of its type (the contract's), say
+            jobs[i][0].future.set_exception(BodyError(str(wrong)[:500]) if isinstance(wrong, ValueError) else wrong)
         for g in groups:
             inputs: dict[tuple[tuple[str, ...], tuple[str, ...]], list[tuple[int, int, int]]] = {}
             for m in g.members:  # the model's inputs (and the identities logged) of each request
