@@ -94,7 +94,7 @@ def test_step_commands_and_a_backfill_of_some_steps(home: Path) -> None:
     assert human.startswith("[1/1] 2013-01-02  stage: ") and "rows=" in human
     bad = daybreak("backfill", *spec, "--start", "2013-01-02", "--end", "2013-01-02", "--steps", "stage,warmup",
                    home=home, check=False)
-    assert bad.returncode == 2 and "warmup" in bad.stderr and "stage, features, monitor, train" in bad.stderr
+    assert bad.returncode == 2 and "warmup" in bad.stderr and "stage, features, online, monitor, train" in bad.stderr
 
     day = ("--date", "2013-01-02")
     # the day's features exist: train, gate and promote it one step at a time
