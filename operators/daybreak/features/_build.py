@@ -503,25 +503,32 @@ def _delay(text: str) -> pa.Scalar:
     return pa.scalar(int(parse_duration(text).total_seconds() * US), pa.duration("us"))
 
 
-def carried_columns(f: FeatureSpec) -> set[str]:
-    """Base columns read after the window stage: keys, join and group keys, and the base columns
-    the derived columns, the label and its known_at read (a name that is a window or join output,
-    or a derived column defined before, by then is not a base column)."""
-    cols = {EVENT_TIME, *f.keys}
+def feature_inputs(f: FeatureSpec) -> set[str]:
+    """Base columns computing the features reads after the window stage: join and group keys, and
+    what the derived columns read (a name that is a window or join output, or a derived column
+    defined before, by then is not a base column). ``daybreak.online`` asks a request for these."""
+    cols: set[str] = set()
     defined = f.output_names()
     for c in f.columns:
         cols |= names_in(c.expr) - defined
         defined.add(c.name)
-    cols |= names_in(f.label.expr) - defined
-    known = f.label.known_at_expr()
-    if known is not None:
-        cols |= names_in(known)
     for j in f.asof:
         cols |= set(j.by)
     for lk in f.lookups:
         cols |= set(lk.by)
     for w in f.windows:
         cols |= set(w.by)
+    return cols
+
+
+def carried_columns(f: FeatureSpec) -> set[str]:
+    """Base columns read after the window stage: the event time, keys, ``feature_inputs``, and
+    the base columns the label and its known_at read."""
+    cols = {EVENT_TIME, *f.keys} | feature_inputs(f)
+    cols |= names_in(f.label.expr) - f.output_names() - {c.name for c in f.columns}
+    known = f.label.known_at_expr()
+    if known is not None:
+        cols |= names_in(known)
     return cols
 
 

@@ -48,6 +48,7 @@ from daybreak.features import (
     day_slices,
     days_back,
     empty_source,
+    feature_inputs,
     fold_tables,
     lookup_join,
     prepare_events,
@@ -480,21 +481,10 @@ class OnlineFeatures:
 
 
 def _needed_columns(spec: Spec) -> set[str]:
-    """Base columns the features read (not the label): event time, keys of joins and windows,
-    and what derived columns read that is no output of a join, window or earlier column."""
+    """Base columns the features read (not the label): the event time's, and the feature step's
+    ``feature_inputs``."""
     f = spec.features
-    cols = set(names_in(f.event_time))
-    defined = f.output_names()
-    for c in f.columns:
-        cols |= names_in(c.expr) - defined
-        defined.add(c.name)
-    for j in f.asof:
-        cols |= set(j.by)
-    for lk in f.lookups:
-        cols |= set(lk.by)
-    for w in f.windows:
-        cols |= set(w.by)
-    return cols - {EVENT_TIME}
+    return (names_in(f.event_time) | feature_inputs(f)) - {EVENT_TIME}
 
 
 _KEY_JSON: dict[tuple[type, Any], str] = {}
