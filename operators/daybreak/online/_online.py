@@ -711,24 +711,6 @@ def features_for(spec: Spec, store: OnlineStore, raw_rows: Any, at: datetime | N
     return _compute(spec, plan, store, meta, _prepare(spec, plan, raw_rows), at, max_staleness)
 
 
-def features_for_many(spec: Spec, store: OnlineStore, many: Sequence[Any], at: datetime | None = None, *,
-                      max_staleness: str = DEFAULT_MAX_STALENESS) -> list[OnlineFeatures | Exception]:
-    """``features_for`` of several requests' rows at once (``features_in_groups``), split back:
-    per request its features, or the error it alone raises (a column not of its contract's type:
-    ValueError).
-
-    Raises:
-        OnlineError: nothing was materialized yet, or for another feature version (every request's).
-    """
-    groups, errors = features_in_groups(spec, store, many, at, max_staleness=max_staleness)
-    out: list[OnlineFeatures | Exception] = [errors.get(i, ValueError("not computed")) for i in range(len(many))]
-    for g in groups:
-        for i, start, n in g.members:
-            out[i] = OnlineFeatures(g.features.table.slice(start, n), g.features.features,
-                                    g.features.reasons[start:start + n], g.features.blocked[start:start + n])
-    return out
-
-
 @dataclass
 class Group:
     """Requests computed together: their rows' features, one after the other, and where each
