@@ -89,7 +89,7 @@ with it (keyword, then environment, then the constant):
   make the server hold.
 - ``header_timeout`` (``DAYBREAK_SERVE_HEADER_TIMEOUT``, 10 s): from a connection's start, or a
   request's first byte, until its headers are complete; then 408 and the connection is closed.
-  uvicorn has no such timeout (only keep-alive between requests): ``TimedHttpToolsProtocol``.
+  uvicorn has no such timeout (only keep-alive between requests): ``_http.py``.
 - ``body_timeout`` (``DAYBREAK_SERVE_BODY_TIMEOUT``, 30 s): the whole body must arrive within it
   (16 MiB at about 0.5 MB/s); then 408 and the connection is closed. Deadlines are checked by one
   sweep every ``SWEEP_SECONDS`` (or a quarter of the timeout), not by a timer per request.
@@ -1064,6 +1064,11 @@ class Batcher:
     async def submit(self, parsed: Parsed, fields: Fields | None, request_id: str = "",
                      logged: bool = True) -> tuple[Answer, str]:
         """Queue a checked request; returns its answer and the version that answered it."""
+        return await self.enqueue(parsed, fields, request_id, logged)
+
+    def enqueue(self, parsed: Parsed, fields: Fields | None, request_id: str = "",
+                logged: bool = True) -> asyncio.Future[tuple[Answer, str]]:
+        """Queue a checked request; its future gets its answer and the version that answered it."""
         job = Job(fields, parsed.columns, parsed.frame, parsed.rows, asyncio.get_running_loop().create_future(),
                   request_id, logged and self.plog is not None and self.plog.sampled())
         if self.max_wait is not None:
@@ -1074,7 +1079,7 @@ class Batcher:
             self.big_rows += job.rows
         if self.pending_rows >= self._want:
             self._wake.set()
-        return await job.future
+        return job.future
 
     async def _until_rows(self, rows: int, timeout: float | None = None) -> None:
         """Return once `rows` rows wait, or after `timeout` seconds. ``submit`` wakes it only once
@@ -1183,6 +1188,8 @@ class Batcher:
                 continue
             if answer[0] != 200:
                 self._drop_big(job)
+            elif self.metrics is not None:
+                self.metrics.rows(job.rows)  # metrics
             if not job.future.done():  # the client may have gone
                 job.future.set_result((answer, cur.version if cur else ""))
         return last_rows, last_seconds
@@ -1329,9 +1336,9 @@ def _tracking(receive: Callable) -> tuple[Callable, list[bool]]:
     return tracked, read
 
 
-def _request_id(scope: dict) -> str:
+def _request_id(headers: list[tuple[bytes, bytes]]) -> str:
     """The client's X-Request-Id (printable, at most 128 characters), else a new one."""
-    for k, v in scope["headers"]:
+    for k, v in headers:
         if k == b"x-request-id":
             rid = v.decode("latin-1")
             if 0 < len(rid) <= 128 and rid.isprintable():
@@ -1713,30 +1720,65 @@ class Invocations:
             self.deadlines.remove(task)
         return b"".join(chunks)
 
+    def _admit(self, headers: dict[bytes, bytes]) -> tuple[Answer | None, str, int | None, Loaded | None]:
+        """The checks of a POST /invocations before its body: the token, the media type, a model,
+        the declared length, the rows waiting. Returns a refusal, or the media type, the declared
+        length and the model."""
+        if self.expected and not hmac.compare_digest(headers.get(b"authorization", b""), self.expected):
+            return error(401, "missing or wrong bearer token"), "", None, None
+        mime = content_type(headers.get(b"content-type"))
+        if mime is None:
+            got = headers.get(b"content-type", b"").decode("latin-1")[:100] or "none"
+            return error(415, f"Content-Type must be one of {', '.join(CONTENT_TYPES)} (parameter charset=utf-8 "
+                              f"only); got {got}"), "", None, None
+        cur = self.holder.current
+        if cur is None:
+            return error(503, "no champion model loaded yet"), mime, None, None
+        try:
+            declared = int(headers[b"content-length"]) if b"content-length" in headers else None
+        except ValueError:
+            return error(400, "invalid Content-Length"), mime, None, None
+        if declared is not None and declared > self.lim.max_body_bytes:
+            return error(413, _too_big(self.lim.max_body_bytes)), mime, None, None
+        batcher = self.api.state.batcher
+        if batcher.pending_rows - batcher.big_rows > MAX_PENDING_ROWS:
+            return error(503, "overloaded: too many rows waiting; retry shortly"), mime, None, None
+        return None, mime, declared, cur
+
+    async def _parse(self, raw: bytes, mime: str, cur: Loaded) -> Parsed:
+        """A body read whole, checked; the usual small JSON shapes on the loop, the rest off it."""
+        if mime == JSON_TYPE and len(raw) <= INLINE_BYTES:
+            parsed = parse_fast(raw, cur.fields, self.api.state.batcher.ids, self.lim.max_rows)
+            if parsed is not None:
+                return parsed
+        schema = cur.model.metadata.get_input_schema()
+        return await self.workers.parse(len(raw), raw, mime, cur.fields, self.api.state.batcher.ids,
+                                        schema.to_json() if schema is not None else None, self.lim.max_rows)
+
+    def _queue(self, parsed: Parsed, fields: Fields | None, request_id: str,
+               logged: bool) -> Answer | asyncio.Future[tuple[Answer, str]]:
+        """A parsed request's refusal, or its place in the batcher (a future of its answer and the
+        version that gave it)."""
+        if parsed.ids and self.expected is None:
+            return error(403, f"this request carries identity columns ({', '.join(sorted(self.api.state.batcher.ids))}"
+                              f"), which the prediction log keeps for the label join: they are accepted only from a "
+                              f"caller with the bearer token; set DAYBREAK_SERVE_TOKEN on the server and send "
+                              f"'Authorization: Bearer <token>', or leave them out")
+        batcher = self.api.state.batcher
+        big_budget = max(self.lim.max_rows, MAX_PENDING_ROWS // 2)
+        if parsed.rows > MAX_BATCH_ROWS and batcher.big_rows + parsed.rows > big_budget:
+            # big requests have a budget of their own: they never crowd out the small ones
+            return error(503, "overloaded: too many rows of big requests waiting; retry shortly")
+        return batcher.enqueue(parsed, fields, request_id, logged)
+
     async def answer(self, scope: dict, receive: Callable, request_id: str,
                      logged: bool = True) -> tuple[int, bytes, str | None]:
         """Status, JSON body and serving version of one POST /invocations (`logged` false: never
         sampled for the prediction log, e.g. a deploy check run through every replica)."""
-        headers = dict(scope["headers"])
-        if self.expected and not self.authorized(scope["headers"]):
-            return *error(401, "missing or wrong bearer token"), None
-        mime = content_type(headers.get(b"content-type"))
-        if mime is None:
-            got = headers.get(b"content-type", b"").decode("latin-1")[:100] or "none"
-            return *error(415, f"Content-Type must be one of {', '.join(CONTENT_TYPES)} (parameter charset=utf-8 "
-                               f"only); got {got}"), None
-        cur = self.holder.current
-        if cur is None:
-            return *error(503, "no champion model loaded yet"), None
-        try:
-            declared = int(headers[b"content-length"]) if b"content-length" in headers else None
-        except ValueError:
-            return *error(400, "invalid Content-Length"), None
-        if declared is not None and declared > self.lim.max_body_bytes:
-            return *error(413, _too_big(self.lim.max_body_bytes)), None
-        batcher = self.api.state.batcher
-        if batcher.pending_rows - batcher.big_rows > MAX_PENDING_ROWS:
-            return *error(503, "overloaded: too many rows waiting; retry shortly"), None
+        refused, mime, declared, cur = self._admit(dict(scope["headers"]))
+        if refused is not None:
+            return *refused, None
+        assert cur is not None
         # Bodies over INLINE_BYTES share the in-flight budget; smaller ones (at most max_connections
         # of them, 64 KiB each) are never turned away by a few big ones holding it.
         held, counted = (declared if declared is not None and declared > INLINE_BYTES else 0), [0]
@@ -1744,16 +1786,7 @@ class Invocations:
             return *error(503, "overloaded: too many body bytes in flight; retry shortly"), None
         self.inflight += held
         try:
-            raw = await self.read_body(receive, declared, counted)
-            ids = batcher.ids
-            fields = cur.fields
-            parsed = None
-            if mime == JSON_TYPE and len(raw) <= INLINE_BYTES:
-                parsed = parse_fast(raw, fields, ids, self.lim.max_rows)
-            if parsed is None:
-                schema = cur.model.metadata.get_input_schema()
-                parsed = await self.workers.parse(len(raw), raw, mime, fields, ids,
-                                             schema.to_json() if schema is not None else None, self.lim.max_rows)
+            parsed = await self._parse(await self.read_body(receive, declared, counted), mime, cur)
         except Refused as e:
             return *error(e.status, e.message), None
         except BrokenProcessPool:
@@ -1763,19 +1796,73 @@ class Invocations:
             return *_internal(request_id), None
         finally:
             self.inflight -= held + counted[0]
-        if parsed.ids and self.expected is None:
-            return *error(403, f"this request carries identity columns ({', '.join(sorted(ids))}), which the "
-                               f"prediction log keeps for the label join: they are accepted only from a caller "
-                               f"with the bearer token; set DAYBREAK_SERVE_TOKEN on the server and send "
-                               f"'Authorization: Bearer <token>', or leave them out"), None
-        big_budget = max(self.lim.max_rows, MAX_PENDING_ROWS // 2)
-        if parsed.rows > MAX_BATCH_ROWS and batcher.big_rows + parsed.rows > big_budget:
-            # big requests have a budget of their own: they never crowd out the small ones
-            return *error(503, "overloaded: too many rows of big requests waiting; retry shortly"), None
-        (status, payload), served = await batcher.submit(parsed, fields, request_id, logged)
-        if status == 200:
-            self.metrics.rows(parsed.rows)  # metrics
+        queued = self._queue(parsed, cur.fields, request_id, logged)
+        if isinstance(queued, tuple):
+            return *queued, None
+        (status, payload), served = await queued
         return status, payload, served if status == 200 else None
+
+    def fast(self, headers: list[tuple[bytes, bytes]], raw: bytes,
+             reply: Callable[[int, bytes, str | None, str], None]) -> None:
+        """POST /invocations whose whole body (at most INLINE_BYTES) came with its headers, from
+        the HTTP protocol itself (``_http.py``), without ASGI's task and messages: the same checks
+        and answers as ``answer``. `reply(status, body, version, request_id)` is called once,
+        now or when the batch is predicted (never if the server stops first)."""
+        started = self.metrics.begin()  # metrics
+        request_id = _request_id(headers)
+
+        def answered(status: int, payload: bytes, served: str | None) -> None:
+            self.metrics.end(status, started)  # metrics
+            reply(status, payload, served if status == 200 else None, request_id)
+
+        def predicted(fut: asyncio.Future[tuple[Answer, str]]) -> None:
+            if fut.cancelled():  # the server stopping
+                self.metrics.unanswered()  # metrics
+                return
+            try:
+                (status, payload), served = fut.result()
+            except Exception:
+                log.exception("request %s failed", request_id)
+                status, payload, served = *_internal(request_id), None
+            answered(status, payload, served)
+
+        try:
+            queued = self._fast(dict(headers), raw, request_id)
+        except Exception:  # a bug: this request gets a 500 in MLflow's format, the others go on
+            log.exception("request %s failed", request_id)
+            queued = _internal(request_id)
+        if isinstance(queued, tuple):
+            answered(*queued, None)
+        else:
+            queued.add_done_callback(predicted)
+
+    def _fast(self, headers: dict[bytes, bytes], raw: bytes,
+              request_id: str) -> Answer | asyncio.Future[tuple[Answer, str]]:
+        refused, mime, _, cur = self._admit(headers)
+        if refused is not None:
+            return refused
+        assert cur is not None
+        try:
+            parsed = parse_fast(raw, cur.fields, self.api.state.batcher.ids, self.lim.max_rows) \
+                if mime == JSON_TYPE else None
+        except Refused as e:
+            return error(e.status, e.message)
+        if parsed is None:  # not the usual shape: parsed off the loop, as ``answer`` does
+            return asyncio.ensure_future(self._parse_queue(raw, mime, cur, request_id))
+        return self._queue(parsed, cur.fields, request_id, True)
+
+    async def _parse_queue(self, raw: bytes, mime: str, cur: Loaded, request_id: str) -> tuple[Answer, str]:
+        try:
+            parsed = await self._parse(raw, mime, cur)
+        except Refused as e:
+            return error(e.status, e.message), ""
+        except BrokenProcessPool:
+            return _internal(request_id), ""
+        except Exception:
+            log.exception("reading request %s failed", request_id)
+            return _internal(request_id), ""
+        queued = self._queue(parsed, cur.fields, request_id, True)
+        return (queued, "") if isinstance(queued, tuple) else await queued
 
     async def _online_body(self, scope: dict, receive: Callable) -> tuple[int, bytes] | tuple[None, bytes]:
         """The body of a raw-row request or an event push (JSON only, the limits of
@@ -1876,7 +1963,6 @@ class Invocations:
         full: list[Any] = [None] * got.rows
         for i, p in zip(got.predicted.tolist(), preds, strict=True):
             full[i] = p
-        self.metrics.rows(rows)  # metrics
         return 200, _json({"predictions": full, "blocked": got.blocked, "notes": got.notes}), served
 
     async def answer_events(self, scope: dict, receive: Callable, request_id: str) -> tuple[int, bytes]:
@@ -1902,7 +1988,7 @@ class Invocations:
         return 200, _json(out)
 
     async def _events(self, scope: dict, receive: Callable, send: Callable) -> None:
-        request_id = _request_id(scope)
+        request_id = _request_id(scope["headers"])
         receive_tracked, read = _tracking(receive)
 
         if scope["method"] != "POST":
@@ -1936,7 +2022,7 @@ class Invocations:
         started = self.metrics.begin()  # metrics
         answered = False
         try:
-            request_id = _request_id(scope)
+            request_id = _request_id(scope["headers"])
             receive_tracked, read = _tracking(receive)
 
             if scope["method"] != "POST":
@@ -2007,70 +2093,16 @@ def _too_big(limit: int) -> str:
     return (f"body over {limit / 2**20:g} MiB (DAYBREAK_SERVE_MAX_BODY_BYTES); send fewer rows per request")
 
 
-def _protocol(header_timeout: float) -> type | str:
-    """uvicorn's httptools protocol with a header timeout: from the connection's start (or a
-    request's first byte) until its headers are complete. Past it: 408 and the connection closes.
-    (uvicorn only times keep-alive idleness between requests.)"""
-    try:
-        from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
-    except ImportError:  # no httptools: uvicorn's h11, without a header timeout
-        log.warning("httptools is not installed: no header read timeout")
-        return "h11"
+def _protocol(header_timeout: float, app: Invocations | None = None) -> type | str:
+    """The HTTP protocol (``_http.py``): uvicorn's httptools one with a header timeout (past it:
+    408 and the connection closes), and `app`'s ``POST /invocations`` answered below ASGI."""
+    from daybreak.deploy._http import protocol
+
     _, payload = error(408, f"the request headers did not arrive within {header_timeout:g} s "
                             f"(DAYBREAK_SERVE_HEADER_TIMEOUT)")
     timed_out = (b"HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\ncontent-length: %d\r\n"
                  b"connection: close\r\n\r\n%s" % (len(payload), payload))
-
-    class TimedHttpToolsProtocol(HttpToolsProtocol):
-        """The timer runs from the connection's start until its first request's headers, and from a
-        request's first byte only when its headers do not come in the same read (a timer per
-        request, armed and cancelled within one read, cost about 3 us a request)."""
-
-        _header_timer: asyncio.TimerHandle | None = None
-        _headers_pending = False  # a request began and its headers are not complete
-
-        def _arm(self) -> None:
-            if self._header_timer is None:
-                self._header_timer = self.loop.call_later(header_timeout, self._headers_late)
-
-        def _disarm(self) -> None:
-            if self._header_timer is not None:
-                self._header_timer.cancel()
-                self._header_timer = None
-
-        def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-            super().connection_made(transport)
-            self._arm()
-
-        def data_received(self, data: bytes) -> None:
-            super().data_received(data)
-            if self._headers_pending and self._header_timer is None and not self.transport.is_closing():
-                self._arm()
-
-        def on_message_begin(self) -> None:
-            super().on_message_begin()
-            self._headers_pending = True
-
-        def on_headers_complete(self) -> None:
-            self._headers_pending = False
-            self._disarm()
-            super().on_headers_complete()
-
-        def connection_lost(self, exc: Exception | None) -> None:
-            self._disarm()
-            super().connection_lost(exc)
-
-        def _headers_late(self) -> None:
-            self._header_timer = None
-            if self.transport.is_closing():
-                return
-            if self.cycle is not None and not self.cycle.response_complete:
-                self._arm()  # a request is being answered (the next one waits, pipelined): not idle
-                return
-            self.transport.write(timed_out)
-            self.transport.close()
-
-    return TimedHttpToolsProtocol
+    return protocol(header_timeout, timed_out, app.fast if app is not None else None, INLINE_BYTES)
 
 
 def serve(spec: Spec, ctx: RunContext, host: str | None = None, port: int | None = None,
@@ -2087,5 +2119,5 @@ def serve(spec: Spec, ctx: RunContext, host: str | None = None, port: int | None
     lim = Limits.resolve(**limits)
     app = create_app(spec, ctx, token=token, freeze_gc=True, **{k: getattr(lim, k) for k in lim.__dataclass_fields__})
     uvicorn.run(app, host=host or spec.serving.host, port=port or spec.serving.port, log_level="info",
-                access_log=False, http=_protocol(lim.header_timeout), limit_concurrency=lim.max_connections or None,
-                timeout_keep_alive=5)
+                access_log=False, http=_protocol(lim.header_timeout, app),
+                limit_concurrency=lim.max_connections or None, timeout_keep_alive=5)

@@ -1,0 +1,193 @@
+"""`daybreak serve`'s own HTTP path (``deploy/_http.py``) on raw sockets: ``POST /invocations``
+answered below ASGI when its body comes whole with its headers, through uvicorn's ASGI cycle
+otherwise, with the same answers either way, in order on one connection, and a client that never
+reads its answers held back without holding the others or the server's memory."""
+
+from __future__ import annotations
+
+import json
+import os
+import select
+import socket
+import time
+
+import psutil
+import pytest
+from conftest import Served, until
+
+from daybreak.deploy._serve import INLINE_BYTES
+
+
+@pytest.fixture(scope="module")
+def server(cycled: dict, spec, tmp_path_factory: pytest.TempPathFactory):
+    s = Served(spec, cycled["home"], tmp_path_factory.mktemp("serve-http"), {})
+    yield s
+    s.stop()
+
+
+@pytest.fixture(scope="module")
+def split(cycled: dict, spec):
+    """`split(n)`: a dataframe_split body of n holdout rows (the model's columns), as bytes."""
+    from daybreak.gate import holdout
+    from daybreak.infra.context import RunContext
+
+    old = os.environ.get("DAYBREAK_HOME")
+    os.environ["DAYBREAK_HOME"] = str(cycled["home"])
+    try:
+        X = holdout(spec, RunContext.create("2013-01-04"))[spec.features.feature_names()]
+    finally:
+        os.environ.pop("DAYBREAK_HOME")
+        if old is not None:
+            os.environ["DAYBREAK_HOME"] = old
+    data = X.astype(object).where(X.notna(), None).values.tolist()
+
+    def body(n: int, start: int = 0) -> bytes:
+        rows = [data[(start + i) % len(data)] for i in range(n)]
+        return json.dumps({"dataframe_split": {"columns": list(X.columns), "data": rows}}).encode()
+
+    return body
+
+
+def _post(body: bytes, extra: bytes = b"", version: bytes = b"1.1") -> bytes:
+    return (b"POST /invocations HTTP/%s\r\nHost: t\r\nContent-Type: application/json\r\nContent-Length: %d\r\n%s\r\n%s"
+            % (version, len(body), extra, body))
+
+
+class Reader:
+    """HTTP/1.1 responses off one socket, one at a time (Content-Length bodies)."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock, self.buf = sock, b""
+
+    def _fill(self) -> bool:
+        chunk = self.sock.recv(65536)
+        self.buf += chunk
+        return bool(chunk)
+
+    def response(self) -> tuple[int, dict[str, str], bytes]:
+        while b"\r\n\r\n" not in self.buf:
+            assert self._fill(), f"connection closed before a response: {self.buf[:200]!r}"
+        head, _, self.buf = self.buf.partition(b"\r\n\r\n")
+        lines = head.decode("latin-1").split("\r\n")
+        headers = {k.lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:])}
+        length = int(headers["content-length"])
+        while len(self.buf) < length:
+            assert self._fill(), "connection closed inside a body"
+        body, self.buf = self.buf[:length], self.buf[length:]
+        return int(lines[0].split()[1]), headers, body
+
+    def closed(self) -> bool:
+        """True once the server closed the connection (after what was read)."""
+        return not self.buf and not self._fill()
+
+
+def _connect(server: Served) -> socket.socket:
+    s = socket.create_connection(("127.0.0.1", server.port), timeout=30)
+    s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return s
+
+
+def _predictions(answer: tuple[int, dict[str, str], bytes]) -> list:
+    status, _, body = answer
+    assert status == 200, body[:300]
+    return json.loads(body)["predictions"]
+
+
+def test_whole_and_piecewise_bodies_get_the_same_answer(server: Served, split) -> None:
+    """The fast path (the body with its headers), uvicorn's cycle (the body after a pause, and a
+    chunked body), a body over INLINE_BYTES and HTTP/1.0 all answer the same rows alike."""
+    body = split(5)
+    with _connect(server) as s:
+        r = Reader(s)
+        s.sendall(_post(body, b"X-Request-Id: whole-1\r\n"))
+        whole = r.response()
+        head, rest = _post(body, b"X-Request-Id: pieces-1\r\n").split(b"\r\n\r\n", 1)
+        s.sendall(head + b"\r\n\r\n" + rest[:10])
+        time.sleep(0.2)  # the rest of the body in a later read: uvicorn's ASGI cycle answers it
+        s.sendall(rest[10:])
+        pieces = r.response()
+        chunked = (b"POST /invocations HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n"
+                   b"Transfer-Encoding: chunked\r\n\r\n%x\r\n%s\r\n0\r\n\r\n" % (len(body), body))
+        s.sendall(chunked)
+        by_chunks = r.response()
+    assert whole[1]["x-request-id"] == "whole-1" and pieces[1]["x-request-id"] == "pieces-1"
+    for answer in (whole, pieces, by_chunks):
+        assert answer[1]["content-type"] == "application/json"
+        assert answer[1]["x-model-version"] == whole[1]["x-model-version"]
+        assert "date" in answer[1]
+    assert _predictions(whole) == _predictions(pieces) == _predictions(by_chunks)
+    assert len(_predictions(whole)) == 5
+
+    big = split(600)  # over INLINE_BYTES: the ASGI path with its accounting
+    assert len(big) > INLINE_BYTES
+    with _connect(server) as s:
+        s.sendall(_post(big))
+        got = _predictions(Reader(s).response())
+    assert got[:5] == _predictions(whole) and len(got) == len(json.loads(big)["dataframe_split"]["data"])
+
+    with _connect(server) as s:  # HTTP/1.0: answered, then closed
+        r = Reader(s)
+        s.sendall(_post(body, version=b"1.0"))
+        assert _predictions(r.response()) == _predictions(whole)
+        assert r.closed()
+
+
+def test_pipelined_requests_are_answered_in_order(server: Served, split) -> None:
+    """Requests sent back to back on one connection, mixing fast-path ones and ASGI ones, are
+    answered in the order sent; ``Connection: close`` closes after its answer."""
+    one, three = split(1, start=7), split(3, start=11)
+    with _connect(server) as s:
+        r = Reader(s)
+        s.sendall(_post(one) + b"GET /ping HTTP/1.1\r\nHost: t\r\n\r\n" + _post(three)
+                  + _post(one, b"X-Request-Id: last\r\n") + _post(three, b"Connection: close\r\n"))
+        first, ping, second, last, closing = (r.response() for _ in range(5))
+        assert r.closed()
+    assert len(_predictions(first)) == 1 and len(_predictions(second)) == 3
+    assert ping[0] == 200
+    assert last[1]["x-request-id"] == "last" and _predictions(last) == _predictions(first)
+    assert closing[1].get("connection") == "close" and _predictions(closing) == _predictions(second)
+    with _connect(server) as s:  # the same rows alone on a connection: the same answers
+        r = Reader(s)
+        s.sendall(_post(three))
+        assert _predictions(r.response()) == _predictions(second)
+    bad = _post(one).replace(b"application/json", b"text/plain", 1)
+    with _connect(server) as s:  # refused on the fast path: MLflow's error, and the connection stays
+        r = Reader(s)
+        s.sendall(bad)
+        status, _, body = r.response()
+        assert status == 415 and "Content-Type" in json.loads(body)["message"]
+        s.sendall(_post(one))
+        assert _predictions(r.response()) == _predictions(first)
+
+
+def test_a_client_that_never_reads_is_held_back(server: Served, split) -> None:
+    """A client pipelining requests without reading the answers: once its answers fill the
+    socket, the server stops reading from it (its sending stalls) instead of buffering answers,
+    its memory stays bounded, and other clients are answered meanwhile."""
+    proc = psutil.Process(server.proc.pid)
+    before = proc.memory_info().rss
+    request = _post(split(1))
+    burst = request * 2000  # about 1 MB a send
+    sent, total = 0, 400 * len(burst)  # ~400 MB if the server kept reading
+    with _connect(server) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        s.setblocking(False)
+        view, offset = memoryview(burst), 0
+        while sent < total:
+            _, writable, _ = select.select([], [s], [], 3.0)
+            if not writable:
+                break  # no progress for 3 s: the server stopped reading
+            try:
+                n = s.send(view[offset:])
+            except BlockingIOError:
+                continue
+            sent += n
+            offset = (offset + n) % len(burst)
+            view = memoryview(burst)
+        assert sent < total, "the server read everything a client that never reads sent it"
+        grown = proc.memory_info().rss - before
+        assert grown < 200 * 2**20, f"the server grew by {grown / 2**20:.0f} MiB for a client that never reads"
+        with _connect(server) as other:  # the others are answered meanwhile
+            other.sendall(_post(split(2)))
+            assert len(_predictions(Reader(other).response())) == 2
+    until(lambda: server.proc.poll() is None, 5, "the server died")
