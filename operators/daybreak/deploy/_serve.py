@@ -642,6 +642,25 @@ def _finite_frame(frame: Any) -> None:
             raise Refused(400, f"column {name!r}: Infinity is not a valid value (NaN or null for missing)")
 
 
+def _json_strings(raw: bytes) -> int | None:
+    """How many JSON strings a body without a backslash holds (its quotes over two), or None when
+    it may hold a boolean (``true``/``false`` anywhere, strings included) or its quotes are odd:
+    see ``fast_columns``. One vectorized pass per byte value: ``bytes.__contains__`` took about
+    10 us for each word on a 100-row body (19 KB), a quarter of orjson's parse."""
+    text = np.frombuffer(raw, np.uint8)
+    quotes = int(np.count_nonzero(text == 34))  # "
+    if quotes % 2:
+        return None
+    for first, word in ((116, b"true"), (102, b"false")):  # t, f
+        at = np.flatnonzero(text == first)
+        if len(at) > 64:  # many: let the C search decide
+            if word in raw:
+                return None
+        elif any(raw.startswith(word, i) for i in at.tolist()):
+            return None
+    return quotes // 2
+
+
 def parse_fast(raw: bytes, fields: Fields | None, ids: frozenset[str], max_rows: int) -> Parsed | None:
     """On the event loop, for small JSON bodies: orjson and the fast path, or None (then
     `parse_request` decides off the loop)."""
@@ -654,10 +673,8 @@ def parse_fast(raw: bytes, fields: Fields | None, ids: frozenset[str], max_rows:
     except orjson.JSONDecodeError:
         return None
     strings = None  # (counted only for bodies that may reach CONVERT_ROWS rows: at least 8 bytes a value)
-    if len(raw) >= 8 * CONVERT_ROWS * len(fields) and b"\\" not in raw and b"true" not in raw \
-            and b"false" not in raw:  # see fast_columns
-        quotes = raw.count(b'"')
-        strings = quotes // 2 if quotes % 2 == 0 else None
+    if len(raw) >= 8 * CONVERT_ROWS * len(fields) and b"\\" not in raw:
+        strings = _json_strings(raw)
     cols = fast_columns(body, fields, ids, strings) if type(body) is dict else None
     if cols is None:
         return None
