@@ -15,12 +15,17 @@ import psutil
 import pytest
 from conftest import Served, until
 
+from daybreak.deploy._http import MAX_HEADER_BYTES
 from daybreak.deploy._serve import INLINE_BYTES
+
+HEADER_TIMEOUT = 7  # s; uvicorn's keep-alive timeout is 5 s
 
 
 @pytest.fixture(scope="module")
 def server(cycled: dict, spec, tmp_path_factory: pytest.TempPathFactory):
-    s = Served(spec, cycled["home"], tmp_path_factory.mktemp("serve-http"), {})
+    # a header timeout past uvicorn's 5 s keep-alive: which of them closes a connection shows
+    s = Served(spec, cycled["home"], tmp_path_factory.mktemp("serve-http"),
+               {"DAYBREAK_SERVE_HEADER_TIMEOUT": str(HEADER_TIMEOUT)})
     yield s
     s.stop()
 
@@ -191,3 +196,43 @@ def test_a_client_that_never_reads_is_held_back(server: Served, split) -> None:
             other.sendall(_post(split(2)))
             assert len(_predictions(Reader(other).response())) == 2
     until(lambda: server.proc.poll() is None, 5, "the server died")
+
+
+def test_a_refusal_does_not_cut_off_the_next_request_of_the_same_read(server: Served, split) -> None:
+    """A fast-path request refused at once, then the start of another in the same write: the
+    second one's headers get the header timeout's 408, not a silent close by the keep-alive timer
+    the refusal armed (review finding: closed at 5 s with no answer)."""
+    bad = _post(split(1)).replace(b"application/json", b"text/plain", 1)
+    with _connect(server) as s:
+        r = Reader(s)
+        started = time.monotonic()
+        s.sendall(bad + b"POST /invocations HTTP/1.1\r\nHost: t\r\n")
+        assert r.response()[0] == 415
+        status, headers, body = r.response()  # then nothing until the header timeout
+        assert status == 408 and headers.get("connection") == "close", (status, body[:200])
+        assert time.monotonic() - started >= HEADER_TIMEOUT - 1
+        assert r.closed()
+
+
+def test_headers_past_the_limit_get_431(server: Served, split) -> None:
+    """Headers that keep growing are cut off at MAX_HEADER_BYTES (uvicorn's protocol has no limit:
+    a 64 MiB header was read whole), and the other clients are answered."""
+    with _connect(server) as s:
+        s.sendall(b"POST /invocations HTTP/1.1\r\nHost: t\r\nX-Big: ")
+        started = time.monotonic()
+        for _ in range(64):  # up to 1 MiB more, 16 KiB at a time, until the server answers
+            try:
+                s.sendall(b"a" * 16384)
+            except (BrokenPipeError, ConnectionResetError):
+                break
+            if select.select([s], [], [], 0.05)[0]:
+                break
+        try:
+            status, headers, _ = Reader(s).response()
+        except ConnectionResetError:  # closed with bytes of ours unread: its answer can be lost with them
+            status, headers = None, {"connection": "close"}
+        assert time.monotonic() - started < HEADER_TIMEOUT - 2, "read until the header timeout"
+        assert status in (431, None) and headers.get("connection") == "close", status
+    with _connect(server) as s:  # just under the limit, a header is fine
+        s.sendall(_post(split(2), b"X-Big: " + b"a" * (MAX_HEADER_BYTES // 2) + b"\r\n"))
+        assert len(_predictions(Reader(s).response())) == 2

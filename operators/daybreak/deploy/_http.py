@@ -34,20 +34,29 @@ log = logging.getLogger(__name__)
 
 PATH = b"/invocations"
 
+MAX_HEADER_BYTES = 64 * 2**10
+"""A request's headers (request line included) past this many bytes: 431, and the connection is
+closed. uvicorn's httptools protocol has no such limit, and httptools grows a long header value
+by repeated copies: a 64 MiB header was accepted in 3 s and stalled the other clients for 2 s."""
+
 Reply = Callable[[int, bytes, str | None, str], None]  # status, JSON body, model version, request id
 Fast = Callable[[list[tuple[bytes, bytes]], bytes, Reply], None]
 
 
 def protocol(header_timeout: float, timed_out: bytes, fast: Fast | None = None,
-             inline_bytes: int = 64 * 2**10) -> type | str:
+             inline_bytes: int = 64 * 2**10, max_header_bytes: int = MAX_HEADER_BYTES) -> type | str:
     """The protocol class for ``uvicorn.run(http=...)``: `timed_out` is the whole response
-    written when headers are late; `fast` answers fast-path requests (None: ASGI only)."""
+    written when headers are late; `fast` answers fast-path requests (None: ASGI only); headers
+    that grow past `max_header_bytes` get 431 and the connection is closed."""
     try:
         from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
     except ImportError:  # no httptools: uvicorn's h11, without a header timeout or the fast path
         log.warning("httptools is not installed: no header read timeout")
         return "h11"
 
+    message = b'{"error_code": "BAD_REQUEST", "message": "request headers over %d bytes"}' % max_header_bytes
+    too_large = (b"HTTP/1.1 431 Request Header Fields Too Large\r\ncontent-type: application/json\r\n"
+                 b"content-length: %d\r\nconnection: close\r\n\r\n%s" % (len(message), message))
     defaults: list[object] = [None, b""]  # the server's default headers (date, server) and their bytes
 
     def default_headers(current: list[tuple[bytes, bytes]]) -> bytes:
@@ -62,6 +71,8 @@ def protocol(header_timeout: float, timed_out: bytes, fast: Fast | None = None,
         _busy = False  # a fast request is in flight (until its response is written and drained)
         _drain = False  # its response waits for the client to read
         _keep = True  # keep the connection after it
+        _header_bytes = 0  # bytes read while a request's headers are incomplete
+        _began = False  # a request began in the current read
 
         # --- the header timeout
 
@@ -91,13 +102,31 @@ def protocol(header_timeout: float, timed_out: bytes, fast: Fast | None = None,
         # --- parser callbacks
 
         def data_received(self, data: bytes) -> None:
+            self._began = False
             super().data_received(data)
-            if self._body is not None and not self.transport.is_closing():
+            if self.transport.is_closing():
+                return
+            if self._body is not None:
                 self._to_asgi()  # its body comes in pieces: uvicorn's cycle reads the rest, within its deadline
-            if self._headers_pending and self._header_timer is None and not self.transport.is_closing():
+            if not self._headers_pending:
+                self._header_bytes = 0
+                return
+            # Headers incomplete after this read may not grow past max_header_bytes. The bytes of the
+            # read their request began in are not counted (its start in the read is not known): at
+            # most one read (uvloop's 256 KiB) more.
+            self._header_bytes = 0 if self._began else self._header_bytes + len(data)
+            if self._header_bytes > max_header_bytes:
+                self.transport.write(too_large)
+                self.transport.close()
+                return
+            if self._header_timer is None:
                 self._arm()
 
         def on_message_begin(self) -> None:
+            # A request answered at once (a fast refusal) arms uvicorn's keep-alive timer inside a
+            # read; another request of that read must not be cut off by it.
+            self._unset_keepalive_if_required()
+            self._began = True
             # uvicorn's scope is made only for a request ASGI answers (``_scope``)
             self.url = b""
             self.expect_100_continue = False

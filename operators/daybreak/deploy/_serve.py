@@ -1833,11 +1833,11 @@ class Invocations:
             reply(status, payload, served if status == 200 else None, request_id)
 
         def predicted(fut: asyncio.Future[tuple[Answer, str]]) -> None:
-            if fut.cancelled():  # the server stopping
-                self.metrics.unanswered()  # metrics
-                return
+            # always a reply: the connection waits for it (a cancelled job: the server stopping)
             try:
                 (status, payload), served = fut.result()
+            except asyncio.CancelledError:
+                status, payload, served = *error(503, "the server is stopping; retry shortly"), None
             except Exception:
                 log.exception("request %s failed", request_id)
                 status, payload, served = *_internal(request_id), None
