@@ -277,6 +277,15 @@ class PredictionLog:
         return t.num_rows
 
 
+def use_system_allocator() -> None:
+    """Arrow allocates with the C library's malloc in this process (a server's: ``serve`` and each
+    replica). pyarrow's default, mimalloc, gives freed memory back to the system soon after a
+    flush and takes it again as fresh (transparent huge) pages, each zeroed by the kernel: on the
+    flights model at 100 rows a request, the log's table build took 55 us a request with malloc
+    against 95 us with mimalloc, and the server answered about 7% more requests a second."""
+    pa.set_memory_pool(pa.system_memory_pool())
+
+
 def log_files(store: Store, zone: str, day: date) -> list[str]:
     folder = store.path(zone, f"date={day.isoformat()}")
     infos = store.fs.get_file_info(pafs.FileSelector(folder, allow_not_found=True))

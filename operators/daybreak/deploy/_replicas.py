@@ -79,6 +79,7 @@ from fastapi.responses import JSONResponse
 from starlette.requests import Request
 
 from daybreak.deploy._metrics import PUBLIC_ENV
+from daybreak.deploy._predlog import use_system_allocator
 from daybreak.deploy._serve import (
     CONTENT_TYPES,
     Batcher,
@@ -731,6 +732,7 @@ def _deployment() -> Any:
                 self, spec: Spec, ctx: RunContext, coordinator: Any, env: WorkerEnv, limits: dict[str, Any],
                 freeze_gc: bool = True) -> None:
             env.apply()
+            use_system_allocator()
             token = os.environ.get(TOKEN_ENV) or None
             holder = ModelHolder(spec, ctx, freeze_gc)
             await asyncio.to_thread(registry.setup_tracking, ctx, spec.name)

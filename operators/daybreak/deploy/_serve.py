@@ -164,7 +164,7 @@ from fastapi.responses import JSONResponse
 from starlette.requests import Request
 
 from daybreak.deploy._metrics import ServerMetrics
-from daybreak.deploy._predlog import PredictionLog
+from daybreak.deploy._predlog import PredictionLog, use_system_allocator
 from daybreak.infra import registry
 from daybreak.infra.context import RunContext
 from daybreak.infra.errors import redact
@@ -2138,6 +2138,7 @@ def serve(spec: Spec, ctx: RunContext, host: str | None = None, port: int | None
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
     lim = Limits.resolve(**limits)
+    use_system_allocator()
     app = create_app(spec, ctx, token=token, freeze_gc=True, **{k: getattr(lim, k) for k in lim.__dataclass_fields__})
     uvicorn.run(app, host=host or spec.serving.host, port=port or spec.serving.port, log_level="info",
                 access_log=False, http=_protocol(lim.header_timeout, app),
