@@ -534,3 +534,32 @@ def test_json_strings_counts_quotes_and_sees_every_boolean() -> None:
     assert _json_strings(b'{"a": [1.0, 2.0], "b": "x"}') == 3
     assert _json_strings(b'{"a": [1.0, true]}') is None
     assert _json_strings(b'{"a": ["' + b"t" * 500 + b'", false]}') is None
+
+
+def test_dense_predict_equals_inplace_predict() -> None:
+    """The model code's direct C call gives xgboost's inplace_predict floats to the bit: binary,
+    regression and multi-class models, missing values, one row and many, float32 and float64,
+    a view that is not C-ordered (inplace_predict itself), and two threads at once."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import xgboost as xgb
+
+    from daybreak.train.model_code import _dense_predict
+
+    rng = np.random.default_rng(3)
+    X = rng.normal(size=(600, 6)).astype(np.float32)
+    X[rng.random(X.shape) < 0.1] = np.nan
+    y = rng.normal(size=600)
+    models = [xgb.train({"objective": "binary:logistic"}, xgb.DMatrix(X, (y > 0).astype(int)), 12),
+              xgb.train({"objective": "reg:squarederror"}, xgb.DMatrix(X, y), 12),
+              xgb.train({"objective": "multi:softprob", "num_class": 3}, xgb.DMatrix(X, (y > 0) + (y > 1)), 12)]
+    for model in models:
+        for rows in (X[:1], X[:37], X, X.astype(np.float64), X[::2], X[:, :6].T.copy().T):
+            want = model.inplace_predict(rows, missing=np.nan)
+            got = _dense_predict(model, rows)
+            assert got.dtype == want.dtype and got.shape == want.shape
+            np.testing.assert_array_equal(got, want)
+        with ThreadPoolExecutor(2) as pool:  # one proxy per thread: no thread sees another's rows
+            parts = [X[k:k + 50] for k in range(0, 600, 50)] * 4
+            for part, got in zip(parts, pool.map(lambda p, m=model: _dense_predict(m, p), parts), strict=True):
+                np.testing.assert_array_equal(got, model.inplace_predict(part, missing=np.nan))
