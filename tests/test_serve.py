@@ -493,6 +493,12 @@ def test_split_rows_read_as_one_matrix_give_the_columns_of_the_general_reading()
         for name in got:
             assert got[name].dtype == want[name].dtype, name
             np.testing.assert_array_equal(got[name], want[name])
+    for row in rows:  # one row at a time (a path of its own): the same columns
+        one, want = batch_columns([split([row])], fields), batch_columns([general(columns, [row])], fields)
+        assert one.keys() == want.keys() and type(split([row])) is Block
+        for name in one:
+            assert one[name].dtype == want[name].dtype, name
+            np.testing.assert_array_equal(one[name], want[name])
     other = split([[r[k] for k in (3, 0, 4, 1, 2)] for r in rows], ["a", "t", "s", "b", "flight"])  # another order
     np.testing.assert_array_equal(batch_columns([other], fields)["a"], batch_columns([block], fields)["a"])
     # what the general checks refuse, the matrix refuses
@@ -504,6 +510,7 @@ def test_split_rows_read_as_one_matrix_give_the_columns_of_the_general_reading()
                 [None, [1.0], 1, 2.0, "s"],  # a container
                 [None, 1.0, 1, 2.0]):        # a short row
         assert split([*rows, bad]) is None, bad
+        assert split([bad]) is None, bad  # a one-row body has a path of its own
         assert fast_columns({"dataframe_split": {"columns": columns, "data": [*rows, bad]}}, fields, ids,
                             json_strings=None) is None
     assert split(rows, ["t", "b", "other", "a", "s"]) is None  # not an identity column

@@ -343,7 +343,6 @@ def fast_columns(body: dict, fields: Fields, ids: frozenset[str] = frozenset(),
     if len(body) != 1:
         return None
     ((fmt, data),) = body.items()
-    names, wanted, groups = _field_info(fields)
     try:
         if fmt == "dataframe_split":
             if type(data) is not dict or data.keys() != {"columns", "data"}:
@@ -363,6 +362,7 @@ def fast_columns(body: dict, fields: Fields, ids: frozenset[str] = frozenset(),
                 block = plan.read(rows, json_strings if len(rows) >= CONVERT_ROWS else None)
                 if block is not SLOW:
                     return block
+            names, wanted, groups = _field_info(fields)
             if (type(columns) is not list or len(set(columns)) != len(columns)
                     or not _columns_ok(set(columns), wanted, ids)
                     or type(rows) is not list or not rows
@@ -370,6 +370,7 @@ def fast_columns(body: dict, fields: Fields, ids: frozenset[str] = frozenset(),
                 return None
             cols = dict(zip(columns, zip(*rows, strict=False), strict=False))
         elif fmt == "dataframe_records" or (fmt == "inputs" and type(data) is list):
+            names, wanted, groups = _field_info(fields)
             if type(data) is not list or not data or set(map(type, data)) != {dict}:
                 return None
             given = data[0].keys()
@@ -379,6 +380,7 @@ def fast_columns(body: dict, fields: Fields, ids: frozenset[str] = frozenset(),
             cols = dict(zip(keys, zip(*map(itemgetter(*keys), data), strict=False), strict=False)) \
                 if len(keys) > 1 else {keys[0]: [r[keys[0]] for r in data]}
         elif fmt == "inputs" and type(data) is dict:
+            names, wanted, groups = _field_info(fields)
             if (not _columns_ok(set(data.keys()), wanted, ids) or set(map(type, data.values())) != {list}
                     or len(set(map(len, data.values()))) != 1 or not data[names[0]]):
                 return None
@@ -480,6 +482,8 @@ class SplitPlan:
         """The rows as a Block; None if a value is not of its column's type (MLflow's parser then
         decides); SLOW when only the general checks of ``fast_columns`` can tell (a number too
         large for a double)."""
+        if len(rows) == 1:  # the usual online request: the same checks, without the per-row machinery
+            return self._one(rows[0])
         if set(map(type, rows)) != {list} or set(map(len, rows)) != {self.width}:
             return None
         other: dict[str, Sequence] = {}
@@ -509,6 +513,30 @@ class SplitPlan:
             return None
         if doubles.shape != (n, len(self.index)):
             return None
+        return Block(doubles, self.index, other)
+
+
+    def _one(self, row: Any) -> Block | None:
+        """``read`` of a single row."""
+        if type(row) is not list or len(row) != self.width:
+            return None
+        other: dict[str, Sequence] = {}
+        if self.others is not None:
+            other = dict(zip(self.other_names, zip(self.others(row), strict=True), strict=True))
+            for name, allowed in self.texts.items():
+                if type(other[name][0]) not in allowed:
+                    return None
+        if self.doubles is None:
+            return Block(np.empty((1, 0)), self.index, other)
+        values = self.doubles(row)
+        if not set(map(type, values)) <= {float, int, NoneType}:
+            return None
+        if self.required is not None and None in self.required(row):
+            return None
+        try:
+            doubles = np.array([values], dtype=np.float64)  # None -> NaN, as MLflow's parser makes it
+        except OverflowError:
+            return SLOW
         return Block(doubles, self.index, other)
 
 
@@ -935,6 +963,7 @@ class Job:
     pinned: Loaded | None = None  # the version its slices use
     unlogged: list = field(default_factory=list, repr=False)  # its slices' log records, written once answered
     queued_at: float = 0.0  # time.monotonic() when it queued (only where waits are bounded: replicas)
+    carried: bool = True  # carries identity columns (the log keeps them)
 
 
 Answer = tuple[int, bytes]  # HTTP status and JSON body
@@ -1088,6 +1117,7 @@ class Batcher:
         """Queue a checked request; its future gets its answer and the version that answered it."""
         job = Job(fields, parsed.columns, parsed.frame, parsed.rows, asyncio.get_running_loop().create_future(),
                   request_id, logged and self.plog is not None and self.plog.sampled())
+        job.carried = parsed.ids
         if self.max_wait is not None:
             job.queued_at = time.monotonic()
         self.pending.append(job)
@@ -1296,7 +1326,7 @@ class Batcher:
     def _part(self, j: Job, a: int, b: int) -> tuple[str, int, dict | None]:
         cols = j.columns
         assert cols is not None  # only fast-path slices are logged here
-        ids = {k: list(cols[k][a:b]) for k in self.ids if k in cols} or None
+        ids = ({k: list(cols[k][a:b]) for k in self.ids if k in cols} or None) if j.carried else None
         return j.request_id, b - a, ids
 
     def _one(self, cur: Loaded, job: Job, start: int, stop: int) -> Answer | None:
