@@ -89,7 +89,8 @@ with it (keyword, then environment, then the constant):
   make the server hold.
 - ``header_timeout`` (``DAYBREAK_SERVE_HEADER_TIMEOUT``, 10 s): from a connection's start, or a
   request's first byte, until its headers are complete; then 408 and the connection is closed.
-  uvicorn has no such timeout (only keep-alive between requests): ``_http.py``.
+  uvicorn has no such timeout (only keep-alive between requests): ``_http.py``. Headers past
+  64 KiB (``_http.MAX_HEADER_BYTES``) get 431 and the connection is closed.
 - ``body_timeout`` (``DAYBREAK_SERVE_BODY_TIMEOUT``, 30 s): the whole body must arrive within it
   (16 MiB at about 0.5 MB/s); then 408 and the connection is closed. Deadlines are checked by one
   sweep every ``SWEEP_SECONDS`` (or a quarter of the timeout), not by a timer per request.
