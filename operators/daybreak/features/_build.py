@@ -39,6 +39,7 @@ import itertools
 import json
 import logging
 import math
+import os
 import sys
 import threading
 from collections.abc import Iterator, Sequence
@@ -52,7 +53,7 @@ import pandas  # noqa: F401  (lookup_join converts to pandas: loaded with the mo
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from daybreak.infra.compute import choose_compute, ensure_ray, process_threads
+from daybreak.infra.compute import THREADS_ENV, choose_compute, ensure_ray, process_threads
 from daybreak.infra.context import RunContext
 from daybreak.infra.errors import ContractError, MissingInputError
 from daybreak.infra.store import ROW_GROUP_ROWS
@@ -1097,11 +1098,19 @@ def build_features(spec: Spec, ctx: RunContext, *, in_process: bool | None = Non
         choice = choose_compute(ctx.ray_address, ctx.distributed, rows_in)
         in_process = not choice.ray
         log.info("features %s: %s rows, %s (%s)", day, f"{rows_in:,}", choice.where, choice.why)
-    tasks = _Tasks(in_process, ctx.ray_address, process_threads() if in_process else 1)
+    tasks = _Tasks(in_process, ctx.ray_address, _threads(rows_in) if in_process else 1)
     try:
         return _build(spec, ctx, inp, tasks, lineage, lineage_key, missing, zone)
     finally:
         tasks.close()
+
+
+def _threads(rows_in: int) -> int:
+    """Threads of the in-process dataflow: ``process_threads()``, but one (plain calls, in
+    order) below POOL_MIN_ROWS rows read, unless DAYBREAK_THREADS asks for more."""
+    if rows_in < POOL_MIN_ROWS and not os.environ.get(THREADS_ENV, "").strip():
+        return 1
+    return process_threads()
 
 
 def _build(spec: Spec, ctx: RunContext, inp: _Inputs, tasks: _Tasks, lineage: dict[str, Any], lineage_key: str,
@@ -1363,6 +1372,13 @@ HISTORY_SLICE_ROWS = ROW_GROUP_ROWS  # at most, per window read task (whole row 
 MERGE_ROWS = 16_384  # row group size of the runs
 FOLD_FANIN = 8  # folded window slices merged per task on the way to the index
 MERGE_POOL_ROWS = ROW_GROUP_ROWS  # rows read ahead from all the runs together while merging
+# Rows read below which the in-process step runs on one thread (``_threads``): the whole input
+# is then at most one read task's rows, and a second thread only adds hand-offs; on a machine
+# whose other cores are busy, each one waits for a CPU. The feature step on benchmarks/features.py's
+# flights, fresh processes, 2 cores shared with other work (ms; DAYBREAK_THREADS=2 vs 1):
+#   100k rows: best 83-94 vs 87-90; medians 200-260 vs 90 (half the 2-thread runs 260-640)
+#   300k rows: best 133 vs 153 (the pool pays from here when a second core is free)
+POOL_MIN_ROWS = ROW_GROUP_ROWS
 
 
 class PartWriter:
