@@ -16,8 +16,8 @@ on the input example; a version whose model code has no ``predict_columns``, or 
 served through ``model.predict(pd.DataFrame(...))``). A small batch (``INLINE_PREDICT_ROWS``) is
 predicted on the event loop: a few hundred microseconds, less than handing it to a thread costs
 in GIL switches; bigger ones, and bodies MLflow's parser read, go to the one predict thread. An
-idle server answers a lone request at once; under load, a batch smaller than the last one
-waits at most two predicts' time for the others to come back. A batch takes the current model
+idle server answers a lone request at once; under load, a batch waits at most two predicts'
+time (10 ms at most) for the last batch's clients to come back. A batch takes the current model
 once, so every request in it is answered by exactly one version (the ``X-Model-Version``
 header); batches run one after another, so the version a client sees never goes back unless the
 alias itself is moved back (a rollback). A request of more than ``MAX_BATCH_ROWS`` rows is
@@ -211,6 +211,9 @@ the registry)."""
 # more than that in GIL hand-offs (the loop and the thread take turns on one interpreter lock).
 # (Measured: 256 doubled 1-row throughput over 0 and beat 2,000 by a third on 100-row requests.)
 INLINE_PREDICT_ROWS = 256
+# Under load, the longest a batch waits for the requests of the last one to come back (see
+# ``Batcher.run``): a 100-row batch of the flights model takes about 3 ms.
+GATHER_SECONDS = 0.01
 # Input column types the fast path builds itself, and the JSON values it accepts for them.
 FAST_TYPES: dict[str, tuple[type, ...]] = {"double": (float, int), "string": (str,)}
 FORMATS = ("dataframe_split", "dataframe_records", "inputs")
@@ -574,7 +577,11 @@ def batch_columns(parts: list[Columns], fields: Fields) -> dict[str, np.ndarray]
     index = parts[0].index if type(parts[0]) is Block else None
     if index is not None and all(type(p) is Block and p.index is index for p in parts):  # same columns, same plan
         blocks = cast("list[Block]", parts)
-        doubles = np.concatenate([b.doubles for b in blocks]) if len(blocks) > 1 else blocks[0].doubles
+        # Column-major: each double column one contiguous array, for the model's encoder and the
+        # prediction log, which read them column by column (a row-major matrix's column is a
+        # strided gather, paid twice and, in the log's thread, out of cache).
+        doubles = np.empty((sum(len(b.doubles) for b in blocks), len(index)), order="F")
+        np.concatenate([b.doubles for b in blocks], out=doubles)
         for name, _, _ in fields:
             j = index.get(name)
             if j is not None:
@@ -708,7 +715,7 @@ def parse_fast(raw: bytes, fields: Fields | None, ids: frozenset[str], max_rows:
     if cols is None:
         return None
     if type(cols) is Block:
-        rows, carried = len(cols.doubles), not ids.isdisjoint(cols.other)
+        rows, carried = len(cols.doubles), not ids.isdisjoint(cols)
     else:
         rows, carried = len(next(iter(cols.values()))), not ids.isdisjoint(cols)
     _rows_limit(rows, max_rows)
@@ -1028,6 +1035,7 @@ class Batcher:
         self.big: Job | None = None  # the job being predicted in slices
         self._wake = asyncio.Event()
         self._want = 1  # rows the batcher waits for (``_until_rows``): fewer do not wake it
+        self._want_jobs = 1 << 62  # ... or this many requests
         self._open = asyncio.Event()  # cleared: start no new batch (``pause``)
         self._open.set()
         # Replicas only (the single process leaves both None): start no batch at or after
@@ -1125,25 +1133,27 @@ class Batcher:
         self.pending_rows += job.rows
         if job.rows > MAX_BATCH_ROWS:
             self.big_rows += job.rows
-        if self.pending_rows >= self._want:
+        if self.pending_rows >= self._want or len(self.pending) >= self._want_jobs:
             self._wake.set()
         return job.future
 
-    async def _until_rows(self, rows: int, timeout: float | None = None) -> None:
-        """Return once `rows` rows wait, or after `timeout` seconds. ``submit`` wakes it only once
-        that many wait (``_want``), and one timer bounds the whole wait (no task per request)."""
-        if self.pending_rows >= rows or (timeout is not None and timeout <= 0):
+    async def _until_rows(self, rows: int, timeout: float | None = None, jobs: int | None = None) -> None:
+        """Return once `rows` rows (or `jobs` requests) wait, or after `timeout` seconds.
+        ``enqueue`` wakes it only once that many wait (``_want``, ``_want_jobs``), and one timer
+        bounds the whole wait (no task per request)."""
+        want_jobs = jobs if jobs is not None else 1 << 62
+        if self.pending_rows >= rows or len(self.pending) >= want_jobs or (timeout is not None and timeout <= 0):
             return
-        self._want = rows
+        self._want, self._want_jobs = rows, want_jobs
         try:
             async with asyncio.timeout(timeout):
-                while self.pending_rows < rows:
+                while self.pending_rows < rows and len(self.pending) < want_jobs:
                     self._wake.clear()
                     await self._wake.wait()
         except TimeoutError:
             pass
         finally:
-            self._want = 1
+            self._want, self._want_jobs = 1, 1 << 62
 
     def _take(self) -> tuple[Loaded | None, list[Slice]]:
         """The model and the slices of the next batch. While a big job is in slices, each batch
@@ -1192,32 +1202,33 @@ class Batcher:
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
-        last_rows, last_seconds = 0, 0.0
+        last_jobs, last_seconds, ended = 0, 0.0, 0.0
         while True:
             await self._until_rows(1)
-            # Under load the clients of the last batch are sending their next requests: give them
-            # up to two predicts' time to come back (while the loop writes the answers and reads
-            # them), rather than paying a whole predict for the one or two that came first. A
-            # batch's fixed cost (xgboost's call alone is about 100 us) is worth several small
-            # requests: waiting for as many rows as the last batch had, for twice its time, gave
-            # 6% (1 row) and 11% (100 rows) more requests/s than half of them for once its time,
-            # at the same p99 (32 connections).
-            if self.big is None:
-                await self._until_rows(min(last_rows, MAX_BATCH_ROWS), 2 * last_seconds)
+            # Under load (the last batch ended moments ago) its clients are sending their next
+            # requests: give them up to two predicts' time (at most GATHER_SECONDS) to come back,
+            # while the loop writes the answers and reads them, rather than paying a batch's fixed
+            # cost for the one or two that came first. Waiting for as many requests as the last
+            # batch answered (not rows: mixed sizes would wait for rows that are not coming) gave
+            # 6% (1 row) and 11% (100 rows) more requests/s than half its rows for once its time
+            # (32 connections, same p99). An idle server answers a lone request at once.
+            if self.big is None and loop.time() - ended < 2 * last_seconds:
+                await self._until_rows(MAX_BATCH_ROWS, min(2 * last_seconds, GATHER_SECONDS), last_jobs)
             if not self.may_start():  # paused: the requests wait, then are answered by what serves next
                 await self._held()
                 continue
             self._idle.clear()
             try:
-                last_rows, last_seconds = await self._batch(loop, last_rows, last_seconds)
+                last_jobs, last_seconds = await self._batch(loop, last_jobs, last_seconds)
+                ended = loop.time()
             finally:
                 self._idle.set()
 
-    async def _batch(self, loop: asyncio.AbstractEventLoop, last_rows: int, last_seconds: float) -> tuple[int, float]:
-        """Take, predict and answer one batch; returns its rows and seconds."""
+    async def _batch(self, loop: asyncio.AbstractEventLoop, last_jobs: int, last_seconds: float) -> tuple[int, float]:
+        """Take, predict and answer one batch; returns its requests (slices) and seconds."""
         cur, slices = self._take()  # one model for the whole batch
         if not slices:
-            return last_rows, last_seconds
+            return last_jobs, last_seconds
         started = loop.time()
         answers: list[Answer | None]  # None: a slice of a big job, more to come
         if cur is None:
@@ -1232,9 +1243,9 @@ class Batcher:
             except Exception:  # a bug here must not stop the loop that serves everyone
                 log.exception("prediction batch failed")
                 answers = [_internal(j.request_id) for j, _, _ in slices]
-        last_rows, last_seconds = sum(b - a for _, a, b in slices), loop.time() - started
+        last_seconds = loop.time() - started
         if cur is not None and self.metrics is not None:
-            self.metrics.batch(last_rows, last_seconds)  # metrics
+            self.metrics.batch(sum(b - a for _, a, b in slices), last_seconds)  # metrics
         for (job, _, _), answer in zip(slices, answers, strict=False):
             if answer is None:  # a slice of a big job, more to come
                 continue
@@ -1244,7 +1255,7 @@ class Batcher:
                 self.metrics.rows(job.rows)  # metrics
             if not job.future.done():  # the client may have gone
                 job.future.set_result((answer, cur.version if cur else ""))
-        return last_rows, last_seconds
+        return len(slices), last_seconds
 
     @staticmethod
     def _inline(cur: Loaded, slices: list[Slice]) -> bool:

@@ -306,9 +306,13 @@ def _dense_predict(model: Any, X: np.ndarray) -> np.ndarray:
     ``predict_columns`` is checked against its pyfunc at load: any difference and it is not used.)"""
     if not _c_api:
         try:
+            import xgboost
             from xgboost.core import _LIB, _check_call, _ProxyDMatrix, c_bst_ulong
 
-            _c_api.append((_LIB, _check_call, _ProxyDMatrix, c_bst_ulong))
+            # XGBoosterPredictFromDense's arguments read the same in xgboost 2.1 to 3.4 (checked);
+            # ctypes cannot check them, so another major version gets inplace_predict.
+            tested = xgboost.__version__.split(".")[0] in ("2", "3")
+            _c_api.append((_LIB, _check_call, _ProxyDMatrix, c_bst_ulong) if tested else None)
         except ImportError:
             _c_api.append(None)
     api = _c_api[0]
