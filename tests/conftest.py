@@ -204,6 +204,34 @@ def use_cycled(cycled: dict, monkeypatch: pytest.MonkeyPatch) -> dict:
 
 
 @pytest.fixture(scope="session")
+def holdout_rows(cycled: dict, spec) -> tuple[list[str], list[list]]:
+    """Holdout rows of the cycled home as a client sends them, identity columns last: (columns, rows)."""
+    from daybreak.gate import holdout
+    from daybreak.infra.context import RunContext
+
+    old = os.environ.get("DAYBREAK_HOME")
+    os.environ["DAYBREAK_HOME"] = str(cycled["home"])
+    try:
+        X = holdout(spec, RunContext.create("2013-01-04"))
+    finally:
+        os.environ["DAYBREAK_HOME"] = old or ""
+        if old is None:
+            os.environ.pop("DAYBREAK_HOME")
+    ids = spec.id_columns()
+    X = X.assign(event_time=X["event_time"].map(lambda t: t.isoformat()))
+    cols = [*spec.features.feature_names(), *ids]
+    return cols, X[cols].astype(object).where(X[cols].notna(), None).values.tolist()
+
+
+@pytest.fixture(scope="session")
+def holdout_features(holdout_rows, spec) -> tuple[list[str], list[list]]:
+    """The same rows with the model's columns only (no identity)."""
+    cols, data = holdout_rows
+    n = len(spec.features.feature_names())
+    return cols[:n], [r[:n] for r in data]
+
+
+@pytest.fixture(scope="session")
 def s3_server():
     from s3 import S3Server
 

@@ -6,7 +6,6 @@ reads its answers held back without holding the others or the server's memory.""
 from __future__ import annotations
 
 import json
-import os
 import select
 import socket
 import time
@@ -31,24 +30,13 @@ def server(cycled: dict, spec, tmp_path_factory: pytest.TempPathFactory):
 
 
 @pytest.fixture(scope="module")
-def split(cycled: dict, spec):
+def split(holdout_features):
     """`split(n)`: a dataframe_split body of n holdout rows (the model's columns), as bytes."""
-    from daybreak.gate import holdout
-    from daybreak.infra.context import RunContext
-
-    old = os.environ.get("DAYBREAK_HOME")
-    os.environ["DAYBREAK_HOME"] = str(cycled["home"])
-    try:
-        X = holdout(spec, RunContext.create("2013-01-04"))[spec.features.feature_names()]
-    finally:
-        os.environ.pop("DAYBREAK_HOME")
-        if old is not None:
-            os.environ["DAYBREAK_HOME"] = old
-    data = X.astype(object).where(X.notna(), None).values.tolist()
+    columns, data = holdout_features
 
     def body(n: int, start: int = 0) -> bytes:
         rows = [data[(start + i) % len(data)] for i in range(n)]
-        return json.dumps({"dataframe_split": {"columns": list(X.columns), "data": rows}}).encode()
+        return json.dumps({"dataframe_split": {"columns": columns, "data": rows}}).encode()
 
     return body
 

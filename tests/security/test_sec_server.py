@@ -11,7 +11,6 @@ must be long enough.
 from __future__ import annotations
 
 import json
-import os
 import re
 import socket
 import subprocess
@@ -35,31 +34,13 @@ JSON = {"Content-Type": "application/json"}
 
 
 @pytest.fixture(scope="module")
-def rows(cycled: dict, spec) -> tuple[list[str], list[list]]:
-    """Holdout rows of the cycled home as the client sends them: (columns, rows)."""
-    from daybreak.gate import holdout
-    from daybreak.infra.context import RunContext
-
-    old = os.environ.get("DAYBREAK_HOME")
-    os.environ["DAYBREAK_HOME"] = str(cycled["home"])
-    try:
-        X = holdout(spec, RunContext.create("2013-01-04"))
-    finally:
-        os.environ["DAYBREAK_HOME"] = old or ""
-        if old is None:
-            os.environ.pop("DAYBREAK_HOME")
-    ids = spec.id_columns()
-    X = X.assign(event_time=X["event_time"].map(lambda t: t.isoformat()))
-    cols = [*spec.features.feature_names(), *ids]
-    return cols, X[cols].astype(object).where(X[cols].notna(), None).values.tolist()
+def rows(holdout_rows) -> tuple[list[str], list[list]]:
+    return holdout_rows
 
 
 @pytest.fixture(scope="module")
-def features(rows, spec) -> tuple[list[str], list[list]]:
-    """The same rows with the model's columns only (no identity)."""
-    cols, data = rows
-    n = len(spec.features.feature_names())
-    return cols[:n], [r[:n] for r in data]
+def features(holdout_features) -> tuple[list[str], list[list]]:
+    return holdout_features
 
 
 @pytest.fixture(scope="module")

@@ -43,20 +43,27 @@ Reply = Callable[[int, bytes, str | None, str], None]  # status, JSON body, mode
 Fast = Callable[[list[tuple[bytes, bytes]], bytes, Reply], None]
 
 
-def protocol(header_timeout: float, timed_out: bytes, fast: Fast | None = None,
+def protocol(header_timeout: float, error_body: Callable[[int, str], bytes], fast: Fast | None = None,
              inline_bytes: int = 64 * 2**10, max_header_bytes: int = MAX_HEADER_BYTES) -> type | str:
-    """The protocol class for ``uvicorn.run(http=...)``: `timed_out` is the whole response
-    written when headers are late; `fast` answers fast-path requests (None: ASGI only); headers
-    that grow past `max_header_bytes` get 431 and the connection is closed."""
+    """The protocol class for ``uvicorn.run(http=...)``: `error_body(status, message)` is the
+    JSON body of an error (the server's format); `fast` answers fast-path requests (None: ASGI
+    only). Late headers get 408 and headers that grow past `max_header_bytes` 431; then the
+    connection is closed."""
     try:
         from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
     except ImportError:  # no httptools: uvicorn's h11, without a header timeout or the fast path
         log.warning("httptools is not installed: no header read timeout")
         return "h11"
 
-    message = b'{"error_code": "BAD_REQUEST", "message": "request headers over %d bytes"}' % max_header_bytes
-    too_large = (b"HTTP/1.1 431 Request Header Fields Too Large\r\ncontent-type: application/json\r\n"
-                 b"content-length: %d\r\nconnection: close\r\n\r\n%s" % (len(message), message))
+    def closing(status: int, message: str) -> bytes:
+        """A whole error response that closes the connection."""
+        body = error_body(status, message)
+        return (STATUS_LINE[status] + b"content-type: application/json\r\ncontent-length: %d\r\n"
+                b"connection: close\r\n\r\n%s" % (len(body), body))
+
+    timed_out = closing(408, f"the request headers did not arrive within {header_timeout:g} s "
+                             f"(DAYBREAK_SERVE_HEADER_TIMEOUT)")
+    too_large = closing(431, f"request headers over {max_header_bytes} bytes")
     defaults: list[object] = [None, b""]  # the server's default headers (date, server) and their bytes
 
     def default_headers(current: list[tuple[bytes, bytes]]) -> bytes:

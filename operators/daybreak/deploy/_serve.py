@@ -147,7 +147,7 @@ import threading
 import time
 import uuid
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool, ProcessPoolExecutor
 from contextlib import asynccontextmanager
@@ -222,7 +222,8 @@ CONTENT_TYPES = (JSON_TYPE, CSV_TYPE, PARQUET_TYPE)
 # MLflow's error codes (mlflow.protos.databricks_pb2) for the statuses this server answers.
 ERROR_CODES = {400: "BAD_REQUEST", 401: "UNAUTHENTICATED", 403: "PERMISSION_DENIED", 404: "ENDPOINT_NOT_FOUND",
                405: "BAD_REQUEST", 408: "DEADLINE_EXCEEDED", 413: "RESOURCE_LIMIT_EXCEEDED", 415: "BAD_REQUEST",
-               422: "BAD_REQUEST", 500: "INTERNAL_ERROR", 503: "TEMPORARILY_UNAVAILABLE"}
+               422: "BAD_REQUEST", 431: "RESOURCE_LIMIT_EXCEEDED", 500: "INTERNAL_ERROR",
+               503: "TEMPORARILY_UNAVAILABLE"}
 
 Fields = tuple[tuple[str, str, bool], ...]  # (name, type, optional) of each input column
 # A request's rows, one sequence per column: lists or tuples (the fast path's, on the loop), or numpy
@@ -347,34 +348,19 @@ def fast_columns(body: dict, fields: Fields, ids: frozenset[str] = frozenset(),
     if len(body) != 1:
         return None
     ((fmt, data),) = body.items()
+    if fmt == "dataframe_split":
+        block = _split_block(data, fields, ids, json_strings)
+        if block is not SLOW:
+            return block
+    names, wanted, groups = _field_info(fields)
     try:
         if fmt == "dataframe_split":
-            if type(data) is not dict or data.keys() != {"columns", "data"}:
-                return None
             columns, rows = data["columns"], data["data"]
-            if type(columns) is list and type(rows) is list and rows:
-                key = tuple(columns)
-                plan = _PLANS.get(key)
-                if plan is None or plan.fields is not fields or plan.ids is not ids:
-                    plan = _split_plan(key, fields, ids)
-                    if plan is not None:
-                        if len(_PLANS) >= 64:
-                            _PLANS.clear()
-                        _PLANS[key] = plan
-                if plan is None:
-                    return None
-                block = plan.read(rows, json_strings if len(rows) >= CONVERT_ROWS else None)
-                if block is not SLOW:
-                    return block
-            names, wanted, groups = _field_info(fields)
-            if (type(columns) is not list or len(set(columns)) != len(columns)
-                    or not _columns_ok(set(columns), wanted, ids)
-                    or type(rows) is not list or not rows
+            if (len(set(columns)) != len(columns) or not _columns_ok(set(columns), wanted, ids)
                     or set(map(type, rows)) != {list} or set(map(len, rows)) != {len(columns)}):
                 return None
             cols = dict(zip(columns, zip(*rows, strict=False), strict=False))
         elif fmt == "dataframe_records" or (fmt == "inputs" and type(data) is list):
-            names, wanted, groups = _field_info(fields)
             if type(data) is not list or not data or set(map(type, data)) != {dict}:
                 return None
             given = data[0].keys()
@@ -384,7 +370,6 @@ def fast_columns(body: dict, fields: Fields, ids: frozenset[str] = frozenset(),
             cols = dict(zip(keys, zip(*map(itemgetter(*keys), data), strict=False), strict=False)) \
                 if len(keys) > 1 else {keys[0]: [r[keys[0]] for r in data]}
         elif fmt == "inputs" and type(data) is dict:
-            names, wanted, groups = _field_info(fields)
             if (not _columns_ok(set(data.keys()), wanted, ids) or set(map(type, data.values())) != {list}
                     or len(set(map(len, data.values()))) != 1 or not data[names[0]]):
                 return None
@@ -424,6 +409,30 @@ def fast_columns(body: dict, fields: Fields, ids: frozenset[str] = frozenset(),
 
 
 SLOW = cast("Block", object())  # ``SplitPlan.read``: leave the body to fast_columns' general checks
+
+
+def _split_block(data: Any, fields: Fields, ids: frozenset[str], json_strings: int | None) -> Block | None:
+    """A ``dataframe_split`` body's rows read by its columns' plan (``SplitPlan``), None when the
+    fast path does not take it, or SLOW: then only ``fast_columns``' general checks can tell."""
+    if type(data) is not dict or data.keys() != {"columns", "data"}:
+        return None
+    columns, rows = data["columns"], data["data"]
+    if type(columns) is not list or type(rows) is not list or not rows:
+        return None
+    key = tuple(columns)
+    try:
+        plan = _PLANS.get(key)
+        if plan is None or plan.fields is not fields or plan.ids is not ids:
+            plan = _split_plan(key, fields, ids)
+            if plan is not None:
+                if len(_PLANS) >= 64:
+                    _PLANS.clear()
+                _PLANS[key] = plan
+    except TypeError:  # unhashable column names and the like: MLflow's parser says what is wrong
+        return None
+    if plan is None:
+        return None
+    return plan.read(rows, json_strings if len(rows) >= CONVERT_ROWS else None)
 
 
 class Block(Mapping):
@@ -1125,8 +1134,7 @@ class Batcher:
                 logged: bool = True) -> asyncio.Future[tuple[Answer, str]]:
         """Queue a checked request; its future gets its answer and the version that answered it."""
         job = Job(fields, parsed.columns, parsed.frame, parsed.rows, asyncio.get_running_loop().create_future(),
-                  request_id, logged and self.plog is not None and self.plog.sampled())
-        job.carried = parsed.ids
+                  request_id, logged and self.plog is not None and self.plog.sampled(), carried=parsed.ids)
         if self.max_wait is not None:
             job.queued_at = time.monotonic()
         self.pending.append(job)
@@ -1748,7 +1756,10 @@ class Invocations:
         """Whether the request carries the bearer token; None when the server has no token."""
         if self.expected is None:
             return None
-        return hmac.compare_digest(dict(headers).get(b"authorization", b""), self.expected)
+        return self._token_ok(dict(headers))
+
+    def _token_ok(self, headers: Mapping[bytes, bytes]) -> bool:
+        return self.expected is not None and hmac.compare_digest(headers.get(b"authorization", b""), self.expected)
 
     async def read_body(self, receive: Callable, declared: int | None, counted: list[int]) -> bytes:
         """The body within `body_timeout` and `max_body_bytes`. A chunked body's bytes are counted
@@ -1787,7 +1798,7 @@ class Invocations:
         """The checks of a POST /invocations before its body: the token, the media type, a model,
         the declared length, the rows waiting. Returns a refusal, or the media type, the declared
         length and the model."""
-        if self.expected and not hmac.compare_digest(headers.get(b"authorization", b""), self.expected):
+        if self.expected and not self._token_ok(headers):
             return error(401, "missing or wrong bearer token"), "", None, None
         mime = content_type(headers.get(b"content-type"))
         if mime is None:
@@ -1808,15 +1819,33 @@ class Invocations:
             return error(503, "overloaded: too many rows waiting; retry shortly"), mime, None, None
         return None, mime, declared, cur
 
-    async def _parse(self, raw: bytes, mime: str, cur: Loaded) -> Parsed:
-        """A body read whole, checked; the usual small JSON shapes on the loop, the rest off it."""
-        if mime == JSON_TYPE and len(raw) <= INLINE_BYTES:
-            parsed = parse_fast(raw, cur.fields, self.api.state.batcher.ids, self.lim.max_rows)
-            if parsed is not None:
-                return parsed
-        schema = cur.model.metadata.get_input_schema()
-        return await self.workers.parse(len(raw), raw, mime, cur.fields, self.api.state.batcher.ids,
-                                        schema.to_json() if schema is not None else None, self.lim.max_rows)
+    def _parse_fast(self, raw: bytes, mime: str, cur: Loaded) -> Parsed | None:
+        """The usual small JSON shapes, parsed on the loop (None: the rest). Raises Refused."""
+        if mime != JSON_TYPE or len(raw) > INLINE_BYTES:
+            return None
+        return parse_fast(raw, cur.fields, self.api.state.batcher.ids, self.lim.max_rows)
+
+    async def _parsed(self, body: bytes | Awaitable[bytes], mime: str, cur: Loaded, request_id: str,
+                      fast_tried: bool = False) -> Parsed | Answer:
+        """The body (read whole, or being read) parsed and checked, or the answer its failure
+        gets: on the loop when it is of the usual small shapes (unless `fast_tried`), off it
+        otherwise."""
+        try:
+            raw = body if isinstance(body, bytes) else await body
+            parsed = None if fast_tried else self._parse_fast(raw, mime, cur)
+            if parsed is None:
+                schema = cur.model.metadata.get_input_schema()
+                parsed = await self.workers.parse(len(raw), raw, mime, cur.fields, self.api.state.batcher.ids,
+                                                  schema.to_json() if schema is not None else None,
+                                                  self.lim.max_rows)
+            return parsed
+        except Refused as e:
+            return error(e.status, e.message)
+        except BrokenProcessPool:
+            return _internal(request_id)
+        except Exception:
+            log.exception("reading request %s failed", request_id)
+            return _internal(request_id)
 
     def _queue(self, parsed: Parsed, fields: Fields | None, request_id: str,
                logged: bool) -> Answer | asyncio.Future[tuple[Answer, str]]:
@@ -1849,16 +1878,11 @@ class Invocations:
             return *error(503, "overloaded: too many body bytes in flight; retry shortly"), None
         self.inflight += held
         try:
-            parsed = await self._parse(await self.read_body(receive, declared, counted), mime, cur)
-        except Refused as e:
-            return *error(e.status, e.message), None
-        except BrokenProcessPool:
-            return *_internal(request_id), None
-        except Exception:
-            log.exception("reading request %s failed", request_id)
-            return *_internal(request_id), None
+            parsed = await self._parsed(self.read_body(receive, declared, counted), mime, cur, request_id)
         finally:
             self.inflight -= held + counted[0]
+        if isinstance(parsed, tuple):
+            return *parsed, None
         queued = self._queue(parsed, cur.fields, request_id, logged)
         if isinstance(queued, tuple):
             return *queued, None
@@ -1906,8 +1930,7 @@ class Invocations:
             return refused
         assert cur is not None
         try:
-            parsed = parse_fast(raw, cur.fields, self.api.state.batcher.ids, self.lim.max_rows) \
-                if mime == JSON_TYPE else None
+            parsed = self._parse_fast(raw, mime, cur)
         except Refused as e:
             return error(e.status, e.message)
         if parsed is None:  # not the usual shape: parsed off the loop, as ``answer`` does
@@ -1915,15 +1938,9 @@ class Invocations:
         return self._queue(parsed, cur.fields, request_id, True)
 
     async def _parse_queue(self, raw: bytes, mime: str, cur: Loaded, request_id: str) -> tuple[Answer, str]:
-        try:
-            parsed = await self._parse(raw, mime, cur)
-        except Refused as e:
-            return error(e.status, e.message), ""
-        except BrokenProcessPool:
-            return _internal(request_id), ""
-        except Exception:
-            log.exception("reading request %s failed", request_id)
-            return _internal(request_id), ""
+        parsed = await self._parsed(raw, mime, cur, request_id, fast_tried=True)
+        if isinstance(parsed, tuple):
+            return parsed, ""
         queued = self._queue(parsed, cur.fields, request_id, True)
         return (queued, "") if isinstance(queued, tuple) else await queued
 
@@ -2161,11 +2178,8 @@ def _protocol(header_timeout: float, app: Invocations | None = None) -> type | s
     408 and the connection closes), and `app`'s ``POST /invocations`` answered below ASGI."""
     from daybreak.deploy._http import protocol
 
-    _, payload = error(408, f"the request headers did not arrive within {header_timeout:g} s "
-                            f"(DAYBREAK_SERVE_HEADER_TIMEOUT)")
-    timed_out = (b"HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\ncontent-length: %d\r\n"
-                 b"connection: close\r\n\r\n%s" % (len(payload), payload))
-    return protocol(header_timeout, timed_out, app.fast if app is not None else None, INLINE_BYTES)
+    return protocol(header_timeout, lambda status, message: error(status, message)[1],
+                    app.fast if app is not None else None, INLINE_BYTES)
 
 
 def serve(spec: Spec, ctx: RunContext, host: str | None = None, port: int | None = None,

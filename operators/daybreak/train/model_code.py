@@ -9,6 +9,7 @@ numbers the same way.
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 import threading
@@ -281,8 +282,9 @@ def predict_matrix(model: Any, X: np.ndarray, flavor: str, task: str, names: lis
 
 
 def predict_encoded(model: Any, X: np.ndarray, flavor: str, task: str, names: list[str]) -> np.ndarray:
-    """``predict_matrix`` with xgboost's ``inplace_predict`` (no DMatrix: a tenth of the fixed
-    cost; the same trees on the same float32 matrix, so the same floats)."""
+    """``predict_matrix`` with xgboost's dense predict (``_dense_predict``, inplace_predict's C call:
+    no DMatrix, a tenth of the fixed cost; the same trees on the same float32 matrix, so the same
+    floats)."""
     if flavor == "xgboost" and not np.isinf(X).any():
         return _dense_predict(model, X)
     # An infinity (a double beyond float32 becomes one): the DMatrix refuses it, as the pyfunc does;
@@ -293,7 +295,19 @@ def predict_encoded(model: Any, X: np.ndarray, flavor: str, task: str, names: li
 _CONFIG = json.dumps({"type": 0, "training": False, "iteration_begin": 0, "iteration_end": 0, "missing": float("nan"),
                       "strict_shape": False, "cache_id": 0}).encode()  # inplace_predict's, by default
 _local = threading.local()  # a proxy matrix per thread: xgboost sets the rows of a call into it
-_c_api: list[Any] = []
+
+
+@functools.cache
+def _c_api() -> tuple[Any, ...] | None:
+    """xgboost's C entry point and the names around it, or None: XGBoosterPredictFromDense's
+    arguments read the same in xgboost 2.1 to 3.4 (checked); ctypes cannot check them, so
+    another major version (or one without these names) gets inplace_predict."""
+    try:
+        import xgboost
+        from xgboost.core import _LIB, _check_call, _ProxyDMatrix, c_bst_ulong
+    except ImportError:
+        return None
+    return (_LIB, _check_call, _ProxyDMatrix, c_bst_ulong) if xgboost.__version__.split(".")[0] in ("2", "3") else None
 
 
 def _dense_predict(model: Any, X: np.ndarray) -> np.ndarray:
@@ -301,22 +315,12 @@ def _dense_predict(model: Any, X: np.ndarray) -> np.ndarray:
     directly, with one reused proxy matrix per thread. inplace_predict costs about 100 us a call
     on a batch of a few rows: about 60 us of it its Python (argument checks, JSON, ctypes type
     building) and most of the rest a new proxy matrix, whose set-up reads the cgroup's CPU quota
-    files (11 system calls); this takes about 36 us. Any xgboost without these names, or any
-    input other than a C-ordered float matrix: inplace_predict itself. (A served version's
+    files (11 system calls); this takes about 36 us. Any input other than an aligned, C-ordered
+    float matrix: inplace_predict itself (which copies it). (A served version's
     ``predict_columns`` is checked against its pyfunc at load: any difference and it is not used.)"""
-    if not _c_api:
-        try:
-            import xgboost
-            from xgboost.core import _LIB, _check_call, _ProxyDMatrix, c_bst_ulong
-
-            # XGBoosterPredictFromDense's arguments read the same in xgboost 2.1 to 3.4 (checked);
-            # ctypes cannot check them, so another major version gets inplace_predict.
-            tested = xgboost.__version__.split(".")[0] in ("2", "3")
-            _c_api.append((_LIB, _check_call, _ProxyDMatrix, c_bst_ulong) if tested else None)
-        except ImportError:
-            _c_api.append(None)
-    api = _c_api[0]
-    if api is None or X.ndim != 2 or X.dtype.kind != "f" or not X.flags.c_contiguous or not len(X):
+    api = _c_api()
+    if (api is None or X.ndim != 2 or X.dtype.kind != "f" or not X.flags.c_contiguous or not X.flags.aligned
+            or not len(X)):
         return model.inplace_predict(X, missing=np.nan)
     import ctypes
 
