@@ -266,7 +266,15 @@ def test_deferred_deploy_frees_its_pool_slot(site: dict, spec) -> None:
     ti = af.api("GET", f"/dags/{DEFERRABLE}/dagRuns/{run_id}/taskInstances/deploy").json()
     assert ti["pool"] == POOL and ti["trigger"] is not None, ti
     assert "ServedVersionTrigger" in ti["trigger"]["classpath"], ti["trigger"]
-    assert ti["triggerer_job"] is not None, ti  # a triggerer runs the wait
+
+    def picked_up() -> dict | None:
+        ti = af.api("GET", f"/dags/{DEFERRABLE}/dagRuns/{run_id}/taskInstances/deploy").json()
+        return ti if ti["triggerer_job"] is not None else None
+
+    # a triggerer runs the wait: it claims new triggers on its own loop, so a task can be deferred
+    # a moment before any triggerer has taken its trigger (CI saw None there once)
+    ti = af.wait("a triggerer to take the deploy's trigger", picked_up, 60)
+    assert ti["triggerer_job"] is not None, ti
 
     gate.open.set()  # the endpoint now reports the champion: the trigger fires, the deploy resumes
 
