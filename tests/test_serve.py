@@ -605,3 +605,73 @@ def test_an_idle_server_answers_a_lone_request_at_once_after_a_long_batch(spec) 
             batcher.close()
 
     assert asyncio.run(scenario()) < 0.3
+
+
+def test_a_batch_measured_fast_is_predicted_on_the_loop_a_slow_one_on_the_thread(spec) -> None:
+    """Batches over INLINE_PREDICT_ROWS rows go to the predict thread until this version's batches
+    are measured: then on the loop when as many rows took at most INLINE_SECONDS (GIL hand-offs
+    cost more), on the thread otherwise, so a slow model never holds the loop that serves everyone."""
+    import asyncio
+    import json
+    import threading
+
+    from daybreak.deploy import _serve
+    from daybreak.deploy._serve import Batcher, Loaded, ModelHolder, Parsed
+
+    fields = (("x", "double", False),)
+    rows = _serve.INLINE_PREDICT_ROWS * 4
+
+    def model(seconds_per_row: float, seen: list[str]):
+        def fast(data: dict) -> np.ndarray:
+            seen.append(threading.current_thread().name)
+            busy_until = time.thread_time() + seconds_per_row * len(data["x"])  # CPU, as the batcher measures
+            while time.thread_time() < busy_until:
+                pass
+            return data["x"] * 2
+        return fast
+
+    async def scenario(seconds_per_row: float) -> list[str]:
+        seen: list[str] = []
+        holder = ModelHolder(spec, RunContext.create("2013-01-04"))
+        holder.current = Loaded("1", None, time.time(), fields, model(seconds_per_row, seen))
+        batcher = Batcher(holder)
+        task = asyncio.create_task(batcher.run())
+        try:
+            for _ in range(3):
+                x = np.arange(rows, dtype=np.float64)
+                (status, body), _ = await batcher.submit(Parsed(rows, columns={"x": x}), fields)
+                assert status == 200 and json.loads(body)["predictions"] == (x * 2).tolist()
+            return seen
+        finally:
+            task.cancel()
+            batcher.close()
+
+    loop_thread = threading.current_thread().name
+    cheap = asyncio.run(scenario(0.0))
+    assert cheap[0] != loop_thread and cheap[1:] == [loop_thread, loop_thread], cheap
+    slow = asyncio.run(scenario(2 * _serve.INLINE_SECONDS / rows))
+    assert loop_thread not in slow, slow
+
+
+def test_serve_makes_arrow_allocate_with_malloc_before_pyarrow_loads() -> None:
+    """``daybreak serve`` sets ARROW_DEFAULT_MEMORY_POOL before pyarrow loads: the Parquet writer's
+    buffers (which ``pyarrow.set_memory_pool`` does not reach) then come from malloc, not from
+    mimalloc, which re-faulted huge pages after every prediction-log flush."""
+    import subprocess
+    import sys
+
+    code = """
+import os, sys
+os.environ.pop("ARROW_DEFAULT_MEMORY_POOL", None)
+from daybreak import cli
+assert "pyarrow" not in sys.modules  # the CLI loads it only in a command, after the setting
+cli.system_allocator()
+import io, numpy as np, pyarrow as pa, pyarrow.parquet as pq
+from daybreak.deploy._predlog import _parquet_options
+t = pa.table({"x": np.random.default_rng(0).random(100_000), "s": ["abc"] * 100_000})
+pq.write_table(t, io.BytesIO(), **_parquet_options(t.schema))
+print(pa.default_memory_pool().backend_name, pa.mimalloc_memory_pool().max_memory())
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == ["system", "0"]

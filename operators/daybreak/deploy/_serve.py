@@ -13,9 +13,10 @@ by the model code's own ``predict_columns`` on numpy columns: the encoding witho
 xgboost's ``inplace_predict``, without the pyfunc's schema enforcement (the fast path checked the
 signature's columns and types itself). It gives the pyfunc's floats to the bit (checked at load
 on the input example; a version whose model code has no ``predict_columns``, or disagrees, is
-served through ``model.predict(pd.DataFrame(...))``). A small batch (``INLINE_PREDICT_ROWS``) is
-predicted on the event loop: a few hundred microseconds, less than handing it to a thread costs
-in GIL switches; bigger ones, and bodies MLflow's parser read, go to the one predict thread. An
+served through ``model.predict(pd.DataFrame(...))``). A batch of the fast path is predicted on the
+event loop when it is small (``INLINE_PREDICT_ROWS``) or this version's batches were measured to
+take at most ``INLINE_SECONDS`` for its rows: less than handing it to a thread costs in GIL
+switches. Slower ones, and bodies MLflow's parser read, go to the one predict thread. An
 idle server answers a lone request at once; under load, a batch waits at most two predicts'
 time (10 ms at most) for the last batch's clients to come back. A batch takes the current model
 once, so every request in it is answered by exactly one version (the ``X-Model-Version``
@@ -209,8 +210,13 @@ the registry)."""
 # A batch of at most this many rows, all of the fast path, on a model with a fast predict, is
 # predicted on the event loop (a few hundred microseconds): handing it to the predict thread costs
 # more than that in GIL hand-offs (the loop and the thread take turns on one interpreter lock).
-# (Measured: 256 doubled 1-row throughput over 0 and beat 2,000 by a third on 100-row requests.)
+# (Measured: 256 doubled 1-row throughput over 0.)
 INLINE_PREDICT_ROWS = 256
+# A bigger batch of the fast path is predicted on the loop too when this version's batches took at
+# most this long for as many rows (``Batcher._inline``): the loop answers nothing else meanwhile,
+# but the predict thread's GIL hand-offs cost more. (Measured on the flights model, 100-row
+# requests, 32 connections: 2,509 requests/s against 2,305 with the thread, the same p99.)
+INLINE_SECONDS = 0.004
 # Under load, the longest a batch waits for the requests of the last one to come back (see
 # ``Batcher.run``): a 100-row batch of the flights model takes about 3 ms.
 GATHER_SECONDS = 0.01
@@ -1057,6 +1063,7 @@ class Batcher:
         self._idle.set()
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="predict", initializer=_one_thread)
         _one_thread()  # the loop's thread predicts small batches (INLINE_PREDICT_ROWS)
+        self._row_seconds: tuple[str, float] | None = None  # a version's measured batch seconds per row (``_inline``)
 
     async def pause(self) -> None:
         """Start no new batch, and return once the batch being predicted (if any) is answered.
@@ -1245,7 +1252,7 @@ class Batcher:
             try:
                 inline = self._inline(cur, slices)
                 answers = self._predict(cur, slices, one_by_one=False) if inline else []
-                if not answers:  # too big for the loop, or its batched predict failed: the requests
+                if not answers:  # too slow for the loop, or its batched predict failed: the requests
                     # are predicted one by one on the predict thread, never on the loop that serves everyone
                     answers = await loop.run_in_executor(self._pool, self._predict, cur, slices)
             except Exception:  # a bug here must not stop the loop that serves everyone
@@ -1265,9 +1272,9 @@ class Batcher:
                 job.future.set_result((answer, cur.version if cur else ""))
         return len(slices), last_seconds
 
-    @staticmethod
-    def _inline(cur: Loaded, slices: list[Slice]) -> bool:
-        """Whether to predict this batch on the loop: small, all of the fast path, a fast predict."""
+    def _inline(self, cur: Loaded, slices: list[Slice]) -> bool:
+        """Whether to predict this batch on the loop: all of the fast path, a fast predict, and
+        small, or measured to take at most INLINE_SECONDS for this version."""
         if cur.fast is None:
             return False
         rows = 0
@@ -1275,7 +1282,22 @@ class Batcher:
             if j.columns is None or j.fields != cur.fields:
                 return False
             rows += b - a
-        return rows <= INLINE_PREDICT_ROWS
+        if rows <= INLINE_PREDICT_ROWS:
+            return True
+        measured = self._row_seconds
+        return measured is not None and measured[0] == cur.version and rows * measured[1] <= INLINE_SECONDS
+
+    def _measured(self, version: str, rows: int, seconds: float) -> None:
+        """A batch of this version took `seconds` of its thread's CPU for `rows` rows (columns,
+        predict, answers and log hand-over; on the predict thread, without its waits for the GIL): the rate
+        ``_inline`` expects of the next, from batches of more than INLINE_PREDICT_ROWS rows (a
+        small batch's fixed cost would overstate it), the slowest recent one weighing most."""
+        if rows <= INLINE_PREDICT_ROWS:
+            return
+        rate, last = seconds / rows, self._row_seconds
+        if last is not None and last[0] == version:
+            rate = max(rate, 0.8 * last[1] + 0.2 * rate)  # a slower batch counts at once, a faster one slowly
+        self._row_seconds = (version, rate)
 
     def _predict(self, cur: Loaded, slices: list[Slice], one_by_one: bool = True) -> list[Answer | None]:
         """In the predict thread: one predict over the fast-path slices, the others one by one.
@@ -1286,6 +1308,7 @@ class Batcher:
         if fast:
             try:
                 assert cur.fields is not None  # the fast-path jobs' columns were checked against them
+                cpu = time.thread_time()
                 data = batch_columns([_cut(*slices[i]) for i in fast], cur.fields)
                 preds = np.asarray(cur.fast(data) if cur.fast is not None else cur.model.predict(pd.DataFrame(data)))
                 start = 0
@@ -1297,6 +1320,8 @@ class Batcher:
                     self._log(cur, data, preds, [slices[i] for i in fast])
                 except Exception:  # the log never fails a request
                     log.warning("prediction log: a batch was not logged", exc_info=True)
+                if cur.fast is not None:
+                    self._measured(cur.version, len(preds), time.thread_time() - cpu)
             except Exception:  # one request at a time, so a failure is only that request's
                 log.warning("batched predict failed; answering its %d requests one by one", len(fast), exc_info=True)
                 answers.clear()
