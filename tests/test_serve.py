@@ -675,3 +675,47 @@ print(pa.default_memory_pool().backend_name, pa.mimalloc_memory_pool().max_memor
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.split() == ["system", "0"]
+
+
+def test_clients_back_within_the_load_window_share_a_batch(spec, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Under load, the clients of the last batch come back over the time the loop takes to write
+    its answers and read their requests, longer than two predicts of a small batch: a request
+    within LOAD_SECONDS of the last batch waits (up to GATHER_MIN_SECONDS at least) for as many as
+    the last batch answered, instead of starting a batch of its own. (The windows are widened
+    here so a slow machine cannot change the outcome.)"""
+    import asyncio
+
+    from daybreak.deploy import _serve
+    from daybreak.deploy._serve import Batcher, Loaded, ModelHolder, Parsed
+
+    monkeypatch.setattr(_serve, "LOAD_SECONDS", 2.0)
+    monkeypatch.setattr(_serve, "GATHER_MIN_SECONDS", 1.0)
+    monkeypatch.setattr(_serve, "GATHER_SECONDS", 1.0)
+    fields = (("x", "double", False),)
+    batches: list[int] = []
+
+    def fast(data: dict) -> np.ndarray:
+        batches.append(len(data["x"]))
+        return data["x"]
+
+    async def scenario() -> None:
+        holder = ModelHolder(spec, RunContext.create("2013-01-04"))
+        holder.current = Loaded("1", None, time.time(), fields, fast)
+        batcher = Batcher(holder)
+        task = asyncio.create_task(batcher.run())
+
+        def one() -> asyncio.Future:
+            return batcher.enqueue(Parsed(1, columns={"x": np.ones(1)}), fields)
+
+        try:
+            await asyncio.gather(*[one() for _ in range(4)])  # a batch of 4
+            await asyncio.sleep(0.05)  # far past two predicts of 4 rows, within the load window
+            first = one()
+            await asyncio.sleep(0.05)
+            await asyncio.gather(first, *[one() for _ in range(3)])
+        finally:
+            task.cancel()
+            batcher.close()
+
+    asyncio.run(scenario())
+    assert batches == [4, 4], batches
