@@ -14,12 +14,13 @@ xgboost's ``inplace_predict``, without the pyfunc's schema enforcement (the fast
 signature's columns and types itself). It gives the pyfunc's floats to the bit (checked at load
 on the input example; a version whose model code has no ``predict_columns``, or disagrees, is
 served through ``model.predict(pd.DataFrame(...))``). A batch of the fast path is predicted on the
-event loop when it is small (``INLINE_PREDICT_ROWS``) or this version's batches were measured to
-take at most ``INLINE_SECONDS`` for its rows: less than handing it to a thread costs in GIL
-switches. Slower ones, and bodies MLflow's parser read, go to the one predict thread. An
-idle server answers a lone request at once; under load (the last batch ended under 5 ms ago), a
-batch waits two predicts' time, at least 1 ms and at most 10 ms, for the last batch's clients to
-come back. A batch takes the current model
+event loop when this version's big batches were measured to take at most ``INLINE_SECONDS`` of
+CPU for as many rows, or, not measured yet, when it is small (``INLINE_PREDICT_ROWS``): less than
+handing it to a thread costs in GIL switches. Slower ones, and bodies MLflow's parser read, go to
+the one predict thread. An idle server answers a lone request at once; under load (the last
+batch ended within 5 ms, or two of its predicts), a batch waits for as many requests as the last
+one answered: two predicts' time, or 0.1 ms for each request still missing (1 ms at most; the
+loop's work to answer and read one is 40-80 us), at most 10 ms. A batch takes the current model
 once, so every request in it is answered by exactly one version (the ``X-Model-Version``
 header); batches run one after another, so the version a client sees never goes back unless the
 alias itself is moved back (a rollback). A request of more than ``MAX_BATCH_ROWS`` rows is
@@ -213,18 +214,21 @@ the registry)."""
 # more than that in GIL hand-offs (the loop and the thread take turns on one interpreter lock).
 # (Measured: 256 doubled 1-row throughput over 0.)
 INLINE_PREDICT_ROWS = 256
-# A bigger batch of the fast path is predicted on the loop too when this version's batches took at
-# most this long for as many rows (``Batcher._inline``): the loop answers nothing else meanwhile,
-# but the predict thread's GIL hand-offs cost more. (Measured on the flights model, 100-row
-# requests, 32 connections: 2,509 requests/s against 2,305 with the thread, the same p99.)
+# A bigger batch of the fast path is predicted on the loop too when this version's big batches took
+# at most this much CPU for as many rows (``Batcher._inline``; and a small one goes to the thread
+# when they took more): the loop answers nothing else meanwhile, but the predict thread's GIL
+# hand-offs cost more. (Measured on the flights model, 100-row requests, 32 connections: 2,401-2,504
+# requests/s against 2,236-2,326 with the thread, A/B in the same minutes, the same p99.)
 INLINE_SECONDS = 0.004
 # Under load, the longest a batch waits for the requests of the last one to come back (see
 # ``Batcher.run``): a 100-row batch of the flights model takes about 3 ms.
 GATHER_SECONDS = 0.01
-# ... and the least it may wait for them (two batches' time when that is longer, up to
-# GATHER_SECONDS): the loop writes the last batch's answers and reads the next requests meanwhile,
-# about 40 us a 1-row request, so 32 clients need about a millisecond to come back.
-GATHER_MIN_SECONDS = 0.001
+# ... and, when that is longer than two predicts, this long for each of them still missing, up to
+# GATHER_MISSING_SECONDS: the loop writes the last batch's answers and reads the next requests
+# meanwhile (40-80 us a 1-row request on 2 busy cores), so 32 clients need about a millisecond to
+# come back; with 3 clients, a request waits at most 0.2 ms for the other two.
+GATHER_PER_REQUEST_SECONDS = 100e-6
+GATHER_MISSING_SECONDS = 0.001
 # A request this soon after the last batch ended finds the server under load (its clients are
 # coming back); later, the server was idle and a lone request is predicted at once.
 LOAD_SECONDS = 0.005
@@ -1229,19 +1233,20 @@ class Batcher:
         while True:
             await self._until_rows(1)
             # Under load (the last batch ended moments ago) its clients are sending their next
-            # requests: give them two predicts' time, at least GATHER_MIN_SECONDS and at most
-            # GATHER_SECONDS, to come back, while the loop writes the answers and reads them,
-            # rather than paying a batch's fixed cost for the one or two that came first. Waiting
-            # for as many requests as the last batch answered (not rows: mixed sizes would wait for
-            # rows that are not coming) gave 6% (1 row) and 11% (100 rows) more requests/s than half
-            # its rows for once its time (32 connections, same p99). "Moments ago" was two predicts'
-            # time, under a millisecond at 1 row: most batches then started with the first few
-            # clients back (a mean of 20 of 32), and LOAD_SECONDS with GATHER_MIN_SECONDS gave 11%
-            # more 1-row requests/s (18,790 against 16,880, A/B in the same minutes; 100 rows the
-            # same). An idle server answers a lone request at once.
+            # requests: give them two predicts' time, or GATHER_PER_REQUEST_SECONDS for each one
+            # still missing (GATHER_MISSING_SECONDS at most), at most GATHER_SECONDS, to come
+            # back, while the loop writes the answers and reads them, rather than paying a batch's
+            # fixed cost for the one or two that came first. Waiting for as many requests as the
+            # last batch answered (not rows: mixed sizes would wait for rows that are not coming)
+            # gave 6% (1 row) and 11% (100 rows) more requests/s than half its rows for once its
+            # time (32 connections, same p99). "Moments ago" and the wait were two predicts' time,
+            # under a millisecond at 1 row: most batches then started with the first few clients
+            # back (a mean of 20 of 32); with LOAD_SECONDS and the wait per missing request, all
+            # 32 (1-row requests/s 19,153-19,249 against 16,413-17,737, A/B in the same minutes;
+            # 100 rows the same). An idle server answers a lone request at once.
             if self.big is None and loop.time() - ended < max(2 * last_seconds, LOAD_SECONDS):
-                await self._until_rows(MAX_BATCH_ROWS, min(max(2 * last_seconds, GATHER_MIN_SECONDS), GATHER_SECONDS),
-                                       last_jobs)
+                missing = min(GATHER_PER_REQUEST_SECONDS * (last_jobs - len(self.pending)), GATHER_MISSING_SECONDS)
+                await self._until_rows(MAX_BATCH_ROWS, min(max(2 * last_seconds, missing), GATHER_SECONDS), last_jobs)
             if not self.may_start():  # paused: the requests wait, then are answered by what serves next
                 await self._held()
                 continue
@@ -1268,6 +1273,11 @@ class Batcher:
                 if not answers:  # too slow for the loop, or its batched predict failed: the requests
                     # are predicted one by one on the predict thread, never on the loop that serves everyone
                     answers = await loop.run_in_executor(self._pool, self._predict, cur, slices)
+                elif sum(b - a for _, a, b in slices) > INLINE_PREDICT_ROWS:
+                    # A big inline batch: the loop runs its other work (reads, health, answers
+                    # already set) before the next, which a backlog or a big request's next slice
+                    # would otherwise start at once.
+                    await asyncio.sleep(0)
             except Exception:  # a bug here must not stop the loop that serves everyone
                 log.exception("prediction batch failed")
                 answers = [_internal(j.request_id) for j, _, _ in slices]
@@ -1287,7 +1297,7 @@ class Batcher:
 
     def _inline(self, cur: Loaded, slices: list[Slice]) -> bool:
         """Whether to predict this batch on the loop: all of the fast path, a fast predict, and
-        small, or measured to take at most INLINE_SECONDS for this version."""
+        measured to take at most INLINE_SECONDS for this version, or (not measured) small."""
         if cur.fast is None:
             return False
         rows = 0
@@ -1295,18 +1305,16 @@ class Batcher:
             if j.columns is None or j.fields != cur.fields:
                 return False
             rows += b - a
-        if rows <= INLINE_PREDICT_ROWS:
-            return True
         measured = self._row_seconds
-        return measured is not None and measured[0] == cur.version and rows * measured[1] <= INLINE_SECONDS
+        if measured is not None and measured[0] == cur.version:
+            return rows * measured[1] <= INLINE_SECONDS
+        return rows <= INLINE_PREDICT_ROWS
 
     def _measured(self, version: str, rows: int, seconds: float) -> None:
-        """A batch of this version took `seconds` of its thread's CPU for `rows` rows (columns,
-        predict, answers and log hand-over; on the predict thread, without its waits for the GIL): the rate
-        ``_inline`` expects of the next, from batches of more than INLINE_PREDICT_ROWS rows (a
-        small batch's fixed cost would overstate it), the slowest recent one weighing most."""
-        if rows <= INLINE_PREDICT_ROWS:
-            return
+        """A batch of this version of more than INLINE_PREDICT_ROWS rows (a small batch's fixed
+        cost would overstate the rate) took `seconds` of CPU of the thread it ran on (columns,
+        predict, answers and log hand-over; not its waits for the GIL) for `rows` rows: the rate
+        ``_inline`` expects of the next, the slowest recent one weighing most."""
         rate, last = seconds / rows, self._row_seconds
         if last is not None and last[0] == version:
             rate = max(rate, 0.8 * last[1] + 0.2 * rate)  # a slower batch counts at once, a faster one slowly
@@ -1321,7 +1329,8 @@ class Batcher:
         if fast:
             try:
                 assert cur.fields is not None  # the fast-path jobs' columns were checked against them
-                cpu = time.thread_time()
+                timed = cur.fast is not None and sum(slices[i][2] - slices[i][1] for i in fast) > INLINE_PREDICT_ROWS
+                cpu = time.thread_time() if timed else 0.0
                 data = batch_columns([_cut(*slices[i]) for i in fast], cur.fields)
                 preds = np.asarray(cur.fast(data) if cur.fast is not None else cur.model.predict(pd.DataFrame(data)))
                 start = 0
@@ -1333,7 +1342,7 @@ class Batcher:
                     self._log(cur, data, preds, [slices[i] for i in fast])
                 except Exception:  # the log never fails a request
                     log.warning("prediction log: a batch was not logged", exc_info=True)
-                if cur.fast is not None:
+                if timed:
                     self._measured(cur.version, len(preds), time.thread_time() - cpu)
             except Exception:  # one request at a time, so a failure is only that request's
                 log.warning("batched predict failed; answering its %d requests one by one", len(fast), exc_info=True)
