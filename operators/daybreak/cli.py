@@ -343,7 +343,7 @@ def approve(spec: str = SpecOpt,
     _emit(res, as_json, human)
 
 
-def system_allocator() -> None:
+def _system_allocator() -> None:
     """Arrow C++ allocates with the C library's malloc in this process: its default pool is chosen
     from ARROW_DEFAULT_MEMORY_POOL once, when pyarrow loads (``daybreak.cli`` does not load it), and
     ``pyarrow.set_memory_pool`` (``use_system_allocator``) does not reach the buffers the Parquet
@@ -376,7 +376,7 @@ def serve(spec: str = SpecOpt,
     """
     token = os.environ.get("DAYBREAK_SERVE_TOKEN") or None
     if replicas == 1:
-        system_allocator()
+        _system_allocator()
         from daybreak.deploy import serve as _serve
 
         _serve(_load(spec), _ctx(date.today(), None, tracking_uri), host=host, port=port, token=token)

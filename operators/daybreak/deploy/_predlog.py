@@ -281,7 +281,7 @@ def use_system_allocator() -> None:
     """pyarrow allocates with the C library's malloc in this process (a server's: ``serve`` and each
     replica). The buffers Arrow C++ takes from its own default pool (the Parquet writer's, say)
     follow ARROW_DEFAULT_MEMORY_POOL instead, read when pyarrow loads: ``daybreak serve`` sets it
-    first (``cli.system_allocator``); a Ray Serve replica's worker has loaded pyarrow before it
+    first (``cli._system_allocator``); a Ray Serve replica's worker has loaded pyarrow before it
     starts, so there those stay on mimalloc. pyarrow's default, mimalloc, gives freed memory back
     to the system soon after a flush and takes it again as fresh (transparent huge) pages, each
     zeroed by the kernel: on the flights model at 100 rows a request, the log's table build took

@@ -1241,9 +1241,11 @@ class Batcher:
             # gave 6% (1 row) and 11% (100 rows) more requests/s than half its rows for once its
             # time (32 connections, same p99). "Moments ago" and the wait were two predicts' time,
             # under a millisecond at 1 row: most batches then started with the first few clients
-            # back (a mean of 20 of 32); with LOAD_SECONDS and the wait per missing request, all
-            # 32 (1-row requests/s 19,153-19,249 against 16,413-17,737, A/B in the same minutes;
-            # 100 rows the same). An idle server answers a lone request at once.
+            # back (a mean of 20 of 32); with LOAD_SECONDS and a least wait of 1 ms, all 32 (1-row
+            # requests/s 19,153-19,249 against 16,413-17,737, A/B in the same minutes; 100 rows the
+            # same). The wait per missing request that replaced the fixed 1 ms (a light mix of
+            # clients no longer waits 1 ms for one not coming) measured within noise of it.
+            # An idle server answers a lone request at once.
             if self.big is None and loop.time() - ended < max(2 * last_seconds, LOAD_SECONDS):
                 missing = min(GATHER_PER_REQUEST_SECONDS * (last_jobs - len(self.pending)), GATHER_MISSING_SECONDS)
                 await self._until_rows(MAX_BATCH_ROWS, min(max(2 * last_seconds, missing), GATHER_SECONDS), last_jobs)
@@ -1263,17 +1265,18 @@ class Batcher:
         if not slices:
             return last_jobs, last_seconds
         started = loop.time()
+        rows = sum(b - a for _, a, b in slices)
         answers: list[Answer | None]  # None: a slice of a big job, more to come
         if cur is None:
             answers = [error(503, "no champion model loaded yet")] * len(slices)
         else:
             try:
-                inline = self._inline(cur, slices)
+                inline = self._inline(cur, slices, rows)
                 answers = self._predict(cur, slices, one_by_one=False) if inline else []
                 if not answers:  # too slow for the loop, or its batched predict failed: the requests
                     # are predicted one by one on the predict thread, never on the loop that serves everyone
                     answers = await loop.run_in_executor(self._pool, self._predict, cur, slices)
-                elif sum(b - a for _, a, b in slices) > INLINE_PREDICT_ROWS:
+                elif rows > INLINE_PREDICT_ROWS:
                     # A big inline batch: the loop runs its other work (reads, health, answers
                     # already set) before the next, which a backlog or a big request's next slice
                     # would otherwise start at once.
@@ -1283,7 +1286,7 @@ class Batcher:
                 answers = [_internal(j.request_id) for j, _, _ in slices]
         last_seconds = loop.time() - started
         if cur is not None and self.metrics is not None:
-            self.metrics.batch(sum(b - a for _, a, b in slices), last_seconds)  # metrics
+            self.metrics.batch(rows, last_seconds)  # metrics
         for (job, _, _), answer in zip(slices, answers, strict=False):
             if answer is None:  # a slice of a big job, more to come
                 continue
@@ -1295,16 +1298,12 @@ class Batcher:
                 job.future.set_result((answer, cur.version if cur else ""))
         return len(slices), last_seconds
 
-    def _inline(self, cur: Loaded, slices: list[Slice]) -> bool:
-        """Whether to predict this batch on the loop: all of the fast path, a fast predict, and
-        measured to take at most INLINE_SECONDS for this version, or (not measured) small."""
-        if cur.fast is None:
+    def _inline(self, cur: Loaded, slices: list[Slice], rows: int) -> bool:
+        """Whether to predict this batch (of `rows` rows) on the loop: all of the fast path, a fast
+        predict, and measured to take at most INLINE_SECONDS for this version, or (not measured)
+        small."""
+        if cur.fast is None or any(j.columns is None or j.fields != cur.fields for j, _, _ in slices):
             return False
-        rows = 0
-        for j, a, b in slices:
-            if j.columns is None or j.fields != cur.fields:
-                return False
-            rows += b - a
         measured = self._row_seconds
         if measured is not None and measured[0] == cur.version:
             return rows * measured[1] <= INLINE_SECONDS
