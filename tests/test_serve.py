@@ -9,6 +9,7 @@ import time
 
 import httpx
 import numpy as np
+import pandas as pd
 import pytest
 import yaml
 from conftest import BIN, free_port, wait_http
@@ -26,6 +27,7 @@ def server(cycled: dict, spec, tmp_path_factory: pytest.TempPathFactory):
     port = free_port()
     fast = spec.model_dump(mode="json")
     fast["serving"].update(port=port, poll_seconds=0.3)
+    fast["monitoring"]["log"]["flush_seconds"] = 0.5  # the log's test reads it soon
     spec_file = tmp_path / "spec.yaml"
     spec_file.write_text(yaml.safe_dump(fast))
     env = {**os.environ, "DAYBREAK_HOME": str(cycled["home"])}
@@ -240,6 +242,58 @@ def test_concurrent_requests_each_get_their_own_rows(server: dict, use_cycled: d
     assert r.status_code == 200 and len(r.content) > 0 and len(httpx.Request("POST", url, json=big).content) > 65536
     np.testing.assert_array_equal(np.asarray(r.json()["predictions"], dtype=np.float64),
                                   np.asarray(expected, np.float64))
+
+
+def test_the_servers_log_holds_what_it_answered(server: dict, use_cycled: dict, spec) -> None:
+    """``daybreak serve`` logs through a child process that reads the bodies again: each logged
+    row is the row sent, in order, with the prediction and version answered. (Identity columns
+    need the token: ``tests/test_predlog_process.py`` checks them.)"""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from daybreak.deploy import read_log
+
+    url = server["url"]
+    ctx = RunContext.create("2013-01-04")
+    X = _rows(spec, 60)
+    cols = list(X.columns)
+    tag = os.urandom(4).hex()
+
+    def ask(k: int) -> tuple[str, list[float], str]:
+        part = X.iloc[k * 3:k * 3 + 1 + k % 3]
+        body = {"dataframe_split": {"columns": cols, "data": _jsonable(part)}}
+        r = httpx.post(f"{url}/invocations", json=body, headers={"x-request-id": f"{tag}-{k}"}, timeout=60)
+        assert r.status_code == 200, r.text
+        return f"{tag}-{k}", r.json()["predictions"], r.headers["x-model-version"]
+
+    with ThreadPoolExecutor(8) as pool:
+        answers = list(pool.map(ask, range(20)))
+    want = sum(len(p) for _, p, _ in answers)
+    now = pd.Timestamp.now(tz="UTC")
+    days = sorted({now.date(), now.tz_convert("America/New_York").date()})
+    deadline = time.monotonic() + 60
+    while True:  # until the log's files hold every row (it writes every 0.5 s)
+        t = read_log(spec, ctx.store, days)  # no event time sent: the day it was served
+        got = t.to_pandas() if t is not None else None
+        if got is not None:
+            got = got[got["request_id"].str.startswith(f"{tag}-")]
+            if len(got) >= want or time.monotonic() > deadline:
+                break
+        assert time.monotonic() < deadline, "the log did not hold the requests within 60 s"
+        time.sleep(0.2)
+    assert len(got) == want
+    for rid, preds, version in answers:
+        k = int(rid.rsplit("-", 1)[1])
+        rows = got[got["request_id"] == rid]
+        part = X.iloc[k * 3:k * 3 + 1 + k % 3]
+        assert len(rows) == len(part)
+        assert (rows["model_version"] == version).all()
+        np.testing.assert_array_equal(rows["prediction"].to_numpy(), np.asarray(preds, np.float64))
+        for c in cols:
+            sent = part[c].to_numpy()
+            if sent.dtype.kind == "f":
+                np.testing.assert_array_equal(rows[c].to_numpy(np.float64), sent)
+            else:
+                assert rows[c].tolist() == sent.tolist(), c
 
 
 def test_a_big_request_is_predicted_in_slices_between_small_ones(server: dict, use_cycled: dict, spec) -> None:

@@ -26,7 +26,9 @@ the log small on busy servers. Retention is the monitor's job (``prune``): it ru
 from __future__ import annotations
 
 import logging
+import multiprocessing
 import os
+import pickle
 import posixpath
 import random
 import socket
@@ -115,7 +117,12 @@ def _parquet_options(schema: pa.Schema) -> dict[str, Any]:
 
 
 class PredictionLog:
-    def __init__(self, spec: Spec, store: Store, source: str = ONLINE) -> None:
+    def __init__(self, spec: Spec, store: Store, source: str = ONLINE, process: bool = False,
+                 thread: bool = True) -> None:
+        """`process`: tables are built and written by a child process (``_Child``), not by the
+        writer thread itself, so the server's interpreter lock is not held for them. `thread`:
+        False for that child's own writer (no thread: it writes when told)."""
+        self.spec = spec
         self.cfg = spec.monitoring.log
         self.store, self.zone, self.source = store, log_zone(spec), source
         self.ids = spec.id_columns()
@@ -131,8 +138,10 @@ class PredictionLog:
         self._wake, self._stop = threading.Event(), threading.Event()
         self._stem = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self._seq = 0
+        self._child = _Child(self) if process else None
         self._thread = threading.Thread(target=self._run, name="prediction-log", daemon=True)
-        self._thread.start()
+        if thread:
+            self._thread.start()
 
     # --- the predict thread's side: cheap --------------------------------------------------
     def sampled(self) -> bool:
@@ -145,7 +154,7 @@ class PredictionLog:
         """Queue one batch: its features (the model's input: a dict of numpy columns, or a pandas
         frame), predictions, and per request (in row order) its id, row count and the identity
         columns it carried."""
-        if hasattr(features, "columns"):  # pandas: columns now, so the writer never touches pandas
+        if hasattr(features, "to_numpy"):  # pandas: columns now, so the writer never touches pandas
             features = {str(c): features[c].to_numpy() for c in features.columns}
         n = len(predictions)
         with self._count:
@@ -158,6 +167,16 @@ class PredictionLog:
         self.pending.append(Entry(version, features, predictions, requests))
         if self.pending_rows >= self.cfg.flush_rows:
             self._wake.set()
+
+    @property
+    def remote(self) -> bool:
+        """Tables are built in a child process: ``record_raw`` may be used."""
+        return self._child is not None
+
+    def record_raw(self, version: str, batch: Any, predictions: np.ndarray) -> None:
+        """Queue one batch as its requests' bodies (``_serve.RawBatch``): the child process reads
+        them again into the features and requests ``record`` takes (only when ``remote``)."""
+        self.record(version, batch, predictions, ())
 
     def stats(self) -> dict[str, Any]:
         return {"sample_rate": self.cfg.sample_rate, "written_rows": self.written_rows, "files": self.files,
@@ -182,7 +201,7 @@ class PredictionLog:
             with self._count:
                 self.pending_rows -= rows
             try:
-                written = self._write(self.table(entries))
+                written = self._child.write(entries) if self._child else self._write(self.table(entries))
             except Exception as e:  # the store is down, say: the server goes on, the rows are counted
                 self.last_error = f"{type(e).__name__}: {e}"
                 with self._count:  # the predict thread adds to dropped_rows too
@@ -198,8 +217,11 @@ class PredictionLog:
     def close(self) -> None:
         self._stop.set()
         self._wake.set()
-        self._thread.join(timeout=30)
+        if self._thread.is_alive():
+            self._thread.join(timeout=30)
         self.flush()
+        if self._child is not None:
+            self._child.stop()
 
     def table(self, entries: list[Entry]) -> pa.Table:
         """All entries as one table, built column by column (one Arrow conversion per column, not
@@ -275,6 +297,94 @@ class PredictionLog:
                                **_parquet_options(part.schema))
             self.files += 1
         return t.num_rows
+
+
+class _Child:
+    """The log's tables built and written in a child process. The writer thread sends each entry
+    pickled (a float column is a copy; a text column about 25 ns a value, a twelfth of what the
+    table build takes under the interpreter lock), one at a time so the lock changes hands between
+    them, then asks for the write and waits for the rows written. Measured on the flights model at
+    100 rows a request: the table build held the lock about 25 us a request and the Parquet write
+    took about 35 us of a core; the server answered 17% fewer requests with the log on, and its
+    p99 was 2.4x. The child is started on the first write (a server that logs nothing starts
+    none) and again after it died; what it had not written is counted as failed, like a store
+    that is down."""
+
+    def __init__(self, plog: PredictionLog) -> None:
+        self.plog = plog
+        self.proc: Any = None
+        self.conn: Any = None
+
+    def _start(self) -> None:
+        ctx = multiprocessing.get_context("spawn")  # threads run here: no fork
+        ours, theirs = ctx.Pipe()
+        p = self.plog
+        self.proc = ctx.Process(target=_child_main, name="prediction-log-writer", daemon=True,
+                                args=(theirs, p.spec, p.store.uri(p.store.base), p.store.options, p.source,
+                                      p._stem))
+        self.proc.start()
+        theirs.close()
+        self.conn = ours
+
+    def write(self, entries: list[Entry]) -> int:
+        if self.proc is None or not self.proc.is_alive():
+            self.stop()
+            self._start()
+        try:
+            for e in entries:
+                self.conn.send_bytes(pickle.dumps(e, pickle.HIGHEST_PROTOCOL))
+            self.conn.send_bytes(b"")  # write what you hold
+            written, files, error = self.conn.recv()
+        except (OSError, EOFError) as e:  # it died: the next write starts another
+            self.stop()
+            raise RuntimeError(f"the log's writer process ended ({type(e).__name__})") from None
+        self.plog.files += files
+        if error is not None:
+            raise RuntimeError(error)
+        return written
+
+    def stop(self) -> None:
+        if self.conn is not None:
+            try:
+                self.conn.send_bytes(b"stop")
+            except OSError:
+                pass
+            self.conn.close()
+            self.conn = None
+        if self.proc is not None:
+            self.proc.join(timeout=30)
+            if self.proc.is_alive():
+                self.proc.kill()
+                self.proc.join(timeout=5)
+            self.proc = None
+
+
+def _child_main(conn: Any, spec: Spec, root: str, options: Any, source: str, stem: str) -> None:
+    """The log's writer process: entries in, one write per request for it, (rows, files, error) out."""
+    use_system_allocator()
+    plog = PredictionLog(spec, Store(root, options), source, thread=False)
+    plog._stem = f"{stem}-w{os.getpid()}"
+    entries: list[Entry] = []
+    while True:
+        try:
+            msg = conn.recv_bytes()
+        except (EOFError, OSError):  # the server is gone
+            return
+        if msg == b"stop":
+            return
+        if msg:
+            entries.append(pickle.loads(msg))
+            continue
+        files = plog.files
+        try:
+            for e in entries:
+                if not isinstance(e.features, dict):  # a RawBatch: the bodies read again
+                    e.features, e.requests = e.features.columns()
+            written, error = plog._write(plog.table(entries)), None
+        except Exception as e:  # the parent counts them as not written
+            written, error = 0, f"{type(e).__name__}: {e}"
+        entries = []
+        conn.send((written, plog.files - files, error))
 
 
 def use_system_allocator() -> None:

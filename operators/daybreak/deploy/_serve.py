@@ -146,6 +146,7 @@ import logging
 import multiprocessing
 import os
 import re
+import sys
 import threading
 import time
 import uuid
@@ -626,6 +627,34 @@ def batch_columns(parts: list[Columns], fields: Fields) -> dict[str, np.ndarray]
     return data
 
 
+@dataclass
+class RawBatch:
+    """A batch's logged requests as their bodies, for a prediction log in a child process
+    (``_predlog._Child``): there `columns` reads them again with the loop's own parse, and the
+    columns are the ones the model was given. Shipping the bodies costs the server a reference
+    each; shipping the columns cost a copy, and for text about 40 ns a value under the lock."""
+
+    fields: Fields
+    ids: frozenset[str]
+    raws: list[bytes]
+    carried: list[bool]
+    request_ids: list[str]
+
+    def columns(self) -> tuple[dict[str, np.ndarray], list[tuple[str, int, dict | None]]]:
+        """The batch's model input (``batch_columns``) and its requests (id, rows, identity columns)."""
+        parts: list[Columns] = []
+        requests: list[tuple[str, int, dict | None]] = []
+        for raw, carried, request_id in zip(self.raws, self.carried, self.request_ids, strict=True):
+            parsed = parse_fast(raw, self.fields, self.ids, sys.maxsize)
+            if parsed is None or parsed.columns is None:
+                raise ValueError(f"request {request_id}: its body no longer parses on the fast path")
+            cols = parsed.columns
+            parts.append(cols)
+            ids = ({k: list(cols[k]) for k in self.ids if k in cols} or None) if carried else None
+            requests.append((request_id, parsed.rows, ids))
+        return batch_columns(parts, self.fields), requests
+
+
 class Refused(Exception):
     """A request answered with an error before it reaches the predict thread."""
 
@@ -642,6 +671,7 @@ class Parsed:
     columns: Columns | None = None
     frame: Any = None
     ids: bool = False  # carries identity columns
+    raw: bytes | None = None  # the JSON body `parse_fast` read on the loop (a log in a child process reads it again)
 
 
 _PATH = re.compile(r"(?<![:/\w])(?:[A-Za-z]:)?(?:[/\\][\w.\-+@~]+){2,}[/\\]?")
@@ -999,6 +1029,7 @@ class Job:
     unlogged: list = field(default_factory=list, repr=False)  # its slices' log records, written once answered
     queued_at: float = 0.0  # time.monotonic() when it queued (only where waits are bounded: replicas)
     carried: bool = True  # carries identity columns (the log keeps them)
+    raw: bytes | None = None  # its body, when `parse_fast` read it on the loop (``Parsed.raw``)
 
 
 Answer = tuple[int, bytes]  # HTTP status and JSON body
@@ -1153,7 +1184,8 @@ class Batcher:
                 logged: bool = True) -> asyncio.Future[tuple[Answer, str]]:
         """Queue a checked request; its future gets its answer and the version that answered it."""
         job = Job(fields, parsed.columns, parsed.frame, parsed.rows, asyncio.get_running_loop().create_future(),
-                  request_id, logged and self.plog is not None and self.plog.sampled(), carried=parsed.ids)
+                  request_id, logged and self.plog is not None and self.plog.sampled(), carried=parsed.ids,
+                  raw=parsed.raw)
         if self.max_wait is not None:
             job.queued_at = time.monotonic()
         self.pending.append(job)
@@ -1387,6 +1419,12 @@ class Batcher:
             keep = np.concatenate([np.full(b - a, j.logged) for j, a, b in slices])
             data, preds = {k: v[keep] for k, v in data.items()}, preds[keep]
             slices = [s for s in slices if s[0].logged]
+        if self.plog.remote and cur.fields is not None and all(j.raw is not None for j, _, _ in slices):
+            # the child parses the bodies again (same code, same columns): nothing to copy here
+            self.plog.record_raw(cur.version, RawBatch(cur.fields, self.ids, [j.raw for j, _, _ in slices],
+                                                       [j.carried for j, _, _ in slices],
+                                                       [j.request_id for j, _, _ in slices]), preds)
+            return
         self.plog.record(cur.version, data, preds, [self._part(*s) for s in slices])
 
     def _part(self, j: Job, a: int, b: int) -> tuple[str, int, dict | None]:
@@ -1560,11 +1598,12 @@ class Hooks:
 
 
 def create_app(spec: Spec, ctx: RunContext, token: str | None = None, freeze_gc: bool = False,
-               **limits: Any) -> Any:
+               log_process: bool = False, **limits: Any) -> Any:
     """The app. `freeze_gc` is for a process that only serves (``serve``): a full collection
     walks every object of mlflow, pandas and the model (about 0.5 s with every thread stopped);
-    frozen after start-up and after each load, they are never walked again. `limits`: the
-    fields of `Limits` (see the module docstring)."""
+    frozen after start-up and after each load, they are never walked again. `log_process`: the
+    prediction log's files are built and written by a child process (``serve``: see
+    ``_predlog._Child``). `limits`: the fields of `Limits` (see the module docstring)."""
     lim = Limits.resolve(**limits)
     holder = ModelHolder(spec, ctx, freeze_gc)
     try:  # a registry that does not answer yet: serve nothing (503), say why on /health, keep polling
@@ -1573,14 +1612,15 @@ def create_app(spec: Spec, ctx: RunContext, token: str | None = None, freeze_gc:
     except Exception as e:
         holder.last_error = redact(f"{type(e).__name__}: {e}")
         log.warning("no champion loaded yet: %s", holder.last_error)
-    return build_app(spec, ctx, holder, lim, token, freeze_gc)
+    return build_app(spec, ctx, holder, lim, token, freeze_gc, log_process=log_process)
 
 
 def build_app(spec: Spec, ctx: RunContext, holder: ModelHolder, lim: Limits, token: str | None,
-              freeze_gc: bool, hooks: Hooks | None = None) -> Invocations:
+              freeze_gc: bool, hooks: Hooks | None = None, log_process: bool = False) -> Invocations:
     """The app around a holder. Without `hooks`, the holder watches the champion alias itself;
     with them, whoever holds the hooks decides what the holder serves."""
-    plog = PredictionLog(spec, ctx.store) if spec.monitoring.log.sample_rate > 0 else None
+    plog = (PredictionLog(spec, ctx.store, process=log_process) if spec.monitoring.log.sample_rate > 0
+            else None)
     workers = ParseWorkers(lim.parse_processes)
     api = FastAPI(title="daybreak", version="1", lifespan=_lifespan(holder, plog, workers, freeze_gc, hooks),
                   docs_url=None, redoc_url=None, openapi_url=None)
@@ -1869,7 +1909,10 @@ class Invocations:
         """The usual small JSON shapes, parsed on the loop (None: the rest). Raises Refused."""
         if mime != JSON_TYPE or len(raw) > INLINE_BYTES:
             return None
-        return parse_fast(raw, cur.fields, self.api.state.batcher.ids, self.lim.max_rows)
+        parsed = parse_fast(raw, cur.fields, self.api.state.batcher.ids, self.lim.max_rows)
+        if parsed is not None:
+            parsed.raw = raw
+        return parsed
 
     async def _parsed(self, body: bytes | Awaitable[bytes], mime: str, cur: Loaded, request_id: str,
                       fast_tried: bool = False) -> Parsed | Answer:
@@ -2241,7 +2284,8 @@ def serve(spec: Spec, ctx: RunContext, host: str | None = None, port: int | None
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
     lim = Limits.resolve(**limits)
     use_system_allocator()
-    app = create_app(spec, ctx, token=token, freeze_gc=True, **{k: getattr(lim, k) for k in lim.__dataclass_fields__})
+    app = create_app(spec, ctx, token=token, freeze_gc=True, log_process=True,
+                     **{k: getattr(lim, k) for k in lim.__dataclass_fields__})
     uvicorn.run(app, host=host or spec.serving.host, port=port or spec.serving.port, log_level="info",
                 access_log=False, http=_protocol(lim.header_timeout, app),
                 limit_concurrency=lim.max_connections or None, timeout_keep_alive=5)
