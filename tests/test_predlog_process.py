@@ -145,3 +145,27 @@ def test_a_body_that_no_longer_parses_fails_its_write_not_the_child(spec, tmp_pa
         assert plog.flush() == 2
     finally:
         plog.close()
+
+
+def test_entries_go_to_the_child_in_messages_of_about_send_rows(spec, tmp_path: Path, monkeypatch) -> None:
+    """Many small entries (1 row a request) go as a few messages, each whole, in order."""
+    sent: list[int] = []
+    plog = _log(spec, Store(tmp_path / "store"), True)
+    try:
+        plog.record("1", {"distance": np.array([0.0]), "carrier_code": np.array(["UA"], dtype=object),
+                          "plane_year": np.array([np.nan])}, np.array([0.0]), [("warm", 1, None)])
+        assert plog.flush() == 1  # the child is up
+        real = plog._child.conn.send_bytes
+        monkeypatch.setattr(plog._child.conn, "send_bytes", lambda b: (sent.append(len(b)), real(b))[1])
+        for k in range(25):
+            n = 100
+            plog.record("1", {"distance": np.arange(k * n, (k + 1) * n, dtype=float),
+                              "carrier_code": np.array(["UA"] * n, dtype=object),
+                              "plane_year": np.full(n, 2000.0)}, np.full(n, k / 100), [(f"r{k:02d}", n, None)])
+        assert plog.flush() == 2500
+        assert len(sent) == 3 + 1 and sent[-1] == 0  # 1000, 1000, 500 rows, then "write what you hold"
+    finally:
+        plog.close()
+    got = _read(spec, tmp_path / "store")
+    got = got[got["request_id"] != "warm"]
+    assert got["distance"].tolist() == list(np.arange(2500, dtype=float))

@@ -299,6 +299,12 @@ class PredictionLog:
         return t.num_rows
 
 
+SEND_ROWS = 1000
+"""The log's writer thread sends entries to its child process in messages of about this many rows
+(one entry when bigger): at 1 row a request an entry a message made a flush thousands of sends,
+each taking the interpreter lock back from the event loop."""
+
+
 class _Child:
     """The log's tables built and written in a child process. The writer thread sends each entry
     pickled (a float column is a copy; a text column about 25 ns a value, a twelfth of what the
@@ -331,8 +337,16 @@ class _Child:
             self.stop()
             self._start()
         try:
+            chunk: list[Entry] = []
+            rows = 0
             for e in entries:
-                self.conn.send_bytes(pickle.dumps(e, pickle.HIGHEST_PROTOCOL))
+                chunk.append(e)
+                rows += len(e.predictions)
+                if rows >= SEND_ROWS:
+                    self.conn.send_bytes(pickle.dumps(chunk, pickle.HIGHEST_PROTOCOL))
+                    chunk, rows = [], 0
+            if chunk:
+                self.conn.send_bytes(pickle.dumps(chunk, pickle.HIGHEST_PROTOCOL))
             self.conn.send_bytes(b"")  # write what you hold
             written, files, error = self.conn.recv()
         except (OSError, EOFError) as e:  # it died: the next write starts another
@@ -376,7 +390,7 @@ def _child_main(conn: Any, spec: Spec, root: str, options: Any, source: str, ste
         if msg == b"stop":
             return
         if msg:
-            entries.append(pickle.loads(msg))
+            entries += pickle.loads(msg)
             continue
         files = plog.files
         try:
