@@ -1,9 +1,13 @@
 """The prediction log: what the server answered, as date-partitioned Parquet in the store.
 
 ``daybreak serve`` hands every answered batch to a ``PredictionLog`` (an append to a queue on the
-predict thread: nothing is converted or written on the request path). A writer thread turns what
-waits into one Arrow table every ``monitoring.log.flush_seconds`` (or once ``flush_rows`` rows
-wait) and writes one Parquet file per date it holds:
+predict thread: nothing is converted or written on the request path). Every
+``monitoring.log.flush_seconds`` (or once ``flush_rows`` rows wait) a writer thread turns what
+waits into one Arrow table and writes one Parquet file per date it holds. In ``daybreak serve``
+the table is built and written by a child process the writer thread sends the batches to
+(``_Child``), and a batch of requests the event loop parsed is sent as their bodies, which the
+child parses again with the same code: the server's interpreter lock is not held for the log.
+Replicas (``--replicas``) and apps made in process keep the thread doing it all:
 
     predlog/<model>/date=D/<time>-<host>-<pid>-<n>.parquet
 
@@ -306,15 +310,17 @@ each taking the interpreter lock back from the event loop."""
 
 
 class _Child:
-    """The log's tables built and written in a child process. The writer thread sends each entry
-    pickled (a float column is a copy; a text column about 25 ns a value, a twelfth of what the
-    table build takes under the interpreter lock), one at a time so the lock changes hands between
-    them, then asks for the write and waits for the rows written. Measured on the flights model at
-    100 rows a request: the table build held the lock about 25 us a request and the Parquet write
-    took about 35 us of a core; the server answered 17% fewer requests with the log on, and its
-    p99 was 2.4x. The child is started on the first write (a server that logs nothing starts
-    none) and again after it died; what it had not written is counted as failed, like a store
-    that is down."""
+    """The log's tables built and written in a child process. The writer thread sends the entries
+    pickled, about ``SEND_ROWS`` rows a message, then asks for the write and waits for the rows
+    written. An entry of the fast path is its requests' bodies (``_serve.RawBatch``: a reference
+    each on the server's side); others are their columns (pickling a text value costs about 40 ns
+    under the lock, about what the table build costs: shipping columns alone gained nothing).
+    Measured on the flights model at 100 rows a request with the table built in the writer
+    thread: the build held the lock about 20 us a request, in long C calls the event loop waited
+    behind, and the Parquet write took about 35 us of a core; the server answered 17% fewer
+    requests with the log on, and its p99 was 2.4x. The child is started on the first write (a
+    server that logs nothing starts none) and again after it died; what it had not written is
+    counted as failed, like a store that is down."""
 
     def __init__(self, plog: PredictionLog) -> None:
         self.plog = plog

@@ -29,8 +29,9 @@ the next slice, so one big request never holds the others back for its whole pre
 slices all use the version its first one used, and so do the batches it shares.
 
 Every answered batch is handed to the prediction log (``predlog.py``): a queue append on the
-predict thread; a writer thread converts and writes. Requests may carry the spec's row identity
-columns next to the features (logged for the label join, not given to the model).
+predict thread; a child process converts and writes (``serve``; a writer thread elsewhere).
+Requests may carry the spec's row identity columns next to the features (logged for the label
+join, not given to the model).
 
 Bodies of the usual shapes (``dataframe_split``, ``dataframe_records`` or ``inputs`` holding
 exactly the signature's columns, numbers in double columns, text in string ones) become columns

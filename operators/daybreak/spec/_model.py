@@ -964,7 +964,7 @@ class PredictionLogSpec(_Model):
     id_columns: list[str] | None = Field(
         None, description="row identity a request may carry next to the features, logged (not given to the "
                           "model) so labels can be joined later; default: features.keys and event_time")
-    flush_seconds: float = Field(5.0, gt=0, le=3600, description="the writer thread writes at least this often")
+    flush_seconds: float = Field(5.0, gt=0, le=3600, description="the log is written at least this often")
     flush_rows: int = Field(100_000, ge=1, description="... or as soon as this many rows wait")
     max_pending_rows: int = Field(2_000_000, ge=1000, description="past this, predictions are dropped from the "
                                   "log (counted in /health), never slowing requests")
