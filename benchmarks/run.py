@@ -166,8 +166,10 @@ def main() -> int:
     ap.add_argument("--parse-repeats", type=int, default=15, help="samples per DAG file (forked children)")
     ap.add_argument("--feature-rows", type=int, nargs="*", default=[100_000, 1_000_000, 10_000_000],
                     help="sizes for the feature-step benchmark (none: skip it)")
-    ap.add_argument("--feature-repeats", type=int, nargs="+", default=[2],
-                    help="rounds of the feature benchmark: one number, or one per size")
+    ap.add_argument("--feature-repeats", type=int, nargs="+", default=[5, 3, 2],
+                    help="rounds of the feature benchmark: one number, or one per size (default: 5 at 100k "
+                         "rows, whose runs take a tenth of a second and vary most on a shared machine, 3 at 1M, "
+                         "2 at 10M)")
     ap.add_argument("--train-rows", type=int, default=1_000_000,
                     help="rows for the training benchmark (0: skip it)")
     ap.add_argument("--train-repeats", type=int, default=2)
