@@ -9,7 +9,6 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import pytest
 
 from daybreak.deploy import read_log
 from daybreak.deploy._predlog import PredictionLog
@@ -21,9 +20,9 @@ IDS = frozenset({"flight", "event_time"})
 DAY = "2013-01-05"
 
 
-def _log(spec, store: Store, process: bool) -> PredictionLog:
+def _log(spec, store: Store, process: bool, flush_seconds: float = 3600) -> PredictionLog:
     s = spec.model_copy(update={"monitoring": spec.monitoring.model_copy(
-        update={"log": spec.monitoring.log.model_copy(update={"flush_seconds": 3600})})})
+        update={"log": spec.monitoring.log.model_copy(update={"flush_seconds": flush_seconds})})})
     return PredictionLog(s, store, process=process)
 
 
@@ -66,7 +65,7 @@ def test_the_child_writes_the_rows_the_thread_writes(spec, tmp_path: Path) -> No
         try:
             if process:
                 assert plog.remote
-                plog.record_raw("3", RawBatch(FIELDS, IDS, bodies, carried, [r[0] for r in requests]), preds)
+                plog.record_raw("3", RawBatch(FIELDS, IDS, bodies, [r[0] for r in requests]), preds)
             else:
                 assert not plog.remote
                 plog.record("3", data, preds, requests)
@@ -135,16 +134,88 @@ def test_a_write_the_child_cannot_do_costs_rows_and_close_ends_the_child(spec, t
     assert not child.is_alive() and plog.stats()["dropped_rows"] == 2
 
 
-@pytest.mark.parametrize("bad", [b'{"dataframe_split": {"columns": ["distance"], "data": [[1.0]]}}'])
-def test_a_body_that_no_longer_parses_fails_its_write_not_the_child(spec, tmp_path: Path, bad: bytes) -> None:
+def test_a_body_that_no_longer_parses_costs_its_rows_only(spec, tmp_path: Path) -> None:
+    bad = b'{"dataframe_split": {"columns": ["distance"], "data": [[1.0]]}}'
     plog = _log(spec, Store(tmp_path / "store"), True)
     try:
-        plog.record_raw("1", RawBatch(FIELDS, IDS, [bad], [False], ["x"]), np.array([0.1]))
-        assert plog.flush() == 0 and "no longer parses" in plog.stats()["last_error"]
-        plog.record_raw("1", RawBatch(FIELDS, IDS, _bodies()[:1], [False], ["y"]), np.array([0.1, 0.2]))
-        assert plog.flush() == 2
+        plog.record_raw("1", RawBatch(FIELDS, IDS, _bodies()[:1], ["y"]), np.array([0.1, 0.2]))
+        plog.record_raw("1", RawBatch(FIELDS, IDS, [bad], ["x"]), np.array([0.1]))
+        plog.record_raw("1", RawBatch(FIELDS, IDS, _bodies()[:1], ["z"]), np.array([0.3, 0.4]))
+        assert plog.flush() == 4
+        stats = plog.stats()
+        assert "no longer parses" in stats["last_error"] and stats["dropped_rows"] == 1
+        plog.record_raw("1", RawBatch(FIELDS, IDS, _bodies()[:1], ["w"]), np.array([0.1, 0.2]))
+        assert plog.flush() == 2 and plog.stats()["last_error"] is None
     finally:
         plog.close()
+
+
+def test_the_child_ignores_the_servers_stop_signals(spec, tmp_path: Path) -> None:
+    """Ctrl-C and a service manager's SIGTERM reach the whole process group: the child must live
+    to write what the server flushes as it stops."""
+    import signal
+
+    plog = _log(spec, Store(tmp_path / "store"), True)
+    frame = pd.DataFrame({"distance": [1.0], "carrier_code": ["UA"], "plane_year": [2001.0]})
+    try:
+        plog.record("1", frame, np.array([0.1]), [("a", 1, None)])
+        assert plog.flush() == 1
+        child = plog._child.proc
+        os.kill(child.pid, signal.SIGTERM)
+        os.kill(child.pid, signal.SIGINT)
+        plog.record("1", frame, np.array([0.2]), [("b", 1, None)])
+        assert plog.flush() == 1 and plog._child.proc is child  # the same child wrote it
+    finally:
+        plog.close()
+    assert not child.is_alive()
+
+
+def test_a_child_that_does_not_answer_is_ended_and_its_rows_counted(spec, tmp_path: Path, monkeypatch) -> None:
+    from daybreak.deploy import _predlog
+
+    monkeypatch.setattr(_predlog, "WRITE_TIMEOUT", 2.0)  # (the child's start is not in it)
+    plog = _log(spec, Store(tmp_path / "store"), True, flush_seconds=0.01)
+    frame = pd.DataFrame({"distance": [1.0], "carrier_code": ["UA"], "plane_year": [2001.0]})
+    try:
+        plog.record("1", frame, np.array([0.1]), [("a", 1, None)])
+        assert plog.flush() == 1
+        hung = plog._child.proc
+        plog.record("1", {"distance": _Sleep()}, np.array([0.0]), [("x", 1, None)])  # hangs the child
+        assert plog.flush() == 0
+        stats = plog.stats()
+        assert "did not answer within 2 s" in stats["last_error"] and stats["dropped_rows"] == 1
+        assert not hung.is_alive()
+        plog.record("1", frame, np.array([0.2]), [("b", 1, None)])
+        assert plog.flush() == 1 and plog._child.proc is not hung  # another child
+    finally:
+        plog.close()
+
+
+def test_a_write_that_fails_midway_is_never_written_later(spec, tmp_path: Path) -> None:
+    """A chunk sent, then the next cannot be pickled: the child holding the first is ended, so the
+    rows counted as not written are not written by the next flush either."""
+    plog = _log(spec, Store(tmp_path / "store"), True)
+    big = 1500  # more than SEND_ROWS: its own message, sent before the bad one
+    try:
+        plog.record("1", {"distance": np.arange(big, dtype=float), "carrier_code": np.array(["UA"] * big, dtype=object),
+                          "plane_year": np.full(big, 2000.0)}, np.zeros(big), [("first", big, None)])
+        plog.record("1", {"distance": np.array([lambda: 0], dtype=object)}, np.zeros(1), [("bad", 1, None)])
+        assert plog.flush() == 0 and plog.stats()["dropped_rows"] == big + 1
+        frame = pd.DataFrame({"distance": [1.0], "carrier_code": ["UA"], "plane_year": [2001.0]})
+        plog.record("1", frame, np.array([0.2]), [("after", 1, None)])
+        assert plog.flush() == 1
+    finally:
+        plog.close()
+    assert set(_read(spec, tmp_path / "store")["request_id"]) == {"after"}
+
+
+class _Sleep:
+    """Stops the process that unpickles it for an hour."""
+
+    def __reduce__(self):
+        import time
+
+        return time.sleep, (3600,)
 
 
 def test_entries_go_to_the_child_in_messages_of_about_send_rows(spec, tmp_path: Path, monkeypatch) -> None:
@@ -169,3 +240,124 @@ def test_entries_go_to_the_child_in_messages_of_about_send_rows(spec, tmp_path: 
     got = _read(spec, tmp_path / "store")
     got = got[got["request_id"] != "warm"]
     assert got["distance"].tolist() == list(np.arange(2500, dtype=float))
+
+
+class _Recorder:
+    """A log that keeps what the batcher hands it; `remote`: as the child's log, which gets a
+    RawBatch and reads it after a pickle round trip."""
+
+    def __init__(self, remote: bool) -> None:
+        self.remote, self.got, self.raw = remote, [], 0
+
+    def sampled(self) -> bool:
+        return True
+
+    def record(self, version, data, preds, requests) -> None:
+        self.got.append((version, data, preds, list(requests)))
+
+    def record_raw(self, version, batch, preds) -> None:
+        import pickle
+
+        data, requests = pickle.loads(pickle.dumps(batch, pickle.HIGHEST_PROTOCOL)).columns()
+        self.got.append((version, data, preds, requests))
+        self.raw += 1
+
+
+def test_the_bodies_read_again_give_what_the_batcher_logs(spec) -> None:
+    """What ``Batcher._log`` hands a thread's log (the columns the model was given) and what the
+    child reads from the bodies are the same, value for value and type for type, over random
+    bodies of every fast-path shape: split, records and inputs, nulls, identity columns, text
+    with non-ASCII, big integers, requests not sampled, and the partial slice of a big request."""
+    import random
+    from types import SimpleNamespace
+
+    from daybreak.deploy import _serve as S
+
+    fields = (("distance", "double", False), ("carrier", "string", False), ("plane_year", "double", True),
+              ("flight", "double", True), ("origin", "string", True))
+    kinds = {f[0]: f for f in fields}
+    rng = random.Random(7)
+
+    def value(kind: str, optional: bool):
+        if optional and rng.random() < 0.15:
+            return None
+        if kind == "double":
+            return rng.choice([rng.randint(-5, 3000), rng.uniform(-1e6, 1e6), 0.0, -0.0, 2**53 + 1, 1e308])
+        return rng.choice(["UA", "AA", "é", "", "x" * 5])
+
+    def body(ids: frozenset[str]) -> bytes:
+        n = rng.choice([1, 1, 2, 3, 40])
+        cols = [f[0] for f in fields] + [i for i in ("event_time", "dest") if i in ids and rng.random() < 0.3]
+        rng.shuffle(cols)
+        rows = [[value(*kinds[c][1:]) if c in kinds else rng.choice(["2013-01-05T10:00:00Z", 7, None, "JFK"])
+                 for c in cols] for _ in range(n)]
+        shape = rng.choice(["split", "records", "inputs_list", "inputs_dict"])
+        b = ({"dataframe_split": {"columns": cols, "data": rows}} if shape == "split"
+             else {"dataframe_records": [dict(zip(cols, r, strict=True)) for r in rows]} if shape == "records"
+             else {"inputs": [dict(zip(cols, r, strict=True)) for r in rows]} if shape == "inputs_list"
+             else {"inputs": {c: [r[k] for r in rows] for k, c in enumerate(cols)}})
+        return json.dumps(b, separators=(",", ":") if rng.random() < 0.5 else None).encode()
+
+    def same(a: np.ndarray, b: np.ndarray) -> bool:
+        if a.dtype.kind == "f" or b.dtype.kind == "f":
+            return (a.dtype == b.dtype and np.array_equal(a, b, equal_nan=True)
+                    and np.array_equal(np.signbit(a), np.signbit(b)))
+        return a.dtype == b.dtype and [(type(x), x) for x in a] == [(type(x), x) for x in b]
+
+    holder = SimpleNamespace(spec=spec, current=None)
+    compared = raw = 0
+    for trial in range(200):
+        thread, child = _Recorder(False), _Recorder(True)
+        bt, bc = S.Batcher(holder, thread), S.Batcher(holder, child)
+        bc.ids = bt.ids
+        jobs = []
+        for k in range(rng.randint(1, 6)):
+            b = body(bt.ids)
+            p = S.parse_fast(b, fields, bt.ids, 100000)
+            if p is not None:
+                jobs.append(S.Job(fields, p.columns, None, p.rows, None, f"r{trial}-{k}", rng.random() < 0.7,
+                                  carried=p.ids, raw=b))
+        if not jobs:
+            continue
+        slices = [(j, 0, j.rows) for j in jobs]
+        if rng.random() < 0.3 and jobs[-1].rows > 2:  # the first slice of a big request
+            slices[-1] = (jobs[-1], 0, jobs[-1].rows // 2)
+        cur = S.Loaded("7", None, 0.0, tuple(tuple(f) for f in fields))  # equal fields, another object (a swap)
+        data = S.batch_columns([S._cut(*s) for s in slices], cur.fields)
+        preds = np.arange(sum(b - a for _, a, b in slices), dtype=float) + trial * 1000
+        bt._log(cur, data, preds, slices)
+        bc._log(cur, data, preds, slices)
+        assert len(thread.got) == len(child.got)
+        for (v1, d1, p1, r1), (v2, d2, p2, r2) in zip(thread.got, child.got, strict=True):
+            compared += 1
+            assert v1 == v2 and np.array_equal(p1, p2) and set(d1) == set(d2)
+            assert all(same(np.asarray(d1[k]), np.asarray(d2[k])) for k in d1), (trial, d1, d2)
+            norm = [[(rid, n, None if c is None else {k: list(v) for k, v in sorted(c.items())})
+                     for rid, n, c in r] for r in (r1, r2)]
+            assert repr(norm[0]) == repr(norm[1])
+        raw += child.raw
+        bt.close()
+        bc.close()
+    assert compared > 150 and raw > 100  # most went as bodies
+
+
+def test_a_padded_body_goes_to_the_child_as_columns(spec) -> None:
+    """A body past RAW_BYTES_PER_ROW a row (whitespace costs nothing to send) is logged as its
+    columns: the log's queue holds no more for it than for any other."""
+    from types import SimpleNamespace
+
+    from daybreak.deploy import _serve as S
+
+    fields = (("distance", "double", False),)
+    log = _Recorder(True)
+    batcher = S.Batcher(SimpleNamespace(spec=spec, current=None), log)
+    plain = b'{"dataframe_split": {"columns": ["distance"], "data": [[1.0]]}}'
+    padded = plain[:-1] + b" " * (2 * S.RAW_BYTES_PER_ROW) + b"}"
+    cur = S.Loaded("7", None, 0.0, fields)
+    for b in (plain, padded):
+        p = S.parse_fast(b, fields, batcher.ids, 10)
+        job = S.Job(fields, p.columns, None, p.rows, None, "r", True, carried=False, raw=b)
+        batcher._log(cur, S.batch_columns([p.columns], fields), np.array([0.5]), [(job, 0, 1)])
+    batcher.close()
+    assert log.raw == 1 and len(log.got) == 2  # the plain one as its body, the padded one as columns
+    assert [r[1]["distance"].tolist() for r in log.got] == [[1.0], [1.0]]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import threading
 import time
@@ -251,6 +252,7 @@ def test_the_servers_log_holds_what_it_answered(server: dict, use_cycled: dict, 
     from concurrent.futures import ThreadPoolExecutor
 
     from daybreak.deploy import read_log
+    from daybreak.deploy._predlog import log_files, log_zone
 
     url = server["url"]
     ctx = RunContext.create("2013-01-04")
@@ -265,11 +267,15 @@ def test_the_servers_log_holds_what_it_answered(server: dict, use_cycled: dict, 
         assert r.status_code == 200, r.text
         return f"{tag}-{k}", r.json()["predictions"], r.headers["x-model-version"]
 
+    def today() -> set:
+        now = pd.Timestamp.now(tz="UTC")
+        return {now.date(), now.tz_convert("America/New_York").date()}
+
+    days = today()
     with ThreadPoolExecutor(8) as pool:
         answers = list(pool.map(ask, range(20)))
+    days = sorted(days | today())  # (served around midnight: either day)
     want = sum(len(p) for _, p, _ in answers)
-    now = pd.Timestamp.now(tz="UTC")
-    days = sorted({now.date(), now.tz_convert("America/New_York").date()})
     deadline = time.monotonic() + 60
     while True:  # until the log's files hold every row (it writes every 0.5 s)
         t = read_log(spec, ctx.store, days)  # no event time sent: the day it was served
@@ -281,6 +287,14 @@ def test_the_servers_log_holds_what_it_answered(server: dict, use_cycled: dict, 
         assert time.monotonic() < deadline, "the log did not hold the requests within 60 s"
         time.sleep(0.2)
     assert len(got) == want
+    # written by the server's log process (its files' names end in -w<its pid>)
+    import pyarrow.parquet as pq
+
+    def ours(f: str) -> bool:
+        return any(r.startswith(f"{tag}-") for r in pq.read_table(f, columns=["request_id"])["request_id"].to_pylist())
+
+    files = [f for d in days for f in log_files(ctx.store, log_zone(spec), d) if ours(f)]
+    assert files and all(re.search(r"-w\d+-\d{6}\.parquet$", f) for f in files), files
     for rid, preds, version in answers:
         k = int(rid.rsplit("-", 1)[1])
         rows = got[got["request_id"] == rid]

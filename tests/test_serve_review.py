@@ -189,3 +189,45 @@ def test_a_version_that_failed_to_load_is_not_reloaded_by_every_refresh(spec) ->
     with pytest.raises(RuntimeError):
         holder.refresh()
     assert len(loads) == 5
+
+
+_PARENT = """
+import os, signal, sys, time
+from daybreak.deploy._serve import ParseWorkers
+w = ParseWorkers(1)
+w.procs().submit(os.getpid).result(timeout=120)  # the worker is up
+print(list(w.procs()._processes), flush=True)
+if sys.argv[1] == "close":  # what `daybreak serve` does on SIGTERM: the lifespan closes, then uvicorn re-raises it
+    w.close()
+    os.kill(os.getpid(), signal.SIGTERM)
+time.sleep(600)
+"""
+
+
+@pytest.mark.parametrize("how", ["close", "kill"])
+def test_parse_workers_end_with_the_server(how: str) -> None:
+    """A parse worker held both ends of its pool's task pipe, so it outlived a server that was
+    killed, or stopped by SIGTERM (uvicorn re-raises it after the lifespan's close, before the pool
+    told its workers to stop): one 130 MB process left behind per server stop."""
+    import subprocess
+    import sys
+
+    import psutil
+
+    parent = subprocess.Popen([sys.executable, "-c", _PARENT, how], stdout=subprocess.PIPE, text=True)
+    try:
+        workers = [psutil.Process(int(p)) for p in parent.stdout.readline().strip("[]\n").split(",")]
+        assert workers
+        if how == "kill":
+            parent.kill()
+        parent.wait(timeout=60)
+        _, alive = psutil.wait_procs(workers, timeout=20)
+        assert not alive, f"parse workers still running after the server ended ({how})"
+    finally:
+        parent.kill()
+        for p in psutil.process_iter():
+            try:
+                if p.ppid() == 1 and p.pid in {w.pid for w in workers}:
+                    p.kill()
+            except (psutil.NoSuchProcess, NameError):
+                pass

@@ -35,6 +35,7 @@ import os
 import pickle
 import posixpath
 import random
+import signal
 import socket
 import threading
 import time
@@ -49,6 +50,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from daybreak.infra.errors import redact
 from daybreak.infra.store import Store
 from daybreak.spec import Spec
 
@@ -204,18 +206,24 @@ class PredictionLog:
             rows = sum(len(e.predictions) for e in entries)
             with self._count:
                 self.pending_rows -= rows
+            error: str | None = None
             try:
-                written = self._child.write(entries) if self._child else self._write(self.table(entries))
+                if self._child is not None:  # (the child may write some and say why not the rest)
+                    written, error = self._child.write(entries)
+                else:
+                    written = self._write(self.table(entries))
             except Exception as e:  # the store is down, say: the server goes on, the rows are counted
-                self.last_error = f"{type(e).__name__}: {e}"
-                with self._count:  # the predict thread adds to dropped_rows too
-                    self.dropped_rows += rows
-                    self.write_failed_rows += rows
-                    self.write_errors += 1
-                log.warning("prediction log: %d rows not written: %s", rows, self.last_error)
-                return 0
-            self.last_error = None
+                written, error = 0, f"{type(e).__name__}: {e}"
             self.written_rows += written
+            if error is None:
+                self.last_error = None
+                return written
+            self.last_error = redact(error)
+            with self._count:  # the predict thread adds to dropped_rows too
+                self.dropped_rows += rows - written
+                self.write_failed_rows += rows - written
+                self.write_errors += 1
+            log.warning("prediction log: %d rows not written: %s", rows - written, self.last_error)
             return written
 
     def close(self) -> None:
@@ -303,6 +311,13 @@ class PredictionLog:
         return t.num_rows
 
 
+START_TIMEOUT = 120.0
+"""The log's child process has this long to start (import pyarrow and daybreak)."""
+
+WRITE_TIMEOUT = 120.0
+"""A write the log's child has not answered in this many seconds (or ten ``flush_seconds``, if
+more) ends it: its rows are counted as not written, and the next write starts another."""
+
 SEND_ROWS = 1000
 """The log's writer thread sends entries to its child process in messages of about this many rows
 (one entry when bigger): at 1 row a request an entry a message made a flush thousands of sends,
@@ -337,11 +352,32 @@ class _Child:
         self.proc.start()
         theirs.close()
         self.conn = ours
+        # started (imports done) before any write's clock runs
+        if not ours.poll(START_TIMEOUT) or ours.recv() != "ready":
+            self.stop()
+            raise RuntimeError(f"the log's writer process did not start within {START_TIMEOUT:g} s")
 
-    def write(self, entries: list[Entry]) -> int:
+    def write(self, entries: list[Entry]) -> tuple[int, str | None]:
+        """The rows the child wrote, and why not the others (None: all written). Each write is
+        whole or not at all on this side: whatever goes wrong midway (the child ends, a pickle
+        fails, no answer within ``timeout``) ends the child, so it never writes those rows later."""
         if self.proc is None or not self.proc.is_alive():
             self.stop()
-            self._start()
+            try:
+                self._start()
+            except (OSError, EOFError) as e:
+                self.stop()
+                raise RuntimeError(f"the log's writer process did not start ({type(e).__name__}: {e})") from None
+        timeout = max(WRITE_TIMEOUT, 10 * self.plog.cfg.flush_seconds)
+        proc, late = self.proc, threading.Event()
+
+        def end() -> None:  # a hung child or store: the send or the wait fails
+            late.set()
+            proc.kill()
+
+        watchdog = threading.Timer(timeout, end)
+        watchdog.daemon = True
+        watchdog.start()
         try:
             chunk: list[Entry] = []
             rows = 0
@@ -355,13 +391,17 @@ class _Child:
                 self.conn.send_bytes(pickle.dumps(chunk, pickle.HIGHEST_PROTOCOL))
             self.conn.send_bytes(b"")  # write what you hold
             written, files, error = self.conn.recv()
-        except (OSError, EOFError) as e:  # it died: the next write starts another
+        except BaseException as e:
             self.stop()
+            if not isinstance(e, OSError | EOFError):
+                raise
+            if late.is_set():
+                raise RuntimeError(f"the log's writer process did not answer within {timeout:g} s") from None
             raise RuntimeError(f"the log's writer process ended ({type(e).__name__})") from None
+        finally:
+            watchdog.cancel()
         self.plog.files += files
-        if error is not None:
-            raise RuntimeError(error)
-        return written
+        return written, error
 
     def stop(self) -> None:
         if self.conn is not None:
@@ -383,10 +423,18 @@ def _child_main(conn: Any, spec: Spec, root: str, options: Any, source: str, ste
     """The log's writer process: entries in, one write per request for it, (rows, files, error) out.
     It runs at nice 10: a busy server's event loop and its clients come first (at 100 rows a
     request, 4-5% more requests answered than at the same priority)."""
+    # The server's stop (Ctrl-C, SIGTERM to the group) is for the server: it flushes, then says
+    # "stop" (or dies, and the pipe ends). A signal here would lose what this holds.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     use_system_allocator()
-    os.nice(10)
+    try:
+        os.nice(10)
+    except OSError:  # (a sandbox may refuse it: then at the server's priority)
+        pass
     plog = PredictionLog(spec, Store(root, options), source, thread=False)
     plog._stem = f"{stem}-w{os.getpid()}"
+    conn.send("ready")
     entries: list[Entry] = []
     while True:
         try:
@@ -399,13 +447,21 @@ def _child_main(conn: Any, spec: Spec, root: str, options: Any, source: str, ste
             entries += pickle.loads(msg)
             continue
         files = plog.files
-        try:
-            for e in entries:
-                if not isinstance(e.features, dict):  # a RawBatch: the bodies read again
+        ready, error = [], None
+        for e in entries:  # one batch that does not read again costs its rows, not the write's
+            if not isinstance(e.features, dict):  # a RawBatch: the bodies read again
+                try:
                     e.features, e.requests = e.features.columns()
-            written, error = plog._write(plog.table(entries)), None
-        except Exception as e:  # the parent counts them as not written
-            written, error = 0, f"{type(e).__name__}: {e}"
+                except Exception as x:
+                    error = error or f"{type(x).__name__}: {x}"
+                    continue
+            ready.append(e)
+        written = 0
+        try:
+            if ready:
+                written = plog._write(plog.table(ready))
+        except Exception as x:  # the parent counts them as not written
+            written, error = 0, f"{type(x).__name__}: {x}"
         entries = []
         conn.send((written, plog.files - files, error))
 

@@ -215,6 +215,11 @@ the registry)."""
 # predicted on the event loop (a few hundred microseconds): handing it to the predict thread costs
 # more than that in GIL hand-offs (the loop and the thread take turns on one interpreter lock).
 # (Measured: 256 doubled 1-row throughput over 0.)
+RAW_BYTES_PER_ROW = 1024
+"""A logged request's body goes to the log's child process as it is (``RawBatch``) when it is at
+most this many bytes a row (one row more, for the column names): a body padded with whitespace
+costs the log's queue no more than its columns would."""
+
 INLINE_PREDICT_ROWS = 256
 # A bigger batch of the fast path is predicted on the loop too when this version's big batches took
 # at most this much CPU for as many rows (``Batcher._inline``; and a small one goes to the thread
@@ -638,20 +643,19 @@ class RawBatch:
     fields: Fields
     ids: frozenset[str]
     raws: list[bytes]
-    carried: list[bool]
     request_ids: list[str]
 
     def columns(self) -> tuple[dict[str, np.ndarray], list[tuple[str, int, dict | None]]]:
         """The batch's model input (``batch_columns``) and its requests (id, rows, identity columns)."""
         parts: list[Columns] = []
         requests: list[tuple[str, int, dict | None]] = []
-        for raw, carried, request_id in zip(self.raws, self.carried, self.request_ids, strict=True):
+        for raw, request_id in zip(self.raws, self.request_ids, strict=True):
             parsed = parse_fast(raw, self.fields, self.ids, sys.maxsize)
             if parsed is None or parsed.columns is None:
                 raise ValueError(f"request {request_id}: its body no longer parses on the fast path")
             cols = parsed.columns
             parts.append(cols)
-            ids = ({k: list(cols[k]) for k in self.ids if k in cols} or None) if carried else None
+            ids = ({k: list(cols[k]) for k in self.ids if k in cols} or None) if parsed.ids else None
             requests.append((request_id, parsed.rows, ids))
         return batch_columns(parts, self.fields), requests
 
@@ -881,11 +885,22 @@ def _json_rows(body: dict) -> int:
 
 def _parse_worker() -> None:
     """A parse worker yields the CPU to the serving process: on a machine with few cores, the
-    event loop and the predict thread answering everyone come before one client's big body."""
+    event loop and the predict thread answering everyone come before one client's big body. It
+    ends with the server: a pool's worker holds both ends of its task pipe, so it never sees the
+    server go (killed, or ended by uvicorn's re-raised SIGTERM before the pool said stop), and was
+    left running, 130 MB each."""
     try:
         os.nice(10)
     except OSError:
         pass
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os._exit(0)
+
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
 
 
 def _warm() -> None:
@@ -1420,10 +1435,10 @@ class Batcher:
             keep = np.concatenate([np.full(b - a, j.logged) for j, a, b in slices])
             data, preds = {k: v[keep] for k, v in data.items()}, preds[keep]
             slices = [s for s in slices if s[0].logged]
-        if self.plog.remote and cur.fields is not None and all(j.raw is not None for j, _, _ in slices):
+        if self.plog.remote and cur.fields is not None and all(
+                j.raw is not None and len(j.raw) <= RAW_BYTES_PER_ROW * (j.rows + 1) for j, _, _ in slices):
             # the child parses the bodies again (same code, same columns): nothing to copy here
             self.plog.record_raw(cur.version, RawBatch(cur.fields, self.ids, [j.raw for j, _, _ in slices],
-                                                       [j.carried for j, _, _ in slices],
                                                        [j.request_id for j, _, _ in slices]), preds)
             return
         self.plog.record(cur.version, data, preds, [self._part(*s) for s in slices])
@@ -1567,8 +1582,8 @@ class ParseWorkers:
 
     def close(self) -> None:
         self.thread.shutdown(wait=False, cancel_futures=True)
-        if self._procs is not None:
-            self._procs.shutdown(wait=False, cancel_futures=True)
+        if self._procs is not None:  # (waits for a parse in progress: the workers end before the server)
+            self._procs.shutdown(wait=True, cancel_futures=True)
 
 
 class Hooks:
