@@ -174,7 +174,9 @@ def test_a_child_that_does_not_answer_is_ended_and_its_rows_counted(spec, tmp_pa
     from daybreak.deploy import _predlog
 
     monkeypatch.setattr(_predlog, "WRITE_TIMEOUT", 2.0)  # (the child's start is not in it)
-    plog = _log(spec, Store(tmp_path / "store"), True, flush_seconds=0.01)
+    s = spec.model_copy(update={"monitoring": spec.monitoring.model_copy(  # (no writer thread racing this one)
+        update={"log": spec.monitoring.log.model_copy(update={"flush_seconds": 0.01})})})
+    plog = PredictionLog(s, Store(tmp_path / "store"), process=True, thread=False)
     frame = pd.DataFrame({"distance": [1.0], "carrier_code": ["UA"], "plane_year": [2001.0]})
     try:
         plog.record("1", frame, np.array([0.1]), [("a", 1, None)])
@@ -361,3 +363,28 @@ def test_a_padded_body_goes_to_the_child_as_columns(spec) -> None:
     batcher.close()
     assert log.raw == 1 and len(log.got) == 2  # the plain one as its body, the padded one as columns
     assert [r[1]["distance"].tolist() for r in log.got] == [[1.0], [1.0]]
+
+
+def test_a_child_that_could_not_start_is_tried_again(spec, tmp_path: Path, monkeypatch) -> None:
+    """A start that fails (no processes or files left) costs that write's rows; the next starts one."""
+    import multiprocessing.process
+
+    plog = _log(spec, Store(tmp_path / "store"), True)
+    frame = pd.DataFrame({"distance": [1.0], "carrier_code": ["UA"], "plane_year": [2001.0]})
+    real, calls = multiprocessing.process.BaseProcess.start, []
+
+    def once(self):
+        calls.append(1)
+        if len(calls) == 1:
+            raise OSError(24, "Too many open files")
+        return real(self)
+
+    monkeypatch.setattr(multiprocessing.process.BaseProcess, "start", once)
+    try:
+        plog.record("1", frame, np.array([0.1]), [("a", 1, None)])
+        assert plog.flush() == 0 and "did not start" in plog.stats()["last_error"]
+        plog.record("1", frame, np.array([0.2]), [("b", 1, None)])
+        assert plog.flush() == 1 and plog.stats()["last_error"] is None
+    finally:
+        plog.close()
+    assert set(_read(spec, tmp_path / "store")["request_id"]) == {"b"}

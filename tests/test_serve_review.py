@@ -195,16 +195,20 @@ _PARENT = """
 import os, signal, sys, time
 from daybreak.deploy._serve import ParseWorkers
 w = ParseWorkers(1)
+if sys.argv[1] == "early":  # the server gone while its worker still imports
+    w.procs().submit(os.getpid)
+    print(list(w.procs()._processes), flush=True)
+    os._exit(0)
 w.procs().submit(os.getpid).result(timeout=120)  # the worker is up
 print(list(w.procs()._processes), flush=True)
-if sys.argv[1] == "close":  # what `daybreak serve` does on SIGTERM: the lifespan closes, then uvicorn re-raises it
+if sys.argv[1] == "close":  # what `daybreak serve` does on SIGTERM: the lifespan closes, uvicorn re-raises it
     w.close()
     os.kill(os.getpid(), signal.SIGTERM)
 time.sleep(600)
 """
 
 
-@pytest.mark.parametrize("how", ["close", "kill"])
+@pytest.mark.parametrize("how", ["close", "kill", "early"])
 def test_parse_workers_end_with_the_server(how: str) -> None:
     """A parse worker held both ends of its pool's task pipe, so it outlived a server that was
     killed, or stopped by SIGTERM (uvicorn re-raises it after the lifespan's close, before the pool
@@ -225,9 +229,8 @@ def test_parse_workers_end_with_the_server(how: str) -> None:
         assert not alive, f"parse workers still running after the server ended ({how})"
     finally:
         parent.kill()
-        for p in psutil.process_iter():
+        for w in locals().get("workers", []):
             try:
-                if p.ppid() == 1 and p.pid in {w.pid for w in workers}:
-                    p.kill()
-            except (psutil.NoSuchProcess, NameError):
+                w.kill()
+            except psutil.NoSuchProcess:
                 pass

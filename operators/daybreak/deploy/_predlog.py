@@ -346,12 +346,16 @@ class _Child:
         ctx = multiprocessing.get_context("spawn")  # threads run here: no fork
         ours, theirs = ctx.Pipe()
         p = self.plog
-        self.proc = ctx.Process(target=_child_main, name="prediction-log-writer", daemon=True,
-                                args=(theirs, p.spec, p.store.uri(p.store.base), p.store.options, p.source,
-                                      p._stem))
-        self.proc.start()
-        theirs.close()
-        self.conn = ours
+        proc = ctx.Process(target=_child_main, name="prediction-log-writer", daemon=True,
+                           args=(theirs, p.spec, p.store.uri(p.store.base), p.store.options, p.source, p._stem))
+        try:
+            proc.start()  # (no processes or files left, say: the next write tries again)
+        except BaseException:
+            ours.close()
+            raise
+        finally:
+            theirs.close()
+        self.proc, self.conn = proc, ours
         # started (imports done) before any write's clock runs
         if not ours.poll(START_TIMEOUT) or ours.recv() != "ready":
             self.stop()
@@ -365,7 +369,7 @@ class _Child:
             self.stop()
             try:
                 self._start()
-            except (OSError, EOFError) as e:
+            except (OSError, EOFError, ValueError) as e:
                 self.stop()
                 raise RuntimeError(f"the log's writer process did not start ({type(e).__name__}: {e})") from None
         timeout = max(WRITE_TIMEOUT, 10 * self.plog.cfg.flush_seconds)

@@ -883,20 +883,20 @@ def _json_rows(body: dict) -> int:
     return 0
 
 
-def _parse_worker() -> None:
+def _parse_worker(server: int) -> None:
     """A parse worker yields the CPU to the serving process: on a machine with few cores, the
     event loop and the predict thread answering everyone come before one client's big body. It
     ends with the server: a pool's worker holds both ends of its task pipe, so it never sees the
     server go (killed, or ended by uvicorn's re-raised SIGTERM before the pool said stop), and was
-    left running, 130 MB each."""
+    left running, 130 MB each. (`server`: its pid, given by the server: a worker's own view of its
+    parent comes after its imports, and a server gone by then would leave init as the parent.)"""
     try:
         os.nice(10)
     except OSError:
         pass
-    parent = os.getppid()
 
     def watch() -> None:
-        while os.getppid() == parent:
+        while os.getppid() == server:
             time.sleep(1.0)
         os._exit(0)
 
@@ -1557,7 +1557,7 @@ class ParseWorkers:
         if self._procs is None:
             self._procs = ProcessPoolExecutor(max_workers=self.processes,
                                               mp_context=multiprocessing.get_context("spawn"),
-                                              initializer=_parse_worker)
+                                              initializer=_parse_worker, initargs=(os.getpid(),))
         return self._procs
 
     def warm(self) -> None:
@@ -1582,8 +1582,8 @@ class ParseWorkers:
 
     def close(self) -> None:
         self.thread.shutdown(wait=False, cancel_futures=True)
-        if self._procs is not None:  # (waits for a parse in progress: the workers end before the server)
-            self._procs.shutdown(wait=True, cancel_futures=True)
+        if self._procs is not None:  # (not waiting: a worker ends within a second of the server, `_parse_worker`)
+            self._procs.shutdown(wait=False, cancel_futures=True)
 
 
 class Hooks:
