@@ -385,9 +385,9 @@ class _Child:
         try:
             chunk: list[Entry] = []
             rows = 0
-            for e in entries:
-                chunk.append(e)
-                rows += len(e.predictions)
+            for entry in entries:
+                chunk.append(entry)
+                rows += len(entry.predictions)
                 if rows >= SEND_ROWS:
                     self.conn.send_bytes(pickle.dumps(chunk, pickle.HIGHEST_PROTOCOL))
                     chunk, rows = [], 0

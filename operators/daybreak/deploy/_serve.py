@@ -1438,7 +1438,8 @@ class Batcher:
         if self.plog.remote and cur.fields is not None and all(
                 j.raw is not None and len(j.raw) <= RAW_BYTES_PER_ROW * (j.rows + 1) for j, _, _ in slices):
             # the child parses the bodies again (same code, same columns): nothing to copy here
-            self.plog.record_raw(cur.version, RawBatch(cur.fields, self.ids, [j.raw for j, _, _ in slices],
+            raws = [j.raw for j, _, _ in slices if j.raw is not None]  # (all of them)
+            self.plog.record_raw(cur.version, RawBatch(cur.fields, self.ids, raws,
                                                        [j.request_id for j, _, _ in slices]), preds)
             return
         self.plog.record(cur.version, data, preds, [self._part(*s) for s in slices])
