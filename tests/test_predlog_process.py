@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pytest
 
 from daybreak.deploy import read_log
 from daybreak.deploy._predlog import PredictionLog
@@ -265,7 +266,8 @@ class _Recorder:
         self.raw += 1
 
 
-def test_the_bodies_read_again_give_what_the_batcher_logs(spec) -> None:
+@pytest.mark.parametrize("identity", ["flights", "single series"])
+def test_the_bodies_read_again_give_what_the_batcher_logs(spec, identity: str) -> None:
     """What ``Batcher._log`` hands a thread's log (the columns the model was given) and what the
     child reads from the bodies are the same, value for value and type for type, over random
     bodies of every fast-path shape: split, records and inputs, nulls, identity columns, text
@@ -306,7 +308,11 @@ def test_the_bodies_read_again_give_what_the_batcher_logs(spec) -> None:
                     and np.array_equal(np.signbit(a), np.signbit(b)))
         return a.dtype == b.dtype and [(type(x), x) for x in a] == [(type(x), x) for x in b]
 
-    holder = SimpleNamespace(spec=spec, current=None)
+    if identity == "single series":  # no entity: the row identity is the event time alone
+        one = SimpleNamespace(id_columns=lambda: ["event_time"])
+        holder = SimpleNamespace(spec=one, current=None)
+    else:
+        holder = SimpleNamespace(spec=spec, current=None)
     compared = raw = 0
     for trial in range(200):
         thread, child = _Recorder(False), _Recorder(True)

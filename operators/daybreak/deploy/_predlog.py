@@ -160,9 +160,12 @@ class PredictionLog:
         """Queue one batch: its features (the model's input: a dict of numpy columns, or a pandas
         frame), predictions, and per request (in row order) its id, row count and the identity
         columns it carried."""
-        if hasattr(features, "to_numpy"):  # pandas: columns now, so the writer never touches pandas
+        if hasattr(features, "columns"):  # pandas: columns now, so the writer never touches pandas
             features = {str(c): features[c].to_numpy() for c in features.columns}
-        n = len(predictions)
+        self._queue(Entry(version, features, predictions, requests))
+
+    def _queue(self, entry: Entry) -> None:
+        n = len(entry.predictions)
         with self._count:
             if self.pending_rows + n > self.cfg.max_pending_rows:
                 self.dropped_rows += n
@@ -170,7 +173,7 @@ class PredictionLog:
                 return
             self.pending_rows += n
             self.recorded_rows += n
-        self.pending.append(Entry(version, features, predictions, requests))
+        self.pending.append(entry)
         if self.pending_rows >= self.cfg.flush_rows:
             self._wake.set()
 
@@ -182,7 +185,7 @@ class PredictionLog:
     def record_raw(self, version: str, batch: Any, predictions: np.ndarray) -> None:
         """Queue one batch as its requests' bodies (``_serve.RawBatch``): the child process reads
         them again into the features and requests ``record`` takes (only when ``remote``)."""
-        self.record(version, batch, predictions, ())
+        self._queue(Entry(version, batch, predictions, ()))
 
     def stats(self) -> dict[str, Any]:
         return {"sample_rate": self.cfg.sample_rate, "written_rows": self.written_rows, "files": self.files,
