@@ -245,12 +245,20 @@ def test_entries_go_to_the_child_in_messages_of_about_send_rows(spec, tmp_path: 
     assert got["distance"].tolist() == list(np.arange(2500, dtype=float))
 
 
+def _same(a: np.ndarray, b: np.ndarray) -> bool:
+    """Equal value for value and type for type (floats: NaN where NaN, and the sign of zero)."""
+    if a.dtype.kind == "f" or b.dtype.kind == "f":
+        return (a.dtype == b.dtype and np.array_equal(a, b, equal_nan=True)
+                and np.array_equal(np.signbit(a), np.signbit(b)))
+    return a.dtype == b.dtype and [(type(x), x) for x in a] == [(type(x), x) for x in b]
+
+
 class _Recorder:
     """A log that keeps what the batcher hands it; `remote`: as the child's log, which gets a
     RawBatch and reads it after a pickle round trip."""
 
     def __init__(self, remote: bool) -> None:
-        self.remote, self.got, self.raw = remote, [], 0
+        self.remote, self.got, self.raw, self.merged = remote, [], 0, 0
 
     def sampled(self) -> bool:
         return True
@@ -261,9 +269,15 @@ class _Recorder:
     def record_raw(self, version, batch, preds) -> None:
         import pickle
 
-        data, requests = pickle.loads(pickle.dumps(batch, pickle.HIGHEST_PROTOCOL)).columns()
+        batch = pickle.loads(pickle.dumps(batch, pickle.HIGHEST_PROTOCOL))
+        data, requests = batch.columns()
         self.got.append((version, data, preds, requests))
         self.raw += 1
+        if batch._merged() is not None:  # read as one body: then body by body must agree
+            self.merged += 1
+            each, each_requests = batch._each()
+            assert set(each) == set(data) and repr(each_requests) == repr(requests)
+            assert all(_same(v, each[k]) for k, v in data.items())
 
 
 @pytest.mark.parametrize("identity", ["flights", "single series"])
@@ -271,7 +285,9 @@ def test_the_bodies_read_again_give_what_the_batcher_logs(spec, identity: str) -
     """What ``Batcher._log`` hands a thread's log (the columns the model was given) and what the
     child reads from the bodies are the same, value for value and type for type, over random
     bodies of every fast-path shape: split, records and inputs, nulls, identity columns, text
-    with non-ASCII, big integers, requests not sampled, and the partial slice of a big request."""
+    with non-ASCII, big integers, requests not sampled, and the partial slice of a big request.
+    Half the batches are what clients send, one list of columns in ``dataframe_split``: the child
+    reads those as one body (``RawBatch._merged``), checked against reading them body by body."""
     import random
     from types import SimpleNamespace
 
@@ -289,38 +305,37 @@ def test_the_bodies_read_again_give_what_the_batcher_logs(spec, identity: str) -
             return rng.choice([rng.randint(-5, 3000), rng.uniform(-1e6, 1e6), 0.0, -0.0, 2**53 + 1, 1e308])
         return rng.choice(["UA", "AA", "é", "", "x" * 5])
 
-    def body(ids: frozenset[str]) -> bytes:
-        n = rng.choice([1, 1, 2, 3, 40])
+    def columns(ids: frozenset[str]) -> list[str]:
         cols = [f[0] for f in fields] + [i for i in ("event_time", "dest") if i in ids and rng.random() < 0.3]
         rng.shuffle(cols)
+        return cols
+
+    def body(ids: frozenset[str], cols: list[str] | None = None) -> bytes:
+        n = rng.choice([1, 1, 2, 3, 40])
+        shape = "split" if cols else rng.choice(["split", "records", "inputs_list", "inputs_dict"])
+        cols = cols or columns(ids)
         rows = [[value(*kinds[c][1:]) if c in kinds else rng.choice(["2013-01-05T10:00:00Z", 7, None, "JFK"])
                  for c in cols] for _ in range(n)]
-        shape = rng.choice(["split", "records", "inputs_list", "inputs_dict"])
         b = ({"dataframe_split": {"columns": cols, "data": rows}} if shape == "split"
              else {"dataframe_records": [dict(zip(cols, r, strict=True)) for r in rows]} if shape == "records"
              else {"inputs": [dict(zip(cols, r, strict=True)) for r in rows]} if shape == "inputs_list"
              else {"inputs": {c: [r[k] for r in rows] for k, c in enumerate(cols)}})
         return json.dumps(b, separators=(",", ":") if rng.random() < 0.5 else None).encode()
 
-    def same(a: np.ndarray, b: np.ndarray) -> bool:
-        if a.dtype.kind == "f" or b.dtype.kind == "f":
-            return (a.dtype == b.dtype and np.array_equal(a, b, equal_nan=True)
-                    and np.array_equal(np.signbit(a), np.signbit(b)))
-        return a.dtype == b.dtype and [(type(x), x) for x in a] == [(type(x), x) for x in b]
-
     if identity == "single series":  # no entity: the row identity is the event time alone
         one = SimpleNamespace(id_columns=lambda: ["event_time"])
         holder = SimpleNamespace(spec=one, current=None)
     else:
         holder = SimpleNamespace(spec=spec, current=None)
-    compared = raw = 0
+    compared = raw = merged = 0
     for trial in range(200):
         thread, child = _Recorder(False), _Recorder(True)
         bt, bc = S.Batcher(holder, thread), S.Batcher(holder, child)
         bc.ids = bt.ids
         jobs = []
+        uniform = columns(bt.ids) if trial % 2 else None  # one list of columns for the whole batch
         for k in range(rng.randint(1, 6)):
-            b = body(bt.ids)
+            b = body(bt.ids, uniform)
             p = S.parse_fast(b, fields, bt.ids, 100000)
             if p is not None:
                 jobs.append(S.Job(fields, p.columns, None, p.rows, None, f"r{trial}-{k}", rng.random() < 0.7,
@@ -339,14 +354,16 @@ def test_the_bodies_read_again_give_what_the_batcher_logs(spec, identity: str) -
         for (v1, d1, p1, r1), (v2, d2, p2, r2) in zip(thread.got, child.got, strict=True):
             compared += 1
             assert v1 == v2 and np.array_equal(p1, p2) and set(d1) == set(d2)
-            assert all(same(np.asarray(d1[k]), np.asarray(d2[k])) for k in d1), (trial, d1, d2)
+            assert all(_same(np.asarray(d1[k]), np.asarray(d2[k])) for k in d1), (trial, d1, d2)
             norm = [[(rid, n, None if c is None else {k: list(v) for k, v in sorted(c.items())})
                      for rid, n, c in r] for r in (r1, r2)]
             assert repr(norm[0]) == repr(norm[1])
         raw += child.raw
+        merged += child.merged
         bt.close()
         bc.close()
     assert compared > 150 and raw > 100  # most went as bodies
+    assert merged > 50, merged
 
 
 def test_a_padded_body_goes_to_the_child_as_columns(spec) -> None:

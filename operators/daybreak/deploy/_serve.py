@@ -647,6 +647,56 @@ class RawBatch:
 
     def columns(self) -> tuple[dict[str, np.ndarray], list[tuple[str, int, dict | None]]]:
         """The batch's model input (``batch_columns``) and its requests (id, rows, identity columns)."""
+        small = 8 * CONVERT_ROWS * len(self.fields)  # (bodies `parse_fast` may read by counting strings)
+        if all(len(raw) < small for raw in self.raws):
+            merged = self._merged()
+            if merged is not None:
+                return merged
+        return self._each()
+
+    def _merged(self) -> tuple[dict[str, np.ndarray], list[tuple[str, int, dict | None]]] | None:
+        """``columns`` of small bodies read as one, when every body is ``dataframe_split`` with the
+        same list of columns (what clients send): their rows are read by the columns' plan at once,
+        each value's type checked (``SplitPlan.read`` without a string count), so the values are
+        those each body gives alone. None: read body by body (``_each``). Measured in the log's
+        child on the flights model, 1-row requests in batches of 20: 5.8 us a request against
+        11.1 us body by body. (Big bodies go body by body: counting their strings costs less than
+        checking each value's type.)"""
+        import orjson
+
+        columns: Any = None
+        rows: list = []
+        counts: list[int] = []
+        try:
+            for raw in self.raws:
+                body = orjson.loads(raw)
+                split = body.get("dataframe_split") if type(body) is dict and len(body) == 1 else None
+                if type(split) is not dict or len(split) != 2:
+                    return None
+                data = split.get("data")
+                if columns is None:
+                    columns = split.get("columns")
+                elif split.get("columns") != columns:
+                    return None
+                if type(data) is not list or type(columns) is not list:
+                    return None
+                rows += data
+                counts.append(len(data))
+        except orjson.JSONDecodeError:
+            return None
+        block = _split_block({"columns": columns, "data": rows}, self.fields, self.ids, None)
+        if type(block) is not Block or len(block.doubles) != len(rows) or 0 in counts:
+            return None
+        carried = [k for k in self.ids if k in block]
+        requests: list[tuple[str, int, dict | None]] = []
+        start = 0
+        for request_id, n in zip(self.request_ids, counts, strict=True):
+            ids = {k: list(block[k][start:start + n]) for k in carried} or None
+            requests.append((request_id, n, ids))
+            start += n
+        return batch_columns([block], self.fields), requests
+
+    def _each(self) -> tuple[dict[str, np.ndarray], list[tuple[str, int, dict | None]]]:
         parts: list[Columns] = []
         requests: list[tuple[str, int, dict | None]] = []
         for raw, request_id in zip(self.raws, self.request_ids, strict=True):
