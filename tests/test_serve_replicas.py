@@ -9,6 +9,7 @@ error is on /health. Credentials reach the replicas as a WorkerEnv, never in a R
 
 from __future__ import annotations
 
+import json
 import os
 import secrets
 import shutil
@@ -682,6 +683,36 @@ def test_a_big_request_started_over_on_the_new_version_is_logged_once(spec) -> N
         batcher.close()
 
     asyncio.run(scenario())
+
+
+def test_a_big_requests_last_slice_retried_alone_is_answered_once(spec) -> None:
+    """A batch holding a big request's last slice and a request whose answer cannot be written
+    fails as a batch and is answered request by request: the big request's answer has its rows
+    once (its last slice's predictions were kept by the failed batch, then again by the retry)."""
+    import numpy as np
+
+    from daybreak.deploy._serve import Batcher, Job, Loaded, ModelHolder
+
+    class Model:
+        def predict(self, frame):
+            out = frame["x"].to_numpy().astype(object)
+            out[out < 0] = object()  # not JSON: this request's answer cannot be written
+            return out
+
+    fields = (("x", "double", False),)
+    holder = ModelHolder(spec, None)  # type: ignore[arg-type]
+    cur = Loaded("1", Model(), time.time(), fields)
+    batcher = Batcher(holder)  # type: ignore[arg-type]
+    try:
+        big = Job(fields, {"x": np.arange(10.0)}, None, 10, None, "big")  # type: ignore[arg-type]
+        poison = Job(fields, {"x": np.array([-1.0])}, None, 1, None, "poison")  # type: ignore[arg-type]
+        assert batcher._predict(cur, [(big, 0, 5)]) == [None]  # its first slice: kept for the answer
+        answers = batcher._predict(cur, [(big, 5, 10), (poison, 0, 1)])
+        assert answers[0] is not None and answers[0][0] == 200
+        assert json.loads(answers[0][1])["predictions"] == list(range(10))
+        assert answers[1] is not None and answers[1][0] == 400
+    finally:
+        batcher.close()
 
 
 def test_a_lease_that_ended_while_the_loop_was_stalled_starts_no_batch(spec) -> None:

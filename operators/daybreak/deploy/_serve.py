@@ -1090,7 +1090,7 @@ class Job:
     request_id: str = ""
     logged: bool = False  # sampled for the prediction log
     done: int = 0  # rows handed to batches (a request bigger than a batch goes in slices)
-    parts: list = field(default_factory=list, repr=False)  # predictions of its slices so far
+    parts: dict = field(default_factory=dict, repr=False)  # predictions of its slices so far, by first row
     pinned: Loaded | None = None  # the version its slices use
     unlogged: list = field(default_factory=list, repr=False)  # its slices' log records, written once answered
     queued_at: float = 0.0  # time.monotonic() when it queued (only where waits are bounded: replicas)
@@ -1452,8 +1452,8 @@ class Batcher:
     def _slice_answer(job: Job, start: int, stop: int, preds: np.ndarray) -> Answer | None:
         if start == 0 and stop == job.rows:
             return _predictions(preds)
-        job.parts.append(preds)
-        return _predictions(np.concatenate(job.parts)) if stop == job.rows else None
+        job.parts[start] = preds  # (by its first row: a slice predicted again, in a batch retried, is kept once)
+        return _predictions(np.concatenate([job.parts[k] for k in sorted(job.parts)])) if stop == job.rows else None
 
     def _log(self, cur: Loaded, data: dict[str, np.ndarray], preds: np.ndarray, slices: list[Slice]) -> None:
         """Hand the sampled requests of a batch to the prediction log (a queue append). The slices
