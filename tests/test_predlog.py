@@ -92,6 +92,30 @@ def test_a_store_that_fails_costs_rows_not_requests(spec, tmp_path: Path) -> Non
     plog.close()
 
 
+@pytest.mark.parametrize("process", [False, True], ids=["thread", "child process"])
+def test_a_write_that_fails_on_its_second_day_counts_the_first_days_rows_written(spec, tmp_path: Path,
+                                                                                 process: bool) -> None:
+    """One flush holding two days writes a file a day: when the second day's fails, the first
+    day's rows are on disk and counted written; only the second day's are counted dropped."""
+    store = Store(tmp_path / "store")
+    blocked = Path(store.path(log_zone(spec), "date=2013-01-06"))
+    blocked.parent.mkdir(parents=True)
+    blocked.write_text("not a folder")  # that day's folder cannot be made
+    s = spec.model_copy(update={"monitoring": spec.monitoring.model_copy(
+        update={"log": spec.monitoring.log.model_copy(update={"flush_seconds": 3600})})})
+    plog = PredictionLog(s, store, process=process)
+    try:
+        frame, preds = _batch(5)
+        days = ["2013-01-05T15:00:00Z"] * 3 + ["2013-01-06T15:00:00Z"] * 2
+        plog.record("1", frame, preds, [("a", 5, {"event_time": days})])
+        assert plog.flush() == 3
+        stats = plog.stats()
+        assert (stats["written_rows"], stats["dropped_rows"], stats["files"]) == (3, 2, 1) and stats["last_error"]
+    finally:
+        plog.close()
+    assert read_log(spec, store, [date(2013, 1, 5)]).num_rows == 3
+
+
 def test_reader_skips_a_damaged_file_and_retention_prunes(spec, tmp_path: Path, caplog) -> None:
     store = Store(tmp_path / "store")
     plog = _log(spec, store)

@@ -215,6 +215,8 @@ class PredictionLog:
                     written, error = self._child.write(entries)
                 else:
                     written = self._write(self.table(entries))
+            except PartlyWritten as e:
+                written, error = e.written, e.error
             except Exception as e:  # the store is down, say: the server goes on, the rows are counted
                 written, error = 0, f"{type(e).__name__}: {e}"
             self.written_rows += written
@@ -296,22 +298,42 @@ class PredictionLog:
         return days
 
     def _write(self, t: pa.Table) -> int:
+        """Write a file a day; returns the rows written. A day that fails after others were written
+        raises ``PartlyWritten`` (those rows are on disk: counted written, not dropped)."""
         days = self._days(t)
+        written = 0
         for day in np.unique(days):
             part = t if len(days) and (days == day).all() else t.filter(pa.array(days == day))
-            folder = self.store.path(self.zone, f"date={day}")
-            self._seq += 1
-            name = f"{datetime.now(UTC):%Y%m%dT%H%M%S}-{self._stem}-{self._seq:06d}.parquet"
-            if self.store.kind == "local":
-                self.store.fs.create_dir(folder, recursive=True)  # (on S3 it would PUT a marker per level)
-                tmp = posixpath.join(folder, f"_{name}")
-                pq.write_table(part, tmp, **_parquet_options(part.schema))
-                os.replace(tmp, posixpath.join(folder, name))
-            else:  # one PUT: the object appears whole
-                pq.write_table(part, posixpath.join(folder, name), filesystem=self.store.fs,
-                               **_parquet_options(part.schema))
-            self.files += 1
-        return t.num_rows
+            try:
+                self._write_day(part, day)
+            except Exception as e:
+                if not written:
+                    raise
+                raise PartlyWritten(written, f"{type(e).__name__}: {e}") from e
+            written += part.num_rows
+        return written
+
+    def _write_day(self, part: pa.Table, day: Any) -> None:
+        folder = self.store.path(self.zone, f"date={day}")
+        self._seq += 1
+        name = f"{datetime.now(UTC):%Y%m%dT%H%M%S}-{self._stem}-{self._seq:06d}.parquet"
+        if self.store.kind == "local":
+            self.store.fs.create_dir(folder, recursive=True)  # (on S3 it would PUT a marker per level)
+            tmp = posixpath.join(folder, f"_{name}")
+            pq.write_table(part, tmp, **_parquet_options(part.schema))
+            os.replace(tmp, posixpath.join(folder, name))
+        else:  # one PUT: the object appears whole
+            pq.write_table(part, posixpath.join(folder, name), filesystem=self.store.fs,
+                           **_parquet_options(part.schema))
+        self.files += 1
+
+
+class PartlyWritten(Exception):
+    """A write of several days failed after `written` rows were written (the days before)."""
+
+    def __init__(self, written: int, error: str) -> None:
+        super().__init__(written, error)
+        self.written, self.error = written, error
 
 
 START_TIMEOUT = 120.0
@@ -467,6 +489,8 @@ def _child_main(conn: Any, spec: Spec, root: str, options: Any, source: str, ste
         try:
             if ready:
                 written = plog._write(plog.table(ready))
+        except PartlyWritten as x:
+            written, error = x.written, x.error
         except Exception as x:  # the parent counts them as not written
             written, error = 0, f"{type(x).__name__}: {x}"
         entries = []
