@@ -208,6 +208,46 @@ time.sleep(600)
 """
 
 
+_GRACEFUL = """
+import signal, sys, time
+from concurrent.futures.process import BrokenProcessPool
+from daybreak.deploy._serve import ParseWorkers
+stopping = []
+signal.signal(signal.SIGTERM, lambda *_: stopping.append(1))  # uvicorn's: finish what is in flight
+w = ParseWorkers(1)
+w.procs().submit(time.sleep, 0).result(timeout=120)  # the worker is up
+parse = w.procs().submit(time.sleep, 3)  # (a big body being parsed)
+print("busy", flush=True)
+try:
+    parse.result(timeout=60)
+    print("answered" if stopping else "no signal", flush=True)
+except BrokenProcessPool:
+    print("worker died", flush=True)
+w.close()
+"""
+
+
+def test_a_parse_in_flight_survives_a_sigterm_to_the_servers_group() -> None:
+    """A SIGTERM to the server's process group (a service manager's stop, Ctrl-C's SIGINT alike)
+    starts uvicorn's graceful shutdown, which answers the requests in flight; it also killed the
+    parse workers, so a big body being parsed failed. Workers now leave signals to the server and
+    end with it."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    parent = subprocess.Popen([sys.executable, "-c", _GRACEFUL], stdout=subprocess.PIPE, text=True,
+                              start_new_session=True)
+    try:
+        assert parent.stdout.readline().strip() == "busy"
+        os.killpg(parent.pid, signal.SIGTERM)
+        assert parent.stdout.readline().strip() == "answered"
+        assert parent.wait(timeout=60) == 0
+    finally:
+        parent.kill()
+
+
 @pytest.mark.parametrize("how", ["close", "kill", "early"])
 def test_parse_workers_end_with_the_server(how: str) -> None:
     """A parse worker held both ends of its pool's task pipe, so it outlived a server that was

@@ -147,6 +147,7 @@ import logging
 import multiprocessing
 import os
 import re
+import signal
 import sys
 import threading
 import time
@@ -939,7 +940,11 @@ def _parse_worker(server: int) -> None:
     ends with the server: a pool's worker holds both ends of its task pipe, so it never sees the
     server go (killed, or ended by uvicorn's re-raised SIGTERM before the pool said stop), and was
     left running, 130 MB each. (`server`: its pid, given by the server: a worker's own view of its
-    parent comes after its imports, and a server gone by then would leave init as the parent.)"""
+    parent comes after its imports, and a server gone by then would leave init as the parent.)
+    A SIGINT or SIGTERM to the server's process group (Ctrl-C, a service manager's stop) is the
+    server's: its graceful shutdown answers the requests in flight, a body being parsed included."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     try:
         os.nice(10)
     except OSError:
