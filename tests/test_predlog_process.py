@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 
-from daybreak.deploy import read_log
+from daybreak.deploy import _predlog, read_log
 from daybreak.deploy._predlog import PredictionLog
 from daybreak.deploy._serve import RawBatch, batch_columns, parse_fast
 from daybreak.infra.store import Store
@@ -172,7 +173,6 @@ def test_the_child_ignores_the_servers_stop_signals(spec, tmp_path: Path) -> Non
 
 
 def test_a_child_that_does_not_answer_is_ended_and_its_rows_counted(spec, tmp_path: Path, monkeypatch) -> None:
-    from daybreak.deploy import _predlog
 
     monkeypatch.setattr(_predlog, "WRITE_TIMEOUT", 2.0)  # (the child's start is not in it)
     s = spec.model_copy(update={"monitoring": spec.monitoring.model_copy(  # (no writer thread racing this one)
@@ -389,9 +389,11 @@ def test_a_padded_body_goes_to_the_child_as_columns(spec) -> None:
 
 
 def test_a_child_that_could_not_start_is_tried_again(spec, tmp_path: Path, monkeypatch) -> None:
-    """A start that fails (no processes or files left) costs that write's rows; the next starts one."""
+    """A start that fails (no processes or files left): the server's writer thread writes that
+    flush's rows, and a later flush starts the child."""
     import multiprocessing.process
 
+    monkeypatch.setattr(_predlog, "START_RETRY_SECONDS", 0.0)
     plog = _log(spec, Store(tmp_path / "store"), True)
     frame = pd.DataFrame({"distance": [1.0], "carrier_code": ["UA"], "plane_year": [2001.0]})
     real, calls = multiprocessing.process.BaseProcess.start, []
@@ -405,9 +407,42 @@ def test_a_child_that_could_not_start_is_tried_again(spec, tmp_path: Path, monke
     monkeypatch.setattr(multiprocessing.process.BaseProcess, "start", once)
     try:
         plog.record("1", frame, np.array([0.1]), [("a", 1, None)])
-        assert plog.flush() == 0 and "did not start" in plog.stats()["last_error"]
+        assert plog.flush() == 1 and plog.stats()["writer"].startswith("thread")
         plog.record("1", frame, np.array([0.2]), [("b", 1, None)])
-        assert plog.flush() == 1 and plog.stats()["last_error"] is None
+        assert plog.flush() == 1 and plog.stats()["writer"] == "process" and plog.stats()["last_error"] is None
     finally:
         plog.close()
-    assert set(_read(spec, tmp_path / "store")["request_id"]) == {"b"}
+    assert len(calls) == 2
+    files = sorted(p.name for p in (tmp_path / "store").rglob("*.parquet"))
+    assert len(files) == 2 and sum("-w" in f for f in files) == 1  # (the child's files carry its pid)
+    assert set(_read(spec, tmp_path / "store")["request_id"]) == {"a", "b"}
+
+
+def test_a_child_that_never_starts_is_not_started_at_every_flush(spec, tmp_path: Path, monkeypatch) -> None:
+    """A child that cannot start (a sandbox without processes, say) was started again at every
+    flush, each start seconds of imports, and each flush's rows were lost. Now the server's writer
+    thread writes them, and the start is tried again after a back-off that doubles."""
+    import multiprocessing.process
+
+    calls = []
+
+    def never(self):
+        calls.append(time.monotonic())
+        raise OSError(11, "Resource temporarily unavailable")
+
+    monkeypatch.setattr(multiprocessing.process.BaseProcess, "start", never)
+    monkeypatch.setattr(_predlog, "START_RETRY_SECONDS", 1000.0)
+    plog = _log(spec, Store(tmp_path / "store"), True)
+    frame = pd.DataFrame({"distance": [1.0], "carrier_code": ["UA"], "plane_year": [2001.0]})
+    try:
+        for k in range(5):
+            plog.record("1", frame, np.array([0.1]), [(f"r{k}", 1, None)])
+            assert plog.flush() == 1
+        assert len(calls) == 1 and plog.stats()["dropped_rows"] == 0
+        plog._child.retry_at = 0.0  # the back-off is over: tried again, and it doubles
+        plog.record("1", frame, np.array([0.1]), [("r5", 1, None)])
+        assert plog.flush() == 1 and len(calls) == 2
+        assert plog._child.retry_at - time.monotonic() > 1500  # 2,000 s: twice the first
+    finally:
+        plog.close()
+    assert len(_read(spec, tmp_path / "store")) == 6

@@ -188,8 +188,11 @@ class PredictionLog:
         self._queue(Entry(version, batch, predictions, ()))
 
     def stats(self) -> dict[str, Any]:
-        return {"sample_rate": self.cfg.sample_rate, "written_rows": self.written_rows, "files": self.files,
-                "pending_rows": self.pending_rows, "dropped_rows": self.dropped_rows, "last_error": self.last_error}
+        out = {"sample_rate": self.cfg.sample_rate, "written_rows": self.written_rows, "files": self.files,
+               "pending_rows": self.pending_rows, "dropped_rows": self.dropped_rows, "last_error": self.last_error}
+        if self._child is not None:
+            out["writer"] = "process" if self._child.failed_starts == 0 else "thread (the writer process did not start)"
+        return out
 
     # --- the writer thread --------------------------------------------------------------------
     def _run(self) -> None:
@@ -209,12 +212,16 @@ class PredictionLog:
             rows = sum(len(e.predictions) for e in entries)
             with self._count:
                 self.pending_rows -= rows
-            error: str | None = None
             try:
-                if self._child is not None:  # (the child may write some and say why not the rest)
-                    written, error = self._child.write(entries)
+                if self._child is not None and self._child.available():  # (it may write some and say why not the rest)
+                    try:
+                        written, error = self._child.write(entries)
+                    except NotStarted as e:  # the rows are not lost for it
+                        log.warning("prediction log: %s; this server's writer thread writes the log until it "
+                                    "starts (tried again in %.0f s)", e, self._child.retry_at - time.monotonic())
+                        written, error = self._write_here(entries)
                 else:
-                    written = self._write(self.table(entries))
+                    written, error = self._write_here(entries)
             except PartlyWritten as e:
                 written, error = e.written, e.error
             except Exception as e:  # the store is down, say: the server goes on, the rows are counted
@@ -230,6 +237,21 @@ class PredictionLog:
                 self.write_errors += 1
             log.warning("prediction log: %d rows not written: %s", rows - written, self.last_error)
             return written
+
+    def _write_here(self, entries: list[Entry]) -> tuple[int, str | None]:
+        """Write the entries in this process (the child's work, or the writer thread's): the rows
+        written, and why not the others. A batch of bodies that does not read again costs its
+        rows, not the write's."""
+        ready, error = [], None
+        for e in entries:
+            if not isinstance(e.features, dict):  # a RawBatch: the bodies read again
+                try:
+                    e.features, e.requests = e.features.columns()
+                except Exception as x:
+                    error = error or f"{type(x).__name__}: {x}"
+                    continue
+            ready.append(e)
+        return (self._write(self.table(ready)) if ready else 0), error
 
     def close(self) -> None:
         self._stop.set()
@@ -343,6 +365,18 @@ WRITE_TIMEOUT = 120.0
 """A write the log's child has not answered in this many seconds (or ten ``flush_seconds``, if
 more) ends it: its rows are counted as not written, and the next write starts another."""
 
+START_RETRY_SECONDS = 30.0
+"""After a failed start of the log's child, the server's writer thread writes the log itself (as
+in replicas) and the child is started again this long after, doubling with each failed start up
+to ``START_RETRY_MAX`` (a start costs seconds of CPU: imports)."""
+
+START_RETRY_MAX = 3600.0
+
+
+class NotStarted(RuntimeError):
+    """The log's child process could not be started (now, or in its back-off after a failed start)."""
+
+
 SEND_ROWS = 1000
 """The log's writer thread sends entries to its child process in messages of about this many rows
 (one entry when bigger): at 1 row a request an entry a message made a flush thousands of sends,
@@ -366,6 +400,12 @@ class _Child:
         self.plog = plog
         self.proc: Any = None
         self.conn: Any = None
+        self.failed_starts = 0
+        self.retry_at = 0.0  # time.monotonic() from when a start may be tried again
+
+    def available(self) -> bool:
+        """Running, or it may be started now (not in the back-off after a failed start)."""
+        return (self.proc is not None and self.proc.is_alive()) or time.monotonic() >= self.retry_at
 
     def _start(self) -> None:
         ctx = multiprocessing.get_context("spawn")  # threads run here: no fork
@@ -384,7 +424,7 @@ class _Child:
         # started (imports done) before any write's clock runs
         if not ours.poll(START_TIMEOUT) or ours.recv() != "ready":
             self.stop()
-            raise RuntimeError(f"the log's writer process did not start within {START_TIMEOUT:g} s")
+            raise NotStarted(f"no answer within {START_TIMEOUT:g} s")
 
     def write(self, entries: list[Entry]) -> tuple[int, str | None]:
         """The rows the child wrote, and why not the others (None: all written). Each write is
@@ -394,9 +434,14 @@ class _Child:
             self.stop()
             try:
                 self._start()
-            except (OSError, EOFError, ValueError) as e:
+            except (OSError, EOFError, ValueError, NotStarted) as e:
                 self.stop()
-                raise RuntimeError(f"the log's writer process did not start ({type(e).__name__}: {e})") from None
+                self.failed_starts += 1
+                wait = min(START_RETRY_MAX, START_RETRY_SECONDS * 2 ** min(self.failed_starts - 1, 20))
+                self.retry_at = time.monotonic() + wait
+                why = str(e) if isinstance(e, NotStarted) else f"{type(e).__name__}: {e}"
+                raise NotStarted(f"the log's writer process did not start ({why})") from None
+            self.failed_starts = 0
         timeout = max(WRITE_TIMEOUT, 10 * self.plog.cfg.flush_seconds)
         proc, late = self.proc, threading.Event()
 
@@ -476,19 +521,8 @@ def _child_main(conn: Any, spec: Spec, root: str, options: Any, source: str, ste
             entries += pickle.loads(msg)
             continue
         files = plog.files
-        ready, error = [], None
-        for e in entries:  # one batch that does not read again costs its rows, not the write's
-            if not isinstance(e.features, dict):  # a RawBatch: the bodies read again
-                try:
-                    e.features, e.requests = e.features.columns()
-                except Exception as x:
-                    error = error or f"{type(x).__name__}: {x}"
-                    continue
-            ready.append(e)
-        written = 0
         try:
-            if ready:
-                written = plog._write(plog.table(ready))
+            written, error = plog._write_here(entries)
         except PartlyWritten as x:
             written, error = x.written, x.error
         except Exception as x:  # the parent counts them as not written
