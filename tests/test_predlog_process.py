@@ -446,3 +446,40 @@ def test_a_child_that_never_starts_is_not_started_at_every_flush(spec, tmp_path:
     finally:
         plog.close()
     assert len(_read(spec, tmp_path / "store")) == 6
+
+
+def _dies_at_its_first_write(conn, *args) -> None:
+    """A log child that starts and dies as soon as it is given work (an OOM kill, a crash)."""
+    conn.send("ready")
+    conn.recv_bytes()
+    os._exit(1)
+
+
+def test_a_child_that_dies_at_its_first_write_backs_off_like_a_failed_start(spec, tmp_path: Path,
+                                                                             monkeypatch) -> None:
+    """A child that says it is ready and dies at its first write was started again at every flush
+    (seconds of imports each) and every flush's rows were lost: it now counts as a failed start
+    (its write's rows are lost, the child may have written some), and the writer thread writes
+    the next flushes until the back-off is over."""
+    import multiprocessing.process
+
+    monkeypatch.setattr(_predlog, "_child_main", _dies_at_its_first_write)
+    real, starts = multiprocessing.process.BaseProcess.start, []
+
+    def counted(self):
+        starts.append(1)
+        return real(self)
+
+    monkeypatch.setattr(multiprocessing.process.BaseProcess, "start", counted)
+    plog = _log(spec, Store(tmp_path / "store"), True)
+    frame = pd.DataFrame({"distance": [1.0], "carrier_code": ["UA"], "plane_year": [2001.0]})
+    written = []
+    try:
+        for k in range(3):
+            plog.record("1", frame, np.array([0.1]), [(f"r{k}", 1, None)])
+            written.append(plog.flush())
+        stats = plog.stats()
+    finally:
+        plog.close()
+    assert len(starts) == 1 and written == [0, 1, 1]
+    assert stats["dropped_rows"] == 1 and stats["writer"].startswith("thread")

@@ -628,6 +628,21 @@ def test_probes_one_at_a_time_and_not_in_every_poll(spec, monkeypatch) -> None:
     asyncio.run(scenario())
 
 
+class _Rows:
+    """A prediction log that keeps (version, request id, rows) of what it is given."""
+
+    remote = False
+
+    def __init__(self) -> None:
+        self.rows: list[tuple[str, str, int]] = []
+
+    def sampled(self) -> bool:
+        return True
+
+    def record(self, version, data, preds, parts) -> None:
+        self.rows += [(version, rid, n) for rid, n, _ in parts]
+
+
 def test_a_big_request_started_over_on_the_new_version_is_logged_once(spec) -> None:
     """A request predicted in slices is paused after its first slice and started over on v2: the
     prediction log gets its rows once, all of v2 (what was answered)."""
@@ -649,22 +664,12 @@ def test_a_big_request_started_over_on_the_new_version_is_logged_once(spec) -> N
                 gate.wait(10)
             return np.full(len(frame), float(self.version))
 
-    class Log:
-        def __init__(self) -> None:
-            self.rows: list[tuple[str, int]] = []
-
-        def sampled(self) -> bool:
-            return True
-
-        def record(self, version, data, preds, parts) -> None:
-            self.rows += [(version, n) for _, n, _ in parts]
-
     fields = (("x", "double", False),)
 
     async def scenario() -> None:
         holder = ModelHolder(spec, None)  # type: ignore[arg-type]
         holder.current = Loaded("1", Model("1"), time.time(), fields)  # type: ignore[arg-type]
-        plog = Log()
+        plog = _Rows()
         batcher = Batcher(holder, plog)  # type: ignore[arg-type]
         task = asyncio.create_task(batcher.run())
         rows = 2 * MAX_BATCH_ROWS + 5
@@ -678,11 +683,21 @@ def test_a_big_request_started_over_on_the_new_version_is_logged_once(spec) -> N
         batcher.resume()
         (status, _), version = await asyncio.wait_for(job, 10)
         assert (status, version) == (200, "2")
-        assert {v for v, _ in plog.rows} == {"2"} and sum(n for _, n in plog.rows) == rows
+        assert {v for v, _, _ in plog.rows} == {"2"} and sum(n for _, _, n in plog.rows) == rows
         task.cancel()
         batcher.close()
 
     asyncio.run(scenario())
+
+
+class _Poisoned:
+    """A model whose prediction for a negative x is no JSON value: that request's answer cannot be
+    written, and its batch is answered request by request."""
+
+    def predict(self, frame):
+        out = frame["x"].to_numpy().astype(object)
+        out[out < 0] = object()
+        return out
 
 
 def test_a_big_requests_last_slice_retried_alone_is_answered_once(spec) -> None:
@@ -693,15 +708,9 @@ def test_a_big_requests_last_slice_retried_alone_is_answered_once(spec) -> None:
 
     from daybreak.deploy._serve import Batcher, Job, Loaded, ModelHolder
 
-    class Model:
-        def predict(self, frame):
-            out = frame["x"].to_numpy().astype(object)
-            out[out < 0] = object()  # not JSON: this request's answer cannot be written
-            return out
-
     fields = (("x", "double", False),)
     holder = ModelHolder(spec, None)  # type: ignore[arg-type]
-    cur = Loaded("1", Model(), time.time(), fields)
+    cur = Loaded("1", _Poisoned(), time.time(), fields)
     batcher = Batcher(holder)  # type: ignore[arg-type]
     try:
         big = Job(fields, {"x": np.arange(10.0)}, None, 10, None, "big")  # type: ignore[arg-type]
@@ -711,6 +720,33 @@ def test_a_big_requests_last_slice_retried_alone_is_answered_once(spec) -> None:
         assert answers[0] is not None and answers[0][0] == 200
         assert json.loads(answers[0][1])["predictions"] == list(range(10))
         assert answers[1] is not None and answers[1][0] == 400
+    finally:
+        batcher.close()
+
+
+@pytest.mark.parametrize("retried", ["middle", "last"])
+def test_a_big_request_whose_slice_was_retried_alone_is_logged_whole(spec, retried: str) -> None:
+    """The slices a batch retried request by request answered were not logged: a big request
+    answered with 15 rows was logged with 10, and one whose last slice was retried not at all."""
+    import numpy as np
+
+    from daybreak.deploy._serve import Batcher, Job, Loaded, ModelHolder
+
+    fields = (("x", "double", False),)
+    cur = Loaded("1", _Poisoned(), time.time(), fields)
+    plog = _Rows()
+    batcher = Batcher(ModelHolder(spec, None), plog)  # type: ignore[arg-type]
+    try:
+        rows = 15 if retried == "middle" else 10
+        big = Job(fields, {"x": np.arange(float(rows))}, None, rows, None, "big", logged=True)  # type: ignore[arg-type]
+        poison = Job(fields, {"x": np.array([-1.0])}, None, 1, None, "poison", logged=True)  # type: ignore[arg-type]
+        assert batcher._predict(cur, [(big, 0, 5)]) == [None]
+        answer = batcher._predict(cur, [(big, 5, 10), (poison, 0, 1)])[0]
+        if retried == "middle":
+            assert answer is None
+            answer = batcher._predict(cur, [(big, 10, 15)])[0]
+        assert answer is not None and json.loads(answer[1])["predictions"] == list(range(rows))
+        assert sum(n for _, rid, n in plog.rows if rid == "big") == rows and not big.unlogged
     finally:
         batcher.close()
 

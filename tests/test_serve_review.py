@@ -248,6 +248,64 @@ def test_a_parse_in_flight_survives_a_sigterm_to_the_servers_group() -> None:
         parent.kill()
 
 
+_TASKS = """
+import os, signal, time
+
+
+def big_parse(seconds, started=None):
+    # a big body's parse: busy a while, then a result bigger than a pipe's buffer
+    if started:
+        open(started, "w").close()
+    time.sleep(seconds)
+    return b"x" * (4 << 20)
+
+
+def oom():
+    # a worker the kernel's OOM killer ends mid-parse
+    os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+_BROKEN = """
+import faulthandler, os, sys, time
+from concurrent.futures.process import BrokenProcessPool
+import tasks
+from daybreak.deploy._serve import ParseWorkers
+w = ParseWorkers(2)
+pool = w.procs()
+[f.result(timeout=120) for f in [pool.submit(tasks.big_parse, 0.5) for _ in range(2)]]  # both workers up
+started = sys.argv[1]
+slow = pool.submit(tasks.big_parse, 20, started)  # one worker parses a big body
+deadline = time.monotonic() + 60
+while not os.path.exists(started) and time.monotonic() < deadline:
+    time.sleep(0.01)
+try:
+    pool.submit(tasks.oom).result(timeout=120)  # the other dies
+except BrokenProcessPool:
+    print("broken", flush=True)
+w.close()
+faulthandler.dump_traceback_later(15, exit=True)  # a hung exit ends here, with exit code 1
+sys.exit(0)
+"""
+
+
+def test_a_server_whose_parse_worker_died_still_exits(tmp_path) -> None:
+    """A broken pool ends its other workers with SIGTERM, which they ignore (they leave it to the
+    server): one parsing a big body then blocked for ever writing its result, and the server's
+    exit with it, waiting on the pool's thread. Closing (or replacing) a pool kills its workers."""
+    import os
+    import subprocess
+    import sys
+
+    (tmp_path / "tasks.py").write_text(_TASKS)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])}
+    t0 = time.monotonic()
+    p = subprocess.run([sys.executable, "-c", _BROKEN, str(tmp_path / "started")], capture_output=True, text=True,
+                       timeout=180, env=env, cwd=tmp_path)
+    assert "broken" in p.stdout
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert time.monotonic() - t0 < 60
+
+
 @pytest.mark.parametrize("how", ["close", "kill", "early"])
 def test_parse_workers_end_with_the_server(how: str) -> None:
     """A parse worker held both ends of its pool's task pipe, so it outlived a server that was

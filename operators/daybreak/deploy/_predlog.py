@@ -191,7 +191,7 @@ class PredictionLog:
         out = {"sample_rate": self.cfg.sample_rate, "written_rows": self.written_rows, "files": self.files,
                "pending_rows": self.pending_rows, "dropped_rows": self.dropped_rows, "last_error": self.last_error}
         if self._child is not None:
-            out["writer"] = "process" if self._child.failed_starts == 0 else "thread (the writer process did not start)"
+            out["writer"] = "process" if self._child.failed_starts == 0 else "thread (the writer process failed)"
         return out
 
     # --- the writer thread --------------------------------------------------------------------
@@ -430,18 +430,16 @@ class _Child:
         """The rows the child wrote, and why not the others (None: all written). Each write is
         whole or not at all on this side: whatever goes wrong midway (the child ends, a pickle
         fails, no answer within ``timeout``) ends the child, so it never writes those rows later."""
-        if self.proc is None or not self.proc.is_alive():
+        fresh = self.proc is None or not self.proc.is_alive()
+        if fresh:
             self.stop()
             try:
                 self._start()
             except (OSError, EOFError, ValueError, NotStarted) as e:
                 self.stop()
-                self.failed_starts += 1
-                wait = min(START_RETRY_MAX, START_RETRY_SECONDS * 2 ** min(self.failed_starts - 1, 20))
-                self.retry_at = time.monotonic() + wait
+                self._back_off()
                 why = str(e) if isinstance(e, NotStarted) else f"{type(e).__name__}: {e}"
                 raise NotStarted(f"the log's writer process did not start ({why})") from None
-            self.failed_starts = 0
         timeout = max(WRITE_TIMEOUT, 10 * self.plog.cfg.flush_seconds)
         proc, late = self.proc, threading.Event()
 
@@ -467,6 +465,8 @@ class _Child:
             written, files, error = self.conn.recv()
         except BaseException as e:
             self.stop()
+            if fresh:  # started and died at its first write (an import, memory): as a failed start
+                self._back_off()
             if not isinstance(e, OSError | EOFError):
                 raise
             if late.is_set():
@@ -474,8 +474,15 @@ class _Child:
             raise RuntimeError(f"the log's writer process ended ({type(e).__name__})") from None
         finally:
             watchdog.cancel()
+        self.failed_starts = 0
         self.plog.files += files
         return written, error
+
+    def _back_off(self) -> None:
+        """Not started again before START_RETRY_SECONDS, doubling with each failed start."""
+        self.failed_starts += 1
+        wait = min(START_RETRY_MAX, START_RETRY_SECONDS * 2 ** min(self.failed_starts - 1, 20))
+        self.retry_at = time.monotonic() + wait
 
     def stop(self) -> None:
         if self.conn is not None:

@@ -1523,7 +1523,14 @@ class Batcher:
                     log.warning("prediction log: a parsed request was not logged", exc_info=True)
             if job.frame is not None:
                 return _predictions(preds)
-            return self._slice_answer(job, start, stop, preds)
+            answer = self._slice_answer(job, start, stop, preds)
+            if job.logged and job.fields == cur.fields:  # (a batch retried request by request)
+                try:
+                    assert cur.fields is not None
+                    self._log(cur, batch_columns([_cut(job, start, stop)], cur.fields), preds, [(job, start, stop)])
+                except Exception:  # the log never fails a request
+                    log.warning("prediction log: a request was not logged", exc_info=True)
+            return answer
         except MlflowException as e:
             log.warning("request %s refused by the model: %s", job.request_id, e.message[:2000])
             return error(400, clean(e.message))
@@ -1632,14 +1639,27 @@ class ParseWorkers:
                 log.error("a parse worker died (a %d-byte body); starting another", size)
                 if self._procs is pool:
                     self._procs = None
-                    pool.shutdown(wait=False, cancel_futures=True)
+                    _end_pool(pool)
                 raise
         return await loop.run_in_executor(self.thread, parse_request, raw, mime, fields, ids, schema_json, max_rows)
 
     def close(self) -> None:
         self.thread.shutdown(wait=False, cancel_futures=True)
-        if self._procs is not None:  # (not waiting: a worker ends within a second of the server, `_parse_worker`)
-            self._procs.shutdown(wait=False, cancel_futures=True)
+        if self._procs is not None:  # (after the graceful shutdown: nothing of the server's is in flight)
+            _end_pool(self._procs)
+
+
+def _end_pool(pool: Executor) -> None:
+    """Shut a pool of parse workers down without waiting, and kill its workers: they ignore the
+    SIGTERM a broken pool ends its workers with (``_parse_worker``), and one left parsing a big
+    body would block for ever writing its result, and the server's exit on the pool's thread."""
+    workers = list((getattr(pool, "_processes", None) or {}).values())
+    pool.shutdown(wait=False, cancel_futures=True)
+    for w in workers:
+        try:
+            w.kill()
+        except (OSError, ValueError):  # gone already, or closed
+            pass
 
 
 class Hooks:
