@@ -458,9 +458,8 @@ def _dies_at_its_first_write(conn, *args) -> None:
 def test_a_child_that_dies_at_its_first_write_backs_off_like_a_failed_start(spec, tmp_path: Path,
                                                                              monkeypatch) -> None:
     """A child that says it is ready and dies at its first write was started again at every flush
-    (seconds of imports each) and every flush's rows were lost: it now counts as a failed start
-    (its write's rows are lost, the child may have written some), and the writer thread writes
-    the next flushes until the back-off is over."""
+    (seconds of imports each) and every flush's rows were lost: it now counts as a failed start,
+    and the writer thread writes the next flushes until the back-off is over."""
     import multiprocessing.process
 
     monkeypatch.setattr(_predlog, "_child_main", _dies_at_its_first_write)
@@ -481,5 +480,7 @@ def test_a_child_that_dies_at_its_first_write_backs_off_like_a_failed_start(spec
         stats = plog.stats()
     finally:
         plog.close()
-    assert len(starts) == 1 and written == [0, 1, 1]
-    assert stats["dropped_rows"] == 1 and stats["writer"].startswith("thread")
+    # its first flush's rows are lost if it died once told to write (it may have written some),
+    # else the writer thread wrote them: which comes first, its death or the last send, is a race
+    assert len(starts) == 1 and written[0] in (0, 1) and written[1:] == [1, 1]
+    assert stats["dropped_rows"] == 1 - written[0] and stats["writer"].startswith("thread")

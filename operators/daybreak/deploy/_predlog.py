@@ -450,6 +450,7 @@ class _Child:
         watchdog = threading.Timer(timeout, end)
         watchdog.daemon = True
         watchdog.start()
+        told = False  # the child was told to write (then it may have written some)
         try:
             chunk: list[Entry] = []
             rows = 0
@@ -462,11 +463,15 @@ class _Child:
             if chunk:
                 self.conn.send_bytes(pickle.dumps(chunk, pickle.HIGHEST_PROTOCOL))
             self.conn.send_bytes(b"")  # write what you hold
+            told = True
             written, files, error = self.conn.recv()
         except BaseException as e:
             self.stop()
-            if fresh:  # started and died at its first write (an import, memory): as a failed start
+            if fresh and isinstance(e, OSError | EOFError) and not late.is_set():
+                # started, and died before its first answer (an import, memory): as a failed start
                 self._back_off()
+                if not told:  # it wrote nothing: the writer thread writes them
+                    raise NotStarted(f"it ended before its first write ({type(e).__name__})") from None
             if not isinstance(e, OSError | EOFError):
                 raise
             if late.is_set():
