@@ -222,8 +222,6 @@ class PredictionLog:
                         written, error = self._write_here(entries)
                 else:
                     written, error = self._write_here(entries)
-            except PartlyWritten as e:
-                written, error = e.written, e.error
             except Exception as e:  # the store is down, say: the server goes on, the rows are counted
                 written, error = 0, f"{type(e).__name__}: {e}"
             self.written_rows += written
@@ -251,7 +249,10 @@ class PredictionLog:
                     error = error or f"{type(x).__name__}: {x}"
                     continue
             ready.append(e)
-        return (self._write(self.table(ready)) if ready else 0), error
+        if not ready:
+            return 0, error
+        written, failed = self._write(self.table(ready))
+        return written, failed or error
 
     def close(self) -> None:
         self._stop.set()
@@ -319,9 +320,10 @@ class PredictionLog:
             days = np.where(np.isnat(local), days, local)
         return days
 
-    def _write(self, t: pa.Table) -> int:
-        """Write a file a day; returns the rows written. A day that fails after others were written
-        raises ``PartlyWritten`` (those rows are on disk: counted written, not dropped)."""
+    def _write(self, t: pa.Table) -> tuple[int, str | None]:
+        """Write a file a day; returns the rows written and why not the others (None: all
+        written). A day that fails after others were written stops the write: the days before are
+        on disk, counted written. Raises when nothing was written."""
         days = self._days(t)
         written = 0
         for day in np.unique(days):
@@ -331,9 +333,9 @@ class PredictionLog:
             except Exception as e:
                 if not written:
                     raise
-                raise PartlyWritten(written, f"{type(e).__name__}: {e}") from e
+                return written, f"{type(e).__name__}: {e}"
             written += part.num_rows
-        return written
+        return written, None
 
     def _write_day(self, part: pa.Table, day: Any) -> None:
         folder = self.store.path(self.zone, f"date={day}")
@@ -348,14 +350,6 @@ class PredictionLog:
             pq.write_table(part, posixpath.join(folder, name), filesystem=self.store.fs,
                            **_parquet_options(part.schema))
         self.files += 1
-
-
-class PartlyWritten(Exception):
-    """A write of several days failed after `written` rows were written (the days before)."""
-
-    def __init__(self, written: int, error: str) -> None:
-        super().__init__(written, error)
-        self.written, self.error = written, error
 
 
 START_TIMEOUT = 120.0
@@ -535,8 +529,6 @@ def _child_main(conn: Any, spec: Spec, root: str, options: Any, source: str, ste
         files = plog.files
         try:
             written, error = plog._write_here(entries)
-        except PartlyWritten as x:
-            written, error = x.written, x.error
         except Exception as x:  # the parent counts them as not written
             written, error = 0, f"{type(x).__name__}: {x}"
         entries = []

@@ -648,8 +648,7 @@ class RawBatch:
 
     def columns(self) -> tuple[dict[str, np.ndarray], list[tuple[str, int, dict | None]]]:
         """The batch's model input (``batch_columns``) and its requests (id, rows, identity columns)."""
-        small = 8 * CONVERT_ROWS * len(self.fields)  # (bodies `parse_fast` may read by counting strings)
-        if all(len(raw) < small for raw in self.raws):
+        if not any(_may_count_strings(raw, self.fields) for raw in self.raws):
             merged = self._merged()
             if merged is not None:
                 return merged
@@ -679,14 +678,14 @@ class RawBatch:
                     columns = split.get("columns")
                 elif split.get("columns") != columns:
                     return None
-                if type(data) is not list or type(columns) is not list:
+                if type(data) is not list or not data or type(columns) is not list:
                     return None
                 rows += data
                 counts.append(len(data))
         except orjson.JSONDecodeError:
             return None
         block = _split_block({"columns": columns, "data": rows}, self.fields, self.ids, None)
-        if type(block) is not Block or len(block.doubles) != len(rows) or 0 in counts:
+        if type(block) is not Block:
             return None
         carried = [k for k in self.ids if k in block]
         requests: list[tuple[str, int, dict | None]] = []
@@ -810,6 +809,12 @@ def _json_strings(raw: bytes) -> int | None:
     return quotes // 2
 
 
+def _may_count_strings(raw: bytes, fields: Fields) -> bool:
+    """Whether ``parse_fast`` counts a body's strings (``fast_columns``): only bodies that may
+    reach CONVERT_ROWS rows, at least 8 bytes a value."""
+    return len(raw) >= 8 * CONVERT_ROWS * len(fields)
+
+
 def parse_fast(raw: bytes, fields: Fields | None, ids: frozenset[str], max_rows: int) -> Parsed | None:
     """On the event loop, for small JSON bodies: orjson and the fast path, or None (then
     `parse_request` decides off the loop)."""
@@ -821,9 +826,7 @@ def parse_fast(raw: bytes, fields: Fields | None, ids: frozenset[str], max_rows:
         body = orjson.loads(raw)
     except orjson.JSONDecodeError:
         return None
-    strings = None  # (counted only for bodies that may reach CONVERT_ROWS rows: at least 8 bytes a value)
-    if len(raw) >= 8 * CONVERT_ROWS * len(fields) and b"\\" not in raw:
-        strings = _json_strings(raw)
+    strings = _json_strings(raw) if _may_count_strings(raw, fields) and b"\\" not in raw else None
     cols = fast_columns(body, fields, ids, strings) if type(body) is dict else None
     if cols is None:
         return None
