@@ -497,6 +497,22 @@ def _getter(positions: Sequence[int]) -> Callable[[list], tuple]:
     return itemgetter(*positions)
 
 
+def _doubles(columns: list[tuple], rows: int) -> np.ndarray | None:
+    """Columns of numbers and nulls as a float64 matrix (`rows` x columns, column-major), nulls as
+    NaN; None when a value is not a number (a container), SLOW when one is too large for a double.
+    Converted as columns: numpy's cost goes with the sequences it walks as much as with the values
+    (100 rows of 17 doubles: 24 us as 17 columns against 30 us as 100 rows)."""
+    try:
+        doubles = np.array(columns, dtype=np.float64)  # None -> NaN, as MLflow's parser makes it
+    except OverflowError:
+        return SLOW
+    except (TypeError, ValueError):  # a container: not a double column's value
+        return None
+    if doubles.shape != (len(columns), rows):
+        return None
+    return doubles.T
+
+
 class SplitPlan:
     """How to read the rows of a ``dataframe_split`` body with a given list of columns (checked
     once per list: ``_split_plan``): which positions hold double columns, text columns and
@@ -510,11 +526,13 @@ class SplitPlan:
         texts = [n for n in columns if n in kinds and kinds[n][0] == "string"]
         self.width = len(columns)
         self.index = {n: j for j, n in enumerate(doubles)}
-        self.doubles = _getter([pos[n] for n in doubles]) if doubles else None
-        required = [pos[n] for n in doubles if not kinds[n][1]]
-        self.required = _getter(required) if required else None  # double columns that may not be null
+        self.double_at = [pos[n] for n in doubles]
+        self.doubles = _getter(self.double_at) if doubles else None
+        self.required_at = [pos[n] for n in doubles if not kinds[n][1]]  # double columns that may not be null
+        self.required = _getter(self.required_at) if self.required_at else None
         self.texts = {n: frozenset((str, NoneType) if kinds[n][1] else (str,)) for n in texts}  # what each may hold
         self.other_names = texts + [n for n in columns if n not in kinds]  # then the identity columns
+        self.other_at = [(n, pos[n]) for n in self.other_names]
         self.others = _getter([pos[n] for n in self.other_names]) if self.other_names else None
 
     def read(self, rows: list, json_strings: int | None) -> Block | None:
@@ -525,35 +543,34 @@ class SplitPlan:
             return self._one(rows[0])
         if set(map(type, rows)) != {list} or set(map(len, rows)) != {self.width}:
             return None
-        other: dict[str, Sequence] = {}
-        if self.others is not None:
-            other = dict(zip(self.other_names, zip(*map(self.others, rows), strict=True), strict=True))
-            for name, allowed in self.texts.items():
-                if not allowed.issuperset(map(type, other[name])):
-                    return None
+        # Column by column (``zip`` regroups the rows' values in C), not row by row: the text and
+        # identity columns come out as they are kept, and the doubles convert faster (``_doubles``).
+        # Measured on the flights model, a 100-row body: 102 us parsed against 125 us by rows.
+        by_column = list(zip(*rows))
+        other = {name: by_column[k] for name, k in self.other_at}
+        strings = 0
+        for name, allowed in self.texts.items():
+            kinds = list(map(type, other[name]))
+            if not allowed.issuperset(kinds):
+                return None
+            strings += kinds.count(str)
         n = len(rows)
         if self.doubles is None:
             return Block(np.empty((n, 0)), self.index, other)
-        values = list(map(self.doubles, rows))
+        values = [by_column[k] for k in self.double_at]
         # Every JSON string: the format key, "columns", "data", the column names and the values. When
         # the text and identity columns hold them all, the double columns hold only numbers, nulls or
         # containers (the conversion fails on a container); otherwise each value's type is checked.
-        counted = json_strings is not None and json_strings - 3 - self.width == sum(
-            list(map(type, v)).count(str) for v in other.values())
+        counted = json_strings is not None and json_strings - 3 - self.width == strings + sum(
+            list(map(type, other[name])).count(str) for name in self.other_names[len(self.texts):])
         if not counted and not set(map(type, chain.from_iterable(values))) <= {float, int, NoneType}:
             return None
-        if self.required is not None and None in chain.from_iterable(map(self.required, rows)):
+        if any(None in by_column[k] for k in self.required_at):
             return None
-        try:
-            doubles = np.array(values, dtype=np.float64)  # None -> NaN, as MLflow's parser makes it
-        except OverflowError:
-            return SLOW
-        except (TypeError, ValueError):  # a container: not a double column's value
-            return None
-        if doubles.shape != (n, len(self.index)):
-            return None
+        doubles = _doubles(values, n)
+        if doubles is None or doubles is SLOW:
+            return doubles
         return Block(doubles, self.index, other)
-
 
     def _one(self, row: Any) -> Block | None:
         """``read`` of a single row."""
