@@ -588,7 +588,7 @@ def test_split_rows_read_as_one_matrix_give_the_columns_of_the_general_reading()
     assert huge is not None and type(huge) is not Block and list(chain(huge["b"])) == [10**400]
     huge = split([*rows, [None, 10**400, 1, 1.0, "s"]])  # among other rows (read column by column)
     assert huge is not None and type(huge) is not Block and list(huge["b"])[-1] == 10**400
-    assert batch_columns([split(rows + [[None, 2**64, 1, 1.0, "s"]])], fields)["b"][-1] == float(2**64)
+    assert batch_columns([split([*rows, [None, 2**64, 1, 1.0, "s"]])], fields)["b"][-1] == float(2**64)
 
 
 def test_json_strings_counts_quotes_and_sees_every_boolean() -> None:
