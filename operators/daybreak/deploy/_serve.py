@@ -440,7 +440,7 @@ SLOW = cast("Block", object())  # ``SplitPlan.read``: leave the body to fast_col
 def _split_block(data: Any, fields: Fields, ids: frozenset[str], json_strings: int | None) -> Block | None:
     """A ``dataframe_split`` body's rows read by its columns' plan (``SplitPlan``), None when the
     fast path does not take it, or SLOW: then only ``fast_columns``' general checks can tell."""
-    if type(data) is not dict or data.keys() != {"columns", "data"}:
+    if type(data) is not dict or len(data) != 2 or "columns" not in data or "data" not in data:
         return None
     columns, rows = data["columns"], data["data"]
     if type(columns) is not list or type(rows) is not list or not rows:
@@ -533,6 +533,7 @@ class SplitPlan:
         self.texts = {n: frozenset((str, NoneType) if kinds[n][1] else (str,)) for n in texts}  # what each may hold
         self.other_names = texts + [n for n in columns if n not in kinds]  # then the identity columns
         self.other_at = [(n, pos[n]) for n in self.other_names]
+        self.text_at = [(pos[n], allowed) for n, allowed in self.texts.items()]
         self.others = _getter([pos[n] for n in self.other_names]) if self.other_names else None
 
     def read(self, rows: list, json_strings: int | None) -> Block | None:
@@ -563,7 +564,7 @@ class SplitPlan:
         # containers (the conversion fails on a container); otherwise each value's type is checked.
         counted = json_strings is not None and json_strings - 3 - self.width == strings + sum(
             list(map(type, other[name])).count(str) for name in self.other_names[len(self.texts):])
-        if not counted and not set(map(type, chain.from_iterable(values))) <= {float, int, NoneType}:
+        if not counted and not _NUMBERS.issuperset(map(type, chain.from_iterable(values))):
             return None
         if any(None in by_column[k] for k in self.required_at):
             return None
@@ -576,24 +577,25 @@ class SplitPlan:
         """``read`` of a single row."""
         if type(row) is not list or len(row) != self.width:
             return None
-        other: dict[str, Sequence] = {}
-        if self.others is not None:
-            other = dict(zip(self.other_names, zip(self.others(row), strict=True), strict=True))
-            for name, allowed in self.texts.items():
-                if type(other[name][0]) not in allowed:
-                    return None
+        for k, allowed in self.text_at:
+            if type(row[k]) not in allowed:
+                return None
+        other: dict[str, Sequence] = {name: (row[k],) for name, k in self.other_at}
         if self.doubles is None:
             return Block(np.empty((1, 0)), self.index, other)
         values = self.doubles(row)
-        if not set(map(type, values)) <= {float, int, NoneType}:
+        if not _NUMBERS.issuperset(map(type, values)):
             return None
         if self.required is not None and None in self.required(row):
             return None
         try:
-            doubles = np.array([values], dtype=np.float64)  # None -> NaN, as MLflow's parser makes it
+            doubles = np.array(values, dtype=np.float64)[None]  # None -> NaN, as MLflow's parser makes it
         except OverflowError:
             return SLOW
         return Block(doubles, self.index, other)
+
+
+_NUMBERS = frozenset((float, int, NoneType))  # what a double column's JSON values may be
 
 
 _PLANS: dict[tuple[str, ...], SplitPlan] = {}
@@ -847,8 +849,8 @@ def parse_fast(raw: bytes, fields: Fields | None, ids: frozenset[str], max_rows:
     cols = fast_columns(body, fields, ids, strings) if type(body) is dict else None
     if cols is None:
         return None
-    if type(cols) is Block:
-        rows, carried = len(cols.doubles), not ids.isdisjoint(cols)
+    if type(cols) is Block:  # (identity columns are among its other columns)
+        rows, carried = len(cols.doubles), bool(ids) and not ids.isdisjoint(cols.other)
     else:
         rows, carried = len(next(iter(cols.values()))), not ids.isdisjoint(cols)
     _rows_limit(rows, max_rows)
