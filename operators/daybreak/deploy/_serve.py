@@ -1113,7 +1113,7 @@ class Job:
     columns: Columns | None  # None: `frame`, from MLflow's parser
     frame: Any
     rows: int
-    future: asyncio.Future = field(repr=False)
+    future: asyncio.Future[tuple[Answer, str]] | Direct = field(repr=False)
     request_id: str = ""
     logged: bool = False  # sampled for the prediction log
     done: int = 0  # rows handed to batches (a request bigger than a batch goes in slices)
@@ -1127,6 +1127,24 @@ class Job:
 
 Answer = tuple[int, bytes]  # HTTP status and JSON body
 Slice = tuple[Job, int, int]  # a job and the rows [start, stop) of it in a batch
+
+
+class Direct:
+    """In place of a job's asyncio future (``Batcher.enqueue``): its answer and version go
+    straight to `fn` when the batch sets them, with no loop turn and no future per request
+    (about half a microsecond of a 1-row request's 40). `fn` must not raise."""
+
+    __slots__ = ("answered", "fn")
+
+    def __init__(self, fn: Callable[[tuple[Answer, str]], None]) -> None:
+        self.fn, self.answered = fn, False
+
+    def done(self) -> bool:
+        return self.answered
+
+    def set_result(self, result: tuple[Answer, str]) -> None:
+        self.answered = True
+        self.fn(result)
 
 
 def _json(obj: Any) -> bytes:
@@ -1271,12 +1289,16 @@ class Batcher:
     async def submit(self, parsed: Parsed, fields: Fields | None, request_id: str = "",
                      logged: bool = True) -> tuple[Answer, str]:
         """Queue a checked request; returns its answer and the version that answered it."""
-        return await self.enqueue(parsed, fields, request_id, logged)
+        future = self.enqueue(parsed, fields, request_id, logged)
+        assert isinstance(future, asyncio.Future)
+        return await future
 
-    def enqueue(self, parsed: Parsed, fields: Fields | None, request_id: str = "",
-                logged: bool = True) -> asyncio.Future[tuple[Answer, str]]:
-        """Queue a checked request; its future gets its answer and the version that answered it."""
-        job = Job(fields, parsed.columns, parsed.frame, parsed.rows, asyncio.get_running_loop().create_future(),
+    def enqueue(self, parsed: Parsed, fields: Fields | None, request_id: str = "", logged: bool = True,
+                direct: Direct | None = None) -> asyncio.Future[tuple[Answer, str]] | Direct:
+        """Queue a checked request; its future (or `direct`) gets its answer and the version that
+        answered it."""
+        job = Job(fields, parsed.columns, parsed.frame, parsed.rows,
+                  direct if direct is not None else asyncio.get_running_loop().create_future(),
                   request_id, logged and self.plog is not None and self.plog.sampled(), carried=parsed.ids,
                   raw=parsed.raw)
         if self.max_wait is not None:
@@ -2050,10 +2072,10 @@ class Invocations:
             log.exception("reading request %s failed", request_id)
             return _internal(request_id)
 
-    def _queue(self, parsed: Parsed, fields: Fields | None, request_id: str,
-               logged: bool) -> Answer | asyncio.Future[tuple[Answer, str]]:
+    def _queue(self, parsed: Parsed, fields: Fields | None, request_id: str, logged: bool,
+               direct: Direct | None = None) -> Answer | asyncio.Future[tuple[Answer, str]] | Direct:
         """A parsed request's refusal, or its place in the batcher (a future of its answer and the
-        version that gave it)."""
+        version that gave it, or `direct`)."""
         if parsed.ids and self.expected is None:
             return error(403, f"this request carries identity columns ({', '.join(sorted(self.api.state.batcher.ids))}"
                               f"), which the prediction log keeps for the label join: they are accepted only from a "
@@ -2064,7 +2086,7 @@ class Invocations:
         if parsed.rows > MAX_BATCH_ROWS and batcher.big_rows + parsed.rows > big_budget:
             # big requests have a budget of their own: they never crowd out the small ones
             return error(503, "overloaded: too many rows of big requests waiting; retry shortly")
-        return batcher.enqueue(parsed, fields, request_id, logged)
+        return batcher.enqueue(parsed, fields, request_id, logged, direct)
 
     async def answer(self, scope: dict, receive: Callable, request_id: str,
                      logged: bool = True) -> tuple[int, bytes, str | None]:
@@ -2089,6 +2111,7 @@ class Invocations:
         queued = self._queue(parsed, cur.fields, request_id, logged)
         if isinstance(queued, tuple):
             return *queued, None
+        assert isinstance(queued, asyncio.Future)
         (status, payload), served = await queued
         return status, payload, served if status == 200 else None
 
@@ -2116,18 +2139,25 @@ class Invocations:
                 status, payload, served = *_internal(request_id), None
             answered(status, payload, served)
 
+        def now(result: tuple[Answer, str]) -> None:  # set by the batch itself: never raise into it
+            try:
+                (status, payload), served = result
+                answered(status, payload, served)
+            except Exception:
+                log.exception("request %s failed", request_id)
+
         try:
-            queued = self._fast(dict(headers), raw, request_id)
+            queued = self._fast(dict(headers), raw, request_id, Direct(now))
         except Exception:  # a bug: this request gets a 500 in MLflow's format, the others go on
             log.exception("request %s failed", request_id)
             queued = _internal(request_id)
         if isinstance(queued, tuple):
             answered(*queued, None)
-        else:
+        elif isinstance(queued, asyncio.Future):  # (parsed off the loop)
             queued.add_done_callback(predicted)
 
-    def _fast(self, headers: dict[bytes, bytes], raw: bytes,
-              request_id: str) -> Answer | asyncio.Future[tuple[Answer, str]]:
+    def _fast(self, headers: dict[bytes, bytes], raw: bytes, request_id: str,
+              direct: Direct) -> Answer | asyncio.Future[tuple[Answer, str]] | Direct:
         refused, mime, _, cur = self._admit(headers)
         if refused is not None:
             return refused
@@ -2138,14 +2168,17 @@ class Invocations:
             return error(e.status, e.message)
         if parsed is None:  # not the usual shape: parsed off the loop, as ``answer`` does
             return asyncio.ensure_future(self._parse_queue(raw, mime, cur, request_id))
-        return self._queue(parsed, cur.fields, request_id, True)
+        return self._queue(parsed, cur.fields, request_id, True, direct)
 
     async def _parse_queue(self, raw: bytes, mime: str, cur: Loaded, request_id: str) -> tuple[Answer, str]:
         parsed = await self._parsed(raw, mime, cur, request_id, fast_tried=True)
         if isinstance(parsed, tuple):
             return parsed, ""
         queued = self._queue(parsed, cur.fields, request_id, True)
-        return (queued, "") if isinstance(queued, tuple) else await queued
+        if isinstance(queued, tuple):
+            return queued, ""
+        assert isinstance(queued, asyncio.Future)
+        return await queued
 
     async def _online_body(self, scope: dict, receive: Callable) -> tuple[int, bytes] | tuple[None, bytes]:
         """The body of a raw-row request or an event push (JSON only, the limits of
