@@ -160,7 +160,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from functools import lru_cache, partial
 from itertools import chain, count, repeat
-from operator import eq, itemgetter
+from operator import attrgetter, eq, itemgetter
 from types import NoneType
 from typing import TYPE_CHECKING, Any, cast
 
@@ -624,6 +624,9 @@ def _field_info(fields: Fields) -> tuple[list[str], set[str], tuple[tuple[frozen
     return names, set(names), tuple((allowed, tuple(group)) for allowed, group in groups.items())
 
 
+_other = attrgetter("other")  # a Block's text and identity columns
+
+
 def batch_columns(parts: list[Columns], fields: Fields) -> dict[str, np.ndarray]:
     """Every part's rows as numpy columns, with the dtypes MLflow's parser gives the signature's types.
     Parts are tuples (parsed on the loop) or numpy arrays (checked or parsed off it)."""
@@ -641,7 +644,8 @@ def batch_columns(parts: list[Columns], fields: Fields) -> dict[str, np.ndarray]
             if j is not None:
                 data[name] = doubles[:, j]
             else:
-                data[name] = np.array(list(chain.from_iterable(p[name] for p in parts)), dtype=object)
+                data[name] = np.array(list(chain.from_iterable(map(itemgetter(name), map(_other, blocks)))),
+                                      dtype=object)
         return data
     for name, kind, _ in fields:
         dtype = np.float64 if kind == "double" else object
@@ -1449,7 +1453,9 @@ class Batcher:
         """Whether to predict this batch (of `rows` rows) on the loop: all of the fast path, a fast
         predict, and measured to take at most INLINE_SECONDS for this version, or (not measured)
         small."""
-        if cur.fast is None or any(j.columns is None or j.fields != cur.fields for j, _, _ in slices):
+        fields = cur.fields  # (the same object, unless a job was checked against another version's)
+        if cur.fast is None or any(j.columns is None or (j.fields is not fields and j.fields != fields)
+                                   for j, _, _ in slices):
             return False
         measured = self._row_seconds
         if measured is not None and measured[0] == cur.version:
@@ -1471,7 +1477,9 @@ class Batcher:
         None for a slice of a big job that is not its last. Without `one_by_one` (on the loop), a
         failed batched predict returns [] instead of answering each request alone."""
         answers: dict[int, Answer | None] = {}
-        fast = [i for i, (j, _, _) in enumerate(slices) if j.columns is not None and j.fields == cur.fields]
+        fields = cur.fields
+        fast = [i for i, (j, _, _) in enumerate(slices)
+                if j.columns is not None and (j.fields is fields or j.fields == fields)]
         if fast:
             try:
                 assert cur.fields is not None  # the fast-path jobs' columns were checked against them
@@ -1479,10 +1487,14 @@ class Batcher:
                 cpu = time.thread_time() if timed else 0.0
                 data = batch_columns([_cut(*slices[i]) for i in fast], cur.fields)
                 preds = np.asarray(cur.fast(data) if cur.fast is not None else cur.model.predict(pd.DataFrame(data)))
+                values = preds.tolist()  # the answers' numbers, converted once a batch
                 start = 0
                 for i in fast:
                     job, a, b = slices[i]
-                    answers[i] = self._slice_answer(job, a, b, preds[start:start + b - a])
+                    if a == 0 and b == job.rows:  # a whole request (not a big one's slice): the usual
+                        answers[i] = 200, _json({"predictions": values[start:start + b]})
+                    else:
+                        answers[i] = self._slice_answer(job, a, b, preds[start:start + b - a])
                     start += b - a
                 try:
                     self._log(cur, data, preds, [slices[i] for i in fast])
