@@ -47,12 +47,13 @@ from collections.abc import Iterator, Sequence, Set
 from concurrent.futures import Future
 from dataclasses import dataclass
 from datetime import date, timedelta
-from typing import TYPE_CHECKING, Any, TypedDict
+from typing import Any, TypedDict
 
 import numpy as np
 import pandas  # noqa: F401  (lookup_join converts to pandas: loaded with the module, not on the first slice)
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq  # (with the module: the step reads Parquet from its first slice)
 
 from daybreak.infra.compute import THREADS_ENV, choose_compute, ensure_ray, process_threads
 from daybreak.infra.context import RunContext
@@ -69,9 +70,6 @@ from daybreak.spec import (
     parse_duration,
     window_feature_names,
 )
-
-if TYPE_CHECKING:
-    import pyarrow.parquet as pq
 
 log = logging.getLogger(__name__)
 
@@ -140,8 +138,6 @@ def _read_slices(items: pa.Table, fs: Any, wanted: Set[str] | None = None) -> li
 
     Read on the calling thread: the step's tasks (on the pool, or Ray's) are its parallelism;
     Arrow's own threads under them only add hand-offs (a third more CPU for a 10k-row slice)."""
-    import pyarrow.parquet as pq
-
     out = []
     for item in items.to_pylist():
         pf = pq.ParquetFile(fs.open_input_file(item["path"]))
@@ -740,8 +736,6 @@ def day_run(items: pa.Table, f: FeatureSpec, fs: Any, task: str, joins: list[tup
     """Compute one slice's rows (``day_rows``), sort them, and write them to `path`: a sorted run
     for ``merge_runs``. Only a summary travels back: the rows never enter the object store.
     In process (`path` None) the run stays in memory (``table``), and is merged the same way."""
-    import pyarrow.parquet as pq
-
     t = day_rows(items, f, fs, task, joins, *tables_and_indexes)
     t = t.sort_by([(c, "ascending") for c in [EVENT_TIME, *f.keys]])
     out = {"path": path, "rows": t.num_rows, "schema": t.schema,
@@ -982,8 +976,6 @@ def read_table(files: list[str], fs: Any, columns: list[str] | None = None, thre
     """The files' rows (`columns` only, if given), in order; with `threads`, decoded on Arrow's
     threads (the feature step reads on its own: its tasks run beside it, and a process that never
     starts Arrow's pool saves its start, ~10 ms of a 100k-row step)."""
-    import pyarrow.parquet as pq
-
     # By name: a source's days may list its columns in another order (its contract reordered in the spec).
     return pa.concat_tables([pq.ParquetFile(fs.open_input_file(p)).read(columns=columns, use_threads=threads)
                              for p in files], promote_options="default")
@@ -1322,8 +1314,6 @@ def leak_check(spec: Spec, files: list[str], fs: Any) -> dict[str, Any]:
     """Run ``leak_suspects`` on the day's rows (the run's files, not yet published) as
     ``features.leak_check`` says: block raises a ContractError naming the feature(s), so
     nothing is published; warn logs them. Returns what the manifest records."""
-    import pyarrow.parquet as pq
-
     f = spec.features
     mode = f.leak_check
     if mode == "off":
@@ -1356,8 +1346,6 @@ def leak_check(spec: Spec, files: list[str], fs: Any) -> dict[str, Any]:
 
 def day_slices(files: list[str], fs: Any, slice_rows: int) -> list[tuple[str, list[int]]]:
     """(file, row groups) slices of about `slice_rows` rows, from the Parquet footers."""
-    import pyarrow.parquet as pq
-
     out = []
     for path in files:
         meta = pq.ParquetFile(fs.open_input_file(path)).metadata
@@ -1414,8 +1402,6 @@ class PartWriter:
 
     def _write(self, table: pa.Table) -> None:
         import posixpath
-
-        import pyarrow.parquet as pq
 
         if self.writer is None or self.in_file >= FILE_ROWS:
             if self.writer is not None:
@@ -1478,8 +1464,6 @@ def merge_runs(runs: list[dict[str, Any]], keys: list[str], fs: Any, folder: str
     smallest "last row read" of any run are final; they are sorted together and written, and the
     runs whose rows read are all written are read further. Memory is bounded by MERGE_POOL_ROWS and a row group.
     """
-    import pyarrow.parquet as pq
-
     dicts = {}
     for k in keys:
         d = pc.unique(pa.concat_arrays([r["keys"][k] for r in runs])) if runs else pa.array([])
