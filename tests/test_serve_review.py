@@ -332,3 +332,80 @@ def test_parse_workers_end_with_the_server(how: str) -> None:
                 w.kill()
             except psutil.NoSuchProcess:
                 pass
+
+
+def _split_parsed(rows: int, fields: tuple) -> object:
+    import orjson
+
+    from daybreak.deploy import _serve
+
+    raw = orjson.dumps({"dataframe_split": {"columns": ["a", "b"], "data": [[float(k), None] for k in range(rows)]}})
+    parsed = _serve.parse_fast(raw, fields, frozenset(), 10**7)
+    assert parsed is not None
+    parsed.raw = raw
+    return parsed
+
+
+def test_a_reply_that_raises_costs_only_its_request() -> None:
+    """A fast-path request's answer goes straight to its reply (``Direct``): a reply that raises
+    is logged, and the batch's other requests, a big one's slices included, are answered once
+    each (found in review: the error escaped the batch and left the rest unanswered)."""
+    import orjson
+
+    from daybreak.deploy import _serve
+
+    fields = (("a", "double", False), ("b", "double", True))
+
+    class Model:
+        def predict(self, frame: pd.DataFrame) -> np.ndarray:
+            return np.asarray(frame["a"], dtype=float) * 2
+
+    async def main() -> dict[int, list]:
+        holder = SimpleNamespace(current=_serve.Loaded("7", Model(), time.time(), fields, lambda d: d["a"] * 2))
+        batcher = _serve.Batcher(holder)
+        got: dict[int, list] = {}
+
+        def reply(i: int):
+            def fn(result: tuple) -> None:
+                got.setdefault(i, []).append(result)
+                if i == 2:
+                    raise RuntimeError("the reply failed")
+            return fn
+
+        for i, rows in enumerate([1, 3, 1, _serve.MAX_BATCH_ROWS + 500, 5]):
+            batcher.enqueue(_split_parsed(rows, fields), fields, f"r{i}", True, _serve.Direct(reply(i)))
+        loop, last = asyncio.get_running_loop(), (0, 0.0)
+        while batcher.pending or batcher.big is not None:
+            last = await batcher._batch(loop, *last)
+        batcher.close()
+        return got
+
+    got = asyncio.run(main())
+    assert sorted(got) == [0, 1, 2, 3, 4] and all(len(v) == 1 for v in got.values())
+    for i, rows in enumerate([1, 3, 1, _serve.MAX_BATCH_ROWS + 500, 5]):
+        (status, body), version = got[i][0]
+        assert status == 200 and version == "7"
+        assert len(orjson.loads(body)["predictions"]) == rows
+    direct = _serve.Direct(lambda result: None)
+    direct.set_result(((200, b"{}"), "7"))
+    calls: list = []
+    direct.fn = calls.append
+    direct.set_result(((200, b"{}"), "7"))
+    assert calls == []  # once only
+
+
+def test_an_identity_column_that_is_also_an_input_is_carried_in_every_format() -> None:
+    """``Parsed.ids`` says a body carries identity columns whichever format and column type
+    (found in review: a one-row split body whose identity column is a double input said no)."""
+    import orjson
+
+    from daybreak.deploy._serve import parse_fast
+
+    ids = frozenset({"carrier"})
+    for kind, value in (("double", 1.0), ("string", "AA")):
+        fields = (("carrier", kind, False), ("x", "double", False))
+        for body in ({"dataframe_split": {"columns": ["carrier", "x"], "data": [[value, 2.0]]}},
+                     {"dataframe_split": {"columns": ["carrier", "x"], "data": [[value, 2.0]] * 2}},
+                     {"dataframe_records": [{"carrier": value, "x": 2.0}]}):
+            parsed = parse_fast(orjson.dumps(body), fields, ids, 100)
+            assert parsed is not None and parsed.ids, (kind, body)
