@@ -160,7 +160,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from functools import lru_cache, partial
 from itertools import chain, count, repeat
-from operator import attrgetter, eq, itemgetter
+from operator import eq, itemgetter
 from types import NoneType
 from typing import TYPE_CHECKING, Any, cast
 
@@ -531,7 +531,8 @@ class SplitPlan:
         self.required_at = [pos[n] for n in doubles if not kinds[n][1]]  # double columns that may not be null
         self.required = _getter(self.required_at) if self.required_at else None
         self.texts = {n: frozenset((str, NoneType) if kinds[n][1] else (str,)) for n in texts}  # what each may hold
-        self.other_names = texts + [n for n in columns if n not in kinds]  # then the identity columns
+        self.carried = [n for n in columns if n not in kinds]  # the identity columns
+        self.other_names = texts + self.carried
         self.other_at = [(n, pos[n]) for n in self.other_names]
         self.text_at = [(pos[n], allowed) for n, allowed in self.texts.items()]
 
@@ -562,7 +563,7 @@ class SplitPlan:
         # the text and identity columns hold them all, the double columns hold only numbers, nulls or
         # containers (the conversion fails on a container); otherwise each value's type is checked.
         counted = json_strings is not None and json_strings - 3 - self.width == strings + sum(
-            list(map(type, other[name])).count(str) for name in self.other_names[len(self.texts):])
+            list(map(type, other[name])).count(str) for name in self.carried)
         if not counted and not _NUMBERS.issuperset(map(type, chain.from_iterable(values))):
             return None
         if any(None in by_column[k] for k in self.required_at):
@@ -623,9 +624,6 @@ def _field_info(fields: Fields) -> tuple[list[str], set[str], tuple[tuple[frozen
     return names, set(names), tuple((allowed, tuple(group)) for allowed, group in groups.items())
 
 
-_other = attrgetter("other")  # a Block's text and identity columns
-
-
 def batch_columns(parts: list[Columns], fields: Fields) -> dict[str, np.ndarray]:
     """Every part's rows as numpy columns, with the dtypes MLflow's parser gives the signature's types.
     Parts are tuples (parsed on the loop) or numpy arrays (checked or parsed off it)."""
@@ -643,8 +641,7 @@ def batch_columns(parts: list[Columns], fields: Fields) -> dict[str, np.ndarray]
             if j is not None:
                 data[name] = doubles[:, j]
             else:
-                data[name] = np.array(list(chain.from_iterable(map(itemgetter(name), map(_other, blocks)))),
-                                      dtype=object)
+                data[name] = np.array(list(chain.from_iterable(b.other[name] for b in blocks)), dtype=object)
         return data
     for name, kind, _ in fields:
         dtype = np.float64 if kind == "double" else object
@@ -1130,6 +1127,13 @@ Answer = tuple[int, bytes]  # HTTP status and JSON body
 Slice = tuple[Job, int, int]  # a job and the rows [start, stop) of it in a batch
 
 
+def _fast_for(job: Job, cur: Loaded) -> bool:
+    """Whether the job's columns (the fast path's) were checked against `cur`'s fields: the same
+    object, unless a version changed under it (compared by identity first: a tuple's == walks
+    every field)."""
+    return job.columns is not None and (job.fields is cur.fields or job.fields == cur.fields)
+
+
 class Direct:
     """In place of a job's asyncio future (``Batcher.enqueue``): its answer and version go
     straight to `fn` when the batch sets them, with no loop turn and no future per request
@@ -1170,7 +1174,9 @@ def _internal(request_id: str) -> Answer:
 
 
 def _predictions(preds: Any) -> Answer:
-    return 200, _json({"predictions": preds.tolist() if hasattr(preds, "tolist") else list(preds)})
+    """The 200 answer of predictions (an array, or a list already converted: not copied)."""
+    values = preds if type(preds) is list else preds.tolist() if hasattr(preds, "tolist") else list(preds)
+    return 200, _json({"predictions": values})
 
 
 def _one_thread() -> None:
@@ -1456,9 +1462,7 @@ class Batcher:
         """Whether to predict this batch (of `rows` rows) on the loop: all of the fast path, a fast
         predict, and measured to take at most INLINE_SECONDS for this version, or (not measured)
         small."""
-        fields = cur.fields  # (the same object, unless a job was checked against another version's)
-        if cur.fast is None or any(j.columns is None or (j.fields is not fields and j.fields != fields)
-                                   for j, _, _ in slices):
+        if cur.fast is None or not all(_fast_for(j, cur) for j, _, _ in slices):
             return False
         measured = self._row_seconds
         if measured is not None and measured[0] == cur.version:
@@ -1480,9 +1484,7 @@ class Batcher:
         None for a slice of a big job that is not its last. Without `one_by_one` (on the loop), a
         failed batched predict returns [] instead of answering each request alone."""
         answers: dict[int, Answer | None] = {}
-        fields = cur.fields
-        fast = [i for i, (j, _, _) in enumerate(slices)
-                if j.columns is not None and (j.fields is fields or j.fields == fields)]
+        fast = [i for i, (j, _, _) in enumerate(slices) if _fast_for(j, cur)]
         if fast:
             try:
                 assert cur.fields is not None  # the fast-path jobs' columns were checked against them
@@ -1495,7 +1497,7 @@ class Batcher:
                 for i in fast:
                     job, a, b = slices[i]
                     if a == 0 and b == job.rows:  # a whole request (not a big one's slice): the usual
-                        answers[i] = 200, _json({"predictions": values[start:start + b]})
+                        answers[i] = _predictions(values[start:start + b])
                     else:
                         answers[i] = self._slice_answer(job, a, b, preds[start:start + b - a])
                     start += b - a
@@ -1583,7 +1585,7 @@ class Batcher:
             if job.frame is not None:
                 return _predictions(preds)
             answer = self._slice_answer(job, start, stop, preds)
-            if job.logged and job.fields == cur.fields:  # (a batch retried request by request)
+            if job.logged and _fast_for(job, cur):  # (a batch retried request by request)
                 try:
                     assert cur.fields is not None
                     self._log(cur, batch_columns([_cut(job, start, stop)], cur.fields), preds, [(job, start, stop)])
